@@ -38,3 +38,28 @@ def shared_dir() -> Path:
     if not d.is_dir():
         pytest.fail(f"shared/ folder not found at {d}: set MVLM_SHARED to its path")
     return d
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Factory for a really small filesystem (a tmpfs of N bytes), to test disk-full handling for real.
+
+    Mounting needs root (CI and the dev machines run as root); elsewhere the test is skipped with that reason.
+    """
+    import subprocess
+
+    mounts: list[Path] = []
+
+    def make(size_bytes: int) -> Path:
+        d = tmp_path / f"smallfs{len(mounts)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(d)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"a full-disk test needs a small tmpfs, and mounting one needs root: {r.stderr.strip()}")
+        mounts.append(d)
+        return d
+
+    yield make
+    for d in mounts:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)

@@ -1,0 +1,299 @@
+"""Quantize GGUFs with llama.cpp's own quantizer, and measure what each type costs in quality.
+
+Language models (any llama.cpp text architecture) go through the pinned runtime's ``llama-quantize`` — the same C++
+as upstream, so K-quants are never re-implemented here. mmproj files (arch ``clip``) are not handled by
+``llama-quantize``; the legacy block types (q8_0, q5_0, q5_1, q4_0, q4_1) are written with gguf-py's reference
+quantizers (``gguf.quants``, bit-exact with ggml's reference code), quantizing only 2-D matmul weights and keeping the
+tensors clip.cpp needs in f16/f32 (patch/position/class embeddings, norms, biases, depthwise convs).
+
+Quality is measured against the input file on a fixed text: mean KL divergence of the next-token distributions and
+top-1 agreement (LM), cosine of the image embeddings (mmproj).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from mvlm_convert.errors import MvlmError
+
+# llama-quantize's type names (upper case, as llama.cpp names files) -> nominal bits per weight (for size estimates)
+LM_TYPES = {
+    "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5,
+    "Q2_K": 2.63, "Q3_K_S": 3.5, "Q3_K_M": 3.9, "Q3_K_L": 4.3,
+    "Q4_K_S": 4.6, "Q4_K_M": 4.9, "Q5_K_S": 5.5, "Q5_K_M": 5.7, "Q6_K": 6.6,
+    "IQ4_NL": 4.5, "IQ4_XS": 4.3, "F16": 16.0, "BF16": 16.0, "F32": 32.0,
+}
+MMPROJ_TYPES = {"Q8_0": 8.5, "Q5_1": 6.0, "Q5_0": 5.5, "Q4_1": 5.0, "Q4_0": 4.5, "F16": 16.0}
+
+# Fixed text for the quality figures (plain English; tokenised by each model's own tokenizer).
+QUALITY_TEXT = (
+    "Building a website can be done in 10 simple steps:\nStep 1: Choose a domain name that is short and easy to "
+    "remember. Step 2: Pick a hosting provider. Step 3: Plan the pages you need, such as a home page, an about page "
+    "and a contact page. A photograph of a cat sitting on a wooden table next to a cup of coffee and a laptop."
+)
+
+_UNQUANTIZED_FILE_TYPES = {0, 1, 32}  # ALL_F32, MOSTLY_F16, MOSTLY_BF16 (llama_ftype)
+
+
+@dataclasses.dataclass
+class QuantResult:
+    type: str
+    path: Path
+    size_bytes: int
+    bits_per_weight: float
+    seconds: float
+    kind: str  # "lm" | "mmproj"
+    kl_div: float | None = None  # mean KL(ref || quant) per token, nats
+    top1_agree: float | None = None
+    image_cos: float | None = None  # mean per-token cosine of image embeddings (mmproj)
+    image_min_cos: float | None = None
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def parse_types(spec: str, kind: str) -> list[str]:
+    valid = LM_TYPES if kind == "lm" else MMPROJ_TYPES
+    out = []
+    for t in (s.strip() for s in spec.split(",")):
+        if not t:
+            continue
+        u = t.upper()
+        if u not in valid:
+            raise MvlmError(f"unknown {kind} quantization type {t!r}: valid types are {', '.join(s.lower() for s in valid)}")
+        if u not in out:
+            out.append(u)
+    if not out:
+        raise MvlmError("no quantization type given: pass --type q4_k_s[,q8_0,...]")
+    return out
+
+
+def read_header(path: Path) -> tuple[str, int | None, int, bool]:
+    """(architecture, general.file_type, number of weights, has quantized tensors) of a GGUF; MvlmError if not one."""
+    import gguf
+
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise MvlmError(f"cannot read {path}: {e.strerror}") from e
+    if magic != b"GGUF":
+        raise MvlmError(f"{path} is not a GGUF file (magic {magic!r}): pass a .gguf written by mvlm convert")
+    try:
+        r = gguf.GGUFReader(path)
+    except Exception as e:  # truncated or corrupt
+        raise MvlmError(f"{path} is a damaged GGUF ({e}): convert it again") from e
+    arch_f = r.get_field("general.architecture")
+    arch = arch_f.contents() if arch_f is not None else "unknown"
+    ft_f = r.get_field("general.file_type")
+    ftype = int(ft_f.contents()) if ft_f is not None else None
+    n = sum(int(t.n_elements) for t in r.tensors)
+    float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    quantized = any(t.tensor_type not in float_types for t in r.tensors)
+    return arch, ftype, n, quantized
+
+
+def output_name(inp: Path, qtype: str) -> str:
+    """llama.cpp naming: ``Name-F16.gguf`` -> ``Name-Q4_K_S.gguf``; ``mmproj-Name-F16.gguf`` -> ``mmproj-Name-Q8_0.gguf``."""
+    stem = inp.name[:-5] if inp.name.endswith(".gguf") else inp.name
+    m = re.match(r"^(.*?)[-.](F32|F16|BF16|Q\d\w*|IQ\d\w*)$", stem, re.I)
+    base = m.group(1) if m else stem
+    return f"{base}-{qtype}.gguf"
+
+
+def _free_bytes(d: Path) -> int:
+    st = os.statvfs(d)
+    return st.f_bavail * st.f_frsize
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def quantize_lm(inp: Path, out: Path, qtype: str, llama_quantize: Path, threads: int | None = None,
+                allow_requantize: bool = False, progress: ProgressFn | None = None) -> None:
+    """Run llama-quantize into ``out`` (written under a temporary name, renamed on success)."""
+    tmp = out.with_name(out.name + ".tmp")
+    cmd = [str(llama_quantize)]
+    if allow_requantize:
+        cmd.append("--allow-requantize")
+    cmd += [str(inp), str(tmp), qtype, str(threads or os.cpu_count() or 1)]
+    pat = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
+    tail: list[str] = []
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-15:]
+            m = pat.match(line)
+            if m and progress:
+                progress(int(m.group(1)), int(m.group(2)))
+        rc = proc.wait()
+        if rc != 0:
+            if any("No space left" in t for t in tail) or _free_bytes(out.parent) < (1 << 20):
+                raise MvlmError(f"disk full while writing {out}: free space and retry")
+            raise MvlmError(f"llama-quantize failed for {qtype} (exit {rc}): {tail[-1] if tail else 'no output'}",
+                            detail="\n".join(tail))
+        tmp.replace(out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _keep_float(name: str, shape: tuple[int, ...]) -> bool:
+    """Tensors clip.cpp needs unquantized (or that are too small/odd-shaped for 32-wide blocks)."""
+    if len(shape) != 2 or not name.endswith(".weight"):
+        return True
+    keep = ("patch_embd", "position_embd", "class_embd", "ln", "norm", "peg", "mb_block")
+    return any(k in name for k in keep) or shape[-1] % 32 != 0
+
+
+def quantize_mmproj(inp: Path, out: Path, qtype: str, progress: ProgressFn | None = None) -> None:
+    """Rewrite an mmproj GGUF with its 2-D matmul weights in ``qtype`` (gguf-py reference quantizers)."""
+    import gguf
+    from gguf import quants
+
+    r = gguf.GGUFReader(inp)
+    arch = r.get_field("general.architecture").contents()
+    tmp = out.with_name(out.name + ".tmp")
+    target = gguf.GGMLQuantizationType[qtype]
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        for field in r.fields.values():
+            if field.name.startswith("GGUF.") or field.name == "general.architecture":
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        plan = []
+        for t in r.tensors:
+            shape = tuple(int(x) for x in reversed(t.shape))  # numpy order
+            data = np.asarray(t.data)
+            if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                arr = data.astype(np.float32).reshape(shape)
+            else:
+                raise MvlmError(f"{inp} tensor {t.name} is already quantized ({t.tensor_type.name}): "
+                                "quantize from the f16/f32 mmproj")
+            plan.append((t.name, arr, t.tensor_type))
+        for i, (name, arr, orig) in enumerate(plan):
+            if _keep_float(name, arr.shape) or qtype == "F16":
+                as_f16 = orig == gguf.GGMLQuantizationType.F16 or (qtype == "F16" and not _keep_float(name, arr.shape))
+                w.add_tensor(name, arr.astype(np.float16) if as_f16 else arr)
+            else:
+                q = quants.quantize(arr, target)
+                w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=target)
+            if progress:
+                progress(i + 1, len(plan))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        tmp.replace(out)
+    except OSError as e:
+        # numpy's tofile reports a short write without errno ("N requested and M written"): ask the filesystem
+        if e.errno == errno.ENOSPC or _free_bytes(out.parent) < (1 << 20):
+            raise MvlmError(f"disk full while writing {out}: free space and retry") from e
+        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --- quality ------------------------------------------------------------------------------------------------------
+def lm_logits(model: Path, text: str = QUALITY_TEXT, n_ctx: int = 512) -> tuple[list[int], np.ndarray]:
+    """Token ids and [n_tokens, n_vocab] logits of ``text`` under ``model`` (patched host runtime via llama_cpp)."""
+    from mvlm_bench.runtime import use_runtime
+
+    use_runtime("host")
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(model), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1)
+    try:
+        ids = llm.tokenize(text.encode(), add_bos=True)[:n_ctx]
+        llm.eval(ids)
+        logits = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    finally:
+        llm.close()
+    return ids, logits
+
+
+def kl_and_top1(ref: np.ndarray, other: np.ndarray) -> tuple[float, float]:
+    """Mean KL(ref || other) over positions (nats) and the fraction of positions with the same argmax."""
+
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(other)
+    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    top1 = float(np.mean(ref.argmax(-1) == other.argmax(-1)))
+    return max(kl, 0.0), top1
+
+
+def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None = None, allow_requantize: bool = False,
+        quality: bool = True, lm_for_mmproj: Path | None = None, image: Path | None = None,
+        on_start: Callable[[str], ProgressFn] | None = None) -> list[QuantResult]:
+    """Quantize ``inp`` to each type in ``types`` (comma list); returns one result per type, with quality figures."""
+    inp = Path(inp)
+    arch, ftype, n_weights, quantized = read_header(inp)
+    kind = "mmproj" if arch == "clip" else "lm"
+    qtypes = parse_types(types, kind)
+    if (quantized or (ftype is not None and ftype not in _UNQUANTIZED_FILE_TYPES)) and not allow_requantize:
+        raise MvlmError(f"{inp.name} is already quantized: quantize from the f16/f32 file, or pass --allow-requantize")
+    outdir = Path(outdir) if outdir else inp.parent
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MvlmError(f"cannot create output dir {outdir}: {e.strerror}") from e
+    if not os.access(outdir, os.W_OK):
+        raise MvlmError(f"output dir {outdir} is not writable: pass --outdir DIR")
+    valid = LM_TYPES if kind == "lm" else MMPROJ_TYPES
+    need = sum(int(n_weights * valid[t] / 8) for t in qtypes)
+    if _free_bytes(outdir) < need:
+        raise MvlmError(f"not enough free space in {outdir}: about {need / 1e6:.0f} MB needed, "
+                        f"{_free_bytes(outdir) / 1e6:.0f} MB free")
+    quantizer = None
+    if kind == "lm":
+        from mvlm_bench.runtime import find
+
+        quantizer = find("host").exe("llama-quantize")
+    results = []
+    for t in qtypes:
+        out = outdir / output_name(inp, t)
+        if out.resolve() == inp.resolve():
+            raise MvlmError(f"output {out} would overwrite the input: pass --outdir DIR")
+        prog = on_start(t) if on_start else None
+        t0 = time.perf_counter()
+        if kind == "lm":
+            quantize_lm(inp, out, t, quantizer, threads, allow_requantize, prog)
+        else:
+            quantize_mmproj(inp, out, t, prog)
+        dt = time.perf_counter() - t0
+        size = out.stat().st_size
+        results.append(QuantResult(t, out, size, round(size * 8 / max(n_weights, 1), 3), round(dt, 3), kind))
+    if quality:
+        if kind == "lm":
+            _, ref = lm_logits(inp)
+            for r in results:
+                _, q = lm_logits(r.path)
+                r.kl_div, r.top1_agree = kl_and_top1(ref, q)
+        elif lm_for_mmproj is not None:
+            from mvlm_convert.verify import image_embedding
+
+            ref = image_embedding(inp, lm_for_mmproj, image)
+            for r in results:
+                e = image_embedding(r.path, lm_for_mmproj, image)
+                cos = np.sum(ref * e, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(e, axis=-1) + 1e-12)
+                r.image_cos, r.image_min_cos = float(cos.mean()), float(cos.min())
+    return results
+
