@@ -1,0 +1,672 @@
+"""Transports end to end: local (with qemu as exec wrapper), ssh against a real sshd, adb against a test double.
+
+- ``local``: real processes on this machine; ``qemu-arm64`` runs a real static aarch64 binary under qemu-user.
+- ``ssh``: a real OpenSSH ``sshd`` started by the fixture on 127.0.0.1 (free port, own host key, own authorized key,
+  host-key checking ON through a known_hosts file that holds the generated host key). The dropped-connection test
+  kills the server-side session processes in the middle of a push.
+- ``adb``: the ONE seam that is not real. No phone is attached here, so ``adb`` on PATH is a small Python stand-in
+  (``ADB_DOUBLE`` below): it maps ``-s SERIAL`` to a local directory (device paths under /data/local/tmp are
+  rewritten to <root>/data/local/tmp), implements ``devices``, ``get-state``, ``push``, ``pull`` and ``shell`` (the
+  command runs with /bin/sh in that root) and can make the device disappear mid-push with adb's own error texts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mvlm_bench.devices import DeviceProfile, profile_from_dict
+from mvlm_bench.sync import MANIFEST_NAME, sync
+from mvlm_bench.transports import (
+    AuthError,
+    CommandFailed,
+    CommandSignaled,
+    CommandTimeout,
+    ConnectionLostError,
+    HostKeyError,
+    LocalTransport,
+    SshTransport,
+    UnreachableError,
+    make_transport,
+)
+
+SSHD = "/usr/sbin/sshd"
+NASTY = "we ird 'sq' \"dq\" $(touch {m}) ; touch {m} & `touch {m}` | x"
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _local_profile(workdir: Path, **kw) -> DeviceProfile:
+    data = {"transport": "local", "target": "host", "workdir": str(workdir), **kw}
+    return profile_from_dict(data, where="test", default_name="test-local")
+
+
+# ------------------------------------------------------------------------------------------------------------- local
+
+
+def test_local_run_merges_output_env_cwd(tmp_path):
+    t = LocalTransport(_local_profile(tmp_path, env={"PROFILE_VAR": "from-profile"}))
+    r = t.run(
+        ["sh", "-c", 'echo out; echo err >&2; echo "$PROFILE_VAR $EXTRA"; pwd'], timeout=10, env={"EXTRA": "x"}, cwd=str(tmp_path)
+    )
+    assert r.ok and r.returncode == 0 and r.signal is None and not r.timed_out
+    assert r.output.splitlines() == ["out", "err", "from-profile x", str(tmp_path)]
+    assert r.check() is r
+
+
+def test_local_timeout_kills_the_command(tmp_path):
+    t = LocalTransport(_local_profile(tmp_path))
+    start = time.monotonic()
+    r = t.run(["sh", "-c", "echo started; sleep 30"], timeout=0.5)
+    assert r.timed_out and r.returncode is None
+    assert time.monotonic() - start < 5
+    assert "started" in r.output  # output before the kill is kept
+    with pytest.raises(CommandTimeout, match="timed out after"):
+        r.check("llama-completion")
+
+
+def test_local_signal_and_failure_are_typed(tmp_path):
+    t = LocalTransport(_local_profile(tmp_path))
+    r = t.run(["sh", "-c", "echo about to crash; kill -SEGV $$"], timeout=10)
+    assert r.signal == 11 and not r.ok
+    with pytest.raises(CommandSignaled, match="SIGSEGV") as e:
+        r.check("llama-completion")
+    assert "about to crash" in e.value.detail
+    r = t.run(["sh", "-c", "echo bad; exit 3"], timeout=10)
+    assert r.returncode == 3 and r.signal is None
+    with pytest.raises(CommandFailed, match="status 3"):
+        r.check()
+    r = t.run([str(tmp_path / "no-such-binary")], timeout=10)
+    assert r.returncode == 127 and "cannot execute" in r.output
+
+
+def test_local_files(tmp_path):
+    wd = tmp_path / "dev"
+    t = LocalTransport(_local_profile(wd))
+    t.mkdir(str(wd / "a" / "b"))
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 * (1 << 20) + 5))
+    seen = []
+    t.push(src, str(wd / "a" / "b" / "x.bin"), progress=lambda d, n: seen.append((d, n)))
+    assert seen[-1] == (src.stat().st_size, src.stat().st_size) and len(seen) == 4
+    t.pull(str(wd / "a" / "b" / "x.bin"), tmp_path / "back.bin")
+    assert _sha(tmp_path / "back.bin") == _sha(src)
+    assert t.read_text(str(wd / "missing")) is None
+    t.write_text(str(wd / "m.json"), "héllo\n")
+    assert t.read_text(str(wd / "m.json")) == "héllo\n"
+    assert t.file_sizes([str(wd / "m.json"), str(wd / "nope")]) == {str(wd / "m.json"): 7, str(wd / "nope"): None}
+    assert abs(t.free_bytes(str(wd / "not" / "yet")) - shutil.disk_usage(tmp_path).free) < (64 << 20)
+    t.rename(str(wd / "m.json"), str(wd / "n.json"))
+    t.remove(str(wd / "n.json"))
+    assert not (wd / "n.json").exists() and not (wd / "m.json").exists()
+    assert sorted(os.listdir(wd)) == ["a"]  # no temp files left by write_text
+
+
+def test_exec_wrapper_is_applied_once(tmp_path):
+    # A wrapper that tags its output proves it ran, and ran once even when the caller already prefixed it.
+    wrapper = tmp_path / "wrap"
+    wrapper.write_text('#!/bin/sh\necho "wrapped:$1"\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    t = LocalTransport(_local_profile(tmp_path, exec_wrapper=[str(wrapper)]))
+    r = t.run(["echo", "hi"], timeout=10)
+    assert r.output.splitlines() == ["wrapped:echo", "hi"]
+    r = t.run([str(wrapper), "echo", "hi"], timeout=10)
+    assert r.output.splitlines() == ["wrapped:echo", "hi"]
+
+
+@pytest.mark.qemu
+def test_qemu_arm64_profile_runs_a_real_aarch64_binary(tmp_path):
+    from mvlm_bench.devices import load_profile
+
+    cc = shutil.which("aarch64-linux-gnu-gcc")
+    if cc is None:
+        pytest.skip("aarch64-linux-gnu-gcc (Debian gcc-aarch64-linux-gnu) is not installed: nothing to run under qemu")
+    src = tmp_path / "hello.c"
+    src.write_text(
+        "#include <stdio.h>\n#include <signal.h>\nint main(int c, char **v) {\n"
+        '  if (c > 1) raise(SIGABRT);\n  printf("hello from %d-bit\\n", (int)(8 * sizeof(void *)));\n'
+        "  return 0;\n}\n"
+    )
+    exe = tmp_path / "hello"
+    subprocess.run([cc, "-static", "-O1", "-o", str(exe), str(src)], check=True)
+    profile = load_profile("qemu-arm64")
+    assert profile.emulated and profile.exec_wrapper == ("qemu-aarch64-static",)
+    t = make_transport(profile)
+    t.check()
+    r = t.run([str(exe)], timeout=60)
+    assert r.ok and r.output.strip() == "hello from 64-bit"
+    r = t.run([str(exe), "crash"], timeout=60)
+    assert r.signal == 6  # qemu-user re-raises the guest's fatal signal
+    # the same binary without the wrapper cannot run on x86: the wrapper is what makes the device work
+    r2 = LocalTransport(_local_profile(tmp_path)).run([str(exe)], timeout=30)
+    assert r2.returncode != 0
+
+
+# ------------------------------------------------------------------------------------------------------------- ssh
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+class SshServer:
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = _free_port()
+        self.user = pwd.getpwuid(os.getuid()).pw_name
+        for name in ("host_key", "client_key", "other_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(root / name)], check=True)
+        (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
+        host_pub = (root / "host_key.pub").read_text().split()
+        self.known_hosts = root / "known_hosts"
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        self.config = root / "sshd_config"
+        self.config.write_text(
+            "\n".join(
+                [
+                    f"Port {self.port}",
+                    "ListenAddress 127.0.0.1",
+                    f"HostKey {root / 'host_key'}",
+                    f"PidFile {root / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {root / 'authorized_keys'}",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "PubkeyAuthentication yes",
+                    "PermitRootLogin prohibit-password",
+                    "MaxStartups 50",
+                    "MaxSessions 50",
+                    "LogLevel ERROR",
+                    "",
+                ]
+            )
+        )
+        if os.getuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege-separation dir sshd insists on
+        self.log = open(root / "sshd.log", "wb")  # closed in stop()
+        self.proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"sshd did not start: {(root / 'sshd.log').read_text()}") from None
+                time.sleep(0.05)
+
+    def profile(
+        self, workdir: str, *, key: str = "client_key", known_hosts: Path | None = None, port: int | None = None, **kw
+    ) -> DeviceProfile:
+        data = {
+            "transport": "ssh",
+            "address": f"ssh://{self.user}@127.0.0.1:{port or self.port}",
+            "target": "linux-arm64",
+            "workdir": workdir,
+            "ssh": {
+                "identity_file": str(self.root / key),
+                "known_hosts": str(known_hosts or self.known_hosts),
+                "config_file": "/dev/null",
+                "connect_timeout": 5,
+            },
+            **kw,
+        }
+        return profile_from_dict(data, where="test", default_name="test-ssh")
+
+    def kill_sessions(self) -> int:
+        """Kill every per-connection sshd process (the listener stays): the link drops as if the cable was pulled."""
+        victims = _descendants(self.proc.pid)
+        for pid in victims:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        return len(victims)
+
+    def stop(self) -> None:
+        for pid in [*_descendants(self.proc.pid), self.proc.pid]:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    if not os.path.exists(SSHD):
+        pytest.fail(f"{SSHD} missing: install openssh-server (the project's setup script does)")
+    server = SshServer(tmp_path_factory.mktemp("sshd"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def ssh_t(sshd, tmp_path):
+    t = make_transport(sshd.profile(str(tmp_path / "remote")))
+    assert isinstance(t, SshTransport)
+    yield t
+    t.close()
+
+
+def test_ssh_run_output_env_cwd_signal(ssh_t, tmp_path):
+    ssh_t.check()
+    r = ssh_t.run(
+        ["sh", "-c", 'echo out; echo err >&2; echo "$V"; pwd; exit 7'], timeout=20, env={"V": "a b $HOME"}, cwd=str(tmp_path)
+    )
+    assert r.returncode == 7 and not r.timed_out and r.signal is None
+    assert r.output.splitlines() == ["out", "err", "a b $HOME", str(tmp_path)]
+    r = ssh_t.run(["sh", "-c", "echo before; kill -SEGV $$"], timeout=20)
+    assert r.signal == 11 and "before" in r.output
+    with pytest.raises(CommandSignaled):
+        r.check("llama-completion")
+    r = ssh_t.run(["true"], timeout=20)
+    assert r.ok
+
+
+def test_ssh_timeout_kills_the_remote_command(ssh_t):
+    start = time.monotonic()
+    r = ssh_t.run(["sleep", "37.25"], timeout=1)
+    assert r.timed_out and time.monotonic() - start < 10
+    time.sleep(0.5)
+    left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p) == ["sleep", "37.25"]]
+    assert left == []  # the device-side watchdog killed it; a dropped local client alone would not
+
+
+def _cmdline(pid: str) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def test_ssh_push_pull_and_sync(ssh_t, tmp_path):
+    wd = tmp_path / "remote"
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "llama-completion").write_bytes(b"\x7fELF" + os.urandom(300_000))
+    (local / "m.gguf").write_bytes(os.urandom(2_000_000))
+    files = {"bin/llama-completion": local / "llama-completion", "models/m.gguf": local / "m.gguf"}
+    cache = tmp_path / "hashes.json"
+    seen = []
+    res = sync(ssh_t, str(wd), files, progress=lambda d, n: seen.append((d, n)), hash_cache=cache)
+    assert res.pushed_bytes == 2_300_004 and sorted(res.pushed_files) == sorted(files)
+    assert seen[-1] == (2_300_004, 2_300_004)
+    assert _sha(wd / "models" / "m.gguf") == _sha(local / "m.gguf")
+    assert os.access(wd / "bin" / "llama-completion", os.X_OK)
+    manifest = json.loads((wd / MANIFEST_NAME).read_text())["files"]
+    assert manifest == {k: {"sha256": _sha(p), "size": p.stat().st_size} for k, p in files.items()}
+    res2 = sync(ssh_t, str(wd), files, hash_cache=cache)
+    assert res2.pushed_bytes == 0 and res2.pushed_files == [] and sorted(res2.skipped_files) == sorted(files)
+    ssh_t.pull(str(wd / "models" / "m.gguf"), tmp_path / "back.gguf")
+    assert _sha(tmp_path / "back.gguf") == _sha(local / "m.gguf")
+    assert ssh_t.free_bytes(str(wd)) > 0
+    assert ssh_t.workdir == str(wd)
+
+
+def test_ssh_home_relative_workdir(sshd, tmp_path):
+    t = make_transport(sshd.profile("~/mvlm-test-workdir"))
+    try:
+        assert t.workdir == str(Path(pwd.getpwuid(os.getuid()).pw_dir) / "mvlm-test-workdir")
+    finally:
+        t.close()
+
+
+def test_ssh_wrong_host_key_is_refused(sshd, tmp_path):
+    other = (sshd.root / "other_key.pub").read_text().split()
+    bad = tmp_path / "known_hosts"
+    bad.write_text(f"[127.0.0.1]:{sshd.port} {other[0]} {other[1]}\n")
+    t = make_transport(sshd.profile(str(tmp_path), known_hosts=bad))
+    with pytest.raises(HostKeyError, match="host key verification failed") as e:
+        t.check()
+    assert "\n" not in str(e.value)
+    t.close()
+
+
+def test_ssh_unknown_host_key_is_refused(sshd, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    t = make_transport(sshd.profile(str(tmp_path), known_hosts=empty))
+    with pytest.raises(HostKeyError):
+        t.check()
+    t.close()
+
+
+def test_ssh_wrong_client_key_is_an_auth_failure(sshd, tmp_path):
+    t = make_transport(sshd.profile(str(tmp_path), key="other_key"))
+    with pytest.raises(AuthError, match="authentication failed") as e:
+        t.check()
+    assert not isinstance(e.value, HostKeyError)
+    t.close()
+
+
+def test_ssh_unreachable_port(sshd, tmp_path):
+    t = make_transport(sshd.profile(str(tmp_path), port=_free_port()))
+    with pytest.raises(UnreachableError, match="cannot connect.*Connection refused"):
+        t.check()
+    t.close()
+
+
+def test_ssh_connection_dropped_mid_push_then_sync_recovers(sshd, ssh_t, tmp_path):
+    wd = tmp_path / "remote"
+    big = tmp_path / "big.gguf"
+    big.write_bytes(os.urandom(48 << 20))
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"small")
+    files = {"models/small.bin": small, "models/big.gguf": big}
+    cache = tmp_path / "hashes.json"
+    sync(ssh_t, str(wd), {"models/small.bin": small}, hash_cache=cache)
+    killed = []
+
+    def pull_the_plug(done: int, total: int) -> None:
+        if done >= (6 << 20) and not killed:
+            killed.append(sshd.kill_sessions())
+
+    with pytest.raises(ConnectionLostError, match="connection lost during push of big.gguf"):
+        sync(ssh_t, str(wd), files, progress=pull_the_plug, hash_cache=cache)
+    assert killed and killed[0] > 0
+    assert not (wd / "models" / "big.gguf").exists()  # never a half file under the final name
+    manifest = json.loads((wd / MANIFEST_NAME).read_text())["files"]
+    assert set(manifest) == {"models/small.bin"}
+    # reconnect (new master) and sync again: only the big file goes, the leftover .part is gone afterwards
+    res = sync(ssh_t, str(wd), files, hash_cache=cache)
+    assert res.pushed_files == ["models/big.gguf"] and res.pushed_bytes == big.stat().st_size
+    assert _sha(wd / "models" / "big.gguf") == _sha(big)
+    assert sorted(os.listdir(wd / "models")) == ["big.gguf", "small.bin"]
+    manifest = json.loads((wd / MANIFEST_NAME).read_text())["files"]
+    assert manifest["models/big.gguf"] == {"sha256": _sha(big), "size": big.stat().st_size}
+
+
+def test_ssh_no_injection_through_names(sshd, tmp_path):
+    marker = tmp_path / "INJECTED"
+    nasty = NASTY.format(m=marker)
+    wd = tmp_path / f"work {nasty}"
+    t = make_transport(sshd.profile(str(wd), env={"X": nasty}))
+    try:
+        src = tmp_path / "f.bin"
+        src.write_bytes(b"payload")
+        rel = f"models/{nasty}.gguf"
+        res = sync(t, str(wd), {rel: src}, hash_cache=tmp_path / "h.json")
+        assert res.pushed_files == [rel]
+        assert (wd / "models" / f"{nasty}.gguf").read_bytes() == b"payload"
+        r = t.run(["printf", "%s|%s", nasty, "$X"], timeout=20, cwd=str(wd))
+        assert r.output == f"{nasty}|$X"
+        r = t.run(["sh", "-c", 'printf %s "$X"'], timeout=20, cwd=str(wd))
+        assert r.output == nasty
+        assert t.read_text(str(wd / "models" / f"{nasty}.gguf")) == "payload"
+        assert not marker.exists()
+    finally:
+        t.close()
+
+
+# ------------------------------------------------------------------------------------------------------------- adb
+
+ADB_DOUBLE = r'''
+"""TEST DOUBLE of the `adb` client (the only non-real seam of the transport tests).
+
+State: JSON at $MVLM_ADB_DOUBLE_STATE: {"devices": {SERIAL: {"root": DIR, "state": "device"|"unauthorized"|"gone",
+"vanish_after_bytes": N or null}}}. Device paths under /data/local/tmp map to DIR/data/local/tmp.
+"""
+import json, os, shutil, subprocess, sys
+
+STATE = os.environ["MVLM_ADB_DOUBLE_STATE"]
+PREFIX = "/data/local/tmp"
+
+
+def load():
+    with open(STATE) as f:
+        return json.load(f)
+
+
+def save(state):
+    with open(STATE + ".tmp", "w") as f:
+        json.dump(state, f)
+    os.replace(STATE + ".tmp", STATE)
+
+
+def main(argv):
+    serial = None
+    if argv[:1] == ["-s"]:
+        serial, argv = argv[1], argv[2:]
+    cmd, args = argv[0], argv[1:]
+    state = load()
+    devs = state["devices"]
+    if cmd == "devices":
+        print("List of devices attached")
+        for s, d in devs.items():
+            if d["state"] != "gone":
+                print(f"{s}\t{d['state']}")
+        print()
+        return 0
+    if serial is None:
+        live = [s for s, d in devs.items() if d["state"] != "gone"]
+        if len(live) != 1:
+            print("adb: error: more than one device/emulator" if live else "adb: no devices/emulators found",
+                  file=sys.stderr)
+            return 1
+        serial = live[0]
+    dev = devs.get(serial)
+    if dev is None or dev["state"] == "gone":
+        print(f"error: device '{serial}' not found", file=sys.stderr)
+        return 1
+    if dev["state"] == "unauthorized":
+        print("error: device unauthorized.\nThis adb server's $ADB_VENDOR_KEYS is not set\n"
+              "Try 'adb kill-server' if that seems wrong.\nOtherwise check for a confirmation dialog on your device.",
+              file=sys.stderr)
+        return 1
+    root = dev["root"]
+
+    def m(path):
+        return path.replace(PREFIX, root + PREFIX)
+
+    if cmd == "get-state":
+        print("device")
+        return 0
+    if cmd == "shell":
+        sys.stdout.flush()
+        env = dict(os.environ, HOME=root + PREFIX)
+        return subprocess.run(["/bin/sh", "-c", m(" ".join(args))], cwd=root, env=env).returncode
+    if cmd == "push":
+        local, remote = args
+        dest = m(remote)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        limit = dev.get("vanish_after_bytes")
+        if limit is not None:
+            with open(local, "rb") as src, open(dest, "wb") as dst:
+                dst.write(src.read(limit))
+            dev["state"] = "gone"
+            save(state)
+            print(f"adb: error: failed to copy '{local}' to '{remote}': remote Broken pipe", file=sys.stderr)
+            print(f"error: device '{serial}' not found", file=sys.stderr)
+            return 1
+        shutil.copyfile(local, dest)
+        print(f"{local}: 1 file pushed, 0 skipped. 42.0 MB/s ({os.path.getsize(local)} bytes in 0.001s)")
+        return 0
+    if cmd == "pull":
+        remote, local = args
+        if not os.path.isfile(m(remote)):
+            print(f"adb: error: failed to stat remote object '{remote}': No such file or directory", file=sys.stderr)
+            return 1
+        shutil.copyfile(m(remote), local)
+        print(f"{remote}: 1 file pulled, 0 skipped.")
+        return 0
+    print(f"adb double: unsupported command {cmd}", file=sys.stderr)
+    return 1
+
+
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+class AdbDouble:
+    def __init__(self, root: Path, monkeypatch):
+        self.bindir = root / "adb-double-bin"
+        self.bindir.mkdir()
+        exe = self.bindir / "adb"
+        exe.write_text(f"#!{sys.executable}\n{ADB_DOUBLE}")
+        exe.chmod(0o755)
+        self.state_file = root / "adb-double-state.json"
+        self.devices_root = root / "devices"
+        monkeypatch.setenv("PATH", f"{self.bindir}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setenv("MVLM_ADB_DOUBLE_STATE", str(self.state_file))
+        self.state: dict = {"devices": {}}
+        self._save()
+
+    def _save(self) -> None:
+        self.state_file.write_text(json.dumps(self.state))
+
+    def _load(self) -> None:
+        self.state = json.loads(self.state_file.read_text())
+
+    def add(self, serial: str, state: str = "device", vanish_after_bytes: int | None = None) -> Path:
+        root = self.devices_root / serial
+        (root / "data" / "local" / "tmp").mkdir(parents=True, exist_ok=True)
+        self._load()
+        self.state["devices"][serial] = {"root": str(root), "state": state, "vanish_after_bytes": vanish_after_bytes}
+        self._save()
+        return root
+
+    def get(self, serial: str) -> dict:
+        self._load()
+        return self.state["devices"][serial]
+
+    def replug(self, serial: str) -> None:
+        self._load()
+        self.state["devices"][serial].update(state="device", vanish_after_bytes=None)
+        self._save()
+
+
+@pytest.fixture
+def adb(tmp_path, monkeypatch):
+    return AdbDouble(tmp_path, monkeypatch)
+
+
+def _adb_profile(serial: str, workdir: str = "/data/local/tmp/mvlm", **kw) -> DeviceProfile:
+    data = {"transport": "adb", "address": serial, "target": "android-arm64", "workdir": workdir, "threads": 4, **kw}
+    return profile_from_dict(data, where="test", default_name="test-adb")
+
+
+def test_adb_double_is_the_one_on_path(adb):
+    out = subprocess.run(["adb", "devices"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("List of devices attached")
+
+
+def test_adb_run_push_pull_sync(adb, tmp_path):
+    root = adb.add("R58M123")
+    t = make_transport(_adb_profile("R58M123", env={"LD_LIBRARY_PATH": "/data/local/tmp/mvlm/lib"}))
+    t.check()
+    r = t.run(["sh", "-c", 'echo out; echo err >&2; echo "$LD_LIBRARY_PATH"; exit 5'], timeout=20)
+    assert r.returncode == 5 and r.output.splitlines()[:2] == ["out", "err"]
+    r = t.run(["sh", "-c", "kill -ABRT $$"], timeout=20)
+    assert r.signal == 6
+    src = tmp_path / "m.gguf"
+    src.write_bytes(os.urandom(100_000))
+    exe = tmp_path / "llama-cli"
+    exe.write_bytes(b"#!/bin/sh\necho ran\n")
+    files = {"models/m.gguf": src, "bin/llama-cli": exe}
+    res = sync(t, t.workdir, files, hash_cache=tmp_path / "h.json")
+    assert res.pushed_bytes == 100_000 + exe.stat().st_size
+    wd = root / "data/local/tmp/mvlm"
+    assert _sha(wd / "models/m.gguf") == _sha(src) and os.access(wd / "bin/llama-cli", os.X_OK)
+    assert t.run(["bin/llama-cli"], timeout=20, cwd=t.workdir).output.strip() == "ran"
+    res = sync(t, t.workdir, files, hash_cache=tmp_path / "h.json")
+    assert res.pushed_bytes == 0 and res.summary().startswith("pushed 0 bytes")
+    t.pull("/data/local/tmp/mvlm/models/m.gguf", tmp_path / "back")
+    assert _sha(tmp_path / "back") == _sha(src)
+    assert t.free_bytes("/data/local/tmp/mvlm") > 0
+
+
+def test_adb_missing_and_unauthorized_device(adb):
+    adb.add("UNAUTH1", state="unauthorized")
+    with pytest.raises(UnreachableError, match="adb NOPE: device not available.*not found"):
+        make_transport(_adb_profile("NOPE")).check()
+    with pytest.raises(AuthError, match="unauthorized.*Allow USB debugging"):
+        make_transport(_adb_profile("UNAUTH1")).check()
+
+
+def test_adb_device_disappears_mid_push_then_sync_recovers(adb, tmp_path):
+    root = adb.add("PHONE1", vanish_after_bytes=1000)
+    t = make_transport(_adb_profile("PHONE1"))
+    src = tmp_path / "m.gguf"
+    src.write_bytes(os.urandom(50_000))
+    files = {"models/m.gguf": src}
+    with pytest.raises(ConnectionLostError, match="device lost during push of m.gguf"):
+        sync(t, t.workdir, files, hash_cache=tmp_path / "h.json")
+    wd = root / "data/local/tmp/mvlm"
+    assert (wd / "models" / "m.gguf.part").stat().st_size == 1000  # what the double wrote before "unplugging"
+    assert not (wd / "models" / "m.gguf").exists()
+    assert adb.get("PHONE1")["state"] == "gone"
+    with pytest.raises(UnreachableError):
+        t.check()
+    adb.replug("PHONE1")
+    res = sync(t, t.workdir, files, hash_cache=tmp_path / "h.json")
+    assert res.pushed_files == ["models/m.gguf"]
+    assert _sha(wd / "models" / "m.gguf") == _sha(src)
+    assert sorted(os.listdir(wd / "models")) == ["m.gguf"]
+    assert json.loads((wd / MANIFEST_NAME).read_text())["files"]["models/m.gguf"]["sha256"] == _sha(src)
+
+
+def test_adb_no_injection_through_names(adb, tmp_path):
+    marker = tmp_path / "INJECTED"
+    nasty = NASTY.format(m=marker)
+    root = adb.add("INJ1")
+    wd = f"/data/local/tmp/mvlm {nasty}"
+    t = make_transport(_adb_profile("INJ1", workdir=wd, env={"X": nasty}))
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"payload")
+    rel = f"models/{nasty}.gguf"
+    sync(t, wd, {rel: src}, hash_cache=tmp_path / "h.json")
+    assert (root / wd.lstrip("/") / "models" / f"{nasty}.gguf").read_bytes() == b"payload"
+    r = t.run(["printf", "%s|%s", nasty, "$X"], timeout=20, cwd=wd)
+    assert r.output == f"{nasty}|$X"
+    assert t.run(["sh", "-c", 'printf %s "$X"'], timeout=20).output == nasty
+    assert not marker.exists()
+
+
+def test_ssh_options_never_turn_host_key_checking_off(sshd, tmp_path):
+    # The argv we hand to ssh: BatchMode on, StrictHostKeyChecking=yes with the pinned file, nothing saying "no".
+    t = make_transport(sshd.profile(str(tmp_path)))
+    argv = t._base_argv()
+    t.close()
+    assert "BatchMode=yes" in argv and "StrictHostKeyChecking=yes" in argv
+    assert not any("StrictHostKeyChecking=no" in a or "accept-new" in a for a in argv)
