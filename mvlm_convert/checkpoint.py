@@ -1,0 +1,279 @@
+"""Streaming reader for HF checkpoints exactly as released: ``pytorch_model.bin`` / ``model.safetensors``, sharded or not.
+
+Why streaming: a 1.7B bf16 checkpoint is 3.35 GB and the converter must stay under 1 GB of RSS. Tensors are therefore
+read one at a time and their pages are given back as soon as the caller is done with them (``Checkpoint.release``):
+
+- ``.bin`` files are opened with ``torch.load(weights_only=True, mmap=True)``. The mapping is private and read-only
+  in practice, so after a tensor has been converted its pages are dropped with ``madvise(MADV_DONTNEED)``; otherwise
+  every page ever touched would stay resident and count towards peak RSS.
+- ``.safetensors`` headers are parsed here (8-byte length + JSON) so that names, shapes and dtypes are known without
+  mapping the data; the data itself is read with ``safetensors.safe_open`` one tensor at a time, and the handle is
+  closed right after, which unmaps what was touched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mvlm_convert.errors import MvlmError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+_MADV_DONTNEED = 4
+_PAGE = mmap.PAGESIZE
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _madvise = _libc.madvise
+    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _madvise.restype = ctypes.c_int
+except (OSError, AttributeError):  # pragma: no cover - non-Linux
+    _madvise = None
+
+
+def _drop_pages(ptr: int, nbytes: int) -> None:
+    """Give back the resident pages of a read-only private file mapping (they are re-read from disk if touched again).
+
+    Only whole pages strictly inside [ptr, ptr+nbytes) are dropped, so memory that belongs to anything else is never
+    affected.
+    """
+    if _madvise is None or nbytes <= 0:
+        return
+    start = (ptr + _PAGE - 1) // _PAGE * _PAGE
+    end = (ptr + nbytes) // _PAGE * _PAGE
+    if end > start:
+        _madvise(start, end - start, _MADV_DONTNEED)
+
+
+@dataclass
+class _Entry:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint directory: ``config`` (config.json) and lazily readable tensors by their HF names."""
+
+    root: Path
+    config: dict[str, Any]
+    files: list[Path]
+    _entries: dict[str, _Entry] = field(default_factory=dict)
+    _bin_state: dict[Path, tuple[dict[str, torch.Tensor], bool]] = field(default_factory=dict)
+
+    # --- metadata -------------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """All tensor names, in file order."""
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name).dtype
+
+    def file_of(self, name: str) -> Path:
+        return self._entry(name).file
+
+    def require(self, names: Iterable[str], what: str = "tensors") -> None:
+        """MvlmError naming every missing tensor (so a damaged or mislabelled checkpoint is obvious)."""
+        missing = [n for n in names if n not in self._entries]
+        if missing:
+            shown = ", ".join(missing[:6]) + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else "")
+            raise MvlmError(f"{self.root}: missing {len(missing)} {what}: {shown}; is the checkpoint complete?")
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise MvlmError(f"{self.root}: missing tensor {name}; is the checkpoint complete?") from None
+
+    # --- data -----------------------------------------------------------------------------------------------------
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor's data (for .bin a view into the file mapping; call ``release`` when done with it)."""
+        entry = self._entry(name)
+        if entry.file.suffix == ".safetensors":
+            return _read_safetensor(entry.file, name)
+        tensors, _ = self._load_bin(entry.file)
+        return tensors[name]
+
+    def release(self, name: str, tensor: torch.Tensor | None = None) -> None:
+        """Drop the resident pages of a .bin tensor read through the file mapping; no-op for safetensors."""
+        entry = self._entries.get(name)
+        if entry is None or entry.file.suffix == ".safetensors":
+            return
+        state = self._bin_state.get(entry.file)
+        if state is None or not state[1]:
+            return  # not memory-mapped: the data lives in ordinary heap memory and must not be madvise'd
+        t = state[0].get(name) if tensor is None else tensor
+        if t is None:
+            return
+        _drop_pages(t.data_ptr(), t.numel() * t.element_size())
+
+    def close(self) -> None:
+        self._bin_state.clear()
+
+    def _load_bin(self, path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+        state = self._bin_state.get(path)
+        if state is None:
+            state = _load_bin(path)
+            self._bin_state[path] = state
+        return state
+
+
+def _load_bin(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """torch.load a .bin safely; (state dict, whether it is memory-mapped)."""
+    if not path.is_file():
+        raise MvlmError(f"missing weights file {path}; is the checkpoint complete?")
+    try:
+        sd = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        mapped = True
+    except RuntimeError as e:
+        if "zipfile" in str(e) and "mmap" in str(e):
+            # Legacy (pre-1.6) pickle format cannot be mapped; it has to be read whole.
+            try:
+                sd = torch.load(path, weights_only=True, map_location="cpu")
+            except Exception as e2:  # noqa: BLE001
+                raise MvlmError(f"cannot read {path}: truncated or corrupt ({_short(e2)})") from e2
+            mapped = False
+        else:
+            raise MvlmError(f"cannot read {path}: truncated or corrupt ({_short(e)})") from e
+    except Exception as e:  # noqa: BLE001 - pickle/zip errors come in many types
+        raise MvlmError(f"cannot read {path}: truncated or corrupt ({_short(e)})") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise MvlmError(f"cannot read {path}: not a state dict of tensors")
+    return sd, mapped
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:200]
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse and validate a safetensors header without touching the data (clear error for damaged files)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 * 1024 * 1024):
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        data_len = size - 8 - n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            if not (0 <= begin <= end <= data_len):
+                raise ValueError(f"tensor {name} lies beyond the end of the file (truncated?)")
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
+    except MvlmError:
+        raise
+    except OSError as e:
+        raise MvlmError(f"cannot read {path}: {e.strerror or e}") from e
+    except Exception as e:  # noqa: BLE001 - json / struct / key errors all mean "corrupt"
+        raise MvlmError(f"cannot read {path}: corrupt safetensors header ({_short(e)})") from e
+    return header
+
+
+def _read_safetensor(path: Path, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            t = f.get_tensor(name)
+        return t
+    except Exception as e:  # noqa: BLE001
+        raise MvlmError(f"cannot read tensor {name} from {path}: {_short(e)}") from e
+
+
+def _weight_files(root: Path) -> list[Path]:
+    """Which weight files make up the checkpoint (safetensors preferred when a checkpoint ships both)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = root / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except Exception as e:  # noqa: BLE001
+                raise MvlmError(f"cannot read {index}: not a valid shard index ({_short(e)})") from e
+            files = []
+            for fname in weight_map.values():
+                p = root / fname
+                if p not in files:
+                    files.append(p)
+            missing = [str(p.name) for p in files if not p.is_file()]
+            if missing:
+                raise MvlmError(f"{index} lists shards that are not there: {', '.join(missing)}")
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (root / single).is_file():
+            return [root / single]
+    others = sorted(p.name for p in root.glob("*.safetensors")) or sorted(p.name for p in root.glob("*.bin"))
+    if len(others) == 1:
+        return [root / others[0]]
+    raise MvlmError(f"{root}: no weights found (expected pytorch_model.bin, model.safetensors or a *.index.json with shards)")
+
+
+def read_config(root: Path) -> dict[str, Any]:
+    cfg = root / "config.json"
+    if not cfg.is_file():
+        raise MvlmError(f"{root}: no config.json; point at a checkpoint directory as released on the HF hub")
+    try:
+        config = json.loads(cfg.read_text())
+    except Exception as e:  # noqa: BLE001
+        raise MvlmError(f"cannot read {cfg}: {_short(e)}") from e
+    if not isinstance(config, dict):
+        raise MvlmError(f"cannot read {cfg}: not a JSON object")
+    return config
+
+
+def open_checkpoint(root: str | Path) -> Checkpoint:
+    """Open a checkpoint directory; reads config and tensor metadata only (no tensor data)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MvlmError(f"{root}: not a directory; give the checkpoint directory (config.json + weights)")
+    config = read_config(root)
+    files = _weight_files(root)
+    ckpt = Checkpoint(root=root, config=config, files=files)
+    for path in files:
+        if path.suffix == ".safetensors":
+            for name, info in read_safetensors_header(path).items():
+                if name == "__metadata__":
+                    continue
+                ckpt._entries[name] = _Entry(path, tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]])
+        else:
+            tensors, _ = ckpt._load_bin(path)
+            for name, t in tensors.items():
+                ckpt._entries[name] = _Entry(path, tuple(t.shape), t.dtype)
+    return ckpt

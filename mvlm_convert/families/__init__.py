@@ -1,0 +1,53 @@
+"""Model-family registry: a family is one module that recognises its configs and maps its tensors.
+
+Each family module exposes ``NAME``, ``PROJECTOR_TYPES`` (config ``mm_projector_type`` prefixes it handles, ordered
+most specific first), ``matches(config) -> bool`` and ``describe(config) -> FamilyInfo``. Adding a family = adding a
+module and listing it in ``FAMILY_MODULES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from mvlm_convert.errors import MvlmError
+
+FAMILY_MODULES = ["mvlm_convert.families.mobilevlm"]
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """What a config is: family, variant (e.g. ``v2``), GGUF projector type (``ldpv2``) or None for a text-only LM."""
+
+    family: str
+    variant: str
+    projector: str | None
+    module: ModuleType
+
+
+def _modules() -> list[ModuleType]:
+    return [importlib.import_module(m) for m in FAMILY_MODULES]
+
+
+def known_projector_types() -> list[str]:
+    out: list[str] = []
+    for mod in _modules():
+        out.extend(p + "*" for p in mod.PROJECTOR_TYPES)
+    return out
+
+
+def detect_family(config: dict[str, Any]) -> FamilyInfo:
+    """The family that claims this config; MvlmError naming what is supported otherwise."""
+    proj = config.get("mm_projector_type")
+    for mod in _modules():
+        if mod.matches(config):
+            return mod.describe(config)
+    if proj is not None:
+        raise MvlmError(f"unknown mm_projector_type {proj!r}; supported: {', '.join(known_projector_types())} (MobileVLM V1/V2)")
+    archs = config.get("architectures") or []
+    raise MvlmError(
+        f"unsupported model: architectures={archs} model_type={config.get('model_type')!r}; "
+        "supported: MobileVLM V1/V2 (mm_projector_type ldpnet/ldpnetv2) and MobileLLaMA (LLaMA-family LMs)"
+    )

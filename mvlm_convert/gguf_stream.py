@@ -1,0 +1,180 @@
+"""Write a GGUF file one tensor at a time.
+
+gguf.GGUFWriter normally keeps every tensor in memory until ``write_tensors_to_file``. Here every tensor is first
+*declared* (name, shape, type, byte size: all known from the checkpoint metadata), the header, key/values and tensor
+infos are written, and then each tensor is produced, encoded and written in declaration order, and dropped. Peak
+memory is therefore about one tensor, not one model.
+
+The file is written under a temporary name in the output directory and renamed only when complete; any failure
+(including ENOSPC) removes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Protocol
+
+import gguf
+import numpy as np
+import torch
+
+from mvlm_convert.errors import MvlmError
+
+QT = gguf.GGMLQuantizationType
+
+OUTTYPES: dict[str, QT] = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}
+FILE_TYPES: dict[str, gguf.LlamaFileType] = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor: its GGUF name, logical shape (PyTorch order), type, and how to produce its values."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: QT
+    produce: Callable[[], torch.Tensor]
+    source: str = ""  # HF name(s), for the summary
+
+    @property
+    def nbytes(self) -> int:
+        block, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
+        n = prod(self.shape)
+        return n // block * type_size
+
+
+@dataclass
+class FileSummary:
+    path: Path
+    kind: str  # "language model" | "mmproj"
+    n_tensors: int
+    nbytes: int
+    dtypes: dict[str, int] = field(default_factory=dict)  # GGML type name -> tensor count
+    metadata: dict[str, object] = field(default_factory=dict)
+
+
+class Progress(Protocol):
+    """Receives progress while one file is written (the CLI draws a rich bar per file)."""
+
+    def start(self, path: Path, total_bytes: int, n_tensors: int) -> None: ...
+
+    def advance(self, plan: TensorPlan) -> None: ...
+
+
+def matrix_type(outtype: str, shape: tuple[int, ...]) -> QT:
+    """Output type of a 2-D weight: the requested one, except q8_0 needs rows that are a multiple of 32 (then f16)."""
+    qt = OUTTYPES[outtype]
+    if qt == QT.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[QT.Q8_0][0] != 0:
+        return QT.F16
+    return qt
+
+
+def encode(t: torch.Tensor, qtype: QT) -> np.ndarray:
+    """Convert a tensor to the bytes GGUF stores for ``qtype`` (contiguous numpy array)."""
+    t = t.detach()
+    if qtype == QT.F32:
+        return np.ascontiguousarray(t.to(torch.float32).numpy())
+    if qtype == QT.F16:
+        return np.ascontiguousarray(t.to(torch.float16).numpy())
+    if qtype == QT.BF16:
+        return np.ascontiguousarray(t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16))
+    if qtype == QT.Q8_0:
+        return gguf.quants.quantize(np.ascontiguousarray(t.to(torch.float32).numpy()), QT.Q8_0)
+    raise ValueError(f"unsupported output type {qtype!r}")
+
+
+def tmp_path_for(final: Path) -> Path:
+    return final.with_name(final.name + ".tmp")
+
+
+def check_writable(outdir: Path) -> None:
+    """One clear line if the output directory cannot be created or written."""
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MvlmError(f"cannot create output directory {outdir}: {e.strerror or e}") from e
+    if not outdir.is_dir() or not os.access(outdir, os.W_OK | os.X_OK):
+        raise MvlmError(f"output directory {outdir} is not writable; choose another with --outdir")
+
+
+def write_gguf(
+    final: Path,
+    writer: gguf.GGUFWriter,
+    plans: list[TensorPlan],
+    *,
+    kind: str,
+    progress: Progress | None = None,
+    release: Callable[[TensorPlan], None] | None = None,
+) -> FileSummary:
+    """Declare all tensors, write header/KV/infos, then stream the tensors; rename ``<final>.tmp`` -> ``final``."""
+    for p in plans:
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+    tmp = tmp_path_for(final)
+    if progress is not None:
+        progress.start(final, sum(p.nbytes for p in plans), len(plans))
+    try:
+        try:
+            writer.write_header_to_file(path=tmp)
+        except OSError as e:
+            raise MvlmError(f"cannot write {tmp}: {e.strerror or e}") from e
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in plans:
+            arr = encode(p.produce(), p.qtype)
+            if arr.nbytes != p.nbytes:
+                raise RuntimeError(f"{p.name}: produced {arr.nbytes} bytes, declared {p.nbytes}")
+            writer.write_tensor_data(arr)
+            del arr
+            if release is not None:
+                release(p)
+            if progress is not None:
+                progress.advance(p)
+        assert writer.fout is not None
+        for f in writer.fout:
+            f.flush()
+        writer.close()
+        os.replace(tmp, final)
+    except BaseException as e:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise MvlmError(f"disk full while writing {final}: free space and retry (no partial file left)") from e
+        raise
+    counts: dict[str, int] = {}
+    for p in plans:
+        counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
+    return FileSummary(path=final, kind=kind, n_tensors=len(plans), nbytes=final.stat().st_size, dtypes=counts)
+
+
+@dataclass
+class PreparedGGUF:
+    """Everything needed to write one file, built and validated before any byte is written.
+
+    Preparing both outputs first means bad input (missing tensor, wrong grid, bad tokenizer) is reported before
+    either file exists.
+    """
+
+    writer: gguf.GGUFWriter
+    plans: list[TensorPlan]
+    kind: str
+    metadata: dict[str, object]
+    release: Callable[[TensorPlan], None] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.plans)
+
+    def write(self, final: Path, progress: Progress | None = None) -> FileSummary:
+        summary = write_gguf(final, self.writer, self.plans, kind=self.kind, progress=progress, release=self.release)
+        summary.metadata = dict(self.metadata)
+        return summary

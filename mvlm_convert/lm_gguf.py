@@ -1,0 +1,159 @@
+"""Language-model GGUF (arch ``llama``) for MobileVLM / MobileLLaMA, streamed tensor by tensor.
+
+Names come from ``gguf.TensorNameMap`` (MODEL_ARCH.LLAMA); vocabulary from ``gguf.vocab.SentencePieceVocab`` and
+``gguf.vocab.SpecialVocab``. Q and K are permuted the way llama.cpp's own LLaMA converter does (HF stores rotary
+halves, GGML's rope expects interleaved pairs), with ``num_key_value_heads`` for K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import torch
+
+from mvlm_convert.checkpoint import Checkpoint
+from mvlm_convert.errors import MvlmError
+from mvlm_convert.families.mobilevlm import LmHparams, is_lm_tensor, lm_hparams, lm_required_tensors
+from mvlm_convert.gguf_stream import FILE_TYPES, QT, FileSummary, PreparedGGUF, Progress, TensorPlan, matrix_type
+
+# MobileVLM's conversation template "v1" (LLaVA's conv_vicuna_v1, SeparatorStyle.TWO, sep " ", sep2 "</s>"):
+#   "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:"
+# and the first question is "<image>\n{question}". In llama.cpp the image marker is "<__media__>" and
+# llama-mtmd-cli puts it in front of the prompt WITHOUT a newline, so the template normalises every marker to be
+# followed by exactly one "\n" (the trained layout). The strings "USER: " / "ASSISTANT: " also make llama.cpp's
+# non-Jinja fallback (llama-mtmd-cli's default; llm_chat_detect_template) pick its built-in "vicuna" format rather
+# than failing; only the Jinja path (--jinja, llama-server, llama-cpp-python) reproduces v1 exactly.
+MOBILEVLM_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+MEDIA_MARKER = "<__media__>"
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='" + MOBILEVLM_SYSTEM.replace("'", "\\'") + "') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- ns.system + ' ' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- 'USER: ' + (message['content'] | replace('" + MEDIA_MARKER + "\\n', '" + MEDIA_MARKER + "')"
+    " | replace('" + MEDIA_MARKER + "', '" + MEDIA_MARKER + "\\n')) + ' ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- 'ASSISTANT: ' + message['content'] + '</s>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotary layout (two halves per head) -> GGML layout (interleaved pairs); same as llama.cpp's converter."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tokenizer_dir(ckpt: Checkpoint) -> Path:
+    if not (ckpt.root / "tokenizer.model").is_file():
+        raise MvlmError(f"{ckpt.root}: no tokenizer.model (SentencePiece); MobileVLM/MobileLLaMA ship one with the weights")
+    return ckpt.root
+
+
+def add_vocab(writer: gguf.GGUFWriter, tok_dir: Path, hp: LmHparams) -> dict[str, object]:
+    """SentencePiece vocab (padded to the model's vocab_size like llama.cpp does), special ids, chat template."""
+    try:
+        vocab = gguf.vocab.SentencePieceVocab(tok_dir)
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises plain RuntimeError/OSError on bad files
+        raise MvlmError(f"cannot read {tok_dir / 'tokenizer.model'}: {e}") from e
+    tokens, scores, types = [], [], []
+    for text, score, ttype in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(ttype)
+    if len(tokens) > hp.vocab_size:
+        raise MvlmError(f"tokenizer has {len(tokens)} tokens but config vocab_size is {hp.vocab_size}")
+    for i in range(len(tokens), hp.vocab_size):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = gguf.vocab.SpecialVocab(tok_dir, load_merges=False, n_vocab=len(tokens))
+    special.chat_template = CHAT_TEMPLATE
+    special.add_to_gguf(writer, quiet=True)
+    return {"vocab_size": len(tokens), "special_tokens": dict(special.special_token_ids)}
+
+
+def write_lm_gguf(ckpt: Checkpoint, out_path: Path, outtype: str, name: str, progress: Progress | None = None) -> FileSummary:
+    return prepare_lm_gguf(ckpt, outtype, name).write(out_path, progress)
+
+
+def prepare_lm_gguf(ckpt: Checkpoint, outtype: str, name: str) -> PreparedGGUF:
+    """Validate the LM part of the checkpoint and plan every tensor (reads metadata and the tokenizer only)."""
+    hp = lm_hparams(ckpt.config)
+    ckpt.require(lm_required_tensors(hp), "language-model tensors")
+    emb_rows = ckpt.shape("model.embed_tokens.weight")[0]
+    if emb_rows != hp.vocab_size:
+        raise MvlmError(f"model.embed_tokens.weight has {emb_rows} rows but config vocab_size is {hp.vocab_size}")
+    for i in range(hp.n_layer):
+        q = ckpt.shape(f"model.layers.{i}.self_attn.q_proj.weight")
+        k = ckpt.shape(f"model.layers.{i}.self_attn.k_proj.weight")
+        if q != (hp.n_head * hp.head_dim, hp.hidden_size) or k != (hp.n_head_kv * hp.head_dim, hp.hidden_size):
+            raise MvlmError(
+                f"layer {i}: q/k shapes {q}/{k} do not match num_attention_heads={hp.n_head}, "
+                f"num_key_value_heads={hp.n_head_kv}, hidden_size={hp.hidden_size}; config.json and weights disagree"
+            )
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp.n_layer)
+    plans: list[TensorPlan] = []
+    for hf in ckpt.names():
+        if not is_lm_tensor(hf) or hf.endswith(".rotary_emb.inv_freq"):
+            continue
+        gname = name_map.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise MvlmError(f"{ckpt.root}: unexpected language-model tensor {hf}; not a plain LLaMA checkpoint?")
+        shape = ckpt.shape(hf)
+        qtype = QT.F32 if len(shape) == 1 or outtype == "f32" else matrix_type(outtype, shape)
+        produce = _producer(ckpt, hf, hp)
+        plans.append(TensorPlan(gname, shape, qtype, produce, source=hf))
+
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_context_length(hp.context_length)
+    writer.add_embedding_length(hp.hidden_size)
+    writer.add_block_count(hp.n_layer)
+    writer.add_feed_forward_length(hp.ffn)
+    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_head_count(hp.n_head)
+    writer.add_head_count_kv(hp.n_head_kv)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_vocab_size(hp.vocab_size)
+    writer.add_file_type(FILE_TYPES[outtype])
+    if outtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    vocab_meta = add_vocab(writer, _tokenizer_dir(ckpt), hp)
+
+    metadata = {
+        "arch": "llama",
+        "n_layer": hp.n_layer,
+        "n_head": hp.n_head,
+        "n_head_kv": hp.n_head_kv,
+        "hidden_size": hp.hidden_size,
+        "head_dim": hp.head_dim,
+        **vocab_meta,
+    }
+    return PreparedGGUF(writer, plans, "language model", metadata, release=lambda p: ckpt.release(p.source))
+
+
+def _producer(ckpt: Checkpoint, hf: str, hp: LmHparams) -> Callable[[], torch.Tensor]:
+    if hf.endswith("self_attn.q_proj.weight"):
+        return lambda: permute_qk(ckpt.get(hf), hp.n_head)
+    if hf.endswith("self_attn.k_proj.weight"):
+        return lambda: permute_qk(ckpt.get(hf), hp.n_head_kv)
+    return lambda: ckpt.get(hf)

@@ -1,0 +1,331 @@
+"""mmproj GGUF (arch ``clip``): CLIP vision tower + MobileVLM LDP / LDPv2 projector, streamed tensor by tensor.
+
+Checked against the pinned llama.cpp (0c1e570) tools/mtmd:
+- tensor names: clip-impl.h TN_* (via gguf.TensorNameMap(MODEL_ARCH.MMPROJ) for the CLIP part);
+- ``v.patch_embd.weight`` and the depthwise 3x3 kernels go through ggml_conv_2d / ggml_conv_2d_dw, whose im2col
+  result is f16 and whose CPU matmul then needs an f16 kernel: these are always f16. Depthwise kernels are stored
+  [C, 3, 3] (the singleton in-channel dim squeezed), 1x1 convs as 2-D matrices (clip.cpp multiplies them with
+  build_mm); 1-D tensors and the class/position embeddings are f32;
+- layers: clip_graph_llava::build runs ``block_count - 1`` layers when no ``clip.vision.feature_layer`` is set
+  (emulating hidden_states[-2]); see ``_layer_metadata``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+
+from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
+from mvlm_convert.errors import MvlmError
+from mvlm_convert.families.mobilevlm import (
+    CLIP_PREFIX_IN_CHECKPOINT,
+    projector_tensors,
+    vision_select_layer,
+    vision_tower_dir,
+)
+from mvlm_convert.gguf_stream import FILE_TYPES, QT, FileSummary, PreparedGGUF, Progress, TensorPlan, matrix_type
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+LDP_GRID = 24  # clip.cpp hard-codes n_patch = 24 for PROJECTOR_TYPE_LDP / LDPV2
+OPENAI_CLIP_HEAD_DIM = 64  # every OpenAI CLIP ViT (B/16, B/32, L/14, L/14-336) uses 64-wide heads
+
+
+@dataclass
+class ClipSource:
+    """Where the vision tower's weights and hyper-parameters come from."""
+
+    reader: Checkpoint
+    prefix: str  # HF name prefix up to and including "vision_model."
+    hidden: int
+    ffn: int
+    n_layer: int
+    n_head: int
+    image_size: int
+    patch_size: int
+    eps: float
+    hidden_act: str
+    projection_dim: int
+    image_mean: list[float]
+    image_std: list[float]
+    origin: str  # human-readable: "checkpoint copy" or the CLIP directory
+
+
+def _vision_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A CLIPModel config nests the tower under vision_config; a CLIPVisionModel config is the tower itself."""
+    vc = cfg.get("vision_config")
+    return vc if isinstance(vc, dict) else cfg
+
+
+def _preprocessor(clip_dir: Path | None) -> tuple[list[float], list[float]]:
+    if clip_dir is not None and (clip_dir / "preprocessor_config.json").is_file():
+        try:
+            pp = json.loads((clip_dir / "preprocessor_config.json").read_text())
+            mean, std = pp.get("image_mean"), pp.get("image_std")
+            if isinstance(mean, list) and isinstance(std, list) and len(mean) >= 3 and len(std) >= 3:
+                return [float(x) for x in mean[:3]], [float(x) for x in std[:3]]
+        except (OSError, ValueError) as e:
+            raise MvlmError(f"cannot read {clip_dir / 'preprocessor_config.json'}: {e}") from e
+    return list(CLIP_MEAN), list(CLIP_STD)
+
+
+def _count_layers(reader: Checkpoint, prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
+    ids = {int(m.group(1)) for n in reader.names() if (m := pat.match(n))}
+    return max(ids) + 1 if ids else 0
+
+
+def resolve_clip(ckpt: Checkpoint, override: Path | None, prefer_copy: bool = True) -> ClipSource:
+    """The vision tower: ``--vision-tower``, else the checkpoint's own copy (V2: ``prefer_copy``) or a local
+    ``mm_vision_tower`` directory (V1), else whichever of the two exists.
+
+    Hyper-parameters come from a CLIP config when one is at hand (--vision-tower or a local mm_vision_tower);
+    for a bare checkpoint copy they are read off the weight shapes, with OpenAI CLIP's 64-wide heads.
+    """
+    clip_dir = override if override is not None else vision_tower_dir(ckpt.config, ckpt.root)
+    if override is not None and not (override / "config.json").is_file():
+        raise MvlmError(f"--vision-tower {override}: no config.json there; give a local CLIP (HF transformers) directory")
+    clip_cfg: dict[str, Any] = {}
+    if clip_dir is not None:
+        try:
+            clip_cfg = _vision_config(json.loads((clip_dir / "config.json").read_text()))
+        except (OSError, ValueError) as e:
+            raise MvlmError(f"cannot read {clip_dir / 'config.json'}: {e}") from e
+
+    has_copy = f"{CLIP_PREFIX_IN_CHECKPOINT}embeddings.patch_embedding.weight" in ckpt
+    # V2 inference uses the copy in the checkpoint; V1 inference reloads CLIP from mm_vision_tower. --vision-tower
+    # always wins.
+    use_copy = has_copy and override is None and (prefer_copy or clip_dir is None)
+    if use_copy:
+        reader, prefix, origin = ckpt, CLIP_PREFIX_IN_CHECKPOINT, "checkpoint copy (model.vision_tower.*)"
+    elif clip_dir is not None:
+        reader = open_checkpoint(clip_dir)
+        prefix = "vision_model."
+        if f"{prefix}embeddings.patch_embedding.weight" not in reader:
+            raise MvlmError(f"{clip_dir}: no vision_model.* tensors; is it a CLIP (CLIPModel / CLIPVisionModel) checkpoint?")
+        origin = str(clip_dir)
+    else:
+        ref = ckpt.config.get("mm_vision_tower")
+        raise MvlmError(
+            f"no vision tower: the checkpoint has no model.vision_tower.* copy and mm_vision_tower={ref!r} is not a "
+            "local directory; pass --vision-tower DIR (e.g. a download of openai/clip-vit-large-patch14-336)"
+        )
+
+    reader.require([f"{prefix}embeddings.position_embedding.weight"], "vision-tower tensors")
+    patch = reader.shape(f"{prefix}embeddings.patch_embedding.weight")
+    hidden, _, p, _ = patch
+    n_pos = reader.shape(f"{prefix}embeddings.position_embedding.weight")[0]
+    grid = round((n_pos - 1) ** 0.5)
+    n_layer = _count_layers(reader, prefix)
+    ffn = reader.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0] if n_layer else 0
+    n_head = int(clip_cfg.get("num_attention_heads") or max(1, hidden // OPENAI_CLIP_HEAD_DIM))
+    mean, std = _preprocessor(clip_dir)
+    src = ClipSource(
+        reader=reader,
+        prefix=prefix,
+        hidden=hidden,
+        ffn=ffn,
+        n_layer=n_layer,
+        n_head=n_head,
+        image_size=int(clip_cfg.get("image_size") or grid * p),
+        patch_size=int(clip_cfg.get("patch_size") or p),
+        eps=float(clip_cfg.get("layer_norm_eps", 1e-5)),
+        hidden_act=str(clip_cfg.get("hidden_act", "quick_gelu")),
+        projection_dim=int(clip_cfg.get("projection_dim") or 0),
+        image_mean=mean,
+        image_std=std,
+        origin=origin,
+    )
+    if n_layer == 0:
+        raise MvlmError(f"{origin}: the vision tower has no encoder layers")
+    if src.patch_size != p or grid * grid + 1 != n_pos or src.image_size != grid * p:
+        raise MvlmError(
+            f"{origin}: CLIP config (image {src.image_size}, patch {src.patch_size}) does not match its weights "
+            f"({n_pos} positions, {p}x{p} patches)"
+        )
+    if hidden % n_head:
+        raise MvlmError(f"{origin}: hidden size {hidden} is not a multiple of {n_head} heads")
+    return src
+
+
+def _layer_metadata(clip: ClipSource, select: int) -> tuple[int, list[int] | None]:
+    """(clip.vision.block_count, clip.vision.feature_layer or None) so llama.cpp stops at hidden_states[select].
+
+    clip_graph_llava::build (tools/mtmd/models/llava.cpp) runs ``n_layer - 1`` layers when no feature layer is
+    set: it assumes the file holds the whole tower and emulates LLaVA's hidden_states[-2]. The legacy converter
+    also drops the last layer from the file, so only n-2 ran (DESIGN §5.1). We write every layer and
+    ``block_count = n``: for the standard ``mm_vision_select_layer = -2`` exactly n-1 layers run, on every
+    llama.cpp version (no feature_layer key needed, so builds that predate it agree). Any other select layer is
+    expressed as ``clip.vision.feature_layer = [k]`` (k = number of layers to run, the non-negative
+    hidden_states index), which that same function honours by running k layers.
+    """
+    n = clip.n_layer
+    k = select if select >= 0 else n + 1 + select
+    if not 0 < k <= n:
+        raise MvlmError(f"mm_vision_select_layer {select} is out of range for a {n}-layer vision tower")
+    return n, (None if k == n - 1 else [k])
+
+
+def clip_required(prefix: str, n_layer: int) -> list[str]:
+    """The CLIP tensors a MobileVLM image encoder needs (OpenAI CLIP: biases everywhere but the patch conv)."""
+    names = [prefix + "embeddings.class_embedding", prefix + "embeddings.patch_embedding.weight"]
+    names += [prefix + "embeddings.position_embedding.weight", prefix + "pre_layrnorm.weight", prefix + "pre_layrnorm.bias"]
+    for i in range(n_layer):
+        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                     "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):  # fmt: skip
+            names += [f"{prefix}encoder.layers.{i}.{part}.weight", f"{prefix}encoder.layers.{i}.{part}.bias"]
+    return names
+
+
+def _clip_plans(clip: ClipSource, outtype: str) -> list[TensorPlan]:
+    clip.reader.require(clip_required(clip.prefix, clip.n_layer), "vision-tower tensors")
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, clip.n_layer)
+    # clip.cpp swaps ffn_up/ffn_down back for files from the legacy converter when ffn_down's input width equals
+    # n_embd. With the correct names that test is false unless ffn == hidden; then write the legacy (swapped) names
+    # so that clip.cpp's swap restores the right order.
+    swap_ffn = clip.ffn == clip.hidden
+    plans: list[TensorPlan] = []
+    reader = clip.reader
+    for hf in reader.names():
+        if not hf.startswith(clip.prefix):
+            continue
+        rel = hf[len(clip.prefix) :]
+        if rel.startswith("post_layernorm") or rel.endswith("position_ids"):
+            continue  # hidden_states[-2] is taken before post_layernorm; position_ids is a buffer
+        m = re.match(r"encoder\.layers\.(\d+)\.", rel)
+        if m and int(m.group(1)) >= clip.n_layer:
+            continue
+        gname = name_map.get_name("vision_tower.vision_model." + rel, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            continue
+        if swap_ffn and ".ffn_" in gname:
+            gname = gname.replace(".ffn_up", ".ffn_tmp").replace(".ffn_down", ".ffn_up").replace(".ffn_tmp", ".ffn_down")
+        shape = reader.shape(hf)
+        if gname == "v.patch_embd.weight":
+            qtype = QT.F16
+        elif gname in ("v.class_embd", "v.position_embd.weight") or len(shape) == 1 or outtype == "f32":
+            qtype = QT.F32
+        else:
+            qtype = matrix_type(outtype, shape)
+        plans.append(TensorPlan(gname, shape, qtype, _getter(reader, hf), source=hf))
+    return plans
+
+
+def _getter(reader: Checkpoint, hf: str, reshape: tuple[int, ...] | None = None) -> Callable[[], torch.Tensor]:
+    if reshape is None:
+        return lambda: reader.get(hf)
+    return lambda: reader.get(hf).reshape(reshape)
+
+
+def _projector_plans(ckpt: Checkpoint, projector: str, outtype: str, lm_hidden: int) -> list[TensorPlan]:
+    spec = projector_tensors(projector)
+    ckpt.require([t.hf for t in spec], "projector tensors")
+    plans = []
+    for t in spec:
+        shape = ckpt.shape(t.hf)
+        if t.kind == "dwconv":
+            if len(shape) != 4 or shape[1] != 1 or shape[2:] != (3, 3):
+                raise MvlmError(f"{t.hf}: expected a depthwise 3x3 kernel [C,1,3,3], got {list(shape)}")
+            out_shape = (shape[0], 3, 3)
+            qtype = QT.F16
+        elif t.kind == "matrix":
+            out_shape = shape[:2]
+            if len(shape) == 4 and shape[2:] != (1, 1) or len(shape) not in (2, 4):
+                raise MvlmError(f"{t.hf}: expected a Linear or 1x1 conv weight, got {list(shape)}")
+            qtype = QT.F32 if outtype == "f32" else matrix_type(outtype, out_shape)
+        else:
+            out_shape = shape
+            qtype = QT.F32
+        reshape = out_shape if out_shape != shape else None
+        plans.append(TensorPlan(t.gguf, out_shape, qtype, _getter(ckpt, t.hf, reshape), source=t.hf))
+    return plans
+
+
+def write_mmproj_gguf(
+    ckpt: Checkpoint,
+    projector: str,
+    out_path: Path,
+    outtype: str,
+    name: str,
+    vision_tower: Path | None = None,
+    progress: Progress | None = None,
+) -> FileSummary:
+    return prepare_mmproj_gguf(ckpt, projector, outtype, name, vision_tower).write(out_path, progress)
+
+
+def prepare_mmproj_gguf(
+    ckpt: Checkpoint, projector: str, outtype: str, name: str, vision_tower: Path | None = None
+) -> PreparedGGUF:
+    """Find and validate the vision tower and projector; plan every tensor (metadata only, no tensor data)."""
+    clip = resolve_clip(ckpt, vision_tower, prefer_copy=projector != "ldp")
+    if clip.image_size // clip.patch_size != LDP_GRID or clip.image_size % clip.patch_size:
+        raise MvlmError(
+            f"{projector} needs a {LDP_GRID}x{LDP_GRID} patch grid (image 336, patch 14) but the vision tower "
+            f"({clip.origin}) has image {clip.image_size}, patch {clip.patch_size}; llama.cpp hard-codes 24x24"
+        )
+    lm_hidden = int(ckpt.config.get("hidden_size", 0))
+    mm_hidden = ckpt.config.get("mm_hidden_size")
+    if mm_hidden is not None and int(mm_hidden) != clip.hidden:
+        raise MvlmError(
+            f"mm_hidden_size {mm_hidden} in config.json does not match the vision tower width {clip.hidden} "
+            f"({clip.origin}); wrong --vision-tower?"
+        )
+    block_count, feature_layer = _layer_metadata(clip, vision_select_layer(ckpt.config))
+    plans = _clip_plans(clip, outtype) + _projector_plans(ckpt, projector, outtype, lm_hidden)
+    proj_in = next(p for p in plans if p.name.startswith("mm.model.mlp.")).shape
+    if proj_in[1] != clip.hidden:
+        raise MvlmError(f"projector input width {proj_in[1]} does not match the vision tower width {clip.hidden}")
+
+    KV = gguf.Keys
+    w = gguf.GGUFWriter(path=None, arch="clip")
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_name(name)
+    w.add_description(f"MobileVLM image encoder: CLIP ({clip.origin}) + {projector.upper()} projector")
+    w.add_file_type(FILE_TYPES[outtype])
+    if outtype == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_bool(KV.Clip.HAS_VISION_ENCODER, True)
+    w.add_bool(KV.Clip.HAS_LLAVA_PROJECTOR, True)
+    w.add_string(KV.Clip.PROJECTOR_TYPE, projector)
+    w.add_uint32(KV.ClipVision.IMAGE_SIZE, clip.image_size)
+    w.add_uint32(KV.ClipVision.PATCH_SIZE, clip.patch_size)
+    w.add_uint32(KV.ClipVision.EMBEDDING_LENGTH, clip.hidden)
+    w.add_uint32(KV.ClipVision.FEED_FORWARD_LENGTH, clip.ffn)
+    # clip.cpp requires projection_dim but LDP/LDPv2 take their output width from the projector tensors.
+    w.add_uint32(KV.ClipVision.PROJECTION_DIM, clip.projection_dim or lm_hidden)
+    w.add_uint32(KV.ClipVision.BLOCK_COUNT, block_count)
+    if feature_layer is not None:
+        w.add_array("clip.vision.feature_layer", feature_layer)
+    w.add_uint32(KV.ClipVision.Attention.HEAD_COUNT, clip.n_head)
+    w.add_float32(KV.ClipVision.Attention.LAYERNORM_EPS, clip.eps)
+    w.add_array(KV.ClipVision.IMAGE_MEAN, clip.image_mean)
+    w.add_array(KV.ClipVision.IMAGE_STD, clip.image_std)
+    # OpenAI CLIP uses quick_gelu (clip.cpp's default when use_gelu is false); "gelu" selects ggml's GELU.
+    w.add_bool(KV.ClipVision.USE_GELU, clip.hidden_act == "gelu")
+
+    metadata = {
+        "arch": "clip",
+        "projector_type": projector,
+        "vision_tower": clip.origin,
+        "vision_layers_in_file": clip.n_layer,
+        "vision_layers_run": feature_layer[0] if feature_layer else block_count - 1,
+        "vision_heads": clip.n_head,
+        "image_size": clip.image_size,
+        "patch_size": clip.patch_size,
+        "image_mean": clip.image_mean,
+        "image_std": clip.image_std,
+    }
+    return PreparedGGUF(
+        w,
+        plans,
+        "mmproj",
+        metadata,
+        release=lambda p: clip.reader.release(p.source) if p.name.startswith("v.") else ckpt.release(p.source),
+    )
