@@ -426,7 +426,11 @@ def build(
 def _run_logged(cmd: list[str], logf, logpath: Path, what: str, progress: ProgressFn | None = None) -> None:
     logf.write("$ " + " ".join(cmd) + "\n")
     logf.flush()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    # ccache (used by ggml when installed): hash paths relative to the build dir, so builds whose keys differ only
+    # in a patch recompile just the files that patch touched
+    env = {**os.environ, "CCACHE_BASEDIR": str(logpath.parent), "CCACHE_NOHASHDIR": "true"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+                            errors="replace")
     assert proc.stdout is not None
     pat = re.compile(r"^\[(\d+)/(\d+)\]")
     for line in proc.stdout:

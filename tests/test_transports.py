@@ -17,13 +17,12 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from peers import SSHD, AdbDouble, SshServer, _free_port
 
 from mvlm_bench.devices import DeviceProfile, profile_from_dict
 from mvlm_bench.sync import MANIFEST_NAME, sync
@@ -40,7 +39,6 @@ from mvlm_bench.transports import (
     make_transport,
 )
 
-SSHD = "/usr/sbin/sshd"
 NASTY = "we ird 'sq' \"dq\" $(touch {m}) ; touch {m} & `touch {m}` | x"
 
 
@@ -155,119 +153,6 @@ def test_qemu_arm64_profile_runs_a_real_aarch64_binary(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------- ssh
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-class SshServer:
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = _free_port()
-        self.user = pwd.getpwuid(os.getuid()).pw_name
-        for name in ("host_key", "client_key", "other_key"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(root / name)], check=True)
-        (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
-        host_pub = (root / "host_key.pub").read_text().split()
-        self.known_hosts = root / "known_hosts"
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
-        self.config = root / "sshd_config"
-        self.config.write_text(
-            "\n".join(
-                [
-                    f"Port {self.port}",
-                    "ListenAddress 127.0.0.1",
-                    f"HostKey {root / 'host_key'}",
-                    f"PidFile {root / 'sshd.pid'}",
-                    f"AuthorizedKeysFile {root / 'authorized_keys'}",
-                    "UsePAM no",
-                    "StrictModes no",
-                    "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no",
-                    "PubkeyAuthentication yes",
-                    "PermitRootLogin prohibit-password",
-                    "MaxStartups 50",
-                    "MaxSessions 50",
-                    "LogLevel ERROR",
-                    "",
-                ]
-            )
-        )
-        if os.getuid() == 0:
-            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege-separation dir sshd insists on
-        self.log = open(root / "sshd.log", "wb")  # closed in stop()
-        self.proc = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"sshd did not start: {(root / 'sshd.log').read_text()}") from None
-                time.sleep(0.05)
-
-    def profile(
-        self, workdir: str, *, key: str = "client_key", known_hosts: Path | None = None, port: int | None = None, **kw
-    ) -> DeviceProfile:
-        data = {
-            "transport": "ssh",
-            "address": f"ssh://{self.user}@127.0.0.1:{port or self.port}",
-            "target": "linux-arm64",
-            "workdir": workdir,
-            "ssh": {
-                "identity_file": str(self.root / key),
-                "known_hosts": str(known_hosts or self.known_hosts),
-                "config_file": "/dev/null",
-                "connect_timeout": 5,
-            },
-            **kw,
-        }
-        return profile_from_dict(data, where="test", default_name="test-ssh")
-
-    def kill_sessions(self) -> int:
-        """Kill every per-connection sshd process (the listener stays): the link drops as if the cable was pulled."""
-        victims = _descendants(self.proc.pid)
-        for pid in victims:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        return len(victims)
-
-    def stop(self) -> None:
-        for pid in [*_descendants(self.proc.pid), self.proc.pid]:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(timeout=10)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -440,140 +325,6 @@ def test_ssh_no_injection_through_names(sshd, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------- adb
-
-ADB_DOUBLE = r'''
-"""TEST DOUBLE of the `adb` client (the only non-real seam of the transport tests).
-
-State: JSON at $MVLM_ADB_DOUBLE_STATE: {"devices": {SERIAL: {"root": DIR, "state": "device"|"unauthorized"|"gone",
-"vanish_after_bytes": N or null}}}. Device paths under /data/local/tmp map to DIR/data/local/tmp.
-"""
-import json, os, shutil, subprocess, sys
-
-STATE = os.environ["MVLM_ADB_DOUBLE_STATE"]
-PREFIX = "/data/local/tmp"
-
-
-def load():
-    with open(STATE) as f:
-        return json.load(f)
-
-
-def save(state):
-    with open(STATE + ".tmp", "w") as f:
-        json.dump(state, f)
-    os.replace(STATE + ".tmp", STATE)
-
-
-def main(argv):
-    serial = None
-    if argv[:1] == ["-s"]:
-        serial, argv = argv[1], argv[2:]
-    cmd, args = argv[0], argv[1:]
-    state = load()
-    devs = state["devices"]
-    if cmd == "devices":
-        print("List of devices attached")
-        for s, d in devs.items():
-            if d["state"] != "gone":
-                print(f"{s}\t{d['state']}")
-        print()
-        return 0
-    if serial is None:
-        live = [s for s, d in devs.items() if d["state"] != "gone"]
-        if len(live) != 1:
-            print("adb: error: more than one device/emulator" if live else "adb: no devices/emulators found",
-                  file=sys.stderr)
-            return 1
-        serial = live[0]
-    dev = devs.get(serial)
-    if dev is None or dev["state"] == "gone":
-        print(f"error: device '{serial}' not found", file=sys.stderr)
-        return 1
-    if dev["state"] == "unauthorized":
-        print("error: device unauthorized.\nThis adb server's $ADB_VENDOR_KEYS is not set\n"
-              "Try 'adb kill-server' if that seems wrong.\nOtherwise check for a confirmation dialog on your device.",
-              file=sys.stderr)
-        return 1
-    root = dev["root"]
-
-    def m(path):
-        return path.replace(PREFIX, root + PREFIX)
-
-    if cmd == "get-state":
-        print("device")
-        return 0
-    if cmd == "shell":
-        sys.stdout.flush()
-        env = dict(os.environ, HOME=root + PREFIX)
-        return subprocess.run(["/bin/sh", "-c", m(" ".join(args))], cwd=root, env=env).returncode
-    if cmd == "push":
-        local, remote = args
-        dest = m(remote)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        limit = dev.get("vanish_after_bytes")
-        if limit is not None:
-            with open(local, "rb") as src, open(dest, "wb") as dst:
-                dst.write(src.read(limit))
-            dev["state"] = "gone"
-            save(state)
-            print(f"adb: error: failed to copy '{local}' to '{remote}': remote Broken pipe", file=sys.stderr)
-            print(f"error: device '{serial}' not found", file=sys.stderr)
-            return 1
-        shutil.copyfile(local, dest)
-        print(f"{local}: 1 file pushed, 0 skipped. 42.0 MB/s ({os.path.getsize(local)} bytes in 0.001s)")
-        return 0
-    if cmd == "pull":
-        remote, local = args
-        if not os.path.isfile(m(remote)):
-            print(f"adb: error: failed to stat remote object '{remote}': No such file or directory", file=sys.stderr)
-            return 1
-        shutil.copyfile(m(remote), local)
-        print(f"{remote}: 1 file pulled, 0 skipped.")
-        return 0
-    print(f"adb double: unsupported command {cmd}", file=sys.stderr)
-    return 1
-
-
-sys.exit(main(sys.argv[1:]))
-'''
-
-
-class AdbDouble:
-    def __init__(self, root: Path, monkeypatch):
-        self.bindir = root / "adb-double-bin"
-        self.bindir.mkdir()
-        exe = self.bindir / "adb"
-        exe.write_text(f"#!{sys.executable}\n{ADB_DOUBLE}")
-        exe.chmod(0o755)
-        self.state_file = root / "adb-double-state.json"
-        self.devices_root = root / "devices"
-        monkeypatch.setenv("PATH", f"{self.bindir}{os.pathsep}{os.environ['PATH']}")
-        monkeypatch.setenv("MVLM_ADB_DOUBLE_STATE", str(self.state_file))
-        self.state: dict = {"devices": {}}
-        self._save()
-
-    def _save(self) -> None:
-        self.state_file.write_text(json.dumps(self.state))
-
-    def _load(self) -> None:
-        self.state = json.loads(self.state_file.read_text())
-
-    def add(self, serial: str, state: str = "device", vanish_after_bytes: int | None = None) -> Path:
-        root = self.devices_root / serial
-        (root / "data" / "local" / "tmp").mkdir(parents=True, exist_ok=True)
-        self._load()
-        self.state["devices"][serial] = {"root": str(root), "state": state, "vanish_after_bytes": vanish_after_bytes}
-        self._save()
-        return root
-
-    def get(self, serial: str) -> dict:
-        self._load()
-        return self.state["devices"][serial]
-
-    def replug(self, serial: str) -> None:
-        self._load()
-        self.state["devices"][serial].update(state="device", vanish_after_bytes=None)
-        self._save()
 
 
 @pytest.fixture

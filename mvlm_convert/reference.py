@@ -1,0 +1,578 @@
+"""Independent PyTorch reference forward for MobileVLM-style checkpoints (float32 throughout).
+
+Why a separate implementation: ``mvlm verify`` must prove the GGUFs compute what the released PyTorch model
+computes, so nothing here may share code with the converter. The checkpoint is read by its own small loader,
+the LDP / LDPv2 / MLP projectors are written from the published architecture (MobileVLM V1/V2 papers; the
+released code builds them from torchvision's MobileNetV3 ``InvertedResidual`` + ``SqueezeExcitation`` and
+timm's ``LayerNormAct2d`` (eps 1e-5) — neither library is needed here), CLIP is transformers' ``CLIPVisionModel``
+and the language model is transformers' ``LlamaForCausalLM`` built from the HF config keys only.
+
+Image path: a 336x336 RGB uint8 image -> ``(x/255 - mean)/std`` (exactly what clip.cpp does for an image that is
+already image_size square: its fixed-size preprocessor copies it without resizing) -> CLIP ViT hidden_states[-2]
+(``mm_vision_select_layer``), CLS dropped -> projector -> [n_tokens, hidden_size].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mvlm_convert.errors import MvlmError
+
+# OpenAI CLIP normalisation constants (used when no preprocessor_config.json is found).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# MobileVLM's projector LayerNorms are timm LayerNormAct2d with its default eps.
+LDP_LAYER_NORM_EPS = 1e-5
+
+VISION_COPY_PREFIX = "model.vision_tower.vision_tower."
+PROJECTOR_PREFIX = "model.mm_projector."
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoint reading (deliberately independent of mvlm_convert.checkpoint)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class StateReader:
+    """Lazy name -> float32 tensor access over a HF-style weights directory.
+
+    Handles ``model.safetensors`` / ``pytorch_model.bin``, single or sharded with an ``*.index.json``. ``.bin`` files
+    are opened with ``torch.load(weights_only=True, mmap=True)`` so nothing is materialised until asked for.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._where: dict[str, Path] = {}
+        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        self._st_cache: dict[Path, object] = {}
+        self._index()
+
+    def _index(self) -> None:
+        d = self.directory
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = d / index_name
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._where = {name: d / shard for name, shard in weight_map.items()}
+                return
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            path = d / single
+            if path.is_file():
+                for name in self._open(path):
+                    self._where[name] = path
+                return
+        raise MvlmError(f"no model.safetensors or pytorch_model.bin (or sharded index) in {d}")
+
+    def _open(self, path: Path) -> Iterator[str]:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            if path not in self._st_cache:
+                self._st_cache[path] = safe_open(str(path), framework="pt")
+            return iter(self._st_cache[path].keys())
+        if path not in self._bin_cache:
+            try:
+                self._bin_cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+                raise MvlmError(f"cannot read {path}: {e}") from e
+        return iter(self._bin_cache[path].keys())
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        """Return tensor ``name`` as a contiguous float32 CPU tensor (bf16/f16 upcast exactly)."""
+        path = self._where.get(name)
+        if path is None:
+            raise MvlmError(f"tensor {name} is missing from the checkpoint in {self.directory}")
+        if path.suffix == ".safetensors":
+            list(self._open(path))
+            t = self._st_cache[path].get_tensor(name)
+        else:
+            list(self._open(path))
+            t = self._bin_cache[path][name]
+        return t.to(torch.float32).contiguous()
+
+
+def read_config(directory: Path) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise MvlmError(f"no config.json in {directory}: pass a HF checkpoint directory")
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Elementary operations, written out so their conventions are explicit and unit-testable
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """MobileNet channel rounding: nearest multiple of ``divisor``, never more than 10% below ``v``."""
+    min_value = divisor if min_value is None else min_value
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+def gelu_erf(x: torch.Tensor) -> torch.Tensor:
+    """Exact GELU, x * Phi(x) (PyTorch ``nn.GELU()`` default; ggml uses the tanh approximation)."""
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def hardsigmoid(x: torch.Tensor) -> torch.Tensor:
+    """relu6(x + 3) / 6, as MobileNetV3 defines it (not the 0.2x + 0.5 Keras variant)."""
+    return torch.clamp(x + 3.0, 0.0, 6.0) / 6.0
+
+
+def hardswish(x: torch.Tensor) -> torch.Tensor:
+    return x * hardsigmoid(x)
+
+
+def layer_norm_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the channel axis of an NCHW map (timm LayerNorm2d semantics), biased variance."""
+    mean = x.mean(dim=1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=1, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    return y * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+def _as_conv1x1(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], -1, 1, 1)
+
+
+def _as_depthwise(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], 1, w.shape[-2], w.shape[-1])
+
+
+def squeeze_excite(x: torch.Tensor, fc1_w, fc1_b, fc2_w, fc2_b) -> torch.Tensor:
+    """torchvision SqueezeExcitation with ReLU inside and hardsigmoid gate: x * gate(fc2(relu(fc1(avgpool(x)))))."""
+    s = x.mean(dim=(2, 3), keepdim=True)
+    s = torch.relu(F.conv2d(s, _as_conv1x1(fc1_w), fc1_b))
+    s = hardsigmoid(F.conv2d(s, _as_conv1x1(fc2_w), fc2_b))
+    return x * s
+
+
+def inverted_residual(
+    x: torch.Tensor, get: Callable[[str], torch.Tensor], prefix: str, stride: int, eps: float = LDP_LAYER_NORM_EPS
+) -> torch.Tensor:
+    """MobileNetV3 inverted-residual block without expansion (expanded channels == input channels).
+
+    depthwise 3x3 (pad 1, no bias) -> LN -> hardswish -> SE -> pointwise 1x1 (no bias) -> LN; residual only when
+    stride is 1 and channels are kept (torchvision's ``use_res_connect``).
+    """
+    c = x.shape[1]
+    y = F.conv2d(x, _as_depthwise(get(prefix + "block.0.0.weight")), None, stride=stride, padding=1, groups=c)
+    y = layer_norm_channels(y, get(prefix + "block.0.1.weight"), get(prefix + "block.0.1.bias"), eps)
+    y = hardswish(y)
+    fc1_w = get(prefix + "block.1.fc1.weight")
+    expected_squeeze = make_divisible(c // 4, 8)
+    if fc1_w.shape[0] != expected_squeeze:
+        raise MvlmError(
+            f"{prefix}block.1.fc1 has {fc1_w.shape[0]} squeeze channels, MobileNetV3 SE expects "
+            f"make_divisible({c}//4, 8) = {expected_squeeze}: not an LDP projector"
+        )
+    y = squeeze_excite(y, fc1_w, get(prefix + "block.1.fc1.bias"), get(prefix + "block.1.fc2.weight"),
+                       get(prefix + "block.1.fc2.bias"))
+    out_w = get(prefix + "block.2.0.weight")
+    y = F.conv2d(y, _as_conv1x1(out_w), None)
+    y = layer_norm_channels(y, get(prefix + "block.2.1.weight"), get(prefix + "block.2.1.bias"), eps)
+    if stride == 1 and out_w.shape[0] == c:
+        y = y + x
+    return y
+
+
+def _tokens_to_map(x: torch.Tensor) -> torch.Tensor:
+    """[N, C] row-major tokens (N = side*side) -> [1, C, side, side]."""
+    n, c = x.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise MvlmError(f"{n} vision tokens are not a square grid: LDP/LDPv2 need a square patch grid")
+    return x.t().reshape(1, c, side, side)
+
+
+def _map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2)[0].t().contiguous()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x @ w.t()
+    return y + b if b is not None else y
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Projectors
+# --------------------------------------------------------------------------------------------------------------
+
+
+def ldp_forward(feats: torch.Tensor, get: Callable[[str], torch.Tensor], prefix: str = "model.mm_projector.model.",
+                eps: float = LDP_LAYER_NORM_EPS) -> torch.Tensor:
+    """MobileVLM V1 LDP: Linear-GELU-Linear, two inverted-residual blocks (stride 1, 2). [N,Dv] -> [N/4,Dt]."""
+    x = linear(feats, get(prefix + "mlp.1.weight"), get(prefix + "mlp.1.bias"))
+    x = gelu_erf(x)
+    x = linear(x, get(prefix + "mlp.3.weight"), get(prefix + "mlp.3.bias"))
+    x = _tokens_to_map(x)
+    x = inverted_residual(x, get, prefix + "mb_block.1.", stride=1, eps=eps)
+    x = inverted_residual(x, get, prefix + "mb_block.2.", stride=2, eps=eps)
+    return _map_to_tokens(x)
+
+
+def ldpv2_forward(feats: torch.Tensor, get: Callable[[str], torch.Tensor], prefix: str = PROJECTOR_PREFIX,
+                  out_side: int = 12) -> torch.Tensor:
+    """MobileVLM V2 LDPv2: Linear-GELU-Linear, avg-pool to out_side^2, PEG (depthwise 3x3 + bias) + residual."""
+    x = linear(feats, get(prefix + "mlp.mlp.0.weight"), get(prefix + "mlp.mlp.0.bias"))
+    x = gelu_erf(x)
+    x = linear(x, get(prefix + "mlp.mlp.2.weight"), get(prefix + "mlp.mlp.2.bias"))
+    x = _tokens_to_map(x)
+    x = F.adaptive_avg_pool2d(x, (out_side, out_side))
+    c = x.shape[1]
+    peg = F.conv2d(x, _as_depthwise(get(prefix + "peg.peg.0.weight")), get(prefix + "peg.peg.0.bias"),
+                   stride=1, padding=1, groups=c)
+    return _map_to_tokens(peg + x)
+
+
+def mlp_forward(feats: torch.Tensor, get: Callable[[str], torch.Tensor], depth: int,
+                prefix: str = PROJECTOR_PREFIX) -> torch.Tensor:
+    """LLaVA ``mlp{depth}x_gelu``: Linear, then (GELU, Linear) x (depth-1); weights at indices 0, 2, 4, ..."""
+    x = linear(feats, get(f"{prefix}0.weight"), get(f"{prefix}0.bias"))
+    for i in range(1, depth):
+        x = gelu_erf(x)
+        x = linear(x, get(f"{prefix}{2 * i}.weight"), get(f"{prefix}{2 * i}.bias"))
+    return x
+
+
+def project(feats: torch.Tensor, projector_type: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """Dispatch on the checkpoint's ``mm_projector_type``."""
+    if projector_type.startswith("ldpnetv2"):
+        return ldpv2_forward(feats, get)
+    if projector_type.startswith("ldpnet"):
+        return ldp_forward(feats, get)
+    m = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
+    if m:
+        return mlp_forward(feats, get, int(m.group(1)))
+    if projector_type == "linear":
+        return linear(feats, get(PROJECTOR_PREFIX + "weight"), get(PROJECTOR_PREFIX + "bias"))
+    raise MvlmError(f"unknown mm_projector_type {projector_type!r}: the reference knows ldpnet, ldpnetv2, mlpNx_gelu")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vision tower (CLIP ViT) + preprocessing
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionSource:
+    """Where the CLIP weights come from: a prefix inside a StateReader, plus optional config/preprocessor files."""
+
+    reader: StateReader
+    prefix: str  # the part before "vision_model." in tensor names
+    config: dict = field(default_factory=dict)  # CLIPVisionConfig-like keys, when a config.json is available
+    preprocessor: dict = field(default_factory=dict)
+    origin: str = ""
+
+
+def _clip_dir_source(directory: Path) -> VisionSource:
+    directory = Path(directory)
+    reader = StateReader(directory)
+    cfg = {}
+    if (directory / "config.json").is_file():
+        raw = json.loads((directory / "config.json").read_text())
+        cfg = raw.get("vision_config", raw) if isinstance(raw, dict) else {}
+    pre = {}
+    if (directory / "preprocessor_config.json").is_file():
+        pre = json.loads((directory / "preprocessor_config.json").read_text())
+    prefix = ""
+    if not any(n.startswith("vision_model.") for n in reader.names()):
+        raise MvlmError(f"{directory} holds no vision_model.* tensors: not a CLIP checkpoint")
+    return VisionSource(reader, prefix, cfg, pre, origin=str(directory))
+
+
+def _local_tower_dir(config: dict, checkpoint_dir: Path) -> Path | None:
+    name = config.get("mm_vision_tower") or config.get("vision_tower")
+    if not name:
+        return None
+    for cand in (Path(name), Path(checkpoint_dir) / name):
+        if (cand / "config.json").is_file() or (cand / "preprocessor_config.json").is_file():
+            return cand
+    return None
+
+
+def resolve_vision_source(checkpoint_dir: Path, config: dict, reader: StateReader,
+                          vision_tower: Path | None) -> VisionSource:
+    """Pick the CLIP tower MobileVLM itself uses at inference.
+
+    An explicit ``vision_tower`` directory wins. V1 (``ldpnet``) reloads CLIP from ``mm_vision_tower``, so a local
+    directory of that name comes first; V2 uses the copy inside its checkpoint. Image mean/std come from the CLIP
+    directory's preprocessor_config.json (MobileVLM builds its CLIPImageProcessor from ``mm_vision_tower``), else
+    the OpenAI CLIP constants.
+    """
+    if vision_tower is not None:
+        return _clip_dir_source(Path(vision_tower))
+    local = _local_tower_dir(config, checkpoint_dir)
+    ptype = str(config.get("mm_projector_type", ""))
+    is_v1 = ptype.startswith("ldpnet") and not ptype.startswith("ldpnetv2")
+    has_copy = any(n.startswith(VISION_COPY_PREFIX + "vision_model.") for n in reader.names())
+    if local is not None and (is_v1 or not has_copy):
+        return _clip_dir_source(local)
+    if has_copy:
+        pre = {}
+        if local is not None and (local / "preprocessor_config.json").is_file():
+            pre = json.loads((local / "preprocessor_config.json").read_text())
+        return VisionSource(reader, VISION_COPY_PREFIX, {}, pre, origin=f"{checkpoint_dir} ({VISION_COPY_PREFIX}*)")
+    raise MvlmError(
+        f"no vision tower: the checkpoint has no {VISION_COPY_PREFIX}* copy and "
+        f"mm_vision_tower={config.get('mm_vision_tower')!r} is not a local directory; pass --vision-tower DIR "
+        "(e.g. a clone of openai/clip-vit-large-patch14-336)"
+    )
+
+
+def _clip_config_from_weights(src: VisionSource):
+    """Build a CLIPVisionConfig from tensor shapes; heads = width/64 (OpenAI CLIP rule) unless a config says."""
+    from transformers import CLIPVisionConfig
+
+    names = src.reader.names()
+    p = src.prefix + "vision_model."
+    patch_w = src.reader.get(p + "embeddings.patch_embedding.weight")
+    pos = src.reader.get(p + "embeddings.position_embedding.weight")
+    hidden = patch_w.shape[0]
+    patch = patch_w.shape[-1]
+    grid = math.isqrt(pos.shape[0] - 1)
+    if grid * grid != pos.shape[0] - 1:
+        raise MvlmError(f"CLIP position embedding has {pos.shape[0]} rows: not 1 + a square grid")
+    layer_ids = {int(m.group(1)) for n in names if (m := re.match(re.escape(p) + r"encoder\.layers\.(\d+)\.", n))}
+    n_layers = max(layer_ids) + 1 if layer_ids else 0
+    ffn = src.reader.get(p + "encoder.layers.0.mlp.fc1.weight").shape[0]
+    cfg = src.config
+    heads = int(cfg.get("num_attention_heads", max(1, hidden // 64)))
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_channels=3,
+        image_size=grid * patch,
+        patch_size=patch,
+        hidden_act=cfg.get("hidden_act", "quick_gelu"),
+        layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+    )
+
+
+@dataclass
+class VisionReference:
+    """CLIP tower + projector of one checkpoint, ready to embed a square RGB image."""
+
+    clip: torch.nn.Module
+    projector_type: str
+    projector_get: Callable[[str], torch.Tensor]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    select_layer: int = -2
+    select_feature: str = "patch"
+    origin: str = ""
+
+    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
+        """uint8 [S,S,3] -> normalised [1,3,S,S] float32: clip.cpp's arithmetic (f32, /255, then -mean, /std)."""
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise MvlmError("reference image must be uint8 RGB [H, W, 3]")
+        if rgb.shape[0] != self.image_size or rgb.shape[1] != self.image_size:
+            raise MvlmError(f"reference image must be {self.image_size}x{self.image_size}; use square_image() first")
+        x = rgb.astype(np.float32) / np.float32(255.0)
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+
+    @torch.no_grad()
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP hidden_states[select_layer] (no post-layernorm), CLS dropped for 'patch' -> [N, Dv]."""
+        out = self.clip(pixel_values=pixels, output_hidden_states=True)
+        n_layers = self.clip.config.num_hidden_layers
+        if len(out.hidden_states) != n_layers + 1:  # [embeddings after pre-LN, layer 1 out, ..., layer n out]
+            raise RuntimeError(f"CLIP returned {len(out.hidden_states)} hidden states for {n_layers} layers")
+        h = out.hidden_states[self.select_layer][0]
+        return h[1:] if self.select_feature == "patch" else h
+
+    @torch.no_grad()
+    def embed(self, rgb: np.ndarray) -> np.ndarray:
+        feats = self.features(self.preprocess(rgb))
+        return project(feats, self.projector_type, self.projector_get).numpy()
+
+
+def load_vision(checkpoint_dir: Path, vision_tower: Path | None = None) -> VisionReference:
+    """Build the float32 vision reference (CLIP + projector) from a checkpoint exactly as released."""
+    from transformers import CLIPVisionModel
+
+    checkpoint_dir = Path(checkpoint_dir)
+    config = read_config(checkpoint_dir)
+    reader = StateReader(checkpoint_dir)
+    ptype = config.get("mm_projector_type")
+    if not ptype:
+        raise MvlmError(f"{checkpoint_dir}/config.json has no mm_projector_type: not a vision-language checkpoint")
+    src = resolve_vision_source(checkpoint_dir, config, reader, vision_tower)
+    clip_cfg = _clip_config_from_weights(src)
+    clip_cfg._attn_implementation = "eager"
+    with torch.device("meta"):
+        clip = CLIPVisionModel(clip_cfg)
+    # transformers 5 names CLIPVisionModel parameters without the "vision_model." level that released
+    # checkpoints (and transformers 4) use; accept either.
+    vm = getattr(clip, "vision_model", clip)
+    model_prefix = "vision_model." if vm is not clip else ""
+    state = {}
+    for k in clip.state_dict():
+        rel = k[len(model_prefix):] if model_prefix and k.startswith(model_prefix) else k
+        name = src.prefix + "vision_model." + rel
+        if name in src.reader:
+            state[k] = src.reader.get(name)
+        elif not rel.startswith("post_layernorm.") and not rel.endswith("position_ids"):
+            raise MvlmError(f"CLIP tensor {name} is missing in {src.origin}")
+    clip.load_state_dict(state, strict=False, assign=True)
+    # Buffers that are not in the checkpoint (position_ids) must be real tensors, not meta.
+    emb = vm.embeddings
+    emb.register_buffer("position_ids", torch.arange(emb.num_positions)[None], persistent=False)
+    if vm.post_layernorm.weight.is_meta:  # unused by hidden_states[-2]; give it values
+        vm.post_layernorm.weight = torch.nn.Parameter(torch.ones(clip_cfg.hidden_size))
+        vm.post_layernorm.bias = torch.nn.Parameter(torch.zeros(clip_cfg.hidden_size))
+    clip.eval().float()
+
+    pre = src.preprocessor
+    mean = tuple(float(v) for v in pre.get("image_mean", OPENAI_CLIP_MEAN))
+    std = tuple(float(v) for v in pre.get("image_std", OPENAI_CLIP_STD))
+    return VisionReference(
+        clip=clip,
+        projector_type=str(ptype),
+        projector_get=reader.get,
+        image_size=clip_cfg.image_size,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        select_layer=int(config.get("mm_vision_select_layer", -2)),
+        select_feature=str(config.get("mm_vision_select_feature", "patch")),
+        origin=src.origin,
+    )
+
+
+def square_image(img, size: int, pad_rgb: tuple[int, int, int] = (122, 116, 104)) -> np.ndarray:
+    """MobileVLM ``image_aspect_ratio: pad``: centre on a square of the CLIP mean colour, bicubic resize to size.
+
+    Used to turn any user image into the one size x size bitmap that both sides then receive unchanged.
+    """
+    from PIL import Image
+
+    img = img.convert("RGB")
+    w, h = img.size
+    if w != h:
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), pad_rgb)
+        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        img = canvas
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def synthetic_image(size: int = 336) -> np.ndarray:
+    """Deterministic structured test image: colour gradients, a disc, rectangles, stripes and a checker patch.
+
+    Structure matters: a noise-only image would hide mistakes in patch order / positions that a real picture exposes.
+    """
+    from PIL import Image, ImageDraw
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    r = 255 * xx
+    g = 255 * yy
+    b = 255 * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * np.hypot(xx - 0.3, yy - 0.6)))
+    arr = np.stack([r, g, b], axis=-1).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    d = ImageDraw.Draw(img)
+    s = size / 336
+    d.ellipse([40 * s, 40 * s, 150 * s, 150 * s], fill=(230, 40, 30))
+    d.rectangle([200 * s, 30 * s, 310 * s, 90 * s], fill=(20, 20, 200))
+    d.rectangle([180 * s, 200 * s, 320 * s, 320 * s], outline=(255, 255, 255), width=max(1, int(6 * s)))
+    for i in range(0, int(120 * s), max(1, int(12 * s))):
+        d.line([(20 * s + i, 330 * s), (20 * s + i + 60 * s, 200 * s)], fill=(0, 0, 0), width=max(1, int(3 * s)))
+    cell = max(1, int(14 * s))
+    for cy in range(4):
+        for cx in range(4):
+            if (cx + cy) % 2 == 0:
+                x0, y0 = int(220 * s) + cx * cell, int(220 * s) + cy * cell
+                d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=(250, 250, 0))
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Language model
+# --------------------------------------------------------------------------------------------------------------
+
+LM_SKIP_PREFIXES = ("model.mm_projector.", "model.vision_tower.")
+
+
+def llama_config(config: dict):
+    """LlamaConfig from the HF keys only (stale lit-gpt keys such as n_head/n_query_groups are ignored on purpose)."""
+    from transformers import LlamaConfig
+
+    heads = int(config["num_attention_heads"])
+    rope_scaling = config.get("rope_scaling")
+    if rope_scaling:
+        raise MvlmError(f"rope_scaling={rope_scaling!r} is not supported by the reference (MobileVLM has none)")
+    cfg = LlamaConfig(
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=int(config["hidden_size"]),
+        intermediate_size=int(config["intermediate_size"]),
+        num_hidden_layers=int(config["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(config.get("rope_theta", 10000.0)),
+        max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def load_lm(checkpoint_dir: Path):
+    """transformers LlamaForCausalLM in float32, LM weights loaded by name (vision/projector tensors skipped)."""
+    from transformers import LlamaForCausalLM
+
+    checkpoint_dir = Path(checkpoint_dir)
+    config = read_config(checkpoint_dir)
+    reader = StateReader(checkpoint_dir)
+    cfg = llama_config(config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    expected = [k for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq")]
+    missing = [k for k in expected if k not in reader and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise MvlmError(f"{len(missing)} language-model tensors missing from {checkpoint_dir}: {shown}")
+    state = {k: reader.get(k) for k in expected if k in reader}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    # Rotary inverse frequencies are a computed (non-persistent) buffer: rebuild the module on the CPU.
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model.model.rotary_emb = LlamaRotaryEmbedding(cfg)
+    return model.eval().float()
+
+
+@torch.no_grad()
+def lm_logits(model, token_ids: list[int], inputs_embeds: torch.Tensor | None = None) -> np.ndarray:
+    """Logits [n, vocab] for every position of ``token_ids`` (or of ``inputs_embeds`` [n, D] when given)."""
+    if inputs_embeds is not None:
+        out = model(inputs_embeds=inputs_embeds[None].float(), use_cache=False)
+    else:
+        out = model(input_ids=torch.tensor([token_ids], dtype=torch.long), use_cache=False)
+    return out.logits[0].float().numpy()

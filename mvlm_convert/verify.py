@@ -1,0 +1,474 @@
+"""``mvlm verify``: run the independent PyTorch reference and llama.cpp on the same input and compare.
+
+Two comparisons, each against float32 PyTorch (mvlm_convert.reference):
+- image: one square RGB bitmap (image_size, default a deterministic synthetic picture) goes unchanged to both
+  sides; the full [n_tokens, D] projector output is compared (relative L2 error, per-token cosine).
+- logits: a fixed token sequence (the MobileVLM conversation "v1" prompt, tokenized by the GGUF's own tokenizer)
+  goes to both sides; the [n_tokens, vocab] logits are compared (relative L2, max abs, argmax agreement).
+Informational, not gated: the logits at the last position of the full multimodal prompt (text + image + text),
+where llama.cpp uses its own image embeddings — the end-to-end path a user runs.
+
+The llama.cpp side runs through a *runtime* backend. "host" uses llama-cpp-python's bindings in this process,
+pointed at the project's patched build (``mvlm_bench.runtime.use_runtime``) before ``llama_cpp`` is imported.
+Other backends (e.g. an arm64 build under qemu) can be registered in ``RUNTIMES``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from mvlm_convert.errors import MvlmError
+
+DEFAULT_IMAGE_THRESHOLD = 5e-3
+DEFAULT_LOGITS_THRESHOLD = 2e-3
+# ggml type ids for the KV cache. verify defaults to f32 so the logits measure the GGUF alone (llama.cpp's
+# default f16 cache adds ~3e-4 relative error on its own); "f16" reproduces what llama-cli users run.
+KV_CACHE_TYPES = {"f32": 0, "f16": 1}
+
+V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+DEFAULT_QUESTION = "What is in the picture?"
+
+
+def v1_prompt(question: str = DEFAULT_QUESTION, image_marker: str | None = None) -> str:
+    """MobileVLM conversation "v1" prompt; with ``image_marker`` the image goes where MobileVLM puts ``<image>``."""
+    if image_marker is None:
+        return f"{V1_SYSTEM} USER: {question} ASSISTANT:"
+    return f"{V1_SYSTEM} USER: {image_marker}\n{question} ASSISTANT:"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    """||got - ref||_F / ||ref||_F over the whole matrix (float64 accumulation)."""
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(got - ref) / denom) if denom > 0 else float(np.linalg.norm(got - ref))
+
+
+def row_cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    num = (got * ref).sum(axis=1)
+    den = np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1)
+    return num / np.maximum(den, 1e-300)
+
+
+def compare_embeddings(got: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+    """Figures for two [n_tokens, D] embedding matrices; shapes must agree."""
+    if got.shape != ref.shape:
+        return {"image_shape_llama": list(got.shape), "image_shape_ref": list(ref.shape),
+                "image_rel_err": None, "image_min_cos": None, "image_mean_cos": None, "image_max_abs": None}
+    cos = row_cosines(got, ref)
+    return {
+        "image_rel_err": rel_err(got, ref),
+        "image_min_cos": float(cos.min()),
+        "image_mean_cos": float(cos.mean()),
+        "image_max_abs": float(np.abs(np.asarray(got, np.float64) - ref).max()),
+    }
+
+
+def compare_logits(got: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+    if got.shape != ref.shape:
+        raise MvlmError(f"logits shapes differ: llama.cpp {got.shape} vs reference {ref.shape}: vocab mismatch?")
+    return {
+        "logits_rel_err": rel_err(got, ref),
+        "logits_max_abs": float(np.abs(np.asarray(got, np.float64) - ref).max()),
+        "top1_agree": float((got.argmax(axis=1) == ref.argmax(axis=1)).mean()),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# llama.cpp side
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MultimodalRun:
+    """Tokens of the multimodal prompt as llama.cpp split them, and its last-position logits."""
+
+    before: list[int]
+    n_image_tokens: int
+    after: list[int]
+    last_logits: np.ndarray
+    image_embd: np.ndarray
+
+
+class Runtime(Protocol):
+    name: str
+
+    def tokenize(self, gguf_path: Path, text: str) -> list[int]: ...
+
+    def logits(self, gguf_path: Path, tokens: list[int], kv_cache: str = "f32") -> np.ndarray: ...
+
+    def image_embedding(self, mmproj_path: Path, gguf_path: Path, rgb: np.ndarray) -> np.ndarray: ...
+
+    def multimodal(self, mmproj_path: Path, gguf_path: Path, rgb: np.ndarray, prompt: str,
+                   kv_cache: str = "f32") -> MultimodalRun: ...
+
+
+def _llama_modules(target: str):
+    """Import llama_cpp + mtmd_cpp against the project's runtime for ``target`` (idempotent)."""
+    from mvlm_bench.runtime import use_runtime
+
+    use_runtime(target)
+    import llama_cpp
+    import llama_cpp._logger as llama_logger
+    from llama_cpp import mtmd_cpp
+
+    llama_logger.set_verbose(False)
+    # Route mtmd/clip logging through the same (quiet) callback llama-cpp-python installs for llama.
+    mtmd_cpp.mtmd_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
+    return llama_cpp, mtmd_cpp
+
+
+class HostRuntime:
+    """llama.cpp in this process through llama-cpp-python, on the project's patched host build."""
+
+    name = "host"
+
+    def __init__(self, target: str = "host", n_threads: int | None = None, n_ctx: int = 1024):
+        import os
+
+        self.target = target
+        self.n_threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
+        self.n_ctx = n_ctx
+        self.llama_cpp, self.mtmd = _llama_modules(target)
+
+    def _load(self, gguf_path: Path, kv_cache: str = "f16"):
+        from llama_cpp import Llama
+
+        if not Path(gguf_path).is_file():
+            raise MvlmError(f"GGUF not found: {gguf_path}")
+        if kv_cache not in KV_CACHE_TYPES:
+            raise MvlmError(f"kv cache type {kv_cache!r} not supported: choose {', '.join(KV_CACHE_TYPES)}")
+        kv = KV_CACHE_TYPES[kv_cache]
+        try:
+            return Llama(model_path=str(gguf_path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
+                         logits_all=True, n_threads=self.n_threads, n_gpu_layers=0, type_k=kv, type_v=kv,
+                         verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise MvlmError(f"llama.cpp cannot load {gguf_path}: {e}") from e
+
+    def tokenize(self, gguf_path: Path, text: str) -> list[int]:
+        llm = self._load(gguf_path)
+        try:
+            return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+        finally:
+            llm.close()
+
+    def logits(self, gguf_path: Path, tokens: list[int], kv_cache: str = "f32") -> np.ndarray:
+        llm = self._load(gguf_path, kv_cache)
+        try:
+            llm.eval(tokens)
+            return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+        finally:
+            llm.close()
+
+    # -- mtmd --------------------------------------------------------------------------------------------------
+    def _mtmd_ctx(self, mmproj_path: Path, llm):
+        if not Path(mmproj_path).is_file():
+            raise MvlmError(f"mmproj GGUF not found: {mmproj_path}")
+        params = self.mtmd.mtmd_context_params_default()
+        params.use_gpu = False
+        params.n_threads = self.n_threads
+        params.print_timings = False
+        params.warmup = False
+        ctx = self.mtmd.mtmd_init_from_file(str(mmproj_path).encode(), llm.model, params)
+        if not ctx:
+            raise MvlmError(f"llama.cpp (mtmd) cannot load {mmproj_path} with {llm.model_path}: run with a matching "
+                            "language model (its n_embd must equal the projector output)")
+        return ctx
+
+    def _tokenize_mm(self, ctx, rgb: np.ndarray, prompt: str):
+        m = self.mtmd
+        h, w = rgb.shape[:2]
+        data = (ctypes.c_uint8 * rgb.size).from_buffer_copy(np.ascontiguousarray(rgb, np.uint8).tobytes())
+        bitmap = m.mtmd_bitmap_init(w, h, data)
+        if not bitmap:
+            raise MvlmError("mtmd could not create a bitmap from the image")
+        chunks = m.mtmd_input_chunks_init()
+        text = prompt.encode("utf-8")
+        inp = m.mtmd_input_text(text=text, text_len=len(text), add_special=True, parse_special=True)
+        bitmaps = (m.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        rc = m.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), bitmaps, 1)
+        m.mtmd_bitmap_free(bitmap)
+        if rc != 0:
+            m.mtmd_input_chunks_free(chunks)
+            raise MvlmError(f"mtmd_tokenize failed (code {rc})")
+        return chunks
+
+    def _chunk_list(self, chunks):
+        m = self.mtmd
+        out = []
+        for i in range(m.mtmd_input_chunks_size(chunks)):
+            ch = m.mtmd_input_chunks_get(chunks, i)
+            kind = m.mtmd_input_chunk_get_type(ch)
+            if kind == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t(0)
+                ptr = m.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                out.append(("text", ch, [int(ptr[j]) for j in range(n.value)]))
+            else:
+                out.append(("image" if kind == m.MTMD_INPUT_CHUNK_TYPE_IMAGE else "other", ch,
+                            m.mtmd_input_chunk_get_n_tokens(ch)))
+        return out
+
+    def _encode(self, ctx, chunk, n_tokens: int, n_embd: int) -> np.ndarray:
+        rc = self.mtmd.mtmd_encode_chunk(ctx, chunk)
+        if rc != 0:
+            raise MvlmError(f"mtmd_encode_chunk failed (code {rc})")
+        ptr = self.mtmd.mtmd_get_output_embd(ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_tokens * n_embd,)).reshape(n_tokens, n_embd).copy()
+
+    def image_embedding(self, mmproj_path: Path, gguf_path: Path, rgb: np.ndarray) -> np.ndarray:
+        llm = self._load(gguf_path)
+        try:
+            ctx = self._mtmd_ctx(mmproj_path, llm)
+            try:
+                chunks = self._tokenize_mm(ctx, rgb, self.mtmd.mtmd_default_marker().decode())
+                try:
+                    images = [c for c in self._chunk_list(chunks) if c[0] == "image"]
+                    if len(images) != 1:
+                        raise MvlmError(f"mtmd produced {len(images)} image chunks for one image")
+                    n_embd = self.llama_cpp.llama_model_n_embd(llm.model)
+                    return self._encode(ctx, images[0][1], images[0][2], n_embd)
+                finally:
+                    self.mtmd.mtmd_input_chunks_free(chunks)
+            finally:
+                self.mtmd.mtmd_free(ctx)
+        finally:
+            llm.close()
+
+    def multimodal(self, mmproj_path: Path, gguf_path: Path, rgb: np.ndarray, prompt: str,
+                   kv_cache: str = "f32") -> MultimodalRun:
+        lc, m = self.llama_cpp, self.mtmd
+        llm = self._load(gguf_path, kv_cache)
+        try:
+            ctx = self._mtmd_ctx(mmproj_path, llm)
+            try:
+                marker = m.mtmd_default_marker().decode()
+                chunks = self._tokenize_mm(ctx, rgb, prompt.replace("<image>", marker))
+                try:
+                    parts = self._chunk_list(chunks)
+                    kinds = [p[0] for p in parts]
+                    if kinds.count("image") != 1 or kinds.count("other"):
+                        raise MvlmError(f"unexpected mtmd chunk layout {kinds}")
+                    i = kinds.index("image")
+                    before = [t for p in parts[:i] for t in p[2]]
+                    after = [t for p in parts[i + 1:] for t in p[2]]
+                    n_embd = lc.llama_model_n_embd(llm.model)
+                    embd = self._encode(ctx, parts[i][1], parts[i][2], n_embd)
+                    mem = lc.llama_get_memory(llm.ctx)
+                    if mem is not None:
+                        lc.llama_memory_clear(mem, True)
+                    new_n_past = lc.llama_pos(0)
+                    rc = m.mtmd_helper_eval_chunks(ctx, llm.ctx, chunks, 0, 0, self.n_ctx, True,
+                                                   ctypes.byref(new_n_past))
+                    if rc != 0:
+                        raise MvlmError(f"mtmd_helper_eval_chunks failed (code {rc})")
+                    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(llm.model))
+                    ptr = lc.llama_get_logits_ith(llm.ctx, -1)
+                    last = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float32).copy()
+                    return MultimodalRun(before, parts[i][2], after, last, embd)
+                finally:
+                    m.mtmd_input_chunks_free(chunks)
+            finally:
+                m.mtmd_free(ctx)
+        finally:
+            llm.close()
+
+
+RUNTIMES: dict[str, type] = {"host": HostRuntime}
+_runtime_cache: dict[str, Runtime] = {}
+
+
+def get_runtime(runtime: str | Runtime = "host") -> Runtime:
+    """A Runtime instance by name (cached per process: the bindings can load only one build per process)."""
+    if not isinstance(runtime, str):
+        return runtime
+    if runtime not in RUNTIMES:
+        raise MvlmError(f"unknown verify runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if runtime not in _runtime_cache:
+        _runtime_cache[runtime] = RUNTIMES[runtime]()
+    return _runtime_cache[runtime]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def mmproj_info(mmproj_path: Path) -> dict[str, Any]:
+    """image_size / mean / std / projector type written in an mmproj GGUF."""
+    import gguf
+
+    if not Path(mmproj_path).is_file():
+        raise MvlmError(f"mmproj GGUF not found: {mmproj_path}")
+    try:
+        reader = gguf.GGUFReader(str(mmproj_path))
+    except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
+        raise MvlmError(f"cannot read {mmproj_path} as GGUF: {e}") from e
+
+    def val(key: str):
+        f = reader.get_field(key)
+        if f is None:
+            return None
+        v = f.contents()
+        return v
+
+    return {
+        "image_size": val(gguf.Keys.ClipVision.IMAGE_SIZE),
+        "image_mean": val(gguf.Keys.ClipVision.IMAGE_MEAN),
+        "image_std": val(gguf.Keys.ClipVision.IMAGE_STD),
+        "projector_type": val(gguf.Keys.Clip.PROJECTOR_TYPE),
+    }
+
+
+def load_image(image, size: int) -> np.ndarray:
+    """None -> synthetic; path / PIL image / uint8 array -> the one size x size RGB bitmap both sides receive."""
+    from PIL import Image
+
+    from mvlm_convert.reference import square_image, synthetic_image
+
+    if image is None:
+        return synthetic_image(size)
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8 and image.shape == (size, size, 3):
+            return np.ascontiguousarray(image)
+        image = Image.fromarray(np.asarray(image, np.uint8))
+    if isinstance(image, (str, Path)):
+        try:
+            image = Image.open(image)
+            image.load()
+        except (OSError, ValueError) as e:
+            raise MvlmError(f"cannot read image {image}: {e}") from e
+    return square_image(image, size)
+
+
+def image_embedding(mmproj_path: Path, gguf_path: Path, image=None, runtime: str | Runtime = "host") -> np.ndarray:
+    """llama.cpp's [n_tokens, D] image embedding for ``image`` (None = the synthetic picture).
+
+    Reusable for comparing e.g. a quantized mmproj with the f16 one on exactly the same pixels.
+    """
+    info = mmproj_info(mmproj_path)
+    size = int(info["image_size"] or 336)
+    return get_runtime(runtime).image_embedding(Path(mmproj_path), Path(gguf_path), load_image(image, size))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# verify
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def verify(
+    checkpoint_dir: Path,
+    gguf_path: Path,
+    mmproj_path: Path | None,
+    image=None,
+    vision_tower: Path | None = None,
+    runtime: str | Runtime = "host",
+    image_threshold: float = DEFAULT_IMAGE_THRESHOLD,
+    logits_threshold: float = DEFAULT_LOGITS_THRESHOLD,
+    question: str = DEFAULT_QUESTION,
+    multimodal: bool = True,
+    kv_cache: str = "f32",
+) -> dict[str, Any]:
+    """Compare llama.cpp with the PyTorch reference; returns the figures and ``passed``.
+
+    ``mmproj_path`` None checks only the language model (MobileLLaMA has no vision part).
+    """
+    import torch
+
+    from mvlm_convert import reference as ref
+
+    checkpoint_dir = Path(checkpoint_dir)
+    rt = get_runtime(runtime)
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint_dir),
+        "gguf": str(gguf_path),
+        "mmproj": str(mmproj_path) if mmproj_path else None,
+        "runtime": rt.name,
+        "image_threshold": image_threshold,
+        "logits_threshold": logits_threshold,
+        "kv_cache": kv_cache,
+    }
+    problems: list[str] = []
+    t0 = time.perf_counter()
+
+    # -- language model: same token ids to both sides ------------------------------------------------------------
+    prompt = v1_prompt(question)
+    tokens = rt.tokenize(Path(gguf_path), prompt)
+    result["prompt"] = prompt
+    result["n_text_tokens"] = len(tokens)
+    lm = ref.load_lm(checkpoint_dir)
+    ref_logits = ref.lm_logits(lm, tokens)
+    got_logits = rt.logits(Path(gguf_path), tokens, kv_cache=kv_cache)
+    result.update(compare_logits(got_logits, ref_logits))
+    if result["logits_rel_err"] > logits_threshold:
+        problems.append(f"logits relative error {result['logits_rel_err']:.3g} > {logits_threshold:g}")
+
+    # -- vision: same bitmap to both sides ------------------------------------------------------------------------
+    if mmproj_path is not None:
+        vis = ref.load_vision(checkpoint_dir, vision_tower)
+        info = mmproj_info(Path(mmproj_path))
+        size = vis.image_size
+        if info["image_size"] is not None and int(info["image_size"]) != size:
+            problems.append(f"mmproj image_size {info['image_size']} != checkpoint CLIP image size {size}")
+        for key, mine in (("image_mean", vis.mean), ("image_std", vis.std)):
+            theirs = info.get(key)
+            ok = theirs is not None and np.allclose(np.asarray(theirs, np.float64), mine, rtol=0, atol=1e-6)
+            result[f"{key}_match"] = bool(ok)
+            if not ok:
+                problems.append(f"mmproj {key} {theirs} != checkpoint preprocessor {list(mine)}")
+        rgb = load_image(image, size)
+        result["image"] = "synthetic" if image is None else str(image)
+        ref_emb = vis.embed(rgb)
+        got_emb = rt.image_embedding(Path(mmproj_path), Path(gguf_path), rgb)
+        result["n_image_tokens_ref"] = int(ref_emb.shape[0])
+        result["n_image_tokens_llama"] = int(got_emb.shape[0])
+        result["image_embd_dim"] = int(ref_emb.shape[1])
+        result["projector_type"] = vis.projector_type
+        result["vision_tower"] = vis.origin
+        result.update(compare_embeddings(got_emb, ref_emb))
+        if result["image_rel_err"] is None:
+            problems.append(f"image embedding shapes differ: llama.cpp {list(got_emb.shape)} vs reference "
+                            f"{list(ref_emb.shape)}")
+        elif result["image_rel_err"] > image_threshold:
+            problems.append(f"image relative error {result['image_rel_err']:.3g} > {image_threshold:g}")
+
+        # -- end to end (informational): text + llama.cpp's image embeddings + text, last-position logits ----------
+        if multimodal and result["image_rel_err"] is not None:
+            try:
+                mm = rt.multimodal(Path(mmproj_path), Path(gguf_path), rgb, v1_prompt(question, "<image>"),
+                                   kv_cache=kv_cache)
+                emb_layer = lm.get_input_embeddings()
+                with torch.no_grad():
+                    seq = torch.cat([
+                        emb_layer(torch.tensor(mm.before, dtype=torch.long)),
+                        torch.from_numpy(ref_emb),
+                        emb_layer(torch.tensor(mm.after, dtype=torch.long)),
+                    ])
+                ref_last = ref.lm_logits(lm, [], inputs_embeds=seq)[-1]
+                result["mm_n_tokens"] = len(mm.before) + mm.n_image_tokens + len(mm.after)
+                result["mm_last_logits_rel_err"] = rel_err(mm.last_logits, ref_last)
+                result["mm_last_top1_agree"] = bool(mm.last_logits.argmax() == ref_last.argmax())
+            except MvlmError as e:
+                result["mm_error"] = str(e)
+
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["problems"] = problems
+    result["passed"] = not problems
+    return result

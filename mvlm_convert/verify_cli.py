@@ -1,0 +1,100 @@
+"""``mvlm verify``: prove the GGUFs compute what the PyTorch checkpoint computes (table or --json; exit 1 on FAIL)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mvlm_convert.errors import MvlmError
+from mvlm_convert.verify import DEFAULT_IMAGE_THRESHOLD, DEFAULT_LOGITS_THRESHOLD, RUNTIMES, verify
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3e}" if (v != 0 and abs(v) < 1e-2) else f"{v:.6g}"
+    return str(v)
+
+
+def render(result: dict, console: Console) -> None:
+    """Figures with PASS/FAIL per gated line; informational lines have no verdict."""
+    table = Table(title=f"mvlm verify ({result['runtime']} runtime)", show_lines=False)
+    table.add_column("check")
+    table.add_column("value", justify="right")
+    table.add_column("threshold", justify="right")
+    table.add_column("verdict")
+
+    def gated(label: str, value, thr: float) -> None:
+        ok = value is not None and value <= thr
+        table.add_row(label, _fmt(value), f"≤ {thr:g}", "[green]PASS[/]" if ok else "[bold red]FAIL[/]")
+
+    def info(label: str, key: str, digits: int | None = None) -> None:
+        if key in result:
+            v = result[key]
+            text = f"{v:.{digits}f}" if digits is not None and isinstance(v, float) else _fmt(v)
+            table.add_row(label, text, "", "")
+
+    gated("logits relative L2 error", result.get("logits_rel_err"), result["logits_threshold"])
+    info("logits max |diff|", "logits_max_abs")
+    info("top-1 agreement", "top1_agree")
+    info("text tokens", "n_text_tokens")
+    info("KV cache type", "kv_cache")
+    if result.get("mmproj"):
+        gated("image embedding relative L2 error", result.get("image_rel_err"), result["image_threshold"])
+        info("image min cosine (per token)", "image_min_cos", 8)
+        info("image mean cosine", "image_mean_cos", 8)
+        info("image tokens (reference)", "n_image_tokens_ref")
+        info("image tokens (llama.cpp)", "n_image_tokens_llama")
+        if "image_mean_match" in result:
+            both = bool(result["image_mean_match"] and result.get("image_std_match"))
+            table.add_row("image mean/std match mmproj", _fmt(both), "", "" if both else "[bold red]FAIL[/]")
+        info("multimodal last-logits rel. error", "mm_last_logits_rel_err")
+        info("multimodal last top-1 agrees", "mm_last_top1_agree")
+    console.print(table)
+    for p in result.get("problems", []):
+        console.print(f"[bold red]problem:[/] {p}", highlight=False)
+    verdict = "[bold green]PASS[/]" if result["passed"] else "[bold red]FAIL[/]"
+    console.print(f"{verdict}  ({result.get('seconds', 0)} s)")
+
+
+def verify_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="The HF checkpoint directory the GGUFs were converted from.",
+                                               show_default=False)],
+    gguf: Annotated[Path, typer.Option("--gguf", help="Language-model GGUF written by `mvlm convert`.",
+                                       show_default=False)],
+    mmproj: Annotated[Path | None, typer.Option("--mmproj", help="mmproj GGUF (vision encoder + projector); "
+                                                "omit for a text-only model (MobileLLaMA).")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Image to embed; padded to a square with the CLIP "
+                                               "mean colour and resized to 336 (MobileVLM's 'pad'), then the same "
+                                               "pixels go to both sides. Default: a synthetic picture.")] = None,
+    vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="CLIP directory for V1 checkpoints "
+                                                      "whose weights carry no vision-tower copy.")] = None,
+    image_threshold: Annotated[float, typer.Option("--image-threshold", help="Max relative L2 error of the "
+                                                   "image-embedding matrix.")] = DEFAULT_IMAGE_THRESHOLD,
+    logits_threshold: Annotated[float, typer.Option("--logits-threshold", help="Max relative L2 error of the "
+                                                    "logits on the fixed prompt.")] = DEFAULT_LOGITS_THRESHOLD,
+    runtime: Annotated[str, typer.Option("--runtime", help=f"llama.cpp runtime to test: {', '.join(RUNTIMES)}.")]
+    = "host",
+    kv_cache: Annotated[str, typer.Option("--kv-cache", help="llama.cpp KV-cache type for the logits check: f32 "
+                                          "isolates the GGUF; f16 is llama.cpp's default at run time.")] = "f32",
+    json_: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object.")] = False,
+) -> None:
+    """Run the independent PyTorch reference and llama.cpp on the same image and tokens; exit 1 above thresholds."""
+    if not checkpoint.is_dir():
+        raise MvlmError(f"checkpoint directory not found: {checkpoint}")
+    result = verify(checkpoint, gguf, mmproj, image=image, vision_tower=vision_tower, runtime=runtime,
+                    image_threshold=image_threshold, logits_threshold=logits_threshold, kv_cache=kv_cache)
+    if json_:
+        typer.echo(json.dumps(result, indent=2, default=str))
+    else:
+        render(result, Console())
+    if not result["passed"]:
+        raise typer.Exit(1)
