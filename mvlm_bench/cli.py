@@ -47,6 +47,13 @@ def _wire() -> None:
     )
     app.command("devices", help="List device profiles and check that each is reachable.")(bench_cli.devices_cmd)
 
+    from mvlm_bench import history_cli
+
+    app.command("compare", help="Compare two measurements (history selectors or bench JSON): speedups and verdicts.")(
+        history_cli.compare_cmd
+    )
+    app.add_typer(history_cli.app, name="history", help="List stored benchmark measurements; plot their history.")
+
 
 _wire()
 

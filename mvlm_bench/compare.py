@@ -1,0 +1,295 @@
+"""Compare two benchmark measurements metric by metric, and decide from the repetitions whether anything changed.
+
+A latency number from one run on a phone is noise: thermal state, background work and page cache move it by a few
+percent. A regression gate that compares two means fires on that noise and gets switched off; one that waits for a
+human misses the 10% decode drop. So every verdict here comes from the repetitions themselves:
+
+- the **median** of each side (robust to one throttled run) and the **speedup** = how much better the candidate is,
+  oriented so that > 1 is always better (tokens/s: candidate / baseline; seconds and ms: baseline / candidate);
+- a one-sided **Mann–Whitney U** test per direction (exact permutation distribution over all splits of the pooled
+  values when that is at most ``EXACT_LIMIT`` splits, so ties and 3-vs-3 are handled exactly; normal approximation
+  with tie correction beyond that) decides the verdict: ``slower`` / ``faster`` when p <= alpha, else ``no change``;
+- a seeded **bootstrap** 95% interval of the median ratio is shown beside it, so a reader sees how wide the
+  uncertainty is (it does not decide anything).
+
+The gate (:func:`regressions`) fires on a metric only when its verdict is ``slower`` AND the median slowdown is
+larger than the threshold: a significant 0.5% change is real but not worth a red build; a 20% drop seen in one
+noisy pair of runs is not supported. With 3 vs 3 repetitions the smallest one-sided exact p is 1/20 = 0.05, so the
+default alpha (0.05) needs at least 3 repetitions on each side; :func:`min_p` says what a given n can reach.
+
+The idea of comparing by key and printing speedups follows llama.cpp's scripts/compare-llama-bench.py; the
+statistics are this module's own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mvlm_bench.report import METRICS
+
+DEFAULT_ALPHA = 0.05
+DEFAULT_THRESHOLD = 0.05  # 5%
+EXACT_LIMIT = 60_000  # splits enumerated for the exact U distribution (C(16, 8) = 12870, C(18, 9) = 48620)
+BOOTSTRAP_SAMPLES = 2000
+
+# Shown by default, in this order (papers' metrics that measure speed; token counts and decomposition terms are not).
+DEFAULT_METRICS = ("ve_ms_per_patch", "ve_ms", "sample_tps", "prompt_tps", "eval_tps", "total_s", "eval_avg", "load_s")
+# Gated by default: the headline numbers, not the ones dominated by OS noise (load time: page cache; sampling: tiny).
+GATE_METRICS = ("ve_ms", "prompt_tps", "eval_tps", "total_s")
+
+_NAMES = {k: (n, u) for k, n, u in METRICS}
+
+
+def direction(key: str) -> int:
+    """+1 when higher is better (tokens/s), -1 when lower is better (s, ms), 0 when not a speed (token counts)."""
+    if key.endswith("_tps") or key.endswith("_ts") or key == "eval_avg":
+        return 1
+    if key.endswith("_s") or key.endswith("_ms") or key.endswith("_ns") or key == "ve_ms_per_patch":
+        return -1
+    return 0
+
+
+def metric_name(key: str) -> tuple[str, str]:
+    """(paper name, unit) of a metric key; llama-bench keys such as ``pp64_tps`` name themselves."""
+    if key in _NAMES:
+        return _NAMES[key]
+    if key.endswith("_tps"):
+        return key[: -len("_tps")], "tokens/s"
+    return key, ""
+
+
+def _clean(values: Sequence[float | None]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2.0
+
+
+def _midranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def mann_whitney_less(x: Sequence[float], y: Sequence[float]) -> float:
+    """One-sided p-value that ``y`` tends to be smaller than ``x`` (H1: P(Y < X) > 1/2), by Mann–Whitney U.
+
+    U counts the pairs (x_i, y_j) with y_j > x_i (ties count 1/2); small U supports H1. Exact when the number of
+    ways to split the pooled values is at most EXACT_LIMIT (a permutation test on U, valid with ties), else the
+    normal approximation with tie-corrected variance and a continuity correction.
+    """
+    n, m = len(x), len(y)
+    if n == 0 or m == 0:
+        return 1.0
+    pooled = list(x) + list(y)
+    ranks = _midranks(pooled)
+    offset = m * (m + 1) / 2.0
+    u_obs = sum(ranks[n:]) - offset
+    eps = 1e-9
+    if math.comb(n + m, m) <= EXACT_LIMIT:
+        hits = total = 0
+        for pick in itertools.combinations(range(n + m), m):
+            total += 1
+            if sum(ranks[i] for i in pick) - offset <= u_obs + eps:
+                hits += 1
+        return hits / total
+    big_n = n + m
+    ties = {}
+    for r in ranks:
+        ties[r] = ties.get(r, 0) + 1
+    tie_term = sum(t**3 - t for t in ties.values()) / (big_n * (big_n - 1))
+    var = n * m / 12.0 * ((big_n + 1) - tie_term)
+    if var <= 0:
+        return 1.0
+    z = (u_obs - n * m / 2.0 + 0.5) / math.sqrt(var)
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+
+def min_p(n_baseline: int, n_candidate: int) -> float:
+    """The smallest one-sided exact p two samples of these sizes can give (complete separation): 1 / C(n+m, m)."""
+    if n_baseline == 0 or n_candidate == 0:
+        return 1.0
+    return 1.0 / math.comb(n_baseline + n_candidate, n_candidate)
+
+
+def bootstrap_speedup_ci(baseline: Sequence[float], candidate: Sequence[float], sign: int, seed: int = 0,
+                         samples: int = BOOTSTRAP_SAMPLES, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the speedup (median ratio, > 1 is better); seeded, so reproducible."""
+    import numpy as np
+
+    b = np.asarray(baseline, dtype=float)
+    c = np.asarray(candidate, dtype=float)
+    if len(b) < 2 or len(c) < 2 or np.any(b <= 0) or np.any(c <= 0):
+        return None
+    rng = np.random.default_rng(seed)
+    mb = np.median(b[rng.integers(0, len(b), (samples, len(b)))], axis=1)
+    mc = np.median(c[rng.integers(0, len(c), (samples, len(c)))], axis=1)
+    ratio = mc / mb if sign > 0 else mb / mc
+    lo, hi = np.quantile(ratio, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+@dataclass
+class MetricComparison:
+    """One metric of one baseline/candidate pair: what was measured, how it moved, and the verdict."""
+
+    key: str
+    name: str
+    unit: str
+    direction: int
+    n_baseline: int
+    n_candidate: int
+    baseline_median: float | None
+    candidate_median: float | None
+    speedup: float | None  # > 1: candidate better, whatever the unit
+    slowdown: float | None  # fraction the candidate is worse in the metric's own unit (tokens/s lost, time added)
+    ci_low: float | None
+    ci_high: float | None
+    p_slower: float | None
+    p_faster: float | None
+    verdict: str  # "faster" | "slower" | "no change" | "n/a"
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare_metric(key: str, baseline: Sequence[float | None], candidate: Sequence[float | None],
+                   alpha: float = DEFAULT_ALPHA, seed: int = 0) -> MetricComparison:
+    """Compare one metric's repetitions; see the module docstring for the rule."""
+    name, unit = metric_name(key)
+    sign = direction(key)
+    b, c = _clean(baseline), _clean(candidate)
+    mc = MetricComparison(key, name, unit, sign, len(b), len(c), median(b) if b else None, median(c) if c else None,
+                          None, None, None, None, None, None, "n/a")
+    if not b or not c:
+        mc.note = "no values on " + ("either side" if not b and not c else "the baseline" if not b else "the candidate")
+        return mc
+    if sign == 0:
+        mc.note = "not a speed"
+        return mc
+    mb, mcand = mc.baseline_median, mc.candidate_median
+    assert mb is not None and mcand is not None
+    if mb > 0 and mcand > 0:
+        mc.speedup = mcand / mb if sign > 0 else mb / mcand
+        mc.slowdown = (mb - mcand) / mb if sign > 0 else (mcand - mb) / mb
+    gb = [sign * v for v in b]  # "goodness": larger is better on both sides
+    gc = [sign * v for v in c]
+    mc.p_slower = mann_whitney_less(gb, gc)
+    mc.p_faster = mann_whitney_less(gc, gb)
+    ci = bootstrap_speedup_ci(b, c, sign, seed=seed)
+    if ci:
+        mc.ci_low, mc.ci_high = ci
+    if mc.p_slower <= alpha and (mc.speedup is None or mc.speedup < 1):
+        mc.verdict = "slower"
+    elif mc.p_faster <= alpha and (mc.speedup is None or mc.speedup > 1):
+        mc.verdict = "faster"
+    else:
+        mc.verdict = "no change"
+        if min_p(len(b), len(c)) > alpha:
+            mc.note = f"{len(b)} vs {len(c)} repetitions cannot reach p <= {alpha:g}"
+    return mc
+
+
+def compare_samples(baseline: Mapping[str, Sequence[float | None]], candidate: Mapping[str, Sequence[float | None]],
+                    metrics: Sequence[str] | None = None, alpha: float = DEFAULT_ALPHA,
+                    seed: int = 0) -> list[MetricComparison]:
+    """Compare every requested metric (default: the speed metrics present on both sides, report order)."""
+    if metrics is None:
+        extra = sorted(k for k in baseline.keys() & candidate.keys() if k not in _NAMES and direction(k) != 0)
+        metrics = [k for k in DEFAULT_METRICS if _clean(baseline.get(k, ())) or _clean(candidate.get(k, ()))] + extra
+    return [compare_metric(k, baseline.get(k, ()), candidate.get(k, ()), alpha=alpha, seed=seed) for k in metrics]
+
+
+def parse_threshold(text: str) -> float:
+    """'5%' -> 0.05, '0.05' -> 0.05, '5' -> 0.05 (a bare number above 1 is a percentage)."""
+    s = text.strip()
+    try:
+        v = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
+    except ValueError:
+        from mvlm_convert.errors import MvlmError
+
+        raise MvlmError(f"--fail-on-regression {text!r} is not a percentage: write e.g. 5%") from None
+    if v > 1 and not s.endswith("%"):
+        v /= 100.0
+    if not 0 <= v < 10:
+        from mvlm_convert.errors import MvlmError
+
+        raise MvlmError(f"--fail-on-regression {text!r} is out of range: write a percentage such as 5%")
+    return v
+
+
+def regressions(comparisons: Sequence[MetricComparison], threshold: float = DEFAULT_THRESHOLD,
+                metrics: Sequence[str] | None = GATE_METRICS) -> list[MetricComparison]:
+    """The gated metrics that are statistically slower AND slower by more than ``threshold`` (a fraction)."""
+    out = []
+    for c in comparisons:
+        if metrics is not None and c.key not in metrics:
+            continue
+        if c.verdict == "slower" and c.slowdown is not None and c.slowdown > threshold:
+            out.append(c)
+    return out
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "–"
+    a = abs(v)
+    return f"{v:.0f}" if a >= 1000 else f"{v:.3f}" if a < 1 else f"{v:.2f}"
+
+
+def describe_regression(c: MetricComparison, threshold: float) -> str:
+    """One line for the gate's message: metric, both medians, the change, the threshold and the evidence."""
+    assert c.slowdown is not None
+    change = -c.slowdown if c.direction > 0 else c.slowdown
+    return (f"{c.name} ({c.unit}) {_num(c.baseline_median)} -> {_num(c.candidate_median)} "
+            f"({change:+.1%}, {c.slowdown:.1%} slower > {threshold:.1%} allowed; "
+            f"Mann-Whitney p={c.p_slower:.3g}, {c.n_baseline} vs {c.n_candidate} runs)")
+
+
+def gate_summary(comparisons: Sequence[MetricComparison], threshold: float,
+                 metrics: Sequence[str] | None = GATE_METRICS) -> tuple[list[MetricComparison], list[str]]:
+    """(regressions, warnings): warnings say when a gated metric could not have been judged (too few runs, no data)."""
+    regs = regressions(comparisons, threshold, metrics)
+    warns = []
+    for c in comparisons:
+        if metrics is not None and c.key not in metrics:
+            continue
+        if c.verdict == "n/a":
+            warns.append(f"{c.name}: {c.note}")
+        elif c.note and c.verdict == "no change":
+            warns.append(f"{c.name}: {c.note}; the gate cannot fire on it (use --repeat 3 or more on both sides)")
+    return regs, warns
+
+
+def render_markdown(comparisons: Sequence[MetricComparison], title: str = "") -> str:
+    """A Markdown table (job summaries, PR comments): metric, medians, speedup, 95% CI, p, verdict."""
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| Metric | Baseline | Candidate | Speedup | 95% CI | p | Verdict |")
+    lines.append("| --- | ---: | ---: | ---: | :---: | ---: | --- |")
+    for c in comparisons:
+        sp = "–" if c.speedup is None else f"{c.speedup:.3f}"
+        ci = "–" if c.ci_low is None else f"{c.ci_low:.3f}–{c.ci_high:.3f}"
+        p = {"slower": c.p_slower, "faster": c.p_faster}.get(c.verdict)
+        if p is None and c.p_slower is not None and c.p_faster is not None:
+            p = min(c.p_slower, c.p_faster)
+        mark = {"slower": "🔴 slower", "faster": "🟢 faster"}.get(c.verdict, c.verdict)
+        lines.append(f"| {c.name} ({c.unit}) | {_num(c.baseline_median)} (n={c.n_baseline}) | "
+                     f"{_num(c.candidate_median)} (n={c.n_candidate}) | {sp} | {ci} | "
+                     f"{'–' if p is None else f'{p:.3g}'} | {mark}{f' ({c.note})' if c.note else ''} |")
+    return "\n".join(lines) + "\n"

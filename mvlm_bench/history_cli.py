@@ -1,0 +1,266 @@
+"""``mvlm compare``, ``mvlm history`` (+ ``history plot``) and the history/gate half of ``mvlm bench``.
+
+Exit codes: 0 fine; 2 bad input (unknown selector, unreadable file, ...); 4 = ``EXIT_REGRESSION``: a gated metric is
+slower than the baseline by more than ``--fail-on-regression`` AND the repetitions support it (see
+:mod:`mvlm_bench.compare`). CI tells a regression from a broken job by that code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mvlm_convert.errors import MvlmError
+
+EXIT_REGRESSION = 4
+
+console = Console()
+err = Console(stderr=True)
+
+app = typer.Typer(invoke_without_command=True)
+
+_SELECTOR_HELP = ("latest, latest~N, id:N, label:NAME, commit:SHA, runtime:SHA (llama.cpp commit), "
+                  "or a JSON file written by `mvlm bench --json`")
+
+
+def _is_file(spec: str) -> bool:
+    return spec.endswith(".json") or Path(spec).is_file()
+
+
+def _open(db: Path | None, create: bool = False):
+    from mvlm_bench.history import History
+
+    return History(db, create=create)
+
+
+def resolve(spec: str, db: Path | None, device: str | None = None, model: str | None = None,
+            protocol: str | None = None, like=None, exclude: tuple[int, ...] = ()) -> list:
+    """Entries named by a selector or a JSON file (a file may hold several measurements)."""
+    from mvlm_bench.history import entries_from_json
+
+    if _is_file(spec):
+        if not Path(spec).is_file():
+            raise MvlmError(f"{spec} does not exist: pass a JSON file written by `mvlm bench --json` or a selector")
+        return entries_from_json(Path(spec))
+    with _open(db) as h:
+        return [h.select(spec, device=device, model=model, protocol=protocol, like=like, exclude=exclude)]
+
+
+def pair(baselines: list, candidates: list) -> list[tuple]:
+    """Baseline/candidate pairs: one each is a pair; several are matched by setup (device, model, protocol, params)."""
+    from mvlm_bench.history import setup_key
+
+    if len(baselines) == 1 and len(candidates) == 1:
+        return [(baselines[0], candidates[0])]
+    by_key = {setup_key(b): b for b in baselines}
+    pairs = [(by_key[setup_key(c)], c) for c in candidates if setup_key(c) in by_key]
+    if not pairs:
+        raise MvlmError("no measurement in the candidate has a baseline with the same device, model and protocol")
+    return pairs
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"
+
+
+def comparison_table(comps: list, title: str) -> Table:
+    t = Table(title=title)
+    for col in ("Metric", "Baseline", "Candidate", "Speedup", "95% CI", "p", "Verdict"):
+        t.add_column(col, justify="left" if col in ("Metric", "Verdict") else "right", overflow="fold")
+    for c in comps:
+        p = {"slower": c.p_slower, "faster": c.p_faster}.get(c.verdict)
+        if p is None and c.p_slower is not None and c.p_faster is not None:
+            p = min(c.p_slower, c.p_faster)
+        style = {"slower": "bold red", "faster": "bold green"}.get(c.verdict, "")
+        verdict = f"[{style}]{c.verdict}[/]" if style else c.verdict
+        t.add_row(f"{c.name} ({c.unit})", f"{_fmt(c.baseline_median)} [dim]n={c.n_baseline}[/]",
+                  f"{_fmt(c.candidate_median)} [dim]n={c.n_candidate}[/]",
+                  "–" if c.speedup is None else f"{c.speedup:.3f}",
+                  "–" if c.ci_low is None else f"{c.ci_low:.3f}–{c.ci_high:.3f}",
+                  "–" if p is None else f"{p:.3g}", verdict + (f" [dim]({c.note})[/]" if c.note else ""))
+    return t
+
+
+def run_comparison(pairs: list[tuple], metrics: list[str] | None, alpha: float, threshold: float | None,
+                   json_out: bool = False, markdown_out: Path | None = None) -> None:
+    """Compare each pair, print (table or JSON), write Markdown if asked, then apply the gate if a threshold is set."""
+    from mvlm_bench import compare
+    from mvlm_bench.history import setup_differences
+
+    gate_metrics = tuple(metrics) if metrics else compare.GATE_METRICS
+    results, md, failures = [], [], []
+    for base, cand in pairs:
+        if base.id is not None and base.id == cand.id:
+            raise MvlmError(f"baseline and candidate are the same entry ({base.describe()}): pick two different ones")
+        comps = compare.compare_samples(base.samples, cand.samples, metrics=metrics or None, alpha=alpha)
+        diffs = setup_differences(base, cand)
+        title = f"{cand.context.label()} on {cand.context.device}: {base.describe()} -> {cand.describe()}"
+        regs, warns = compare.gate_summary(comps, threshold, gate_metrics) if threshold is not None else ([], [])
+        failures += [(title, r) for r in regs]
+        results.append({"baseline": _entry_json(base), "candidate": _entry_json(cand), "setup_differences": diffs,
+                        "metrics": [c.as_dict() for c in comps], "regressions": [r.key for r in regs],
+                        "warnings": warns})
+        md.append(compare.render_markdown(comps, title))
+        if diffs:
+            md.append("Setups differ: " + "; ".join(diffs) + "\n")
+        if not json_out:
+            console.print(comparison_table(comps, title))
+            if diffs:
+                err.print("[yellow]warning:[/] the two measurements differ in setup: " + "; ".join(diffs))
+            for w in warns:
+                err.print(f"[yellow]warning:[/] {w}")
+    if json_out:
+        print(json.dumps({"alpha": alpha, "threshold": threshold, "comparisons": results}, indent=2, default=str))
+    if markdown_out is not None:
+        if threshold is not None:
+            md.append(f"\n**Gate** ({threshold:.1%} on {', '.join(gate_metrics)}, alpha {alpha:g}): "
+                      + ("regression in " + ", ".join(r.name for _, r in failures) if failures else "passed") + "\n")
+        tmp = markdown_out.with_name(markdown_out.name + ".tmp")
+        tmp.write_text("\n".join(md))
+        tmp.replace(markdown_out)
+    if failures:
+        lines = [compare.describe_regression(r, threshold or 0.0) for _, r in failures]
+        raise MvlmError("performance regression: " + "; ".join(lines), exit_code=EXIT_REGRESSION)
+    if threshold is not None and not json_out:
+        err.print(f"[green]gate passed[/]: no gated metric is statistically slower by more than {threshold:.1%}")
+
+
+def _entry_json(e) -> dict:
+    c = e.context
+    return {"id": e.id, "source": e.source, "created_at": e.created_at, "label": e.label,
+            "project_commit": e.project_commit, "device": c.device, "model": c.label(), "model_sha256": c.model_sha256,
+            "protocol": c.protocol, "runtime_commit": c.runtime_commit, "runtime_patches": list(c.runtime_patches),
+            "params": c.params, "repetitions": e.repetitions}
+
+
+def compare_cmd(
+    baseline: str = typer.Argument("latest~1", help=f"Baseline: {_SELECTOR_HELP}."),
+    candidate: str = typer.Argument("latest", help=f"Candidate: {_SELECTOR_HELP}."),
+    db: Path | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+    markdown_out: Path | None = typer.Option(None, "--markdown", help="Also write the table as Markdown."),
+    metric: list[str] | None = typer.Option(None, "--metric", help="Metric to compare (repeatable): eval_tps, ..."),
+    device: str | None = typer.Option(None, "--device", help="Only history entries of this device."),
+    model: str | None = typer.Option(None, "--model", help="Only entries of this model (name, file or sha256 prefix)."),
+    protocol: str | None = typer.Option(None, "--protocol", help="Only entries of this protocol."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the one-sided Mann-Whitney test."),
+    fail_on_regression: str | None = typer.Option(
+        None, "--fail-on-regression", help="Exit 4 when a gated metric is slower by more than this (e.g. 5%) and the "
+                                           "repetitions support it."),
+) -> None:
+    """Compare two measurements metric by metric: medians, speedup, 95% CI, Mann-Whitney p and a verdict.
+
+    The baseline of a history selector is looked for among entries of the candidate's setup (same device, model file,
+    protocol and parameters), so `mvlm compare` with no arguments compares the latest run with the one before it.
+
+      mvlm compare                                  # latest~1 vs latest
+
+      mvlm compare label:main latest --fail-on-regression 5%
+
+      mvlm compare base.json cand.json --metric eval_tps
+    """
+    from mvlm_bench import compare
+
+    threshold = compare.parse_threshold(fail_on_regression) if fail_on_regression else None
+    cands = resolve(candidate, db, device, model, protocol)
+    if _is_file(baseline):
+        bases = resolve(baseline, db)
+    else:
+        like = cands[0] if len(cands) == 1 else None
+        bases = resolve(baseline, db, device, model, protocol, like=like)
+    run_comparison(pair(bases, cands), metric, alpha, threshold, json_out, markdown_out)
+
+
+def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str | None,
+                  fail_on_regression: str | None, alpha: float = 0.05) -> None:
+    """After ``mvlm bench``: store the measurement, compare it with ``--baseline``, apply the gate."""
+    from mvlm_bench import compare
+    from mvlm_bench.history import History, entries_from_runs, entry_from_llama_bench
+
+    threshold = compare.parse_threshold(fail_on_regression) if fail_on_regression else None
+    if threshold is not None and not baseline:
+        raise MvlmError("--fail-on-regression needs --baseline SELECTOR (e.g. label:main or latest)")
+    if res.llama_bench_rows:
+        entries = [entry_from_llama_bench(res.llama_bench_rows, res.context, label=label)]
+    else:
+        entries = entries_from_runs(res.runs, label=label)
+    if not entries:
+        return
+    bases = []
+    if baseline:  # resolved before saving, so `latest` means the previous measurement
+        if _is_file(baseline):
+            bases = resolve(baseline, db)
+        else:
+            bases = resolve(baseline, db, like=entries[0])
+    if save:
+        with History(db) as h:
+            ids = [h.save(e) for e in entries]
+            err.print(f"saved as {', '.join(f'id:{i}' for i in ids)} in {h.path}")
+    if baseline:
+        run_comparison(pair(bases, entries), None, alpha, threshold)
+
+
+@app.callback()
+def history_cmd(
+    ctx: typer.Context,
+    db: Path | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
+    json_out: bool = typer.Option(False, "--json", help="JSON list (with every repetition) instead of a table."),
+    device: str | None = typer.Option(None, "--device", help="Only this device."),
+    model: str | None = typer.Option(None, "--model", help="Only this model (name, file or sha256 prefix)."),
+    protocol: str | None = typer.Option(None, "--protocol", help="Only this protocol."),
+    limit: int = typer.Option(50, "--limit", help="Show the newest N entries (0: all)."),
+) -> None:
+    """List stored benchmark measurements (newest last). `mvlm history plot --out DIR` draws them."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from mvlm_bench.compare import median
+
+    with _open(db) as h:
+        entries = h.entries(device, model, protocol)
+        path = h.path
+    if limit > 0:
+        entries = entries[-limit:]
+    if json_out:
+        print(json.dumps([_entry_json(e) | {"samples": e.samples} for e in entries], indent=2, default=str))
+        return
+    t = Table(title=f"Benchmark history ({path})")
+    for col in ("id", "time (UTC)", "label", "device", "model", "protocol", "llama.cpp", "commit", "reps",
+                "Eval tok/s", "Total s"):
+        right = col in ("id", "reps", "Eval tok/s", "Total s")
+        t.add_column(col, overflow="fold", justify="right" if right else "left")
+    for e in entries:
+        def med(k: str, e=e) -> str:
+            vals = [v for v in e.samples.get(k, []) if v is not None]
+            return _fmt(median(vals)) if vals else "–"
+
+        t.add_row(str(e.id), e.created_at, e.label, e.context.device, e.context.label(), e.context.protocol,
+                  e.context.runtime_commit[:10], e.project_commit[:10] + ("+" if e.project_dirty else ""),
+                  str(e.repetitions), med("eval_tps"), med("total_s"))
+    console.print(t)
+
+
+@app.command("plot")
+def plot_cmd(
+    out: Path = typer.Option(Path("mvlm-history-plots"), "--out", "-o", help="Directory for the PNGs and index.html."),
+    db: Path | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
+    metric: list[str] | None = typer.Option(None, "--metric", help="Metric key to plot (repeatable)."),
+    device: str | None = typer.Option(None, "--device", help="Only this device."),
+    model: str | None = typer.Option(None, "--model", help="Only this model."),
+    protocol: str | None = typer.Option(None, "--protocol", help="Only this protocol."),
+) -> None:
+    """Draw metric history per device/model/protocol: PNGs and a self-contained index.html."""
+    from mvlm_bench import plots
+
+    with _open(db) as h:
+        entries = h.entries(device, model, protocol)
+    if not entries:
+        raise MvlmError("no stored measurements to plot: run `mvlm bench ... --save` first")
+    files = plots.plot_history(entries, out, tuple(metric) if metric else plots.PLOT_METRICS)
+    for f in files:
+        console.print(str(f))
