@@ -17,7 +17,7 @@ import ctypes
 import json
 import mmap
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ class Checkpoint:
     files: list[Path]
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _bin_state: dict[Path, tuple[dict[str, torch.Tensor], bool]] = field(default_factory=dict)
+    _stored: dict[str, str] = field(default_factory=dict)  # canonical name -> name in the file (see ``renamed``)
 
     # --- metadata -------------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -105,6 +106,24 @@ class Checkpoint:
             shown = ", ".join(missing[:6]) + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else "")
             raise MvlmError(f"{self.root}: missing {len(missing)} {what}: {shown}; is the checkpoint complete?")
 
+    def renamed(self, rename: Callable[[str], str | None], config: dict[str, Any] | None = None) -> Checkpoint:
+        """A view of the same files under canonical names (``rename`` returns None to hide a tensor).
+
+        Lets a family whose release uses other key names (llava-hf's ``language_model.*``) reuse the writers,
+        which speak the MobileVLM/LLaVA names; data is still read under the stored names.
+        """
+        view = Checkpoint(root=self.root, config=self.config if config is None else config, files=self.files)
+        view._bin_state = self._bin_state
+        for name, entry in self._entries.items():
+            new = rename(name)
+            if new is None:
+                continue
+            if new in view._entries:
+                raise MvlmError(f"{self.root}: tensors {view._stored.get(new, new)} and {name} both map to {new}")
+            view._entries[new] = entry
+            view._stored[new] = self._stored.get(name, name)
+        return view
+
     def _entry(self, name: str) -> _Entry:
         try:
             return self._entries[name]
@@ -115,10 +134,11 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """The tensor's data (for .bin a view into the file mapping; call ``release`` when done with it)."""
         entry = self._entry(name)
+        stored = self._stored.get(name, name)
         if entry.file.suffix == ".safetensors":
-            return _read_safetensor(entry.file, name)
+            return _read_safetensor(entry.file, stored)
         tensors, _ = self._load_bin(entry.file)
-        return tensors[name]
+        return tensors[stored]
 
     def release(self, name: str, tensor: torch.Tensor | None = None) -> None:
         """Drop the resident pages of a .bin tensor read through the file mapping; no-op for safetensors."""
@@ -128,7 +148,7 @@ class Checkpoint:
         state = self._bin_state.get(entry.file)
         if state is None or not state[1]:
             return  # not memory-mapped: the data lives in ordinary heap memory and must not be madvise'd
-        t = state[0].get(name) if tensor is None else tensor
+        t = state[0].get(self._stored.get(name, name)) if tensor is None else tensor
         if t is None:
             return
         _drop_pages(t.data_ptr(), t.numel() * t.element_size())

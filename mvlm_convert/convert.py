@@ -14,7 +14,7 @@ from typing import Any
 
 from mvlm_convert.checkpoint import open_checkpoint
 from mvlm_convert.errors import MvlmError
-from mvlm_convert.families import detect_family
+from mvlm_convert.families import detect_family, normalize
 from mvlm_convert.gguf_stream import OUTTYPES, FileSummary, PreparedGGUF, Progress, TensorPlan, check_writable
 from mvlm_convert.lm_gguf import prepare_lm_gguf
 from mvlm_convert.mmproj_gguf import prepare_mmproj_gguf
@@ -121,7 +121,7 @@ def convert(
     vision_tower: str | Path | None = None,
     progress: bool | Progress = True,
 ) -> ConvertResult:
-    """Convert a MobileVLM V1/V2 or MobileLLaMA checkpoint; see the module docstring for the guarantees."""
+    """Convert a checkpoint of any registered family (mvlm_convert.families); see the module docstring."""
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise MvlmError(f"--outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
@@ -133,6 +133,7 @@ def convert(
 
     ckpt = open_checkpoint(checkpoint_dir)
     info = detect_family(ckpt.config)
+    ckpt = normalize(info, ckpt)  # e.g. llava-hf names -> the LLaVA/MobileVLM names the writers use
     the_name = sanitize_name(name) if name else model_name(ckpt.config, checkpoint_dir)
     lm_path, mmproj_path = output_paths(outdir, the_name, outtype)
 

@@ -24,12 +24,8 @@ import torch
 
 from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
 from mvlm_convert.errors import MvlmError
-from mvlm_convert.families.mobilevlm import (
-    CLIP_PREFIX_IN_CHECKPOINT,
-    projector_tensors,
-    vision_select_layer,
-    vision_tower_dir,
-)
+from mvlm_convert.families import projector_tensors
+from mvlm_convert.families.mobilevlm import CLIP_PREFIX_IN_CHECKPOINT, vision_select_layer, vision_tower_dir
 from mvlm_convert.gguf_stream import FILE_TYPES, QT, FileSummary, PreparedGGUF, Progress, TensorPlan, matrix_type
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -264,8 +260,10 @@ def prepare_mmproj_gguf(
     ckpt: Checkpoint, projector: str, outtype: str, name: str, vision_tower: Path | None = None
 ) -> PreparedGGUF:
     """Find and validate the vision tower and projector; plan every tensor (metadata only, no tensor data)."""
-    clip = resolve_clip(ckpt, vision_tower, prefer_copy=projector != "ldp")
-    if clip.image_size // clip.patch_size != LDP_GRID or clip.image_size % clip.patch_size:
+    # MobileVLM V1 and LLaVA-1.5 reload CLIP from mm_vision_tower at inference; V2 / Xmodel use the checkpoint copy.
+    clip = resolve_clip(ckpt, vision_tower, prefer_copy=projector not in ("ldp", "mlp"))
+    grid = clip.image_size // clip.patch_size
+    if projector in ("ldp", "ldpv2") and (grid != LDP_GRID or clip.image_size % clip.patch_size):
         raise MvlmError(
             f"{projector} needs a {LDP_GRID}x{LDP_GRID} patch grid (image 336, patch 14) but the vision tower "
             f"({clip.origin}) has image {clip.image_size}, patch {clip.patch_size}; llama.cpp hard-codes 24x24"
@@ -279,15 +277,24 @@ def prepare_mmproj_gguf(
         )
     block_count, feature_layer = _layer_metadata(clip, vision_select_layer(ckpt.config))
     plans = _clip_plans(clip, outtype) + _projector_plans(ckpt, projector, outtype, lm_hidden)
-    proj_in = next(p for p in plans if p.name.startswith("mm.model.mlp.")).shape
-    if proj_in[1] != clip.hidden:
+    proj_in = next(p for p in plans if p.name.startswith("mm.") and p.name.endswith(".weight")).shape
+    factor = 1
+    if projector == "xdp":
+        # XDP concatenates f consecutive patch tokens: f comes from mm.0's input width, never from the config name.
+        factor = proj_in[1] // clip.hidden
+        if factor < 1 or proj_in[1] % clip.hidden or (grid * grid) % factor:
+            raise MvlmError(
+                f"XDP input width {proj_in[1]} is not a whole number of {clip.hidden}-wide vision tokens dividing "
+                f"the {grid * grid} patches; wrong --vision-tower?"
+            )
+    elif proj_in[1] != clip.hidden:
         raise MvlmError(f"projector input width {proj_in[1]} does not match the vision tower width {clip.hidden}")
 
     KV = gguf.Keys
     w = gguf.GGUFWriter(path=None, arch="clip")
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_name(name)
-    w.add_description(f"MobileVLM image encoder: CLIP ({clip.origin}) + {projector.upper()} projector")
+    w.add_description(f"image encoder: CLIP ({clip.origin}) + {projector.upper()} projector")
     w.add_file_type(FILE_TYPES[outtype])
     if outtype == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -321,6 +328,7 @@ def prepare_mmproj_gguf(
         "patch_size": clip.patch_size,
         "image_mean": clip.image_mean,
         "image_std": clip.image_std,
+        "image_tokens": grid * grid // (4 if projector in ("ldp", "ldpv2") else factor),
     }
     return PreparedGGUF(
         w,

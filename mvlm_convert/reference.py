@@ -54,7 +54,20 @@ class StateReader:
         self._where: dict[str, Path] = {}
         self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
         self._st_cache: dict[Path, object] = {}
+        self._stored: dict[str, str] = {}
         self._index()
+        self._alias_llava_hf()
+
+    def _alias_llava_hf(self) -> None:
+        """Expose llava-hf tensors (transformers 4 or 5 names) under the original LLaVA names used below."""
+        renamed: dict[str, Path] = {}
+        for name, path in self._where.items():
+            new = _llava_hf_to_original(name)
+            if new != name:
+                renamed[new] = path
+                self._stored[new] = name
+        if renamed:
+            self._where = renamed | {n: p for n, p in self._where.items() if _llava_hf_to_original(n) == n}
 
     def _index(self) -> None:
         d = self.directory
@@ -97,6 +110,7 @@ class StateReader:
         path = self._where.get(name)
         if path is None:
             raise MvlmError(f"tensor {name} is missing from the checkpoint in {self.directory}")
+        name = self._stored.get(name, name)
         if path.suffix == ".safetensors":
             list(self._open(path))
             t = self._st_cache[path].get_tensor(name)
@@ -106,11 +120,47 @@ class StateReader:
         return t.to(torch.float32).contiguous()
 
 
+def _llava_hf_to_original(name: str) -> str:
+    """llava-hf tensor name -> the original LLaVA name (``model.layers.*``, ``model.mm_projector.{0,2}``, ...)."""
+    for old, new in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                     ("language_model.lm_head.", "lm_head."),
+                     ("model.vision_tower.vision_model.", VISION_COPY_PREFIX + "vision_model."),
+                     ("vision_tower.vision_model.", VISION_COPY_PREFIX + "vision_model."),
+                     ("model.multi_modal_projector.linear_1.", PROJECTOR_PREFIX + "0."),
+                     ("model.multi_modal_projector.linear_2.", PROJECTOR_PREFIX + "2."),
+                     ("multi_modal_projector.linear_1.", PROJECTOR_PREFIX + "0."),
+                     ("multi_modal_projector.linear_2.", PROJECTOR_PREFIX + "2.")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 def read_config(directory: Path) -> dict:
+    """config.json in the original-LLaVA key style: llava-hf's text_config is expanded with transformers'
+    LlamaConfig defaults (llava-hf lists only the keys that differ), Xmodel's XModelConfig defaults are filled."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise MvlmError(f"no config.json in {directory}: pass a HF checkpoint directory")
-    return json.loads(path.read_text())
+    config = json.loads(path.read_text())
+    if isinstance(config.get("text_config"), dict) and "LlavaForConditionalGeneration" in (config.get("architectures") or []):
+        from transformers import LlamaConfig
+
+        text = LlamaConfig(**{k: v for k, v in config["text_config"].items() if k not in ("architectures", "model_type")})
+        layer = config.get("vision_feature_layer", -2)
+        config = {
+            "vocab_size": text.vocab_size, "hidden_size": text.hidden_size,
+            "intermediate_size": text.intermediate_size, "num_hidden_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
+            "rms_norm_eps": text.rms_norm_eps, "max_position_embeddings": text.max_position_embeddings,
+            "rope_theta": (getattr(text, "rope_parameters", None) or {}).get("rope_theta", getattr(text, "rope_theta", 1e4)),
+            "tie_word_embeddings": bool(config["text_config"].get("tie_word_embeddings", False)),
+            "mm_projector_type": "mlp2x_gelu" if config.get("projector_hidden_act", "gelu") == "gelu" else "unknown",
+            "mm_vision_select_layer": layer[0] if isinstance(layer, list) else layer,
+            "mm_vision_select_feature": "patch" if config.get("vision_feature_select_strategy") == "default" else "full",
+        }
+    elif config.get("model_type") == "xmodelvlm":
+        config.setdefault("rms_norm_eps", 1e-5)  # XModelConfig default
+    return config
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -253,8 +303,31 @@ def mlp_forward(feats: torch.Tensor, get: Callable[[str], torch.Tensor], depth: 
     return x
 
 
+def mish(x: torch.Tensor) -> torch.Tensor:
+    """x * tanh(softplus(x)) (Misra 2019; torch.nn.Mish)."""
+    return x * torch.tanh(F.softplus(x))
+
+
+def xdp_forward(feats: torch.Tensor, get: Callable[[str], torch.Tensor],
+                prefix: str = PROJECTOR_PREFIX + "mlp.") -> torch.Tensor:
+    """Xmodel-VLM XDP: [N, D] viewed as [N/f, f*D] (f consecutive tokens), Linear - Mish - Linear.
+
+    f is the first Linear's input width over D (the released code's factor differs between versions).
+    """
+    w0 = get(prefix + "0.weight")
+    n, d = feats.shape
+    if w0.shape[1] % d or n % (w0.shape[1] // d):
+        raise MvlmError(f"XDP input width {w0.shape[1]} does not fit {n} tokens of width {d}")
+    f = w0.shape[1] // d
+    x = feats.reshape(n // f, f * d)
+    x = mish(linear(x, w0, get(prefix + "0.bias")))
+    return linear(x, get(prefix + "2.weight"), get(prefix + "2.bias"))
+
+
 def project(feats: torch.Tensor, projector_type: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """Dispatch on the checkpoint's ``mm_projector_type``."""
+    if projector_type.startswith("xdpnet"):
+        return xdp_forward(feats, get)
     if projector_type.startswith("ldpnetv2"):
         return ldpv2_forward(feats, get)
     if projector_type.startswith("ldpnet"):
@@ -322,7 +395,8 @@ def resolve_vision_source(checkpoint_dir: Path, config: dict, reader: StateReade
         return _clip_dir_source(Path(vision_tower))
     local = _local_tower_dir(config, checkpoint_dir)
     ptype = str(config.get("mm_projector_type", ""))
-    is_v1 = ptype.startswith("ldpnet") and not ptype.startswith("ldpnetv2")
+    # MobileVLM V1 and LLaVA-1.5 (mlp*) reload the tower from mm_vision_tower; V2 / Xmodel use their copy.
+    is_v1 = (ptype.startswith("ldpnet") and not ptype.startswith("ldpnetv2")) or ptype.startswith("mlp")
     has_copy = any(n.startswith(VISION_COPY_PREFIX + "vision_model.") for n in reader.names())
     if local is not None and (is_v1 or not has_copy):
         return _clip_dir_source(local)

@@ -14,7 +14,12 @@ from typing import Any
 
 from mvlm_convert.errors import MvlmError
 
-FAMILY_MODULES = ["mvlm_convert.families.mobilevlm"]
+FAMILY_MODULES = [
+    "mvlm_convert.families.mobilevlm",
+    "mvlm_convert.families.imp",
+    "mvlm_convert.families.xmodel",
+    "mvlm_convert.families.llava",
+]
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,20 @@ def known_projector_types() -> list[str]:
     return out
 
 
+def projector_tensors(projector: str) -> list[Any]:
+    """The tensor mapping (``ProjTensor`` list) for a GGUF projector type, from the family that writes it."""
+    for mod in _modules():
+        if projector in getattr(mod, "GGUF_PROJECTORS", ()):
+            return mod.projector_tensors(projector)
+    raise MvlmError(f"no family writes projector type {projector!r}")
+
+
+def normalize(info: FamilyInfo, ckpt: Any) -> Any:
+    """The checkpoint as the writers expect it (family-specific renames / config defaults); unchanged if none."""
+    fn = getattr(info.module, "normalize", None)
+    return fn(ckpt) if fn is not None else ckpt
+
+
 def detect_family(config: dict[str, Any]) -> FamilyInfo:
     """The family that claims this config; MvlmError naming what is supported otherwise."""
     proj = config.get("mm_projector_type")
@@ -45,9 +64,10 @@ def detect_family(config: dict[str, Any]) -> FamilyInfo:
         if mod.matches(config):
             return mod.describe(config)
     if proj is not None:
-        raise MvlmError(f"unknown mm_projector_type {proj!r}; supported: {', '.join(known_projector_types())} (MobileVLM V1/V2)")
+        raise MvlmError(f"unknown mm_projector_type {proj!r}; supported: {', '.join(known_projector_types())}")
     archs = config.get("architectures") or []
     raise MvlmError(
         f"unsupported model: architectures={archs} model_type={config.get('model_type')!r}; "
-        "supported: MobileVLM V1/V2 (mm_projector_type ldpnet/ldpnetv2) and MobileLLaMA (LLaMA-family LMs)"
+        "supported: MobileVLM V1/V2 (ldpnet/ldpnetv2), MobileLLaMA (LLaMA LMs), LLaVA-1.5 (mlp2x_gelu, liuhaotian "
+        "and llava-hf layouts), Xmodel-VLM (xdpnet)"
     )

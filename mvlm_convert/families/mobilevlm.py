@@ -24,6 +24,7 @@ NAME = "mobilevlm"
 # config mm_projector_type prefixes, most specific first (``ldpnetv2`` also starts with ``ldpnet``)
 PROJECTOR_TYPES = ["ldpnetv2", "ldpnet"]
 _GGUF_PROJECTOR = {"ldpnetv2": "ldpv2", "ldpnet": "ldp"}
+GGUF_PROJECTORS = set(_GGUF_PROJECTOR.values())
 
 LM_ARCHITECTURES = {"MobileLlamaForCausalLM", "MobileVLMForCausalLM", "LlamaForCausalLM", "MobileLLaMAForCausalLM"}
 LM_MODEL_TYPES = {"mobilevlm", "llama", "mobilellama"}

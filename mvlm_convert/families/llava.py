@@ -1,0 +1,140 @@
+"""LLaVA-1.5 (``mlp2x_gelu`` projector): the original liuhaotian release and the llava-hf (transformers) release.
+
+Facts encoded here (LLaVA-1.5 code and configs; transformers' Llava model; clip.cpp's loader at 0c1e570):
+- liuhaotian (``LlavaLlamaForCausalLM``, ``model_type: llava``): LLaMA LM under ``model.*`` / ``lm_head``, projector
+  ``model.mm_projector.{0,2}`` (Linear, GELU, Linear); the CLIP tower is *not* used from the checkpoint: inference
+  loads ``mm_vision_tower`` (openai/clip-vit-large-patch14-336); ``mm_vision_select_layer: -2``, ``patch`` features.
+- llava-hf (``LlavaForConditionalGeneration``): transformers 4 names ``language_model.model.*``,
+  ``language_model.lm_head.weight``, ``vision_tower.vision_model.*``, ``multi_modal_projector.linear_{1,2}``;
+  transformers >= 4.52 / 5 save ``model.language_model.*``, ``lm_head.weight``, ``model.vision_tower.vision_model.*``,
+  ``model.multi_modal_projector.linear_{1,2}``. The LM config is ``text_config`` (often only the keys that differ
+  from LlamaConfig's defaults), ``vision_feature_layer`` (-2) and ``vision_feature_select_strategy`` ("default" =
+  drop CLS) describe the features.
+- llama.cpp: projector type ``mlp``, tensors ``mm.0.*`` / ``mm.2.*`` (clip-impl.h TN_LLAVA_PROJ), built by
+  clip_graph_llava with ggml's GELU. ``normalize`` maps both layouts onto the liuhaotian names, so the LM and mmproj
+  writers need no LLaVA-specific code.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+import gguf
+
+from mvlm_convert.checkpoint import Checkpoint
+from mvlm_convert.errors import MvlmError
+from mvlm_convert.families import FamilyInfo
+from mvlm_convert.families.mobilevlm import ProjTensor
+
+NAME = "llava"
+PROJECTOR_TYPES = ["mlp2x_gelu"]
+GGUF_PROJECTORS = {"mlp"}
+ORIGINAL_ARCHS = {"LlavaLlamaForCausalLM"}
+HF_ARCHS = {"LlavaForConditionalGeneration"}
+_MM = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_MMPROJ]  # "mm.{bid}"
+
+# transformers' LlamaConfig defaults: llava-hf text_config lists only what differs from them (7B values).
+LLAMA_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+CLIP_VISION_DEFAULT_WIDTH = 1024  # CLIPVisionConfig default used by llava-hf's vision_config (ViT-L/14)
+
+# llava-hf name -> liuhaotian name, for both transformers generations (first match wins).
+_HF_RENAMES = [
+    (re.compile(r"^(?:model\.)?language_model\.model\.(.+)$"), r"model.\1"),
+    (re.compile(r"^language_model\.lm_head\.(.+)$"), r"lm_head.\1"),
+    (re.compile(r"^model\.language_model\.(.+)$"), r"model.\1"),
+    (re.compile(r"^(?:model\.)?vision_tower\.vision_model\.(.+)$"), r"model.vision_tower.vision_tower.vision_model.\1"),
+    (re.compile(r"^(?:model\.)?multi_modal_projector\.linear_1\.(.+)$"), r"model.mm_projector.0.\1"),
+    (re.compile(r"^(?:model\.)?multi_modal_projector\.linear_2\.(.+)$"), r"model.mm_projector.2.\1"),
+]
+
+
+def _is_hf(config: dict[str, Any]) -> bool:
+    return bool(set(config.get("architectures") or []) & HF_ARCHS) or (
+        config.get("model_type") == "llava" and isinstance(config.get("text_config"), dict)
+    )
+
+
+def matches(config: dict[str, Any]) -> bool:
+    archs = set(config.get("architectures") or [])
+    if archs & HF_ARCHS:
+        return True
+    is_llava = bool(archs & ORIGINAL_ARCHS) or config.get("model_type") in ("llava", "llava_llama")
+    return is_llava and str(config.get("mm_projector_type", "mlp2x_gelu")).startswith("mlp")
+
+
+def describe(config: dict[str, Any]) -> FamilyInfo:
+    mod = sys.modules[__name__]
+    if _is_hf(config):
+        if config.get("projector_hidden_act", "gelu") != "gelu":
+            raise MvlmError(f"llava-hf projector_hidden_act {config.get('projector_hidden_act')!r}: only gelu is supported")
+        return FamilyInfo(family=NAME, variant="llava-hf", projector="mlp", module=mod)
+    proj = str(config.get("mm_projector_type", "linear"))
+    if proj != "mlp2x_gelu":
+        raise MvlmError(f"LLaVA mm_projector_type {proj!r} is not supported; llama.cpp's mlp projector is mlp2x_gelu")
+    return FamilyInfo(family=NAME, variant="liuhaotian", projector="mlp", module=mod)
+
+
+def hf_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A llava-hf config flattened to the liuhaotian keys (text_config over LlamaConfig defaults, mm_* keys)."""
+    text = dict(LLAMA_DEFAULTS)
+    text.update({k: v for k, v in (config.get("text_config") or {}).items() if v is not None})
+    if text.get("model_type", "llama") not in ("llama",):
+        raise MvlmError(f"llava-hf text_config model_type {text.get('model_type')!r}: only LLaMA language models")
+    layer = config.get("vision_feature_layer", -2)
+    if isinstance(layer, list):
+        if len(layer) != 1:
+            raise MvlmError(f"vision_feature_layer {layer}: several concatenated layers are not supported by llama.cpp")
+        layer = layer[0]
+    strategy = config.get("vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise MvlmError(f"vision_feature_select_strategy {strategy!r}: llama.cpp's llava graph always drops CLS")
+    vision = config.get("vision_config") or {}
+    out = {k: v for k, v in text.items() if k not in ("architectures", "model_type")}
+    out.update(
+        {
+            "_name_or_path": config.get("_name_or_path", ""),
+            "architectures": ["LlavaLlamaForCausalLM"],
+            "model_type": "llava",
+            "mm_projector_type": "mlp2x_gelu",
+            "mm_vision_select_layer": int(layer),
+            "mm_vision_select_feature": "patch",
+            "mm_hidden_size": int(vision.get("hidden_size", CLIP_VISION_DEFAULT_WIDTH)),
+        }
+    )
+    return out
+
+
+def _hf_rename(name: str) -> str | None:
+    for pat, repl in _HF_RENAMES:
+        if pat.match(name):
+            return pat.sub(repl, name)
+    return name
+
+
+def normalize(ckpt: Checkpoint) -> Checkpoint:
+    """llava-hf -> a view under the liuhaotian names and config keys; liuhaotian checkpoints pass unchanged."""
+    if not _is_hf(ckpt.config):
+        return ckpt
+    return ckpt.renamed(_hf_rename, hf_config(ckpt.config))
+
+
+def projector_tensors(projector: str) -> list[ProjTensor]:
+    if projector != "mlp":
+        raise MvlmError(f"no projector mapping for {projector!r} in the LLaVA family")
+    out = []
+    for i in (0, 2):
+        for part, kind in (("weight", "matrix"), ("bias", "vector")):
+            out.append(ProjTensor(f"model.mm_projector.{i}.{part}", f"{_MM.format(bid=i)}.{part}", kind))
+    return out
