@@ -49,6 +49,14 @@ def bench_cmd(
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON (llama-bench-compatible fields)."),
     markdown_out: Path | None = typer.Option(None, "--markdown", help="Write the report as Markdown (papers' layout)."),
     csv_out: Path | None = typer.Option(None, "--csv", help="Write one CSV row per repetition."),
+    save: bool = typer.Option(False, "--save/--no-save", help="Store every repetition in the benchmark history."),
+    db: Path | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
+    label: str = typer.Option("", "--label", help="Free-form label stored with the measurement (e.g. main, pr-42)."),
+    baseline: str | None = typer.Option(None, "--baseline", help="Compare with this history selector (latest, "
+                                        "label:main, id:N, ...) or `mvlm bench --json` file."),
+    fail_on_regression: str | None = typer.Option(
+        None, "--fail-on-regression", help="With --baseline: exit 4 when a gated metric is slower by more than this "
+                                           "(e.g. 5%) and the repetitions support it (docs/ci.md)."),
 ) -> None:
     """Run the papers' latency protocols on a device and report Sample / Eval_prompt / Eval / Total (+ VE, Eval_avg).
 
@@ -109,9 +117,16 @@ def bench_cmd(
         f = res.failures[0]
         if json_out and res.runs:
             err.print(f"[dim]{len(res.runs)} completed repetition(s) kept in {json_out}[/]")
-        err.print(f"[dim]{f.output_tail[-1500:]}[/]", markup=False, highlight=False)
-        raise MvlmError(f"{protocol} run {f.repetition + 1} on {profile.name} failed: {f.message} "
-                        "(output tail above)", exit_code=3)
+        from rich.text import Text
+
+        tail = f.output_tail[-1500:].strip() or "(no output: llama.cpp can exit before its async logger flushes)"
+        err.print(Text(tail, style="dim"))
+        which = "the warm-up run" if f.repetition < 0 else f"run {f.repetition + 1}"
+        raise MvlmError(f"{protocol} {which} on {profile.name} failed: {f.message} (output tail above)", exit_code=3)
+    if save or baseline or fail_on_regression:
+        from mvlm_bench.history_cli import bench_history
+
+        bench_history(res, save=save, db=db, label=label, baseline=baseline, fail_on_regression=fail_on_regression)
 
 
 def devices_cmd(

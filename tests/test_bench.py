@@ -1,0 +1,252 @@
+"""`mvlm bench` end to end: the real host runtime on real GGUFs, over local, a real sshd, and the adb test double.
+
+The only non-real seam is the `adb` executable (tests/peers.py: AdbDouble), because no phone is attached here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from peers import AdbDouble, SshServer, _free_port
+
+from mvlm_bench import bench
+from mvlm_bench.devices import profile_from_dict
+
+MVLM = [sys.executable, "-m", "mvlm_bench.cli"]
+pytestmark = pytest.mark.slow
+
+
+def mvlm(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*MVLM, *map(str, args)], capture_output=True, text=True, errors="replace", timeout=timeout,
+                          env={**os.environ, **(env or {}), "COLUMNS": "200"})
+
+
+def local_profile(tmp_path: Path, name: str = "testlocal", **extra) -> Path:
+    lines = [f'name = "{name}"', 'transport = "local"', f'workdir = "{tmp_path / "device"}"', 'target = "host"',
+             "threads = 2"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    p = tmp_path / f"{name}.toml"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory, host_runtime) -> tuple[Path, Path]:
+    from mvlm_convert.convert import convert
+    from mvlm_convert.tiny import make_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("bench")
+    res = convert(make_tiny_checkpoint(d / "ckpt", variant="v2"), d / "out", outtype="f16", name="TinyV2", progress=False)
+    return res.lm.path, res.mmproj.path
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_local_lm_end_to_end_and_second_push_is_empty(tmp_path, tiny_vlm):
+    lm, _ = tiny_vlm
+    prof = local_profile(tmp_path)
+    out = tmp_path / "r"
+    r = mvlm("bench", "--device", prof, "--protocol", "lm", "--model", lm, "-n", 24, "--repeat", 2,
+             "--json", out / "r.json", "--markdown", out / "r.md", "--csv", out / "r.csv")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Eval" in r.stdout and "Total" in r.stdout
+    recs = json.loads((out / "r.json").read_text())
+    rec = recs[0] if isinstance(recs, list) else recs
+    blob = json.dumps(rec)
+    assert _sha(lm) in blob  # model hash in the record
+    assert "0c1e570" in blob and "0001-clip-cls-first" in blob  # runtime build and patches
+    assert "testlocal" in blob
+    assert (out / "r.md").read_text().startswith("|")
+    assert len((out / "r.csv").read_text().strip().splitlines()) == 1 + 2  # header + one row per repetition
+    # content addressing: nothing changed -> nothing pushed
+    r2 = mvlm("bench", "--device", prof, "--protocol", "lm", "--model", lm, "-n", 8, "--repeat", 1, "--warmup", 0)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "pushed 0 bytes" in r2.stderr
+
+
+def test_run_bench_records_requested_tokens(tmp_path, tiny_vlm):
+    lm, mmproj = tiny_vlm
+    prof = profile_from_dict({"transport": "local", "workdir": str(tmp_path / "dev"), "target": "host", "threads": 2},
+                             where="test", default_name="t")
+    res = bench.run_bench(prof, bench.BenchSpec("lm", lm, repeat=2, warmup=0, n_predict=20))
+    assert not res.failures and len(res.runs) == 2
+    for run in res.runs:
+        t = run.timing
+        assert t.eval_runs == 19  # llama-completion decodes n-1 of the n tokens it generates
+        assert t.prompt_tokens and t.prompt_tokens > 5 and t.eval_ms > 0 and t.prompt_eval_ms > 0
+        assert run.wall_s and run.wall_s > t.eval_ms / 1000
+    vres = bench.run_bench(prof, bench.BenchSpec("vlm", lm, mmproj=mmproj, repeat=1, warmup=0, n_predict=8))
+    assert not vres.failures, vres.failures
+    t = vres.runs[0].timing
+    assert t.vision_encode_ms and t.vision_encode_ms > 0
+    assert t.image_tokens == 144  # LDPv2: 24x24 CLIP patches pooled to 12x12
+
+
+def test_real_smollm2_lm_protocol(tmp_path, smollm2_gguf, host_runtime):
+    prof = local_profile(tmp_path)
+    r = mvlm("bench", "--device", prof, "--protocol", "lm", "--model", smollm2_gguf, "-n", 32, "--repeat", 1,
+             "--json", tmp_path / "s.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SmolLM2" in r.stdout
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert "q4_1" in json.dumps(data).lower()
+
+
+def test_llama_bench_protocol(tmp_path, tiny_vlm):
+    lm, _ = tiny_vlm
+    prof = profile_from_dict({"transport": "local", "workdir": str(tmp_path / "dev"), "target": "host", "threads": 2},
+                             where="test", default_name="t")
+    res = bench.run_bench(prof, bench.BenchSpec("llama-bench", lm, repeat=1, n_predict=8))
+    assert not res.failures, res.failures
+    gens = {(row.get("n_prompt"), row.get("n_gen")) for row in res.llama_bench_rows}
+    assert {(64, 0), (128, 0), (0, 8)} <= gens
+
+
+# --- failures: one clear line, exit != 0, completed repetitions kept -------------------------------------------
+def test_crash_keeps_output_tail(tmp_path):
+    bad = tmp_path / "Broken-F16.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)  # header then garbage: llama.cpp refuses to load
+    r = mvlm("bench", "--device", local_profile(tmp_path), "--protocol", "lm", "--model", bad, "--repeat", 1)
+    assert r.returncode == 3
+    assert "the warm-up run on testlocal failed: exited with status 1" in r.stderr
+    # (llama.cpp's async logger sometimes exits before flushing, so its own error text is not always in the tail)
+
+
+def test_timeout(tmp_path, smollm2_gguf):
+    r = mvlm("bench", "--device", local_profile(tmp_path), "--protocol", "lm", "--model", smollm2_gguf, "-n", 400,
+             "--repeat", 1, "--warmup", 0, "--timeout", 0.3)
+    assert r.returncode == 3 and "timed out after" in r.stderr
+
+
+def test_later_failure_keeps_completed_repetitions(tmp_path, tiny_vlm):
+    """A device-side wrapper that lets two runs through and then crashes (SIGSEGV-like exit) on the third."""
+    lm, _ = tiny_vlm
+    counter = tmp_path / "count"
+    flaky = tmp_path / "flaky.sh"
+    flaky.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        n=$(cat {counter} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {counter}
+        if [ "$n" -ge 3 ]; then echo "Segmentation fault" >&2; kill -SEGV $$; fi
+        exec "$@"
+        """))
+    flaky.chmod(0o755)
+    prof = local_profile(tmp_path, exec_wrapper=[str(flaky)])
+    out = tmp_path / "k.json"
+    r = mvlm("bench", "--device", prof, "--protocol", "lm", "--model", lm, "-n", 8, "--repeat", 3, "--warmup", 0,
+             "--json", out)
+    assert r.returncode == 3 and "signal" in r.stderr
+    data = json.loads(out.read_text())
+    runs = data[0]["runs"] if isinstance(data, list) else data["runs"]
+    assert len(runs) == 2
+
+
+def test_missing_runtime_for_target_says_how_to_build(tmp_path, tiny_vlm):
+    lm, _ = tiny_vlm
+    prof = tmp_path / "o.toml"
+    prof.write_text(f'transport = "local"\nworkdir = "{tmp_path}/d"\ntarget = "orin"\n')
+    r = mvlm("bench", "--device", prof, "--protocol", "lm", "--model", lm)
+    assert r.returncode == 2
+    assert "mvlm runtime build --target orin" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_ssh_device(tmp_path, tiny_vlm):
+    lm, _ = tiny_vlm
+    port = _free_port()
+    r = mvlm("bench", "--device", f"ssh://nobody@127.0.0.1:{port}", "--protocol", "lm", "--model", lm)
+    assert r.returncode != 0 and "error:" in r.stderr
+
+
+# --- real sshd on 127.0.0.1 and the adb test double ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    server = SshServer(tmp_path_factory.mktemp("sshd"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_ssh_end_to_end(sshd, tmp_path, tiny_vlm):
+    lm, mmproj = tiny_vlm
+    prof = sshd.profile(str(tmp_path / "remote"), target="host", threads=2)
+    res = bench.run_bench(prof, bench.BenchSpec("vlm", lm, mmproj=mmproj, repeat=1, warmup=0, n_predict=8))
+    assert not res.failures, res.failures
+    assert res.pushed_bytes > lm.stat().st_size
+    assert res.runs[0].timing.image_tokens == 144 and res.runs[0].wall_s is None  # link time is not the device's
+    again = bench.run_bench(prof, bench.BenchSpec("vlm", lm, mmproj=mmproj, repeat=1, warmup=0, n_predict=8))
+    assert again.pushed_bytes == 0
+
+
+def test_adb_end_to_end_and_device_gone(tmp_path, tiny_vlm, monkeypatch):
+    lm, _ = tiny_vlm
+    adb = AdbDouble(tmp_path, monkeypatch)
+    adb.add("EMU123")
+    prof = profile_from_dict({"transport": "adb", "address": "EMU123", "workdir": "/data/local/tmp/mvlm", "target": "host",
+                              "threads": 2}, where="test", default_name="phone")
+    res = bench.run_bench(prof, bench.BenchSpec("lm", lm, repeat=1, warmup=0, n_predict=8))
+    assert not res.failures, res.failures
+    assert res.runs[0].timing.eval_runs == 7
+    from mvlm_convert.errors import MvlmError
+
+    adb.add("GONE1", vanish_after_bytes=1000)
+    gone = profile_from_dict({"transport": "adb", "address": "GONE1", "workdir": "/data/local/tmp/mvlm", "target": "host"},
+                             where="test", default_name="gone")
+    with pytest.raises(MvlmError, match="GONE1"):
+        bench.run_bench(gone, bench.BenchSpec("lm", lm, repeat=1, warmup=0, n_predict=8))
+
+
+# --- native build on a device over ssh (real sshd; a stand-in llama.cpp tree keeps it seconds) ----------------------
+def test_runtime_build_on_device_over_ssh(sshd, tmp_path, monkeypatch):
+    """`mvlm runtime build --device` packs the patched source, builds it on the device with the target's CMake
+    arguments and pulls the binaries back. The source is a stand-in CMake project with llama.cpp's layout (the
+    defective llava.cpp, so patch 0001 really applies) whose tools are trivial C programs; the target is
+    linux-arm64 with Debian's cross compiler, so the 'device' build is a real cross build, in seconds."""
+    from mvlm_bench import runtime as rt
+    from mvlm_bench.remote_build import build_on_device
+
+    monkeypatch.setenv("MVLM_CACHE", str(tmp_path / "cache"))
+    all_patches = rt.project_patches
+    src = tmp_path / "fake-llama"
+    llava = src / "tools" / "mtmd" / "models" / "llava.cpp"
+    llava.parent.mkdir(parents=True)
+    snippet = [
+        "    ggml_tensor * inp = build_inp();",
+        "",
+        "    // concat class_embeddings and patch_embeddings",
+        "    if (model.class_embedding) {",
+        "        inp = ggml_concat(ctx0, inp, model.class_embedding, 1);",
+        "    }",
+        "",
+        "    ggml_tensor * positions = ggml_new_tensor_1d(ctx0, GGML_TYPE_I32, n_pos);",
+    ]
+    llava.write_text("// fake\n" * 30 + "\n".join(snippet) + "\n" + "// end\n" * 5)
+    # the other patches touch files this stand-in tree does not have
+    monkeypatch.setattr(rt, "project_patches", lambda: [p for p in all_patches() if p.name.startswith("0001")])
+    (src / "main.c").write_text('#include <stdio.h>\nint main(void){puts("fake tool");return 0;}\n')
+    exes = "\n".join(f"add_executable({b} main.c)" for b in rt.BINARIES)
+    (src / "CMakeLists.txt").write_text(f"cmake_minimum_required(VERSION 3.16)\nproject(fake C)\n"
+                                        f"set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${{CMAKE_BINARY_DIR}}/bin)\n{exes}\n")
+    prof_file = tmp_path / "board.toml"
+    p = sshd.profile(str(tmp_path / "board"), target="linux-arm64")
+    prof_file.write_text(
+        f'transport = "ssh"\naddress = "{p.address}"\nworkdir = "{tmp_path / "board"}"\ntarget = "linux-arm64"\n'
+        f'[ssh]\nidentity_file = "{p.ssh.identity_file}"\nknown_hosts = "{p.ssh.known_hosts}"\nconfig_file = "/dev/null"\n'
+    )
+    root, manifest = build_on_device(str(prof_file), "linux-arm64", llama_cpp=src, jobs=2)
+    assert manifest["built_on"] == "board" and manifest["patches"][0]["status"] == "applied"
+    for b in rt.BINARIES:
+        exe = root / "bin" / b
+        assert exe.is_file()
+        assert exe.read_bytes()[:4] == b"\x7fELF" and exe.read_bytes()[18] == 183  # e_machine = EM_AARCH64
+    # second time: cached, nothing rebuilt
+    root2, _ = build_on_device(str(prof_file), "linux-arm64", llama_cpp=src, jobs=2)
+    assert root2 == root
