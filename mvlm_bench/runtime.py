@@ -43,7 +43,8 @@ LLAMA_CPP_COMMIT = "0c1e570"  # upstream ggml-org/llama.cpp commit vendored by t
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
 TARGETS = ("host", "linux-arm64", "android-arm64", "orin")
-BINARIES = ("llama-completion", "llama-mtmd-cli", "llama-bench", "llama-quantize", "llama-perplexity")
+# mvlm-dump comes from patch 0002: raw token ids / logits / image embeddings, so `mvlm verify` runs on any build
+BINARIES = ("llama-completion", "llama-mtmd-cli", "llama-bench", "llama-quantize", "llama-perplexity", "mvlm-dump")
 # Bump when the build recipe changes in a way that changes the output (it is part of every cache key).
 RECIPE_VERSION = 1
 
@@ -345,6 +346,24 @@ class Runtime:
 ProgressFn = Callable[[int, int, str], None]  # (done, total, line)
 
 
+def prepare_source(bdir: Path, source: Source, patches: list[Patch], log: Callable[[str], None] = lambda s: None) -> list:
+    """``bdir/src``: a copy of the source with the patches applied (once per build dir); returns the patch statuses."""
+    srcdir = bdir / "src"
+    if not (bdir / "src.ok").is_file():
+        shutil.rmtree(srcdir, ignore_errors=True)
+        bdir.mkdir(parents=True, exist_ok=True)
+        log(f"copying {source.description} and applying {len(patches)} patch(es)")
+        root = str(source.path)
+
+        def top_level_skips(d: str, names: list[str]) -> set[str]:
+            return {n for n in names if n in _SKIP_DIRS or n == ".mvlm-source.json"} if d == root else set()
+
+        shutil.copytree(source.path, srcdir, symlinks=True, ignore=top_level_skips)
+        applied = apply_patches(srcdir, patches)
+        (bdir / "src.ok").write_text(json.dumps(applied))
+    return json.loads((bdir / "src.ok").read_text())
+
+
 def build(
     opts: BuildOptions,
     llama_cpp: Path | None = None,
@@ -372,18 +391,7 @@ def build(
             return Runtime(inst, json.loads((inst / "manifest.json").read_text()), cached=True)
         t0 = time.monotonic()
         srcdir, builddir, logpath = bdir / "src", bdir / "build", bdir / "build.log"
-        if not (bdir / "src.ok").is_file():
-            shutil.rmtree(srcdir, ignore_errors=True)
-            log(f"copying {source.description} and applying {len(patches)} patch(es)")
-            root = str(source.path)
-
-            def top_level_skips(d: str, names: list[str]) -> set[str]:
-                return {n for n in names if n in _SKIP_DIRS or n == ".mvlm-source.json"} if d == root else set()
-
-            shutil.copytree(source.path, srcdir, symlinks=True, ignore=top_level_skips)
-            applied = apply_patches(srcdir, patches)
-            (bdir / "src.ok").write_text(json.dumps(applied))
-        applied = json.loads((bdir / "src.ok").read_text())
+        applied = prepare_source(bdir, source, patches, log)
         log(f"toolchain: {note}")
         jobs = opts.jobs or os.cpu_count() or 2
         with open(logpath, "w") as logf:

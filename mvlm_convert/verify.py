@@ -10,7 +10,9 @@ where llama.cpp uses its own image embeddings — the end-to-end path a user run
 
 The llama.cpp side runs through a *runtime* backend. "host" uses llama-cpp-python's bindings in this process,
 pointed at the project's patched build (``mvlm_bench.runtime.use_runtime``) before ``llama_cpp`` is imported.
-Other backends (e.g. an arm64 build under qemu) can be registered in ``RUNTIMES``.
+"linux-arm64" / "android-arm64" run the target's ``mvlm-dump`` tool (patch 0002) as a process, through
+``qemu-aarch64-static`` on a non-arm64 machine: the bindings cannot load a foreign build, the tool needs no bindings.
+"host-bin" runs the host build's ``mvlm-dump`` the same way (no wrapper); its arrays equal the bindings' bit for bit.
 """
 
 from __future__ import annotations
@@ -291,7 +293,143 @@ class HostRuntime:
             llm.close()
 
 
-RUNTIMES: dict[str, type] = {"host": HostRuntime}
+class BinaryRuntime:
+    """A built runtime's ``mvlm-dump`` (patch 0002) run as a process, optionally through an exec wrapper (qemu-user).
+
+    Same settings as HostRuntime (n_ctx, n_batch = n_ubatch = n_ctx, flash attention off, KV type, no GPU, the
+    mmproj loaded with mtmd's defaults, no warm-up), so the two backends return the same arrays up to the target's
+    own kernels. Inputs and outputs travel as raw files in a temporary directory.
+    """
+
+    MEDIA_MARKER = "<__media__>"  # mtmd_default_marker() at the pinned commit; the tool reports its own, checked
+
+    def __init__(self, target: str = "linux-arm64", exec_wrapper: list[str] | None = None,
+                 n_threads: int | None = None, n_ctx: int = 1024, timeout: float = 900.0):
+        import os
+
+        from mvlm_bench import runtime as rtmod
+        from mvlm_bench.crosscheck import exec_wrapper_for
+
+        self.target = target
+        self.rt = rtmod.find(target)
+        self.exe = self.rt.exe("mvlm-dump")
+        if not self.exe.is_file():
+            raise MvlmError(f"the {target} runtime at {self.rt.root} has no mvlm-dump (built before patch 0002): "
+                            f"run `mvlm runtime build --target {target}`")
+        self.wrapper = list(exec_wrapper) if exec_wrapper is not None else exec_wrapper_for(target)
+        self.name = f"{target} (mvlm-dump" + (f" under {Path(self.wrapper[0]).name})" if self.wrapper else ")")
+        self.n_threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
+        self.n_ctx = n_ctx
+        self.timeout = timeout
+
+    def _run(self, gguf_path: Path, args: list[str], mmproj_path: Path | None = None) -> dict[str, Any]:
+        import json
+        import subprocess
+
+        if not Path(gguf_path).is_file():
+            raise MvlmError(f"GGUF not found: {gguf_path}")
+        if mmproj_path is not None and not Path(mmproj_path).is_file():
+            raise MvlmError(f"mmproj GGUF not found: {mmproj_path}")
+        argv = [*self.wrapper, str(self.exe), "-m", str(gguf_path), "-t", str(self.n_threads), "-c", str(self.n_ctx)]
+        if mmproj_path is not None:
+            argv += ["--mmproj", str(mmproj_path)]
+        try:
+            r = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=self.timeout, errors="replace")
+        except subprocess.TimeoutExpired as e:
+            raise MvlmError(f"mvlm-dump ({self.name}) ran past {self.timeout:.0f} s: use a smaller model") from e
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("MVLM_DUMP ")]
+        if r.returncode != 0 or not lines:
+            tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-10:])
+            raise MvlmError(f"mvlm-dump ({self.name}) failed with status {r.returncode}", detail=tail)
+        info = json.loads(lines[-1][len("MVLM_DUMP "):])
+        if info.get("media_marker") != self.MEDIA_MARKER:
+            raise MvlmError(f"mvlm-dump uses media marker {info.get('media_marker')!r}, expected {self.MEDIA_MARKER!r}")
+        return info
+
+    @staticmethod
+    def _read(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
+        arr = np.fromfile(path, dtype=dtype)
+        if arr.size != int(np.prod(shape)):
+            raise MvlmError(f"mvlm-dump wrote {arr.size} values to {path.name}, expected {shape}")
+        return arr.reshape(shape)
+
+    def tokenize(self, gguf_path: Path, text: str) -> list[int]:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mvlm-dump-") as td:
+            d = Path(td)
+            (d / "text.txt").write_bytes(text.encode("utf-8"))
+            info = self._run(gguf_path, ["--tokenize", str(d / "text.txt"), "--tokens-out", str(d / "tokens.i32")])
+            return [int(t) for t in self._read(d / "tokens.i32", np.int32, (info["n_tokens"],))]
+
+    def logits(self, gguf_path: Path, tokens: list[int], kv_cache: str = "f32") -> np.ndarray:
+        import tempfile
+
+        if kv_cache not in KV_CACHE_TYPES:
+            raise MvlmError(f"kv cache type {kv_cache!r} not supported: choose {', '.join(KV_CACHE_TYPES)}")
+        with tempfile.TemporaryDirectory(prefix="mvlm-dump-") as td:
+            d = Path(td)
+            np.asarray(tokens, np.int32).tofile(d / "tokens.i32")
+            info = self._run(gguf_path, ["--kv", kv_cache, "--tokens", str(d / "tokens.i32"),
+                                         "--logits-out", str(d / "logits.f32")])
+            return self._read(d / "logits.f32", np.float32, (len(tokens), info["n_vocab"])).copy()
+
+    def _image_args(self, d: Path, rgb: np.ndarray) -> list[str]:
+        rgb = np.ascontiguousarray(rgb, np.uint8)
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise MvlmError(f"image must be an RGB array [H, W, 3], got shape {list(rgb.shape)}")
+        rgb.tofile(d / "image.rgb")
+        return ["--rgb", str(d / "image.rgb"), "--nx", str(rgb.shape[1]), "--ny", str(rgb.shape[0])]
+
+    def image_embedding(self, mmproj_path: Path, gguf_path: Path, rgb: np.ndarray) -> np.ndarray:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mvlm-dump-") as td:
+            d = Path(td)
+            info = self._run(gguf_path, [*self._image_args(d, rgb), "--embd-out", str(d / "embd.f32")], mmproj_path)
+            return self._read(d / "embd.f32", np.float32, (info["n_image_tokens"], info["n_embd"])).copy()
+
+    def multimodal(self, mmproj_path: Path, gguf_path: Path, rgb: np.ndarray, prompt: str,
+                   kv_cache: str = "f32") -> MultimodalRun:
+        import tempfile
+
+        if kv_cache not in KV_CACHE_TYPES:
+            raise MvlmError(f"kv cache type {kv_cache!r} not supported: choose {', '.join(KV_CACHE_TYPES)}")
+        with tempfile.TemporaryDirectory(prefix="mvlm-dump-") as td:
+            d = Path(td)
+            (d / "prompt.txt").write_bytes(prompt.replace("<image>", self.MEDIA_MARKER).encode("utf-8"))
+            info = self._run(gguf_path, [*self._image_args(d, rgb), "--kv", kv_cache, "--embd-out", str(d / "embd.f32"),
+                                         "--prompt-file", str(d / "prompt.txt"),
+                                         "--mm-logits-out", str(d / "last.f32")], mmproj_path)
+            embd = self._read(d / "embd.f32", np.float32, (info["n_image_tokens"], info["n_embd"])).copy()
+            last = self._read(d / "last.f32", np.float32, (info["n_vocab"],)).copy()
+            return MultimodalRun([int(t) for t in info["mm_before"]], int(info["mm_n_image_tokens"]),
+                                 [int(t) for t in info["mm_after"]], last, embd)
+
+
+class Arm64QemuRuntime(BinaryRuntime):
+    """The static linux-arm64 build, run here through qemu-aarch64-static (natively on an arm64 machine)."""
+
+    def __init__(self, **kw):
+        super().__init__("linux-arm64", **kw)
+
+
+class Android64Runtime(BinaryRuntime):
+    """The android-arm64 build (static; without an NDK the same Debian cross build), through qemu here."""
+
+    def __init__(self, **kw):
+        super().__init__("android-arm64", **kw)
+
+
+class HostBinaryRuntime(BinaryRuntime):
+    """The host build's mvlm-dump as a process: checks the tool path against the bindings on one machine."""
+
+    def __init__(self, **kw):
+        super().__init__("host", exec_wrapper=[], **kw)
+
+
+RUNTIMES: dict[str, type] = {"host": HostRuntime, "host-bin": HostBinaryRuntime, "linux-arm64": Arm64QemuRuntime,
+                             "android-arm64": Android64Runtime}
 _runtime_cache: dict[str, Runtime] = {}
 
 

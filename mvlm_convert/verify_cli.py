@@ -81,7 +81,10 @@ def verify_cmd(
                                                    "image-embedding matrix.")] = DEFAULT_IMAGE_THRESHOLD,
     logits_threshold: Annotated[float, typer.Option("--logits-threshold", help="Max relative L2 error of the "
                                                     "logits on the fixed prompt.")] = DEFAULT_LOGITS_THRESHOLD,
-    runtime: Annotated[str, typer.Option("--runtime", help=f"llama.cpp runtime to test: {', '.join(RUNTIMES)}.")]
+    runtime: Annotated[str, typer.Option("--runtime", help=f"llama.cpp runtime to test: {', '.join(RUNTIMES)}. "
+                                         "host: the host build through llama-cpp-python; host-bin, linux-arm64, "
+                                         "android-arm64: that build's mvlm-dump tool as a process (arm64 through "
+                                         "qemu-aarch64-static on other CPUs).")]
     = "host",
     kv_cache: Annotated[str, typer.Option("--kv-cache", help="llama.cpp KV-cache type for the logits check: f32 "
                                           "isolates the GGUF; f16 is llama.cpp's default at run time.")] = "f32",

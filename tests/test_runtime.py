@@ -125,9 +125,13 @@ def _tree(tmp_path: Path, a: str, b: str) -> Path:
     return d
 
 
+def _cls_patch() -> list[rt.Patch]:
+    return [p for p in rt.project_patches() if p.name == "0001-clip-cls-first"]
+
+
 def test_cls_patch_applies_to_the_defective_source(tmp_path):
     d = _tree(tmp_path, "inp", "model.class_embedding")
-    status = rt.apply_patches(d, rt.project_patches())
+    status = rt.apply_patches(d, _cls_patch())
     assert [s["status"] for s in status] == ["applied"]
     assert "ggml_concat(ctx0, model.class_embedding, inp, 1)" in (d / "tools/mtmd/models/llava.cpp").read_text()
 
@@ -135,7 +139,7 @@ def test_cls_patch_applies_to_the_defective_source(tmp_path):
 def test_cls_patch_already_in_source_is_skipped(tmp_path):
     d = _tree(tmp_path, "model.class_embedding", "inp")
     before = (d / "tools/mtmd/models/llava.cpp").read_text()
-    status = rt.apply_patches(d, rt.project_patches())
+    status = rt.apply_patches(d, _cls_patch())
     assert [s["status"] for s in status] == ["already in source"]
     assert (d / "tools/mtmd/models/llava.cpp").read_text() == before
 
@@ -143,13 +147,19 @@ def test_cls_patch_already_in_source_is_skipped(tmp_path):
 def test_patch_that_does_not_apply_names_itself(tmp_path):
     d = _tree(tmp_path, "something_else", "entirely")
     with pytest.raises(MvlmError, match="0001-clip-cls-first does not apply"):
-        rt.apply_patches(d, rt.project_patches())
+        rt.apply_patches(d, _cls_patch())
 
 
 def test_every_patch_has_a_header_explaining_it():
+    """Each patch says what it changes and why, and where upstream stands (docs/runtime.md lists them too)."""
+    names = [p.name for p in rt.project_patches()]
+    assert names[0] == "0001-clip-cls-first" and names == sorted(names)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "runtime.md").read_text()
     for p in rt.project_patches():
         head = p.path.read_text().split("\n--- ", 1)[0]
-        assert "Defect:" in head and len(head.splitlines()) >= 3, p.name
+        assert head.startswith(f"mvlm patch {p.name[:4]}"), p.name
+        assert "Upstream:" in head and len(head.splitlines()) >= 3, p.name
+        assert p.name in docs, f"{p.name} is not described in docs/runtime.md"
 
 
 def test_find_without_a_build_tells_the_command(tmp_path, monkeypatch):
@@ -168,8 +178,8 @@ def test_user_source_must_be_llama_cpp(tmp_path):
 def test_host_runtime_is_built_patched_and_runs(host_runtime):
     man = json.loads((host_runtime / "manifest.json").read_text())
     assert man["target"] == "host" and man["commit"] == rt.LLAMA_CPP_COMMIT
-    assert [p["name"] for p in man["patches"]] == ["0001-clip-cls-first"]
-    assert man["patches"][0]["status"] == "applied"  # the pinned source has the defect
+    assert [p["name"] for p in man["patches"]] == [p.name for p in rt.project_patches()]
+    assert all(p["status"] == "applied" for p in man["patches"])  # the pinned source has the defect, lacks the rest
     for b in rt.BINARIES:
         assert (host_runtime / "bin" / b).is_file()
     assert (host_runtime / "lib" / "libllama.so").exists() and (host_runtime / "lib" / "libmtmd.so").exists()
