@@ -14,9 +14,8 @@ from typing import Any
 
 from mvlm_convert.checkpoint import open_checkpoint
 from mvlm_convert.errors import MvlmError
-from mvlm_convert.families import detect_family, normalize
+from mvlm_convert.families import detect_family, normalize, prepare_lm
 from mvlm_convert.gguf_stream import OUTTYPES, FileSummary, PreparedGGUF, Progress, TensorPlan, check_writable
-from mvlm_convert.lm_gguf import prepare_lm_gguf
 from mvlm_convert.mmproj_gguf import prepare_mmproj_gguf
 
 FTYPE_LABELS = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
@@ -141,7 +140,7 @@ def convert(
     if info.projector is not None:
         # Vision side first: its failures (no tower, wrong grid, missing projector tensors) are the likely ones.
         mm = prepare_mmproj_gguf(ckpt, info.projector, outtype, the_name, vt)
-    lm = prepare_lm_gguf(ckpt, outtype, the_name)
+    lm = prepare_lm(info, ckpt, outtype, the_name)  # the family's LM writer (LLaMA unless it brings one)
     prepared.append((lm_path, lm))
     if info.projector is not None:
         prepared.append((mmproj_path, mm))

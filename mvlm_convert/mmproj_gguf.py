@@ -24,7 +24,7 @@ import torch
 
 from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
 from mvlm_convert.errors import MvlmError
-from mvlm_convert.families import projector_tensors
+from mvlm_convert.families import detect_family, projector_tensors
 from mvlm_convert.families.mobilevlm import CLIP_PREFIX_IN_CHECKPOINT, vision_select_layer, vision_tower_dir
 from mvlm_convert.gguf_stream import FILE_TYPES, QT, FileSummary, PreparedGGUF, Progress, TensorPlan, matrix_type
 
@@ -52,6 +52,8 @@ class ClipSource:
     image_mean: list[float]
     image_std: list[float]
     origin: str  # human-readable: "checkpoint copy" or the CLIP directory
+    siglip: bool = False  # SigLIP-style tower: no class embedding, no pre-layernorm, patch-embedding bias
+    n_layer_full: int = 0  # layers of the tower as trained, when the file holds fewer (Imp cuts it); 0 = n_layer
 
 
 def _vision_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -163,16 +165,22 @@ def _layer_metadata(clip: ClipSource, select: int) -> tuple[int, list[int] | Non
     hidden_states index), which that same function honours by running k layers.
     """
     n = clip.n_layer
-    k = select if select >= 0 else n + 1 + select
+    # A tower stored already cut (Imp deletes the unused last layers before saving) counts from its full depth.
+    full = clip.n_layer_full or n
+    k = select if select >= 0 else full + 1 + select
     if not 0 < k <= n:
         raise MvlmError(f"mm_vision_select_layer {select} is out of range for a {n}-layer vision tower")
     return n, (None if k == n - 1 else [k])
 
 
-def clip_required(prefix: str, n_layer: int) -> list[str]:
-    """The CLIP tensors a MobileVLM image encoder needs (OpenAI CLIP: biases everywhere but the patch conv)."""
-    names = [prefix + "embeddings.class_embedding", prefix + "embeddings.patch_embedding.weight"]
-    names += [prefix + "embeddings.position_embedding.weight", prefix + "pre_layrnorm.weight", prefix + "pre_layrnorm.bias"]
+def clip_required(prefix: str, n_layer: int, siglip: bool = False) -> list[str]:
+    """The tensors an image encoder needs: OpenAI CLIP (class embedding, pre-LN, no patch bias) or SigLIP (patch
+    bias instead of both)."""
+    names = [prefix + "embeddings.patch_embedding.weight", prefix + "embeddings.position_embedding.weight"]
+    if siglip:
+        names.append(prefix + "embeddings.patch_embedding.bias")
+    else:
+        names += [prefix + "embeddings.class_embedding", prefix + "pre_layrnorm.weight", prefix + "pre_layrnorm.bias"]
     for i in range(n_layer):
         for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                      "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):  # fmt: skip
@@ -181,7 +189,7 @@ def clip_required(prefix: str, n_layer: int) -> list[str]:
 
 
 def _clip_plans(clip: ClipSource, outtype: str) -> list[TensorPlan]:
-    clip.reader.require(clip_required(clip.prefix, clip.n_layer), "vision-tower tensors")
+    clip.reader.require(clip_required(clip.prefix, clip.n_layer, clip.siglip), "vision-tower tensors")
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, clip.n_layer)
     # clip.cpp swaps ffn_up/ffn_down back for files from the legacy converter when ffn_down's input width equals
     # n_embd. With the correct names that test is false unless ffn == hidden; then write the legacy (swapped) names
@@ -260,8 +268,13 @@ def prepare_mmproj_gguf(
     ckpt: Checkpoint, projector: str, outtype: str, name: str, vision_tower: Path | None = None
 ) -> PreparedGGUF:
     """Find and validate the vision tower and projector; plan every tensor (metadata only, no tensor data)."""
-    # MobileVLM V1 and LLaVA-1.5 reload CLIP from mm_vision_tower at inference; V2 / Xmodel use the checkpoint copy.
-    clip = resolve_clip(ckpt, vision_tower, prefer_copy=projector not in ("ldp", "mlp"))
+    # A family may find its own tower (Imp: SigLIP); else MobileVLM V1 and LLaVA-1.5 reload CLIP from
+    # mm_vision_tower at inference, V2 / Xmodel use the checkpoint copy.
+    resolver = getattr(detect_family(ckpt.config).module, "resolve_vision", None)
+    if resolver is not None:
+        clip = resolver(ckpt, vision_tower)
+    else:
+        clip = resolve_clip(ckpt, vision_tower, prefer_copy=projector not in ("ldp", "mlp"))
     grid = clip.image_size // clip.patch_size
     if projector in ("ldp", "ldpv2") and (grid != LDP_GRID or clip.image_size % clip.patch_size):
         raise MvlmError(
@@ -294,7 +307,8 @@ def prepare_mmproj_gguf(
     w = gguf.GGUFWriter(path=None, arch="clip")
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_name(name)
-    w.add_description(f"image encoder: CLIP ({clip.origin}) + {projector.upper()} projector")
+    tower = "SigLIP" if clip.siglip else "CLIP"
+    w.add_description(f"image encoder: {tower} ({clip.origin}) + {projector.upper()} projector")
     w.add_file_type(FILE_TYPES[outtype])
     if outtype == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -314,8 +328,9 @@ def prepare_mmproj_gguf(
     w.add_float32(KV.ClipVision.Attention.LAYERNORM_EPS, clip.eps)
     w.add_array(KV.ClipVision.IMAGE_MEAN, clip.image_mean)
     w.add_array(KV.ClipVision.IMAGE_STD, clip.image_std)
-    # OpenAI CLIP uses quick_gelu (clip.cpp's default when use_gelu is false); "gelu" selects ggml's GELU.
-    w.add_bool(KV.ClipVision.USE_GELU, clip.hidden_act == "gelu")
+    # OpenAI CLIP uses quick_gelu (clip.cpp's default when use_gelu is false); "gelu" selects ggml's GELU (the tanh
+    # form, exactly SigLIP's gelu_pytorch_tanh).
+    w.add_bool(KV.ClipVision.USE_GELU, clip.hidden_act in ("gelu", "gelu_pytorch_tanh", "gelu_new"))
 
     metadata = {
         "arch": "clip",

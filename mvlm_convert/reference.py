@@ -493,6 +493,8 @@ def load_vision(checkpoint_dir: Path, vision_tower: Path | None = None) -> Visio
     ptype = config.get("mm_projector_type")
     if not ptype:
         raise MvlmError(f"{checkpoint_dir}/config.json has no mm_projector_type: not a vision-language checkpoint")
+    if is_imp(config):
+        return load_siglip_vision(checkpoint_dir, config, reader, vision_tower)
     src = resolve_vision_source(checkpoint_dir, config, reader, vision_tower)
     clip_cfg = _clip_config_from_weights(src)
     clip_cfg._attn_implementation = "eager"
@@ -623,6 +625,8 @@ def load_lm(checkpoint_dir: Path):
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)
     reader = StateReader(checkpoint_dir)
+    if is_imp(config):
+        return load_phi2(config, reader, checkpoint_dir)
     cfg = llama_config(config)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -650,3 +654,118 @@ def lm_logits(model, token_ids: list[int], inputs_embeds: torch.Tensor | None = 
     else:
         out = model(input_ids=torch.tensor([token_ids], dtype=torch.long), use_cache=False)
     return out.logits[0].float().numpy()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Imp v1: Phi-2 LM (transformers PhiForCausalLM) + SigLIP tower (transformers SiglipVisionModel)
+# --------------------------------------------------------------------------------------------------------------
+
+IMP_SIGLIP_MEAN = (0.5, 0.5, 0.5)  # ImpImageProcessor defaults
+IMP_SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def is_imp(config: dict) -> bool:
+    return config.get("model_type") == "imp" or "ImpForCausalLM" in (config.get("architectures") or [])
+
+
+def load_phi2(config: dict, reader: StateReader, checkpoint_dir: Path):
+    """transformers PhiForCausalLM in float32 from Imp's config keys; weights loaded by name."""
+    from transformers import PhiConfig, PhiForCausalLM
+    from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
+
+    cfg = PhiConfig(
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=int(config["hidden_size"]),
+        intermediate_size=int(config["intermediate_size"]),
+        num_hidden_layers=int(config["num_hidden_layers"]),
+        num_attention_heads=int(config["num_attention_heads"]),
+        num_key_value_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+        partial_rotary_factor=float(config.get("partial_rotary_factor", 0.5)),
+        rope_theta=float(config.get("rope_theta", 10000.0)),
+        layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
+        hidden_act=str(config.get("hidden_act", "gelu_new")),
+        max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+        resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, qk_layernorm=False, tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = PhiForCausalLM(cfg)
+    expected = list(model.state_dict())
+    missing = [k for k in expected if k not in reader]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise MvlmError(f"{len(missing)} Phi-2 tensors missing from {checkpoint_dir}: {shown}")
+    model.load_state_dict({k: reader.get(k) for k in expected}, strict=True, assign=True)
+    model.model.rotary_emb = PhiRotaryEmbedding(cfg)
+    return model.eval().float()
+
+
+def load_siglip_vision(checkpoint_dir: Path, config: dict, reader: StateReader,
+                       vision_tower: Path | None = None) -> VisionReference:
+    """Imp's vision path: SigLIP cut as Imp cuts it (layers after mm_vision_select_layer deleted), last hidden
+    state without post-LN, no CLS to drop; then the mlp2x_gelu projector."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    if vision_tower is not None:
+        reader = StateReader(Path(vision_tower))
+        prefix = "vision_model."
+        raw = json.loads((Path(vision_tower) / "config.json").read_text())
+        vcfg = raw.get("vision_config", raw)
+    else:
+        prefix = VISION_COPY_PREFIX + "vision_model."
+        vcfg = config.get("vision_tower_config") or {}
+        vcfg = vcfg.get("vision_config", vcfg)
+    names = reader.names()
+    patch_w = reader.get(prefix + "embeddings.patch_embedding.weight")
+    n_pos = reader.get(prefix + "embeddings.position_embedding.weight").shape[0]
+    stored = len({int(m.group(1)) for n in names if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", n))})
+    hidden, patch = patch_w.shape[0], patch_w.shape[-1]
+    grid = math.isqrt(n_pos)
+    select = int(config.get("mm_vision_select_layer", -2))
+    full = int(vcfg.get("num_hidden_layers") or 0)
+    kept = (full + 1 + select if select < 0 else select) if full else stored  # Imp: del layers[select + 1:]
+    if not 0 < kept <= stored:
+        raise MvlmError(f"SigLIP: {kept} layers needed but {stored} stored in {checkpoint_dir}")
+    heads = int(vcfg.get("num_attention_heads") or next((hidden // d for d in (72, 64) if hidden % d == 0), 0))
+    if not heads:
+        raise MvlmError("SigLIP head count unknown: add vision_tower_config or pass --vision-tower")
+    scfg = SiglipVisionConfig(
+        hidden_size=hidden, intermediate_size=reader.get(prefix + "encoder.layers.0.mlp.fc1.weight").shape[0],
+        num_hidden_layers=kept, num_attention_heads=heads, num_channels=3,
+        image_size=int(vcfg.get("image_size") or grid * patch), patch_size=patch,
+        hidden_act=str(vcfg.get("hidden_act", "gelu_pytorch_tanh")),
+        layer_norm_eps=float(vcfg.get("layer_norm_eps", 1e-6)), vision_use_head=False,
+    )
+    scfg._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = SiglipVisionModel(scfg)
+    vm = getattr(model, "vision_model", model)
+    mp = "vision_model." if vm is not model else ""
+    state = {}
+    for k in model.state_dict():
+        rel = k[len(mp):] if mp and k.startswith(mp) else k
+        if rel.startswith("post_layernorm.") or rel.endswith("position_ids"):
+            continue
+        state[k] = reader.get(prefix + rel)
+    model.load_state_dict(state, strict=False, assign=True)
+    emb = vm.embeddings
+    emb.register_buffer("position_ids", torch.arange(emb.num_positions)[None], persistent=False)
+    vm.post_layernorm.weight = torch.nn.Parameter(torch.ones(hidden))  # unused: features are taken before it
+    vm.post_layernorm.bias = torch.nn.Parameter(torch.zeros(hidden))
+    model.eval().float()
+    return VisionReference(
+        clip=model, projector_type=str(config.get("mm_projector_type", "mlp2x_gelu")),
+        projector_get=StateReader(checkpoint_dir).get if vision_tower is not None else reader.get,
+        image_size=scfg.image_size, mean=IMP_SIGLIP_MEAN, std=IMP_SIGLIP_STD, select_layer=-1,
+        select_feature="full", origin=str(vision_tower or f"{checkpoint_dir} ({VISION_COPY_PREFIX}*)"),
+    )
+
+
+def squash_image(img, size: int) -> np.ndarray:
+    """Imp v1's ImpImageProcessor: bicubic resize straight to size x size (aspect ratio not kept, no padding)."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8).copy()

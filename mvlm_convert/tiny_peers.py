@@ -181,3 +181,142 @@ def make_tiny_xmodel(outdir: str | Path, factor: int = 4, projector_type: str = 
     save_weights(sd, out, weights)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+# --- Imp (imp-v1-3b layout: Phi-2 + SigLIP-384 + mlp2x_gelu) ------------------------------------------------------
+IMP_LM = {"hidden": 128, "layers": 2, "heads": 4, "ffn": 512, "rotary": 0.4}
+# SigLIP: 72-wide heads like so400m, image 384 / patch 14 -> 27x27 = 729 tokens; 3 layers as trained, 2 stored
+# (Imp deletes the layers after mm_vision_select_layer = -2 before saving).
+IMP_SIGLIP = {"hidden": 144, "heads": 2, "ffn": 240, "layers": 3, "image": 384, "patch": 14}
+IMP_BPE_VOCAB = 400
+IMP_EOT = "<|endoftext|>"
+
+
+def train_bpe_tokenizer(out: Path, vocab_size: int = IMP_BPE_VOCAB, seed: int = 0) -> int:
+    """A GPT-2-style byte-level BPE tokenizer.json trained here (``tokenizers``), ``<|endoftext|>`` = id 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mvlm_convert.tiny import _corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[IMP_EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(seed), trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CodeGenTokenizer", "bos_token": IMP_EOT, "eos_token": IMP_EOT, "unk_token": IMP_EOT,
+         "add_bos_token": False, "model_max_length": 2048}))
+    return tok.get_vocab_size()
+
+
+def _phi2_state_dict(init: _Init, vocab: int) -> dict[str, torch.Tensor]:
+    d, f = IMP_LM["hidden"], IMP_LM["ffn"]
+    sd = {"model.embed_tokens.weight": init.normal(vocab, d, std=0.5)}
+    for i in range(IMP_LM["layers"]):
+        p = f"model.layers.{i}."
+        for proj, (o, n) in {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, d), "self_attn.v_proj": (d, d),
+                             "self_attn.dense": (d, d), "mlp.fc1": (f, d), "mlp.fc2": (d, f)}.items():
+            sd[f"{p}{proj}.weight"] = init.linear(o, n)
+            sd[f"{p}{proj}.bias"] = init.normal(o, std=0.1)
+        sd[p + "input_layernorm.weight"] = init.norm_weight(d)
+        sd[p + "input_layernorm.bias"] = init.normal(d, std=0.1)
+    sd["model.final_layernorm.weight"] = init.norm_weight(d)
+    sd["model.final_layernorm.bias"] = init.normal(d, std=0.1)
+    sd["lm_head.weight"] = init.linear(vocab, d)
+    sd["lm_head.bias"] = init.normal(vocab, std=0.1)
+    return sd
+
+
+def _siglip_state_dict(init: _Init, prefix: str, n_layers: int) -> dict[str, torch.Tensor]:
+    c, f, p = IMP_SIGLIP["hidden"], IMP_SIGLIP["ffn"], IMP_SIGLIP["patch"]
+    n_pos = (IMP_SIGLIP["image"] // p) ** 2
+    sd = {
+        prefix + "embeddings.patch_embedding.weight": init.normal(c, 3, p, p, std=1.0 / (3 * p * p) ** 0.5),
+        prefix + "embeddings.patch_embedding.bias": init.normal(c, std=0.1),
+        prefix + "embeddings.position_embedding.weight": init.normal(n_pos, c, std=0.5),
+    }
+    for i in range(n_layers):
+        q = f"{prefix}encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            sd[f"{q}self_attn.{proj}.weight"] = init.linear(c, c)
+            sd[f"{q}self_attn.{proj}.bias"] = init.normal(c, std=0.1)
+        for ln in ("layer_norm1", "layer_norm2"):
+            sd[f"{q}{ln}.weight"] = init.norm_weight(c)
+            sd[f"{q}{ln}.bias"] = init.normal(c, std=0.1)
+        sd[q + "mlp.fc1.weight"] = init.linear(f, c)
+        sd[q + "mlp.fc1.bias"] = init.normal(f, std=0.1)
+        sd[q + "mlp.fc2.weight"] = init.linear(c, f)
+        sd[q + "mlp.fc2.bias"] = init.normal(c, std=0.1)
+    sd[prefix + "post_layernorm.weight"] = init.norm_weight(c)  # kept by Imp (only the head is dropped), unused
+    sd[prefix + "post_layernorm.bias"] = init.normal(c, std=0.1)
+    return sd
+
+
+def make_tiny_imp(outdir: str | Path, weights: str = "safetensors", dtype: torch.dtype = torch.float16,
+                  seed: int = 0, stored_layers: int | None = None, with_tower_config: bool = True) -> Path:
+    """A tiny imp-v1-3b-layout checkpoint: PhiForCausalLM names + BPE tokenizer.json, SigLIP copy (no CLS, patch
+    bias) cut after mm_vision_select_layer like Imp saves it (``stored_layers`` overrides), mlp2x_gelu projector."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_tok = train_bpe_tokenizer(out, seed=seed)
+    vocab = (n_tok + 63) // 64 * 64  # padded like Phi-2's 51200 rows for 50295 tokens
+    init = _Init(seed, dtype)
+    sd = _phi2_state_dict(init, vocab)
+    stored = IMP_SIGLIP["layers"] - 1 if stored_layers is None else stored_layers
+    sd.update(_siglip_state_dict(init, "model.vision_tower.vision_tower.vision_model.", stored))
+    sd.update(_mlp_projector_to(init, IMP_LM["hidden"], IMP_SIGLIP["hidden"]))
+    config: dict[str, object] = {
+        "_name_or_path": "mvlm-tiny/imp-v1-tiny",
+        "architectures": ["ImpForCausalLM"],
+        "model_type": "imp",
+        "vocab_size": vocab,
+        "hidden_size": IMP_LM["hidden"],
+        "intermediate_size": IMP_LM["ffn"],
+        "num_hidden_layers": IMP_LM["layers"],
+        "num_attention_heads": IMP_LM["heads"],
+        "num_key_value_heads": IMP_LM["heads"],
+        "partial_rotary_factor": IMP_LM["rotary"],
+        "rope_theta": 10000.0,
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "gelu_new",
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "torch_dtype": str(dtype).replace("torch.", ""),
+        "image_aspect_ratio": "square",
+        "image_token": "<image>",
+        "mm_hidden_size": IMP_SIGLIP["hidden"],
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": "google/siglip-so400m-patch14-384",
+    }
+    if with_tower_config:
+        config["vision_tower_config"] = {
+            "model_type": "siglip_vision_model",
+            "hidden_size": IMP_SIGLIP["hidden"],
+            "intermediate_size": IMP_SIGLIP["ffn"],
+            "num_attention_heads": IMP_SIGLIP["heads"],
+            "num_hidden_layers": IMP_SIGLIP["layers"],
+            "image_size": IMP_SIGLIP["image"],
+            "patch_size": IMP_SIGLIP["patch"],
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+        }
+    save_weights(sd, out, weights)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def _mlp_projector_to(init: _Init, d: int, d_in: int) -> dict[str, torch.Tensor]:
+    return {
+        "model.mm_projector.0.weight": init.linear(d, d_in),
+        "model.mm_projector.0.bias": init.normal(d, std=0.1),
+        "model.mm_projector.2.weight": init.linear(d, d),
+        "model.mm_projector.2.bias": init.normal(d, std=0.1),
+    }

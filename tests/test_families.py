@@ -52,14 +52,6 @@ def test_detection_of_each_peer():
     assert detect_family({"architectures": ["MobileLlamaForCausalLM"], "mm_projector_type": "ldpnetv2"}).projector == "ldpv2"
 
 
-def test_imp_is_recognised_and_refused_in_one_line():
-    imp = {"architectures": ["ImpForCausalLM"], "model_type": "imp", "mm_projector_type": "mlp2x_gelu"}
-    with pytest.raises(MvlmError) as e:
-        detect_family(imp)
-    msg = str(e.value)
-    assert "Imp" in msg and "not supported" in msg and "\n" not in msg
-
-
 def test_llava_linear_projector_refused():
     cfg = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "mm_projector_type": "mlp3x_gelu"}
     with pytest.raises(MvlmError, match="mlp3x_gelu"):

@@ -82,7 +82,9 @@ def test_llama_completion_counts(host_runtime: Path, smollm2_gguf: Path, extra: 
     # the paper's Total (loading included) rebuilt from llama.cpp's numbers vs the process's wall time
     m = run_metrics(Run(rec, RunContext(), tokens_out=N_PREDICT))
     assert m["total_source"] == "llama.cpp total + load"
-    assert 0.75 * wall[0] <= m["total_s"] <= wall[0], (m["total_s"], wall[0])
+    # (no timing ratio here: on a fast machine process start-up and teardown are a large share of a 16-token run)
+    assert m["total_s"] == pytest.approx((rec.total_ms + rec.load_ms) / 1000, rel=1e-9)
+    assert m["total_s"] <= wall[0], (m["total_s"], wall[0])
 
 
 def test_llama_perplexity_prompt_only(host_runtime: Path, smollm2_gguf: Path, tmp_path: Path):

@@ -57,6 +57,16 @@ def normalize(info: FamilyInfo, ckpt: Any) -> Any:
     return fn(ckpt) if fn is not None else ckpt
 
 
+def prepare_lm(info: FamilyInfo, ckpt: Any, outtype: str, name: str) -> Any:
+    """The family's LM writer (``prepare_lm``, e.g. Imp's Phi-2) or the LLaMA one (mvlm_convert.lm_gguf)."""
+    fn = getattr(info.module, "prepare_lm", None)
+    if fn is None:
+        from mvlm_convert.lm_gguf import prepare_lm_gguf
+
+        fn = prepare_lm_gguf
+    return fn(ckpt, outtype, name)
+
+
 def detect_family(config: dict[str, Any]) -> FamilyInfo:
     """The family that claims this config; MvlmError naming what is supported otherwise."""
     proj = config.get("mm_projector_type")
@@ -69,5 +79,5 @@ def detect_family(config: dict[str, Any]) -> FamilyInfo:
     raise MvlmError(
         f"unsupported model: architectures={archs} model_type={config.get('model_type')!r}; "
         "supported: MobileVLM V1/V2 (ldpnet/ldpnetv2), MobileLLaMA (LLaMA LMs), LLaVA-1.5 (mlp2x_gelu, liuhaotian "
-        "and llava-hf layouts), Xmodel-VLM (xdpnet)"
+        "and llava-hf layouts), Xmodel-VLM (xdpnet), Imp v1 (Phi-2 + SigLIP)"
     )

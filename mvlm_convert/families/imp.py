@@ -1,29 +1,158 @@
-"""Imp (MILVLG): imp-v1-3b = Phi-2 + SigLIP-so400m-patch14-384 (729 tokens) + ``mlp2x_gelu``; Imp-v1.5 uses
-Qwen1.5 (2B) / Phi-3 (4B). Recognised so that it is not mistaken for LLaVA (same projector type), but not converted
-yet: it needs a Phi-2/Qwen2/Phi-3 LM writer and a SigLIP mmproj (no CLS, GELU, no pre-LN, 27x27 grid).
+"""Imp (MILVLG): imp-v1-3b = Phi-2 + SigLIP-so400m-patch14-384 (27x27 = 729 tokens) + ``mlp2x_gelu``.
+
+Facts (MILVLG/imp code: imp_llava/model/multimodal_encoder/clip_encoder.py, image_processing_imp.py; the HF
+release's config keys; the pinned llama.cpp tools/mtmd):
+- config: ``ImpForCausalLM`` / ``model_type: imp``, PhiConfig keys (``partial_rotary_factor`` 0.4,
+  ``layer_norm_eps``), ``mm_projector_type: mlp2x_gelu``, ``mm_vision_tower: google/siglip-so400m-patch14-384``,
+  ``mm_vision_select_layer: -2``, ``mm_hidden_size`` 1152; optionally ``vision_tower_config`` (SiglipVisionConfig).
+- LM: transformers' PhiForCausalLM names (see mvlm_convert.lm_phi2) -> llama.cpp arch ``phi2``.
+- vision: SigLIP copy under ``model.vision_tower.vision_tower.vision_model.*``: patch conv *with* bias, no class
+  embedding, no pre-layernorm, ``gelu_pytorch_tanh``, LayerNorm eps 1e-6, heads of 72 (so400m: 1152 / 16). Imp
+  deletes the encoder layers after ``mm_vision_select_layer`` and the pooling head before saving, then takes the
+  last remaining hidden state (no post-LN): with -2, layers 0..n_full-2 run. The file may therefore hold
+  n_full - 1 layers; the layers to run are counted from the tower's full depth (``vision_tower_config`` or a
+  ``--vision-tower`` SigLIP directory), and with neither at hand the stored copy is taken as already cut.
+- projector ``model.mm_projector.{0,2}`` = LLaVA's ``mlp`` (mm.0 / mm.2), GELU between (ggml: tanh form).
+- image: ImpImageProcessor squashes to 384x384 (bicubic, no aspect padding), mean = std = 0.5.
+Imp-v1.5 (Qwen1.5 ``imp_qwen2`` / Phi-3 ``imp_phi3``) needs Qwen2 / Phi-3 LM writers: refused in one line.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
+from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
 from mvlm_convert.errors import MvlmError
 from mvlm_convert.families import FamilyInfo
 
 NAME = "imp"
-PROJECTOR_TYPES: list[str] = []
-GGUF_PROJECTORS: set[str] = set()
+PROJECTOR_TYPES: list[str] = []  # mlp2x_gelu is LLaVA's entry; Imp is told apart by architecture / model_type
+GGUF_PROJECTORS: set[str] = set()  # writes LLaVA's "mlp"
 ARCHS = {"ImpForCausalLM", "ImpQwen2ForCausalLM", "ImpPhi3ForCausalLM"}
 MODEL_TYPES = {"imp", "imp_qwen2", "imp_phi3"}
+V1_ARCH, V1_TYPE = "ImpForCausalLM", "imp"
+SIGLIP_PREFIX = "model.vision_tower.vision_tower.vision_model."
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_STD = [0.5, 0.5, 0.5]
+SIGLIP_EPS = 1e-6
+SO400M_HEAD_DIM = 72  # so400m: 1152 / 16; the base/large SigLIPs use 64-wide heads
 
 
 def matches(config: dict[str, Any]) -> bool:
     return bool(set(config.get("architectures") or []) & ARCHS) or config.get("model_type") in MODEL_TYPES
 
 
+def _is_v1(config: dict[str, Any]) -> bool:
+    """imp-v1 (Phi-2); the v1.5 Qwen1.5 / Phi-3 variants have their own architectures and model types."""
+    v15_archs = ARCHS - {V1_ARCH}
+    v15_types = MODEL_TYPES - {V1_TYPE}
+    return not (set(config.get("architectures") or []) & v15_archs) and config.get("model_type") not in v15_types
+
+
 def describe(config: dict[str, Any]) -> FamilyInfo:
     archs = ",".join(config.get("architectures") or []) or config.get("model_type")
-    raise MvlmError(
-        f"Imp ({archs}) is recognised but not supported yet: its Phi-2/Qwen1.5/Phi-3 LM writer and SigLIP mmproj "
-        "are missing in mvlm convert"
+    if not _is_v1(config):
+        raise MvlmError(
+            f"Imp ({archs}) is recognised but not supported yet: Imp-v1.5 needs a Qwen1.5/Phi-3 LM writer, missing in "
+            "mvlm convert (imp-v1-3b, Phi-2, is supported)"
+        )
+    proj = str(config.get("mm_projector_type", "mlp2x_gelu"))
+    if proj != "mlp2x_gelu":
+        raise MvlmError(f"Imp mm_projector_type {proj!r} is not supported; llama.cpp's mlp projector is mlp2x_gelu")
+    if config.get("mm_vision_select_feature", "patch") != "patch":
+        raise MvlmError("Imp mm_vision_select_feature other than 'patch' is not supported (SigLIP has no CLS)")
+    return FamilyInfo(family=NAME, variant="v1", projector="mlp", module=sys.modules[__name__])
+
+
+def siglip_heads(width: int) -> int | None:
+    """Head count from the width alone (no config at hand): so400m's 72-wide heads, else the usual 64."""
+    for head_dim in (SO400M_HEAD_DIM, 64):
+        if width % head_dim == 0:
+            return width // head_dim
+    return None
+
+
+def prepare_lm(ckpt: Checkpoint, outtype: str, name: str):
+    """The LM writer for Imp v1: Phi-2 (llama.cpp arch ``phi2``)."""
+    from mvlm_convert.lm_phi2 import prepare_phi2_gguf
+
+    return prepare_phi2_gguf(ckpt, outtype, name)
+
+
+def _siglip_config(ckpt: Checkpoint, tower_dir: Path | None) -> dict[str, Any]:
+    if tower_dir is not None:
+        try:
+            raw = json.loads((tower_dir / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise MvlmError(f"--vision-tower {tower_dir}: cannot read config.json ({e})") from e
+        return raw.get("vision_config", raw) if isinstance(raw.get("vision_config"), dict) else raw
+    vtc = ckpt.config.get("vision_tower_config")
+    if isinstance(vtc, dict):
+        return vtc.get("vision_config", vtc) if isinstance(vtc.get("vision_config"), dict) else vtc
+    return {}
+
+
+def resolve_vision(ckpt: Checkpoint, vision_tower: Path | None):
+    """The SigLIP tower as a ClipSource: the checkpoint copy, or ``--vision-tower`` (a SigLIP HF directory)."""
+    from mvlm_convert.mmproj_gguf import ClipSource, _count_layers
+
+    if vision_tower is not None:
+        if not (vision_tower / "config.json").is_file():
+            raise MvlmError(f"--vision-tower {vision_tower}: no config.json; give a local SigLIP (HF) directory")
+        reader, prefix, origin = open_checkpoint(vision_tower), "vision_model.", str(vision_tower)
+    else:
+        reader, prefix, origin = ckpt, SIGLIP_PREFIX, "checkpoint copy (model.vision_tower.*)"
+    if f"{prefix}embeddings.patch_embedding.weight" not in reader:
+        raise MvlmError(
+            f"no SigLIP tower: {origin} has no {prefix}* tensors; pass --vision-tower DIR "
+            "(a download of google/siglip-so400m-patch14-384)"
+        )
+    if f"{prefix}embeddings.class_embedding" in reader:
+        raise MvlmError(f"{origin}: the vision tower has a class embedding; Imp's SigLIP tower has none")
+    cfg = _siglip_config(ckpt, vision_tower)
+    reader.require([f"{prefix}embeddings.position_embedding.weight", f"{prefix}encoder.layers.0.mlp.fc1.weight"],
+                   "SigLIP tensors")
+    hidden, _, p, _ = reader.shape(f"{prefix}embeddings.patch_embedding.weight")
+    n_pos = reader.shape(f"{prefix}embeddings.position_embedding.weight")[0]
+    grid = round(n_pos**0.5)
+    if grid * grid != n_pos:
+        raise MvlmError(f"{origin}: {n_pos} position embeddings are not a square patch grid (SigLIP has no CLS)")
+    n_layer = _count_layers(reader, prefix)
+    heads = cfg.get("num_attention_heads") or siglip_heads(hidden)
+    if not heads:
+        raise MvlmError(f"{origin}: cannot tell the SigLIP head count from the weights (width {hidden}); add "
+                        "vision_tower_config to config.json or pass --vision-tower DIR")
+    image_size = int(cfg.get("image_size") or grid * p)
+    if image_size // p != grid or int(cfg.get("patch_size") or p) != p:  # 384 // 14 = 27: the conv drops 6 px
+        raise MvlmError(f"{origin}: SigLIP config (image {image_size}, patch {cfg.get('patch_size')}) does not match "
+                        f"its weights ({n_pos} positions, {p}x{p} patches)")
+    full = int(cfg.get("num_hidden_layers") or 0)
+    if vision_tower is None and not full:
+        # Imp saves the tower already cut at mm_vision_select_layer: everything stored runs.
+        select = int(ckpt.config.get("mm_vision_select_layer", -2))
+        full = n_layer - 1 - select if select < 0 else 0
+    if full and full < n_layer:
+        raise MvlmError(f"{origin}: {n_layer} encoder layers stored but the SigLIP config says {full}")
+    if hidden % int(heads):
+        raise MvlmError(f"{origin}: SigLIP width {hidden} is not a multiple of {heads} heads")
+    return ClipSource(
+        reader=reader,
+        prefix=prefix,
+        hidden=hidden,
+        ffn=reader.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0],
+        n_layer=n_layer,
+        n_head=int(heads),
+        image_size=image_size,
+        patch_size=p,
+        eps=float(cfg.get("layer_norm_eps", SIGLIP_EPS)),
+        hidden_act=str(cfg.get("hidden_act", "gelu_pytorch_tanh")),
+        projection_dim=0,
+        image_mean=list(SIGLIP_MEAN),
+        image_std=list(SIGLIP_STD),
+        origin=origin,
+        siglip=True,
+        n_layer_full=full,
     )

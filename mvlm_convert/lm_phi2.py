@@ -1,0 +1,185 @@
+"""Language-model GGUF (arch ``phi2``) for Imp v1 (Phi-2 LM), streamed tensor by tensor; GPT-2 BPE vocabulary.
+
+Facts (transformers' PhiForCausalLM, checked against the pinned llama.cpp src/models/phi2.cpp and gguf-py):
+- names: ``model.embed_tokens``, ``model.layers.N.{input_layernorm, self_attn.{q,k,v}_proj, self_attn.dense,
+  mlp.fc1, mlp.fc2}``, ``model.final_layernorm``, ``lm_head`` (weight *and* bias); every Linear and LayerNorm has a
+  bias. ``gguf.TensorNameMap(MODEL_ARCH.PHI2)`` maps them all; llama.cpp takes separate Q/K/V with biases.
+- block: one LayerNorm feeds attention and MLP in parallel (x + attn(ln(x)) + mlp(ln(x))); MLP act ``gelu_new``
+  (tanh GELU, what ggml's GELU computes); rotary on the first ``partial_rotary_factor * head_dim`` dims of each
+  head, rotate-half layout (llama.cpp's NEOX rope for phi2), so Q/K are written unpermuted and
+  ``rope.dimension_count`` = int(factor * head_dim) (HF: ``int(head_dim * partial_rotary_factor)``).
+- vocabulary: tokenizer.json (byte-level BPE) -> ``tokenizer.ggml.model = gpt2``, ``pre = phi-2`` (llama.cpp maps
+  it to the GPT-2 pre-tokenizer regex), tokens padded with ``[PADn]`` to the embedding rows (Phi-2: 50295 tokens,
+  51200 rows), merges via gguf.SpecialVocab; no BOS is added (Phi-2 does not use one).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from mvlm_convert.checkpoint import Checkpoint
+from mvlm_convert.errors import MvlmError
+from mvlm_convert.gguf_stream import FILE_TYPES, QT, PreparedGGUF, TensorPlan, matrix_type
+
+ARCH = gguf.MODEL_ARCH.PHI2
+NON_LM_PREFIXES = ("model.vision_tower.", "model.mm_projector.")
+TOKENIZER_PRE = "phi-2"
+
+
+@dataclass(frozen=True)
+class Phi2Hparams:
+    hidden_size: int
+    n_layer: int
+    n_head: int
+    ffn: int
+    vocab_size: int
+    eps: float
+    rope_theta: float
+    rot_dims: int
+    context_length: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_head
+
+
+def phi2_hparams(config: dict[str, Any]) -> Phi2Hparams:
+    """Phi-2 hyper-parameters from the HF keys (PhiConfig names; the old ``n_embd``/``n_head`` names as fallback)."""
+
+    def need(*keys: str) -> Any:
+        for k in keys:
+            if config.get(k) is not None:
+                return config[k]
+        raise MvlmError(f"config.json has no {keys[0]!r}; cannot describe the Phi-2 language model")
+
+    hidden = int(need("hidden_size", "n_embd"))
+    n_head = int(need("num_attention_heads", "n_head"))
+    if hidden % n_head:
+        raise MvlmError(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {n_head}")
+    n_kv = config.get("num_key_value_heads")
+    if n_kv is not None and int(n_kv) != n_head:
+        raise MvlmError(f"config.json: num_key_value_heads {n_kv} != {n_head}; Phi-2 has no grouped-query attention")
+    rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    factor = config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5))
+    theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+    return Phi2Hparams(
+        hidden_size=hidden,
+        n_layer=int(need("num_hidden_layers", "n_layer")),
+        n_head=n_head,
+        ffn=int(config.get("intermediate_size") or 4 * hidden),
+        vocab_size=int(need("vocab_size")),
+        eps=float(config.get("layer_norm_eps", config.get("layer_norm_epsilon", 1e-5))),
+        rope_theta=float(theta),
+        rot_dims=int(float(factor) * (hidden // n_head)),
+        context_length=int(config.get("max_position_embeddings", config.get("n_positions", 2048))),
+    )
+
+
+def phi2_required(hp: Phi2Hparams) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.final_layernorm.weight", "model.final_layernorm.bias",
+             "lm_head.weight", "lm_head.bias"]
+    for i in range(hp.n_layer):
+        p = f"model.layers.{i}."
+        for part in ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense",
+                     "mlp.fc1", "mlp.fc2"):  # fmt: skip
+            names += [f"{p}{part}.weight", f"{p}{part}.bias"]
+    return names
+
+
+def _bpe_tokens(tok_dir: Path, n_rows: int) -> tuple[list[str], list[int]]:
+    """Tokens by id from tokenizer.json (BPE vocab + added tokens), padded to ``n_rows``; added special = CONTROL."""
+    path = tok_dir / "tokenizer.json"
+    if not path.is_file():
+        raise MvlmError(f"{tok_dir}: no tokenizer.json; Phi-2 based checkpoints ship a byte-level BPE tokenizer.json")
+    try:
+        tj = json.loads(path.read_text(encoding="utf-8"))
+        model = tj["model"]
+        vocab: dict[str, int] = dict(model["vocab"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MvlmError(f"cannot read {path}: {e}") from e
+    if model.get("type", "BPE") != "BPE":
+        raise MvlmError(f"{path}: tokenizer model {model.get('type')!r}; the Phi-2 writer needs byte-level BPE")
+    by_id: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in vocab.items()}
+    for added in tj.get("added_tokens") or []:
+        ttype = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        by_id[int(added["id"])] = (str(added["content"]), ttype)
+    if not by_id:
+        raise MvlmError(f"{path}: empty vocabulary")
+    top = max(by_id)
+    if top >= n_rows:
+        raise MvlmError(f"tokenizer.json has token id {top} but the embedding has only {n_rows} rows")
+    tokens, types = [], []
+    for i in range(n_rows):
+        text, ttype = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
+        tokens.append(text)
+        types.append(int(ttype))
+    return tokens, types
+
+
+def add_bpe_vocab(writer: gguf.GGUFWriter, tok_dir: Path, n_rows: int, config: dict[str, Any]) -> dict[str, object]:
+    tokens, types = _bpe_tokens(tok_dir, n_rows)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(TOKENIZER_PRE)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.vocab.SpecialVocab(tok_dir, load_merges=True, n_vocab=len(tokens))
+    if not special.merges:
+        raise MvlmError(f"{tok_dir / 'tokenizer.json'}: no BPE merges found")
+    # config.json's ids win over tokenizer_config guesses (Phi-2: bos = eos = <|endoftext|>).
+    for key in ("bos", "eos", "pad"):
+        val = config.get(f"{key}_token_id")
+        if isinstance(val, int) and 0 <= val < len(tokens):
+            special.special_token_ids[key] = val
+    special.add_special_token["bos"] = False
+    special.add_to_gguf(writer, quiet=True)
+    return {"vocab_size": len(tokens), "n_merges": len(special.merges), "special_tokens": dict(special.special_token_ids)}
+
+
+def prepare_phi2_gguf(ckpt: Checkpoint, outtype: str, name: str) -> PreparedGGUF:
+    """Validate the Phi-2 part of the checkpoint and plan every tensor (metadata and tokenizer only)."""
+    hp = phi2_hparams(ckpt.config)
+    ckpt.require(phi2_required(hp), "Phi-2 language-model tensors")
+    rows = ckpt.shape("model.embed_tokens.weight")[0]
+    if rows != hp.vocab_size or ckpt.shape("lm_head.weight")[0] != rows:
+        raise MvlmError(f"model.embed_tokens / lm_head rows ({rows}) do not match config vocab_size {hp.vocab_size}")
+    for i in range(hp.n_layer):
+        q = ckpt.shape(f"model.layers.{i}.self_attn.q_proj.weight")
+        if q != (hp.hidden_size, hp.hidden_size):
+            raise MvlmError(f"layer {i}: q_proj shape {q} does not match hidden_size {hp.hidden_size}")
+    name_map = gguf.get_tensor_name_map(ARCH, hp.n_layer)
+    plans: list[TensorPlan] = []
+    for hf in ckpt.names():
+        if hf.startswith(NON_LM_PREFIXES) or hf.endswith((".rotary_emb.inv_freq", ".masked_bias", ".attn.bias")):
+            continue
+        gname = name_map.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise MvlmError(f"{ckpt.root}: unexpected language-model tensor {hf}; not a Phi-2 (PhiForCausalLM) layout?")
+        shape = ckpt.shape(hf)
+        qtype = QT.F32 if len(shape) == 1 or outtype == "f32" else matrix_type(outtype, shape)
+        plans.append(TensorPlan(gname, shape, qtype, (lambda h=hf: ckpt.get(h)), source=hf))
+
+    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[ARCH])
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_context_length(hp.context_length)
+    w.add_embedding_length(hp.hidden_size)
+    w.add_feed_forward_length(hp.ffn)
+    w.add_block_count(hp.n_layer)
+    w.add_head_count(hp.n_head)
+    w.add_head_count_kv(hp.n_head)
+    w.add_layer_norm_eps(hp.eps)
+    w.add_rope_dimension_count(hp.rot_dims)
+    w.add_rope_freq_base(hp.rope_theta)
+    w.add_vocab_size(hp.vocab_size)
+    w.add_file_type(FILE_TYPES[outtype])
+    if outtype == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    vocab_meta = add_bpe_vocab(w, ckpt.root, rows, ckpt.config)
+    metadata = {"arch": "phi2", "n_layer": hp.n_layer, "n_head": hp.n_head, "hidden_size": hp.hidden_size,
+                "head_dim": hp.head_dim, "rope_dims": hp.rot_dims, **vocab_meta}
+    return PreparedGGUF(w, plans, "language model", metadata, release=lambda p: ckpt.release(p.source))

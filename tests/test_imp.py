@@ -1,0 +1,205 @@
+"""Imp v1 (Phi-2 + SigLIP-384 + mlp2x_gelu): detection, conversion read back with gguf.GGUFReader, parity.
+
+Tiny checkpoints come from mvlm_convert.tiny_peers.make_tiny_imp (PhiForCausalLM names, a byte-level BPE
+tokenizer.json trained on the spot with ``tokenizers``, a SigLIP copy without CLS / pre-LN, cut after
+``mm_vision_select_layer`` as Imp saves it). Slow tests run ``verify`` against the host runtime (fixture host_runtime)
+and measure what Imp's squash preprocessing vs llama.cpp's padding does to a non-square image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from mvlm_convert import reference as ref
+from mvlm_convert.convert import convert
+from mvlm_convert.errors import MvlmError
+from mvlm_convert.families import detect_family
+from mvlm_convert.tiny_peers import IMP_LM, IMP_SIGLIP, make_tiny_imp
+
+F32_IMAGE_BAR = 2e-3
+F32_LOGITS_BAR = 1e-3  # ggml's CPU GELU is an f16 lookup table: ~3e-4 on the tiny Phi-2, more than LLaMA's SiLU
+
+
+def _field(reader: gguf.GGUFReader, key: str):
+    f = reader.get_field(key)
+    return None if f is None else f.contents()
+
+
+def _tensor(reader: gguf.GGUFReader, name: str) -> np.ndarray:
+    t = next(t for t in reader.tensors if t.name == name)
+    return np.asarray(t.data, np.float32).reshape([int(x) for x in reversed(t.shape)])
+
+
+def test_imp_v1_detected_and_v15_refused_in_one_line():
+    info = detect_family({"architectures": ["ImpForCausalLM"], "model_type": "imp", "mm_projector_type": "mlp2x_gelu"})
+    assert (info.family, info.variant, info.projector) == ("imp", "v1", "mlp")
+    for arch, mtype in (("ImpQwen2ForCausalLM", "imp_qwen2"), ("ImpPhi3ForCausalLM", "imp_phi3")):
+        with pytest.raises(MvlmError) as e:
+            detect_family({"architectures": [arch], "model_type": mtype, "mm_projector_type": "mlp2x_gelu"})
+        msg = str(e.value)
+        assert "Imp-v1.5" in msg and "Qwen1.5/Phi-3 LM writer" in msg and "\n" not in msg
+
+
+def test_imp_converts_to_phi2_and_siglip_mmproj(tmp_path):
+    from tokenizers import Tokenizer
+
+    ckpt = make_tiny_imp(tmp_path / "ckpt")
+    res = convert(ckpt, tmp_path / "out", outtype="f32", progress=False)
+    assert res.family == "imp"
+    lm = gguf.GGUFReader(str(res.lm.path))
+    src = ref.StateReader(ckpt)
+    assert _field(lm, "general.architecture") == "phi2"
+    head_dim = IMP_LM["hidden"] // IMP_LM["heads"]
+    assert _field(lm, "phi2.rope.dimension_count") == int(IMP_LM["rotary"] * head_dim)
+    assert math.isclose(_field(lm, "phi2.attention.layer_norm_epsilon"), 1e-5, rel_tol=1e-6)
+    assert _field(lm, "phi2.feed_forward_length") == IMP_LM["ffn"]
+    for gname, hf in (("output.bias", "lm_head.bias"), ("blk.1.attn_q.bias", "model.layers.1.self_attn.q_proj.bias"),
+                      ("blk.0.attn_output.weight", "model.layers.0.self_attn.dense.weight"),
+                      ("blk.0.ffn_up.weight", "model.layers.0.mlp.fc1.weight"),
+                      ("output_norm.bias", "model.final_layernorm.bias")):
+        assert np.array_equal(_tensor(lm, gname), src.get(hf).numpy()), gname
+    # vocabulary: the BPE tokens by id, padded to the embedding rows; merges; no BOS added
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    tokens = _field(lm, "tokenizer.ggml.tokens")
+    rows = src.get("model.embed_tokens.weight").shape[0]
+    assert _field(lm, "tokenizer.ggml.model") == "gpt2" and _field(lm, "tokenizer.ggml.pre") == "phi-2"
+    assert len(tokens) == rows > tok.get_vocab_size()
+    assert all(tokens[i] == t for t, i in tok.get_vocab().items())
+    assert tokens[-1] == f"[PAD{rows - 1}]"
+    merges = json.loads((ckpt / "tokenizer.json").read_text())["model"]["merges"]
+    got = _field(lm, "tokenizer.ggml.merges")
+    assert [m if isinstance(m, str) else " ".join(m) for m in merges] == got
+    assert _field(lm, "tokenizer.ggml.add_bos_token") is False
+    assert _field(lm, "tokenizer.ggml.eos_token_id") == tok.token_to_id("<|endoftext|>")
+
+    mm = gguf.GGUFReader(str(res.mmproj.path))
+    names = {t.name for t in mm.tensors}
+    assert "v.class_embd" not in names and not any(n.startswith("v.pre_ln") for n in names)
+    assert not any(n.startswith("v.post_ln") for n in names)
+    prefix = "model.vision_tower.vision_tower.vision_model."
+    assert np.array_equal(_tensor(mm, "v.patch_embd.bias"), src.get(prefix + "embeddings.patch_embedding.bias").numpy())
+    assert _tensor(mm, "v.position_embd.weight").shape == ((384 // 14) ** 2, IMP_SIGLIP["hidden"])
+    assert _field(mm, gguf.Keys.Clip.PROJECTOR_TYPE) == "mlp"
+    assert _field(mm, gguf.Keys.ClipVision.USE_GELU) is True
+    assert _field(mm, gguf.Keys.ClipVision.IMAGE_SIZE) == 384
+    assert _field(mm, gguf.Keys.ClipVision.Attention.HEAD_COUNT) == IMP_SIGLIP["heads"]
+    assert math.isclose(_field(mm, gguf.Keys.ClipVision.Attention.LAYERNORM_EPS), 1e-6, rel_tol=1e-5)
+    assert list(_field(mm, gguf.Keys.ClipVision.IMAGE_MEAN)) == [0.5] * 3
+    # the stored copy is already cut (2 of 3 layers): both run, which needs an explicit feature layer
+    assert _field(mm, gguf.Keys.ClipVision.BLOCK_COUNT) == IMP_SIGLIP["layers"] - 1
+    assert list(_field(mm, "clip.vision.feature_layer")) == [IMP_SIGLIP["layers"] - 1]
+    assert res.mmproj.metadata["image_tokens"] == 729
+
+
+@pytest.mark.parametrize(("stored", "tower_config", "run"), [(3, True, 2), (2, False, 2), (3, False, 3)])
+def test_imp_vision_layers_counted_from_the_full_tower(tmp_path, stored, tower_config, run):
+    """Full tower stored + config: n-1 run (no feature_layer key); no config: the stored copy is taken as cut."""
+    ckpt = make_tiny_imp(tmp_path / "ckpt", stored_layers=stored, with_tower_config=tower_config)
+    res = convert(ckpt, tmp_path / "out", outtype="f32", progress=False)
+    assert res.mmproj.metadata["vision_layers_run"] == run
+    mm = gguf.GGUFReader(str(res.mmproj.path))
+    fl = _field(mm, "clip.vision.feature_layer")
+    assert (fl is None) == (run == stored - 1)
+    assert ref.load_vision(ckpt).clip.config.num_hidden_layers == run  # the reference cuts the same way
+
+
+def test_imp_tower_config_smaller_than_the_stored_copy_is_refused(tmp_path):
+    ckpt = make_tiny_imp(tmp_path / "ckpt", stored_layers=3)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["vision_tower_config"]["num_hidden_layers"] = 2
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MvlmError, match="3 encoder layers stored") as e:
+        convert(ckpt, tmp_path / "out", progress=False)
+    assert "\n" not in str(e.value) and not list((tmp_path / "out").glob("*.gguf"))
+
+
+def test_reference_phi2_matches_transformers_from_pretrained(tmp_path):
+    """The reference's Phi-2 (built from Imp's keys, loaded by name) == PhiForCausalLM.from_pretrained on a copy."""
+    from safetensors.torch import load_file, save_file
+    from transformers import PhiConfig, PhiForCausalLM
+
+    ckpt = make_tiny_imp(tmp_path / "ckpt", dtype=torch.float32)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    phi_dir = tmp_path / "phi"
+    phi_dir.mkdir()
+    lm_keys = {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if not k.startswith(
+        ("model.vision_tower.", "model.mm_projector."))}
+    save_file(lm_keys, str(phi_dir / "model.safetensors"))
+    PhiConfig(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+              num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+              partial_rotary_factor=cfg["partial_rotary_factor"], layer_norm_eps=cfg["layer_norm_eps"]
+              ).save_pretrained(phi_dir)
+    theirs = PhiForCausalLM.from_pretrained(str(phi_dir), torch_dtype=torch.float32).eval()
+    ids = [5, 17, 42, 99, 3, 250, 7]
+    with torch.no_grad():
+        want = theirs(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = ref.lm_logits(ref.load_lm(ckpt), ids)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parity through the host runtime
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imp_f32(tmp_path_factory, host_runtime):
+    root = tmp_path_factory.mktemp("imp")
+    ckpt = make_tiny_imp(root / "ckpt")
+    return ckpt, convert(ckpt, root / "out", outtype="f32", progress=False)
+
+
+@pytest.mark.slow
+def test_imp_verify_f32_parity(imp_f32):
+    from mvlm_convert.verify import verify
+
+    ckpt, res = imp_f32
+    r = verify(ckpt, res.lm.path, res.mmproj.path)
+    print(f"\n[imp f32] image_rel_err={r['image_rel_err']:.3g} logits_rel_err={r['logits_rel_err']:.3g} "
+          f"mm_last={r.get('mm_last_logits_rel_err')}")
+    assert r["passed"], r["problems"]
+    assert r["n_image_tokens_ref"] == r["n_image_tokens_llama"] == 729
+    assert r["image_rel_err"] <= F32_IMAGE_BAR and r["image_min_cos"] > 0.9999
+    assert r["logits_rel_err"] <= F32_LOGITS_BAR and r["top1_agree"] == 1.0
+    assert r["mm_last_logits_rel_err"] <= 1e-2
+
+
+@pytest.mark.slow
+def test_imp_bpe_tokenization_matches_tokenizers(imp_f32):
+    from tokenizers import Tokenizer
+
+    from mvlm_convert.verify import get_runtime
+
+    ckpt, res = imp_f32
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    rt = get_runtime("host")
+    for text in ("What is in the picture?", "A chat between a curious user and an artificial intelligence assistant.",
+                 " USER: hello  world 1234\n ASSISTANT:", "Building a website can be done in 10 simple steps"):
+        assert rt.tokenize(res.lm.path, text) == tok.encode(text).ids, text
+
+
+@pytest.mark.slow
+def test_imp_squash_vs_llama_cpp_padding_on_a_non_square_image(imp_f32, tmp_path):
+    """Imp squashes 500x300 to 384x384; llama.cpp letterboxes. Same squashed bitmap: parity; raw file: deviation."""
+    from PIL import Image
+
+    from mvlm_convert.verify import get_runtime, rel_err
+
+    ckpt, res = imp_f32
+    wide = Image.fromarray(ref.synthetic_image(500)).resize((500, 300), Image.Resampling.BICUBIC)
+    raw = np.asarray(wide, dtype=np.uint8).copy()
+    vis = ref.load_vision(ckpt)
+    want = vis.embed(ref.squash_image(wide, 384))  # what Imp computes
+    rt = get_runtime("host")
+    same_input = rt.image_embedding(res.mmproj.path, res.lm.path, ref.squash_image(wide, 384))
+    own_preproc = rt.image_embedding(res.mmproj.path, res.lm.path, raw)  # llama.cpp pads + resizes itself
+    parity, deviation = rel_err(same_input, want), rel_err(own_preproc, want)
+    print(f"\n[imp 500x300] squashed bitmap to both: {parity:.3g}; llama.cpp's own preprocessing: {deviation:.3g}")
+    assert parity <= F32_IMAGE_BAR
+    assert deviation > 10 * parity  # the preprocessing difference is real and far above float error
