@@ -9,8 +9,8 @@ Protocols (MobileVLM / MobileVLM V2, see ../shared/DESIGN.md §6):
 - ``llama-bench``: llama.cpp's own pp/tg sweep, its JSON rows kept as they are.
 
 ``--jinja`` makes llama-mtmd-cli render the GGUF's own chat template (MobileVLM's "v1" format, written by
-``mvlm convert``); without it, the pinned llama-mtmd-cli falls back to a built-in template chosen by pattern matching
-(vicuna-like, without the system prompt the model was trained with).
+``mvlm convert``). mvlm's runtime renders the same without it (patch 0005); the flag keeps a stock llama.cpp build
+(``--llama-cpp DIR``) on the trained format too, where the built-in fallback would drop the system prompt.
 
 Both generating protocols pass ``--ignore-eos`` so every run produces exactly the requested number of tokens (a small
 or quantized model that stops early would otherwise report a different workload), and ``-lv 4`` because current

@@ -298,9 +298,10 @@ def test_chat_template_renders_mobilevlm_v1(tmp_path):
     # an explicit system message replaces the default
     sysmsg = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert tmpl.render(messages=sysmsg, add_generation_prompt=True) == "Be brief. USER: Hi ASSISTANT:"
-    # llama.cpp's non-Jinja fallback must recognise it (vicuna family) rather than refuse it
+    # llama.cpp's non-Jinja path recognises it by these strings (runtime patch 0005: built-in "vicuna-v1")
     t = fields["tokenizer.chat_template"]
     assert "USER: " in t and "ASSISTANT: " in t and "SYSTEM: " not in t and "<|im_start|>" not in t
+    assert "A chat between a curious user and an artificial intelligence assistant" in t
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -471,8 +472,7 @@ def test_llama_mtmd_cli_runs_without_chat_template_flag(tmp_path, host_runtime, 
         example = p.stderr[p.stderr.find("chat template example") :][:600]
         # llama.cpp formats a fixed example conversation (system "You are a helpful assistant", Hello / Hi there /
         # How are you?) with the file's template at start-up
-        if extra:  # Jinja: our template is rendered by llama.cpp's own engine -> exactly conv "v1"
-            want = "You are a helpful assistant USER: Hello ASSISTANT: Hi there</s>USER: How are you? ASSISTANT:"
-            assert want in example, example
-        else:  # no --jinja: the built-in fallback recognises it as vicuna rather than refusing it
-            assert "USER: Hello\nASSISTANT: Hi there</s>\nUSER: How are you?\nASSISTANT:" in example, example
+        # Jinja: our template rendered by llama.cpp's own engine; no --jinja: the runtime's built-in "vicuna-v1"
+        # (patch 0005), recognised from the template text. Both must give exactly conv "v1".
+        want = "You are a helpful assistant USER: Hello ASSISTANT: Hi there</s>USER: How are you? ASSISTANT:"
+        assert want in example, (extra, example)
