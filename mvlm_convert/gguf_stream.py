@@ -145,9 +145,14 @@ def write_gguf(
         writer.close()
         os.replace(tmp, final)
     except BaseException as e:
-        writer.close()
+        try:
+            writer.close()
+        except OSError:
+            pass  # flushing into a full disk fails again; the temporary file goes anyway
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        # numpy's tofile reports a short write without errno ("N requested and M written")
+        short_write = isinstance(e, OSError) and e.errno is None and "requested and" in str(e) and "written" in str(e)
+        if isinstance(e, OSError) and (e.errno == errno.ENOSPC or short_write):
             raise MvlmError(f"disk full while writing {final}: free space and retry (no partial file left)") from e
         raise
     counts: dict[str, int] = {}

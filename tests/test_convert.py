@@ -476,3 +476,16 @@ def test_llama_mtmd_cli_runs_without_chat_template_flag(tmp_path, host_runtime, 
         # (patch 0005), recognised from the template text. Both must give exactly conv "v1".
         want = "You are a helpful assistant USER: Hello ASSISTANT: Hi there</s>USER: How are you? ASSISTANT:"
         assert want in example, (extra, example)
+
+
+def test_disk_full_for_real(tmp_path, small_fs):
+    """A real filesystem that fills up mid-write (a 256 KiB tmpfs): one line, exit != 0, nothing left behind."""
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", variant="v2")
+    out = small_fs(256 * 1024)
+    r = subprocess.run([sys.executable, "-m", "mvlm_bench.cli", "convert", str(ckpt), "-o", str(out), "--outtype", "f32"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "disk full" in errors[0], r.stderr  # one line (the rest is the progress bar)
+    assert "Traceback" not in r.stderr
+    assert list(out.iterdir()) == []
