@@ -60,8 +60,13 @@ def _tokenizer_dir(ckpt: Checkpoint) -> Path:
     return ckpt.root
 
 
-def add_vocab(writer: gguf.GGUFWriter, tok_dir: Path, hp: LmHparams) -> dict[str, object]:
-    """SentencePiece vocab (padded to the model's vocab_size like llama.cpp does), special ids, chat template."""
+def add_vocab(
+    writer: gguf.GGUFWriter, tok_dir: Path, n_rows: int, chat_template: str | None = CHAT_TEMPLATE
+) -> dict[str, object]:
+    """SentencePiece vocab padded to the embedding rows (as llama.cpp does), special ids, and a chat template.
+
+    ``chat_template``: MobileVLM's conv "v1" by default; None keeps the checkpoint's own (tokenizer_config.json).
+    """
     try:
         vocab = gguf.vocab.SentencePieceVocab(tok_dir)
     except Exception as e:  # noqa: BLE001 - sentencepiece raises plain RuntimeError/OSError on bad files
@@ -71,9 +76,9 @@ def add_vocab(writer: gguf.GGUFWriter, tok_dir: Path, hp: LmHparams) -> dict[str
         tokens.append(text)
         scores.append(score)
         types.append(ttype)
-    if len(tokens) > hp.vocab_size:
-        raise MvlmError(f"tokenizer has {len(tokens)} tokens but config vocab_size is {hp.vocab_size}")
-    for i in range(len(tokens), hp.vocab_size):
+    if len(tokens) > n_rows:
+        raise MvlmError(f"tokenizer has {len(tokens)} tokens but the model has only {n_rows} embedding rows (vocab_size)")
+    for i in range(len(tokens), n_rows):
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(gguf.TokenType.UNUSED)
@@ -83,7 +88,8 @@ def add_vocab(writer: gguf.GGUFWriter, tok_dir: Path, hp: LmHparams) -> dict[str
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     special = gguf.vocab.SpecialVocab(tok_dir, load_merges=False, n_vocab=len(tokens))
-    special.chat_template = CHAT_TEMPLATE
+    if chat_template is not None:
+        special.chat_template = chat_template
     special.add_to_gguf(writer, quiet=True)
     return {"vocab_size": len(tokens), "special_tokens": dict(special.special_token_ids)}
 
@@ -137,7 +143,7 @@ def prepare_lm_gguf(ckpt: Checkpoint, outtype: str, name: str) -> PreparedGGUF:
     writer.add_file_type(FILE_TYPES[outtype])
     if outtype == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    vocab_meta = add_vocab(writer, _tokenizer_dir(ckpt), hp)
+    vocab_meta = add_vocab(writer, _tokenizer_dir(ckpt), hp.vocab_size)
 
     metadata = {
         "arch": "llama",

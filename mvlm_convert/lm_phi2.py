@@ -95,7 +95,7 @@ def _bpe_tokens(tok_dir: Path, n_rows: int) -> tuple[list[str], list[int]]:
     """Tokens by id from tokenizer.json (BPE vocab + added tokens), padded to ``n_rows``; added special = CONTROL."""
     path = tok_dir / "tokenizer.json"
     if not path.is_file():
-        raise MvlmError(f"{tok_dir}: no tokenizer.json; Phi-2 based checkpoints ship a byte-level BPE tokenizer.json")
+        raise MvlmError(f"{tok_dir}: no tokenizer.json; Phi-2 / Qwen based checkpoints ship a byte-level BPE one")
     try:
         tj = json.loads(path.read_text(encoding="utf-8"))
         model = tj["model"]
@@ -103,7 +103,7 @@ def _bpe_tokens(tok_dir: Path, n_rows: int) -> tuple[list[str], list[int]]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MvlmError(f"cannot read {path}: {e}") from e
     if model.get("type", "BPE") != "BPE":
-        raise MvlmError(f"{path}: tokenizer model {model.get('type')!r}; the Phi-2 writer needs byte-level BPE")
+        raise MvlmError(f"{path}: tokenizer model {model.get('type')!r}; this LM writer needs byte-level BPE")
     by_id: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in vocab.items()}
     for added in tj.get("added_tokens") or []:
         ttype = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
@@ -121,16 +121,18 @@ def _bpe_tokens(tok_dir: Path, n_rows: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def add_bpe_vocab(writer: gguf.GGUFWriter, tok_dir: Path, n_rows: int, config: dict[str, Any]) -> dict[str, object]:
+def add_bpe_vocab(writer: gguf.GGUFWriter, tok_dir: Path, n_rows: int, config: dict[str, Any],
+                  pre: str = TOKENIZER_PRE) -> dict[str, object]:
+    """GPT-2-style vocab (shared by the Phi-2 and Qwen2 writers); ``pre`` names llama.cpp's pre-tokenizer regex."""
     tokens, types = _bpe_tokens(tok_dir, n_rows)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(TOKENIZER_PRE)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.vocab.SpecialVocab(tok_dir, load_merges=True, n_vocab=len(tokens))
     if not special.merges:
         raise MvlmError(f"{tok_dir / 'tokenizer.json'}: no BPE merges found")
-    # config.json's ids win over tokenizer_config guesses (Phi-2: bos = eos = <|endoftext|>).
+    # config.json's ids win over tokenizer_config guesses (Phi-2: bos = eos = <|endoftext|>; Qwen1.5 the same).
     for key in ("bos", "eos", "pad"):
         val = config.get(f"{key}_token_id")
         if isinstance(val, int) and 0 <= val < len(tokens):

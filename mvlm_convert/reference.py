@@ -14,6 +14,7 @@ already image_size square: its fixed-size preprocessor copies it without resizin
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -625,8 +626,11 @@ def load_lm(checkpoint_dir: Path):
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)
     reader = StateReader(checkpoint_dir)
-    if is_imp(config):
+    kind = imp_kind(config)
+    if kind == "imp":
         return load_phi2(config, reader, checkpoint_dir)
+    if kind in ("imp_qwen2", "imp_phi3"):
+        return load_imp15_lm(kind, config, reader, checkpoint_dir)
     cfg = llama_config(config)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -664,8 +668,19 @@ IMP_SIGLIP_MEAN = (0.5, 0.5, 0.5)  # ImpImageProcessor defaults
 IMP_SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
+IMP_LMS = {"ImpForCausalLM": "imp", "ImpQwen2ForCausalLM": "imp_qwen2", "ImpPhi3ForCausalLM": "imp_phi3"}
+
+
+def imp_kind(config: dict) -> str | None:
+    """``imp`` (Phi-2), ``imp_qwen2`` (Qwen1.5) or ``imp_phi3`` (Phi-3) from architectures / model_type."""
+    for arch in config.get("architectures") or []:
+        if arch in IMP_LMS:
+            return IMP_LMS[arch]
+    return config.get("model_type") if config.get("model_type") in IMP_LMS.values() else None
+
+
 def is_imp(config: dict) -> bool:
-    return config.get("model_type") == "imp" or "ImpForCausalLM" in (config.get("architectures") or [])
+    return imp_kind(config) is not None
 
 
 def load_phi2(config: dict, reader: StateReader, checkpoint_dir: Path):
@@ -697,6 +712,46 @@ def load_phi2(config: dict, reader: StateReader, checkpoint_dir: Path):
         raise MvlmError(f"{len(missing)} Phi-2 tensors missing from {checkpoint_dir}: {shown}")
     model.load_state_dict({k: reader.get(k) for k in expected}, strict=True, assign=True)
     model.model.rotary_emb = PhiRotaryEmbedding(cfg)
+    return model.eval().float()
+
+
+def load_imp15_lm(kind: str, config: dict, reader: StateReader, checkpoint_dir: Path):
+    """Imp-v1.5's LM as transformers builds it: Qwen2ForCausalLM (Qwen1.5) or Phi3ForCausalLM, float32, by name."""
+    from transformers import Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if config.get("rope_scaling"):
+        raise MvlmError(f"rope_scaling={config['rope_scaling']!r} is not supported by the reference")
+    heads = int(config["num_attention_heads"])
+    common = dict(
+        vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
+        intermediate_size=int(config["intermediate_size"]), num_hidden_layers=int(config["num_hidden_layers"]),
+        num_attention_heads=heads, num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), hidden_act=str(config.get("hidden_act", "silu")),
+        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)), attention_dropout=0.0,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    if kind == "imp_qwen2":
+        cls = Qwen2ForCausalLM
+        cfg = Qwen2Config(rope_theta=float(config.get("rope_theta", 1e6)), use_sliding_window=False, **common)
+    else:
+        cls = Phi3ForCausalLM
+        cfg = Phi3Config(rope_theta=float(config.get("rope_theta", 10000.0)), sliding_window=None,
+                         partial_rotary_factor=float(config.get("partial_rotary_factor", 1.0)),
+                         resid_pdrop=0.0, embd_pdrop=0.0, **common)
+    cfg._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = cls(cfg)
+    expected = [k for k in model.state_dict() if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    missing = [k for k in expected if k not in reader]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise MvlmError(f"{len(missing)} {cls.__name__} tensors missing from {checkpoint_dir}: {shown}")
+    model.load_state_dict({k: reader.get(k) for k in expected}, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    rotary = getattr(importlib.import_module(cls.__module__), cls.__name__.replace("ForCausalLM", "RotaryEmbedding"))
+    model.model.rotary_emb = rotary(cfg)  # inverse frequencies are a computed buffer: rebuild on the CPU
     return model.eval().float()
 
 

@@ -192,18 +192,32 @@ IMP_BPE_VOCAB = 400
 IMP_EOT = "<|endoftext|>"
 
 
-def train_bpe_tokenizer(out: Path, vocab_size: int = IMP_BPE_VOCAB, seed: int = 0) -> int:
-    """A GPT-2-style byte-level BPE tokenizer.json trained here (``tokenizers``), ``<|endoftext|>`` = id 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Qwen's tokenizer.json pre-tokenizer: this Split regex (llama.cpp pre "qwen2") then ByteLevel without its own regex.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def train_bpe_tokenizer(out: Path, vocab_size: int = IMP_BPE_VOCAB, seed: int = 0, qwen: bool = False) -> int:
+    """A GPT-2-style byte-level BPE tokenizer.json trained here (``tokenizers``), ``<|endoftext|>`` = id 0;
+    ``qwen``: Qwen's pre-tokenizer (split regex, single digits) instead of GPT-2's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from mvlm_convert.tiny import _corpus
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if qwen:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[IMP_EOT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(seed), trainer)
+    corpus = _corpus(seed)
+    if qwen:  # words glued to a leading bracket / quote / dot: one pre-token for Qwen, two for GPT-2's regex
+        corpus = corpus + [".".join(line.split()[:6] * 4) for line in corpus[:40]]
+    tok.train_from_iterator(corpus, trainer)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "CodeGenTokenizer", "bos_token": IMP_EOT, "eos_token": IMP_EOT, "unk_token": IMP_EOT,
@@ -320,3 +334,107 @@ def _mlp_projector_to(init: _Init, d: int, d_in: int) -> dict[str, torch.Tensor]
         "model.mm_projector.2.weight": init.linear(d, d),
         "model.mm_projector.2.bias": init.normal(d, std=0.1),
     }
+
+
+# --- Imp-v1.5 (Qwen1.5-1.8B or Phi-3-mini LM + the same SigLIP-384 / mlp2x_gelu) -----------------------------------
+IMP15_LMS = {"qwen2": ("ImpQwen2ForCausalLM", "imp_qwen2"), "phi3": ("ImpPhi3ForCausalLM", "imp_phi3")}
+IMP15_KV = {"qwen2": 4, "phi3": 2}  # Qwen1.5 is MHA; the Phi-3 tiny uses GQA to pin the fused qkv row split
+PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>", "<|user|>"]
+
+
+def _imp15_lm_state_dict(init: _Init, lm: str, vocab: int) -> dict[str, torch.Tensor]:
+    d, f, h = IMP_LM["hidden"], IMP_LM["ffn"], IMP_LM["heads"]
+    kv = IMP15_KV[lm] * (d // h)
+    sd = {"model.embed_tokens.weight": init.normal(vocab, d, std=0.5)}
+    for i in range(IMP_LM["layers"]):
+        p = f"model.layers.{i}."
+        if lm == "qwen2":
+            for proj, rows in (("q_proj", d), ("k_proj", kv), ("v_proj", kv)):
+                sd[f"{p}self_attn.{proj}.weight"] = init.linear(rows, d)
+                sd[f"{p}self_attn.{proj}.bias"] = init.normal(rows, std=0.1)
+            sd[p + "mlp.gate_proj.weight"] = init.linear(f, d)
+            sd[p + "mlp.up_proj.weight"] = init.linear(f, d)
+        else:
+            sd[p + "self_attn.qkv_proj.weight"] = init.linear(d + 2 * kv, d)
+            sd[p + "mlp.gate_up_proj.weight"] = init.linear(2 * f, d)
+        sd[p + "self_attn.o_proj.weight"] = init.linear(d, d)
+        sd[p + "mlp.down_proj.weight"] = init.linear(d, f)
+        sd[p + "input_layernorm.weight"] = init.norm_weight(d)
+        sd[p + "post_attention_layernorm.weight"] = init.norm_weight(d)
+    sd["model.norm.weight"] = init.norm_weight(d)
+    sd["lm_head.weight"] = init.linear(vocab, d)
+    return sd
+
+
+def _phi3_tokenizer(out: Path, seed: int) -> int:
+    """SentencePiece (LLaMA-style) + Phi-3's added chat tokens right after it, as Phi-3-mini ships them."""
+    import sentencepiece as spm
+
+    from mvlm_convert.tiny import train_tokenizer
+
+    train_tokenizer(out / "tokenizer.model", VOCAB_SIZE, seed)
+    n_sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model")).vocab_size()
+    (out / "added_tokens.json").write_text(json.dumps({t: n_sp + i for i, t in enumerate(PHI3_ADDED)}))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "bos_token": "<s>",
+         "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>", "legacy": False}))
+    return n_sp + len(PHI3_ADDED)
+
+
+def make_tiny_imp15(outdir: str | Path, lm: str = "qwen2", weights: str = "safetensors",
+                    dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+    """A tiny Imp-v1.5 checkpoint: ``lm`` = ``qwen2`` (Imp-v1.5-2B-Qwen1.5: Qwen2 names, q/k/v biases, Qwen BPE
+    tokenizer.json, rope_theta 1e6) or ``phi3`` (Imp-v1.5-4B-Phi3: fused qkv_proj / gate_up_proj, SentencePiece +
+    added chat tokens, 32064-style padded rows); SigLIP copy and projector as in make_tiny_imp."""
+    if lm not in IMP15_LMS:
+        raise ValueError(f"unknown Imp-v1.5 LM {lm!r}")
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    if lm == "qwen2":
+        n_tok = train_bpe_tokenizer(out, seed=seed, qwen=True)
+        special: dict[str, object] = {"bos_token_id": 0, "eos_token_id": 0, "rope_theta": 1000000.0,
+                                      "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
+                                      "use_sliding_window": False, "sliding_window": 32768}
+    else:
+        n_tok = _phi3_tokenizer(out, seed)
+        special = {"bos_token_id": 1, "eos_token_id": n_tok - len(PHI3_ADDED), "rope_theta": 10000.0,
+                   "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
+                   "sliding_window": 2047, "rope_scaling": None, "partial_rotary_factor": 1.0}
+    vocab = (n_tok + 63) // 64 * 64
+    init = _Init(seed, dtype)
+    sd = _imp15_lm_state_dict(init, lm, vocab)
+    sd.update(_siglip_state_dict(init, "model.vision_tower.vision_tower.vision_model.", IMP_SIGLIP["layers"] - 1))
+    sd.update(_mlp_projector_to(init, IMP_LM["hidden"], IMP_SIGLIP["hidden"]))
+    arch, mtype = IMP15_LMS[lm]
+    config: dict[str, object] = {
+        "_name_or_path": f"mvlm-tiny/imp-v1.5-tiny-{lm}",
+        "architectures": [arch],
+        "model_type": mtype,
+        "vocab_size": vocab,
+        "hidden_size": IMP_LM["hidden"],
+        "intermediate_size": IMP_LM["ffn"],
+        "num_hidden_layers": IMP_LM["layers"],
+        "num_attention_heads": IMP_LM["heads"],
+        "num_key_value_heads": IMP15_KV[lm],
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        **special,
+        "torch_dtype": str(dtype).replace("torch.", ""),
+        "image_aspect_ratio": "square",
+        "mm_hidden_size": IMP_SIGLIP["hidden"],
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": "google/siglip-so400m-patch14-384",
+        "vision_tower_config": {
+            "model_type": "siglip_vision_model", "hidden_size": IMP_SIGLIP["hidden"],
+            "intermediate_size": IMP_SIGLIP["ffn"], "num_attention_heads": IMP_SIGLIP["heads"],
+            "num_hidden_layers": IMP_SIGLIP["layers"], "image_size": IMP_SIGLIP["image"],
+            "patch_size": IMP_SIGLIP["patch"], "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+        },
+    }
+    save_weights(sd, out, weights)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

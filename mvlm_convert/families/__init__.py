@@ -79,5 +79,5 @@ def detect_family(config: dict[str, Any]) -> FamilyInfo:
     raise MvlmError(
         f"unsupported model: architectures={archs} model_type={config.get('model_type')!r}; "
         "supported: MobileVLM V1/V2 (ldpnet/ldpnetv2), MobileLLaMA (LLaMA LMs), LLaVA-1.5 (mlp2x_gelu, liuhaotian "
-        "and llava-hf layouts), Xmodel-VLM (xdpnet), Imp v1 (Phi-2 + SigLIP)"
+        "and llava-hf layouts), Xmodel-VLM (xdpnet), Imp v1 / v1.5 (Phi-2, Qwen1.5, Phi-3 + SigLIP)"
     )

@@ -14,7 +14,9 @@ release's config keys; the pinned llama.cpp tools/mtmd):
   ``--vision-tower`` SigLIP directory), and with neither at hand the stored copy is taken as already cut.
 - projector ``model.mm_projector.{0,2}`` = LLaVA's ``mlp`` (mm.0 / mm.2), GELU between (ggml: tanh form).
 - image: ImpImageProcessor squashes to 384x384 (bicubic, no aspect padding), mean = std = 0.5.
-Imp-v1.5 (Qwen1.5 ``imp_qwen2`` / Phi-3 ``imp_phi3``) needs Qwen2 / Phi-3 LM writers: refused in one line.
+Imp-v1.5: same SigLIP / projector / preprocessing; the LM is Qwen1.5-1.8B (``ImpQwen2ForCausalLM`` / ``imp_qwen2``,
+transformers Qwen2 names -> arch ``qwen2``, mvlm_convert.lm_qwen2) or Phi-3-mini (``ImpPhi3ForCausalLM`` /
+``imp_phi3``, fused qkv / gate_up -> arch ``phi3``, mvlm_convert.lm_phi3). Imp-v1.5-3B-Phi2 is ``imp`` (v1 path).
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ GGUF_PROJECTORS: set[str] = set()  # writes LLaVA's "mlp"
 ARCHS = {"ImpForCausalLM", "ImpQwen2ForCausalLM", "ImpPhi3ForCausalLM"}
 MODEL_TYPES = {"imp", "imp_qwen2", "imp_phi3"}
 V1_ARCH, V1_TYPE = "ImpForCausalLM", "imp"
+# variant -> (architecture, model_type, "module:function" of its LM writer)
+LM_WRITERS = {
+    "v1": (V1_ARCH, V1_TYPE, "mvlm_convert.lm_phi2:prepare_phi2_gguf"),
+    "v1.5-qwen2": ("ImpQwen2ForCausalLM", "imp_qwen2", "mvlm_convert.lm_qwen2:prepare_qwen2_gguf"),
+    "v1.5-phi3": ("ImpPhi3ForCausalLM", "imp_phi3", "mvlm_convert.lm_phi3:prepare_phi3_gguf"),
+}
 SIGLIP_PREFIX = "model.vision_tower.vision_tower.vision_model."
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
@@ -45,26 +53,27 @@ def matches(config: dict[str, Any]) -> bool:
     return bool(set(config.get("architectures") or []) & ARCHS) or config.get("model_type") in MODEL_TYPES
 
 
-def _is_v1(config: dict[str, Any]) -> bool:
-    """imp-v1 (Phi-2); the v1.5 Qwen1.5 / Phi-3 variants have their own architectures and model types."""
-    v15_archs = ARCHS - {V1_ARCH}
-    v15_types = MODEL_TYPES - {V1_TYPE}
-    return not (set(config.get("architectures") or []) & v15_archs) and config.get("model_type") not in v15_types
+def variant(config: dict[str, Any]) -> str | None:
+    """``v1`` (Phi-2), ``v1.5-qwen2`` or ``v1.5-phi3`` from the architecture, else the model type; None if neither."""
+    archs = set(config.get("architectures") or [])
+    for name, (arch, _t, _) in LM_WRITERS.items():
+        if arch in archs:
+            return name
+    return next((name for name, (_, mtype, _) in LM_WRITERS.items() if config.get("model_type") == mtype), None)
 
 
 def describe(config: dict[str, Any]) -> FamilyInfo:
     archs = ",".join(config.get("architectures") or []) or config.get("model_type")
-    if not _is_v1(config):
-        raise MvlmError(
-            f"Imp ({archs}) is recognised but not supported yet: Imp-v1.5 needs a Qwen1.5/Phi-3 LM writer, missing in "
-            "mvlm convert (imp-v1-3b, Phi-2, is supported)"
-        )
+    var = variant(config)
+    if var is None:
+        raise MvlmError(f"Imp ({archs}, model_type {config.get('model_type')!r}) is recognised but its language model "
+                        f"has no writer in mvlm convert; supported: {', '.join(sorted(MODEL_TYPES))}")
     proj = str(config.get("mm_projector_type", "mlp2x_gelu"))
     if proj != "mlp2x_gelu":
         raise MvlmError(f"Imp mm_projector_type {proj!r} is not supported; llama.cpp's mlp projector is mlp2x_gelu")
     if config.get("mm_vision_select_feature", "patch") != "patch":
         raise MvlmError("Imp mm_vision_select_feature other than 'patch' is not supported (SigLIP has no CLS)")
-    return FamilyInfo(family=NAME, variant="v1", projector="mlp", module=sys.modules[__name__])
+    return FamilyInfo(family=NAME, variant=var, projector="mlp", module=sys.modules[__name__])
 
 
 def siglip_heads(width: int) -> int | None:
@@ -76,10 +85,15 @@ def siglip_heads(width: int) -> int | None:
 
 
 def prepare_lm(ckpt: Checkpoint, outtype: str, name: str):
-    """The LM writer for Imp v1: Phi-2 (llama.cpp arch ``phi2``)."""
-    from mvlm_convert.lm_phi2 import prepare_phi2_gguf
+    """The variant's LM writer: Phi-2 (arch ``phi2``), Qwen1.5 (``qwen2``) or Phi-3 (``phi3``)."""
+    import importlib
 
-    return prepare_phi2_gguf(ckpt, outtype, name)
+    var = variant(ckpt.config)
+    if var is None:
+        raise MvlmError(f"{ckpt.root}: not an Imp config with a known language model; supported: "
+                        f"{', '.join(sorted(MODEL_TYPES))}")
+    module, func = LM_WRITERS[var][2].split(":")
+    return getattr(importlib.import_module(module), func)(ckpt, outtype, name)
 
 
 def _siglip_config(ckpt: Checkpoint, tower_dir: Path | None) -> dict[str, Any]:
