@@ -81,15 +81,15 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        # typer >= 0.2x vendors click (typer._click), older typer uses click itself: match by shape, not class
+        names = {c.__name__ for c in type(e).__mro__}
+        if "ClickException" in names:
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if "Abort" in names:
+            err_console.print("[bold red]aborted[/]")
             sys.exit(1)
         raise
-
 
 if __name__ == "__main__":
     main()
