@@ -71,6 +71,32 @@ class Progress(Protocol):
     def advance(self, plan: TensorPlan) -> None: ...
 
 
+def add_lm_keys(
+    w: gguf.GGUFWriter, name: str, outtype: str, *, context_length: int, hidden_size: int, ffn: int, n_layer: int,
+    n_head: int, n_head_kv: int, rope_dims: int, rope_theta: float, vocab_size: int,
+    rms_eps: float | None = None, norm_eps: float | None = None,
+) -> None:
+    """The hyper-parameter keys every language-model GGUF carries (one place for all LM writers)."""
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_context_length(context_length)
+    w.add_embedding_length(hidden_size)
+    w.add_feed_forward_length(ffn)
+    w.add_block_count(n_layer)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    if rms_eps is not None:
+        w.add_layer_norm_rms_eps(rms_eps)
+    if norm_eps is not None:
+        w.add_layer_norm_eps(norm_eps)
+    w.add_rope_dimension_count(rope_dims)
+    w.add_rope_freq_base(rope_theta)
+    w.add_vocab_size(vocab_size)
+    w.add_file_type(FILE_TYPES[outtype])
+    if outtype == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
 def matrix_type(outtype: str, shape: tuple[int, ...]) -> QT:
     """Output type of a 2-D weight: the requested one, except q8_0 needs rows that are a multiple of 32 (then f16)."""
     qt = OUTTYPES[outtype]

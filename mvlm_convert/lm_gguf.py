@@ -16,7 +16,7 @@ import torch
 from mvlm_convert.checkpoint import Checkpoint
 from mvlm_convert.errors import MvlmError
 from mvlm_convert.families.mobilevlm import LmHparams, is_lm_tensor, lm_hparams, lm_required_tensors
-from mvlm_convert.gguf_stream import FILE_TYPES, QT, FileSummary, PreparedGGUF, Progress, TensorPlan, matrix_type
+from mvlm_convert.gguf_stream import QT, FileSummary, PreparedGGUF, Progress, TensorPlan, add_lm_keys, matrix_type
 
 # MobileVLM's conversation template "v1" (LLaVA's conv_vicuna_v1, SeparatorStyle.TWO, sep " ", sep2 "</s>"):
 #   "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:"
@@ -128,21 +128,9 @@ def prepare_lm_gguf(ckpt: Checkpoint, outtype: str, name: str) -> PreparedGGUF:
         plans.append(TensorPlan(gname, shape, qtype, produce, source=hf))
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
-    writer.add_context_length(hp.context_length)
-    writer.add_embedding_length(hp.hidden_size)
-    writer.add_block_count(hp.n_layer)
-    writer.add_feed_forward_length(hp.ffn)
-    writer.add_rope_dimension_count(hp.head_dim)
-    writer.add_head_count(hp.n_head)
-    writer.add_head_count_kv(hp.n_head_kv)
-    writer.add_layer_norm_rms_eps(hp.rms_eps)
-    writer.add_rope_freq_base(hp.rope_theta)
-    writer.add_vocab_size(hp.vocab_size)
-    writer.add_file_type(FILE_TYPES[outtype])
-    if outtype == "q8_0":
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_lm_keys(writer, name, outtype, context_length=hp.context_length, hidden_size=hp.hidden_size, ffn=hp.ffn,
+                n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head_kv, rope_dims=hp.head_dim,
+                rope_theta=hp.rope_theta, vocab_size=hp.vocab_size, rms_eps=hp.rms_eps)
     vocab_meta = add_vocab(writer, _tokenizer_dir(ckpt), hp.vocab_size)
 
     metadata = {

@@ -24,7 +24,7 @@ import gguf
 
 from mvlm_convert.checkpoint import Checkpoint
 from mvlm_convert.errors import MvlmError
-from mvlm_convert.gguf_stream import FILE_TYPES, QT, PreparedGGUF, TensorPlan, matrix_type
+from mvlm_convert.gguf_stream import QT, PreparedGGUF, TensorPlan, add_lm_keys, matrix_type
 
 ARCH = gguf.MODEL_ARCH.PHI2
 NON_LM_PREFIXES = ("model.vision_tower.", "model.mm_projector.")
@@ -166,21 +166,9 @@ def prepare_phi2_gguf(ckpt: Checkpoint, outtype: str, name: str) -> PreparedGGUF
         plans.append(TensorPlan(gname, shape, qtype, (lambda h=hf: ckpt.get(h)), source=hf))
 
     w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[ARCH])
-    w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(name)
-    w.add_context_length(hp.context_length)
-    w.add_embedding_length(hp.hidden_size)
-    w.add_feed_forward_length(hp.ffn)
-    w.add_block_count(hp.n_layer)
-    w.add_head_count(hp.n_head)
-    w.add_head_count_kv(hp.n_head)
-    w.add_layer_norm_eps(hp.eps)
-    w.add_rope_dimension_count(hp.rot_dims)
-    w.add_rope_freq_base(hp.rope_theta)
-    w.add_vocab_size(hp.vocab_size)
-    w.add_file_type(FILE_TYPES[outtype])
-    if outtype == "q8_0":
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_lm_keys(w, name, outtype, context_length=hp.context_length, hidden_size=hp.hidden_size, ffn=hp.ffn,
+                n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head, rope_dims=hp.rot_dims,
+                rope_theta=hp.rope_theta, vocab_size=hp.vocab_size, norm_eps=hp.eps)
     vocab_meta = add_bpe_vocab(w, ckpt.root, rows, ckpt.config)
     metadata = {"arch": "phi2", "n_layer": hp.n_layer, "n_head": hp.n_head, "hidden_size": hp.hidden_size,
                 "head_dim": hp.head_dim, "rope_dims": hp.rot_dims, **vocab_meta}
