@@ -1,0 +1,176 @@
+"""Outputs committed together: every file of one command is written under a temporary name and renamed at the end.
+
+A command that writes several files (convert: LM + mmproj; quantize: one file per type; bench: JSON + Markdown +
+CSV reports) must never leave a mix of new and old files, nor lose an earlier good file when a later one fails.
+``AtomicOutputs`` hands out a temporary path per final path (same directory, so the rename is atomic), and only
+when every file is complete renames them all, one after the other. Until then the earlier files are untouched;
+on any failure (an exception, Ctrl-C, or SIGTERM: the CLI turns it into ``SystemExit``) the temporaries go.
+
+``check_output_path`` refuses an output path that would destroy an input (``--json m.gguf`` for the model).
+
+Temporary names look like ``.<final name>.<pid>.tmp``; :func:`is_temporary` recognises them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from mvlm_convert.errors import MvlmError
+
+TMP_SUFFIX = ".tmp"
+
+
+def temporary_for(final: Path) -> Path:
+    """The temporary name for ``final``: hidden, in the same directory, unique per process."""
+    return final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def is_temporary(p: Path) -> bool:
+    return p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC, or numpy's short write, which carries no errno (``N requested and M written``)."""
+    if not isinstance(e, OSError):
+        return False
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    msg = str(e)
+    return e.errno is None and "requested and" in msg and "written" in msg
+
+
+class AtomicOutputs:
+    """Temporary paths for a command's outputs, renamed together by :meth:`commit`.
+
+    Use as a context manager: leaving the block with an exception removes every temporary; leaving it normally
+    without ``commit()`` also removes them (nothing half-done is ever renamed)::
+
+        with AtomicOutputs() as out:
+            write_lm(out.path(lm_final))
+            write_mmproj(out.path(mm_final))
+            out.commit()
+    """
+
+    def __init__(self) -> None:
+        self._pairs: list[tuple[Path, Path]] = []
+        self.committed = False
+
+    def path(self, final: str | Path) -> Path:
+        """Reserve ``final``; returns the temporary path to write instead."""
+        final = Path(final)
+        for f, tmp in self._pairs:
+            if f.resolve() == final.resolve():
+                return tmp
+        tmp = temporary_for(final)
+        self._pairs.append((final, tmp))
+        return tmp
+
+    @property
+    def finals(self) -> list[Path]:
+        return [f for f, _ in self._pairs]
+
+    def commit(self) -> list[Path]:
+        """Rename every temporary over its final name; all must exist. Returns the final paths."""
+        missing = [str(t) for _, t in self._pairs if not t.exists()]
+        if missing:
+            raise RuntimeError(f"commit before every output was written: {', '.join(missing)}")
+        for _, tmp in self._pairs:
+            fsync_file(tmp)
+        for final, tmp in self._pairs:
+            os.replace(tmp, final)
+        if self._pairs:
+            fsync_dir(self._pairs[0][0].parent)
+        self.committed = True
+        return self.finals
+
+    def abort(self) -> None:
+        for _, tmp in self._pairs:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def __enter__(self) -> AtomicOutputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            self.abort()
+
+
+def fsync_file(p: Path) -> None:
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text(final: str | Path, text: str) -> Path:
+    """One text file, written to a temporary name and renamed when complete (disk full -> one clear error)."""
+    final = Path(final)
+    with AtomicOutputs() as out:
+        tmp = out.path(final)
+        try:
+            tmp.write_text(text)
+        except OSError as e:
+            if is_disk_full(e):
+                raise MvlmError(f"disk full while writing {final}: free space and retry (nothing was written)") from e
+            raise MvlmError(f"cannot write {final}: {e.strerror or e}") from e
+        out.commit()
+    return final
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (), *, option: str = "output") -> Path:
+    """Refuse an output path that is one of the command's inputs, or an existing GGUF (a model, most likely).
+
+    Catches the same file under another name too (hard links, symlinks, ``./m.gguf`` vs ``m.gguf``).
+    """
+    out = Path(out)
+    if out.exists() and out.is_dir():
+        raise MvlmError(f"{option} {out} is a directory; give a file path")
+    for i in inputs:
+        if i is None:
+            continue
+        ip = Path(i)
+        try:
+            same = out.exists() and ip.exists() and os.path.samefile(out, ip)
+        except OSError:
+            same = False
+        if same or out.resolve() == ip.resolve():
+            raise MvlmError(f"{option} {out} is also an input of this command; it would be overwritten: choose another path")
+    if out.exists() and (out.suffix.lower() == ".gguf" or is_gguf(out)):
+        raise MvlmError(f"{option} {out} is an existing GGUF model; refusing to overwrite it: choose another path")
+    return out
