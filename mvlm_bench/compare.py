@@ -164,6 +164,7 @@ class MetricComparison:
     p_faster: float | None
     verdict: str  # "faster" | "slower" | "no change" | "n/a"
     note: str = ""
+    test: str = "Mann-Whitney"  # the test behind p: "Mann-Whitney" (two sessions) or "signed-rank (paired)" (A/B)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -259,7 +260,7 @@ def describe_regression(c: MetricComparison, threshold: float) -> str:
     change = -c.slowdown if c.direction > 0 else c.slowdown
     return (f"{c.name} ({c.unit}) {_num(c.baseline_median)} -> {_num(c.candidate_median)} "
             f"({change:+.1%}, {c.slowdown:.1%} slower > {threshold:.1%} allowed; "
-            f"Mann-Whitney p={c.p_slower:.3g}, {c.n_baseline} vs {c.n_candidate} runs)")
+            f"{c.test} p={c.p_slower:.3g}, {c.n_baseline} vs {c.n_candidate} runs)")
 
 
 def gate_summary(comparisons: Sequence[MetricComparison], threshold: float,

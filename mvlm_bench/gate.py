@@ -1,0 +1,274 @@
+"""The regression gate's two modes: interleaved A/B on one device, and a stored baseline judged against its own noise.
+
+Why two modes. A phone (or this 2-core machine) drifts between sessions: clocks, page cache, neighbours,
+temperature. Two quiet benches of the same build, minutes apart, differ by several percent in Eval tokens/s, and a
+within-session rank test (``compare.compare_metric``) sees that drift as a real effect. So:
+
+**Interleaved A/B** (``mvlm bench --against ...``): baseline (A) and candidate (B) are run in one session on one
+device, alternating in the balanced order A B B A A B B A … (:func:`interleave`): a linear drift hits both sides
+equally, and the order effect (which one runs second in a pair) cancels. Each adjacent A/B pair gives one ratio;
+the verdict comes from a one-sided **Wilcoxon signed-rank** test on the log ratios (:func:`signed_rank_less`, exact
+by dynamic programming over the doubled mid-ranks, so ties are handled), the speedup is the median pair ratio,
+and a seeded bootstrap over pairs gives its 95% interval. This is the verdict CI should use whenever both sides can
+be run.
+
+**History mode** (``--baseline SELECTOR``): only stored measurements exist. The baseline's *sessions* (entries of
+the same setup and build) give a noise model (:func:`noise_model`): the centre is the median of the session
+medians, the spread is the normalised MAD of their relative deviations (a robust sigma), and the band is
+``NOISE_K`` sigmas. :func:`judge_history` calls a metric
+
+- ``insufficient`` with fewer than ``MIN_SESSIONS`` baseline sessions: it says so and never fails;
+- ``slower`` when the candidate's median is worse than the centre by more than the threshold AND outside the band;
+- ``suspected`` when it is worse by more than the threshold but inside the band (indistinguishable from drift);
+- ``no change`` otherwise.
+
+A ``slower`` or ``suspected`` metric is confirmed by a fresh interleaved re-measure when the baseline can be re-run
+(its runtime build and model file are still at hand); then the interleaved verdict decides. Without a re-run,
+only ``slower`` fails.
+
+Rates measured on this machine are in docs/ci.md (``benchmarks/gate_rates.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mvlm_bench.compare import (
+    BOOTSTRAP_SAMPLES,
+    DEFAULT_ALPHA,
+    MetricComparison,
+    _clean,
+    direction,
+    median,
+    metric_name,
+)
+
+ORDERS = ("abba", "alternate")
+MIN_SESSIONS = 3
+NOISE_K = 3.0
+MAD_TO_SIGMA = 1.4826
+
+
+# --- interleaving ------------------------------------------------------------------------------------------------
+
+
+def interleave(n_pairs: int, order: str = "abba") -> list[str]:
+    """The run order of an A/B session: ``abba`` = A B B A A B B A … (balanced), ``alternate`` = A B A B …
+
+    Each consecutive two runs form one pair (one A and one B), so pair ``i`` is ``order[2i:2i+2]``.
+    """
+    if n_pairs < 0:
+        raise ValueError("n_pairs must be >= 0")
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}: choose one of {', '.join(ORDERS)}")
+    out: list[str] = []
+    for i in range(n_pairs):
+        out += ["B", "A"] if order == "abba" and i % 2 == 1 else ["A", "B"]
+    return out
+
+
+# --- the paired test ---------------------------------------------------------------------------------------------
+
+
+def _abs_midranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: abs(values[i]))
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and abs(values[order[j + 1]]) == abs(values[order[i]]):
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def signed_rank_less(diffs: Sequence[float]) -> float:
+    """One-sided Wilcoxon signed-rank p-value for H1: the differences tend to be negative.
+
+    Zero differences are dropped (Wilcoxon's convention, scipy's ``zero_method="wilcox"``); ties share mid-ranks.
+    The null distribution of W+ (the sum of the ranks of the positive differences) is computed exactly by dynamic
+    programming over the doubled ranks (integers even with ties), so it is exact for any n this gate sees.
+    """
+    d = [float(x) for x in diffs if x != 0 and math.isfinite(float(x))]
+    n = len(d)
+    if n == 0:
+        return 1.0
+    ranks2 = [round(2 * r) for r in _abs_midranks(d)]
+    w_obs2 = sum(r for r, x in zip(ranks2, d, strict=True) if x > 0)
+    total = sum(ranks2)
+    counts = [0] * (total + 1)
+    counts[0] = 1
+    for r in ranks2:
+        for s in range(total, r - 1, -1):
+            counts[s] += counts[s - r]
+    return sum(counts[: w_obs2 + 1]) / float(2**n)
+
+
+def signed_rank_min_p(n_pairs: int) -> float:
+    """The smallest one-sided p n pairs can give (every pair the same way): 1 / 2**n."""
+    return 1.0 if n_pairs <= 0 else 1.0 / 2**n_pairs
+
+
+def _bootstrap_pairs(ratios: Sequence[float], seed: int = 0, samples: int = BOOTSTRAP_SAMPLES,
+                     level: float = 0.95) -> tuple[float, float] | None:
+    import numpy as np
+
+    r = np.asarray(ratios, dtype=float)
+    if len(r) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    med = np.median(r[rng.integers(0, len(r), (samples, len(r)))], axis=1)
+    lo, hi = np.quantile(med, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def compare_paired(key: str, baseline: Sequence[float | None], candidate: Sequence[float | None],
+                   alpha: float = DEFAULT_ALPHA, seed: int = 0) -> MetricComparison:
+    """Compare one metric of an interleaved session: ``baseline[i]`` and ``candidate[i]`` were measured as pair i.
+
+    speedup = median over pairs of the per-pair speedup (> 1: candidate better, whatever the unit); the verdict is
+    the signed-rank test on the log speedups.
+    """
+    name, unit = metric_name(key)
+    sign = direction(key)
+    pairs = [(float(b), float(c)) for b, c in zip(baseline, candidate, strict=False)
+             if b is not None and c is not None and math.isfinite(float(b)) and math.isfinite(float(c))]
+    b_all, c_all = _clean(baseline), _clean(candidate)
+    mc = MetricComparison(key, name, unit, sign, len(b_all), len(c_all), median(b_all) if b_all else None,
+                          median(c_all) if c_all else None, None, None, None, None, None, None, "n/a",
+                          test="signed-rank (paired)")
+    if not pairs:
+        mc.note = "no complete A/B pairs"
+        return mc
+    if sign == 0:
+        mc.note = "not a speed"
+        return mc
+    pos = [(b, c) for b, c in pairs if b > 0 and c > 0]
+    if not pos:
+        mc.note = "non-positive values"
+        return mc
+    speedups = [(c / b) if sign > 0 else (b / c) for b, c in pos]
+    mc.speedup = median(speedups)
+    mc.slowdown = 1.0 - mc.speedup if sign > 0 else 1.0 / mc.speedup - 1.0
+    logs = [math.log(s) for s in speedups]
+    mc.p_slower = signed_rank_less(logs)
+    mc.p_faster = signed_rank_less([-x for x in logs])
+    ci = _bootstrap_pairs(speedups, seed=seed)
+    if ci:
+        mc.ci_low, mc.ci_high = ci
+    if mc.p_slower <= alpha and mc.speedup < 1:
+        mc.verdict = "slower"
+    elif mc.p_faster <= alpha and mc.speedup > 1:
+        mc.verdict = "faster"
+    else:
+        mc.verdict = "no change"
+        if signed_rank_min_p(len(pos)) > alpha:
+            mc.note = f"{len(pos)} A/B pairs cannot reach p <= {alpha:g} (use --repeat 5 or more)"
+    return mc
+
+
+def compare_interleaved(baseline: dict[str, Sequence[float | None]], candidate: dict[str, Sequence[float | None]],
+                        metrics: Sequence[str] | None = None, alpha: float = DEFAULT_ALPHA,
+                        seed: int = 0) -> list[MetricComparison]:
+    """Every requested metric of an interleaved session (default: the speed metrics present on both sides)."""
+    from mvlm_bench.compare import DEFAULT_METRICS
+
+    if metrics is None:
+        metrics = [k for k in DEFAULT_METRICS if _clean(baseline.get(k, ())) and _clean(candidate.get(k, ()))]
+    return [compare_paired(k, baseline.get(k, ()), candidate.get(k, ()), alpha=alpha, seed=seed) for k in metrics]
+
+
+# --- history mode ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NoiseModel:
+    """Session-to-session variation of one metric of one configuration, from its stored sessions."""
+
+    key: str
+    n_sessions: int
+    center: float  # median of the session medians (the metric's own unit)
+    sigma: float  # robust relative sigma of the session medians (normalised MAD), e.g. 0.03 = 3%
+    band: float  # NOISE_K * sigma: relative deviation still explained by drift
+    session_medians: list[float] = field(default_factory=list)
+
+
+def noise_model(key: str, sessions: Sequence[Sequence[float | None]], k: float = NOISE_K) -> NoiseModel | None:
+    """The noise model of ``key`` from the repetitions of each past session (None when no session has a value)."""
+    meds = [median(v) for v in (_clean(s) for s in sessions) if v]
+    if not meds:
+        return None
+    center = median(meds)
+    if center <= 0:
+        return None
+    rel = [m / center - 1.0 for m in meds]
+    mad = median([abs(r - median(rel)) for r in rel])
+    sigma = MAD_TO_SIGMA * mad
+    return NoiseModel(key, len(meds), center, sigma, k * sigma, meds)
+
+
+@dataclass
+class HistoryVerdict:
+    key: str
+    name: str
+    unit: str
+    verdict: str  # "slower" | "suspected" | "no change" | "insufficient" | "n/a"
+    n_sessions: int
+    center: float | None
+    candidate_median: float | None
+    slowdown: float | None  # fraction worse than the centre (negative: better)
+    band: float | None
+    sigma: float | None
+    message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def judge_history(key: str, sessions: Sequence[Sequence[float | None]], candidate: Sequence[float | None],
+                  threshold: float, min_sessions: int = MIN_SESSIONS, k: float = NOISE_K) -> HistoryVerdict:
+    """Judge the candidate's repetitions of ``key`` against the baseline's past sessions (module docstring)."""
+    name, unit = metric_name(key)
+    sign = direction(key)
+    c = _clean(candidate)
+    hv = HistoryVerdict(key, name, unit, "n/a", 0, None, median(c) if c else None, None, None, None)
+    nm = noise_model(key, sessions, k)
+    if nm is None or not c or sign == 0:
+        hv.message = "no values" if sign != 0 else "not a speed"
+        return hv
+    hv.n_sessions, hv.center, hv.band, hv.sigma = nm.n_sessions, nm.center, nm.band, nm.sigma
+    cm = median(c)
+    hv.slowdown = (nm.center - cm) / nm.center if sign > 0 else (cm - nm.center) / nm.center
+    if nm.n_sessions < min_sessions:
+        hv.verdict = "insufficient"
+        hv.message = (f"{nm.n_sessions} baseline session(s); the noise between sessions needs at least {min_sessions}: "
+                      "not gated (store more baseline sessions, or use an interleaved A/B bench)")
+        return hv
+    if hv.slowdown > threshold and hv.slowdown > nm.band:
+        hv.verdict = "slower"
+        hv.message = (f"{hv.slowdown:.1%} worse than the baseline's {nm.n_sessions} sessions (centre {nm.center:.4g}), "
+                      f"beyond their noise band ±{nm.band:.1%} and the {threshold:.1%} threshold")
+    elif hv.slowdown > threshold:
+        hv.verdict = "suspected"
+        hv.message = (f"{hv.slowdown:.1%} worse, above the {threshold:.1%} threshold but inside the baseline's noise "
+                      f"band ±{nm.band:.1%} ({nm.n_sessions} sessions)")
+    else:
+        hv.verdict = "no change"
+    return hv
+
+
+def judge_history_all(sessions: Sequence[dict[str, Sequence[float | None]]], candidate: dict[str, Sequence[float | None]],
+                      threshold: float, metrics: Sequence[str], min_sessions: int = MIN_SESSIONS,
+                      k: float = NOISE_K) -> list[HistoryVerdict]:
+    """:func:`judge_history` for each metric the candidate has (``sessions``: one samples dict per past session)."""
+    out = []
+    for key in metrics:
+        if not _clean(candidate.get(key, ())):
+            continue
+        out.append(judge_history(key, [s.get(key, ()) for s in sessions], candidate[key], threshold, min_sessions, k))
+    return out

@@ -1,0 +1,163 @@
+"""The gate's statistics against an independent implementation (scipy.stats), and the interleaving order."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+scipy_stats = pytest.importorskip("scipy.stats", reason="scipy is a test dependency (pip install -e '.[dev]')")
+
+from mvlm_bench import compare, gate  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 6, 8, 10, 13])
+def test_signed_rank_matches_scipy_exact(n):
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        d = rng.normal(-0.3, 1.0, n)
+        ours = gate.signed_rank_less(d)
+        ref = scipy_stats.wilcoxon(d, alternative="less", method="exact").pvalue
+        assert ours == pytest.approx(ref, rel=1e-9, abs=1e-12)
+
+
+def test_signed_rank_with_ties_and_zeros_matches_a_permutation_test():
+    # ties in |d| and zero differences: scipy's exact table does not cover them; a full sign-flip enumeration does
+    d = np.array([0.02, -0.02, -0.05, -0.05, 0.0, -0.01, 0.03, -0.02, -0.07])
+    nz = d[d != 0]
+
+    def w_plus(x, axis=-1):
+        ranks = scipy_stats.rankdata(np.abs(x), axis=axis)
+        return np.sum(np.where(x > 0, ranks, 0), axis=axis)
+
+    ref = scipy_stats.permutation_test((nz,), w_plus, permutation_type="samples", alternative="less",
+                                       n_resamples=np.inf).pvalue
+    assert gate.signed_rank_less(d) == pytest.approx(ref, rel=1e-9)
+
+
+def test_signed_rank_extremes():
+    assert gate.signed_rank_less([-0.1] * 5) == pytest.approx(1 / 32)
+    assert gate.signed_rank_less([0.1] * 5) == 1.0
+    assert gate.signed_rank_less([]) == 1.0
+    assert gate.signed_rank_min_p(5) == 1 / 32
+
+
+@pytest.mark.parametrize("n,m", [(3, 3), (4, 5), (5, 5), (6, 7)])
+def test_mann_whitney_matches_scipy_exact(n, m):
+    rng = np.random.default_rng(10 * n + m)
+    for _ in range(15):
+        x = rng.normal(0, 1, n)
+        y = rng.normal(-0.5, 1, m)
+        ref = scipy_stats.mannwhitneyu(y, x, alternative="less", method="exact").pvalue
+        assert compare.mann_whitney_less(x, y) == pytest.approx(ref, rel=1e-9)
+
+
+def test_mann_whitney_normal_approximation_matches_scipy_asymptotic():
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(0, 1, 12), rng.normal(-0.4, 1, 12)  # C(24, 12) > EXACT_LIMIT: the normal approximation
+    ref = scipy_stats.mannwhitneyu(y, x, alternative="less", method="asymptotic", use_continuity=True).pvalue
+    assert compare.mann_whitney_less(x, y) == pytest.approx(ref, rel=1e-6)
+
+
+def test_bootstrap_interval_agrees_with_scipy_bootstrap():
+    rng = np.random.default_rng(3)
+    b = rng.normal(40.0, 1.0, 7)
+    c = rng.normal(37.0, 1.0, 7)
+    ours = compare.bootstrap_speedup_ci(b, c, sign=+1, samples=20000, seed=1)
+
+    def ratio(bb, cc, axis=-1):
+        return np.median(cc, axis=axis) / np.median(bb, axis=axis)
+
+    ref = scipy_stats.bootstrap((b, c), ratio, paired=False, vectorized=True, method="percentile",
+                                n_resamples=20000, random_state=np.random.default_rng(2)).confidence_interval
+    assert ours[0] == pytest.approx(ref.low, abs=0.01)
+    assert ours[1] == pytest.approx(ref.high, abs=0.01)
+
+
+def test_paired_bootstrap_agrees_with_scipy_bootstrap():
+    rng = np.random.default_rng(5)
+    r = rng.normal(0.9, 0.03, 8)
+    ours = gate._bootstrap_pairs(r, samples=20000, seed=4)
+    ref = scipy_stats.bootstrap((r,), np.median, method="percentile", n_resamples=20000,
+                                random_state=np.random.default_rng(9)).confidence_interval
+    assert ours[0] == pytest.approx(ref.low, abs=0.01)
+    assert ours[1] == pytest.approx(ref.high, abs=0.01)
+
+
+# --- interleaving -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", gate.ORDERS)
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_every_pair_holds_one_a_and_one_b(order, n):
+    seq = gate.interleave(n, order)
+    assert len(seq) == 2 * n
+    assert all(sorted(seq[2 * i: 2 * i + 2]) == ["A", "B"] for i in range(n))
+
+
+def test_abba_order():
+    assert "".join(gate.interleave(4, "abba")) == "ABBAABBA"
+    assert "".join(gate.interleave(3, "alternate")) == "ABABAB"
+    with pytest.raises(ValueError):
+        gate.interleave(2, "random")
+
+
+def test_abba_cancels_a_linear_drift_that_alternate_does_not():
+    # a device that slows down steadily (thermal), no real difference between A and B
+    def session(order):
+        seq = gate.interleave(6, order)
+        speed = [100.0 * (1 - 0.01 * t) for t in range(len(seq))]
+        a = [s for s, who in zip(speed, seq, strict=True) if who == "A"]
+        b = [s for s, who in zip(speed, seq, strict=True) if who == "B"]
+        return a, b
+
+    a, b = session("abba")
+    log_ratios = [math.log(y / x) for x, y in zip(a, b, strict=True)]
+    assert abs(sum(log_ratios)) < 1e-3  # drift cancels over ABBA pairs
+    a2, b2 = session("alternate")
+    assert all(y < x for x, y in zip(a2, b2, strict=True))  # B always second: the drift looks like a B slowdown
+    assert gate.compare_paired("eval_tps", a2, b2).verdict == "slower"
+    assert gate.compare_paired("eval_tps", a, b).verdict == "no change"
+
+
+def test_compare_paired_detects_a_real_slowdown_and_orients_speedups():
+    rng = np.random.default_rng(11)
+    base = 40 * (1 + rng.normal(0, 0.02, 6))
+    cand = base * 0.9 * (1 + rng.normal(0, 0.01, 6))
+    c = gate.compare_paired("eval_tps", base, cand)
+    assert c.verdict == "slower" and c.speedup == pytest.approx(0.9, abs=0.03)
+    assert c.slowdown == pytest.approx(0.1, abs=0.03)
+    t = gate.compare_paired("total_s", 1 / base, 1 / cand)  # seconds: lower is better
+    assert t.verdict == "slower" and t.speedup == pytest.approx(0.9, abs=0.03)
+    regs = compare.regressions([c, t], threshold=0.05, metrics=("eval_tps", "total_s"))
+    assert [r.key for r in regs] == ["eval_tps", "total_s"]
+    assert "signed-rank" in compare.describe_regression(c, 0.05)
+
+
+# --- history mode -------------------------------------------------------------------------------------------------
+
+
+def test_noise_model_matches_numpy_median_and_scipy_mad():
+    sessions = [[40.1, 40.3, 39.9], [41.0, 41.4, 41.2], [38.9, 39.2, 39.0], [40.5, 40.4, 40.6], [39.7, 39.5, 39.6]]
+    nm = gate.noise_model("eval_tps", sessions)
+    meds = np.array([np.median(s) for s in sessions])
+    center = float(np.median(meds))
+    assert nm.center == pytest.approx(center)
+    rel = meds / center - 1
+    assert nm.sigma == pytest.approx(scipy_stats.median_abs_deviation(rel, scale="normal"), rel=1e-3)
+    assert nm.band == pytest.approx(gate.NOISE_K * nm.sigma)
+
+
+def test_judge_history_verdicts():
+    sessions = [[40 * (1 + e)] * 3 for e in (-0.02, -0.01, 0.0, 0.01, 0.02)]  # sigma ~1.5%, band ~4.4%
+    assert gate.judge_history("eval_tps", sessions, [39.0] * 3, threshold=0.05).verdict == "no change"
+    slow = gate.judge_history("eval_tps", sessions, [35.0] * 3, threshold=0.05)
+    assert slow.verdict == "slower" and slow.slowdown == pytest.approx(0.125)
+    noisy = [[40 * (1 + e)] * 3 for e in (-0.08, -0.04, 0.0, 0.04, 0.08)]  # band ~18%
+    assert gate.judge_history("eval_tps", noisy, [37.0] * 3, threshold=0.05).verdict == "suspected"
+    few = gate.judge_history("eval_tps", sessions[:2], [20.0] * 3, threshold=0.05)
+    assert few.verdict == "insufficient" and "at least 3" in few.message
+    faster = gate.judge_history("total_s", [[10.0] * 3] * 4, [9.0] * 3, threshold=0.05)
+    assert faster.verdict == "no change" and faster.slowdown == pytest.approx(-0.1)
+    assert gate.judge_history("total_s", [[10.0] * 3] * 4, [11.0] * 3, threshold=0.05).verdict == "slower"
