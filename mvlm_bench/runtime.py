@@ -244,6 +244,26 @@ def _host_cpu_id() -> str:
     return f"{platform.machine()}:{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
 
 
+# AMX (Intel's tile instructions): where /proc/cpuinfo lists them, -march=native compiles ggml's AMX kernels, and on
+# virtual machines that advertise AMX without fully supporting it every quantized matmul dies with SIGILL in
+# tinygemm_kernel_amx (`tilezero`; seen on a Firecracker VM, q8_0/q4_1 on 1 thread: SIGILL, on 2: SIGSEGV; a small
+# probe that configures tiles and yields passed there, so no probe can be trusted). mvlm builds the host runtime for
+# converting, verifying and benchmarking edge models, where AMX buys nothing: host builds turn it off wherever the CPU
+# advertises it (the arguments go into the build key; BuildOptions.extra_cmake_args can override them).
+AMX_OFF = ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+           "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+           "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"]
+
+
+def host_isa_args() -> list[str]:
+    """Extra CMake arguments for a native host build on this machine (AMX off where the CPU advertises it)."""
+    try:
+        has_amx = "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        has_amx = False
+    return list(AMX_OFF) if has_amx and platform.machine() in ("x86_64", "AMD64") else []
+
+
 def resolve_ndk(ndk: Path | None) -> Path | None:
     for cand in (ndk, os.environ.get("ANDROID_NDK_HOME"), os.environ.get("ANDROID_NDK_ROOT"), os.environ.get("ANDROID_NDK")):
         if cand:
@@ -270,8 +290,9 @@ def cmake_args(opts: BuildOptions, source: Source) -> tuple[list[str], str]:
     t = opts.target
     if t == "host":
         args = [*common, "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON",
-                "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN/../lib"]
-        note = f"host compiler ({platform.machine()}, -march=native)"
+                "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN/../lib", *host_isa_args()]
+        note = f"host compiler ({platform.machine()}, -march=native" + (", AMX off)" if
+                                                                        AMX_OFF[0] in args else ")")
     elif t == "linux-arm64" or (t == "android-arm64" and resolve_ndk(opts.ndk) is None):
         if opts.toolchain:
             args = [*common, *static, f"-DCMAKE_TOOLCHAIN_FILE={opts.toolchain}"]

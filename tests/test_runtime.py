@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -215,3 +216,14 @@ def test_bindings_load_the_patched_libraries(host_runtime):
     assert r.returncode == 0, r.stderr
     assert str(host_runtime / "lib" / "libllama.so") in r.stdout
     assert str(host_runtime / "lib" / "libmtmd.so") in r.stdout
+
+
+def test_host_build_turns_amx_off_where_the_cpu_advertises_it(monkeypatch):
+    args, note = rt.cmake_args(rt.BuildOptions("host"), SRC)
+    advertised = "amx_tile" in Path("/proc/cpuinfo").read_text() and platform.machine() == "x86_64"
+    assert (_arg(args, "GGML_AMX_INT8") == "OFF") == advertised
+    assert ("-mno-amx-int8" in (_arg(args, "CMAKE_CXX_FLAGS") or "")) == advertised
+    assert ("AMX off" in note) == advertised
+    monkeypatch.setattr(rt, "host_isa_args", lambda: list(rt.AMX_OFF))
+    assert rt.build_key(SRC, [], rt.BuildOptions("host"), rt.cmake_args(rt.BuildOptions("host"), SRC)[0]) != \
+        rt.build_key(SRC, [], rt.BuildOptions("host"), [a for a in args if a not in rt.AMX_OFF])
