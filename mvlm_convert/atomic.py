@@ -13,9 +13,11 @@ Temporary names look like ``.<final name>.<pid>.tmp``; :func:`is_temporary` reco
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-from collections.abc import Iterable
+import signal
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mvlm_convert.errors import MvlmError
@@ -79,11 +81,14 @@ class AtomicOutputs:
             raise RuntimeError(f"commit before every output was written: {', '.join(missing)}")
         for _, tmp in self._pairs:
             fsync_file(tmp)
-        for final, tmp in self._pairs:
-            os.replace(tmp, final)
+        # The renames are not interrupted half-way (new LM next to an old mmproj): Ctrl-C / SIGTERM arriving now
+        # is held back and delivered once every file has its final name.
+        with _signals_held():
+            for final, tmp in self._pairs:
+                os.replace(tmp, final)
+            self.committed = True
         if self._pairs:
             fsync_dir(self._pairs[0][0].parent)
-        self.committed = True
         return self.finals
 
     def abort(self) -> None:
@@ -99,6 +104,21 @@ class AtomicOutputs:
     def __exit__(self, *exc: object) -> None:
         if not self.committed:
             self.abort()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Block SIGINT/SIGTERM for this thread while the block runs (no-op where pthread_sigmask is missing)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def fsync_file(p: Path) -> None:

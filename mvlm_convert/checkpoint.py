@@ -16,7 +16,11 @@ from __future__ import annotations
 import ctypes
 import json
 import mmap
+import os
+import pickle
+import re
 import struct
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,26 +172,62 @@ def _load_bin(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """torch.load a .bin safely; (state dict, whether it is memory-mapped)."""
     if not path.is_file():
         raise MvlmError(f"missing weights file {path}; is the checkpoint complete?")
-    try:
-        sd = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
-        mapped = True
-    except RuntimeError as e:
-        if "zipfile" in str(e) and "mmap" in str(e):
-            # Legacy (pre-1.6) pickle format cannot be mapped; it has to be read whole.
-            try:
-                sd = torch.load(path, weights_only=True, map_location="cpu")
-            except Exception as e2:  # noqa: BLE001
-                raise MvlmError(f"cannot read {path}: truncated or corrupt ({_short(e2)})") from e2
-            mapped = False
-        else:
-            raise MvlmError(f"cannot read {path}: truncated or corrupt ({_short(e)})") from e
-    except Exception as e:  # noqa: BLE001 - pickle/zip errors come in many types
-        raise MvlmError(f"cannot read {path}: truncated or corrupt ({_short(e)})") from e
+    with warnings.catch_warnings():  # torch's pickle-protocol warnings would break the one-line error
+        warnings.simplefilter("ignore")
+        try:
+            sd = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+            mapped = True
+        except RuntimeError as e:
+            if "zipfile" in str(e) and "mmap" in str(e):
+                # Legacy (pre-1.6) pickle format cannot be mapped; it has to be read whole.
+                try:
+                    sd = torch.load(path, weights_only=True, map_location="cpu")
+                except Exception as e2:  # noqa: BLE001
+                    raise _bin_error(path, e2) from e2
+                mapped = False
+            else:
+                raise _bin_error(path, e) from e
+        except Exception as e:  # noqa: BLE001 - pickle/zip errors come in many types
+            raise _bin_error(path, e) from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise MvlmError(f"cannot read {path}: not a state dict of tensors")
     return sd, mapped
+
+
+# What torch's weights_only unpickler says when a pickle asks for something other than tensors (a global such as
+# os.system, a class, a reduce call, or an opcode it does not allow): the file carries code, which is never run.
+_CODE_MARKERS = re.compile(r"unsupported global|GLOBAL |Unsupported class|reduce|Unsupported operand|not an allowed global",
+                           re.IGNORECASE)
+
+
+def _pickle_refusal_reason(e: BaseException) -> str | None:
+    """What weights_only loading refused (``GLOBAL posix.system``, ``Unsupported operand 149``) when it refused a
+    pickle for holding objects other than tensors, else None."""
+    if not isinstance(e, pickle.UnpicklingError) or "Weights only load failed" not in str(e):
+        return None
+    text = str(e)
+    m = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if m:
+        return f"GLOBAL {m.group(1)}"
+    for para in (p.strip() for p in text.split("\n")):
+        if _CODE_MARKERS.search(para) and not para.startswith(("Weights only load failed", "Check the documentation")):
+            return para.replace("WeightsUnpickler error:", "").strip()[:120].rstrip(".")
+    return None
+
+
+def _bin_error(path: Path, e: BaseException) -> MvlmError:
+    """One line for a .bin that cannot be loaded: refused (it holds code) or truncated/corrupt."""
+    reason = _pickle_refusal_reason(e)
+    if reason is not None:
+        return MvlmError(
+            f"refused to load {path}: it contains code (pickled objects other than tensors: {reason}), which mvlm never "
+            "runs; if you trust its source, load it yourself in a trusted environment and save the tensors with "
+            "safetensors (safetensors.torch.save_file(state_dict, 'model.safetensors')), then convert that "
+            "(a damaged download can look like this too: download it again)"
+        )
+    return MvlmError(f"cannot read {path}: truncated or corrupt ({_short(e)})")
 
 
 def _short(e: BaseException) -> str:
@@ -238,6 +278,35 @@ def _read_safetensor(path: Path, name: str) -> torch.Tensor:
         raise MvlmError(f"cannot read tensor {name} from {path}: {_short(e)}") from e
 
 
+def _inside(root: Path, p: Path) -> bool:
+    """Whether ``p`` (after following symlinks) lies inside the checkpoint directory ``root``.
+
+    The one exception is the Hugging Face cache layout: ``.../models--X/snapshots/<rev>/<file>`` are symlinks to
+    ``../../blobs/<hash>``, so for a snapshot directory the repository's own ``blobs`` directory counts as inside.
+    """
+    real_root = root.resolve()
+    target = p.resolve()
+    if target.is_relative_to(real_root):
+        return True
+    if real_root.parent.name == "snapshots":
+        return target.is_relative_to(real_root.parent.parent / "blobs")
+    return False
+
+
+def _shard_path(root: Path, index: Path, fname: object) -> Path:
+    """A shard named by an index: a relative path inside the checkpoint directory (no ``..``, no absolute path,
+    no symlink leading outside), else one clear error."""
+    if not isinstance(fname, str) or not fname or "\x00" in fname:
+        raise MvlmError(f"{index}: shard name {fname!r} is not a file name; the index is damaged")
+    rel = Path(fname)
+    if rel.is_absolute() or ".." in rel.parts or not _inside(root, root / rel):
+        raise MvlmError(
+            f"{index}: shard {fname!r} lies outside the checkpoint directory {root}; refusing to read it "
+            "(shards must be files inside the checkpoint directory: fix or re-download the index)"
+        )
+    return root / rel
+
+
 def _weight_files(root: Path) -> list[Path]:
     """Which weight files make up the checkpoint (safetensors preferred when a checkpoint ships both)."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -245,11 +314,13 @@ def _weight_files(root: Path) -> list[Path]:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise ValueError("weight_map is not an object")
             except Exception as e:  # noqa: BLE001
                 raise MvlmError(f"cannot read {index}: not a valid shard index ({_short(e)})") from e
             files = []
             for fname in weight_map.values():
-                p = root / fname
+                p = _shard_path(root, index, fname)
                 if p not in files:
                     files.append(p)
             missing = [str(p.name) for p in files if not p.is_file()]
@@ -258,11 +329,18 @@ def _weight_files(root: Path) -> list[Path]:
             return files
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (root / single).is_file():
-            return [root / single]
+            return [_checked_file(root, root / single)]
     others = sorted(p.name for p in root.glob("*.safetensors")) or sorted(p.name for p in root.glob("*.bin"))
     if len(others) == 1:
-        return [root / others[0]]
+        return [_checked_file(root, root / others[0])]
     raise MvlmError(f"{root}: no weights found (expected pytorch_model.bin, model.safetensors or a *.index.json with shards)")
+
+
+def _checked_file(root: Path, p: Path) -> Path:
+    if not _inside(root, p):
+        raise MvlmError(f"{p} is a symlink to {os.path.realpath(p)}, outside the checkpoint directory {root}; refusing to "
+                        "read it (copy the real file into the checkpoint directory)")
+    return p
 
 
 def read_config(root: Path) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """``convert``: a released checkpoint directory -> ``<Name>-<FTYPE>.gguf`` + ``mmproj-<Name>-<FTYPE>.gguf``.
 
 One pass, no intermediate files. Both outputs are planned and validated before anything is written (bad input
-fails with nothing on disk); each file is streamed tensor by tensor to ``<final>.tmp`` and renamed when complete;
-if the second file fails, the first one written by this run is removed too, so a failed run leaves no .gguf.
+fails with nothing on disk). Each file is streamed tensor by tensor to a temporary name (``.<final>.<pid>.tmp``,
+``mvlm_convert.atomic.AtomicOutputs``) and both are renamed together only when both are complete: a failed or
+interrupted run (disk full, Ctrl-C, SIGTERM) removes its temporaries and leaves files from an earlier run exactly
+as they were.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mvlm_convert.atomic import AtomicOutputs
 from mvlm_convert.checkpoint import open_checkpoint
 from mvlm_convert.errors import MvlmError
 from mvlm_convert.families import detect_family, normalize, prepare_lm
@@ -145,20 +148,22 @@ def convert(
     if info.projector is not None:
         prepared.append((mmproj_path, mm))
     check_writable(outdir)
+    for path, _ in prepared:
+        if path.is_dir():
+            raise MvlmError(f"{path} is a directory; it is in the way of the output file: move it or choose another --outdir")
 
-    written: list[Path] = []
     summaries: list[FileSummary] = []
     bar: Any = _RichProgress() if progress is True else (progress or None)
     try:
-        if isinstance(bar, _RichProgress):
-            bar.__enter__()
-        for path, prep in prepared:
-            summaries.append(prep.write(path, bar))
-            written.append(path)
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
+        with AtomicOutputs() as out:
+            if isinstance(bar, _RichProgress):
+                bar.__enter__()
+            for path, prep in prepared:
+                summaries.append(prep.write(path, bar, tmp=out.path(path)))
+            if isinstance(bar, _RichProgress):
+                bar.__exit__(None, None, None)
+                bar = None
+            written = out.commit()
     finally:
         if isinstance(bar, _RichProgress):
             bar.__exit__(None, None, None)

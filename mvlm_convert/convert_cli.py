@@ -20,11 +20,23 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def lm_notes(md: dict) -> str:
+    """``phi2 2 layers, 4/4 heads, vocab 448``: the LM's llama.cpp architecture and shape, for any family's writer."""
+    arch = md.get("arch", "?")
+    n_head = md.get("n_head", "?")
+    n_kv = md.get("n_head_kv", n_head)
+    return f"{arch} {md.get('n_layer', '?')} layers, {n_head}/{n_kv} heads, vocab {md.get('vocab_size', '?')}"
+
+
+FAMILY_LABELS = {"mobilevlm": "MobileVLM", "llava": "LLaVA-1.5", "xmodel": "Xmodel-VLM", "imp": "Imp"}
+
+
 def convert_cmd(
     checkpoint: Path = typer.Argument(
         ...,
-        help="Checkpoint directory as released on the HF hub (config.json, tokenizer.model and pytorch_model.bin / "
-        "model.safetensors, single or sharded with an index). MobileVLM V1/V2 or MobileLLaMA.",
+        help="Checkpoint directory as released on the HF hub (config.json, tokenizer and pytorch_model.bin / "
+        "model.safetensors, single or sharded with an index). Supported: MobileVLM V1/V2, MobileLLaMA (text only), "
+        "LLaVA-1.5 (liuhaotian and llava-hf layouts), Xmodel-VLM, Imp v1 (Phi-2) and Imp v1.5 (Qwen1.5, Phi-3).",
     ),
     outdir: Path | None = typer.Option(
         None, "--outdir", "-o", help="Directory for the two .gguf files (default: the checkpoint directory)."
@@ -32,8 +44,9 @@ def convert_cmd(
     vision_tower: Path | None = typer.Option(
         None,
         "--vision-tower",
-        help="Local CLIP directory (HF transformers layout, e.g. openai/clip-vit-large-patch14-336). Needed for V1 "
-        "when mm_vision_tower in config.json is not a local path; overrides the checkpoint's own copy (V2).",
+        help="Local vision-tower directory (HF transformers layout: CLIP, e.g. openai/clip-vit-large-patch14-336, or "
+        "SigLIP for Imp). Needed for MobileVLM V1 / LLaVA-1.5 when mm_vision_tower in config.json is not a local path; "
+        "overrides the checkpoint's own copy (MobileVLM V2, Xmodel-VLM, Imp).",
     ),
     outtype: str = typer.Option(
         "f16",
@@ -46,11 +59,14 @@ def convert_cmd(
     ),
     json_: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of the table."),
 ) -> None:
-    """Convert CHECKPOINT to <Name>-<FTYPE>.gguf (language model) and mmproj-<Name>-<FTYPE>.gguf (CLIP + projector).
+    """Convert CHECKPOINT to <Name>-<FTYPE>.gguf (language model) and mmproj-<Name>-<FTYPE>.gguf (vision tower +
+    projector).
 
-    One pass, no intermediate files: tensors are read, converted and written one at a time (peak memory about one
-    tensor). The mmproj holds every CLIP layer and makes llama.cpp stop at hidden_states[-2]; the LM carries
-    MobileVLM's "v1" conversation format as tokenizer.chat_template. Nothing is left behind on failure.
+    Families: MobileVLM V1/V2 and MobileLLaMA, LLaVA-1.5 (liuhaotian and llava-hf), Xmodel-VLM, Imp v1 (Phi-2 +
+    SigLIP) and Imp v1.5 (Qwen1.5 or Phi-3 + SigLIP). One pass, no intermediate files: tensors are read, converted
+    and written one at a time (peak memory about one tensor). The mmproj holds every vision layer and makes llama.cpp
+    stop at the layer the model uses. Both files are renamed into place together when both are complete: on failure
+    or interruption nothing is left behind and earlier files of the same names stay as they were.
     """
     from mvlm_convert.convert import convert
 
@@ -66,8 +82,10 @@ def convert_cmd(
         print(json.dumps(result.to_json(), indent=2))
         return
     outdir_shown = result.lm.path.parent
+    family = FAMILY_LABELS.get(result.family, result.family)
     table = Table(
-        title=f"{result.name}: {result.family} {result.variant}, {result.outtype}", caption=f"written to {outdir_shown}"
+        title=f"{result.name}: {family} {result.variant} ({result.lm.metadata.get('arch', '?')} LM), {result.outtype}",
+        caption=f"written to {outdir_shown}",
     )
     for col in ("file", "kind", "tensors", "size", "dtypes", "notes"):
         table.add_column(col, justify="right" if col in ("tensors", "size") else "left")
@@ -82,6 +100,6 @@ def convert_cmd(
                 f"from {md['vision_tower']}"
             )
         else:
-            notes = f"llama {md['n_layer']} layers, {md['n_head']}/{md['n_head_kv']} heads, vocab {md['vocab_size']}"
+            notes = lm_notes(md)
         table.add_row(s.path.name, s.kind, str(s.n_tensors), _size(s.nbytes), dtypes, notes)
     console.print(table)

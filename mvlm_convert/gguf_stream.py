@@ -5,13 +5,14 @@ gguf.GGUFWriter normally keeps every tensor in memory until ``write_tensors_to_f
 infos are written, and then each tensor is produced, encoded and written in declaration order, and dropped. Peak
 memory is therefore about one tensor, not one model.
 
-The file is written under a temporary name in the output directory and renamed only when complete; any failure
-(including ENOSPC) removes it.
+The file is written under a temporary name in the output directory (``mvlm_convert.atomic``: ``.<name>.<pid>.tmp``)
+and renamed only when complete; when a command writes several files (convert: LM + mmproj) the caller hands in the
+temporaries of one ``AtomicOutputs`` and renames them all together. Any failure (including ENOSPC, Ctrl-C, SIGTERM)
+removes the temporaries and leaves an earlier file of the same name untouched.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import gguf
 import numpy as np
 import torch
 
+from mvlm_convert.atomic import AtomicOutputs, is_disk_full, temporary_for
 from mvlm_convert.errors import MvlmError
 
 QT = gguf.GGMLQuantizationType
@@ -120,7 +122,8 @@ def encode(t: torch.Tensor, qtype: QT) -> np.ndarray:
 
 
 def tmp_path_for(final: Path) -> Path:
-    return final.with_name(final.name + ".tmp")
+    """The temporary name a file is written under before it is renamed to ``final``."""
+    return temporary_for(final)
 
 
 def check_writable(outdir: Path) -> None:
@@ -141,18 +144,28 @@ def write_gguf(
     kind: str,
     progress: Progress | None = None,
     release: Callable[[TensorPlan], None] | None = None,
+    tmp: Path | None = None,
 ) -> FileSummary:
-    """Declare all tensors, write header/KV/infos, then stream the tensors; rename ``<final>.tmp`` -> ``final``."""
+    """Declare all tensors, write header/KV/infos, then stream the tensors.
+
+    With ``tmp`` the file is written there and left for the caller to rename (an ``AtomicOutputs`` commit);
+    without it, it goes to a temporary name of its own and is renamed to ``final`` when complete.
+    """
+    if tmp is None:
+        with AtomicOutputs() as out:
+            summary = write_gguf(final, writer, plans, kind=kind, progress=progress, release=release,
+                                 tmp=out.path(final))
+            out.commit()
+        return summary
     for p in plans:
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
-    tmp = tmp_path_for(final)
     if progress is not None:
         progress.start(final, sum(p.nbytes for p in plans), len(plans))
     try:
         try:
             writer.write_header_to_file(path=tmp)
         except OSError as e:
-            raise MvlmError(f"cannot write {tmp}: {e.strerror or e}") from e
+            raise _write_error(final, e) from e
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for p in plans:
@@ -169,22 +182,26 @@ def write_gguf(
         for f in writer.fout:
             f.flush()
         writer.close()
-        os.replace(tmp, final)
     except BaseException as e:
         try:
             writer.close()
         except OSError:
             pass  # flushing into a full disk fails again; the temporary file goes anyway
         tmp.unlink(missing_ok=True)
-        # numpy's tofile reports a short write without errno ("N requested and M written")
-        short_write = isinstance(e, OSError) and e.errno is None and "requested and" in str(e) and "written" in str(e)
-        if isinstance(e, OSError) and (e.errno == errno.ENOSPC or short_write):
-            raise MvlmError(f"disk full while writing {final}: free space and retry (no partial file left)") from e
+        if isinstance(e, OSError):
+            raise _write_error(final, e) from e
         raise
     counts: dict[str, int] = {}
     for p in plans:
         counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
-    return FileSummary(path=final, kind=kind, n_tensors=len(plans), nbytes=final.stat().st_size, dtypes=counts)
+    return FileSummary(path=final, kind=kind, n_tensors=len(plans), nbytes=tmp.stat().st_size, dtypes=counts)
+
+
+def _write_error(final: Path, e: OSError) -> MvlmError:
+    if is_disk_full(e):
+        return MvlmError(f"disk full while writing {final}: free space and retry (no partial file left; earlier files "
+                         "of the same names are untouched)")
+    return MvlmError(f"cannot write {final}: {e.strerror or e} (no partial file left)")
 
 
 @dataclass
@@ -205,7 +222,9 @@ class PreparedGGUF:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.plans)
 
-    def write(self, final: Path, progress: Progress | None = None) -> FileSummary:
-        summary = write_gguf(final, self.writer, self.plans, kind=self.kind, progress=progress, release=self.release)
+    def write(self, final: Path, progress: Progress | None = None, tmp: Path | None = None) -> FileSummary:
+        """Write to ``tmp`` (left for the caller's commit) or, without it, atomically to ``final``."""
+        summary = write_gguf(final, self.writer, self.plans, kind=self.kind, progress=progress, release=self.release,
+                             tmp=tmp)
         summary.metadata = dict(self.metadata)
         return summary

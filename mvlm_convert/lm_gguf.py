@@ -14,6 +14,7 @@ import gguf
 import torch
 
 from mvlm_convert.checkpoint import Checkpoint
+from mvlm_convert.config_check import Dim, check_layer_count, check_shape
 from mvlm_convert.errors import MvlmError
 from mvlm_convert.families.mobilevlm import LmHparams, is_lm_tensor, lm_hparams, lm_required_tensors
 from mvlm_convert.gguf_stream import QT, FileSummary, PreparedGGUF, Progress, TensorPlan, add_lm_keys, matrix_type
@@ -25,6 +26,8 @@ from mvlm_convert.gguf_stream import QT, FileSummary, PreparedGGUF, Progress, Te
 # followed by exactly one "\n" (the trained layout). The strings "USER: " / "ASSISTANT: " also make llama.cpp's
 # non-Jinja fallback (llama-mtmd-cli's default; llm_chat_detect_template) pick its built-in "vicuna" format rather
 # than failing; only the Jinja path (--jinja, llama-server, llama-cpp-python) reproduces v1 exactly.
+LAYER_PATTERN = r"model\.layers\.(\d+)\."
+
 MOBILEVLM_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -100,19 +103,8 @@ def write_lm_gguf(ckpt: Checkpoint, out_path: Path, outtype: str, name: str, pro
 
 def prepare_lm_gguf(ckpt: Checkpoint, outtype: str, name: str) -> PreparedGGUF:
     """Validate the LM part of the checkpoint and plan every tensor (reads metadata and the tokenizer only)."""
-    hp = lm_hparams(ckpt.config)
-    ckpt.require(lm_required_tensors(hp), "language-model tensors")
-    emb_rows = ckpt.shape("model.embed_tokens.weight")[0]
-    if emb_rows != hp.vocab_size:
-        raise MvlmError(f"model.embed_tokens.weight has {emb_rows} rows but config vocab_size is {hp.vocab_size}")
-    for i in range(hp.n_layer):
-        q = ckpt.shape(f"model.layers.{i}.self_attn.q_proj.weight")
-        k = ckpt.shape(f"model.layers.{i}.self_attn.k_proj.weight")
-        if q != (hp.n_head * hp.head_dim, hp.hidden_size) or k != (hp.n_head_kv * hp.head_dim, hp.hidden_size):
-            raise MvlmError(
-                f"layer {i}: q/k shapes {q}/{k} do not match num_attention_heads={hp.n_head}, "
-                f"num_key_value_heads={hp.n_head_kv}, hidden_size={hp.hidden_size}; config.json and weights disagree"
-            )
+    hp = lm_hparams(ckpt.config, ckpt)
+    check_lm_shapes(ckpt, hp)
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp.n_layer)
     plans: list[TensorPlan] = []
@@ -143,6 +135,33 @@ def prepare_lm_gguf(ckpt: Checkpoint, outtype: str, name: str) -> PreparedGGUF:
         **vocab_meta,
     }
     return PreparedGGUF(writer, plans, "language model", metadata, release=lambda p: ckpt.release(p.source))
+
+
+def check_lm_shapes(ckpt: Checkpoint, hp: LmHparams) -> None:
+    """Every LLaMA tensor's shape against the config (hidden, vocab, layers, heads / KV heads, intermediate size)."""
+    check_layer_count(ckpt, hp.n_layer, LAYER_PATTERN)
+    ckpt.require(lm_required_tensors(hp), "language-model tensors")
+    hd = hp.head_dim
+    hid = Dim(hp.hidden_size, "hidden_size")
+    voc = Dim(hp.vocab_size, "vocab_size")
+    ffn = Dim(hp.ffn, "intermediate_size")
+    q_rows = Dim(hp.n_head * hd, "num_attention_heads", hd, f"{hd}-wide heads")
+    kv_rows = Dim(hp.n_head_kv * hd, "num_key_value_heads", hd, f"{hd}-wide heads (hidden_size / num_attention_heads)")
+    check_shape(ckpt, "model.embed_tokens.weight", (voc, hid))
+    if not hp.tie_embeddings:
+        check_shape(ckpt, "lm_head.weight", (voc, hid))
+    check_shape(ckpt, "model.norm.weight", (hid,))
+    for i in range(hp.n_layer):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            check_shape(ckpt, f"{p}{norm}.weight", (hid,))
+        check_shape(ckpt, p + "self_attn.q_proj.weight", (q_rows, hid))
+        check_shape(ckpt, p + "self_attn.k_proj.weight", (kv_rows, hid))
+        check_shape(ckpt, p + "self_attn.v_proj.weight", (kv_rows, hid))
+        check_shape(ckpt, p + "self_attn.o_proj.weight", (hid, Dim(hp.n_head * hd, "hidden_size")))
+        check_shape(ckpt, p + "mlp.gate_proj.weight", (ffn, hid))
+        check_shape(ckpt, p + "mlp.up_proj.weight", (ffn, hid))
+        check_shape(ckpt, p + "mlp.down_proj.weight", (hid, ffn))
 
 
 def _producer(ckpt: Checkpoint, hf: str, hp: LmHparams) -> Callable[[], torch.Tensor]:

@@ -23,6 +23,7 @@ from typing import Any
 import gguf
 
 from mvlm_convert.checkpoint import Checkpoint
+from mvlm_convert.config_check import Dim, Fields, check_layer_count, check_shape, weight_hints
 from mvlm_convert.errors import MvlmError
 from mvlm_convert.gguf_stream import QT, PreparedGGUF, TensorPlan, add_lm_keys, matrix_type
 
@@ -48,35 +49,40 @@ class Phi2Hparams:
         return self.hidden_size // self.n_head
 
 
-def phi2_hparams(config: dict[str, Any]) -> Phi2Hparams:
-    """Phi-2 hyper-parameters from the HF keys (PhiConfig names; the old ``n_embd``/``n_head`` names as fallback)."""
-
-    def need(*keys: str) -> Any:
-        for k in keys:
-            if config.get(k) is not None:
-                return config[k]
-        raise MvlmError(f"config.json has no {keys[0]!r}; cannot describe the Phi-2 language model")
-
-    hidden = int(need("hidden_size", "n_embd"))
-    n_head = int(need("num_attention_heads", "n_head"))
-    if hidden % n_head:
-        raise MvlmError(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {n_head}")
-    n_kv = config.get("num_key_value_heads")
-    if n_kv is not None and int(n_kv) != n_head:
+def phi2_hparams(config: dict[str, Any], reader: Any = None) -> Phi2Hparams:
+    """Phi-2 hyper-parameters from the HF keys (PhiConfig names; the old ``n_embd``/``n_head`` names as fallback),
+    typed and range-checked (``reader``: the checkpoint, to say what the weights imply)."""
+    hints = weight_hints(reader, ffn=("model.layers.0.mlp.fc1.weight", 1))
+    f = Fields(config, "the Phi-2 language model", weights=hints)
+    hidden = f.int("hidden_size", "n_embd")
+    n_head = f.int("num_attention_heads", "n_head")
+    f.divides("hidden_size", hidden, "num_attention_heads", n_head)
+    n_kv = f.int("num_key_value_heads", default=n_head)
+    if n_kv != n_head:
         raise MvlmError(f"config.json: num_key_value_heads {n_kv} != {n_head}; Phi-2 has no grouped-query attention")
     rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
-    factor = config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5))
-    theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+    fr = Fields(rope, "the rotary embedding", source="config.json rope_parameters")
+    factor = f.number("partial_rotary_factor", default=None, maximum=1.0)
+    if factor is None:
+        factor = fr.number("partial_rotary_factor", default=0.5, maximum=1.0)
+    theta = f.number("rope_theta", default=None)
+    if theta is None:
+        theta = fr.number("rope_theta", default=10000.0)
+    head_dim = hidden // n_head
+    rot_dims = int(factor * head_dim)
+    if rot_dims < 2 or rot_dims % 2:
+        raise MvlmError(f"config.json: partial_rotary_factor = {factor:g} of {head_dim}-wide heads gives {rot_dims} rotary "
+                        "dimensions; rotary embeddings need an even number >= 2: fix partial_rotary_factor")
     return Phi2Hparams(
         hidden_size=hidden,
-        n_layer=int(need("num_hidden_layers", "n_layer")),
+        n_layer=f.int("num_hidden_layers", "n_layer"),
         n_head=n_head,
-        ffn=int(config.get("intermediate_size") or 4 * hidden),
-        vocab_size=int(need("vocab_size")),
-        eps=float(config.get("layer_norm_eps", config.get("layer_norm_epsilon", 1e-5))),
-        rope_theta=float(theta),
-        rot_dims=int(float(factor) * (hidden // n_head)),
-        context_length=int(config.get("max_position_embeddings", config.get("n_positions", 2048))),
+        ffn=f.int("intermediate_size", default=4 * hidden),
+        vocab_size=f.int("vocab_size"),
+        eps=f.number("layer_norm_eps", "layer_norm_epsilon", default=1e-5, maximum=1.0),
+        rope_theta=theta,
+        rot_dims=rot_dims,
+        context_length=f.int("max_position_embeddings", "n_positions", default=2048),
     )
 
 
@@ -144,15 +150,26 @@ def add_bpe_vocab(writer: gguf.GGUFWriter, tok_dir: Path, n_rows: int, config: d
 
 def prepare_phi2_gguf(ckpt: Checkpoint, outtype: str, name: str) -> PreparedGGUF:
     """Validate the Phi-2 part of the checkpoint and plan every tensor (metadata and tokenizer only)."""
-    hp = phi2_hparams(ckpt.config)
+    hp = phi2_hparams(ckpt.config, ckpt)
+    check_layer_count(ckpt, hp.n_layer, r"model\.layers\.(\d+)\.")
     ckpt.require(phi2_required(hp), "Phi-2 language-model tensors")
-    rows = ckpt.shape("model.embed_tokens.weight")[0]
-    if rows != hp.vocab_size or ckpt.shape("lm_head.weight")[0] != rows:
-        raise MvlmError(f"model.embed_tokens / lm_head rows ({rows}) do not match config vocab_size {hp.vocab_size}")
+    rows = hp.vocab_size
+    hid, voc, ffn = Dim(hp.hidden_size, "hidden_size"), Dim(hp.vocab_size, "vocab_size"), Dim(hp.ffn, "intermediate_size")
+    check_shape(ckpt, "model.embed_tokens.weight", (voc, hid))
+    check_shape(ckpt, "lm_head.weight", (voc, hid))
+    check_shape(ckpt, "lm_head.bias", (voc,))
+    for part in ("weight", "bias"):
+        check_shape(ckpt, f"model.final_layernorm.{part}", (hid,))
     for i in range(hp.n_layer):
-        q = ckpt.shape(f"model.layers.{i}.self_attn.q_proj.weight")
-        if q != (hp.hidden_size, hp.hidden_size):
-            raise MvlmError(f"layer {i}: q_proj shape {q} does not match hidden_size {hp.hidden_size}")
+        p = f"model.layers.{i}."
+        for part in ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense",
+                     "mlp.fc1", "mlp.fc2"):  # fmt: skip
+            out_dim = ffn if part == "mlp.fc1" else hid
+            if part != "input_layernorm":
+                check_shape(ckpt, f"{p}{part}.weight", (out_dim, ffn if part == "mlp.fc2" else hid))
+            else:
+                check_shape(ckpt, f"{p}{part}.weight", (hid,))
+            check_shape(ckpt, f"{p}{part}.bias", (out_dim,))
     name_map = gguf.get_tensor_name_map(ARCH, hp.n_layer)
     plans: list[TensorPlan] = []
     for hf in ckpt.names():
@@ -170,6 +187,7 @@ def prepare_phi2_gguf(ckpt: Checkpoint, outtype: str, name: str) -> PreparedGGUF
                 n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head, rope_dims=hp.rot_dims,
                 rope_theta=hp.rope_theta, vocab_size=hp.vocab_size, norm_eps=hp.eps)
     vocab_meta = add_bpe_vocab(w, ckpt.root, rows, ckpt.config)
-    metadata = {"arch": "phi2", "n_layer": hp.n_layer, "n_head": hp.n_head, "hidden_size": hp.hidden_size,
+    metadata = {"arch": "phi2", "n_layer": hp.n_layer, "n_head": hp.n_head, "n_head_kv": hp.n_head,
+                "hidden_size": hp.hidden_size,
                 "head_dim": hp.head_dim, "rope_dims": hp.rot_dims, **vocab_meta}
     return PreparedGGUF(w, plans, "language model", metadata, release=lambda p: ckpt.release(p.source))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gguf
 
 from mvlm_convert.checkpoint import Checkpoint
+from mvlm_convert.config_check import FIX, Dim, Fields, check_layer_count, check_shape
 from mvlm_convert.errors import MvlmError
 from mvlm_convert.gguf_stream import PreparedGGUF
 from mvlm_convert.lm_gguf import add_vocab
@@ -36,23 +37,32 @@ def phi3_required(hp: RmsLmHparams) -> list[str]:
 
 def prepare_phi3_gguf(ckpt: Checkpoint, outtype: str, name: str) -> PreparedGGUF:
     """Validate the Phi-3 part of the checkpoint and plan every tensor (metadata and tokenizer only)."""
-    hp = rms_lm_hparams(ckpt.config, "Phi-3", 10000.0)
+    hp = rms_lm_hparams(ckpt.config, "Phi-3", 10000.0, ckpt)
+    check_layer_count(ckpt, hp.n_layer, r"model\.layers\.(\d+)\.")
     ckpt.require(phi3_required(hp), "Phi-3 (Phi3ForCausalLM) language-model tensors")
     rows = check_embeddings(ckpt, hp)
+    hid, ffn = Dim(hp.hidden_size, "hidden_size"), Dim(hp.ffn, "intermediate_size")
     for i in range(hp.n_layer):
         qkv = ckpt.shape(f"model.layers.{i}.self_attn.qkv_proj.weight")
         want = ((hp.n_head + 2 * hp.n_head_kv) * hp.head_dim, hp.hidden_size)
         if qkv != want:
-            raise MvlmError(f"layer {i}: qkv_proj shape {qkv} does not match {hp.n_head} heads + 2 x {hp.n_head_kv} "
-                            f"KV heads of {hp.head_dim} ({want})")
-        gu = ckpt.shape(f"model.layers.{i}.mlp.gate_up_proj.weight")
-        if gu != (2 * hp.ffn, hp.hidden_size):
-            raise MvlmError(f"layer {i}: gate_up_proj shape {gu} is not 2 x intermediate_size {hp.ffn} rows")
+            kv_rows = qkv[0] - hp.hidden_size if len(qkv) == 2 else None
+            implied = (kv_rows // (2 * hp.head_dim) if kv_rows is not None and kv_rows > 0 and kv_rows % (2 * hp.head_dim) == 0
+                       else "no whole number")
+            raise MvlmError(f"config.json: num_key_value_heads = {hp.n_head_kv} but the weights say {implied} (layer {i}: "
+                            f"qkv_proj shape {list(qkv)} does not match {hp.n_head} heads + 2 x {hp.n_head_kv} KV heads of "
+                            f"{hp.head_dim} = {list(want)}); {FIX}")
+        check_shape(ckpt, f"model.layers.{i}.mlp.gate_up_proj.weight", (Dim(2 * hp.ffn, "intermediate_size", 2), hid))
+        check_shape(ckpt, f"model.layers.{i}.mlp.down_proj.weight", (hid, ffn))
+        check_shape(ckpt, f"model.layers.{i}.self_attn.o_proj.weight", (hid, hid))
+    f = Fields(ckpt.config, "the Phi-3 language model")
+    orig_ctx = f.int("original_max_position_embeddings", default=hp.context_length)
+    sliding = f.int("sliding_window", default=0, minimum=0)
     plans = plan_lm_tensors(ckpt, gguf.MODEL_ARCH.PHI3, hp, outtype, "Phi3ForCausalLM")
     w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3])
     add_common_keys(w, hp, name, outtype)
-    w.add_rope_scaling_orig_ctx_len(int(ckpt.config.get("original_max_position_embeddings") or hp.context_length))
-    w.add_sliding_window(int(ckpt.config.get("sliding_window") or 0))
+    w.add_rope_scaling_orig_ctx_len(orig_ctx)
+    w.add_sliding_window(sliding)
     if not (ckpt.root / "tokenizer.model").is_file():
         raise MvlmError(f"{ckpt.root}: no tokenizer.model (SentencePiece); Phi-3 based checkpoints ship one")
     # the checkpoint's own chat template: Imp's Phi-3 conversation (<|user|> ... <|end|>) is not MobileVLM's

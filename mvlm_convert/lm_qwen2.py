@@ -21,6 +21,7 @@ from typing import Any
 import gguf
 
 from mvlm_convert.checkpoint import Checkpoint
+from mvlm_convert.config_check import Dim, Fields, check_layer_count, check_shape, weight_hints
 from mvlm_convert.errors import MvlmError
 from mvlm_convert.gguf_stream import QT, PreparedGGUF, TensorPlan, add_lm_keys, matrix_type
 
@@ -49,36 +50,53 @@ class RmsLmHparams:
         return self.hidden_size // self.n_head
 
 
-def rms_lm_hparams(config: dict[str, Any], what: str, default_theta: float) -> RmsLmHparams:
-    """Read the HF keys; a rope scaling llama.cpp would need extra metadata for is refused in one line."""
-
-    def need(key: str) -> Any:
-        if config.get(key) is None:
-            raise MvlmError(f"config.json has no {key!r}; cannot describe the {what} language model")
-        return config[key]
-
-    hidden, n_head = int(need("hidden_size")), int(need("num_attention_heads"))
-    n_kv = int(config.get("num_key_value_heads") or n_head)
-    if hidden % n_head or n_head % n_kv:
-        raise MvlmError(f"config.json: hidden_size {hidden}, {n_head} heads, {n_kv} KV heads do not divide evenly")
+def rms_lm_hparams(config: dict[str, Any], what: str, default_theta: float, reader: Any = None,
+                   ffn_tensor: tuple[str, int] = ("model.layers.0.mlp.down_proj.weight", 0)) -> RmsLmHparams:
+    """Read the HF keys, typed and range-checked; a rope scaling llama.cpp would need extra metadata for is refused in
+    one line. ``reader``: the checkpoint, to say what the weights imply in messages."""
+    hints = weight_hints(reader)
+    name, axis = ffn_tensor
+    if reader is not None and name in reader and len(reader.shape(name)) == 2:
+        hints["intermediate_size"] = (reader.shape(name)[1 - axis], f"{name} is {list(reader.shape(name))}")
+    f = Fields(config, f"the {what} language model", weights=hints)
+    hidden, n_head = f.int("hidden_size"), f.int("num_attention_heads")
+    f.divides("hidden_size", hidden, "num_attention_heads", n_head)
+    n_kv = f.int("num_key_value_heads", default=n_head)
+    if n_head % n_kv:
+        raise MvlmError(f"config.json: num_attention_heads = {n_head} is not a multiple of num_key_value_heads = {n_kv}; "
+                        f"fix config.json ({what})")
+    explicit_hd = f.int("head_dim", default=None)
+    if explicit_hd is not None and explicit_hd != hidden // n_head:
+        raise MvlmError(f"config.json: head_dim = {explicit_hd} differs from hidden_size / num_attention_heads = "
+                        f"{hidden // n_head}; mvlm convert needs them equal for {what}: fix config.json")
     rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
     scaling = config.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default" else rope)
     if scaling:
         raise MvlmError(f"{what}: rope scaling {scaling!r} is not supported by mvlm convert (use a checkpoint without "
                         "rope_scaling, e.g. the 4k-context one)")
-    factor = float(config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)))
+    fr = Fields(rope, "the rotary embedding", source="config.json rope_parameters")
+    factor = f.number("partial_rotary_factor", default=None, maximum=1.0)
+    if factor is None:
+        factor = fr.number("partial_rotary_factor", default=1.0, maximum=1.0)
+    theta = f.number("rope_theta", default=None)
+    if theta is None:
+        theta = fr.number("rope_theta", default=default_theta)
+    rot_dims = int(factor * hidden) // n_head
+    if rot_dims < 2 or rot_dims % 2:
+        raise MvlmError(f"config.json: partial_rotary_factor = {factor:g} gives {rot_dims} rotary dimensions per head; "
+                        "rotary embeddings need an even number >= 2: fix partial_rotary_factor")
     return RmsLmHparams(
         hidden_size=hidden,
-        n_layer=int(need("num_hidden_layers")),
+        n_layer=f.int("num_hidden_layers"),
         n_head=n_head,
         n_head_kv=n_kv,
-        ffn=int(need("intermediate_size")),
-        vocab_size=int(need("vocab_size")),
-        rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(config.get("rope_theta", rope.get("rope_theta", default_theta))),
-        rot_dims=int(factor * hidden) // n_head,
-        context_length=int(config.get("max_position_embeddings", 4096)),
-        tied=bool(config.get("tie_word_embeddings", False)),
+        ffn=f.int("intermediate_size"),
+        vocab_size=f.int("vocab_size"),
+        rms_eps=f.number("rms_norm_eps", default=1e-6, maximum=1.0),
+        rope_theta=theta,
+        rot_dims=rot_dims,
+        context_length=f.int("max_position_embeddings", default=4096),
+        tied=f.flag("tie_word_embeddings", False),
     )
 
 
@@ -101,10 +119,22 @@ def plan_lm_tensors(ckpt: Checkpoint, arch: gguf.MODEL_ARCH, hp: RmsLmHparams, o
 
 
 def check_embeddings(ckpt: Checkpoint, hp: RmsLmHparams) -> int:
-    rows = ckpt.shape("model.embed_tokens.weight")[0]
-    if rows != hp.vocab_size or (not hp.tied and ckpt.shape("lm_head.weight")[0] != rows):
-        raise MvlmError(f"model.embed_tokens / lm_head rows ({rows}) do not match config vocab_size {hp.vocab_size}")
-    return rows
+    """Layer count, embeddings, output head and norms against the config; returns the embedding rows."""
+    check_layer_count(ckpt, hp.n_layer, r"model\.layers\.(\d+)\.")
+    hid, voc = Dim(hp.hidden_size, "hidden_size"), Dim(hp.vocab_size, "vocab_size")
+    check_shape(ckpt, "model.embed_tokens.weight", (voc, hid))
+    if not hp.tied:
+        check_shape(ckpt, "lm_head.weight", (voc, hid))
+    check_shape(ckpt, "model.norm.weight", (hid,))
+    for i in range(hp.n_layer):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            check_shape(ckpt, f"model.layers.{i}.{norm}.weight", (hid,))
+    return hp.vocab_size
+
+
+def kv_dim(hp: RmsLmHparams) -> Dim:
+    return Dim(hp.n_head_kv * hp.head_dim, "num_key_value_heads", hp.head_dim,
+               f"{hp.head_dim}-wide heads (hidden_size / num_attention_heads)")
 
 
 def add_common_keys(w: gguf.GGUFWriter, hp: RmsLmHparams, name: str, outtype: str) -> None:
@@ -126,13 +156,20 @@ def prepare_qwen2_gguf(ckpt: Checkpoint, outtype: str, name: str) -> PreparedGGU
     """Validate the Qwen1.5 part of the checkpoint and plan every tensor (metadata and tokenizer only)."""
     from mvlm_convert.lm_phi2 import add_bpe_vocab
 
-    hp = rms_lm_hparams(ckpt.config, "Qwen1.5", 1e6)
+    hp = rms_lm_hparams(ckpt.config, "Qwen1.5", 1e6, ckpt)
+    check_layer_count(ckpt, hp.n_layer, r"model\.layers\.(\d+)\.")
     ckpt.require(qwen2_required(hp), "Qwen1.5 (Qwen2ForCausalLM) language-model tensors")
     rows = check_embeddings(ckpt, hp)
+    hid, ffn, kv = Dim(hp.hidden_size, "hidden_size"), Dim(hp.ffn, "intermediate_size"), kv_dim(hp)
     for i in range(hp.n_layer):
-        k = ckpt.shape(f"model.layers.{i}.self_attn.k_proj.weight")
-        if k != (hp.n_head_kv * hp.head_dim, hp.hidden_size):
-            raise MvlmError(f"layer {i}: k_proj shape {k} does not match {hp.n_head_kv} KV heads of {hp.head_dim}")
+        p = f"model.layers.{i}."
+        for proj, out_dim in (("q_proj", hid), ("k_proj", kv), ("v_proj", kv)):
+            check_shape(ckpt, f"{p}self_attn.{proj}.weight", (out_dim, hid))
+            check_shape(ckpt, f"{p}self_attn.{proj}.bias", (out_dim,))
+        check_shape(ckpt, p + "self_attn.o_proj.weight", (hid, hid))
+        check_shape(ckpt, p + "mlp.gate_proj.weight", (ffn, hid))
+        check_shape(ckpt, p + "mlp.up_proj.weight", (ffn, hid))
+        check_shape(ckpt, p + "mlp.down_proj.weight", (hid, ffn))
     plans = plan_lm_tensors(ckpt, gguf.MODEL_ARCH.QWEN2, hp, outtype, "Qwen2ForCausalLM")
     w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
     add_common_keys(w, hp, name, outtype)

@@ -23,6 +23,7 @@ import gguf
 import torch
 
 from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
+from mvlm_convert.config_check import FIX, Dim, Fields, check_shape, weight_hints
 from mvlm_convert.errors import MvlmError
 from mvlm_convert.families import detect_family, projector_tensors
 from mvlm_convert.families.mobilevlm import CLIP_PREFIX_IN_CHECKPOINT, vision_select_layer, vision_tower_dir
@@ -30,6 +31,13 @@ from mvlm_convert.gguf_stream import FILE_TYPES, QT, FileSummary, PreparedGGUF, 
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# the tensor whose rows are the projector's output width (= the LM's hidden size)
+PROJECTOR_OUTPUT = {
+    "ldp": "model.mm_projector.model.mb_block.2.block.2.0.weight",
+    "ldpv2": "model.mm_projector.mlp.mlp.2.weight",
+    "mlp": "model.mm_projector.2.weight",
+    "xdp": "model.mm_projector.mlp.2.weight",
+}
 LDP_GRID = 24  # clip.cpp hard-codes n_patch = 24 for PROJECTOR_TYPE_LDP / LDPV2
 OPENAI_CLIP_HEAD_DIM = 64  # every OpenAI CLIP ViT (B/16, B/32, L/14, L/14-336) uses 64-wide heads
 
@@ -58,6 +66,8 @@ class ClipSource:
 
 def _vision_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """A CLIPModel config nests the tower under vision_config; a CLIPVisionModel config is the tower itself."""
+    if not isinstance(cfg, dict):
+        raise MvlmError("the vision tower's config.json is not a JSON object; re-download the vision tower")
     vc = cfg.get("vision_config")
     return vc if isinstance(vc, dict) else cfg
 
@@ -117,13 +127,23 @@ def resolve_clip(ckpt: Checkpoint, override: Path | None, prefer_copy: bool = Tr
         )
 
     reader.require([f"{prefix}embeddings.position_embedding.weight"], "vision-tower tensors")
-    patch = reader.shape(f"{prefix}embeddings.patch_embedding.weight")
-    hidden, _, p, _ = patch
-    n_pos = reader.shape(f"{prefix}embeddings.position_embedding.weight")[0]
+    hidden, p, n_pos = patch_geometry(reader, prefix, origin)
     grid = round((n_pos - 1) ** 0.5)
     n_layer = _count_layers(reader, prefix)
-    ffn = reader.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0] if n_layer else 0
-    n_head = int(clip_cfg.get("num_attention_heads") or max(1, hidden // OPENAI_CLIP_HEAD_DIM))
+    if n_layer == 0:
+        raise MvlmError(f"{origin}: the vision tower has no encoder layers")
+    reader.require([f"{prefix}encoder.layers.0.mlp.fc1.weight"], "vision-tower tensors")
+    ffn = reader.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0]
+    src_name = f"{clip_dir / 'config.json'}" if clip_dir is not None else "the vision tower"
+    f = Fields(clip_cfg, "the CLIP vision tower", source=src_name, weights={
+        "hidden_size": (hidden, f"{prefix}embeddings.patch_embedding.weight is {hidden} wide"),
+        "intermediate_size": (ffn, f"{prefix}encoder.layers.0.mlp.fc1.weight has {ffn} rows"),
+        "num_hidden_layers": (n_layer, f"{prefix}encoder.layers.0 .. {n_layer - 1}"),
+    })
+    check_config_matches(f, "hidden_size", hidden)
+    check_config_matches(f, "intermediate_size", ffn)
+    check_config_matches(f, "num_hidden_layers", n_layer)
+    n_head = f.int("num_attention_heads", default=max(1, hidden // OPENAI_CLIP_HEAD_DIM))
     mean, std = _preprocessor(clip_dir)
     src = ClipSource(
         reader=reader,
@@ -132,25 +152,75 @@ def resolve_clip(ckpt: Checkpoint, override: Path | None, prefer_copy: bool = Tr
         ffn=ffn,
         n_layer=n_layer,
         n_head=n_head,
-        image_size=int(clip_cfg.get("image_size") or grid * p),
-        patch_size=int(clip_cfg.get("patch_size") or p),
-        eps=float(clip_cfg.get("layer_norm_eps", 1e-5)),
-        hidden_act=str(clip_cfg.get("hidden_act", "quick_gelu")),
-        projection_dim=int(clip_cfg.get("projection_dim") or 0),
+        image_size=f.int("image_size", default=grid * p),
+        patch_size=f.int("patch_size", default=p),
+        eps=f.number("layer_norm_eps", default=1e-5, maximum=1.0),
+        hidden_act=f.text("hidden_act", "quick_gelu", allowed=VISION_ACTS),
+        projection_dim=f.int("projection_dim", default=0, minimum=0),
         image_mean=mean,
         image_std=std,
         origin=origin,
     )
-    if n_layer == 0:
-        raise MvlmError(f"{origin}: the vision tower has no encoder layers")
     if src.patch_size != p or grid * grid + 1 != n_pos or src.image_size != grid * p:
         raise MvlmError(
             f"{origin}: CLIP config (image {src.image_size}, patch {src.patch_size}) does not match its weights "
             f"({n_pos} positions, {p}x{p} patches)"
         )
     if hidden % n_head:
-        raise MvlmError(f"{origin}: hidden size {hidden} is not a multiple of {n_head} heads")
+        raise MvlmError(f"{src_name}: num_attention_heads = {n_head} does not divide the vision tower width {hidden} "
+                        f"({origin}); fix num_attention_heads")
     return src
+
+
+VISION_ACTS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_new")
+
+
+def patch_geometry(reader: Checkpoint, prefix: str, origin: str) -> tuple[int, int, int]:
+    """(width, patch size, positions) read off the patch and position embeddings, which must fit together."""
+    name = f"{prefix}embeddings.patch_embedding.weight"
+    patch = reader.shape(name)
+    if len(patch) != 4 or patch[1] != 3 or patch[2] != patch[3] or patch[2] < 1:
+        raise MvlmError(f"{origin}: {name} is {list(patch)}, not a [width, 3, p, p] patch convolution; damaged tower?")
+    hidden, p = patch[0], patch[2]
+    pos = reader.shape(f"{prefix}embeddings.position_embedding.weight")
+    if len(pos) != 2 or pos[1] != hidden:
+        raise MvlmError(f"{origin}: {prefix}embeddings.position_embedding.weight is {list(pos)}, expected [positions, "
+                        f"{hidden}] (the patch embedding is {hidden} wide); damaged or mixed tower?")
+    return hidden, p, pos[0]
+
+
+def check_config_matches(f: Fields, key: str, from_weights: int) -> None:
+    """A vision-config value, when given, must equal what the weights say."""
+    val = f.int(key, default=None)
+    if val is not None and val != from_weights:
+        _, evidence = f.weights[key]
+        raise MvlmError(f"{f.source}: {key} = {val} but the weights say {from_weights} ({evidence}); fix {key} or use "
+                        "the matching vision tower")
+
+
+def check_clip_shapes(clip: ClipSource) -> None:
+    """Every vision-tower tensor's shape against the tower's width and MLP size."""
+    reader, pre = clip.reader, clip.prefix
+    hid, ffn = Dim(clip.hidden), Dim(clip.ffn)
+    kw = {"source": clip.origin, "what": "vision-tower"}
+    if not clip.siglip:
+        check_shape(reader, pre + "embeddings.class_embedding", (hid,), **kw)
+        for part in ("weight", "bias"):
+            check_shape(reader, f"{pre}pre_layrnorm.{part}", (hid,), **kw)
+    else:
+        check_shape(reader, pre + "embeddings.patch_embedding.bias", (hid,), **kw)
+    for i in range(clip.n_layer):
+        q = f"{pre}encoder.layers.{i}."
+        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"):
+            check_shape(reader, f"{q}{part}.weight", (hid, hid), **kw)
+            check_shape(reader, f"{q}{part}.bias", (hid,), **kw)
+        for part in ("layer_norm1", "layer_norm2"):
+            check_shape(reader, f"{q}{part}.weight", (hid,), **kw)
+            check_shape(reader, f"{q}{part}.bias", (hid,), **kw)
+        check_shape(reader, f"{q}mlp.fc1.weight", (ffn, hid), **kw)
+        check_shape(reader, f"{q}mlp.fc1.bias", (ffn,), **kw)
+        check_shape(reader, f"{q}mlp.fc2.weight", (hid, ffn), **kw)
+        check_shape(reader, f"{q}mlp.fc2.bias", (hid,), **kw)
 
 
 def _layer_metadata(clip: ClipSource, select: int) -> tuple[int, list[int] | None]:
@@ -190,6 +260,7 @@ def clip_required(prefix: str, n_layer: int, siglip: bool = False) -> list[str]:
 
 def _clip_plans(clip: ClipSource, outtype: str) -> list[TensorPlan]:
     clip.reader.require(clip_required(clip.prefix, clip.n_layer, clip.siglip), "vision-tower tensors")
+    check_clip_shapes(clip)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, clip.n_layer)
     # clip.cpp swaps ffn_up/ffn_down back for files from the legacy converter when ffn_down's input width equals
     # n_embd. With the correct names that test is false unless ffn == hidden; then write the legacy (swapped) names
@@ -281,16 +352,21 @@ def prepare_mmproj_gguf(
             f"{projector} needs a {LDP_GRID}x{LDP_GRID} patch grid (image 336, patch 14) but the vision tower "
             f"({clip.origin}) has image {clip.image_size}, patch {clip.patch_size}; llama.cpp hard-codes 24x24"
         )
-    lm_hidden = int(ckpt.config.get("hidden_size", 0))
-    mm_hidden = ckpt.config.get("mm_hidden_size")
-    if mm_hidden is not None and int(mm_hidden) != clip.hidden:
+    cfg = Fields(ckpt.config, "the language model the projector feeds", weights=weight_hints(ckpt))
+    lm_hidden = cfg.int("hidden_size")
+    mm_hidden = cfg.int("mm_hidden_size", default=None)
+    if mm_hidden is not None and mm_hidden != clip.hidden:
         raise MvlmError(
-            f"mm_hidden_size {mm_hidden} in config.json does not match the vision tower width {clip.hidden} "
-            f"({clip.origin}); wrong --vision-tower?"
+            f"config.json: mm_hidden_size = {mm_hidden} but the vision tower is {clip.hidden} wide ({clip.origin}); "
+            "fix mm_hidden_size, or pass the right --vision-tower"
         )
     block_count, feature_layer = _layer_metadata(clip, vision_select_layer(ckpt.config))
     plans = _clip_plans(clip, outtype) + _projector_plans(ckpt, projector, outtype, lm_hidden)
     proj_in = next(p for p in plans if p.name.startswith("mm.") and p.name.endswith(".weight")).shape
+    out_name = PROJECTOR_OUTPUT.get(projector)
+    if out_name is not None and ckpt.shape(out_name)[0] != lm_hidden:
+        raise MvlmError(f"config.json: hidden_size = {lm_hidden} but the projector makes {ckpt.shape(out_name)[0]}-wide "
+                        f"embeddings ({out_name} is {list(ckpt.shape(out_name))}); {FIX}")
     factor = 1
     if projector == "xdp":
         # XDP concatenates f consecutive patch tokens: f comes from mm.0's input width, never from the config name.

@@ -8,12 +8,17 @@ tensors clip.cpp needs in f16/f32 (patch/position/class embeddings, norms, biase
 
 Quality is measured against the input file on a fixed text: mean KL divergence of the next-token distributions and
 top-1 agreement (LM), cosine of the image embeddings (mmproj).
+
+An LM input is first loaded once by the runtime's own loader (``mvlm-dump -m``): a GGUF llama.cpp cannot load is
+refused in one line instead of being quantized into another broken file. Every ``--type`` output is written under a
+temporary name (``mvlm_convert.atomic``) and all are renamed together at the end, after the quality figures; a
+failure or interruption (disk full, Ctrl-C, SIGTERM: the llama-quantize child is terminated and waited for first)
+removes the temporaries and leaves earlier files of the same names exactly as they were.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import re
 import subprocess
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mvlm_convert.atomic import AtomicOutputs, is_disk_full
 from mvlm_convert.errors import MvlmError
 
 # llama-quantize's type names (upper case, as llama.cpp names files) -> nominal bits per weight (for size estimates)
@@ -120,34 +126,85 @@ def _free_bytes(d: Path) -> int:
 ProgressFn = Callable[[int, int], None]
 
 
+def _run_tool(cmd: list[str], on_line: Callable[[str], None] | None = None) -> tuple[int, list[str]]:
+    """Run a llama.cpp tool, streaming its merged output; (exit status, last lines).
+
+    However this function is left (an error, Ctrl-C, or SIGTERM turned into SystemExit by the CLI) the child is
+    terminated and waited for first, so that it writes nothing after the caller removes its temporary files.
+    """
+    tail: list[str] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                            errors="replace")
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-15:]
+            if on_line is not None:
+                on_line(line)
+        return proc.wait(), tail
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+_LOAD_ERROR = re.compile(r"error loading model: (.*)")
+
+
+def check_loadable(model: Path, loader: Path) -> None:
+    """Refuse (one line) a language-model GGUF that the pinned llama.cpp cannot load: quantizing it would only give
+    another broken file. ``loader`` is the runtime's ``mvlm-dump``, which with only ``-m`` loads the model through
+    llama.cpp's own loader (every tensor's shape checked against the hyper-parameters) and exits; nothing is run."""
+    reason: list[str] = []
+
+    def watch(line: str) -> None:
+        m = _LOAD_ERROR.search(line)
+        if m and not reason:
+            reason.append(" ".join(m.group(1).split()))
+
+    rc, tail = _run_tool([str(loader), "-m", str(model)], watch)
+    if rc != 0:
+        why = reason[0] if reason else (tail[-1].strip() if tail else f"exit {rc}")
+        raise MvlmError(f"{model} cannot be loaded by llama.cpp ({why}); it is not a working model, so it is not "
+                        "quantized: convert the checkpoint again with `mvlm convert`")
+
+
 def quantize_lm(inp: Path, out: Path, qtype: str, llama_quantize: Path, threads: int | None = None,
-                allow_requantize: bool = False, progress: ProgressFn | None = None) -> None:
-    """Run llama-quantize into ``out`` (written under a temporary name, renamed on success)."""
-    tmp = out.with_name(out.name + ".tmp")
+                allow_requantize: bool = False, progress: ProgressFn | None = None, tmp: Path | None = None) -> None:
+    """Run llama-quantize into ``tmp`` (left for the caller's commit) or, without it, atomically into ``out``."""
+    if tmp is None:
+        with AtomicOutputs() as outs:
+            quantize_lm(inp, out, qtype, llama_quantize, threads, allow_requantize, progress, tmp=outs.path(out))
+            outs.commit()
+        return
     cmd = [str(llama_quantize)]
     if allow_requantize:
         cmd.append("--allow-requantize")
     cmd += [str(inp), str(tmp), qtype, str(threads or os.cpu_count() or 1)]
     pat = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
-    tail: list[str] = []
+
+    def on_line(line: str) -> None:
+        m = pat.match(line)
+        if m and progress:
+            progress(int(m.group(1)), int(m.group(2)))
+
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            tail = (tail + [line.rstrip()])[-15:]
-            m = pat.match(line)
-            if m and progress:
-                progress(int(m.group(1)), int(m.group(2)))
-        rc = proc.wait()
+        rc, tail = _run_tool(cmd, on_line)
         if rc != 0:
             if any("No space left" in t for t in tail) or _free_bytes(out.parent) < (1 << 20):
-                raise MvlmError(f"disk full while writing {out}: free space and retry")
+                raise MvlmError(f"disk full while writing {out}: free space and retry (no partial file left; earlier "
+                                "files of the same names are untouched)")
             raise MvlmError(f"llama-quantize failed for {qtype} (exit {rc}): {tail[-1] if tail else 'no output'}",
                             detail="\n".join(tail))
-        tmp.replace(out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _keep_float(name: str, shape: tuple[int, ...]) -> bool:
@@ -158,15 +215,22 @@ def _keep_float(name: str, shape: tuple[int, ...]) -> bool:
     return any(k in name for k in keep) or shape[-1] % 32 != 0
 
 
-def quantize_mmproj(inp: Path, out: Path, qtype: str, progress: ProgressFn | None = None) -> None:
-    """Rewrite an mmproj GGUF with its 2-D matmul weights in ``qtype`` (gguf-py reference quantizers)."""
+def quantize_mmproj(inp: Path, out: Path, qtype: str, progress: ProgressFn | None = None,
+                    tmp: Path | None = None) -> None:
+    """Rewrite an mmproj GGUF with its 2-D matmul weights in ``qtype`` (gguf-py reference quantizers), into ``tmp``
+    (left for the caller's commit) or, without it, atomically into ``out``."""
+    if tmp is None:
+        with AtomicOutputs() as outs:
+            quantize_mmproj(inp, out, qtype, progress, tmp=outs.path(out))
+            outs.commit()
+        return
     import gguf
     from gguf import quants
 
     r = gguf.GGUFReader(inp)
     arch = r.get_field("general.architecture").contents()
-    tmp = out.with_name(out.name + ".tmp")
     target = gguf.GGMLQuantizationType[qtype]
+    w = None
     try:
         w = gguf.GGUFWriter(tmp, arch)
         for field in r.fields.values():
@@ -198,15 +262,20 @@ def quantize_mmproj(inp: Path, out: Path, qtype: str, progress: ProgressFn | Non
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        tmp.replace(out)
-    except OSError as e:
-        # numpy's tofile reports a short write without errno ("N requested and M written"): ask the filesystem
-        if e.errno == errno.ENOSPC or _free_bytes(out.parent) < (1 << 20):
-            raise MvlmError(f"disk full while writing {out}: free space and retry") from e
+    except BaseException as e:
+        try:
+            if w is not None:
+                w.close()
+        except Exception:  # noqa: BLE001 - flushing into a full disk fails again; the file goes anyway
+            pass
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            # numpy's tofile reports a short write without errno ("N requested and M written"): ask the filesystem
+            if is_disk_full(e) or _free_bytes(out.parent) < (1 << 20):
+                raise MvlmError(f"disk full while writing {out}: free space and retry (no partial file left; earlier "
+                                "files of the same names are untouched)") from e
+            raise MvlmError(f"cannot write {out}: {e.strerror or e}") from e
         raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --- quality ------------------------------------------------------------------------------------------------------
@@ -217,7 +286,10 @@ def lm_logits(model: Path, text: str = QUALITY_TEXT, n_ctx: int = 512) -> tuple[
     use_runtime("host")
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(model), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1)
+    try:
+        llm = llama_cpp.Llama(str(model), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1)
+    except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
+        raise MvlmError(f"llama.cpp cannot load {model} ({e}); convert the model again with `mvlm convert`") from e
     try:
         ids = llm.tokenize(text.encode(), add_bos=True)[:n_ctx]
         llm.eval(ids)
@@ -262,38 +334,56 @@ def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None =
     if _free_bytes(outdir) < need:
         raise MvlmError(f"not enough free space in {outdir}: about {need / 1e6:.0f} MB needed, "
                         f"{_free_bytes(outdir) / 1e6:.0f} MB free")
+    finals = []
+    for t in qtypes:
+        out = outdir / output_name(inp, t)
+        if out.resolve() == inp.resolve() or (out.exists() and os.path.samefile(out, inp)):
+            raise MvlmError(f"output {out} would overwrite the input: pass --outdir DIR")
+        if out.is_dir():
+            raise MvlmError(f"{out} is a directory; it is in the way of the output file: move it or pass --outdir DIR")
+        finals.append(out)
     quantizer = None
     if kind == "lm":
         from mvlm_bench.runtime import find
 
-        quantizer = find("host").exe("llama-quantize")
+        rt = find("host")
+        quantizer = rt.exe("llama-quantize")
+        check_loadable(inp, rt.exe("mvlm-dump"))
     results = []
-    for t in qtypes:
-        out = outdir / output_name(inp, t)
-        if out.resolve() == inp.resolve():
-            raise MvlmError(f"output {out} would overwrite the input: pass --outdir DIR")
-        prog = on_start(t) if on_start else None
-        t0 = time.perf_counter()
-        if kind == "lm":
-            quantize_lm(inp, out, t, quantizer, threads, allow_requantize, prog)
-        else:
-            quantize_mmproj(inp, out, t, prog)
-        dt = time.perf_counter() - t0
-        size = out.stat().st_size
-        results.append(QuantResult(t, out, size, round(size * 8 / max(n_weights, 1), 3), round(dt, 3), kind))
-    if quality:
-        if kind == "lm":
-            _, ref = lm_logits(inp)
-            for r in results:
-                _, q = lm_logits(r.path)
-                r.kl_div, r.top1_agree = kl_and_top1(ref, q)
-        elif lm_for_mmproj is not None:
-            from mvlm_convert.verify import image_embedding
-
-            ref = image_embedding(inp, lm_for_mmproj, image)
-            for r in results:
-                e = image_embedding(r.path, lm_for_mmproj, image)
-                cos = np.sum(ref * e, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(e, axis=-1) + 1e-12)
-                r.image_cos, r.image_min_cos = float(cos.mean()), float(cos.min())
+    # Every output goes to a temporary name and all are renamed together at the end (after the quality figures):
+    # a failure or interruption half-way leaves earlier files of the same names exactly as they were.
+    with AtomicOutputs() as outs:
+        for t, out in zip(qtypes, finals, strict=True):
+            tmp = outs.path(out)
+            prog = on_start(t) if on_start else None
+            t0 = time.perf_counter()
+            if kind == "lm":
+                quantize_lm(inp, out, t, quantizer, threads, allow_requantize, prog, tmp=tmp)
+            else:
+                quantize_mmproj(inp, out, t, prog, tmp=tmp)
+            dt = time.perf_counter() - t0
+            size = tmp.stat().st_size
+            results.append(QuantResult(t, tmp, size, round(size * 8 / max(n_weights, 1), 3), round(dt, 3), kind))
+        if quality:
+            _measure_quality(inp, kind, results, lm_for_mmproj, image)
+        outs.commit()
+    for r, out in zip(results, finals, strict=True):
+        r.path = out
     return results
 
+
+def _measure_quality(inp: Path, kind: str, results: list[QuantResult], lm_for_mmproj: Path | None,
+                     image: Path | None) -> None:
+    if kind == "lm":
+        _, ref = lm_logits(inp)
+        for r in results:
+            _, q = lm_logits(r.path)
+            r.kl_div, r.top1_agree = kl_and_top1(ref, q)
+    elif lm_for_mmproj is not None:
+        from mvlm_convert.verify import image_embedding
+
+        ref = image_embedding(inp, lm_for_mmproj, image)
+        for r in results:
+            e = image_embedding(r.path, lm_for_mmproj, image)
+            cos = np.sum(ref * e, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(e, axis=-1) + 1e-12)
+            r.image_cos, r.image_min_cos = float(cos.mean()), float(cos.min())

@@ -35,6 +35,8 @@ def quantize_cmd(
 
     The table shows file size, bits per weight, time and a quality figure measured against the input on a fixed text:
     mean KL divergence of next-token distributions and top-1 agreement (LM), image-embedding cosine (mmproj).
+    All outputs are renamed into place together when all are done: on failure or interruption nothing is left
+    behind and earlier files of the same names stay as they were. An input llama.cpp cannot load is refused.
     """
     from mvlm_convert import quantize as q
 

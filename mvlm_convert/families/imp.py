@@ -102,6 +102,8 @@ def _siglip_config(ckpt: Checkpoint, tower_dir: Path | None) -> dict[str, Any]:
             raw = json.loads((tower_dir / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise MvlmError(f"--vision-tower {tower_dir}: cannot read config.json ({e})") from e
+        if not isinstance(raw, dict):
+            raise MvlmError(f"--vision-tower {tower_dir}: config.json is not a JSON object")
         return raw.get("vision_config", raw) if isinstance(raw.get("vision_config"), dict) else raw
     vtc = ckpt.config.get("vision_tower_config")
     if isinstance(vtc, dict):
@@ -111,7 +113,9 @@ def _siglip_config(ckpt: Checkpoint, tower_dir: Path | None) -> dict[str, Any]:
 
 def resolve_vision(ckpt: Checkpoint, vision_tower: Path | None):
     """The SigLIP tower as a ClipSource: the checkpoint copy, or ``--vision-tower`` (a SigLIP HF directory)."""
-    from mvlm_convert.mmproj_gguf import ClipSource, _count_layers
+    from mvlm_convert.config_check import Fields
+    from mvlm_convert.families.mobilevlm import vision_select_layer
+    from mvlm_convert.mmproj_gguf import VISION_ACTS, ClipSource, _count_layers, check_config_matches, patch_geometry
 
     if vision_tower is not None:
         if not (vision_tower / "config.json").is_file():
@@ -127,42 +131,53 @@ def resolve_vision(ckpt: Checkpoint, vision_tower: Path | None):
     if f"{prefix}embeddings.class_embedding" in reader:
         raise MvlmError(f"{origin}: the vision tower has a class embedding; Imp's SigLIP tower has none")
     cfg = _siglip_config(ckpt, vision_tower)
+    cfg_name = f"{vision_tower / 'config.json'}" if vision_tower is not None else "config.json vision_tower_config"
     reader.require([f"{prefix}embeddings.position_embedding.weight", f"{prefix}encoder.layers.0.mlp.fc1.weight"],
                    "SigLIP tensors")
-    hidden, _, p, _ = reader.shape(f"{prefix}embeddings.patch_embedding.weight")
-    n_pos = reader.shape(f"{prefix}embeddings.position_embedding.weight")[0]
+    hidden, p, n_pos = patch_geometry(reader, prefix, origin)
     grid = round(n_pos**0.5)
     if grid * grid != n_pos:
         raise MvlmError(f"{origin}: {n_pos} position embeddings are not a square patch grid (SigLIP has no CLS)")
     n_layer = _count_layers(reader, prefix)
-    heads = cfg.get("num_attention_heads") or siglip_heads(hidden)
+    ffn = reader.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0]
+    f = Fields(cfg, "the SigLIP vision tower", source=cfg_name, weights={
+        "hidden_size": (hidden, f"{prefix}embeddings.patch_embedding.weight is {hidden} wide"),
+        "intermediate_size": (ffn, f"{prefix}encoder.layers.0.mlp.fc1.weight has {ffn} rows"),
+    })
+    check_config_matches(f, "hidden_size", hidden)
+    check_config_matches(f, "intermediate_size", ffn)
+    heads = f.int("num_attention_heads", default=None) or siglip_heads(hidden)
     if not heads:
         raise MvlmError(f"{origin}: cannot tell the SigLIP head count from the weights (width {hidden}); add "
                         "vision_tower_config to config.json or pass --vision-tower DIR")
-    image_size = int(cfg.get("image_size") or grid * p)
-    if image_size // p != grid or int(cfg.get("patch_size") or p) != p:  # 384 // 14 = 27: the conv drops 6 px
-        raise MvlmError(f"{origin}: SigLIP config (image {image_size}, patch {cfg.get('patch_size')}) does not match "
+    image_size = f.int("image_size", default=grid * p)
+    patch_size = f.int("patch_size", default=p)
+    if image_size // p != grid or patch_size != p:  # 384 // 14 = 27: the conv drops 6 px
+        raise MvlmError(f"{origin}: SigLIP config (image {image_size}, patch {patch_size}) does not match "
                         f"its weights ({n_pos} positions, {p}x{p} patches)")
-    full = int(cfg.get("num_hidden_layers") or 0)
+    full = f.int("num_hidden_layers", default=0, minimum=0)
     if vision_tower is None and not full:
         # Imp saves the tower already cut at mm_vision_select_layer: everything stored runs.
-        select = int(ckpt.config.get("mm_vision_select_layer", -2))
+        select = vision_select_layer(ckpt.config)
         full = n_layer - 1 - select if select < 0 else 0
     if full and full < n_layer:
         raise MvlmError(f"{origin}: {n_layer} encoder layers stored but the SigLIP config says {full}")
     if hidden % int(heads):
-        raise MvlmError(f"{origin}: SigLIP width {hidden} is not a multiple of {heads} heads")
+        raise MvlmError(f"{cfg_name}: num_attention_heads = {heads} does not divide the SigLIP width {hidden} ({origin}); "
+                        "fix num_attention_heads")
+    eps = f.number("layer_norm_eps", default=SIGLIP_EPS, maximum=1.0)
+    act = f.text("hidden_act", "gelu_pytorch_tanh", allowed=VISION_ACTS)
     return ClipSource(
         reader=reader,
         prefix=prefix,
         hidden=hidden,
-        ffn=reader.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0],
+        ffn=ffn,
         n_layer=n_layer,
         n_head=int(heads),
         image_size=image_size,
         patch_size=p,
-        eps=float(cfg.get("layer_norm_eps", SIGLIP_EPS)),
-        hidden_act=str(cfg.get("hidden_act", "gelu_pytorch_tanh")),
+        eps=eps,
+        hidden_act=act,
         projection_dim=0,
         image_mean=list(SIGLIP_MEAN),
         image_std=list(SIGLIP_STD),

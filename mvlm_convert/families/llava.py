@@ -33,6 +33,7 @@ PROJECTOR_TYPES = ["mlp2x_gelu"]
 GGUF_PROJECTORS = {"mlp"}
 ORIGINAL_ARCHS = {"LlavaLlamaForCausalLM"}
 HF_ARCHS = {"LlavaForConditionalGeneration"}
+MODEL_TYPES = {"llava", "llava_llama"}
 _MM = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_MMPROJ]  # "mm.{bid}"
 
 # transformers' LlamaConfig defaults: llava-hf text_config lists only what differs from them (7B values).
@@ -88,8 +89,13 @@ def describe(config: dict[str, Any]) -> FamilyInfo:
 
 def hf_config(config: dict[str, Any]) -> dict[str, Any]:
     """A llava-hf config flattened to the liuhaotian keys (text_config over LlamaConfig defaults, mm_* keys)."""
+    from mvlm_convert.config_check import Fields
+
+    text_cfg = config.get("text_config") or {}
+    if not isinstance(text_cfg, dict):
+        raise MvlmError("config.json: text_config is not a JSON object; fix config.json (llava-hf layout)")
     text = dict(LLAMA_DEFAULTS)
-    text.update({k: v for k, v in (config.get("text_config") or {}).items() if v is not None})
+    text.update({k: v for k, v in text_cfg.items() if v is not None})
     if text.get("model_type", "llama") not in ("llama",):
         raise MvlmError(f"llava-hf text_config model_type {text.get('model_type')!r}: only LLaMA language models")
     layer = config.get("vision_feature_layer", -2)
@@ -97,10 +103,16 @@ def hf_config(config: dict[str, Any]) -> dict[str, Any]:
         if len(layer) != 1:
             raise MvlmError(f"vision_feature_layer {layer}: several concatenated layers are not supported by llama.cpp")
         layer = layer[0]
+    f = Fields({"vision_feature_layer": layer}, "the vision features the projector takes")
+    layer = f.int("vision_feature_layer", default=-2, minimum=None)
     strategy = config.get("vision_feature_select_strategy", "default")
     if strategy != "default":
         raise MvlmError(f"vision_feature_select_strategy {strategy!r}: llama.cpp's llava graph always drops CLS")
     vision = config.get("vision_config") or {}
+    if not isinstance(vision, dict):
+        raise MvlmError("config.json: vision_config is not a JSON object; fix config.json (llava-hf layout)")
+    width = Fields(vision, "the CLIP vision tower", source="config.json vision_config").int(
+        "hidden_size", default=CLIP_VISION_DEFAULT_WIDTH)
     out = {k: v for k, v in text.items() if k not in ("architectures", "model_type")}
     out.update(
         {
@@ -108,9 +120,9 @@ def hf_config(config: dict[str, Any]) -> dict[str, Any]:
             "architectures": ["LlavaLlamaForCausalLM"],
             "model_type": "llava",
             "mm_projector_type": "mlp2x_gelu",
-            "mm_vision_select_layer": int(layer),
+            "mm_vision_select_layer": layer,
             "mm_vision_select_feature": "patch",
-            "mm_hidden_size": int(vision.get("hidden_size", CLIP_VISION_DEFAULT_WIDTH)),
+            "mm_hidden_size": width,
         }
     )
     return out

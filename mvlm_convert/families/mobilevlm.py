@@ -28,6 +28,7 @@ GGUF_PROJECTORS = set(_GGUF_PROJECTOR.values())
 
 LM_ARCHITECTURES = {"MobileLlamaForCausalLM", "MobileVLMForCausalLM", "LlamaForCausalLM", "MobileLLaMAForCausalLM"}
 LM_MODEL_TYPES = {"mobilevlm", "llama", "mobilellama"}
+MODEL_TYPES = LM_MODEL_TYPES
 
 CLIP_PREFIX_IN_CHECKPOINT = "model.vision_tower.vision_tower.vision_model."
 NON_LM_PREFIXES = ("model.vision_tower.", "model.mm_projector.")
@@ -84,33 +85,43 @@ class LmHparams:
         return self.hidden_size // self.n_head
 
 
-def lm_hparams(config: dict[str, Any]) -> LmHparams:
-    def need(key: str) -> Any:
-        if key not in config:
-            raise MvlmError(f"config.json has no {key!r}; cannot describe the language model")
-        return config[key]
+def lm_hparams(config: dict[str, Any], reader: Any = None) -> LmHparams:
+    """Typed, range-checked LLaMA hyper-parameters (``reader``: the checkpoint, to say what the weights imply)."""
+    from mvlm_convert.config_check import Fields, weight_hints
 
-    n_head = int(need("num_attention_heads"))
-    hidden = int(need("hidden_size"))
-    if hidden % n_head:
-        raise MvlmError(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {n_head}")
-    n_kv = int(config.get("num_key_value_heads") or n_head)
+    hints = weight_hints(reader, ffn=("model.layers.0.mlp.gate_proj.weight", 1))
+    f = Fields(config, "the LLaMA language model", weights=hints)
+    hidden = f.int("hidden_size")
+    n_head = f.int("num_attention_heads")
+    f.divides("hidden_size", hidden, "num_attention_heads", n_head)
+    n_kv = f.int("num_key_value_heads", default=n_head)
     if n_head % n_kv:
-        raise MvlmError(f"config.json: num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_kv}")
-    rope_theta = config.get("rope_theta")
-    if rope_theta is None and isinstance(config.get("rope_parameters"), dict):
-        rope_theta = config["rope_parameters"].get("rope_theta")
+        raise MvlmError(f"config.json: num_attention_heads = {n_head} is not a multiple of num_key_value_heads = {n_kv}; "
+                        "fix config.json (the LLaMA language model)")
+    head_dim = hidden // n_head
+    if head_dim % 2:
+        raise MvlmError(f"config.json: hidden_size {hidden} / num_attention_heads {n_head} gives {head_dim}-wide heads; "
+                        "rotary embeddings need an even head size: fix num_attention_heads")
+    explicit_hd = f.int("head_dim", default=None)
+    if explicit_hd is not None and explicit_hd != head_dim:
+        raise MvlmError(f"config.json: head_dim = {explicit_hd} differs from hidden_size / num_attention_heads = {head_dim}; "
+                        "llama.cpp's llama architecture needs them equal: fix config.json")
+    rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    rope_theta = f.number("rope_theta", default=None)
+    if rope_theta is None:
+        rope_theta = Fields(rope, "the rotary embedding", source="config.json rope_parameters").number(
+            "rope_theta", default=10000.0)
     return LmHparams(
         hidden_size=hidden,
-        n_layer=int(need("num_hidden_layers")),
+        n_layer=f.int("num_hidden_layers"),
         n_head=n_head,
         n_head_kv=n_kv,
-        ffn=int(need("intermediate_size")),
-        vocab_size=int(need("vocab_size")),
-        rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-        context_length=int(config.get("max_position_embeddings", 2048)),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        ffn=f.int("intermediate_size"),
+        vocab_size=f.int("vocab_size"),
+        rms_eps=f.number("rms_norm_eps", default=1e-6, maximum=1.0),
+        rope_theta=rope_theta,
+        context_length=f.int("max_position_embeddings", default=2048),
+        tie_embeddings=f.flag("tie_word_embeddings", False),
     )
 
 
@@ -180,13 +191,16 @@ def projector_tensors(projector: str) -> list[ProjTensor]:
 
 
 def vision_select_layer(config: dict[str, Any]) -> int:
-    return int(config.get("mm_vision_select_layer", -2))
+    from mvlm_convert.config_check import Fields
+
+    return Fields(config, "the vision features the projector takes").int("mm_vision_select_layer", default=-2,
+                                                                         minimum=None)
 
 
 def vision_tower_dir(config: dict[str, Any], checkpoint_dir: Path) -> Path | None:
     """``mm_vision_tower`` when it names a local directory (absolute, relative to cwd, or to the checkpoint)."""
     ref = config.get("mm_vision_tower") or config.get("vision_tower")
-    if not ref:
+    if not ref or not isinstance(ref, str):
         return None
     for cand in (Path(ref), checkpoint_dir / ref):
         if (cand / "config.json").is_file():

@@ -56,8 +56,9 @@ def normalize(ckpt: Checkpoint) -> Checkpoint:
     """Fill the XModelConfig defaults the LM writer would otherwise guess wrongly (eps 1e-5, derived ffn)."""
     cfg = dict(ckpt.config)
     cfg.setdefault("rms_norm_eps", 1e-5)
-    if cfg.get("intermediate_size") is None and "hidden_size" in cfg:
-        cfg["intermediate_size"] = _find_multiple(int(8 * int(cfg["hidden_size"]) / 3), 256)
+    hidden = cfg.get("hidden_size")
+    if cfg.get("intermediate_size") is None and isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0:
+        cfg["intermediate_size"] = _find_multiple(int(8 * hidden / 3), 256)
     cfg.setdefault("max_position_embeddings", 32768)
     return ckpt.renamed(lambda n: n, cfg)
 
