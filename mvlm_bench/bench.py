@@ -1,6 +1,6 @@
 """The papers' latency protocols, run on a device: sync the runtime and models, run, parse, collect.
 
-Protocols (MobileVLM / MobileVLM V2, see ../shared/DESIGN.md §6):
+Protocols (the MobileVLM / MobileVLM V2 papers' latency settings; docs/devices.md, 'Reproducing the papers'):
 
 - ``lm``: ``llama-completion -no-cnv`` on "Building a website can be done in 10 simple steps:\\nStep 1:", 400 output
   tokens, greedy.
@@ -20,13 +20,16 @@ llama.cpp hides the perf block without it. One warm-up run (page cache, CPU cloc
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import platform
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from mvlm_bench import runtime as rtmod
-from mvlm_bench.devices import DeviceProfile
+from mvlm_bench.devices import KNOWN_TARGETS, DeviceProfile
 from mvlm_bench.report import Run, RunContext
 from mvlm_bench.timings import parse_llama_bench, parse_text
 from mvlm_convert.errors import MvlmError
@@ -35,6 +38,14 @@ LM_PROMPT = "Building a website can be done in 10 simple steps:\nStep 1:"
 VLM_PROMPT = "What is in the picture?"
 PROTOCOLS = ("lm", "vlm", "llama-bench")
 DEFAULT_N = {"lm": 400, "vlm": 256, "llama-bench": 128}
+# Bounds of the numeric options. lm/vlm run with a 2048-token context shared by the prompt (and the image's 144..576
+# tokens); llama.cpp stops, rather than fails, when it is full, so a larger -n would measure fewer tokens than asked.
+MAX_N = {"lm": 1536, "vlm": 1024, "llama-bench": 8192}
+MAX_REPEAT = 1000
+MAX_WARMUP = 100
+MAX_THREADS = 1024
+MAX_GPU_LAYERS = 100000
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 @dataclasses.dataclass
@@ -61,6 +72,40 @@ class Failure:
     repetition: int
     message: str
     output_tail: str
+    output: str = ""  # the whole output of the failed run (for the log file the CLI names)
+
+
+# The line of a failed run's log that says most about why, best first: explicit errors of llama.cpp's loaders, crashes
+# and the shell's own complaints (exec format / syntax errors of a binary built for another CPU), then any error line.
+_RELEVANT = [
+    re.compile(p, re.I)
+    for p in (
+        r"error loading model|failed to load|GGML_ASSERT|terminate called|what\(\):",
+        r"Illegal instruction|Segmentation fault|Bus error|Aborted|core dumped|Killed",
+        r"Syntax error|Exec format error|cannot execute|not found|No such file|Permission denied|CANNOT LINK",
+        r"\berror\b|\bERROR\b",
+        r"\bfailed\b|\bunable\b|\bcannot\b|\binvalid\b|out of memory",
+    )
+]
+
+
+_LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ [A-Z] ")
+
+
+def relevant_line(output: str, limit: int = 240) -> str:
+    """The one line of a failed run's output that best says why (see ``_RELEVANT``); else its last line, so marked."""
+    # llama.cpp's timestamped log lines ("0.00.002.305 E llama_model_load: ...") lose the timestamp and level
+    lines = [_LOG_PREFIX.sub("", ln.strip()) for ln in output.splitlines()
+             if ln.strip() and not ln.startswith("__MVLM_RC__")]
+    if not lines:
+        return "no output (llama.cpp can exit before its async logger flushes)"
+    pick = f"last output line: {lines[-1]}"
+    for rx in _RELEVANT:
+        hit = next((ln for ln in lines if rx.search(ln)), None)
+        if hit:
+            pick = hit
+            break
+    return pick if len(pick) <= limit else pick[: limit - 3] + "..."
 
 
 @dataclasses.dataclass
@@ -71,6 +116,125 @@ class BenchResult:
     pushed_bytes: int
     llama_bench_rows: list[dict] = dataclasses.field(default_factory=list)
     commands: list[list[str]] = dataclasses.field(default_factory=list)
+
+
+def validate_spec(spec: BenchSpec) -> None:
+    """Refuse nonsensical numbers and unknown protocols (one line each) before anything is pushed or measured."""
+    if spec.protocol not in PROTOCOLS:
+        raise MvlmError(f"unknown protocol {spec.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+
+    def bounded(option: str, value: int | None, lo: int, hi: int, why: str = "") -> None:
+        if value is not None and not lo <= value <= hi:
+            raise MvlmError(f"{option} {value} is out of range: give a whole number from {lo} to {hi}{why}")
+
+    bounded("--repeat", spec.repeat, 1, MAX_REPEAT)
+    bounded("--warmup", spec.warmup, 0, MAX_WARMUP)
+    ctx = f" (the {spec.protocol} protocol runs with a {spec.ctx_size}-token context)" if spec.protocol != "llama-bench" else ""
+    bounded("--n-predict", spec.n_predict, 1, MAX_N[spec.protocol], ctx)
+    bounded("--threads", spec.threads, 1, MAX_THREADS)
+    bounded("--n-gpu-layers", spec.n_gpu_layers, 0, MAX_GPU_LAYERS)
+    if not (isinstance(spec.timeout, int | float) and math.isfinite(spec.timeout) and 0 < spec.timeout <= MAX_TIMEOUT_S):
+        raise MvlmError(f"--timeout {spec.timeout} is out of range: give seconds, more than 0 and at most {MAX_TIMEOUT_S:.0f}")
+
+
+def check_inputs(spec: BenchSpec) -> None:
+    """The model (and mmproj, image) exist and are what they claim, checked here before anything goes to a device."""
+    from mvlm_convert.atomic import is_gguf
+
+    def gguf(option: str, p: Path) -> None:
+        if not p.exists():
+            raise MvlmError(f"{option} {p} does not exist: give the path of a .gguf file")
+        if not p.is_file():
+            raise MvlmError(f"{option} {p} is not a file: give the path of a .gguf file")
+        if not is_gguf(p):
+            raise MvlmError(f"{option} {p} is not a GGUF file (it does not start with 'GGUF'): give a .gguf written by "
+                            "mvlm convert or mvlm quantize")
+
+    gguf("--model", Path(spec.model))
+    if spec.protocol == "vlm":
+        if spec.mmproj is None:
+            raise MvlmError("the vlm protocol needs --mmproj FILE (the mmproj-*.gguf written by mvlm convert)")
+        gguf("--mmproj", Path(spec.mmproj))
+        if spec.image is not None:
+            img = Path(spec.image)
+            if not img.is_file():
+                raise MvlmError(f"--image {img} does not exist or is not a file: give a PNG or JPEG image")
+            try:
+                from PIL import Image
+
+                with Image.open(img) as im:
+                    im.verify()
+            except Exception as e:  # PIL raises many types for a non-image
+                raise MvlmError(f"--image {img} is not an image PIL can read ({type(e).__name__}): give a PNG or JPEG") from None
+
+
+# --------------------------------------------------------------------------------------------------- device targets
+
+_TARGET_DESC = {
+    "linux-arm64": "aarch64 Linux (static)",
+    "android-arm64": "Android arm64-v8a",
+    "orin": "aarch64 Linux with CUDA (Jetson Orin)",
+}
+
+
+def _host() -> tuple[str, str]:
+    from mvlm_bench.transports import normalise_machine
+
+    return platform.system(), normalise_machine(platform.machine())
+
+
+def target_description(target: str) -> str:
+    if target == "host":
+        system, machine = _host()
+        return f"{machine} {system}, this machine's own build"
+    return _TARGET_DESC.get(target, target)
+
+
+def targets_for(info) -> tuple[list[str], str | None]:
+    """(runtime targets that run on a device, the one to suggest or None). ``info`` is a transports.DeviceInfo."""
+    host_system, host_machine = _host()
+    host_ok = not info.android and info.system == host_system and info.machine == host_machine
+    if info.android:
+        if info.android_abi == "arm64-v8a" or info.machine == "aarch64":
+            return ["android-arm64", "linux-arm64"], "android-arm64"  # both builds are static aarch64
+        return [], None
+    if info.system == "Linux" and info.machine == "aarch64":
+        return ["linux-arm64", "orin"] + (["host"] if host_ok else []), "linux-arm64"
+    if host_ok:
+        return ["host"], "host"
+    return [], None
+
+
+def _wrapped_by_emulator(profile: DeviceProfile) -> bool:
+    return any(Path(w).name.startswith("qemu-") for w in profile.exec_wrapper)
+
+
+def resolve_target(profile: DeviceProfile, info) -> DeviceProfile:
+    """Ad hoc devices: the profile with the target the probe calls for. Profiles: refused when their target cannot
+    run on the probed device (one line saying which build to make). Emulated (qemu) devices are not second-guessed."""
+    if _wrapped_by_emulator(profile):
+        return profile
+    ok, suggest = targets_for(info)
+    where = str(profile.source) if profile.source else f"--device {profile.name}"
+    if profile.probe_target:
+        if suggest is None:
+            raise MvlmError(
+                f"device {profile.name} is {info.describe()}: mvlm has no runtime target for it (targets: host = "
+                f"{target_description('host')}, linux-arm64, android-arm64, orin)"
+            )
+        return dataclasses.replace(profile, target=suggest)
+    if profile.target in ok:
+        return profile
+    if suggest is None:
+        raise MvlmError(
+            f"device {profile.name} is {info.describe()}, but {where} says target {profile.target!r} "
+            f"({target_description(profile.target)}), and mvlm has no runtime target for this device"
+        )
+    raise MvlmError(
+        f"device {profile.name} is {info.describe()}, but {where} says target {profile.target!r} "
+        f"({target_description(profile.target)}): set target = \"{suggest}\" there and run "
+        f"`mvlm runtime build --target {suggest}` (nothing was pushed)"
+    )
 
 
 def default_image() -> Path:
@@ -144,27 +308,38 @@ def run_bench(
     log: Callable[[str], None] = lambda s: None,
     on_run: Callable[[int, int], None] | None = None,
     sync_progress=None,
+    outputs: dict[str, Path] | None = None,
 ) -> BenchResult:
-    """Sync, warm up, run ``spec.repeat`` repetitions, parse each; failures are kept, not raised, once runs started."""
+    """Check, connect, probe, sync, warm up, run ``spec.repeat`` repetitions, parse each; failures are kept, not
+    raised, once runs started. ``outputs`` (option -> report path) are refused if they are one of the pushed files."""
     from mvlm_bench.sync import sha256_file, sync
     from mvlm_bench.transports import make_transport
+    from mvlm_convert.atomic import check_output_path
 
-    if spec.protocol not in PROTOCOLS:
-        raise MvlmError(f"unknown protocol {spec.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
-    if spec.repeat < 1:
-        raise MvlmError("--repeat must be at least 1")
-    try:
-        rt = rtmod.find(profile.target)
-    except MvlmError as e:
-        raise MvlmError(f"no {profile.target} runtime for device {profile.name}: "
-                        f"run `mvlm runtime build --target {profile.target}` first") from e
-    files, names = artifacts(rt, spec)
+    validate_spec(spec)
+    check_inputs(spec)
+    if profile.target not in KNOWN_TARGETS:
+        raise MvlmError(f"device {profile.name}: unknown target {profile.target!r}")
     transport = make_transport(profile)
     try:
         transport.check()
+        info = transport.probe()
+        profile = resolve_target(profile, info)
+        if profile.probe_target:
+            log(f"{profile.name} is {info.describe()}: using the {profile.target} runtime")
+        try:
+            rt = rtmod.find(profile.target)
+        except MvlmError as e:
+            raise MvlmError(f"no {profile.target} runtime for device {profile.name}: "
+                            f"run `mvlm runtime build --target {profile.target}` first") from e
+        files, names = artifacts(rt, spec)
+        for option, out in (outputs or {}).items():
+            check_output_path(out, files.values(), option=option)
         workdir = transport.workdir  # "~" resolved on the device
         log(f"syncing {len(files)} files to {profile.name}:{workdir}")
         sres = sync(transport, workdir, files, progress=sync_progress)
+        for note in sres.notes:
+            log(note)
         log(f"pushed {sres.pushed_bytes} bytes ({len(sres.pushed_files)} files), "
             f"{len(sres.skipped_files)} already on the device")
         argv = build_argv(profile, spec, workdir, names)
@@ -199,7 +374,7 @@ def run_bench(
         if spec.protocol == "llama-bench":
             r = transport.run(argv, timeout=spec.timeout, env=env)
             if r.returncode != 0 or r.timed_out:
-                result.failures.append(Failure(0, _describe_failure(r, spec.timeout), r.output[-4000:]))
+                result.failures.append(Failure(0, _describe_failure(r, spec.timeout), r.output[-4000:], r.output))
             else:
                 result.llama_bench_rows = parse_llama_bench(r.output)
             return result
@@ -211,7 +386,9 @@ def run_bench(
             t0 = time.monotonic()
             r = transport.run(argv, timeout=spec.timeout, env=env)
             if r.returncode != 0 or r.timed_out:
-                result.failures.append(Failure(i - spec.warmup, _describe_failure(r, spec.timeout), r.output[-4000:]))
+                result.failures.append(
+                    Failure(i - spec.warmup, _describe_failure(r, spec.timeout), r.output[-4000:], r.output)
+                )
                 break
             if measured:
                 rec = parse_text(r.output)
@@ -228,13 +405,14 @@ def run_bench(
 def _describe_failure(r, timeout: float) -> str:
     if r.timed_out:
         return f"timed out after {timeout:.0f} s"
+    if getattr(r, "signal", None) == 4:
+        return ("killed by signal 4 (SIGILL: the binary uses an instruction this CPU does not run; host builds are "
+                "-march=native: build the runtime on this CPU)")
     if getattr(r, "signal", None):
         return f"killed by signal {r.signal} (crash?)"
     return f"exited with status {r.returncode}"
 
 
 def _precision(filename: str) -> str:
-    import re
-
     m = re.search(r"[-.](F32|F16|BF16|Q\d\w*|IQ\d\w*)\.gguf$", filename, re.I)
     return m.group(1).lower() if m else "unknown"

@@ -21,14 +21,25 @@ A user adds a device by adding a file, not code. The schema (every key but ``tra
     known_hosts = "~/.ssh/known_hosts_orin"  # pins host keys (StrictHostKeyChecking=yes); host-key checking is never off
     config_file = "~/.ssh/config"          # ssh -F
     connect_timeout = 10
-    options = ["ServerAliveInterval=15"]   # extra ssh -o options, "Key=Value"
+    options = ["ServerAliveInterval=15"]   # extra ssh -o options, "Key=Value", from an allow-list (SSH_OPTION_RULES)
     control_master = true                  # reuse one connection (ControlMaster/ControlPersist, private socket dir)
+
+Nothing in a profile runs on this machine (``exec_wrapper`` runs on the device; for a ``local`` profile the device is
+this machine). So ``ssh.options`` is an allow-list (``SSH_OPTION_RULES``: no ``ProxyCommand``, ``LocalCommand``,
+``KnownHostsCommand``, ``Match exec``, ``ProxyJump``, ``Control*``; ``StrictHostKeyChecking`` only ``yes`` or
+``accept-new``; ``UserKnownHostsFile`` only regular files), ``ssh.known_hosts`` must be a regular file (not
+``/dev/null``), and an ``ssh.config_file`` other than your own ``~/.ssh/config`` may not hold directives that run
+local commands or turn host-key checking off. Each refusal is one line naming the profile and the option.
 
 Public API (used by the benchmark runner and ``mvlm devices``; keep stable):
 
 - ``load_profile(spec, search_dirs=None) -> DeviceProfile``: ``spec`` is a profile name, a path to a ``.toml``,
   ``ssh://user@host[:port]`` or ``adb:SERIAL`` (ad hoc profiles).
-- ``list_profiles(search_dirs=None) -> list[DeviceProfile]``: every named profile, first found wins.
+- ``list_profiles(search_dirs=None) -> list[DeviceProfile]``: every named profile, first found wins (raises on the
+  first invalid file).
+- ``scan_profiles(search_dirs=None) -> list[ProfileEntry]``: the same, but an invalid file is an entry with its error
+  instead of an exception (``mvlm devices`` lists the good ones and flags the bad one).
+- ``check_ssh_options(options, where)``: the allow-list check (the ssh transport repeats it before running ssh).
 - ``profile_dirs() -> list[Path]``: where names are looked up: ``<repo>/devices``, ``~/.config/mvlm/devices``, then each
   directory in ``$MVLM_DEVICES_DIR`` (``os.pathsep``-separated; lets an installed-elsewhere package find profiles).
 
@@ -40,7 +51,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,7 +73,7 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9_.%:\[\]-]+$")
 _USER_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.@-]*$")
 _SERIAL_RE = re.compile(r"^[A-Za-z0-9_.:][A-Za-z0-9_.:-]*$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SSH_OPTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*=.+$")
+_SSH_OPTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*=[^\n\r\0]+")
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,9 @@ class DeviceProfile:
     env: dict[str, str] = field(default_factory=dict)
     ssh: SshOptions = field(default_factory=SshOptions)
     source: Path | None = None  # the .toml it came from; None for ad hoc profiles
+    # Ad hoc devices (ssh://..., adb:SERIAL): ``target`` is a placeholder; the runner probes the device (uname -m,
+    # getprop ro.product.cpu.abi) and picks the runtime target from what it finds.
+    probe_target: bool = False
 
     @property
     def ssh_user(self) -> str | None:
@@ -181,15 +195,41 @@ def load_profile(spec: str, search_dirs: list[Path] | None = None) -> DeviceProf
 
 
 def list_profiles(search_dirs: list[Path] | None = None) -> list[DeviceProfile]:
-    """Every profile in the search dirs, sorted by name; a name found in an earlier dir hides later ones."""
+    """Every profile in the search dirs, sorted by name; a name found in an earlier dir hides later ones.
+
+    Raises the first invalid file's ``MvlmError``; ``scan_profiles`` reports invalid files instead."""
+    out = []
+    for entry in scan_profiles(search_dirs):
+        if entry.profile is None:
+            raise MvlmError(entry.error or f"{entry.path}: invalid device profile")
+        out.append(entry.profile)
+    return out
+
+
+@dataclass(frozen=True)
+class ProfileEntry:
+    """One ``NAME.toml`` on the search path: its profile, or (invalid file) the one-line error saying why not."""
+
+    name: str
+    path: Path
+    profile: DeviceProfile | None
+    error: str | None = None
+
+
+def scan_profiles(search_dirs: list[Path] | None = None) -> list[ProfileEntry]:
+    """Every ``NAME.toml`` on the search path, sorted by name (first found wins); invalid files included, flagged."""
     dirs = profile_dirs() if search_dirs is None else [Path(d) for d in search_dirs]
-    seen: dict[str, DeviceProfile] = {}
+    seen: dict[str, ProfileEntry] = {}
     for d in dirs:
         if not d.is_dir():
             continue
         for path in sorted(d.glob("*.toml")):
-            if path.stem not in seen:
-                seen[path.stem] = parse_profile_file(path)
+            if path.stem in seen:
+                continue
+            try:
+                seen[path.stem] = ProfileEntry(path.stem, path, parse_profile_file(path))
+            except MvlmError as e:
+                seen[path.stem] = ProfileEntry(path.stem, path, None, str(e))
     return [seen[k] for k in sorted(seen)]
 
 
@@ -341,12 +381,9 @@ def _parse_ssh(table: dict[str, Any], where: str, base_dir: Path | None) -> SshO
         raise MvlmError(f"{where}: field 'ssh.port' = {port} is not a TCP port")
     options = table.get("options", [])
     for opt in options:
-        if not isinstance(opt, str) or not _SSH_OPTION_RE.match(opt):
+        if not isinstance(opt, str) or not _SSH_OPTION_RE.fullmatch(opt):
             raise MvlmError(f"{where}: field 'ssh.options' entry {opt!r} must look like 'Key=Value'")
-        if opt.split("=", 1)[0].lower() == "stricthostkeychecking" and opt.split("=", 1)[1].lower() in ("no", "off"):
-            raise MvlmError(
-                f"{where}: field 'ssh.options' may not turn host-key checking off; pin the key with ssh.known_hosts instead"
-            )
+    check_ssh_options(options, where)
     timeout = table.get("connect_timeout", 10)
     if timeout < 1:
         raise MvlmError(f"{where}: field 'ssh.connect_timeout' must be >= 1")
@@ -360,15 +397,205 @@ def _parse_ssh(table: dict[str, Any], where: str, base_dir: Path | None) -> SshO
             p = base_dir / p
         return str(p)
 
+    known_hosts = path_of("known_hosts")
+    if known_hosts is not None:
+        check_known_hosts_file(known_hosts, f"{where}: field 'ssh.known_hosts'")
+    config_file = path_of("config_file")
+    if config_file is not None:
+        check_ssh_config_file(config_file, where)
     return SshOptions(
         port=port,
         identity_file=path_of("identity_file"),
-        known_hosts=path_of("known_hosts"),
-        config_file=path_of("config_file"),
+        known_hosts=known_hosts,
+        config_file=config_file,
         connect_timeout=timeout,
         options=tuple(options),
         control_master=table.get("control_master", True),
     )
+
+
+# --------------------------------------------------------------------------------------------------- ssh allow-list
+#
+# A profile is data: nothing in it may run a command on this machine or switch host-key checking off. ssh options are
+# therefore an allow-list (each with a value check); anything else is refused, with the reason where there is a
+# well-known one. docs/devices.md lists the same.
+
+_ALGOS_RE = re.compile(r"^[+^-]?[A-Za-z0-9@._+-]+(,[A-Za-z0-9@._+-]+)*$")
+_ALIAS_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_PLAIN_PATH_RE = re.compile(r"^[^\s'\"\\]+$")
+
+
+def _v_int(lo: int, hi: int):
+    def check(v: str) -> str | None:
+        ok = re.fullmatch(r"\d{1,9}", v) is not None and lo <= int(v) <= hi
+        return None if ok else f"must be a whole number from {lo} to {hi}"
+
+    return check
+
+
+def _v_choice(*choices: str):
+    def check(v: str) -> str | None:
+        return None if v.lower() in choices else "must be " + " or ".join(choices)
+
+    return check
+
+
+def _v_match(rx: re.Pattern, what: str):
+    def check(v: str) -> str | None:
+        return None if rx.fullmatch(v) else f"must be {what}"
+
+    return check
+
+
+def _v_known_hosts(v: str) -> str | None:
+    for f in v.split() or [""]:
+        problem = known_hosts_problem(f)
+        if problem:
+            return problem
+    return None
+
+
+_YES_NO = _v_choice("yes", "no")
+_ALGOS = _v_match(_ALGOS_RE, "a comma-separated algorithm list")
+_PATH = _v_match(_PLAIN_PATH_RE, "a path without spaces or quotes")
+
+# canonical name -> value check (returns what is wrong, or None)
+SSH_OPTION_RULES: dict[str, Any] = {
+    "Port": _v_int(1, 65535),
+    "User": _v_match(_USER_RE, "a user name"),
+    "IdentityFile": _PATH,
+    "CertificateFile": _PATH,
+    "IdentitiesOnly": _YES_NO,
+    "PreferredAuthentications": _v_match(re.compile(r"^[a-z-]+(,[a-z-]+)*$"), "a comma-separated method list"),
+    "ConnectTimeout": _v_int(1, 3600),
+    "ConnectionAttempts": _v_int(1, 100),
+    "ServerAliveInterval": _v_int(0, 3600),
+    "ServerAliveCountMax": _v_int(1, 1000),
+    "TCPKeepAlive": _YES_NO,
+    "Compression": _YES_NO,
+    "AddressFamily": _v_choice("any", "inet", "inet6"),
+    "IPQoS": _v_match(re.compile(r"^[a-z0-9]+(\s[a-z0-9]+)?$"), "one or two QoS names"),
+    "HostKeyAlias": _v_match(_ALIAS_RE, "a name (letters, digits, . _ : -)"),
+    "CheckHostIP": _YES_NO,
+    "StrictHostKeyChecking": _v_choice("yes", "accept-new"),
+    "UserKnownHostsFile": _v_known_hosts,
+    "LogLevel": _v_choice("quiet", "fatal", "error", "info", "verbose", "debug", "debug1", "debug2", "debug3"),
+    "HostKeyAlgorithms": _ALGOS,
+    "KexAlgorithms": _ALGOS,
+    "Ciphers": _ALGOS,
+    "MACs": _ALGOS,
+    "PubkeyAcceptedAlgorithms": _ALGOS,
+    "PubkeyAcceptedKeyTypes": _ALGOS,
+}
+_RULES_LOWER = {k.lower(): (k, v) for k, v in SSH_OPTION_RULES.items()}
+_RUNS_A_COMMAND = "it runs a command on this machine, and nothing in a profile may"
+_REFUSED_WHY = {
+    "proxycommand": _RUNS_A_COMMAND,
+    "localcommand": _RUNS_A_COMMAND,
+    "permitlocalcommand": "it lets LocalCommand run a command on this machine",
+    "knownhostscommand": _RUNS_A_COMMAND,
+    "match": "'Match exec' runs a command on this machine",
+    "include": "it reads configuration mvlm has not checked",
+    "proxyjump": "the jump host's key is not pinned by the profile: put ProxyJump under a Host alias in your "
+                 "~/.ssh/config and use the alias as address",
+    "controlmaster": "mvlm runs the shared connection itself: use ssh.control_master",
+    "controlpath": "mvlm runs the shared connection itself: use ssh.control_master",
+    "controlpersist": "mvlm runs the shared connection itself: use ssh.control_master",
+    "forwardagent": "it would let the device use your ssh keys",
+    "batchmode": "mvlm always runs ssh with BatchMode=yes",
+    "globalknownhostsfile": "pin keys with ssh.known_hosts or UserKnownHostsFile",
+}
+
+
+def check_ssh_options(options: list[str] | tuple[str, ...], where: str) -> None:
+    """Refuse (one line naming ``where`` and the option) any ssh ``-o`` option outside the allow-list."""
+    for opt in options:
+        key, _, value = str(opt).partition("=")
+        key, value = key.strip(), value.strip()
+        if not key or not value or any(c in str(opt) for c in "\n\r\0"):
+            raise MvlmError(f"{where}: field 'ssh.options' entry {opt!r} must look like 'Key=Value' on one line")
+        rule = _RULES_LOWER.get(key.lower())
+        if rule is None:
+            why = _REFUSED_WHY.get(key.lower(), "it is not on mvlm's allow-list (docs/devices.md, 'ssh options')")
+            raise MvlmError(f"{where}: field 'ssh.options': ssh option {key} is not allowed: {why}")
+        name, check = rule
+        problem = check(value)
+        if not problem:
+            continue
+        if name == "StrictHostKeyChecking":
+            raise MvlmError(f"{where}: field 'ssh.options': {name}={value} is not allowed: it may not turn host-key "
+                            "checking off (only yes or accept-new); pin the key with ssh.known_hosts instead")
+        if name == "UserKnownHostsFile":
+            raise MvlmError(f"{where}: field 'ssh.options': ssh option {name} is not allowed: {problem}")
+        raise MvlmError(f"{where}: field 'ssh.options': ssh option {name}={value!r} is not allowed: the value {problem}")
+
+
+def known_hosts_problem(path: str) -> str | None:
+    """What is wrong with a known_hosts path (None if fine): it must be a plain path to a regular file, or to one not
+    created yet; never /dev/null or ``none`` (they make every host key unknown, and with accept-new, accepted)."""
+    if not path or path.lower() == "none":
+        return f"{path!r} turns the known_hosts file off; name a real file"
+    if "%" in path or not _PLAIN_PATH_RE.fullmatch(path):
+        return f"{path!r} must be a plain path (no spaces, quotes or %-tokens)"
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_file():
+        return f"{path!r} is not a regular file (a device such as /dev/null would accept any host key); name a real file"
+    return None
+
+
+def check_known_hosts_file(path: str, where: str) -> None:
+    problem = known_hosts_problem(path)
+    if problem:
+        raise MvlmError(f"{where} = {problem}; host-key checking stays on")
+
+
+def _own_ssh_config() -> Path:
+    import pwd
+
+    try:
+        home = Path(pwd.getpwuid(os.getuid()).pw_dir)  # what ssh itself uses for ~
+    except KeyError:
+        home = Path.home()
+    return home / ".ssh" / "config"
+
+
+def check_ssh_config_file(path: str, where: str) -> None:
+    """An ``ssh -F`` file named by a profile may not run local commands or turn host-key checking off.
+
+    Your own ``~/.ssh/config`` (what ssh reads without ``-F`` anyway) and ``/dev/null`` are not inspected."""
+    p = Path(path)
+    if path == os.devnull:
+        return
+    if not p.is_file():
+        raise MvlmError(f"{where}: field 'ssh.config_file' = {path!r} is not a file; fix the path or drop the field")
+    if p.resolve() == _own_ssh_config().resolve():
+        return
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise MvlmError(f"{where}: cannot read ssh.config_file {path}: {e.strerror}") from None
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        m = re.match(r"([A-Za-z]+)\s*(?:=\s*|\s+)(.*)$", line)
+        if not line or line.startswith("#") or not m:
+            continue
+        key, value = m.group(1).lower(), m.group(2).strip().strip('"')
+        why = None
+        if key in ("proxycommand", "localcommand", "knownhostscommand"):
+            why = _RUNS_A_COMMAND
+        elif key == "permitlocalcommand" and value.lower() in ("yes", "true"):
+            why = "it lets LocalCommand run a command on this machine"
+        elif key == "match" and "exec" in value.lower().split():
+            why = "'Match exec' runs a command on this machine"
+        elif key == "include":
+            why = "it reads configuration mvlm has not checked"
+        elif key == "stricthostkeychecking" and value.lower() not in ("yes", "accept-new", "ask", "true"):
+            why = "it turns host-key checking off"
+        elif key == "userknownhostsfile":
+            why = _v_known_hosts(value)
+        if why:
+            raise MvlmError(f"{where}: ssh.config_file {path} line {n}: {m.group(1)} is not allowed: {why}; remove it "
+                            "there, or drop config_file (your ~/.ssh/config is read anyway)")
 
 
 def _check_workdir(workdir: str, transport: str, where: str) -> None:
@@ -406,18 +633,19 @@ def _split_ssh_address(address: str, where: str) -> tuple[str | None, str, int |
 
 def _adhoc_ssh(spec: str) -> DeviceProfile:
     _split_ssh_address(spec, f"--device {spec}")
-    return profile_from_dict(
+    profile = profile_from_dict(
         {"transport": "ssh", "address": spec, "target": "linux-arm64", "description": "ad hoc ssh device"},
         where=f"--device {spec}",
         default_name=spec,
     )
+    return replace(profile, probe_target=True)  # linux-arm64 is a placeholder until the device is probed
 
 
 def _adhoc_adb(spec: str) -> DeviceProfile:
     serial = spec[len("adb:") :]
     if not serial or not _SERIAL_RE.match(serial):
         raise MvlmError(f"--device {spec}: bad adb serial {serial!r}; use adb:SERIAL with a serial from `adb devices`")
-    return profile_from_dict(
+    profile = profile_from_dict(
         {
             "transport": "adb",
             "address": serial,
@@ -428,3 +656,4 @@ def _adhoc_adb(spec: str) -> DeviceProfile:
         where=f"--device {spec}",
         default_name=spec,
     )
+    return replace(profile, probe_target=True)

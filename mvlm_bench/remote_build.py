@@ -8,6 +8,7 @@ cached runtime: ``mvlm bench --device orin`` pushes it like any other (its hashe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import shutil
@@ -48,6 +49,18 @@ def build_on_device(device: str, target: str, llama_cpp: Path | None = None, job
             console.print(f"[dim]{msg}[/]")
 
     profile = load_profile(device)
+    if profile.probe_target:
+        # an ad hoc device (ssh://...) names no target: the one asked for must fit what the device is
+        from mvlm_bench.bench import targets_for
+
+        with make_transport(profile) as t:
+            t.check()
+            info = t.probe()
+        fits, _ = targets_for(info)
+        if target not in fits:
+            raise MvlmError(f"device {profile.name} is {info.describe()}: a {target} runtime does not run there"
+                            + (f"; targets that do: {', '.join(fits)}" if fits else ""))
+        profile = dataclasses.replace(profile, target=target)
     if profile.target != target:
         raise MvlmError(f"device {profile.name} runs target {profile.target!r}, not {target!r}: "
                         f"use --target {profile.target} or another device")

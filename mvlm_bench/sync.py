@@ -1,9 +1,12 @@
 """Content-addressed artifact sync: push runtime binaries, GGUFs and images to a device work dir, only what changed.
 
 The device keeps a manifest, ``<workdir>/.mvlm-manifest.json``: ``{"version": 1, "files": {rel: {"sha256", "size"}}}``.
-A file is skipped when the manifest has its sha256 and size and the device file still exists with that size (someone
-may have wiped the dir but not the manifest); everything else is pushed. So a second sync with nothing changed pushes
-0 bytes, and says so.
+A file is skipped when the manifest has its sha256 and size, the device file still exists with that size (someone
+may have wiped the dir but not the manifest) and -- checked on every sync, by the device itself (``sha256sum``, in
+coreutils, busybox and Android's toybox; ``shasum -a 256`` on macOS) -- its content still has that sha256 (a copy
+corrupted or edited in place at the same size is pushed again, and ``SyncResult.repaired`` says so). A device without
+either tool falls back to the size check, and ``SyncResult.notes`` says that too. Everything else is pushed. So a
+second sync with nothing changed pushes 0 bytes, and says so.
 
 Each push goes to ``<rel>.part`` and is renamed onto ``<rel>`` on the device; the manifest entry is written only after
 the rename. An interrupted push therefore leaves at worst a ``.part`` (removed and redone by the next sync) and never a
@@ -16,10 +19,12 @@ Hashing multi-GB GGUFs each run would cost more than the push it avoids, so loca
 
 Public API (the benchmark runner builds on it; keep stable):
 
-- ``sync(transport, workdir, files, progress=None, *, hash_cache=None) -> SyncResult``: ``files`` maps device-relative
-  path (``bin/llama-completion``, ``models/x.gguf``) to a local file; ``progress(done_bytes, total_bytes)`` covers all
-  bytes this sync pushes.
-- ``SyncResult(pushed_bytes, pushed_files, skipped_files, manifest, workdir)``; ``remote_path(rel)``, ``summary()``.
+- ``sync(transport, workdir, files, progress=None, *, hash_cache=None, verify=True) -> SyncResult``: ``files`` maps
+  device-relative path (``bin/llama-completion``, ``models/x.gguf``) to a local file; ``progress(done_bytes,
+  total_bytes)`` covers all bytes this sync pushes; ``verify=False`` skips the device-side sha256 check.
+- ``SyncResult(pushed_bytes, pushed_files, skipped_files, manifest, workdir)``; ``repaired`` (files whose device copy
+  no longer matched its sha256 and was pushed again), ``notes`` (what the caller should tell the user);
+  ``remote_path(rel)``, ``summary()``.
 - ``sha256_file(path, hash_cache=None) -> str``: the cached hash, for report records.
 - ``DeviceFullError`` (an ``MvlmError``): the device cannot hold what must be pushed.
 """
@@ -59,6 +64,8 @@ class SyncResult:
     manifest: dict[str, dict[str, Any]]  # rel -> {"sha256": ..., "size": ...} for every file the device holds
     workdir: str = ""  # the work dir as given to sync
     remote_paths: dict[str, str] = field(default_factory=dict)  # rel -> device path, for the files of this sync
+    repaired: list[str] = field(default_factory=list)  # device copies whose sha256 no longer matched: pushed again
+    notes: list[str] = field(default_factory=list)  # one line each, for the user (repairs, a missing sha256sum)
 
     def remote_path(self, rel: str) -> str:
         return posixpath.join(self.workdir, rel)
@@ -187,6 +194,7 @@ def sync(
     progress: Callable[[int, int], None] | None = None,
     *,
     hash_cache: Path | None = None,
+    verify: bool = True,
 ) -> SyncResult:
     """Make ``workdir/rel`` hold the content of each ``files[rel]`` on the device, pushing only what differs."""
     for rel in files:
@@ -214,6 +222,28 @@ def sync(
             skipped.append(rel)
         else:
             to_push.append(rel)
+
+    repaired: list[str] = []
+    notes: list[str] = []
+    if verify and skipped:
+        # The manifest says what was pushed, not what is there now: let the device hash its copies (once per sync).
+        verify_bytes = sum(local_info[rel][1] for rel in skipped)
+        device_sha = transport.sha256s([remote[rel] for rel in skipped], timeout=120.0 + verify_bytes / 20e6)
+        if device_sha is None:
+            notes.append(f"device {transport.name} has no sha256sum/shasum: its copies were checked by size only")
+        else:
+            for rel in list(skipped):
+                if device_sha.get(remote[rel]) != local_info[rel][0]:
+                    skipped.remove(rel)
+                    to_push.append(rel)
+                    repaired.append(rel)
+            for rel in repaired:
+                manifest.pop(rel, None)  # the entry described a copy that is no longer there
+            if repaired:
+                notes.append(
+                    f"device copy of {', '.join(repaired)} did not match its sha256 (changed or corrupted on the "
+                    "device): pushing it again"
+                )
 
     total = sum(local_info[rel][1] for rel in to_push)
     if to_push:
@@ -245,7 +275,7 @@ def sync(
         pushed_bytes += size
     if progress and not to_push:
         progress(0, 0)
-    return SyncResult(pushed_bytes, to_push, skipped, manifest, workdir, remote)
+    return SyncResult(pushed_bytes, to_push, skipped, manifest, workdir, remote, repaired, notes)
 
 
 def _check_space(

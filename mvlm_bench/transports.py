@@ -29,6 +29,9 @@ Public API (the benchmark runner builds on it; keep stable):
   ``read_text(remote)`` (None when absent), ``write_text(remote, text)`` (atomic: temp + mv), ``remove(remote)``,
   ``rename(src, dst)``, ``make_executable(remote)``, ``file_sizes(remotes)`` (None for absent), ``check()``,
   ``close()``; transports are context managers.
+- ``probe() -> DeviceInfo`` (what the device is: ``uname -s``/``uname -m``, Android's ``ro.product.cpu.abi``), and
+  ``sha256s(remotes, timeout) -> dict | None`` (the device's own sha256 of each file, None where absent; None overall
+  when the device has no ``sha256sum``/``shasum``).
 
 A remote command killed by signal N is reported the way the device's shell reports it, as status 128+N; a remote
 status in 129..192 is therefore read as a signal (llama.cpp tools do not exit with such codes).
@@ -37,6 +40,7 @@ status in 129..192 is therefore read as a signal (llama.cpp tools do not exit wi
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import shlex
 import shutil
@@ -156,6 +160,43 @@ def _signal_name(num: int) -> str:
         return str(num)
 
 
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a device is: ``uname -s`` / ``uname -m`` and, on Android, ``getprop ro.product.cpu.abi``."""
+
+    system: str  # Linux, Darwin ...
+    machine: str  # x86_64, aarch64 ... (normalised: arm64 -> aarch64, amd64 -> x86_64)
+    android_abi: str = ""  # arm64-v8a on a 64-bit ARM phone; empty elsewhere
+
+    @property
+    def android(self) -> bool:
+        return bool(self.android_abi)
+
+    def describe(self) -> str:
+        if self.android:
+            return f"an Android {self.android_abi} device"
+        return f"{self.machine or 'unknown-arch'} {self.system or 'unknown-OS'}"
+
+
+def normalise_machine(machine: str) -> str:
+    m = machine.strip()
+    return {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}.get(m.lower(), m)
+
+
+_PROBE_SCRIPT = (
+    "printf '%s|%s|%s\\n' \"$(uname -s 2>/dev/null)\" \"$(uname -m 2>/dev/null)\" "
+    "\"$(getprop ro.product.cpu.abi 2>/dev/null)\""
+)
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+# sha256 of each file on one line (read from stdin, so any file name is safe); "-" for an absent file.
+_SHA_SCRIPT = (
+    "if command -v sha256sum >/dev/null 2>&1; then h='sha256sum'; "
+    "elif command -v shasum >/dev/null 2>&1; then h='shasum -a 256'; "
+    "else echo no-sha256-tool; exit 0; fi; "
+    'for f in {files}; do if [ -f "$f" ]; then $h < "$f" 2>/dev/null || echo error; else echo -; fi; done'
+)
+
+
 # --------------------------------------------------------------------------------------------------- interface
 
 
@@ -235,6 +276,14 @@ class Transport(ABC):
     @abstractmethod
     def check(self) -> None:
         """Raise a ``TransportError`` (one clear line) unless the device is reachable and usable."""
+
+    def probe(self) -> DeviceInfo:
+        """What the device is (OS, CPU architecture, Android ABI)."""
+        raise NotImplementedError
+
+    def sha256s(self, remotes: list[str], timeout: float = HELPER_TIMEOUT_S) -> dict[str, str | None] | None:
+        """The device's own sha256 of each file (None where absent); None when the device cannot hash files."""
+        return None
 
     def close(self) -> None:
         """Release connections; safe to call twice."""
@@ -458,6 +507,27 @@ class LocalTransport(Transport):
     def file_sizes(self, remotes: list[str]) -> dict[str, int | None]:
         return {r: (self._p(r).stat().st_size if self._p(r).is_file() else None) for r in remotes}
 
+    def probe(self) -> DeviceInfo:
+        import platform
+
+        return DeviceInfo(platform.system(), normalise_machine(platform.machine()))
+
+    def sha256s(self, remotes: list[str], timeout: float = HELPER_TIMEOUT_S) -> dict[str, str | None] | None:
+        import hashlib
+
+        out: dict[str, str | None] = {}
+        for r in remotes:
+            p = self._p(r)
+            if not p.is_file():
+                out[r] = None
+                continue
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+            out[r] = h.hexdigest()
+        return out
+
     def check(self) -> None:
         if self.profile.exec_wrapper and shutil.which(self.profile.exec_wrapper[0]) is None:
             hint = " (Debian: apt-get install qemu-user-static)" if "qemu" in self.profile.exec_wrapper[0] else ""
@@ -524,7 +594,7 @@ class _ShellTransport(Transport):
     def write_text(self, remote: str, text: str) -> None:
         tmp_remote = f"{remote}.tmp-{os.getpid()}"
         with tempfile.TemporaryDirectory(prefix="mvlm-") as d:
-            local = Path(d) / "text"
+            local = Path(d) / (posixpath.basename(remote) or "text")  # an error names the file being written
             local.write_text(text, encoding="utf-8")
             self.push(local, tmp_remote)
         self.rename(tmp_remote, remote)
@@ -551,6 +621,28 @@ class _ShellTransport(Transport):
         if len(lines) != len(remotes):
             raise MvlmError(f"device {self.name}: unexpected file listing ({len(lines)} lines for {len(remotes)} files)")
         return {r: (None if s == "-" else int(s)) for r, s in zip(remotes, lines, strict=True)}
+
+    def probe(self) -> DeviceInfo:
+        out = self._helper(_PROBE_SCRIPT, "probing the device (uname -m)")
+        line = next((ln for ln in reversed(out.strip().splitlines()) if ln.count("|") == 2), "")
+        system, machine, abi = (x.strip() for x in (line.split("|") if line else ("", "", "")))
+        return DeviceInfo(system, normalise_machine(machine), abi)
+
+    def sha256s(self, remotes: list[str], timeout: float = HELPER_TIMEOUT_S) -> dict[str, str | None] | None:
+        if not remotes:
+            return {}
+        quoted = " ".join(quote_remote(r) for r in remotes)
+        out = self._helper(_SHA_SCRIPT.format(files=quoted), "checking file hashes (sha256sum)", timeout=timeout)
+        lines = [ln.strip() for ln in out.strip().splitlines() if ln.strip()]
+        if lines == ["no-sha256-tool"]:
+            return None
+        if len(lines) != len(remotes):
+            raise MvlmError(f"device {self.name}: unexpected sha256sum output ({len(lines)} lines for {len(remotes)} files)")
+        result: dict[str, str | None] = {}
+        for r, line in zip(remotes, lines, strict=True):
+            digest = line.split()[0].lower()
+            result[r] = None if line == "-" else (digest if _SHA_RE.match(digest) else "unreadable")
+        return result
 
 
 # --------------------------------------------------------------------------------------------------- ssh
@@ -583,6 +675,13 @@ class SshTransport(_ShellTransport):
         super().__init__(profile)
         if shutil.which("ssh") is None:
             raise MvlmError("the OpenSSH client `ssh` is not on PATH: install it (Debian: apt-get install openssh-client)")
+        # profiles are checked when loaded; a DeviceProfile built in code gets the same allow-list here
+        from mvlm_bench.devices import check_known_hosts_file, check_ssh_options
+
+        where = str(profile.source) if profile.source else f"device {profile.name}"
+        check_ssh_options(profile.ssh.options, where)
+        if profile.ssh.known_hosts:
+            check_known_hosts_file(profile.ssh.known_hosts, f"{where}: field 'ssh.known_hosts'")
         self._control_dir: str | None = None
         if profile.ssh.control_master:
             self._control_dir = tempfile.mkdtemp(prefix="mvlm-ssh-", dir="/tmp" if os.path.isdir("/tmp") else None)
@@ -647,8 +746,9 @@ class SshTransport(_ShellTransport):
             return UnreachableError(
                 f"ssh {dest}: cannot connect ({line}); is the device on, on this network, and running sshd on that port?"
             )
+        said = f" ({line})" if line != "no message" else ""
         return ConnectionLostError(
-            f"ssh {dest}: connection lost during {what} ({line}); run again (an interrupted sync restarts cleanly)"
+            f"ssh {dest}: connection lost during {what}{said}; run again (an interrupted sync restarts cleanly)"
         )
 
     def _shell(self, script: str, timeout: float, what: str) -> tuple[int | None, str, float]:
@@ -691,8 +791,23 @@ class SshTransport(_ShellTransport):
                 progress(0, 0)
             return
         if rc == 255 or rc is None or broken:
-            raise self._classify(text, f"push of {local.name} ({done} of {total} bytes sent)")
+            arrived = self._size_after_failure(remote)
+            sent = (f"{arrived} of {total} bytes reached the device" if arrived is not None
+                    else f"at most {done} of {total} bytes sent")
+            raise self._classify(text, f"push of {local.name} to {remote} ({sent})")
         raise MvlmError(f"ssh {self.destination}: writing {remote} failed (status {rc}): {_last_line(text)}")
+
+    def _size_after_failure(self, remote: str) -> int | None:
+        """After a dropped push: how much of ``remote`` the device really holds (one quick new connection), or None."""
+        try:
+            rc, out, _ = self._shell(
+                f"if [ -f {quote_remote(remote)} ]; then wc -c < {quote_remote(remote)}; else echo 0; fi",
+                self.profile.ssh.connect_timeout + 5.0, "size check",
+            )
+        except MvlmError:
+            return None
+        text = out.strip()
+        return int(text) if rc == 0 and text.isdigit() else None
 
     def pull(self, remote: str, local: Path) -> None:
         local = Path(local)
@@ -798,7 +913,7 @@ class AdbTransport(_ShellTransport):
         # adb moves ~10-40 MB/s over USB; allow 1 MB/s plus slack before calling the link hung.
         rc, out, _, timed_out = self._adb(["push", str(local), remote], 300.0 + total / 1e6)
         if timed_out or rc != 0:
-            raise self._classify(out, f"push of {local.name}", during_transfer=True)
+            raise self._classify(out, f"push of {local.name} to {remote} ({total} bytes)", during_transfer=True)
         if progress:
             progress(total, total)
 

@@ -63,3 +63,17 @@ def small_fs(tmp_path):
     yield make
     for d in mounts:
         subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """A real OpenSSH sshd on 127.0.0.1 (tests/peers.py: SshServer; host-key checking stays on), one per test module."""
+    from peers import SSHD, SshServer
+
+    if not os.path.exists(SSHD):
+        pytest.fail(f"{SSHD} missing: install openssh-server (the project's setup script does)")
+    server = SshServer(tmp_path_factory.mktemp("sshd"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from peers import AdbDouble, SshServer, _free_port
+from peers import AdbDouble, _free_port
 
 from mvlm_bench import bench
 from mvlm_bench.devices import profile_from_dict
@@ -152,10 +152,11 @@ def test_later_failure_keeps_completed_repetitions(tmp_path, tiny_vlm):
 def test_missing_runtime_for_target_says_how_to_build(tmp_path, tiny_vlm):
     lm, _ = tiny_vlm
     prof = tmp_path / "o.toml"
-    prof.write_text(f'transport = "local"\nworkdir = "{tmp_path}/d"\ntarget = "orin"\n')
-    r = mvlm("bench", "--device", prof, "--protocol", "lm", "--model", lm)
+    prof.write_text(f'transport = "local"\nworkdir = "{tmp_path}/d"\ntarget = "host"\n')
+    r = mvlm("bench", "--device", prof, "--protocol", "lm", "--model", lm, env={"MVLM_CACHE": str(tmp_path / "empty-cache")})
     assert r.returncode == 2
-    assert "mvlm runtime build --target orin" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "mvlm runtime build --target host" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()  # nothing pushed
 
 
 def test_unreachable_ssh_device(tmp_path, tiny_vlm):
@@ -166,15 +167,6 @@ def test_unreachable_ssh_device(tmp_path, tiny_vlm):
 
 
 # --- real sshd on 127.0.0.1 and the adb test double ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    server = SshServer(tmp_path_factory.mktemp("sshd"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def test_ssh_end_to_end(sshd, tmp_path, tiny_vlm):
     lm, mmproj = tiny_vlm
     prof = sshd.profile(str(tmp_path / "remote"), target="host", threads=2)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from peers import SSHD, AdbDouble, SshServer, _free_port
+from peers import AdbDouble, _free_port
 
 from mvlm_bench.devices import DeviceProfile, profile_from_dict
 from mvlm_bench.sync import MANIFEST_NAME, sync
@@ -153,17 +153,6 @@ def test_qemu_arm64_profile_runs_a_real_aarch64_binary(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------- ssh
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    if not os.path.exists(SSHD):
-        pytest.fail(f"{SSHD} missing: install openssh-server (the project's setup script does)")
-    server = SshServer(tmp_path_factory.mktemp("sshd"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

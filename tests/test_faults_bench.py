@@ -1,0 +1,691 @@
+"""Faults of `mvlm bench`, the transports and the device profiles (issue 13), each proven with real parts.
+
+Real parts: the real llama.cpp host runtime (``host_runtime``), the real SmolLM2 GGUF (``smollm2_gguf``), a real
+OpenSSH sshd on 127.0.0.1 (``sshd``, tests/peers.py), real tmpfs for disk-full (``small_fs``). The one test double is
+the `adb` executable (tests/peers.py: AdbDouble), because no phone is attached here.
+
+Each fault, and what the test shows:
+
+2. report paths: ``--json/--markdown/--csv`` naming an input (model, mmproj, image, profile, baseline) or an existing
+   GGUF is refused before anything is measured; the reports of one command are committed together.
+3. ssh options: an allow-list. Host-key checking cannot be switched off from a profile; nothing in a profile runs a
+   local command (ProxyCommand & co. would touch a marker file: the marker never appears, no connection is made).
+4. the device is probed (uname -m / getprop) before anything is pushed: an ad hoc ssh device gets the runtime that fits
+   it (x86_64 -> host), a profile whose target does not fit is refused in one line saying which build to make.
+5. device copies are verified by their sha256 on every bench; a corrupted copy is pushed again, and the bench says so.
+   A dropped push names the file being pushed and the bytes that really reached the device.
+12. a model that is not a GGUF is refused locally; a failing llama.cpp gives one line (its most relevant log line and
+    the log file); nonsensical counts are refused.
+13. one bad profile does not break `mvlm devices` or `mvlm bench --device good`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from peers import AdbDouble
+
+from mvlm_bench import bench
+from mvlm_bench.devices import load_profile, profile_from_dict
+from mvlm_bench.sync import sync
+from mvlm_bench.transports import ConnectionLostError, DeviceInfo, make_transport
+from mvlm_convert.errors import MvlmError
+
+MVLM = [sys.executable, "-m", "mvlm_bench.cli"]
+
+
+def mvlm(*args, env: dict | None = None, timeout: float = 600, prefix: list[str] | None = None):
+    return subprocess.run([*(prefix or []), *MVLM, *map(str, args)], capture_output=True, text=True, errors="replace",
+                          timeout=timeout, env={**os.environ, **(env or {}), "COLUMNS": "200"})
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def local_profile(tmp_path: Path, name: str = "faultlocal", target: str = "host", **extra) -> Path:
+    lines = [f'name = "{name}"', 'transport = "local"', f'workdir = "{tmp_path / ("dev-" + name)}"', f'target = "{target}"',
+             "threads = 2"]
+    env = extra.pop("env", {})
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    p = tmp_path / f"{name}.toml"
+    p.write_text("\n".join(lines) + "\n" + _env_table(env))
+    return p
+
+
+def ssh_profile_file(sshd, path: Path, workdir: Path, *, options: list[str] | None = None, known_hosts: Path | None = None,
+                     target: str = "host", config_file: str = "/dev/null", env: dict | None = None) -> Path:
+    """A profile file for the real sshd (TOML strings via json.dumps: valid TOML basic strings)."""
+    body = [
+        'transport = "ssh"',
+        f"address = {json.dumps(f'ssh://{sshd.user}@127.0.0.1:{sshd.port}')}",
+        f"workdir = {json.dumps(str(workdir))}",
+        f"target = {json.dumps(target)}",
+        "threads = 2",
+        "[ssh]",
+        f"identity_file = {json.dumps(str(sshd.root / 'client_key'))}",
+        f"known_hosts = {json.dumps(str(known_hosts or sshd.known_hosts))}",
+        f"config_file = {json.dumps(config_file)}",
+        "connect_timeout = 5",
+    ]
+    if options is not None:
+        body.append(f"options = {json.dumps(options)}")
+    path.write_text("\n".join(body) + "\n" + _env_table(env or {}))
+    return path
+
+
+@pytest.fixture
+def fake_gguf(tmp_path) -> Path:
+    """A small file with the GGUF magic: enough for everything that is refused before llama.cpp would read it."""
+    p = tmp_path / "Model-Q4_K_S.gguf"
+    p.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + os.urandom(4000))
+    return p
+
+
+@pytest.fixture(scope="session")
+def runtime_env(host_runtime, smollm2_gguf) -> dict[str, str]:
+    """The real host runtime runs SmolLM2 on this machine with no extra environment (returned empty, so a device
+    quirk could be named here); a crash fails loudly instead of being worked around.
+
+    On a VM that advertises Intel AMX without fully supporting it, a -march=native build used to die with SIGILL in
+    ggml's AMX kernel (`tilezero`) on Q4_1 weights; the runtime builder now turns AMX off where the CPU advertises it.
+    """
+    exe = host_runtime / "bin" / "llama-completion"
+    argv = [str(exe), "-m", str(smollm2_gguf), "-p", "Hi", "-n", "2", "-no-cnv", "--temp", "0", "-t", "2"]
+    base = {**os.environ, "LD_LIBRARY_PATH": str(host_runtime / "lib")}
+    r = subprocess.run(argv, capture_output=True, text=True, errors="replace", env=base, timeout=300)
+    if r.returncode != 0:
+        pytest.fail(f"the host runtime cannot run SmolLM2 on this machine (status {r.returncode}): {r.stdout[-1500:]}")
+    return {}
+
+
+def _with_env(profile, env: dict[str, str]):
+    return dataclasses.replace(profile, env={**profile.env, **env})
+
+
+def _env_table(env: dict[str, str]) -> str:
+    return "[env]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in env.items()) if env else ""
+
+
+def _error_line(stderr: str) -> str:
+    """mvlm's progress notes may precede it, but the failure itself is ONE line and no llama.cpp log is dumped."""
+    lines = stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr
+    import re
+
+    for ln in lines[:-1]:  # llama.cpp's own log lines start with a timestamp or a function name
+        assert not re.match(r"\s*(\d+\.\d+\.\d+\.\d+ [A-Z] |llama_|print_info|load_tensors|ggml_|main:)", ln), stderr
+    return errors[0]
+
+
+# ===================================================================================================== 2. report paths
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown", "--csv"])
+def test_report_path_that_is_the_model_is_refused_before_measuring(tmp_path, fake_gguf, option):
+    before = _sha(fake_gguf)
+    prof = local_profile(tmp_path)
+    r = mvlm("bench", "--device", prof, "--model", fake_gguf, option, fake_gguf)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2
+    assert option in line and str(fake_gguf) in line and "input" in line
+    assert _sha(fake_gguf) == before  # the model is intact
+    assert not (tmp_path / "dev-faultlocal").exists()  # nothing pushed, nothing measured
+
+
+def test_report_path_other_inputs_and_existing_gguf_are_refused(tmp_path, fake_gguf):
+    prof = local_profile(tmp_path)
+    mmproj = tmp_path / "mmproj-M-F16.gguf"
+    mmproj.write_bytes(b"GGUF" + os.urandom(100))
+    image = tmp_path / "img.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(image)
+    other_model = tmp_path / "Other-Q8_0.gguf"  # not an input, but an existing GGUF
+    other_model.write_bytes(b"GGUF" + os.urandom(100))
+    other_model_bytes = other_model.read_bytes()
+    base = ["bench", "--device", prof, "--protocol", "vlm", "--model", fake_gguf, "--mmproj", mmproj, "--image", image]
+    cases = [
+        (["--json", mmproj], "also an input"),
+        (["--csv", image], "also an input"),
+        (["--markdown", prof], "also an input"),
+        (["--csv", other_model], "existing GGUF"),
+        (["--json", tmp_path / "same.txt", "--markdown", tmp_path / "same.txt"], "also given to --json"),
+        (["--json", tmp_path / "a-file" / "r.json"], "not a writable directory"),
+    ]
+    (tmp_path / "a-file").write_text("a file where a directory would be needed")
+    for extra, words in cases:
+        r = mvlm(*base, *extra)
+        line = _one_line(r.stderr)
+        assert r.returncode == 2 and words in line, line
+    assert other_model.read_bytes() == other_model_bytes
+    assert not (tmp_path / "same.txt").exists()
+    assert not (tmp_path / "dev-faultlocal").exists()
+    # the baseline file is an input too: the report would replace it before it is read
+    baseline = tmp_path / "base.json"
+    baseline.write_text("[]")
+    r = mvlm("bench", "--device", prof, "--model", fake_gguf, "--json", baseline, "--baseline", baseline)
+    assert r.returncode == 2 and "also an input" in _one_line(r.stderr)
+    assert baseline.read_text() == "[]"
+    r = mvlm("bench", "--device", prof, "--model", fake_gguf, "--json", tmp_path / "new.json",
+             "--baseline", tmp_path / "new.json")  # not there yet: it would be compared with itself
+    assert r.returncode == 2 and "also an input" in _one_line(r.stderr)
+    r = mvlm("bench", "--device", prof, "--model", fake_gguf, "--save", "--db", other_model)  # sqlite over a GGUF
+    assert r.returncode == 2 and "--db" in _one_line(r.stderr) and "existing GGUF" in r.stderr
+    assert other_model.read_bytes() == other_model_bytes
+    history = tmp_path / "h.sqlite"
+    r = mvlm("bench", "--device", prof, "--model", fake_gguf, "--save", "--db", history, "--csv", history)
+    assert r.returncode == 2 and "also an input" in _one_line(r.stderr) and not history.exists()
+    assert not (tmp_path / "dev-faultlocal").exists()
+
+
+@pytest.mark.slow
+def test_reports_are_committed_together(tmp_path, smollm2_gguf, runtime_env, small_fs):
+    """--json lands in a roomy dir, --markdown on a full tmpfs: the markdown write fails, so the JSON is NOT replaced
+    (the old one stays), no temporary is left in either place, and the error is one line (exit 28)."""
+    full = small_fs(64 << 10)
+    with open(full / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    old_json = tmp_path / "r.json"
+    old_json.write_text("OLD REPORT")
+    prof = local_profile(tmp_path)
+    r = mvlm("bench", "--device", prof, "--model", smollm2_gguf, "-n", 8, "--repeat", 1, "--warmup", 0,
+             "--json", old_json, "--markdown", full / "r.md", env=runtime_env)
+    assert r.returncode == 28, r.stderr[-2000:]
+    assert "disk full while writing" in r.stderr and str(full / "r.md") in r.stderr
+    assert "Traceback" not in r.stderr
+    assert old_json.read_text() == "OLD REPORT"
+    assert sorted(p.name for p in full.iterdir()) == ["filler"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r.json")]
+    # the same command with room for both writes both
+    r = mvlm("bench", "--device", prof, "--model", smollm2_gguf, "-n", 8, "--repeat", 1, "--warmup", 0,
+             "--json", old_json, "--markdown", tmp_path / "r.md", env=runtime_env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(old_json.read_text()) and (tmp_path / "r.md").read_text().startswith("|")
+
+
+# ===================================================================================================== 3. ssh options
+
+# Options that switch host-key checking off or run a command here. Each would, given to ssh, connect to an unknown
+# host or touch the marker (checked below with the plain ssh client); mvlm refuses every one before connecting.
+BAD_OPTIONS = [
+    (["StrictHostKeyChecking=false"], "StrictHostKeyChecking"),
+    (["StrictHostKeyChecking=no"], "StrictHostKeyChecking"),
+    (["stricthostkeychecking=OFF"], "StrictHostKeyChecking"),
+    (["UserKnownHostsFile=/dev/null", "StrictHostKeyChecking=accept-new"], "UserKnownHostsFile"),
+    (["UserKnownHostsFile=none"], "UserKnownHostsFile"),
+    (["ProxyCommand=touch {marker}"], "ProxyCommand"),
+    (["PermitLocalCommand=yes", "LocalCommand=touch {marker}"], "PermitLocalCommand"),
+    (["LocalCommand=touch {marker}"], "LocalCommand"),
+    (["KnownHostsCommand=/bin/sh -c 'touch {marker}'"], "KnownHostsCommand"),
+    (["ProxyJump=root@127.0.0.1:1"], "ProxyJump"),
+    (["ControlPath=/tmp/someone-elses-master"], "ControlPath"),
+    (["ForwardAgent=yes"], "ForwardAgent"),
+]
+
+
+def test_plain_ssh_would_obey_these_options(sshd, tmp_path):
+    """The control experiment: handed to ssh itself, the options do what the refusals guard against."""
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    base = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={empty}",
+            "-i", str(sshd.root / "client_key"), "-p", str(sshd.port), f"{sshd.user}@127.0.0.1"]
+    r = subprocess.run([*base[:1], "-o", "StrictHostKeyChecking=false", *base[1:], "true"], capture_output=True, timeout=30)
+    assert r.returncode == 0  # an unknown host accepted: host-key checking was off
+    marker = tmp_path / "MARKER"
+    subprocess.run([*base[:1], "-o", f"ProxyCommand=touch {marker}", *base[1:], "true"], capture_output=True, timeout=30)
+    assert marker.exists()  # a command ran on this machine
+
+
+@pytest.mark.parametrize("options, named", BAD_OPTIONS)
+def test_profile_ssh_options_are_refused_before_connecting(sshd, tmp_path, fake_gguf, options, named):
+    marker = tmp_path / "MARKER"
+    empty = tmp_path / "empty_known_hosts"  # the host is unknown: only switching checking off would let us in
+    empty.write_text("")
+    prof = ssh_profile_file(sshd, tmp_path / "box.toml", tmp_path / "remote",
+                            options=[o.format(marker=marker) for o in options], known_hosts=empty)
+    r = mvlm("bench", "--device", prof, "--model", fake_gguf)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2
+    assert named in line and str(prof) in line, line
+    assert not marker.exists()
+    assert not (tmp_path / "remote").exists()  # no connection made (a connection would have created the work dir)
+    assert empty.read_text() == ""  # nothing accepted into known_hosts
+    # the profile loader refuses it for every other user too (mvlm devices, runtime build --device)
+    with pytest.raises(MvlmError, match=named):
+        load_profile(str(prof))
+
+
+def test_known_hosts_field_must_be_a_real_file(sshd, tmp_path, fake_gguf):
+    prof = ssh_profile_file(sshd, tmp_path / "box.toml", tmp_path / "remote", known_hosts=Path("/dev/null"),
+                            options=["StrictHostKeyChecking=accept-new"])
+    r = mvlm("bench", "--device", prof, "--model", fake_gguf)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2 and "ssh.known_hosts" in line and "/dev/null" in line and str(prof) in line
+    assert not (tmp_path / "remote").exists()
+
+
+@pytest.mark.parametrize("directive", [
+    "ProxyCommand touch {marker}",
+    'Match exec "touch {marker}"',
+    "LocalCommand touch {marker}",
+    "PermitLocalCommand yes",
+    "StrictHostKeyChecking no",
+    "UserKnownHostsFile /dev/null",
+    "Include other.conf",
+])
+def test_config_file_named_by_a_profile_may_not_run_commands(sshd, tmp_path, fake_gguf, directive):
+    """A profile shipped with an ssh config beside it (config_file is relative to the profile) is data too."""
+    marker = tmp_path / "MARKER"
+    (tmp_path / "evil.conf").write_text(f"Host *\n    {directive.format(marker=marker)}\n")
+    prof = ssh_profile_file(sshd, tmp_path / "box.toml", tmp_path / "remote", config_file="evil.conf")
+    r = mvlm("bench", "--device", prof, "--model", fake_gguf)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2 and "evil.conf line 2" in line and directive.split()[0] in line, line
+    assert not marker.exists() and not (tmp_path / "remote").exists()
+
+
+def test_allowed_options_connect_and_a_profile_built_in_code_is_checked_too(sshd, tmp_path):
+    ok = ["ServerAliveInterval=15", "StrictHostKeyChecking=yes", "Compression=no", "ConnectTimeout=5",
+          "IdentitiesOnly=yes", "LogLevel=ERROR", "ServerAliveCountMax=2", "TCPKeepAlive=yes"]
+    prof = load_profile(str(ssh_profile_file(sshd, tmp_path / "ok.toml", tmp_path / "remote", options=ok)))
+    t = make_transport(prof)
+    try:
+        t.check()
+        assert t.probe() == DeviceInfo(platform.system(), platform.machine())  # the real sshd answers
+    finally:
+        t.close()
+    marker = tmp_path / "MARKER"
+    sneaky = dataclasses.replace(prof, ssh=dataclasses.replace(prof.ssh, options=(f"ProxyCommand=touch {marker}",)))
+    with pytest.raises(MvlmError, match="ProxyCommand is not allowed"):
+        make_transport(sneaky)
+    assert not marker.exists()
+
+
+def test_adhoc_ssh_urls_cannot_smuggle_options():
+    for spec in ("ssh://-oProxyCommand=touch@host", "ssh://user@-oProxyCommand=x", "ssh://u%20-o@host",
+                 "ssh://user@host -oProxyCommand=x"):
+        with pytest.raises(MvlmError, match="bad"):
+            load_profile(spec)
+
+
+# ===================================================================================================== 4. device probe
+
+
+def test_targets_follow_the_probed_device():
+    host_machine = platform.machine()
+    assert bench.targets_for(DeviceInfo("Linux", "aarch64"))[1] == "linux-arm64"
+    assert bench.targets_for(DeviceInfo("Linux", "aarch64", "arm64-v8a"))[1] == "android-arm64"
+    assert bench.targets_for(DeviceInfo("Linux", host_machine))[1] == "host"
+    assert bench.targets_for(DeviceInfo("Linux", "riscv64")) == ([], None)
+    assert bench.targets_for(DeviceInfo("Darwin", "aarch64"))[1] is None
+    adhoc = load_profile("adb:R58M12")
+    assert adhoc.probe_target
+    phone = bench.resolve_target(adhoc, DeviceInfo("Linux", "aarch64", "arm64-v8a"))
+    assert phone.target == "android-arm64"
+    orin = load_profile("orin")
+    with pytest.raises(MvlmError, match=r"mvlm runtime build --target linux-arm64"):
+        bench.resolve_target(dataclasses.replace(orin, target="host"), DeviceInfo("Linux", "aarch64"))
+    assert bench.resolve_target(orin, DeviceInfo("Linux", "aarch64")) is orin
+    qemu = load_profile("qemu-arm64")  # emulated: its x86_64 host is not what the binaries see
+    assert bench.resolve_target(qemu, DeviceInfo("Linux", "x86_64")) is qemu
+
+
+def test_profile_target_that_does_not_fit_the_device_is_refused_before_pushing(sshd, tmp_path, fake_gguf):
+    """A profile claiming linux-arm64, pointed at the x86_64 sshd: one line saying which build to make, nothing pushed."""
+    prof = ssh_profile_file(sshd, tmp_path / "arm.toml", tmp_path / "remote", target="linux-arm64")
+    r = mvlm("bench", "--device", prof, "--model", fake_gguf)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2
+    assert "x86_64 Linux" in line and "'linux-arm64'" in line and "mvlm runtime build --target host" in line, line
+    assert not (tmp_path / "remote").exists()
+    # the same for a local profile that claims another CPU
+    r = mvlm("bench", "--device", local_profile(tmp_path, target="android-arm64"), "--model", fake_gguf)
+    assert r.returncode == 2 and "mvlm runtime build --target host" in _one_line(r.stderr)
+
+
+@pytest.mark.slow
+def test_adhoc_ssh_to_an_x86_64_device_benches_with_the_host_runtime(tmp_path, smollm2_gguf, runtime_env):
+    """`--device ssh://root@127.0.0.1:PORT` with nothing but the ssh client's own configuration (as for any ad hoc
+    device): the key and known_hosts come from the system ssh_config, replaced for this one process by a bind mount
+    in a private mount namespace (nothing outside the test changes). The device is probed (x86_64 Linux), the host
+    runtime is pushed and the real llama.cpp runs SmolLM2 there."""
+    from peers import SshServer
+
+    (tmp_path / "sshd").mkdir()
+    sshd = SshServer(tmp_path / "sshd")
+    try:
+        if runtime_env:  # an ad hoc device has no profile [env]: this 'device' sets it itself (sshd's SetEnv)
+            with open(sshd.config, "a") as f:
+                f.write("SetEnv " + " ".join(f"{k}={v}" for k, v in runtime_env.items()) + "\n")
+            sshd.proc.send_signal(signal.SIGHUP)  # sshd re-executes itself and reads the config again
+            _wait_for_port(sshd.port)
+        _adhoc_bench(sshd, tmp_path, smollm2_gguf)
+    finally:
+        sshd.stop()
+
+
+def _wait_for_port(port: int) -> None:
+    import socket
+    import time
+
+    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _private_ssh_config(sshd, tmp_path: Path) -> list[str]:
+    """A command prefix under which the ssh client's system config (/etc/ssh/ssh_config) knows the test sshd: a bind
+    mount in a private mount namespace, so nothing outside that one process sees it."""
+    if shutil.which("unshare") is None:
+        pytest.skip("util-linux `unshare` is needed to give the ssh client a private ssh_config")
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(f"Host 127.0.0.1\n    IdentityFile {sshd.root / 'client_key'}\n    IdentitiesOnly yes\n"
+                   f"    UserKnownHostsFile {sshd.known_hosts}\n    StrictHostKeyChecking yes\n")
+    prefix = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/ssh/ssh_config && exec "$@"', str(cfg)]
+    probe = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"a private mount namespace needs root: {probe.stderr.strip()}")
+    return prefix
+
+
+def test_adhoc_ssh_runtime_build_for_a_target_the_device_cannot_run_is_refused(sshd, tmp_path):
+    prefix = _private_ssh_config(sshd, tmp_path)
+    r = mvlm("runtime", "build", "--target", "linux-arm64", "--device", f"ssh://{sshd.user}@127.0.0.1:{sshd.port}",
+             prefix=prefix, env={"MVLM_CACHE": str(tmp_path / "cache")})
+    line = _one_line(r.stderr)
+    assert r.returncode == 2 and "is x86_64 Linux: a linux-arm64 runtime does not run there" in line, line
+
+
+def _adhoc_bench(sshd, tmp_path: Path, smollm2_gguf: Path) -> None:
+    prefix = _private_ssh_config(sshd, tmp_path)
+    home = Path(os.path.expanduser("~" + sshd.user))
+    workdir = home / "mvlm"  # the ad hoc default work dir, on the 'device' (this machine, through sshd)
+    existed = workdir.exists()
+    out = tmp_path / "adhoc.json"
+    try:
+        r = mvlm("bench", "--device", f"ssh://{sshd.user}@127.0.0.1:{sshd.port}", "--protocol", "lm",
+                 "--model", smollm2_gguf, "-n", 16, "--repeat", 2, "--warmup", 0, "--json", out, prefix=prefix)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "x86_64 Linux: using the host runtime" in r.stderr
+        (rec,) = json.loads(out.read_text())
+        assert rec["params"]["target"] == "host" and rec["device"] == f"ssh://{sshd.user}@127.0.0.1:{sshd.port}"
+        assert rec["model_sha256"] == _sha(smollm2_gguf) and rec["repetitions"] == 2
+        assert rec["n_gen"] == 15  # llama-completion decodes n-1 of the n tokens it generates
+        for run in rec["runs"]:
+            t = run["timing"]
+            assert 0 < t["eval_ms"] < 60_000 and 0 < t["prompt_eval_ms"] < 60_000, t
+            assert 0.1 < 15 * 1000 / t["eval_ms"] < 100_000  # tokens/s of a 135M model on 2 busy shared cores
+        assert _sha(workdir / "models" / smollm2_gguf.name) == _sha(smollm2_gguf)
+    finally:
+        if not existed:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ===================================================================================================== 5. device copies
+
+
+def _corrupt_in_place(p: Path) -> None:
+    size = p.stat().st_size
+    with open(p, "r+b") as f:
+        f.seek(size // 2)
+        chunk = f.read(4096)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    assert p.stat().st_size == size
+
+
+@pytest.mark.slow
+def test_corrupted_copy_on_a_local_device_is_pushed_again(tmp_path, smollm2_gguf, runtime_env):
+    prof = local_profile(tmp_path, env=runtime_env)
+    args = ("bench", "--device", prof, "--model", smollm2_gguf, "-n", 8, "--repeat", 1, "--warmup", 0)
+    r = mvlm(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    copy = tmp_path / "dev-faultlocal" / "models" / smollm2_gguf.name
+    _corrupt_in_place(copy)
+    assert _sha(copy) != _sha(smollm2_gguf)
+    r = mvlm(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"device copy of models/{smollm2_gguf.name} did not match its sha256" in r.stderr
+    assert "pushing it again" in r.stderr
+    assert _sha(copy) == _sha(smollm2_gguf)
+    r = mvlm(*args)  # and once repaired, nothing moves
+    assert r.returncode == 0 and "pushed 0 bytes" in r.stderr and "did not match" not in r.stderr
+
+
+@pytest.mark.slow
+def test_corrupted_copy_over_ssh_is_pushed_again(sshd, tmp_path, smollm2_gguf, runtime_env):
+    prof = load_profile(str(ssh_profile_file(sshd, tmp_path / "box.toml", tmp_path / "remote", env=runtime_env)))
+    spec = bench.BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=8)
+    first = bench.run_bench(prof, spec)
+    assert not first.failures and first.pushed_bytes > smollm2_gguf.stat().st_size
+    copy = tmp_path / "remote" / "models" / smollm2_gguf.name
+    _corrupt_in_place(copy)
+    said: list[str] = []
+    again = bench.run_bench(prof, spec, log=said.append)
+    assert not again.failures, again.failures
+    assert again.pushed_bytes == smollm2_gguf.stat().st_size  # only the model, again
+    assert any("did not match its sha256" in m and "pushing it again" in m for m in said), said
+    assert _sha(copy) == _sha(smollm2_gguf)
+
+
+def test_device_without_sha256sum_falls_back_to_sizes_and_says_so(tmp_path, monkeypatch):
+    """An adb device whose shell has no sha256sum/shasum (a PATH holding only the tools such a device has)."""
+    adb = AdbDouble(tmp_path, monkeypatch)
+    adb.add("OLDPHONE")
+    tools = tmp_path / "device-tools"
+    tools.mkdir()
+    for name in ("sh", "cat", "mkdir", "mv", "rm", "chmod", "stat", "wc", "df", "dirname", "uname", "setsid", "sleep"):
+        found = shutil.which(name)
+        if found:
+            (tools / name).symlink_to(found)
+    monkeypatch.setenv("PATH", f"{adb.bindir}{os.pathsep}{tools}")
+    t = make_transport(profile_from_dict({"transport": "adb", "address": "OLDPHONE", "target": "android-arm64"},
+                                         where="test", default_name="old"))
+    src = tmp_path / "m.gguf"
+    src.write_bytes(os.urandom(10_000))
+    first = sync(t, t.workdir, {"models/m.gguf": src}, hash_cache=tmp_path / "h.json")
+    assert first.pushed_files == ["models/m.gguf"] and first.notes == []
+    second = sync(t, t.workdir, {"models/m.gguf": src}, hash_cache=tmp_path / "h.json")
+    assert second.pushed_files == [] and second.notes == [
+        "device old has no sha256sum/shasum: its copies were checked by size only"]
+
+
+def test_adb_corrupted_copy_is_pushed_again(tmp_path, monkeypatch):
+    adb = AdbDouble(tmp_path, monkeypatch)
+    root = adb.add("PHONE2")
+    t = make_transport(profile_from_dict({"transport": "adb", "address": "PHONE2", "target": "android-arm64"},
+                                         where="test", default_name="p2"))
+    src = tmp_path / "m.gguf"
+    src.write_bytes(os.urandom(200_000))
+    sync(t, t.workdir, {"models/m.gguf": src}, hash_cache=tmp_path / "h.json")
+    copy = root / "data/local/tmp/mvlm/models/m.gguf"
+    _corrupt_in_place(copy)
+    res = sync(t, t.workdir, {"models/m.gguf": src}, hash_cache=tmp_path / "h.json")
+    assert res.repaired == ["models/m.gguf"] and res.pushed_files == ["models/m.gguf"]
+    assert "did not match its sha256" in res.notes[0]
+    assert _sha(copy) == _sha(src)
+
+
+def test_dropped_push_names_the_file_and_the_bytes_that_arrived(sshd, tmp_path):
+    """The session is killed while the SECOND file is on its way: the message names that file, its device path and
+    the bytes the device really holds (what ssh had buffered never arrived)."""
+    t = make_transport(sshd.profile(str(tmp_path / "remote")))
+    first = tmp_path / "first.bin"
+    first.write_bytes(os.urandom(3 << 20))
+    big = tmp_path / "big.gguf"
+    big.write_bytes(os.urandom(48 << 20))
+    killed = []
+
+    def pull_the_plug(done: int, total: int) -> None:
+        if done >= (6 << 20) and not killed:
+            killed.append(sshd.kill_sessions())
+
+    try:
+        with pytest.raises(ConnectionLostError) as e:
+            sync(t, str(tmp_path / "remote"), {"models/first.bin": first, "models/big.gguf": big},
+                 progress=pull_the_plug, hash_cache=tmp_path / "h.json")
+    finally:
+        t.close()
+    msg = str(e.value)
+    part = tmp_path / "remote" / "models" / "big.gguf.part"
+    arrived = part.stat().st_size if part.exists() else 0
+    assert f"push of big.gguf to {part}" in msg, msg
+    assert f"({arrived} of {big.stat().st_size} bytes reached the device)" in msg, msg
+    assert "\n" not in msg and "(no message)" not in msg
+
+
+def test_adb_device_lost_names_the_file(tmp_path, monkeypatch):
+    adb = AdbDouble(tmp_path, monkeypatch)
+    adb.add("GONE2", vanish_after_bytes=1000)
+    t = make_transport(profile_from_dict({"transport": "adb", "address": "GONE2", "target": "android-arm64"},
+                                         where="test", default_name="g2"))
+    src = tmp_path / "m.gguf"
+    src.write_bytes(os.urandom(5000))
+    with pytest.raises(ConnectionLostError, match=r"push of m\.gguf to /data/local/tmp/mvlm/models/m\.gguf\.part "
+                                                  r"\(5000 bytes\)"):
+        sync(t, t.workdir, {"models/m.gguf": src}, hash_cache=tmp_path / "h.json")
+
+
+# ===================================================================================================== 12. messages
+
+
+def test_model_that_is_not_gguf_is_refused_before_pushing(tmp_path, fake_gguf):
+    prof = local_profile(tmp_path)
+    notgguf = tmp_path / "notgguf"
+    notgguf.write_text("this is a text file, not a model\n" * 100)
+    r = mvlm("bench", "--device", prof, "--model", notgguf)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2 and f"--model {notgguf} is not a GGUF file" in line
+    r = mvlm("bench", "--device", prof, "--protocol", "vlm", "--model", fake_gguf, "--mmproj", notgguf)
+    assert r.returncode == 2 and "--mmproj" in _one_line(r.stderr) and "not a GGUF" in r.stderr
+    r = mvlm("bench", "--device", prof, "--protocol", "vlm", "--model", fake_gguf, "--mmproj", fake_gguf, "--image", notgguf)
+    assert r.returncode == 2 and "--image" in _one_line(r.stderr) and "not an image" in r.stderr
+    r = mvlm("bench", "--device", prof, "--model", tmp_path / "missing.gguf")
+    assert r.returncode == 2 and "does not exist" in _one_line(r.stderr)
+    assert not (tmp_path / "dev-faultlocal").exists()
+
+
+@pytest.mark.slow
+def test_llama_cpp_failure_is_one_line_with_the_relevant_log_line(tmp_path, host_runtime):
+    bad = tmp_path / "Broken-F16.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)  # the magic, then garbage: llama.cpp cannot load it
+    prof = local_profile(tmp_path)
+    r = mvlm("bench", "--device", prof, "--model", bad, "--repeat", 1, "--warmup", 0)
+    line = _error_line(r.stderr)
+    assert r.returncode == 3
+    assert line.startswith("error: lm run 1 on faultlocal failed: exited with status 1: ")
+    assert "full log: " in line
+    log = Path(line.rsplit("full log: ", 1)[1].rstrip(")"))
+    text = log.read_text()
+    assert "llama" in text  # the whole output of llama.cpp, kept
+    relevant = line.split("exited with status 1: ", 1)[1].rsplit(" (full log:", 1)[0]
+    assert relevant in text and ("error" in relevant.lower() or "fail" in relevant.lower()), relevant
+    rv = mvlm("bench", "--device", prof, "--model", bad, "--repeat", 1, "--warmup", 0, "--verbose")
+    assert rv.returncode == 3 and "llama_model_load" in rv.stderr.split("full log:", 1)[1]  # --verbose adds the tail
+
+
+def test_relevant_line_prefers_the_loader_error():
+    out = "\n".join([
+        "build: 1 (0c1e570) with cc",
+        "llama_model_loader: loaded meta data with 0 key-value pairs",
+        "llama_model_load: error loading model: tensor 'x' data is not within the file bounds",
+        "llama_model_load_from_file_impl: failed to load model",
+        "main: error: unable to load model",
+    ])
+    assert bench.relevant_line(out) == "llama_model_load: error loading model: tensor 'x' data is not within the file bounds"
+    assert bench.relevant_line("llama-completion: 15: Syntax error: word unexpected (expecting \")\")\n") .startswith(
+        "llama-completion: 15: Syntax error")
+    assert "no output" in bench.relevant_line("")
+
+
+@pytest.mark.parametrize("args, option", [
+    (["-n", "-1"], "--n-predict"),
+    (["-n", "0"], "--n-predict"),
+    (["-n", "100000"], "--n-predict"),
+    (["--repeat", "0"], "--repeat"),
+    (["--repeat", "-3"], "--repeat"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--threads", "-2"], "--threads"),
+    (["--threads", "0"], "--threads"),
+    (["--n-gpu-layers", "-1"], "--n-gpu-layers"),
+    (["--timeout", "0"], "--timeout"),
+    (["--timeout", "nan"], "--timeout"),
+    (["--timeout", "inf"], "--timeout"),
+])
+def test_nonsensical_counts_are_refused(tmp_path, fake_gguf, args, option):
+    r = mvlm("bench", "--device", local_profile(tmp_path), "--model", fake_gguf, *args)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2 and option in line and "out of range" in line, line
+    assert not (tmp_path / "dev-faultlocal").exists()
+
+
+# ===================================================================================================== 13. devices
+
+
+@pytest.fixture
+def profile_dir(tmp_path, monkeypatch):
+    d = tmp_path / "mydevices"
+    d.mkdir()
+    (d / "good.toml").write_text(f'transport = "local"\ntarget = "host"\nthreads = 2\nworkdir = "{tmp_path / "gooddev"}"\n')
+    (d / "bad.toml").write_text('transport = "local"\ntarget = "host"\ntreads = 2\n')
+    (d / "evil.toml").write_text('transport = "ssh"\naddress = "u@h"\ntarget = "orin"\n'
+                                 '[ssh]\noptions = ["ProxyCommand=touch /tmp/never"]\n')
+    monkeypatch.setenv("MVLM_DEVICES_DIR", str(d))
+    return d
+
+
+def test_devices_lists_good_profiles_and_flags_bad_ones(profile_dir):
+    r = mvlm("devices", "--no-check", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert rows["good"]["status"] == "not checked" and rows["good"]["transport"] == "local"
+    assert rows["bad"]["status"].startswith("invalid: ") and "unknown field 'treads'" in rows["bad"]["status"]
+    assert "ProxyCommand is not allowed" in rows["evil"]["status"]
+    assert {"orin", "sd888", "local"} <= set(rows)  # the shipped ones are still there
+    r = mvlm("devices", "--no-check")
+    assert r.returncode == 0 and "invalid" in r.stdout and "good" in r.stdout
+    r = mvlm("devices", "good")  # asked about a good one: checked, exit 0
+    assert r.returncode == 0 and "reachable" in r.stdout
+    r = mvlm("devices", "bad")  # asked about the bad one: its row, then one error line, exit 2
+    assert r.returncode == 2 and "unknown field 'treads'" in _one_line(r.stderr)
+    r = mvlm("devices", "nope")
+    assert r.returncode == 2 and "no device profile 'nope'" in _one_line(r.stderr)
+
+
+@pytest.mark.slow
+def test_bench_on_a_good_profile_works_beside_a_bad_one(profile_dir, tmp_path, smollm2_gguf, runtime_env):
+    r = mvlm("bench", "--device", "good", "--model", smollm2_gguf, "-n", 8, "--repeat", 1, "--warmup", 0, env=runtime_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = mvlm("bench", "--device", "bad", "--model", smollm2_gguf)
+    assert r.returncode == 2 and "treads" in _one_line(r.stderr)
+
