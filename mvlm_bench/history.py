@@ -17,6 +17,14 @@ Selectors (``mvlm compare``, ``--baseline``): ``latest``, ``latest~N`` (N entrie
 bare number), ``label:NAME``, ``commit:PREFIX`` (the project's git commit), ``runtime:PREFIX`` (llama.cpp commit);
 ``label:`` / ``commit:`` / ``runtime:`` take a ``~N`` suffix too. ``--device/--model/--protocol`` narrow the search,
 and a baseline chosen relative to a candidate is looked for among entries of the same setup (see :func:`setup_key`).
+
+Faults: a file that is not a history (random bytes, text, a truncated or damaged database, another program's SQLite
+file, a directory, a read-only or locked file) is one :class:`HistoryError` line naming the file and what to do,
+never a traceback. A write (one or several entries) is one transaction, so a failed save leaves a good history as
+it was. :func:`save_or_spill` never loses a measurement: when the history cannot take it, the entries go to a JSON
+file beside it (``<db>.unsaved-<UTC time>.json``; the current directory, then the temporary directory, when that
+cannot be written) that ``mvlm compare`` reads and ``mvlm history import`` stores later. A lock held by another
+process is waited for ``$MVLM_HISTORY_LOCK_TIMEOUT`` seconds (default 5).
 """
 
 from __future__ import annotations
@@ -24,11 +32,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 import re
 import sqlite3
+import stat
 import subprocess
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +97,72 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
 # Params that make two measurements comparable (with device, model hash and protocol); the runtime is NOT among
 # them: comparing runtimes is the point.
 SETUP_PARAMS = ("n_predict", "n_threads", "n_gpu_layers", "ctx_size", "prompt")
+
+MAX_ID = 2**63 - 1  # SQLite's INTEGER PRIMARY KEY range
+DEFAULT_LOCK_TIMEOUT_S = 5.0
+
+
+class HistoryError(MvlmError):
+    """A history file that cannot be used: ``what`` is wrong with it, ``todo`` is what to do (message: both)."""
+
+    def __init__(self, what: str, todo: str = "pass another --db", *, exit_code: int | None = None):
+        super().__init__(f"{what}: {todo}", exit_code=exit_code)
+        self.what, self.todo = what, todo
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for another process's lock: ``$MVLM_HISTORY_LOCK_TIMEOUT`` or 5."""
+    try:
+        v = float(os.environ.get("MVLM_HISTORY_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S))
+    except ValueError:
+        return DEFAULT_LOCK_TIMEOUT_S
+    return v if math.isfinite(v) and v >= 0 else DEFAULT_LOCK_TIMEOUT_S
+
+
+def _writable_dir(d: Path) -> bool:
+    return d.is_dir() and os.access(d, os.W_OK | os.X_OK)
+
+
+def db_error(path: Path, exc: BaseException, doing: str = "reading") -> HistoryError:
+    """A SQLite (or OS) error on the history file as one line: what is wrong with the file and what to do."""
+    msg = str(exc) or type(exc).__name__
+    low = msg.lower()
+    try:
+        is_dir = path.is_dir()
+    except OSError:
+        is_dir = False
+    if is_dir:
+        return HistoryError(f"{path} is a directory, not a benchmark history",
+                            f"pass a file, e.g. --db {path / DEFAULT_DB_NAME}")
+    if "not a database" in low or "encrypted" in low:
+        return HistoryError(f"{path} is not a readable SQLite benchmark history (file is not a database)",
+                            "move the file aside (the next --save starts a new history) or pass another --db")
+    if "malformed" in low or "corrupt" in low:
+        return HistoryError(f"{path} is damaged ({msg})",
+                            f"restore it from a backup or move the file aside (`sqlite3 {path} .recover` may rescue its "
+                            "rows), or pass another --db")
+    if "locked" in low or "busy" in low:
+        return HistoryError(f"{path} is locked by another process (waited {lock_timeout():g} s)",
+                            "run again when that process is done (or raise $MVLM_HISTORY_LOCK_TIMEOUT), "
+                            "or pass another --db")
+    if "readonly" in low or "read-only" in low:
+        return HistoryError(f"{path} is read-only ({msg})",
+                            "make the file and its directory writable, or pass another --db")
+    if "disk is full" in low or "no space" in low or getattr(exc, "errno", None) == 28:
+        return HistoryError(f"the disk holding {path} is full ({msg})", "free space and run again, or pass another --db",
+                            exit_code=28)
+    if "unable to open" in low or "cannot open" in low:
+        if not _writable_dir(path.parent):
+            verb = "create" if not path.exists() else "write" if doing == "writing" else "open"
+            return HistoryError(f"cannot {verb} {path}: its directory {path.parent} is not writable",
+                                "make it writable or pass another --db")
+        return HistoryError(f"cannot open {path} ({msg})", "check the path and its permissions, or pass another --db")
+    if "disk i/o" in low or isinstance(exc, OSError):
+        return HistoryError(f"I/O error on {path} ({msg})", "check the disk it is on, or pass another --db")
+    if "no such table" in low or "no such column" in low or isinstance(exc, (KeyError, ValueError, TypeError)):
+        return HistoryError(f"{path} is damaged or not an mvlm benchmark history ({type(exc).__name__}: {msg})",
+                            "restore it from a backup or pass another --db")
+    return HistoryError(f"SQLite error while {doing} {path} ({msg})", "pass another --db")
 
 
 def default_db_path() -> Path:
@@ -170,43 +248,159 @@ def entry_from_llama_bench(rows: Sequence[dict[str, Any]], context: RunContext, 
     return Entry(context=context, samples=samples, label=label, project_commit=commit, project_dirty=dirty)
 
 
-def entries_from_json(path: Path) -> list[Entry]:
-    """Entries from a file written by ``mvlm bench --json`` (papers' protocols or llama-bench rows)."""
+def _json_num(v: Any) -> float | None:
+    """A metric value as JSON can hold it (inf/nan: None)."""
+    if v is None or isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def entries_to_records(entries: Sequence[Entry]) -> list[dict[str, Any]]:
+    """Entries as the records ``mvlm bench --json`` writes (plus label, commit and time): what
+    :func:`entries_from_json` reads back unchanged, so ``mvlm compare`` and ``mvlm history import`` take them."""
+    out = []
+    for e in entries:
+        c = e.context
+        n = max(e.repetitions, len(e.timings))
+        runs = []
+        for i in range(n):
+            metrics = {k: _json_num(vs[i]) if i < len(vs) else None for k, vs in e.samples.items()}
+            runs.append({"repetition": i, "metrics": metrics, "timing": e.timings[i] if i < len(e.timings) else {}})
+        out.append({
+            "build_commit": c.runtime_commit or None, "cpu_info": c.cpu_info or None, "gpu_info": c.gpu_info or None,
+            "model_filename": c.model_file or None, "model_size": c.size_bytes, "device": c.device,
+            "model": c.label(), "precision": c.precision or None, "model_sha256": c.model_sha256 or None,
+            "mmproj_filename": c.mmproj_file or None, "mmproj_sha256": c.mmproj_sha256 or None,
+            "runtime_patches": list(c.runtime_patches), "protocol": c.protocol or None, "params": c.params,
+            "repetitions": n, "runs": runs, "label": e.label, "project_commit": e.project_commit,
+            "project_dirty": e.project_dirty, "created_at": e.created_at,
+        })
+    return out
+
+
+def _text(v: Any, what: str) -> str:
+    if v is None:
+        return ""
+    if not isinstance(v, str | int | float) or isinstance(v, bool):
+        raise ValueError(f"{what} is {type(v).__name__}, not text")
+    return str(v)
+
+
+def _entry_from_record(r: dict[str, Any], source: str) -> Entry:
+    """One ``mvlm bench --json`` record; ValueError (the caller names file and record) when its fields have wrong types."""
+    params = r.get("params") or {}
+    if not isinstance(params, dict):
+        raise ValueError("'params' is not an object")
+    patches = r.get("runtime_patches") or []
+    if not isinstance(patches, list) or not all(isinstance(x, str) for x in patches):
+        raise ValueError("'runtime_patches' is not a list of names")
+    size = r.get("model_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
+        raise ValueError("'model_size' is not a whole number")
+    runs = r["runs"]
+    if not isinstance(runs, list) or not all(isinstance(x, dict) for x in runs):
+        raise ValueError("'runs' is not a list of objects")
+    ctx = RunContext(device=_text(r.get("device"), "'device'"), model=_text(r.get("model"), "'model'"),
+                     precision=_text(r.get("precision"), "'precision'"),
+                     model_file=_text(r.get("model_filename"), "'model_filename'"),
+                     model_sha256=_text(r.get("model_sha256"), "'model_sha256'"),
+                     mmproj_file=_text(r.get("mmproj_filename"), "'mmproj_filename'"),
+                     mmproj_sha256=_text(r.get("mmproj_sha256"), "'mmproj_sha256'"), size_bytes=size,
+                     runtime_commit=_text(r.get("build_commit"), "'build_commit'"), runtime_patches=list(patches),
+                     protocol=_text(r.get("protocol"), "'protocol'"), cpu_info=_text(r.get("cpu_info"), "'cpu_info'"),
+                     gpu_info=_text(r.get("gpu_info"), "'gpu_info'"), params=params)
+    samples: dict[str, list[float | None]] = {}
+    timings = []
+    for i, run in enumerate(runs):
+        metrics = run.get("metrics") or {}
+        timing = run.get("timing") or {}
+        if not isinstance(metrics, dict) or not isinstance(timing, dict):
+            raise ValueError(f"run {i}: 'metrics' and 'timing' must be objects")
+        for k, v in metrics.items():
+            if v is None or (isinstance(v, int | float) and not isinstance(v, bool)):
+                vals = samples.setdefault(str(k), [])
+                vals.extend([None] * (i - len(vals)))  # a metric missing from earlier runs keeps its index
+                vals.append(_json_num(v))
+        timings.append(timing)
+    dirty = r.get("project_dirty")
+    return Entry(context=ctx, samples=samples, timings=timings, source=source, label=_text(r.get("label"), "'label'"),
+                 project_commit=_text(r.get("project_commit"), "'project_commit'"),
+                 project_dirty=dirty if isinstance(dirty, bool) else None,
+                 created_at=_text(r.get("created_at"), "'created_at'"))
+
+
+def _entries_from_bench_rows(rows: list[dict[str, Any]], path: Path) -> Entry:
+    r0 = rows[0]
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise MvlmError(f"cannot read benchmark JSON {path}: {e}") from e
+        ctx = RunContext(device=str(r0.get("device") or r0.get("cpu_info") or ""),
+                         model=str(r0.get("model_type") or ""), model_file=str(r0.get("model_filename") or ""),
+                         runtime_commit=str(r0.get("build_commit") or ""), protocol="llama-bench")
+        e = entry_from_llama_bench(rows, ctx, project=("", None))
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise MvlmError(f"{path}: llama-bench rows with unexpected values ({exc}): pass the file llama-bench wrote, "
+                        "unedited") from None
+    e.source = str(path)
+    return e
+
+
+def entries_from_json(path: Path) -> list[Entry]:
+    """Entries from a file written by ``mvlm bench --json`` (papers' protocols or llama-bench rows), by
+    :func:`save_or_spill`, or by llama-bench itself (``-o json``/``jsonl``/``csv``/``md``: one entry)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except IsADirectoryError:
+        raise MvlmError(f"{path} is a directory: pass a JSON file written by `mvlm bench --json`") from None
+    except OSError as e:
+        raise MvlmError(f"cannot read benchmark JSON {path}: {e.strerror or e}") from None
+    stripped = head.lstrip()
+    if stripped.startswith(b"\xef\xbb\xbf"):
+        stripped = stripped[3:].lstrip()
+    if not stripped.startswith((b"[", b"{")):
+        return [_bench_file(path)]  # llama-bench md / csv (or something else: a one-line refusal)
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as e:
+        if stripped.startswith(b"{"):  # JSON lines: llama-bench -o jsonl
+            return [_bench_file(path)]
+        raise MvlmError(f"cannot read benchmark JSON {path}: {e}: pass a file written by `mvlm bench --json`") from None
+    except (OSError, MemoryError) as e:
+        raise MvlmError(f"cannot read benchmark JSON {path}: {e}") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
         raise MvlmError(f"{path} is not a report written by `mvlm bench --json` (expected a list of records)")
     if all("runs" not in r and "samples_ts" in r for r in data):  # llama-bench's own rows
-        r0 = data[0]
-        ctx = RunContext(device=str(r0.get("device") or r0.get("cpu_info") or ""),
-                         model=str(r0.get("model_type") or ""), model_file=str(r0.get("model_filename") or ""),
-                         runtime_commit=str(r0.get("build_commit") or ""), protocol="llama-bench")
-        e = entry_from_llama_bench(data, ctx, project=("", None))
-        e.source = f"{path}"
-        return [e]
+        return [_entries_from_bench_rows(data, path)]
     out = []
     for i, r in enumerate(data):
         if "runs" not in r:
             raise MvlmError(f"{path}: record {i} has no per-repetition 'runs': write it with `mvlm bench --json`")
-        params = r.get("params") or {}
-        ctx = RunContext(device=r.get("device") or "", model=r.get("model") or "", precision=r.get("precision") or "",
-                         model_file=r.get("model_filename") or "", model_sha256=r.get("model_sha256") or "",
-                         mmproj_file=r.get("mmproj_filename") or "", mmproj_sha256=r.get("mmproj_sha256") or "",
-                         size_bytes=r.get("model_size"), runtime_commit=r.get("build_commit") or "",
-                         runtime_patches=list(r.get("runtime_patches") or []), protocol=r.get("protocol") or "",
-                         cpu_info=r.get("cpu_info") or "", gpu_info=r.get("gpu_info") or "", params=params)
-        samples: dict[str, list[float | None]] = {}
-        for run in r["runs"]:
-            for k, v in (run.get("metrics") or {}).items():
-                if isinstance(v, int | float) or v is None:
-                    samples.setdefault(k, []).append(None if v is None else float(v))
-        out.append(Entry(context=ctx, samples=samples, timings=[run.get("timing") or {} for run in r["runs"]],
-                         source=f"{path}[{i}]" if len(data) > 1 else str(path)))
+        source = f"{path}[{i}]" if len(data) > 1 else str(path)
+        try:
+            out.append(_entry_from_record(r, source))
+        except ValueError as e:
+            raise MvlmError(f"{path}: record {i} is malformed ({e}): pass a file written by `mvlm bench --json`, "
+                            "unedited") from None
     return out
+
+
+def _bench_file(path: Path) -> Entry:
+    """llama-bench output in any format it writes, as one entry; anything else is a one-line refusal."""
+    from mvlm_bench.timings import describe_content, parse_file, parse_llama_bench_file
+
+    rec = parse_file(path)
+    if rec.source_format.startswith("llama-bench-"):
+        rows = parse_llama_bench_file(path)
+        if rows:
+            return _entries_from_bench_rows(rows, path)
+    if rec.source_format not in ("unrecognised", "image-lines-only"):
+        what = f"the timings of one llama.cpp run ({rec.source_format})"
+    else:
+        what = describe_content(path)
+    raise MvlmError(f"{path} is not a benchmark report (found {what}): pass a file written by `mvlm bench --json` "
+                    "or by llama-bench (-o json, jsonl, csv or md), or a history selector such as latest")
 
 
 def project_commit(cwd: Path | None = None) -> tuple[str, bool | None]:
@@ -224,53 +418,134 @@ def project_commit(cwd: Path | None = None) -> tuple[str, bool | None]:
 
 
 class History:
-    """An open history file. Use as a context manager; every write is one transaction."""
+    """An open history file. Use as a context manager; every write is one transaction.
+
+    ``create``: make a new history when the file does not exist (or is an empty file); otherwise such a file is an
+    error (``mvlm history`` / ``compare`` never write a new file). Every SQLite or OS error is a :class:`HistoryError`.
+    """
 
     def __init__(self, path: Path | str | None = None, create: bool = True):
         self.path = Path(path) if path is not None else default_db_path()
-        if not self.path.exists() and not create:
-            raise MvlmError(f"no benchmark history at {self.path}: run `mvlm bench ... --save` first or pass --db PATH")
-        if self.path.parent and not self.path.parent.is_dir():
-            raise MvlmError(f"cannot create {self.path}: directory {self.path.parent} does not exist")
+        self.create = create
+        self.conn: sqlite3.Connection | None = None
+        p = self.path
         try:
-            self.conn = sqlite3.connect(self.path)
+            existed = p.exists()
+            mode = p.stat().st_mode if existed else 0
+        except OSError as e:  # a name too long, a loop of links, ...
+            raise HistoryError(f"cannot open {p} ({e.strerror or e})", "pass another --db") from None
+        if existed:
+            if stat.S_ISDIR(mode):
+                raise HistoryError(f"{p} is a directory, not a benchmark history",
+                                   f"pass a file, e.g. --db {p / DEFAULT_DB_NAME}")
+            if not stat.S_ISREG(mode):
+                raise HistoryError(f"{p} is not a regular file", "pass a history file with --db")
+        elif not create:
+            raise HistoryError(f"no benchmark history at {p}", "run `mvlm bench ... --save` first or pass --db PATH")
+        elif not p.parent.is_dir():
+            what = "does not exist" if not p.parent.exists() else "is not a directory"
+            raise HistoryError(f"cannot create {p}: directory {p.parent} {what}", "create it or pass another --db")
+        try:
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), never implicit
+            self.conn = sqlite3.connect(p, timeout=lock_timeout(), isolation_level=None)
             self.conn.execute("PRAGMA foreign_keys = ON")
             self._open()
-        except sqlite3.DatabaseError as e:
-            raise MvlmError(f"{self.path} is not a readable SQLite benchmark history ({e}): pass another --db") from e
+        except BaseException as e:
+            self.close()
+            if not existed:
+                for leftover in (p, p.with_name(p.name + "-journal")):
+                    try:
+                        leftover.unlink(missing_ok=True)
+                    except OSError:
+                        pass
+            if isinstance(e, (sqlite3.Error, OSError)):
+                raise db_error(p, e, "opening") from None
+            raise
 
     def _open(self) -> None:
         c = self.conn
+        assert c is not None
         version = c.execute("PRAGMA user_version").fetchone()[0]
         app_id = c.execute("PRAGMA application_id").fetchone()[0]
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if version == 0 and not tables:
-            with c:
-                c.executescript(_SCHEMA_V1)
+        if version == 0 and not tables and app_id == 0:
+            if not self.create:
+                raise HistoryError(f"{self.path} holds no benchmark history (an empty file)",
+                                   f"run `mvlm bench ... --save --db {self.path}` to start one, or pass another --db")
+            with self._write():  # schema, application id and version: all or nothing
+                for statement in filter(None, (s.strip() for s in _SCHEMA_V1.split(";"))):
+                    c.execute(statement)
                 c.execute(f"PRAGMA application_id = {_APP_ID}")
                 c.execute("PRAGMA user_version = 1")
             version = 1
         elif app_id != _APP_ID:
-            raise MvlmError(f"{self.path} is a SQLite file but not an mvlm benchmark history: pass another --db")
+            raise HistoryError(f"{self.path} is a SQLite file but not an mvlm benchmark history", "pass another --db")
         if version > SCHEMA_VERSION:
-            raise MvlmError(f"{self.path} has history schema version {version}, newer than this mvlm understands "
-                            f"({SCHEMA_VERSION}): upgrade mvlm, or pass another --db")
+            raise HistoryError(f"{self.path} has history schema version {version}, newer than this mvlm understands "
+                               f"({SCHEMA_VERSION})", "upgrade mvlm, or pass another --db")
         if version < SCHEMA_VERSION:
             missing = [v for v in range(version, SCHEMA_VERSION) if v not in MIGRATIONS]
             if missing:
-                raise MvlmError(f"{self.path} has history schema version {version} and this mvlm has no migration "
-                                f"from version {missing[0]}: export it with an older mvlm or pass another --db")
+                raise HistoryError(f"{self.path} has history schema version {version} and this mvlm has no migration "
+                                   f"from version {missing[0]}", "export it with an older mvlm or pass another --db")
             try:
-                with c:
+                with self._write():
                     for v in range(version, SCHEMA_VERSION):
                         MIGRATIONS[v](c)
                         c.execute(f"PRAGMA user_version = {v + 1}")
             except sqlite3.DatabaseError as e:
-                raise MvlmError(f"migrating {self.path} from schema version {version} failed ({e}); "
-                                "the file was left unchanged") from e
+                raise HistoryError(f"migrating {self.path} from schema version {version} failed ({e}); "
+                                   "the file was left unchanged", "pass another --db") from e
+        missing_tables = {"entry", "repetition", "sample"} - {r[0] for r in c.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if missing_tables:
+            raise HistoryError(f"{self.path} is damaged: table(s) {', '.join(sorted(missing_tables))} missing",
+                               "restore it from a backup or pass another --db")
+        self._check_integrity()
+
+    def _check_integrity(self) -> None:
+        """``PRAGMA quick_check``: a damaged file is refused before anything is read from or written into it (a
+        regression gate must not compare against half-read rows)."""
+        assert self.conn is not None
+        check = [r[0] for r in self.conn.execute("PRAGMA quick_check(5)")]
+        if check != ["ok"]:
+            raise HistoryError(f"{self.path} is damaged (integrity check: {'; '.join(check)[:200]})",
+                               f"restore it from a backup or move the file aside (`sqlite3 {self.path} .recover` "
+                               "may rescue its rows), or pass another --db")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: the write lock is taken first (BEGIN IMMEDIATE), any failure rolls back."""
+        c = self.conn
+        assert c is not None
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield c
+        except BaseException:
+            try:
+                c.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        c.execute("COMMIT")
+
+    @contextmanager
+    def _guard(self, doing: str) -> Iterator[None]:
+        """SQLite/OS errors and unreadable stored values become one HistoryError line."""
+        try:
+            yield
+        except MvlmError:
+            raise
+        except (sqlite3.Error, OSError, ValueError, KeyError, TypeError) as e:
+            raise db_error(self.path, e, doing) from None
 
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except sqlite3.Error:
+                pass
+            self.conn = None
 
     def __enter__(self) -> History:
         return self
@@ -281,41 +556,59 @@ class History:
     # --- writing -------------------------------------------------------------------------------------------------
     def save(self, entry: Entry, created_at: str | None = None) -> int:
         """Store one entry (context + every repetition); returns its id and sets ``entry.id``."""
+        return self.save_many([entry], created_at=created_at)[0]
+
+    def save_many(self, entries: Sequence[Entry], created_at: str | None = None) -> list[int]:
+        """Store entries in ONE transaction (all or none); returns their ids and sets ``entry.id``/``created_at``.
+
+        The file is integrity-checked first (``PRAGMA quick_check``): nothing is written into a damaged history.
+        """
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        assigned: list[tuple[Entry, int, str]] = []
+        with self._guard("writing"), self._write() as conn:
+            self._check_integrity()  # again, under the write lock
+            for entry in entries:
+                created = created_at or entry.created_at or now
+                assigned.append((entry, self._insert(conn, entry, created), created))
+        for entry, eid, created in assigned:
+            entry.id, entry.created_at = eid, created
+        return [eid for _, eid, _ in assigned]
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, entry: Entry, created: str) -> int:
         c = entry.context
-        created = created_at or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        with self.conn as conn:
-            cur = conn.execute(
-                "INSERT INTO entry (created_at, label, project_commit, project_dirty, device, model, precision, "
-                "model_file, model_sha256, mmproj_file, mmproj_sha256, size_bytes, runtime_commit, runtime_patches, "
-                "protocol, cpu_info, gpu_info, params, repetitions) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (created, entry.label, entry.project_commit,
-                 None if entry.project_dirty is None else int(entry.project_dirty), c.device, c.label(), c.precision,
-                 c.model_file, c.model_sha256, c.mmproj_file, c.mmproj_sha256, c.size_bytes, c.runtime_commit,
-                 json.dumps(list(c.runtime_patches)), c.protocol, c.cpu_info, c.gpu_info,
-                 json.dumps(c.params, sort_keys=True, default=str), entry.repetitions),
-            )
-            eid = int(cur.lastrowid)
-            for i in range(max(entry.repetitions, len(entry.timings))):
-                t = entry.timings[i] if i < len(entry.timings) else {}
-                conn.execute("INSERT INTO repetition (entry_id, idx, timing) VALUES (?,?,?)",
-                             (eid, i, json.dumps(t, default=str)))
-            conn.executemany(
-                "INSERT INTO sample (entry_id, repetition, metric, value) VALUES (?,?,?,?)",
-                [(eid, i, k, v) for k, vs in entry.samples.items() for i, v in enumerate(vs)
-                 if not isinstance(v, str)],
-            )
-        entry.id, entry.created_at = eid, created
+        cur = conn.execute(
+            "INSERT INTO entry (created_at, label, project_commit, project_dirty, device, model, precision, "
+            "model_file, model_sha256, mmproj_file, mmproj_sha256, size_bytes, runtime_commit, runtime_patches, "
+            "protocol, cpu_info, gpu_info, params, repetitions) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (created, entry.label, entry.project_commit,
+             None if entry.project_dirty is None else int(entry.project_dirty), c.device, c.label(), c.precision,
+             c.model_file, c.model_sha256, c.mmproj_file, c.mmproj_sha256, c.size_bytes, c.runtime_commit,
+             json.dumps(list(c.runtime_patches)), c.protocol, c.cpu_info, c.gpu_info,
+             json.dumps(c.params, sort_keys=True, default=str), entry.repetitions),
+        )
+        eid = int(cur.lastrowid)
+        for i in range(max(entry.repetitions, len(entry.timings))):
+            t = entry.timings[i] if i < len(entry.timings) else {}
+            conn.execute("INSERT INTO repetition (entry_id, idx, timing) VALUES (?,?,?)",
+                         (eid, i, json.dumps(t, default=str)))
+        conn.executemany(
+            "INSERT INTO sample (entry_id, repetition, metric, value) VALUES (?,?,?,?)",
+            [(eid, i, k, v) for k, vs in entry.samples.items() for i, v in enumerate(vs) if not isinstance(v, str)],
+        )
         return eid
 
     # --- reading -------------------------------------------------------------------------------------------------
     def _row_to_entry(self, row: sqlite3.Row | tuple, cols: list[str]) -> Entry:
         r = dict(zip(cols, row, strict=True))
+        patches, params = json.loads(r["runtime_patches"]), json.loads(r["params"])
+        if not isinstance(patches, list) or not isinstance(params, dict):
+            raise ValueError(f"entry {r['id']} has malformed runtime_patches/params")
         ctx = RunContext(device=r["device"], model=r["model"], precision=r["precision"], model_file=r["model_file"],
                          model_sha256=r["model_sha256"], mmproj_file=r["mmproj_file"],
                          mmproj_sha256=r["mmproj_sha256"], size_bytes=r["size_bytes"],
-                         runtime_commit=r["runtime_commit"], runtime_patches=json.loads(r["runtime_patches"]),
-                         protocol=r["protocol"], cpu_info=r["cpu_info"], gpu_info=r["gpu_info"],
-                         params=json.loads(r["params"]))
+                         runtime_commit=r["runtime_commit"], runtime_patches=patches,
+                         protocol=r["protocol"], cpu_info=r["cpu_info"], gpu_info=r["gpu_info"], params=params)
         return Entry(context=ctx, samples={}, id=r["id"], created_at=r["created_at"], label=r["label"],
                      project_commit=r["project_commit"],
                      project_dirty=None if r["project_dirty"] is None else bool(r["project_dirty"]),
@@ -323,22 +616,34 @@ class History:
 
     def _load_samples(self, entries: list[Entry]) -> None:
         by_id = {e.id: e for e in entries}
-        if not by_id:
-            return
-        q = ",".join("?" * len(by_id))
-        for eid, rep, metric, value in self.conn.execute(
-            f"SELECT entry_id, repetition, metric, value FROM sample WHERE entry_id IN ({q}) "
-            "ORDER BY entry_id, repetition", list(by_id)):
-            vals = by_id[eid].samples.setdefault(metric, [])
-            vals.extend([None] * (rep + 1 - len(vals)))
-            vals[rep] = value
-        for eid, timing in self.conn.execute(
-                f"SELECT entry_id, timing FROM repetition WHERE entry_id IN ({q}) ORDER BY entry_id, idx", list(by_id)):
-            by_id[eid].timings.append(json.loads(timing))
+        ids = list(by_id)
+        conn = self.conn
+        assert conn is not None
+        for lo in range(0, len(ids), 500):  # SQLite limits the number of ? in one statement
+            part = ids[lo : lo + 500]
+            q = ",".join("?" * len(part))
+            for eid, rep, metric, value in conn.execute(
+                f"SELECT entry_id, repetition, metric, value FROM sample WHERE entry_id IN ({q}) "
+                "ORDER BY entry_id, repetition", part):
+                if not isinstance(rep, int) or not 0 <= rep < 1_000_000:
+                    raise ValueError(f"entry {eid} has a sample with repetition {rep!r}")
+                vals = by_id[eid].samples.setdefault(metric, [])
+                vals.extend([None] * (rep + 1 - len(vals)))
+                vals[rep] = value
+            for eid, timing in conn.execute(
+                    f"SELECT entry_id, timing FROM repetition WHERE entry_id IN ({q}) ORDER BY entry_id, idx", part):
+                t = json.loads(timing)
+                by_id[eid].timings.append(t if isinstance(t, dict) else {})
 
     def entries(self, device: str | None = None, model: str | None = None, protocol: str | None = None,
                 label: str | None = None, samples: bool = True) -> list[Entry]:
         """Stored entries, oldest first, optionally filtered (model matches name, file name or sha256 prefix)."""
+        with self._guard("reading"):
+            return self._entries(device, model, protocol, label, samples)
+
+    def _entries(self, device: str | None, model: str | None, protocol: str | None, label: str | None,
+                 samples: bool) -> list[Entry]:
+        assert self.conn is not None
         where, args = [], []
         if device:
             where.append("device = ?")
@@ -361,26 +666,38 @@ class History:
         return out
 
     def get(self, entry_id: int) -> Entry:
-        cur = self.conn.execute("SELECT * FROM entry WHERE id = ?", (entry_id,))
-        row = cur.fetchone()
-        if row is None:
-            raise MvlmError(f"no entry id:{entry_id} in {self.path}: `mvlm history --db {self.path}` lists them")
-        e = self._row_to_entry(row, [d[0] for d in cur.description])
-        self._load_samples([e])
-        return e
+        if not 0 <= entry_id <= MAX_ID:
+            raise MvlmError(f"id:{entry_id} is out of range (ids are 1 to {MAX_ID}): "
+                            f"`mvlm history --db {self.path}` lists the stored ones")
+        with self._guard("reading"):
+            assert self.conn is not None
+            cur = self.conn.execute("SELECT * FROM entry WHERE id = ?", (entry_id,))
+            row = cur.fetchone()
+            if row is None:
+                raise MvlmError(f"no entry id:{entry_id} in {self.path}: `mvlm history --db {self.path}` lists them")
+            e = self._row_to_entry(row, [d[0] for d in cur.description])
+            self._load_samples([e])
+            return e
 
     def select(self, selector: str, device: str | None = None, model: str | None = None, protocol: str | None = None,
                like: Entry | None = None, exclude: Sequence[int] = ()) -> Entry:
         """Resolve a selector (module docstring). ``like``: only entries with the same setup as this one."""
         s = selector.strip()
-        m = re.fullmatch(r"(?:id:)?(\d+)", s)
+        m = re.fullmatch(r"(?:id:)?([0-9]+)", s, re.ASCII)
         if m:
-            return self.get(int(m.group(1)))
-        m = re.fullmatch(r"(latest|label:.+?|commit:[0-9a-fA-F]+|runtime:[0-9a-zA-Z]+)(?:~(\d+))?", s)
+            digits = m.group(1).lstrip("0") or "0"
+            if len(digits) > len(str(MAX_ID)) or int(digits) > MAX_ID:
+                shown = digits if len(digits) <= 30 else digits[:12] + "..."
+                raise MvlmError(f"selector id:{shown} is out of range (ids are 1 to {MAX_ID}): "
+                                f"`mvlm history --db {self.path}` lists the stored ids")
+            return self.get(int(digits))
+        m = re.fullmatch(r"(latest|label:.+?|commit:[0-9a-fA-F]+|runtime:[0-9a-zA-Z]+)(?:~([0-9]+))?", s, re.ASCII)
         if not m:
-            raise MvlmError(f"unknown selector {selector!r}: use latest, latest~N, id:N, label:NAME, commit:SHA, "
+            shown = selector if len(selector) <= 80 else selector[:60] + "..."
+            raise MvlmError(f"unknown selector {shown!r}: use latest, latest~N, id:N, label:NAME, commit:SHA, "
                             "runtime:SHA or a JSON file written by `mvlm bench --json`")
-        base, back = m.group(1), int(m.group(2) or 0)
+        back_s = (m.group(2) or "0").lstrip("0") or "0"
+        base, back = m.group(1), int(back_s) if len(back_s) <= 18 else MAX_ID  # ~N beyond any history: matches none
         cands = [e for e in self.entries(device, model, protocol) if e.id not in exclude]
         if like is not None:
             key = setup_key(like)
@@ -396,7 +713,116 @@ class History:
                      f"protocol {protocol}" if protocol else "",
                      f"the setup of {like.describe()}" if like is not None else ""]
             scope_s = ", ".join(x for x in scope if x)
-            raise MvlmError(f"selector {selector!r} matches nothing in {self.path}"
+            shown = selector if len(selector) <= 80 else selector[:60] + "..."
+            raise MvlmError(f"selector {shown!r} matches nothing in {self.path}"
                             + (f" among entries with {scope_s}" if scope_s else "")
                             + f" ({len(cands)} candidate(s)): `mvlm history` lists what is stored")
         return cands[-1 - back]
+
+
+# --- saving without ever losing a measurement ----------------------------------------------------------------------
+@dataclasses.dataclass
+class SaveOutcome:
+    """What :func:`save_or_spill` did: saved (``ids``), or not (``error``) with the entries ``spilled`` to a JSON file
+    (or, when no file could be written anywhere, ``unsaved_json`` for the caller to print)."""
+
+    db: Path
+    entries: list[Entry]
+    ids: list[int] = dataclasses.field(default_factory=list)
+    error: MvlmError | None = None
+    spilled: Path | None = None
+    unsaved_json: str = ""
+
+    @property
+    def saved(self) -> bool:
+        return self.error is None
+
+    @property
+    def exit_code(self) -> int:
+        return self.error.exit_code if self.error is not None else 0
+
+    def message(self) -> str:
+        """One line: why the history did not take the measurement, where it is instead, and what to do."""
+        if self.error is None:
+            return f"saved as {', '.join(f'id:{i}' for i in self.ids)} in {self.db}"
+        what, todo = ((self.error.what, self.error.todo) if isinstance(self.error, HistoryError)
+                      else (str(self.error), ""))
+        reps = sum(e.repetitions for e in self.entries)
+        n = f"{len(self.entries)} measurement(s), {reps} repetition(s)"
+        if self.spilled is not None:
+            kept = f"the runs ({n}) were written to {self.spilled} instead"
+            then = (f"`mvlm history import {self.spilled} --db {self.db}` stores them "
+                    "(`mvlm compare` reads the file as it is)")
+        else:
+            kept = f"the runs ({n}) could not be written to any file either and were printed on stdout as JSON"
+            then = "save that JSON to a file and `mvlm history import` it"
+        return f"not saved to the benchmark history: {what}; {kept}: {todo + ', then ' if todo else ''}{then}"
+
+
+def spill_entries(entries: Sequence[Entry], db: Path) -> tuple[Path | None, str]:
+    """Write entries to ``<db>.unsaved-<UTC time>.json`` beside the history, else in the current directory, else in
+    the temporary directory. Returns (the file or None when none could be written, the JSON text)."""
+    from mvlm_convert.atomic import write_text
+
+    text = json.dumps(entries_to_records(entries), indent=2, default=str) + "\n"
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"{db.name or DEFAULT_DB_NAME}.unsaved-{stamp}"
+    dirs: list[Path] = []
+    for d in (db.parent, Path.cwd(), Path(tempfile.gettempdir())):
+        try:
+            d = d.resolve()
+        except OSError:
+            continue
+        if d not in dirs:
+            dirs.append(d)
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        k = 0
+        while (d / f"{stem}{f'-{k}' if k else ''}.json").exists() and k < 1000:
+            k += 1
+        target = d / f"{stem}{f'-{k}' if k else ''}.json"
+        try:
+            return write_text(target, text), text
+        except (MvlmError, OSError):
+            continue
+    return None, text
+
+
+def save_or_spill(entries: Sequence[Entry], db: Path | str | None = None) -> SaveOutcome:
+    """Store the entries in the history in one transaction; if that fails for any reason (not a history, damaged,
+    locked, read-only, disk full, a directory, ...), write them to a JSON file instead (:func:`spill_entries`).
+
+    Never raises for a history problem: the outcome says what happened (``message()`` is one line for the user). The
+    entries get their ``created_at`` now, so a later ``mvlm history import`` of the spilled file keeps the time.
+    """
+    path = Path(db) if db is not None else default_db_path()
+    entries = list(entries)
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    for e in entries:
+        e.created_at = e.created_at or now
+    out = SaveOutcome(db=path, entries=entries)
+    try:
+        with History(path) as h:
+            out.ids = h.save_many(entries)
+        return out
+    except MvlmError as e:
+        out.error = e
+    except (sqlite3.Error, OSError) as e:
+        out.error = db_error(path, e, "writing")
+    except BaseException:  # Ctrl-C / SIGTERM while saving: keep the runs, then stop as asked
+        spill_entries(entries, path)
+        raise
+    out.spilled, text = spill_entries(entries, path)
+    if out.spilled is None:
+        out.unsaved_json = text
+    return out
+
+
+def same_measurement(a: Entry, b: Entry) -> bool:
+    """The same stored measurement (an import of a file that was already imported)."""
+    def norm(s: dict[str, list[float | None]]) -> dict[str, list[float | None]]:
+        return {k: [_json_num(v) for v in vs] for k, vs in s.items() if any(v is not None for v in vs)}
+
+    return (a.created_at == b.created_at and a.label == b.label and setup_key(a) == setup_key(b)
+            and a.context.runtime_commit == b.context.runtime_commit and norm(a.samples) == norm(b.samples))

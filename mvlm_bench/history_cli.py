@@ -1,13 +1,19 @@
 """``mvlm compare``, ``mvlm history`` (+ ``history plot``) and the history/gate half of ``mvlm bench``.
 
-Exit codes: 0 fine; 2 bad input (unknown selector, unreadable file, ...); 4 = ``EXIT_REGRESSION``: a gated metric is
-slower than the baseline by more than ``--fail-on-regression`` AND the repetitions support it (see
-:mod:`mvlm_bench.compare`). CI tells a regression from a broken job by that code.
+Exit codes: 0 fine; 2 bad input (unknown selector, unreadable file, a history that is not one, ...); 28 the disk
+holding the history is full; 4 = ``EXIT_REGRESSION``: a gated metric is slower than the baseline by more than
+``--fail-on-regression`` AND the repetitions support it (see :mod:`mvlm_bench.compare`). CI tells a regression from
+a broken job by that code.
+
+``mvlm bench --save`` never loses a measurement: when the history cannot take it, the runs go to a JSON file beside
+it (:func:`mvlm_bench.history.save_or_spill`), the command says where in one line and exits non-zero, and
+``mvlm history import FILE`` stores them later.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import typer
@@ -27,8 +33,25 @@ _SELECTOR_HELP = ("latest, latest~N, id:N, label:NAME, commit:SHA, runtime:SHA (
                   "or a JSON file written by `mvlm bench --json`")
 
 
+_SELECTOR = re.compile(r"(?:id:)?[0-9]+|(?:latest|label:.+?|commit:[0-9a-fA-F]+|runtime:[0-9a-zA-Z]+)(?:~[0-9]+)?",
+                       re.ASCII | re.DOTALL)
+
+
 def _is_file(spec: str) -> bool:
-    return spec.endswith(".json") or Path(spec).is_file()
+    """A JSON/llama-bench file rather than a history selector: ``*.json``, an existing file, or a directory given
+    by mistake (a one-line error later) unless it reads as a selector."""
+    if spec.endswith(".json"):
+        return True
+    try:
+        p = Path(spec)
+        return p.is_file() or (p.is_dir() and not _SELECTOR.fullmatch(spec.strip()))
+    except (OSError, ValueError):  # a name too long for the OS, a NUL byte: not a file
+        return False
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0 < alpha < 1:  # also refuses nan
+        raise MvlmError(f"--alpha {alpha:g} is not a significance level: pass a number between 0 and 1 such as 0.05")
 
 
 def _open(db: Path | None, create: bool = False):
@@ -43,6 +66,8 @@ def resolve(spec: str, db: Path | None, device: str | None = None, model: str | 
     from mvlm_bench.history import entries_from_json
 
     if _is_file(spec):
+        if Path(spec).is_dir():  # _is_file: stat works on this name
+            raise MvlmError(f"{spec} is a directory: pass a JSON file written by `mvlm bench --json` or a selector")
         if not Path(spec).is_file():
             raise MvlmError(f"{spec} does not exist: pass a JSON file written by `mvlm bench --json` or a selector")
         return entries_from_json(Path(spec))
@@ -121,9 +146,9 @@ def run_comparison(pairs: list[tuple], metrics: list[str] | None, alpha: float, 
         if threshold is not None:
             md.append(f"\n**Gate** ({threshold:.1%} on {', '.join(gate_metrics)}, alpha {alpha:g}): "
                       + ("regression in " + ", ".join(r.name for _, r in failures) if failures else "passed") + "\n")
-        tmp = markdown_out.with_name(markdown_out.name + ".tmp")
-        tmp.write_text("\n".join(md))
-        tmp.replace(markdown_out)
+        from mvlm_convert.atomic import write_text
+
+        write_text(markdown_out, "\n".join(md))  # one line (MvlmError) when it cannot be written
     if failures:
         lines = [compare.describe_regression(r, threshold or 0.0) for _, r in failures]
         raise MvlmError("performance regression: " + "; ".join(lines), exit_code=EXIT_REGRESSION)
@@ -167,7 +192,17 @@ def compare_cmd(
     """
     from mvlm_bench import compare
 
+    _check_alpha(alpha)
     threshold = compare.parse_threshold(fail_on_regression) if fail_on_regression else None
+    if markdown_out is not None:
+        from mvlm_bench.history import default_db_path
+        from mvlm_convert.atomic import check_output_path
+
+        inputs = [Path(s) for s in (baseline, candidate) if _is_file(s)] + [db or default_db_path()]
+        check_output_path(markdown_out, inputs, option="--markdown")
+        if markdown_out.is_file() and _is_sqlite(markdown_out):
+            raise MvlmError(f"--markdown {markdown_out} is a SQLite file (a history?); refusing to overwrite it: "
+                            "choose another path")
     cands = resolve(candidate, db, device, model, protocol)
     if _is_file(baseline):
         bases = resolve(baseline, db)
@@ -177,11 +212,24 @@ def compare_cmd(
     run_comparison(pair(bases, cands), metric, alpha, threshold, json_out, markdown_out)
 
 
+def _is_sqlite(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
 def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str | None,
                   fail_on_regression: str | None, alpha: float = 0.05) -> None:
-    """After ``mvlm bench``: store the measurement, compare it with ``--baseline``, apply the gate."""
+    """After ``mvlm bench``: store the measurement, compare it with ``--baseline``, apply the gate.
+
+    The measurement is never lost: a history that cannot take it gets it spilled to a JSON file (one line says
+    where; exit != 0). The baseline is resolved before saving (so ``latest`` means the previous measurement), but a
+    baseline that cannot be resolved does not stop the save.
+    """
     from mvlm_bench import compare
-    from mvlm_bench.history import History, entries_from_runs, entry_from_llama_bench
+    from mvlm_bench.history import entries_from_runs, entry_from_llama_bench, save_or_spill
 
     threshold = compare.parse_threshold(fail_on_regression) if fail_on_regression else None
     if threshold is not None and not baseline:
@@ -192,16 +240,32 @@ def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str
         entries = entries_from_runs(res.runs, label=label)
     if not entries:
         return
-    bases = []
+    bases: list = []
+    base_error: MvlmError | None = None
     if baseline:  # resolved before saving, so `latest` means the previous measurement
-        if _is_file(baseline):
-            bases = resolve(baseline, db)
-        else:
-            bases = resolve(baseline, db, like=entries[0])
+        try:
+            bases = resolve(baseline, db) if _is_file(baseline) else resolve(baseline, db, like=entries[0])
+        except MvlmError as e:
+            if not save:
+                raise
+            base_error = e
     if save:
-        with History(db) as h:
-            ids = [h.save(e) for e in entries]
-            err.print(f"saved as {', '.join(f'id:{i}' for i in ids)} in {h.path}")
+        outcome = save_or_spill(entries, db)
+        if outcome.saved:
+            err.print(outcome.message())
+        else:
+            if outcome.spilled is None:
+                print(outcome.unsaved_json, flush=True)  # the last place left for the runs: stdout
+            save_error = MvlmError(outcome.message(), exit_code=outcome.exit_code)
+            if bases:  # the comparison can still be shown; a regression keeps its exit code, naming both
+                try:
+                    run_comparison(pair(bases, entries), None, alpha, threshold)
+                except MvlmError as e:
+                    raise MvlmError(f"{e}; and {save_error}", exit_code=e.exit_code) from None
+            raise save_error
+        if base_error is not None:
+            raise MvlmError(f"{base_error} (this measurement was saved: {outcome.message()})",
+                            exit_code=base_error.exit_code)
     if baseline:
         run_comparison(pair(bases, entries), None, alpha, threshold)
 
@@ -261,6 +325,41 @@ def plot_cmd(
         entries = h.entries(device, model, protocol)
     if not entries:
         raise MvlmError("no stored measurements to plot: run `mvlm bench ... --save` first")
-    files = plots.plot_history(entries, out, tuple(metric) if metric else plots.PLOT_METRICS)
+    if out.exists() and not out.is_dir():
+        raise MvlmError(f"--out {out} is a file: pass a directory for the PNGs and index.html")
+    try:
+        files = plots.plot_history(entries, out, tuple(metric) if metric else plots.PLOT_METRICS)
+    except OSError as e:
+        from mvlm_convert.atomic import is_disk_full
+
+        if is_disk_full(e):
+            raise MvlmError(f"disk full while writing plots to {out}: free space and run again", exit_code=28) from None
+        raise MvlmError(f"cannot write plots to {out}: {e.strerror or e}; choose another --out") from None
     for f in files:
         console.print(str(f))
+
+
+@app.command("import")
+def import_cmd(
+    files: list[Path] = typer.Argument(..., help="JSON files: the .unsaved-*.json a failed `mvlm bench --save` wrote, "
+                                                 "or reports written by `mvlm bench --json`.", show_default=False),
+    db: Path | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
+) -> None:
+    """Store measurements from JSON files in the history (one transaction; ones already stored are skipped)."""
+    from mvlm_bench.history import History, entries_from_json, same_measurement
+
+    entries = []
+    for f in files:
+        if not f.is_file():
+            raise MvlmError(f"{f} {'is a directory' if f.is_dir() else 'does not exist'}: pass a JSON file written by "
+                            "`mvlm bench --json` or by a failed `mvlm bench --save`")
+        entries += entries_from_json(f)
+    with History(db) as h:
+        stored = [e for e in h.entries() if e.created_at]
+        new = [e for e in entries if not any(same_measurement(e, s) for s in stored)]
+        ids = h.save_many(new) if new else []
+        path = h.path
+    skipped = len(entries) - len(new)
+    note = f" ({skipped} already stored, skipped)" if skipped else ""
+    err.print(f"imported {len(ids)} measurement(s){': ' + ', '.join(f'id:{i}' for i in ids) if ids else ''} "
+              f"into {path}{note}")

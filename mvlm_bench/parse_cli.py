@@ -3,6 +3,11 @@
 Useful on logs from devices the runner never touched (a phone's Termux session, a paper's README, an issue
 thread): one row per file with what was found, or JSON (one object per file, the TimingRecord field names plus
 ``file``) to feed into other tools.
+
+Files are read as streams (linear time, bounded memory: a 200 MB log is fine). When no file holds llama.cpp timing
+output (no perf lines, no vision-encoder lines, no llama-bench table in md/csv/json/jsonl), the command fails with
+one line naming what the file holds instead (SQL, JSON of another kind, binary data, ...); among several files, one
+without timings gets its row and a warning.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mvlm_bench.timings import TimingRecord, parse_file
+from mvlm_bench.timings import TimingRecord, describe_content, parse_file
+from mvlm_convert.errors import MvlmError
 
 
 def _cell(v: float | int | None, digits: int = 2) -> str:
@@ -71,6 +77,11 @@ def parse_cmd(
 ) -> None:
     """Parse saved llama.cpp output into timing records: a table, or JSON with --json."""
     rows = [(p, parse_file(p)) for p in files]  # parse_file raises MvlmError (one line) on an unreadable file
+    empty = [(p, r) for p, r in rows if r.source_format == "unrecognised"]
+    if empty and len(empty) == len(rows):
+        raise MvlmError(_nothing_found([p for p, _ in empty]))
+    for p, r in empty:
+        r.warnings.append(f"found {describe_content(p)} instead")
     if json_:
         out = [{"file": str(p)} | r.to_dict() for p, r in rows]
         typer.echo(json.dumps(out, indent=2, allow_nan=False))
@@ -80,3 +91,15 @@ def parse_cmd(
     for path, r in rows:
         for w in r.warnings:
             console.print(f"[yellow]{path.name}:[/] {w}", highlight=False, markup=True)
+
+
+_WHAT_TO_PASS = ("pass the merged stdout+stderr (2>&1) of llama-cli / llama-completion / llava-cli / llama-mtmd-cli, "
+                 "or llama-bench output written with -o md, csv, json or jsonl")
+
+
+def _nothing_found(paths: list[Path]) -> str:
+    """One line: which file(s) hold no timing output, what they hold instead, and what to pass."""
+    if len(paths) == 1:
+        return f"{paths[0]}: no llama.cpp timing output, found {describe_content(paths[0])} instead: {_WHAT_TO_PASS}"
+    found = "; ".join(f"{p.name}: {describe_content(p)}" for p in paths[:3]) + ("; ..." if len(paths) > 3 else "")
+    return f"none of the {len(paths)} files holds llama.cpp timing output (found {found}): {_WHAT_TO_PASS}"

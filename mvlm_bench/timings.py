@@ -22,6 +22,12 @@ lines (``--log-jsonl``), decimal commas (pre-``setlocale`` builds), ``inf``/``na
 of generated text glued in front of a timing line, UTF-16 files (PowerShell redirection), several perf blocks
 (the last complete one wins), the vision-encoder lines of llava-cli and mtmd.
 
+One pass, line by line, in linear time and bounded memory (:func:`parse_file` streams the file; a line longer than
+``MAX_LINE_CHARS`` keeps its tail; only the blocks, sums and table rows the record needs are kept), so a 200 MB log
+of junk around one timing block costs what its size says and a few MB of memory.
+:func:`describe_content` says in a few words what a file without timings holds instead (SQL, other JSON, binary
+data, ...), for one-line refusals.
+
 Usage::
 
     from mvlm_bench.timings import parse_file, parse_text, parse_llama_bench
@@ -32,15 +38,19 @@ Usage::
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
-import io
 import json
 import math
+import os
 import re
+import stat
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 # The measured quantities, in the order reports show them.
 FIELDS: tuple[str, ...] = (
@@ -122,9 +132,18 @@ def _num(s: str | None) -> float | None:
         return None
 
 
-# --- line cleaning ------------------------------------------------------------------------------------------------
-_ANSI = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+# --- reading and line cleaning ----------------------------------------------------------------------------------
+# The parser streams: a file is read in chunks and split into lines, and only what the parser needs is kept (the
+# current and the last complete perf block, running sums of the image lines, bounded llama-bench candidates), so
+# time grows linearly with the input and memory does not grow with it at all.
+MAX_LINE_CHARS = 1 << 16  # a longer line keeps its last 64 Ki characters (where a glued timing line would be)
+MAX_JSON_CHARS = 8 << 20  # a llama-bench -o json array larger than this is not looked for
+MAX_BENCH_ROWS = 4096  # llama-bench rows kept per format (the last ones; the count is kept too)
+_READ_CHUNK = 1 << 18
+# No pattern below may backtrack over a line (an unterminated OSC sequence is bounded; see also _PERF).
+_ANSI = re.compile(r"\x1b(?:\[[0-9;?]{0,64}[ -/]{0,8}[@-~]|\][^\x07\x1b]{0,512}(?:\x07|\x1b\\)|[@-Z\\-_])")
 _CTRL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+_LINE_ENDS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")  # what str.splitlines splits on
 
 
 def _decode(data: bytes) -> str:
@@ -136,29 +155,85 @@ def _decode(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _clean_lines(text: str) -> list[str]:
-    """Split into lines with colour codes and control bytes removed; unwrap ``--log-jsonl`` records."""
-    out: list[str] = []
-    for raw in _ANSI.sub("", text).splitlines():
-        line = _CTRL.sub("", raw)
-        s = line.strip()
-        if s.startswith("{") and '"msg"' in s:
-            try:
-                obj = json.loads(s)
-            except ValueError:
-                obj = None
-            if isinstance(obj, dict) and isinstance(obj.get("msg"), str):
-                out.extend(_CTRL.sub("", x) for x in obj["msg"].splitlines())
-                continue
-        out.append(line)
-    return out
+def _text_chunks(text: str) -> Iterator[str]:
+    for i in range(0, len(text), _READ_CHUNK):
+        yield text[i : i + _READ_CHUNK]
+
+
+def _file_chunks(f: IO[bytes]) -> Iterator[str]:
+    """Decoded text of a binary stream, chunk by chunk (the encoding chosen from the first bytes, as ``_decode``)."""
+    data = f.read(_READ_CHUNK)
+    while 0 < len(data) < 3:  # a pipe may give fewer bytes than asked: the BOM needs 2 or 3
+        more = f.read(_READ_CHUNK)
+        if not more:
+            break
+        data += more
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        enc = "utf-16"
+    elif data.startswith(b"\xef\xbb\xbf"):
+        enc, data = "utf-8", data[3:]
+    else:
+        enc = "utf-8"
+    dec = codecs.getincrementaldecoder(enc)(errors="replace")
+    while data:
+        yield dec.decode(data)
+        data = f.read(_READ_CHUNK)
+    yield dec.decode(b"", final=True)
+
+
+def _split_lines(chunks: Iterable[str], max_chars: int = MAX_LINE_CHARS) -> Iterator[str]:
+    """The lines of the text (split as ``str.splitlines`` splits), each cut to its last ``max_chars`` characters."""
+    pending = ""
+    for chunk in chunks:
+        buf = pending + chunk
+        if not buf:
+            continue
+        lines = buf.splitlines()
+        last = buf[-1]
+        if last == "\r":  # maybe the first half of a CRLF: wait for the next chunk
+            pending = (lines.pop() if lines else "") + "\r"
+        elif last in _LINE_ENDS:
+            pending = ""
+        else:
+            pending = lines.pop()
+        for line in lines:
+            yield line if len(line) <= max_chars else line[-max_chars:]
+        if len(pending) > max_chars + 1:
+            pending = pending[-(max_chars + 1) :]
+    for line in pending.splitlines():
+        yield line[-max_chars:]
+
+
+class _Cleaner:
+    """Colour codes and control bytes removed; ``--log-jsonl`` records unwrapped into their message lines."""
+
+    def __init__(self) -> None:
+        self.nonblank = False  # any non-whitespace in the raw text ("empty input" otherwise)
+
+    def lines(self, raw_lines: Iterable[str]) -> Iterator[str]:
+        for raw in raw_lines:
+            if not self.nonblank and raw.strip():
+                self.nonblank = True
+            line = _CTRL.sub("", _ANSI.sub("", raw) if "\x1b" in raw else raw)
+            s = line.strip()
+            if s.startswith("{") and '"msg"' in s:
+                try:
+                    obj = json.loads(s)
+                except ValueError:
+                    obj = None
+                if isinstance(obj, dict) and isinstance(obj.get("msg"), str):
+                    for x in obj["msg"].splitlines():
+                        yield _CTRL.sub("", x)
+                    continue
+            yield line
 
 
 # --- perf lines ---------------------------------------------------------------------------------------------------
 # "<function>: <what> time = X ms [/ N runs|tokens|%] [( Y ms per token|run [, Z tokens per second] )]"
-# Not anchored: a timestamp/level prefix or a piece of generated text may precede the function name.
+# Not anchored: a timestamp/level prefix or a piece of generated text may precede the function name. The name starts
+# at a word start (``(?<!\w)``), so a search costs linear time even on a line that is one long word.
 _PERF = re.compile(
-    r"(?P<fn>[A-Za-z_]\w*):\s+(?P<what>load|sample|sampling|samplers|prompt eval|eval|predict|total|unaccounted)"
+    r"(?<!\w)(?P<fn>[A-Za-z_]\w*):\s+(?P<what>load|sample|sampling|samplers|prompt eval|eval|predict|total|unaccounted)"
     rf"\s+time\s*=\s*(?P<ms>{_NUM})\s*ms"
     rf"(?:\s*/\s*(?P<n>{_NUM})\s*(?P<unit>runs|tokens|%|ms per token))?"
     rf"(?:\s*\(\s*(?P<per>{_NUM})\s*ms per (?:token|run)(?:\s*,\s*(?P<tps>{_NUM})\s*tokens per second)?\s*\))?",
@@ -207,23 +282,6 @@ def _perf_entry(i: int, line: str) -> _Entry | None:
     return _Entry(i, key, m["fn"], _num(m["ms"]), n, _num(m["tps"]))
 
 
-def _group_blocks(entries: list[_Entry]) -> list[list[_Entry]]:
-    """Perf lines, in order, form blocks; a quantity seen twice starts the next block.
-
-    Other text between perf lines does not split a block: merged stdout (buffered) and stderr interleave freely.
-    """
-    blocks: list[list[_Entry]] = []
-    cur: list[_Entry] = []
-    for e in entries:
-        if any(x.key == e.key for x in cur):
-            blocks.append(cur)
-            cur = []
-        cur.append(e)
-    if cur:
-        blocks.append(cur)
-    return blocks
-
-
 def _complete(block: list[_Entry]) -> bool:
     keys = {e.key for e in block}
     return "total" in keys and ("prompt" in keys or "eval" in keys)
@@ -242,33 +300,50 @@ _DECODING = re.compile(r"decoding image batch\s+\d+\s*/\s*\d+\s*,\s*n_tokens_bat
 
 @dataclass
 class _Image:
-    encode_ms: list[float] = field(default_factory=list)
-    per_patch: list[float] = field(default_factory=list)
-    created_tokens: list[int] = field(default_factory=list)
-    batch_tokens: list[int] = field(default_factory=list)
+    """Running sums of the vision-encoder lines of a stretch of the output (never the lines themselves)."""
 
+    encode_sum: float = 0.0
+    encodes: int = 0
+    per_patch: float | None = None  # the first "ms per image patch" seen
+    per_patches: int = 0
+    created_sum: int = 0
+    created: int = 0
+    batch_sum: int = 0
+    batches: int = 0
 
-def _image_lines(lines: list[str], lo: int, hi: int) -> _Image:
-    img = _Image()
-    for line in lines[lo:hi]:
-        if "image" not in line.lower() and "mtmd" not in line.lower():
-            continue
+    def add(self, other: _Image) -> None:
+        """Append the stretch that follows this one."""
+        self.encode_sum += other.encode_sum
+        self.encodes += other.encodes
+        if self.per_patch is None:
+            self.per_patch = other.per_patch
+        self.per_patches += other.per_patches
+        self.created_sum += other.created_sum
+        self.created += other.created
+        self.batch_sum += other.batch_sum
+        self.batches += other.batches
+
+    def line(self, line: str) -> None:
         for rx in (_CLIP, _SLICE, _MTMD_BATCH):
             m = rx.search(line)
             if m:
                 v = _num(m["ms"])
                 if v is not None and math.isfinite(v):
-                    img.encode_ms.append(v)
+                    self.encode_sum += v
+                    self.encodes += 1
                 if rx is _CLIP and m["per"] is not None:
                     p = _num(m["per"])
                     if p is not None and math.isfinite(p):
-                        img.per_patch.append(p)
+                        if self.per_patch is None:
+                            self.per_patch = p
+                        self.per_patches += 1
                 break
         if m := _EMB_CREATED.search(line):
-            img.created_tokens.append(int(m["n"]))
+            self.created_sum += int(m["n"])
+            self.created += 1
         elif m := _DECODING.search(line):
-            img.batch_tokens.append(int(m["n"]))
-    return img
+            self.batch_sum += int(m["n"])
+            self.batches += 1
 
 
 # --- the parser ---------------------------------------------------------------------------------------------------
@@ -294,62 +369,107 @@ def _rate(rec: TimingRecord, tps_name: str, ms_name: str, n_name: str, what: str
         rec.warnings.append(f"{what}: printed {tps:.2f} tok/s but {n} / {ms:.2f} ms = {derived:.2f} tok/s")
 
 
-def parse_text(text: str | bytes) -> TimingRecord:
-    """Parse merged stdout+stderr of a llama.cpp program (or llama-bench output); never raises."""
+class _Parser:
+    """One pass over the cleaned lines; keeps only what the record needs.
+
+    Perf lines, in order, form blocks; a quantity seen twice starts the next block (other text between perf lines
+    does not split a block: merged stdout and stderr interleave freely). The last complete block wins. The image
+    lines of a block are those after the previous block's last perf line up to its own last one (to the end of the
+    text for the last block: buffered stdout may flush mtmd's lines after the stderr perf block).
+    """
+
+    def __init__(self) -> None:
+        self.cleaner = _Cleaner()
+        self.bench = _BenchParser()
+        self.n_lines = 0
+        self.cur: list[_Entry] = []  # the block being read (at most one entry per quantity)
+        self.closed = 0  # blocks before it
+        self.last_complete: tuple[int, list[_Entry], _Image] | None = None  # (index, block, its image lines)
+        self.img_block = _Image()  # image lines from the previous block's end up to cur's last perf line
+        self.img_pending = _Image()  # image lines after cur's last perf line
+
+    def feed(self, raw_lines: Iterable[str]) -> None:
+        for line in self.cleaner.lines(raw_lines):
+            i = self.n_lines
+            self.n_lines += 1
+            low = line.lower()
+            if "image" in low or "mtmd" in low:
+                self.img_pending.line(line)
+            e = _perf_entry(i, line)
+            if e is not None:
+                if any(x.key == e.key for x in self.cur):
+                    if _complete(self.cur):
+                        self.last_complete = (self.closed, self.cur, self.img_block)
+                    self.closed += 1
+                    self.cur, self.img_block = [e], self.img_pending
+                else:
+                    self.cur.append(e)
+                    self.img_block.add(self.img_pending)
+                self.img_pending = _Image()
+            self.bench.feed(line)
+
+    def finish(self, rec: TimingRecord) -> None:
+        if not self.cleaner.nonblank:
+            rec.warnings.append("empty input")
+            return
+        n_blocks = self.closed + (1 if self.cur else 0)
+        chosen: tuple[int, list[_Entry], _Image] | None = None
+        if self.cur:
+            last_img = self.img_block
+            last_img.add(self.img_pending)
+            if _complete(self.cur):
+                chosen = (n_blocks - 1, self.cur, last_img)
+            elif self.last_complete is not None:
+                chosen = self.last_complete
+            else:
+                chosen = (n_blocks - 1, self.cur, last_img)
+                rec.warnings.append("no complete timing block (total plus prompt eval or eval): using the last, "
+                                    "partial one")
+        if chosen is not None:
+            idx, block, img = chosen
+            if idx != n_blocks - 1:
+                rec.warnings.append(
+                    f"{n_blocks - 1 - idx} incomplete timing block(s) after the last complete one were ignored"
+                )
+            if n_blocks > 1:
+                rec.warnings.append(f"{n_blocks} timing blocks found: using block {idx + 1}")
+            _fill_from_block(rec, block)
+        else:
+            img = self.img_pending
+        _fill_image(rec, img)
+        if chosen is None:
+            bench_fmt, rows, total = self.bench.result()
+            if rows:
+                _fill_from_bench(rec, bench_fmt, rows, total)
+            elif rec.found_anything:
+                rec.source_format = "image-lines-only"
+                rec.warnings.append("vision-encoder lines only: no perf block (run interrupted, or log level too low)")
+            else:
+                rec.warnings.append("no llama.cpp timing lines found")
+
+
+def _parse_lines(raw_lines: Iterable[str]) -> TimingRecord:
+    """The record of a stream of raw lines; never raises (a parser bug becomes a warning)."""
     rec = TimingRecord()
+    parser = _Parser()
     try:
-        _parse_into(rec, text)
+        parser.feed(raw_lines)
+        parser.finish(rec)
     except Exception as e:  # a parser bug must not take a benchmark run down with it
         rec.warnings.append(f"parser error ({type(e).__name__}: {e}); record may be partial")
     rec.missing = [f for f in FIELDS if getattr(rec, f) is None]
     return rec
 
 
-def _parse_into(rec: TimingRecord, text: str | bytes) -> None:
+def parse_text(text: str | bytes) -> TimingRecord:
+    """Parse merged stdout+stderr of a llama.cpp program (or llama-bench output); never raises."""
     if isinstance(text, (bytes, bytearray)):
         text = _decode(bytes(text))
-    if not isinstance(text, str) or not text.strip():
-        rec.warnings.append("empty input")
-        return
-    lines = _clean_lines(text)
-    entries = [e for i, line in enumerate(lines) if (e := _perf_entry(i, line)) is not None]
-    blocks = _group_blocks(entries)
-
-    chosen_idx: int | None = None
-    for idx in range(len(blocks) - 1, -1, -1):
-        if _complete(blocks[idx]):
-            chosen_idx = idx
-            break
-    if chosen_idx is None and blocks:
-        chosen_idx = len(blocks) - 1
-        rec.warnings.append("no complete timing block (total plus prompt eval or eval): using the last, partial one")
-    if chosen_idx is not None:
-        if chosen_idx != len(blocks) - 1:
-            rec.warnings.append(
-                f"{len(blocks) - 1 - chosen_idx} incomplete timing block(s) after the last complete one were ignored"
-            )
-        if len(blocks) > 1:
-            rec.warnings.append(f"{len(blocks)} timing blocks found: using block {chosen_idx + 1}")
-        _fill_from_block(rec, blocks[chosen_idx])
-        # Image lines that belong to this run: after the previous block, up to this block's end (to the end of
-        # the text for the last block: buffered stdout may flush mtmd's lines after the stderr perf block).
-        lo = blocks[chosen_idx - 1][-1].line + 1 if chosen_idx > 0 else 0
-        hi = blocks[chosen_idx][-1].line + 1 if chosen_idx < len(blocks) - 1 else len(lines)
-    else:
-        lo, hi = 0, len(lines)
-
-    img = _image_lines(lines, lo, hi)
-    _fill_image(rec, img)
-
-    if chosen_idx is None:
-        bench_fmt, rows = _parse_llama_bench(lines)
-        if rows:
-            _fill_from_bench(rec, bench_fmt, rows)
-        elif rec.found_anything:
-            rec.source_format = "image-lines-only"
-            rec.warnings.append("vision-encoder lines only: no perf block (run interrupted, or log level too low)")
-        else:
-            rec.warnings.append("no llama.cpp timing lines found")
+    if not isinstance(text, str):
+        rec = TimingRecord(warnings=["empty input"])
+        rec.missing = list(FIELDS)
+        return rec
+    return _parse_lines(_split_lines(_text_chunks(text)))
 
 
 def _fill_from_block(rec: TimingRecord, block: list[_Entry]) -> None:
@@ -395,18 +515,18 @@ def _fill_from_block(rec: TimingRecord, block: list[_Entry]) -> None:
 
 
 def _fill_image(rec: TimingRecord, img: _Image) -> None:
-    if img.encode_ms:
-        rec.vision_encode_ms = sum(img.encode_ms)
-    if img.created_tokens:
-        rec.image_tokens = sum(img.created_tokens)
-    elif img.batch_tokens:
-        rec.image_tokens = sum(img.batch_tokens)
-    if len(img.per_patch) == 1 and len(img.encode_ms) == 1:
-        rec.vision_ms_per_token = img.per_patch[0]
+    if img.encodes:
+        rec.vision_encode_ms = img.encode_sum
+    if img.created:
+        rec.image_tokens = img.created_sum
+    elif img.batches:
+        rec.image_tokens = img.batch_sum
+    if img.per_patches == 1 and img.encodes == 1:
+        rec.vision_ms_per_token = img.per_patch
     elif rec.vision_encode_ms is not None and rec.image_tokens:
         rec.vision_ms_per_token = rec.vision_encode_ms / rec.image_tokens
-    if len(img.encode_ms) > 1:
-        rec.warnings.append(f"{len(img.encode_ms)} vision encodes: vision_encode_ms is their sum")
+    if img.encodes > 1:
+        rec.warnings.append(f"{img.encodes} vision encodes: vision_encode_ms is their sum")
 
 
 # --- llama-bench --------------------------------------------------------------------------------------------------
@@ -467,7 +587,7 @@ def _md_size(cell: str, units: str) -> Any:
 
 
 def _test_counts(test: str) -> dict[str, int]:
-    m = _TEST_RE.match(test)
+    m = _TEST_RE.match(test) if len(test) <= 64 else None
     if not m or not (m["pp"] or m["tg"]):
         return {}
     return {"n_prompt": int(m["pp"] or 0), "n_gen": int(m["tg"] or 0), "n_depth": int(m["d"] or 0)}
@@ -482,108 +602,188 @@ def _split_md(line: str) -> list[str]:
     return [c.strip() for c in s.split("|")]
 
 
-def _parse_md(lines: list[str]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    table_rows: list[dict[str, Any]] = []  # rows of tables not yet given a build footer
-    header: list[str] | None = None
-    for line in lines:
-        s = line.strip()
-        if s.startswith("|") and s.count("|") >= 3:
-            cells = _split_md(s)
-            if header is None:
-                if "t/s" in cells and "test" in cells:
-                    header = cells
-                continue
-            if all(re.fullmatch(r":?-+:?", c) for c in cells if c):
-                continue
-            if len(cells) != len(header):
-                continue
-            row: dict[str, Any] = {}
-            for name, cell in zip(header, cells, strict=True):
-                key = _MD_NAMES.get(name, name)
-                if name in ("size", "params"):
-                    row[key] = _md_size(cell, name)
-                elif name == "t/s":
-                    parts = re.split(r"\s*(?:±|\+-|\+/-|Â±)\s*", cell)
-                    row["avg_ts"] = _num(parts[0])
-                    if len(parts) > 1:
-                        row["stddev_ts"] = _num(parts[1])
-                elif name == "test":
-                    row["test"] = cell
-                    row.update(_test_counts(cell))
-                else:
-                    row[key] = _scalar(cell)
-            if isinstance(row.get("avg_ts"), float):  # a row without a rate is a repeated header or junk
-                table_rows.append(row)
-            continue
-        header = None if not s.startswith("|") else header
-        if m := re.match(r"build:\s*(?P<c>[0-9a-fA-F]+|unknown)\s*\((?P<n>\d+)\)", s):
-            for r in table_rows:
-                r.setdefault("build_commit", m["c"])
-                r.setdefault("build_number", int(m["n"]))
-            rows.extend(table_rows)
-            table_rows = []
-    rows.extend(table_rows)
-    return rows
+def _md_row(header: list[str], cells: list[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for name, cell in zip(header, cells, strict=True):
+        key = _MD_NAMES.get(name, name)
+        if name in ("size", "params"):
+            row[key] = _md_size(cell, name)
+        elif name == "t/s":
+            parts = [x.strip() for x in _PLUS_MINUS.split(cell)]
+            row["avg_ts"] = _num(parts[0])
+            if len(parts) > 1:
+                row["stddev_ts"] = _num(parts[1])
+        elif name == "test":
+            row["test"] = cell
+            row.update(_test_counts(cell))
+        else:
+            row[key] = _scalar(cell)
+    return row
+
+
+_PLUS_MINUS = re.compile(r"±|\+-|\+/-|Â±")
+_MD_RULE = re.compile(r":?-+:?")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_BUILD = re.compile(r"build:\s*(?P<c>[0-9a-fA-F]+|unknown)\s*\((?P<n>\d+)\)")
 
 
 def _is_bench_record(obj: Any) -> bool:
     return isinstance(obj, dict) and ("avg_ts" in obj or "avg_ns" in obj) and ("n_prompt" in obj or "n_gen" in obj)
 
 
-def _parse_json(text: str) -> list[dict[str, Any]]:
-    dec = json.JSONDecoder()
-    for m in re.finditer(r"^\s*\[", text, re.M):
-        try:
-            obj, _ = dec.raw_decode(text, m.end() - 1)
-        except ValueError:
-            continue
-        if isinstance(obj, list) and obj and all(_is_bench_record(o) for o in obj):
-            return obj
-    return []
+class _Rows:
+    """The last MAX_BENCH_ROWS rows of one format, and how many there were."""
+
+    def __init__(self) -> None:
+        self.rows: deque[dict[str, Any]] = deque(maxlen=MAX_BENCH_ROWS)
+        self.count = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.count += 1
 
 
-def _parse_jsonl(lines: list[str]) -> list[dict[str, Any]]:
-    rows = []
-    for line in lines:
+class _BenchParser:
+    """llama-bench tables (``-o md``, ``csv``, ``json``, ``jsonl``) found line by line; stderr lines around them are fine.
+
+    JSON: an array that starts on a line beginning with ``[`` whose first element is an object; the first such array
+    of llama-bench records wins. JSONL: every line that is one llama-bench record. Markdown: rows of a table whose
+    header has ``test`` and ``t/s`` (a ``build:`` footer gives the rows above it their build). CSV: the rows under the
+    first header naming ``avg_ts`` and ``n_prompt``/``n_gen``, up to the first row that does not fit.
+    """
+
+    def __init__(self) -> None:
+        self.json_rows: list[dict[str, Any]] | None = None
+        self._json_count = 0
+        self._js: list[str] | None = None  # lines of the array being collected
+        self._js_start = 0  # where its "[" is in the first line
+        self._js_len = 0
+        self._js_tries = 0
+        self._js_need_obj = False  # no non-blank character after the "[" yet
+        self.jsonl = _Rows()
+        self.md = _Rows()
+        self._md_header: list[str] | None = None
+        self._md_table = _Rows()  # rows of tables not yet given a build footer
+        self.csv = _Rows()
+        self._csv_header: list[str] | None = None
+        self._csv_done = False
+
+    def feed(self, line: str) -> None:
         s = line.strip()
-        if not s.startswith("{"):
-            continue
+        if self.json_rows is None:
+            self._json(line, s)
+        if s.startswith("{") and '"avg_' in s:
+            try:
+                obj = json.loads(s)
+            except ValueError:
+                obj = None
+            if _is_bench_record(obj):
+                self.jsonl.add(obj)
+        self._md(s)
+        if not self._csv_done:
+            self._csv(line)
+
+    # JSON: collected from a "[" line, decoded when a line closes it; given up on at the first sign it is not one
+    def _json(self, line: str, s: str) -> None:
+        if s.startswith("["):
+            self._js, self._js_start, self._js_len, self._js_tries = [line], line.index("["), len(line), 0
+            rest = s[1:].lstrip()
+            self._js_need_obj = not rest
+            if rest and not rest.startswith("{"):
+                self._js = None
+            elif rest and (s.endswith("]") or s.endswith("] ,")):
+                self._json_try()
+            return
+        if self._js is None:
+            return
+        self._js.append(line)
+        self._js_len += len(line) + 1
+        if self._js_len > MAX_JSON_CHARS:
+            self._js = None
+            return
+        if self._js_need_obj and s:
+            self._js_need_obj = False
+            if not s.startswith("{"):
+                self._js = None
+                return
+        if s.startswith("]") or s.endswith("}]") or s.endswith("} ]"):
+            self._json_try()
+
+    def _json_try(self) -> None:
+        assert self._js is not None
+        self._js_tries += 1
+        text = "\n".join(self._js)
         try:
-            obj = json.loads(s)
-        except ValueError:
-            continue
-        if _is_bench_record(obj):
-            rows.append(obj)
-    return rows
+            obj, _ = json.JSONDecoder().raw_decode(text, self._js_start)
+        except ValueError as e:
+            incomplete = getattr(e, "pos", 0) >= len(text.rstrip())
+            if not incomplete or self._js_tries >= 64:
+                self._js = None
+            return
+        self._js = None
+        if isinstance(obj, list) and obj and all(_is_bench_record(o) for o in obj):
+            self.json_rows = obj[-MAX_BENCH_ROWS:]
+            self._json_count = len(obj)
 
+    def _md(self, s: str) -> None:
+        if s.startswith("|") and s.count("|") >= 3:
+            cells = _split_md(s)
+            if self._md_header is None:
+                if "t/s" in cells and "test" in cells:
+                    self._md_header = cells
+                return
+            if all(_MD_RULE.fullmatch(c) for c in cells if c):
+                return
+            if len(cells) != len(self._md_header):
+                return
+            row = _md_row(self._md_header, cells)
+            if isinstance(row.get("avg_ts"), float):  # a row without a rate is a repeated header or junk
+                self._md_table.add(row)
+            return
+        if not s.startswith("|"):
+            self._md_header = None
+        if s.startswith("build:") and (m := _BUILD.match(s)):
+            for r in self._md_table.rows:
+                r.setdefault("build_commit", m["c"])
+                r.setdefault("build_number", int(m["n"]))
+            for r in self._md_table.rows:
+                self.md.add(r)
+            self.md.count += self._md_table.count - len(self._md_table.rows)
+            self._md_table = _Rows()
 
-def _parse_csv(lines: list[str]) -> list[dict[str, Any]]:
-    for i, line in enumerate(lines):
-        if "avg_ts" in line and ("n_prompt" in line or "n_gen" in line) and "," in line and "|" not in line:
-            header = next(csv.reader([line.strip()]))
-            rows = []
-            for values in csv.reader(io.StringIO("\n".join(lines[i + 1 :]))):
-                if len(values) != len(header):
-                    if rows:
-                        break
-                    continue
-                rows.append({k: _scalar(v) for k, v in zip(header, values, strict=True)})
-            return rows
-    return []
+    def _csv(self, line: str) -> None:
+        if self._csv_header is None:
+            if "avg_ts" in line and ("n_prompt" in line or "n_gen" in line) and "," in line and "|" not in line:
+                cells = self._csv_cells(line.strip())
+                if all(_IDENT.fullmatch(c) for c in cells):  # not an SQL INSERT naming the same columns
+                    self._csv_header = cells
+            return
+        values = self._csv_cells(line)
+        if len(values) != len(self._csv_header):
+            if self.csv.count:
+                self._csv_done = True
+            return
+        self.csv.add({k: _scalar(v) for k, v in zip(self._csv_header, values, strict=True)})
 
+    @staticmethod
+    def _csv_cells(line: str) -> list[str]:
+        try:
+            return next(csv.reader([line]), [])
+        except csv.Error:
+            return []
 
-def _parse_llama_bench(lines: list[str]) -> tuple[str | None, list[dict[str, Any]]]:
-    text = "\n".join(lines)
-    if rows := _parse_json(text):
-        return "llama-bench-json", rows
-    if rows := _parse_jsonl(lines):
-        return "llama-bench-jsonl", rows
-    if rows := _parse_md(lines):
-        return "llama-bench-md", rows
-    if rows := _parse_csv(lines):
-        return "llama-bench-csv", rows
-    return None, []
+    def result(self) -> tuple[str | None, list[dict[str, Any]], int]:
+        """(format, rows, how many rows there were): JSON first, then JSONL, Markdown, CSV."""
+        if self.json_rows:
+            return "llama-bench-json", list(self.json_rows), self._json_count
+        if self.jsonl.count:
+            return "llama-bench-jsonl", list(self.jsonl.rows), self.jsonl.count
+        if self.md.count or self._md_table.count:
+            rows = list(self.md.rows) + list(self._md_table.rows)
+            return "llama-bench-md", rows[-MAX_BENCH_ROWS:], self.md.count + self._md_table.count
+        if self.csv.count:
+            return "llama-bench-csv", list(self.csv.rows), self.csv.count
+        return None, [], 0
 
 
 def parse_llama_bench(text: str | bytes) -> list[dict[str, Any]]:
@@ -592,17 +792,33 @@ def parse_llama_bench(text: str | bytes) -> list[dict[str, Any]]:
     Keys are llama-bench's JSON field names (``n_prompt``, ``n_gen``, ``n_depth``, ``avg_ts``, ``stddev_ts``,
     ``model_type``, ``n_threads``, ...). Markdown rows also keep ``test`` (``pp512``, old ``pp 512``,
     ``pp512+tg128``, ``tg32 @ d512``) and get ``build_commit``/``build_number`` from the ``build:`` footer.
-    Whatever columns a version prints are kept; none is required. Never raises: garbage gives ``[]``.
+    Whatever columns a version prints are kept; none is required. Never raises: garbage gives ``[]``. At most the
+    last MAX_BENCH_ROWS rows of a table are returned.
     """
     try:
         if isinstance(text, (bytes, bytearray)):
             text = _decode(bytes(text))
-        return _parse_llama_bench(_clean_lines(text))[1]
+        bench = _BenchParser()
+        for line in _Cleaner().lines(_split_lines(_text_chunks(text))):
+            bench.feed(line)
+        return bench.result()[1]
     except Exception:  # never let a malformed table escape as an exception
         return []
 
 
-def _fill_from_bench(rec: TimingRecord, fmt: str | None, rows: list[dict[str, Any]]) -> None:
+def parse_llama_bench_file(path: str | Path) -> list[dict[str, Any]]:
+    """:func:`parse_llama_bench` on a file, streaming; an unreadable file gives ``[]``."""
+    try:
+        with open(path, "rb") as f:
+            bench = _BenchParser()
+            for line in _Cleaner().lines(_split_lines(_file_chunks(f))):
+                bench.feed(line)
+        return bench.result()[1]
+    except Exception:  # unreadable or malformed: nothing found
+        return []
+
+
+def _fill_from_bench(rec: TimingRecord, fmt: str | None, rows: list[dict[str, Any]], total: int | None = None) -> None:
     """Map llama-bench rows onto the record: the last configuration's pp row and tg row."""
     rec.source_format = fmt or "llama-bench"
 
@@ -633,10 +849,11 @@ def _fill_from_bench(rec: TimingRecord, fmt: str | None, rows: list[dict[str, An
         _finite(rec, "eval_tps", r.get("avg_ts"), "llama-bench tg avg_ts")
         _finite(rec, "eval_ms", ms(r, rec.eval_runs), "llama-bench tg time")
         used.append(r)
-    if len(rows) > len(used):
+    total = max(total or 0, len(rows))
+    if total > len(used):
         names = ", ".join(str(r.get("test") or f"pp{r.get('n_prompt', 0)}/tg{r.get('n_gen', 0)}") for r in used)
         rec.warnings.append(
-            f"llama-bench: {len(rows)} rows; the record holds {names or 'none'} of the last configuration "
+            f"llama-bench: {total} rows; the record holds {names or 'none'} of the last configuration "
             "(use parse_llama_bench for every row)"
         )
     if any((r.get("n_depth") or 0) > 0 for r in used):
@@ -644,16 +861,83 @@ def _fill_from_bench(rec: TimingRecord, fmt: str | None, rows: list[dict[str, An
 
 
 def parse_file(path: str | Path) -> TimingRecord:
-    """Read a saved log and parse it. An unreadable file is the user's to fix: MvlmError, one line."""
+    """Read a saved log and parse it, streaming. An unreadable file is the user's to fix: MvlmError, one line."""
     from mvlm_convert.errors import MvlmError
 
     p = Path(path)
     try:
-        data = p.read_bytes()
+        st = os.stat(p)
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            raise MvlmError(f"{p} is a device, not a file: pass a saved llama.cpp output file")
+        f = open(p, "rb")  # noqa: SIM115 (closed below; read errors are told apart from parser errors)
     except IsADirectoryError:
         raise MvlmError(f"{p} is a directory: pass a saved llama.cpp output file") from None
     except FileNotFoundError:
         raise MvlmError(f"{p} does not exist: pass a saved llama.cpp output file") from None
     except OSError as e:
         raise MvlmError(f"cannot read {p}: {e.strerror or e}; check the path and its permissions") from None
-    return parse_text(_decode(data))
+    if stat.S_ISDIR(st.st_mode):
+        f.close()
+        raise MvlmError(f"{p} is a directory: pass a saved llama.cpp output file")
+    read_error: list[OSError] = []
+
+    def chunks() -> Iterator[str]:
+        try:
+            yield from _file_chunks(f)
+        except OSError as e:
+            read_error.append(e)
+
+    with f:
+        rec = _parse_lines(_split_lines(chunks()))
+    if read_error:
+        e = read_error[0]
+        raise MvlmError(f"cannot read {p}: {e.strerror or e}; check the file and the disk it is on") from None
+    return rec
+
+
+# --- what a file is, when it holds no timings -----------------------------------------------------------------------
+_MAGIC = (
+    (b"SQLite format 3\x00", "a SQLite database (an mvlm history? `mvlm history --db FILE` reads those)"),
+    (b"GGUF", "a GGUF model file"),
+    (b"\x1f\x8b", "a gzip archive (unpack it first)"),
+    (b"PK\x03\x04", "a zip archive (unpack it first)"),
+    (b"\x28\xb5\x2f\xfd", "a zstd archive (unpack it first)"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x7fELF", "an executable (ELF)"),
+)
+SNIFF_BYTES = 1 << 16
+
+
+def describe_content(path: str | Path) -> str:
+    """A few words on what a file holds (from its first 64 KiB), for "this is not llama.cpp output" messages."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    if not head.strip():
+        return "an empty file" if not head else "only whitespace"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    text = _decode(head)
+    odd = text.count("\ufffd") + len(_CTRL.findall(text.replace("\x1b", "")))
+    if odd > 0.05 * len(text):
+        return "binary data"
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    if any(x.upper().startswith(("CREATE TABLE", "INSERT INTO")) for x in lines):
+        return "SQL statements (llama-bench -o sql, which is not read)"
+    first = lines[0] if lines else ""
+    if first.startswith(("{", "[")):
+        try:
+            json.loads(_decode(head) if len(head) < SNIFF_BYTES else "x")
+            return "JSON that is not llama-bench output"
+        except ValueError:
+            pass
+        if first.startswith("{") and all(x.startswith("{") for x in lines[:-1]):
+            return "JSON lines that are not llama-bench records"
+    if first.startswith("|"):
+        return "a Markdown table without llama-bench's test and t/s columns"
+    shown = first[:60] + ("…" if len(first) > 60 else "")
+    return f"{len(lines)}{'+' if len(head) == SNIFF_BYTES else ''} line(s) of other text, starting {shown!r}"
