@@ -302,6 +302,130 @@ def artifacts(rt: rtmod.Runtime, spec: BenchSpec) -> tuple[dict[str, Path], dict
     return files, names
 
 
+@dataclasses.dataclass
+class Side:
+    """One side of a measurement on a device: what runs (spec), with which build (runtime; None: the pinned one for
+    the device's target), and where on the device its files go (``subdir`` under the profile's workdir)."""
+
+    spec: BenchSpec
+    runtime: rtmod.Runtime | None = None
+    llama_cpp: Path | None = None  # or: the build of this llama.cpp checkout for the device's target
+    wrapper: tuple[str, ...] = ()  # argv prefix on the device for this side only (benchmarks/gate_rates.py throttles)
+    subdir: str = ""
+    name: str = ""  # "baseline" / "candidate" in an A/B session; recorded in the run parameters
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A side ready to run: the command line and environment on the device, and the context of its records."""
+
+    side: Side
+    profile: DeviceProfile
+    argv: list[str]
+    env: dict[str, str]
+    ctx: RunContext
+    pushed_bytes: int
+    result: BenchResult
+
+
+def _connect(profile: DeviceProfile, log: Callable[[str], None]):
+    """Transport to the device, checked and probed; the profile with its target resolved from the probe."""
+    from mvlm_bench.transports import make_transport
+
+    if profile.target not in KNOWN_TARGETS:
+        raise MvlmError(f"device {profile.name}: unknown target {profile.target!r}")
+    transport = make_transport(profile)
+    try:
+        transport.check()
+        info = transport.probe()
+        resolved = resolve_target(profile, info)
+    except BaseException:
+        transport.close()
+        raise
+    if resolved.probe_target:
+        log(f"{resolved.name} is {info.describe()}: using the {resolved.target} runtime")
+    return transport, resolved
+
+
+def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str], None], sync_progress=None,
+             outputs: dict[str, Path] | None = None) -> Prepared:
+    """Find the runtime, push this side's files (content-addressed), and build its command line and context."""
+    from mvlm_bench.sync import sha256_file, sync
+    from mvlm_convert.atomic import check_output_path
+
+    spec = side.spec
+    rt = side.runtime
+    if rt is None and side.llama_cpp is not None:
+        rt = rtmod.find(profile.target, llama_cpp=side.llama_cpp)
+    if rt is None:
+        try:
+            rt = rtmod.find(profile.target)
+        except MvlmError as e:
+            raise MvlmError(f"no {profile.target} runtime for device {profile.name}: "
+                            f"run `mvlm runtime build --target {profile.target}` first") from e
+    files, names = artifacts(rt, spec)
+    for option, out in (outputs or {}).items():
+        check_output_path(out, files.values(), option=option)
+    workdir = transport.workdir.rstrip("/")  # "~" resolved on the device
+    if side.subdir:
+        workdir = f"{workdir}/{side.subdir}"
+    log(f"syncing {len(files)} files to {profile.name}:{workdir}")
+    sres = sync(transport, workdir, files, progress=sync_progress)
+    for note in sres.notes:
+        log(note)
+    log(f"pushed {sres.pushed_bytes} bytes ({len(sres.pushed_files)} files), "
+        f"{len(sres.skipped_files)} already on the device")
+    argv = [*side.wrapper, *build_argv(profile, spec, workdir, names)]
+    env = dict(profile.env)
+    if rt.lib.is_dir() and "LD_LIBRARY_PATH" not in env:
+        env["LD_LIBRARY_PATH"] = f"{workdir}/lib"
+    manifest = rt.manifest
+    params = {
+        "n_threads": spec.threads or profile.threads or os.cpu_count(),
+        "n_predict": spec.tokens(),
+        "n_gpu_layers": spec.n_gpu_layers if spec.n_gpu_layers is not None else profile.n_gpu_layers,
+        "ctx_size": spec.ctx_size,
+        "target": profile.target,
+        "emulated": profile.emulated,
+        "prompt": spec.prompt or (VLM_PROMPT if spec.protocol == "vlm" else LM_PROMPT),
+        "image": names.get("image"),
+    }
+    if side.name:
+        params["ab_side"] = side.name
+    ctx = RunContext(
+        device=profile.name + (" (emulated)" if profile.emulated else ""),
+        model=spec.model.stem + (f" ({side.name})" if side.name else ""),
+        precision=_precision(spec.model.name),
+        model_file=spec.model.name,
+        model_sha256=sha256_file(spec.model),
+        mmproj_file=spec.mmproj.name if spec.mmproj else "",
+        mmproj_sha256=sha256_file(spec.mmproj) if spec.mmproj else "",
+        size_bytes=spec.model.stat().st_size + (spec.mmproj.stat().st_size if spec.mmproj else 0),
+        runtime_commit=str(manifest.get("commit")),
+        runtime_patches=[p["name"] for p in manifest.get("patches", [])],
+        protocol=spec.protocol,
+        params=params,
+    )
+    result = BenchResult([], [], ctx, sres.pushed_bytes, commands=[argv])
+    return Prepared(side, profile, argv, env, ctx, sres.pushed_bytes, result)
+
+
+def _run_once(transport, prep: Prepared, index: int, measured: bool) -> bool:
+    """One run of a prepared side; a measured run is parsed into ``prep.result``. False (failure kept) on error."""
+    spec = prep.side.spec
+    r = transport.run(prep.argv, timeout=spec.timeout, env=prep.env)
+    if r.returncode != 0 or r.timed_out:
+        prep.result.failures.append(Failure(index, _describe_failure(r, spec.timeout), r.output[-4000:], r.output))
+        return False
+    if measured:
+        rec = parse_text(r.output)
+        # the local transport times the process itself; over ssh/adb the wall time includes the link, so the
+        # report rebuilds Total from llama.cpp's own numbers instead
+        wall = r.duration_s if prep.profile.transport == "local" else None
+        prep.result.runs.append(Run(rec, prep.ctx, tokens_out=spec.tokens(), wall_s=wall))
+    return True
+
+
 def run_bench(
     profile: DeviceProfile,
     spec: BenchSpec,
@@ -309,70 +433,18 @@ def run_bench(
     on_run: Callable[[int, int], None] | None = None,
     sync_progress=None,
     outputs: dict[str, Path] | None = None,
+    runtime: rtmod.Runtime | None = None,
 ) -> BenchResult:
     """Check, connect, probe, sync, warm up, run ``spec.repeat`` repetitions, parse each; failures are kept, not
     raised, once runs started. ``outputs`` (option -> report path) are refused if they are one of the pushed files."""
-    from mvlm_bench.sync import sha256_file, sync
-    from mvlm_bench.transports import make_transport
-    from mvlm_convert.atomic import check_output_path
-
     validate_spec(spec)
     check_inputs(spec)
-    if profile.target not in KNOWN_TARGETS:
-        raise MvlmError(f"device {profile.name}: unknown target {profile.target!r}")
-    transport = make_transport(profile)
+    transport, profile = _connect(profile, log)
     try:
-        transport.check()
-        info = transport.probe()
-        profile = resolve_target(profile, info)
-        if profile.probe_target:
-            log(f"{profile.name} is {info.describe()}: using the {profile.target} runtime")
-        try:
-            rt = rtmod.find(profile.target)
-        except MvlmError as e:
-            raise MvlmError(f"no {profile.target} runtime for device {profile.name}: "
-                            f"run `mvlm runtime build --target {profile.target}` first") from e
-        files, names = artifacts(rt, spec)
-        for option, out in (outputs or {}).items():
-            check_output_path(out, files.values(), option=option)
-        workdir = transport.workdir  # "~" resolved on the device
-        log(f"syncing {len(files)} files to {profile.name}:{workdir}")
-        sres = sync(transport, workdir, files, progress=sync_progress)
-        for note in sres.notes:
-            log(note)
-        log(f"pushed {sres.pushed_bytes} bytes ({len(sres.pushed_files)} files), "
-            f"{len(sres.skipped_files)} already on the device")
-        argv = build_argv(profile, spec, workdir, names)
-        env = dict(profile.env)
-        if rt.lib.is_dir() and "LD_LIBRARY_PATH" not in env:
-            env["LD_LIBRARY_PATH"] = f"{workdir.rstrip('/')}/lib"
-        manifest = rt.manifest
-        ctx = RunContext(
-            device=profile.name + (" (emulated)" if profile.emulated else ""),
-            model=spec.model.stem,
-            precision=_precision(spec.model.name),
-            model_file=spec.model.name,
-            model_sha256=sha256_file(spec.model),
-            mmproj_file=spec.mmproj.name if spec.mmproj else "",
-            mmproj_sha256=sha256_file(spec.mmproj) if spec.mmproj else "",
-            size_bytes=spec.model.stat().st_size + (spec.mmproj.stat().st_size if spec.mmproj else 0),
-            runtime_commit=str(manifest.get("commit")),
-            runtime_patches=[p["name"] for p in manifest.get("patches", [])],
-            protocol=spec.protocol,
-            params={
-                "n_threads": spec.threads or profile.threads or os.cpu_count(),
-                "n_predict": spec.tokens(),
-                "n_gpu_layers": spec.n_gpu_layers if spec.n_gpu_layers is not None else profile.n_gpu_layers,
-                "ctx_size": spec.ctx_size,
-                "target": profile.target,
-                "emulated": profile.emulated,
-                "prompt": spec.prompt or (VLM_PROMPT if spec.protocol == "vlm" else LM_PROMPT),
-                "image": names.get("image"),
-            },
-        )
-        result = BenchResult([], [], ctx, sres.pushed_bytes, commands=[argv])
+        prep = _prepare(transport, profile, Side(spec, runtime), log, sync_progress, outputs)
+        result = prep.result
         if spec.protocol == "llama-bench":
-            r = transport.run(argv, timeout=spec.timeout, env=env)
+            r = transport.run(prep.argv, timeout=spec.timeout, env=prep.env)
             if r.returncode != 0 or r.timed_out:
                 result.failures.append(Failure(0, _describe_failure(r, spec.timeout), r.output[-4000:], r.output))
             else:
@@ -384,20 +456,95 @@ def run_bench(
             if on_run:
                 on_run(i, total)
             t0 = time.monotonic()
-            r = transport.run(argv, timeout=spec.timeout, env=env)
-            if r.returncode != 0 or r.timed_out:
-                result.failures.append(
-                    Failure(i - spec.warmup, _describe_failure(r, spec.timeout), r.output[-4000:], r.output)
-                )
+            if not _run_once(transport, prep, i - spec.warmup, measured):
                 break
-            if measured:
-                rec = parse_text(r.output)
-                # the local transport times the process itself; over ssh/adb the wall time includes the link, so the
-                # report rebuilds Total from llama.cpp's own numbers instead
-                wall = r.duration_s if profile.transport == "local" else None
-                result.runs.append(Run(rec, ctx, tokens_out=spec.tokens(), wall_s=wall))
             log(f"run {i + 1}/{total} {'(warm-up) ' if not measured else ''}done in {time.monotonic() - t0:.1f} s")
         return result
+    finally:
+        transport.close()
+
+
+@dataclasses.dataclass
+class ABResult:
+    """An interleaved session: the baseline's and the candidate's runs (pair i = ``runs[i]`` of each) and the order."""
+
+    baseline: BenchResult
+    candidate: BenchResult
+    order: list[str]
+
+    @property
+    def failures(self) -> list[tuple[str, Failure]]:
+        return [("baseline", f) for f in self.baseline.failures] + [("candidate", f) for f in self.candidate.failures]
+
+    @property
+    def runs(self) -> list[Run]:
+        return self.baseline.runs + self.candidate.runs
+
+
+def _same_runtime(a: rtmod.Runtime | None, b: rtmod.Runtime | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.root.resolve() == b.root.resolve()
+
+
+def run_ab(
+    profile: DeviceProfile,
+    baseline: Side,
+    candidate: Side,
+    order: str = "abba",
+    log: Callable[[str], None] = lambda s: None,
+    on_run: Callable[[int, int, str], None] | None = None,
+    sync_progress=None,
+    outputs: dict[str, Path] | None = None,
+) -> ABResult:
+    """Baseline (A) and candidate (B) on one device in one session, interleaved (``gate.interleave``: A B B A …).
+
+    ``candidate.spec.repeat`` is the number of A/B pairs; each side first gets ``spec.warmup`` warm-up runs, also
+    interleaved. When the two sides use different builds, the baseline's files go to a subdirectory of the device's
+    workdir, so both builds are on the device at once. A failed run stops the session; completed pairs are kept.
+    """
+    from mvlm_bench import gate
+
+    for side in (baseline, candidate):
+        validate_spec(side.spec)
+        check_inputs(side.spec)
+        if side.spec.protocol == "llama-bench":
+            raise MvlmError("an interleaved A/B session runs the lm or vlm protocol (llama-bench keeps its own order)")
+    if baseline.spec.protocol != candidate.spec.protocol:
+        raise MvlmError("both sides of an A/B session must run the same protocol")
+    baseline = dataclasses.replace(baseline, name="baseline")
+    candidate = dataclasses.replace(candidate, name="candidate")
+    differs = not _same_runtime(baseline.runtime, candidate.runtime) or baseline.llama_cpp != candidate.llama_cpp
+    if differs and not baseline.subdir:
+        tag = (baseline.runtime.manifest.get("key") or str(baseline.runtime.root)) if baseline.runtime else \
+            str(baseline.llama_cpp or "pinned")
+        import hashlib
+
+        baseline = dataclasses.replace(baseline, subdir=f"ab/{hashlib.sha256(str(tag).encode()).hexdigest()[:12]}")
+    n_pairs = candidate.spec.repeat
+    warm = max(baseline.spec.warmup, candidate.spec.warmup)
+    transport, profile = _connect(profile, log)
+    try:
+        preps = {"A": _prepare(transport, profile, baseline, log, sync_progress, outputs),
+                 "B": _prepare(transport, profile, candidate, log, sync_progress, outputs)}
+        seq = gate.interleave(warm, "abba") + gate.interleave(n_pairs, order)
+        total = len(seq)
+        index = {"A": 0, "B": 0}
+        for i, who in enumerate(seq):
+            measured = i >= 2 * warm
+            if on_run:
+                on_run(i, total, who)
+            t0 = time.monotonic()
+            rep = index[who] - warm
+            if not _run_once(transport, preps[who], rep, measured):
+                break
+            index[who] += 1
+            name = "baseline" if who == "A" else "candidate"
+            log(f"run {i + 1}/{total} {name}{' (warm-up)' if not measured else ''} done in {time.monotonic() - t0:.1f} s")
+        a, b = preps["A"].result, preps["B"].result
+        n = min(len(a.runs), len(b.runs))  # complete pairs only
+        del a.runs[n:], b.runs[n:]
+        return ABResult(a, b, seq[2 * warm:2 * warm + 2 * n])
     finally:
         transport.close()
 

@@ -113,6 +113,14 @@ def bench_cmd(
                                            "(e.g. 5%) and the repetitions support it (docs/ci.md)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="On a failed run, also print the tail of its output "
                                                                 "(the whole output is always saved to a log file)."),
+    against: list[str] | None = typer.Option(
+        None, "--against", help="Interleaved A/B session: the baseline side differs from the command line by KEY=VALUE "
+                                "(repeatable): model=FILE, mmproj=FILE, runtime=DIR (`mvlm runtime path`), llama-cpp=DIR "
+                                "(a checkout built with `mvlm runtime build --llama-cpp DIR`), threads=N, "
+                                "n-gpu-layers=N, ctx-size=N. --repeat is then the number of A/B pairs; "
+                                "--fail-on-regression gates on the paired runs (docs/ci.md)."),
+    order: str = typer.Option("abba", "--order", help="A/B run order: abba (A B B A ..., cancels drift and order "
+                                                      "effects) or alternate (A B A B ...)."),
 ) -> None:
     """Run the papers' latency protocols on a device and report Sample / Eval_prompt / Eval / Total (+ VE, Eval_avg).
 
@@ -123,6 +131,8 @@ def bench_cmd(
       mvlm bench --device local --model MobileVLM_V2-1.7B-Q4_K_S.gguf
 
       mvlm bench --device sd888 --protocol vlm --model M-Q4_K_S.gguf --mmproj mmproj-M-F16.gguf --json r.json
+
+      mvlm bench --device orin --model new.gguf --against model=old.gguf --repeat 6 --fail-on-regression 5%
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -141,11 +151,24 @@ def bench_cmd(
         from mvlm_bench.compare import parse_threshold
 
         parse_threshold(fail_on_regression)
-        if not baseline:
-            raise MvlmError("--fail-on-regression needs --baseline SELECTOR (e.g. label:main or latest)")
+        if not baseline and not against:
+            raise MvlmError("--fail-on-regression needs --baseline SELECTOR (e.g. label:main or latest) or an "
+                            "interleaved baseline (--against model=OLD.gguf, runtime=DIR, ...)")
+    if against and baseline:
+        raise MvlmError("--against (an interleaved A/B session) and --baseline (a stored measurement) exclude each "
+                        "other: give one")
+    sides = _parse_against(against, spec, order) if against else None
+    if sides is not None and fail_on_regression:
+        from mvlm_bench.gate import signed_rank_min_p
+
+        if signed_rank_min_p(repeat) > 0.05:
+            raise MvlmError(f"--fail-on-regression with {repeat} A/B pairs can never fire (the smallest p of {repeat} "
+                            f"pairs is {signed_rank_min_p(repeat):.3g} > 0.05): use --repeat 5 or more")
     profile = load_profile(device)
     outputs = {opt: p for opt, p in (("--json", json_out), ("--markdown", markdown_out), ("--csv", csv_out)) if p}
     inputs: list[Path | None] = [model, mmproj, image, profile.source]
+    if sides is not None:
+        inputs += [sides[0].spec.model, sides[0].spec.mmproj]
     if baseline and (baseline.endswith(".json") or Path(baseline).is_file()):  # a file, read after the reports
         inputs.append(Path(baseline))
     if save or baseline:
@@ -156,25 +179,36 @@ def bench_cmd(
         check_output_path(history_db, [model, mmproj, image], option="--db")
         inputs.append(history_db)
     _check_reports(outputs, inputs)
+    log_prog: list = []
+
+    def log(m: str) -> None:
+        (log_prog[0].console if log_prog else err).print(f"[dim]{m}[/]", highlight=False)
+
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as prog:
+        log_prog.append(prog)
         push_task = prog.add_task(f"push to {profile.name}", total=None, visible=False)
         run_task = prog.add_task(f"{protocol} on {profile.name}", total=None, visible=False)
 
         def sync_progress(done: int, total: int) -> None:
             prog.update(push_task, completed=done, total=total, visible=True)
 
-        def on_run(i: int, total: int) -> None:
+        def on_run(i: int, total: int, who: str = "") -> None:
             prog.update(push_task, visible=False)
+            side = {"A": " baseline", "B": " candidate"}.get(who, "")
             prog.update(run_task, completed=i, total=total, visible=True,
-                        description=f"{protocol} on {profile.name}: run {i + 1}/{total}")
+                        description=f"{protocol} on {profile.name}: run {i + 1}/{total}{side}")
 
-        res = bench.run_bench(profile, spec, log=lambda m: prog.console.print(f"[dim]{m}[/]", highlight=False),
-                              on_run=on_run, sync_progress=sync_progress, outputs=outputs)
+        if sides is not None:
+            res = bench.run_ab(profile, sides[0], sides[1], order=order, log=log, on_run=on_run,
+                               sync_progress=sync_progress, outputs=outputs)
+        else:
+            res = bench.run_bench(profile, spec, log=log, on_run=on_run, sync_progress=sync_progress, outputs=outputs)
+    log_prog.clear()
     if profile.emulated:
         err.print("[yellow]note:[/] this device is emulated: its timings measure the emulator, not a device")
     texts: dict[Path, str] = {}
-    if res.llama_bench_rows:
+    if getattr(res, "llama_bench_rows", None):
         t = Table(title=f"llama-bench on {profile.name}")
         for col in ("model_filename", "n_prompt", "n_gen", "avg_ts", "stddev_ts"):
             t.add_column(col)
@@ -193,24 +227,156 @@ def bench_cmd(
             texts[csv_out] = report.render_csv(res.runs)
     if texts:
         _write_reports(texts)
-    if res.failures:
-        f = res.failures[0]
+    failures = res.failures if sides is not None else [("", f) for f in res.failures]
+    if failures:
+        who, f = failures[0]
         if texts:
             err.print(f"[dim]{len(res.runs)} completed repetition(s) kept in {', '.join(map(str, texts))}[/]",
                       highlight=False)
         which = "the warm-up run" if f.repetition < 0 else f"run {f.repetition + 1}"
         if protocol == "llama-bench":
             which = "the llama-bench run"
+        if who:
+            which = f"the {who}'s {which}"
         logfile = _failure_log(profile.name, f.output or f.output_tail)
         where = f"full log: {logfile}" if logfile else "run with --verbose for its output"
         tail = f.output_tail[-3000:].strip() or "(no output)"
         why = bench.relevant_line(f.output or f.output_tail)
         raise MvlmError(f"{protocol} {which} on {profile.name} failed: {f.message}: {why} ({where})",
                         exit_code=3, detail=tail if verbose else None)
+    if sides is not None:
+        _finish_ab(res, save=save, db=db, label=label, fail_on_regression=fail_on_regression)
+        return
     if save or baseline or fail_on_regression:
         from mvlm_bench.history_cli import bench_history
 
-        bench_history(res, save=save, db=db, label=label, baseline=baseline, fail_on_regression=fail_on_regression)
+        bench_history(res, save=save, db=db, label=label, baseline=baseline, fail_on_regression=fail_on_regression,
+                      confirm=_confirmer(profile, spec, log))
+
+
+AGAINST_KEYS = ("model", "mmproj", "runtime", "llama-cpp", "threads", "n-gpu-layers", "ctx-size")
+
+
+def _parse_against(items: list[str], spec, order: str):
+    """``--against KEY=VALUE ...`` -> (baseline Side, candidate Side): the baseline is the command line changed by
+    the given keys. One line naming the bad item otherwise."""
+    import dataclasses
+
+    from mvlm_bench import bench, gate
+    from mvlm_bench import runtime as rtmod
+    from mvlm_convert.errors import MvlmError
+
+    if order not in gate.ORDERS:
+        raise MvlmError(f"--order {order!r}: choose one of {', '.join(gate.ORDERS)}")
+    changes: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().lower().replace("_", "-")
+        if not sep or not value.strip():
+            raise MvlmError(f"--against {item!r}: write KEY=VALUE, with KEY one of {', '.join(AGAINST_KEYS)}")
+        if key not in AGAINST_KEYS:
+            raise MvlmError(f"--against {item!r}: unknown key {key!r}; choose from {', '.join(AGAINST_KEYS)}")
+        if key in changes:
+            raise MvlmError(f"--against {key}= is given twice")
+        changes[key] = value.strip()
+    if "runtime" in changes and "llama-cpp" in changes:
+        raise MvlmError("--against runtime= and llama-cpp= both name the baseline's build: give one")
+    base_spec = spec
+    ints = {"threads": "threads", "n-gpu-layers": "n_gpu_layers", "ctx-size": "ctx_size"}
+    for key, field_name in ints.items():
+        if key in changes:
+            try:
+                v = int(changes[key])
+            except ValueError:
+                raise MvlmError(f"--against {key}={changes[key]!r}: not a whole number") from None
+            base_spec = dataclasses.replace(base_spec, **{field_name: v})
+    for key in ("model", "mmproj"):
+        if key in changes:
+            base_spec = dataclasses.replace(base_spec, **{key: Path(changes[key]).expanduser()})
+    runtime = rtmod.runtime_from_dir(Path(changes["runtime"])) if "runtime" in changes else None
+    llama_cpp = Path(changes["llama-cpp"]).expanduser() if "llama-cpp" in changes else None
+    bench.validate_spec(base_spec)
+    bench.check_inputs(base_spec)
+    if base_spec == spec and runtime is None and llama_cpp is None:
+        err.print("[yellow]note:[/] both sides of the A/B session are the same: an A/A session measures the noise")
+    return (bench.Side(base_spec, runtime=runtime, llama_cpp=llama_cpp), bench.Side(spec))
+
+
+def _finish_ab(ab, *, save: bool, db: Path | None, label: str, fail_on_regression: str | None) -> None:
+    """After an interleaved session: the paired comparison, the gate, and (with --save) both sides in the history."""
+    from mvlm_bench import compare
+    from mvlm_bench.history import entries_from_runs, save_or_spill
+    from mvlm_bench.history_cli import run_interleaved_report
+    from mvlm_convert.errors import MvlmError
+
+    threshold = compare.parse_threshold(fail_on_regression) if fail_on_regression else None
+    saved_error: MvlmError | None = None
+    if save:
+        outcome = save_or_spill(entries_from_runs(ab.runs, label=label), db)
+        if outcome.saved:
+            err.print(outcome.message())
+        else:
+            if outcome.spilled is None:
+                print(outcome.unsaved_json, flush=True)
+            saved_error = MvlmError(outcome.message(), exit_code=outcome.exit_code)
+    try:
+        run_interleaved_report(ab, None, 0.05, threshold)
+    except MvlmError as e:
+        if saved_error is not None:
+            raise MvlmError(f"{e}; and {saved_error}", exit_code=e.exit_code) from None
+        raise
+    if saved_error is not None:
+        raise saved_error
+
+
+def _confirmer(profile, spec, log):
+    """For history mode: ``factory(base_entry, cand_entry)`` -> a callable that re-measures the stored baseline and
+    the candidate interleaved on this device, or None when the baseline cannot be re-run here (its build is not in
+    the cache, or its model file is not at hand with the same sha256)."""
+    import dataclasses
+
+    from mvlm_bench import bench, gate
+    from mvlm_bench import runtime as rtmod
+    from mvlm_bench.history import entries_from_runs
+    from mvlm_bench.sync import sha256_file
+
+    def local_copy(current: Path | None, name: str, sha: str) -> Path | None:
+        if not sha:
+            return None
+        for cand in ([current] if current else []) + ([current.parent / name] if current and name else []):
+            if cand is not None and cand.is_file() and sha256_file(cand) == sha:
+                return cand
+        return None
+
+    def factory(base, cand):
+        c = base.context
+        target = str(c.params.get("target") or profile.target)
+        rt = rtmod.find_build(target, c.runtime_commit, list(c.runtime_patches))
+        model = local_copy(spec.model, c.model_file, c.model_sha256)
+        mmproj = local_copy(spec.mmproj, c.mmproj_file, c.mmproj_sha256) if c.mmproj_sha256 else None
+        missing = [what for what, ok in (("its llama.cpp build", rt), ("its model file", model)) if ok is None]
+        if c.mmproj_sha256 and mmproj is None:
+            missing.append("its mmproj file")
+        if missing:
+            log(f"the baseline ({base.describe()}) cannot be re-run here ({' and '.join(missing)} not found): "
+                "the gate judges by the history alone")
+            return None
+
+        def run():
+            log(f"re-measuring the baseline ({base.describe()}) and this build interleaved, "
+                f"{spec.repeat} A/B pairs, to confirm")
+            bspec = dataclasses.replace(spec, model=model, mmproj=mmproj if c.mmproj_sha256 else spec.mmproj)
+            ab = bench.run_ab(profile, bench.Side(bspec, runtime=rt), bench.Side(spec), log=log)
+            if ab.failures:
+                who, f = ab.failures[0]
+                log(f"the confirming A/B run failed ({who}: {f.message}); judging by the history alone")
+                return []
+            b, k = entries_from_runs(ab.baseline.runs), entries_from_runs(ab.candidate.runs)
+            return gate.compare_interleaved(b[0].samples, k[0].samples) if b and k else []
+
+        return run
+
+    return factory
 
 
 def devices_cmd(

@@ -274,7 +274,8 @@ def gate_summary(comparisons: Sequence[MetricComparison], threshold: float,
         if c.verdict == "n/a":
             warns.append(f"{c.name}: {c.note}")
         elif c.note and c.verdict == "no change":
-            warns.append(f"{c.name}: {c.note}; the gate cannot fire on it (use --repeat 3 or more on both sides)")
+            advice = "" if "--repeat" in c.note else " (use --repeat 3 or more on both sides)"
+            warns.append(f"{c.name}: {c.note}; the gate cannot fire on it{advice}")
     return regs, warns
 
 

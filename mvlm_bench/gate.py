@@ -272,3 +272,108 @@ def judge_history_all(sessions: Sequence[dict[str, Sequence[float | None]]], can
             continue
         out.append(judge_history(key, [s.get(key, ()) for s in sessions], candidate[key], threshold, min_sessions, k))
     return out
+
+
+# --- choosing the baseline's sessions from the history -----------------------------------------------------------
+
+MAX_SESSIONS = 20
+
+
+def build_key(entry: Any) -> tuple:
+    """What makes two entries the same build: the llama.cpp commit and the patches applied."""
+    c = entry.context
+    return (c.runtime_commit, tuple(c.runtime_patches))
+
+
+def baseline_sessions(entries: Sequence[Any], baseline: Any, exclude_ids: Sequence[int | None] = (),
+                      limit: int = MAX_SESSIONS) -> list[Any]:
+    """The stored sessions of the baseline's configuration: same setup (device, model, protocol, parameters) and
+    same build as ``baseline``, newest ``limit`` of them (oldest first), the baseline itself included."""
+    from mvlm_bench.history import setup_key
+
+    key, build = setup_key(baseline), build_key(baseline)
+    skip = {i for i in exclude_ids if i is not None}
+    same = [e for e in entries if e.id not in skip and setup_key(e) == key and build_key(e) == build]
+    if baseline.id is None or all(e.id != baseline.id for e in same):
+        same.append(baseline)
+    return same[-limit:]
+
+
+# --- decisions ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GateDecision:
+    """What the gate decided and why: the mode, the failing metrics (one line each), and warnings."""
+
+    mode: str  # "interleaved" | "history" | "history, confirmed by A/B" | "within-session"
+    threshold: float
+    failed: bool = False
+    regressions: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    history: list[HistoryVerdict] = field(default_factory=list)
+    interleaved: list[MetricComparison] = field(default_factory=list)
+
+    @property
+    def judged(self) -> bool:
+        """False when no gated metric could be judged (too few baseline sessions, no values): the gate did nothing."""
+        if self.interleaved:
+            return any(c.verdict != "n/a" for c in self.interleaved)
+        if self.history:
+            return any(v.verdict not in ("insufficient", "n/a") for v in self.history)
+        return self.mode == "within-session"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "threshold": self.threshold, "failed": self.failed, "judged": self.judged,
+                "regressions": self.regressions,
+                "warnings": self.warnings, "history": [h.as_dict() for h in self.history],
+                "interleaved": [c.as_dict() for c in self.interleaved]}
+
+
+def decide_interleaved(comps: Sequence[MetricComparison], threshold: float,
+                       metrics: Sequence[str] | None = None, mode: str = "interleaved") -> GateDecision:
+    """Gate on an interleaved session: a gated metric fails when the paired test says slower AND the median pair
+    slowdown exceeds the threshold."""
+    from mvlm_bench.compare import GATE_METRICS, describe_regression, gate_summary
+
+    regs, warns = gate_summary(comps, threshold, tuple(metrics) if metrics else GATE_METRICS)
+    return GateDecision(mode, threshold, bool(regs), [describe_regression(r, threshold) for r in regs], warns,
+                        interleaved=list(comps))
+
+
+def describe_history(v: HistoryVerdict) -> str:
+    return f"{v.name} ({v.unit}) {v.center:.4g} -> {v.candidate_median:.4g}: {v.message}"
+
+
+def decide_history(sessions: Sequence[dict[str, Sequence[float | None]]], candidate: dict[str, Sequence[float | None]],
+                   threshold: float, metrics: Sequence[str] | None = None,
+                   confirm: Any = None, min_sessions: int = MIN_SESSIONS) -> GateDecision:
+    """Gate on a stored baseline: its ``sessions`` (one samples dict per stored session of its configuration) give
+    the noise; ``confirm`` (optional) re-measures baseline and candidate interleaved and returns the paired
+    comparisons. Fails on ``slower`` metrics — or, when ``confirm`` is given, only when the A/B re-measure of a
+    ``slower`` or ``suspected`` metric confirms it."""
+    from mvlm_bench.compare import GATE_METRICS
+
+    gated = tuple(metrics) if metrics else GATE_METRICS
+    verdicts = judge_history_all(sessions, candidate, threshold, gated, min_sessions)
+    d = GateDecision("history", threshold, history=verdicts)
+    for v in verdicts:
+        if v.verdict == "insufficient":
+            d.warnings.append(f"{v.name}: {v.message}")
+    flagged = [v for v in verdicts if v.verdict in ("slower", "suspected")]
+    comps = confirm() if flagged and confirm is not None else []
+    if comps:
+        ab = decide_interleaved(comps, threshold, [v.key for v in flagged], mode="history, confirmed by A/B")
+        ab.history = verdicts
+        ab.warnings = d.warnings + ab.warnings
+        if not ab.failed:
+            ab.warnings.append("the history suggested a slowdown in " + ", ".join(v.name for v in flagged)
+                               + "; the interleaved re-measure did not confirm it")
+        return ab
+    for v in verdicts:
+        if v.verdict == "slower":
+            d.failed = True
+            d.regressions.append(describe_history(v))
+        elif v.verdict == "suspected":
+            d.warnings.append(describe_history(v) + "; not failing (re-run the baseline interleaved to decide)")
+    return d

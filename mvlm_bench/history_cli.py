@@ -112,48 +112,134 @@ def comparison_table(comps: list, title: str) -> Table:
     return t
 
 
+GATE_MODES = ("auto", "history", "within-session")
+
+
+def _history_sessions(db: Path | None, base, cand) -> list:
+    """The stored sessions of the baseline's configuration (same setup and build), the candidate excluded."""
+    from mvlm_bench import gate
+    from mvlm_bench.history import History
+
+    with History(db, create=False) as h:
+        entries = h.entries(base.context.device)
+    return gate.baseline_sessions(entries, base, exclude_ids=[cand.id])
+
+
+def _print_gate(d, json_out: bool) -> None:
+    if json_out:
+        return
+    for v in d.history:
+        if v.verdict in ("slower", "suspected", "no change") and v.center is not None and v.slowdown is not None:
+            err.print(f"[dim]history: {v.name} {v.slowdown:+.1%} vs the centre of {v.n_sessions} baseline session(s) "
+                      f"(noise band ±{v.band:.1%}): {v.verdict}[/]", highlight=False)
+    for w in d.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
 def run_comparison(pairs: list[tuple], metrics: list[str] | None, alpha: float, threshold: float | None,
-                   json_out: bool = False, markdown_out: Path | None = None) -> None:
-    """Compare each pair, print (table or JSON), write Markdown if asked, then apply the gate if a threshold is set."""
-    from mvlm_bench import compare
+                   json_out: bool = False, markdown_out: Path | None = None, *, db: Path | None = None,
+                   gate_mode: str = "auto", confirm=None) -> None:
+    """Compare each pair, print (table or JSON), write Markdown if asked, then apply the gate if a threshold is set.
+
+    The table always shows the two sessions' Mann-Whitney comparison. The gate (``mvlm_bench.gate``) judges a
+    baseline stored in the history by its own session-to-session noise (``history``), and a baseline from a JSON file
+    within-session (no sessions to learn the noise from; said in a warning). ``confirm(base, cand)``, when given,
+    returns a callable that re-measures both interleaved (``mvlm bench`` passes it when the baseline can be re-run).
+    """
+    from mvlm_bench import compare, gate
     from mvlm_bench.history import setup_differences
 
+    if gate_mode not in GATE_MODES:
+        raise MvlmError(f"--gate {gate_mode!r}: choose one of {', '.join(GATE_MODES)}")
     gate_metrics = tuple(metrics) if metrics else compare.GATE_METRICS
-    results, md, failures = [], [], []
+    results, md, failures, decisions = [], [], [], []
     for base, cand in pairs:
         if base.id is not None and base.id == cand.id:
             raise MvlmError(f"baseline and candidate are the same entry ({base.describe()}): pick two different ones")
         comps = compare.compare_samples(base.samples, cand.samples, metrics=metrics or None, alpha=alpha)
         diffs = setup_differences(base, cand)
         title = f"{cand.context.label()} on {cand.context.device}: {base.describe()} -> {cand.describe()}"
-        regs, warns = compare.gate_summary(comps, threshold, gate_metrics) if threshold is not None else ([], [])
-        failures += [(title, r) for r in regs]
+        decision = None
+        if threshold is not None:
+            use_history = gate_mode == "history" or (gate_mode == "auto" and base.id is not None)
+            if use_history and base.id is None:
+                raise MvlmError("--gate history needs a baseline stored in the history (a selector, not a JSON file)")
+            if use_history:
+                sessions = _history_sessions(db, base, cand)
+                decision = gate.decide_history([e.samples for e in sessions], cand.samples, threshold, gate_metrics,
+                                               confirm=confirm(base, cand) if confirm else None)
+            else:
+                regs, warns = compare.gate_summary(comps, threshold, gate_metrics)
+                decision = gate.GateDecision("within-session", threshold, bool(regs),
+                                             [compare.describe_regression(r, threshold) for r in regs], warns)
+                if gate_mode == "auto":
+                    decision.warnings.append(
+                        "the baseline is a file, so its session-to-session noise is unknown: gating within one pair "
+                        "of sessions, which can cry wolf; prefer a history baseline or an interleaved bench (--against)")
+            failures += [(title, line) for line in decision.regressions]
+            decisions.append(decision)
         results.append({"baseline": _entry_json(base), "candidate": _entry_json(cand), "setup_differences": diffs,
-                        "metrics": [c.as_dict() for c in comps], "regressions": [r.key for r in regs],
-                        "warnings": warns})
+                        "metrics": [c.as_dict() for c in comps],
+                        "regressions": decision.regressions if decision else [],
+                        "warnings": decision.warnings if decision else [],
+                        "gate": decision.as_dict() if decision else None})
         md.append(compare.render_markdown(comps, title))
+        if decision is not None and decision.interleaved:
+            md.append(compare.render_markdown(decision.interleaved, "interleaved re-measure (A/B)"))
         if diffs:
             md.append("Setups differ: " + "; ".join(diffs) + "\n")
         if not json_out:
             console.print(comparison_table(comps, title))
+            if decision is not None and decision.interleaved:
+                console.print(comparison_table(decision.interleaved, "interleaved re-measure (A/B pairs)"))
             if diffs:
                 err.print("[yellow]warning:[/] the two measurements differ in setup: " + "; ".join(diffs))
-            for w in warns:
-                err.print(f"[yellow]warning:[/] {w}")
+        if decision is not None:
+            _print_gate(decision, json_out)
     if json_out:
         print(json.dumps({"alpha": alpha, "threshold": threshold, "comparisons": results}, indent=2, default=str))
     if markdown_out is not None:
         if threshold is not None:
-            md.append(f"\n**Gate** ({threshold:.1%} on {', '.join(gate_metrics)}, alpha {alpha:g}): "
-                      + ("regression in " + ", ".join(r.name for _, r in failures) if failures else "passed") + "\n")
+            md.append(f"\n**Gate** ({threshold:.1%} on {', '.join(gate_metrics)}): "
+                      + ("regression: " + "; ".join(line for _, line in failures) if failures else "passed") + "\n")
         from mvlm_convert.atomic import write_text
 
         write_text(markdown_out, "\n".join(md))  # one line (MvlmError) when it cannot be written
     if failures:
-        lines = [compare.describe_regression(r, threshold or 0.0) for _, r in failures]
-        raise MvlmError("performance regression: " + "; ".join(lines), exit_code=EXIT_REGRESSION)
+        raise MvlmError("performance regression: " + "; ".join(line for _, line in failures), exit_code=EXIT_REGRESSION)
     if threshold is not None and not json_out:
-        err.print(f"[green]gate passed[/]: no gated metric is statistically slower by more than {threshold:.1%}")
+        if decisions and not any(d.judged for d in decisions):
+            err.print("[yellow]gate not applied[/]: no gated metric could be judged (see the warnings above)")
+        else:
+            err.print(f"[green]gate passed[/]: no gated metric is slower by more than {threshold:.1%} beyond its noise")
+
+
+def run_interleaved_report(ab, metrics: list[str] | None, alpha: float, threshold: float | None,
+                           json_out: bool = False) -> dict:
+    """Print the paired comparison of an interleaved session and gate on it; returns the JSON-able summary."""
+    from mvlm_bench import gate
+    from mvlm_bench.history import entries_from_runs
+
+    base = entries_from_runs(ab.baseline.runs)
+    cand = entries_from_runs(ab.candidate.runs)
+    if not base or not cand:
+        raise MvlmError("the A/B session completed no pair of runs: nothing to compare")
+    comps = gate.compare_interleaved(base[0].samples, cand[0].samples, metrics or None, alpha=alpha)
+    title = (f"interleaved A/B on {cand[0].context.device}: {base[0].describe()} -> {cand[0].describe()}, "
+             f"{len(ab.order) // 2} pairs, order {''.join(ab.order)}")
+    decision = gate.decide_interleaved(comps, threshold, metrics) if threshold is not None else None
+    if not json_out:
+        console.print(comparison_table(comps, title))
+        if decision is not None:
+            _print_gate(decision, json_out)
+    summary = {"mode": "interleaved", "order": ab.order, "alpha": alpha, "threshold": threshold,
+               "metrics": [c.as_dict() for c in comps], "gate": decision.as_dict() if decision else None}
+    if decision is not None and decision.failed:
+        raise MvlmError("performance regression (interleaved A/B): " + "; ".join(decision.regressions),
+                        exit_code=EXIT_REGRESSION)
+    if decision is not None and not json_out:
+        err.print(f"[green]gate passed[/]: no gated metric is slower by more than {threshold:.1%} in the A/B pairs")
+    return summary
 
 
 def _entry_json(e) -> dict:
@@ -177,7 +263,11 @@ def compare_cmd(
     alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the one-sided Mann-Whitney test."),
     fail_on_regression: str | None = typer.Option(
         None, "--fail-on-regression", help="Exit 4 when a gated metric is slower by more than this (e.g. 5%) and the "
-                                           "repetitions support it."),
+                                           "evidence supports it (docs/ci.md)."),
+    gate_mode: str = typer.Option(
+        "auto", "--gate", help="How the gate judges: history (the baseline's stored sessions give the noise; needs 3 or "
+                               "more), within-session (the two sessions' repetitions only: cries wolf across sessions), "
+                               "auto (history for a stored baseline, within-session for a JSON file)."),
 ) -> None:
     """Compare two measurements metric by metric: medians, speedup, 95% CI, Mann-Whitney p and a verdict.
 
@@ -209,7 +299,7 @@ def compare_cmd(
     else:
         like = cands[0] if len(cands) == 1 else None
         bases = resolve(baseline, db, device, model, protocol, like=like)
-    run_comparison(pair(bases, cands), metric, alpha, threshold, json_out, markdown_out)
+    run_comparison(pair(bases, cands), metric, alpha, threshold, json_out, markdown_out, db=db, gate_mode=gate_mode)
 
 
 def _is_sqlite(p: Path) -> bool:
@@ -221,7 +311,7 @@ def _is_sqlite(p: Path) -> bool:
 
 
 def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str | None,
-                  fail_on_regression: str | None, alpha: float = 0.05) -> None:
+                  fail_on_regression: str | None, alpha: float = 0.05, confirm=None) -> None:
     """After ``mvlm bench``: store the measurement, compare it with ``--baseline``, apply the gate.
 
     The measurement is never lost: a history that cannot take it gets it spilled to a JSON file (one line says
@@ -253,13 +343,15 @@ def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str
         outcome = save_or_spill(entries, db)
         if outcome.saved:
             err.print(outcome.message())
+            for e, i in zip(entries, outcome.ids, strict=False):
+                e.id = i  # so the gate does not count this measurement among the baseline's sessions
         else:
             if outcome.spilled is None:
                 print(outcome.unsaved_json, flush=True)  # the last place left for the runs: stdout
             save_error = MvlmError(outcome.message(), exit_code=outcome.exit_code)
             if bases:  # the comparison can still be shown; a regression keeps its exit code, naming both
                 try:
-                    run_comparison(pair(bases, entries), None, alpha, threshold)
+                    run_comparison(pair(bases, entries), None, alpha, threshold, db=db)
                 except MvlmError as e:
                     raise MvlmError(f"{e}; and {save_error}", exit_code=e.exit_code) from None
             raise save_error
@@ -267,7 +359,7 @@ def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str
             raise MvlmError(f"{base_error} (this measurement was saved: {outcome.message()})",
                             exit_code=base_error.exit_code)
     if baseline:
-        run_comparison(pair(bases, entries), None, alpha, threshold)
+        run_comparison(pair(bases, entries), None, alpha, threshold, db=db, confirm=confirm)
 
 
 @app.callback()

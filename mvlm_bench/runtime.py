@@ -510,6 +510,41 @@ def find(target: str = "host", llama_cpp: Path | None = None) -> Runtime:
     raise MvlmError(f"no {target} runtime is built yet: {hint}")
 
 
+def find_build(target: str, commit: str, patches: list[str] | tuple[str, ...]) -> Runtime | None:
+    """A cached build for ``target`` of llama.cpp ``commit`` with exactly these patches (names), newest first; None
+    if the cache holds none. Lets the regression gate re-run a baseline's build next to a candidate's."""
+    root = cache_root() / "runtime"
+    if not root.is_dir():
+        return None
+    found: list[tuple[float, Path, dict]] = []
+    for m in root.glob(f"{target}-*/install/manifest.json"):
+        try:
+            man = json.loads(m.read_text())
+        except (OSError, ValueError):
+            continue
+        names = [p.get("name") for p in man.get("patches", []) if isinstance(p, dict)]
+        if man.get("target") == target and str(man.get("commit")) == str(commit) and names == list(patches):
+            found.append((m.stat().st_mtime, m.parent, man))
+    if not found:
+        return None
+    _, inst, man = max(found, key=lambda t: t[0])
+    return Runtime(inst, man, cached=True)
+
+
+def runtime_from_dir(d: Path) -> Runtime:
+    """A runtime install directory (``mvlm runtime path`` prints one: bin/, lib/, manifest.json)."""
+    d = Path(d).expanduser()
+    if (d / "install" / "manifest.json").is_file():
+        d = d / "install"
+    m = d / "manifest.json"
+    if not m.is_file():
+        raise MvlmError(f"{d} is not an mvlm runtime (no manifest.json): give the directory `mvlm runtime path` prints")
+    try:
+        return Runtime(d, json.loads(m.read_text()), cached=True)
+    except ValueError as e:
+        raise MvlmError(f"{m} is not valid JSON ({e}): rebuild that runtime") from None
+
+
 def use_runtime(target: str = "host", runtime: Runtime | None = None) -> Runtime:
     """Point llama-cpp-python at the project's build (call BEFORE ``import llama_cpp``).
 

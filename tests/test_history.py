@@ -215,11 +215,15 @@ def test_compare_cli_catches_injected_slowdown(tmp_path):
     assert r.returncode == 0, r.stderr  # no gate asked: report only
     assert "slower" in r.stdout and "Eval" in r.stdout
     md = tmp_path / "cmp.md"
+    # one baseline session: the history gate cannot know the noise between sessions, says so, and does not fail
+    r = _mvlm("compare", "label:main", "latest", "--db", str(db), "--fail-on-regression", "5%", cwd=tmp_path)
+    assert r.returncode == 0 and "gate not applied" in r.stderr and "at least 3" in r.stderr, r.stderr
+    # the within-session gate (two sessions' repetitions only) still catches it when asked for
     r = _mvlm("compare", "label:main", "latest", "--db", str(db), "--fail-on-regression", "5%", "--markdown", str(md),
-              cwd=tmp_path)
+              "--gate", "within-session", cwd=tmp_path)
     assert r.returncode == 4, r.stdout + r.stderr
     assert "performance regression" in r.stderr and "Eval (tokens/s)" in r.stderr and "p=" in r.stderr
-    assert "| Eval (tokens/s) |" in md.read_text() and "regression in" in md.read_text()
+    assert "| Eval (tokens/s) |" in md.read_text() and "regression:" in md.read_text()
     r = _mvlm("compare", "--db", str(db), "--json", "--fail-on-regression", "20%", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
@@ -230,7 +234,8 @@ def test_compare_cli_catches_injected_slowdown(tmp_path):
 def test_compare_cli_passes_on_noise(tmp_path):
     db = tmp_path / "h.sqlite"
     _synthetic_db(db, slow=0.0, seed=2)
-    r = _mvlm("compare", "latest~1", "latest", "--db", str(db), "--fail-on-regression", "5%", cwd=tmp_path)
+    r = _mvlm("compare", "latest~1", "latest", "--db", str(db), "--fail-on-regression", "5%", "--gate", "within-session",
+              cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "gate passed" in r.stderr
 
@@ -294,10 +299,13 @@ def test_real_bench_twice_no_regression(tmp_path, host_runtime):
     assert [e.label for e in es] == ["first", "second"] and all(e.repetitions == 3 for e in es)
     assert all(len([v for v in e.samples["eval_tps"] if v]) == 3 for e in es)
     assert es[0].context.runtime_commit and es[0].context.model_sha256 == es[1].context.model_sha256
-    r = _mvlm("compare", "latest~1", "latest", "--db", str(db), "--fail-on-regression", "50%", cwd=tmp_path)
+    r = _mvlm("compare", "latest~1", "latest", "--db", str(db), "--fail-on-regression", "50%", "--gate",
+              "within-session", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Eval" in r.stdout and "gate passed" in r.stderr
     r = _mvlm(*bench, "--label", "third", "--baseline", "latest", "--fail-on-regression", "50%", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "gate passed" in r.stderr and "#2" in r.stdout  # compared with the previous entry, not itself
+    assert "#2" in r.stdout  # compared with the previous entry, not itself
+    # two stored sessions of this build: too few to know the noise between sessions; said, not failed
+    assert "2 baseline session(s)" in r.stderr and "gate not applied" in r.stderr
     assert not (tmp_path / "mvlm-history.sqlite").exists()
