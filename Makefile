@@ -7,7 +7,7 @@ MVLM := $(BIN)/mvlm
 OUT ?= out/demo
 STAMP := $(VENV)/.mvlm-setup-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup system venv runtime demo test test-fast bench lint clean
+.PHONY: setup system venv runtime demo test test-fast bench bench-gate lint clean
 
 setup: system venv runtime
 
@@ -52,6 +52,11 @@ bench: setup
 	$(BIN)/python benchmarks/quantize.py
 	$(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/convert.py
+	$(BIN)/python benchmarks/parse_scaling.py
+
+# The regression gate's false-alarm and detection rates on this machine (about 20 min; docs/ci.md).
+bench-gate: setup
+	$(BIN)/python benchmarks/gate_rates.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -23,8 +23,8 @@ medians, the spread is the normalised MAD of their relative deviations (a robust
 - ``no change`` otherwise.
 
 A ``slower`` or ``suspected`` metric is confirmed by a fresh interleaved re-measure when the baseline can be re-run
-(its runtime build and model file are still at hand); then the interleaved verdict decides. Without a re-run,
-only ``slower`` fails.
+(its runtime build and model file are still at hand); then the interleaved verdict decides — as it does for
+``insufficient`` metrics (too few stored sessions). Without a re-run, only ``slower`` fails.
 
 Rates measured on this machine are in docs/ci.md (``benchmarks/gate_rates.py``).
 """
@@ -351,7 +351,8 @@ def decide_history(sessions: Sequence[dict[str, Sequence[float | None]]], candid
     """Gate on a stored baseline: its ``sessions`` (one samples dict per stored session of its configuration) give
     the noise; ``confirm`` (optional) re-measures baseline and candidate interleaved and returns the paired
     comparisons. Fails on ``slower`` metrics — or, when ``confirm`` is given, only when the A/B re-measure of a
-    ``slower`` or ``suspected`` metric confirms it."""
+    ``slower`` or ``suspected`` metric confirms it. With too few stored sessions (``insufficient``) the A/B
+    re-measure, when possible, judges instead; without one the gate says so and does not fail."""
     from mvlm_bench.compare import GATE_METRICS
 
     gated = tuple(metrics) if metrics else GATE_METRICS
@@ -361,12 +362,18 @@ def decide_history(sessions: Sequence[dict[str, Sequence[float | None]]], candid
         if v.verdict == "insufficient":
             d.warnings.append(f"{v.name}: {v.message}")
     flagged = [v for v in verdicts if v.verdict in ("slower", "suspected")]
-    comps = confirm() if flagged and confirm is not None else []
+    unjudged = [v for v in verdicts if v.verdict == "insufficient"]
+    comps = confirm() if (flagged or unjudged) and confirm is not None else []
     if comps:
-        ab = decide_interleaved(comps, threshold, [v.key for v in flagged], mode="history, confirmed by A/B")
+        keys = [v.key for v in flagged + unjudged]
+        mode = "history, confirmed by A/B" if flagged else "A/B re-measure (too few stored sessions)"
+        ab = decide_interleaved(comps, threshold, keys, mode=mode)
         ab.history = verdicts
-        ab.warnings = d.warnings + ab.warnings
-        if not ab.failed:
+        ab.warnings = ([] if not flagged else d.warnings) + ab.warnings
+        if unjudged and not flagged:
+            ab.warnings.append("too few stored baseline sessions to know the noise: judged by an interleaved "
+                               "re-measure of the baseline instead")
+        if flagged and not ab.failed:
             ab.warnings.append("the history suggested a slowdown in " + ", ".join(v.name for v in flagged)
                                + "; the interleaved re-measure did not confirm it")
         return ab

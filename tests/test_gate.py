@@ -161,3 +161,40 @@ def test_judge_history_verdicts():
     faster = gate.judge_history("total_s", [[10.0] * 3] * 4, [9.0] * 3, threshold=0.05)
     assert faster.verdict == "no change" and faster.slowdown == pytest.approx(-0.1)
     assert gate.judge_history("total_s", [[10.0] * 3] * 4, [11.0] * 3, threshold=0.05).verdict == "slower"
+
+
+def _sessions(offsets, n=3):
+    return [{"eval_tps": [40 * (1 + e)] * n, "total_s": [10 / (1 + e)] * n} for e in offsets]
+
+
+def test_decide_history_confirms_or_clears_by_the_ab_remeasure():
+    sessions = _sessions((-0.02, -0.01, 0.0, 0.01, 0.02))
+    cand = {"eval_tps": [34.0] * 3, "total_s": [11.8] * 3}
+    rng = np.random.default_rng(1)
+    base = list(40 * (1 + rng.normal(0, 0.01, 6)))
+    slow_ab = [gate.compare_paired("eval_tps", base, [b * 0.85 for b in base])]
+    same_ab = [gate.compare_paired("eval_tps", base, [b * (1 + d) for b, d in zip(base, rng.normal(0, 0.01, 6),
+                                                                                   strict=True)])]
+    alone = gate.decide_history(sessions, cand, 0.05)
+    assert alone.failed and alone.mode == "history" and alone.judged
+    calls = []
+    confirmed = gate.decide_history(sessions, cand, 0.05, confirm=lambda: calls.append(1) or slow_ab)
+    assert confirmed.failed and confirmed.mode == "history, confirmed by A/B" and calls == [1]
+    cleared = gate.decide_history(sessions, cand, 0.05, confirm=lambda: same_ab)
+    assert not cleared.failed and any("did not confirm" in w for w in cleared.warnings)
+    # the re-measure failed (no comparisons): the history alone decides
+    assert gate.decide_history(sessions, cand, 0.05, confirm=lambda: []).failed
+    # nothing flagged: no re-measure at all
+    quiet = gate.decide_history(sessions, {"eval_tps": [40.0] * 3}, 0.05, confirm=lambda: calls.append(2) or slow_ab)
+    assert not quiet.failed and calls == [1]
+
+
+def test_decide_history_with_too_few_sessions_uses_the_ab_remeasure_when_it_can():
+    few = _sessions((0.0, 0.01))
+    cand = {"eval_tps": [30.0] * 3}
+    alone = gate.decide_history(few, cand, 0.05)
+    assert not alone.failed and not alone.judged and any("at least 3" in w for w in alone.warnings)
+    base = [40.0, 40.4, 39.8, 40.1, 40.3, 39.9]
+    ab = gate.decide_history(few, cand, 0.05, confirm=lambda: [gate.compare_paired("eval_tps", base,
+                                                                                     [b * 0.8 for b in base])])
+    assert ab.failed and ab.mode.startswith("A/B re-measure") and ab.judged

@@ -306,6 +306,7 @@ def test_real_bench_twice_no_regression(tmp_path, host_runtime):
     r = _mvlm(*bench, "--label", "third", "--baseline", "latest", "--fail-on-regression", "50%", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "#2" in r.stdout  # compared with the previous entry, not itself
-    # two stored sessions of this build: too few to know the noise between sessions; said, not failed
-    assert "2 baseline session(s)" in r.stderr and "gate not applied" in r.stderr
+    # two stored sessions of this build: too few to know the noise between sessions, but the baseline (same build,
+    # same model) can be re-run here: an interleaved re-measure judges instead
+    assert "judged by an interleaved re-measure" in r.stderr and "gate passed" in r.stderr
     assert not (tmp_path / "mvlm-history.sqlite").exists()
