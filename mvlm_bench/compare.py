@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -45,7 +46,10 @@ _NAMES = {k: (n, u) for k, n, u in METRICS}
 
 
 def direction(key: str) -> int:
-    """+1 when higher is better (tokens/s), -1 when lower is better (s, ms), 0 when not a speed (token counts)."""
+    """+1 when higher is better (tokens/s), -1 when lower is better (s, ms), 0 when not a speed (token counts, and
+    ``other_s``: the papers' "Other" is what Total leaves over and may be negative)."""
+    if key == "other_s":
+        return 0
     if key.endswith("_tps") or key.endswith("_ts") or key == "eval_avg":
         return 1
     if key.endswith("_s") or key.endswith("_ms") or key.endswith("_ns") or key == "ve_ms_per_patch":
@@ -64,6 +68,26 @@ def metric_name(key: str) -> tuple[str, str]:
 
 def _clean(values: Sequence[float | None]) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def valid_values(key: str, values: Sequence[float | None]) -> tuple[list[float], int]:
+    """(the usable values, how many were dropped): finite values, and for a speed metric (tokens/s, s, ms) only
+    positive ones: a rate or a duration of 0 or below cannot be measured, so such a value is an edited or damaged
+    entry and is left out of every comparison (the caller warns with the count)."""
+    vals = _clean(values)
+    if direction(key) == 0:
+        return vals, 0
+    pos = [v for v in vals if v > 0]
+    return pos, len(vals) - len(pos)
+
+
+def dropped_note(n_baseline: int, n_candidate: int, baseline: str = "the baseline") -> str:
+    """The note/warning for non-positive values left out (empty when none)."""
+    sides = [f"{n} in {side}" for n, side in ((n_baseline, baseline), (n_candidate, "the candidate")) if n]
+    if not sides:
+        return ""
+    return (f"{n_baseline + n_candidate} non-positive value(s) ignored ({' and '.join(sides)}): a speed or a duration "
+            "must be above 0, so an entry was edited or damaged")
 
 
 def median(xs: Sequence[float]) -> float:
@@ -165,6 +189,17 @@ class MetricComparison:
     verdict: str  # "faster" | "slower" | "no change" | "n/a"
     note: str = ""
     test: str = "Mann-Whitney"  # the test behind p: "Mann-Whitney" (two sessions) or "signed-rank (paired)" (A/B)
+    dropped_baseline: int = 0  # non-positive values of a speed metric left out (valid_values)
+    dropped_candidate: int = 0
+
+    @property
+    def paired(self) -> bool:
+        """An interleaved comparison: the speedup is the median of the per-pair speedups."""
+        return self.test.startswith("signed-rank")
+
+    @property
+    def dropped_warning(self) -> str:
+        return dropped_note(self.dropped_baseline, self.dropped_candidate)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,11 +210,13 @@ def compare_metric(key: str, baseline: Sequence[float | None], candidate: Sequen
     """Compare one metric's repetitions; see the module docstring for the rule."""
     name, unit = metric_name(key)
     sign = direction(key)
-    b, c = _clean(baseline), _clean(candidate)
+    (b, drop_b), (c, drop_c) = valid_values(key, baseline), valid_values(key, candidate)
     mc = MetricComparison(key, name, unit, sign, len(b), len(c), median(b) if b else None, median(c) if c else None,
-                          None, None, None, None, None, None, "n/a")
+                          None, None, None, None, None, None, "n/a", dropped_baseline=drop_b, dropped_candidate=drop_c)
     if not b or not c:
         mc.note = "no values on " + ("either side" if not b and not c else "the baseline" if not b else "the candidate")
+        if drop_b or drop_c:
+            mc.note = "no valid values on " + mc.note[len("no values on "):] + f"; {mc.dropped_warning}"
         return mc
     if sign == 0:
         mc.note = "not a speed"
@@ -204,6 +241,8 @@ def compare_metric(key: str, baseline: Sequence[float | None], candidate: Sequen
         mc.verdict = "no change"
         if min_p(len(b), len(c)) > alpha:
             mc.note = f"{len(b)} vs {len(c)} repetitions cannot reach p <= {alpha:g}"
+    if drop_b or drop_c:
+        mc.note = "; ".join(x for x in (mc.note, mc.dropped_warning) if x)
     return mc
 
 
@@ -218,21 +257,30 @@ def compare_samples(baseline: Mapping[str, Sequence[float | None]], candidate: M
 
 
 def parse_threshold(text: str) -> float:
-    """'5%' -> 0.05, '0.05' -> 0.05, '5' -> 0.05 (a bare number above 1 is a percentage)."""
+    """``--fail-on-regression``: ``N%`` (0 < N < 1000) -> N/100, or a fraction written with a decimal point below 1
+    (``0.05``). A bare number without ``%`` and at least 1 (``1``, ``5``, ``1.5``) is refused: it reads as a
+    percentage to some and as a fraction to others (``1`` meant as 1% would be a gate at 100% that never fires)."""
+    from mvlm_convert.errors import MvlmError
+
     s = text.strip()
+    pct = s.endswith("%")
+    num = s[:-1].strip() if pct else s
     try:
-        v = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
+        v = float(num)
     except ValueError:
-        from mvlm_convert.errors import MvlmError
-
         raise MvlmError(f"--fail-on-regression {text!r} is not a percentage: write e.g. 5%") from None
-    if v > 1 and not s.endswith("%"):
-        v /= 100.0
-    if not 0 <= v < 10:
-        from mvlm_convert.errors import MvlmError
-
-        raise MvlmError(f"--fail-on-regression {text!r} is out of range: write a percentage such as 5%")
-    return v
+    if pct:
+        if not 0 < v < 1000:  # also refuses nan and inf
+            raise MvlmError(f"--fail-on-regression {text!r} is out of range: write a percentage above 0% and below "
+                            "1000%, such as 5%")
+        return v / 100.0
+    if "." in num and 0 < v < 1 and not re.search(r"[eE]", num):
+        return v
+    if math.isfinite(v) and 0 < v < 1000:
+        raise MvlmError(f"--fail-on-regression {text!r} is ambiguous: write {num}% (or the fraction {v / 100:g}); "
+                        "a bare number must be a fraction below 1 with a decimal point, such as 0.05")
+    raise MvlmError(f"--fail-on-regression {text!r} is out of range: write a percentage such as 5% "
+                    "(or a fraction below 1 such as 0.05)")
 
 
 def regressions(comparisons: Sequence[MetricComparison], threshold: float = DEFAULT_THRESHOLD,
@@ -273,16 +321,26 @@ def gate_summary(comparisons: Sequence[MetricComparison], threshold: float,
             continue
         if c.verdict == "n/a":
             warns.append(f"{c.name}: {c.note}")
-        elif c.note and c.verdict == "no change":
-            advice = "" if "--repeat" in c.note else " (use --repeat 3 or more on both sides)"
-            warns.append(f"{c.name}: {c.note}; the gate cannot fire on it{advice}")
+            continue
+        if c.dropped_warning:
+            warns.append(f"{c.name}: {c.dropped_warning}")
+        note = c.note.replace(c.dropped_warning, "").strip("; ") if c.dropped_warning else c.note
+        if note and c.verdict == "no change":
+            advice = "" if "--repeat" in note else " (use --repeat 3 or more on both sides)"
+            warns.append(f"{c.name}: {note}; the gate cannot fire on it{advice}")
     return regs, warns
 
 
+PAIR_SPEEDUP_NOTE = ("Pair speedup: the median of the per-pair speedups (candidate vs baseline within each A/B pair), "
+                     "so it need not equal the ratio of the two medians beside it")
+
+
 def render_markdown(comparisons: Sequence[MetricComparison], title: str = "") -> str:
-    """A Markdown table (job summaries, PR comments): metric, medians, speedup, 95% CI, p, verdict."""
+    """A Markdown table (job summaries, PR comments): metric, medians, speedup, 95% CI, p, verdict. For an interleaved
+    session the speedup column is "Pair speedup" (the median of the per-pair speedups), said under the table."""
+    paired = bool(comparisons) and all(c.paired for c in comparisons)
     lines = [f"### {title}", ""] if title else []
-    lines.append("| Metric | Baseline | Candidate | Speedup | 95% CI | p | Verdict |")
+    lines.append(f"| Metric | Baseline | Candidate | {'Pair speedup' if paired else 'Speedup'} | 95% CI | p | Verdict |")
     lines.append("| --- | ---: | ---: | ---: | :---: | ---: | --- |")
     for c in comparisons:
         sp = "–" if c.speedup is None else f"{c.speedup:.3f}"
@@ -294,4 +352,6 @@ def render_markdown(comparisons: Sequence[MetricComparison], title: str = "") ->
         lines.append(f"| {c.name} ({c.unit}) | {_num(c.baseline_median)} (n={c.n_baseline}) | "
                      f"{_num(c.candidate_median)} (n={c.n_candidate}) | {sp} | {ci} | "
                      f"{'–' if p is None else f'{p:.3g}'} | {mark}{f' ({c.note})' if c.note else ''} |")
+    if paired:
+        lines += ["", f"_{PAIR_SPEEDUP_NOTE}._"]
     return "\n".join(lines) + "\n"

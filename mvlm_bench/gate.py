@@ -13,9 +13,16 @@ and a seeded bootstrap over pairs gives its 95% interval. This is the verdict CI
 be run.
 
 **History mode** (``--baseline SELECTOR``): only stored measurements exist. The baseline's *sessions* (entries of
-the same setup and build) give a noise model (:func:`noise_model`): the centre is the median of the session
+the same setup, the same build AND the same label as the baseline entry, the candidate never among them:
+:func:`baseline_sessions`) give a noise model (:func:`noise_model`): the centre is the median of the session
 medians, the spread is the normalised MAD of their relative deviations (a robust sigma), and the band is
-``NOISE_K`` sigmas. :func:`judge_history` calls a metric
+``max(NOISE_K * sigma, worst)``, where ``worst`` is how far the worst stored session lies on the worse side of the
+centre. The floor matters for small session counts: the MAD of 3 sessions is the smaller gap to the middle one
+and ignores the extreme one, so ``NOISE_K * sigma`` alone can call a candidate that lies inside the baseline's own
+range "beyond the noise"; with the floor, a candidate is only beyond the noise when it is worse than every stored
+session of the baseline's build. The floor only widens the band. Non-positive values of a speed metric (an edited
+or damaged entry) are left out of every comparison with a warning (:func:`mvlm_bench.compare.valid_values`).
+:func:`judge_history` calls a metric
 
 - ``insufficient`` with fewer than ``MIN_SESSIONS`` baseline sessions: it says so and never fails;
 - ``slower`` when the candidate's median is worse than the centre by more than the threshold AND outside the band;
@@ -42,8 +49,10 @@ from mvlm_bench.compare import (
     MetricComparison,
     _clean,
     direction,
+    dropped_note,
     median,
     metric_name,
+    valid_values,
 )
 
 ORDERS = ("abba", "alternate")
@@ -138,19 +147,19 @@ def compare_paired(key: str, baseline: Sequence[float | None], candidate: Sequen
     sign = direction(key)
     pairs = [(float(b), float(c)) for b, c in zip(baseline, candidate, strict=False)
              if b is not None and c is not None and math.isfinite(float(b)) and math.isfinite(float(c))]
-    b_all, c_all = _clean(baseline), _clean(candidate)
+    (b_all, drop_b), (c_all, drop_c) = valid_values(key, baseline), valid_values(key, candidate)
     mc = MetricComparison(key, name, unit, sign, len(b_all), len(c_all), median(b_all) if b_all else None,
                           median(c_all) if c_all else None, None, None, None, None, None, None, "n/a",
-                          test="signed-rank (paired)")
+                          test="signed-rank (paired)", dropped_baseline=drop_b, dropped_candidate=drop_c)
     if not pairs:
         mc.note = "no complete A/B pairs"
         return mc
     if sign == 0:
         mc.note = "not a speed"
         return mc
-    pos = [(b, c) for b, c in pairs if b > 0 and c > 0]
+    pos = [(b, c) for b, c in pairs if b > 0 and c > 0]  # a pair with a non-positive value is left out (warned)
     if not pos:
-        mc.note = "non-positive values"
+        mc.note = "no A/B pair with valid values; " + mc.dropped_warning
         return mc
     speedups = [(c / b) if sign > 0 else (b / c) for b, c in pos]
     mc.speedup = median(speedups)
@@ -169,6 +178,8 @@ def compare_paired(key: str, baseline: Sequence[float | None], candidate: Sequen
         mc.verdict = "no change"
         if signed_rank_min_p(len(pos)) > alpha:
             mc.note = f"{len(pos)} A/B pairs cannot reach p <= {alpha:g} (use --repeat 5 or more)"
+    if drop_b or drop_c:
+        mc.note = "; ".join(x for x in (mc.note, mc.dropped_warning) if x)
     return mc
 
 
@@ -194,13 +205,33 @@ class NoiseModel:
     n_sessions: int
     center: float  # median of the session medians (the metric's own unit)
     sigma: float  # robust relative sigma of the session medians (normalised MAD), e.g. 0.03 = 3%
-    band: float  # NOISE_K * sigma: relative deviation still explained by drift
+    band: float  # max(NOISE_K * sigma, worst): relative deviation still explained by drift
     session_medians: list[float] = field(default_factory=list)
+    worst: float = 0.0  # how much worse than the centre the worst stored session is (fraction, >= 0)
+    dropped: int = 0  # non-positive values left out of the sessions (valid_values)
+
+    @property
+    def band_basis(self) -> str:
+        """What set the band: the MAD rule or the worst stored session."""
+        return "their worst session" if self.worst > NOISE_K * self.sigma else f"{NOISE_K:g} sigma"
+
+
+def _worse(sign: int, value: float, center: float) -> float:
+    """How much worse than ``center`` a value is, as a fraction of it (negative: better)."""
+    return (center - value) / center if sign > 0 else (value - center) / center
 
 
 def noise_model(key: str, sessions: Sequence[Sequence[float | None]], k: float = NOISE_K) -> NoiseModel | None:
-    """The noise model of ``key`` from the repetitions of each past session (None when no session has a value)."""
-    meds = [median(v) for v in (_clean(s) for s in sessions) if v]
+    """The noise model of ``key`` from the repetitions of each past session (None when no session has a value).
+
+    band = max(k * sigma_MAD, worst): the MAD of a handful of sessions ignores the most extreme one (with 3 sessions
+    it is the smaller gap to the middle one), so on its own it can call a candidate that lies inside the baseline's
+    own range "beyond the noise". The floor ``worst`` (the largest deviation on the worse side of the centre among
+    the stored sessions) says: a candidate is only beyond the noise when it is worse than every stored session of
+    the baseline's build. It only ever widens the band (fewer false alarms); a wide band turns ``slower`` into
+    ``suspected``, which ``mvlm bench`` re-measures interleaved when it can."""
+    clean = [valid_values(key, s) for s in sessions]
+    meds = [median(v) for v, _ in clean if v]
     if not meds:
         return None
     center = median(meds)
@@ -209,7 +240,10 @@ def noise_model(key: str, sessions: Sequence[Sequence[float | None]], k: float =
     rel = [m / center - 1.0 for m in meds]
     mad = median([abs(r - median(rel)) for r in rel])
     sigma = MAD_TO_SIGMA * mad
-    return NoiseModel(key, len(meds), center, sigma, k * sigma, meds)
+    sign = direction(key) or 1
+    worst = max(0.0, max(_worse(sign, m, center) for m in meds))
+    return NoiseModel(key, len(meds), center, sigma, max(k * sigma, worst), meds, worst,
+                      sum(d for _, d in clean))
 
 
 @dataclass
@@ -225,6 +259,12 @@ class HistoryVerdict:
     band: float | None
     sigma: float | None
     message: str = ""
+    dropped_sessions: int = 0  # non-positive values left out of the baseline's sessions (valid_values)
+    dropped_candidate: int = 0  # ... and of the candidate
+
+    @property
+    def dropped_warning(self) -> str:
+        return dropped_note(self.dropped_sessions, self.dropped_candidate, "the baseline's sessions")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,15 +275,19 @@ def judge_history(key: str, sessions: Sequence[Sequence[float | None]], candidat
     """Judge the candidate's repetitions of ``key`` against the baseline's past sessions (module docstring)."""
     name, unit = metric_name(key)
     sign = direction(key)
-    c = _clean(candidate)
+    c, drop_c = valid_values(key, candidate)
     hv = HistoryVerdict(key, name, unit, "n/a", 0, None, median(c) if c else None, None, None, None)
     nm = noise_model(key, sessions, k)
+    hv.dropped_candidate = drop_c
+    hv.dropped_sessions = nm.dropped if nm is not None else sum(valid_values(key, s)[1] for s in sessions)
     if nm is None or not c or sign == 0:
         hv.message = "no values" if sign != 0 else "not a speed"
+        if hv.dropped_warning and sign != 0:
+            hv.message = f"no valid values on {'the candidate' if not c else 'the baseline'}"
         return hv
     hv.n_sessions, hv.center, hv.band, hv.sigma = nm.n_sessions, nm.center, nm.band, nm.sigma
     cm = median(c)
-    hv.slowdown = (nm.center - cm) / nm.center if sign > 0 else (cm - nm.center) / nm.center
+    hv.slowdown = _worse(sign, cm, nm.center)
     if nm.n_sessions < min_sessions:
         hv.verdict = "insufficient"
         hv.message = (f"{nm.n_sessions} baseline session(s); the noise between sessions needs at least {min_sessions}: "
@@ -252,11 +296,11 @@ def judge_history(key: str, sessions: Sequence[Sequence[float | None]], candidat
     if hv.slowdown > threshold and hv.slowdown > nm.band:
         hv.verdict = "slower"
         hv.message = (f"{hv.slowdown:.1%} worse than the baseline's {nm.n_sessions} sessions (centre {nm.center:.4g}), "
-                      f"beyond their noise band ±{nm.band:.1%} and the {threshold:.1%} threshold")
+                      f"beyond their noise band ±{nm.band:.1%} ({nm.band_basis}) and the {threshold:.1%} threshold")
     elif hv.slowdown > threshold:
         hv.verdict = "suspected"
         hv.message = (f"{hv.slowdown:.1%} worse, above the {threshold:.1%} threshold but inside the baseline's noise "
-                      f"band ±{nm.band:.1%} ({nm.n_sessions} sessions)")
+                      f"band ±{nm.band:.1%} ({nm.band_basis}; {nm.n_sessions} sessions)")
     else:
         hv.verdict = "no change"
     return hv
@@ -268,7 +312,7 @@ def judge_history_all(sessions: Sequence[dict[str, Sequence[float | None]]], can
     """:func:`judge_history` for each metric the candidate has (``sessions``: one samples dict per past session)."""
     out = []
     for key in metrics:
-        if not _clean(candidate.get(key, ())):
+        if not _clean(candidate.get(key, ())):  # the protocol has no such metric
             continue
         out.append(judge_history(key, [s.get(key, ()) for s in sessions], candidate[key], threshold, min_sessions, k))
     return out
@@ -286,14 +330,24 @@ def build_key(entry: Any) -> tuple:
 
 
 def baseline_sessions(entries: Sequence[Any], baseline: Any, exclude_ids: Sequence[int | None] = (),
-                      limit: int = MAX_SESSIONS) -> list[Any]:
-    """The stored sessions of the baseline's configuration: same setup (device, model, protocol, parameters) and
-    same build as ``baseline``, newest ``limit`` of them (oldest first), the baseline itself included."""
-    from mvlm_bench.history import setup_key
+                      limit: int = MAX_SESSIONS, candidate: Any = None) -> list[Any]:
+    """The stored sessions of the baseline: entries of the same setup (device, model, protocol, parameters), the
+    same build and the same label as ``baseline`` (an unlabelled baseline: unlabelled entries), newest ``limit`` of
+    them (oldest first), the baseline itself included. The label keeps a PR's sessions of main's build (or a
+    crafted regressed one) out of main's noise; the ``candidate`` (by id, or by content when it has none) is never
+    one of them, nor are ``exclude_ids``."""
+    from mvlm_bench.history import content_key, setup_key
 
-    key, build = setup_key(baseline), build_key(baseline)
+    key, build, label = setup_key(baseline), build_key(baseline), baseline.label
     skip = {i for i in exclude_ids if i is not None}
-    same = [e for e in entries if e.id not in skip and setup_key(e) == key and build_key(e) == build]
+    cand_key = None
+    if candidate is not None:
+        if candidate.id is not None:
+            skip.add(candidate.id)
+        else:
+            cand_key = content_key(candidate)
+    same = [e for e in entries if e.id not in skip and e.label == label and setup_key(e) == key
+            and build_key(e) == build and (cand_key is None or content_key(e) != cand_key)]
     if baseline.id is None or all(e.id != baseline.id for e in same):
         same.append(baseline)
     return same[-limit:]
@@ -358,6 +412,8 @@ def decide_history(sessions: Sequence[dict[str, Sequence[float | None]]], candid
     gated = tuple(metrics) if metrics else GATE_METRICS
     verdicts = judge_history_all(sessions, candidate, threshold, gated, min_sessions)
     d = GateDecision("history", threshold, history=verdicts)
+    invalid = [f"{v.name}: {v.dropped_warning}" + (f"; {v.message}: not gated" if v.verdict == "n/a" else "")
+               for v in verdicts if v.dropped_warning]
     for v in verdicts:
         if v.verdict == "insufficient":
             d.warnings.append(f"{v.name}: {v.message}")
@@ -369,7 +425,7 @@ def decide_history(sessions: Sequence[dict[str, Sequence[float | None]]], candid
         mode = "history, confirmed by A/B" if flagged else "A/B re-measure (too few stored sessions)"
         ab = decide_interleaved(comps, threshold, keys, mode=mode)
         ab.history = verdicts
-        ab.warnings = ([] if not flagged else d.warnings) + ab.warnings
+        ab.warnings = invalid + ([] if not flagged else d.warnings) + ab.warnings
         if unjudged and not flagged:
             ab.warnings.append("too few stored baseline sessions to know the noise: judged by an interleaved "
                                "re-measure of the baseline instead")
@@ -377,6 +433,7 @@ def decide_history(sessions: Sequence[dict[str, Sequence[float | None]]], candid
             ab.warnings.append("the history suggested a slowdown in " + ", ".join(v.name for v in flagged)
                                + "; the interleaved re-measure did not confirm it")
         return ab
+    d.warnings = invalid + d.warnings
     for v in verdicts:
         if v.verdict == "slower":
             d.failed = True

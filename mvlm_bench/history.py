@@ -2,8 +2,8 @@
 
 A regression gate needs a baseline it can trust, and a person chasing a slowdown needs to know what exactly was
 measured months ago. So an entry keeps the whole context (device, llama.cpp commit + patches, model file + sha256,
-protocol, parameters), the project's git commit when known, a free-form label, a UTC timestamp, and the metrics of
-EACH repetition (never only a mean: the statistics in :mod:`mvlm_bench.compare` need the spread).
+protocol, parameters), mvlm's own git commit when known (:func:`project_commit`), a free-form label, a UTC timestamp,
+and the metrics of EACH repetition (never only a mean: the statistics in :mod:`mvlm_bench.compare` need the spread).
 
 Where the file is: ``--db PATH``, else ``$MVLM_HISTORY``, else ``./mvlm-history.sqlite`` (the current directory, i.e.
 next to the project when run from its root; CI caches or uploads this one file).
@@ -14,7 +14,7 @@ Opening an older file runs the steps in :data:`MIGRATIONS` (version N -> N+1) in
 file with a gap in the migrations, or a SQLite file that is not a history, is a clear error, never silently rewritten.
 
 Selectors (``mvlm compare``, ``--baseline``): ``latest``, ``latest~N`` (N entries before the latest), ``id:N`` (or a
-bare number), ``label:NAME``, ``commit:PREFIX`` (the project's git commit), ``runtime:PREFIX`` (llama.cpp commit);
+bare number), ``label:NAME``, ``commit:PREFIX`` (mvlm's own git commit), ``runtime:PREFIX`` (llama.cpp commit);
 ``label:`` / ``commit:`` / ``runtime:`` take a ``~N`` suffix too. ``--device/--model/--protocol`` narrow the search,
 and a baseline chosen relative to a candidate is looked for among entries of the same setup (see :func:`setup_key`).
 
@@ -222,16 +222,31 @@ def setup_differences(a: Entry, b: Entry) -> list[str]:
     return out
 
 
+def _utc_text(t: float) -> str:
+    """A unix time in the history's ``created_at`` form (ISO 8601, UTC, seconds)."""
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
+
+
+def normalise_time(text: str) -> str:
+    """An ISO 8601 time (``2026-01-01T12:00:00Z``, with an offset, or naive = UTC) in the history's ``created_at``
+    form; ValueError when it is not one."""
+    t = dt.datetime.fromisoformat(text.strip())
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.astimezone(dt.UTC).isoformat(timespec="seconds")
+
+
 def entries_from_runs(runs: Sequence, label: str = "", project: tuple[str, bool | None] | None = None) -> list[Entry]:
-    """One Entry per group of repetitions (``report.aggregate``), not yet stored."""
-    from mvlm_bench.report import METRIC_KEYS, aggregate
+    """One Entry per group of repetitions (``report.aggregate``), not yet stored; ``created_at`` is when the group
+    was measured (its first repetition's start, as ``test_time`` in ``mvlm bench --json``)."""
+    from mvlm_bench.report import METRIC_KEYS, aggregate, measured_between
 
     commit, dirty = project if project is not None else project_commit()
     out = []
     for g in aggregate(runs):
         samples = {k: [p[k] for p in g.per_run] for k in METRIC_KEYS}
         out.append(Entry(context=g.context, samples=samples, label=label, project_commit=commit, project_dirty=dirty,
-                         timings=[r.timing.to_dict() for r in g.runs]))
+                         timings=[r.timing.to_dict() for r in g.runs], created_at=_utc_text(measured_between(g.runs)[0])))
     return out
 
 
@@ -323,10 +338,42 @@ def _entry_from_record(r: dict[str, Any], source: str) -> Entry:
                 vals.append(_json_num(v))
         timings.append(timing)
     dirty = r.get("project_dirty")
+    created = _text(r.get("created_at"), "'created_at'")
+    if not created:  # a `mvlm bench --json` report: when it was measured
+        created = _record_time(r)
     return Entry(context=ctx, samples=samples, timings=timings, source=source, label=_text(r.get("label"), "'label'"),
                  project_commit=_text(r.get("project_commit"), "'project_commit'"),
-                 project_dirty=dirty if isinstance(dirty, bool) else None,
-                 created_at=_text(r.get("created_at"), "'created_at'"))
+                 project_dirty=dirty if isinstance(dirty, bool) else None, created_at=created)
+
+
+def _lenient_time(row: dict[str, Any]) -> str:
+    """A llama-bench row's ``test_time`` in the history's form, '' when missing or unreadable."""
+    try:
+        return normalise_time(str(row.get("test_time") or ""))
+    except ValueError:
+        return ""
+
+
+def _record_time(r: dict[str, Any]) -> str:
+    """The measurement time of a report record: ``test_time`` (ISO 8601, llama-bench's field) or ``start_time``
+    (unix); '' when it has neither (older reports: the import time is used). ValueError when they are malformed."""
+    t = r.get("test_time")
+    if t not in (None, ""):
+        if not isinstance(t, str):
+            raise ValueError("'test_time' is not an ISO 8601 time")
+        try:
+            return normalise_time(t)
+        except ValueError:
+            raise ValueError(f"'test_time' {t[:40]!r} is not an ISO 8601 time") from None
+    start = r.get("start_time")
+    if start is not None:
+        if isinstance(start, bool) or not isinstance(start, int | float) or not math.isfinite(start):
+            raise ValueError("'start_time' is not a unix time")
+        try:
+            return _utc_text(float(start))
+        except (OverflowError, OSError, ValueError):
+            raise ValueError(f"'start_time' {start!r} is not a unix time") from None
+    return ""
 
 
 def _entries_from_bench_rows(rows: list[dict[str, Any]], path: Path) -> Entry:
@@ -336,6 +383,7 @@ def _entries_from_bench_rows(rows: list[dict[str, Any]], path: Path) -> Entry:
                          model=str(r0.get("model_type") or ""), model_file=str(r0.get("model_filename") or ""),
                          runtime_commit=str(r0.get("build_commit") or ""), protocol="llama-bench")
         e = entry_from_llama_bench(rows, ctx, project=("", None))
+        e.created_at = min((t for t in map(_lenient_time, rows) if t), default="")
     except (TypeError, ValueError, AttributeError) as exc:
         raise MvlmError(f"{path}: llama-bench rows with unexpected values ({exc}): pass the file llama-bench wrote, "
                         "unedited") from None
@@ -403,18 +451,28 @@ def _bench_file(path: Path) -> Entry:
                     "or by llama-bench (-o json, jsonl, csv or md), or a history selector such as latest")
 
 
-def project_commit(cwd: Path | None = None) -> tuple[str, bool | None]:
-    """(git commit, dirty?) of the project the command runs in; ('', None) outside a git work tree or without git."""
-    env_sha = os.environ.get("GITHUB_SHA", "")
+def project_commit(source: Path | None = None) -> tuple[str, bool | None]:
+    """(git commit, dirty?) of mvlm's own source: the git work tree the mvlm package lives in (``source``: that
+    directory; default this package's), whatever the current directory is. ('', None) when the package is not a
+    tracked file of a git work tree (an installed wheel: site-packages, even inside another project's tree) or
+    without git."""
+    pkg = Path(source) if source is not None else Path(__file__).resolve().parent
+
+    def git(*args: str, timeout: float = 10) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(pkg), *args], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        tracked = git("ls-files", "--error-unmatch", "--", "__init__.py")
+        if tracked.returncode != 0:
+            return "", None
+        r = git("rev-parse", "HEAD")
         if r.returncode != 0:
-            return env_sha, None
-        d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
-                           text=True, timeout=30)
+            return "", None
+        d = git("status", "--porcelain", "--untracked-files=no", timeout=30)
         return r.stdout.strip(), (bool(d.stdout.strip()) if d.returncode == 0 else None)
     except (OSError, subprocess.TimeoutExpired):
-        return env_sha, None
+        return "", None
 
 
 class History:
@@ -627,6 +685,12 @@ class History:
                 "ORDER BY entry_id, repetition", part):
                 if not isinstance(rep, int) or not 0 <= rep < 1_000_000:
                     raise ValueError(f"entry {eid} has a sample with repetition {rep!r}")
+                if not isinstance(metric, str):
+                    raise ValueError(f"entry {eid} has a sample whose metric name is {type(metric).__name__}")
+                if value is not None and not isinstance(value, int | float):  # TEXT or BLOB stored by hand
+                    shown = repr(value if len(value) <= 30 else value[:30])
+                    raise ValueError(f"entry {eid} repetition {rep} has a {type(value).__name__} value {shown} for "
+                                     f"{metric[:40]}; sample values must be numbers")
                 vals = by_id[eid].samples.setdefault(metric, [])
                 vals.extend([None] * (rep + 1 - len(vals)))
                 vals[rep] = value
@@ -819,10 +883,29 @@ def save_or_spill(entries: Sequence[Entry], db: Path | str | None = None) -> Sav
     return out
 
 
-def same_measurement(a: Entry, b: Entry) -> bool:
-    """The same stored measurement (an import of a file that was already imported)."""
-    def norm(s: dict[str, list[float | None]]) -> dict[str, list[float | None]]:
-        return {k: [_json_num(v) for v in vs] for k, vs in s.items() if any(v is not None for v in vs)}
+def content_key(e: Entry) -> str:
+    """What a measurement IS: its whole context (device, model and mmproj files and hashes, llama.cpp build and
+    patches, protocol, parameters) and every repetition's value of every metric. Not its time, label or project
+    commit: a `mvlm bench --json` report carries none of those, and the same runs imported twice (or a copy of the
+    file, or a report of runs that `--save` already stored) are still one measurement."""
+    c = e.context
 
-    return (a.created_at == b.created_at and a.label == b.label and setup_key(a) == setup_key(b)
-            and a.context.runtime_commit == b.context.runtime_commit and norm(a.samples) == norm(b.samples))
+    def norm(vs: Sequence[Any]) -> list[float | None]:
+        out = [_json_num(v) for v in vs]
+        while out and out[-1] is None:
+            out.pop()
+        return out
+
+    samples = {str(k): norm(vs) for k, vs in e.samples.items()}
+    ctx = {"device": c.device, "model": c.label(), "precision": c.precision, "model_file": c.model_file,
+           "model_sha256": c.model_sha256, "mmproj_file": c.mmproj_file, "mmproj_sha256": c.mmproj_sha256,
+           "size_bytes": c.size_bytes, "runtime_commit": c.runtime_commit, "runtime_patches": list(c.runtime_patches),
+           "protocol": c.protocol, "cpu_info": c.cpu_info, "gpu_info": c.gpu_info,
+           "params": json.loads(json.dumps(c.params, sort_keys=True, default=str))}
+    return json.dumps([ctx, {k: v for k, v in samples.items() if v}], sort_keys=True, default=str)
+
+
+def same_measurement(a: Entry, b: Entry) -> bool:
+    """The same measurement (an import of a file that was already imported, a copy of it, or a report of stored
+    runs), whatever ``created_at``, label or project commit each carries: see :func:`content_key`."""
+    return content_key(a) == content_key(b)

@@ -95,8 +95,13 @@ def _fmt(v: float | None) -> str:
 
 
 def comparison_table(comps: list, title: str) -> Table:
-    t = Table(title=title)
-    for col in ("Metric", "Baseline", "Candidate", "Speedup", "95% CI", "p", "Verdict"):
+    """The comparison as a table. For an interleaved session the speedup column is "Pair speedup": the median of
+    the per-pair speedups (the caption says so), which need not equal the ratio of the two medians beside it."""
+    from mvlm_bench.compare import PAIR_SPEEDUP_NOTE
+
+    paired = bool(comps) and all(c.paired for c in comps)
+    t = Table(title=title, caption=PAIR_SPEEDUP_NOTE if paired else None)
+    for col in ("Metric", "Baseline", "Candidate", "Pair speedup" if paired else "Speedup", "95% CI", "p", "Verdict"):
         t.add_column(col, justify="left" if col in ("Metric", "Verdict") else "right", overflow="fold")
     for c in comps:
         p = {"slower": c.p_slower, "faster": c.p_faster}.get(c.verdict)
@@ -116,13 +121,21 @@ GATE_MODES = ("auto", "history", "within-session")
 
 
 def _history_sessions(db: Path | None, base, cand) -> list:
-    """The stored sessions of the baseline's configuration (same setup and build), the candidate excluded."""
+    """The stored sessions of the baseline (same setup, build and label; gate.baseline_sessions), never the
+    candidate."""
     from mvlm_bench import gate
     from mvlm_bench.history import History
 
     with History(db, create=False) as h:
         entries = h.entries(base.context.device)
-    return gate.baseline_sessions(entries, base, exclude_ids=[cand.id])
+    return gate.baseline_sessions(entries, base, candidate=cand)
+
+
+def _change_words(slowdown: float) -> str:
+    """A slowdown fraction as words: 0.255 -> '25.5% worse', -0.031 -> '3.1% better'."""
+    if round(slowdown, 3) == 0:
+        return "no different"
+    return f"{abs(slowdown):.1%} {'worse' if slowdown > 0 else 'better'}"
 
 
 def _print_gate(d, json_out: bool) -> None:
@@ -130,8 +143,8 @@ def _print_gate(d, json_out: bool) -> None:
         return
     for v in d.history:
         if v.verdict in ("slower", "suspected", "no change") and v.center is not None and v.slowdown is not None:
-            err.print(f"[dim]history: {v.name} {v.slowdown:+.1%} vs the centre of {v.n_sessions} baseline session(s) "
-                      f"(noise band ±{v.band:.1%}): {v.verdict}[/]", highlight=False)
+            err.print(f"[dim]history: {v.name} {_change_words(v.slowdown)} than the centre of {v.n_sessions} baseline "
+                      f"session(s) (noise band ±{v.band:.1%}): {v.verdict}[/]", highlight=False)
     for w in d.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
 
@@ -157,6 +170,7 @@ def run_comparison(pairs: list[tuple], metrics: list[str] | None, alpha: float, 
         if base.id is not None and base.id == cand.id:
             raise MvlmError(f"baseline and candidate are the same entry ({base.describe()}): pick two different ones")
         comps = compare.compare_samples(base.samples, cand.samples, metrics=metrics or None, alpha=alpha)
+        invalid = {c.key: f"{c.name}: {c.dropped_warning}" for c in comps if c.dropped_warning}
         diffs = setup_differences(base, cand)
         title = f"{cand.context.label()} on {cand.context.device}: {base.describe()} -> {cand.describe()}"
         decision = None
@@ -178,10 +192,17 @@ def run_comparison(pairs: list[tuple], metrics: list[str] | None, alpha: float, 
                         "of sessions, which can cry wolf; prefer a history baseline or an interleaved bench (--against)")
             failures += [(title, line) for line in decision.regressions]
             decisions.append(decision)
+            # non-positive values left out: said once per metric (the gate's own warnings already name its metrics)
+            said = ({v.key for v in decision.history if v.dropped_warning} if decision.history
+                    else {c.key for c in comps if c.key in gate_metrics})
+            decision.warnings = [w for k, w in invalid.items() if k not in said] + decision.warnings
+        elif not json_out:
+            for w in invalid.values():
+                err.print(f"[yellow]warning:[/] {w}", highlight=False)
         results.append({"baseline": _entry_json(base), "candidate": _entry_json(cand), "setup_differences": diffs,
                         "metrics": [c.as_dict() for c in comps],
                         "regressions": decision.regressions if decision else [],
-                        "warnings": decision.warnings if decision else [],
+                        "warnings": decision.warnings if decision else list(invalid.values()),
                         "gate": decision.as_dict() if decision else None})
         md.append(compare.render_markdown(comps, title))
         if decision is not None and decision.interleaved:
@@ -262,8 +283,9 @@ def compare_cmd(
     protocol: str | None = typer.Option(None, "--protocol", help="Only entries of this protocol."),
     alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the one-sided Mann-Whitney test."),
     fail_on_regression: str | None = typer.Option(
-        None, "--fail-on-regression", help="Exit 4 when a gated metric is slower by more than this (e.g. 5%) and the "
-                                           "evidence supports it (docs/ci.md)."),
+        None, "--fail-on-regression", help="Exit 4 when a gated metric is slower by more than this (5%, or the "
+                                           "fraction 0.05; a bare 5 is refused) and the evidence supports it "
+                                           "(docs/ci.md)."),
     gate_mode: str = typer.Option(
         "auto", "--gate", help="How the gate judges: history (the baseline's stored sessions give the noise; needs 3 or "
                                "more), within-session (the two sessions' repetitions only: cries wolf across sessions), "
@@ -284,6 +306,11 @@ def compare_cmd(
 
     _check_alpha(alpha)
     threshold = compare.parse_threshold(fail_on_regression) if fail_on_regression else None
+    if gate_mode not in GATE_MODES:
+        raise MvlmError(f"--gate {gate_mode!r}: choose one of {', '.join(GATE_MODES)}")
+    if gate_mode != "auto" and threshold is None:
+        raise MvlmError(f"--gate {gate_mode} only decides with a threshold: add --fail-on-regression (e.g. 5%), "
+                        "or leave --gate out")
     if markdown_out is not None:
         from mvlm_bench.history import default_db_path
         from mvlm_convert.atomic import check_output_path
@@ -437,8 +464,10 @@ def import_cmd(
                                                  "or reports written by `mvlm bench --json`.", show_default=False),
     db: Path | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
 ) -> None:
-    """Store measurements from JSON files in the history (one transaction; ones already stored are skipped)."""
-    from mvlm_bench.history import History, entries_from_json, same_measurement
+    """Store measurements from JSON files in the history (one transaction). A measurement already stored (the same
+    context, build and per-repetition values, whatever its time or label), or given twice, is skipped. A
+    `mvlm bench --json` report is stored at the time it was measured (its test_time)."""
+    from mvlm_bench.history import History, content_key, entries_from_json
 
     entries = []
     for f in files:
@@ -447,11 +476,16 @@ def import_cmd(
                             "`mvlm bench --json` or by a failed `mvlm bench --save`")
         entries += entries_from_json(f)
     with History(db) as h:
-        stored = [e for e in h.entries() if e.created_at]
-        new = [e for e in entries if not any(same_measurement(e, s) for s in stored)]
+        seen = {content_key(e) for e in h.entries()}
+        new = []
+        for e in entries:
+            k = content_key(e)
+            if k not in seen:
+                seen.add(k)
+                new.append(e)
         ids = h.save_many(new) if new else []
         path = h.path
     skipped = len(entries) - len(new)
-    note = f" ({skipped} already stored, skipped)" if skipped else ""
+    note = f" ({skipped} already stored or given twice, skipped)" if skipped else ""
     err.print(f"imported {len(ids)} measurement(s){': ' + ', '.join(f'id:{i}' for i in ids) if ids else ''} "
               f"into {path}{note}")

@@ -28,16 +28,22 @@ measured by the runner (``Run.wall_s``). Without it, Total is rebuilt from llama
 time" excludes loading in most programs since mid 2023 (common_init's warm-up decode is followed by
 ``llama_perf_context_reset``, common/common.cpp:1451) but includes it in llava-cli and in 2023's early main; see
 :func:`paper_total_s`. Every run says which rule it used (``total_source``).
+
+When: ``Run.ended_at`` is the unix time a repetition ended (a Run is made as its process exits). Each JSON record
+carries its group's measurement time like llama-bench: ``test_time`` (ISO 8601 UTC of the first repetition's start)
+plus ``start_time`` / ``end_time`` (unix seconds); ``mvlm history import`` stores the record at that time.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime as dt
 import io
 import json
 import math
 import statistics
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +124,20 @@ class Run:
     context: RunContext = field(default_factory=RunContext)
     tokens_out: int | None = None
     wall_s: float | None = None  # process start to exit, measured by the runner: the paper's Total
+    # unix time the repetition ended: a Run is made right after its process exited (bench.py), so the default is it
+    ended_at: float = field(default_factory=time.time)
+
+
+def measured_between(runs: Sequence[Run]) -> tuple[float, float]:
+    """(start, end) unix times of a group of repetitions: the first one's end minus its Total (approximate over a
+    link: llama.cpp's own total + load), and the last one's end."""
+    starts = [r.ended_at - (paper_total_s(r)[0] or 0.0) for r in runs]
+    return min(starts), max(r.ended_at for r in runs)
+
+
+def iso_utc(t: float) -> str:
+    """A unix time as llama-bench writes its ``test_time``: ISO 8601 UTC, e.g. 2026-01-01T12:00:00Z."""
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def paper_total_s(run: Run) -> tuple[float | None, str | None]:
@@ -457,6 +477,11 @@ def report_records(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "model_size": c.size_bytes,
         }
         rec |= {k: v for k, v in c.params.items() if k in LLAMA_BENCH_FIELDS}
+        start, end = measured_between(g.runs)
+        # when it was measured: llama-bench's field name (its first repetition's start), plus unix start/end times;
+        # `mvlm history import` stores the measurement at this time
+        rec["test_time"] = iso_utc(start)
+        rec["start_time"], rec["end_time"] = round(start, 3), round(end, 3)
         n_prompt = _common(r.timing.prompt_tokens for r in g.runs)
         n_gen = _common(r.timing.eval_runs for r in g.runs)
         rec["n_prompt"], rec["n_gen"], rec["n_depth"] = n_prompt, n_gen, 0

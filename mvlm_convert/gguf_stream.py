@@ -200,7 +200,7 @@ def write_gguf(
 def _write_error(final: Path, e: OSError) -> MvlmError:
     if is_disk_full(e):
         return MvlmError(f"disk full while writing {final}: free space and retry (no partial file left; earlier files "
-                         "of the same names are untouched)")
+                         "of the same names are untouched)", exit_code=28)  # 28: a full disk (docs/reliability.md)
     return MvlmError(f"cannot write {final}: {e.strerror or e} (no partial file left)")
 
 

@@ -118,6 +118,21 @@ def output_name(inp: Path, qtype: str) -> str:
     return f"{base}-{qtype}.gguf"
 
 
+EXIT_DISK_FULL = 28  # docs/reliability.md: every command exits 28 on a full disk
+
+
+def human_bytes(n: float) -> str:
+    """A size precise enough that two different sizes read differently: 1.7 MiB vs 2.0 MiB, 640.0 KiB, 512 bytes
+    (a whole-MB rounding printed "about 2 MB needed, 2 MB free")."""
+    if n < 1024:
+        return f"{int(n)} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024.0
+        if n < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if n < 10 else f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
 def _free_bytes(d: Path) -> int:
     st = os.statvfs(d)
     return st.f_bavail * st.f_frsize
@@ -199,7 +214,7 @@ def quantize_lm(inp: Path, out: Path, qtype: str, llama_quantize: Path, threads:
         if rc != 0:
             if any("No space left" in t for t in tail) or _free_bytes(out.parent) < (1 << 20):
                 raise MvlmError(f"disk full while writing {out}: free space and retry (no partial file left; earlier "
-                                "files of the same names are untouched)")
+                                "files of the same names are untouched)", exit_code=EXIT_DISK_FULL)
             raise MvlmError(f"llama-quantize failed for {qtype} (exit {rc}): {tail[-1] if tail else 'no output'}",
                             detail="\n".join(tail))
     except BaseException:
@@ -273,7 +288,7 @@ def quantize_mmproj(inp: Path, out: Path, qtype: str, progress: ProgressFn | Non
             # numpy's tofile reports a short write without errno ("N requested and M written"): ask the filesystem
             if is_disk_full(e) or _free_bytes(out.parent) < (1 << 20):
                 raise MvlmError(f"disk full while writing {out}: free space and retry (no partial file left; earlier "
-                                "files of the same names are untouched)") from e
+                                "files of the same names are untouched)", exit_code=EXIT_DISK_FULL) from e
             raise MvlmError(f"cannot write {out}: {e.strerror or e}") from e
         raise
 
@@ -331,9 +346,13 @@ def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None =
         raise MvlmError(f"output dir {outdir} is not writable: pass --outdir DIR")
     valid = LM_TYPES if kind == "lm" else MMPROJ_TYPES
     need = sum(int(n_weights * valid[t] / 8) for t in qtypes)
-    if _free_bytes(outdir) < need:
-        raise MvlmError(f"not enough free space in {outdir}: about {need / 1e6:.0f} MB needed, "
-                        f"{_free_bytes(outdir) / 1e6:.0f} MB free")
+    free = _free_bytes(outdir)
+    if free < need:
+        need_s, free_s = human_bytes(need), human_bytes(free)
+        if need_s == free_s:  # so close that the rounding hides it: say it in bytes
+            need_s, free_s = f"{need:,} bytes", f"{free:,} bytes"
+        raise MvlmError(f"not enough free space in {outdir}: about {need_s} needed, {free_s} free; "
+                        "free space or pass --outdir on another disk", exit_code=EXIT_DISK_FULL)
     finals = []
     for t in qtypes:
         out = outdir / output_name(inp, t)

@@ -123,10 +123,47 @@ def test_missing_metric_and_non_speed():
 
 def test_parse_threshold():
     assert parse_threshold("5%") == pytest.approx(0.05)
+    assert parse_threshold(" 1.5% ") == pytest.approx(0.015)
     assert parse_threshold("0.05") == pytest.approx(0.05)
+    assert parse_threshold(".5") == pytest.approx(0.5)
     assert parse_threshold("50%") == pytest.approx(0.5)
+    assert parse_threshold("100%") == pytest.approx(1.0) and parse_threshold("999%") == pytest.approx(9.99)
     with pytest.raises(MvlmError):
         parse_threshold("fast")
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("1", "write 1% (or the fraction 0.01)"),  # meant as 1%, it used to be a 100% gate that never fires
+    ("5", "write 5% (or the fraction 0.05)"),
+    ("1.5", "write 1.5% (or the fraction 0.015)"),
+    ("1.0", "write 1.0%"),
+    ("50", "write 50%"),
+    ("0", "out of range"),
+    ("0%", "out of range"),
+    ("0.0", "out of range"),
+    ("-5%", "out of range"),
+    ("1000%", "out of range"),
+    ("nan%", "out of range"),
+    ("5000", "out of range"),
+])
+def test_a_bare_number_is_refused_with_the_form_to_write(text, says):
+    with pytest.raises(MvlmError) as e:
+        parse_threshold(text)
+    assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_non_positive_speed_values_are_left_out_with_a_note():
+    c = compare_metric("eval_tps", [40.0, 40.2, 39.9, 40.1], [-35.0, 30.0, 30.1, 0.0])
+    assert c.dropped_candidate == 2 and c.dropped_baseline == 0 and c.n_candidate == 2
+    assert c.candidate_median == pytest.approx(30.05) and c.speedup == pytest.approx(30.05 / 40.05)
+    assert "2 non-positive value(s) ignored (2 in the candidate)" in c.note
+    only_bad = compare_metric("eval_tps", [40.0, 40.2, 39.9], [-40.0, -41.0, -39.0])
+    assert only_bad.verdict == "n/a" and only_bad.speedup is None and "no valid values on the candidate" in only_bad.note
+    regs, warns = compare.gate_summary([c, only_bad], 0.05, ("eval_tps",))
+    assert any("non-positive" in w for w in warns) and any("no valid values" in w for w in warns)
+    # "Other" is what Total leaves over: it may be negative and is not a speed; its values are kept
+    assert compare.direction("other_s") == 0
+    assert compare_metric("other_s", [-0.1, 0.2], [0.1, -0.3]).dropped_candidate == 0
 
 
 def _draw(rng, n: int, cv: float, slow: float = 0.0) -> dict[str, list[float]]:

@@ -388,8 +388,9 @@ def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
         return real(self, tensor, *a, **k)
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", flaky)
-    with pytest.raises(MvlmError, match="disk full"):
+    with pytest.raises(MvlmError, match="disk full") as e:
         convert(ckpt, tmp_path / "out", progress=False)
+    assert e.value.exit_code == 28  # docs/reliability.md: a full disk is exit 28 for every command
     assert calls["n"] == 40
     assert no_outputs(tmp_path / "out"), list((tmp_path / "out").iterdir())
 
@@ -484,7 +485,7 @@ def test_disk_full_for_real(tmp_path, small_fs):
     out = small_fs(256 * 1024)
     r = subprocess.run([sys.executable, "-m", "mvlm_bench.cli", "convert", str(ckpt), "-o", str(out), "--outtype", "f32"],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
+    assert r.returncode == 28, r.stderr  # a full disk: exit 28, as for bench reports and history saves
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "disk full" in errors[0], r.stderr  # one line (the rest is the progress bar)
     assert "Traceback" not in r.stderr

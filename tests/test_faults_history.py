@@ -105,6 +105,14 @@ def _damage(kind: str, p: Path) -> None:
         con.execute("UPDATE entry SET params = '{not json'")
         con.commit()
         con.close()
+    elif kind in ("text-value", "blob-value"):  # a value edited by hand: SQLite keeps text/blob in a REAL column
+        con = sqlite3.connect(good_db(p))
+        value = "'fast'" if kind == "text-value" else "X'00ff'"
+        con.execute(f"UPDATE sample SET value = {value} WHERE entry_id = 2 AND repetition = 3 AND metric = 'eval_tps'")
+        assert con.execute("SELECT typeof(value) FROM sample WHERE entry_id = 2 AND repetition = 3 "
+                           "AND metric = 'eval_tps'").fetchone()[0] == kind.split("-")[0]
+        con.commit()
+        con.close()
     elif kind == "empty-file":
         p.write_bytes(b"")
     elif kind == "directory":
@@ -121,6 +129,8 @@ FAULTS = {  # kind -> what the one line says
     "another-schema": "not an mvlm benchmark history",
     "table-dropped": "is damaged",
     "bad-row": "is damaged",
+    "text-value": "is damaged",
+    "blob-value": "is damaged",
     "empty-file": "holds no benchmark history",
     "directory": "is a directory",
 }
@@ -140,12 +150,14 @@ def test_damaged_history_is_one_line_and_left_alone(tmp_path, kind, command):
     r = mvlm(*command, "--db", db, cwd=tmp_path)
     line = error_line(r)
     assert r.returncode == 2 and str(db) in line and FAULTS[kind] in line, line
+    if kind.endswith("-value"):  # the row is named, and what is wrong with it
+        assert "entry 2 repetition 3" in line and "sample values must be numbers" in line, line
     assert _state(db) == before  # reading commands never write
     assert sorted(x.name for x in tmp_path.iterdir()) == ["h.sqlite"]  # no journal, no plots, nothing
 
 
 # an empty file is a new history to a save, and a row with bad JSON does not stop one (it stops reading it)
-SAVE_FAULTS = [k for k in FAULTS if k not in ("empty-file", "bad-row")]
+SAVE_FAULTS = [k for k in FAULTS if k not in ("empty-file", "bad-row", "text-value", "blob-value")]
 
 
 @pytest.mark.parametrize("kind", SAVE_FAULTS)
@@ -356,6 +368,119 @@ def test_spill_file_round_trip_compare_and_import(tmp_path, monkeypatch):
     assert rows[0]["samples"]["eval_tps"] == [40.0, 40.3, 39.9, 40.1]
     r = mvlm("compare", "label:main", "label:pr", "--db", fresh, "--metric", "eval_tps", cwd=tmp_path)
     assert r.returncode == 0 and "slower" in r.stdout
+
+
+def _ab_runs(level_a: float, level_b: float) -> list[Run]:
+    """An A/B session's runs: both sides, each context marked with its side (as `mvlm bench --against` does)."""
+    import dataclasses
+
+    out = []
+    for side, level in (("baseline", level_a), ("candidate", level_b)):
+        for r in _runs([level, level + 0.3, level - 0.1]):
+            ctx = dataclasses.replace(r.context, params=r.context.params | {"ab_side": side}, model=f"M ({side})")
+            out.append(dataclasses.replace(r, context=ctx))
+    return out
+
+
+def test_import_of_bench_json_reports_stores_each_measurement_once_at_its_measurement_time(tmp_path):
+    """`mvlm bench --json` records carry when they were measured (test_time, start/end unix times); importing one
+    twice, a copy of it, an A/B report twice, or a report of runs `--save` already stored, stores nothing new."""
+    import datetime as dt
+    import shutil
+
+    runs = _runs([40.0, 40.3, 39.9])
+    before_s = min(r.ended_at for r in runs) - 60
+    report = tmp_path / "bench.json"
+    report.write_text(render_json(runs))
+    (rec,) = json.loads(report.read_text())
+    assert rec["test_time"].endswith("Z") and before_s < rec["start_time"] <= rec["end_time"]
+    measured = dt.datetime.fromisoformat(rec["test_time"]).isoformat(timespec="seconds")
+    ab = tmp_path / "ab.json"
+    ab.write_text(render_json(_ab_runs(40.0, 36.0)))
+    copy = tmp_path / "copy-of-bench.json"
+    shutil.copy(report, copy)
+    db = tmp_path / "h.sqlite"
+    r = mvlm("history", "import", report, "--db", db, cwd=tmp_path)
+    assert r.returncode == 0 and "imported 1 measurement(s): id:1" in r.stderr, r.stderr
+    for again in ([report], [copy], [report, copy]):
+        r = mvlm("history", "import", *again, "--db", db, cwd=tmp_path)
+        assert r.returncode == 0 and "imported 0 measurement(s)" in r.stderr, r.stderr
+        assert f"{len(again)} already stored" in r.stderr
+    r = mvlm("history", "import", ab, ab, "--db", db, cwd=tmp_path)  # the same A/B file twice in one command
+    assert r.returncode == 0 and "imported 2 measurement(s): id:2, id:3" in r.stderr, r.stderr
+    r = mvlm("history", "import", ab, "--db", db, cwd=tmp_path)
+    assert r.returncode == 0 and "imported 0 measurement(s)" in r.stderr and "2 already stored" in r.stderr
+    with History(db, create=False) as h:
+        stored = h.entries()
+    assert [e.created_at for e in stored][0] == measured  # its measurement time, not the import time
+    assert sorted(e.context.params.get("ab_side", "") for e in stored) == ["", "baseline", "candidate"]
+    assert [e.id for e in stored] == [1, 2, 3]  # an import of an old report again did not become `latest`
+    # runs already stored by `bench --save` (label, project commit) and then imported from the --json report
+    saved = tmp_path / "saved.sqlite"
+    entries = _entries([41.0, 41.2, 40.9], label="main")
+    assert save_or_spill(entries, saved).saved
+    same = tmp_path / "same.json"
+    same.write_text(render_json(_runs([41.0, 41.2, 40.9])))
+    r = mvlm("history", "import", same, "--db", saved, cwd=tmp_path)
+    assert r.returncode == 0 and "imported 0 measurement(s)" in r.stderr and "1 already stored" in r.stderr
+    # another build with the same values is another measurement
+    other = tmp_path / "other.json"
+    other.write_text(render_json(_runs([41.0, 41.2, 40.9], runtime="r2")))
+    r = mvlm("history", "import", other, "--db", saved, cwd=tmp_path)
+    assert r.returncode == 0 and "imported 1 measurement(s)" in r.stderr
+
+
+def test_bench_json_record_without_a_time_is_imported_at_the_import_time_and_bad_times_are_refused(tmp_path):
+    report = tmp_path / "old.json"
+    recs = json.loads(render_json(_runs([40.0, 40.3])))
+    for k in ("test_time", "start_time", "end_time"):
+        del recs[0][k]
+    report.write_text(json.dumps(recs))
+    (e,) = entries_from_json(report)
+    assert e.created_at == ""  # save_many gives it the import time
+    recs[0]["test_time"] = "yesterday"
+    report.write_text(json.dumps(recs))
+    r = mvlm("history", "import", report, "--db", tmp_path / "h.sqlite", cwd=tmp_path)
+    assert "'test_time' 'yesterday' is not an ISO 8601 time" in error_line(r) and r.returncode == 2
+    assert not (tmp_path / "h.sqlite").exists()
+
+
+def test_non_positive_speed_values_are_left_out_with_a_warning(tmp_path):
+    """A negative or zero Eval tokens/s (an edited row, a damaged JSON) is not a measurement: every comparison leaves it
+    out and says so; when nothing valid is left for a gated metric the gate says it was not applied (never 'passed'
+    on a 'slower' verdict with speedup '–')."""
+    db = tmp_path / "h.sqlite"
+    with History(db) as h:
+        for i in range(4):
+            h.save(_entries([40.0 + i * 0.1, 40.2, 39.9], label="main")[0])
+        h.save(_entries([-40.0, -41.0, -39.0], label="pr", runtime="r2")[0])
+    r = mvlm("compare", "label:main", "latest", "--db", db, "--metric", "eval_tps", "--fail-on-regression", "5%",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3 non-positive value(s) ignored (3 in the candidate)" in r.stderr and "not gated" in r.stderr
+    assert "gate not applied" in r.stderr and "gate passed" not in r.stderr and "slower" not in r.stdout
+    r = mvlm("compare", "label:main", "latest", "--db", db, "--metric", "eval_tps", "--json", cwd=tmp_path)
+    (ev,) = json.loads(r.stdout)["comparisons"][0]["metrics"]
+    assert ev["verdict"] == "n/a" and ev["dropped_candidate"] == 3 and ev["speedup"] is None
+    assert any("non-positive" in w for w in json.loads(r.stdout)["comparisons"][0]["warnings"])
+    # one bad value among good ones: left out, the rest still judged (a real 25% slowdown fails)
+    con = sqlite3.connect(db)
+    con.execute("UPDATE sample SET value = 30.0 WHERE entry_id = 5 AND metric = 'eval_tps' AND repetition > 0")
+    con.execute("UPDATE sample SET value = 30.2 WHERE entry_id = 5 AND metric = 'eval_tps' AND repetition = 2")
+    con.execute("UPDATE sample SET value = 0 WHERE entry_id = 2 AND metric = 'eval_tps' AND repetition = 1")
+    con.commit()
+    con.close()
+    r = mvlm("compare", "label:main", "latest", "--db", db, "--metric", "eval_tps", "--fail-on-regression", "5%",
+             cwd=tmp_path)
+    line = error_line(r)
+    assert r.returncode == 4 and "40.1 -> 30.1: 24.9% worse" in line, r.stderr
+    assert "1 in the baseline's sessions" in r.stderr and "1 in the candidate" in r.stderr
+    # the same from JSON files (within-session gate): left out with the same warning
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(render_json(_runs([40.0, 40.3, 39.9, 40.1])))
+    b.write_text(render_json(_runs([30.0, 30.2, -29.9, 30.1])))
+    r = mvlm("compare", a, b, "--metric", "eval_tps", cwd=tmp_path)
+    assert r.returncode == 0 and "1 non-positive value(s) ignored (1 in the candidate)" in r.stderr, r.stderr
 
 
 def test_bench_history_keeps_the_gate_and_the_runs(tmp_path, monkeypatch):

@@ -146,7 +146,45 @@ def test_noise_model_matches_numpy_median_and_scipy_mad():
     assert nm.center == pytest.approx(center)
     rel = meds / center - 1
     assert nm.sigma == pytest.approx(scipy_stats.median_abs_deviation(rel, scale="normal"), rel=1e-3)
-    assert nm.band == pytest.approx(gate.NOISE_K * nm.sigma)
+    worst = max(0.0, float(np.max(1 - meds / center)))  # tokens/s: worse = below the centre
+    assert nm.worst == pytest.approx(worst) and nm.band == pytest.approx(max(gate.NOISE_K * nm.sigma, worst))
+
+
+def test_band_is_at_least_the_worst_stored_session():
+    """3 sessions, one far below the others: their MAD ignores it (the band would be ~2%); the band is at least how
+    far the worst session lies below the centre, so a candidate inside the baseline's own range is not 'slower'."""
+    sessions = [[45.0] * 3, [45.2] * 3, [40.5] * 3]
+    nm = gate.noise_model("eval_tps", sessions)
+    meds = np.array([45.0, 45.2, 40.5])
+    center = float(np.median(meds))
+    mad_band = gate.NOISE_K * scipy_stats.median_abs_deviation(meds / center - 1, scale="normal")
+    assert mad_band < 0.03  # what the band used to be
+    assert nm.band == pytest.approx((center - 40.5) / center) and nm.band > 0.09 and nm.band_basis == "their worst session"
+    inside = gate.judge_history("eval_tps", sessions, [42.0] * 3, threshold=0.05)  # 6.7% worse, but 40.5 was seen
+    assert inside.verdict == "suspected" and "their worst session" in inside.message
+    beyond = gate.judge_history("eval_tps", sessions, [40.0] * 3, threshold=0.05)  # worse than every session
+    assert beyond.verdict == "slower" and beyond.slowdown == pytest.approx(1 - 40 / 45)
+    # seconds: the worst session is the slowest (largest) one
+    secs = gate.noise_model("total_s", [[10.0] * 3, [10.1] * 3, [11.0] * 3])
+    assert secs.worst == pytest.approx((11.0 - 10.1) / 10.1)
+    assert gate.judge_history("total_s", [[10.0] * 3, [10.1] * 3, [11.0] * 3], [10.8] * 3, 0.05).verdict == "suspected"
+    assert gate.judge_history("total_s", [[10.0] * 3, [10.1] * 3, [11.0] * 3], [11.5] * 3, 0.05).verdict == "slower"
+    # the floor never narrows the band: a quiet history with one better session keeps its MAD band
+    quiet = gate.noise_model("eval_tps", [[40 * (1 + e)] * 3 for e in (-0.02, -0.01, 0.0, 0.01, 0.05)])
+    assert quiet.band == pytest.approx(gate.NOISE_K * quiet.sigma) and quiet.band_basis == "3 sigma"
+
+
+def test_non_positive_values_are_left_out_of_the_history_and_the_pairs():
+    sessions = [[40.0, 40.1], [40.2, -1.0], [39.9, 40.0], [40.1, 0.0]]
+    v = gate.judge_history("eval_tps", sessions, [30.0, -30.0, 30.1], threshold=0.05)
+    assert v.dropped_sessions == 2 and v.dropped_candidate == 1 and v.candidate_median == pytest.approx(30.05)
+    assert v.verdict == "slower" and "non-positive" in v.dropped_warning
+    bad = gate.decide_history([{"eval_tps": s} for s in sessions], {"eval_tps": [-30.0, -31.0, -29.0]}, 0.05)
+    assert not bad.failed and not bad.judged and bad.history[0].verdict == "n/a"
+    assert any("3 in the candidate" in w and "not gated" in w for w in bad.warnings)
+    p = gate.compare_paired("eval_tps", [40.0, 40.1, 39.9, 40.0, 40.2, 40.1], [36.0, -36.0, 35.9, 36.1, 36.0, 35.8])
+    assert p.dropped_candidate == 1 and p.verdict == "slower" and p.speedup == pytest.approx(0.9, abs=0.01)
+    assert "1 non-positive value(s) ignored" in p.note
 
 
 def test_judge_history_verdicts():
@@ -198,3 +236,31 @@ def test_decide_history_with_too_few_sessions_uses_the_ab_remeasure_when_it_can(
     ab = gate.decide_history(few, cand, 0.05, confirm=lambda: [gate.compare_paired("eval_tps", base,
                                                                                      [b * 0.8 for b in base])])
     assert ab.failed and ab.mode.startswith("A/B re-measure") and ab.judged
+
+
+# --- the baseline's sessions --------------------------------------------------------------------------------------
+
+
+def _entry(eid, label, runtime="r0", tps=40.0):
+    from mvlm_bench.history import Entry
+    from mvlm_bench.report import RunContext
+
+    ctx = RunContext(device="orin", model="M", model_file="m.gguf", model_sha256="ab" * 32, runtime_commit=runtime,
+                     protocol="lm", params={"n_predict": 64, "n_threads": 4})
+    return Entry(ctx, {"eval_tps": [tps, tps * 1.01, tps * 0.99]}, id=eid, label=label)
+
+
+def test_baseline_sessions_are_the_same_build_and_the_same_label():
+    main = [_entry(i, "main", tps=40 + i / 10) for i in (1, 2, 3)]
+    prs = [_entry(i, f"pr-{i}", tps=20.0) for i in (4, 5)]  # same build, other labels: never the baseline's noise
+    other_build = [_entry(6, "main", runtime="r9")]
+    unlabelled = [_entry(7, ""), _entry(8, "")]
+    cand = _entry(9, "main", tps=30.0)  # the candidate carries the baseline's label and build: still never a session
+    entries = main + prs + other_build + unlabelled + [cand]
+    got = gate.baseline_sessions(entries, main[-1], candidate=cand)
+    assert [e.id for e in got] == [1, 2, 3]
+    assert [e.id for e in gate.baseline_sessions(entries, unlabelled[0], candidate=cand)] == [7, 8]
+    # a candidate read from a JSON file (no id) is recognised by its content
+    same_as_3 = _entry(None, "", tps=40.3)  # the values of entry 3
+    assert [e.id for e in gate.baseline_sessions(entries[:-1], main[0], candidate=same_as_3)] == [1, 2]
+    assert [e.id for e in gate.baseline_sessions(entries[:-1], main[0], limit=2)] == [2, 3]

@@ -103,6 +103,38 @@ def test_selectors(tmp_path):
         assert len(h.entries(model="abab")) == 4 and len(h.entries(device="sd888")) == 1
 
 
+def _git(*args: str, cwd: Path) -> str:
+    r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_project_commit_is_mvlms_own_commit_whatever_the_current_directory(tmp_path, monkeypatch):
+    """Entries record mvlm's source commit (the git work tree the package lives in), not the current directory's:
+    outside any git tree it used to be empty, inside another project it would be that project's commit."""
+    import shutil
+
+    head = _git("rev-parse", "HEAD", cwd=REPO)
+    elsewhere = tmp_path / "not-a-repo"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert history.project_commit()[0] == head
+    (e,) = entries_from_runs(_runs(_ctx(), [40.0]))
+    assert e.project_commit == head and e.project_dirty is not None
+    other = tmp_path / "other-project"  # a git work tree of another project with its own commit
+    other.mkdir()
+    _git("init", "-q", cwd=other)
+    (other / "f").write_text("x")
+    _git("add", "f", cwd=other)
+    _git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "x", cwd=other)
+    monkeypatch.chdir(other)
+    assert history.project_commit()[0] == head != _git("rev-parse", "HEAD", cwd=other)
+    # mvlm installed outside a git tree (a wheel), or as untracked files inside another tree (a venv in a project)
+    for where in (tmp_path / "site-packages", other / ".venv" / "site-packages"):
+        shutil.copytree(REPO / "mvlm_bench", where / "mvlm_bench", ignore=shutil.ignore_patterns("__pycache__"))
+        assert history.project_commit(where / "mvlm_bench") == ("", None)
+
+
 def test_setup_key_ignores_runtime_but_not_params():
     assert setup_key(_entry(_ctx(runtime="x"), [1])) == setup_key(_entry(_ctx(runtime="y"), [1]))
     assert setup_key(_entry(_ctx(n_predict=400), [1])) != setup_key(_entry(_ctx(n_predict=32), [1]))

@@ -169,7 +169,7 @@ def tiny_f32_plain(tmp_path_factory) -> Path:
 def test_disk_full_leaves_nothing(small_fs, tiny_f32_plain, host_runtime):
     out = small_fs(64 * 1024)  # a real filesystem with 64 KiB: the q8_0 file does not fit
     r = _mvlm("quantize", str(tiny_f32_plain), "--type", "q8_0", "--outdir", str(out), "--no-quality")
-    assert r.returncode != 0
+    assert r.returncode == 28, r.stderr  # a full disk (docs/reliability.md)
     assert "space" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert list(out.iterdir()) == []
 
@@ -179,9 +179,40 @@ def test_disk_full_mid_write_lm_and_mmproj(small_fs, tiny_f32, host_runtime):
     """Past the free-space check: the quantizer itself hits ENOSPC; one clear error, no partial file."""
     lm, mmproj = tiny_f32
     out = small_fs(64 * 1024)
-    with pytest.raises(MvlmError, match="disk full"):
+    with pytest.raises(MvlmError, match="disk full") as e:
         q.quantize_lm(lm, out / "Tiny-Q8_0.gguf", "Q8_0", host_runtime / "bin" / "llama-quantize")
-    assert list(out.iterdir()) == []
-    with pytest.raises(MvlmError, match="disk full"):
+    assert list(out.iterdir()) == [] and e.value.exit_code == 28
+    with pytest.raises(MvlmError, match="disk full") as e:
         q.quantize_mmproj(mmproj, out / "mmproj-Tiny-Q8_0.gguf", "Q8_0")
+    assert list(out.iterdir()) == [] and e.value.exit_code == 28
+
+
+def test_sizes_in_messages_differ_when_the_sizes_do():
+    assert q.human_bytes(1_700_000) == "1.62 MiB" and q.human_bytes(2_000_000) == "1.91 MiB"
+    assert q.human_bytes(655_360) == "640.0 KiB" and q.human_bytes(512) == "512 bytes"
+    assert q.human_bytes(3 * 2**30) == "3.00 GiB"
+
+
+def test_not_enough_space_says_sizes_that_differ(small_fs, tiny_f32_plain):
+    """~1.7 MB free for ~1.9 MB of outputs used to read "about 2 MB needed, 2 MB free"; the check fires before
+    anything is written, exit 28 (a full disk), nothing left."""
+    import re
+
+    _, _, n_weights, _ = q.read_header(tiny_f32_plain)
+    types = [t for t in ("F32", "F16", "Q8_0", "Q4_0") if n_weights * q.LM_TYPES[t] / 8 <= 2.4e6]
+    need = 0
+    chosen = []
+    for t in types:  # outputs adding up to 1.6-2.4 MB, the range where whole MB round alike
+        if need + int(n_weights * q.LM_TYPES[t] / 8) <= 2.4e6:
+            need += int(n_weights * q.LM_TYPES[t] / 8)
+            chosen.append(t)
+    assert 1.6e6 <= need <= 2.4e6, (n_weights, need)
+    out = small_fs(need - 160 * 1024)
+    free = os.statvfs(out).f_bavail * os.statvfs(out).f_frsize
+    assert free < need and round(need / 1e6) == round(free / 1e6) == 2  # the case that printed "2 MB ... 2 MB"
+    r = _mvlm("quantize", str(tiny_f32_plain), "--type", ",".join(t.lower() for t in chosen), "--outdir", str(out),
+              "--no-quality")
+    assert r.returncode == 28 and "Traceback" not in r.stderr, r.stderr
+    m = re.search(r"about ([0-9.]+ \w+) needed, ([0-9.]+ \w+) free", r.stderr)
+    assert m and m.group(1) != m.group(2), r.stderr
     assert list(out.iterdir()) == []
