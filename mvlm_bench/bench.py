@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mvlm_bench import runtime as rtmod
-from mvlm_bench.devices import KNOWN_TARGETS, DeviceProfile
+from mvlm_bench.devices import KNOWN_TARGETS, MAX_GPU_LAYERS, MAX_THREADS, DeviceProfile
 from mvlm_bench.report import Run, RunContext
 from mvlm_bench.timings import parse_llama_bench, parse_text
 from mvlm_convert.errors import MvlmError
@@ -43,9 +43,13 @@ DEFAULT_N = {"lm": 400, "vlm": 256, "llama-bench": 128}
 MAX_N = {"lm": 1536, "vlm": 1024, "llama-bench": 8192}
 MAX_REPEAT = 1000
 MAX_WARMUP = 100
-MAX_THREADS = 1024
-MAX_GPU_LAYERS = 100000
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+# The context (-c) must hold the prompt (and the image's up to 576 tokens) and every generated token: a smaller one
+# makes llama.cpp abort ("failed to add token") rather than measure. MAX_CTX: beyond what these small models train on.
+PROMPT_ROOM = {"lm": 64, "vlm": 640, "llama-bench": 0}
+MIN_CTX = 64
+MAX_CTX = 131072
+__all__ = ["MAX_GPU_LAYERS", "MAX_THREADS"]  # re-exported: the bounds live in devices (profiles share them)
 
 
 @dataclasses.dataclass
@@ -75,28 +79,44 @@ class Failure:
     output: str = ""  # the whole output of the failed run (for the log file the CLI names)
 
 
-# The line of a failed run's log that says most about why, best first: explicit errors of llama.cpp's loaders, crashes
-# and the shell's own complaints (exec format / syntax errors of a binary built for another CPU), then any error line.
+# The line of a failed run's log that says most about why, best first: llama.cpp's own aborts ("file.cpp:2158: msg",
+# GGML_ASSERT) and explicit errors of its loaders, crashes and the shell's own complaints (exec format / syntax errors
+# of a binary built for another CPU), then any error line.
 _RELEVANT = [
     re.compile(p, re.I)
     for p in (
         r"error loading model|failed to load|GGML_ASSERT|terminate called|what\(\):",
+        r"[\w./-]+\.(?:c|cc|cpp|cxx|h|hpp|cu|m|mm):\d+: \S",
         r"Illegal instruction|Segmentation fault|Bus error|Aborted|core dumped|Killed",
         r"Syntax error|Exec format error|cannot execute|not found|No such file|Permission denied|CANNOT LINK",
         r"\berror\b|\bERROR\b",
         r"\bfailed\b|\bunable\b|\bcannot\b|\binvalid\b|out of memory",
     )
 ]
+# ggml's crash handler attaches gdb and prints a backtrace: its lines ("#3 0x... in f () from lib.so", "30\t../sysdeps/
+# unix/sysv/linux/wait4.c: No such file or directory.", "[New LWP 12]", ...) say nothing about why the run failed.
+_BACKTRACE_NOISE = re.compile(
+    r"^(#\d+\s+0x[0-9a-f]+|0x[0-9a-f]+ in |\d+\t|\[New LWP|\[New Thread|\[Thread debugging|\[Inferior \d|"
+    r"Using host libthread_db|warning: (Unable to find libthread_db|could not find '\.gnu_debug)|\(gdb\)|ptrace: )"
+    r"|\.\./(sysdeps|csu|nptl)/|(sysdeps|libc-start|libc_start)[\w./-]*: No such file",
+    re.I,
+)
+# Where a llama.cpp abort message starts inside a line (printed right after the generated text: "Step 1:../src/…").
+_ABORT_AT = re.compile(r"(?:\.{1,2}/)?[\w/-][\w./-]*\.(?:c|cc|cpp|cxx|h|hpp|cu|m|mm):\d+: \S")
 
 
 _LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ [A-Z] ")
 
 
 def relevant_line(output: str, limit: int = 240) -> str:
-    """The one line of a failed run's output that best says why (see ``_RELEVANT``); else its last line, so marked."""
+    """The one line of a failed run's output that best says why (see ``_RELEVANT``); else its last line, so marked.
+
+    A crash handler's gdb backtrace is skipped; llama.cpp's abort message (``common.cpp:2158: get_sub_batch: failed
+    to add token …``) is cut from the generated text printed before it on the same line."""
     # llama.cpp's timestamped log lines ("0.00.002.305 E llama_model_load: ...") lose the timestamp and level
     lines = [_LOG_PREFIX.sub("", ln.strip()) for ln in output.splitlines()
              if ln.strip() and not ln.startswith("__MVLM_RC__")]
+    lines = [ln for ln in lines if not _BACKTRACE_NOISE.search(ln)]
     if not lines:
         return "no output (llama.cpp can exit before its async logger flushes)"
     pick = f"last output line: {lines[-1]}"
@@ -105,6 +125,9 @@ def relevant_line(output: str, limit: int = 240) -> str:
         if hit:
             pick = hit
             break
+    at = _ABORT_AT.search(pick)
+    if at and at.start() > 0:
+        pick = pick[at.start():]
     return pick if len(pick) <= limit else pick[: limit - 3] + "..."
 
 
@@ -118,36 +141,52 @@ class BenchResult:
     commands: list[list[str]] = dataclasses.field(default_factory=list)
 
 
-def validate_spec(spec: BenchSpec) -> None:
-    """Refuse nonsensical numbers and unknown protocols (one line each) before anything is pushed or measured."""
+def validate_spec(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str] = ()) -> None:
+    """Refuse nonsensical numbers and unknown protocols (one line each) before anything is pushed or measured.
+
+    ``against``: the ``--against`` keys (threads, n-gpu-layers, ctx-size) that set this spec's values, so that an error
+    names ``--against threads=0``, what the user wrote, rather than ``--threads``."""
     if spec.protocol not in PROTOCOLS:
         raise MvlmError(f"unknown protocol {spec.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
 
     def bounded(option: str, value: int | None, lo: int, hi: int, why: str = "") -> None:
-        if value is not None and not lo <= value <= hi:
-            raise MvlmError(f"{option} {value} is out of range: give a whole number from {lo} to {hi}{why}")
+        if value is None or lo <= value <= hi:
+            return
+        key = option.lstrip("-")
+        said = f"--against {key}={value}" if key in against else f"{option} {value}"
+        if key == "ctx-size" and key not in against:  # no such option: the spec was built in code
+            said = f"the context size (ctx_size) {value}"
+        raise MvlmError(f"{said} is out of range: give a whole number from {lo} to {hi}{why}")
 
     bounded("--repeat", spec.repeat, 1, MAX_REPEAT)
     bounded("--warmup", spec.warmup, 0, MAX_WARMUP)
     ctx = f" (the {spec.protocol} protocol runs with a {spec.ctx_size}-token context)" if spec.protocol != "llama-bench" else ""
     bounded("--n-predict", spec.n_predict, 1, MAX_N[spec.protocol], ctx)
+    if spec.protocol != "llama-bench":
+        need = spec.tokens() + PROMPT_ROOM[spec.protocol]
+        bounded("--ctx-size", spec.ctx_size, max(MIN_CTX, need), MAX_CTX,
+                f" (the {spec.protocol} protocol needs room for its prompt and {spec.tokens()} generated tokens)")
     bounded("--threads", spec.threads, 1, MAX_THREADS)
     bounded("--n-gpu-layers", spec.n_gpu_layers, 0, MAX_GPU_LAYERS)
     if not (isinstance(spec.timeout, int | float) and math.isfinite(spec.timeout) and 0 < spec.timeout <= MAX_TIMEOUT_S):
         raise MvlmError(f"--timeout {spec.timeout} is out of range: give seconds, more than 0 and at most {MAX_TIMEOUT_S:.0f}")
 
 
-def check_inputs(spec: BenchSpec) -> None:
-    """The model (and mmproj, image) exist and are what they claim, checked here before anything goes to a device."""
+def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str] = ()) -> None:
+    """The model (and mmproj, image) exist and are what they claim, checked here before anything goes to a device.
+
+    ``against``: the ``--against`` keys (model, mmproj) that set these paths; errors then name ``--against model=X``."""
     from mvlm_convert.atomic import is_gguf
 
     def gguf(option: str, p: Path) -> None:
+        key = option.lstrip("-")
+        said = f"--against {key}={p}" if key in against else f"{option} {p}"
         if not p.exists():
-            raise MvlmError(f"{option} {p} does not exist: give the path of a .gguf file")
+            raise MvlmError(f"{said} does not exist: give the path of a .gguf file")
         if not p.is_file():
-            raise MvlmError(f"{option} {p} is not a file: give the path of a .gguf file")
+            raise MvlmError(f"{said} is not a file: give the path of a .gguf file")
         if not is_gguf(p):
-            raise MvlmError(f"{option} {p} is not a GGUF file (it does not start with 'GGUF'): give a .gguf written by "
+            raise MvlmError(f"{said} is not a GGUF file (it does not start with 'GGUF'): give a .gguf written by "
                             "mvlm convert or mvlm quantize")
 
     gguf("--model", Path(spec.model))
@@ -356,7 +395,11 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
     spec = side.spec
     rt = side.runtime
     if rt is None and side.llama_cpp is not None:
-        rt = rtmod.find(profile.target, llama_cpp=side.llama_cpp)
+        try:
+            rt = rtmod.find(profile.target, llama_cpp=side.llama_cpp)
+        except MvlmError as e:
+            who = f"the {side.name}'s" if side.name else "the"
+            raise MvlmError(f"{who} llama.cpp checkout {side.llama_cpp}: {e}") from None
     if rt is None:
         try:
             rt = rtmod.find(profile.target)
@@ -394,7 +437,7 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
         params["ab_side"] = side.name
     ctx = RunContext(
         device=profile.name + (" (emulated)" if profile.emulated else ""),
-        model=spec.model.stem + (f" ({side.name})" if side.name else ""),
+        model=spec.model.stem,  # the real name (history --model finds it); the A/B side is params["ab_side"]
         precision=_precision(spec.model.name),
         model_file=spec.model.name,
         model_sha256=sha256_file(spec.model),

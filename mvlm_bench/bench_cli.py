@@ -20,17 +20,18 @@ err = Console(stderr=True)
 app.command("parse", help="Parse saved llama.cpp output (any era since 2023) into timing records.")(parse_cmd)
 
 
-def _check_reports(outputs: dict[str, Path], inputs: list[Path | None]) -> None:
+def _check_reports(outputs: dict[str, str | Path], inputs: list[Path | None]) -> None:
     """Refuse, before anything is measured, report paths that would destroy an input (the model, ...), an existing
-    GGUF, or each other, and paths whose directory cannot be written."""
+    GGUF, or each other, paths that are not regular files (a device, a FIFO, ``dir/``), and paths whose directory cannot
+    be written. ``outputs`` holds the options' text (a trailing slash is seen there)."""
     import os
 
     from mvlm_convert.atomic import check_output_path
     from mvlm_convert.errors import MvlmError
 
     seen: dict[Path, str] = {}
-    for option, out in outputs.items():
-        check_output_path(out, inputs, option=option)
+    for option, raw in outputs.items():
+        out = check_output_path(raw, inputs, option=option)
         key = out.resolve()
         if key in seen:
             raise MvlmError(f"{option} {out} is also given to {seen[key]}: give each report its own file")
@@ -100,11 +101,12 @@ def bench_cmd(
     n_gpu_layers: int | None = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (default: the profile's)."),
     timeout: float = typer.Option(900.0, "--timeout", help="Per-run time limit, seconds."),
     prompt: str | None = typer.Option(None, "--prompt", help="Override the protocol's prompt."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON (llama-bench-compatible fields)."),
-    markdown_out: Path | None = typer.Option(None, "--markdown", help="Write the report as Markdown (papers' layout)."),
-    csv_out: Path | None = typer.Option(None, "--csv", help="Write one CSV row per repetition."),
+    # report and history paths are taken as text: a trailing slash ("--json dir/") is refused, not dropped
+    json_arg: str | None = typer.Option(None, "--json", help="Write the report as JSON (llama-bench-compatible fields)."),
+    markdown_arg: str | None = typer.Option(None, "--markdown", help="Write the report as Markdown (papers' layout)."),
+    csv_arg: str | None = typer.Option(None, "--csv", help="Write one CSV row per repetition."),
     save: bool = typer.Option(False, "--save/--no-save", help="Store every repetition in the benchmark history."),
-    db: Path | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
+    db_arg: str | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
     label: str = typer.Option("", "--label", help="Free-form label stored with the measurement (e.g. main, pr-42)."),
     baseline: str | None = typer.Option(None, "--baseline", help="Compare with this history selector (latest, "
                                         "label:main, id:N, ...) or `mvlm bench --json` file."),
@@ -142,6 +144,9 @@ def bench_cmd(
 
     if model is None:
         raise MvlmError("no model given: pass --model FILE.gguf (see `mvlm bench --help`)")
+    raw_outputs = {opt: p for opt, p in (("--json", json_arg), ("--markdown", markdown_arg), ("--csv", csv_arg)) if p}
+    json_out, markdown_out, csv_out = (Path(p) if p else None for p in (json_arg, markdown_arg, csv_arg))
+    db = Path(db_arg) if db_arg else None
     spec = bench.BenchSpec(protocol=protocol, model=model, mmproj=mmproj, image=image, repeat=repeat, warmup=warmup,
                            n_predict=n_predict, threads=threads, n_gpu_layers=n_gpu_layers, timeout=timeout, prompt=prompt)
     # Everything that can be refused is refused here, before a device is touched or a run measured.
@@ -165,7 +170,7 @@ def bench_cmd(
             raise MvlmError(f"--fail-on-regression with {repeat} A/B pairs can never fire (the smallest p of {repeat} "
                             f"pairs is {signed_rank_min_p(repeat):.3g} > 0.05): use --repeat 5 or more")
     profile = load_profile(device)
-    outputs = {opt: p for opt, p in (("--json", json_out), ("--markdown", markdown_out), ("--csv", csv_out)) if p}
+    outputs = {opt: Path(p) for opt, p in raw_outputs.items()}
     inputs: list[Path | None] = [model, mmproj, image, profile.source]
     if sides is not None:
         inputs += [sides[0].spec.model, sides[0].spec.mmproj]
@@ -176,9 +181,9 @@ def bench_cmd(
         from mvlm_convert.atomic import check_output_path
 
         history_db = db or default_db_path()
-        check_output_path(history_db, [model, mmproj, image], option="--db")
+        check_output_path(db_arg or history_db, [model, mmproj, image], option="--db")
         inputs.append(history_db)
-    _check_reports(outputs, inputs)
+    _check_reports(raw_outputs, inputs)
     log_prog: list = []
 
     def log(m: str) -> None:
@@ -217,6 +222,20 @@ def bench_cmd(
         console.print(t)
         if json_out:
             texts[json_out] = json.dumps(res.llama_bench_rows, indent=2)
+    elif res.runs and sides is not None:
+        # one table (and one Markdown section) per side; the records keep the real model name, the side is in
+        # params["ab_side"] (JSON, CSV, history)
+        titled = [(f"baseline (--against {' '.join(against or [])})", res.baseline.runs),
+                  ("candidate (the command line)", res.candidate.runs)]
+        for title, runs in titled:
+            if runs:
+                console.print(report.render_table(runs, title=f"{title}: latency (medians over repetitions)"))
+        if json_out:
+            texts[json_out] = report.render_json(res.runs)
+        if markdown_out:
+            texts[markdown_out] = "\n".join(f"## {title}\n\n{report.render_markdown(runs)}" for title, runs in titled)
+        if csv_out:
+            texts[csv_out] = report.render_csv(res.runs)
     elif res.runs:
         console.print(report.render_table(res.runs))
         if json_out:
@@ -225,35 +244,54 @@ def bench_cmd(
             texts[markdown_out] = report.render_markdown(res.runs)
         if csv_out:
             texts[csv_out] = report.render_csv(res.runs)
+    # A report that cannot be written (disk full, ...) must not cost the measurement: the history save (or its spill
+    # file) still happens, and the error names both afterwards.
+    report_error: MvlmError | None = None
     if texts:
-        _write_reports(texts)
+        try:
+            _write_reports(texts)
+        except MvlmError as e:
+            report_error = e
     failures = res.failures if sides is not None else [("", f) for f in res.failures]
     if failures:
         who, f = failures[0]
-        if texts:
+        if texts and report_error is None:
             err.print(f"[dim]{len(res.runs)} completed repetition(s) kept in {', '.join(map(str, texts))}[/]",
                       highlight=False)
         which = "the warm-up run" if f.repetition < 0 else f"run {f.repetition + 1}"
         if protocol == "llama-bench":
             which = "the llama-bench run"
         if who:
-            which = f"the {who}'s {which}"
+            which = f"the {who}'s {which.removeprefix('the ')}"
         logfile = _failure_log(profile.name, f.output or f.output_tail)
         where = f"full log: {logfile}" if logfile else "run with --verbose for its output"
         tail = f.output_tail[-3000:].strip() or "(no output)"
         why = bench.relevant_line(f.output or f.output_tail)
-        raise MvlmError(f"{protocol} {which} on {profile.name} failed: {f.message}: {why} ({where})",
+        also = f"; and {report_error}" if report_error is not None else ""
+        raise MvlmError(f"{protocol} protocol on {profile.name}: {which} failed: {f.message}: {why} ({where}){also}",
                         exit_code=3, detail=tail if verbose else None)
-    if sides is not None:
-        _finish_ab(res, save=save, db=db, label=label, fail_on_regression=fail_on_regression)
-        return
-    if save or baseline or fail_on_regression:
-        from mvlm_bench.history_cli import bench_history
+    try:
+        if sides is not None:
+            _finish_ab(res, save=save, db=db, label=label, fail_on_regression=fail_on_regression)
+        elif save or baseline or fail_on_regression:
+            from mvlm_bench.history_cli import bench_history
 
-        bench_history(res, save=save, db=db, label=label, baseline=baseline, fail_on_regression=fail_on_regression,
-                      confirm=_confirmer(profile, spec, log))
+            bench_history(res, save=save, db=db, label=label, baseline=baseline, fail_on_regression=fail_on_regression,
+                          confirm=_confirmer(profile, spec, log))
+    except MvlmError as e:
+        if report_error is None:
+            raise
+        # a regression verdict (exit 4) is what CI acts on; otherwise the report's own code (28: disk full)
+        code = e.exit_code if e.exit_code == EXIT_REGRESSION else report_error.exit_code
+        raise MvlmError(f"{report_error}; and {e}", exit_code=code) from None
+    if report_error is not None:
+        if save:
+            raise MvlmError(f"{report_error}; the measurement itself was saved to the history {history_db}",
+                            exit_code=report_error.exit_code) from None
+        raise report_error
 
 
+EXIT_REGRESSION = 4
 AGAINST_KEYS = ("model", "mmproj", "runtime", "llama-cpp", "threads", "n-gpu-layers", "ctx-size")
 
 
@@ -281,6 +319,16 @@ def _parse_against(items: list[str], spec, order: str):
         changes[key] = value.strip()
     if "runtime" in changes and "llama-cpp" in changes:
         raise MvlmError("--against runtime= and llama-cpp= both name the baseline's build: give one")
+    if "llama-cpp" in changes:  # before anything else: one line when the directory is no llama.cpp checkout
+        raw = changes["llama-cpp"]
+        d = Path(raw).expanduser()
+        if not d.is_dir():
+            raise MvlmError(f"--against llama-cpp={raw}: {d} is not a directory: give a llama.cpp checkout built with "
+                            "`mvlm runtime build --target TARGET --llama-cpp DIR`")
+        if not (d / "CMakeLists.txt").is_file() or not (d / "ggml").is_dir():
+            raise MvlmError(f"--against llama-cpp={raw}: {d} is not a llama.cpp checkout (it needs CMakeLists.txt and "
+                            "ggml/): give the directory of a llama.cpp source tree built with "
+                            "`mvlm runtime build --target TARGET --llama-cpp DIR`")
     base_spec = spec
     ints = {"threads": "threads", "n-gpu-layers": "n_gpu_layers", "ctx-size": "ctx_size"}
     for key, field_name in ints.items():
@@ -293,10 +341,15 @@ def _parse_against(items: list[str], spec, order: str):
     for key in ("model", "mmproj"):
         if key in changes:
             base_spec = dataclasses.replace(base_spec, **{key: Path(changes[key]).expanduser()})
-    runtime = rtmod.runtime_from_dir(Path(changes["runtime"])) if "runtime" in changes else None
+    runtime = None
+    if "runtime" in changes:
+        try:
+            runtime = rtmod.runtime_from_dir(Path(changes["runtime"]))
+        except MvlmError as e:
+            raise MvlmError(f"--against runtime={changes['runtime']}: {e}") from None
     llama_cpp = Path(changes["llama-cpp"]).expanduser() if "llama-cpp" in changes else None
-    bench.validate_spec(base_spec)
-    bench.check_inputs(base_spec)
+    bench.validate_spec(base_spec, against=set(changes))  # errors name `--against threads=0`, as the user wrote it
+    bench.check_inputs(base_spec, against=set(changes))
     if base_spec == spec and runtime is None and llama_cpp is None:
         err.print("[yellow]note:[/] both sides of the A/B session are the same: an A/A session measures the noise")
     return (bench.Side(base_spec, runtime=runtime, llama_cpp=llama_cpp), bench.Side(spec))

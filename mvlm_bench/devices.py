@@ -28,8 +28,9 @@ Nothing in a profile runs on this machine (``exec_wrapper`` runs on the device; 
 this machine). So ``ssh.options`` is an allow-list (``SSH_OPTION_RULES``: no ``ProxyCommand``, ``LocalCommand``,
 ``KnownHostsCommand``, ``Match exec``, ``ProxyJump``, ``Control*``; ``StrictHostKeyChecking`` only ``yes`` or
 ``accept-new``; ``UserKnownHostsFile`` only regular files), ``ssh.known_hosts`` must be a regular file (not
-``/dev/null``), and an ``ssh.config_file`` other than your own ``~/.ssh/config`` may not hold directives that run
-local commands or turn host-key checking off. Each refusal is one line naming the profile and the option.
+``/dev/null``), and an ``ssh.config_file`` other than your own ``~/.ssh/config`` is read line by line the way OpenSSH
+reads it (quotes, ``=``) and held to the same allow-list (plus ``Host`` lines; ``Match`` and ``Include`` refused whole).
+Each refusal is one line naming the profile and the option (for a config file: the file, line and keyword).
 
 Public API (used by the benchmark runner and ``mvlm devices``; keep stable):
 
@@ -66,6 +67,10 @@ KNOWN_TARGETS = TARGETS
 DEFAULT_ADB_WORKDIR = "/data/local/tmp/mvlm"
 DEFAULT_SSH_WORKDIR = "~/mvlm"
 DEFAULT_LOCAL_WORKDIR = "~/.cache/mvlm/device/local"
+
+# Bounds of the numeric fields, the same as the command line's (--threads, --n-gpu-layers).
+MAX_THREADS = 1024
+MAX_GPU_LAYERS = 100000
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Host, user and serial end up as arguments of ssh/adb: a leading "-" would turn them into options.
@@ -175,13 +180,19 @@ def load_profile(spec: str, search_dirs: list[Path] | None = None) -> DeviceProf
         return _adhoc_ssh(spec)
     if spec.startswith("adb:"):
         return _adhoc_adb(spec)
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", spec)
+    if scheme:
+        raise MvlmError(f"--device {spec}: unknown scheme {scheme.group(1)}://; {_DEVICE_FORMS}")
     if spec.endswith(".toml") or os.sep in spec or "/" in spec:
         path = Path(spec).expanduser()
+        if not path.exists():
+            raise MvlmError(f"--device {spec}: device profile {path} does not exist; {_DEVICE_FORMS}")
         if not path.is_file():
-            raise MvlmError(f"device profile {path} does not exist: give an existing .toml file or a profile name")
+            raise MvlmError(f"--device {spec}: {path} exists but is not a profile file ({_file_kind(path)}); "
+                            f"{_DEVICE_FORMS}")
         return parse_profile_file(path)
     if not _NAME_RE.match(spec):
-        raise MvlmError(f"bad device name {spec!r}: use a profile name, a .toml path, ssh://user@host or adb:SERIAL")
+        raise MvlmError(f"bad device name {spec!r}: {_DEVICE_FORMS}")
     dirs = profile_dirs() if search_dirs is None else [Path(d) for d in search_dirs]
     for d in dirs:
         candidate = d / f"{spec}.toml"
@@ -192,6 +203,25 @@ def load_profile(spec: str, search_dirs: list[Path] | None = None) -> DeviceProf
         f"no device profile {spec!r} (looked in {', '.join(str(d) for d in dirs)}); "
         f"known: {', '.join(known) or 'none'}; add {spec}.toml to one of those dirs or use ssh://user@host / adb:SERIAL"
     )
+
+
+_DEVICE_FORMS = ("give a profile name (see `mvlm devices`), the path of a .toml profile, ssh://user@host[:port] "
+                 "or adb:SERIAL")
+
+
+def _file_kind(p: Path) -> str:
+    """What a path that is not a regular file is, in words (for one-line errors)."""
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except OSError as e:
+        return e.strerror or "unreadable"
+    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return word
+    return "not a regular file"
 
 
 def list_profiles(search_dirs: list[Path] | None = None) -> list[DeviceProfile]:
@@ -264,12 +294,16 @@ _TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false", list: 
 def parse_profile_file(path: Path) -> DeviceProfile:
     """Read and validate one profile file; errors name the file and the field."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever; a device is no profile
+        raise MvlmError(f"{path}: not a device profile file ({_file_kind(path)}); give a .toml file")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise MvlmError(f"{path}: not valid TOML ({e}); fix the file") from None
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise MvlmError(f"{path}: cannot read device profile ({e})") from None
+    try:
+        data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as e:  # ValueError: an integer too long to convert
+        raise MvlmError(f"{path}: not valid TOML ({e}); fix the file") from None
     return profile_from_dict(data, where=str(path), default_name=path.stem, base_dir=path.parent, source=path)
 
 
@@ -319,13 +353,12 @@ def profile_from_dict(
     _check_workdir(workdir, transport, where)
 
     threads = data.get("threads")
-    if threads is not None and threads < 1:
-        raise MvlmError(f"{where}: field 'threads' must be >= 1")
+    if threads is not None:
+        _bounded(where, "threads", threads, 1, MAX_THREADS)
     if threads is None and transport == "local":
         threads = os.cpu_count() or 1
     n_gpu_layers = data.get("n_gpu_layers", 0)
-    if n_gpu_layers < 0:
-        raise MvlmError(f"{where}: field 'n_gpu_layers' must be >= 0")
+    _bounded(where, "n_gpu_layers", n_gpu_layers, 0, MAX_GPU_LAYERS)
 
     exec_wrapper = data.get("exec_wrapper", [])
     if not all(isinstance(x, str) and x for x in exec_wrapper):
@@ -364,6 +397,12 @@ def profile_from_dict(
     )
 
 
+def _bounded(where: str, name: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        shown = str(value) if abs(value) < 10**24 else f"a {value.bit_length()}-bit number"
+        raise MvlmError(f"{where}: field '{name}' = {shown} is out of range: give a whole number from {lo} to {hi}")
+
+
 def _check_table(data: dict[str, Any], schema: dict[str, type], where: str, prefix: str) -> None:
     for key, value in data.items():
         if key not in schema:
@@ -385,8 +424,7 @@ def _parse_ssh(table: dict[str, Any], where: str, base_dir: Path | None) -> SshO
             raise MvlmError(f"{where}: field 'ssh.options' entry {opt!r} must look like 'Key=Value'")
     check_ssh_options(options, where)
     timeout = table.get("connect_timeout", 10)
-    if timeout < 1:
-        raise MvlmError(f"{where}: field 'ssh.connect_timeout' must be >= 1")
+    _bounded(where, "ssh.connect_timeout", timeout, 1, 3600)
 
     def path_of(key: str) -> str | None:
         value = table.get(key)
@@ -476,6 +514,7 @@ SSH_OPTION_RULES: dict[str, Any] = {
     "AddressFamily": _v_choice("any", "inet", "inet6"),
     "IPQoS": _v_match(re.compile(r"^[a-z0-9]+(\s[a-z0-9]+)?$"), "one or two QoS names"),
     "HostKeyAlias": _v_match(_ALIAS_RE, "a name (letters, digits, . _ : -)"),
+    "HostName": _v_match(re.compile(r"^[A-Za-z0-9_.%:\[\]][A-Za-z0-9_.%:\[\]-]*$"), "a host name or address"),
     "CheckHostIP": _YES_NO,
     "StrictHostKeyChecking": _v_choice("yes", "accept-new"),
     "UserKnownHostsFile": _v_known_hosts,
@@ -502,6 +541,8 @@ _REFUSED_WHY = {
     "controlpath": "mvlm runs the shared connection itself: use ssh.control_master",
     "controlpersist": "mvlm runs the shared connection itself: use ssh.control_master",
     "forwardagent": "it would let the device use your ssh keys",
+    "pkcs11provider": "it loads a library (code) into ssh on this machine",
+    "securitykeyprovider": "it loads a library (code) into ssh on this machine",
     "batchmode": "mvlm always runs ssh with BatchMode=yes",
     "globalknownhostsfile": "pin keys with ssh.known_hosts or UserKnownHostsFile",
 }
@@ -515,6 +556,10 @@ def check_ssh_options(options: list[str] | tuple[str, ...], where: str) -> None:
         if not key or not value or any(c in str(opt) for c in "\n\r\0"):
             raise MvlmError(f"{where}: field 'ssh.options' entry {opt!r} must look like 'Key=Value' on one line")
         rule = _RULES_LOWER.get(key.lower())
+        seen, _ = _strdelim(str(opt))  # the keyword ssh itself reads from this -o string
+        if rule is not None and (seen or "").lower() != key.lower():
+            raise MvlmError(f"{where}: field 'ssh.options' entry {opt!r} must look like 'Key=Value' (no quotes or "
+                            "spaces in the key)")
         if rule is None:
             why = _REFUSED_WHY.get(key.lower(), "it is not on mvlm's allow-list (docs/devices.md, 'ssh options')")
             raise MvlmError(f"{where}: field 'ssh.options': ssh option {key} is not allowed: {why}")
@@ -559,43 +604,149 @@ def _own_ssh_config() -> Path:
     return home / ".ssh" / "config"
 
 
-def check_ssh_config_file(path: str, where: str) -> None:
-    """An ``ssh -F`` file named by a profile may not run local commands or turn host-key checking off.
+# ssh_config keywords: what OpenSSH's readconf.c does with a line, re-done here so that the line mvlm checks is the
+# line ssh obeys. Quoting tricks ("ProxyCommand", Proxy"Command", "" ProxyCommand, "Match" exec ...) give the keyword
+# ssh sees; every keyword then meets the allow-list of ssh.options (SSH_OPTION_RULES), plus ``Host`` (the block header
+# a config file is for). ``ssh -G`` is never run on such a file: it evaluates ``Match exec``.
+_CFG_WS = " \t\r\n"
+_HOST_PATTERN_RE = re.compile(r"^!?[A-Za-z0-9_.*?:%,\[\]-]+$")
+_KEYWORD_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
+MAX_SSH_CONFIG_BYTES = 1 << 20
 
-    Your own ``~/.ssh/config`` (what ssh reads without ``-F`` anyway) and ``/dev/null`` are not inspected."""
+
+def _strdelim(s: str | None) -> tuple[str | None, str | None]:
+    """OpenSSH's ``strdelim()`` (split at whitespace, a quote or one ``=``): (token, rest); token None on an unmatched
+    quote. A quote inside a token is removed and the token runs to the closing quote (``Proxy"Command"``)."""
+    if s is None:
+        return None, None
+    i = next((k for k, c in enumerate(s) if c in _CFG_WS + '"='), None)
+    if i is None:
+        return s, None
+    if s[i] == '"':
+        t = s[:i] + s[i + 1:]
+        j = t.find('"', i)
+        if j < 0:
+            return None, None
+        return t[:j], t[j + 1:].lstrip(_CFG_WS)
+    rest = s[i + 1:].lstrip(_CFG_WS)
+    if s[i] != "=" and rest.startswith("="):  # "Key = value": one '=' between the keyword and its arguments
+        rest = rest[1:].lstrip(_CFG_WS)
+    return s[:i], rest
+
+
+def _argv_split(s: str) -> list[str] | None:
+    """OpenSSH's ``argv_split(..., terminate_on_comment=1)``: the arguments after the keyword; None on an unmatched
+    quote. (Backslashes and single quotes are refused before this is called: ssh versions differ on them.)"""
+    args: list[str] = []
+    i, n = 0, len(s)
+    while i < n:
+        if s[i] in " \t":
+            i += 1
+            continue
+        if s[i] == "#":
+            break
+        arg, quote = [], ""
+        while i < n:
+            c = s[i]
+            if not quote and c in " \t":
+                break
+            if not quote and c == '"':
+                quote = c
+            elif quote and c == quote:
+                quote = ""
+            else:
+                arg.append(c)
+            i += 1
+        if quote:
+            return None
+        args.append("".join(arg))
+    return args
+
+
+def ssh_config_line_problem(raw: str) -> tuple[str, str] | None:
+    """What is wrong with one line of an ssh config file a profile names: (the keyword as written, why), or None
+    when the line is blank, a comment, or an allowed directive with an allowed value."""
+    line = raw.rstrip(_CFG_WS + "\f")
+    stripped = line.lstrip(_CFG_WS)
+    if not stripped or stripped.startswith("#"):
+        return None
+    first = _printable((stripped.split() or ["?"])[0])
+    if any(ord(c) < 32 and c != "\t" for c in line) or "\x7f" in line:
+        return first, "the line holds control characters"
+    keyword, rest = _strdelim(line)
+    if keyword == "":
+        keyword, rest = _strdelim(rest)
+    if keyword is None or not _KEYWORD_RE.fullmatch(keyword):
+        return _printable(keyword or first), "it cannot be read as `Keyword value` (unmatched quote, or not a keyword)"
+    key = keyword.lower()
+    if key == "match":
+        return keyword, ("'Match exec' runs a command on this machine, and mvlm cannot tell which hosts a Match block "
+                         "applies to: use Host blocks")
+    if key == "include":
+        return keyword, "it reads configuration mvlm has not checked: copy what you need into this file"
+    rest = (rest or "").strip(_CFG_WS)
+    if "\\" in rest or "'" in rest:
+        return keyword, "backslashes and single quotes are not allowed in values (ssh versions read them differently)"
+    args = _argv_split(rest)
+    if args is None:
+        return keyword, "the value has an unmatched double quote"
+    if not args:
+        return keyword, "it has no value"
+    if any(not a or any(c in a for c in _CFG_WS + '"') for a in args):
+        return keyword, "values may not be empty or contain spaces or quotes"
+    if key == "host":
+        bad = next((a for a in args if not _HOST_PATTERN_RE.fullmatch(a)), None)
+        return (keyword, f"{bad!r} is not a host pattern") if bad is not None else None
+    rule = _RULES_LOWER.get(key)
+    if rule is None:
+        return keyword, _REFUSED_WHY.get(key, "it is not on mvlm's allow-list (docs/devices.md, 'ssh options')")
+    name, check = rule
+    value = " ".join(args)
+    problem = check(value)
+    if problem is None:
+        return None
+    if name == "StrictHostKeyChecking":
+        return keyword, f"{value} would turn host-key checking off (only yes or accept-new)"
+    if name == "UserKnownHostsFile":
+        return keyword, problem
+    return keyword, f"the value {value!r} {problem}"
+
+
+def _printable(text: str, limit: int = 40) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_ssh_config_file(path: str, where: str) -> bytes | None:
+    """An ``ssh -F`` file named by a profile is data too: every line must be a ``Host`` line or an allowed option with
+    an allowed value (the allow-list of ``ssh.options``); ``Match`` and ``Include`` are refused whole. Returns the
+    bytes that were checked (the ssh transport hands ssh a private copy of exactly these), or None for the files that
+    are not inspected: your own ``~/.ssh/config`` (what ssh reads without ``-F`` anyway) and ``/dev/null``."""
     p = Path(path)
     if path == os.devnull:
-        return
+        return None
     if not p.is_file():
-        raise MvlmError(f"{where}: field 'ssh.config_file' = {path!r} is not a file; fix the path or drop the field")
+        what = _file_kind(p) if p.exists() else "it does not exist"
+        raise MvlmError(f"{where}: field 'ssh.config_file' = {path!r} is not a regular file ({what}); fix the path or "
+                        "drop the field")
     if p.resolve() == _own_ssh_config().resolve():
-        return
+        return None
     try:
-        text = p.read_text(encoding="utf-8", errors="replace")
+        with open(p, "rb") as f:
+            data = f.read(MAX_SSH_CONFIG_BYTES + 1)
     except OSError as e:
         raise MvlmError(f"{where}: cannot read ssh.config_file {path}: {e.strerror}") from None
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        m = re.match(r"([A-Za-z]+)\s*(?:=\s*|\s+)(.*)$", line)
-        if not line or line.startswith("#") or not m:
-            continue
-        key, value = m.group(1).lower(), m.group(2).strip().strip('"')
-        why = None
-        if key in ("proxycommand", "localcommand", "knownhostscommand"):
-            why = _RUNS_A_COMMAND
-        elif key == "permitlocalcommand" and value.lower() in ("yes", "true"):
-            why = "it lets LocalCommand run a command on this machine"
-        elif key == "match" and "exec" in value.lower().split():
-            why = "'Match exec' runs a command on this machine"
-        elif key == "include":
-            why = "it reads configuration mvlm has not checked"
-        elif key == "stricthostkeychecking" and value.lower() not in ("yes", "accept-new", "ask", "true"):
-            why = "it turns host-key checking off"
-        elif key == "userknownhostsfile":
-            why = _v_known_hosts(value)
-        if why:
-            raise MvlmError(f"{where}: ssh.config_file {path} line {n}: {m.group(1)} is not allowed: {why}; remove it "
+    if len(data) > MAX_SSH_CONFIG_BYTES:
+        raise MvlmError(f"{where}: ssh.config_file {path} is larger than {MAX_SSH_CONFIG_BYTES} bytes: not an ssh config")
+    if b"\0" in data:
+        raise MvlmError(f"{where}: ssh.config_file {path} holds NUL bytes: not an ssh config")
+    for n, raw in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
+        problem = ssh_config_line_problem(raw)
+        if problem:
+            keyword, why = problem
+            raise MvlmError(f"{where}: ssh.config_file {path} line {n}: {keyword} is not allowed: {why}; remove it "
                             "there, or drop config_file (your ~/.ssh/config is read anyway)")
+    return data
 
 
 def _check_workdir(workdir: str, transport: str, where: str) -> None:

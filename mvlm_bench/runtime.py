@@ -487,7 +487,7 @@ def find(target: str = "host", llama_cpp: Path | None = None) -> Runtime:
     """The runtime for ``target`` built from the default (or given) source, without building. MvlmError if none."""
     if target not in TARGETS:
         raise MvlmError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
-    hint = f"run `mvlm runtime build --target {target}`" + (f" --llama-cpp {llama_cpp}" if llama_cpp else "")
+    hint = f"run `mvlm runtime build --target {target}" + (f" --llama-cpp {llama_cpp}`" if llama_cpp else "`")
     try:
         if llama_cpp:
             source = user_source(llama_cpp)

@@ -676,17 +676,27 @@ class SshTransport(_ShellTransport):
         if shutil.which("ssh") is None:
             raise MvlmError("the OpenSSH client `ssh` is not on PATH: install it (Debian: apt-get install openssh-client)")
         # profiles are checked when loaded; a DeviceProfile built in code gets the same allow-list here
-        from mvlm_bench.devices import check_known_hosts_file, check_ssh_options
+        from mvlm_bench.devices import check_known_hosts_file, check_ssh_config_file, check_ssh_options
 
         where = str(profile.source) if profile.source else f"device {profile.name}"
         check_ssh_options(profile.ssh.options, where)
         if profile.ssh.known_hosts:
             check_known_hosts_file(profile.ssh.known_hosts, f"{where}: field 'ssh.known_hosts'")
+        # The config file is checked again here, and ssh gets a private copy of exactly the bytes that were checked:
+        # a file changed after the check cannot slip a ProxyCommand in.
+        self._config_file = profile.ssh.config_file
+        checked = check_ssh_config_file(profile.ssh.config_file, where) if profile.ssh.config_file else None
+        self._private_dir: str | None = None
+        if checked is not None:
+            self._private_dir = _private_dir("mvlm-sshcfg-")
+            self._config_file = os.path.join(self._private_dir, "ssh_config")
+            fd = os.open(self._config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(checked)
         self._control_dir: str | None = None
         if profile.ssh.control_master:
-            self._control_dir = tempfile.mkdtemp(prefix="mvlm-ssh-", dir="/tmp" if os.path.isdir("/tmp") else None)
-            os.chmod(self._control_dir, 0o700)
-        self._finalizer = weakref.finalize(self, _close_master, self._base_argv(), self._control_dir)
+            self._control_dir = _private_dir("mvlm-ssh-")
+        self._finalizer = weakref.finalize(self, _close_master, self._base_argv(), self._control_dir, self._private_dir)
 
     @property
     def destination(self) -> str:
@@ -696,8 +706,8 @@ class SshTransport(_ShellTransport):
     def _base_argv(self) -> list[str]:
         o = self.profile.ssh
         argv = ["ssh"]
-        if o.config_file:
-            argv += ["-F", o.config_file]
+        if self._config_file:
+            argv += ["-F", self._config_file]
         for opt in o.options:  # ssh takes the first value it sees: user options win over our defaults
             argv += ["-o", opt]
         argv += [
@@ -842,13 +852,21 @@ def _ssh_path(path: str) -> str:
     return f'"{path}"' if any(c.isspace() for c in path) else path
 
 
-def _close_master(base_argv: list[str], control_dir: str | None) -> None:
-    if not control_dir:
-        return
-    if any(os.scandir(control_dir)):
-        exit_argv = base_argv[:-2] + ["-O", "exit", "--", base_argv[-1]]
-        _run_client(exit_argv, 10.0)
-    shutil.rmtree(control_dir, ignore_errors=True)
+def _private_dir(prefix: str) -> str:
+    """A 0700 temp dir under /tmp (short paths: unix socket paths are limited to ~100 bytes)."""
+    d = tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None)
+    os.chmod(d, 0o700)
+    return d
+
+
+def _close_master(base_argv: list[str], control_dir: str | None, private_dir: str | None = None) -> None:
+    if control_dir:
+        if any(os.scandir(control_dir)):
+            exit_argv = base_argv[:-2] + ["-O", "exit", "--", base_argv[-1]]
+            _run_client(exit_argv, 10.0)
+        shutil.rmtree(control_dir, ignore_errors=True)
+    if private_dir:  # the checked copy of the profile's ssh config (after `ssh -O exit`, which reads it)
+        shutil.rmtree(private_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------- adb

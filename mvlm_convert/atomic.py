@@ -6,7 +6,8 @@ CSV reports) must never leave a mix of new and old files, nor lose an earlier go
 when every file is complete renames them all, one after the other. Until then the earlier files are untouched;
 on any failure (an exception, Ctrl-C, or SIGTERM: the CLI turns it into ``SystemExit``) the temporaries go.
 
-``check_output_path`` refuses an output path that would destroy an input (``--json m.gguf`` for the model).
+``check_output_path`` refuses an output path that would destroy an input (``--json m.gguf`` for the model), or that
+is not a regular file (a device, FIFO, socket, directory, or ``dir/``).
 
 Temporary names look like ``.<final name>.<pid>.tmp``; :func:`is_temporary` recognises them.
 """
@@ -173,14 +174,38 @@ def is_gguf(p: Path) -> bool:
         return False
 
 
-def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (), *, option: str = "output") -> Path:
-    """Refuse an output path that is one of the command's inputs, or an existing GGUF (a model, most likely).
+def _kind(p: Path) -> str:
+    """What an existing path that is not a regular file is, in words."""
+    import stat
 
-    Catches the same file under another name too (hard links, symlinks, ``./m.gguf`` vs ``m.gguf``).
+    try:
+        mode = p.stat().st_mode
+    except OSError as e:
+        return e.strerror or "unreadable"
+    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return word
+    return "not a regular file"
+
+
+def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (), *, option: str = "output") -> Path:
+    """Refuse an output path that is one of the command's inputs, an existing GGUF (a model, most likely), or anything
+    an output file cannot replace: an existing directory, device, FIFO or socket (``--json /dev/full`` would replace
+    the device node; a FIFO would block the command forever), or a path written with a trailing slash (``dir/``).
+
+    Catches the same file under another name too (hard links, symlinks, ``./m.gguf`` vs ``m.gguf``). Nothing is opened:
+    only ``stat``. Give the option's text as a ``str`` so that a trailing slash can be seen (``Path`` drops it).
     """
+    if isinstance(out, str) and out.endswith(("/", os.sep)) and out.strip("/" + os.sep):
+        raise MvlmError(f"{option} {out} ends with '/': that names a directory; give a file path (e.g. {out}report)")
     out = Path(out)
     if out.exists() and out.is_dir():
         raise MvlmError(f"{option} {out} is a directory; give a file path")
+    if out.exists() and not out.is_file():
+        raise MvlmError(f"{option} {out} is {_kind(out)}, not a regular file; an output would replace it: give the path "
+                        "of a regular file")
     for i in inputs:
         if i is None:
             continue

@@ -117,7 +117,7 @@ def test_crash_keeps_output_tail(tmp_path):
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)  # header then garbage: llama.cpp refuses to load
     r = mvlm("bench", "--device", local_profile(tmp_path), "--protocol", "lm", "--model", bad, "--repeat", 1)
     assert r.returncode == 3
-    assert "the warm-up run on testlocal failed: exited with status 1" in r.stderr
+    assert "lm protocol on testlocal: the warm-up run failed: exited with status 1" in r.stderr
     # (llama.cpp's async logger sometimes exits before flushing, so its own error text is not always in the tail)
 
 

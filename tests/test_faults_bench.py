@@ -17,6 +17,10 @@ Each fault, and what the test shows:
 12. a model that is not a GGUF is refused locally; a failing llama.cpp gives one line (its most relevant log line and
     the log file); nonsensical counts are refused.
 13. one bad profile does not break `mvlm devices` or `mvlm bench --device good`.
+14. (an outside tester's report) an ssh config file is read the way OpenSSH reads it (quoted keywords, ``=``, ``Match``,
+    ``Include``) and held to the ssh.options allow-list; a report that cannot be written does not cost the saved
+    measurement; report paths that are devices, FIFOs or ``dir/`` are refused; ``--against`` values are validated and
+    named as written; A/B records keep the real model name; profile counts are bounded; ``--device`` messages.
 """
 
 from __future__ import annotations
@@ -44,9 +48,9 @@ from mvlm_convert.errors import MvlmError
 MVLM = [sys.executable, "-m", "mvlm_bench.cli"]
 
 
-def mvlm(*args, env: dict | None = None, timeout: float = 600, prefix: list[str] | None = None):
+def mvlm(*args, env: dict | None = None, timeout: float = 600, prefix: list[str] | None = None, cwd: Path | None = None):
     return subprocess.run([*(prefix or []), *MVLM, *map(str, args)], capture_output=True, text=True, errors="replace",
-                          timeout=timeout, env={**os.environ, **(env or {}), "COLUMNS": "200"})
+                          timeout=timeout, env={**os.environ, **(env or {}), "COLUMNS": "200"}, cwd=cwd)
 
 
 def _sha(p: Path) -> str:
@@ -603,7 +607,7 @@ def test_llama_cpp_failure_is_one_line_with_the_relevant_log_line(tmp_path, host
     r = mvlm("bench", "--device", prof, "--model", bad, "--repeat", 1, "--warmup", 0)
     line = _error_line(r.stderr)
     assert r.returncode == 3
-    assert line.startswith("error: lm run 1 on faultlocal failed: exited with status 1: ")
+    assert line.startswith("error: lm protocol on faultlocal: run 1 failed: exited with status 1: ")
     assert "full log: " in line
     log = Path(line.rsplit("full log: ", 1)[1].rstrip(")"))
     text = log.read_text()
@@ -689,3 +693,393 @@ def test_bench_on_a_good_profile_works_beside_a_bad_one(profile_dir, tmp_path, s
     r = mvlm("bench", "--device", "bad", "--model", smollm2_gguf)
     assert r.returncode == 2 and "treads" in _one_line(r.stderr)
 
+
+
+# ===================================================================================================== 14. ssh config file
+#
+# An outside tester got past the config_file screening with OpenSSH's own quoting: the old check read `"ProxyCommand"`
+# as no keyword at all. Each config below is first handed to the plain ssh client (the control: the command runs, or
+# an unknown host is accepted), then named by a profile: mvlm refuses it in one line, and nothing runs or connects.
+
+CONFIG_BYPASSES = [
+    ("quoted-keyword", 'Host *\n  "ProxyCommand" touch {marker}\n', "line 2: ProxyCommand"),
+    ("quote-inside-keyword", 'Host *\n  Proxy"Command" touch {marker}\n', "line 2: ProxyCommand"),
+    ("empty-token-first", 'Host *\n"" ProxyCommand touch {marker}\n', "line 2: ProxyCommand"),
+    ("equals", "Host *\n  ProxyCommand=touch {marker}\n", "line 2: ProxyCommand"),
+    ("match-not-exec", 'Match !exec "touch {marker}"\n', "line 1: Match"),
+    ("match-quoted-exec", 'Match "exec" "touch {marker}"\n', "line 1: Match"),
+    ("quoted-match", '"Match" exec "touch {marker}"\n', "line 1: Match"),
+    ("quoted-include", '"Include" {evil}\n', "line 1: Include"),
+    ("quoted-localcommand", 'Host *\n  "PermitLocalCommand" yes\n  "LocalCommand" touch {marker}\n',
+     "line 2: PermitLocalCommand"),
+    ("quoted-hostkey-off", 'Host *\n  "StrictHostKeyChecking" no\n  "UserKnownHostsFile" /dev/null\n',
+     "line 2: StrictHostKeyChecking"),
+]
+
+
+def _write_bypass(tmp_path: Path, text: str) -> tuple[Path, Path]:
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "evil_config"  # what the Include pulls in
+    evil.write_text(f"Host *\n  ProxyCommand touch {marker}\n")
+    conf = tmp_path / "box_ssh_config"
+    conf.write_text(text.format(marker=marker, evil=evil))
+    return conf, marker
+
+
+def _bare_ssh_profile(sshd, path: Path, workdir: Path, config_file: str) -> Path:
+    """An ssh profile with no known_hosts of its own (as the tester wrote it): the host is unknown unless something
+    switches checking off."""
+    path.write_text("\n".join([
+        'transport = "ssh"',
+        f"address = {json.dumps(f'ssh://{sshd.user}@127.0.0.1:{sshd.port}')}",
+        f"workdir = {json.dumps(str(workdir))}",
+        'target = "host"',
+        "[ssh]",
+        f"identity_file = {json.dumps(str(sshd.root / 'client_key'))}",
+        f"config_file = {json.dumps(config_file)}",
+        "connect_timeout = 5",
+    ]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("name, text, said", CONFIG_BYPASSES, ids=[c[0] for c in CONFIG_BYPASSES])
+def test_plain_ssh_obeys_the_bypass_configs(sshd, tmp_path, name, text, said):
+    """The control: each config really runs a command here, or really lets ssh into an unknown host."""
+    conf, marker = _write_bypass(tmp_path, text)
+    argv = ["ssh", "-F", str(conf), "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-i", str(sshd.root / "client_key"),
+            "-p", str(sshd.port), f"{sshd.user}@127.0.0.1", "true"]
+    if name == "quoted-localcommand":  # LocalCommand runs after a successful login: give ssh the pinned key
+        argv[1:1] = ["-o", f"UserKnownHostsFile={sshd.known_hosts}", "-o", "StrictHostKeyChecking=yes"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if name == "quoted-hostkey-off":
+        assert r.returncode == 0, r.stderr  # connected to a host whose key nobody pinned
+    else:
+        assert marker.exists(), (name, r.stderr)
+
+
+@pytest.mark.parametrize("name, text, said", CONFIG_BYPASSES, ids=[c[0] for c in CONFIG_BYPASSES])
+def test_ssh_config_bypasses_are_refused(sshd, tmp_path, fake_gguf, name, text, said):
+    conf, marker = _write_bypass(tmp_path, text)
+    prof = _bare_ssh_profile(sshd, tmp_path / "box.toml", tmp_path / "remote", conf.name)
+    r = mvlm("bench", "--device", prof, "--model", fake_gguf, timeout=120)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2, r.stderr
+    assert str(prof) in line and f"{conf} {said} is not allowed" in line, line
+    assert not marker.exists()
+    assert not (tmp_path / "remote").exists()  # no connection (a connection would have created the work dir)
+    # the transport checks a profile built in code the same way (nothing runs, nothing connects)
+    sneaky = dataclasses.replace(sshd.profile(str(tmp_path / "remote")), ssh=dataclasses.replace(
+        sshd.profile(str(tmp_path / "remote")).ssh, known_hosts=None, config_file=str(conf)))
+    with pytest.raises(MvlmError, match=said.split(": ", 1)[1]):
+        make_transport(sneaky)
+    assert not marker.exists() and not (tmp_path / "remote").exists()
+
+
+def test_a_config_that_turns_host_key_checking_off_does_not_connect(sshd, tmp_path):
+    """The host-key case end to end against the real sshd: the same profile with a harmless config file fails on the
+    unknown host key (exit 3: checking is on); with the quoted StrictHostKeyChecking no, it is refused (exit 2)."""
+    harmless = tmp_path / "harmless_config"
+    harmless.write_text("Host *\n  ServerAliveInterval 15\n")
+    prof = _bare_ssh_profile(sshd, tmp_path / "box.toml", tmp_path / "remote", harmless.name)
+    r = mvlm("devices", "--no-check", env={"MVLM_DEVICES_DIR": str(tmp_path)})
+    assert r.returncode == 0
+    r = mvlm("devices", "box", env={"MVLM_DEVICES_DIR": str(tmp_path)}, timeout=120)
+    assert r.returncode == 3 and "host key verification failed" in _one_line(r.stderr), r.stderr
+    conf, _ = _write_bypass(tmp_path, dict((c[0], c[1]) for c in CONFIG_BYPASSES)["quoted-hostkey-off"])
+    _bare_ssh_profile(sshd, prof, tmp_path / "remote", conf.name)
+    r = mvlm("devices", "box", env={"MVLM_DEVICES_DIR": str(tmp_path)}, timeout=120)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2 and "StrictHostKeyChecking is not allowed" in line and "host-key checking off" in line
+    assert not (tmp_path / "remote").exists()
+
+
+@pytest.mark.parametrize("directive", [
+    "ForwardAgent yes", "ControlPath /tmp/someone-elses-master", "ControlMaster auto", "ControlPersist 600",
+    "PKCS11Provider /usr/lib/x86_64-linux-gnu/opensc-pkcs11.so", "SecurityKeyProvider /tmp/evil.so",
+    "ProxyJump root@127.0.0.1:1", "KnownHostsCommand /bin/true", "SendEnv *", "BatchMode no",
+    "StrictHostKeyChecking ask", "UserKnownHostsFile none", "GlobalKnownHostsFile /dev/null",
+])
+def test_config_file_keywords_meet_the_ssh_options_allow_list(tmp_path, directive):
+    """What ssh.options refuses, a config_file may not say either (an unknown keyword is refused too)."""
+    (tmp_path / "c.conf").write_text(f"# my board\nHost *\n  {directive}\n")
+    prof = tmp_path / "box.toml"
+    prof.write_text(GOOD_SSH + '[ssh]\nconfig_file = "c.conf"\n')
+    with pytest.raises(MvlmError) as e:
+        load_profile(str(prof))
+    msg = str(e.value)
+    assert f"c.conf line 3: {directive.split()[0]} is not allowed" in msg and "\n" not in msg, msg
+
+
+def test_every_refused_ssh_option_is_refused_in_a_config_file_too(tmp_path):
+    for options, named in BAD_OPTIONS:
+        lines = "".join(f"  {o.replace('=', ' ', 1)}\n" for o in options)
+        (tmp_path / "c.conf").write_text("Host *\n" + lines.format(marker=tmp_path / "M"))
+        prof = tmp_path / "box.toml"
+        prof.write_text(GOOD_SSH + '[ssh]\nconfig_file = "c.conf"\n')
+        with pytest.raises(MvlmError, match=rf"(?i)c\.conf line 2: {named} is not allowed"):
+            load_profile(str(prof))
+
+
+GOOD_SSH = 'transport = "ssh"\naddress = "ssh://u@h"\ntarget = "orin"\nworkdir = "/w"\n'
+
+
+def test_an_allowed_config_file_connects_and_ssh_reads_the_copy_that_was_checked(sshd, tmp_path):
+    """A config with a Host alias and allowed options works against the real sshd; rewriting the file after the
+    check (a ProxyCommand slipped in) changes nothing: ssh reads mvlm's private copy of the checked bytes."""
+    conf = tmp_path / "alias_config"
+    conf.write_text(f'Host mvlm-test-box\n  HostName 127.0.0.1\n  "Port" {sshd.port}\n  User={sshd.user}\n'
+                    f"  IdentityFile {sshd.root / 'client_key'}\n  ServerAliveInterval 15  # keep alive\n")
+    prof = tmp_path / "alias.toml"
+    prof.write_text("\n".join([
+        'transport = "ssh"', 'address = "mvlm-test-box"', f"workdir = {json.dumps(str(tmp_path / 'remote'))}",
+        'target = "host"', "[ssh]", f"known_hosts = {json.dumps(str(sshd.known_hosts))}",
+        f'config_file = "{conf.name}"', "connect_timeout = 5"]) + "\n")
+    checked = conf.read_bytes()
+    t = make_transport(load_profile(str(prof)))
+    copy = Path(t._config_file)  # what ssh -F reads: a private copy of the checked bytes
+    marker = tmp_path / "MARKER"
+    conf.write_text(f"Host *\n  ProxyCommand touch {marker}\n")
+    try:
+        assert copy != conf and copy.read_bytes() == checked and (copy.parent.stat().st_mode & 0o777) == 0o700
+        t.check()
+        assert t.probe().system == platform.system()
+    finally:
+        t.close()
+    assert not marker.exists()
+    assert not copy.parent.exists()  # removed with the transport
+
+
+# ===================================================================================================== 14. reports vs save
+
+
+def _fill(d: Path) -> None:
+    with open(d / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+@pytest.mark.slow
+def test_a_report_that_cannot_be_written_does_not_cost_the_saved_measurement(tmp_path, smollm2_gguf, runtime_env,
+                                                                              small_fs):
+    """--json on a full tmpfs, the history in a roomy dir: the measurement is saved, then the report error (exit 28)
+    says so; no temporary is left on the full disk."""
+    full = small_fs(64 << 10)
+    _fill(full)
+    db = tmp_path / "h.sqlite"
+    r = mvlm("bench", "--device", local_profile(tmp_path), "--model", smollm2_gguf, "-n", 8, "--repeat", 1,
+             "--warmup", 0, "--json", full / "r.json", "--save", "--db", db, env=runtime_env, cwd=tmp_path)
+    line = _error_line(r.stderr)
+    assert r.returncode == 28, r.stderr[-2000:]
+    assert f"disk full while writing {full / 'r.json'}" in line and f"saved to the history {db}" in line, line
+    assert sorted(p.name for p in full.iterdir()) == ["filler"]
+    h = mvlm("history", "--db", db, "--model", smollm2_gguf.stem, "--json")
+    assert h.returncode == 0 and len(json.loads(h.stdout)) == 1, h.stdout + h.stderr
+
+
+@pytest.mark.slow
+def test_report_and_history_on_a_full_disk_spill_the_runs(tmp_path, smollm2_gguf, runtime_env, small_fs):
+    """The tester's case: history and --json both on a full tmpfs. Before: exit 28, nothing saved, no spill. Now the
+    runs are spilled (the history's dir is full, so the current directory), and the one error line names both."""
+    full = small_fs(64 << 10)
+    _fill(full)
+    r = mvlm("bench", "--device", local_profile(tmp_path), "--model", smollm2_gguf, "-n", 8, "--repeat", 1,
+             "--warmup", 0, "--json", full / "r.json", "--save", "--db", full / "h.sqlite", env=runtime_env, cwd=tmp_path)
+    line = _error_line(r.stderr)
+    assert r.returncode == 28, r.stderr[-2000:]
+    assert f"disk full while writing {full / 'r.json'}" in line and "not saved to the benchmark history" in line, line
+    spills = list(tmp_path.glob("h.sqlite.unsaved-*.json"))
+    assert len(spills) == 1 and str(spills[0].resolve()) in line, (line, spills)
+    (rec,) = json.loads(spills[0].read_text())
+    assert rec["model_sha256"] == _sha(smollm2_gguf) and rec["repetitions"] == 1
+    assert sorted(p.name for p in full.iterdir()) == ["filler"]  # no temporaries, no half history
+
+
+# ===================================================================================================== 14. output paths
+
+
+def test_report_paths_that_are_not_regular_files_are_refused(tmp_path, fake_gguf):
+    """A FIFO (would block forever), a device (/dev/null: refused, stays a character device; as root the old code
+    replaced such a node), a socket, and `dir/` (used to write a file named `dir`): one line each, exit 2."""
+    import socket
+    import stat
+
+    prof = local_profile(tmp_path)
+    fifo = tmp_path / "myfifo"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    (tmp_path / "adir").mkdir()
+    try:
+        cases = [
+            (["--json", fifo], "is a FIFO (named pipe), not a regular file"),
+            (["--markdown", "/dev/null"], "is a character device, not a regular file"),
+            (["--csv", sock_path], "is a socket, not a regular file"),
+            (["--json", f"{tmp_path / 'newdir'}/"], "ends with '/'"),
+            (["--json", f"{tmp_path / 'adir'}/"], "ends with '/'"),
+            (["--markdown", tmp_path / "adir"], "is a directory"),
+            (["--save", "--db", fifo], "--db"),
+        ]
+        for extra, words in cases:
+            r = mvlm("bench", "--device", prof, "--model", fake_gguf, *extra, timeout=60)
+            line = _one_line(r.stderr)
+            assert r.returncode == 2 and words in line, line
+        assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and stat.S_ISFIFO(os.stat(fifo).st_mode)
+        assert not (tmp_path / "newdir").exists() and list((tmp_path / "adir").iterdir()) == []
+        assert not (tmp_path / "dev-faultlocal").exists()
+        # mvlm compare --markdown checks the same way before it opens anything (it used to block on the FIFO)
+        r = mvlm("compare", "a.json", "b.json", "--markdown", fifo, timeout=60, cwd=tmp_path)
+        assert r.returncode == 2 and "FIFO" in _one_line(r.stderr)
+    finally:
+        sock.close()
+
+
+# ===================================================================================================== 14. A/B options
+
+
+@pytest.mark.parametrize("against, words", [
+    ("ctx-size=-5", "--against ctx-size=-5 is out of range: give a whole number from 464 to 131072"),
+    ("ctx-size=1", "--against ctx-size=1 is out of range"),
+    ("ctx-size=99999999", "--against ctx-size=99999999 is out of range"),
+    ("threads=0", "--against threads=0 is out of range: give a whole number from 1 to 1024"),
+    ("n-gpu-layers=-1", "--against n-gpu-layers=-1 is out of range"),
+    ("model=/nonexistent.gguf", "--against model=/nonexistent.gguf does not exist"),
+    ("llama-cpp=/tmp", "--against llama-cpp=/tmp: /tmp is not a llama.cpp checkout (it needs CMakeLists.txt and ggml/)"),
+    ("llama-cpp=/nonexistent", "--against llama-cpp=/nonexistent: /nonexistent is not a directory"),
+    ("runtime=/tmp", "--against runtime=/tmp: /tmp is not an mvlm runtime"),
+])
+def test_against_values_are_validated_and_named_as_written(tmp_path, fake_gguf, against, words):
+    r = mvlm("bench", "--device", local_profile(tmp_path), "--model", fake_gguf, "--against", against, timeout=120)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2 and words in line, line
+    assert "--threads" not in line and "--model " not in line
+    assert not (tmp_path / "dev-faultlocal").exists()  # refused before anything is pushed
+
+
+def test_context_size_is_bounded_for_every_spec(fake_gguf):
+    for ctx in (0, 63, 400, 131073):
+        with pytest.raises(MvlmError, match=rf"context size \(ctx_size\) {ctx} is out of range"):
+            bench.validate_spec(bench.BenchSpec("lm", fake_gguf, ctx_size=ctx))
+    bench.validate_spec(bench.BenchSpec("lm", fake_gguf, n_predict=16, ctx_size=128))
+    with pytest.raises(MvlmError, match="from 896 to"):  # the vlm protocol also needs room for the image
+        bench.validate_spec(bench.BenchSpec("vlm", fake_gguf, ctx_size=512))
+
+
+def test_runtime_find_hint_keeps_the_whole_command_in_backticks(tmp_path, monkeypatch):
+    from mvlm_bench import runtime as rtmod
+
+    monkeypatch.setenv("MVLM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(MvlmError) as e:
+        rtmod.find("host", llama_cpp=tmp_path / "llama.cpp")
+    assert str(e.value).endswith(f"run `mvlm runtime build --target host --llama-cpp {tmp_path / 'llama.cpp'}`")
+
+
+# gdb's backtrace after a llama.cpp abort, as the real runtime prints it (see the live test below)
+_CRASH = """0.00.238.542 I generate: n_ctx = 256, n_batch = 2048, n_predict = 16, n_keep = 0
+Building a website can be done in 10 simple steps:
+Step 1:../src/common/common.cpp:2158: get_sub_batch: failed to add token 33 at index 8 (error -1, n = 18)
+
+[New LWP 2856]
+[Thread debugging using libthread_db enabled]
+Using host libthread_db library "/lib/x86_64-linux-gnu/libthread_db.so.1".
+0x00007f6c0bf82c17 in __GI___wait4 (pid=2857, stat_loc=0x0, options=0, usage=0x0) at ../sysdeps/unix/sysv/linux/wait4.c:30
+30\t../sysdeps/unix/sysv/linux/wait4.c: No such file or directory.
+#0  0x00007f6c0bf82c17 in __GI___wait4 (pid=2857, stat_loc=0x0) at ../sysdeps/unix/sysv/linux/wait4.c:30
+30\tin ../sysdeps/unix/sysv/linux/wait4.c
+#1  0x00007f6c0b54e68b in ggml_print_backtrace () from /x/lib/libggml-base.so.0
+#2  0x00007f6c0b54e7de in ggml_abort () from /x/lib/libggml-base.so.0
+#6  0x00007f6c0bed624a in __libc_start_call_main (main=0x5567d38aa050 <main>) at ../sysdeps/nptl/libc_start_call_main.h:58
+58\t../sysdeps/nptl/libc_start_call_main.h: No such file or directory.
+#8  0x00005567d38aa081 in _start ()
+[Inferior 1 (process 2854) detached]
+"""
+
+
+def test_relevant_line_skips_a_crash_backtrace():
+    assert bench.relevant_line(_CRASH) == (
+        "../src/common/common.cpp:2158: get_sub_batch: failed to add token 33 at index 8 (error -1, n = 18)")
+    assert bench.relevant_line("x\n/src/ggml/ggml.c:12: GGML_ASSERT(n > 0) failed\n#0 0x01 in f ()\n") == (
+        "/src/ggml/ggml.c:12: GGML_ASSERT(n > 0) failed")
+    # a real missing file is still the relevant line
+    assert "No such file" in bench.relevant_line("sh: 1: /w/bin/llama-completion: No such file or directory\n")
+
+
+def test_relevant_line_of_a_real_llama_cpp_abort(tmp_path, host_runtime, smollm2_gguf):
+    """The real runtime, run with a context too small for the prompt (what --against ctx-size=1 used to reach)."""
+    exe = host_runtime / "bin" / "llama-completion"
+    r = subprocess.run([str(exe), "-m", str(smollm2_gguf), "-p", bench.LM_PROMPT, "-n", "16", "-no-cnv", "--temp", "0",
+                        "-c", "1", "-t", "1", "-lv", "4"], capture_output=True, text=True, errors="replace", timeout=300,
+                       env={**os.environ, "LD_LIBRARY_PATH": str(host_runtime / "lib")})
+    assert r.returncode != 0
+    line = bench.relevant_line(r.stdout + r.stderr)
+    assert "failed to add token" in line or "GGML_ASSERT" in line or "error" in line.lower(), line
+    assert "sysdeps" not in line and not line.startswith("#"), line
+
+
+@pytest.mark.slow
+def test_ab_warmup_failure_reads_as_a_sentence(tmp_path, smollm2_gguf, runtime_env):
+    bad = tmp_path / "Broken-F16.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    r = mvlm("bench", "--device", local_profile(tmp_path), "--model", smollm2_gguf, "-n", 8, "--repeat", 1,
+             "--against", f"model={bad}", env=runtime_env)
+    line = _error_line(r.stderr)
+    assert r.returncode == 3
+    assert line.startswith("error: lm protocol on faultlocal: the baseline's warm-up run failed: exited with status 1: "), line
+
+
+@pytest.mark.slow
+def test_ab_save_keeps_the_real_model_name(tmp_path, smollm2_gguf, runtime_env):
+    db, md = tmp_path / "h.sqlite", tmp_path / "ab.md"
+    r = mvlm("bench", "--device", local_profile(tmp_path), "--model", smollm2_gguf, "-n", 8, "--threads", 1,
+             "--repeat", 2, "--warmup", 0, "--against", "threads=2", "--save", "--db", db, "--markdown", md,
+             env=runtime_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "baseline (--against threads=2)" in r.stdout and "candidate (the command line)" in r.stdout
+    h = mvlm("history", "--db", db, "--model", smollm2_gguf.stem, "--json")
+    rows = json.loads(h.stdout)
+    assert h.returncode == 0 and len(rows) == 2, h.stdout + h.stderr
+    assert {row["model"] for row in rows} == {smollm2_gguf.stem}
+    text = md.read_text()
+    assert "## baseline (--against threads=2)" in text and "## candidate (the command line)" in text
+    assert "(baseline)" not in text and "(candidate)" not in text.split("## candidate", 1)[1].split("\n", 1)[1]
+
+
+# ===================================================================================================== 14. profiles
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("threads", "5000", "field 'threads' = 5000 is out of range: give a whole number from 1 to 1024"),
+    ("threads", "99999999999999999999999", "field 'threads' = 99999999999999999999999 is out of range"),
+    ("threads", "9" * 40, "field 'threads' = a 133-bit number is out of range"),
+    ("threads", "0", "field 'threads' = 0 is out of range"),
+    ("n_gpu_layers", "-3", "field 'n_gpu_layers' = -3 is out of range: give a whole number from 0 to 100000"),
+])
+def test_profile_counts_are_bounded_like_the_command_line(tmp_path, fake_gguf, field, value, words):
+    prof = tmp_path / "big.toml"
+    prof.write_text(f'transport = "local"\ntarget = "host"\nworkdir = "{tmp_path / "dev"}"\n{field} = {value}\n')
+    r = mvlm("bench", "--device", prof, "--model", fake_gguf)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2 and str(prof) in line and words in line, line
+    assert not (tmp_path / "dev").exists()
+
+
+def test_device_spec_messages_keep_the_users_text(tmp_path, fake_gguf, profile_dir):
+    forms = "a profile name (see `mvlm devices`), the path of a .toml profile, ssh://user@host[:port] or adb:SERIAL"
+    r = mvlm("bench", "--device", "foo://x", "--model", fake_gguf)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2 and "--device foo://x: unknown scheme foo://" in line and forms in line, line
+    r = mvlm("bench", "--device", "/dev/null", "--model", fake_gguf)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2 and "/dev/null exists but is not a profile file (a character device)" in line, line
+    r = mvlm("bench", "--device", tmp_path / "nope.toml", "--model", fake_gguf)
+    assert r.returncode == 2 and "does not exist" in _one_line(r.stderr) and forms in r.stderr
+    # a FIFO named like a profile is refused, not read (a read would block forever), also when `mvlm devices` scans
+    os.mkfifo(profile_dir / "pipe.toml")
+    r = mvlm("bench", "--device", profile_dir / "pipe.toml", "--model", fake_gguf, timeout=60)
+    assert r.returncode == 2 and "a FIFO" in _one_line(r.stderr)
+    r = mvlm("devices", "--no-check", "--json", timeout=60)
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert r.returncode == 0 and "not a device profile file (a FIFO)" in rows["pipe"]["status"]

@@ -100,6 +100,115 @@ def test_file_baseline_gates_within_session_and_warns(tmp_path):
     assert r.returncode == 2 and "needs a baseline stored in the history" in r.stderr
 
 
+def _save(db: Path, medians: list[tuple[str, str, float]], seed: int, n: int = 5, noise: float = 0.005) -> None:
+    """Entries (label, build, level of Eval tokens/s), each with n repetitions of ``noise`` run noise."""
+    rng = np.random.default_rng(seed)
+    with History(db) as h:
+        for label, runtime, level in medians:
+            tps = [float(x) for x in level * np.exp(rng.normal(0, noise, n))]
+            h.save(Entry(_ctx(runtime), {"eval_tps": tps, "prompt_tps": [t * 4 for t in tps],
+                                         "total_s": [400 / t for t in tps]}, label=label))
+
+
+def test_history_gate_uses_only_the_baseline_labels_sessions(tmp_path):
+    """Regressed PR sessions of main's build (crafted, or a PR that did not change the build) must not widen main's
+    noise band: with label:main the sessions are main's own, and a 50% regression fails."""
+    db = tmp_path / "h.sqlite"
+    main = [("main", "r0", 40.0 * (1 + e)) for e in (-0.01, 0.0, 0.01, 0.005)]
+    prs = [(f"pr-{i}", "r0", level) for i, level in enumerate((20.0, 60.0, 15.0, 70.0))]  # same build, wild
+    _save(db, main[:2] + prs + main[2:] + [("pr-9", "r1", 20.0)], seed=5)
+    r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", "--json", cwd=tmp_path)
+    assert r.returncode == 4, r.stdout + r.stderr
+    ev = next(v for v in json.loads(r.stdout)["comparisons"][0]["gate"]["history"] if v["key"] == "eval_tps")
+    assert ev["verdict"] == "slower" and ev["n_sessions"] == 4 and ev["band"] < 0.05
+    r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
+    assert r.returncode == 4 and "worse than the centre of 4 baseline session(s)" in r.stderr, r.stderr
+    # the old rule (every session of the build) would have pooled the PR sessions: a band wider than the regression
+    from mvlm_bench import gate
+
+    with History(db, create=False) as h:
+        pooled = [e.samples["eval_tps"] for e in h.entries() if e.context.runtime_commit == "r0"]
+    assert gate.noise_model("eval_tps", pooled).band > 0.5
+    # an unlabelled baseline: its sessions are the unlabelled entries of its build
+    db2 = tmp_path / "h2.sqlite"
+    _save(db2, [("", "r0", 40.0), ("main", "r0", 20.0), ("", "r0", 40.2), ("", "r0", 39.9), ("pr", "r1", 20.0)], seed=6)
+    r = mvlm("compare", "id:4", "latest", "--db", db2, "--fail-on-regression", "5%", "--json", cwd=tmp_path)
+    ev = next(v for v in json.loads(r.stdout)["comparisons"][0]["gate"]["history"] if v["key"] == "eval_tps")
+    assert r.returncode == 4 and ev["n_sessions"] == 3 and ev["verdict"] == "slower", r.stderr
+
+
+def test_history_gate_does_not_flag_a_candidate_inside_the_baselines_own_range(tmp_path):
+    """3 main sessions, one of them at 40.5; a candidate of the same build at 43.26 was failed 'beyond the noise band'
+    because the MAD of 3 sessions ignores the extreme one. It lies inside what main itself did: suspected, not failed."""
+    db = tmp_path / "h.sqlite"
+    _save(db, [("main", "r0", 46.6), ("main", "r0", 46.9), ("main", "r0", 40.5), ("pr", "r0", 43.26)], seed=7,
+          noise=0.0)
+    from mvlm_bench import gate
+
+    nm = gate.noise_model("eval_tps", [[46.6] * 5, [46.9] * 5, [40.5] * 5])
+    assert gate.NOISE_K * nm.sigma < 1 - 43.26 / 46.6 < nm.band  # the MAD band alone failed it
+    r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "inside the baseline's noise band" in r.stderr and "their worst session" in r.stderr
+    assert "Eval 7.2% worse than the centre of 3 baseline session(s)" in r.stderr, r.stderr
+    assert "gate passed" in r.stderr and "+" not in r.stderr.split("history: Eval")[1].split("\n")[0]
+    # worse than every stored main session: fails
+    _save(db, [("pr", "r0", 38.0)], seed=8, noise=0.0)
+    r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
+    assert r.returncode == 4 and "their worst session" in r.stderr, r.stdout + r.stderr
+    # a faster candidate reads "better"
+    _save(db, [("pr", "r0", 48.0)], seed=9, noise=0.0)
+    r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
+    assert r.returncode == 0 and "Eval 3.0% better than the centre" in r.stderr, r.stderr  # 48 / 46.6
+
+
+def test_gate_mode_without_a_threshold_is_refused(tmp_path):
+    db = tmp_path / "h.sqlite"
+    _history(db, [0.0, 0.01, -0.01], candidate_slowdown=0.3, seed=10)
+    for mode in ("history", "within-session"):
+        r = mvlm("compare", "label:main", "latest", "--db", db, "--gate", mode, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert f"--gate {mode} only decides with a threshold" in line and "--fail-on-regression" in line
+    r = mvlm("compare", "label:main", "latest", "--db", db, "--gate", "sometimes", "--fail-on-regression", "5%",
+             cwd=tmp_path)
+    assert r.returncode == 2 and "choose one of auto, history, within-session" in r.stderr
+
+
+@pytest.mark.parametrize("bare", ["1", "5", "1.5"])
+def test_a_bare_threshold_is_refused_in_one_line(tmp_path, bare):
+    db = tmp_path / "h.sqlite"
+    _history(db, [0.0, 0.01, -0.01], candidate_slowdown=0.3, seed=11)
+    r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", bare, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert f"write {bare}%" in line and "ambiguous" in line
+
+
+def test_interleaved_tables_say_pair_speedup(tmp_path):
+    """The A/B table's speedup is the median of the per-pair speedups, which can differ from the ratio of the medians
+    shown beside it: the column says "Pair speedup" and the caption / Markdown note says what it is."""
+    from rich.console import Console
+
+    from mvlm_bench import compare, gate
+    from mvlm_bench.history_cli import comparison_table
+
+    base = [10.0, 20.0, 30.0, 40.0, 50.0]  # pair speedups 3, 0.9, 0.9, 1.5, 0.9: median 0.9
+    cand = [30.0, 18.0, 27.0, 60.0, 45.0]
+    comps = gate.compare_interleaved({"eval_tps": base}, {"eval_tps": cand})
+    assert comps[0].speedup == pytest.approx(0.9) and np.median(cand) / np.median(base) == 1.0  # why the label
+    con = Console(record=True, width=200)
+    con.print(comparison_table(comps, "interleaved A/B"))
+    text = con.export_text()
+    assert "Pair speedup" in text and "median of the per-pair speedups" in text
+    md = compare.render_markdown(comps, "interleaved A/B")
+    assert "| Pair speedup |" in md and "median of the per-pair speedups" in md
+    two = compare.compare_samples({"eval_tps": base}, {"eval_tps": cand})  # two sessions: a plain "Speedup"
+    con = Console(record=True, width=200)
+    con.print(comparison_table(two, "two sessions"))
+    assert "Pair speedup" not in con.export_text() and "| Speedup |" in compare.render_markdown(two)
+
+
 def _fake_gguf(p: Path) -> Path:
     p.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + os.urandom(2000))
     return p
@@ -146,10 +255,21 @@ def test_ab_session_through_the_cli_records_both_sides(tmp_path, host_runtime, s
     assert r.returncode == 0, r.stdout + r.stderr
     assert "A/A session measures the noise" in r.stderr and "gate passed" in r.stderr
     assert "interleaved A/B" in r.stdout and "order ABBAABBAAB" in r.stdout
+    assert "Pair speedup" in r.stdout and "median of the per-pair speedups" in " ".join(r.stdout.split())
     recs = json.loads(out.read_text())
     assert sorted(x["params"]["ab_side"] for x in recs) == ["baseline", "candidate"]
     assert all(x["repetitions"] == 5 for x in recs)
-    assert "(baseline)" in (tmp_path / "ab.md").read_text()
+    # when it was measured (llama-bench's test_time, unix start/end); an import stores each side once, at that time
+    assert all(x["test_time"].endswith("Z") and x["start_time"] <= x["end_time"] for x in recs)
+    db = tmp_path / "imported.sqlite"
+    for expect in ("imported 2 measurement(s)", "imported 0 measurement(s)"):
+        imp = mvlm("history", "import", out, "--db", db, cwd=tmp_path)
+        assert imp.returncode == 0 and expect in imp.stderr, imp.stderr
+    with History(db, create=False) as h:
+        assert sorted(e.created_at[:19] for e in h.entries()) == sorted(x["test_time"][:19] for x in recs)
+    md = (tmp_path / "ab.md").read_text()  # one section per side; the rows keep the real model name
+    assert "## baseline (--against threads=1)" in md and "## candidate (the command line)" in md
+    assert f"| {smollm2_gguf.stem} |" in md and "(baseline) |" not in md
 
 
 @pytest.mark.slow
