@@ -24,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mvlm_bench import bench, runtime  # noqa: E402
-from mvlm_bench.assets import smollm2_gguf  # noqa: E402
+from mvlm_bench import bench  # noqa: E402
 from mvlm_bench.devices import profile_from_dict  # noqa: E402
+from mvlm_core import runtime  # noqa: E402
+from mvlm_core.assets import smollm2_gguf  # noqa: E402
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mvlm_bench.runtime import cache_root, find  # noqa: E402
+from mvlm_core.runtime import cache_root, find  # noqa: E402
 
 
 def make_input(layers: int) -> Path:

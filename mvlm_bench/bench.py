@@ -28,11 +28,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mvlm_bench import runtime as rtmod
 from mvlm_bench.devices import KNOWN_TARGETS, DeviceProfile
 from mvlm_bench.report import Run, RunContext
 from mvlm_bench.timings import parse_llama_bench, parse_text
-from mvlm_convert.errors import MvlmError
+from mvlm_core import runtime as rtmod
+from mvlm_core.errors import MvlmError
 
 LM_PROMPT = "Building a website can be done in 10 simple steps:\nStep 1:"
 VLM_PROMPT = "What is in the picture?"
@@ -139,7 +139,7 @@ def validate_spec(spec: BenchSpec) -> None:
 
 def check_inputs(spec: BenchSpec) -> None:
     """The model (and mmproj, image) exist and are what they claim, checked here before anything goes to a device."""
-    from mvlm_convert.atomic import is_gguf
+    from mvlm_core.atomic import is_gguf
 
     def gguf(option: str, p: Path) -> None:
         if not p.exists():
@@ -351,7 +351,7 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
              outputs: dict[str, Path] | None = None) -> Prepared:
     """Find the runtime, push this side's files (content-addressed), and build its command line and context."""
     from mvlm_bench.sync import sha256_file, sync
-    from mvlm_convert.atomic import check_output_path
+    from mvlm_core.atomic import check_output_path
 
     spec = side.spec
     rt = side.runtime

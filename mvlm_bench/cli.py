@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.console import Console
 
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 app = typer.Typer(
     name="mvlm",

@@ -223,13 +223,13 @@ def parse_threshold(text: str) -> float:
     try:
         v = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
     except ValueError:
-        from mvlm_convert.errors import MvlmError
+        from mvlm_core.errors import MvlmError
 
         raise MvlmError(f"--fail-on-regression {text!r} is not a percentage: write e.g. 5%") from None
     if v > 1 and not s.endswith("%"):
         v /= 100.0
     if not 0 <= v < 10:
-        from mvlm_convert.errors import MvlmError
+        from mvlm_core.errors import MvlmError
 
         raise MvlmError(f"--fail-on-regression {text!r} is out of range: write a percentage such as 5%")
     return v

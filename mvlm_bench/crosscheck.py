@@ -23,8 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvlm_bench import runtime as rtmod
-from mvlm_convert.errors import MvlmError
+from mvlm_core import runtime as rtmod
+from mvlm_core.errors import MvlmError
 
 PPL_TOLERANCE = 0.02  # relative; measured differences are 0.02-0.9 % depending on the text
 PPL_CTX = 128

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from mvlm_bench.report import RunContext
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 SCHEMA_VERSION = 1
 DEFAULT_DB_NAME = "mvlm-history.sqlite"
@@ -762,7 +762,7 @@ class SaveOutcome:
 def spill_entries(entries: Sequence[Entry], db: Path) -> tuple[Path | None, str]:
     """Write entries to ``<db>.unsaved-<UTC time>.json`` beside the history, else in the current directory, else in
     the temporary directory. Returns (the file or None when none could be written, the JSON text)."""
-    from mvlm_convert.atomic import write_text
+    from mvlm_core.atomic import write_text
 
     text = json.dumps(entries_to_records(entries), indent=2, default=str) + "\n"
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 EXIT_REGRESSION = 4
 
@@ -202,7 +202,7 @@ def run_comparison(pairs: list[tuple], metrics: list[str] | None, alpha: float, 
         if threshold is not None:
             md.append(f"\n**Gate** ({threshold:.1%} on {', '.join(gate_metrics)}): "
                       + ("regression: " + "; ".join(line for _, line in failures) if failures else "passed") + "\n")
-        from mvlm_convert.atomic import write_text
+        from mvlm_core.atomic import write_text
 
         write_text(markdown_out, "\n".join(md))  # one line (MvlmError) when it cannot be written
     if failures:
@@ -286,7 +286,7 @@ def compare_cmd(
     threshold = compare.parse_threshold(fail_on_regression) if fail_on_regression else None
     if markdown_out is not None:
         from mvlm_bench.history import default_db_path
-        from mvlm_convert.atomic import check_output_path
+        from mvlm_core.atomic import check_output_path
 
         inputs = [Path(s) for s in (baseline, candidate) if _is_file(s)] + [db or default_db_path()]
         check_output_path(markdown_out, inputs, option="--markdown")
@@ -422,7 +422,7 @@ def plot_cmd(
     try:
         files = plots.plot_history(entries, out, tuple(metric) if metric else plots.PLOT_METRICS)
     except OSError as e:
-        from mvlm_convert.atomic import is_disk_full
+        from mvlm_core.atomic import is_disk_full
 
         if is_disk_full(e):
             raise MvlmError(f"disk full while writing plots to {out}: free space and run again", exit_code=28) from None

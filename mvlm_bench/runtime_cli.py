@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mvlm_bench import runtime as rtmod
+from mvlm_core import runtime as rtmod
 
 app = typer.Typer(no_args_is_help=True)
 console = Console(stderr=True)
@@ -114,7 +114,7 @@ def check_cmd(
     from mvlm_bench import crosscheck
 
     if model is None:
-        from mvlm_bench.assets import smollm2_gguf
+        from mvlm_core.assets import smollm2_gguf
 
         model = smollm2_gguf()
     console.print(f"[dim]perplexity of {model.name} (-c {crosscheck.PPL_CTX}) on host and {target}...[/]")

@@ -15,9 +15,9 @@ import torch
 
 from mvlm_convert.checkpoint import Checkpoint
 from mvlm_convert.config_check import Dim, check_layer_count, check_shape
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.families.mobilevlm import LmHparams, is_lm_tensor, lm_hparams, lm_required_tensors
 from mvlm_convert.gguf_stream import QT, FileSummary, PreparedGGUF, Progress, TensorPlan, add_lm_keys, matrix_type
+from mvlm_core.errors import MvlmError
 
 # MobileVLM's conversation template "v1" (LLaVA's conv_vicuna_v1, SeparatorStyle.TWO, sep " ", sep2 "</s>"):
 #   "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:"

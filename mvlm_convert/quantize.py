@@ -11,7 +11,7 @@ top-1 agreement (LM), cosine of the image embeddings (mmproj).
 
 An LM input is first loaded once by the runtime's own loader (``mvlm-dump -m``): a GGUF llama.cpp cannot load is
 refused in one line instead of being quantized into another broken file. Every ``--type`` output is written under a
-temporary name (``mvlm_convert.atomic``) and all are renamed together at the end, after the quality figures; a
+temporary name (``mvlm_core.atomic``) and all are renamed together at the end, after the quality figures; a
 failure or interruption (disk full, Ctrl-C, SIGTERM: the llama-quantize child is terminated and waited for first)
 removes the temporaries and leaves earlier files of the same names exactly as they were.
 """
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mvlm_convert.atomic import AtomicOutputs, is_disk_full
-from mvlm_convert.errors import MvlmError
+from mvlm_core.atomic import AtomicOutputs, is_disk_full
+from mvlm_core.errors import MvlmError
 
 # llama-quantize's type names (upper case, as llama.cpp names files) -> nominal bits per weight (for size estimates)
 LM_TYPES = {
@@ -281,7 +281,7 @@ def quantize_mmproj(inp: Path, out: Path, qtype: str, progress: ProgressFn | Non
 # --- quality ------------------------------------------------------------------------------------------------------
 def lm_logits(model: Path, text: str = QUALITY_TEXT, n_ctx: int = 512) -> tuple[list[int], np.ndarray]:
     """Token ids and [n_tokens, n_vocab] logits of ``text`` under ``model`` (patched host runtime via llama_cpp)."""
-    from mvlm_bench.runtime import use_runtime
+    from mvlm_core.runtime import use_runtime
 
     use_runtime("host")
     import llama_cpp
@@ -344,7 +344,7 @@ def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None =
         finals.append(out)
     quantizer = None
     if kind == "lm":
-        from mvlm_bench.runtime import find
+        from mvlm_core.runtime import find
 
         rt = find("host")
         quantizer = rt.exe("llama-quantize")

@@ -9,7 +9,7 @@ Informational, not gated: the logits at the last position of the full multimodal
 where llama.cpp uses its own image embeddings — the end-to-end path a user runs.
 
 The llama.cpp side runs through a *runtime* backend. "host" uses llama-cpp-python's bindings in this process,
-pointed at the project's patched build (``mvlm_bench.runtime.use_runtime``) before ``llama_cpp`` is imported.
+pointed at the project's patched build (``mvlm_core.runtime.use_runtime``) before ``llama_cpp`` is imported.
 "linux-arm64" / "android-arm64" run the target's ``mvlm-dump`` tool (patch 0002) as a process, through
 ``qemu-aarch64-static`` on a non-arm64 machine: the bindings cannot load a foreign build, the tool needs no bindings.
 "host-bin" runs the host build's ``mvlm-dump`` the same way (no wrapper); its arrays equal the bindings' bit for bit.
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 DEFAULT_IMAGE_THRESHOLD = 5e-3
 DEFAULT_LOGITS_THRESHOLD = 2e-3
@@ -123,7 +123,7 @@ class Runtime(Protocol):
 
 def _llama_modules(target: str):
     """Import llama_cpp + mtmd_cpp against the project's runtime for ``target`` (idempotent)."""
-    from mvlm_bench.runtime import use_runtime
+    from mvlm_core.runtime import use_runtime
 
     use_runtime(target)
     import llama_cpp
@@ -307,8 +307,8 @@ class BinaryRuntime:
                  n_threads: int | None = None, n_ctx: int = 1024, timeout: float = 900.0):
         import os
 
-        from mvlm_bench import runtime as rtmod
         from mvlm_bench.crosscheck import exec_wrapper_for
+        from mvlm_core import runtime as rtmod
 
         self.target = target
         self.rt = rtmod.find(target)

@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.verify import DEFAULT_IMAGE_THRESHOLD, DEFAULT_LOGITS_THRESHOLD, RUNTIMES, verify
+from mvlm_core.errors import MvlmError
 
 
 def _fmt(v) -> str:

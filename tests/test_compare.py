@@ -24,7 +24,7 @@ from mvlm_bench.compare import (
     parse_threshold,
     regressions,
 )
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 BASE = {"eval_tps": 40.0, "prompt_tps": 120.0, "total_s": 12.0, "ve_ms": 900.0, "load_s": 0.8, "sample_tps": 9000.0}
 

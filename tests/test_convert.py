@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from mvlm_convert.convert import convert
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.tiny import CLIP, LM, make_tiny_checkpoint
+from mvlm_core.errors import MvlmError
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -39,7 +39,7 @@ from mvlm_bench import bench
 from mvlm_bench.devices import load_profile, profile_from_dict
 from mvlm_bench.sync import sync
 from mvlm_bench.transports import ConnectionLostError, DeviceInfo, make_transport
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 MVLM = [sys.executable, "-m", "mvlm_bench.cli"]
 

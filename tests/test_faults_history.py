@@ -24,7 +24,7 @@ from mvlm_bench import history
 from mvlm_bench.history import History, HistoryError, entries_from_json, entries_from_runs, save_or_spill
 from mvlm_bench.report import Run, RunContext, render_json
 from mvlm_bench.timings import TimingRecord, parse_file, parse_text
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 MVLM = str(Path(sys.executable).with_name("mvlm"))  # the venv's console script
 

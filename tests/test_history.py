@@ -20,7 +20,7 @@ from mvlm_bench import history
 from mvlm_bench.history import Entry, History, entries_from_json, entries_from_runs, setup_key
 from mvlm_bench.report import Run, RunContext, render_json
 from mvlm_bench.timings import TimingRecord
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 REPO = Path(__file__).resolve().parents[1]
 

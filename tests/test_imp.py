@@ -18,9 +18,9 @@ import torch
 
 from mvlm_convert import reference as ref
 from mvlm_convert.convert import convert
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.families import detect_family
 from mvlm_convert.tiny_peers import IMP_LM, IMP_SIGLIP, make_tiny_imp
+from mvlm_core.errors import MvlmError
 
 F32_IMAGE_BAR = 2e-3
 F32_LOGITS_BAR = 1e-3  # ggml's CPU GELU is an f16 lookup table: ~3e-4 on the tiny Phi-2, more than LLaMA's SiLU

@@ -18,9 +18,9 @@ import torch
 
 from mvlm_convert import reference as ref
 from mvlm_convert.convert import convert
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.families import detect_family
 from mvlm_convert.tiny_peers import IMP15_KV, IMP_LM, PHI3_ADDED, make_tiny_imp15
+from mvlm_core.errors import MvlmError
 
 F32_IMAGE_BAR = 2e-3
 F32_LOGITS_BAR = 1e-3

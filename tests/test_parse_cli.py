@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from mvlm_bench.parse_cli import parse_cmd
 from mvlm_bench.timings import FIELDS
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 LLAMA_PERF = """\
 some generated text

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mvlm_convert import quantize as q
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 MVLM = [sys.executable, "-m", "mvlm_bench.cli"]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mvlm_bench import runtime as rt
-from mvlm_convert.errors import MvlmError
+from mvlm_core import runtime as rt
+from mvlm_core.errors import MvlmError
 
 SRC = rt.Source(Path("/nonexistent"), "test-source", "abc1234", "test source")
 
@@ -209,7 +209,7 @@ def test_second_build_is_cached_and_fast(host_runtime):
 def test_bindings_load_the_patched_libraries(host_runtime):
     # a fresh interpreter: use_runtime() then import llama_cpp must map our libllama.so
     code = (
-        "from mvlm_bench.runtime import use_runtime; use_runtime('host'); import llama_cpp, llama_cpp.mtmd_cpp;"
+        "from mvlm_core.runtime import use_runtime; use_runtime('host'); import llama_cpp, llama_cpp.mtmd_cpp;"
         "print(open('/proc/self/maps').read())"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

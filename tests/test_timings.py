@@ -309,7 +309,7 @@ def test_utf16_file_and_unreadable_file(tmp_path: Path):
     p = tmp_path / "ps.log"
     p.write_bytes(text.encode("utf-16"))  # with BOM, as PowerShell's '>' writes it
     assert parse_file(p).total_ms == 70.0
-    from mvlm_convert.errors import MvlmError
+    from mvlm_core.errors import MvlmError
 
     with pytest.raises(MvlmError, match="does not exist"):
         parse_file(tmp_path / "nope.log")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mvlm_convert import reference as ref
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 RNG = np.random.default_rng(1234)
 

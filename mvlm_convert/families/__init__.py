@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 FAMILY_MODULES = [
     "mvlm_convert.families.mobilevlm",

@@ -17,8 +17,8 @@ from typing import Any
 
 import gguf
 
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.families import FamilyInfo
+from mvlm_core.errors import MvlmError
 
 NAME = "mobilevlm"
 # config mm_projector_type prefixes, most specific first (``ldpnetv2`` also starts with ``ldpnet``)
