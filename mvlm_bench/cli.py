@@ -22,7 +22,9 @@ app = typer.Typer(
 
 def _wire() -> None:
     from mvlm_bench import runtime_cli
+    from mvlm_convert.crosscheck_cli import check_cmd
 
+    runtime_cli.app.command("check")(check_cmd)
     app.add_typer(runtime_cli.app, name="runtime", help="Build the pinned, patched llama.cpp for a target; print where it is.")
 
     from mvlm_convert.convert_cli import convert_cmd

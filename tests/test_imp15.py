@@ -184,7 +184,7 @@ def test_imp15_verify_f32_parity(imp15_f32):
 
 @pytest.mark.slow
 def test_imp15_tokenization_matches_the_checkpoint_tokenizer(imp15_f32):
-    from mvlm_convert.verify import get_runtime
+    from mvlm_core.backends import get_backend
 
     lm, ckpt, res = imp15_f32
     if lm == "qwen2":
@@ -197,7 +197,7 @@ def test_imp15_tokenization_matches_the_checkpoint_tokenizer(imp15_f32):
 
         sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
         encode = sp.encode
-    rt = get_runtime("host")
+    rt = get_backend("host")
     for text in ("What is in the picture?", "A chat between a curious user and an artificial intelligence assistant.",
                  "we'll see 2024 cats\n\n  and 31 dogs", "Building a website can be done in 10 simple steps",
                  "What is in the.picture.of.the.cat?"):  # ".c" is one Qwen pre-token (GPT-2's regex: two)
