@@ -33,6 +33,7 @@ from mvlm_bench.report import Run, RunContext
 from mvlm_bench.timings import parse_llama_bench, parse_text
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
+from mvlm_core.filetypes import precision_from_filename
 
 LM_PROMPT = "Building a website can be done in 10 simple steps:\nStep 1:"
 VLM_PROMPT = "What is in the picture?"
@@ -395,7 +396,7 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
     ctx = RunContext(
         device=profile.name + (" (emulated)" if profile.emulated else ""),
         model=spec.model.stem + (f" ({side.name})" if side.name else ""),
-        precision=_precision(spec.model.name),
+        precision=precision_from_filename(spec.model.name),
         model_file=spec.model.name,
         model_sha256=sha256_file(spec.model),
         mmproj_file=spec.mmproj.name if spec.mmproj else "",
@@ -559,7 +560,3 @@ def _describe_failure(r, timeout: float) -> str:
         return f"killed by signal {r.signal} (crash?)"
     return f"exited with status {r.returncode}"
 
-
-def _precision(filename: str) -> str:
-    m = re.search(r"[-.](F32|F16|BF16|Q\d\w*|IQ\d\w*)\.gguf$", filename, re.I)
-    return m.group(1).lower() if m else "unknown"

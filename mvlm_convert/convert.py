@@ -16,12 +16,11 @@ from typing import Any
 
 from mvlm_convert.checkpoint import open_checkpoint
 from mvlm_convert.families import detect_family, normalize, prepare_lm
-from mvlm_convert.gguf_stream import OUTTYPES, FileSummary, PreparedGGUF, Progress, TensorPlan, check_writable
+from mvlm_convert.gguf_stream import FileSummary, PreparedGGUF, Progress, TensorPlan, check_writable
 from mvlm_convert.mmproj_gguf import prepare_mmproj_gguf
 from mvlm_core.atomic import AtomicOutputs
 from mvlm_core.errors import MvlmError
-
-FTYPE_LABELS = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+from mvlm_core.filetypes import FTYPE_LABELS, OUTTYPES
 
 
 @dataclass

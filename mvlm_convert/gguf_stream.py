@@ -26,16 +26,7 @@ import torch
 
 from mvlm_core.atomic import AtomicOutputs, is_disk_full, temporary_for
 from mvlm_core.errors import MvlmError
-
-QT = gguf.GGMLQuantizationType
-
-OUTTYPES: dict[str, QT] = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}
-FILE_TYPES: dict[str, gguf.LlamaFileType] = {
-    "f32": gguf.LlamaFileType.ALL_F32,
-    "f16": gguf.LlamaFileType.MOSTLY_F16,
-    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-}
+from mvlm_core.filetypes import FILE_TYPES, OUTTYPES, QT
 
 
 @dataclass

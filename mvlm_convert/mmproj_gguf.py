@@ -26,8 +26,9 @@ from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
 from mvlm_convert.config_check import FIX, Dim, Fields, check_shape, weight_hints
 from mvlm_convert.families import detect_family, projector_tensors
 from mvlm_convert.families.mobilevlm import CLIP_PREFIX_IN_CHECKPOINT, vision_select_layer, vision_tower_dir
-from mvlm_convert.gguf_stream import FILE_TYPES, QT, FileSummary, PreparedGGUF, Progress, TensorPlan, matrix_type
+from mvlm_convert.gguf_stream import QT, FileSummary, PreparedGGUF, Progress, TensorPlan, matrix_type
 from mvlm_core.errors import MvlmError
+from mvlm_core.filetypes import FILE_TYPES
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
