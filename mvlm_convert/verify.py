@@ -23,24 +23,11 @@ from typing import Any
 import numpy as np
 
 from mvlm_core.backends import Backend, get_backend
+from mvlm_core.conversation import DEFAULT_QUESTION, IMAGE_PLACEHOLDER, v1_prompt
 from mvlm_core.errors import MvlmError
 
 DEFAULT_IMAGE_THRESHOLD = 5e-3
 DEFAULT_LOGITS_THRESHOLD = 2e-3
-
-V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-DEFAULT_QUESTION = "What is in the picture?"
-
-
-def v1_prompt(question: str = DEFAULT_QUESTION, image_marker: str | None = None) -> str:
-    """MobileVLM conversation "v1" prompt; with ``image_marker`` the image goes where MobileVLM puts ``<image>``."""
-    if image_marker is None:
-        return f"{V1_SYSTEM} USER: {question} ASSISTANT:"
-    return f"{V1_SYSTEM} USER: {image_marker}\n{question} ASSISTANT:"
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # Metrics
@@ -233,7 +220,7 @@ def verify(
         # -- end to end (informational): text + llama.cpp's image embeddings + text, last-position logits ----------
         if multimodal and result["image_rel_err"] is not None:
             try:
-                mm = rt.multimodal(Path(mmproj_path), Path(gguf_path), rgb, v1_prompt(question, "<image>"),
+                mm = rt.multimodal(Path(mmproj_path), Path(gguf_path), rgb, v1_prompt(question, IMAGE_PLACEHOLDER),
                                    kv_cache=kv_cache)
                 emb_layer = lm.get_input_embeddings()
                 with torch.no_grad():

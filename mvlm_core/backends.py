@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mvlm_core import conversation
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
 
@@ -211,7 +212,7 @@ class HostBackend:
             ctx = self._mtmd_ctx(mmproj_path, llm)
             try:
                 marker = m.mtmd_default_marker().decode()
-                chunks = self._tokenize_mm(ctx, rgb, prompt.replace("<image>", marker))
+                chunks = self._tokenize_mm(ctx, rgb, prompt.replace(conversation.IMAGE_PLACEHOLDER, marker))
                 try:
                     parts = self._chunk_list(chunks)
                     kinds = [p[0] for p in parts]
@@ -250,7 +251,7 @@ class BinaryBackend:
     own kernels. Inputs and outputs travel as raw files in a temporary directory.
     """
 
-    MEDIA_MARKER = "<__media__>"  # mtmd_default_marker() at the pinned commit; the tool reports its own, checked
+    MEDIA_MARKER = conversation.MEDIA_MARKER  # mtmd_default_marker() at the pinned commit; the tool reports its own, checked
 
     def __init__(self, target: str = "linux-arm64", exec_wrapper: list[str] | None = None,
                  n_threads: int | None = None, n_ctx: int = 1024, timeout: float = 900.0):
@@ -330,7 +331,7 @@ class BinaryBackend:
             raise MvlmError(f"kv cache type {kv_cache!r} not supported: choose {', '.join(KV_CACHE_TYPES)}")
         with tempfile.TemporaryDirectory(prefix="mvlm-dump-") as td:
             d = Path(td)
-            (d / "prompt.txt").write_bytes(prompt.replace("<image>", self.MEDIA_MARKER).encode("utf-8"))
+            (d / "prompt.txt").write_bytes(prompt.replace(conversation.IMAGE_PLACEHOLDER, self.MEDIA_MARKER).encode("utf-8"))
             info = self._run(gguf_path, [*self._image_args(d, rgb), "--kv", kv_cache, "--embd-out", str(d / "embd.f32"),
                                          "--prompt-file", str(d / "prompt.txt"),
                                          "--mm-logits-out", str(d / "last.f32")], mmproj_path)

@@ -129,8 +129,9 @@ def test_cross_build_is_static_aarch64_and_cached(arm64_runtime):
 @pytest.mark.slow
 def test_dump_tool_equals_the_bindings_on_the_host(tiny_v2):
     """mvlm-dump (host build, a process) and llama-cpp-python (same build, in process) give identical arrays."""
-    from mvlm_convert.verify import load_image, v1_prompt
+    from mvlm_convert.verify import load_image
     from mvlm_core.backends import get_backend
+    from mvlm_core.conversation import v1_prompt
 
     _, lm, mmproj = tiny_v2
     py, tool = get_backend("host"), get_backend("host-bin")

@@ -2,7 +2,7 @@
 
 Expected values are computed here from the source weights, loaded independently of the converter (torch.load /
 safetensors.torch.load_file), with an independent loop-based reimplementation of llama.cpp's Q/K row order.
-The chat-template expectation is written by hand from DESIGN.md §3 (LLaVA conv "v1").
+The chat-template expectation is written by hand from LLaVA's conv "v1" (conv_vicuna_v1), not from mvlm_core.conversation.
 """
 
 from __future__ import annotations
