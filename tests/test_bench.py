@@ -19,7 +19,7 @@ from peers import AdbDouble, _free_port
 from mvlm_bench import bench
 from mvlm_bench.devices import profile_from_dict
 
-MVLM = [sys.executable, "-m", "mvlm_bench.cli"]
+MVLM = [sys.executable, "-m", "mvlm"]
 pytestmark = pytest.mark.slow
 
 

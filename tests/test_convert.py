@@ -426,7 +426,7 @@ def test_cli_error_is_one_line(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", variant="v2")
     (ckpt / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not really a zip")
     p = subprocess.run(
-        [sys.executable, "-m", "mvlm_bench.cli", "convert", str(ckpt), "-o", str(tmp_path / "out")],
+        [sys.executable, "-m", "mvlm", "convert", str(ckpt), "-o", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -482,7 +482,7 @@ def test_disk_full_for_real(tmp_path, small_fs):
     """A real filesystem that fills up mid-write (a 256 KiB tmpfs): one line, exit != 0, nothing left behind."""
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", variant="v2")
     out = small_fs(256 * 1024)
-    r = subprocess.run([sys.executable, "-m", "mvlm_bench.cli", "convert", str(ckpt), "-o", str(out), "--outtype", "f32"],
+    r = subprocess.run([sys.executable, "-m", "mvlm", "convert", str(ckpt), "-o", str(out), "--outtype", "f32"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]

@@ -41,7 +41,7 @@ from mvlm_bench.sync import sync
 from mvlm_bench.transports import ConnectionLostError, DeviceInfo, make_transport
 from mvlm_core.errors import MvlmError
 
-MVLM = [sys.executable, "-m", "mvlm_bench.cli"]
+MVLM = [sys.executable, "-m", "mvlm"]
 
 
 def mvlm(*args, env: dict | None = None, timeout: float = 600, prefix: list[str] | None = None):

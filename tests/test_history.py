@@ -1,6 +1,6 @@
 """The benchmark history (SQLite), its selectors and schema versioning, `mvlm compare/history` and the bench gate.
 
-The CLI is run as a real process (`python -m mvlm_bench.cli`), so exit codes and one-line errors are what a CI job
+The CLI is run as a real process (`python -m mvlm`), so exit codes and one-line errors are what a CI job
 sees. The slow test benches a real tiny model twice on the local device with the real host runtime.
 """
 
@@ -196,7 +196,7 @@ def test_failed_migration_leaves_file_unchanged(tmp_path, monkeypatch):
 def _mvlm(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     e = dict(os.environ) | {"COLUMNS": "200"} | (env or {})
     e.pop("MVLM_HISTORY", None)
-    return subprocess.run([sys.executable, "-m", "mvlm_bench.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mvlm", *args], cwd=cwd, capture_output=True, text=True,
                           env=e, timeout=120)
 
 
