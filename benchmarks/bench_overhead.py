@@ -53,7 +53,7 @@ def main() -> int:
             subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=True)
             direct.append(time.perf_counter() - t0)
             res = bench.run_bench(prof, spec)
-            from mvlm_bench.report import run_metrics
+            from mvlm_bench.records import run_metrics
 
             toolkit.append(run_metrics(res.runs[0])["total_s"])
     md, mt = statistics.median(direct), statistics.median(toolkit)

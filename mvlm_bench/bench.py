@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mvlm_bench.devices import KNOWN_TARGETS, DeviceProfile
-from mvlm_bench.report import Run, RunContext
+from mvlm_bench.records import Run, RunContext
 from mvlm_bench.timings import parse_llama_bench, parse_text
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError

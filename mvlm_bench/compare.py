@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mvlm_bench.report import METRICS
+from mvlm_bench.records import METRICS
 
 DEFAULT_ALPHA = 0.05
 DEFAULT_THRESHOLD = 0.05  # 5%

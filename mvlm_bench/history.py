@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mvlm_bench.report import RunContext
+from mvlm_bench.records import RunContext
 from mvlm_core.errors import MvlmError
 
 SCHEMA_VERSION = 1
@@ -223,8 +223,8 @@ def setup_differences(a: Entry, b: Entry) -> list[str]:
 
 
 def entries_from_runs(runs: Sequence, label: str = "", project: tuple[str, bool | None] | None = None) -> list[Entry]:
-    """One Entry per group of repetitions (``report.aggregate``), not yet stored."""
-    from mvlm_bench.report import METRIC_KEYS, aggregate
+    """One Entry per group of repetitions (``records.aggregate``), not yet stored."""
+    from mvlm_bench.records import METRIC_KEYS, aggregate
 
     commit, dirty = project if project is not None else project_commit()
     out = []

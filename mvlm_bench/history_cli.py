@@ -75,19 +75,6 @@ def resolve(spec: str, db: Path | None, device: str | None = None, model: str | 
         return [h.select(spec, device=device, model=model, protocol=protocol, like=like, exclude=exclude)]
 
 
-def pair(baselines: list, candidates: list) -> list[tuple]:
-    """Baseline/candidate pairs: one each is a pair; several are matched by setup (device, model, protocol, params)."""
-    from mvlm_bench.history import setup_key
-
-    if len(baselines) == 1 and len(candidates) == 1:
-        return [(baselines[0], candidates[0])]
-    by_key = {setup_key(b): b for b in baselines}
-    pairs = [(by_key[setup_key(c)], c) for c in candidates if setup_key(c) in by_key]
-    if not pairs:
-        raise MvlmError("no measurement in the candidate has a baseline with the same device, model and protocol")
-    return pairs
-
-
 def _fmt(v: float | None) -> str:
     if v is None:
         return "–"
@@ -280,7 +267,7 @@ def compare_cmd(
 
       mvlm compare base.json cand.json --metric eval_tps
     """
-    from mvlm_bench import compare
+    from mvlm_bench import compare, gate
 
     _check_alpha(alpha)
     threshold = compare.parse_threshold(fail_on_regression) if fail_on_regression else None
@@ -299,7 +286,7 @@ def compare_cmd(
     else:
         like = cands[0] if len(cands) == 1 else None
         bases = resolve(baseline, db, device, model, protocol, like=like)
-    run_comparison(pair(bases, cands), metric, alpha, threshold, json_out, markdown_out, db=db, gate_mode=gate_mode)
+    run_comparison(gate.pair_entries(bases, cands), metric, alpha, threshold, json_out, markdown_out, db=db, gate_mode=gate_mode)
 
 
 def _is_sqlite(p: Path) -> bool:
@@ -318,7 +305,7 @@ def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str
     where; exit != 0). The baseline is resolved before saving (so ``latest`` means the previous measurement), but a
     baseline that cannot be resolved does not stop the save.
     """
-    from mvlm_bench import compare
+    from mvlm_bench import compare, gate
     from mvlm_bench.history import entries_from_runs, entry_from_llama_bench, save_or_spill
 
     threshold = compare.parse_threshold(fail_on_regression) if fail_on_regression else None
@@ -351,7 +338,7 @@ def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str
             save_error = MvlmError(outcome.message(), exit_code=outcome.exit_code)
             if bases:  # the comparison can still be shown; a regression keeps its exit code, naming both
                 try:
-                    run_comparison(pair(bases, entries), None, alpha, threshold, db=db)
+                    run_comparison(gate.pair_entries(bases, entries), None, alpha, threshold, db=db)
                 except MvlmError as e:
                     raise MvlmError(f"{e}; and {save_error}", exit_code=e.exit_code) from None
             raise save_error
@@ -359,7 +346,7 @@ def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str
             raise MvlmError(f"{base_error} (this measurement was saved: {outcome.message()})",
                             exit_code=base_error.exit_code)
     if baseline:
-        run_comparison(pair(bases, entries), None, alpha, threshold, db=db, confirm=confirm)
+        run_comparison(gate.pair_entries(bases, entries), None, alpha, threshold, db=db, confirm=confirm)
 
 
 @app.callback()

@@ -25,7 +25,7 @@ from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
 
 REPO = Path(__file__).resolve().parents[1]
-MVLM = shutil.which("mvlm", path=str(Path(sys.executable).parent)) or "mvlm"
+MVLM = [sys.executable, "-m", "mvlm"]
 PPL_CHUNKS = 3  # 3 x 128 tokens: enough to average out kernel rounding, ~1 min under qemu
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None,
@@ -118,7 +118,7 @@ def test_cross_build_is_static_aarch64_and_cached(arm64_runtime):
         assert not dynamic, f"{b} is dynamically linked (needs a loader the device may not have)"
     assert not arm64_runtime.lib.exists()  # static: nothing to push but bin/
     t0 = time.monotonic()
-    r = subprocess.run([MVLM, "runtime", "build", "--target", "linux-arm64"], capture_output=True, text=True,
+    r = subprocess.run([*MVLM, "runtime", "build", "--target", "linux-arm64"], capture_output=True, text=True,
                        timeout=120)
     dt = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
@@ -211,7 +211,7 @@ def test_bench_on_the_emulated_device(arm64_runtime, tiny_v2, tmp_path, protocol
     profile = prof_dir / "qemu-arm64.toml"
     profile.write_text("\n".join(lines) + "\n")
     out = tmp_path / "report.json"
-    argv = [MVLM, "bench", "--device", str(profile), "--protocol", protocol, "-m", str(lm), "-n", "8",
+    argv = [*MVLM, "bench", "--device", str(profile), "--protocol", protocol, "-m", str(lm), "-n", "8",
             "--repeat", "1", "--warmup", "0", "--json", str(out)]
     if protocol == "vlm":
         argv += ["--mmproj", str(mmproj)]

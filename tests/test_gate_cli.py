@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mvlm_bench.history import Entry, History
-from mvlm_bench.report import RunContext
+from mvlm_bench.records import RunContext
 
 REPO = Path(__file__).resolve().parents[1]
 THROTTLE = REPO / "benchmarks" / "throttle.py"

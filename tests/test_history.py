@@ -18,7 +18,8 @@ import pytest
 
 from mvlm_bench import history
 from mvlm_bench.history import Entry, History, entries_from_json, entries_from_runs, setup_key
-from mvlm_bench.report import Run, RunContext, render_json
+from mvlm_bench.records import Run, RunContext
+from mvlm_bench.report import render_json
 from mvlm_bench.timings import TimingRecord
 from mvlm_core.errors import MvlmError
 

@@ -13,18 +13,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mvlm_bench.report import (
-    METRIC_KEYS,
-    Run,
-    RunContext,
-    aggregate,
-    render_all,
-    render_csv,
-    render_json,
-    render_markdown,
-    render_table,
-    run_metrics,
-)
+from mvlm_bench.records import METRIC_KEYS, Run, RunContext, aggregate, run_metrics
+from mvlm_bench.report import render_all, render_csv, render_json, render_markdown, render_table
 from mvlm_bench.timings import TimingRecord, parse_text
 
 SHARED_OUTPUTS = Path(os.environ.get("MVLM_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "llama-cpp-outputs"
