@@ -229,7 +229,7 @@ def _layer_metadata(clip: ClipSource, select: int) -> tuple[int, list[int] | Non
 
     clip_graph_llava::build (tools/mtmd/models/llava.cpp) runs ``n_layer - 1`` layers when no feature layer is
     set: it assumes the file holds the whole tower and emulates LLaVA's hidden_states[-2]. The legacy converter
-    also drops the last layer from the file, so only n-2 ran (DESIGN §5.1). We write every layer and
+    also drops the last layer from the file, so only n-2 ran (docs/convert.md). We write every layer and
     ``block_count = n``: for the standard ``mm_vision_select_layer = -2`` exactly n-1 layers run, on every
     llama.cpp version (no feature_layer key needed, so builds that predate it agree). Any other select layer is
     expressed as ``clip.vision.feature_layer = [k]`` (k = number of layers to run, the non-negative

@@ -32,12 +32,9 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The steering repo's shared/ folder (beside the clone in CI); tests that need it fail loudly without it."""
-    d = Path(os.environ.get("MVLM_SHARED", REPO.parent / "shared"))
-    if not d.is_dir():
-        pytest.fail(f"shared/ folder not found at {d}: set MVLM_SHARED to its path")
-    return d
+def data_dir() -> Path:
+    """tests/data: real llama.cpp outputs and other files the tests read (where each came from: tests/data/README.md)."""
+    return REPO / "tests" / "data"
 
 
 @pytest.fixture
