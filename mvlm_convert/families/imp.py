@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
-from mvlm_convert.families import FamilyInfo
+from mvlm_convert.families.base import FamilyInfo
 from mvlm_core.errors import MvlmError
 
 NAME = "imp"

@@ -17,7 +17,7 @@ from typing import Any
 
 import gguf
 
-from mvlm_convert.families import FamilyInfo
+from mvlm_convert.families.base import FamilyInfo
 from mvlm_core.errors import MvlmError
 
 NAME = "mobilevlm"
