@@ -165,6 +165,7 @@ def test_xdp_reference_by_hand():
     np.testing.assert_allclose(got.numpy(), np.array(want), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow  # more than ~3 s here (fast lane: pytest -m 'not slow')
 def test_reference_llava_hf_matches_transformers(tmp_path):
     """The reference's llava-hf path (own renaming, hand-written MLP) == transformers' LlavaForConditionalGeneration."""
     from transformers import LlavaForConditionalGeneration

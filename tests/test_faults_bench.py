@@ -151,6 +151,7 @@ def test_report_path_that_is_the_model_is_refused_before_measuring(tmp_path, fak
     assert not (tmp_path / "dev-faultlocal").exists()  # nothing pushed, nothing measured
 
 
+@pytest.mark.slow  # more than ~3 s here (fast lane: pytest -m 'not slow')
 def test_report_path_other_inputs_and_existing_gguf_are_refused(tmp_path, fake_gguf):
     prof = local_profile(tmp_path)
     mmproj = tmp_path / "mmproj-M-F16.gguf"
@@ -536,6 +537,7 @@ def test_adb_corrupted_copy_is_pushed_again(tmp_path, monkeypatch):
     assert _sha(copy) == _sha(src)
 
 
+@pytest.mark.slow  # more than ~3 s here (fast lane: pytest -m 'not slow')
 def test_dropped_push_names_the_file_and_the_bytes_that_arrived(sshd, tmp_path):
     """The session is killed while the SECOND file is on its way: the message names that file, its device path and
     the bytes the device really holds (what ssh had buffered never arrived)."""
