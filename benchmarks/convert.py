@@ -234,7 +234,7 @@ def main() -> int:
     py = sys.executable
     rows: list[dict[str, object]] = []
 
-    r = measure([py, "-m", "mvlm_bench.cli", "convert", str(ckpt), "-o", str(work / "mvlm"), "--outtype",
+    r = measure([py, "-m", "mvlm", "convert", str(ckpt), "-o", str(work / "mvlm"), "--outtype",
                  args.outtype, "--json"], work / "mvlm.log", cwd=REPO)  # fmt: skip
     rows.append({"tool": "mvlm convert", "step": "LM + mmproj", **r})
 

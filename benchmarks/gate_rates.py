@@ -74,7 +74,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "out" / "gate_rates.json")
     args = ap.parse_args()
 
-    from mvlm_bench.assets import smollm2_gguf
+    from mvlm_core.assets import smollm2_gguf
 
     model = smollm2_gguf()
     profile = load_profile("local")

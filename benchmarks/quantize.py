@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mvlm_bench.runtime import cache_root, find  # noqa: E402
+from mvlm_core.runtime import cache_root, find  # noqa: E402
 
 
 def make_input(layers: int) -> Path:
@@ -96,9 +96,8 @@ def main() -> int:
     rt = find("host")
     work = cache_root() / "bench" / "quantize-out"
     work.mkdir(parents=True, exist_ok=True)
-    mvlm = str(Path(sys.executable).parent / "mvlm")
     anchor_cmd = [str(rt.exe("llama-quantize")), str(inp), str(work / "anchor.gguf"), a.type.upper(), str(a.threads)]
-    mvlm_cmd = [mvlm, "quantize", str(inp), "--type", a.type, "--outdir", str(work), "--no-quality",
+    mvlm_cmd = [sys.executable, "-m", "mvlm", "quantize", str(inp), "--type", a.type, "--outdir", str(work), "--no-quality",
                 "--threads", str(a.threads), "--json"]
     res: dict[str, list[tuple[float, int]]] = {"llama-quantize": [], "mvlm quantize": []}
     for _ in range(a.rounds):

@@ -1,3 +1,3 @@
-"""mvlm_bench: pinned llama.cpp runtimes, device transports, benchmark protocols, timing parser and reports."""
+"""mvlm_bench: devices, transports, benchmark protocols, timing parser, records and reports, history and the gate."""
 
 __version__ = "0.1.0"

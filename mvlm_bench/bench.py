@@ -28,11 +28,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mvlm_bench import runtime as rtmod
 from mvlm_bench.devices import KNOWN_TARGETS, MAX_GPU_LAYERS, MAX_THREADS, DeviceProfile
-from mvlm_bench.report import Run, RunContext
+from mvlm_bench.records import Run, RunContext
 from mvlm_bench.timings import parse_llama_bench, parse_text
-from mvlm_convert.errors import MvlmError
+from mvlm_core import runtime as rtmod
+from mvlm_core.errors import MvlmError
+from mvlm_core.filetypes import precision_from_filename
 
 LM_PROMPT = "Building a website can be done in 10 simple steps:\nStep 1:"
 VLM_PROMPT = "What is in the picture?"
@@ -176,7 +177,7 @@ def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str
     """The model (and mmproj, image) exist and are what they claim, checked here before anything goes to a device.
 
     ``against``: the ``--against`` keys (model, mmproj) that set these paths; errors then name ``--against model=X``."""
-    from mvlm_convert.atomic import is_gguf
+    from mvlm_core.atomic import is_gguf
 
     def gguf(option: str, p: Path) -> None:
         key = option.lstrip("-")
@@ -390,7 +391,7 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
              outputs: dict[str, Path] | None = None) -> Prepared:
     """Find the runtime, push this side's files (content-addressed), and build its command line and context."""
     from mvlm_bench.sync import sha256_file, sync
-    from mvlm_convert.atomic import check_output_path
+    from mvlm_core.atomic import check_output_path
 
     spec = side.spec
     rt = side.runtime
@@ -438,7 +439,7 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
     ctx = RunContext(
         device=profile.name + (" (emulated)" if profile.emulated else ""),
         model=spec.model.stem,  # the real name (history --model finds it); the A/B side is params["ab_side"]
-        precision=_precision(spec.model.name),
+        precision=precision_from_filename(spec.model.name),
         model_file=spec.model.name,
         model_sha256=sha256_file(spec.model),
         mmproj_file=spec.mmproj.name if spec.mmproj else "",
@@ -602,7 +603,3 @@ def _describe_failure(r, timeout: float) -> str:
         return f"killed by signal {r.signal} (crash?)"
     return f"exited with status {r.returncode}"
 
-
-def _precision(filename: str) -> str:
-    m = re.search(r"[-.](F32|F16|BF16|Q\d\w*|IQ\d\w*)\.gguf$", filename, re.I)
-    return m.group(1).lower() if m else "unknown"

@@ -26,8 +26,8 @@ def _check_reports(outputs: dict[str, str | Path], inputs: list[Path | None]) ->
     be written. ``outputs`` holds the options' text (a trailing slash is seen there)."""
     import os
 
-    from mvlm_convert.atomic import check_output_path
-    from mvlm_convert.errors import MvlmError
+    from mvlm_core.atomic import check_output_path
+    from mvlm_core.errors import MvlmError
 
     seen: dict[Path, str] = {}
     for option, raw in outputs.items():
@@ -46,8 +46,8 @@ def _check_reports(outputs: dict[str, str | Path], inputs: list[Path | None]) ->
 def _write_reports(texts: dict[Path, str]) -> None:
     """Every report of this command is written to a temporary name, then all are renamed together: a failure on the
     last one leaves the earlier ones (and any old reports at those paths) untouched, and no temporaries."""
-    from mvlm_convert.atomic import AtomicOutputs, is_disk_full
-    from mvlm_convert.errors import MvlmError
+    from mvlm_core.atomic import AtomicOutputs, is_disk_full
+    from mvlm_core.errors import MvlmError
 
     with AtomicOutputs() as out:
         for final, text in texts.items():
@@ -69,9 +69,9 @@ def _failure_log(device: str, output: str) -> Path | None:
     import re
     import time
 
-    from mvlm_bench.runtime import cache_root
-    from mvlm_convert.atomic import write_text
-    from mvlm_convert.errors import MvlmError
+    from mvlm_core.atomic import write_text
+    from mvlm_core.errors import MvlmError
+    from mvlm_core.runtime import cache_root
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", device).strip("_")[:60] or "device"
     path = cache_root() / "logs" / f"bench-{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
@@ -140,7 +140,7 @@ def bench_cmd(
         return
     from mvlm_bench import bench, report
     from mvlm_bench.devices import load_profile
-    from mvlm_convert.errors import MvlmError
+    from mvlm_core.errors import MvlmError
 
     if model is None:
         raise MvlmError("no model given: pass --model FILE.gguf (see `mvlm bench --help`)")
@@ -178,7 +178,7 @@ def bench_cmd(
         inputs.append(Path(baseline))
     if save or baseline:
         from mvlm_bench.history import default_db_path
-        from mvlm_convert.atomic import check_output_path
+        from mvlm_core.atomic import check_output_path
 
         history_db = db or default_db_path()
         check_output_path(db_arg or history_db, [model, mmproj, image], option="--db")
@@ -301,8 +301,8 @@ def _parse_against(items: list[str], spec, order: str):
     import dataclasses
 
     from mvlm_bench import bench, gate
-    from mvlm_bench import runtime as rtmod
-    from mvlm_convert.errors import MvlmError
+    from mvlm_core import runtime as rtmod
+    from mvlm_core.errors import MvlmError
 
     if order not in gate.ORDERS:
         raise MvlmError(f"--order {order!r}: choose one of {', '.join(gate.ORDERS)}")
@@ -360,7 +360,7 @@ def _finish_ab(ab, *, save: bool, db: Path | None, label: str, fail_on_regressio
     from mvlm_bench import compare
     from mvlm_bench.history import entries_from_runs, save_or_spill
     from mvlm_bench.history_cli import run_interleaved_report
-    from mvlm_convert.errors import MvlmError
+    from mvlm_core.errors import MvlmError
 
     threshold = compare.parse_threshold(fail_on_regression) if fail_on_regression else None
     saved_error: MvlmError | None = None
@@ -389,9 +389,9 @@ def _confirmer(profile, spec, log):
     import dataclasses
 
     from mvlm_bench import bench, gate
-    from mvlm_bench import runtime as rtmod
     from mvlm_bench.history import entries_from_runs
     from mvlm_bench.sync import sha256_file
+    from mvlm_core import runtime as rtmod
 
     def local_copy(current: Path | None, name: str, sha: str) -> Path | None:
         if not sha:
@@ -446,7 +446,7 @@ def devices_cmd(
     """
     from mvlm_bench.devices import scan_profiles
     from mvlm_bench.transports import make_transport
-    from mvlm_convert.errors import MvlmError
+    from mvlm_core.errors import MvlmError
 
     entries = scan_profiles()
     if names:

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mvlm_bench.report import METRICS
+from mvlm_bench.records import METRICS
 
 DEFAULT_ALPHA = 0.05
 DEFAULT_THRESHOLD = 0.05  # 5%
@@ -260,7 +260,7 @@ def parse_threshold(text: str) -> float:
     """``--fail-on-regression``: ``N%`` (0 < N < 1000) -> N/100, or a fraction written with a decimal point below 1
     (``0.05``). A bare number without ``%`` and at least 1 (``1``, ``5``, ``1.5``) is refused: it reads as a
     percentage to some and as a fraction to others (``1`` meant as 1% would be a gate at 100% that never fires)."""
-    from mvlm_convert.errors import MvlmError
+    from mvlm_core.errors import MvlmError
 
     s = text.strip()
     pct = s.endswith("%")

@@ -57,8 +57,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from mvlm_bench.runtime import TARGETS
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
+from mvlm_core.runtime import TARGETS
 
 TRANSPORTS = ("local", "ssh", "adb")
 # The runtime targets `mvlm runtime build --target` knows: one list, kept by the runtime module.

@@ -54,6 +54,7 @@ from mvlm_bench.compare import (
     metric_name,
     valid_values,
 )
+from mvlm_core.errors import MvlmError
 
 ORDERS = ("abba", "alternate")
 MIN_SESSIONS = 3
@@ -316,6 +317,22 @@ def judge_history_all(sessions: Sequence[dict[str, Sequence[float | None]]], can
             continue
         out.append(judge_history(key, [s.get(key, ()) for s in sessions], candidate[key], threshold, min_sessions, k))
     return out
+
+
+# --- pairing baseline and candidate measurements ----------------------------------------------------------------
+
+
+def pair_entries(baselines: list, candidates: list) -> list[tuple]:
+    """Baseline/candidate pairs: one each is a pair; several are matched by setup (device, model, protocol, params)."""
+    from mvlm_bench.history import setup_key
+
+    if len(baselines) == 1 and len(candidates) == 1:
+        return [(baselines[0], candidates[0])]
+    by_key = {setup_key(b): b for b in baselines}
+    pairs = [(by_key[setup_key(c)], c) for c in candidates if setup_key(c) in by_key]
+    if not pairs:
+        raise MvlmError("no measurement in the candidate has a baseline with the same device, model and protocol")
+    return pairs
 
 
 # --- choosing the baseline's sessions from the history -----------------------------------------------------------

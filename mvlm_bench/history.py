@@ -44,8 +44,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mvlm_bench.report import RunContext
-from mvlm_convert.errors import MvlmError
+from mvlm_bench.records import RunContext
+from mvlm_core.errors import MvlmError
 
 SCHEMA_VERSION = 1
 DEFAULT_DB_NAME = "mvlm-history.sqlite"
@@ -237,9 +237,9 @@ def normalise_time(text: str) -> str:
 
 
 def entries_from_runs(runs: Sequence, label: str = "", project: tuple[str, bool | None] | None = None) -> list[Entry]:
-    """One Entry per group of repetitions (``report.aggregate``), not yet stored; ``created_at`` is when the group
+    """One Entry per group of repetitions (``records.aggregate``), not yet stored; ``created_at`` is when the group
     was measured (its first repetition's start, as ``test_time`` in ``mvlm bench --json``)."""
-    from mvlm_bench.report import METRIC_KEYS, aggregate, measured_between
+    from mvlm_bench.records import METRIC_KEYS, aggregate, measured_between
 
     commit, dirty = project if project is not None else project_commit()
     out = []
@@ -826,7 +826,7 @@ class SaveOutcome:
 def spill_entries(entries: Sequence[Entry], db: Path) -> tuple[Path | None, str]:
     """Write entries to ``<db>.unsaved-<UTC time>.json`` beside the history, else in the current directory, else in
     the temporary directory. Returns (the file or None when none could be written, the JSON text)."""
-    from mvlm_convert.atomic import write_text
+    from mvlm_core.atomic import write_text
 
     text = json.dumps(entries_to_records(entries), indent=2, default=str) + "\n"
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")

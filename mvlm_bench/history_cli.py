@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 EXIT_REGRESSION = 4
 
@@ -73,19 +73,6 @@ def resolve(spec: str, db: Path | None, device: str | None = None, model: str | 
         return entries_from_json(Path(spec))
     with _open(db) as h:
         return [h.select(spec, device=device, model=model, protocol=protocol, like=like, exclude=exclude)]
-
-
-def pair(baselines: list, candidates: list) -> list[tuple]:
-    """Baseline/candidate pairs: one each is a pair; several are matched by setup (device, model, protocol, params)."""
-    from mvlm_bench.history import setup_key
-
-    if len(baselines) == 1 and len(candidates) == 1:
-        return [(baselines[0], candidates[0])]
-    by_key = {setup_key(b): b for b in baselines}
-    pairs = [(by_key[setup_key(c)], c) for c in candidates if setup_key(c) in by_key]
-    if not pairs:
-        raise MvlmError("no measurement in the candidate has a baseline with the same device, model and protocol")
-    return pairs
 
 
 def _fmt(v: float | None) -> str:
@@ -223,7 +210,7 @@ def run_comparison(pairs: list[tuple], metrics: list[str] | None, alpha: float, 
         if threshold is not None:
             md.append(f"\n**Gate** ({threshold:.1%} on {', '.join(gate_metrics)}): "
                       + ("regression: " + "; ".join(line for _, line in failures) if failures else "passed") + "\n")
-        from mvlm_convert.atomic import write_text
+        from mvlm_core.atomic import write_text
 
         write_text(markdown_out, "\n".join(md))  # one line (MvlmError) when it cannot be written
     if failures:
@@ -302,7 +289,7 @@ def compare_cmd(
 
       mvlm compare base.json cand.json --metric eval_tps
     """
-    from mvlm_bench import compare
+    from mvlm_bench import compare, gate
 
     _check_alpha(alpha)
     threshold = compare.parse_threshold(fail_on_regression) if fail_on_regression else None
@@ -313,7 +300,7 @@ def compare_cmd(
                         "or leave --gate out")
     if markdown_out is not None:
         from mvlm_bench.history import default_db_path
-        from mvlm_convert.atomic import check_output_path
+        from mvlm_core.atomic import check_output_path
 
         inputs = [Path(s) for s in (baseline, candidate) if _is_file(s)] + [db or default_db_path()]
         check_output_path(markdown_out, inputs, option="--markdown")
@@ -326,7 +313,7 @@ def compare_cmd(
     else:
         like = cands[0] if len(cands) == 1 else None
         bases = resolve(baseline, db, device, model, protocol, like=like)
-    run_comparison(pair(bases, cands), metric, alpha, threshold, json_out, markdown_out, db=db, gate_mode=gate_mode)
+    run_comparison(gate.pair_entries(bases, cands), metric, alpha, threshold, json_out, markdown_out, db=db, gate_mode=gate_mode)
 
 
 def _is_sqlite(p: Path) -> bool:
@@ -345,7 +332,7 @@ def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str
     where; exit != 0). The baseline is resolved before saving (so ``latest`` means the previous measurement), but a
     baseline that cannot be resolved does not stop the save.
     """
-    from mvlm_bench import compare
+    from mvlm_bench import compare, gate
     from mvlm_bench.history import entries_from_runs, entry_from_llama_bench, save_or_spill
 
     threshold = compare.parse_threshold(fail_on_regression) if fail_on_regression else None
@@ -378,7 +365,7 @@ def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str
             save_error = MvlmError(outcome.message(), exit_code=outcome.exit_code)
             if bases:  # the comparison can still be shown; a regression keeps its exit code, naming both
                 try:
-                    run_comparison(pair(bases, entries), None, alpha, threshold, db=db)
+                    run_comparison(gate.pair_entries(bases, entries), None, alpha, threshold, db=db)
                 except MvlmError as e:
                     raise MvlmError(f"{e}; and {save_error}", exit_code=e.exit_code) from None
             raise save_error
@@ -386,7 +373,7 @@ def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str
             raise MvlmError(f"{base_error} (this measurement was saved: {outcome.message()})",
                             exit_code=base_error.exit_code)
     if baseline:
-        run_comparison(pair(bases, entries), None, alpha, threshold, db=db, confirm=confirm)
+        run_comparison(gate.pair_entries(bases, entries), None, alpha, threshold, db=db, confirm=confirm)
 
 
 @app.callback()
@@ -449,7 +436,7 @@ def plot_cmd(
     try:
         files = plots.plot_history(entries, out, tuple(metric) if metric else plots.PLOT_METRICS)
     except OSError as e:
-        from mvlm_convert.atomic import is_disk_full
+        from mvlm_core.atomic import is_disk_full
 
         if is_disk_full(e):
             raise MvlmError(f"disk full while writing plots to {out}: free space and run again", exit_code=28) from None

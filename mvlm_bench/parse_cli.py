@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mvlm_bench.timings import TimingRecord, describe_content, parse_file
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 
 def _cell(v: float | int | None, digits: int = 2) -> str:

@@ -16,8 +16,8 @@ import tarfile
 import time
 from pathlib import Path
 
-from mvlm_bench import runtime as rtmod
-from mvlm_convert.errors import MvlmError
+from mvlm_core import runtime as rtmod
+from mvlm_core.errors import MvlmError
 
 REMOTE_BUILD_TIMEOUT_S = 3 * 3600
 

@@ -1,14 +1,13 @@
-"""Latency reports in the MobileVLM papers' terms, from parsed llama.cpp timings.
+"""Latency reports in the MobileVLM papers' terms: the records of ``mvlm_bench.records`` rendered four ways.
 
-The papers (MobileVLM Tables 5/6, MobileVLM V2 Table 5) report, per model and device: Sample, Eval_prompt and Eval in
-tokens/s, Total in s (model loading included), VE (vision encoder) in ms per image patch, Eval_avg = Tks_out / Total
-(V2), and explain Total as Load + Tks_in/Eval_prompt + Tks_out/Sample + Tks_out/Eval + Others. This module computes
-those numbers per run, aggregates repetitions (median, min, max, stdev) and renders them four ways, so a benchmark
-runner hands over its runs once and gets every view.
+A benchmark runner hands over its runs once and gets every view: a rich table, Markdown, CSV (per run or aggregated)
+and JSON (llama-bench's ``-o json`` fields where they overlap, plus the papers' metrics). Runs whose contexts are
+equal form one group (one table row); each run in a group is a repetition (``records.aggregate``).
 
 Usage::
 
-    from mvlm_bench.report import Run, RunContext, render_table, render_markdown, render_csv, render_json
+    from mvlm_bench.records import Run, RunContext
+    from mvlm_bench.report import render_table, render_markdown, render_csv, render_json
     from mvlm_bench.timings import parse_text
 
     ctx = RunContext(device="Snapdragon 888", model="MobileVLM-1.7B", precision="q4_k_s",
@@ -18,60 +17,21 @@ Usage::
     runs = [Run(parse_text(log), ctx, tokens_out=256) for log in logs]     # one Run per repetition
     rich_console.print(render_table(runs)); print(render_markdown(runs))
     open("r.csv", "w").write(render_csv(runs)); open("r.json", "w").write(render_json(runs))
-
-Runs whose contexts are equal form one group (one table row); each run in a group is a repetition.
-Tks_out is ``Run.tokens_out`` when the runner knows it (e.g. ``-n 256 --ignore-eos``), else the record's
-``eval_runs`` (llama-completion decodes one token fewer than it generates; the report says when it fell back).
-
-Total is the paper's: the whole inference, model loading included. The best witness is the process's wall time,
-measured by the runner (``Run.wall_s``). Without it, Total is rebuilt from llama.cpp's own numbers, whose "total
-time" excludes loading in most programs since mid 2023 (common_init's warm-up decode is followed by
-``llama_perf_context_reset``, common/common.cpp:1451) but includes it in llava-cli and in 2023's early main; see
-:func:`paper_total_s`. Every run says which rule it used (``total_source``).
-
-When: ``Run.ended_at`` is the unix time a repetition ended (a Run is made as its process exits). Each JSON record
-carries its group's measurement time like llama-bench: ``test_time`` (ISO 8601 UTC of the first repetition's start)
-plus ``start_time`` / ``end_time`` (unix seconds); ``mvlm history import`` stores the record at that time.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
-import datetime as dt
 import io
 import json
-import math
 import statistics
-import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from rich.table import Table
 
-from mvlm_bench.timings import FIELDS, TimingRecord
-
-# Per-run metrics, in report order: (key, paper name, unit).
-METRICS: tuple[tuple[str, str, str], ...] = (
-    ("ve_ms_per_patch", "VE", "ms/patch"),
-    ("ve_ms", "VE total", "ms"),
-    ("sample_tps", "Sample", "tokens/s"),
-    ("prompt_tps", "Eval_prompt", "tokens/s"),
-    ("eval_tps", "Eval", "tokens/s"),
-    ("total_s", "Total", "s"),
-    ("llama_total_s", "llama.cpp total", "s"),
-    ("eval_avg", "Eval_avg", "tokens/s"),
-    ("tks_in", "Tks_in", "tokens"),
-    ("tks_out", "Tks_out", "tokens"),
-    ("load_s", "Load", "s"),
-    ("prompt_s", "Tks_in/Eval_prompt", "s"),
-    ("sample_s", "Tks_out/Sample", "s"),
-    ("eval_s", "Tks_out/Eval", "s"),
-    ("other_s", "Other", "s"),
-)
-METRIC_KEYS = tuple(k for k, _, _ in METRICS)
-STATS = ("median", "min", "max", "stdev")
+from mvlm_bench.records import METRIC_KEYS, METRICS, STATS, Group, Run, RunContext, aggregate, iso_utc, measured_between
+from mvlm_bench.timings import FIELDS
 
 # llama-bench field names: params with these names are promoted to the top level of the JSON rendering.
 LLAMA_BENCH_FIELDS = (
@@ -81,180 +41,6 @@ LLAMA_BENCH_FIELDS = (
     "tensor_buft_overrides", "load_mode", "use_mmap", "embeddings", "no_op_offload", "no_host", "repack", "n_prompt",
     "n_gen", "n_depth", "test_time", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ns", "samples_ts",
 )  # fmt: skip
-
-
-@dataclass
-class RunContext:
-    """What was measured where: everything a reader needs to reproduce or compare a row.
-
-    ``params`` holds the run's parameters (n_threads, n_predict, n_gpu_layers, prompt, image, ...); keys that are
-    llama-bench field names appear under those names in the JSON rendering.
-    """
-
-    device: str = ""
-    model: str = ""
-    precision: str = ""
-    model_file: str = ""
-    model_sha256: str = ""
-    mmproj_file: str = ""
-    mmproj_sha256: str = ""
-    size_bytes: int | None = None  # LM file, plus the mmproj for a VLM (the papers' "Size")
-    runtime_commit: str = ""
-    runtime_patches: tuple[str, ...] | list[str] = ()
-    protocol: str = ""
-    cpu_info: str = ""
-    gpu_info: str = ""
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def key(self) -> str:
-        """Identity of a group: two runs with equal keys are repetitions of one measurement."""
-        d = dataclasses.asdict(self)
-        d["runtime_patches"] = list(self.runtime_patches)
-        return json.dumps(d, sort_keys=True, default=str)
-
-    def label(self) -> str:
-        return self.model or (self.model_file.rsplit("/", 1)[-1] if self.model_file else "?")
-
-
-@dataclass
-class Run:
-    """One repetition: the parsed timings, where they came from, and (optionally) how many tokens were generated."""
-
-    timing: TimingRecord
-    context: RunContext = field(default_factory=RunContext)
-    tokens_out: int | None = None
-    wall_s: float | None = None  # process start to exit, measured by the runner: the paper's Total
-    # unix time the repetition ended: a Run is made right after its process exited (bench.py), so the default is it
-    ended_at: float = field(default_factory=time.time)
-
-
-def measured_between(runs: Sequence[Run]) -> tuple[float, float]:
-    """(start, end) unix times of a group of repetitions: the first one's end minus its Total (approximate over a
-    link: llama.cpp's own total + load), and the last one's end."""
-    starts = [r.ended_at - (paper_total_s(r)[0] or 0.0) for r in runs]
-    return min(starts), max(r.ended_at for r in runs)
-
-
-def iso_utc(t: float) -> str:
-    """A unix time as llama-bench writes its ``test_time``: ISO 8601 UTC, e.g. 2026-01-01T12:00:00Z."""
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def paper_total_s(run: Run) -> tuple[float | None, str | None]:
-    """The papers' Total (s, loading included) and the rule that produced it.
-
-    1. ``wall``: the runner's wall-clock time for the whole process.
-    2. ``llama.cpp total + load``: llama.cpp's total started after loading. That is so in the llama_perf and
-       common_perf_print eras (warm-up, then the perf counters are reset; only ``--no-warmup`` changes this), and
-       in llama_print_timings output whose total barely exceeds sample + prompt eval + eval (less than half the load
-       time left over: the loading cannot be inside).
-    3. ``llama.cpp total``: the total already covers loading (llava-cli, recognised by its CLIP line; main in early
-       2023; any other output where the total leaves room for the load time).
-    """
-    t = run.timing
-    if run.wall_s is not None:
-        return run.wall_s, "wall"
-    if t.total_ms is None:
-        return None, None
-    total = t.total_ms / 1000.0
-    if t.load_ms is None:
-        return total, "llama.cpp total"
-    excludes_load = False
-    if t.source_format in ("llama_perf", "common_perf_print"):
-        excludes_load = True
-    elif t.source_format == "llama_print_timings" and t.vision_ms_per_token is None:
-        busy = sum(v for v in (t.sample_ms, t.prompt_eval_ms, t.eval_ms) if v is not None)
-        excludes_load = t.total_ms - busy < 0.5 * t.load_ms
-    if excludes_load:
-        return total + t.load_ms / 1000.0, "llama.cpp total + load"
-    return total, "llama.cpp total"
-
-
-def _div(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
-
-
-def run_metrics(run: Run) -> dict[str, Any]:
-    """The papers' numbers for one run (None where the timings lack what a metric needs).
-
-    Decomposition terms follow the paper's formula literally (token counts divided by rates), so Other is
-    whatever Total leaves over: tokenization, image preprocessing, printing. It goes negative when llama.cpp's
-    load time overlaps the first prompt batch, as in llava-cli (no warm-up: load time is stamped after the
-    first real decode, src/llama-context.cpp:795).
-    """
-    t = run.timing
-    tks_in = t.prompt_tokens
-    tks_out = run.tokens_out if run.tokens_out is not None else t.eval_runs
-    total_s, total_source = paper_total_s(run)
-    load_s = t.load_ms / 1000.0 if t.load_ms is not None else None
-    prompt_s = _div(tks_in, t.prompt_tps)
-    sample_s = _div(tks_out, t.sample_tps)
-    eval_s = _div(tks_out, t.eval_tps)
-    parts = (load_s, prompt_s, sample_s, eval_s)
-    other_s = total_s - sum(parts) if total_s is not None and None not in parts else None  # type: ignore[arg-type]
-    m = {
-        "ve_ms_per_patch": t.vision_ms_per_token,
-        "ve_ms": t.vision_encode_ms,
-        "sample_tps": t.sample_tps,
-        "prompt_tps": t.prompt_tps,
-        "eval_tps": t.eval_tps,
-        "total_s": total_s,
-        "llama_total_s": t.total_ms / 1000.0 if t.total_ms is not None else None,
-        "eval_avg": _div(tks_out, total_s),
-        "tks_in": tks_in,
-        "tks_out": tks_out,
-        "load_s": load_s,
-        "prompt_s": prompt_s,
-        "sample_s": sample_s,
-        "eval_s": eval_s,
-        "other_s": other_s,
-    }
-    m["tks_out_source"] = "runner" if run.tokens_out is not None else ("eval_runs" if tks_out is not None else None)
-    m["total_source"] = total_source
-    return m
-
-
-def stats(values: Iterable[float | None]) -> dict[str, float | int | None]:
-    """median, min, max, sample stdev (None below two values) and n, over the values that exist."""
-    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not xs:
-        return {"median": None, "min": None, "max": None, "stdev": None, "n": 0}
-    return {
-        "median": statistics.median(xs),
-        "min": min(xs),
-        "max": max(xs),
-        "stdev": statistics.stdev(xs) if len(xs) > 1 else None,
-        "n": len(xs),
-    }
-
-
-@dataclass
-class Group:
-    """Repetitions of one measurement and their aggregated metrics."""
-
-    context: RunContext
-    runs: list[Run]
-    per_run: list[dict[str, Any]]
-    agg: dict[str, dict[str, float | int | None]]
-
-    def median(self, key: str) -> float | None:
-        v = self.agg[key]["median"]
-        return None if v is None else float(v)
-
-
-def aggregate(runs: Sequence[Run]) -> list[Group]:
-    """Group runs by context (first-seen order) and aggregate every metric over the repetitions."""
-    order: dict[str, list[Run]] = {}
-    for r in runs:
-        order.setdefault(r.context.key(), []).append(r)
-    groups = []
-    for rs in order.values():
-        per = [run_metrics(r) for r in rs]
-        agg = {k: stats(p[k] for p in per) for k in METRIC_KEYS}
-        groups.append(Group(rs[0].context, rs, per, agg))
-    return groups
 
 
 # --- formatting ---------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from mvlm_bench.transports import Transport
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 MANIFEST_NAME = ".mvlm-manifest.json"
 PART_SUFFIX = ".part"
@@ -83,7 +83,7 @@ class SyncResult:
 
 
 def default_hash_cache() -> Path:
-    from mvlm_bench.runtime import cache_root
+    from mvlm_core.runtime import cache_root
 
     return cache_root() / "file-hashes.json"
 

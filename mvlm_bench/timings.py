@@ -862,7 +862,7 @@ def _fill_from_bench(rec: TimingRecord, fmt: str | None, rows: list[dict[str, An
 
 def parse_file(path: str | Path) -> TimingRecord:
     """Read a saved log and parse it, streaming. An unreadable file is the user's to fix: MvlmError, one line."""
-    from mvlm_convert.errors import MvlmError
+    from mvlm_core.errors import MvlmError
 
     p = Path(path)
     try:

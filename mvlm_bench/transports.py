@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mvlm_bench.devices import DeviceProfile
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 ProgressFn = Callable[[int, int], None]
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 REQUIRED: Any = object()
 FIX = "fix config.json or use the weights it belongs to"

@@ -2,7 +2,7 @@
 
 One pass, no intermediate files. Both outputs are planned and validated before anything is written (bad input
 fails with nothing on disk). Each file is streamed tensor by tensor to a temporary name (``.<final>.<pid>.tmp``,
-``mvlm_convert.atomic.AtomicOutputs``) and both are renamed together only when both are complete: a failed or
+``mvlm_core.atomic.AtomicOutputs``) and both are renamed together only when both are complete: a failed or
 interrupted run (disk full, Ctrl-C, SIGTERM) removes its temporaries and leaves files from an earlier run exactly
 as they were.
 """
@@ -14,14 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvlm_convert.atomic import AtomicOutputs
 from mvlm_convert.checkpoint import open_checkpoint
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.families import detect_family, normalize, prepare_lm
-from mvlm_convert.gguf_stream import OUTTYPES, FileSummary, PreparedGGUF, Progress, TensorPlan, check_writable
+from mvlm_convert.gguf_stream import FileSummary, PreparedGGUF, Progress, TensorPlan, check_writable
 from mvlm_convert.mmproj_gguf import prepare_mmproj_gguf
-
-FTYPE_LABELS = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+from mvlm_core.atomic import AtomicOutputs
+from mvlm_core.errors import MvlmError
+from mvlm_core.filetypes import FTYPE_LABELS, OUTTYPES
 
 
 @dataclass

@@ -5,7 +5,7 @@ gguf.GGUFWriter normally keeps every tensor in memory until ``write_tensors_to_f
 infos are written, and then each tensor is produced, encoded and written in declaration order, and dropped. Peak
 memory is therefore about one tensor, not one model.
 
-The file is written under a temporary name in the output directory (``mvlm_convert.atomic``: ``.<name>.<pid>.tmp``)
+The file is written under a temporary name in the output directory (``mvlm_core.atomic``: ``.<name>.<pid>.tmp``)
 and renamed only when complete; when a command writes several files (convert: LM + mmproj) the caller hands in the
 temporaries of one ``AtomicOutputs`` and renames them all together. Any failure (including ENOSPC, Ctrl-C, SIGTERM)
 removes the temporaries and leaves an earlier file of the same name untouched.
@@ -24,18 +24,9 @@ import gguf
 import numpy as np
 import torch
 
-from mvlm_convert.atomic import AtomicOutputs, is_disk_full, temporary_for
-from mvlm_convert.errors import MvlmError
-
-QT = gguf.GGMLQuantizationType
-
-OUTTYPES: dict[str, QT] = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}
-FILE_TYPES: dict[str, gguf.LlamaFileType] = {
-    "f32": gguf.LlamaFileType.ALL_F32,
-    "f16": gguf.LlamaFileType.MOSTLY_F16,
-    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-}
+from mvlm_core.atomic import AtomicOutputs, is_disk_full, temporary_for
+from mvlm_core.errors import MvlmError
+from mvlm_core.filetypes import FILE_TYPES, OUTTYPES, QT
 
 
 @dataclass

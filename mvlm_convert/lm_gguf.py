@@ -15,40 +15,12 @@ import torch
 
 from mvlm_convert.checkpoint import Checkpoint
 from mvlm_convert.config_check import Dim, check_layer_count, check_shape
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.families.mobilevlm import LmHparams, is_lm_tensor, lm_hparams, lm_required_tensors
 from mvlm_convert.gguf_stream import QT, FileSummary, PreparedGGUF, Progress, TensorPlan, add_lm_keys, matrix_type
+from mvlm_core.conversation import CHAT_TEMPLATE
+from mvlm_core.errors import MvlmError
 
-# MobileVLM's conversation template "v1" (LLaVA's conv_vicuna_v1, SeparatorStyle.TWO, sep " ", sep2 "</s>"):
-#   "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:"
-# and the first question is "<image>\n{question}". In llama.cpp the image marker is "<__media__>" and
-# llama-mtmd-cli puts it in front of the prompt WITHOUT a newline, so the template normalises every marker to be
-# followed by exactly one "\n" (the trained layout). The strings "USER: " / "ASSISTANT: " also make llama.cpp's
-# non-Jinja fallback (llama-mtmd-cli's default; llm_chat_detect_template) pick its built-in "vicuna" format rather
-# than failing; only the Jinja path (--jinja, llama-server, llama-cpp-python) reproduces v1 exactly.
 LAYER_PATTERN = r"model\.layers\.(\d+)\."
-
-MOBILEVLM_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-MEDIA_MARKER = "<__media__>"
-CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system='" + MOBILEVLM_SYSTEM.replace("'", "\\'") + "') -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{{- ns.system + ' ' -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- 'USER: ' + (message['content'] | replace('" + MEDIA_MARKER + "\\n', '" + MEDIA_MARKER + "')"
-    " | replace('" + MEDIA_MARKER + "', '" + MEDIA_MARKER + "\\n')) + ' ' -}}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{- 'ASSISTANT: ' + message['content'] + '</s>' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
 
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -20,10 +20,10 @@ import gguf
 
 from mvlm_convert.checkpoint import Checkpoint
 from mvlm_convert.config_check import FIX, Dim, Fields, check_layer_count, check_shape
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.gguf_stream import PreparedGGUF
 from mvlm_convert.lm_gguf import add_vocab
 from mvlm_convert.lm_qwen2 import RmsLmHparams, add_common_keys, check_embeddings, plan_lm_tensors, rms_lm_hparams
+from mvlm_core.errors import MvlmError
 
 
 def phi3_required(hp: RmsLmHparams) -> list[str]:

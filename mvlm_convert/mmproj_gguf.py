@@ -24,10 +24,11 @@ import torch
 
 from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
 from mvlm_convert.config_check import FIX, Dim, Fields, check_shape, weight_hints
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.families import detect_family, projector_tensors
 from mvlm_convert.families.mobilevlm import CLIP_PREFIX_IN_CHECKPOINT, vision_select_layer, vision_tower_dir
-from mvlm_convert.gguf_stream import FILE_TYPES, QT, FileSummary, PreparedGGUF, Progress, TensorPlan, matrix_type
+from mvlm_convert.gguf_stream import QT, FileSummary, PreparedGGUF, Progress, TensorPlan, matrix_type
+from mvlm_core.errors import MvlmError
+from mvlm_core.filetypes import FILE_TYPES
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -228,7 +229,7 @@ def _layer_metadata(clip: ClipSource, select: int) -> tuple[int, list[int] | Non
 
     clip_graph_llava::build (tools/mtmd/models/llava.cpp) runs ``n_layer - 1`` layers when no feature layer is
     set: it assumes the file holds the whole tower and emulates LLaVA's hidden_states[-2]. The legacy converter
-    also drops the last layer from the file, so only n-2 ran (DESIGN §5.1). We write every layer and
+    also drops the last layer from the file, so only n-2 ran (docs/convert.md). We write every layer and
     ``block_count = n``: for the standard ``mm_vision_select_layer = -2`` exactly n-1 layers run, on every
     llama.cpp version (no feature_layer key needed, so builds that predate it agree). Any other select layer is
     expressed as ``clip.vision.feature_layer = [k]`` (k = number of layers to run, the non-negative

@@ -11,7 +11,7 @@ top-1 agreement (LM), cosine of the image embeddings (mmproj).
 
 An LM input is first loaded once by the runtime's own loader (``mvlm-dump -m``): a GGUF llama.cpp cannot load is
 refused in one line instead of being quantized into another broken file. Every ``--type`` output is written under a
-temporary name (``mvlm_convert.atomic``) and all are renamed together at the end, after the quality figures; a
+temporary name (``mvlm_core.atomic``) and all are renamed together at the end, after the quality figures; a
 failure or interruption (disk full, Ctrl-C, SIGTERM: the llama-quantize child is terminated and waited for first)
 removes the temporaries and leaves earlier files of the same names exactly as they were.
 """
@@ -28,17 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mvlm_convert.atomic import AtomicOutputs, is_disk_full
-from mvlm_convert.errors import MvlmError
-
-# llama-quantize's type names (upper case, as llama.cpp names files) -> nominal bits per weight (for size estimates)
-LM_TYPES = {
-    "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5,
-    "Q2_K": 2.63, "Q3_K_S": 3.5, "Q3_K_M": 3.9, "Q3_K_L": 4.3,
-    "Q4_K_S": 4.6, "Q4_K_M": 4.9, "Q5_K_S": 5.5, "Q5_K_M": 5.7, "Q6_K": 6.6,
-    "IQ4_NL": 4.5, "IQ4_XS": 4.3, "F16": 16.0, "BF16": 16.0, "F32": 32.0,
-}
-MMPROJ_TYPES = {"Q8_0": 8.5, "Q5_1": 6.0, "Q5_0": 5.5, "Q4_1": 5.0, "Q4_0": 4.5, "F16": 16.0}
+from mvlm_core.atomic import AtomicOutputs, is_disk_full
+from mvlm_core.errors import MvlmError
+from mvlm_core.filetypes import LM_TYPES, MMPROJ_TYPES, UNQUANTIZED_FILE_TYPES, split_label
 
 # Fixed text for the quality figures (plain English; tokenised by each model's own tokenizer).
 QUALITY_TEXT = (
@@ -46,8 +38,6 @@ QUALITY_TEXT = (
     "remember. Step 2: Pick a hosting provider. Step 3: Plan the pages you need, such as a home page, an about page "
     "and a contact page. A photograph of a cat sitting on a wooden table next to a cup of coffee and a laptop."
 )
-
-_UNQUANTIZED_FILE_TYPES = {0, 1, 32}  # ALL_F32, MOSTLY_F16, MOSTLY_BF16 (llama_ftype)
 
 
 @dataclasses.dataclass
@@ -113,8 +103,7 @@ def read_header(path: Path) -> tuple[str, int | None, int, bool]:
 def output_name(inp: Path, qtype: str) -> str:
     """llama.cpp naming: ``Name-F16.gguf`` -> ``Name-Q4_K_S.gguf``; ``mmproj-Name-F16.gguf`` -> ``mmproj-Name-Q8_0.gguf``."""
     stem = inp.name[:-5] if inp.name.endswith(".gguf") else inp.name
-    m = re.match(r"^(.*?)[-.](F32|F16|BF16|Q\d\w*|IQ\d\w*)$", stem, re.I)
-    base = m.group(1) if m else stem
+    base, _ = split_label(stem)
     return f"{base}-{qtype}.gguf"
 
 
@@ -296,7 +285,7 @@ def quantize_mmproj(inp: Path, out: Path, qtype: str, progress: ProgressFn | Non
 # --- quality ------------------------------------------------------------------------------------------------------
 def lm_logits(model: Path, text: str = QUALITY_TEXT, n_ctx: int = 512) -> tuple[list[int], np.ndarray]:
     """Token ids and [n_tokens, n_vocab] logits of ``text`` under ``model`` (patched host runtime via llama_cpp)."""
-    from mvlm_bench.runtime import use_runtime
+    from mvlm_core.runtime import use_runtime
 
     use_runtime("host")
     import llama_cpp
@@ -335,7 +324,7 @@ def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None =
     arch, ftype, n_weights, quantized = read_header(inp)
     kind = "mmproj" if arch == "clip" else "lm"
     qtypes = parse_types(types, kind)
-    if (quantized or (ftype is not None and ftype not in _UNQUANTIZED_FILE_TYPES)) and not allow_requantize:
+    if (quantized or (ftype is not None and ftype not in UNQUANTIZED_FILE_TYPES)) and not allow_requantize:
         raise MvlmError(f"{inp.name} is already quantized: quantize from the f16/f32 file, or pass --allow-requantize")
     outdir = Path(outdir) if outdir else inp.parent
     try:
@@ -363,7 +352,7 @@ def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None =
         finals.append(out)
     quantizer = None
     if kind == "lm":
-        from mvlm_bench.runtime import find
+        from mvlm_core.runtime import find
 
         rt = find("host")
         quantizer = rt.exe("llama-quantize")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 # OpenAI CLIP normalisation constants (used when no preprocessor_config.json is found).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -21,14 +21,11 @@ from pathlib import Path
 import torch
 
 from mvlm_convert.mmproj_gguf import CLIP_MEAN, CLIP_STD
+from mvlm_core.conversation import SYSTEM
 
 LM = {"hidden": 128, "layers": 2, "heads": 4, "ffn": 352}
 CLIP = {"hidden": 128, "layers": 3, "heads": 2, "ffn": 320, "patch": 14, "projection_dim": 64}
 VOCAB_SIZE = 384
-SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
 _CORPUS_WORDS = (
     "the a an is are was were be been picture image photo what where who how why which there here this that "
     "cat dog bird car tree house street people person man woman child table chair window door sky cloud sun "

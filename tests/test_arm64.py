@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mvlm_bench import runtime as rtmod
-from mvlm_convert.errors import MvlmError
+from mvlm_core import runtime as rtmod
+from mvlm_core.errors import MvlmError
 
 REPO = Path(__file__).resolve().parents[1]
-MVLM = shutil.which("mvlm", path=str(Path(sys.executable).parent)) or "mvlm"
+MVLM = [sys.executable, "-m", "mvlm"]
 PPL_CHUNKS = 3  # 3 x 128 tokens: enough to average out kernel rounding, ~1 min under qemu
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None,
@@ -76,7 +76,7 @@ def test_dump_patch_is_a_tool_and_applies_after_the_fix():
 
 
 def test_perplexity_parser():
-    from mvlm_bench.crosscheck import parse_perplexity
+    from mvlm_convert.crosscheck import parse_perplexity
 
     out = "perplexity: calculating perplexity over 3 chunks\n[1]12.0,[2]14.5,[3]13.9,\nFinal estimate: PPL = 13.9151 +/- 1.20\n"
     assert parse_perplexity(out) == pytest.approx(13.9151)
@@ -118,7 +118,7 @@ def test_cross_build_is_static_aarch64_and_cached(arm64_runtime):
         assert not dynamic, f"{b} is dynamically linked (needs a loader the device may not have)"
     assert not arm64_runtime.lib.exists()  # static: nothing to push but bin/
     t0 = time.monotonic()
-    r = subprocess.run([MVLM, "runtime", "build", "--target", "linux-arm64"], capture_output=True, text=True,
+    r = subprocess.run([*MVLM, "runtime", "build", "--target", "linux-arm64"], capture_output=True, text=True,
                        timeout=120)
     dt = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
@@ -129,10 +129,12 @@ def test_cross_build_is_static_aarch64_and_cached(arm64_runtime):
 @pytest.mark.slow
 def test_dump_tool_equals_the_bindings_on_the_host(tiny_v2):
     """mvlm-dump (host build, a process) and llama-cpp-python (same build, in process) give identical arrays."""
-    from mvlm_convert.verify import get_runtime, load_image, v1_prompt
+    from mvlm_convert.verify import load_image
+    from mvlm_core.backends import get_backend
+    from mvlm_core.conversation import v1_prompt
 
     _, lm, mmproj = tiny_v2
-    py, tool = get_runtime("host"), get_runtime("host-bin")
+    py, tool = get_backend("host"), get_backend("host-bin")
     toks = py.tokenize(lm, v1_prompt())
     assert tool.tokenize(lm, v1_prompt()) == toks
     for kv in ("f32", "f16"):
@@ -150,7 +152,8 @@ def test_dump_tool_equals_the_bindings_on_the_host(tiny_v2):
 @needs_qemu
 def test_verify_under_qemu_matches_host(arm64_runtime, tiny_v2):
     """The arm64 build (CLS patch included) passes verify to the f32 bars, with the host build's figures."""
-    from mvlm_convert.verify import get_runtime, load_image, rel_err, verify
+    from mvlm_convert.verify import load_image, rel_err, verify
+    from mvlm_core.backends import get_backend
 
     ckpt, lm, mmproj = tiny_v2
     figs = {rt: verify(ckpt, lm, mmproj, runtime=rt) for rt in ("host", "linux-arm64")}
@@ -170,8 +173,8 @@ def test_verify_under_qemu_matches_host(arm64_runtime, tiny_v2):
     # and the arrays themselves agree across builds, to the f32 image bar (measured 5.4e-4: the two builds' CLIP
     # kernels round differently; a wrong CLS order or a broken kernel gives 0.7-1.1)
     rgb = load_image(None, 336)
-    emb_a = get_runtime("linux-arm64").image_embedding(mmproj, lm, rgb)
-    emb_h = get_runtime("host").image_embedding(mmproj, lm, rgb)
+    emb_a = get_backend("linux-arm64").image_embedding(mmproj, lm, rgb)
+    emb_h = get_backend("host").image_embedding(mmproj, lm, rgb)
     assert rel_err(emb_a, emb_h) <= 2e-3
 
 
@@ -179,7 +182,7 @@ def test_verify_under_qemu_matches_host(arm64_runtime, tiny_v2):
 @pytest.mark.qemu
 @needs_qemu
 def test_perplexity_arm64_within_2pct_of_host(arm64_runtime, host_runtime, smollm2_gguf):
-    from mvlm_bench.crosscheck import DEFAULT_TEXT, PPL_TOLERANCE, perplexity
+    from mvlm_convert.crosscheck import DEFAULT_TEXT, PPL_TOLERANCE, perplexity
 
     host = perplexity("host", smollm2_gguf, chunks=PPL_CHUNKS)
     arm = perplexity("linux-arm64", smollm2_gguf, chunks=PPL_CHUNKS)
@@ -208,7 +211,7 @@ def test_bench_on_the_emulated_device(arm64_runtime, tiny_v2, tmp_path, protocol
     profile = prof_dir / "qemu-arm64.toml"
     profile.write_text("\n".join(lines) + "\n")
     out = tmp_path / "report.json"
-    argv = [MVLM, "bench", "--device", str(profile), "--protocol", protocol, "-m", str(lm), "-n", "8",
+    argv = [*MVLM, "bench", "--device", str(profile), "--protocol", protocol, "-m", str(lm), "-n", "8",
             "--repeat", "1", "--warmup", "0", "--json", str(out)]
     if protocol == "vlm":
         argv += ["--mmproj", str(mmproj)]

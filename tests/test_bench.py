@@ -19,7 +19,7 @@ from peers import AdbDouble, _free_port
 from mvlm_bench import bench
 from mvlm_bench.devices import profile_from_dict
 
-MVLM = [sys.executable, "-m", "mvlm_bench.cli"]
+MVLM = [sys.executable, "-m", "mvlm"]
 pytestmark = pytest.mark.slow
 
 
@@ -187,7 +187,7 @@ def test_adb_end_to_end_and_device_gone(tmp_path, tiny_vlm, monkeypatch):
     res = bench.run_bench(prof, bench.BenchSpec("lm", lm, repeat=1, warmup=0, n_predict=8))
     assert not res.failures, res.failures
     assert res.runs[0].timing.eval_runs == 7
-    from mvlm_convert.errors import MvlmError
+    from mvlm_core.errors import MvlmError
 
     adb.add("GONE1", vanish_after_bytes=1000)
     gone = profile_from_dict({"transport": "adb", "address": "GONE1", "workdir": "/data/local/tmp/mvlm", "target": "host"},
@@ -202,8 +202,8 @@ def test_runtime_build_on_device_over_ssh(sshd, tmp_path, monkeypatch):
     arguments and pulls the binaries back. The source is a stand-in CMake project with llama.cpp's layout (the
     defective llava.cpp, so patch 0001 really applies) whose tools are trivial C programs; the target is
     linux-arm64 with Debian's cross compiler, so the 'device' build is a real cross build, in seconds."""
-    from mvlm_bench import runtime as rt
     from mvlm_bench.remote_build import build_on_device
+    from mvlm_core import runtime as rt
 
     monkeypatch.setenv("MVLM_CACHE", str(tmp_path / "cache"))
     all_patches = rt.project_patches

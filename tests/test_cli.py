@@ -12,7 +12,7 @@ SUBCOMMANDS = [["runtime", "build"], ["runtime", "path"], ["runtime", "info"], [
 
 
 def mvlm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mvlm_bench.cli", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "mvlm", *args], capture_output=True, text=True, timeout=120,
                           env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
 
 
@@ -41,7 +41,7 @@ def test_unknown_command_is_a_usage_error():
 def test_startup_does_not_import_heavy_libraries():
     """`mvlm --help` and a cached `mvlm runtime build` must stay fast: torch/transformers/llama_cpp load lazily."""
     heavy = "('torch', 'transformers', 'llama_cpp', 'matplotlib')"
-    code = f"import sys, mvlm_bench.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
+    code = f"import sys, mvlm.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

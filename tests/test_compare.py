@@ -24,7 +24,7 @@ from mvlm_bench.compare import (
     parse_threshold,
     regressions,
 )
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 BASE = {"eval_tps": 40.0, "prompt_tps": 120.0, "total_s": 12.0, "ve_ms": 900.0, "load_s": 0.8, "sample_tps": 9000.0}
 
@@ -187,7 +187,7 @@ def _rates(n: int, cv: float, trials: int, seed: int) -> tuple[float, float]:
     return false_alarms / trials, caught / trials
 
 
-@pytest.mark.parametrize("n", [3, 5])
+@pytest.mark.parametrize("n", [3, pytest.param(5, marks=pytest.mark.slow)])  # n=5: more than ~3 s here
 def test_gate_error_rates_at_default_setting(n):
     """Default gate (5%, alpha 0.05, gated metrics ve_ms/prompt_tps/eval_tps/total_s), CV 2% noise on every metric."""
     fa, det = _rates(n, cv=0.02, trials=300, seed=100 + n)

@@ -2,7 +2,7 @@
 
 Expected values are computed here from the source weights, loaded independently of the converter (torch.load /
 safetensors.torch.load_file), with an independent loop-based reimplementation of llama.cpp's Q/K row order.
-The chat-template expectation is written by hand from DESIGN.md §3 (LLaVA conv "v1").
+The chat-template expectation is written by hand from LLaVA's conv "v1" (conv_vicuna_v1), not from mvlm_core.conversation.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from mvlm_convert.convert import convert
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.tiny import CLIP, LM, make_tiny_checkpoint
+from mvlm_core.errors import MvlmError
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -427,7 +427,7 @@ def test_cli_error_is_one_line(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", variant="v2")
     (ckpt / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not really a zip")
     p = subprocess.run(
-        [sys.executable, "-m", "mvlm_bench.cli", "convert", str(ckpt), "-o", str(tmp_path / "out")],
+        [sys.executable, "-m", "mvlm", "convert", str(ckpt), "-o", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -483,7 +483,7 @@ def test_disk_full_for_real(tmp_path, small_fs):
     """A real filesystem that fills up mid-write (a 256 KiB tmpfs): one line, exit != 0, nothing left behind."""
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", variant="v2")
     out = small_fs(256 * 1024)
-    r = subprocess.run([sys.executable, "-m", "mvlm_bench.cli", "convert", str(ckpt), "-o", str(out), "--outtype", "f32"],
+    r = subprocess.run([sys.executable, "-m", "mvlm", "convert", str(ckpt), "-o", str(out), "--outtype", "f32"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 28, r.stderr  # a full disk: exit 28, as for bench reports and history saves
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]

@@ -14,7 +14,7 @@ from mvlm_bench.devices import (
     profile_dirs,
     repo_devices_dir,
 )
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 REPO_DEVICES = Path(__file__).resolve().parents[1] / "devices"
 

@@ -16,10 +16,10 @@ import torch
 
 from mvlm_convert import reference as ref
 from mvlm_convert.convert import convert
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.families import detect_family
 from mvlm_convert.tiny import CLIP, LM
 from mvlm_convert.tiny_peers import make_tiny_llava, make_tiny_xmodel
+from mvlm_core.errors import MvlmError
 
 F32_IMAGE_BAR = 2e-3
 F32_LOGITS_BAR = 1e-5  # f32 weights + f32 KV cache: float32 rounding only
@@ -165,6 +165,7 @@ def test_xdp_reference_by_hand():
     np.testing.assert_allclose(got.numpy(), np.array(want), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow  # more than ~3 s here (fast lane: pytest -m 'not slow')
 def test_reference_llava_hf_matches_transformers(tmp_path):
     """The reference's llava-hf path (own renaming, hand-written MLP) == transformers' LlavaForConditionalGeneration."""
     from transformers import LlavaForConditionalGeneration

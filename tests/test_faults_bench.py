@@ -43,9 +43,9 @@ from mvlm_bench import bench
 from mvlm_bench.devices import load_profile, profile_from_dict
 from mvlm_bench.sync import sync
 from mvlm_bench.transports import ConnectionLostError, DeviceInfo, make_transport
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
-MVLM = [sys.executable, "-m", "mvlm_bench.cli"]
+MVLM = [sys.executable, "-m", "mvlm"]
 
 
 def mvlm(*args, env: dict | None = None, timeout: float = 600, prefix: list[str] | None = None, cwd: Path | None = None):
@@ -155,6 +155,7 @@ def test_report_path_that_is_the_model_is_refused_before_measuring(tmp_path, fak
     assert not (tmp_path / "dev-faultlocal").exists()  # nothing pushed, nothing measured
 
 
+@pytest.mark.slow  # more than ~3 s here (fast lane: pytest -m 'not slow')
 def test_report_path_other_inputs_and_existing_gguf_are_refused(tmp_path, fake_gguf):
     prof = local_profile(tmp_path)
     mmproj = tmp_path / "mmproj-M-F16.gguf"
@@ -540,6 +541,7 @@ def test_adb_corrupted_copy_is_pushed_again(tmp_path, monkeypatch):
     assert _sha(copy) == _sha(src)
 
 
+@pytest.mark.slow  # more than ~3 s here (fast lane: pytest -m 'not slow')
 def test_dropped_push_names_the_file_and_the_bytes_that_arrived(sshd, tmp_path):
     """The session is killed while the SECOND file is on its way: the message names that file, its device path and
     the bytes the device really holds (what ssh had buffered never arrived)."""
@@ -969,7 +971,7 @@ def test_context_size_is_bounded_for_every_spec(fake_gguf):
 
 
 def test_runtime_find_hint_keeps_the_whole_command_in_backticks(tmp_path, monkeypatch):
-    from mvlm_bench import runtime as rtmod
+    from mvlm_core import runtime as rtmod
 
     monkeypatch.setenv("MVLM_CACHE", str(tmp_path / "cache"))
     with pytest.raises(MvlmError) as e:

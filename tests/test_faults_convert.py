@@ -30,12 +30,11 @@ import pytest
 import torch
 
 from mvlm_convert.convert import convert
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.tiny import make_tiny_checkpoint, train_tokenizer
 from mvlm_convert.tiny_peers import make_tiny_imp, make_tiny_imp15, make_tiny_llava, make_tiny_xmodel
+from mvlm_core.errors import MvlmError
 
-_VENV_MVLM = Path(sys.executable).parent / "mvlm"
-MVLM = [str(_VENV_MVLM)] if _VENV_MVLM.exists() else [sys.executable, "-m", "mvlm_bench.cli"]
+MVLM = [sys.executable, "-m", "mvlm"]
 PAGE = 4096
 
 

@@ -22,17 +22,18 @@ import pytest
 
 from mvlm_bench import history
 from mvlm_bench.history import History, HistoryError, entries_from_json, entries_from_runs, save_or_spill
-from mvlm_bench.report import Run, RunContext, render_json
+from mvlm_bench.records import Run, RunContext
+from mvlm_bench.report import render_json
 from mvlm_bench.timings import TimingRecord, parse_file, parse_text
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
-MVLM = str(Path(sys.executable).with_name("mvlm"))  # the venv's console script
+MVLM = [sys.executable, "-m", "mvlm"]  # this tree's mvlm, as the console script runs it
 
 
 def mvlm(*args: object, cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     e = dict(os.environ) | {"COLUMNS": "200"} | (env or {})
     e.pop("MVLM_HISTORY", None)
-    return subprocess.run([MVLM, *map(str, args)], cwd=cwd, capture_output=True, text=True, errors="replace", env=e,
+    return subprocess.run([*MVLM, *map(str, args)], cwd=cwd, capture_output=True, text=True, errors="replace", env=e,
                           timeout=timeout)
 
 

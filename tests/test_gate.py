@@ -243,7 +243,7 @@ def test_decide_history_with_too_few_sessions_uses_the_ab_remeasure_when_it_can(
 
 def _entry(eid, label, runtime="r0", tps=40.0):
     from mvlm_bench.history import Entry
-    from mvlm_bench.report import RunContext
+    from mvlm_bench.records import RunContext
 
     ctx = RunContext(device="orin", model="M", model_file="m.gguf", model_sha256="ab" * 32, runtime_commit=runtime,
                      protocol="lm", params={"n_predict": 64, "n_threads": 4})

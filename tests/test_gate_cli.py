@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mvlm_bench.history import Entry, History
-from mvlm_bench.report import RunContext
+from mvlm_bench.records import RunContext
 
 REPO = Path(__file__).resolve().parents[1]
 THROTTLE = REPO / "benchmarks" / "throttle.py"
@@ -23,7 +23,7 @@ THROTTLE = REPO / "benchmarks" / "throttle.py"
 def mvlm(*args, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     e = dict(os.environ) | {"COLUMNS": "200"} | (env or {})
     e.pop("MVLM_HISTORY", None)
-    return subprocess.run([sys.executable, "-m", "mvlm_bench.cli", *map(str, args)], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mvlm", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, errors="replace", env=e, timeout=timeout)
 
 

@@ -1,6 +1,6 @@
 """The benchmark history (SQLite), its selectors and schema versioning, `mvlm compare/history` and the bench gate.
 
-The CLI is run as a real process (`python -m mvlm_bench.cli`), so exit codes and one-line errors are what a CI job
+The CLI is run as a real process (`python -m mvlm`), so exit codes and one-line errors are what a CI job
 sees. The slow test benches a real tiny model twice on the local device with the real host runtime.
 """
 
@@ -18,9 +18,10 @@ import pytest
 
 from mvlm_bench import history
 from mvlm_bench.history import Entry, History, entries_from_json, entries_from_runs, setup_key
-from mvlm_bench.report import Run, RunContext, render_json
+from mvlm_bench.records import Run, RunContext
+from mvlm_bench.report import render_json
 from mvlm_bench.timings import TimingRecord
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,7 +229,7 @@ def test_failed_migration_leaves_file_unchanged(tmp_path, monkeypatch):
 def _mvlm(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     e = dict(os.environ) | {"COLUMNS": "200"} | (env or {})
     e.pop("MVLM_HISTORY", None)
-    return subprocess.run([sys.executable, "-m", "mvlm_bench.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mvlm", *args], cwd=cwd, capture_output=True, text=True,
                           env=e, timeout=120)
 
 

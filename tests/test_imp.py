@@ -18,9 +18,9 @@ import torch
 
 from mvlm_convert import reference as ref
 from mvlm_convert.convert import convert
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.families import detect_family
 from mvlm_convert.tiny_peers import IMP_LM, IMP_SIGLIP, make_tiny_imp
+from mvlm_core.errors import MvlmError
 
 F32_IMAGE_BAR = 2e-3
 F32_LOGITS_BAR = 1e-3  # ggml's CPU GELU is an f16 lookup table: ~3e-4 on the tiny Phi-2, more than LLaMA's SiLU
@@ -172,11 +172,11 @@ def test_imp_verify_f32_parity(imp_f32):
 def test_imp_bpe_tokenization_matches_tokenizers(imp_f32):
     from tokenizers import Tokenizer
 
-    from mvlm_convert.verify import get_runtime
+    from mvlm_core.backends import get_backend
 
     ckpt, res = imp_f32
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    rt = get_runtime("host")
+    rt = get_backend("host")
     for text in ("What is in the picture?", "A chat between a curious user and an artificial intelligence assistant.",
                  " USER: hello  world 1234\n ASSISTANT:", "Building a website can be done in 10 simple steps"):
         assert rt.tokenize(res.lm.path, text) == tok.encode(text).ids, text
@@ -187,14 +187,15 @@ def test_imp_squash_vs_llama_cpp_padding_on_a_non_square_image(imp_f32, tmp_path
     """Imp squashes 500x300 to 384x384; llama.cpp letterboxes. Same squashed bitmap: parity; raw file: deviation."""
     from PIL import Image
 
-    from mvlm_convert.verify import get_runtime, rel_err
+    from mvlm_convert.verify import rel_err
+    from mvlm_core.backends import get_backend
 
     ckpt, res = imp_f32
     wide = Image.fromarray(ref.synthetic_image(500)).resize((500, 300), Image.Resampling.BICUBIC)
     raw = np.asarray(wide, dtype=np.uint8).copy()
     vis = ref.load_vision(ckpt)
     want = vis.embed(ref.squash_image(wide, 384))  # what Imp computes
-    rt = get_runtime("host")
+    rt = get_backend("host")
     same_input = rt.image_embedding(res.mmproj.path, res.lm.path, ref.squash_image(wide, 384))
     own_preproc = rt.image_embedding(res.mmproj.path, res.lm.path, raw)  # llama.cpp pads + resizes itself
     parity, deviation = rel_err(same_input, want), rel_err(own_preproc, want)

@@ -18,9 +18,9 @@ import torch
 
 from mvlm_convert import reference as ref
 from mvlm_convert.convert import convert
-from mvlm_convert.errors import MvlmError
 from mvlm_convert.families import detect_family
 from mvlm_convert.tiny_peers import IMP15_KV, IMP_LM, PHI3_ADDED, make_tiny_imp15
+from mvlm_core.errors import MvlmError
 
 F32_IMAGE_BAR = 2e-3
 F32_LOGITS_BAR = 1e-3
@@ -184,7 +184,7 @@ def test_imp15_verify_f32_parity(imp15_f32):
 
 @pytest.mark.slow
 def test_imp15_tokenization_matches_the_checkpoint_tokenizer(imp15_f32):
-    from mvlm_convert.verify import get_runtime
+    from mvlm_core.backends import get_backend
 
     lm, ckpt, res = imp15_f32
     if lm == "qwen2":
@@ -197,7 +197,7 @@ def test_imp15_tokenization_matches_the_checkpoint_tokenizer(imp15_f32):
 
         sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
         encode = sp.encode
-    rt = get_runtime("host")
+    rt = get_backend("host")
     for text in ("What is in the picture?", "A chat between a curious user and an artificial intelligence assistant.",
                  "we'll see 2024 cats\n\n  and 31 dogs", "Building a website can be done in 10 simple steps",
                  "What is in the.picture.of.the.cat?"):  # ".c" is one Qwen pre-token (GPT-2's regex: two)

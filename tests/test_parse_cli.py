@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from mvlm_bench.parse_cli import parse_cmd
 from mvlm_bench.timings import FIELDS
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 LLAMA_PERF = """\
 some generated text
@@ -80,7 +80,7 @@ def test_unreadable_file_is_one_line_mvlm_error(tmp_path: Path):
 
 
 def test_wired_into_mvlm_app(logs):
-    from mvlm_bench.cli import app
+    from mvlm.cli import app
 
     res = CliRunner().invoke(app, ["bench", "parse", "--json", str(logs[0])])
     assert res.exit_code == 0, res.output
@@ -90,7 +90,7 @@ def test_wired_into_mvlm_app(logs):
 def test_console_script_prints_one_error_line(tmp_path: Path):
     missing = tmp_path / "nope.log"
     proc = subprocess.run(
-        [sys.executable, "-m", "mvlm_bench.cli", "bench", "parse", str(missing)],
+        [sys.executable, "-m", "mvlm", "bench", "parse", str(missing)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from mvlm_convert import quantize as q
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
-MVLM = [sys.executable, "-m", "mvlm_bench.cli"]
+MVLM = [sys.executable, "-m", "mvlm"]
 
 
 def _mvlm(*args: str, check: bool = False) -> subprocess.CompletedProcess:

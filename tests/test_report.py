@@ -6,28 +6,17 @@ import csv
 import io
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from mvlm_bench.report import (
-    METRIC_KEYS,
-    Run,
-    RunContext,
-    aggregate,
-    render_all,
-    render_csv,
-    render_json,
-    render_markdown,
-    render_table,
-    run_metrics,
-)
+from mvlm_bench.records import METRIC_KEYS, Run, RunContext, aggregate, run_metrics
+from mvlm_bench.report import render_all, render_csv, render_json, render_markdown, render_table
 from mvlm_bench.timings import TimingRecord, parse_text
 
-SHARED_OUTPUTS = Path(os.environ.get("MVLM_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "llama-cpp-outputs"
+OUTPUTS = Path(__file__).resolve().parent / "data" / "llama-cpp-outputs"  # real llama.cpp outputs (data/README.md)
 
 
 def _rec(**kw) -> TimingRecord:
@@ -87,16 +76,16 @@ def test_wall_time_wins():
     assert m["total_s"] == 6.25 and m["total_source"] == "wall" and m["eval_avg"] == pytest.approx(16.0)
 
 
-def _shared_output(prefix: str) -> str:
-    assert SHARED_OUTPUTS.is_dir(), f"{SHARED_OUTPUTS} missing (set MVLM_SHARED to the shared folder)"
-    path = next(SHARED_OUTPUTS.glob(prefix + "*"))
+def _reference_output(prefix: str) -> str:
+    assert OUTPUTS.is_dir(), f"{OUTPUTS} missing: the real llama.cpp outputs are part of the repository"
+    path = next(OUTPUTS.glob(prefix + "*"))
     return "".join(x for x in path.read_text().splitlines(keepends=True) if not x.startswith("# "))
 
 
 @pytest.mark.parametrize("prefix", ["02_", "15_"])
 def test_total_with_load_matches_the_shell_time_in_the_same_log(prefix: str):
     # These ggml-ci logs end with the shell's `time` of the whole process: an independent witness of Total.
-    text = _shared_output(prefix)
+    text = _reference_output(prefix)
     real = re.search(r"^real\s+(\d+)m([\d.]+)s", text, re.M)
     wall = int(real.group(1)) * 60 + float(real.group(2))
     m = run_metrics(Run(parse_text(text), CTX))
@@ -107,7 +96,7 @@ def test_total_with_load_matches_the_shell_time_in_the_same_log(prefix: str):
 
 @pytest.mark.parametrize("prefix", ["01_", "05_", "08_"])
 def test_total_already_including_load(prefix: str):
-    rec = parse_text(_shared_output(prefix))
+    rec = parse_text(_reference_output(prefix))
     m = run_metrics(Run(rec, CTX))
     assert m["total_source"] == "llama.cpp total" and m["total_s"] == pytest.approx(rec.total_ms / 1000)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -13,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mvlm_bench import runtime as rt
-from mvlm_convert.errors import MvlmError
+from mvlm_core import runtime as rt
+from mvlm_core.errors import MvlmError
 
 SRC = rt.Source(Path("/nonexistent"), "test-source", "abc1234", "test source")
 
@@ -194,14 +193,14 @@ def test_host_runtime_is_built_patched_and_runs(host_runtime):
 @pytest.mark.slow
 def test_second_build_is_cached_and_fast(host_runtime):
     env = {**os.environ}
-    mvlm = shutil.which("mvlm", path=str(Path(sys.executable).parent)) or "mvlm"
+    mvlm = [sys.executable, "-m", "mvlm"]
     t0 = time.monotonic()
-    r = subprocess.run([mvlm, "runtime", "build", "--target", "host"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([*mvlm, "runtime", "build", "--target", "host"], capture_output=True, text=True, env=env, timeout=120)
     dt = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     assert "cached" in r.stderr
     assert dt < 2.0, f"cached build took {dt:.2f} s"
-    p = subprocess.run([mvlm, "runtime", "path", "--target", "host"], capture_output=True, text=True, timeout=60)
+    p = subprocess.run([*mvlm, "runtime", "path", "--target", "host"], capture_output=True, text=True, timeout=60)
     assert Path(p.stdout.strip()) == host_runtime
 
 
@@ -209,7 +208,7 @@ def test_second_build_is_cached_and_fast(host_runtime):
 def test_bindings_load_the_patched_libraries(host_runtime):
     # a fresh interpreter: use_runtime() then import llama_cpp must map our libllama.so
     code = (
-        "from mvlm_bench.runtime import use_runtime; use_runtime('host'); import llama_cpp, llama_cpp.mtmd_cpp;"
+        "from mvlm_core.runtime import use_runtime; use_runtime('host'); import llama_cpp, llama_cpp.mtmd_cpp;"
         "print(open('/proc/self/maps').read())"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

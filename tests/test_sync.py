@@ -16,7 +16,7 @@ import mvlm_bench.sync as syncmod
 from mvlm_bench.devices import profile_from_dict
 from mvlm_bench.sync import MANIFEST_NAME, DeviceFullError, sha256_file, sync
 from mvlm_bench.transports import ConnectionLostError, LocalTransport
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 
 def _sha(p: Path) -> str:

@@ -1,13 +1,12 @@
 """The timing parser against real llama.cpp outputs of every era, plus malformed input.
 
-Each file in ../shared/llama-cpp-outputs/ starts with ``# source:`` and ``# expected:`` lines written by a person
+Each file in tests/data/llama-cpp-outputs/ starts with ``# source:`` and ``# expected:`` lines written by a person
 who read the output; the numbers to check come from that header, never from the parser.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 
@@ -16,25 +15,22 @@ import pytest
 from mvlm_bench.timings import FIELDS, TimingRecord, parse_file, parse_llama_bench, parse_text
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_OUTPUTS = Path(os.environ.get("MVLM_SHARED", REPO.parent / "shared")) / "llama-cpp-outputs"
+OUTPUTS = REPO / "tests" / "data" / "llama-cpp-outputs"  # where each came from: tests/data/README.md
 
 
 def _output_files() -> list[Path]:
-    if not SHARED_OUTPUTS.is_dir():
+    if not OUTPUTS.is_dir():
         # Collected at import so that a missing folder fails loudly instead of silently testing nothing.
         return []
-    return sorted(p for p in SHARED_OUTPUTS.iterdir() if p.is_file())
+    return sorted(p for p in OUTPUTS.iterdir() if p.is_file())
 
 
 OUTPUT_FILES = _output_files()
 
 
-def test_shared_outputs_present():
-    assert SHARED_OUTPUTS.is_dir(), (
-        f"{SHARED_OUTPUTS} is missing: the real llama.cpp outputs live in ../shared/llama-cpp-outputs beside the "
-        "clone (or set MVLM_SHARED to the shared folder)"
-    )
-    assert len(OUTPUT_FILES) >= 31, f"expected the 31 reference outputs in {SHARED_OUTPUTS}, found {len(OUTPUT_FILES)}"
+def test_reference_outputs_present():
+    assert OUTPUTS.is_dir(), f"{OUTPUTS} is missing: the real llama.cpp outputs are part of the repository"
+    assert len(OUTPUT_FILES) >= 31, f"expected the 31 reference outputs in {OUTPUTS}, found {len(OUTPUT_FILES)}"
 
 
 def _split(path: Path) -> tuple[str, str]:
@@ -309,7 +305,7 @@ def test_utf16_file_and_unreadable_file(tmp_path: Path):
     p = tmp_path / "ps.log"
     p.write_bytes(text.encode("utf-16"))  # with BOM, as PowerShell's '>' writes it
     assert parse_file(p).total_ms == 70.0
-    from mvlm_convert.errors import MvlmError
+    from mvlm_core.errors import MvlmError
 
     with pytest.raises(MvlmError, match="does not exist"):
         parse_file(tmp_path / "nope.log")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mvlm_bench.report import Run, RunContext, run_metrics
+from mvlm_bench.records import Run, RunContext, run_metrics
 from mvlm_bench.timings import parse_llama_bench, parse_text
 
 pytestmark = pytest.mark.slow

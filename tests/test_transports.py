@@ -194,6 +194,7 @@ def _cmdline(pid: str) -> list[str]:
         return []
 
 
+@pytest.mark.slow  # more than ~3 s here (fast lane: pytest -m 'not slow')
 def test_ssh_push_pull_and_sync(ssh_t, tmp_path):
     wd = tmp_path / "remote"
     local = tmp_path / "local"
@@ -261,6 +262,7 @@ def test_ssh_unreachable_port(sshd, tmp_path):
     t.close()
 
 
+@pytest.mark.slow  # more than ~3 s here (fast lane: pytest -m 'not slow')
 def test_ssh_connection_dropped_mid_push_then_sync_recovers(sshd, ssh_t, tmp_path):
     wd = tmp_path / "remote"
     big = tmp_path / "big.gguf"

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mvlm_convert import reference as ref
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 RNG = np.random.default_rng(1234)
 
@@ -504,7 +504,7 @@ def test_cli_json_and_exit_codes(tiny, tmp_path):
     import sys
 
     ckpt, lm, mmproj = tiny["v2", "f32"]
-    mvlm = [sys.executable, "-m", "mvlm_bench.cli", "verify"]
+    mvlm = [sys.executable, "-m", "mvlm", "verify"]
     ok = subprocess.run([*mvlm, str(ckpt), "--gguf", str(lm), "--mmproj", str(mmproj), "--json"],
                         capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stderr[-2000:]

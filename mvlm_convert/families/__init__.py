@@ -2,7 +2,8 @@
 
 Each family module exposes ``NAME``, ``PROJECTOR_TYPES`` (config ``mm_projector_type`` prefixes it handles, ordered
 most specific first), ``MODEL_TYPES`` (the config ``model_type`` values its releases carry), ``matches(config) ->
-bool`` and ``describe(config) -> FamilyInfo``. Adding a family = adding a module and listing it in ``FAMILY_MODULES``.
+bool`` and ``describe(config) -> FamilyInfo`` (``families.base``). Adding a family = adding a module and listing it
+in ``FAMILY_MODULES``.
 A config whose ``model_type`` is not one of the matching family's is refused (``model_type: gpt2`` with a MobileVLM
 projector is not a MobileVLM).
 """
@@ -10,11 +11,11 @@ projector is not a MobileVLM).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from mvlm_convert.errors import MvlmError
+from mvlm_convert.families.base import FamilyInfo
+from mvlm_core.errors import MvlmError
 
 FAMILY_MODULES = [
     "mvlm_convert.families.mobilevlm",
@@ -22,16 +23,6 @@ FAMILY_MODULES = [
     "mvlm_convert.families.xmodel",
     "mvlm_convert.families.llava",
 ]
-
-
-@dataclass(frozen=True)
-class FamilyInfo:
-    """What a config is: family, variant (e.g. ``v2``), GGUF projector type (``ldpv2``) or None for a text-only LM."""
-
-    family: str
-    variant: str
-    projector: str | None
-    module: ModuleType
 
 
 def _modules() -> list[ModuleType]:

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
-from mvlm_convert.errors import MvlmError
-from mvlm_convert.families import FamilyInfo
+from mvlm_convert.families.base import FamilyInfo
+from mvlm_core.errors import MvlmError
 
 NAME = "imp"
 PROJECTOR_TYPES: list[str] = []  # mlp2x_gelu is LLaVA's entry; Imp is told apart by architecture / model_type

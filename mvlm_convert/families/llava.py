@@ -24,9 +24,9 @@ from typing import Any
 import gguf
 
 from mvlm_convert.checkpoint import Checkpoint
-from mvlm_convert.errors import MvlmError
-from mvlm_convert.families import FamilyInfo
+from mvlm_convert.families.base import FamilyInfo
 from mvlm_convert.families.mobilevlm import ProjTensor
+from mvlm_core.errors import MvlmError
 
 NAME = "llava"
 PROJECTOR_TYPES = ["mlp2x_gelu"]

@@ -1,6 +1,6 @@
 """MobileVLM V1 (LDP projector), MobileVLM V2 (LDPv2 projector) and MobileLLaMA (text-only LLaMA LM).
 
-Facts encoded here (DESIGN.md §3, checked against the released checkpoints' key names and clip.cpp's loader):
+Facts encoded here (checked against the released checkpoints' key names and clip.cpp's loader):
 - the LM is plain LLaMA under ``model.*`` / ``lm_head``; only the HF keys describe it (the 3B configs also carry
   stale lit-gpt keys ``n_head``/``n_query_groups``/``n_embd``/``n_layer`` that disagree with the real shapes);
 - V1 projector lives under ``model.mm_projector.model.`` (``mlp.1``, ``mlp.3``, ``mb_block.{1,2}.block.*``);
@@ -17,8 +17,8 @@ from typing import Any
 
 import gguf
 
-from mvlm_convert.errors import MvlmError
-from mvlm_convert.families import FamilyInfo
+from mvlm_convert.families.base import FamilyInfo
+from mvlm_core.errors import MvlmError
 
 NAME = "mobilevlm"
 # config mm_projector_type prefixes, most specific first (``ldpnetv2`` also starts with ``ldpnet``)

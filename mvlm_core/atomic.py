@@ -21,7 +21,7 @@ import signal
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 TMP_SUFFIX = ".tmp"
 

@@ -3,7 +3,7 @@
 Greedy text is the wrong yardstick: two builds of the same llama.cpp use different SIMD kernels (x86 AVX vs arm64
 NEON/dotprod), so their logits differ in the last bits and greedy decoding drifts apart after a few tokens (measured on
 SmolLM2-135M: ~5 tokens). Perplexity over a fixed text averages thousands of such tiny differences into one number that
-agrees across builds within well under 1% (../shared/DESIGN.md §7) — and moves by far more if a kernel is wrong. So:
+agrees across builds within well under 1% (measured: 0.02-0.9 %) — and moves by far more if a kernel is wrong. So:
 
 - ``perplexity(target, model, text)``: ``llama-perplexity -c 128`` of the target's runtime on ``text`` (arm64 targets
   run through ``qemu-aarch64-static`` on a non-arm64 machine).
@@ -15,16 +15,15 @@ agrees across builds within well under 1% (../shared/DESIGN.md §7) — and move
 from __future__ import annotations
 
 import os
-import platform
 import re
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvlm_bench import runtime as rtmod
-from mvlm_convert.errors import MvlmError
+from mvlm_core import runtime as rtmod
+from mvlm_core.backends import exec_wrapper_for
+from mvlm_core.errors import MvlmError
 
 PPL_TOLERANCE = 0.02  # relative; measured differences are 0.02-0.9 % depending on the text
 PPL_CTX = 128
@@ -58,19 +57,6 @@ lamp come on by itself, and he stayed until the first ship of the night passed s
 locked the door behind him, and left the key under the stone by the gate, where the engineers had asked him to leave
 it. The light went on turning without him, exactly as it had been built to do.
 """
-
-
-def exec_wrapper_for(target: str) -> list[str]:
-    """How this machine runs the target's binaries: directly, or through qemu-user for arm64 on another CPU."""
-    if target in ("host",) or platform.machine() in ("aarch64", "arm64"):
-        return []
-    if target in ("linux-arm64", "android-arm64"):
-        qemu = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
-        if not qemu:
-            raise MvlmError(f"running {target} binaries on {platform.machine()} needs qemu-user: "
-                            "apt-get install qemu-user-static")
-        return [qemu]
-    raise MvlmError(f"{target} binaries cannot run on this machine ({platform.machine()}): run the check on the device")
 
 
 _PPL_RE = re.compile(r"Final estimate:\s*PPL\s*=\s*([0-9.]+|nan|inf)", re.I)

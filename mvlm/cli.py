@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.console import Console
 
-from mvlm_convert.errors import MvlmError
+from mvlm_core.errors import MvlmError
 
 app = typer.Typer(
     name="mvlm",
@@ -22,7 +22,9 @@ app = typer.Typer(
 
 def _wire() -> None:
     from mvlm_bench import runtime_cli
+    from mvlm_convert.crosscheck_cli import check_cmd
 
+    runtime_cli.app.command("check")(check_cmd)
     app.add_typer(runtime_cli.app, name="runtime", help="Build the pinned, patched llama.cpp for a target; print where it is.")
 
     from mvlm_convert.convert_cli import convert_cmd

@@ -1,0 +1,5 @@
+"""``python -m mvlm``: the ``mvlm`` command."""
+
+from mvlm.cli import main
+
+main()

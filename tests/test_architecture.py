@@ -1,0 +1,175 @@
+"""The layering of docs/architecture.md, kept true: imports go down, never sideways or up, and never round in a circle.
+
+    mvlm (the application)  ->  mvlm_convert | mvlm_bench (the two sides)  ->  mvlm_core (the base)
+
+The import graph is read from the source with ``ast`` (nothing is imported): every ``import`` and ``from ... import``
+counts, at module level or inside a function. ``from pkg import name`` is an edge to ``pkg.name`` when that is a
+module, else to ``pkg``.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("mvlm", "mvlm_core", "mvlm_convert", "mvlm_bench")
+# what each package may import from the project (itself always)
+ALLOWED = {
+    "mvlm_core": set(),
+    "mvlm_convert": {"mvlm_core"},
+    "mvlm_bench": {"mvlm_core"},
+    "mvlm": {"mvlm_core", "mvlm_convert", "mvlm_bench"},
+}
+# third-party imports of the base: the GGUF library, numpy, and the bindings the host backend calls
+CORE_THIRD_PARTY = {"gguf", "numpy", "llama_cpp"}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for f in sorted((REPO / pkg).rglob("*.py")):
+            parts = list(f.relative_to(REPO).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = f
+    return mods
+
+
+MODULES = _modules()
+
+
+def _imports(module: str, path: Path) -> list[tuple[str, int]]:
+    """(imported name, line) for every import statement in the file, at any depth."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            for a in node.names:
+                full = f"{source}.{a.name}"
+                out.append((full if full in MODULES else source, node.lineno))
+    return out
+
+
+def _project_module(name: str) -> str | None:
+    """The project module an imported name lands in (its longest known prefix), None outside the project."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _graph() -> dict[str, dict[str, int]]:
+    """module -> {imported project module: first line}."""
+    g: dict[str, dict[str, int]] = {}
+    for mod, path in MODULES.items():
+        edges: dict[str, int] = {}
+        for name, line in _imports(mod, path):
+            target = _project_module(name)
+            if target is not None and target != mod:
+                edges.setdefault(target, line)
+        g[mod] = edges
+    return g
+
+
+GRAPH = _graph()
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_the_packages_exist():
+    for pkg in PACKAGES:
+        assert (REPO / pkg / "__init__.py").is_file(), f"{pkg}/__init__.py missing"
+    assert (REPO / "mvlm" / "__main__.py").is_file(), "python -m mvlm needs mvlm/__main__.py"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_imports_go_down(package):
+    wrong = [
+        f"{MODULES[mod].relative_to(REPO)}:{line} imports {target}"
+        for mod, edges in sorted(GRAPH.items()) if _top(mod) == package
+        for target, line in sorted(edges.items())
+        if _top(target) != package and _top(target) not in ALLOWED[package]
+    ]
+    may = ", ".join(sorted(ALLOWED[package])) or "no other project package"
+    assert not wrong, f"{package} may import {may} (docs/architecture.md):\n" + "\n".join(wrong)
+
+
+def test_the_base_needs_no_heavy_third_party_package():
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    wrong = []
+    for mod, path in MODULES.items():
+        if _top(mod) != "mvlm_core":
+            continue
+        for name, line in _imports(mod, path):
+            top = name.split(".")[0]
+            if top not in stdlib and top not in PACKAGES and top not in CORE_THIRD_PARTY:
+                wrong.append(f"{path.relative_to(REPO)}:{line} imports {name}")
+    assert not wrong, f"mvlm_core may import the standard library and {sorted(CORE_THIRD_PARTY)}:\n" + "\n".join(wrong)
+
+
+def _find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (iterative depth-first search)."""
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+    for root in sorted(graph):
+        if root in state:
+            continue
+        stack = [(root, iter(sorted(graph[root])))]
+        path = [root]
+        state[root] = 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                path.pop()
+                state[node] = 2
+            elif state.get(child) == 1:
+                return path[path.index(child):] + [child]
+            elif child not in state:
+                state[child] = 1
+                path.append(child)
+                stack.append((child, iter(sorted(graph.get(child, {})))))
+    return None
+
+
+def test_no_import_cycles():
+    cycle = _find_cycle(GRAPH)
+    if cycle:
+        steps = [f"{a} ({MODULES[a].relative_to(REPO)}:{GRAPH[a][b]}) -> {b}"
+                 for a, b in zip(cycle[:-1], cycle[1:], strict=True)]
+        pytest.fail("import cycle: " + " -> ".join(cycle) + "\n" + "\n".join(steps))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    g = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1, "d": 1}, "d": {}}
+    assert _find_cycle(g) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b": 1}, "b": {}, "c": {"a": 1}}) is None
+
+
+def test_nothing_refers_outside_the_repository():
+    needle = "../" + "shared"  # built, so this file does not find itself
+    skip = {".git", ".venv", "build", "dist", "out", "__pycache__", ".ruff_cache", ".pytest_cache"}
+    hits = []
+    for f in sorted(REPO.rglob("*")):
+        if f.suffix not in (".py", ".md") or skip & set(f.relative_to(REPO).parts) or not f.is_file():
+            continue
+        for i, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if needle in line:
+                hits.append(f"{f.relative_to(REPO)}:{i}: {line.strip()}")
+    assert not hits, "files outside the repository are referred to (copy what the tests need into tests/data):\n" + \
+        "\n".join(hits)
