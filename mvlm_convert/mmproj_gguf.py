@@ -1,4 +1,4 @@
-"""mmproj GGUF (arch ``clip``): CLIP vision tower + MobileVLM LDP / LDPv2 projector, streamed tensor by tensor.
+"""mmproj GGUF (arch ``clip``): CLIP / SigLIP vision tower + the family's projector, streamed tensor by tensor.
 
 Checked against the pinned llama.cpp (0c1e570) tools/mtmd:
 - tensor names: clip-impl.h TN_* (via gguf.TensorNameMap(MODEL_ARCH.MMPROJ) for the CLIP part);
@@ -24,22 +24,13 @@ import torch
 
 from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
 from mvlm_convert.config_check import FIX, Dim, Fields, check_shape, weight_hints
-from mvlm_convert.families import detect_family, projector_tensors
-from mvlm_convert.families.mobilevlm import CLIP_PREFIX_IN_CHECKPOINT, vision_select_layer, vision_tower_dir
 from mvlm_convert.gguf_stream import QT, FileSummary, PreparedGGUF, Progress, TensorPlan, matrix_type
 from mvlm_core.errors import MvlmError
 from mvlm_core.filetypes import FILE_TYPES
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-# the tensor whose rows are the projector's output width (= the LM's hidden size)
-PROJECTOR_OUTPUT = {
-    "ldp": "model.mm_projector.model.mb_block.2.block.2.0.weight",
-    "ldpv2": "model.mm_projector.mlp.mlp.2.weight",
-    "mlp": "model.mm_projector.2.weight",
-    "xdp": "model.mm_projector.mlp.2.weight",
-}
-LDP_GRID = 24  # clip.cpp hard-codes n_patch = 24 for PROJECTOR_TYPE_LDP / LDPV2
+CLIP_PREFIX_IN_CHECKPOINT = "model.vision_tower.vision_tower.vision_model."  # MobileVLM V2, Xmodel, Imp copies
 OPENAI_CLIP_HEAD_DIM = 64  # every OpenAI CLIP ViT (B/16, B/32, L/14, L/14-336) uses 64-wide heads
 
 
@@ -63,6 +54,22 @@ class ClipSource:
     origin: str  # human-readable: "checkpoint copy" or the CLIP directory
     siglip: bool = False  # SigLIP-style tower: no class embedding, no pre-layernorm, patch-embedding bias
     n_layer_full: int = 0  # layers of the tower as trained, when the file holds fewer (Imp cuts it); 0 = n_layer
+
+
+def vision_select_layer(config: dict[str, Any]) -> int:
+    return Fields(config, "the vision features the projector takes").int("mm_vision_select_layer", default=-2,
+                                                                         minimum=None)
+
+
+def vision_tower_dir(config: dict[str, Any], checkpoint_dir: Path) -> Path | None:
+    """``mm_vision_tower`` when it names a local directory (absolute, relative to cwd, or to the checkpoint)."""
+    ref = config.get("mm_vision_tower") or config.get("vision_tower")
+    if not ref or not isinstance(ref, str):
+        return None
+    for cand in (Path(ref), checkpoint_dir / ref):
+        if (cand / "config.json").is_file():
+            return cand
+    return None
 
 
 def _vision_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -300,8 +307,7 @@ def _getter(reader: Checkpoint, hf: str, reshape: tuple[int, ...] | None = None)
     return lambda: reader.get(hf).reshape(reshape)
 
 
-def _projector_plans(ckpt: Checkpoint, projector: str, outtype: str, lm_hidden: int) -> list[TensorPlan]:
-    spec = projector_tensors(projector)
+def _projector_plans(ckpt: Checkpoint, spec: list[Any], outtype: str) -> list[TensorPlan]:
     ckpt.require([t.hf for t in spec], "projector tensors")
     plans = []
     for t in spec:
@@ -326,33 +332,27 @@ def _projector_plans(ckpt: Checkpoint, projector: str, outtype: str, lm_hidden: 
 
 def write_mmproj_gguf(
     ckpt: Checkpoint,
-    projector: str,
+    variant: Any,
     out_path: Path,
     outtype: str,
     name: str,
     vision_tower: Path | None = None,
     progress: Progress | None = None,
 ) -> FileSummary:
-    return prepare_mmproj_gguf(ckpt, projector, outtype, name, vision_tower).write(out_path, progress)
+    return prepare_mmproj_gguf(ckpt, variant, outtype, name, vision_tower).write(out_path, progress)
 
 
 def prepare_mmproj_gguf(
-    ckpt: Checkpoint, projector: str, outtype: str, name: str, vision_tower: Path | None = None
+    ckpt: Checkpoint, variant: Any, outtype: str, name: str, vision_tower: Path | None = None
 ) -> PreparedGGUF:
-    """Find and validate the vision tower and projector; plan every tensor (metadata only, no tensor data)."""
-    # A family may find its own tower (Imp: SigLIP); else MobileVLM V1 and LLaVA-1.5 reload CLIP from
-    # mm_vision_tower at inference, V2 / Xmodel use the checkpoint copy.
-    resolver = getattr(detect_family(ckpt.config).module, "resolve_vision", None)
-    if resolver is not None:
-        clip = resolver(ckpt, vision_tower)
-    else:
-        clip = resolve_clip(ckpt, vision_tower, prefer_copy=projector not in ("ldp", "mlp"))
-    grid = clip.image_size // clip.patch_size
-    if projector in ("ldp", "ldpv2") and (grid != LDP_GRID or clip.image_size % clip.patch_size):
-        raise MvlmError(
-            f"{projector} needs a {LDP_GRID}x{LDP_GRID} patch grid (image 336, patch 14) but the vision tower "
-            f"({clip.origin}) has image {clip.image_size}, patch {clip.patch_size}; llama.cpp hard-codes 24x24"
-        )
+    """Find and validate the vision tower and projector; plan every tensor (metadata only, no tensor data).
+
+    ``variant``: what ``families.detect_family`` said the checkpoint is; its family's hooks find the tower, map the
+    projector's tensors, check the tower against the projector and count the image tokens.
+    """
+    family, projector = variant.impl, variant.projector
+    clip = family.vision_source(ckpt, vision_tower, variant)
+    family.check_vision(projector, clip)
     cfg = Fields(ckpt.config, "the language model the projector feeds", weights=weight_hints(ckpt))
     lm_hidden = cfg.int("hidden_size")
     mm_hidden = cfg.int("mm_hidden_size", default=None)
@@ -362,23 +362,14 @@ def prepare_mmproj_gguf(
             "fix mm_hidden_size, or pass the right --vision-tower"
         )
     block_count, feature_layer = _layer_metadata(clip, vision_select_layer(ckpt.config))
-    plans = _clip_plans(clip, outtype) + _projector_plans(ckpt, projector, outtype, lm_hidden)
+    plans = _clip_plans(clip, outtype) + _projector_plans(ckpt, family.projector_tensors(projector), outtype)
     proj_in = next(p for p in plans if p.name.startswith("mm.") and p.name.endswith(".weight")).shape
-    out_name = PROJECTOR_OUTPUT.get(projector)
-    if out_name is not None and ckpt.shape(out_name)[0] != lm_hidden:
+    out_name = family.projector_output(projector)
+    if ckpt.shape(out_name)[0] != lm_hidden:
         raise MvlmError(f"config.json: hidden_size = {lm_hidden} but the projector makes {ckpt.shape(out_name)[0]}-wide "
                         f"embeddings ({out_name} is {list(ckpt.shape(out_name))}); {FIX}")
-    factor = 1
-    if projector == "xdp":
-        # XDP concatenates f consecutive patch tokens: f comes from mm.0's input width, never from the config name.
-        factor = proj_in[1] // clip.hidden
-        if factor < 1 or proj_in[1] % clip.hidden or (grid * grid) % factor:
-            raise MvlmError(
-                f"XDP input width {proj_in[1]} is not a whole number of {clip.hidden}-wide vision tokens dividing "
-                f"the {grid * grid} patches; wrong --vision-tower?"
-            )
-    elif proj_in[1] != clip.hidden:
-        raise MvlmError(f"projector input width {proj_in[1]} does not match the vision tower width {clip.hidden}")
+    n_tokens = family.n_image_tokens(projector, clip, proj_in[1])
+    keys = family.mmproj_keys(projector, clip)
 
     KV = gguf.Keys
     w = gguf.GGUFWriter(path=None, arch="clip")
@@ -391,7 +382,7 @@ def prepare_mmproj_gguf(
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_bool(KV.Clip.HAS_VISION_ENCODER, True)
     w.add_bool(KV.Clip.HAS_LLAVA_PROJECTOR, True)
-    w.add_string(KV.Clip.PROJECTOR_TYPE, projector)
+    w.add_string(KV.Clip.PROJECTOR_TYPE, keys["projector_type"])
     w.add_uint32(KV.ClipVision.IMAGE_SIZE, clip.image_size)
     w.add_uint32(KV.ClipVision.PATCH_SIZE, clip.patch_size)
     w.add_uint32(KV.ClipVision.EMBEDDING_LENGTH, clip.hidden)
@@ -420,7 +411,7 @@ def prepare_mmproj_gguf(
         "patch_size": clip.patch_size,
         "image_mean": clip.image_mean,
         "image_std": clip.image_std,
-        "image_tokens": grid * grid // (4 if projector in ("ldp", "ldpv2") else factor),
+        "image_tokens": n_tokens,
     }
     return PreparedGGUF(
         w,
