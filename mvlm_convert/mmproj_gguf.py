@@ -32,6 +32,12 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 CLIP_PREFIX_IN_CHECKPOINT = "model.vision_tower.vision_tower.vision_model."  # MobileVLM V2, Xmodel, Imp copies
 OPENAI_CLIP_HEAD_DIM = 64  # every OpenAI CLIP ViT (B/16, B/32, L/14, L/14-336) uses 64-wide heads
+# gguf-py's tensor-name table: the tower's embeddings (clip-impl.h TN_PATCH_EMBD, TN_CLASS_EMBD, TN_POS_EMBD)
+_PATCH_EMBD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH] + ".weight"  # "v.patch_embd.weight"
+_CLASS_EMBD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_CLS]  # "v.class_embd"
+_POS_EMBD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_POS] + ".weight"  # "v.position_embd.weight"
+_TOWER = _CLASS_EMBD.split(".")[0] + "."  # "v.": every vision-tower tensor
+_PROJ = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_MMPROJ].split(".")[0] + "."  # "mm.": every projector tensor
 
 
 @dataclass
@@ -291,9 +297,9 @@ def _clip_plans(clip: ClipSource, outtype: str) -> list[TensorPlan]:
         if swap_ffn and ".ffn_" in gname:
             gname = gname.replace(".ffn_up", ".ffn_tmp").replace(".ffn_down", ".ffn_up").replace(".ffn_tmp", ".ffn_down")
         shape = reader.shape(hf)
-        if gname == "v.patch_embd.weight":
+        if gname == _PATCH_EMBD:
             qtype = QT.F16
-        elif gname in ("v.class_embd", "v.position_embd.weight") or len(shape) == 1 or outtype == "f32":
+        elif gname in (_CLASS_EMBD, _POS_EMBD) or len(shape) == 1 or outtype == "f32":
             qtype = QT.F32
         else:
             qtype = matrix_type(outtype, shape)
@@ -363,7 +369,7 @@ def prepare_mmproj_gguf(
         )
     block_count, feature_layer = _layer_metadata(clip, vision_select_layer(ckpt.config))
     plans = _clip_plans(clip, outtype) + _projector_plans(ckpt, family.projector_tensors(projector), outtype)
-    proj_in = next(p for p in plans if p.name.startswith("mm.") and p.name.endswith(".weight")).shape
+    proj_in = next(p for p in plans if p.name.startswith(_PROJ) and p.name.endswith(".weight")).shape
     out_name = family.projector_output(projector)
     if ckpt.shape(out_name)[0] != lm_hidden:
         raise MvlmError(f"config.json: hidden_size = {lm_hidden} but the projector makes {ckpt.shape(out_name)[0]}-wide "
@@ -371,7 +377,6 @@ def prepare_mmproj_gguf(
     n_tokens = family.n_image_tokens(projector, clip, proj_in[1])
     keys = family.mmproj_keys(projector, clip)
 
-    KV = gguf.Keys
     w = gguf.GGUFWriter(path=None, arch="clip")
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_name(name)
@@ -380,25 +385,25 @@ def prepare_mmproj_gguf(
     w.add_file_type(FILE_TYPES[outtype])
     if outtype == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_bool(KV.Clip.HAS_VISION_ENCODER, True)
-    w.add_bool(KV.Clip.HAS_LLAVA_PROJECTOR, True)
-    w.add_string(KV.Clip.PROJECTOR_TYPE, keys["projector_type"])
-    w.add_uint32(KV.ClipVision.IMAGE_SIZE, clip.image_size)
-    w.add_uint32(KV.ClipVision.PATCH_SIZE, clip.patch_size)
-    w.add_uint32(KV.ClipVision.EMBEDDING_LENGTH, clip.hidden)
-    w.add_uint32(KV.ClipVision.FEED_FORWARD_LENGTH, clip.ffn)
+    w.add_clip_has_vision_encoder(True)
+    w.add_bool(gguf.Keys.Clip.HAS_LLAVA_PROJECTOR, True)  # no typed method for this legacy key
+    w.add_clip_projector_type(keys["projector_type"])
+    w.add_vision_image_size(clip.image_size)
+    w.add_vision_patch_size(clip.patch_size)
+    w.add_vision_embedding_length(clip.hidden)
+    w.add_vision_feed_forward_length(clip.ffn)
     # clip.cpp requires projection_dim but LDP/LDPv2 take their output width from the projector tensors.
-    w.add_uint32(KV.ClipVision.PROJECTION_DIM, clip.projection_dim or lm_hidden)
-    w.add_uint32(KV.ClipVision.BLOCK_COUNT, block_count)
+    w.add_vision_projection_dim(clip.projection_dim or lm_hidden)
+    w.add_vision_block_count(block_count)
     if feature_layer is not None:
-        w.add_array("clip.vision.feature_layer", feature_layer)
-    w.add_uint32(KV.ClipVision.Attention.HEAD_COUNT, clip.n_head)
-    w.add_float32(KV.ClipVision.Attention.LAYERNORM_EPS, clip.eps)
-    w.add_array(KV.ClipVision.IMAGE_MEAN, clip.image_mean)
-    w.add_array(KV.ClipVision.IMAGE_STD, clip.image_std)
+        w.add_array("clip.vision.feature_layer", feature_layer)  # gguf-py 0.19 has no key constant for it
+    w.add_vision_head_count(clip.n_head)
+    w.add_vision_attention_layernorm_eps(clip.eps)
+    w.add_vision_image_mean(clip.image_mean)
+    w.add_vision_image_std(clip.image_std)
     # OpenAI CLIP uses quick_gelu (clip.cpp's default when use_gelu is false); "gelu" selects ggml's GELU (the tanh
     # form, exactly SigLIP's gelu_pytorch_tanh).
-    w.add_bool(KV.ClipVision.USE_GELU, clip.hidden_act in ("gelu", "gelu_pytorch_tanh", "gelu_new"))
+    w.add_vision_use_gelu(clip.hidden_act in ("gelu", "gelu_pytorch_tanh", "gelu_new"))
 
     metadata = {
         "arch": "clip",
@@ -418,5 +423,5 @@ def prepare_mmproj_gguf(
         plans,
         "mmproj",
         metadata,
-        release=lambda p: clip.reader.release(p.source) if p.name.startswith("v.") else ckpt.release(p.source),
+        release=lambda p: clip.reader.release(p.source) if p.name.startswith(_TOWER) else ckpt.release(p.source),
     )
