@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mvlm_convert.checkpoint import open_checkpoint
-from mvlm_convert.families import detect_family, normalize, prepare_lm
+from mvlm_convert.families import detect_family
 from mvlm_convert.gguf_stream import FileSummary, PreparedGGUF, Progress, TensorPlan, check_writable
 from mvlm_convert.mmproj_gguf import prepare_mmproj_gguf
 from mvlm_core.atomic import AtomicOutputs
@@ -134,15 +134,15 @@ def convert(
 
     ckpt = open_checkpoint(checkpoint_dir)
     info = detect_family(ckpt.config)
-    ckpt = normalize(info, ckpt)  # e.g. llava-hf names -> the LLaVA/MobileVLM names the writers use
+    ckpt = info.impl.normalize(ckpt)  # e.g. llava-hf names -> the LLaVA/MobileVLM names the writers use
     the_name = sanitize_name(name) if name else model_name(ckpt.config, checkpoint_dir)
     lm_path, mmproj_path = output_paths(outdir, the_name, outtype)
 
     prepared: list[tuple[Path, PreparedGGUF]] = []
     if info.projector is not None:
         # Vision side first: its failures (no tower, wrong grid, missing projector tensors) are the likely ones.
-        mm = prepare_mmproj_gguf(ckpt, info.projector, outtype, the_name, vt)
-    lm = prepare_lm(info, ckpt, outtype, the_name)  # the family's LM writer (LLaMA unless it brings one)
+        mm = prepare_mmproj_gguf(ckpt, info, outtype, the_name, vt)
+    lm = info.impl.lm_writer(ckpt, outtype, the_name)  # the family's LM writer (LLaMA unless it brings one)
     prepared.append((lm_path, lm))
     if info.projector is not None:
         prepared.append((mmproj_path, mm))

@@ -8,19 +8,104 @@ halves, GGML's rope expects interleaved pairs), with ``num_key_value_heads`` for
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import torch
 
 from mvlm_convert.checkpoint import Checkpoint
-from mvlm_convert.config_check import Dim, check_layer_count, check_shape
-from mvlm_convert.families.mobilevlm import LmHparams, is_lm_tensor, lm_hparams, lm_required_tensors
+from mvlm_convert.config_check import Dim, Fields, check_layer_count, check_shape, weight_hints
 from mvlm_convert.gguf_stream import QT, FileSummary, PreparedGGUF, Progress, TensorPlan, add_lm_keys, matrix_type
 from mvlm_core.conversation import CHAT_TEMPLATE
 from mvlm_core.errors import MvlmError
 
 LAYER_PATTERN = r"model\.layers\.(\d+)\."
+# tensors of a VLM checkpoint that are not the language model's (every LM writer skips them)
+NON_LM_PREFIXES = ("model.vision_tower.", "model.mm_projector.")
+
+
+def is_lm_tensor(name: str) -> bool:
+    return not name.startswith(NON_LM_PREFIXES)
+
+
+@dataclass(frozen=True)
+class LmHparams:
+    """LLaMA hyper-parameters read from the HF keys only (never the lit-gpt ``n_head``/``n_embd`` leftovers)."""
+
+    hidden_size: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    ffn: int
+    vocab_size: int
+    rms_eps: float
+    rope_theta: float
+    context_length: int
+    tie_embeddings: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_head
+
+
+def lm_hparams(config: dict[str, Any], reader: Any = None) -> LmHparams:
+    """Typed, range-checked LLaMA hyper-parameters (``reader``: the checkpoint, to say what the weights imply)."""
+    hints = weight_hints(reader, ffn=("model.layers.0.mlp.gate_proj.weight", 1))
+    f = Fields(config, "the LLaMA language model", weights=hints)
+    hidden = f.int("hidden_size")
+    n_head = f.int("num_attention_heads")
+    f.divides("hidden_size", hidden, "num_attention_heads", n_head)
+    n_kv = f.int("num_key_value_heads", default=n_head)
+    if n_head % n_kv:
+        raise MvlmError(f"config.json: num_attention_heads = {n_head} is not a multiple of num_key_value_heads = {n_kv}; "
+                        "fix config.json (the LLaMA language model)")
+    head_dim = hidden // n_head
+    if head_dim % 2:
+        raise MvlmError(f"config.json: hidden_size {hidden} / num_attention_heads {n_head} gives {head_dim}-wide heads; "
+                        "rotary embeddings need an even head size: fix num_attention_heads")
+    explicit_hd = f.int("head_dim", default=None)
+    if explicit_hd is not None and explicit_hd != head_dim:
+        raise MvlmError(f"config.json: head_dim = {explicit_hd} differs from hidden_size / num_attention_heads = {head_dim}; "
+                        "llama.cpp's llama architecture needs them equal: fix config.json")
+    rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    rope_theta = f.number("rope_theta", default=None)
+    if rope_theta is None:
+        rope_theta = Fields(rope, "the rotary embedding", source="config.json rope_parameters").number(
+            "rope_theta", default=10000.0)
+    return LmHparams(
+        hidden_size=hidden,
+        n_layer=f.int("num_hidden_layers"),
+        n_head=n_head,
+        n_head_kv=n_kv,
+        ffn=f.int("intermediate_size"),
+        vocab_size=f.int("vocab_size"),
+        rms_eps=f.number("rms_norm_eps", default=1e-6, maximum=1.0),
+        rope_theta=rope_theta,
+        context_length=f.int("max_position_embeddings", default=2048),
+        tie_embeddings=f.flag("tie_word_embeddings", False),
+    )
+
+
+def lm_required_tensors(hp: LmHparams) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not hp.tie_embeddings:
+        names.append("lm_head.weight")
+    for i in range(hp.n_layer):
+        p = f"model.layers.{i}."
+        names += [
+            p + "input_layernorm.weight",
+            p + "post_attention_layernorm.weight",
+            p + "self_attn.q_proj.weight",
+            p + "self_attn.k_proj.weight",
+            p + "self_attn.v_proj.weight",
+            p + "self_attn.o_proj.weight",
+            p + "mlp.gate_proj.weight",
+            p + "mlp.up_proj.weight",
+            p + "mlp.down_proj.weight",
+        ]
+    return names
 
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:

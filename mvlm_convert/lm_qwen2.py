@@ -23,9 +23,9 @@ import gguf
 from mvlm_convert.checkpoint import Checkpoint
 from mvlm_convert.config_check import Dim, Fields, check_layer_count, check_shape, weight_hints
 from mvlm_convert.gguf_stream import QT, PreparedGGUF, TensorPlan, add_lm_keys, matrix_type
+from mvlm_convert.lm_gguf import NON_LM_PREFIXES
 from mvlm_core.errors import MvlmError
 
-NON_LM_PREFIXES = ("model.vision_tower.", "model.mm_projector.")
 TOKENIZER_PRE = "qwen2"
 
 

@@ -1,4 +1,4 @@
-"""mmproj GGUF (arch ``clip``): CLIP vision tower + MobileVLM LDP / LDPv2 projector, streamed tensor by tensor.
+"""mmproj GGUF (arch ``clip``): CLIP / SigLIP vision tower + the family's projector, streamed tensor by tensor.
 
 Checked against the pinned llama.cpp (0c1e570) tools/mtmd:
 - tensor names: clip-impl.h TN_* (via gguf.TensorNameMap(MODEL_ARCH.MMPROJ) for the CLIP part);
@@ -24,23 +24,20 @@ import torch
 
 from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
 from mvlm_convert.config_check import FIX, Dim, Fields, check_shape, weight_hints
-from mvlm_convert.families import detect_family, projector_tensors
-from mvlm_convert.families.mobilevlm import CLIP_PREFIX_IN_CHECKPOINT, vision_select_layer, vision_tower_dir
 from mvlm_convert.gguf_stream import QT, FileSummary, PreparedGGUF, Progress, TensorPlan, matrix_type
 from mvlm_core.errors import MvlmError
 from mvlm_core.filetypes import FILE_TYPES
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-# the tensor whose rows are the projector's output width (= the LM's hidden size)
-PROJECTOR_OUTPUT = {
-    "ldp": "model.mm_projector.model.mb_block.2.block.2.0.weight",
-    "ldpv2": "model.mm_projector.mlp.mlp.2.weight",
-    "mlp": "model.mm_projector.2.weight",
-    "xdp": "model.mm_projector.mlp.2.weight",
-}
-LDP_GRID = 24  # clip.cpp hard-codes n_patch = 24 for PROJECTOR_TYPE_LDP / LDPV2
+CLIP_PREFIX_IN_CHECKPOINT = "model.vision_tower.vision_tower.vision_model."  # MobileVLM V2, Xmodel, Imp copies
 OPENAI_CLIP_HEAD_DIM = 64  # every OpenAI CLIP ViT (B/16, B/32, L/14, L/14-336) uses 64-wide heads
+# gguf-py's tensor-name table: the tower's embeddings (clip-impl.h TN_PATCH_EMBD, TN_CLASS_EMBD, TN_POS_EMBD)
+_PATCH_EMBD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH] + ".weight"  # "v.patch_embd.weight"
+_CLASS_EMBD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_CLS]  # "v.class_embd"
+_POS_EMBD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_POS] + ".weight"  # "v.position_embd.weight"
+_TOWER = _CLASS_EMBD.split(".")[0] + "."  # "v.": every vision-tower tensor
+_PROJ = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_MMPROJ].split(".")[0] + "."  # "mm.": every projector tensor
 
 
 @dataclass
@@ -63,6 +60,22 @@ class ClipSource:
     origin: str  # human-readable: "checkpoint copy" or the CLIP directory
     siglip: bool = False  # SigLIP-style tower: no class embedding, no pre-layernorm, patch-embedding bias
     n_layer_full: int = 0  # layers of the tower as trained, when the file holds fewer (Imp cuts it); 0 = n_layer
+
+
+def vision_select_layer(config: dict[str, Any]) -> int:
+    return Fields(config, "the vision features the projector takes").int("mm_vision_select_layer", default=-2,
+                                                                         minimum=None)
+
+
+def vision_tower_dir(config: dict[str, Any], checkpoint_dir: Path) -> Path | None:
+    """``mm_vision_tower`` when it names a local directory (absolute, relative to cwd, or to the checkpoint)."""
+    ref = config.get("mm_vision_tower") or config.get("vision_tower")
+    if not ref or not isinstance(ref, str):
+        return None
+    for cand in (Path(ref), checkpoint_dir / ref):
+        if (cand / "config.json").is_file():
+            return cand
+    return None
 
 
 def _vision_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -284,9 +297,9 @@ def _clip_plans(clip: ClipSource, outtype: str) -> list[TensorPlan]:
         if swap_ffn and ".ffn_" in gname:
             gname = gname.replace(".ffn_up", ".ffn_tmp").replace(".ffn_down", ".ffn_up").replace(".ffn_tmp", ".ffn_down")
         shape = reader.shape(hf)
-        if gname == "v.patch_embd.weight":
+        if gname == _PATCH_EMBD:
             qtype = QT.F16
-        elif gname in ("v.class_embd", "v.position_embd.weight") or len(shape) == 1 or outtype == "f32":
+        elif gname in (_CLASS_EMBD, _POS_EMBD) or len(shape) == 1 or outtype == "f32":
             qtype = QT.F32
         else:
             qtype = matrix_type(outtype, shape)
@@ -300,8 +313,7 @@ def _getter(reader: Checkpoint, hf: str, reshape: tuple[int, ...] | None = None)
     return lambda: reader.get(hf).reshape(reshape)
 
 
-def _projector_plans(ckpt: Checkpoint, projector: str, outtype: str, lm_hidden: int) -> list[TensorPlan]:
-    spec = projector_tensors(projector)
+def _projector_plans(ckpt: Checkpoint, spec: list[Any], outtype: str) -> list[TensorPlan]:
     ckpt.require([t.hf for t in spec], "projector tensors")
     plans = []
     for t in spec:
@@ -326,33 +338,27 @@ def _projector_plans(ckpt: Checkpoint, projector: str, outtype: str, lm_hidden: 
 
 def write_mmproj_gguf(
     ckpt: Checkpoint,
-    projector: str,
+    variant: Any,
     out_path: Path,
     outtype: str,
     name: str,
     vision_tower: Path | None = None,
     progress: Progress | None = None,
 ) -> FileSummary:
-    return prepare_mmproj_gguf(ckpt, projector, outtype, name, vision_tower).write(out_path, progress)
+    return prepare_mmproj_gguf(ckpt, variant, outtype, name, vision_tower).write(out_path, progress)
 
 
 def prepare_mmproj_gguf(
-    ckpt: Checkpoint, projector: str, outtype: str, name: str, vision_tower: Path | None = None
+    ckpt: Checkpoint, variant: Any, outtype: str, name: str, vision_tower: Path | None = None
 ) -> PreparedGGUF:
-    """Find and validate the vision tower and projector; plan every tensor (metadata only, no tensor data)."""
-    # A family may find its own tower (Imp: SigLIP); else MobileVLM V1 and LLaVA-1.5 reload CLIP from
-    # mm_vision_tower at inference, V2 / Xmodel use the checkpoint copy.
-    resolver = getattr(detect_family(ckpt.config).module, "resolve_vision", None)
-    if resolver is not None:
-        clip = resolver(ckpt, vision_tower)
-    else:
-        clip = resolve_clip(ckpt, vision_tower, prefer_copy=projector not in ("ldp", "mlp"))
-    grid = clip.image_size // clip.patch_size
-    if projector in ("ldp", "ldpv2") and (grid != LDP_GRID or clip.image_size % clip.patch_size):
-        raise MvlmError(
-            f"{projector} needs a {LDP_GRID}x{LDP_GRID} patch grid (image 336, patch 14) but the vision tower "
-            f"({clip.origin}) has image {clip.image_size}, patch {clip.patch_size}; llama.cpp hard-codes 24x24"
-        )
+    """Find and validate the vision tower and projector; plan every tensor (metadata only, no tensor data).
+
+    ``variant``: what ``families.detect_family`` said the checkpoint is; its family's hooks find the tower, map the
+    projector's tensors, check the tower against the projector and count the image tokens.
+    """
+    family, projector = variant.impl, variant.projector
+    clip = family.vision_source(ckpt, vision_tower, variant)
+    family.check_vision(projector, clip)
     cfg = Fields(ckpt.config, "the language model the projector feeds", weights=weight_hints(ckpt))
     lm_hidden = cfg.int("hidden_size")
     mm_hidden = cfg.int("mm_hidden_size", default=None)
@@ -362,25 +368,15 @@ def prepare_mmproj_gguf(
             "fix mm_hidden_size, or pass the right --vision-tower"
         )
     block_count, feature_layer = _layer_metadata(clip, vision_select_layer(ckpt.config))
-    plans = _clip_plans(clip, outtype) + _projector_plans(ckpt, projector, outtype, lm_hidden)
-    proj_in = next(p for p in plans if p.name.startswith("mm.") and p.name.endswith(".weight")).shape
-    out_name = PROJECTOR_OUTPUT.get(projector)
-    if out_name is not None and ckpt.shape(out_name)[0] != lm_hidden:
+    plans = _clip_plans(clip, outtype) + _projector_plans(ckpt, family.projector_tensors(projector), outtype)
+    proj_in = next(p for p in plans if p.name.startswith(_PROJ) and p.name.endswith(".weight")).shape
+    out_name = family.projector_output(projector)
+    if ckpt.shape(out_name)[0] != lm_hidden:
         raise MvlmError(f"config.json: hidden_size = {lm_hidden} but the projector makes {ckpt.shape(out_name)[0]}-wide "
                         f"embeddings ({out_name} is {list(ckpt.shape(out_name))}); {FIX}")
-    factor = 1
-    if projector == "xdp":
-        # XDP concatenates f consecutive patch tokens: f comes from mm.0's input width, never from the config name.
-        factor = proj_in[1] // clip.hidden
-        if factor < 1 or proj_in[1] % clip.hidden or (grid * grid) % factor:
-            raise MvlmError(
-                f"XDP input width {proj_in[1]} is not a whole number of {clip.hidden}-wide vision tokens dividing "
-                f"the {grid * grid} patches; wrong --vision-tower?"
-            )
-    elif proj_in[1] != clip.hidden:
-        raise MvlmError(f"projector input width {proj_in[1]} does not match the vision tower width {clip.hidden}")
+    n_tokens = family.n_image_tokens(projector, clip, proj_in[1])
+    keys = family.mmproj_keys(projector, clip)
 
-    KV = gguf.Keys
     w = gguf.GGUFWriter(path=None, arch="clip")
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_name(name)
@@ -389,25 +385,25 @@ def prepare_mmproj_gguf(
     w.add_file_type(FILE_TYPES[outtype])
     if outtype == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_bool(KV.Clip.HAS_VISION_ENCODER, True)
-    w.add_bool(KV.Clip.HAS_LLAVA_PROJECTOR, True)
-    w.add_string(KV.Clip.PROJECTOR_TYPE, projector)
-    w.add_uint32(KV.ClipVision.IMAGE_SIZE, clip.image_size)
-    w.add_uint32(KV.ClipVision.PATCH_SIZE, clip.patch_size)
-    w.add_uint32(KV.ClipVision.EMBEDDING_LENGTH, clip.hidden)
-    w.add_uint32(KV.ClipVision.FEED_FORWARD_LENGTH, clip.ffn)
+    w.add_clip_has_vision_encoder(True)
+    w.add_bool(gguf.Keys.Clip.HAS_LLAVA_PROJECTOR, True)  # no typed method for this legacy key
+    w.add_clip_projector_type(keys["projector_type"])
+    w.add_vision_image_size(clip.image_size)
+    w.add_vision_patch_size(clip.patch_size)
+    w.add_vision_embedding_length(clip.hidden)
+    w.add_vision_feed_forward_length(clip.ffn)
     # clip.cpp requires projection_dim but LDP/LDPv2 take their output width from the projector tensors.
-    w.add_uint32(KV.ClipVision.PROJECTION_DIM, clip.projection_dim or lm_hidden)
-    w.add_uint32(KV.ClipVision.BLOCK_COUNT, block_count)
+    w.add_vision_projection_dim(clip.projection_dim or lm_hidden)
+    w.add_vision_block_count(block_count)
     if feature_layer is not None:
-        w.add_array("clip.vision.feature_layer", feature_layer)
-    w.add_uint32(KV.ClipVision.Attention.HEAD_COUNT, clip.n_head)
-    w.add_float32(KV.ClipVision.Attention.LAYERNORM_EPS, clip.eps)
-    w.add_array(KV.ClipVision.IMAGE_MEAN, clip.image_mean)
-    w.add_array(KV.ClipVision.IMAGE_STD, clip.image_std)
+        w.add_array("clip.vision.feature_layer", feature_layer)  # gguf-py 0.19 has no key constant for it
+    w.add_vision_head_count(clip.n_head)
+    w.add_vision_attention_layernorm_eps(clip.eps)
+    w.add_vision_image_mean(clip.image_mean)
+    w.add_vision_image_std(clip.image_std)
     # OpenAI CLIP uses quick_gelu (clip.cpp's default when use_gelu is false); "gelu" selects ggml's GELU (the tanh
     # form, exactly SigLIP's gelu_pytorch_tanh).
-    w.add_bool(KV.ClipVision.USE_GELU, clip.hidden_act in ("gelu", "gelu_pytorch_tanh", "gelu_new"))
+    w.add_vision_use_gelu(clip.hidden_act in ("gelu", "gelu_pytorch_tanh", "gelu_new"))
 
     metadata = {
         "arch": "clip",
@@ -420,12 +416,12 @@ def prepare_mmproj_gguf(
         "patch_size": clip.patch_size,
         "image_mean": clip.image_mean,
         "image_std": clip.image_std,
-        "image_tokens": grid * grid // (4 if projector in ("ldp", "ldpv2") else factor),
+        "image_tokens": n_tokens,
     }
     return PreparedGGUF(
         w,
         plans,
         "mmproj",
         metadata,
-        release=lambda p: clip.reader.release(p.source) if p.name.startswith("v.") else ckpt.release(p.source),
+        release=lambda p: clip.reader.release(p.source) if p.name.startswith(_TOWER) else ckpt.release(p.source),
     )

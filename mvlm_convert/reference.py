@@ -1,11 +1,11 @@
 """Independent PyTorch reference forward for MobileVLM-style checkpoints (float32 throughout).
 
 Why a separate implementation: ``mvlm verify`` must prove the GGUFs compute what the released PyTorch model
-computes, so nothing here may share code with the converter. The checkpoint is read by its own small loader,
-the LDP / LDPv2 / MLP projectors are written from the published architecture (MobileVLM V1/V2 papers; the
-released code builds them from torchvision's MobileNetV3 ``InvertedResidual`` + ``SqueezeExcitation`` and
-timm's ``LayerNormAct2d`` (eps 1e-5) — neither library is needed here), CLIP is transformers' ``CLIPVisionModel``
-and the language model is transformers' ``LlamaForCausalLM`` built from the HF config keys only.
+computes, so nothing here shares code with the GGUF writers. The checkpoint is read by its own small loader;
+each projector's forward is its family's ``project`` hook (``mvlm_convert.families``: LDP / LDPv2 in mobilevlm,
+written from the MobileVLM papers without torchvision or timm; mlp in llava; Xmodel-VLM's in xmodel), found through the
+registry from ``mm_projector_type``; CLIP is transformers' ``CLIPVisionModel`` and the language model is
+transformers' ``LlamaForCausalLM`` built from the HF config keys only.
 
 Image path: a 336x336 RGB uint8 image -> ``(x/255 - mean)/std`` (exactly what clip.cpp does for an image that is
 already image_size square: its fixed-size preprocessor copies it without resizing) -> CLIP ViT hidden_states[-2]
@@ -24,15 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mvlm_core.errors import MvlmError
 
 # OpenAI CLIP normalisation constants (used when no preprocessor_config.json is found).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# MobileVLM's projector LayerNorms are timm LayerNormAct2d with its default eps.
-LDP_LAYER_NORM_EPS = 1e-5
 
 VISION_COPY_PREFIX = "model.vision_tower.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
@@ -165,180 +162,16 @@ def read_config(directory: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Elementary operations, written out so their conventions are explicit and unit-testable
+# Projectors: each family's own forward (``Family.project``), found through the registry
 # --------------------------------------------------------------------------------------------------------------
-
-
-def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
-    """MobileNet channel rounding: nearest multiple of ``divisor``, never more than 10% below ``v``."""
-    min_value = divisor if min_value is None else min_value
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    if new_v < 0.9 * v:
-        new_v += divisor
-    return new_v
-
-
-def gelu_erf(x: torch.Tensor) -> torch.Tensor:
-    """Exact GELU, x * Phi(x) (PyTorch ``nn.GELU()`` default; ggml uses the tanh approximation)."""
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-def hardsigmoid(x: torch.Tensor) -> torch.Tensor:
-    """relu6(x + 3) / 6, as MobileNetV3 defines it (not the 0.2x + 0.5 Keras variant)."""
-    return torch.clamp(x + 3.0, 0.0, 6.0) / 6.0
-
-
-def hardswish(x: torch.Tensor) -> torch.Tensor:
-    return x * hardsigmoid(x)
-
-
-def layer_norm_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the channel axis of an NCHW map (timm LayerNorm2d semantics), biased variance."""
-    mean = x.mean(dim=1, keepdim=True)
-    var = ((x - mean) ** 2).mean(dim=1, keepdim=True)
-    y = (x - mean) / torch.sqrt(var + eps)
-    return y * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
-
-
-def _as_conv1x1(w: torch.Tensor) -> torch.Tensor:
-    return w.reshape(w.shape[0], -1, 1, 1)
-
-
-def _as_depthwise(w: torch.Tensor) -> torch.Tensor:
-    return w.reshape(w.shape[0], 1, w.shape[-2], w.shape[-1])
-
-
-def squeeze_excite(x: torch.Tensor, fc1_w, fc1_b, fc2_w, fc2_b) -> torch.Tensor:
-    """torchvision SqueezeExcitation with ReLU inside and hardsigmoid gate: x * gate(fc2(relu(fc1(avgpool(x)))))."""
-    s = x.mean(dim=(2, 3), keepdim=True)
-    s = torch.relu(F.conv2d(s, _as_conv1x1(fc1_w), fc1_b))
-    s = hardsigmoid(F.conv2d(s, _as_conv1x1(fc2_w), fc2_b))
-    return x * s
-
-
-def inverted_residual(
-    x: torch.Tensor, get: Callable[[str], torch.Tensor], prefix: str, stride: int, eps: float = LDP_LAYER_NORM_EPS
-) -> torch.Tensor:
-    """MobileNetV3 inverted-residual block without expansion (expanded channels == input channels).
-
-    depthwise 3x3 (pad 1, no bias) -> LN -> hardswish -> SE -> pointwise 1x1 (no bias) -> LN; residual only when
-    stride is 1 and channels are kept (torchvision's ``use_res_connect``).
-    """
-    c = x.shape[1]
-    y = F.conv2d(x, _as_depthwise(get(prefix + "block.0.0.weight")), None, stride=stride, padding=1, groups=c)
-    y = layer_norm_channels(y, get(prefix + "block.0.1.weight"), get(prefix + "block.0.1.bias"), eps)
-    y = hardswish(y)
-    fc1_w = get(prefix + "block.1.fc1.weight")
-    expected_squeeze = make_divisible(c // 4, 8)
-    if fc1_w.shape[0] != expected_squeeze:
-        raise MvlmError(
-            f"{prefix}block.1.fc1 has {fc1_w.shape[0]} squeeze channels, MobileNetV3 SE expects "
-            f"make_divisible({c}//4, 8) = {expected_squeeze}: not an LDP projector"
-        )
-    y = squeeze_excite(y, fc1_w, get(prefix + "block.1.fc1.bias"), get(prefix + "block.1.fc2.weight"),
-                       get(prefix + "block.1.fc2.bias"))
-    out_w = get(prefix + "block.2.0.weight")
-    y = F.conv2d(y, _as_conv1x1(out_w), None)
-    y = layer_norm_channels(y, get(prefix + "block.2.1.weight"), get(prefix + "block.2.1.bias"), eps)
-    if stride == 1 and out_w.shape[0] == c:
-        y = y + x
-    return y
-
-
-def _tokens_to_map(x: torch.Tensor) -> torch.Tensor:
-    """[N, C] row-major tokens (N = side*side) -> [1, C, side, side]."""
-    n, c = x.shape
-    side = math.isqrt(n)
-    if side * side != n:
-        raise MvlmError(f"{n} vision tokens are not a square grid: LDP/LDPv2 need a square patch grid")
-    return x.t().reshape(1, c, side, side)
-
-
-def _map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(2)[0].t().contiguous()
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    y = x @ w.t()
-    return y + b if b is not None else y
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Projectors
-# --------------------------------------------------------------------------------------------------------------
-
-
-def ldp_forward(feats: torch.Tensor, get: Callable[[str], torch.Tensor], prefix: str = "model.mm_projector.model.",
-                eps: float = LDP_LAYER_NORM_EPS) -> torch.Tensor:
-    """MobileVLM V1 LDP: Linear-GELU-Linear, two inverted-residual blocks (stride 1, 2). [N,Dv] -> [N/4,Dt]."""
-    x = linear(feats, get(prefix + "mlp.1.weight"), get(prefix + "mlp.1.bias"))
-    x = gelu_erf(x)
-    x = linear(x, get(prefix + "mlp.3.weight"), get(prefix + "mlp.3.bias"))
-    x = _tokens_to_map(x)
-    x = inverted_residual(x, get, prefix + "mb_block.1.", stride=1, eps=eps)
-    x = inverted_residual(x, get, prefix + "mb_block.2.", stride=2, eps=eps)
-    return _map_to_tokens(x)
-
-
-def ldpv2_forward(feats: torch.Tensor, get: Callable[[str], torch.Tensor], prefix: str = PROJECTOR_PREFIX,
-                  out_side: int = 12) -> torch.Tensor:
-    """MobileVLM V2 LDPv2: Linear-GELU-Linear, avg-pool to out_side^2, PEG (depthwise 3x3 + bias) + residual."""
-    x = linear(feats, get(prefix + "mlp.mlp.0.weight"), get(prefix + "mlp.mlp.0.bias"))
-    x = gelu_erf(x)
-    x = linear(x, get(prefix + "mlp.mlp.2.weight"), get(prefix + "mlp.mlp.2.bias"))
-    x = _tokens_to_map(x)
-    x = F.adaptive_avg_pool2d(x, (out_side, out_side))
-    c = x.shape[1]
-    peg = F.conv2d(x, _as_depthwise(get(prefix + "peg.peg.0.weight")), get(prefix + "peg.peg.0.bias"),
-                   stride=1, padding=1, groups=c)
-    return _map_to_tokens(peg + x)
-
-
-def mlp_forward(feats: torch.Tensor, get: Callable[[str], torch.Tensor], depth: int,
-                prefix: str = PROJECTOR_PREFIX) -> torch.Tensor:
-    """LLaVA ``mlp{depth}x_gelu``: Linear, then (GELU, Linear) x (depth-1); weights at indices 0, 2, 4, ..."""
-    x = linear(feats, get(f"{prefix}0.weight"), get(f"{prefix}0.bias"))
-    for i in range(1, depth):
-        x = gelu_erf(x)
-        x = linear(x, get(f"{prefix}{2 * i}.weight"), get(f"{prefix}{2 * i}.bias"))
-    return x
-
-
-def mish(x: torch.Tensor) -> torch.Tensor:
-    """x * tanh(softplus(x)) (Misra 2019; torch.nn.Mish)."""
-    return x * torch.tanh(F.softplus(x))
-
-
-def xdp_forward(feats: torch.Tensor, get: Callable[[str], torch.Tensor],
-                prefix: str = PROJECTOR_PREFIX + "mlp.") -> torch.Tensor:
-    """Xmodel-VLM XDP: [N, D] viewed as [N/f, f*D] (f consecutive tokens), Linear - Mish - Linear.
-
-    f is the first Linear's input width over D (the released code's factor differs between versions).
-    """
-    w0 = get(prefix + "0.weight")
-    n, d = feats.shape
-    if w0.shape[1] % d or n % (w0.shape[1] // d):
-        raise MvlmError(f"XDP input width {w0.shape[1]} does not fit {n} tokens of width {d}")
-    f = w0.shape[1] // d
-    x = feats.reshape(n // f, f * d)
-    x = mish(linear(x, w0, get(prefix + "0.bias")))
-    return linear(x, get(prefix + "2.weight"), get(prefix + "2.bias"))
 
 
 def project(feats: torch.Tensor, projector_type: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """Dispatch on the checkpoint's ``mm_projector_type``."""
-    if projector_type.startswith("xdpnet"):
-        return xdp_forward(feats, get)
-    if projector_type.startswith("ldpnetv2"):
-        return ldpv2_forward(feats, get)
-    if projector_type.startswith("ldpnet"):
-        return ldp_forward(feats, get)
-    m = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
-    if m:
-        return mlp_forward(feats, get, int(m.group(1)))
-    if projector_type == "linear":
-        return linear(feats, get(PROJECTOR_PREFIX + "weight"), get(PROJECTOR_PREFIX + "bias"))
-    raise MvlmError(f"unknown mm_projector_type {projector_type!r}: the reference knows ldpnet, ldpnetv2, mlpNx_gelu")
+    """The checkpoint's ``mm_projector_type`` -> the family that claims it -> its projector forward."""
+    from mvlm_convert.families import family_for_projector
+
+    family, projector = family_for_projector(projector_type)
+    return family.project(projector, feats, get)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -395,9 +228,11 @@ def resolve_vision_source(checkpoint_dir: Path, config: dict, reader: StateReade
     if vision_tower is not None:
         return _clip_dir_source(Path(vision_tower))
     local = _local_tower_dir(config, checkpoint_dir)
-    ptype = str(config.get("mm_projector_type", ""))
-    # MobileVLM V1 and LLaVA-1.5 (mlp*) reload the tower from mm_vision_tower; V2 / Xmodel use their copy.
-    is_v1 = (ptype.startswith("ldpnet") and not ptype.startswith("ldpnetv2")) or ptype.startswith("mlp")
+    from mvlm_convert.families import family_for_projector
+
+    # MobileVLM V1 and LLaVA-1.5 reload the tower from mm_vision_tower; V2 / Xmodel use their copy (the family says).
+    family, projector = family_for_projector(str(config.get("mm_projector_type", "")))
+    is_v1 = not family.uses_tower_copy(projector)
     has_copy = any(n.startswith(VISION_COPY_PREFIX + "vision_model.") for n in reader.names())
     if local is not None and (is_v1 or not has_copy):
         return _clip_dir_source(local)

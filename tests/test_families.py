@@ -17,6 +17,7 @@ import torch
 from mvlm_convert import reference as ref
 from mvlm_convert.convert import convert
 from mvlm_convert.families import detect_family
+from mvlm_convert.families.xmodel import xdp_forward
 from mvlm_convert.tiny import CLIP, LM
 from mvlm_convert.tiny_peers import make_tiny_llava, make_tiny_xmodel
 from mvlm_core.errors import MvlmError
@@ -161,7 +162,7 @@ def test_xdp_reference_by_hand():
         y = [v * math.tanh(math.log1p(math.exp(v))) for v in y]  # Mish
         want.append([sum(w2[o, i] * y[i] for i in range(h)) + b2[o] for o in range(h)])
     t = {"p.0.weight": w0, "p.0.bias": b0, "p.2.weight": w2, "p.2.bias": b2}
-    got = ref.xdp_forward(torch.tensor(feats), lambda k: torch.tensor(t[k]), prefix="p.")
+    got = xdp_forward(torch.tensor(feats), lambda k: torch.tensor(t[k]), prefix="p.")
     np.testing.assert_allclose(got.numpy(), np.array(want), rtol=1e-10, atol=1e-10)
 
 
@@ -234,10 +235,10 @@ def test_xdp_token_order_matters(peers):
     got = image_embedding(res.mmproj.path, res.lm.path)
     vis = ref.load_vision(made["xdp4"])
     feats = vis.features(vis.preprocess(ref.synthetic_image(336)))
-    right = ref.xdp_forward(feats, vis.projector_get).numpy()
+    right = xdp_forward(feats, vis.projector_get).numpy()
     n, d = feats.shape
     strided = feats.reshape(4, n // 4, d).transpose(0, 1).reshape(n, d)  # tokens i, i+144, i+288, i+432 together
-    wrong = ref.xdp_forward(strided, vis.projector_get).numpy()
+    wrong = xdp_forward(strided, vis.projector_get).numpy()
     assert rel_err(got, right) <= F32_IMAGE_BAR
     assert rel_err(got, wrong) > 0.1
 

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from mvlm_convert import reference as ref
+from mvlm_convert import torch_ops as ops
+from mvlm_convert.families import mobilevlm
 from mvlm_core.errors import MvlmError
 
 RNG = np.random.default_rng(1234)
@@ -125,11 +127,11 @@ def getter(state):
 
 def test_activation_conventions():
     x = torch.tensor([-4.0, -3.0, -1.5, 0.0, 1.0, 3.0, 5.0])
-    assert ref.hardsigmoid(x).tolist() == pytest.approx([0, 0, 0.25, 0.5, 4 / 6, 1, 1])
+    assert ops.hardsigmoid(x).tolist() == pytest.approx([0, 0, 0.25, 0.5, 4 / 6, 1, 1])
     # hardswish(x) = x * relu6(x+3)/6 ; hardswish(1) = 2/3, hardswish(-1.5) = -0.375
-    assert ref.hardswish(x).tolist() == pytest.approx([0, 0, -0.375, 0, 2 / 3, 3, 5])
+    assert ops.hardswish(x).tolist() == pytest.approx([0, 0, -0.375, 0, 2 / 3, 3, 5])
     # exact (erf) GELU, not the tanh approximation: Phi(1) = 0.841344746...
-    g = ref.gelu_erf(torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64))
+    g = ops.gelu_erf(torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64))
     assert g.tolist() == pytest.approx([0.8413447460685429, -0.15865525393145707, 1.9544997361036416], abs=1e-12)
     tanh_gelu = 0.5 * 2 * (1 + math.tanh(math.sqrt(2 / math.pi) * (2 + 0.044715 * 8)))
     assert abs(g[2].item() - tanh_gelu) > 5e-5  # the two GELUs differ by ~1e-4 here
@@ -138,23 +140,23 @@ def test_activation_conventions():
 @pytest.mark.parametrize("v, expected", [(512, 512), (16, 16), (6, 8), (25, 24), (11, 16), (3, 8), (160, 160)])
 def test_make_divisible(v, expected):
     # nearest multiple of 8, at least 8, and never more than 10% below v (11 -> 8 is 27% below, so 16)
-    assert ref.make_divisible(v, 8) == expected
+    assert ops.make_divisible(v, 8) == expected
 
 
 def test_layer_norm_over_channels_matches_loops():
     x = RNG.normal(size=(6, 3, 4))
     g, b = RNG.normal(size=6), RNG.normal(size=6)
-    got = ref.layer_norm_channels(torch.tensor(x[None]), torch.tensor(g), torch.tensor(b), 1e-5)[0].numpy()
+    got = ops.layer_norm_channels(torch.tensor(x[None]), torch.tensor(g), torch.tensor(b), 1e-5)[0].numpy()
     np.testing.assert_allclose(got, np_ln_channels(x, g, b), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_inverted_residual_block_by_hand(stride):
-    c, squeeze = 16, ref.make_divisible(16 // 4)
+    c, squeeze = 16, ops.make_divisible(16 // 4)
     w = random_block(c, squeeze)
     x = RNG.normal(size=(c, 6, 6))
     state = {k: v.double() for k, v in block_state("p.", w).items()}
-    got = ref.inverted_residual(torch.tensor(x[None]), getter(state), "p.", stride=stride)[0].numpy()
+    got = mobilevlm.inverted_residual(torch.tensor(x[None]), getter(state), "p.", stride=stride)[0].numpy()
     want = np_block(x, w, stride)
     assert got.shape == want.shape == ((c, 6, 6) if stride == 1 else (c, 3, 3))
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
@@ -163,16 +165,16 @@ def test_inverted_residual_block_by_hand(stride):
 def test_inverted_residual_rejects_wrong_squeeze_width():
     w = random_block(16, 8)  # make_divisible(16//4) is 8 -> fine; 16 channels with 16 squeeze is not MobileNetV3
     w16 = random_block(16, 16)
-    ref.inverted_residual(torch.zeros(1, 16, 4, 4, dtype=torch.float64), getter(block_state("p.", w)), "p.", stride=1)
+    mobilevlm.inverted_residual(torch.zeros(1, 16, 4, 4, dtype=torch.float64), getter(block_state("p.", w)), "p.", stride=1)
     with pytest.raises(MvlmError, match="squeeze"):
-        ref.inverted_residual(torch.zeros(1, 16, 4, 4, dtype=torch.float64), getter(block_state("p.", w16)), "p.", 1)
+        mobilevlm.inverted_residual(torch.zeros(1, 16, 4, 4, dtype=torch.float64), getter(block_state("p.", w16)), "p.", 1)
 
 
 def _ldp_state(dv, dt):
     p = "model.mm_projector.model."
     w1, b1 = RNG.normal(size=(dt, dv)) / math.sqrt(dv), RNG.normal(size=dt) * 0.1
     w3, b3 = RNG.normal(size=(dt, dt)) / math.sqrt(dt), RNG.normal(size=dt) * 0.1
-    blocks = {1: random_block(dt, ref.make_divisible(dt // 4)), 2: random_block(dt, ref.make_divisible(dt // 4))}
+    blocks = {1: random_block(dt, ops.make_divisible(dt // 4)), 2: random_block(dt, ops.make_divisible(dt // 4))}
     state = {p + "mlp.1.weight": w1, p + "mlp.1.bias": b1, p + "mlp.3.weight": w3, p + "mlp.3.bias": b3}
     state = {k: torch.tensor(v, dtype=torch.float64) for k, v in state.items()}
     for k in (1, 2):
@@ -184,7 +186,7 @@ def test_ldp_by_hand_on_a_4x4_grid():
     dv, dt = 5, 16
     state, (w1, b1, w3, b3, blocks) = _ldp_state(dv, dt)
     feats = RNG.normal(size=(16, dv))
-    got = ref.ldp_forward(torch.tensor(feats), getter(state)).numpy()
+    got = mobilevlm.ldp_forward(torch.tensor(feats), getter(state)).numpy()
     h = np_gelu(feats @ w1.T + b1) @ w3.T + b3
     g = np_block(np_block(tokens_to_grid(h), blocks[1], 1), blocks[2], 2)
     want = grid_to_tokens(g)
@@ -196,11 +198,11 @@ def test_ldp_and_ldpv2_shapes_576_to_144():
     dv, dt = 8, 16
     state, _ = _ldp_state(dv, dt)
     state = {k: v.float() for k, v in state.items()}
-    assert ref.ldp_forward(torch.randn(576, dv), getter(state)).shape == (144, dt)
+    assert mobilevlm.ldp_forward(torch.randn(576, dv), getter(state)).shape == (144, dt)
     v2 = _ldpv2_state(dv, dt)[0]
-    assert ref.ldpv2_forward(torch.randn(576, dv), getter({k: v.float() for k, v in v2.items()})).shape == (144, dt)
+    assert mobilevlm.ldpv2_forward(torch.randn(576, dv), getter({k: v.float() for k, v in v2.items()})).shape == (144, dt)
     with pytest.raises(MvlmError, match="square"):
-        ref.ldp_forward(torch.randn(577, dv), getter(state))
+        mobilevlm.ldp_forward(torch.randn(577, dv), getter(state))
 
 
 def _ldpv2_state(dv, dt):
@@ -217,7 +219,7 @@ def test_ldpv2_by_hand_on_a_4x4_grid():
     dv, dt = 5, 6
     state, (w0, b0, w2, b2, pw, pb) = _ldpv2_state(dv, dt)
     feats = RNG.normal(size=(16, dv))
-    got = ref.ldpv2_forward(torch.tensor(feats), getter(state), out_side=2).numpy()
+    got = mobilevlm.ldpv2_forward(torch.tensor(feats), getter(state), out_side=2).numpy()
     g = tokens_to_grid(np_gelu(feats @ w0.T + b0) @ w2.T + b2)
     pooled = np.zeros((dt, 2, 2))
     for i in range(2):
@@ -242,9 +244,9 @@ def test_mlp2x_gelu_by_hand():
 def test_token_grid_order_is_row_major():
     # token k sits at row k // side, column k % side (as clip.cpp's ggml_cont_4d(24, 24, C) lays it out)
     t = torch.arange(16, dtype=torch.float32)[:, None].repeat(1, 2)
-    g = ref._tokens_to_map(t)
+    g = mobilevlm.tokens_to_map(t)
     assert g[0, 0, 1, 2].item() == 6 and g[0, 1, 3, 0].item() == 12
-    assert torch.equal(ref._map_to_tokens(g), t)
+    assert torch.equal(mobilevlm.map_to_tokens(g), t)
 
 
 def test_preprocess_is_clip_cpp_arithmetic():

@@ -1,21 +1,22 @@
-"""Model-family registry: a family is one module that recognises its configs and maps its tensors.
+"""Model-family registry: a family is one class (``families.base.Family``) in one module, registered with
+``@register``.
 
-Each family module exposes ``NAME``, ``PROJECTOR_TYPES`` (config ``mm_projector_type`` prefixes it handles, ordered
-most specific first), ``MODEL_TYPES`` (the config ``model_type`` values its releases carry), ``matches(config) ->
-bool`` and ``describe(config) -> FamilyInfo`` (``families.base``). Adding a family = adding a module and listing it
-in ``FAMILY_MODULES``.
-A config whose ``model_type`` is not one of the matching family's is refused (``model_type: gpt2`` with a MobileVLM
-projector is not a MobileVLM).
+``FAMILY_MODULES`` lists the family modules in detection order (the first family that claims a config wins; MobileVLM
+before the others because its LLaMA LMs claim plain ``LlamaForCausalLM`` configs). Adding a family = adding a module
+with a registered ``Family`` subclass and listing it here. A config whose ``model_type`` is not one of the matching
+family's is refused (``model_type: gpt2`` with a MobileVLM projector is not a MobileVLM).
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
 from typing import Any
 
-from mvlm_convert.families.base import FamilyInfo
+from mvlm_convert.families.base import REGISTERED, SUPPORTED, Family, ProjTensor, Variant, register
 from mvlm_core.errors import MvlmError
+
+__all__ = ["FAMILY_MODULES", "SUPPORTED", "Family", "ProjTensor", "Variant", "detect_family", "families",
+           "family_for_projector", "known_projector_types", "register"]
 
 FAMILY_MODULES = [
     "mvlm_convert.families.mobilevlm",
@@ -25,49 +26,33 @@ FAMILY_MODULES = [
 ]
 
 
-def _modules() -> list[ModuleType]:
-    return [importlib.import_module(m) for m in FAMILY_MODULES]
-
-
-def known_projector_types() -> list[str]:
-    out: list[str] = []
-    for mod in _modules():
-        out.extend(p + "*" for p in mod.PROJECTOR_TYPES)
+def families() -> list[Family]:
+    """Every registered family, in detection order."""
+    out = []
+    for name in FAMILY_MODULES:
+        importlib.import_module(name)
+        if name not in REGISTERED:
+            raise MvlmError(f"{name} registers no Family class (@register)")
+        out.append(REGISTERED[name])
     return out
 
 
-def projector_tensors(projector: str) -> list[Any]:
-    """The tensor mapping (``ProjTensor`` list) for a GGUF projector type, from the family that writes it."""
-    for mod in _modules():
-        if projector in getattr(mod, "GGUF_PROJECTORS", ()):
-            return mod.projector_tensors(projector)
-    raise MvlmError(f"no family writes projector type {projector!r}")
+def known_projector_types() -> list[str]:
+    return [p + "*" for fam in families() for p in fam.projector_prefixes]
 
 
-def normalize(info: FamilyInfo, ckpt: Any) -> Any:
-    """The checkpoint as the writers expect it (family-specific renames / config defaults); unchanged if none."""
-    fn = getattr(info.module, "normalize", None)
-    return fn(ckpt) if fn is not None else ckpt
+def family_for_projector(projector_type: str) -> tuple[Family, str]:
+    """The family whose ``mm_projector_type`` prefixes claim ``projector_type``, and the GGUF projector it writes."""
+    for fam in families():
+        for prefix, gguf_projector in fam.projectors.items():
+            if projector_type.startswith(prefix):
+                return fam, gguf_projector
+    raise MvlmError(f"unknown mm_projector_type {projector_type!r}; supported: {', '.join(known_projector_types())}")
 
 
-def prepare_lm(info: FamilyInfo, ckpt: Any, outtype: str, name: str) -> Any:
-    """The family's LM writer (``prepare_lm``, e.g. Imp's Phi-2) or the LLaMA one (mvlm_convert.lm_gguf)."""
-    fn = getattr(info.module, "prepare_lm", None)
-    if fn is None:
-        from mvlm_convert.lm_gguf import prepare_lm_gguf
-
-        fn = prepare_lm_gguf
-    return fn(ckpt, outtype, name)
-
-
-SUPPORTED = (
-    "MobileVLM V1/V2 (ldpnet/ldpnetv2), MobileLLaMA (LLaMA LMs), LLaVA-1.5 (mlp2x_gelu, liuhaotian and llava-hf "
-    "layouts), Xmodel-VLM (xdpnet), Imp v1 / v1.5 (Phi-2, Qwen1.5, Phi-3 + SigLIP)"
-)
-
-
-def detect_family(config: dict[str, Any]) -> FamilyInfo:
-    """The family that claims this config; MvlmError naming what is supported otherwise."""
+def detect_family(config: dict[str, Any]) -> Variant:
+    """The variant of the family that claims this config (each family asked once); MvlmError naming what is
+    supported otherwise."""
     if not isinstance(config, dict):
         raise MvlmError("config.json is not a JSON object; point at a checkpoint directory as released on the HF hub")
     proj = config.get("mm_projector_type")
@@ -79,15 +64,10 @@ def detect_family(config: dict[str, Any]) -> FamilyInfo:
     mtype = config.get("model_type")
     if mtype is not None and not isinstance(mtype, str):
         raise MvlmError(f"config.json: model_type = {mtype!r} is not a string; supported: {SUPPORTED}")
-    for mod in _modules():
-        if mod.matches(config):
-            known = getattr(mod, "MODEL_TYPES", None)
-            if mtype is not None and known is not None and mtype not in known:
-                raise MvlmError(
-                    f"config.json: model_type {mtype!r} is not one of the {mod.NAME} family ({', '.join(sorted(known))}) "
-                    f"although the rest of the config looks like it; refusing to guess. mvlm convert supports: {SUPPORTED}"
-                )
-            return mod.describe(config)
+    for fam in families():
+        found = fam.detect(config)
+        if found is not None:
+            return found
     if proj is not None:
         raise MvlmError(f"unknown mm_projector_type {proj!r}; supported: {', '.join(known_projector_types())}")
     raise MvlmError(f"unsupported model: architectures={archs} model_type={mtype!r}; supported: {SUPPORTED}")

@@ -21,18 +21,17 @@ transformers Qwen2 names -> arch ``qwen2``, mvlm_convert.lm_qwen2) or Phi-3-mini
 
 from __future__ import annotations
 
+import importlib
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
-from mvlm_convert.families.base import FamilyInfo
+from mvlm_convert.families.base import Family, ProjTensor, Variant, register
+from mvlm_convert.families.llava import mlp_forward, mlp_tensors
 from mvlm_core.errors import MvlmError
 
-NAME = "imp"
-PROJECTOR_TYPES: list[str] = []  # mlp2x_gelu is LLaVA's entry; Imp is told apart by architecture / model_type
-GGUF_PROJECTORS: set[str] = set()  # writes LLaVA's "mlp"
 ARCHS = {"ImpForCausalLM", "ImpQwen2ForCausalLM", "ImpPhi3ForCausalLM"}
 MODEL_TYPES = {"imp", "imp_qwen2", "imp_phi3"}
 V1_ARCH, V1_TYPE = "ImpForCausalLM", "imp"
@@ -49,10 +48,6 @@ SIGLIP_EPS = 1e-6
 SO400M_HEAD_DIM = 72  # so400m: 1152 / 16; the base/large SigLIPs use 64-wide heads
 
 
-def matches(config: dict[str, Any]) -> bool:
-    return bool(set(config.get("architectures") or []) & ARCHS) or config.get("model_type") in MODEL_TYPES
-
-
 def variant(config: dict[str, Any]) -> str | None:
     """``v1`` (Phi-2), ``v1.5-qwen2`` or ``v1.5-phi3`` from the architecture, else the model type; None if neither."""
     archs = set(config.get("architectures") or [])
@@ -62,38 +57,12 @@ def variant(config: dict[str, Any]) -> str | None:
     return next((name for name, (_, mtype, _) in LM_WRITERS.items() if config.get("model_type") == mtype), None)
 
 
-def describe(config: dict[str, Any]) -> FamilyInfo:
-    archs = ",".join(config.get("architectures") or []) or config.get("model_type")
-    var = variant(config)
-    if var is None:
-        raise MvlmError(f"Imp ({archs}, model_type {config.get('model_type')!r}) is recognised but its language model "
-                        f"has no writer in mvlm convert; supported: {', '.join(sorted(MODEL_TYPES))}")
-    proj = str(config.get("mm_projector_type", "mlp2x_gelu"))
-    if proj != "mlp2x_gelu":
-        raise MvlmError(f"Imp mm_projector_type {proj!r} is not supported; llama.cpp's mlp projector is mlp2x_gelu")
-    if config.get("mm_vision_select_feature", "patch") != "patch":
-        raise MvlmError("Imp mm_vision_select_feature other than 'patch' is not supported (SigLIP has no CLS)")
-    return FamilyInfo(family=NAME, variant=var, projector="mlp", module=sys.modules[__name__])
-
-
 def siglip_heads(width: int) -> int | None:
     """Head count from the width alone (no config at hand): so400m's 72-wide heads, else the usual 64."""
     for head_dim in (SO400M_HEAD_DIM, 64):
         if width % head_dim == 0:
             return width // head_dim
     return None
-
-
-def prepare_lm(ckpt: Checkpoint, outtype: str, name: str):
-    """The variant's LM writer: Phi-2 (arch ``phi2``), Qwen1.5 (``qwen2``) or Phi-3 (``phi3``)."""
-    import importlib
-
-    var = variant(ckpt.config)
-    if var is None:
-        raise MvlmError(f"{ckpt.root}: not an Imp config with a known language model; supported: "
-                        f"{', '.join(sorted(MODEL_TYPES))}")
-    module, func = LM_WRITERS[var][2].split(":")
-    return getattr(importlib.import_module(module), func)(ckpt, outtype, name)
 
 
 def _siglip_config(ckpt: Checkpoint, tower_dir: Path | None) -> dict[str, Any]:
@@ -111,11 +80,17 @@ def _siglip_config(ckpt: Checkpoint, tower_dir: Path | None) -> dict[str, Any]:
     return {}
 
 
-def resolve_vision(ckpt: Checkpoint, vision_tower: Path | None):
+def resolve_siglip(ckpt: Checkpoint, vision_tower: Path | None):
     """The SigLIP tower as a ClipSource: the checkpoint copy, or ``--vision-tower`` (a SigLIP HF directory)."""
     from mvlm_convert.config_check import Fields
-    from mvlm_convert.families.mobilevlm import vision_select_layer
-    from mvlm_convert.mmproj_gguf import VISION_ACTS, ClipSource, _count_layers, check_config_matches, patch_geometry
+    from mvlm_convert.mmproj_gguf import (
+        VISION_ACTS,
+        ClipSource,
+        _count_layers,
+        check_config_matches,
+        patch_geometry,
+        vision_select_layer,
+    )
 
     if vision_tower is not None:
         if not (vision_tower / "config.json").is_file():
@@ -185,3 +160,53 @@ def resolve_vision(ckpt: Checkpoint, vision_tower: Path | None):
         siglip=True,
         n_layer_full=full,
     )
+
+
+@register
+class Imp(Family):
+    name = "imp"
+    architectures = ARCHS
+    model_types = MODEL_TYPES
+    projectors: dict[str, str] = {}  # mlp2x_gelu is LLaVA's entry; Imp is told apart by architecture / model_type
+
+    def matches(self, config: dict[str, Any]) -> bool:
+        return bool(set(config.get("architectures") or []) & ARCHS) or config.get("model_type") in MODEL_TYPES
+
+    def describe(self, config: dict[str, Any]) -> Variant:
+        archs = ",".join(config.get("architectures") or []) or config.get("model_type")
+        var = variant(config)
+        if var is None:
+            raise MvlmError(f"Imp ({archs}, model_type {config.get('model_type')!r}) is recognised but its language "
+                            f"model has no writer in mvlm convert; supported: {', '.join(sorted(MODEL_TYPES))}")
+        proj = str(config.get("mm_projector_type", "mlp2x_gelu"))
+        if proj != "mlp2x_gelu":
+            raise MvlmError(f"Imp mm_projector_type {proj!r} is not supported; llama.cpp's mlp projector is mlp2x_gelu")
+        if config.get("mm_vision_select_feature", "patch") != "patch":
+            raise MvlmError("Imp mm_vision_select_feature other than 'patch' is not supported (SigLIP has no CLS)")
+        return self.variant(var, "mlp")
+
+    def lm_writer(self, ckpt: Checkpoint, outtype: str, name: str):
+        """The variant's LM writer: Phi-2 (arch ``phi2``), Qwen1.5 (``qwen2``) or Phi-3 (``phi3``)."""
+        var = variant(ckpt.config)
+        if var is None:
+            raise MvlmError(f"{ckpt.root}: not an Imp config with a known language model; supported: "
+                            f"{', '.join(sorted(MODEL_TYPES))}")
+        module, func = LM_WRITERS[var][2].split(":")
+        return getattr(importlib.import_module(module), func)(ckpt, outtype, name)
+
+    def vision_source(self, ckpt: Checkpoint, override: Path | None, variant: Variant):
+        return resolve_siglip(ckpt, override)
+
+    def projector_tensors(self, projector: str) -> list[ProjTensor]:
+        if projector != "mlp":
+            raise MvlmError(f"no projector mapping for {projector!r} in the Imp family")
+        return mlp_tensors()  # LLaVA's mlp
+
+    def project(self, projector: str, feats: Any, get: Callable[[str], Any]) -> Any:
+        return mlp_forward(feats, get, 2)
+
+    def tiny_checkpoint(self, outdir: Path, **kw: Any) -> Path:
+        from mvlm_convert.tiny_peers import make_tiny_imp, make_tiny_imp15
+
+        lm = kw.pop("lm", None)
+        return make_tiny_imp15(outdir, lm=lm, **kw) if lm else make_tiny_imp(outdir, **kw)

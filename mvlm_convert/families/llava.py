@@ -18,19 +18,18 @@ Facts encoded here (LLaVA-1.5 code and configs; transformers' Llava model; clip.
 from __future__ import annotations
 
 import re
-import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gguf
+import torch
 
 from mvlm_convert.checkpoint import Checkpoint
-from mvlm_convert.families.base import FamilyInfo
-from mvlm_convert.families.mobilevlm import ProjTensor
+from mvlm_convert.families.base import Family, ProjTensor, Variant, register
+from mvlm_convert.torch_ops import gelu_erf, linear
 from mvlm_core.errors import MvlmError
 
-NAME = "llava"
-PROJECTOR_TYPES = ["mlp2x_gelu"]
-GGUF_PROJECTORS = {"mlp"}
 ORIGINAL_ARCHS = {"LlavaLlamaForCausalLM"}
 HF_ARCHS = {"LlavaForConditionalGeneration"}
 MODEL_TYPES = {"llava", "llava_llama"}
@@ -65,26 +64,6 @@ def _is_hf(config: dict[str, Any]) -> bool:
     return bool(set(config.get("architectures") or []) & HF_ARCHS) or (
         config.get("model_type") == "llava" and isinstance(config.get("text_config"), dict)
     )
-
-
-def matches(config: dict[str, Any]) -> bool:
-    archs = set(config.get("architectures") or [])
-    if archs & HF_ARCHS:
-        return True
-    is_llava = bool(archs & ORIGINAL_ARCHS) or config.get("model_type") in ("llava", "llava_llama")
-    return is_llava and str(config.get("mm_projector_type", "mlp2x_gelu")).startswith("mlp")
-
-
-def describe(config: dict[str, Any]) -> FamilyInfo:
-    mod = sys.modules[__name__]
-    if _is_hf(config):
-        if config.get("projector_hidden_act", "gelu") != "gelu":
-            raise MvlmError(f"llava-hf projector_hidden_act {config.get('projector_hidden_act')!r}: only gelu is supported")
-        return FamilyInfo(family=NAME, variant="llava-hf", projector="mlp", module=mod)
-    proj = str(config.get("mm_projector_type", "linear"))
-    if proj != "mlp2x_gelu":
-        raise MvlmError(f"LLaVA mm_projector_type {proj!r} is not supported; llama.cpp's mlp projector is mlp2x_gelu")
-    return FamilyInfo(family=NAME, variant="liuhaotian", projector="mlp", module=mod)
 
 
 def hf_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -135,18 +114,67 @@ def _hf_rename(name: str) -> str | None:
     return name
 
 
-def normalize(ckpt: Checkpoint) -> Checkpoint:
-    """llava-hf -> a view under the liuhaotian names and config keys; liuhaotian checkpoints pass unchanged."""
-    if not _is_hf(ckpt.config):
-        return ckpt
-    return ckpt.renamed(_hf_rename, hf_config(ckpt.config))
-
-
-def projector_tensors(projector: str) -> list[ProjTensor]:
-    if projector != "mlp":
-        raise MvlmError(f"no projector mapping for {projector!r} in the LLaVA family")
+def mlp_tensors() -> list[ProjTensor]:
+    """llama.cpp's ``mlp`` projector: ``model.mm_projector.{0,2}`` -> ``mm.0`` / ``mm.2`` (LLaVA-1.5 and Imp)."""
     out = []
     for i in (0, 2):
         for part, kind in (("weight", "matrix"), ("bias", "vector")):
             out.append(ProjTensor(f"model.mm_projector.{i}.{part}", f"{_MM.format(bid=i)}.{part}", kind))
     return out
+
+
+def mlp_forward(feats: torch.Tensor, get: Callable[[str], torch.Tensor], depth: int,
+                prefix: str = "model.mm_projector.") -> torch.Tensor:
+    """LLaVA ``mlp{depth}x_gelu``: Linear, then (GELU, Linear) x (depth-1); weights at indices 0, 2, 4, ..."""
+    x = linear(feats, get(f"{prefix}0.weight"), get(f"{prefix}0.bias"))
+    for i in range(1, depth):
+        x = gelu_erf(x)
+        x = linear(x, get(f"{prefix}{2 * i}.weight"), get(f"{prefix}{2 * i}.bias"))
+    return x
+
+
+@register
+class Llava(Family):
+    name = "llava"
+    architectures = ORIGINAL_ARCHS | HF_ARCHS
+    model_types = MODEL_TYPES
+    projectors = {"mlp2x_gelu": "mlp"}
+
+    def matches(self, config: dict[str, Any]) -> bool:
+        archs = set(config.get("architectures") or [])
+        if archs & HF_ARCHS:
+            return True
+        is_llava = bool(archs & ORIGINAL_ARCHS) or config.get("model_type") in ("llava", "llava_llama")
+        return is_llava and str(config.get("mm_projector_type", "mlp2x_gelu")).startswith("mlp")
+
+    def describe(self, config: dict[str, Any]) -> Variant:
+        if _is_hf(config):
+            if config.get("projector_hidden_act", "gelu") != "gelu":
+                raise MvlmError(f"llava-hf projector_hidden_act {config.get('projector_hidden_act')!r}: only gelu is supported")
+            return self.variant("llava-hf", "mlp")
+        proj = str(config.get("mm_projector_type", "linear"))
+        if proj != "mlp2x_gelu":
+            raise MvlmError(f"LLaVA mm_projector_type {proj!r} is not supported; llama.cpp's mlp projector is mlp2x_gelu")
+        return self.variant("liuhaotian", "mlp")
+
+    def normalize(self, ckpt: Checkpoint) -> Checkpoint:
+        """llava-hf -> a view under the liuhaotian names and config keys; liuhaotian checkpoints pass unchanged."""
+        if not _is_hf(ckpt.config):
+            return ckpt
+        return ckpt.renamed(_hf_rename, hf_config(ckpt.config))
+
+    def uses_tower_copy(self, projector: str) -> bool:
+        return False  # LLaVA-1.5 reloads CLIP from mm_vision_tower at inference
+
+    def projector_tensors(self, projector: str) -> list[ProjTensor]:
+        if projector != "mlp":
+            raise MvlmError(f"no projector mapping for {projector!r} in the LLaVA family")
+        return mlp_tensors()
+
+    def project(self, projector: str, feats: torch.Tensor, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        return mlp_forward(feats, get, 2)
+
+    def tiny_checkpoint(self, outdir: Path, **kw: Any) -> Path:
+        from mvlm_convert.tiny_peers import make_tiny_llava
+
+        return make_tiny_llava(outdir, **kw)

@@ -14,60 +14,104 @@ Facts (Xmodel-VLM paper and public code, XiaoduoAILab/XmodelVLM):
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gguf
+import torch
+import torch.nn.functional as F
 
 from mvlm_convert.checkpoint import Checkpoint
-from mvlm_convert.families.base import FamilyInfo
-from mvlm_convert.families.mobilevlm import ProjTensor
+from mvlm_convert.families.base import Family, ProjTensor, Variant, register
+from mvlm_convert.torch_ops import linear
 from mvlm_core.errors import MvlmError
 
-NAME = "xmodel"
-PROJECTOR_TYPES = ["xdpnet"]
-GGUF_PROJECTORS = {"xdp"}
 ARCHS = {"XmodelLMForCausalLM"}
 MODEL_TYPES = {"xmodelvlm"}
 _MM = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_MMPROJ]  # "mm.{bid}"
 XDP_SRC = "model.mm_projector.mlp."
 
 
-def matches(config: dict[str, Any]) -> bool:
-    if str(config.get("mm_projector_type", "")).startswith("xdpnet"):
-        return True
-    return bool(set(config.get("architectures") or []) & ARCHS) or config.get("model_type") in MODEL_TYPES
-
-
-def describe(config: dict[str, Any]) -> FamilyInfo:
-    proj = config.get("mm_projector_type")
-    if proj is None:
-        raise MvlmError("Xmodel config without mm_projector_type: text-only Xmodel-LM checkpoints are not supported")
-    if not str(proj).startswith("xdpnet"):
-        raise MvlmError(f"Xmodel-VLM mm_projector_type {proj!r} is not supported; only xdpnet* (XDP)")
-    return FamilyInfo(family=NAME, variant=str(proj), projector="xdp", module=sys.modules[__name__])
-
-
 def _find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
 
 
-def normalize(ckpt: Checkpoint) -> Checkpoint:
-    """Fill the XModelConfig defaults the LM writer would otherwise guess wrongly (eps 1e-5, derived ffn)."""
-    cfg = dict(ckpt.config)
-    cfg.setdefault("rms_norm_eps", 1e-5)
-    hidden = cfg.get("hidden_size")
-    if cfg.get("intermediate_size") is None and isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0:
-        cfg["intermediate_size"] = _find_multiple(int(8 * hidden / 3), 256)
-    cfg.setdefault("max_position_embeddings", 32768)
-    return ckpt.renamed(lambda n: n, cfg)
+@register
+class Xmodel(Family):
+    name = "xmodel"
+    architectures = ARCHS
+    model_types = MODEL_TYPES
+    projectors = {"xdpnet": "xdp"}
+
+    def matches(self, config: dict[str, Any]) -> bool:
+        if str(config.get("mm_projector_type", "")).startswith("xdpnet"):
+            return True
+        return bool(set(config.get("architectures") or []) & ARCHS) or config.get("model_type") in MODEL_TYPES
+
+    def describe(self, config: dict[str, Any]) -> Variant:
+        proj = config.get("mm_projector_type")
+        if proj is None:
+            raise MvlmError("Xmodel config without mm_projector_type: text-only Xmodel-LM checkpoints are not supported")
+        if not str(proj).startswith("xdpnet"):
+            raise MvlmError(f"Xmodel-VLM mm_projector_type {proj!r} is not supported; only xdpnet* (XDP)")
+        return self.variant(str(proj), "xdp")
+
+    def normalize(self, ckpt: Checkpoint) -> Checkpoint:
+        """Fill the XModelConfig defaults the LM writer would otherwise guess wrongly (eps 1e-5, derived ffn)."""
+        cfg = dict(ckpt.config)
+        cfg.setdefault("rms_norm_eps", 1e-5)
+        hidden = cfg.get("hidden_size")
+        if cfg.get("intermediate_size") is None and isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0:
+            cfg["intermediate_size"] = _find_multiple(int(8 * hidden / 3), 256)
+        cfg.setdefault("max_position_embeddings", 32768)
+        return ckpt.renamed(lambda n: n, cfg)
+
+    def projector_tensors(self, projector: str) -> list[ProjTensor]:
+        if projector != "xdp":
+            raise MvlmError(f"no projector mapping for {projector!r} in the Xmodel family")
+        out = []
+        for i in (0, 2):
+            for part, kind in (("weight", "matrix"), ("bias", "vector")):
+                out.append(ProjTensor(f"{XDP_SRC}{i}.{part}", f"{_MM.format(bid=i)}.{part}", kind))
+        return out
+
+    def n_image_tokens(self, projector: str, vision: Any, proj_in: int) -> int:
+        # XDP concatenates f consecutive patch tokens: f comes from mm.0's input width, never from the config name.
+        grid = vision.image_size // vision.patch_size
+        factor = proj_in // vision.hidden
+        if factor < 1 or proj_in % vision.hidden or (grid * grid) % factor:
+            raise MvlmError(
+                f"XDP input width {proj_in} is not a whole number of {vision.hidden}-wide vision tokens dividing "
+                f"the {grid * grid} patches; wrong --vision-tower?"
+            )
+        return grid * grid // factor
+
+    def project(self, projector: str, feats: torch.Tensor, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        return xdp_forward(feats, get)
+
+    def tiny_checkpoint(self, outdir: Path, **kw: Any) -> Path:
+        from mvlm_convert.tiny_peers import make_tiny_xmodel
+
+        return make_tiny_xmodel(outdir, **kw)
 
 
-def projector_tensors(projector: str) -> list[ProjTensor]:
-    if projector != "xdp":
-        raise MvlmError(f"no projector mapping for {projector!r} in the Xmodel family")
-    out = []
-    for i in (0, 2):
-        for part, kind in (("weight", "matrix"), ("bias", "vector")):
-            out.append(ProjTensor(f"{XDP_SRC}{i}.{part}", f"{_MM.format(bid=i)}.{part}", kind))
-    return out
+def mish(x: torch.Tensor) -> torch.Tensor:
+    """x * tanh(softplus(x)) (Misra 2019; torch.nn.Mish)."""
+    return x * torch.tanh(F.softplus(x))
+
+
+def xdp_forward(feats: torch.Tensor, get: Callable[[str], torch.Tensor],
+                prefix: str = XDP_SRC) -> torch.Tensor:
+    """Xmodel-VLM XDP: [N, D] viewed as [N/f, f*D] (f consecutive tokens), Linear - Mish - Linear.
+
+    f is the first Linear's input width over D (the released code's factor differs between versions).
+    """
+    w0 = get(prefix + "0.weight")
+    n, d = feats.shape
+    if w0.shape[1] % d or n % (w0.shape[1] // d):
+        raise MvlmError(f"XDP input width {w0.shape[1]} does not fit {n} tokens of width {d}")
+    f = w0.shape[1] // d
+    x = feats.reshape(n // f, f * d)
+    x = mish(linear(x, w0, get(prefix + "0.bias")))
+    return linear(x, get(prefix + "2.weight"), get(prefix + "2.bias"))
