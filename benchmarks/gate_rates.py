@@ -15,8 +15,8 @@ Every gate mode judges the same sessions:
 
 - ``within-session``: the old gate, the candidate session vs the latest baseline session (Mann-Whitney + threshold);
 - ``history``: the candidate vs the baseline's stored sessions (noise band), no re-run;
-- ``history + A/B confirm``: as history, and a flagged metric is re-measured interleaved (what ``mvlm bench
-  --baseline … --fail-on-regression`` does when the baseline can be re-run);
+- ``history + A/B confirm``: as history, and a flagged metric is re-measured interleaved with ``gate.CONFIRM_PAIRS``
+  pairs (what ``mvlm bench --baseline … --fail-on-regression`` does when the baseline can be re-run);
 - ``interleaved``: the A/B sessions (``mvlm bench --against …``).
 
 Prints a Markdown table (rates with Wilson 95% intervals) and writes every number to ``--out`` (JSON). Takes about
@@ -87,8 +87,9 @@ def main() -> int:
         prof = dataclasses.replace(profile, exec_wrapper=tuple(wrapper)) if wrapper else profile
         return samples(bench.run_bench(prof, spec))
 
-    def ab_session(wrapper=()) -> list:
-        ab = bench.run_ab(profile, bench.Side(spec), bench.Side(spec, wrapper=tuple(wrapper)))
+    def ab_session(wrapper=(), pairs: int | None = None) -> list:
+        s = dataclasses.replace(spec, repeat=pairs or spec.repeat)
+        ab = bench.run_ab(profile, bench.Side(s), bench.Side(s, wrapper=tuple(wrapper)))
         return gate.compare_interleaved(samples(ab.baseline), samples(ab.candidate))
 
     t0 = time.monotonic()
@@ -110,7 +111,9 @@ def main() -> int:
             rec["history"] = hd.regressions
             rec["history_verdicts"] = {v.key: (v.verdict, v.slowdown, v.band) for v in hd.history}
             flagged = any(v.verdict in ("slower", "suspected") for v in hd.history)
-            hc = gate.decide_history(window, cand, args.threshold, confirm=(lambda w=wrap: ab_session(w)))
+            confirm_pairs = max(args.repeat, gate.CONFIRM_PAIRS)
+            hc = gate.decide_history(window, cand, args.threshold,
+                                     confirm=(lambda w=wrap, n=confirm_pairs: ab_session(w, n)))
             rec["history + A/B confirm"] = hc.regressions if flagged else []
             ab = ab_session(wrap)
             ic = gate.decide_interleaved(ab, args.threshold)

@@ -416,10 +416,13 @@ def _confirmer(profile, spec, log):
             return None
 
         def run():
+            pairs = max(spec.repeat, gate.CONFIRM_PAIRS)
             log(f"re-measuring the baseline ({base.describe()}) and this build interleaved, "
-                f"{spec.repeat} A/B pairs, to confirm")
-            bspec = dataclasses.replace(spec, model=model, mmproj=mmproj if c.mmproj_sha256 else spec.mmproj)
-            ab = bench.run_ab(profile, bench.Side(bspec, runtime=rt), bench.Side(spec), log=log)
+                f"{pairs} A/B pairs, to confirm")
+            bspec = dataclasses.replace(spec, model=model, mmproj=mmproj if c.mmproj_sha256 else spec.mmproj,
+                                        repeat=pairs)
+            ab = bench.run_ab(profile, bench.Side(bspec, runtime=rt), bench.Side(dataclasses.replace(spec, repeat=pairs)),
+                              log=log)
             if ab.failures:
                 who, f = ab.failures[0]
                 log(f"the confirming A/B run failed ({who}: {f.message}); judging by the history alone")

@@ -58,6 +58,9 @@ from mvlm_core.errors import MvlmError
 
 ORDERS = ("abba", "alternate")
 MIN_SESSIONS = 3
+# A/B pairs of a confirming re-measure: with 5 pairs one contrary pair already loses p <= 0.05 (2/32); with 8 the
+# exact signed-rank test still reaches it with one small contrary pair (p = 2/256 .. 9/256)
+CONFIRM_PAIRS = 8
 NOISE_K = 3.0
 MAD_TO_SIGMA = 1.4826
 
