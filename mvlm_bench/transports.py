@@ -548,7 +548,11 @@ class _ShellTransport(Transport):
     def absolute(self, path: str) -> str:
         if path != "~" and not path.startswith("~/"):
             return path
-        home = self._helper('printf "%s\\n" "$HOME"', "finding the home directory").strip()
+        # A marked line: a login shell's rc files may print their own noise (e.g. "pyenv: cannot rehash: ...") into the
+        # same stream, and that must not be taken for the home directory.
+        out = self._helper('printf "MVLM-HOME:%s\\n" "$HOME"', "finding the home directory")
+        marked = [ln[len("MVLM-HOME:"):].strip() for ln in out.splitlines() if ln.startswith("MVLM-HOME:")]
+        home = marked[-1] if marked else out.strip()
         if not home.startswith("/"):
             raise MvlmError(f"device {self.name}: $HOME is {home!r}; give the profile an absolute workdir")
         return home if path == "~" else home.rstrip("/") + "/" + path[2:]

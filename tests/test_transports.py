@@ -412,3 +412,34 @@ def test_ssh_options_never_turn_host_key_checking_off(sshd, tmp_path):
     t.close()
     assert "BatchMode=yes" in argv and "StrictHostKeyChecking=yes" in argv
     assert not any("StrictHostKeyChecking=no" in a or "accept-new" in a for a in argv)
+
+
+def test_home_directory_lookup_ignores_login_shell_noise():
+    """A login shell's rc files may print into the session (seen: "pyenv: cannot rehash: ..." from root's .bashrc over
+    the real sshd); only mvlm's marked line is the home directory. The double replaces the narrowest seam, the
+    raw shell call, with what such a device returns."""
+    from mvlm_bench.transports import _ShellTransport
+
+    class NoisyShellDouble(_ShellTransport):
+        def __init__(self, profile, noise: str):
+            super().__init__(profile)
+            self.noise = noise
+
+        def _shell(self, script, timeout, what):
+            home = "/home/dev" if "MVLM-HOME" in script else "?"
+            return 0, f"{self.noise}MVLM-HOME:{home}\n", 0.01
+
+        def push(self, *a, **k):
+            raise NotImplementedError
+
+        def pull(self, *a, **k):
+            raise NotImplementedError
+
+        def check(self):
+            return None
+
+    prof = profile_from_dict({"name": "noisy", "transport": "local", "workdir": "~/mvlm", "target": "host"},
+                             where="test", default_name="noisy")
+    t = NoisyShellDouble(prof, "pyenv: cannot rehash: /root/.pyenv/shims isn't writable\n")
+    assert t.absolute("~/mvlm") == "/home/dev/mvlm"
+    assert NoisyShellDouble(prof, "").absolute("~") == "/home/dev"
