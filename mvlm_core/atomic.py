@@ -81,7 +81,7 @@ class AtomicOutputs:
         if missing:
             raise RuntimeError(f"commit before every output was written: {', '.join(missing)}")
         for _, tmp in self._pairs:
-            fsync_file(tmp)
+            fsync_path(tmp)
         # The renames are not interrupted half-way (new LM next to an old mmproj): Ctrl-C / SIGTERM arriving now
         # is held back and delivered once every file has its final name.
         with _signals_held():
@@ -89,7 +89,7 @@ class AtomicOutputs:
                 os.replace(tmp, final)
             self.committed = True
         if self._pairs:
-            fsync_dir(self._pairs[0][0].parent)
+            fsync_path(self._pairs[0][0].parent)
         return self.finals
 
     def abort(self) -> None:
@@ -122,22 +122,10 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def fsync_file(p: Path) -> None:
+def fsync_path(p: Path) -> None:
+    """Flush a file's data, or a directory's entries (after renames), to disk; best effort (some filesystems refuse)."""
     try:
         fd = os.open(p, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf_read import field, tensor
 
 from mvlm_convert import reference as ref
 from mvlm_convert.convert import convert
@@ -24,16 +25,6 @@ from mvlm_core.errors import MvlmError
 
 F32_IMAGE_BAR = 2e-3
 F32_LOGITS_BAR = 1e-5  # f32 weights + f32 KV cache: float32 rounding only
-
-
-def _field(reader: gguf.GGUFReader, key: str):
-    f = reader.get_field(key)
-    return None if f is None else f.contents()
-
-
-def _tensor(reader: gguf.GGUFReader, name: str) -> np.ndarray:
-    t = next(t for t in reader.tensors if t.name == name)
-    return np.asarray(t.data, np.float32).reshape([int(x) for x in reversed(t.shape)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,22 +63,22 @@ def test_llava_layouts_convert(tmp_path, layout):
     lm = gguf.GGUFReader(str(res.lm.path))
     mm = gguf.GGUFReader(str(res.mmproj.path))
     src = ref.StateReader(ckpt)  # the reference's own loader (maps llava-hf names independently)
-    assert np.array_equal(_tensor(lm, "token_embd.weight"), src.get("model.embed_tokens.weight").numpy())
-    assert np.array_equal(_tensor(lm, "output.weight"), src.get("lm_head.weight").numpy())
-    assert np.array_equal(_tensor(mm, "mm.0.weight"), src.get("model.mm_projector.0.weight").numpy())
-    assert np.array_equal(_tensor(mm, "mm.2.bias"), src.get("model.mm_projector.2.bias").numpy())
-    assert _field(mm, gguf.Keys.Clip.PROJECTOR_TYPE) == "mlp"
+    assert np.array_equal(tensor(lm, "token_embd.weight"), src.get("model.embed_tokens.weight").numpy())
+    assert np.array_equal(tensor(lm, "output.weight"), src.get("lm_head.weight").numpy())
+    assert np.array_equal(tensor(mm, "mm.0.weight"), src.get("model.mm_projector.0.weight").numpy())
+    assert np.array_equal(tensor(mm, "mm.2.bias"), src.get("model.mm_projector.2.bias").numpy())
+    assert field(mm, gguf.Keys.Clip.PROJECTOR_TYPE) == "mlp"
     # every CLIP layer written; select layer -2 = block_count - 1 layers run (no feature_layer key needed)
-    assert _field(mm, gguf.Keys.ClipVision.BLOCK_COUNT) == CLIP["layers"]
-    assert _field(mm, "clip.vision.feature_layer") is None
-    assert _field(lm, "llama.block_count") == LM["layers"]
-    eps = _field(lm, "llama.attention.layer_norm_rms_epsilon")
+    assert field(mm, gguf.Keys.ClipVision.BLOCK_COUNT) == CLIP["layers"]
+    assert field(mm, "clip.vision.feature_layer") is None
+    assert field(lm, "llama.block_count") == LM["layers"]
+    eps = field(lm, "llama.attention.layer_norm_rms_epsilon")
     # liuhaotian config says 1e-5; the llava-hf text_config leaves it out, so LlamaConfig's default 1e-6 applies
     assert math.isclose(eps, 1e-5 if layout == "liuhaotian" else 1e-6, rel_tol=1e-6)
-    tmpl = _field(lm, "tokenizer.chat_template")
+    tmpl = field(lm, "tokenizer.chat_template")
     assert "USER: " in tmpl and "ASSISTANT:" in tmpl
     if layout != "liuhaotian":
-        tokens = _field(lm, "tokenizer.ggml.tokens")
+        tokens = field(lm, "tokenizer.ggml.tokens")
         assert tokens[-1] == "<image>" and len(tokens) == src.get("model.embed_tokens.weight").shape[0]
 
 
@@ -125,11 +116,11 @@ def test_xmodel_factor_comes_from_the_weight_shape(tmp_path, name, factor, token
     res = convert(ckpt, tmp_path / "out", outtype="f32", progress=False)
     assert res.family == "xmodel" and res.mmproj.metadata["image_tokens"] == tokens
     mm = gguf.GGUFReader(str(res.mmproj.path))
-    assert _field(mm, gguf.Keys.Clip.PROJECTOR_TYPE) == "xdp"
-    assert _tensor(mm, "mm.0.weight").shape == (LM["hidden"], factor * CLIP["hidden"])
+    assert field(mm, gguf.Keys.Clip.PROJECTOR_TYPE) == "xdp"
+    assert tensor(mm, "mm.0.weight").shape == (LM["hidden"], factor * CLIP["hidden"])
     lm = gguf.GGUFReader(str(res.lm.path))
-    assert _field(lm, "llama.attention.head_count_kv") == 2  # GQA
-    assert math.isclose(_field(lm, "llama.attention.layer_norm_rms_epsilon"), 1e-5, rel_tol=1e-6)  # XModelConfig
+    assert field(lm, "llama.attention.head_count_kv") == 2  # GQA
+    assert math.isclose(field(lm, "llama.attention.layer_norm_rms_epsilon"), 1e-5, rel_tol=1e-6)  # XModelConfig
 
 
 def test_xdp_width_that_is_not_whole_tokens_is_refused(tmp_path):

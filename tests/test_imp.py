@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf_read import assert_f32_parity, field, tensor
 
 from mvlm_convert import reference as ref
 from mvlm_convert.convert import convert
@@ -24,16 +25,6 @@ from mvlm_core.errors import MvlmError
 
 F32_IMAGE_BAR = 2e-3
 F32_LOGITS_BAR = 1e-3  # ggml's CPU GELU is an f16 lookup table: ~3e-4 on the tiny Phi-2, more than LLaMA's SiLU
-
-
-def _field(reader: gguf.GGUFReader, key: str):
-    f = reader.get_field(key)
-    return None if f is None else f.contents()
-
-
-def _tensor(reader: gguf.GGUFReader, name: str) -> np.ndarray:
-    t = next(t for t in reader.tensors if t.name == name)
-    return np.asarray(t.data, np.float32).reshape([int(x) for x in reversed(t.shape)])
 
 
 def test_imp_v1_detected_and_other_projectors_refused_in_one_line():
@@ -52,46 +43,46 @@ def test_imp_converts_to_phi2_and_siglip_mmproj(tmp_path):
     assert res.family == "imp"
     lm = gguf.GGUFReader(str(res.lm.path))
     src = ref.StateReader(ckpt)
-    assert _field(lm, "general.architecture") == "phi2"
+    assert field(lm, "general.architecture") == "phi2"
     head_dim = IMP_LM["hidden"] // IMP_LM["heads"]
-    assert _field(lm, "phi2.rope.dimension_count") == int(IMP_LM["rotary"] * head_dim)
-    assert math.isclose(_field(lm, "phi2.attention.layer_norm_epsilon"), 1e-5, rel_tol=1e-6)
-    assert _field(lm, "phi2.feed_forward_length") == IMP_LM["ffn"]
+    assert field(lm, "phi2.rope.dimension_count") == int(IMP_LM["rotary"] * head_dim)
+    assert math.isclose(field(lm, "phi2.attention.layer_norm_epsilon"), 1e-5, rel_tol=1e-6)
+    assert field(lm, "phi2.feed_forward_length") == IMP_LM["ffn"]
     for gname, hf in (("output.bias", "lm_head.bias"), ("blk.1.attn_q.bias", "model.layers.1.self_attn.q_proj.bias"),
                       ("blk.0.attn_output.weight", "model.layers.0.self_attn.dense.weight"),
                       ("blk.0.ffn_up.weight", "model.layers.0.mlp.fc1.weight"),
                       ("output_norm.bias", "model.final_layernorm.bias")):
-        assert np.array_equal(_tensor(lm, gname), src.get(hf).numpy()), gname
+        assert np.array_equal(tensor(lm, gname), src.get(hf).numpy()), gname
     # vocabulary: the BPE tokens by id, padded to the embedding rows; merges; no BOS added
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    tokens = _field(lm, "tokenizer.ggml.tokens")
+    tokens = field(lm, "tokenizer.ggml.tokens")
     rows = src.get("model.embed_tokens.weight").shape[0]
-    assert _field(lm, "tokenizer.ggml.model") == "gpt2" and _field(lm, "tokenizer.ggml.pre") == "phi-2"
+    assert field(lm, "tokenizer.ggml.model") == "gpt2" and field(lm, "tokenizer.ggml.pre") == "phi-2"
     assert len(tokens) == rows > tok.get_vocab_size()
     assert all(tokens[i] == t for t, i in tok.get_vocab().items())
     assert tokens[-1] == f"[PAD{rows - 1}]"
     merges = json.loads((ckpt / "tokenizer.json").read_text())["model"]["merges"]
-    got = _field(lm, "tokenizer.ggml.merges")
+    got = field(lm, "tokenizer.ggml.merges")
     assert [m if isinstance(m, str) else " ".join(m) for m in merges] == got
-    assert _field(lm, "tokenizer.ggml.add_bos_token") is False
-    assert _field(lm, "tokenizer.ggml.eos_token_id") == tok.token_to_id("<|endoftext|>")
+    assert field(lm, "tokenizer.ggml.add_bos_token") is False
+    assert field(lm, "tokenizer.ggml.eos_token_id") == tok.token_to_id("<|endoftext|>")
 
     mm = gguf.GGUFReader(str(res.mmproj.path))
     names = {t.name for t in mm.tensors}
     assert "v.class_embd" not in names and not any(n.startswith("v.pre_ln") for n in names)
     assert not any(n.startswith("v.post_ln") for n in names)
     prefix = "model.vision_tower.vision_tower.vision_model."
-    assert np.array_equal(_tensor(mm, "v.patch_embd.bias"), src.get(prefix + "embeddings.patch_embedding.bias").numpy())
-    assert _tensor(mm, "v.position_embd.weight").shape == ((384 // 14) ** 2, IMP_SIGLIP["hidden"])
-    assert _field(mm, gguf.Keys.Clip.PROJECTOR_TYPE) == "mlp"
-    assert _field(mm, gguf.Keys.ClipVision.USE_GELU) is True
-    assert _field(mm, gguf.Keys.ClipVision.IMAGE_SIZE) == 384
-    assert _field(mm, gguf.Keys.ClipVision.Attention.HEAD_COUNT) == IMP_SIGLIP["heads"]
-    assert math.isclose(_field(mm, gguf.Keys.ClipVision.Attention.LAYERNORM_EPS), 1e-6, rel_tol=1e-5)
-    assert list(_field(mm, gguf.Keys.ClipVision.IMAGE_MEAN)) == [0.5] * 3
+    assert np.array_equal(tensor(mm, "v.patch_embd.bias"), src.get(prefix + "embeddings.patch_embedding.bias").numpy())
+    assert tensor(mm, "v.position_embd.weight").shape == ((384 // 14) ** 2, IMP_SIGLIP["hidden"])
+    assert field(mm, gguf.Keys.Clip.PROJECTOR_TYPE) == "mlp"
+    assert field(mm, gguf.Keys.ClipVision.USE_GELU) is True
+    assert field(mm, gguf.Keys.ClipVision.IMAGE_SIZE) == 384
+    assert field(mm, gguf.Keys.ClipVision.Attention.HEAD_COUNT) == IMP_SIGLIP["heads"]
+    assert math.isclose(field(mm, gguf.Keys.ClipVision.Attention.LAYERNORM_EPS), 1e-6, rel_tol=1e-5)
+    assert list(field(mm, gguf.Keys.ClipVision.IMAGE_MEAN)) == [0.5] * 3
     # the stored copy is already cut (2 of 3 layers): both run, which needs an explicit feature layer
-    assert _field(mm, gguf.Keys.ClipVision.BLOCK_COUNT) == IMP_SIGLIP["layers"] - 1
-    assert list(_field(mm, "clip.vision.feature_layer")) == [IMP_SIGLIP["layers"] - 1]
+    assert field(mm, gguf.Keys.ClipVision.BLOCK_COUNT) == IMP_SIGLIP["layers"] - 1
+    assert list(field(mm, "clip.vision.feature_layer")) == [IMP_SIGLIP["layers"] - 1]
     assert res.mmproj.metadata["image_tokens"] == 729
 
 
@@ -102,7 +93,7 @@ def test_imp_vision_layers_counted_from_the_full_tower(tmp_path, stored, tower_c
     res = convert(ckpt, tmp_path / "out", outtype="f32", progress=False)
     assert res.mmproj.metadata["vision_layers_run"] == run
     mm = gguf.GGUFReader(str(res.mmproj.path))
-    fl = _field(mm, "clip.vision.feature_layer")
+    fl = field(mm, "clip.vision.feature_layer")
     assert (fl is None) == (run == stored - 1)
     assert ref.load_vision(ckpt).clip.config.num_hidden_layers == run  # the reference cuts the same way
 
@@ -161,11 +152,7 @@ def test_imp_verify_f32_parity(imp_f32):
     r = verify(ckpt, res.lm.path, res.mmproj.path)
     print(f"\n[imp f32] image_rel_err={r['image_rel_err']:.3g} logits_rel_err={r['logits_rel_err']:.3g} "
           f"mm_last={r.get('mm_last_logits_rel_err')}")
-    assert r["passed"], r["problems"]
-    assert r["n_image_tokens_ref"] == r["n_image_tokens_llama"] == 729
-    assert r["image_rel_err"] <= F32_IMAGE_BAR and r["image_min_cos"] > 0.9999
-    assert r["logits_rel_err"] <= F32_LOGITS_BAR and r["top1_agree"] == 1.0
-    assert r["mm_last_logits_rel_err"] <= 1e-2
+    assert_f32_parity(r, F32_IMAGE_BAR, F32_LOGITS_BAR, 729)
 
 
 @pytest.mark.slow
