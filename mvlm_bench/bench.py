@@ -211,6 +211,7 @@ def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str
 # --------------------------------------------------------------------------------------------------- device targets
 
 _TARGET_DESC = {
+    "cuda": "this machine's own build with CUDA (an NVIDIA GPU)",
     "linux-arm64": "aarch64 Linux (static)",
     "android-arm64": "Android arm64-v8a",
     "orin": "aarch64 Linux with CUDA (Jetson Orin)",
@@ -239,9 +240,9 @@ def targets_for(info) -> tuple[list[str], str | None]:
             return ["android-arm64", "linux-arm64"], "android-arm64"  # both builds are static aarch64
         return [], None
     if info.system == "Linux" and info.machine == "aarch64":
-        return ["linux-arm64", "orin"] + (["host"] if host_ok else []), "linux-arm64"
+        return ["linux-arm64", "orin"] + (["host", "cuda"] if host_ok else []), "linux-arm64"
     if host_ok:
-        return ["host"], "host"
+        return ["host", "cuda"], "host"  # cuda: the host recipe plus an NVIDIA GPU
     return [], None
 
 
@@ -260,7 +261,7 @@ def resolve_target(profile: DeviceProfile, info) -> DeviceProfile:
         if suggest is None:
             raise MvlmError(
                 f"device {profile.name} is {info.describe()}: mvlm has no runtime target for it (targets: host = "
-                f"{target_description('host')}, linux-arm64, android-arm64, orin)"
+                f"{target_description('host')}, cuda, linux-arm64, android-arm64, orin)"
             )
         return dataclasses.replace(profile, target=suggest)
     if profile.target in ok:

@@ -8,7 +8,7 @@ A user adds a device by adding a file, not code. The schema (every key but ``tra
     address = "ssh://nvidia@orin.local"    # ssh: ssh://[user@]host[:port] or [user@]host (an ~/.ssh/config alias works)
                                            # adb: the serial shown by `adb devices`; local: absent
     workdir = "/home/nvidia/mvlm"          # where artifacts go on the device; "~/..." is the login home (ssh, local)
-    target = "orin"                        # runtime target: host | linux-arm64 | android-arm64 | orin
+    target = "orin"                        # runtime target: host | cuda | linux-arm64 | android-arm64 | orin
     threads = 8                            # absent: all cores for a local device, llama.cpp's default elsewhere
     n_gpu_layers = 999                     # default 0
     exec_wrapper = ["qemu-aarch64-static"] # argv prefix for every run() on the device (default none)

@@ -11,12 +11,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mvlm_core import runtime as rtmod
+from mvlm_core.errors import MvlmError
 
 app = typer.Typer(no_args_is_help=True)
 console = Console(stderr=True)
 
-TARGET_HELP = "host (this machine; used by tests and verify), linux-arm64 (static, Debian cross gcc), " \
-              "android-arm64 (NDK, else Debian cross gcc), orin (CUDA sm_87)."
+TARGET_HELP = "host (this machine; used by tests and verify), cuda (this machine's NVIDIA GPU: CUDA, shared " \
+              "libraries, --cuda-arch), linux-arm64 (static, Debian cross gcc), android-arm64 (NDK, else Debian " \
+              "cross gcc), orin (CUDA sm_87)."
 
 
 @app.command("build")
@@ -31,14 +33,22 @@ def build_cmd(
         None, "--device", help="Build natively on this device (profile name or ssh://...); for orin."
     ),
     jobs: int | None = typer.Option(None, "--jobs", "-j", help="Parallel compile jobs (default: all cores)."),
+    cuda_arch: str | None = typer.Option(
+        None, "--cuda-arch", help="--target cuda: the GPU architectures to compile for, e.g. 90 (H100/H200), 89 (L4, "
+                                  "RTX 40xx), 86, 80 (A100), several as 80;90 (default: this machine's GPUs, from "
+                                  "nvidia-smi)."),
     json_: bool = typer.Option(False, "--json", help="Print the build manifest as JSON on stdout."),
 ) -> None:
     """Build llama.cpp (pinned source + the project's patches) for TARGET, or find it in the cache.
 
     Only the tools mvlm needs are built: llama-completion, llama-mtmd-cli, llama-bench, llama-quantize,
-    llama-perplexity (+ shared libraries for host, which the Python bindings load). Cached by
-    (source, patches, target, options): a second build with nothing changed returns at once.
+    llama-perplexity, mvlm-dump (+ shared libraries for host and cuda, which the Python bindings load). Cached by
+    (source, patches, target, options; for cuda also the nvcc release): a second build with nothing changed returns
+    at once.
     """
+    if device and (target == "cuda" or cuda_arch):
+        raise MvlmError("the cuda target is built on the machine that has the GPU: run `mvlm runtime build --target "
+                        "cuda` there (--device builds the orin target on a Jetson)")
     if device:
         from mvlm_bench.remote_build import build_on_device
 
@@ -49,7 +59,7 @@ def build_cmd(
             console.print(f"built on {device}: {rt_root}")
         return
     t0 = time.monotonic()
-    opts = rtmod.BuildOptions(target=target, ndk=ndk, toolchain=toolchain, jobs=jobs)
+    opts = rtmod.BuildOptions(target=target, ndk=ndk, toolchain=toolchain, jobs=jobs, cuda_arch=cuda_arch)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True, disable=json_,
@@ -72,6 +82,9 @@ def build_cmd(
     console.print(f"[green]{target} runtime ready[/] ({state}): {rt.root}")
     console.print(f"  llama.cpp {rt.manifest.get('commit')}  patches: {patches}")
     console.print(f"  toolchain: {rt.manifest.get('toolchain')}")
+    if rt.manifest.get("cuda"):
+        cuda = rt.manifest["cuda"]
+        console.print(f"  CUDA: {cuda.get('release')}; architectures {cuda.get('architectures')}", highlight=False)
 
 
 @app.command("path")

@@ -85,7 +85,8 @@ def verify_cmd(
     runtime: Annotated[str, typer.Option("--runtime", help=f"llama.cpp runtime to test: {', '.join(BACKENDS)}. "
                                          "host: the host build through llama-cpp-python; host-bin, linux-arm64, "
                                          "android-arm64: that build's mvlm-dump tool as a process (arm64 through "
-                                         "qemu-aarch64-static on other CPUs).")]
+                                         "qemu-aarch64-static on other CPUs); cuda: the cuda build through "
+                                         "llama-cpp-python, every layer and the mmproj on the GPU.")]
     = "host",
     kv_cache: Annotated[str, typer.Option("--kv-cache", help="llama.cpp KV-cache type for the logits check: f32 "
                                           "isolates the GGUF; f16 is llama.cpp's default at run time.")] = "f32",

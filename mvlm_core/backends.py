@@ -10,6 +10,7 @@ logits, image embeddings, the multimodal prompt's last-position logits. ``mvlm v
   cannot load a foreign build, the tool needs no bindings.
 - ``host-bin`` (:class:`HostBinaryBackend`): the host build's ``mvlm-dump`` the same way (no wrapper); its arrays
   equal the bindings' bit for bit.
+- ``cuda`` (:class:`CudaBackend`): the bindings on the cuda build, every layer and the mmproj on the GPU.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ KV_CACHE_TYPES = {"f32": 0, "f16": 1}
 
 def exec_wrapper_for(target: str) -> list[str]:
     """How this machine runs the target's binaries: directly, or through qemu-user for arm64 on another CPU."""
-    if target in ("host",) or platform.machine() in ("aarch64", "arm64"):
+    if target in ("host", "cuda") or platform.machine() in ("aarch64", "arm64"):
         return []
     if target in ("linux-arm64", "android-arm64"):
         qemu = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
@@ -93,6 +94,8 @@ class HostBackend:
     """llama.cpp in this process through llama-cpp-python, on the project's patched host build."""
 
     name = "host"
+    n_gpu_layers = 0  # layers offloaded to a GPU (llama-cpp-python: -1 = all)
+    mmproj_on_gpu = False
 
     def __init__(self, target: str = "host", n_threads: int | None = None, n_ctx: int = 1024):
         self.target = target
@@ -110,7 +113,7 @@ class HostBackend:
         kv = KV_CACHE_TYPES[kv_cache]
         try:
             return Llama(model_path=str(gguf_path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
-                         logits_all=True, n_threads=self.n_threads, n_gpu_layers=0, type_k=kv, type_v=kv,
+                         logits_all=True, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers, type_k=kv, type_v=kv,
                          verbose=False)
         except (ValueError, RuntimeError) as e:
             raise MvlmError(f"llama.cpp cannot load {gguf_path}: {e}") from e
@@ -135,7 +138,7 @@ class HostBackend:
         if not Path(mmproj_path).is_file():
             raise MvlmError(f"mmproj GGUF not found: {mmproj_path}")
         params = self.mtmd.mtmd_context_params_default()
-        params.use_gpu = False
+        params.use_gpu = self.mmproj_on_gpu
         params.n_threads = self.n_threads
         params.print_timings = False
         params.warmup = False
@@ -241,6 +244,18 @@ class HostBackend:
                 m.mtmd_free(ctx)
         finally:
             llm.close()
+
+
+class CudaBackend(HostBackend):
+    """The cuda build (``mvlm runtime build --target cuda``) through llama-cpp-python: every layer and the mmproj on
+    the GPU, so verify measures the CUDA kernels against PyTorch."""
+
+    name = "cuda"
+    n_gpu_layers = -1
+    mmproj_on_gpu = True
+
+    def __init__(self, **kw):
+        super().__init__("cuda", **kw)
 
 
 class BinaryBackend:
@@ -363,7 +378,7 @@ class HostBinaryBackend(BinaryBackend):
 
 
 BACKENDS: dict[str, type] = {"host": HostBackend, "host-bin": HostBinaryBackend, "linux-arm64": Arm64QemuBackend,
-                             "android-arm64": Android64Backend}
+                             "android-arm64": Android64Backend, "cuda": CudaBackend}
 _backend_cache: dict[str, Backend] = {}
 
 

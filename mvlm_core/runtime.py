@@ -9,7 +9,8 @@ Cache layout (root: ``$MVLM_CACHE`` or ``$XDG_CACHE_HOME/mvlm`` or ``~/.cache/mv
 
     sdist/llama_cpp_python-<ver>.tar.gz        the registry's sdist, sha256-checked
     src/llama-cpp-python-<ver>/                its vendor/llama.cpp, extracted once (stamp: .mvlm-source.json)
-    runtime/<target>-<key16>/                  one build: key = sha256(source id, patches, target, options)
+    runtime/<target>-<key16>/                  one build: key = sha256(source id, patches, target, options;
+                                               cuda: + nvcc's release line, the architectures are an option)
         src/      patched copy of the source      build/   CMake build dir      build.log
         install/  bin/ + lib/ + manifest.json     (renamed into place only when the build is complete)
     runtime/latest-<target>.json               the last build of a target (for ``mvlm runtime path``)
@@ -42,7 +43,7 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 LLAMA_CPP_COMMIT = "0c1e570"  # upstream ggml-org/llama.cpp commit vendored by that sdist (its CHANGELOG says so)
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
-TARGETS = ("host", "linux-arm64", "android-arm64", "orin")
+TARGETS = ("host", "cuda", "linux-arm64", "android-arm64", "orin")
 # mvlm-dump comes from patch 0002: raw token ids / logits / image embeddings, so `mvlm verify` runs on any build
 BINARIES = ("llama-completion", "llama-mtmd-cli", "llama-bench", "llama-quantize", "llama-perplexity", "mvlm-dump")
 # Bump when the build recipe changes in a way that changes the output (it is part of every cache key).
@@ -230,6 +231,7 @@ class BuildOptions:
     ndk: Path | None = None
     toolchain: Path | None = None  # a CMake toolchain file (cross builds, e.g. orin with a CUDA cross toolchain)
     jobs: int | None = None
+    cuda_arch: str | None = None  # target cuda: CMAKE_CUDA_ARCHITECTURES ("90", "8.9", "80;90"); None: nvidia-smi's
     extra_cmake_args: tuple[str, ...] = ()
 
 
@@ -264,6 +266,112 @@ def host_isa_args() -> list[str]:
     return list(AMX_OFF) if has_amx and platform.machine() in ("x86_64", "AMD64") else []
 
 
+# --- CUDA (target "cuda": this machine's NVIDIA GPU) ---------------------------------------------------------------
+# Where nvcc is looked for after $CUDACXX, PATH, $CUDA_HOME/bin and $CUDA_PATH/bin (CMake looks there too).
+CUDA_DEFAULT_NVCC: tuple[Path, ...] = (Path("/usr/local/cuda/bin/nvcc"),)
+CUDA_ARCH_EXAMPLES = "e.g. --cuda-arch 90 for an H100/H200, 89 for an L4 or RTX 40xx, 86 for an RTX 30xx, 80 for an A100"
+_CUDA_ARCH_RE = re.compile(r"^\d{2,3}[af]?(-real|-virtual)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaToolchain:
+    """The nvcc a cuda build compiles with, its release line, and the GPU architectures it compiles for."""
+
+    nvcc: Path
+    release: str  # nvcc --version: "Cuda compilation tools, release 12.4, V12.4.131"
+    architectures: str  # CMAKE_CUDA_ARCHITECTURES: "90", "80;90"
+
+    @property
+    def version(self) -> str:
+        m = re.search(r"release (\d+(?:\.\d+)*)", self.release)
+        return m.group(1) if m else self.release
+
+
+def find_nvcc() -> Path:
+    """The CUDA compiler: $CUDACXX, PATH, $CUDA_HOME/bin, $CUDA_PATH/bin, /usr/local/cuda/bin (symlinks resolved)."""
+    cands = [os.environ.get("CUDACXX"), shutil.which("nvcc")]
+    cands += [str(Path(os.environ[v]) / "bin" / "nvcc") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    cands += [str(p) for p in CUDA_DEFAULT_NVCC]
+    for c in cands:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return Path(c).resolve()
+    raise MvlmError(
+        "the cuda target needs a CUDA toolkit, and nvcc was not found (PATH, $CUDACXX, $CUDA_HOME/bin, "
+        "/usr/local/cuda/bin): install one (NVIDIA's cuda-toolkit packages, or apt-get install nvidia-cuda-toolkit) "
+        "and put its bin/ on PATH"
+    )
+
+
+def cuda_release(nvcc: Path) -> str:
+    """nvcc --version's release line ("Cuda compilation tools, release 12.4, V12.4.131"): part of the build key."""
+    try:
+        r = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60, errors="replace")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise MvlmError(f"{nvcc} --version failed ({type(e).__name__}: {e}): check the CUDA toolkit install") from None
+    m = re.search(r"^.*\brelease \d+\.\d+.*$", r.stdout, re.M)
+    if r.returncode != 0 or not m:
+        said = " / ".join((r.stderr or r.stdout).strip().splitlines()[-2:]) or "no output"
+        raise MvlmError(f"{nvcc} --version printed no CUDA release line (exit {r.returncode}: {said}): "
+                        "is it a CUDA toolkit's nvcc? set CUDACXX to the toolkit's bin/nvcc")
+    return m.group(0).strip()
+
+
+def normalize_cuda_arch(spec: str, what: str = "--cuda-arch") -> str:
+    """"90", "9.0", "sm_90", "8.9,9.0", "80;90-real" -> CMake's list ("90", "89;90", "80;90-real"); MvlmError if bad."""
+    out: list[str] = []
+    for part in re.split(r"[;,\s]+", spec.strip()):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d{1,2})\.(\d)", part)  # a compute capability as nvidia-smi prints it: 8.9 -> 89
+        arch = f"{m.group(1)}{m.group(2)}" if m else re.sub(r"^(sm|compute)_", "", part)
+        if not _CUDA_ARCH_RE.match(arch):
+            raise MvlmError(f"{what} {spec!r}: {part!r} is not a CUDA architecture; {CUDA_ARCH_EXAMPLES}")
+        if arch not in out:
+            out.append(arch)
+    if not out:
+        raise MvlmError(f"{what} is empty; {CUDA_ARCH_EXAMPLES}")
+    return ";".join(out)
+
+
+def detect_cuda_arch() -> str:
+    """The architectures of this machine's GPUs, from ``nvidia-smi --query-gpu=compute_cap`` (8.9 -> 89)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        raise MvlmError(f"no --cuda-arch given and nvidia-smi is not on PATH to detect the GPU: pass --cuda-arch "
+                        f"({CUDA_ARCH_EXAMPLES})")
+    try:
+        r = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True,
+                           timeout=60, errors="replace")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise MvlmError(f"no --cuda-arch given and nvidia-smi failed ({type(e).__name__}): pass --cuda-arch "
+                        f"({CUDA_ARCH_EXAMPLES})") from None
+    caps = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
+    if r.returncode != 0 or not caps:
+        said = " / ".join((r.stderr + r.stdout).strip().splitlines()[:2]) or "no GPU listed"
+        raise MvlmError(f"no --cuda-arch given and nvidia-smi found no GPU to detect it from ({said}): pass "
+                        f"--cuda-arch ({CUDA_ARCH_EXAMPLES})")
+    return normalize_cuda_arch(",".join(caps), what="nvidia-smi --query-gpu=compute_cap gave")
+
+
+def cuda_toolchain(opts: BuildOptions) -> CudaToolchain:
+    """nvcc, its release and the architectures for a cuda build; one clear MvlmError when any is missing."""
+    nvcc = find_nvcc()
+    release = cuda_release(nvcc)
+    arch = normalize_cuda_arch(opts.cuda_arch) if opts.cuda_arch else detect_cuda_arch()
+    return CudaToolchain(nvcc, release, arch)
+
+
+def check_options(opts: BuildOptions) -> CudaToolchain | None:
+    """What is refused before any source is fetched or copied: an unknown target, --cuda-arch on another target, and
+    for cuda a missing nvcc or no GPU to detect the architecture from. Returns the cuda toolchain (cuda only)."""
+    if opts.target not in TARGETS:
+        raise MvlmError(f"unknown target {opts.target!r}: choose one of {', '.join(TARGETS)}")
+    if opts.cuda_arch and opts.target != "cuda":
+        raise MvlmError(f"--cuda-arch is for --target cuda (the {opts.target} target does not take it; orin is always "
+                        "sm_87)")
+    return cuda_toolchain(opts) if opts.target == "cuda" else None
+
+
 def resolve_ndk(ndk: Path | None) -> Path | None:
     for cand in (ndk, os.environ.get("ANDROID_NDK_HOME"), os.environ.get("ANDROID_NDK_ROOT"), os.environ.get("ANDROID_NDK")):
         if cand:
@@ -288,11 +396,18 @@ def cmake_args(opts: BuildOptions, source: Source) -> tuple[list[str], str]:
     ]
     static = ["-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF", "-DGGML_OPENMP=OFF"]
     t = opts.target
-    if t == "host":
+    cuda = check_options(opts)
+    if t in ("host", "cuda"):
         args = [*common, "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON",
                 "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN/../lib", *host_isa_args()]
         note = f"host compiler ({platform.machine()}, -march=native" + (", AMX off)" if
                                                                         AMX_OFF[0] in args else ")")
+        if cuda is not None:
+            # shared libraries like host (the Python bindings load them); the GPU code for the named architectures
+            # only, compiled by the nvcc whose release line is in the build key
+            args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda.architectures}",
+                     f"-DCMAKE_CUDA_COMPILER={cuda.nvcc}"]
+            note = f"CUDA {cuda.version} ({cuda.nvcc}) for sm_{cuda.architectures.replace(';', ', sm_')}; {note}"
     elif t == "linux-arm64" or (t == "android-arm64" and resolve_ndk(opts.ndk) is None):
         if opts.toolchain:
             args = [*common, *static, f"-DCMAKE_TOOLCHAIN_FILE={opts.toolchain}"]
@@ -338,9 +453,22 @@ def build_key(source: Source, patches: list[Patch], opts: BuildOptions, args: li
         "patches": [(p.name, p.sha256) for p in patches],
         "target": opts.target,
         "cmake_args": args,
-        "cpu": _host_cpu_id() if opts.target == "host" else "",
+        "cpu": _host_cpu_id() if opts.target in ("host", "cuda") else "",
     }
+    if opts.target == "cuda":  # a different toolkit builds anew (the architectures are in the CMake arguments)
+        ident["cuda"] = _cuda_manifest(args)["release"]
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _arg_value(args: list[str], name: str) -> str | None:
+    vals = [a.split("=", 1)[1] for a in args if a.startswith(f"-D{name}=")]
+    return vals[-1] if vals else None
+
+
+def _cuda_manifest(args: list[str]) -> dict:
+    """The nvcc a cuda build's CMake arguments name, its release line (asked now) and the architectures."""
+    nvcc = Path(_arg_value(args, "CMAKE_CUDA_COMPILER") or find_nvcc())
+    return {"nvcc": str(nvcc), "release": cuda_release(nvcc), "architectures": _arg_value(args, "CMAKE_CUDA_ARCHITECTURES")}
 
 
 # --- building -----------------------------------------------------------------------------------------------------
@@ -392,6 +520,7 @@ def build(
     log: Callable[[str], None] = lambda s: None,
 ) -> Runtime:
     """Build (or find cached) the runtime for ``opts.target``. Raises MvlmError with the log tail on failure."""
+    check_options(opts)  # e.g. no nvcc, or no GPU to detect: one clear line before any download or copy
     source = user_source(llama_cpp) if llama_cpp else pinned_source(log)
     patches = project_patches()
     args, note = cmake_args(opts, source)
@@ -439,6 +568,7 @@ def build(
             "patches": applied,
             "cmake_args": args,
             "toolchain": note,
+            **({"cuda": _cuda_manifest(args)} if opts.target == "cuda" else {}),
             "binaries": list(BINARIES),
             "libraries": [p.name for p in libs],
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -553,7 +683,8 @@ def use_runtime(target: str = "host", runtime: Runtime | None = None) -> Runtime
     """
     rt = runtime or find(target)
     if not rt.lib.is_dir():
-        raise MvlmError(f"runtime {rt.root} has no shared libraries (target {target}): Python bindings need the host target")
+        raise MvlmError(f"runtime {rt.root} has no shared libraries (target {target}): the Python bindings need the host "
+                        "or cuda target")
     lib = str(rt.lib)
     loaded = sys.modules.get("llama_cpp.llama_cpp")
     if loaded is not None and os.environ.get("LLAMA_CPP_LIB_PATH") != lib:
