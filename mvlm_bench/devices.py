@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mvlm_core.atomic import file_kind
 from mvlm_core.errors import MvlmError
 from mvlm_core.runtime import TARGETS
 
@@ -188,7 +189,7 @@ def load_profile(spec: str, search_dirs: list[Path] | None = None) -> DeviceProf
         if not path.exists():
             raise MvlmError(f"--device {spec}: device profile {path} does not exist; {_DEVICE_FORMS}")
         if not path.is_file():
-            raise MvlmError(f"--device {spec}: {path} exists but is not a profile file ({_file_kind(path)}); "
+            raise MvlmError(f"--device {spec}: {path} exists but is not a profile file ({file_kind(path)}); "
                             f"{_DEVICE_FORMS}")
         return parse_profile_file(path)
     if not _NAME_RE.match(spec):
@@ -207,21 +208,6 @@ def load_profile(spec: str, search_dirs: list[Path] | None = None) -> DeviceProf
 
 _DEVICE_FORMS = ("give a profile name (see `mvlm devices`), the path of a .toml profile, ssh://user@host[:port] "
                  "or adb:SERIAL")
-
-
-def _file_kind(p: Path) -> str:
-    """What a path that is not a regular file is, in words (for one-line errors)."""
-    import stat
-
-    try:
-        mode = p.stat().st_mode
-    except OSError as e:
-        return e.strerror or "unreadable"
-    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return word
-    return "not a regular file"
 
 
 def list_profiles(search_dirs: list[Path] | None = None) -> list[DeviceProfile]:
@@ -295,7 +281,7 @@ def parse_profile_file(path: Path) -> DeviceProfile:
     """Read and validate one profile file; errors name the file and the field."""
     path = Path(path)
     if path.exists() and not path.is_file():  # a FIFO would block the read forever; a device is no profile
-        raise MvlmError(f"{path}: not a device profile file ({_file_kind(path)}); give a .toml file")
+        raise MvlmError(f"{path}: not a device profile file ({file_kind(path)}); give a .toml file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -726,7 +712,7 @@ def check_ssh_config_file(path: str, where: str) -> bytes | None:
     if path == os.devnull:
         return None
     if not p.is_file():
-        what = _file_kind(p) if p.exists() else "it does not exist"
+        what = file_kind(p) if p.exists() else "it does not exist"
         raise MvlmError(f"{where}: field 'ssh.config_file' = {path!r} is not a regular file ({what}); fix the path or "
                         "drop the field")
     if p.resolve() == _own_ssh_config().resolve():

@@ -162,8 +162,8 @@ def is_gguf(p: Path) -> bool:
         return False
 
 
-def _kind(p: Path) -> str:
-    """What an existing path that is not a regular file is, in words."""
+def file_kind(p: Path) -> str:
+    """What an existing path that is not a regular file is, in words (for one-line errors)."""
     import stat
 
     try:
@@ -192,7 +192,7 @@ def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (),
     if out.exists() and out.is_dir():
         raise MvlmError(f"{option} {out} is a directory; give a file path")
     if out.exists() and not out.is_file():
-        raise MvlmError(f"{option} {out} is {_kind(out)}, not a regular file; an output would replace it: give the path "
+        raise MvlmError(f"{option} {out} is {file_kind(out)}, not a regular file; an output would replace it: give the path "
                         "of a regular file")
     for i in inputs:
         if i is None:

@@ -30,8 +30,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
+def proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command name) of every process, from /proc."""
+    out: dict[int, tuple[int, str]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -39,8 +40,14 @@ def _descendants(pid: int) -> list[int]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+        out[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), stat[stat.index("(") + 1: stat.rindex(")")])
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _) in proc_table().items():
+        children.setdefault(ppid, []).append(child)
     out, todo = [], [pid]
     while todo:
         for c in children.get(todo.pop(), []):

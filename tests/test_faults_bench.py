@@ -1084,4 +1084,4 @@ def test_device_spec_messages_keep_the_users_text(tmp_path, fake_gguf, profile_d
     assert r.returncode == 2 and "a FIFO" in _one_line(r.stderr)
     r = mvlm("devices", "--no-check", "--json", timeout=60)
     rows = {row["name"]: row for row in json.loads(r.stdout)}
-    assert r.returncode == 0 and "not a device profile file (a FIFO)" in rows["pipe"]["status"]
+    assert r.returncode == 0 and "not a device profile file (a FIFO (named pipe))" in rows["pipe"]["status"]

@@ -383,18 +383,9 @@ def big_ckpt(tmp_path_factory) -> Path:
 
 def _children(pid: int) -> dict[int, str]:
     """pid -> command name of the direct children of ``pid`` (from /proc)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out[int(entry)] = comm
-    return out
+    from peers import proc_table
+
+    return {child: comm for child, (ppid, comm) in proc_table().items() if ppid == pid}
 
 
 def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120.0) -> None:
