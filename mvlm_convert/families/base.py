@@ -102,7 +102,7 @@ class Family:
 
     def lm_writer(self, ckpt: Any, outtype: str, name: str) -> Any:
         """The planned LM GGUF (``PreparedGGUF``); LLaMA unless the family brings its own LM."""
-        from mvlm_convert.lm_gguf import prepare_lm_gguf
+        from mvlm_convert.lm.llama import prepare_lm_gguf
 
         return prepare_lm_gguf(ckpt, outtype, name)
 

@@ -5,7 +5,7 @@ release's config keys; the pinned llama.cpp tools/mtmd):
 - config: ``ImpForCausalLM`` / ``model_type: imp``, PhiConfig keys (``partial_rotary_factor`` 0.4,
   ``layer_norm_eps``), ``mm_projector_type: mlp2x_gelu``, ``mm_vision_tower: google/siglip-so400m-patch14-384``,
   ``mm_vision_select_layer: -2``, ``mm_hidden_size`` 1152; optionally ``vision_tower_config`` (SiglipVisionConfig).
-- LM: transformers' PhiForCausalLM names (see mvlm_convert.lm_phi2) -> llama.cpp arch ``phi2``.
+- LM: transformers' PhiForCausalLM names (see mvlm_convert.lm.phi2) -> llama.cpp arch ``phi2``.
 - vision: SigLIP copy under ``model.vision_tower.vision_tower.vision_model.*``: patch conv *with* bias, no class
   embedding, no pre-layernorm, ``gelu_pytorch_tanh``, LayerNorm eps 1e-6, heads of 72 (so400m: 1152 / 16). Imp
   deletes the encoder layers after ``mm_vision_select_layer`` and the pooling head before saving, then takes the
@@ -15,8 +15,8 @@ release's config keys; the pinned llama.cpp tools/mtmd):
 - projector ``model.mm_projector.{0,2}`` = LLaVA's ``mlp`` (mm.0 / mm.2), GELU between (ggml: tanh form).
 - image: ImpImageProcessor squashes to 384x384 (bicubic, no aspect padding), mean = std = 0.5.
 Imp-v1.5: same SigLIP / projector / preprocessing; the LM is Qwen1.5-1.8B (``ImpQwen2ForCausalLM`` / ``imp_qwen2``,
-transformers Qwen2 names -> arch ``qwen2``, mvlm_convert.lm_qwen2) or Phi-3-mini (``ImpPhi3ForCausalLM`` /
-``imp_phi3``, fused qkv / gate_up -> arch ``phi3``, mvlm_convert.lm_phi3). Imp-v1.5-3B-Phi2 is ``imp`` (v1 path).
+transformers Qwen2 names -> arch ``qwen2``, mvlm_convert.lm.qwen2) or Phi-3-mini (``ImpPhi3ForCausalLM`` /
+``imp_phi3``, fused qkv / gate_up -> arch ``phi3``, mvlm_convert.lm.phi3). Imp-v1.5-3B-Phi2 is ``imp`` (v1 path).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ MODEL_TYPES = {"imp", "imp_qwen2", "imp_phi3"}
 V1_ARCH, V1_TYPE = "ImpForCausalLM", "imp"
 # variant -> (architecture, model_type, "module:function" of its LM writer)
 LM_WRITERS = {
-    "v1": (V1_ARCH, V1_TYPE, "mvlm_convert.lm_phi2:prepare_phi2_gguf"),
-    "v1.5-qwen2": ("ImpQwen2ForCausalLM", "imp_qwen2", "mvlm_convert.lm_qwen2:prepare_qwen2_gguf"),
-    "v1.5-phi3": ("ImpPhi3ForCausalLM", "imp_phi3", "mvlm_convert.lm_phi3:prepare_phi3_gguf"),
+    "v1": (V1_ARCH, V1_TYPE, "mvlm_convert.lm.phi2:prepare_phi2_gguf"),
+    "v1.5-qwen2": ("ImpQwen2ForCausalLM", "imp_qwen2", "mvlm_convert.lm.qwen2:prepare_qwen2_gguf"),
+    "v1.5-phi3": ("ImpPhi3ForCausalLM", "imp_phi3", "mvlm_convert.lm.phi3:prepare_phi3_gguf"),
 }
 SIGLIP_PREFIX = "model.vision_tower.vision_tower.vision_model."
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
