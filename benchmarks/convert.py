@@ -30,12 +30,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mvlm_convert.tiny import _make_divisible, train_tokenizer, write_clip_dir  # noqa: E402
+from mvlm_convert.families.tiny_parts import train_tokenizer, write_clip_dir, write_sentencepiece_config  # noqa: E402
 
 LM = {"hidden": 2048, "layers": 24, "heads": 16, "ffn": 5632, "vocab": 32000}
 VIT = {"hidden": 1024, "layers": 24, "heads": 16, "ffn": 4096, "patch": 14, "image": 336}
 DEFAULT_SRC = Path("/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp")
-_ = _make_divisible  # LDP sizing helper kept importable for a V1-sized variant
 
 
 def _rand(g: torch.Generator, *shape: int, std: float = 0.02) -> torch.Tensor:
@@ -160,36 +159,14 @@ def _finish_checkpoint(root: Path, ckpt: Path) -> None:
         "use_mm_proj": True, "vision_tower_type": "clip",
     }  # fmt: skip
     (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
-    (ckpt / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "add_bos_token": True,
-                "add_eos_token": False,
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-                "pad_token": "<unk>",
-                "tokenizer_class": "LlamaTokenizer",
-            }
-        )  # fmt: skip
-    )
-    (ckpt / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"})
-    )
+    write_sentencepiece_config(ckpt, pad_token="<unk>", tokenizer_class="LlamaTokenizer")
 
 
 def _write_vit_l_dir(clip_dir: Path) -> None:
     """The separate CLIP directory the legacy path reads (ViT-L/14-336 shapes, f32, CLIPVisionModel layout)."""
-    import mvlm_convert.tiny as tiny
-
-    saved = dict(tiny.CLIP)
-    try:
-        tiny.CLIP.update({"hidden": VIT["hidden"], "layers": VIT["layers"], "heads": VIT["heads"], "ffn": VIT["ffn"],
-                          "patch": VIT["patch"], "projection_dim": 768})  # fmt: skip
-        write_clip_dir(clip_dir, seed=0, image_size=VIT["image"])
-    finally:
-        tiny.CLIP.clear()
-        tiny.CLIP.update(saved)
+    dims = {"hidden": VIT["hidden"], "layers": VIT["layers"], "heads": VIT["heads"], "ffn": VIT["ffn"],
+            "patch": VIT["patch"], "projection_dim": 768}
+    write_clip_dir(clip_dir, seed=0, image_size=VIT["image"], dims=dims)
 
 
 def measure(cmd: list[str], log: Path, cwd: Path | None = None) -> dict[str, object]:

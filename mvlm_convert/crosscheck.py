@@ -127,7 +127,7 @@ def compare_perplexity(target: str, model: Path, text: str = DEFAULT_TEXT, toler
 def tiny_verify(target: str, workdir: Path, variant: str = "v2") -> dict[str, dict]:
     """Convert a tiny MobileVLM checkpoint (f32) and run ``mvlm verify`` on the host runtime and on ``target``."""
     from mvlm_convert.convert import convert
-    from mvlm_convert.tiny import make_tiny_checkpoint
+    from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
     from mvlm_convert.verify import verify
 
     workdir = Path(workdir)

@@ -336,25 +336,7 @@ def load_vision(checkpoint_dir: Path, vision_tower: Path | None = None) -> Visio
     clip_cfg._attn_implementation = "eager"
     with torch.device("meta"):
         clip = CLIPVisionModel(clip_cfg)
-    # transformers 5 names CLIPVisionModel parameters without the "vision_model." level that released
-    # checkpoints (and transformers 4) use; accept either.
-    vm = getattr(clip, "vision_model", clip)
-    model_prefix = "vision_model." if vm is not clip else ""
-    state = {}
-    for k in clip.state_dict():
-        rel = k[len(model_prefix):] if model_prefix and k.startswith(model_prefix) else k
-        name = src.prefix + "vision_model." + rel
-        if name in src.reader:
-            state[k] = src.reader.get(name)
-        elif not rel.startswith("post_layernorm.") and not rel.endswith("position_ids"):
-            raise MvlmError(f"CLIP tensor {name} is missing in {src.origin}")
-    clip.load_state_dict(state, strict=False, assign=True)
-    # Buffers that are not in the checkpoint (position_ids) must be real tensors, not meta.
-    emb = vm.embeddings
-    emb.register_buffer("position_ids", torch.arange(emb.num_positions)[None], persistent=False)
-    if vm.post_layernorm.weight.is_meta:  # unused by hidden_states[-2]; give it values
-        vm.post_layernorm.weight = torch.nn.Parameter(torch.ones(clip_cfg.hidden_size))
-        vm.post_layernorm.bias = torch.nn.Parameter(torch.zeros(clip_cfg.hidden_size))
+    load_tower(clip, src.reader, src.prefix + "vision_model.", "CLIP", src.origin, skip_optional=False)
     clip.eval().float()
 
     pre = src.preprocessor
@@ -590,6 +572,36 @@ def load_imp15_lm(kind: str, config: dict, reader: StateReader, checkpoint_dir: 
     return model.eval().float()
 
 
+def load_tower(model: torch.nn.Module, reader: StateReader, prefix: str, what: str, origin: str,
+               skip_optional: bool) -> torch.nn.Module:
+    """Fill a CLIP / SigLIP vision model built on the meta device from ``reader`` (``prefix`` + the HF names below
+    ``vision_model.``; transformers 5 names the parameters without that level, 4 with it: either is accepted).
+
+    ``post_layernorm`` (unused: the features are taken before it) and ``position_ids`` are loaded when present unless
+    ``skip_optional``; position_ids become a real buffer and a missing post-LN gets identity values. Returns the
+    inner vision model.
+    """
+    vm = getattr(model, "vision_model", model)
+    mp = "vision_model." if vm is not model else ""
+    state = {}
+    for k in model.state_dict():
+        rel = k[len(mp):] if mp and k.startswith(mp) else k
+        name = prefix + rel
+        if (rel.startswith("post_layernorm.") or rel.endswith("position_ids")) and (skip_optional or name not in reader):
+            continue
+        if name not in reader:
+            raise MvlmError(f"{what} tensor {name} is missing in {origin}")
+        state[k] = reader.get(name)
+    model.load_state_dict(state, strict=False, assign=True)
+    # Buffers that are not in the checkpoint (position_ids) must be real tensors, not meta.
+    emb = vm.embeddings
+    emb.register_buffer("position_ids", torch.arange(emb.num_positions)[None], persistent=False)
+    if vm.post_layernorm.weight.is_meta:  # unused by the features taken; give it values
+        vm.post_layernorm.weight = torch.nn.Parameter(torch.ones(model.config.hidden_size))
+        vm.post_layernorm.bias = torch.nn.Parameter(torch.zeros(model.config.hidden_size))
+    return vm
+
+
 def load_siglip_vision(checkpoint_dir: Path, config: dict, reader: StateReader,
                        vision_tower: Path | None = None) -> VisionReference:
     """Imp's vision path: SigLIP cut as Imp cuts it (layers after mm_vision_select_layer deleted), last hidden
@@ -629,19 +641,7 @@ def load_siglip_vision(checkpoint_dir: Path, config: dict, reader: StateReader,
     scfg._attn_implementation = "eager"
     with torch.device("meta"):
         model = SiglipVisionModel(scfg)
-    vm = getattr(model, "vision_model", model)
-    mp = "vision_model." if vm is not model else ""
-    state = {}
-    for k in model.state_dict():
-        rel = k[len(mp):] if mp and k.startswith(mp) else k
-        if rel.startswith("post_layernorm.") or rel.endswith("position_ids"):
-            continue
-        state[k] = reader.get(prefix + rel)
-    model.load_state_dict(state, strict=False, assign=True)
-    emb = vm.embeddings
-    emb.register_buffer("position_ids", torch.arange(emb.num_positions)[None], persistent=False)
-    vm.post_layernorm.weight = torch.nn.Parameter(torch.ones(hidden))  # unused: features are taken before it
-    vm.post_layernorm.bias = torch.nn.Parameter(torch.zeros(hidden))
+    load_tower(model, reader, prefix, "SigLIP", str(vision_tower or checkpoint_dir), skip_optional=True)
     model.eval().float()
     return VisionReference(
         clip=model, projector_type=str(config.get("mm_projector_type", "mlp2x_gelu")),

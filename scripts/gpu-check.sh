@@ -352,7 +352,7 @@ make_models() {  # 4. tiny checkpoints -> f32 GGUFs (CPU only; runs beside the b
     run_step tiny-v1 90 "$LOGS/tiny-v1.log" "$PY" -m mvlm_convert.tiny "$MODELS/ckpt-v1" --variant v1 || ok=1
     run_step tiny-v2 90 "$LOGS/tiny-v2.log" "$PY" -m mvlm_convert.tiny "$MODELS/ckpt-v2" --variant v2 || ok=1
     run_step tiny-xmodel 90 "$LOGS/tiny-xmodel.log" "$PY" -c \
-        'import sys; from mvlm_convert.tiny_peers import make_tiny_xmodel; print(make_tiny_xmodel(sys.argv[1], factor=4))' \
+        'import sys; from mvlm_convert.families.xmodel import make_tiny_xmodel; print(make_tiny_xmodel(sys.argv[1], factor=4))' \
         "$MODELS/ckpt-xmodel" || ok=1
     local tag name
     for tag in v1 v2 xmodel; do

@@ -97,7 +97,7 @@ def arm64_runtime() -> rtmod.Runtime:
 def tiny_v2(tmp_path_factory, host_runtime):
     """A tiny MobileVLM V2 checkpoint converted to f32 GGUFs (LM + mmproj)."""
     from mvlm_convert.convert import convert
-    from mvlm_convert.tiny import make_tiny_checkpoint
+    from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-arm64")
     ckpt = make_tiny_checkpoint(root / "v2", variant="v2", seed=0)

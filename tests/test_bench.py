@@ -40,7 +40,7 @@ def local_profile(tmp_path: Path, name: str = "testlocal", **extra) -> Path:
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory, host_runtime) -> tuple[Path, Path]:
     from mvlm_convert.convert import convert
-    from mvlm_convert.tiny import make_tiny_checkpoint
+    from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
 
     d = tmp_path_factory.mktemp("bench")
     res = convert(make_tiny_checkpoint(d / "ckpt", variant="v2"), d / "out", outtype="f16", name="TinyV2", progress=False)

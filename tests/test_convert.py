@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from mvlm_convert.convert import convert
-from mvlm_convert.tiny import CLIP, LM, make_tiny_checkpoint
+from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
+from mvlm_convert.families.tiny_parts import CLIP, LM
 from mvlm_core.errors import MvlmError
 
 SYSTEM = (

@@ -1,6 +1,6 @@
 """The papers' peers: LLaVA-1.5 (liuhaotian and llava-hf layouts, ``mlp``), Xmodel-VLM (XDP, runtime patch 0003), Imp.
 
-Fast tests convert tiny checkpoints (mvlm_convert.tiny_peers) and read the GGUFs back with gguf.GGUFReader, check
+Fast tests convert tiny checkpoints (each family's tiny_checkpoint maker) and read the GGUFs back with gguf.GGUFReader, check
 the XDP reference against loops written here, and check the reference's llava-hf path against transformers' own
 LlavaForConditionalGeneration. Slow tests run ``verify`` against the patched host runtime (fixture host_runtime).
 """
@@ -18,9 +18,9 @@ from gguf_read import field, tensor
 from mvlm_convert import reference as ref
 from mvlm_convert.convert import convert
 from mvlm_convert.families import detect_family
-from mvlm_convert.families.xmodel import xdp_forward
-from mvlm_convert.tiny import CLIP, LM
-from mvlm_convert.tiny_peers import make_tiny_llava, make_tiny_xmodel
+from mvlm_convert.families.llava import make_tiny_llava
+from mvlm_convert.families.tiny_parts import CLIP, LM
+from mvlm_convert.families.xmodel import make_tiny_xmodel, xdp_forward
 from mvlm_core.errors import MvlmError
 
 F32_IMAGE_BAR = 2e-3

@@ -30,8 +30,11 @@ import pytest
 import torch
 
 from mvlm_convert.convert import convert
-from mvlm_convert.tiny import make_tiny_checkpoint, train_tokenizer
-from mvlm_convert.tiny_peers import make_tiny_imp, make_tiny_imp15, make_tiny_llava, make_tiny_xmodel
+from mvlm_convert.families.imp import make_tiny_imp, make_tiny_imp15
+from mvlm_convert.families.llava import make_tiny_llava
+from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
+from mvlm_convert.families.tiny_parts import train_tokenizer
+from mvlm_convert.families.xmodel import make_tiny_xmodel
 from mvlm_core.errors import MvlmError
 
 MVLM = [sys.executable, "-m", "mvlm"]
@@ -448,18 +451,18 @@ def test_sigterm_mid_quantize_stops_llama_quantize_and_cleans_up(tmp_path, big_c
 # ---------------------------------------------------------------------------------------------------------------
 # 9. every family's summary names its architecture (table and --json)
 # ---------------------------------------------------------------------------------------------------------------
-FAMILY_SUMMARIES = [
-    # (maker, family label in the title, llama.cpp LM arch, has an mmproj)
-    ("v1", "MobileVLM v1", "llama", True),
-    ("v2", "MobileVLM v2", "llama", True),
-    ("mobilellama", "MobileVLM mobilellama", "llama", False),
-    ("llava", "LLaVA-1.5 liuhaotian", "llama", True),
-    ("llava-hf5", "LLaVA-1.5 llava-hf", "llama", True),
-    ("xmodel", "Xmodel-VLM xdpnet", "llama", True),
-    ("imp", "Imp v1", "phi2", True),
-    ("imp15-qwen2", "Imp v1.5-qwen2", "qwen2", True),
-    ("imp15-phi3", "Imp v1.5-phi3", "phi3", True),
-]
+FAMILY_SUMMARIES = {
+    # maker: (family label in the title, llama.cpp LM arch); every maker but the text-only mobilellama has an mmproj
+    "v1": ("MobileVLM v1", "llama"),
+    "v2": ("MobileVLM v2", "llama"),
+    "mobilellama": ("MobileVLM mobilellama", "llama"),
+    "llava": ("LLaVA-1.5 liuhaotian", "llama"),
+    "llava-hf5": ("LLaVA-1.5 llava-hf", "llama"),
+    "xmodel": ("Xmodel-VLM xdpnet", "llama"),
+    "imp": ("Imp v1", "phi2"),
+    "imp15-qwen2": ("Imp v1.5-qwen2", "qwen2"),
+    "imp15-phi3": ("Imp v1.5-phi3", "phi3"),
+}
 
 
 def _convert_app():
@@ -473,14 +476,15 @@ def _convert_app():
     return app
 
 
-@pytest.mark.parametrize(("maker", "title", "arch", "has_mmproj"), FAMILY_SUMMARIES, ids=[f[0] for f in FAMILY_SUMMARIES])
-def test_summary_table_and_json_name_the_architecture(tmp_path, monkeypatch, maker, title, arch, has_mmproj):
+@pytest.mark.parametrize(("maker", "title", "arch"), [(m, *v) for m, v in FAMILY_SUMMARIES.items()], ids=list(FAMILY_SUMMARIES))
+def test_summary_table_and_json_name_the_architecture(tmp_path, monkeypatch, maker, title, arch):
     from rich.console import Console
     from typer.testing import CliRunner
 
     from mvlm_convert import convert_cli
 
     monkeypatch.setattr(convert_cli, "console", Console(width=300))  # wide enough that no cell is cut
+    has_mmproj = maker != "mobilellama"
     ckpt = MAKERS[maker](tmp_path / "ckpt")
     runner = CliRunner()
     r = runner.invoke(_convert_app(), ["convert", str(ckpt), "-o", str(tmp_path / "table")])
@@ -527,12 +531,18 @@ class RunsCode:
         return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
 
 
-@pytest.mark.parametrize("fmt", ["zip", "legacy"])
-def test_pickle_with_code_is_refused_and_never_run(tmp_path, fmt):
-    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", variant="v2")
+def _with_code(tmp_path: Path, variant: str, key: str) -> tuple[Path, Path, dict]:
+    """A tiny checkpoint, the marker its planted code would create, and its state dict with ``key`` = that code."""
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", variant=variant)
     marker = tmp_path / "MARKER"
     sd = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
-    sd["model.norm.weight"] = RunsCode(marker)
+    sd[key] = RunsCode(marker)
+    return ckpt, marker, sd
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_pickle_with_code_is_refused_and_never_run(tmp_path, fmt):
+    ckpt, marker, sd = _with_code(tmp_path, "v2", "model.norm.weight")
     torch.save(sd, ckpt / "pytorch_model.bin", _use_new_zipfile_serialization=fmt == "zip")
     with pytest.raises(MvlmError) as e:
         convert(ckpt, tmp_path / "out", progress=False)
@@ -547,10 +557,7 @@ def test_pickle_with_code_is_refused_and_never_run(tmp_path, fmt):
 def test_cli_pickle_with_code_is_one_line(tmp_path, fmt):
     import pickle
 
-    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", variant="mobilellama")
-    marker = tmp_path / "MARKER"
-    sd = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
-    sd["payload"] = RunsCode(marker)
+    ckpt, marker, sd = _with_code(tmp_path, "mobilellama", "payload")
     if fmt == "torch.save":
         torch.save(sd, ckpt / "pytorch_model.bin")
     else:  # a bare pickle: torch warns about its protocol on the way (must not reach the terminal)

@@ -312,7 +312,7 @@ def test_history_list_and_plot(tmp_path):
 @pytest.mark.slow
 def test_real_bench_twice_no_regression(tmp_path, host_runtime):
     from mvlm_convert.convert import convert
-    from mvlm_convert.tiny import make_tiny_checkpoint
+    from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", variant="mobilellama")
     res = convert(ckpt, tmp_path / "gguf", outtype="f32", progress=False)

@@ -1,6 +1,6 @@
 """Imp v1 (Phi-2 + SigLIP-384 + mlp2x_gelu): detection, conversion read back with gguf.GGUFReader, parity.
 
-Tiny checkpoints come from mvlm_convert.tiny_peers.make_tiny_imp (PhiForCausalLM names, a byte-level BPE
+Tiny checkpoints come from mvlm_convert.families.imp.make_tiny_imp (PhiForCausalLM names, a byte-level BPE
 tokenizer.json trained on the spot with ``tokenizers``, a SigLIP copy without CLS / pre-LN, cut after
 ``mm_vision_select_layer`` as Imp saves it). Slow tests run ``verify`` against the host runtime (fixture host_runtime)
 and measure what Imp's squash preprocessing vs llama.cpp's padding does to a non-square image.
@@ -15,12 +15,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_read import assert_f32_parity, field, tensor
+from gguf_read import assert_reference_lm_matches, field, tensor, verify_f32_parity
 
 from mvlm_convert import reference as ref
 from mvlm_convert.convert import convert
 from mvlm_convert.families import detect_family
-from mvlm_convert.tiny_peers import IMP_LM, IMP_SIGLIP, make_tiny_imp
+from mvlm_convert.families.imp import IMP_LM, IMP_SIGLIP, make_tiny_imp
 from mvlm_core.errors import MvlmError
 
 F32_IMAGE_BAR = 2e-3
@@ -125,11 +125,7 @@ def test_reference_phi2_matches_transformers_from_pretrained(tmp_path):
               partial_rotary_factor=cfg["partial_rotary_factor"], layer_norm_eps=cfg["layer_norm_eps"]
               ).save_pretrained(phi_dir)
     theirs = PhiForCausalLM.from_pretrained(str(phi_dir), torch_dtype=torch.float32).eval()
-    ids = [5, 17, 42, 99, 3, 250, 7]
-    with torch.no_grad():
-        want = theirs(input_ids=torch.tensor([ids])).logits[0].numpy()
-    got = ref.lm_logits(ref.load_lm(ckpt), ids)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert_reference_lm_matches(theirs, ckpt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,13 +142,8 @@ def imp_f32(tmp_path_factory, host_runtime):
 
 @pytest.mark.slow
 def test_imp_verify_f32_parity(imp_f32):
-    from mvlm_convert.verify import verify
-
     ckpt, res = imp_f32
-    r = verify(ckpt, res.lm.path, res.mmproj.path)
-    print(f"\n[imp f32] image_rel_err={r['image_rel_err']:.3g} logits_rel_err={r['logits_rel_err']:.3g} "
-          f"mm_last={r.get('mm_last_logits_rel_err')}")
-    assert_f32_parity(r, F32_IMAGE_BAR, F32_LOGITS_BAR, 729)
+    verify_f32_parity("imp f32", ckpt, res, F32_IMAGE_BAR, F32_LOGITS_BAR, 729)
 
 
 @pytest.mark.slow

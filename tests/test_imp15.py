@@ -1,6 +1,6 @@
 """Imp-v1.5 (Qwen1.5 -> arch ``qwen2``, Phi-3 -> arch ``phi3``; same SigLIP + mlp2x_gelu as Imp v1).
 
-Tiny checkpoints from mvlm_convert.tiny_peers.make_tiny_imp15 (Imp's key names, a Qwen-style byte-level BPE trained
+Tiny checkpoints from mvlm_convert.families.imp.make_tiny_imp15 (Imp's key names, a Qwen-style byte-level BPE trained
 with ``tokenizers`` / a SentencePiece model + Phi-3's added chat tokens trained on the spot). Fast tests read the
 GGUF back with gguf.GGUFReader and compare against the checkpoint tensors; the reference LMs are checked against
 transformers' own from_pretrained; slow tests run ``verify`` through the host runtime.
@@ -15,12 +15,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_read import assert_f32_parity, field, tensor
+from gguf_read import assert_reference_lm_matches, field, tensor, verify_f32_parity
 
 from mvlm_convert import reference as ref
 from mvlm_convert.convert import convert
 from mvlm_convert.families import detect_family
-from mvlm_convert.tiny_peers import IMP15_KV, IMP_LM, PHI3_ADDED, make_tiny_imp15
+from mvlm_convert.families.imp import IMP15_KV, IMP_LM, PHI3_ADDED, make_tiny_imp15
 from mvlm_core.errors import MvlmError
 
 F32_IMAGE_BAR = 2e-3
@@ -139,11 +139,7 @@ def test_reference_imp15_lm_matches_transformers_from_pretrained(tmp_path, lm):
         Phi3Config(**keys, tie_word_embeddings=False, pad_token_id=None, bos_token_id=1, eos_token_id=2,
                    sliding_window=None).save_pretrained(out)
         theirs = Phi3ForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    ids = [5, 17, 42, 99, 3, 250, 7]
-    with torch.no_grad():
-        want = theirs(input_ids=torch.tensor([ids])).logits[0].numpy()
-    got = ref.lm_logits(ref.load_lm(ckpt), ids)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert_reference_lm_matches(theirs, ckpt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,13 +156,8 @@ def imp15_f32(request, tmp_path_factory, host_runtime):
 
 @pytest.mark.slow
 def test_imp15_verify_f32_parity(imp15_f32):
-    from mvlm_convert.verify import verify
-
     lm, ckpt, res = imp15_f32
-    r = verify(ckpt, res.lm.path, res.mmproj.path)
-    print(f"\n[imp-v1.5 {lm} f32] image_rel_err={r['image_rel_err']:.3g} logits_rel_err={r['logits_rel_err']:.3g} "
-          f"mm_last={r.get('mm_last_logits_rel_err')}")
-    assert_f32_parity(r, F32_IMAGE_BAR, F32_LOGITS_BAR, 729)
+    verify_f32_parity(f"imp-v1.5 {lm} f32", ckpt, res, F32_IMAGE_BAR, F32_LOGITS_BAR, 729)
 
 
 @pytest.mark.slow

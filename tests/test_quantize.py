@@ -29,7 +29,7 @@ def _mvlm(*args: str, check: bool = False) -> subprocess.CompletedProcess:
 def tiny_f32(tmp_path_factory, host_runtime) -> tuple[Path, Path]:
     """A tiny MobileVLM V2 converted to F32: (lm, mmproj)."""
     from mvlm_convert.convert import convert
-    from mvlm_convert.tiny import make_tiny_checkpoint
+    from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
 
     d = tmp_path_factory.mktemp("q")
     ckpt = make_tiny_checkpoint(d / "ckpt", variant="v2")
@@ -158,7 +158,7 @@ def test_unwritable_outdir(tmp_path, tiny_f32_plain):
 @pytest.fixture(scope="module")
 def tiny_f32_plain(tmp_path_factory) -> Path:
     from mvlm_convert.convert import convert
-    from mvlm_convert.tiny import make_tiny_checkpoint
+    from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
 
     d = tmp_path_factory.mktemp("qp")
     ckpt = make_tiny_checkpoint(d / "ckpt", variant="mobilellama")

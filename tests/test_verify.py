@@ -340,7 +340,7 @@ F32_LOGITS_BAR = 1e-3
 def tiny(tmp_path_factory, host_runtime):
     """Tiny MobileVLM V1 / V2 / MobileLLaMA checkpoints, each converted to f32 and f16 GGUFs (built once)."""
     from mvlm_convert.convert import convert
-    from mvlm_convert.tiny import make_tiny_checkpoint
+    from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-verify")
     made = {}
@@ -530,7 +530,7 @@ def test_cli_json_and_exit_codes(tiny, tmp_path):
 def test_verify_other_layouts(tmp_path, host_runtime, variant, layout, extra):
     """Sharded / safetensors files, the 3B config trap, GQA and f16/f32 weights all verify against the reference."""
     from mvlm_convert.convert import convert
-    from mvlm_convert.tiny import make_tiny_checkpoint
+    from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
     from mvlm_convert.verify import verify
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", variant=variant, layout=layout, seed=3, **extra)

@@ -27,7 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
+from mvlm_convert.families import tiny_parts as tp
 from mvlm_convert.families.base import Family, ProjTensor, Variant, register
 from mvlm_convert.families.llava import mlp_forward, mlp_tensors
 from mvlm_core.errors import MvlmError
@@ -206,7 +209,198 @@ class Imp(Family):
         return mlp_forward(feats, get, 2)
 
     def tiny_checkpoint(self, outdir: Path, **kw: Any) -> Path:
-        from mvlm_convert.tiny_peers import make_tiny_imp, make_tiny_imp15
-
         lm = kw.pop("lm", None)
         return make_tiny_imp15(outdir, lm=lm, **kw) if lm else make_tiny_imp(outdir, **kw)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The tiny checkpoints: imp-v1-3b layout (Phi-2 + SigLIP-384 + mlp2x_gelu) and Imp-v1.5 (Qwen1.5-1.8B or
+# Phi-3-mini LM + the same SigLIP / projector), with BPE or SentencePiece tokenizers trained here.
+# --------------------------------------------------------------------------------------------------------------
+IMP_LM = {"hidden": 128, "layers": 2, "heads": 4, "ffn": 512, "rotary": 0.4}
+# SigLIP: 72-wide heads like so400m, image 384 / patch 14 -> 27x27 = 729 tokens; 3 layers as trained, 2 stored
+# (Imp deletes the layers after mm_vision_select_layer = -2 before saving).
+IMP_SIGLIP = {"hidden": 144, "heads": 2, "ffn": 240, "layers": 3, "image": 384, "patch": 14}
+IMP_BPE_VOCAB = 400
+IMP_EOT = "<|endoftext|>"
+IMP15_LMS = {"qwen2": ("ImpQwen2ForCausalLM", "imp_qwen2"), "phi3": ("ImpPhi3ForCausalLM", "imp_phi3")}
+IMP15_KV = {"qwen2": 4, "phi3": 2}  # Qwen1.5 is MHA; the Phi-3 tiny uses GQA to pin the fused qkv row split
+PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>", "<|user|>"]
+
+# Qwen's tokenizer.json pre-tokenizer: this Split regex (llama.cpp pre "qwen2") then ByteLevel without its own regex.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def train_bpe_tokenizer(out: Path, vocab_size: int = IMP_BPE_VOCAB, seed: int = 0, qwen: bool = False) -> int:
+    """A GPT-2-style byte-level BPE tokenizer.json trained here (``tokenizers``), ``<|endoftext|>`` = id 0;
+    ``qwen``: Qwen's pre-tokenizer (split regex, single digits) instead of GPT-2's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    if qwen:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[IMP_EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    lines = tp.corpus(seed)
+    if qwen:  # words glued to a leading bracket / quote / dot: one pre-token for Qwen, two for GPT-2's regex
+        lines = lines + [".".join(line.split()[:6] * 4) for line in lines[:40]]
+    tok.train_from_iterator(lines, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CodeGenTokenizer", "bos_token": IMP_EOT, "eos_token": IMP_EOT, "unk_token": IMP_EOT,
+         "add_bos_token": False, "model_max_length": 2048}))
+    return tok.get_vocab_size()
+
+
+def _phi2_state_dict(init: tp.Init, vocab: int) -> dict[str, torch.Tensor]:
+    d, f = IMP_LM["hidden"], IMP_LM["ffn"]
+    sd = {"model.embed_tokens.weight": init.normal(vocab, d, std=0.5)}
+    for i in range(IMP_LM["layers"]):
+        p = f"model.layers.{i}."
+        for proj, (o, n) in {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, d), "self_attn.v_proj": (d, d),
+                             "self_attn.dense": (d, d), "mlp.fc1": (f, d), "mlp.fc2": (d, f)}.items():
+            init.linear_bias(sd, f"{p}{proj}.", o, n)
+        sd[p + "input_layernorm.weight"] = init.norm_weight(d)
+        sd[p + "input_layernorm.bias"] = init.normal(d, std=0.1)
+    sd["model.final_layernorm.weight"] = init.norm_weight(d)
+    sd["model.final_layernorm.bias"] = init.normal(d, std=0.1)
+    init.linear_bias(sd, "lm_head.", vocab, d)
+    return sd
+
+
+def _imp15_lm_state_dict(init: tp.Init, lm: str, vocab: int) -> dict[str, torch.Tensor]:
+    d, f, h = IMP_LM["hidden"], IMP_LM["ffn"], IMP_LM["heads"]
+    kv = IMP15_KV[lm] * (d // h)
+
+    def layer(p: str) -> dict[str, torch.Tensor]:
+        sd: dict[str, torch.Tensor] = {}
+        if lm == "qwen2":
+            for proj, rows in (("q_proj", d), ("k_proj", kv), ("v_proj", kv)):
+                init.linear_bias(sd, f"{p}self_attn.{proj}.", rows, d)
+            sd[p + "mlp.gate_proj.weight"] = init.linear(f, d)
+            sd[p + "mlp.up_proj.weight"] = init.linear(f, d)
+        else:
+            sd[p + "self_attn.qkv_proj.weight"] = init.linear(d + 2 * kv, d)
+            sd[p + "mlp.gate_up_proj.weight"] = init.linear(2 * f, d)
+        sd[p + "self_attn.o_proj.weight"] = init.linear(d, d)
+        sd[p + "mlp.down_proj.weight"] = init.linear(d, f)
+        return sd
+
+    return tp.rms_lm_state_dict(init, d, IMP_LM["layers"], vocab, layer)
+
+
+def _phi3_tokenizer(out: Path, seed: int) -> int:
+    """SentencePiece (LLaMA-style) + Phi-3's added chat tokens right after it, as Phi-3-mini ships them."""
+    n_sp = tp.sentencepiece_vocab(out, seed)
+    (out / "added_tokens.json").write_text(json.dumps({t: n_sp + i for i, t in enumerate(PHI3_ADDED)}))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "bos_token": "<s>",
+         "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>", "legacy": False}))
+    return n_sp + len(PHI3_ADDED)
+
+
+def _imp_lm_keys(vocab: int, n_kv: int) -> dict[str, object]:
+    return {"vocab_size": vocab, "hidden_size": IMP_LM["hidden"], "intermediate_size": IMP_LM["ffn"],
+            "num_hidden_layers": IMP_LM["layers"], "num_attention_heads": IMP_LM["heads"], "num_key_value_heads": n_kv}
+
+
+def _imp_vision_keys(with_tower_config: bool) -> dict[str, object]:
+    """The SigLIP-384 tower and mlp2x_gelu projector keys of every Imp release."""
+    keys: dict[str, object] = {
+        "mm_hidden_size": IMP_SIGLIP["hidden"],
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": "google/siglip-so400m-patch14-384",
+    }
+    if with_tower_config:
+        keys["vision_tower_config"] = {"model_type": "siglip_vision_model", **tp.clip_config(IMP_SIGLIP, IMP_SIGLIP["image"]),
+                                       "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+    return keys
+
+
+def _imp_tower(init: tp.Init, stored_layers: int | None = None) -> dict[str, torch.Tensor]:
+    """The SigLIP copy cut after mm_vision_select_layer as Imp saves it (``stored_layers`` overrides), and the projector."""
+    stored = IMP_SIGLIP["layers"] - 1 if stored_layers is None else stored_layers
+    sd = tp.siglip_state_dict(init, SIGLIP_PREFIX, IMP_SIGLIP, stored)
+    sd.update(tp.mlp_projector(init, "model.mm_projector.0.", "model.mm_projector.2.", IMP_SIGLIP["hidden"], IMP_LM["hidden"]))
+    return sd
+
+
+def make_tiny_imp(outdir: str | Path, weights: str = "safetensors", dtype: torch.dtype = torch.float16,
+                  seed: int = 0, stored_layers: int | None = None, with_tower_config: bool = True) -> Path:
+    """A tiny imp-v1-3b-layout checkpoint: PhiForCausalLM names + BPE tokenizer.json, SigLIP copy (no CLS, patch
+    bias) cut after mm_vision_select_layer like Imp saves it (``stored_layers`` overrides), mlp2x_gelu projector."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_tok = train_bpe_tokenizer(out, seed=seed)
+    vocab = (n_tok + 63) // 64 * 64  # padded like Phi-2's 51200 rows for 50295 tokens
+    init = tp.Init(seed, dtype)
+    sd = _phi2_state_dict(init, vocab)
+    sd.update(_imp_tower(init, stored_layers))
+    config: dict[str, object] = {
+        "_name_or_path": "mvlm-tiny/imp-v1-tiny",
+        "architectures": ["ImpForCausalLM"],
+        "model_type": "imp",
+        **_imp_lm_keys(vocab, IMP_LM["heads"]),
+        "partial_rotary_factor": IMP_LM["rotary"],
+        "rope_theta": 10000.0,
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "gelu_new",
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "torch_dtype": tp.dtype_name(dtype),
+        "image_aspect_ratio": "square",
+        "image_token": "<image>",
+        **_imp_vision_keys(with_tower_config),
+    }
+    return tp.write_release(out, sd, weights, config)
+
+
+def make_tiny_imp15(outdir: str | Path, lm: str = "qwen2", weights: str = "safetensors",
+                    dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+    """A tiny Imp-v1.5 checkpoint: ``lm`` = ``qwen2`` (Imp-v1.5-2B-Qwen1.5: Qwen2 names, q/k/v biases, Qwen BPE
+    tokenizer.json, rope_theta 1e6) or ``phi3`` (Imp-v1.5-4B-Phi3: fused qkv_proj / gate_up_proj, SentencePiece +
+    added chat tokens, 32064-style padded rows); SigLIP copy and projector as in make_tiny_imp."""
+    if lm not in IMP15_LMS:
+        raise ValueError(f"unknown Imp-v1.5 LM {lm!r}")
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    if lm == "qwen2":
+        n_tok = train_bpe_tokenizer(out, seed=seed, qwen=True)
+        special: dict[str, object] = {"bos_token_id": 0, "eos_token_id": 0, "rope_theta": 1000000.0,
+                                      "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
+                                      "use_sliding_window": False, "sliding_window": 32768}
+    else:
+        n_tok = _phi3_tokenizer(out, seed)
+        special = {"bos_token_id": 1, "eos_token_id": n_tok - len(PHI3_ADDED), "rope_theta": 10000.0,
+                   "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
+                   "sliding_window": 2047, "rope_scaling": None, "partial_rotary_factor": 1.0}
+    vocab = (n_tok + 63) // 64 * 64
+    init = tp.Init(seed, dtype)
+    sd = _imp15_lm_state_dict(init, lm, vocab)
+    sd.update(_imp_tower(init))
+    arch, mtype = IMP15_LMS[lm]
+    config: dict[str, object] = {
+        "_name_or_path": f"mvlm-tiny/imp-v1.5-tiny-{lm}",
+        "architectures": [arch],
+        "model_type": mtype,
+        **_imp_lm_keys(vocab, IMP15_KV[lm]),
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        **special,
+        "torch_dtype": tp.dtype_name(dtype),
+        "image_aspect_ratio": "square",
+        **_imp_vision_keys(True),
+    }
+    return tp.write_release(out, sd, weights, config)

@@ -17,6 +17,7 @@ Facts encoded here (LLaVA-1.5 code and configs; transformers' Llava model; clip.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ import gguf
 import torch
 
 from mvlm_convert.checkpoint import Checkpoint
+from mvlm_convert.families import tiny_parts as tp
 from mvlm_convert.families.base import Family, ProjTensor, Variant, register
 from mvlm_convert.torch_ops import gelu_erf, linear
 from mvlm_core.errors import MvlmError
@@ -175,6 +177,85 @@ class Llava(Family):
         return mlp_forward(feats, get, 2)
 
     def tiny_checkpoint(self, outdir: Path, **kw: Any) -> Path:
-        from mvlm_convert.tiny_peers import make_tiny_llava
-
         return make_tiny_llava(outdir, **kw)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The tiny checkpoint, in both release layouts (sizes and tokenizer of ``families.tiny_parts``):
+# - ``layout="liuhaotian"``: ``LlavaLlamaForCausalLM`` config (mm_* keys), LM + ``model.mm_projector.{0,2}`` only;
+#   the CLIP tower is a separate CLIPVisionModel directory named by an absolute ``mm_vision_tower``.
+# - ``layout="hf4"`` / ``"hf5"``: ``LlavaForConditionalGeneration`` with ``text_config`` / ``vision_config`` (keys
+#   equal to LlamaConfig defaults left out, as llava-hf does), ``vision_feature_layer``, an added ``<image>`` token,
+#   and the transformers-4 (``language_model.model.*``, ``vision_tower.vision_model.*``,
+#   ``multi_modal_projector.linear_N``) or transformers-5 (``model.language_model.*``, ``model.vision_tower.*``,
+#   ``lm_head``) tensor names.
+# --------------------------------------------------------------------------------------------------------------
+
+LLAVA_LAYOUTS = ("liuhaotian", "hf4", "hf5")
+
+
+def make_tiny_llava(outdir: str | Path, layout: str = "liuhaotian", weights: str = "safetensors",
+                    dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+    """A tiny LLaVA-1.5 checkpoint in one of ``LLAVA_LAYOUTS``; returns its directory."""
+    if layout not in LLAVA_LAYOUTS:
+        raise ValueError(f"unknown LLaVA layout {layout!r}")
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = tp.llama_tokenizer(out, seed)
+    init = tp.Init(seed, dtype)
+    if layout == "liuhaotian":
+        sd = tp.lm_state_dict(init, tp.LM["heads"], vocab, with_inv_freq=False)
+        sd.update(tp.mlp_projector(init, "model.mm_projector.0.", "model.mm_projector.2.", tp.CLIP["hidden"]))
+        clip_dir = out / "clip-vit-tiny-patch14-336"
+        tp.write_clip_dir(clip_dir, seed, 336)
+        config: dict[str, object] = {
+            "_name_or_path": "mvlm-tiny/llava-v1.5-tiny",
+            "architectures": ["LlavaLlamaForCausalLM"],
+            "model_type": "llava",
+            **tp.llama_config_keys(tp.LM["heads"], vocab),
+            "rms_norm_eps": 1e-5,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "torch_dtype": tp.dtype_name(dtype),
+            "image_aspect_ratio": "pad",
+            "mm_hidden_size": tp.CLIP["hidden"],
+            "mm_projector_type": "mlp2x_gelu",
+            "mm_use_im_patch_token": False,
+            "mm_use_im_start_end": False,
+            "mm_vision_select_feature": "patch",
+            "mm_vision_select_layer": -2,
+            "mm_vision_tower": str(clip_dir.resolve()),
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        }
+        return tp.write_release(out, sd, weights, config)
+    n_vocab = vocab + 1  # llava-hf adds "<image>" after the SentencePiece pieces
+    (out / "added_tokens.json").write_text(json.dumps({"<image>": vocab}))
+    lm = tp.lm_state_dict(init, tp.LM["heads"], n_vocab, with_inv_freq=False)
+    clip_sd = tp.clip_state_dict(init, "", 336)
+    if layout == "hf4":
+        sd = {("language_model." + k): v for k, v in lm.items()}
+        sd.update({"vision_tower.vision_model." + k: v for k, v in clip_sd.items()})
+        sd.update(tp.mlp_projector(init, "multi_modal_projector.linear_1.", "multi_modal_projector.linear_2.",
+                                tp.CLIP["hidden"]))
+    else:
+        sd = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v for k, v in lm.items()}
+        sd.update({"model.vision_tower.vision_model." + k: v for k, v in clip_sd.items()})
+        sd.update(tp.mlp_projector(init, "model.multi_modal_projector.linear_1.", "model.multi_modal_projector.linear_2.",
+                                tp.CLIP["hidden"]))
+    config = {
+        "_name_or_path": f"mvlm-tiny/llava-1.5-tiny-{layout}",
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "ignore_index": -100,
+        "image_token_index": vocab,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "text_config": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                        **tp.llama_config_keys(tp.LM["heads"], n_vocab)},
+        "vision_config": {"model_type": "clip_vision_model", **tp.clip_config(tp.CLIP, 336),
+                          "projection_dim": tp.CLIP["projection_dim"]},
+        "torch_dtype": tp.dtype_name(dtype),
+    }
+    return tp.write_release(out, sd, weights, config)

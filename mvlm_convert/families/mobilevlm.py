@@ -11,6 +11,7 @@ Facts encoded here (checked against the released checkpoints' key names and clip
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ import gguf
 import torch
 import torch.nn.functional as F
 
+from mvlm_convert.families import tiny_parts as tp
 from mvlm_convert.families.base import Family, ProjTensor, Variant, register
 from mvlm_convert.torch_ops import gelu_erf, hardsigmoid, hardswish, layer_norm_channels, linear, make_divisible
 from mvlm_core.errors import MvlmError
@@ -112,8 +114,6 @@ class MobileVLM(Family):
         return ldpv2_forward(feats, get) if projector == "ldpv2" else ldp_forward(feats, get)
 
     def tiny_checkpoint(self, outdir: Path, **kw: Any) -> Path:
-        from mvlm_convert.tiny import make_tiny_checkpoint
-
         return make_tiny_checkpoint(outdir, **kw)
 
 
@@ -205,3 +205,150 @@ def ldpv2_forward(feats: torch.Tensor, get: Callable[[str], torch.Tensor], prefi
     peg = F.conv2d(x, as_depthwise(get(prefix + "peg.peg.0.weight")), get(prefix + "peg.peg.0.bias"),
                    stride=1, padding=1, groups=c)
     return map_to_tokens(peg + x)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The tiny checkpoint (tests, ``make demo`` through ``python -m mvlm_convert.tiny``): MobileVLM's config keys and
+# values (including the 3B lit-gpt leftovers on request), weights under the real HF names (LM,
+# ``model.mm_projector.*``, V2's CLIP copy, V1's separate CLIPVisionModel directory) in any of the four layouts.
+# --------------------------------------------------------------------------------------------------------------
+
+VARIANTS = ("v2", "v1", "mobilellama")
+
+
+def tiny_projector_state_dict(init: tp.Init, variant: str) -> dict[str, torch.Tensor]:
+    """LDPv2 (``v2``) or LDP (``v1``) at the tiny sizes, in the draw order the tests' seeds pin."""
+    c, d = tp.CLIP["hidden"], tp.LM["hidden"]
+    sd: dict[str, torch.Tensor] = {}
+    if variant == "v2":
+        p = "model.mm_projector."
+        init.linear_bias(sd, p + "mlp.mlp.0.", d, c)
+        init.linear_bias(sd, p + "mlp.mlp.2.", d, d)
+        sd[p + "peg.peg.0.weight"] = init.normal(d, 1, 3, 3, std=1.0 / 3)
+        sd[p + "peg.peg.0.bias"] = init.normal(d, std=0.1)
+        return sd
+    s = make_divisible(d // 4, 8)
+    p = "model.mm_projector.model."
+    init.linear_bias(sd, p + "mlp.1.", d, c)
+    init.linear_bias(sd, p + "mlp.3.", d, d)
+    for k in (1, 2):
+        b = f"{p}mb_block.{k}.block."
+        sd[b + "0.0.weight"] = init.normal(d, 1, 3, 3, std=1.0 / 3)
+        sd[b + "0.1.weight"] = init.norm_weight(d)
+        sd[b + "0.1.bias"] = init.normal(d, std=0.1)
+        sd[b + "1.fc1.weight"] = init.normal(s, d, 1, 1, std=1.0 / d**0.5)
+        sd[b + "1.fc1.bias"] = init.normal(s, std=0.1)
+        sd[b + "1.fc2.weight"] = init.normal(d, s, 1, 1, std=1.0 / s**0.5)
+        sd[b + "1.fc2.bias"] = init.normal(d, std=0.1)
+        sd[b + "2.0.weight"] = init.normal(d, d, 1, 1, std=1.0 / d**0.5)
+        sd[b + "2.1.weight"] = init.norm_weight(d)
+        sd[b + "2.1.bias"] = init.normal(d, std=0.1)
+    return sd
+
+
+def make_tiny_checkpoint(
+    outdir: str | Path,
+    variant: str = "v2",
+    layout: str = "bin",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    trap_3b: bool = False,
+    clip_dir: str | Path | None = None,
+    gqa: bool = False,
+    image_size: int = 336,
+) -> Path:
+    """Write a tiny checkpoint; returns its directory.
+
+    variant: ``v2`` (LDPv2 + CLIP copy in the weights), ``v1`` (LDP; CLIP in a separate directory, ``clip_dir`` or
+    ``<outdir>/clip-vit-tiny-patch14-336``, referenced by an absolute ``mm_vision_tower``), ``mobilellama`` (LM only).
+    For ``v2`` a ``clip_dir`` is optional: when given, a CLIP directory is written there too and referenced.
+    ``trap_3b`` adds the stale lit-gpt keys the 3B configs carry (with wrong values); ``gqa`` uses 2 KV heads;
+    ``image_size`` other than 336 makes a tower LDP cannot use (for error tests).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}")
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = tp.sentencepiece_vocab(out, seed)
+    n_kv = 2 if gqa else tp.LM["heads"]
+    init = tp.Init(seed, dtype)
+    sd = tp.lm_state_dict(init, n_kv, vocab, with_inv_freq=variant == "v1")
+    name = {"v1": "MobileVLM-Tiny", "v2": "MobileVLM_V2-Tiny", "mobilellama": "MobileLLaMA-Tiny"}[variant]
+    config: dict[str, object] = {
+        "_name_or_path": f"mvlm-tiny/{name}",
+        "architectures": ["MobileLlamaForCausalLM"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "hidden_act": "silu",
+        "hidden_size": tp.LM["hidden"],
+        "initializer_range": 0.02,
+        "intermediate_size": tp.LM["ffn"],
+        "max_position_embeddings": 2048,
+        "model_type": "mobilevlm",
+        "num_attention_heads": tp.LM["heads"],
+        "num_hidden_layers": tp.LM["layers"],
+        "num_key_value_heads": n_kv,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-6,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": tp.dtype_name(dtype),
+        "transformers_version": "4.33.1",
+        "use_cache": True,
+        "vocab_size": vocab,
+    }
+    if variant == "mobilellama":
+        config["architectures"] = ["LlamaForCausalLM"]
+        config["model_type"] = "llama"
+    else:
+        sd.update(tiny_projector_state_dict(init, variant))
+        cdir = Path(clip_dir) if clip_dir is not None else None
+        if variant == "v1" and cdir is None:
+            cdir = out / "clip-vit-tiny-patch14-336"
+        if variant == "v2":
+            sd.update(tp.clip_state_dict(init, "model.vision_tower.vision_tower.vision_model.", image_size))
+        if cdir is not None:
+            tp.write_clip_dir(cdir, seed, image_size)
+        config.update(
+            {
+                "freeze_mm_mlp_adapter": False,
+                "image_aspect_ratio": "pad",
+                "mm_hidden_size": tp.CLIP["hidden"],
+                "mm_projector_type": "ldpnetv2" if variant == "v2" else "ldpnet",
+                "mm_use_im_patch_token": False,
+                "mm_use_im_start_end": False,
+                "mm_vision_select_feature": "patch",
+                "mm_vision_select_layer": -2,
+                "mm_vision_tower": str(cdir.resolve()) if cdir is not None else "openai/clip-vit-large-patch14-336",
+                "tune_mm_mlp_adapter": False,
+                "use_mm_proj": True,
+                "vision_tower_type": "clip",
+            }
+        )
+    if trap_3b:
+        # MobileVLM-3B / MobileLLaMA-2.7B configs: lit-gpt leftovers that disagree with the HF keys.
+        config.update(
+            {
+                "n_head": tp.LM["heads"] // 2,
+                "n_query_groups": tp.LM["heads"] // 2,
+                "n_embd": tp.LM["hidden"] // 2,
+                "n_layer": tp.LM["layers"] + 1,
+                "block_size": 2048,
+                "padded_vocab_size": 32000,
+                "norm_class": "RMSNorm",
+                "_mlp_class": "LLaMAMLP",
+                "rotary_percentage": 1.0,
+                "parallel_residual": False,
+                "bias": False,
+            }
+        )
+    tp.write_release(out, sd, layout, config)
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "transformers_version": "4.33.1"})
+    )
+    tp.write_sentencepiece_config(
+        out, indent=2, pad_token="<unk>", clean_up_tokenization_spaces=False, legacy=False, model_max_length=2048,
+        padding_side="right", sp_model_kwargs={}, tokenizer_class="LlamaTokenizer", use_fast=False,
+    )
+    return out

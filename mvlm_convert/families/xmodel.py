@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mvlm_convert.checkpoint import Checkpoint
+from mvlm_convert.families import tiny_parts as tp
 from mvlm_convert.families.base import Family, ProjTensor, Variant, register
 from mvlm_convert.torch_ops import linear
 from mvlm_core.errors import MvlmError
@@ -91,8 +92,6 @@ class Xmodel(Family):
         return xdp_forward(feats, get)
 
     def tiny_checkpoint(self, outdir: Path, **kw: Any) -> Path:
-        from mvlm_convert.tiny_peers import make_tiny_xmodel
-
         return make_tiny_xmodel(outdir, **kw)
 
 
@@ -115,3 +114,37 @@ def xdp_forward(feats: torch.Tensor, get: Callable[[str], torch.Tensor],
     x = feats.reshape(n // f, f * d)
     x = mish(linear(x, w0, get(prefix + "0.bias")))
     return linear(x, get(prefix + "2.weight"), get(prefix + "2.bias"))
+
+
+def make_tiny_xmodel(outdir: str | Path, factor: int = 4, projector_type: str = "xdpnet",
+                     weights: str = "bin", dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A tiny Xmodel-VLM checkpoint (sizes and tokenizer of ``families.tiny_parts``): ``XmodelLMForCausalLM`` /
+    ``xmodelvlm`` with GQA (2 KV heads), the CLIP copy under ``model.vision_tower.vision_tower.vision_model.*`` and
+    XDP ``model.mm_projector.mlp.{0,2}`` whose input width is ``factor`` x the CLIP width; returns its directory."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = tp.llama_tokenizer(out, seed)
+    init = tp.Init(seed, dtype)
+    n_kv = 2
+    sd = tp.lm_state_dict(init, n_kv, vocab, with_inv_freq=True)
+    sd.update(tp.clip_state_dict(init, "model.vision_tower.vision_tower.vision_model.", 336))
+    sd.update(tp.mlp_projector(init, "model.mm_projector.mlp.0.", "model.mm_projector.mlp.2.", tp.CLIP["hidden"] * factor))
+    config = {
+        "_name_or_path": "mvlm-tiny/Xmodel_VLM-tiny",
+        "architectures": ["XmodelLMForCausalLM"],
+        "model_type": "xmodelvlm",
+        **tp.llama_config_keys(n_kv, vocab),
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": tp.dtype_name(dtype),
+        "image_aspect_ratio": "pad",
+        "mm_hidden_size": tp.CLIP["hidden"],
+        "mm_projector_type": projector_type,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }  # no rms_norm_eps: XModelConfig's default (1e-5) applies
+    return tp.write_release(out, sd, weights, config)
