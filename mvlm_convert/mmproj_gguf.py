@@ -140,31 +140,13 @@ def resolve_clip(ckpt: Checkpoint, override: Path | None, prefer_copy: bool = Tr
             "local directory; pass --vision-tower DIR (e.g. a download of openai/clip-vit-large-patch14-336)"
         )
 
-    reader.require([f"{prefix}embeddings.position_embedding.weight"], "vision-tower tensors")
-    hidden, p, n_pos = patch_geometry(reader, prefix, origin)
-    grid = round((n_pos - 1) ** 0.5)
-    n_layer = _count_layers(reader, prefix)
-    if n_layer == 0:
-        raise MvlmError(f"{origin}: the vision tower has no encoder layers")
-    reader.require([f"{prefix}encoder.layers.0.mlp.fc1.weight"], "vision-tower tensors")
-    ffn = reader.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0]
     src_name = f"{clip_dir / 'config.json'}" if clip_dir is not None else "the vision tower"
-    f = Fields(clip_cfg, "the CLIP vision tower", source=src_name, weights={
-        "hidden_size": (hidden, f"{prefix}embeddings.patch_embedding.weight is {hidden} wide"),
-        "intermediate_size": (ffn, f"{prefix}encoder.layers.0.mlp.fc1.weight has {ffn} rows"),
-        "num_hidden_layers": (n_layer, f"{prefix}encoder.layers.0 .. {n_layer - 1}"),
-    })
-    check_config_matches(f, "hidden_size", hidden)
-    check_config_matches(f, "intermediate_size", ffn)
-    check_config_matches(f, "num_hidden_layers", n_layer)
+    tw = read_tower(reader, prefix, origin, clip_cfg, "CLIP vision tower", src_name, layers_in_config=True)
+    hidden, p, n_pos, f = tw.hidden, tw.patch, tw.n_pos, tw.fields
+    grid = round((n_pos - 1) ** 0.5)
     n_head = f.int("num_attention_heads", default=max(1, hidden // OPENAI_CLIP_HEAD_DIM))
     mean, std = _preprocessor(clip_dir)
-    src = ClipSource(
-        reader=reader,
-        prefix=prefix,
-        hidden=hidden,
-        ffn=ffn,
-        n_layer=n_layer,
+    src = tw.source(
         n_head=n_head,
         image_size=f.int("image_size", default=grid * p),
         patch_size=f.int("patch_size", default=p),
@@ -173,7 +155,6 @@ def resolve_clip(ckpt: Checkpoint, override: Path | None, prefer_copy: bool = Tr
         projection_dim=f.int("projection_dim", default=0, minimum=0),
         image_mean=mean,
         image_std=std,
-        origin=origin,
     )
     if src.patch_size != p or grid * grid + 1 != n_pos or src.image_size != grid * p:
         raise MvlmError(
@@ -184,6 +165,49 @@ def resolve_clip(ckpt: Checkpoint, override: Path | None, prefer_copy: bool = Tr
         raise MvlmError(f"{src_name}: num_attention_heads = {n_head} does not divide the vision tower width {hidden} "
                         f"({origin}); fix num_attention_heads")
     return src
+
+
+@dataclass(frozen=True)
+class TowerWeights:
+    """What a CLIP / SigLIP tower's weights say (width, patch, positions, layers, MLP width), checked against its
+    config: ``fields`` reads the rest of that config, with the weights' view in its messages."""
+
+    reader: Checkpoint
+    prefix: str
+    origin: str
+    hidden: int
+    patch: int
+    n_pos: int
+    n_layer: int
+    ffn: int
+    fields: Fields
+
+    def source(self, **rest: Any) -> ClipSource:
+        """The ``ClipSource`` of this tower, given what the weights cannot say (heads, image size, eps ...)."""
+        return ClipSource(reader=self.reader, prefix=self.prefix, hidden=self.hidden, ffn=self.ffn, n_layer=self.n_layer,
+                          origin=self.origin, **rest)
+
+
+def read_tower(reader: Checkpoint, prefix: str, origin: str, cfg: dict[str, Any], what: str, source: str,
+               layers_in_config: bool) -> TowerWeights:
+    """Read a vision tower's shapes off its weights; the config's ``hidden_size`` / ``intermediate_size`` (and
+    ``num_hidden_layers`` when ``layers_in_config``: a SigLIP copy Imp cut holds fewer) must agree with them."""
+    reader.require([f"{prefix}embeddings.position_embedding.weight"], f"{what} tensors")
+    hidden, p, n_pos = patch_geometry(reader, prefix, origin)
+    n_layer = _count_layers(reader, prefix)
+    if n_layer == 0:
+        raise MvlmError(f"{origin}: the vision tower has no encoder layers")
+    fc1 = f"{prefix}encoder.layers.0.mlp.fc1.weight"
+    reader.require([fc1], f"{what} tensors")
+    ffn = reader.shape(fc1)[0]
+    weights = {"hidden_size": (hidden, f"{prefix}embeddings.patch_embedding.weight is {hidden} wide"),
+               "intermediate_size": (ffn, f"{fc1} has {ffn} rows")}
+    if layers_in_config:
+        weights["num_hidden_layers"] = (n_layer, f"{prefix}encoder.layers.0 .. {n_layer - 1}")
+    f = Fields(cfg, f"the {what}", source=source, weights=weights)
+    for key, (value, _) in weights.items():
+        check_config_matches(f, key, value)
+    return TowerWeights(reader, prefix, origin, hidden, p, n_pos, n_layer, ffn, f)
 
 
 VISION_ACTS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_new")

@@ -85,15 +85,7 @@ def _siglip_config(ckpt: Checkpoint, tower_dir: Path | None) -> dict[str, Any]:
 
 def resolve_siglip(ckpt: Checkpoint, vision_tower: Path | None):
     """The SigLIP tower as a ClipSource: the checkpoint copy, or ``--vision-tower`` (a SigLIP HF directory)."""
-    from mvlm_convert.config_check import Fields
-    from mvlm_convert.mmproj_gguf import (
-        VISION_ACTS,
-        ClipSource,
-        _count_layers,
-        check_config_matches,
-        patch_geometry,
-        vision_select_layer,
-    )
+    from mvlm_convert.mmproj_gguf import VISION_ACTS, read_tower, vision_select_layer
 
     if vision_tower is not None:
         if not (vision_tower / "config.json").is_file():
@@ -110,20 +102,11 @@ def resolve_siglip(ckpt: Checkpoint, vision_tower: Path | None):
         raise MvlmError(f"{origin}: the vision tower has a class embedding; Imp's SigLIP tower has none")
     cfg = _siglip_config(ckpt, vision_tower)
     cfg_name = f"{vision_tower / 'config.json'}" if vision_tower is not None else "config.json vision_tower_config"
-    reader.require([f"{prefix}embeddings.position_embedding.weight", f"{prefix}encoder.layers.0.mlp.fc1.weight"],
-                   "SigLIP tensors")
-    hidden, p, n_pos = patch_geometry(reader, prefix, origin)
+    tw = read_tower(reader, prefix, origin, cfg, "SigLIP vision tower", cfg_name, layers_in_config=False)
+    hidden, p, n_pos, n_layer, f = tw.hidden, tw.patch, tw.n_pos, tw.n_layer, tw.fields
     grid = round(n_pos**0.5)
     if grid * grid != n_pos:
         raise MvlmError(f"{origin}: {n_pos} position embeddings are not a square patch grid (SigLIP has no CLS)")
-    n_layer = _count_layers(reader, prefix)
-    ffn = reader.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0]
-    f = Fields(cfg, "the SigLIP vision tower", source=cfg_name, weights={
-        "hidden_size": (hidden, f"{prefix}embeddings.patch_embedding.weight is {hidden} wide"),
-        "intermediate_size": (ffn, f"{prefix}encoder.layers.0.mlp.fc1.weight has {ffn} rows"),
-    })
-    check_config_matches(f, "hidden_size", hidden)
-    check_config_matches(f, "intermediate_size", ffn)
     heads = f.int("num_attention_heads", default=None) or siglip_heads(hidden)
     if not heads:
         raise MvlmError(f"{origin}: cannot tell the SigLIP head count from the weights (width {hidden}); add "
@@ -145,24 +128,8 @@ def resolve_siglip(ckpt: Checkpoint, vision_tower: Path | None):
                         "fix num_attention_heads")
     eps = f.number("layer_norm_eps", default=SIGLIP_EPS, maximum=1.0)
     act = f.text("hidden_act", "gelu_pytorch_tanh", allowed=VISION_ACTS)
-    return ClipSource(
-        reader=reader,
-        prefix=prefix,
-        hidden=hidden,
-        ffn=ffn,
-        n_layer=n_layer,
-        n_head=int(heads),
-        image_size=image_size,
-        patch_size=p,
-        eps=eps,
-        hidden_act=act,
-        projection_dim=0,
-        image_mean=list(SIGLIP_MEAN),
-        image_std=list(SIGLIP_STD),
-        origin=origin,
-        siglip=True,
-        n_layer_full=full,
-    )
+    return tw.source(n_head=int(heads), image_size=image_size, patch_size=p, eps=eps, hidden_act=act, projection_dim=0,
+                     image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD), siglip=True, n_layer_full=full)
 
 
 @register
