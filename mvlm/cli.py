@@ -56,6 +56,8 @@ def _wire() -> None:
         history_cli.compare_cmd
     )
     app.add_typer(history_cli.app, name="history", help="List stored benchmark measurements; plot their history.")
+    from mvlm_bench.paper_report import report_cmd
+    app.command("report", help="Your stored latencies in a paper's table layout, beside its published rows.")(report_cmd)
 
 
 _wire()

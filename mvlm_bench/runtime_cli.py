@@ -1,8 +1,9 @@
-"""``mvlm runtime build|path|info``: the pinned, patched llama.cpp for a target (``check``: mvlm_convert.crosscheck_cli)."""
+"""``mvlm runtime build|path|info|env``: the pinned, patched llama.cpp for a target (``check``: mvlm_convert.crosscheck_cli)."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -104,3 +105,29 @@ def info_cmd(
     """Print a built runtime's manifest (source, commit, patches, CMake arguments) as JSON."""
     rt = rtmod.find(target, llama_cpp)
     print(json.dumps({**rt.manifest, "root": str(rt.root)}, indent=2))
+
+
+# What llama-cpp-python 0.3.36 reads when its modules are first imported: llama_cpp/llama_cpp.py loads libllama from
+# $LLAMA_CPP_LIB_PATH, llama_cpp/mtmd_cpp.py loads libmtmd from $MTMD_CPP_LIB (else both from the package's own lib/).
+# Their dependencies (libggml*) are found through the runtime's RUNPATH ($ORIGIN/../lib), so nothing else is needed.
+BINDINGS_ENV = {"LLAMA_CPP_LIB_PATH": "libllama.so", "MTMD_CPP_LIB": "libmtmd.so"}
+
+
+@app.command("env")
+def env_cmd(
+    target: str = typer.Option("host", "--target", "-t", help="host or cuda (the targets with shared libraries)."),
+    llama_cpp: Path | None = typer.Option(None, "--llama-cpp", help="The checkout the runtime was built from."),
+) -> None:
+    """Print `export` lines that point llama-cpp-python 0.3.36 at the runtime's patched libraries.
+
+    Use it as  eval "$(mvlm runtime env)"  before starting Python: then `import llama_cpp` and `import
+    llama_cpp.mtmd_cpp` load this build (the same llama.cpp source as the bindings, plus the project's patches).
+    Exit 2 with one line if the runtime is not built.
+    """
+    rt = rtmod.find(target, llama_cpp)  # not built: one line naming the build command, exit 2
+    missing = [name for name in BINDINGS_ENV.values() if not (rt.lib / name).is_file()]
+    if missing:
+        raise MvlmError(f"runtime {rt.root} has no {', '.join(missing)} (target {target}): the Python bindings need "
+                        "the shared libraries of the host or cuda target (`mvlm runtime build --target host`)")
+    for var in BINDINGS_ENV:
+        print(f"export {var}={shlex.quote(str(rt.lib))}")

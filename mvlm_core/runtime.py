@@ -1,7 +1,7 @@
 """Pinned, patched llama.cpp runtimes: fetch the source, apply the project's patches, build with CMake, cache.
 
 One llama.cpp source serves both the binaries (llama-completion, llama-mtmd-cli, llama-bench, llama-quantize,
-llama-perplexity) and the Python bindings: by default the llama.cpp vendored in the sdist of the pinned
+llama-perplexity, llama-server) and the Python bindings: by default the llama.cpp vendored in the sdist of the pinned
 llama-cpp-python, so the ctypes signatures of the installed bindings match the libraries we build
 (``use_runtime`` points the bindings at them through ``LLAMA_CPP_LIB_PATH`` / ``MTMD_CPP_LIB``).
 
@@ -45,7 +45,9 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 
 TARGETS = ("host", "cuda", "linux-arm64", "android-arm64", "orin")
 # mvlm-dump comes from patch 0002: raw token ids / logits / image embeddings, so `mvlm verify` runs on any build
-BINARIES = ("llama-completion", "llama-mtmd-cli", "llama-bench", "llama-quantize", "llama-perplexity", "mvlm-dump")
+# llama-server: how most people deploy a GGUF (`mvlm serve`); its web UI is left out (no download at build time)
+BINARIES = ("llama-completion", "llama-mtmd-cli", "llama-bench", "llama-quantize", "llama-perplexity", "llama-server",
+            "mvlm-dump")
 # Bump when the build recipe changes in a way that changes the output (it is part of every cache key).
 RECIPE_VERSION = 1
 
@@ -389,7 +391,7 @@ def cmake_args(opts: BuildOptions, source: Source) -> tuple[list[str], str]:
     """
     common = [
         "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
         "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
         "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_OPENSSL=OFF",
         f"-DLLAMA_BUILD_COMMIT={source.commit}",

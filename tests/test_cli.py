@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-COMMANDS = ["convert", "verify", "quantize", "runtime", "bench", "devices", "compare", "history"]
-SUBCOMMANDS = [["runtime", "build"], ["runtime", "path"], ["runtime", "info"], ["runtime", "check"], ["bench", "parse"]]
+COMMANDS = ["convert", "verify", "quantize", "runtime", "bench", "devices", "compare", "history", "report"]
+SUBCOMMANDS = [["runtime", "build"], ["runtime", "path"], ["runtime", "info"], ["runtime", "check"], ["runtime", "env"],
+               ["bench", "parse"]]
 
 
 def mvlm(*args: str) -> subprocess.CompletedProcess:
