@@ -25,8 +25,10 @@ import jinja2
 import pytest
 from peers import _free_port
 
-from mvlm_convert.tiny import CLIP, make_tiny_checkpoint
-from mvlm_convert.tiny_peers import make_tiny_llava, make_tiny_xmodel
+from mvlm_convert.families.llava import make_tiny_llava
+from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
+from mvlm_convert.families.tiny_parts import CLIP
+from mvlm_convert.families.xmodel import make_tiny_xmodel
 from mvlm_core.conversation import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, MEDIA_MARKER, SYSTEM, v1_conversation
 
 Q = "What is in the picture?"
