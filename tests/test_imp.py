@@ -180,3 +180,40 @@ def test_imp_squash_vs_llama_cpp_padding_on_a_non_square_image(imp_f32, tmp_path
     print(f"\n[imp 500x300] squashed bitmap to both: {parity:.3g}; llama.cpp's own preprocessing: {deviation:.3g}")
     assert parity <= F32_IMAGE_BAR
     assert deviation > 10 * parity  # the preprocessing difference is real and far above float error
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Imp-3B@196 (Imp-v1.5-3B-196): SigLIP retrained at 196 px, 14x14 = 196 image tokens (Imp's paper, Table 4)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_tower_config", [True, False], ids=["tower-config", "weights-only"])
+def test_imp_196_image_size_and_token_count_come_from_the_checkpoint(tmp_path, with_tower_config):
+    """The mmproj says 196 px / patch 14 because the checkpoint's position embeddings have 196 rows (and its tower
+    config says 196 where there is one), not because a name says @196: nothing is assumed from mm_vision_tower."""
+    ckpt = make_tiny_imp(tmp_path / "ckpt", image_size=196, with_tower_config=with_tower_config)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["mm_vision_tower"].endswith("-384")  # as the release names its tower
+    res = convert(ckpt, tmp_path / "out", outtype="f32", progress=False)
+    mm = gguf.GGUFReader(str(res.mmproj.path))
+    assert field(mm, "clip.vision.image_size") == 196 and field(mm, "clip.vision.patch_size") == IMP_SIGLIP["patch"]
+    pos = tensor(mm, "v.position_embd.weight")
+    assert pos.shape[0] == (196 // IMP_SIGLIP["patch"]) ** 2 == 196
+    assert ref.load_vision(ckpt).image_size == 196
+
+
+def test_imp_196_tower_config_that_contradicts_the_weights_is_refused(tmp_path):
+    ckpt = make_tiny_imp(tmp_path / "ckpt", image_size=196)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["vision_tower_config"]["image_size"] = 384  # a 384 config over 196-row position embeddings
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MvlmError, match="does not match") as e:
+        convert(ckpt, tmp_path / "out", progress=False)
+    assert "\n" not in str(e.value) and not list((tmp_path / "out").glob("*.gguf"))
+
+
+@pytest.mark.slow
+def test_imp_196_verify_f32_parity(tmp_path, host_runtime):
+    ckpt = make_tiny_imp(tmp_path / "ckpt", image_size=196)
+    res = convert(ckpt, tmp_path / "out", outtype="f32", progress=False)
+    verify_f32_parity("imp@196 f32", ckpt, res, F32_IMAGE_BAR, F32_LOGITS_BAR, 196)

@@ -277,10 +277,11 @@ def _imp_lm_keys(vocab: int, n_kv: int) -> dict[str, object]:
             "num_hidden_layers": IMP_LM["layers"], "num_attention_heads": IMP_LM["heads"], "num_key_value_heads": n_kv}
 
 
-def _imp_vision_keys(with_tower_config: bool) -> dict[str, object]:
-    """The SigLIP-384 tower and mlp2x_gelu projector keys of every Imp release."""
+def _imp_vision_keys(with_tower_config: bool, siglip: dict[str, int] = IMP_SIGLIP) -> dict[str, object]:
+    """The SigLIP tower and mlp2x_gelu projector keys of every Imp release (the tower name stays the 384 one even
+    in Imp-3B@196, whose tower config and position embeddings say 196)."""
     keys: dict[str, object] = {
-        "mm_hidden_size": IMP_SIGLIP["hidden"],
+        "mm_hidden_size": siglip["hidden"],
         "mm_projector_type": "mlp2x_gelu",
         "mm_use_im_patch_token": False,
         "mm_use_im_start_end": False,
@@ -289,32 +290,36 @@ def _imp_vision_keys(with_tower_config: bool) -> dict[str, object]:
         "mm_vision_tower": "google/siglip-so400m-patch14-384",
     }
     if with_tower_config:
-        keys["vision_tower_config"] = {"model_type": "siglip_vision_model", **tp.clip_config(IMP_SIGLIP, IMP_SIGLIP["image"]),
+        keys["vision_tower_config"] = {"model_type": "siglip_vision_model", **tp.clip_config(siglip, siglip["image"]),
                                        "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
     return keys
 
 
-def _imp_tower(init: tp.Init, stored_layers: int | None = None) -> dict[str, torch.Tensor]:
+def _imp_tower(init: tp.Init, stored_layers: int | None = None, siglip: dict[str, int] = IMP_SIGLIP
+               ) -> dict[str, torch.Tensor]:
     """The SigLIP copy cut after mm_vision_select_layer as Imp saves it (``stored_layers`` overrides), and the projector."""
-    stored = IMP_SIGLIP["layers"] - 1 if stored_layers is None else stored_layers
-    sd = tp.siglip_state_dict(init, SIGLIP_PREFIX, IMP_SIGLIP, stored)
-    sd.update(tp.mlp_projector(init, "model.mm_projector.0.", "model.mm_projector.2.", IMP_SIGLIP["hidden"], IMP_LM["hidden"]))
+    stored = siglip["layers"] - 1 if stored_layers is None else stored_layers
+    sd = tp.siglip_state_dict(init, SIGLIP_PREFIX, siglip, stored)
+    sd.update(tp.mlp_projector(init, "model.mm_projector.0.", "model.mm_projector.2.", siglip["hidden"], IMP_LM["hidden"]))
     return sd
 
 
 def make_tiny_imp(outdir: str | Path, weights: str = "safetensors", dtype: torch.dtype = torch.float16,
-                  seed: int = 0, stored_layers: int | None = None, with_tower_config: bool = True) -> Path:
+                  seed: int = 0, stored_layers: int | None = None, with_tower_config: bool = True,
+                  image_size: int = 384) -> Path:
     """A tiny imp-v1-3b-layout checkpoint: PhiForCausalLM names + BPE tokenizer.json, SigLIP copy (no CLS, patch
-    bias) cut after mm_vision_select_layer like Imp saves it (``stored_layers`` overrides), mlp2x_gelu projector."""
+    bias) cut after mm_vision_select_layer like Imp saves it (``stored_layers`` overrides), mlp2x_gelu projector.
+    ``image_size=196``: Imp-3B@196 (Imp-v1.5-3B-196), SigLIP retrained at 196 px, 14x14 = 196 position embeddings."""
+    siglip = {**IMP_SIGLIP, "image": image_size}
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     n_tok = train_bpe_tokenizer(out, seed=seed)
     vocab = (n_tok + 63) // 64 * 64  # padded like Phi-2's 51200 rows for 50295 tokens
     init = tp.Init(seed, dtype)
     sd = _phi2_state_dict(init, vocab)
-    sd.update(_imp_tower(init, stored_layers))
+    sd.update(_imp_tower(init, stored_layers, siglip))
     config: dict[str, object] = {
-        "_name_or_path": "mvlm-tiny/imp-v1-tiny",
+        "_name_or_path": "mvlm-tiny/imp-v1-tiny" + ("" if image_size == 384 else f"-{image_size}"),
         "architectures": ["ImpForCausalLM"],
         "model_type": "imp",
         **_imp_lm_keys(vocab, IMP_LM["heads"]),
@@ -329,7 +334,7 @@ def make_tiny_imp(outdir: str | Path, weights: str = "safetensors", dtype: torch
         "torch_dtype": tp.dtype_name(dtype),
         "image_aspect_ratio": "square",
         "image_token": "<image>",
-        **_imp_vision_keys(with_tower_config),
+        **_imp_vision_keys(with_tower_config, siglip),
     }
     return tp.write_release(out, sd, weights, config)
 
