@@ -205,15 +205,16 @@ def test_llama_mtmd_cli_prompt_tokens(model, image, host_runtime, jinja):
     assert prompt_tokens("-sys", "Be brief.") == want
 
 
-@pytest.fixture(scope="module")
-def server(model, host_runtime, tmp_path_factory):
-    """A real llama-server on 127.0.0.1 (a free port), killed at the end whatever happens."""
+@pytest.fixture(scope="module", params=[[], ["--no-jinja"]], ids=["jinja", "builtin"])
+def server(model, host_runtime, tmp_path_factory, request):
+    """A real llama-server on 127.0.0.1 (a free port), killed at the end whatever happens; with the GGUF's template run
+    by its Jinja engine (the default) and with --no-jinja (patch 0005's built-in vicuna-v1 format)."""
     port = _free_port()
     log = tmp_path_factory.mktemp("srv") / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(host_runtime / "bin" / "llama-server"), "-m", str(model.lm), "--mmproj",
                                  str(model.mmproj), "--host", "127.0.0.1", "--port", str(port), "-t", "2", "-c", "2048",
-                                 "-np", "1"], stdout=out, stderr=subprocess.STDOUT)
+                                 "-np", "1", *request.param], stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
