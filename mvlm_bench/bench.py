@@ -30,7 +30,7 @@ from pathlib import Path
 
 from mvlm_bench.devices import KNOWN_TARGETS, MAX_GPU_LAYERS, MAX_THREADS, DeviceProfile
 from mvlm_bench.records import Run, RunContext
-from mvlm_bench.timings import parse_llama_bench, parse_text
+from mvlm_bench.timings import parse_llama_bench, parse_text, run_facts
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
 from mvlm_core.filetypes import precision_from_filename
@@ -356,6 +356,60 @@ class Side:
     name: str = ""  # "baseline" / "candidate" in an A/B session; recorded in the run parameters
 
 
+# llama-bench fields of a llama-completion / llama-mtmd-cli run that mvlm's command line leaves at llama.cpp's
+# defaults (common/common.h; tools/llama-bench/llama-bench.cpp prints them under these names and in these forms)
+COMMAND_LINE_DEFAULTS: dict[str, object] = {
+    "cpu_mask": "0x0", "cpu_strict": False, "poll": 50, "n_cpu_moe": 0, "split_mode": "layer", "main_gpu": 0,
+    "no_kv_offload": False, "devices": "auto", "tensor_split": "0.00", "tensor_buft_overrides": "none",
+    "load_mode": "auto", "lazy_mode": "auto", "embeddings": False, "no_op_offload": 0, "no_host": False, "repack": True,
+}  # fmt: skip
+_VERSION = re.compile(r"version: .*?\(build (\d+), commit (\w+)\)|version: (\d+) \((\w+)\)")
+
+
+def device_cpu_info(transport) -> str:
+    """The CPU's name the way ggml's CPU backend (and so llama-bench's cpu_info) reads it, on the device itself:
+    the first ``model name`` of /proc/cpuinfo (Linux, Android), ``sysctl machdep.cpu.brand_string`` (macOS), else
+    ggml's own default, "CPU" (most ARM kernels print no model name)."""
+    text = transport.read_text("/proc/cpuinfo")
+    if text:
+        for line in text.splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip() or "CPU"
+        return "CPU"
+    try:
+        r = transport.run(["sysctl", "-n", "machdep.cpu.brand_string"], timeout=30)
+    except (MvlmError, OSError):
+        return "CPU"
+    name = r.output.strip().splitlines()[-1].strip() if r.returncode == 0 and r.output.strip() else ""
+    return name or "CPU"
+
+
+def build_version(transport, exe: str, env: dict[str, str]) -> dict[str, object]:
+    """build_number and build_commit as the device's binary states them (``--version``); {} when it does not say."""
+    try:
+        r = transport.run([exe, "--version"], timeout=60, env=env)
+    except (MvlmError, OSError):
+        return {}
+    m = _VERSION.search(r.output or "")
+    if r.returncode != 0 or not m:
+        return {}
+    number, commit = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
+    return {"build_number": int(number), "build_commit": commit}
+
+
+def gguf_facts(path: Path) -> dict[str, object]:
+    """model_size (bytes of all tensors) and model_n_params (elements of all tensors) of a GGUF, as llama.cpp's
+    loader sums them (llama_model_size / llama_model_n_params, which llama-bench prints); {} if unreadable."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        return {"model_size": int(sum(int(t.n_bytes) for t in reader.tensors)),
+                "model_n_params": int(sum(int(t.n_elements) for t in reader.tensors))}
+    except Exception:  # a file gguf-py cannot read: the report leaves these fields null
+        return {}
+
+
 @dataclasses.dataclass
 class Prepared:
     """A side ready to run: the command line and environment on the device, and the context of its records."""
@@ -367,6 +421,7 @@ class Prepared:
     ctx: RunContext
     pushed_bytes: int
     result: BenchResult
+    facts: dict[str, object] = dataclasses.field(default_factory=dict)  # llama-bench fields known before the runs
 
 
 def _connect(profile: DeviceProfile, log: Callable[[str], None]):
@@ -449,10 +504,24 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
         runtime_commit=str(manifest.get("commit")),
         runtime_patches=[p["name"] for p in manifest.get("patches", [])],
         protocol=spec.protocol,
+        cpu_info=device_cpu_info(transport),
         params=params,
     )
     result = BenchResult([], [], ctx, sres.pushed_bytes, commands=[argv])
-    return Prepared(side, profile, argv, env, ctx, sres.pushed_bytes, result)
+    facts: dict[str, object] = {}
+    if spec.protocol != "llama-bench":
+        facts = {"build_commit": ctx.runtime_commit, **gguf_facts(spec.model), **COMMAND_LINE_DEFAULTS,
+                 "n_gpu_layers": params["n_gpu_layers"], "n_threads": params["n_threads"]}
+    return Prepared(side, profile, argv, env, ctx, sres.pushed_bytes, result, facts)
+
+
+def _add_version(transport, prep: Prepared) -> None:
+    """After the measured runs (never between them): the build's own --version into every run's facts."""
+    if not prep.result.runs:
+        return
+    version = build_version(transport, prep.argv[len(prep.side.wrapper)], prep.env)
+    for run in prep.result.runs:
+        run.facts.update(version)
 
 
 def _run_once(transport, prep: Prepared, index: int, measured: bool) -> bool:
@@ -467,7 +536,8 @@ def _run_once(transport, prep: Prepared, index: int, measured: bool) -> bool:
         # the local transport times the process itself; over ssh/adb the wall time includes the link, so the
         # report rebuilds Total from llama.cpp's own numbers instead
         wall = r.duration_s if prep.profile.transport == "local" else None
-        prep.result.runs.append(Run(rec, prep.ctx, tokens_out=spec.tokens(), wall_s=wall))
+        prep.result.runs.append(Run(rec, prep.ctx, tokens_out=spec.tokens(), wall_s=wall,
+                                    facts={**prep.facts, **run_facts(r.output)}))
     return True
 
 
@@ -504,6 +574,7 @@ def run_bench(
             if not _run_once(transport, prep, i - spec.warmup, measured):
                 break
             log(f"run {i + 1}/{total} {'(warm-up) ' if not measured else ''}done in {time.monotonic() - t0:.1f} s")
+        _add_version(transport, prep)
         return result
     finally:
         transport.close()
@@ -586,6 +657,8 @@ def run_ab(
             index[who] += 1
             name = "baseline" if who == "A" else "candidate"
             log(f"run {i + 1}/{total} {name}{' (warm-up)' if not measured else ''} done in {time.monotonic() - t0:.1f} s")
+        for prep in preps.values():
+            _add_version(transport, prep)
         a, b = preps["A"].result, preps["B"].result
         n = min(len(a.runs), len(b.runs))  # complete pairs only
         del a.runs[n:], b.runs[n:]

@@ -14,7 +14,7 @@ from rich.table import Table
 from mvlm_bench.parse_cli import parse_cmd
 
 app = typer.Typer(invoke_without_command=True)
-console = Console()
+console = _console = Console()
 err = Console(stderr=True)
 
 app.command("parse", help="Parse saved llama.cpp output (any era since 2023) into timing records.")(parse_cmd)
@@ -101,15 +101,18 @@ def bench_cmd(
     n_gpu_layers: int | None = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (default: the profile's)."),
     timeout: float = typer.Option(900.0, "--timeout", help="Per-run time limit, seconds."),
     prompt: str | None = typer.Option(None, "--prompt", help="Override the protocol's prompt."),
-    # report and history paths are taken as text: a trailing slash ("--json dir/") is refused, not dropped
-    json_arg: str | None = typer.Option(None, "--json", help="Write the report as JSON (llama-bench-compatible fields)."),
+    # report and history paths are taken as text: a trailing slash ("--json-file dir/") is refused, not dropped
+    json_flag: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (every llama-bench field, "
+                                                         "then mvlm's own; nothing else on stdout)."),
+    json_arg: str | None = typer.Option(None, "--json-file", help="Write the report as JSON (every llama-bench field, "
+                                                                  "then mvlm's own) to this file."),
     markdown_arg: str | None = typer.Option(None, "--markdown", help="Write the report as Markdown (papers' layout)."),
     csv_arg: str | None = typer.Option(None, "--csv", help="Write one CSV row per repetition."),
     save: bool = typer.Option(False, "--save/--no-save", help="Store every repetition in the benchmark history."),
     db_arg: str | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
     label: str = typer.Option("", "--label", help="Free-form label stored with the measurement (e.g. main, pr-42)."),
     baseline: str | None = typer.Option(None, "--baseline", help="Compare with this history selector (latest, "
-                                        "label:main, id:N, ...) or `mvlm bench --json` file."),
+                                        "label:main, id:N, ...) or `mvlm bench --json-file` file."),
     fail_on_regression: str | None = typer.Option(
         None, "--fail-on-regression", help="With --baseline: exit 4 when a gated metric is slower by more than this "
                                            "(e.g. 5%) and the repetitions support it (docs/ci.md)."),
@@ -132,7 +135,7 @@ def bench_cmd(
 
       mvlm bench --device local --model MobileVLM_V2-1.7B-Q4_K_S.gguf
 
-      mvlm bench --device sd888 --protocol vlm --model M-Q4_K_S.gguf --mmproj mmproj-M-F16.gguf --json r.json
+      mvlm bench --device sd888 --protocol vlm --model M-Q4_K_S.gguf --mmproj mmproj-M-F16.gguf --json-file r.json
 
       mvlm bench --device orin --model new.gguf --against model=old.gguf --repeat 6 --fail-on-regression 5%
     """
@@ -144,7 +147,8 @@ def bench_cmd(
 
     if model is None:
         raise MvlmError("no model given: pass --model FILE.gguf (see `mvlm bench --help`)")
-    raw_outputs = {opt: p for opt, p in (("--json", json_arg), ("--markdown", markdown_arg), ("--csv", csv_arg)) if p}
+    raw_outputs = {opt: p for opt, p in (("--json-file", json_arg), ("--markdown", markdown_arg), ("--csv", csv_arg))
+                   if p}
     json_out, markdown_out, csv_out = (Path(p) if p else None for p in (json_arg, markdown_arg, csv_arg))
     db = Path(db_arg) if db_arg else None
     spec = bench.BenchSpec(protocol=protocol, model=model, mmproj=mmproj, image=image, repeat=repeat, warmup=warmup,
@@ -213,6 +217,12 @@ def bench_cmd(
     if profile.emulated:
         err.print("[yellow]note:[/] this device is emulated: its timings measure the emulator, not a device")
     texts: dict[Path, str] = {}
+    json_text: str | None = None
+    console = _console if not json_flag else err  # --json: stdout holds the JSON and nothing else
+    if json_flag:
+        from mvlm_bench import history_cli
+
+        history_cli.console.file = sys.stderr  # comparison tables (--baseline) too
     if getattr(res, "llama_bench_rows", None):
         t = Table(title=f"llama-bench on {profile.name}")
         for col in ("model_filename", "n_prompt", "n_gen", "avg_ts", "stddev_ts"):
@@ -220,8 +230,7 @@ def bench_cmd(
         for row in res.llama_bench_rows:
             t.add_row(*(str(row.get(c, "")) for c in ("model_filename", "n_prompt", "n_gen", "avg_ts", "stddev_ts")))
         console.print(t)
-        if json_out:
-            texts[json_out] = json.dumps(res.llama_bench_rows, indent=2)
+        json_text = json.dumps(res.llama_bench_rows, indent=2) + "\n"
     elif res.runs and sides is not None:
         # one table (and one Markdown section) per side; the records keep the real model name, the side is in
         # params["ab_side"] (JSON, CSV, history)
@@ -230,20 +239,23 @@ def bench_cmd(
         for title, runs in titled:
             if runs:
                 console.print(report.render_table(runs, title=f"{title}: latency (medians over repetitions)"))
-        if json_out:
-            texts[json_out] = report.render_json(res.runs)
+        json_text = report.render_json(res.runs)
         if markdown_out:
             texts[markdown_out] = "\n".join(f"## {title}\n\n{report.render_markdown(runs)}" for title, runs in titled)
         if csv_out:
             texts[csv_out] = report.render_csv(res.runs)
     elif res.runs:
         console.print(report.render_table(res.runs))
-        if json_out:
-            texts[json_out] = report.render_json(res.runs)
+        json_text = report.render_json(res.runs)
         if markdown_out:
             texts[markdown_out] = report.render_markdown(res.runs)
         if csv_out:
             texts[csv_out] = report.render_csv(res.runs)
+    if json_out and json_text is not None:
+        texts[json_out] = json_text
+    if json_flag and json_text is not None:
+        sys.stdout.write(json_text)
+        sys.stdout.flush()
     # A report that cannot be written (disk full, ...) must not cost the measurement: the history save (or its spill
     # file) still happens, and the error names both afterwards.
     report_error: MvlmError | None = None

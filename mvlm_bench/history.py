@@ -238,7 +238,7 @@ def normalise_time(text: str) -> str:
 
 def entries_from_runs(runs: Sequence, label: str = "", project: tuple[str, bool | None] | None = None) -> list[Entry]:
     """One Entry per group of repetitions (``records.aggregate``), not yet stored; ``created_at`` is when the group
-    was measured (its first repetition's start, as ``test_time`` in ``mvlm bench --json``)."""
+    was measured (its first repetition's start, as ``test_time`` in ``mvlm bench --json-file``)."""
     from mvlm_bench.records import METRIC_KEYS, aggregate, measured_between
 
     commit, dirty = project if project is not None else project_commit()
@@ -250,16 +250,24 @@ def entries_from_runs(runs: Sequence, label: str = "", project: tuple[str, bool 
     return out
 
 
+def _bench_metric(r: dict[str, Any]) -> str:
+    """The metric a llama-bench test row measures: ``pp512_tps``, ``tg128_tps``, ``pp512+tg128_tps``, ``@d512``."""
+    n_p, n_g, n_d = (int(r.get(k) or 0) for k in ("n_prompt", "n_gen", "n_depth"))
+    key = f"pp{n_p}" if n_g == 0 else (f"tg{n_g}" if n_p == 0 else f"pp{n_p}+tg{n_g}")
+    return key + (f"@d{n_d}" if n_d else "") + "_tps"
+
+
 def entry_from_llama_bench(rows: Sequence[dict[str, Any]], context: RunContext, label: str = "",
                            project: tuple[str, bool | None] | None = None) -> Entry:
-    """llama-bench's JSON rows as one Entry: metric ``pp64_tps`` / ``tg128_tps`` with one value per sample."""
+    """llama-bench test rows of ONE configuration as one Entry: metric ``pp64_tps`` / ``tg128_tps`` (one value per
+    sample: ``samples_ts``, else ``avg_ts``). `mvlm history` shows a single tg test's rate as the entry's Eval."""
     commit, dirty = project if project is not None else project_commit()
     samples: dict[str, list[float | None]] = {}
     for r in rows:
-        n_p, n_g = int(r.get("n_prompt") or 0), int(r.get("n_gen") or 0)
-        key = f"pp{n_p}_tps" if n_g == 0 else (f"tg{n_g}_tps" if n_p == 0 else f"pp{n_p}+tg{n_g}_tps")
         vals = r.get("samples_ts") or ([r["avg_ts"]] if r.get("avg_ts") is not None else [])
-        samples[key] = [float(v) for v in vals]
+        if not isinstance(vals, list):
+            raise ValueError("'samples_ts' is not a list")
+        samples[_bench_metric(r)] = [_json_num(v) for v in vals]
     return Entry(context=context, samples=samples, label=label, project_commit=commit, project_dirty=dirty)
 
 
@@ -271,7 +279,7 @@ def _json_num(v: Any) -> float | None:
 
 
 def entries_to_records(entries: Sequence[Entry]) -> list[dict[str, Any]]:
-    """Entries as the records ``mvlm bench --json`` writes (plus label, commit and time): what
+    """Entries as the records ``mvlm bench --json-file`` writes (plus label, commit and time): what
     :func:`entries_from_json` reads back unchanged, so ``mvlm compare`` and ``mvlm history import`` take them."""
     out = []
     for e in entries:
@@ -283,7 +291,7 @@ def entries_to_records(entries: Sequence[Entry]) -> list[dict[str, Any]]:
             runs.append({"repetition": i, "metrics": metrics, "timing": e.timings[i] if i < len(e.timings) else {}})
         out.append({
             "build_commit": c.runtime_commit or None, "cpu_info": c.cpu_info or None, "gpu_info": c.gpu_info or None,
-            "model_filename": c.model_file or None, "model_size": c.size_bytes, "device": c.device,
+            "model_filename": c.model_file or None, "file_size": c.size_bytes, "device": c.device,
             "model": c.label(), "precision": c.precision or None, "model_sha256": c.model_sha256 or None,
             "mmproj_filename": c.mmproj_file or None, "mmproj_sha256": c.mmproj_sha256 or None,
             "runtime_patches": list(c.runtime_patches), "protocol": c.protocol or None, "params": c.params,
@@ -302,16 +310,17 @@ def _text(v: Any, what: str) -> str:
 
 
 def _entry_from_record(r: dict[str, Any], source: str) -> Entry:
-    """One ``mvlm bench --json`` record; ValueError (the caller names file and record) when its fields have wrong types."""
+    """One ``mvlm bench --json-file`` record; ValueError (the caller names file and record) when its fields have wrong types."""
     params = r.get("params") or {}
     if not isinstance(params, dict):
         raise ValueError("'params' is not an object")
     patches = r.get("runtime_patches") or []
     if not isinstance(patches, list) or not all(isinstance(x, str) for x in patches):
         raise ValueError("'runtime_patches' is not a list of names")
-    size = r.get("model_size")
+    size_key = "file_size" if "file_size" in r else "model_size"  # reports before llama-bench's model_size: file size
+    size = r.get(size_key)
     if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
-        raise ValueError("'model_size' is not a whole number")
+        raise ValueError(f"'{size_key}' is not a whole number")
     runs = r["runs"]
     if not isinstance(runs, list) or not all(isinstance(x, dict) for x in runs):
         raise ValueError("'runs' is not a list of objects")
@@ -339,7 +348,7 @@ def _entry_from_record(r: dict[str, Any], source: str) -> Entry:
         timings.append(timing)
     dirty = r.get("project_dirty")
     created = _text(r.get("created_at"), "'created_at'")
-    if not created:  # a `mvlm bench --json` report: when it was measured
+    if not created:  # a `mvlm bench --json-file` report: when it was measured
         created = _record_time(r)
     return Entry(context=ctx, samples=samples, timings=timings, source=source, label=_text(r.get("label"), "'label'"),
                  project_commit=_text(r.get("project_commit"), "'project_commit'"),
@@ -376,79 +385,106 @@ def _record_time(r: dict[str, Any]) -> str:
     return ""
 
 
-def _entries_from_bench_rows(rows: list[dict[str, Any]], path: Path) -> Entry:
-    r0 = rows[0]
+# llama-bench fields that name a test rather than a configuration (the rest must be equal within one entry)
+_BENCH_TEST_FIELDS = {"n_prompt", "n_gen", "n_depth", "test", "test_time", "avg_ns", "stddev_ns", "avg_ts",
+                      "stddev_ts", "samples_ns", "samples_ts"}  # fmt: skip
+# llama-bench fields kept in an entry's params: what makes two llama-bench configurations different
+_BENCH_PARAMS = ("n_batch", "n_ubatch", "n_threads", "type_k", "type_v", "n_gpu_layers", "split_mode", "main_gpu",
+                 "no_kv_offload", "flash_attn", "tensor_split", "embeddings", "cpu_mask", "cpu_strict", "poll",
+                 "n_cpu_moe", "devices", "load_mode", "use_mmap", "backends", "model_type", "model_n_params",
+                 "fit_target", "fit_min_ctx", "build_number")  # fmt: skip
+
+
+def _entries_from_bench_rows(rows: list[dict[str, Any]], path: Path, device: str | None = None) -> list[Entry]:
+    """llama-bench test rows as entries: one per configuration (model, build, threads, batch sizes, ... : every field
+    but the test's own), each test a metric whose values are its samples (see :func:`entry_from_llama_bench`).
+    ``device``: the name to store them under (default: llama-bench's cpu_info, then gpu_info)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
     try:
-        ctx = RunContext(device=str(r0.get("device") or r0.get("cpu_info") or ""),
-                         model=str(r0.get("model_type") or ""), model_file=str(r0.get("model_filename") or ""),
-                         runtime_commit=str(r0.get("build_commit") or ""), protocol="llama-bench")
-        e = entry_from_llama_bench(rows, ctx, project=("", None))
-        e.created_at = min((t for t in map(_lenient_time, rows) if t), default="")
+        for r in rows:
+            config = {k: v for k, v in r.items() if k not in _BENCH_TEST_FIELDS}
+            groups.setdefault(json.dumps(config, sort_keys=True, default=str), []).append(r)
+        out = []
+        for i, rs in enumerate(groups.values()):
+            r0 = rs[0]
+            name = str(r0.get("model_filename") or "").replace("\\", "/").rsplit("/", 1)[-1]
+            params = {k: r0[k] for k in _BENCH_PARAMS if k in r0}
+            size = r0.get("model_size")
+            ctx = RunContext(device=device or str(r0.get("cpu_info") or r0.get("gpu_info") or ""),
+                             model=name.removesuffix(".gguf") or str(r0.get("model_type") or ""),
+                             model_file=name, size_bytes=size if isinstance(size, int) and not isinstance(size, bool)
+                             else None, runtime_commit=str(r0.get("build_commit") or ""), protocol="llama-bench",
+                             cpu_info=str(r0.get("cpu_info") or ""), gpu_info=str(r0.get("gpu_info") or ""),
+                             params=params)
+            e = entry_from_llama_bench(rs, ctx, project=("", None))
+            e.created_at = min((t for t in map(_lenient_time, rs) if t), default="")
+            e.source = f"{path}[{i}]" if len(groups) > 1 else str(path)
+            out.append(e)
     except (TypeError, ValueError, AttributeError) as exc:
         raise MvlmError(f"{path}: llama-bench rows with unexpected values ({exc}): pass the file llama-bench wrote, "
                         "unedited") from None
-    e.source = str(path)
-    return e
+    return out
 
 
-def entries_from_json(path: Path) -> list[Entry]:
-    """Entries from a file written by ``mvlm bench --json`` (papers' protocols or llama-bench rows), by
-    :func:`save_or_spill`, or by llama-bench itself (``-o json``/``jsonl``/``csv``/``md``: one entry)."""
+def entries_from_json(path: Path, device: str | None = None) -> list[Entry]:
+    """Entries from a file written by ``mvlm bench --json-file`` (papers' protocols or llama-bench rows), by
+    :func:`save_or_spill`, or by llama-bench itself (``-o json``/``jsonl``/``sql``/``csv``/``md``: one entry per
+    configuration). ``device``: the device name for llama-bench rows (which only know cpu_info/gpu_info)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 16)
     except IsADirectoryError:
-        raise MvlmError(f"{path} is a directory: pass a JSON file written by `mvlm bench --json`") from None
+        raise MvlmError(f"{path} is a directory: pass a JSON file written by `mvlm bench --json-file`") from None
     except OSError as e:
         raise MvlmError(f"cannot read benchmark JSON {path}: {e.strerror or e}") from None
     stripped = head.lstrip()
     if stripped.startswith(b"\xef\xbb\xbf"):
         stripped = stripped[3:].lstrip()
     if not stripped.startswith((b"[", b"{")):
-        return [_bench_file(path)]  # llama-bench md / csv (or something else: a one-line refusal)
+        return _bench_file(path, device)  # llama-bench md / csv / sql (or something else: a one-line refusal)
     try:
         data = json.loads(path.read_bytes())
     except ValueError as e:
         if stripped.startswith(b"{"):  # JSON lines: llama-bench -o jsonl
-            return [_bench_file(path)]
-        raise MvlmError(f"cannot read benchmark JSON {path}: {e}: pass a file written by `mvlm bench --json`") from None
+            return _bench_file(path, device)
+        raise MvlmError(f"cannot read benchmark JSON {path}: {e}: pass a file written by `mvlm bench --json-file`") from None
     except (OSError, MemoryError) as e:
         raise MvlmError(f"cannot read benchmark JSON {path}: {e}") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
-        raise MvlmError(f"{path} is not a report written by `mvlm bench --json` (expected a list of records)")
-    if all("runs" not in r and "samples_ts" in r for r in data):  # llama-bench's own rows
-        return [_entries_from_bench_rows(data, path)]
+        raise MvlmError(f"{path} is not a report written by `mvlm bench --json-file` (expected a list of records)")
+    if all("runs" not in r and ("samples_ts" in r or "avg_ts" in r) for r in data):  # llama-bench's own rows
+        return _entries_from_bench_rows(data, path, device)
     out = []
     for i, r in enumerate(data):
         if "runs" not in r:
-            raise MvlmError(f"{path}: record {i} has no per-repetition 'runs': write it with `mvlm bench --json`")
+            raise MvlmError(f"{path}: record {i} has no per-repetition 'runs': write it with `mvlm bench --json-file`")
         source = f"{path}[{i}]" if len(data) > 1 else str(path)
         try:
             out.append(_entry_from_record(r, source))
         except ValueError as e:
-            raise MvlmError(f"{path}: record {i} is malformed ({e}): pass a file written by `mvlm bench --json`, "
+            raise MvlmError(f"{path}: record {i} is malformed ({e}): pass a file written by `mvlm bench --json-file`, "
                             "unedited") from None
     return out
 
 
-def _bench_file(path: Path) -> Entry:
-    """llama-bench output in any format it writes, as one entry; anything else is a one-line refusal."""
+def _bench_file(path: Path, device: str | None = None) -> list[Entry]:
+    """llama-bench output in any format it writes, as entries; anything else is a one-line refusal."""
     from mvlm_bench.timings import describe_content, parse_file, parse_llama_bench_file
 
     rec = parse_file(path)
     if rec.source_format.startswith("llama-bench-"):
         rows = parse_llama_bench_file(path)
         if rows:
-            return _entries_from_bench_rows(rows, path)
+            return _entries_from_bench_rows(rows, path, device)
     if rec.source_format not in ("unrecognised", "image-lines-only"):
         what = f"the timings of one llama.cpp run ({rec.source_format})"
     else:
         what = describe_content(path)
-    raise MvlmError(f"{path} is not a benchmark report (found {what}): pass a file written by `mvlm bench --json` "
-                    "or by llama-bench (-o json, jsonl, csv or md), or a history selector such as latest")
+    raise MvlmError(f"{path} is not a benchmark report (found {what}): pass a file written by `mvlm bench --json-file` "
+                    "or by llama-bench (-o json, jsonl, sql, csv or md), or a history selector such as latest")
 
 
 def project_commit(source: Path | None = None) -> tuple[str, bool | None]:
@@ -759,7 +795,7 @@ class History:
         if not m:
             shown = selector if len(selector) <= 80 else selector[:60] + "..."
             raise MvlmError(f"unknown selector {shown!r}: use latest, latest~N, id:N, label:NAME, commit:SHA, "
-                            "runtime:SHA or a JSON file written by `mvlm bench --json`")
+                            "runtime:SHA or a JSON file written by `mvlm bench --json-file`")
         back_s = (m.group(2) or "0").lstrip("0") or "0"
         base, back = m.group(1), int(back_s) if len(back_s) <= 18 else MAX_ID  # ~N beyond any history: matches none
         cands = [e for e in self.entries(device, model, protocol) if e.id not in exclude]
@@ -886,7 +922,7 @@ def save_or_spill(entries: Sequence[Entry], db: Path | str | None = None) -> Sav
 def content_key(e: Entry) -> str:
     """What a measurement IS: its whole context (device, model and mmproj files and hashes, llama.cpp build and
     patches, protocol, parameters) and every repetition's value of every metric. Not its time, label or project
-    commit: a `mvlm bench --json` report carries none of those, and the same runs imported twice (or a copy of the
+    commit: a `mvlm bench --json-file` report carries none of those, and the same runs imported twice (or a copy of the
     file, or a report of runs that `--save` already stored) are still one measurement."""
     c = e.context
 

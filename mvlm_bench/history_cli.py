@@ -30,7 +30,7 @@ err = Console(stderr=True)
 app = typer.Typer(invoke_without_command=True)
 
 _SELECTOR_HELP = ("latest, latest~N, id:N, label:NAME, commit:SHA, runtime:SHA (llama.cpp commit), "
-                  "or a JSON file written by `mvlm bench --json`")
+                  "or a JSON file written by `mvlm bench --json-file`")
 
 
 _SELECTOR = re.compile(r"(?:id:)?[0-9]+|(?:latest|label:.+?|commit:[0-9a-fA-F]+|runtime:[0-9a-zA-Z]+)(?:~[0-9]+)?",
@@ -67,9 +67,9 @@ def resolve(spec: str, db: Path | None, device: str | None = None, model: str | 
 
     if _is_file(spec):
         if Path(spec).is_dir():  # _is_file: stat works on this name
-            raise MvlmError(f"{spec} is a directory: pass a JSON file written by `mvlm bench --json` or a selector")
+            raise MvlmError(f"{spec} is a directory: pass a JSON file written by `mvlm bench --json-file` or a selector")
         if not Path(spec).is_file():
-            raise MvlmError(f"{spec} does not exist: pass a JSON file written by `mvlm bench --json` or a selector")
+            raise MvlmError(f"{spec} does not exist: pass a JSON file written by `mvlm bench --json-file` or a selector")
         return entries_from_json(Path(spec))
     with _open(db) as h:
         return [h.select(spec, device=device, model=model, protocol=protocol, like=like, exclude=exclude)]
@@ -339,7 +339,13 @@ def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str
     if threshold is not None and not baseline:
         raise MvlmError("--fail-on-regression needs --baseline SELECTOR (e.g. label:main or latest)")
     if res.llama_bench_rows:
-        entries = [entry_from_llama_bench(res.llama_bench_rows, res.context, label=label)]
+        from mvlm_bench.history import _BENCH_TEST_FIELDS
+
+        groups: dict[str, list] = {}
+        for r in res.llama_bench_rows:
+            groups.setdefault(json.dumps({k: v for k, v in r.items() if k not in _BENCH_TEST_FIELDS}, sort_keys=True,
+                                         default=str), []).append(r)
+        entries = [entry_from_llama_bench(rows, res.context, label=label) for rows in groups.values()]
     else:
         entries = entries_from_runs(res.runs, label=label)
     if not entries:
@@ -406,6 +412,9 @@ def history_cmd(
         t.add_column(col, overflow="fold", justify="right" if right else "left")
     for e in entries:
         def med(k: str, e=e) -> str:
+            if k == "eval_tps" and k not in e.samples:  # llama-bench rows: the one tg test's rate, if there is one
+                tg = [m for m in e.samples if re.fullmatch(r"tg\d+_tps", m)]
+                k = tg[0] if len(tg) == 1 else k
             vals = [v for v in e.samples.get(k, []) if v is not None]
             return _fmt(median(vals)) if vals else "–"
 
@@ -447,21 +456,30 @@ def plot_cmd(
 
 @app.command("import")
 def import_cmd(
-    files: list[Path] = typer.Argument(..., help="JSON files: the .unsaved-*.json a failed `mvlm bench --save` wrote, "
-                                                 "or reports written by `mvlm bench --json`.", show_default=False),
+    files: list[Path] = typer.Argument(..., help="Reports written by `mvlm bench --json-file`, the .unsaved-*.json a "
+                                                 "failed `mvlm bench --save` wrote, or llama-bench output (-o json, "
+                                                 "jsonl or sql; also csv, md).", show_default=False),
     db: Path | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
+    device: str | None = typer.Option(None, "--device", help="Device name for llama-bench rows (default: their "
+                                                             "cpu_info, or gpu_info)."),
+    label: str | None = typer.Option(None, "--label", help="Label every imported measurement with this."),
 ) -> None:
-    """Store measurements from JSON files in the history (one transaction). A measurement already stored (the same
+    """Store measurements from files in the history (one transaction). A measurement already stored (the same
     context, build and per-repetition values, whatever its time or label), or given twice, is skipped. A
-    `mvlm bench --json` report is stored at the time it was measured (its test_time)."""
+    `mvlm bench` report is stored at the time it was measured (its test_time). llama-bench output becomes one
+    measurement per configuration, each test (pp512, tg128, ...) a metric whose values are its samples; a file that is
+    none of these is refused in one line and nothing is stored."""
     from mvlm_bench.history import History, content_key, entries_from_json
 
     entries = []
     for f in files:
         if not f.is_file():
             raise MvlmError(f"{f} {'is a directory' if f.is_dir() else 'does not exist'}: pass a JSON file written by "
-                            "`mvlm bench --json` or by a failed `mvlm bench --save`")
-        entries += entries_from_json(f)
+                            "`mvlm bench --json-file` or by a failed `mvlm bench --save`")
+        entries += entries_from_json(f, device=device)
+    if label is not None:
+        for e in entries:
+            e.label = label
     with History(db) as h:
         seen = {content_key(e) for e in h.entries()}
         new = []

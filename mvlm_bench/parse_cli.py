@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mvlm_bench.timings import TimingRecord, describe_content, parse_file
+from mvlm_bench.timings import TimingRecord, describe_content, parse_file, parse_llama_bench_file
 from mvlm_core.errors import MvlmError
 
 
@@ -77,13 +77,17 @@ def parse_cmd(
 ) -> None:
     """Parse saved llama.cpp output into timing records: a table, or JSON with --json."""
     rows = [(p, parse_file(p)) for p in files]  # parse_file raises MvlmError (one line) on an unreadable file
+    for p, r in rows:  # llama-bench rows that give no rate (e.g. only tests at a depth): nothing to show
+        if r.source_format.startswith("llama-bench") and r.prompt_tps is None and r.eval_tps is None:
+            raise MvlmError(f"{p}: llama-bench output ({r.source_format.removeprefix('llama-bench-')}) without a pp or "
+                            "tg rate at depth 0: store every row with `mvlm history import`")
     empty = [(p, r) for p, r in rows if r.source_format == "unrecognised"]
     if empty and len(empty) == len(rows):
         raise MvlmError(_nothing_found([p for p, _ in empty]))
     for p, r in empty:
         r.warnings.append(f"found {describe_content(p)} instead")
     if json_:
-        out = [{"file": str(p)} | r.to_dict() for p, r in rows]
+        out = [{"file": str(p)} | r.to_dict() | _bench_rows(p, r) for p, r in rows]
         typer.echo(json.dumps(out, indent=2, allow_nan=False))
         return
     console = Console()
@@ -93,8 +97,15 @@ def parse_cmd(
             console.print(f"[yellow]{path.name}:[/] {w}", highlight=False, markup=True)
 
 
+def _bench_rows(path: Path, r: TimingRecord) -> dict:
+    """llama-bench output's every test row (llama-bench's own field names), beside the record's summary."""
+    if not r.source_format.startswith("llama-bench"):
+        return {}
+    return {"llama_bench_rows": parse_llama_bench_file(path)}
+
+
 _WHAT_TO_PASS = ("pass the merged stdout+stderr (2>&1) of llama-cli / llama-completion / llava-cli / llama-mtmd-cli, "
-                 "or llama-bench output written with -o md, csv, json or jsonl")
+                 "or llama-bench output written with -o md, csv, json, jsonl or sql")
 
 
 def _nothing_found(paths: list[Path]) -> str:

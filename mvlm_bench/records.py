@@ -100,6 +100,9 @@ class Run:
     wall_s: float | None = None  # process start to exit, measured by the runner: the paper's Total
     # unix time the repetition ended: a Run is made right after its process exited (bench.py), so the default is it
     ended_at: float = field(default_factory=time.time)
+    # llama-bench fields this run states about itself (timings.run_facts), the device and build (bench.py) and the
+    # GGUF (model_size, model_n_params): the JSON report's llama-bench columns (report.LLAMA_BENCH_FIELDS)
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 def measured_between(runs: Sequence[Run]) -> tuple[float, float]:

@@ -33,13 +33,16 @@ from rich.table import Table
 from mvlm_bench.records import METRIC_KEYS, METRICS, STATS, Group, Run, RunContext, aggregate, iso_utc, measured_between
 from mvlm_bench.timings import FIELDS
 
-# llama-bench field names: params with these names are promoted to the top level of the JSON rendering.
+# llama-bench's JSON fields, in its order (the pinned llama.cpp's tools/llama-bench/llama-bench.cpp, test::get_fields,
+# then samples_ns / samples_ts); scripts/compare-llama-bench.py's LLAMA_BENCH_DB_FIELDS are all among them. Every
+# record of the JSON report carries every one of them (null where the run did not say).
 LLAMA_BENCH_FIELDS = (
     "build_commit", "build_number", "cpu_info", "gpu_info", "backends", "model_filename", "model_type", "model_size",
     "model_n_params", "n_batch", "n_ubatch", "n_threads", "cpu_mask", "cpu_strict", "poll", "type_k", "type_v",
     "n_gpu_layers", "n_cpu_moe", "split_mode", "main_gpu", "no_kv_offload", "flash_attn", "devices", "tensor_split",
-    "tensor_buft_overrides", "load_mode", "use_mmap", "embeddings", "no_op_offload", "no_host", "repack", "n_prompt",
-    "n_gen", "n_depth", "test_time", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ns", "samples_ts",
+    "tensor_buft_overrides", "load_mode", "lazy_mode", "embeddings", "no_op_offload", "no_host", "repack",
+    "fit_target", "fit_min_ctx", "n_prompt", "n_gen", "n_depth", "test_time", "avg_ns", "stddev_ns", "avg_ts",
+    "stddev_ts", "samples_ns", "samples_ts",
 )  # fmt: skip
 
 
@@ -235,6 +238,7 @@ def _bench_samples(g: Group) -> dict[str, Any]:
     if not ns:
         return {}
     sd = statistics.stdev if len(ns) > 1 else (lambda _xs: 0.0)
+    # llama-bench's own forms: whole nanoseconds, rates from each sample
     return {
         "avg_ns": int(round(statistics.mean(ns))),
         "stddev_ns": int(round(sd(ns))),
@@ -250,35 +254,54 @@ def _common(values: Iterable[Any]) -> Any:
     return vs.pop() if len(vs) == 1 else (None if not vs else statistics.median(vs))
 
 
+def _llama_bench_fields(g: Group) -> dict[str, Any]:
+    """A group as one llama-bench test: every field of ``LLAMA_BENCH_FIELDS``, in its order.
+
+    The test is llama-bench's prompt+generation one (``-pg``: ``n_prompt`` tokens decoded as the prompt, then
+    ``n_gen`` generated; t/s = (n_prompt + n_gen) / time), one sample per repetition: n_prompt is llama.cpp's prompt
+    eval count, n_gen its eval count, the time prompt eval + eval (loading, sampling and printing left out, as in
+    llama-bench). The other fields are what the run said about itself (Run.facts: its log, the device's binary and
+    /proc/cpuinfo, the GGUF), else the context (build commit, CPU, model file)."""
+    c = g.context
+    facts: dict[str, Any] = {}
+    for r in g.runs:
+        for k, v in r.facts.items():
+            facts.setdefault(k, v)
+    rec: dict[str, Any] = dict.fromkeys(LLAMA_BENCH_FIELDS)
+    rec |= {"build_commit": c.runtime_commit or None, "cpu_info": c.cpu_info or None, "gpu_info": c.gpu_info or None,
+            "model_filename": c.model_file or None}
+    rec |= {k: v for k, v in c.params.items() if k in LLAMA_BENCH_FIELDS}
+    rec |= {k: v for k, v in facts.items() if k in LLAMA_BENCH_FIELDS and v is not None}
+    if c.cpu_info:  # read on the device: it wins over anything else
+        rec["cpu_info"] = c.cpu_info
+    start, _ = measured_between(g.runs)
+    rec["test_time"] = iso_utc(start)
+    rec["n_prompt"] = _common(r.timing.prompt_tokens for r in g.runs)
+    rec["n_gen"] = _common(r.timing.eval_runs for r in g.runs)
+    rec["n_depth"] = 0
+    rec |= _bench_samples(g)
+    return rec
+
+
 def report_records(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """The JSON rendering as Python objects: one record per group, llama-bench names where they overlap."""
+    """The JSON rendering as Python objects: one record per group, every llama-bench field (in llama-bench's order)
+    and then mvlm's own fields."""
     out = []
     for g in aggregate(runs):
         c = g.context
-        rec: dict[str, Any] = {
-            "build_commit": c.runtime_commit or None,
-            "cpu_info": c.cpu_info or None,
-            "gpu_info": c.gpu_info or None,
-            "model_filename": c.model_file or None,
-            "model_size": c.size_bytes,
-        }
-        rec |= {k: v for k, v in c.params.items() if k in LLAMA_BENCH_FIELDS}
+        rec = _llama_bench_fields(g)
         start, end = measured_between(g.runs)
-        # when it was measured: llama-bench's field name (its first repetition's start), plus unix start/end times;
+        # when it was measured: llama-bench's test_time (its first repetition's start), plus unix start/end times;
         # `mvlm history import` stores the measurement at this time
-        rec["test_time"] = iso_utc(start)
         rec["start_time"], rec["end_time"] = round(start, 3), round(end, 3)
-        n_prompt = _common(r.timing.prompt_tokens for r in g.runs)
-        n_gen = _common(r.timing.eval_runs for r in g.runs)
-        rec["n_prompt"], rec["n_gen"], rec["n_depth"] = n_prompt, n_gen, 0
-        if n_prompt is not None and n_gen is not None:
-            rec["test"] = f"pp{n_prompt}+tg{n_gen}"
-        rec |= _bench_samples(g)
+        if rec["n_prompt"] is not None and rec["n_gen"] is not None:
+            rec["test"] = f"pp{rec['n_prompt']}+tg{rec['n_gen']}"
         rec |= {
             "device": c.device,
             "model": c.label(),
             "precision": c.precision or None,
             "model_sha256": c.model_sha256 or None,
+            "file_size": c.size_bytes,
             "mmproj_filename": c.mmproj_file or None,
             "mmproj_sha256": c.mmproj_sha256 or None,
             "runtime_patches": list(c.runtime_patches),

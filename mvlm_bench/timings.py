@@ -14,7 +14,7 @@ Eras recognised (``TimingRecord.source_format``):
 * ``common_perf_print`` (Nov 2025 on): ``sampling time = X ms`` (wall time, no count), ``samplers time = X ms /
   N tokens`` (the sampler chain, which is what the other eras call sample time), context lines, ``unaccounted``.
 * ``main`` (March 2023): ``main: predict time = X ms / Y ms per token``.
-* ``llama-bench-md`` / ``-csv`` / ``-json`` / ``-jsonl``: llama-bench tables (see :func:`parse_llama_bench`).
+* ``llama-bench-md`` / ``-csv`` / ``-json`` / ``-jsonl`` / ``-sql``: llama-bench tables (see :func:`parse_llama_bench`).
 * ``image-lines-only``: only vision-encoder lines (a run killed before its perf block).
 
 Handled anywhere in the stream: timestamp/level prefixes (``0.08.700.664 I ``), ANSI colour codes, JSONL log
@@ -627,6 +627,37 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BUILD = re.compile(r"build:\s*(?P<c>[0-9a-fA-F]+|unknown)\s*\((?P<n>\d+)\)")
 
 
+_SQL_INSERT = re.compile(r"INSERT INTO llama_bench \(([A-Za-z0-9_, ]+)\) VALUES \((.*)\);?\s*$")
+_SQL_VALUE = re.compile(r"\s*'((?:[^']|'')*)'\s*(?:,|$)")
+# llama-bench's BOOL fields: 0/1 in its SQL, true/false in its JSON (tools/llama-bench/llama-bench.cpp get_field_type)
+_BENCH_BOOLS = {"cpu_strict", "no_kv_offload", "embeddings", "no_host", "repack", "use_mmap", "f16_kv"}
+_BENCH_TEXTS = {"build_commit", "cpu_info", "gpu_info", "backends", "model_filename", "model_type", "cpu_mask",
+                "type_k", "type_v", "split_mode", "devices", "tensor_split", "tensor_buft_overrides", "load_mode",
+                "lazy_mode", "test_time"}  # fmt: skip
+
+
+def _sql_row(line: str) -> dict[str, Any] | None:
+    """One ``INSERT INTO llama_bench (...) VALUES ('...', ...);`` line of ``llama-bench -o sql`` as a JSON-like row
+    (typed as llama-bench's JSON would be); None when the line is not exactly that. Nothing is executed."""
+    m = _SQL_INSERT.match(line)
+    if not m:
+        return None
+    cols = [c.strip() for c in m[1].split(",")]
+    vals, pos, text = [], 0, m[2]
+    while pos < len(text):
+        v = _SQL_VALUE.match(text, pos)
+        if not v:
+            return None
+        vals.append(v[1].replace("''", "'"))
+        pos = v.end()
+    if len(vals) != len(cols) or not all(_IDENT.fullmatch(c) for c in cols):
+        return None
+    row: dict[str, Any] = {}
+    for c, v in zip(cols, vals, strict=True):
+        row[c] = (v not in ("0", "false")) if c in _BENCH_BOOLS else v if c in _BENCH_TEXTS else _scalar(v)
+    return row if _is_bench_record(row) else None
+
+
 def _is_bench_record(obj: Any) -> bool:
     return isinstance(obj, dict) and ("avg_ts" in obj or "avg_ns" in obj) and ("n_prompt" in obj or "n_gen" in obj)
 
@@ -667,9 +698,15 @@ class _BenchParser:
         self.csv = _Rows()
         self._csv_header: list[str] | None = None
         self._csv_done = False
+        self.sql = _Rows()
 
     def feed(self, line: str) -> None:
         s = line.strip()
+        if s.startswith("INSERT INTO llama_bench"):
+            row = _sql_row(s)
+            if row is not None:
+                self.sql.add(row)
+            return
         if self.json_rows is None:
             self._json(line, s)
         if s.startswith("{") and '"avg_' in s:
@@ -783,6 +820,8 @@ class _BenchParser:
             return "llama-bench-md", rows[-MAX_BENCH_ROWS:], self.md.count + self._md_table.count
         if self.csv.count:
             return "llama-bench-csv", list(self.csv.rows), self.csv.count
+        if self.sql.count:
+            return "llama-bench-sql", list(self.sql.rows), self.sql.count
         return None, [], 0
 
 
@@ -927,7 +966,7 @@ def describe_content(path: str | Path) -> str:
         return "binary data"
     lines = [x.strip() for x in text.splitlines() if x.strip()]
     if any(x.upper().startswith(("CREATE TABLE", "INSERT INTO")) for x in lines):
-        return "SQL statements (llama-bench -o sql, which is not read)"
+        return "SQL statements that are not llama-bench rows"
     first = lines[0] if lines else ""
     if first.startswith(("{", "[")):
         try:
@@ -941,3 +980,74 @@ def describe_content(path: str | Path) -> str:
         return "a Markdown table without llama-bench's test and t/s columns"
     shown = first[:60] + ("…" if len(first) > 60 else "")
     return f"{len(lines)}{'+' if len(head) == SNIFF_BYTES else ''} line(s) of other text, starting {shown!r}"
+
+
+# --- what a llama.cpp run says about itself -------------------------------------------------------------------------
+_FACT_LINES = {
+    "arch": re.compile(r"print_info: arch\s+=\s+(\S+)"),
+    "type_name": re.compile(r"print_info: model type\s+=\s+(.+?)\s*$"),
+    "ftype": re.compile(r"print_info: file type\s+=\s+(.+?)\s*$"),
+    "n_batch": re.compile(r"llama_context: n_batch\s+=\s+(\d+)"),
+    "n_ubatch": re.compile(r"llama_context: n_ubatch\s+=\s+(\d+)"),
+    "flash_attn": re.compile(r"llama_context: flash_attn\s+=\s+(\w+)"),
+    "kv": re.compile(r"llama_kv_cache: size = .*K \((\w+)\).*V \((\w+)\)"),
+    "threads": re.compile(r"(?:system_info: n_threads|threadpool init, n_threads) = (\d+)"),
+    "system_info": re.compile(r"system_info: n_threads = \d+ .*?\| (.*)$"),
+    "device": re.compile(r"using device (\S+) \((.*?)\)(?: \(.*?\))? - \d+ MiB free"),
+    "fit": re.compile(r"common_params_fit_impl: .*>= (\d+) MiB"),
+    "fit_ran": re.compile(r"common_fit_params: |fitting params to device memory"),
+}
+_FLASH_ATTN = {"auto": -1, "disabled": 0, "enabled": 1}
+
+
+def run_facts(text: str) -> dict[str, Any]:
+    """The llama-bench fields a llama-completion / llama-mtmd-cli log (``-lv 4``) states about its own run.
+
+    ``model_type`` is llama.cpp's model description (arch, size class, file type: what llama-bench prints), ``n_batch``
+    / ``n_ubatch`` / ``flash_attn`` (-1 auto, 0 off, 1 on) / ``type_k`` / ``type_v`` the context's, ``n_threads`` the
+    threadpool's, ``backends`` the non-CPU backends in ``system_info`` (else the devices used; "CPU" when none),
+    ``gpu_info`` the descriptions of the devices the model was loaded on, ``fit_target`` / ``fit_min_ctx`` whether
+    (and with which margin, MiB) the program fitted its parameters to free memory. Keys it cannot find are absent."""
+    found: dict[str, Any] = {}
+    devices: list[tuple[str, str]] = []
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        for key, rx in _FACT_LINES.items():
+            m = rx.search(line)
+            if not m:
+                continue
+            if key == "device":
+                devices.append((m[1], m[2]))
+            elif key == "kv":
+                found["type_k"], found["type_v"] = m[1], m[2]
+            elif key == "fit_ran":
+                found["fit_ran"] = True
+            else:
+                found.setdefault(key, m[1])
+    out: dict[str, Any] = {}
+    if all(k in found for k in ("arch", "type_name", "ftype")):
+        out["model_type"] = f"{found['arch']} {found['type_name']} {found['ftype']}"
+    for k in ("n_batch", "n_ubatch"):
+        if k in found:
+            out[k] = int(found[k])
+    if "threads" in found:
+        out["n_threads"] = int(found["threads"])
+    if found.get("flash_attn") in _FLASH_ATTN:
+        out["flash_attn"] = _FLASH_ATTN[found["flash_attn"]]
+    for k in ("type_k", "type_v"):
+        if k in found:
+            out[k] = found[k].lower()
+    regs = [part.split(" : ", 1)[0].strip() for part in found.get("system_info", "").split(" | ") if " : " in part]
+    if regs:
+        names = [r for r in regs if r != "CPU"]
+    else:
+        names = list(dict.fromkeys(re.sub(r"\d+$", "", name) for name, _ in devices))
+    if "arch" in found or regs or devices:
+        out["backends"] = ",".join(names) if names else "CPU"
+        out["gpu_info"] = ", ".join(desc for _, desc in devices)
+    if found.get("fit_ran"):
+        out["fit_target"] = int(found.get("fit", 1024))
+        out["fit_min_ctx"] = 4096  # llama.cpp's default (common.h fit_params_min_ctx); mvlm never passes -fitc
+    elif "arch" in found:
+        out["fit_target"], out["fit_min_ctx"] = 0, 0
+    return out

@@ -18,6 +18,7 @@ from peers import AdbDouble, _free_port
 
 from mvlm_bench import bench
 from mvlm_bench.devices import profile_from_dict
+from mvlm_bench.report import report_records
 
 MVLM = [sys.executable, "-m", "mvlm"]
 pytestmark = pytest.mark.slow
@@ -56,7 +57,7 @@ def test_local_lm_end_to_end_and_second_push_is_empty(tmp_path, tiny_vlm):
     prof = local_profile(tmp_path)
     out = tmp_path / "r"
     r = mvlm("bench", "--device", prof, "--protocol", "lm", "--model", lm, "-n", 24, "--repeat", 2,
-             "--json", out / "r.json", "--markdown", out / "r.md", "--csv", out / "r.csv")
+             "--json-file", out / "r.json", "--markdown", out / "r.md", "--csv", out / "r.csv")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Eval" in r.stdout and "Total" in r.stdout
     recs = json.loads((out / "r.json").read_text())
@@ -94,11 +95,27 @@ def test_run_bench_records_requested_tokens(tmp_path, tiny_vlm):
 def test_real_smollm2_lm_protocol(tmp_path, smollm2_gguf, host_runtime):
     prof = local_profile(tmp_path)
     r = mvlm("bench", "--device", prof, "--protocol", "lm", "--model", smollm2_gguf, "-n", 32, "--repeat", 1,
-             "--json", tmp_path / "s.json")
+             "--json-file", tmp_path / "s.json")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "SmolLM2" in r.stdout
     data = json.loads((tmp_path / "s.json").read_text())
     assert "q4_1" in json.dumps(data).lower()
+
+
+def _cpu_model_name() -> str:
+    """This machine's CPU as /proc/cpuinfo names it (the ssh and adb "devices" of these tests are this machine)."""
+    text = Path("/proc/cpuinfo").read_text()
+    return next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "CPU")
+
+
+def test_json_flag_prints_only_json_on_stdout(tmp_path, tiny_vlm):
+    lm, mmproj = tiny_vlm
+    r = mvlm("bench", "--device", local_profile(tmp_path), "--protocol", "vlm", "--model", lm, "--mmproj", mmproj,
+             "-n", 8, "--repeat", 1, "--warmup", 0, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (rec,) = json.loads(r.stdout)  # nothing but the JSON on stdout; the table went to stderr
+    assert "Eval" in r.stderr and rec["protocol"] == "vlm" and rec["cpu_info"] == _cpu_model_name()
+    assert rec["n_prompt"] == rec["runs"][0]["timing"]["prompt_tokens"] and rec["avg_ts"] > 0
 
 
 def test_llama_bench_protocol(tmp_path, tiny_vlm):
@@ -142,7 +159,7 @@ def test_later_failure_keeps_completed_repetitions(tmp_path, tiny_vlm):
     prof = local_profile(tmp_path, exec_wrapper=[str(flaky)])
     out = tmp_path / "k.json"
     r = mvlm("bench", "--device", prof, "--protocol", "lm", "--model", lm, "-n", 8, "--repeat", 3, "--warmup", 0,
-             "--json", out)
+             "--json-file", out)
     assert r.returncode == 3 and "signal" in r.stderr
     data = json.loads(out.read_text())
     runs = data[0]["runs"] if isinstance(data, list) else data["runs"]
@@ -174,6 +191,12 @@ def test_ssh_end_to_end(sshd, tmp_path, tiny_vlm):
     assert not res.failures, res.failures
     assert res.pushed_bytes > lm.stat().st_size
     assert res.runs[0].timing.image_tokens == 144 and res.runs[0].wall_s is None  # link time is not the device's
+    # llama-bench's fields, read on the device over ssh (cpu_info as ggml reads it) and from llama-mtmd-cli's own log
+    rec = report_records(res.runs)[0]
+    assert rec["cpu_info"] == _cpu_model_name() and res.context.cpu_info == rec["cpu_info"]
+    assert (rec["build_commit"], rec["build_number"], rec["backends"], rec["gpu_info"]) == ("0c1e570", 0, "CPU", "")
+    assert rec["model_type"].startswith("llama ") and rec["model_type"].endswith(" F16") and rec["type_k"] == "f16"
+    assert rec["n_threads"] == 2 and rec["n_batch"] == 2048 and rec["n_ubatch"] == 512
     again = bench.run_bench(prof, bench.BenchSpec("vlm", lm, mmproj=mmproj, repeat=1, warmup=0, n_predict=8))
     assert again.pushed_bytes == 0
 
@@ -187,6 +210,7 @@ def test_adb_end_to_end_and_device_gone(tmp_path, tiny_vlm, monkeypatch):
     res = bench.run_bench(prof, bench.BenchSpec("lm", lm, repeat=1, warmup=0, n_predict=8))
     assert not res.failures, res.failures
     assert res.runs[0].timing.eval_runs == 7
+    assert report_records(res.runs)[0]["cpu_info"] == _cpu_model_name()  # read with `adb shell cat /proc/cpuinfo`
     from mvlm_core.errors import MvlmError
 
     adb.add("GONE1", vanish_after_bytes=1000)

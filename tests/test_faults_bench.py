@@ -143,7 +143,7 @@ def _error_line(stderr: str) -> str:
 # ===================================================================================================== 2. report paths
 
 
-@pytest.mark.parametrize("option", ["--json", "--markdown", "--csv"])
+@pytest.mark.parametrize("option", ["--json-file", "--markdown", "--csv"])
 def test_report_path_that_is_the_model_is_refused_before_measuring(tmp_path, fake_gguf, option):
     before = _sha(fake_gguf)
     prof = local_profile(tmp_path)
@@ -169,12 +169,12 @@ def test_report_path_other_inputs_and_existing_gguf_are_refused(tmp_path, fake_g
     other_model_bytes = other_model.read_bytes()
     base = ["bench", "--device", prof, "--protocol", "vlm", "--model", fake_gguf, "--mmproj", mmproj, "--image", image]
     cases = [
-        (["--json", mmproj], "also an input"),
+        (["--json-file", mmproj], "also an input"),
         (["--csv", image], "also an input"),
         (["--markdown", prof], "also an input"),
         (["--csv", other_model], "existing GGUF"),
-        (["--json", tmp_path / "same.txt", "--markdown", tmp_path / "same.txt"], "also given to --json"),
-        (["--json", tmp_path / "a-file" / "r.json"], "not a writable directory"),
+        (["--json-file", tmp_path / "same.txt", "--markdown", tmp_path / "same.txt"], "also given to --json-file"),
+        (["--json-file", tmp_path / "a-file" / "r.json"], "not a writable directory"),
     ]
     (tmp_path / "a-file").write_text("a file where a directory would be needed")
     for extra, words in cases:
@@ -187,10 +187,10 @@ def test_report_path_other_inputs_and_existing_gguf_are_refused(tmp_path, fake_g
     # the baseline file is an input too: the report would replace it before it is read
     baseline = tmp_path / "base.json"
     baseline.write_text("[]")
-    r = mvlm("bench", "--device", prof, "--model", fake_gguf, "--json", baseline, "--baseline", baseline)
+    r = mvlm("bench", "--device", prof, "--model", fake_gguf, "--json-file", baseline, "--baseline", baseline)
     assert r.returncode == 2 and "also an input" in _one_line(r.stderr)
     assert baseline.read_text() == "[]"
-    r = mvlm("bench", "--device", prof, "--model", fake_gguf, "--json", tmp_path / "new.json",
+    r = mvlm("bench", "--device", prof, "--model", fake_gguf, "--json-file", tmp_path / "new.json",
              "--baseline", tmp_path / "new.json")  # not there yet: it would be compared with itself
     assert r.returncode == 2 and "also an input" in _one_line(r.stderr)
     r = mvlm("bench", "--device", prof, "--model", fake_gguf, "--save", "--db", other_model)  # sqlite over a GGUF
@@ -217,7 +217,7 @@ def test_reports_are_committed_together(tmp_path, smollm2_gguf, runtime_env, sma
     old_json.write_text("OLD REPORT")
     prof = local_profile(tmp_path)
     r = mvlm("bench", "--device", prof, "--model", smollm2_gguf, "-n", 8, "--repeat", 1, "--warmup", 0,
-             "--json", old_json, "--markdown", full / "r.md", env=runtime_env)
+             "--json-file", old_json, "--markdown", full / "r.md", env=runtime_env)
     assert r.returncode == 28, r.stderr[-2000:]
     assert "disk full while writing" in r.stderr and str(full / "r.md") in r.stderr
     assert "Traceback" not in r.stderr
@@ -226,7 +226,7 @@ def test_reports_are_committed_together(tmp_path, smollm2_gguf, runtime_env, sma
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r.json")]
     # the same command with room for both writes both
     r = mvlm("bench", "--device", prof, "--model", smollm2_gguf, "-n", 8, "--repeat", 1, "--warmup", 0,
-             "--json", old_json, "--markdown", tmp_path / "r.md", env=runtime_env)
+             "--json-file", old_json, "--markdown", tmp_path / "r.md", env=runtime_env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(old_json.read_text()) and (tmp_path / "r.md").read_text().startswith("|")
 
@@ -439,7 +439,7 @@ def _adhoc_bench(sshd, tmp_path: Path, smollm2_gguf: Path) -> None:
     out = tmp_path / "adhoc.json"
     try:
         r = mvlm("bench", "--device", f"ssh://{sshd.user}@127.0.0.1:{sshd.port}", "--protocol", "lm",
-                 "--model", smollm2_gguf, "-n", 16, "--repeat", 2, "--warmup", 0, "--json", out, prefix=prefix)
+                 "--model", smollm2_gguf, "-n", 16, "--repeat", 2, "--warmup", 0, "--json-file", out, prefix=prefix)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "x86_64 Linux: using the host runtime" in r.stderr
         (rec,) = json.loads(out.read_text())
@@ -872,7 +872,7 @@ def test_a_report_that_cannot_be_written_does_not_cost_the_saved_measurement(tmp
     _fill(full)
     db = tmp_path / "h.sqlite"
     r = mvlm("bench", "--device", local_profile(tmp_path), "--model", smollm2_gguf, "-n", 8, "--repeat", 1,
-             "--warmup", 0, "--json", full / "r.json", "--save", "--db", db, env=runtime_env, cwd=tmp_path)
+             "--warmup", 0, "--json-file", full / "r.json", "--save", "--db", db, env=runtime_env, cwd=tmp_path)
     line = _error_line(r.stderr)
     assert r.returncode == 28, r.stderr[-2000:]
     assert f"disk full while writing {full / 'r.json'}" in line and f"saved to the history {db}" in line, line
@@ -888,7 +888,7 @@ def test_report_and_history_on_a_full_disk_spill_the_runs(tmp_path, smollm2_gguf
     full = small_fs(64 << 10)
     _fill(full)
     r = mvlm("bench", "--device", local_profile(tmp_path), "--model", smollm2_gguf, "-n", 8, "--repeat", 1,
-             "--warmup", 0, "--json", full / "r.json", "--save", "--db", full / "h.sqlite", env=runtime_env, cwd=tmp_path)
+             "--warmup", 0, "--json-file", full / "r.json", "--save", "--db", full / "h.sqlite", env=runtime_env, cwd=tmp_path)
     line = _error_line(r.stderr)
     assert r.returncode == 28, r.stderr[-2000:]
     assert f"disk full while writing {full / 'r.json'}" in line and "not saved to the benchmark history" in line, line
@@ -917,11 +917,11 @@ def test_report_paths_that_are_not_regular_files_are_refused(tmp_path, fake_gguf
     (tmp_path / "adir").mkdir()
     try:
         cases = [
-            (["--json", fifo], "is a FIFO (named pipe), not a regular file"),
+            (["--json-file", fifo], "is a FIFO (named pipe), not a regular file"),
             (["--markdown", "/dev/null"], "is a character device, not a regular file"),
             (["--csv", sock_path], "is a socket, not a regular file"),
-            (["--json", f"{tmp_path / 'newdir'}/"], "ends with '/'"),
-            (["--json", f"{tmp_path / 'adir'}/"], "ends with '/'"),
+            (["--json-file", f"{tmp_path / 'newdir'}/"], "ends with '/'"),
+            (["--json-file", f"{tmp_path / 'adir'}/"], "ends with '/'"),
             (["--markdown", tmp_path / "adir"], "is a directory"),
             (["--save", "--db", fifo], "--db"),
         ]

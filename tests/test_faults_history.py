@@ -554,7 +554,7 @@ def _write_lb(path: Path, fmt: str, scale: float) -> Path:
     return path
 
 
-@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv", "md"])
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv", "md", "sql"])
 def test_compare_reads_every_llama_bench_format(tmp_path, fmt):
     a = _write_lb(tmp_path / f"a.{fmt}", fmt, 1.0)
     b = _write_lb(tmp_path / f"b.{fmt}", fmt, 0.5)
@@ -563,12 +563,12 @@ def test_compare_reads_every_llama_bench_format(tmp_path, fmt):
     metrics = {m["key"]: m for m in json.loads(r.stdout)["comparisons"][0]["metrics"]}
     assert set(metrics) == {"pp16_tps", "tg8_tps"}
     assert metrics["tg8_tps"]["speedup"] == pytest.approx(0.5)
-    assert metrics["tg8_tps"]["n_baseline"] == (1 if fmt in ("csv", "md") else 3)  # csv/md carry no samples
+    assert metrics["tg8_tps"]["n_baseline"] == (1 if fmt in ("csv", "md", "sql") else 3)  # csv/md/sql: no samples
 
 
 @pytest.mark.parametrize(("content", "says"), [
     ('{"a": 1}\n{"b": 2}\n', "JSON lines that are not llama-bench records"),
-    ("sql", "SQL statements"),
+    ("CREATE TABLE t (a INTEGER);\nINSERT INTO t VALUES (1);\n", "SQL statements that are not llama-bench rows"),
     ("just some notes\nabout a run\n", "line(s) of other text"),
     (b"\x00\x01\x02\xff" * 1000, "binary data"),
     ("", "an empty file"),
@@ -688,7 +688,7 @@ def test_timing_line_glued_after_megabytes_of_text_is_found():
 
 
 @pytest.mark.parametrize(("name", "content", "says"), [
-    ("bench.sql", "sql", "SQL statements (llama-bench -o sql"),
+    ("bench.sql", "CREATE TABLE t (a INTEGER);\nINSERT INTO t VALUES (1);\n", "SQL statements that are not llama-bench"),
     ("notes.txt", "took about 3 s per token\nmodel loaded fine\n", "line(s) of other text, starting 'took about"),
     ("rows.jsonl", '{"a": 1}\n{"a": 2}\n', "JSON lines that are not llama-bench records"),
     ("obj.json", '{"eval_tps": 12.5}', "JSON that is not llama-bench output"),

@@ -163,6 +163,18 @@ def test_llama_bench_rows_become_per_sample_metrics(tmp_path):
     assert e.samples == {"pp64_tps": [500.0, 510.0, 505.0], "tg128_tps": [40.0, 41.0, 40.5]}
 
 
+def test_llama_bench_rows_of_two_configurations_become_two_entries(tmp_path):
+    rows = [{"model_filename": f"/m/{m}.gguf", "n_threads": t, "n_prompt": 0, "n_gen": 16, "n_depth": d,
+             "avg_ts": 10.0 * t + d, "build_commit": "0c1e570", "cpu_info": "Xeon"}
+            for m, t in (("a", 2), ("b", 4)) for d in (0, 512)]
+    p = tmp_path / "lb.json"
+    p.write_text(json.dumps(rows))
+    a, b = entries_from_json(p, device="box")
+    assert (a.context.model_file, b.context.model_file) == ("a.gguf", "b.gguf")
+    assert a.context.device == b.context.device == "box" and b.context.params["n_threads"] == 4
+    assert a.samples == {"tg16_tps": [20.0], "tg16@d512_tps": [532.0]}
+
+
 # --- schema versioning ----------------------------------------------------------------------------------------------
 def test_newer_schema_is_a_clear_error(tmp_path):
     db = tmp_path / "h.sqlite"

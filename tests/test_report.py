@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from mvlm_bench.records import METRIC_KEYS, Run, RunContext, aggregate, run_metrics
-from mvlm_bench.report import render_all, render_csv, render_json, render_markdown, render_table
+from mvlm_bench.report import LLAMA_BENCH_FIELDS, render_all, render_csv, render_json, render_markdown, render_table
 from mvlm_bench.timings import TimingRecord, parse_text
 
 OUTPUTS = Path(__file__).resolve().parent / "data" / "llama-cpp-outputs"  # real llama.cpp outputs (data/README.md)
@@ -190,7 +190,12 @@ def test_json_llama_bench_compatible_fields():
     g = doc[0]
     assert (g["n_prompt"], g["n_gen"], g["test"]) == (50, 99, "pp50+tg99")
     assert g["model_filename"] == CTX.model_file and g["build_commit"] == "0c1e570" and g["n_threads"] == 4
-    assert g["cpu_info"] == "Kryo 680" and g["model_size"] == 700_000_000
+    # the GGUF's own figures come from the run (Run.facts); mvlm's file size is file_size
+    assert g["cpu_info"] == "Kryo 680" and g["model_size"] is None and g["file_size"] == 700_000_000
+    assert list(g)[: len(LLAMA_BENCH_FIELDS)] == list(LLAMA_BENCH_FIELDS)  # every llama-bench field, in its order
+    facts = {"model_size": 123, "model_n_params": 456, "model_type": "llama 1B Q4_K - Small", "n_batch": 2048}
+    g2 = json.loads(render_json([Run(r.timing, CTX, tokens_out=100, facts=facts) for r in runs]))[0]
+    assert {k: g2[k] for k in facts} == facts and g2["file_size"] == 700_000_000
     # pp+tg decode rate per repetition: (50 + 99) tokens over prompt+eval ms
     ts = [149 * 1000 / 2500.0, 149 * 1000 / 2000.0]
     assert g["samples_ns"] == [2_500_000_000, 2_000_000_000]

@@ -1,0 +1,212 @@
+"""mvlm's bench JSON in llama-bench's world (docs/reports.md, "llama-bench fields").
+
+The oracle is the real llama-bench of the pinned build and llama.cpp's own scripts/compare-llama-bench.py, run from
+the source tree that build was made from (in the runtime cache the ``host_runtime`` fixture builds): every
+`mvlm bench` record carries every llama-bench field, agrees with llama-bench on the same model and machine, and the
+script compares two mvlm runs. `mvlm history import` stores llama-bench's json / jsonl / sql output, and refuses
+anything else in one line.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mvlm.cli import _json_file_alias
+from mvlm_bench.report import LLAMA_BENCH_FIELDS
+from mvlm_bench.timings import parse_llama_bench_file
+
+MVLM = [sys.executable, "-m", "mvlm"]
+DATA = Path(__file__).resolve().parent / "data" / "llama-bench"
+
+
+def mvlm(*args, cwd: Path | None = None, timeout: float = 600):
+    return subprocess.run([*MVLM, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def _script(host_runtime: Path) -> Path:
+    """llama.cpp's scripts/compare-llama-bench.py in the source tree the host build was made from."""
+    script = host_runtime.parent / "src" / "scripts" / "compare-llama-bench.py"
+    assert script.is_file(), script
+    return script
+
+
+def _script_list(script: Path, name: str) -> list[str]:
+    """A list constant of the pinned compare-llama-bench.py, read from its source (not imported: it runs on import)."""
+    tree = ast.parse(script.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == name for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise AssertionError(f"{name} not in {script}")
+
+
+def _llama_bench(host_runtime: Path, model: Path, fmt: str, out: Path, *extra: str) -> Path:
+    env = {**os.environ, "LD_LIBRARY_PATH": str(host_runtime / "lib")}
+    r = subprocess.run([str(host_runtime / "bin" / "llama-bench"), "-m", str(model), "-t", "2", "-o", fmt, *extra],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out.write_text(r.stdout)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(host_runtime, smollm2_gguf, tmp_path_factory):
+    """Two real `mvlm bench` runs (JSON files) and one real llama-bench -o json on the same model, 2 threads."""
+    d = tmp_path_factory.mktemp("compat")
+    files = []
+    for i in range(2):
+        out = d / f"mvlm-{i}.json"
+        r = mvlm("bench", "--device", "local", "--model", smollm2_gguf, "-n", 8, "--repeat", 2, "--warmup", 0,
+                 "--threads", 2, "--json-file", out, cwd=d)
+        assert r.returncode == 0, r.stderr[-2000:]
+        files.append(out)
+    bench = _llama_bench(host_runtime, smollm2_gguf, "json", d / "llama-bench.json", "-p", "8", "-n", "4", "-r", "1")
+    return d, files, json.loads(bench.read_text())
+
+
+@pytest.mark.slow
+def test_every_record_carries_every_llama_bench_field(runs, host_runtime):
+    _, files, _ = runs
+    db_fields = _script_list(_script(host_runtime), "LLAMA_BENCH_DB_FIELDS")
+    assert set(db_fields) <= set(LLAMA_BENCH_FIELDS)
+    for f in files:
+        (rec,) = json.loads(f.read_text())
+        assert list(rec)[: len(LLAMA_BENCH_FIELDS)] == list(LLAMA_BENCH_FIELDS)  # llama-bench's order, then mvlm's
+        missing = [k for k in db_fields + ["samples_ns", "samples_ts"] if rec.get(k) is None]
+        assert not missing, missing
+        assert rec["cpu_info"] and rec["device"] == "local" and rec["runs"]
+        # the pg test: n_prompt / n_gen are llama.cpp's prompt-eval and eval counts; t/s over their decode time
+        t = rec["runs"][0]["timing"]
+        assert (rec["n_prompt"], rec["n_gen"]) == (t["prompt_tokens"], t["eval_runs"])
+        ts = [(t["prompt_tokens"] + t["eval_runs"]) * 1000 / (t["prompt_eval_ms"] + t["eval_ms"])
+              for t in (r["timing"] for r in rec["runs"])]
+        assert rec["samples_ts"] == pytest.approx(ts) and rec["avg_ts"] == pytest.approx(statistics.mean(ts))
+        assert rec["samples_ns"] == [round((r["timing"]["prompt_eval_ms"] + r["timing"]["eval_ms"]) * 1e6)
+                                     for r in rec["runs"]]
+
+
+@pytest.mark.slow
+def test_record_agrees_with_the_real_llama_bench(runs):
+    _, files, bench_rows = runs
+    (rec,) = json.loads(files[0].read_text())
+    ref = bench_rows[0]
+    same = ("build_commit", "build_number", "cpu_info", "gpu_info", "backends", "model_type", "model_size",
+            "model_n_params", "n_batch", "n_ubatch", "n_threads", "type_k", "type_v", "flash_attn", "cpu_mask",
+            "cpu_strict", "poll", "split_mode", "main_gpu", "no_kv_offload", "tensor_split", "embeddings")
+    assert {k: rec[k] for k in same} == {k: ref[k] for k in same}
+    assert rec["model_filename"] == Path(ref["model_filename"]).name
+    assert {type(rec[k]) for k in ref if k in rec and rec[k] is not None and ref[k] is not None
+            and not isinstance(ref[k], float)} <= {type(ref[k]) for k in ref}  # the same JSON types
+
+
+@pytest.mark.slow
+def test_compare_llama_bench_script_compares_two_mvlm_runs(runs, host_runtime):
+    d, files, _ = runs
+    recs = [json.loads(f.read_text())[0] for f in files]
+    commit = recs[0]["build_commit"]
+    argv = [sys.executable, str(_script(host_runtime)), "-i", str(files[0]), "-i", str(files[1]), "--tool", "llama-bench",
+            "-b", commit, "-c", commit]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=d)
+    assert r.returncode == 0, r.stderr
+    test = f"pp{recs[0]['n_prompt']}+tg{recs[0]['n_gen']}"
+    row = next(line for line in r.stdout.splitlines() if test in line)
+    # the script averages avg_ts over every row of a build: both runs here, on either side of the comparison
+    speed = f"{statistics.mean(rec['avg_ts'] for rec in recs):.2f}"
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells.count(speed) == 2 and "llama 256M Q4_1" in row, r.stdout
+    assert cells[-1] == "1.00"  # the same build against itself
+
+
+@pytest.mark.slow
+def test_history_import_stores_real_llama_bench_json_jsonl_sql(host_runtime, smollm2_gguf, tmp_path):
+    db = tmp_path / "h.sqlite"
+    files = {fmt: _llama_bench(host_runtime, smollm2_gguf, fmt, tmp_path / f"lb.{fmt}", "-p", "8", "-n", "4",
+                               "-r", "2") for fmt in ("json", "jsonl", "sql")}
+    r = mvlm("history", "import", *files.values(), "--db", db, "--device", "here", "--label", "lb")
+    assert r.returncode == 0, r.stderr
+    h = mvlm("history", "--db", db, "--json")
+    entries = json.loads(h.stdout)
+    assert len(entries) == 3 and {e["label"] for e in entries} == {"lb"} and {e["device"] for e in entries} == {"here"}
+    for e, (fmt, f) in zip(entries, files.items(), strict=True):
+        rows = parse_llama_bench_file(f)
+        assert len(rows) == 2 and e["protocol"] == "llama-bench", fmt
+        for row in rows:
+            key = f"pp{row['n_prompt']}_tps" if row["n_gen"] == 0 else f"tg{row['n_gen']}_tps"
+            want = row.get("samples_ts") or [row["avg_ts"]]  # -o sql has no samples: its mean
+            assert e["samples"][key] == pytest.approx(want, rel=1e-4), fmt
+    table = mvlm("history", "--db", db).stdout  # the tg test's median is the entries' Eval column
+    for e in entries:
+        assert f"{statistics.median(e['samples']['tg4_tps']):.2f}" in table
+    c = mvlm("compare", "id:1", "id:2", "--db", db, "--json")
+    assert c.returncode == 0, c.stderr
+    names = {m["key"] for m in json.loads(c.stdout)["comparisons"][0]["metrics"]}
+    assert {"pp8_tps", "tg4_tps"} <= names
+
+
+@pytest.mark.slow
+def test_history_import_stores_mvlm_json(runs, tmp_path):
+    _, files, _ = runs
+    db = tmp_path / "h.sqlite"
+    r = mvlm("history", "import", files[0], "--db", db)
+    assert r.returncode == 0, r.stderr
+    (e,) = json.loads(mvlm("history", "--db", db, "--json").stdout)
+    (rec,) = json.loads(files[0].read_text())
+    assert e["created_at"].startswith(rec["test_time"].rstrip("Z")) and e["samples"]["eval_tps"] == [
+        r["metrics"]["eval_tps"] for r in rec["runs"]]
+
+
+def test_history_import_refuses_what_is_not_a_benchmark(tmp_path):
+    real = (DATA / "smollm2-q4_1-p8-n4-r2.json").read_text()
+    bad = {"empty.json": b"", "other.json": b'{"name": "x", "values": [1, 2]}', "binary.bin": os.urandom(512),
+           "truncated.json": real[: len(real) // 2].encode(), "truncated.jsonl": b'{"build_commit": "0c1e5'}
+    db = tmp_path / "h.sqlite"
+    for name, content in bad.items():
+        p = tmp_path / name
+        p.write_bytes(content)
+        r = mvlm("history", "import", DATA / "smollm2-q4_1-p8-n4-r2.jsonl", p, "--db", db, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, (name, r.stderr)
+        assert str(p) in lines[0] and "Extra data" not in lines[0], lines[0]
+        assert not db.exists() or not sqlite3.connect(db).execute("SELECT * FROM sqlite_master").fetchall()
+
+
+def test_bench_parse_reads_llama_bench_rows_in_every_output_form(tmp_path):
+    for fmt in ("json", "jsonl", "sql"):
+        f = DATA / f"smollm2-q4_1-p8-n4-r2.{fmt}"
+        r = mvlm("bench", "parse", "--json", f, timeout=120)
+        assert r.returncode == 0, r.stderr
+        (out,) = json.loads(r.stdout)
+        assert out["source_format"] == f"llama-bench-{fmt}"
+        rows = out["llama_bench_rows"]
+        assert [(x["n_prompt"], x["n_gen"]) for x in rows] == [(8, 0), (0, 4)]
+        assert out["prompt_tps"] == pytest.approx(rows[0]["avg_ts"]) and out["eval_tps"] == pytest.approx(rows[1]["avg_ts"])
+    # JSON lines that are not llama-bench records: one line, no "Extra data"
+    p = tmp_path / "other.jsonl"
+    p.write_text('{"a": 1}\n{"b": 2}\n')
+    r = mvlm("bench", "parse", p, timeout=120)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "Extra data" not in r.stderr
+
+
+def test_json_file_alias_rewrites_only_bench_with_a_value():
+    assert _json_file_alias(["mvlm", "bench", "-m", "a.gguf", "--json", "r.json"]) == [
+        "mvlm", "bench", "-m", "a.gguf", "--json-file", "r.json"]
+    for argv in (["mvlm", "bench", "-m", "a.gguf", "--json"], ["mvlm", "bench", "--json", "--csv", "x.csv"],
+                 ["mvlm", "bench", "parse", "--json", "log.txt"], ["mvlm", "history", "--json"],
+                 ["mvlm", "compare", "a.json", "b.json", "--json"]):
+        assert _json_file_alias(argv) == argv
+
+
+def test_old_json_spelling_still_works_with_a_deprecation_line(tmp_path):
+    r = mvlm("bench", "--model", tmp_path / "missing.gguf", "--json", tmp_path / "r.json", timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 2 and "deprecated" in lines[0] and "--json-file" in lines[0]
+    assert "missing.gguf does not exist" in lines[1]
