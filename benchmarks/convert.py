@@ -10,7 +10,7 @@ path is the one docs/multimodal/MobileVLM.md describes (pinned llama.cpp source)
 convert_image_encoder_to_gguf.py (--projector-type ldpv2) -> examples/convert_legacy_llama.py; a step that fails
 is recorded with its error line, never replaced by a number.
 
-    .venv/bin/python benchmarks/convert.py [--cache DIR] [--llama-cpp SRC] [--json out.json] [--skip-legacy]
+    .venv/bin/python benchmarks/convert.py [--cache DIR] [--llama-cpp SRC] [--json-file out.json] [--skip-legacy]
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MVLM_BENCH_CACHE", "/tmp/mvlm-bench-cache")))
     ap.add_argument("--llama-cpp", type=Path, default=DEFAULT_SRC, help="pinned llama.cpp source tree")
     ap.add_argument("--outtype", default="f16")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--json-file", dest="json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--skip-legacy", action="store_true")
     args = ap.parse_args()
 
