@@ -58,6 +58,9 @@ def _wire() -> None:
     app.add_typer(history_cli.app, name="history", help="List stored benchmark measurements; plot their history.")
     from mvlm_bench.paper_report import report_cmd
     app.command("report", help="Your stored latencies in a paper's table layout, beside its published rows.")(report_cmd)
+    from mvlm_bench.serve_cli import serve_cmd
+
+    app.command("serve", help="Serve a GGUF (+ mmproj) with llama-server's OpenAI API, here or on a device.")(serve_cmd)
 
 
 _wire()

@@ -32,6 +32,8 @@ Public API (the benchmark runner builds on it; keep stable):
 - ``probe() -> DeviceInfo`` (what the device is: ``uname -s``/``uname -m``, Android's ``ro.product.cpu.abi``), and
   ``sha256s(remotes, timeout) -> dict | None`` (the device's own sha256 of each file, None where absent; None overall
   when the device has no ``sha256sum``/``shasum``).
+- ssh only: ``shell_argv(script)`` and ``forward_argv(local_port, remote_port)``, the ssh command lines of a process
+  the caller starts and owns (``mvlm serve``: the device's server, and its ``ssh -N -L`` tunnel).
 
 A remote command killed by signal N is reported the way the device's shell reports it, as status 128+N; a remote
 status in 129..192 is therefore read as a signal (llama.cpp tools do not exit with such codes).
@@ -838,6 +840,18 @@ class SshTransport(_ShellTransport):
                 raise self._classify(text, f"pull of {remote}")
             raise MvlmError(f"ssh {self.destination}: cannot read {remote}: {_last_line(text)}")
         os.replace(tmp, local)
+
+    def shell_argv(self, script: str) -> list[str]:
+        """The ssh command line that runs the sh ``script`` on the device, for a process the caller starts and owns
+        (``mvlm serve``: a server that outlives one call); stdin, stdout and stderr are the caller's."""
+        return self._base_argv() + ["sh -c " + shlex.quote(script)]
+
+    def forward_argv(self, local_port: int, remote_port: int) -> list[str]:
+        """``ssh -N -L 127.0.0.1:LOCAL:127.0.0.1:REMOTE`` over a connection of its own (not the shared one: the forward
+        ends with this process), exiting at once when the forward cannot be set up. Host-key checking as for ``run``."""
+        base = self._base_argv()
+        return [base[0], "-o", "ControlMaster=no", "-o", "ControlPath=none", "-o", "ExitOnForwardFailure=yes", "-N",
+                "-L", f"127.0.0.1:{int(local_port)}:127.0.0.1:{int(remote_port)}", *base[1:]]
 
     def check(self) -> None:
         rc, out, _ = self._shell("true", self.profile.ssh.connect_timeout + 20.0, "connection check")

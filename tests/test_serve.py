@@ -1,0 +1,418 @@
+"""`mvlm serve`: the real llama-server of the host runtime, driven by the real `openai` client over 127.0.0.1.
+
+A tiny MobileVLM V2 (random weights, trained tokenizer) is made and converted with the real commands; the server is
+started through `mvlm serve` as a subprocess and stopped with real signals; the ssh test goes through the real sshd
+(tests/conftest.py) and a real `ssh -L` tunnel. Process checks read /proc (tests/peers.py: proc_table).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from peers import _free_port, proc_table
+
+MVLM = [sys.executable, "-m", "mvlm"]
+ENV = {**os.environ, "COLUMNS": "200"}
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    table = proc_table()
+    out, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, name) in table.items():
+            if ppid == parent and child not in out:
+                out[child] = name
+                todo.append(child)
+    return out
+
+
+def _cmdlines_with(text: str, name: str) -> list[int]:
+    """pids of the processes called ``name`` whose command line contains ``text``."""
+    hits = []
+    for pid, (_, comm) in proc_table().items():
+        try:
+            if comm == name and text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                hits.append(pid)
+        except OSError:
+            pass
+    return hits
+
+
+class Served:
+    """`mvlm serve ARGS` as a subprocess; waits for the lines it prints once the server is ready."""
+
+    def __init__(self, *args: str | Path, timeout: float = 180.0):
+        self.proc = subprocess.Popen([*MVLM, "serve", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=ENV, start_new_session=True)
+        self.t0 = time.monotonic()
+        self.out = ""
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while "Ctrl-C stops it." not in self.out:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise AssertionError(f"mvlm serve did not get ready: {self.out}\n{self.proc.stderr.read().decode()}")
+            if sel.select(timeout=0.5):
+                chunk = os.read(self.proc.stdout.fileno(), 65536).decode()
+                self.out += chunk
+        self.ready_s = time.monotonic() - self.t0
+        self.base_url = re.search(r"OpenAI base URL:\s+(\S+)", self.out).group(1)
+        self.alias = re.search(r"model \(alias\):\s+(\S+)", self.out).group(1)
+        self.log = Path(re.search(r"server log:\s+(\S+)", self.out).group(1))
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key="none", max_retries=0, timeout=120)
+
+    def stop(self, sig: int = signal.SIGINT) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        return self.proc.returncode, (self.out + out.decode() + err.decode())
+
+
+def png_data_uri(seed: int = 0) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.random.default_rng(seed).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_tokens(mmproj: Path) -> int:
+    """Image tokens per image, from the mmproj's own header: (336/14)^2 patches, pooled 2x2 by the LDP(v2) projector."""
+    import gguf
+
+    r = gguf.GGUFReader(mmproj)
+    size = int(r.get_field("clip.vision.image_size").contents())
+    patch = int(r.get_field("clip.vision.patch_size").contents())
+    assert r.get_field("clip.projector_type").contents() in ("ldp", "ldpv2")
+    return (size // patch) ** 2 // 4
+
+
+def ask(text: str, image: str | None = None) -> list[dict]:
+    content: list[dict] = [{"type": "text", "text": text}]
+    if image is not None:
+        content.append({"type": "image_url", "image_url": {"url": image}})
+    return [{"role": "user", "content": content}]
+
+
+def mvlm(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*MVLM, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_v2(tmp_path_factory, host_runtime) -> tuple[Path, Path]:
+    """A tiny MobileVLM V2 made and converted by the real commands (f32)."""
+    d = tmp_path_factory.mktemp("serve")
+    r = subprocess.run([sys.executable, "-m", "mvlm_convert.tiny", str(d / "ckpt"), "--variant", "v2"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = mvlm("convert", d / "ckpt", "--outtype", "f32", "-o", d / "out", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lm = next(p for p in (d / "out").glob("*.gguf") if not p.name.startswith("mmproj-"))
+    return lm, next((d / "out").glob("mmproj-*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def vlm_server(tiny_v2):
+    lm, mmproj = tiny_v2
+    s = Served("--model", lm, "--mmproj", mmproj, "--port", _free_port(), "--threads", 2, "--ctx-size", 2048)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def fake_gguf(tmp_path):
+    """Minimal GGUFs written with gguf-py: an 'LM' (llama arch, token embedding, tokenizer) and an 'mmproj' (clip).
+    Enough for the checks made before anything starts; no server ever loads them."""
+    import gguf
+    import numpy as np
+
+    def make(name: str, arch: str, lm: bool) -> Path:
+        p = tmp_path / name
+        w = gguf.GGUFWriter(str(p), arch)
+        if lm:
+            w.add_string("tokenizer.ggml.model", "llama")
+            w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+        else:
+            w.add_tensor("v.patch_embd.weight", np.zeros((4, 8), np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return p
+
+    return make("M-F32.gguf", "llama", True), make("mmproj-M-F32.gguf", "clip", False), make("E.gguf", "llama", False)
+
+
+# --------------------------------------------------------------------------------------------------- bad input (fast)
+
+
+def _one_line_exit2(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+BAD_INPUT = {  # case -> (arguments; {lm} {mmproj} {not_lm} {tmp} are filled in, words the error line must hold)
+    "mmproj-as-model": (["--model", "{mmproj}"], ["is an mmproj", "--mmproj"]),
+    "lm-as-mmproj": (["--model", "{lm}", "--mmproj", "{lm}"], ["not an mmproj"]),
+    "not-an-lm": (["--model", "{not_lm}"], ["not a language-model GGUF"]),
+    "missing": (["--model", "{tmp}/absent.gguf"], ["does not exist"]),
+    "not-gguf": (["--model", "{tmp}/text.gguf"], ["not a GGUF file"]),
+    "port-too-big": (["--model", "{lm}", "--port", "70000"], ["out of range"]),
+    "port-zero": (["--model", "{lm}", "--port", "0"], ["out of range"]),
+    "adb": (["--model", "{lm}", "--device", "adb:EMU123"], ["adb"]),
+    "no-model": ([], ["--model"]),
+    "log-is-the-model": (["--model", "{lm}", "--log", "{lm}"], ["--log", "input"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_exit_2(fake_gguf, tmp_path, case):
+    lm, mmproj, not_lm = fake_gguf
+    (tmp_path / "text.gguf").write_text("not a gguf")
+    args, words = BAD_INPUT[case]
+    args = [a.format(lm=lm, mmproj=mmproj, not_lm=not_lm, tmp=tmp_path) for a in args]
+    _one_line_exit2(mvlm("serve", *args), *words)
+
+
+def test_port_in_use_is_refused_before_starting(fake_gguf):
+    lm, mmproj, _ = fake_gguf
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        _one_line_exit2(mvlm("serve", "--model", lm, "--mmproj", mmproj, "--port", port), f"{port}", "already listens")
+
+
+# --------------------------------------------------------------------------------------------------- the real server
+
+
+@pytest.mark.slow
+def test_chat_completion_with_image_counts_the_image_tokens(vlm_server, tiny_v2):
+    client = vlm_server.client()
+    assert [m.id for m in client.models.list().data] == [vlm_server.alias]
+    with_image = client.chat.completions.create(model=vlm_server.alias, messages=ask("What is in the picture?",
+                                                                                     png_data_uri()),
+                                                max_tokens=8, temperature=0)
+    text_only = client.chat.completions.create(model=vlm_server.alias, messages=ask("What is in the picture?"),
+                                               max_tokens=8, temperature=0)
+    assert with_image.choices[0].message.content and with_image.usage.completion_tokens == 8
+    n_img = image_tokens(tiny_v2[1])
+    extra = with_image.usage.prompt_tokens - text_only.usage.prompt_tokens
+    # the image's tokens, plus at most the few text tokens around its marker
+    assert n_img <= extra <= n_img + 4, (with_image.usage, text_only.usage, n_img)
+
+
+@pytest.mark.slow
+def test_streaming_yields_the_same_text_in_chunks(vlm_server):
+    client = vlm_server.client()
+    msgs = ask("Describe it.", png_data_uri(1))
+    whole = client.chat.completions.create(model=vlm_server.alias, messages=msgs, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model=vlm_server.alias, messages=msgs, max_tokens=12, temperature=0,
+                                                 stream=True))
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([d for d in deltas if d]) >= 2, chunks
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+
+
+@pytest.mark.slow
+def test_bad_image_is_http_400_and_the_server_stays_up(vlm_server):
+    import openai
+
+    client = vlm_server.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=vlm_server.alias, messages=ask("hi", "data:image/png;base64,!!garbage@@"),
+                                       max_tokens=4)
+    assert e.value.status_code == 400 and "image" in str(e.value).lower()
+    ok = client.chat.completions.create(model=vlm_server.alias, messages=ask("hi", png_data_uri(2)), max_tokens=4)
+    assert ok.usage.completion_tokens == 4
+    assert vlm_server.proc.poll() is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stop_leaves_no_server_process_and_exits_0(tiny_v2, sig):
+    lm, mmproj = tiny_v2
+    s = Served("--model", lm, "--mmproj", mmproj, "--port", _free_port(), "--threads", 2, "--ctx-size", 1024)
+    servers = [pid for pid, name in _descendants(s.proc.pid).items() if name == "llama-server"]
+    assert len(servers) == 1, _descendants(s.proc.pid)
+    assert s.client().chat.completions.create(model=s.alias, messages=ask("hi"), max_tokens=2).choices
+    rc, out = s.stop(sig)
+    assert rc == 0, out
+    assert "stopped" in out and "Traceback" not in out
+    assert servers[0] not in proc_table()  # reaped, not a zombie and not an orphan
+    assert "cleaning up before exit" in s.log.read_text()  # it got SIGTERM and shut down on its own, no SIGKILL
+
+
+@pytest.mark.slow
+def test_server_that_dies_at_start_up_is_one_line(tiny_v2, smollm2_gguf):
+    _, mmproj = tiny_v2  # the tiny mmproj projects to 128 dims; SmolLM2 embeds in 576: llama-server refuses the pair
+    r = mvlm("serve", "--model", smollm2_gguf, "--mmproj", mmproj, "--port", _free_port(), timeout=300)
+    assert r.returncode == 4, (r.stdout, r.stderr)
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "mismatch between text model" in err[0] and "Traceback" not in r.stderr, r.stderr
+    log = Path(re.search(r"whole log: (\S+)\)", err[0]).group(1))
+    assert "mismatch between text model" in log.read_text()
+
+
+@pytest.mark.slow
+def test_text_only_model_without_mmproj(smollm2_gguf, host_runtime):
+    import openai
+
+    s = Served("--model", smollm2_gguf, "--port", _free_port(), "--threads", 2, "--ctx-size", 1024)
+    try:
+        client = s.client()
+        r = client.chat.completions.create(model=s.alias, messages=[{"role": "user", "content": "Say hello."}],
+                                           max_tokens=8, temperature=0)
+        assert r.choices[0].message.content and r.usage.prompt_tokens > 0 and r.usage.completion_tokens <= 8
+        # no mmproj: an image is refused (llama-server answers 500 here, not 400), and the server stays up
+        with pytest.raises(openai.APIStatusError, match="image input is not supported"):
+            client.chat.completions.create(model=s.alias, messages=ask("hi", png_data_uri()), max_tokens=2)
+        assert client.chat.completions.create(model=s.alias, messages=ask("hi"), max_tokens=2).choices
+    finally:
+        rc, out = s.stop()
+    assert rc == 0, out
+
+
+# --------------------------------------------------------------------------------------------------- ssh device
+
+
+@pytest.fixture(scope="module")
+def ssh_box(sshd, tmp_path_factory) -> tuple[Path, Path]:
+    """A device profile for the real sshd (host-key checking on, its own key) and the device's work dir."""
+    d = tmp_path_factory.mktemp("box")
+    remote = d / "remote"
+    profile = d / "box.toml"
+    profile.write_text("\n".join([
+        'transport = "ssh"', f'address = "ssh://{sshd.user}@127.0.0.1:{sshd.port}"', 'target = "host"',
+        f'workdir = "{remote}"', "threads = 2", "[ssh]", f'identity_file = "{sshd.root / "client_key"}"',
+        f'known_hosts = "{sshd.known_hosts}"', 'config_file = "/dev/null"', "connect_timeout = 5", ""]))
+    return profile, remote
+
+
+def _gone(remote: Path, port: int, within: float = 15.0) -> tuple[list[int], list[int]]:
+    """(device servers, ssh tunnels) still running after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        left = (_cmdlines_with(f"{remote}/bin/llama-server", "llama-server"),
+                _cmdlines_with(f"127.0.0.1:{port}:127.0.0.1:", "ssh"))
+        if not any(left) or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_serve_on_ssh_device_through_the_tunnel(ssh_box, tiny_v2):
+    lm, mmproj = tiny_v2
+    profile, remote = ssh_box
+    port = _free_port()
+    s = Served("--device", profile, "--model", lm, "--mmproj", mmproj, "--port", port, "--ctx-size", 2048)
+    print(f"ssh device: ready {s.ready_s:.1f} s after start (push included)")
+    try:
+        assert s.base_url == f"http://127.0.0.1:{port}/v1"
+        # the server runs from the device's work dir (pushed there, checked by sha256), bound to its 127.0.0.1
+        server_pids = _cmdlines_with(f"{remote}/bin/llama-server", "llama-server")
+        assert len(server_pids) == 1
+        cmd = Path(f"/proc/{server_pids[0]}/cmdline").read_bytes().split(b"\0")
+        assert cmd[cmd.index(b"--host") + 1] == b"127.0.0.1" and cmd[cmd.index(b"--port") + 1] == b"0"
+        assert (remote / "models" / lm.name).read_bytes() == lm.read_bytes()
+        t0 = time.monotonic()
+        r = s.client().chat.completions.create(model=s.alias, messages=ask("What is in the picture?", png_data_uri()),
+                                               max_tokens=6, temperature=0)
+        print(f"ssh device: one completion through the tunnel {time.monotonic() - t0:.2f} s")
+        assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens > image_tokens(mmproj)
+    finally:
+        rc, out = s.stop()
+    assert rc == 0, out
+    servers, tunnels = _gone(remote, port)
+    assert not servers, "the device's server outlived mvlm serve"
+    assert not tunnels, "the ssh tunnel outlived mvlm serve"
+    with socket.socket() as sock:  # the local port is free again (TIME_WAIT entries aside, as for any server)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+
+
+@pytest.mark.slow
+def test_ssh_session_lost_stops_the_device_server_and_exits_4(ssh_box, tiny_v2):
+    """The server's ssh session ends under it (its ssh client killed): the script on the device kills the server,
+    mvlm serve says so in one line (exit 4) and takes the tunnel down. The second start pushes nothing."""
+    lm, mmproj = tiny_v2
+    profile, remote = ssh_box
+    port = _free_port()
+    s = Served("--device", profile, "--model", lm, "--mmproj", mmproj, "--port", port, "--ctx-size", 1024)
+    try:
+        assert len(_cmdlines_with(f"{remote}/bin/llama-server", "llama-server")) == 1
+        clients = [pid for pid, name in _descendants(s.proc.pid).items()
+                   if name == "ssh" and b"sh -c" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(clients) == 1, _descendants(s.proc.pid)
+        os.kill(clients[0], signal.SIGKILL)
+        s.proc.wait(timeout=30)
+    finally:
+        rc, out = s.stop()
+    assert rc == 4, out
+    assert "pushed 0 bytes" in out  # the first test pushed everything; unchanged files are not pushed again
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "stopped while serving" in errors[0] and "Traceback" not in out, out
+    servers, tunnels = _gone(remote, port)
+    assert not servers and not tunnels, (servers, tunnels)
+
+
+@pytest.mark.slow
+def test_local_server_that_dies_while_serving_is_exit_4(tiny_v2):
+    lm, _ = tiny_v2
+    s = Served("--model", lm, "--port", _free_port(), "--ctx-size", 1024)
+    server = next(pid for pid, name in _descendants(s.proc.pid).items() if name == "llama-server")
+    os.kill(server, signal.SIGKILL)
+    s.proc.wait(timeout=30)
+    rc, out = s.stop()
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert rc == 4 and len(errors) == 1 and "stopped while serving (killed by SIGKILL)" in errors[0], out
+
+
+@pytest.mark.slow
+def test_mvlm_killed_outright_still_stops_the_server(tiny_v2):
+    """SIGKILL leaves mvlm no chance to clean up: the server's parent-death signal (SIGTERM) stops it anyway."""
+    lm, _ = tiny_v2
+    s = Served("--model", lm, "--port", _free_port(), "--ctx-size", 1024)
+    server = next(pid for pid, name in _descendants(s.proc.pid).items() if name == "llama-server")
+    s.proc.kill()
+    s.proc.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while server in proc_table() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server not in proc_table(), "llama-server outlived a killed mvlm serve"
+    assert "cleaning up before exit" in s.log.read_text()
+    s.stop()
