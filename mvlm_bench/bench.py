@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import platform
 import re
 import time
@@ -297,23 +296,26 @@ def default_image() -> Path:
 
 
 def build_argv(profile: DeviceProfile, spec: BenchSpec, workdir: str, names: dict[str, str]) -> list[str]:
-    """The command line run on the device for one repetition (paths are the device's)."""
-    threads = spec.threads or profile.threads or os.cpu_count() or 1
+    """The command line run on the device for one repetition (paths are the device's). Threads: --threads, else the
+    profile's (a local profile's default is this machine's core count); else no ``-t`` at all, so llama.cpp picks its
+    own default on the device (never this machine's core count; the run's log says what it used)."""
+    threads = spec.threads or profile.threads
+    t_args = ["-t", str(threads)] if threads else []
     ngl = spec.n_gpu_layers if spec.n_gpu_layers is not None else profile.n_gpu_layers
     wd = workdir.rstrip("/")
     model = f"{wd}/models/{names['model']}"
     if spec.protocol == "lm":
         argv = [f"{wd}/bin/llama-completion", "-m", model, "-p", spec.prompt or LM_PROMPT, "-n", str(spec.tokens()),
                 "-no-cnv", "--temp", "0", "--seed", "0", "--ignore-eos", "-c", str(spec.ctx_size),
-                "-t", str(threads), "-ngl", str(ngl), "-lv", "4"]
+                *t_args, "-ngl", str(ngl), "-lv", "4"]
     elif spec.protocol == "vlm":
         argv = [f"{wd}/bin/llama-mtmd-cli", "-m", model, "--mmproj", f"{wd}/models/{names['mmproj']}",
                 "--image", f"{wd}/images/{names['image']}", "-p", spec.prompt or VLM_PROMPT, "-n", str(spec.tokens()),
-                "--temp", "0", "--seed", "0", "--ignore-eos", "-c", str(spec.ctx_size), "-t", str(threads),
+                "--temp", "0", "--seed", "0", "--ignore-eos", "-c", str(spec.ctx_size), *t_args,
                 "-ngl", str(ngl), "-lv", "4", "--jinja"]
     elif spec.protocol == "llama-bench":
         argv = [f"{wd}/bin/llama-bench", "-m", model, "-p", "64,128", "-n", str(spec.tokens()), "-r", str(spec.repeat),
-                "-t", str(threads), "-ngl", str(ngl), "-o", "json"]
+                *t_args, "-ngl", str(ngl), "-o", "json"]
     else:
         raise MvlmError(f"unknown protocol {spec.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     return argv  # the transport adds the profile's exec_wrapper (e.g. qemu-aarch64-static)
@@ -481,7 +483,7 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
         env["LD_LIBRARY_PATH"] = f"{workdir}/lib"
     manifest = rt.manifest
     params = {
-        "n_threads": spec.threads or profile.threads or os.cpu_count(),
+        "n_threads": spec.threads or profile.threads,  # None: llama.cpp's default on the device (see the log)
         "n_predict": spec.tokens(),
         "n_gpu_layers": spec.n_gpu_layers if spec.n_gpu_layers is not None else profile.n_gpu_layers,
         "ctx_size": spec.ctx_size,

@@ -358,6 +358,22 @@ def test_targets_follow_the_probed_device():
     assert bench.resolve_target(qemu, DeviceInfo("Linux", "x86_64")) is qemu
 
 
+def test_threads_are_never_this_machines_core_count_on_another_device():
+    """A remote device without `threads` in its profile and no --threads gets no -t: llama.cpp picks its own default
+    on the device (a phone's 8 cores, not a 2-core CI host's 2). Profiles and --threads still set -t."""
+    spec = bench.BenchSpec(model=Path("m.gguf"), protocol="lm")
+    adhoc_ssh = load_profile("ssh://u@h")
+    assert adhoc_ssh.threads is None and "-t" not in bench.build_argv(adhoc_ssh, spec, "/w", {"model": "m.gguf"})
+    argv = bench.build_argv(adhoc_ssh, dataclasses.replace(spec, threads=3), "/w", {"model": "m.gguf"})
+    assert argv[argv.index("-t") + 1] == "3"
+    sd888 = load_profile("sd888")
+    argv = bench.build_argv(sd888, spec, "/w", {"model": "m.gguf"})
+    assert argv[argv.index("-t") + 1] == str(sd888.threads)
+    local = load_profile("local")
+    argv = bench.build_argv(local, spec, "/w", {"model": "m.gguf"})
+    assert argv[argv.index("-t") + 1] == str(os.cpu_count())
+
+
 def test_profile_target_that_does_not_fit_the_device_is_refused_before_pushing(sshd, tmp_path, fake_gguf):
     """A profile claiming linux-arm64, pointed at the x86_64 sshd: one line saying which build to make, nothing pushed."""
     prof = ssh_profile_file(sshd, tmp_path / "arm.toml", tmp_path / "remote", target="linux-arm64")
