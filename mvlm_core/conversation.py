@@ -24,7 +24,9 @@ the template for "an image and a question":
 The template accepts a string or a list of parts (``text``, ``media_marker``, ``image``, ``image_url``), joins parts the
 way llama.cpp does, and moves every marker (any ``<__media…__>``; HF ``image``/``image_url`` parts become
 :data:`MEDIA_MARKER`) to the start of its user message, each followed by exactly one "\\n" — where ``<image>\\n`` goes
-in training — so every client gets the trained prompt. The strings "USER: " / "ASSISTANT: " and the system prompt
+in training — so every client gets the trained prompt. The text a marker stood between stays apart: one newline next
+to each marker is dropped and the non-empty pieces are joined with one "\\n" (``"A<m>B"``, ``"A\\n<m>\\nB"`` and the
+parts ``[A, image, B]`` all give ``"<m>\\nA\\nB"``). The strings "USER: " / "ASSISTANT: " and the system prompt
 also make llama.cpp's non-Jinja fallback (llama-mtmd-cli's default; llm_chat_detect_template) pick the runtime's
 built-in "vicuna-v1" format (patch 0005), which renders the same for ``<__media__>``.
 """
@@ -117,10 +119,12 @@ CHAT_TEMPLATE = "".join(
       {{%- else -%}}
         {{%- set out.markers = out.markers + {_q(_MARK_OPEN)} + tail[0] + {_q(_MARK_CLOSE + chr(10))} -%}}
         {{%- if out.prev.endswith({_q(chr(10))}) -%}}{{%- set out.prev = out.prev[:-1] -%}}{{%- endif -%}}
+        {{%- if out.text != '' and out.prev != '' -%}}{{%- set out.text = out.text + {_q(chr(10))} -%}}{{%- endif -%}}
         {{%- set out.text = out.text + out.prev -%}}
         {{%- set out.prev = tail[1][1:] if tail[1].startswith({_q(chr(10))}) else tail[1] -%}}
       {{%- endif -%}}
     {{%- endfor -%}}
+    {{%- if out.text != '' and out.prev != '' -%}}{{%- set out.text = out.text + {_q(chr(10))} -%}}{{%- endif -%}}
     {{%- set ns.body = ns.body + 'USER: ' + out.markers + out.text + out.prev + ' ' -%}}
   {{%- elif message['role'] == 'assistant' -%}}
     {{%- set ns.body = ns.body + 'ASSISTANT: ' + acc.text + '</s>' -%}}

@@ -105,6 +105,24 @@ def test_template_joins_text_parts_like_llama_cpp():
     assert no_gen + "ASSISTANT:" == v1_conversation(["Describe it.\nBe brief."], image_marker=MEDIA_MARKER)
 
 
+# text on both sides of an image: the image goes first, the text it stood between stays apart (one "\n")
+BETWEEN_FORMS = {
+    "llama-server string [A, image, B]": ("Compare<__media_x1__>with this.", "<__media_x1__>"),
+    "user's own newlines around the marker": ("Compare\n" + MEDIA_MARKER + "\nwith this.", MEDIA_MARKER),
+    "OpenAI parts [A, image, B]": ([_text("Compare"), _image_url(), _text("with this.")], MEDIA_MARKER),
+    "MTMDChatHandler parts [A, marker, B]": ([_text("Compare"), _text(MEDIA_MARKER), _text("with this.")], MEDIA_MARKER),
+}
+
+
+@pytest.mark.parametrize("form", list(BETWEEN_FORMS))
+def test_template_keeps_the_text_around_an_image_apart(form):
+    content, marker = BETWEEN_FORMS[form]
+    got = _render(CHAT_TEMPLATE, [{"role": "user", "content": content}])
+    assert got == v1_conversation(["Compare\nwith this."], image_marker=marker)
+    two = _render(CHAT_TEMPLATE, [{"role": "user", "content": [_text("A"), _image_url(), _text("B"), _image_url()]}])
+    assert two == v1_conversation(["A\nB"], image_marker=MEDIA_MARKER + "\n" + MEDIA_MARKER)
+
+
 def test_template_keeps_llama_cpp_fallback_detection():
     # llama.cpp's non-Jinja path (llama-mtmd-cli's default) picks patch 0005's "vicuna-v1" from these strings
     assert "USER: " in CHAT_TEMPLATE and "ASSISTANT: " in CHAT_TEMPLATE and "SYSTEM: " not in CHAT_TEMPLATE
@@ -245,6 +263,8 @@ def _conversations(uri: str) -> dict[str, tuple[list, list[str], str]]:
     return {
         "image first": ([{"role": "user", "content": [_image_url(uri), _text(Q)]}], [Q], SYSTEM),
         "text first": ([{"role": "user", "content": [_text(Q), _image_url(uri)]}], [Q], SYSTEM),
+        "image between text": ([{"role": "user", "content": [_text("Compare"), _image_url(uri), _text(Q)]}],
+                               ["Compare\n" + Q], SYSTEM),
         "system + multi-turn": ([{"role": "system", "content": "Be brief."},
                                  {"role": "user", "content": [_image_url(uri), _text(Q)]},
                                  {"role": "assistant", "content": "A cat."},
