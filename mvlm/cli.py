@@ -78,14 +78,14 @@ def _json_file_alias(argv: list[str]) -> list[str]:
 
     Only for ``bench`` (every other command's ``--json`` always was a flag), only when ``--json`` is followed by a
     value that is not an option, and never for ``bench parse`` (whose --json is a flag before its FILE arguments)."""
-    if len(argv) < 2 or argv[1] != "bench" or (len(argv) > 2 and argv[2] == "parse"):
-        return argv
+    if len(argv) < 2 or argv[1] != "bench" or "parse" in argv[2:argv.index("--") if "--" in argv else None]:
+        return argv  # `bench parse` (its --json is a flag before its FILE arguments), wherever its --json stands
     out = list(argv)
-    for i in range(2, len(out) - 1):
+    for i in range(2, len(out)):
         if out[i] == "--":
             break
-        if out[i] == "--json" and not out[i + 1].startswith("-"):
-            out[i] = "--json-file"
+        if out[i].startswith("--json=") or (out[i] == "--json" and i + 1 < len(out) and not out[i + 1].startswith("-")):
+            out[i] = out[i].replace("--json", "--json-file", 1)
             err_console.print("[yellow]deprecated:[/] `mvlm bench --json FILE` is now `--json-file FILE` "
                               "(--json alone prints the JSON on stdout)", highlight=False, soft_wrap=True)
             break

@@ -201,8 +201,10 @@ def test_json_file_alias_rewrites_only_bench_with_a_value():
         "mvlm", "bench", "-m", "a.gguf", "--json-file", "r.json"]
     for argv in (["mvlm", "bench", "-m", "a.gguf", "--json"], ["mvlm", "bench", "--json", "--csv", "x.csv"],
                  ["mvlm", "bench", "parse", "--json", "log.txt"], ["mvlm", "history", "--json"],
-                 ["mvlm", "compare", "a.json", "b.json", "--json"]):
+                 ["mvlm", "compare", "a.json", "b.json", "--json"], ["mvlm", "bench", "--json", "parse", "lb.sql"]):
         assert _json_file_alias(argv) == argv
+    assert _json_file_alias(["mvlm", "bench", "-m", "a.gguf", "--json=r.json"]) == [
+        "mvlm", "bench", "-m", "a.gguf", "--json-file=r.json"]
 
 
 def test_old_json_spelling_still_works_with_a_deprecation_line(tmp_path):
