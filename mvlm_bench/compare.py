@@ -93,7 +93,8 @@ def dropped_note(n_baseline: int, n_candidate: int, baseline: str = "the baselin
 def median(xs: Sequence[float]) -> float:
     s = sorted(xs)
     n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2.0
+    # halves first: the same number as (a + b) / 2, without overflowing to inf for values near the float maximum
+    return s[n // 2] if n % 2 else s[n // 2 - 1] / 2.0 + s[n // 2] / 2.0
 
 
 def _midranks(values: Sequence[float]) -> list[float]:

@@ -209,3 +209,14 @@ def test_bootstrap_is_seeded():
     lo, hi = compare.bootstrap_speedup_ci(b, c, 1, seed=3)
     assert lo < hi < 1.0 + 1e-9 or lo < 1.0 < hi
     assert math.isfinite(lo) and math.isfinite(hi)
+
+
+
+def test_median_of_values_near_the_float_maximum_is_finite():
+    """numpy's median of these overflows to inf ((a + b) / 2); halving first is exact, so numpy on the halves, doubled,
+    is the independent oracle."""
+    from mvlm_bench.compare import median
+
+    for xs in ([1e308, 1e308], [1.7e308, 1.6e308, 1e308, 1e307], [3.0, 1.0, 2.0, 10.0], [5.0, 1.0, 3.0]):
+        want = float(np.median(np.array(xs, dtype=np.float64) / 2) * 2)
+        assert median(xs) == want and math.isfinite(want)
