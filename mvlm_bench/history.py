@@ -5,13 +5,18 @@ measured months ago. So an entry keeps the whole context (device, llama.cpp comm
 protocol, parameters), mvlm's own git commit when known (:func:`project_commit`), a free-form label, a UTC timestamp,
 and the metrics of EACH repetition (never only a mean: the statistics in :mod:`mvlm_bench.compare` need the spread).
 
-Where the file is: ``--db PATH``, else ``$MVLM_HISTORY``, else ``./mvlm-history.sqlite`` (the current directory, i.e.
-next to the project when run from its root; CI caches or uploads this one file).
+Where it is: ``--db``, else ``$MVLM_HISTORY``, else ``./mvlm-history.sqlite`` (the current directory, i.e. next to the
+project when run from its root; CI caches or uploads this one file). Either is a SQLite path or a PostgreSQL URL
+(``postgresql://user@host:port/db``, psycopg 3: a lab's shared history, see docs/lab.md); :mod:`mvlm_bench.store`
+is the seam, and both backends run the same SQL.
 
-Schema: tables ``entry`` (one row per measurement), ``repetition`` (timing record per repetition) and ``sample``
-(one row per repetition and metric, for queries and plots). ``PRAGMA user_version`` holds :data:`SCHEMA_VERSION`.
-Opening an older file runs the steps in :data:`MIGRATIONS` (version N -> N+1) in one transaction; a newer file, a
-file with a gap in the migrations, or a SQLite file that is not a history, is a clear error, never silently rewritten.
+Schema: tables ``entry`` (one row per measurement), ``repetition`` (timing record per repetition), ``sample``
+(one row per repetition and metric, for queries and plots) and ``schema_version`` (one row per applied step; the
+highest is the version, :data:`SCHEMA_VERSION`; a SQLite file mirrors it in ``PRAGMA user_version``, so an older mvlm
+refuses a newer file). Opening an older history runs the steps in :data:`MIGRATIONS` (version N -> N+1) in one
+transaction (a file from before the version table is version 1 by its ``user_version``); a newer history, one with a
+gap in the migrations, or a SQLite file or PostgreSQL database that is not a history, is a clear error, never
+silently rewritten.
 
 Selectors (``mvlm compare``, ``--baseline``): ``latest``, ``latest~N`` (N entries before the latest), ``id:N`` (or a
 bare number), ``label:NAME``, ``commit:PREFIX`` (mvlm's own git commit), ``runtime:PREFIX`` (llama.cpp commit);
@@ -24,7 +29,9 @@ never a traceback. A write (one or several entries) is one transaction, so a fai
 it was. :func:`save_or_spill` never loses a measurement: when the history cannot take it, the entries go to a JSON
 file beside it (``<db>.unsaved-<UTC time>.json``; the current directory, then the temporary directory, when that
 cannot be written) that ``mvlm compare`` reads and ``mvlm history import`` stores later. A lock held by another
-process is waited for ``$MVLM_HISTORY_LOCK_TIMEOUT`` seconds (default 5).
+process is waited for ``$MVLM_HISTORY_LOCK_TIMEOUT`` seconds (default 5; also the PostgreSQL connect timeout). A
+PostgreSQL server that cannot be reached is one line (``cannot connect to postgresql://...: connection refused: ...``,
+the URL's password masked), exit 2.
 """
 
 from __future__ import annotations
@@ -44,20 +51,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mvlm_bench import store as stores
 from mvlm_bench.records import RunContext
 from mvlm_core.errors import MvlmError
 
-SCHEMA_VERSION = 1
 DEFAULT_DB_NAME = "mvlm-history.sqlite"
 _APP_ID = 0x6D766C6D  # "mvlm": PRAGMA application_id, tells our files from other SQLite files
 
+# Schema text shared by both backends: {pk} {int} {real} are filled per backend (store.ddl). Version 1 is the
+# layout of the first release (SQLite only, versioned by PRAGMA user_version); NEVER edit a released step.
 _SCHEMA_V1 = """
 CREATE TABLE entry (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {pk},
     created_at TEXT NOT NULL,
     label TEXT NOT NULL DEFAULT '',
     project_commit TEXT NOT NULL DEFAULT '',
-    project_dirty INTEGER,
+    project_dirty {int},
     device TEXT NOT NULL,
     model TEXT NOT NULL,
     precision TEXT NOT NULL DEFAULT '',
@@ -65,34 +74,44 @@ CREATE TABLE entry (
     model_sha256 TEXT NOT NULL DEFAULT '',
     mmproj_file TEXT NOT NULL DEFAULT '',
     mmproj_sha256 TEXT NOT NULL DEFAULT '',
-    size_bytes INTEGER,
+    size_bytes {int},
     runtime_commit TEXT NOT NULL DEFAULT '',
     runtime_patches TEXT NOT NULL DEFAULT '[]',
     protocol TEXT NOT NULL DEFAULT '',
     cpu_info TEXT NOT NULL DEFAULT '',
     gpu_info TEXT NOT NULL DEFAULT '',
     params TEXT NOT NULL DEFAULT '{}',
-    repetitions INTEGER NOT NULL
+    repetitions {int} NOT NULL
 );
 CREATE INDEX entry_setup ON entry (device, model_sha256, protocol);
 CREATE TABLE repetition (
-    entry_id INTEGER NOT NULL REFERENCES entry(id) ON DELETE CASCADE,
-    idx INTEGER NOT NULL,
+    entry_id {int} NOT NULL REFERENCES entry(id) ON DELETE CASCADE,
+    idx {int} NOT NULL,
     timing TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (entry_id, idx)
 );
 CREATE TABLE sample (
-    entry_id INTEGER NOT NULL REFERENCES entry(id) ON DELETE CASCADE,
-    repetition INTEGER NOT NULL,
+    entry_id {int} NOT NULL REFERENCES entry(id) ON DELETE CASCADE,
+    repetition {int} NOT NULL,
     metric TEXT NOT NULL,
-    value REAL,
+    value {real},
     PRIMARY KEY (entry_id, repetition, metric)
 );
 """
 
-# Migration hook: MIGRATIONS[n] upgrades a version-n file to n+1 (inside the opening transaction). Add a step here
-# and bump SCHEMA_VERSION whenever the layout changes; never edit a released step.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+_SCHEMA_V2 = """
+CREATE TABLE schema_version (
+    version {int} PRIMARY KEY,
+    applied_at TEXT NOT NULL
+)
+"""
+
+# MIGRATIONS[n] upgrades a version-n history to n+1 inside the opening transaction: schema text for both backends
+# (store.ddl) or a callable given the open store (``store.execute(sql, params)``, ``store.kind``). A new history runs
+# them all from 0. Add a step and SCHEMA_VERSION follows; never edit a released step.
+MIGRATIONS: dict[int, str | Callable[[stores.Store], None]] = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
+SCHEMA_VERSION = max(MIGRATIONS) + 1
+HISTORY_TABLES = ("entry", "repetition", "sample")
 
 # Params that make two measurements comparable (with device, model hash and protocol); the runtime is NOT among
 # them: comparing runtimes is the point.
@@ -163,6 +182,37 @@ def db_error(path: Path, exc: BaseException, doing: str = "reading") -> HistoryE
         return HistoryError(f"{path} is damaged or not an mvlm benchmark history ({type(exc).__name__}: {msg})",
                             "restore it from a backup or pass another --db")
     return HistoryError(f"SQLite error while {doing} {path} ({msg})", "pass another --db")
+
+
+def pg_error(url: str, exc: BaseException, doing: str = "reading") -> HistoryError:
+    """A psycopg (or decoding) error on a PostgreSQL history as one line; the URL's password is never shown."""
+    where, secret = stores.mask_url(url), stores.url_password(url)
+    msg = stores.one_line(str(exc) or type(exc).__name__, secret)
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    if doing == "connecting":
+        if "invalid" in msg.lower() and ("dsn" in msg.lower() or "connection option" in msg.lower()
+                                         or "uri" in msg.lower()):
+            return HistoryError(f"{where} is not a usable PostgreSQL URL ({msg})",
+                                "write it as postgresql://user@host:port/database, or pass another --db")
+        lines = [stores.one_line(ln, secret) for ln in str(exc).splitlines() if ln.strip()] or [msg]
+        reason = re.sub(r"^connection failed:\s*", "", ": ".join(lines))
+        reason = re.sub(r'^connection to server at "[^"]*"(?:\s*\([^)]*\))?, port \d+ failed:\s*', "", reason)
+        reason = reason[:1].lower() + reason[1:]
+        return HistoryError(f"cannot connect to {where}: {reason}",
+                            "start the server or fix the URL (host, port, user, database), or pass another --db")
+    if sqlstate == "53100":
+        return HistoryError(f"the disk of the PostgreSQL server holding {where} is full ({msg})",
+                            "free space on the server and run again, or pass another --db", exit_code=28)
+    if sqlstate.startswith("42501") or "permission denied" in msg.lower():
+        return HistoryError(f"{where}: permission denied ({msg})",
+                            "grant the user CREATE, SELECT and INSERT on the database, or pass another --db")
+    if sqlstate in ("42P01", "42703") or isinstance(exc, (KeyError, ValueError, TypeError)):
+        return HistoryError(f"{where} is damaged or not an mvlm benchmark history ({type(exc).__name__}: {msg})",
+                            "restore it from a backup or pass another --db")
+    if sqlstate.startswith("08") or sqlstate.startswith("57") or "connection" in msg.lower():
+        return HistoryError(f"lost the connection to {where} while {doing} ({msg})",
+                            "check the server and run again, or pass another --db")
+    return HistoryError(f"PostgreSQL error while {doing} {where} ({msg})", "pass another --db")
 
 
 def default_db_path() -> Path:
@@ -512,17 +562,26 @@ def project_commit(source: Path | None = None) -> tuple[str, bool | None]:
 
 
 class History:
-    """An open history file. Use as a context manager; every write is one transaction.
+    """An open history (a SQLite file or a PostgreSQL database). Use as a context manager; every write is one
+    transaction.
 
-    ``create``: make a new history when the file does not exist (or is an empty file); otherwise such a file is an
-    error (``mvlm history`` / ``compare`` never write a new file). Every SQLite or OS error is a :class:`HistoryError`.
+    ``create``: make a new history when there is none (no file, an empty file, an empty database); otherwise that is
+    an error (``mvlm history`` / ``compare`` never write a new one). Every SQLite, PostgreSQL or OS error is a
+    :class:`HistoryError`. ``path``: the file (``Path``), or the URL with its password masked (``str``).
     """
 
     def __init__(self, path: Path | str | None = None, create: bool = True):
-        self.path = Path(path) if path is not None else default_db_path()
+        loc = stores.location(path if path is not None else default_db_path())
         self.create = create
-        self.conn: sqlite3.Connection | None = None
-        p = self.path
+        self.store: stores.Store | None = None
+        self.url = loc if isinstance(loc, str) else ""
+        if self.url:
+            self.path: Path | str = stores.mask_url(self.url)
+            self.name = self.path
+            self._open_postgres()
+            return
+        self.path = p = Path(loc)
+        self.name = p.name
         try:
             existed = p.exists()
             mode = p.stat().st_mode if existed else 0
@@ -540,106 +599,182 @@ class History:
             what = "does not exist" if not p.parent.exists() else "is not a directory"
             raise HistoryError(f"cannot create {p}: directory {p.parent} {what}", "create it or pass another --db")
         try:
-            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), never implicit
-            self.conn = sqlite3.connect(p, timeout=lock_timeout(), isolation_level=None)
-            self.conn.execute("PRAGMA foreign_keys = ON")
+            self.store = stores.SqliteStore(p, lock_timeout())
             self._open()
         except BaseException as e:
             self.close()
-            if not existed:
+            if not existed:  # what this call created, and only while it is still empty (another process may own it)
                 for leftover in (p, p.with_name(p.name + "-journal")):
                     try:
-                        leftover.unlink(missing_ok=True)
+                        if leftover.stat().st_size == 0:
+                            leftover.unlink()
                     except OSError:
                         pass
             if isinstance(e, (sqlite3.Error, OSError)):
                 raise db_error(p, e, "opening") from None
             raise
 
+    def _open_postgres(self) -> None:
+        try:
+            import psycopg
+        except ImportError:
+            raise HistoryError(f"{self.path} is a PostgreSQL history and psycopg is not installed",
+                               "pip install 'mvlm[lab]' (psycopg 3), or pass a SQLite --db") from None
+        try:
+            self.store = stores.PostgresStore(self.url, lock_timeout() or DEFAULT_LOCK_TIMEOUT_S)
+        except psycopg.Error as e:
+            raise pg_error(self.url, e, "connecting") from None
+        try:
+            self._open()
+        except BaseException as e:
+            self.close()
+            if isinstance(e, psycopg.Error):
+                raise pg_error(self.url, e, "opening") from None
+            raise
+
+    @property
+    def conn(self) -> Any:
+        """The backend's own connection (sqlite3 or psycopg), None once closed."""
+        return self.store.conn if self.store is not None else None
+
+    def _version(self, tables: set[str]) -> int:
+        """The schema version: the highest ``schema_version`` row; a SQLite file also says it in ``user_version``
+        (the only record before the version table), and the higher of the two counts."""
+        s = self.store
+        assert s is not None
+        version = 0
+        if "schema_version" in tables:
+            version = s.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+        if s.kind == "sqlite":
+            version = max(version, s.execute("PRAGMA user_version").fetchone()[0])
+        return int(version)
+
+    def _is_new(self, tables: set[str]) -> bool:
+        """Nothing stored yet: an empty SQLite file, a database without any history table."""
+        s = self.store
+        assert s is not None
+        if s.kind == "sqlite":
+            return not tables and s.execute("PRAGMA user_version").fetchone()[0] == 0 and \
+                s.execute("PRAGMA application_id").fetchone()[0] == 0
+        return not tables & {*HISTORY_TABLES, "schema_version"}
+
+    def _foreign(self, tables: set[str]) -> bool:
+        """A SQLite file of another program (its application id), a database whose tables are not a history's."""
+        s = self.store
+        assert s is not None
+        if s.kind == "sqlite":
+            return s.execute("PRAGMA application_id").fetchone()[0] != _APP_ID
+        return "schema_version" not in tables
+
     def _open(self) -> None:
-        c = self.conn
-        assert c is not None
-        version = c.execute("PRAGMA user_version").fetchone()[0]
-        app_id = c.execute("PRAGMA application_id").fetchone()[0]
-        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if version == 0 and not tables and app_id == 0:
-            if not self.create:
-                raise HistoryError(f"{self.path} holds no benchmark history (an empty file)",
-                                   f"run `mvlm bench ... --save --db {self.path}` to start one, or pass another --db")
-            with self._write():  # schema, application id and version: all or nothing
-                for statement in filter(None, (s.strip() for s in _SCHEMA_V1.split(";"))):
-                    c.execute(statement)
-                c.execute(f"PRAGMA application_id = {_APP_ID}")
-                c.execute("PRAGMA user_version = 1")
-            version = 1
-        elif app_id != _APP_ID:
-            raise HistoryError(f"{self.path} is a SQLite file but not an mvlm benchmark history", "pass another --db")
+        s = self.store
+        assert s is not None
+        tables = s.tables()
+        version = self._version(tables)
+        if self._is_new(tables) and not self.create:
+            what = "an empty file" if s.kind == "sqlite" else "no mvlm tables in the database"
+            raise HistoryError(f"{self.path} holds no benchmark history ({what})",
+                               f"run `mvlm bench ... --save --db {self.path}` to start one, or pass another --db")
+        if self._is_new(tables) or version < SCHEMA_VERSION:
+            with self._write(schema=True):  # schema, version and id: all or nothing, one process at a time
+                tables = s.tables()  # again, under the lock: another process may have just made or migrated it
+                version = self._version(tables)
+                if self._is_new(tables):
+                    if s.kind == "sqlite":
+                        s.execute(f"PRAGMA application_id = {_APP_ID}")
+                    self._migrate(0)
+                    version = SCHEMA_VERSION
+                elif not self._foreign(tables) and version < SCHEMA_VERSION:
+                    self._migrate(version)
+                    version = SCHEMA_VERSION
+            tables = s.tables()
+        if self._foreign(tables):
+            kind = "a SQLite file" if s.kind == "sqlite" else "a PostgreSQL database with other tables"
+            raise HistoryError(f"{self.path} is {kind} but not an mvlm benchmark history", "pass another --db")
         if version > SCHEMA_VERSION:
             raise HistoryError(f"{self.path} has history schema version {version}, newer than this mvlm understands "
                                f"({SCHEMA_VERSION})", "upgrade mvlm, or pass another --db")
-        if version < SCHEMA_VERSION:
-            missing = [v for v in range(version, SCHEMA_VERSION) if v not in MIGRATIONS]
-            if missing:
-                raise HistoryError(f"{self.path} has history schema version {version} and this mvlm has no migration "
-                                   f"from version {missing[0]}", "export it with an older mvlm or pass another --db")
-            try:
-                with self._write():
-                    for v in range(version, SCHEMA_VERSION):
-                        MIGRATIONS[v](c)
-                        c.execute(f"PRAGMA user_version = {v + 1}")
-            except sqlite3.DatabaseError as e:
-                raise HistoryError(f"migrating {self.path} from schema version {version} failed ({e}); "
-                                   "the file was left unchanged", "pass another --db") from e
-        missing_tables = {"entry", "repetition", "sample"} - {r[0] for r in c.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        missing_tables = set(HISTORY_TABLES) - tables
         if missing_tables:
             raise HistoryError(f"{self.path} is damaged: table(s) {', '.join(sorted(missing_tables))} missing",
                                "restore it from a backup or pass another --db")
         self._check_integrity()
 
+    def _migrate(self, version: int) -> None:
+        """Run MIGRATIONS[version], ..., up to SCHEMA_VERSION (inside the caller's transaction) and record them."""
+        s = self.store
+        assert s is not None
+        missing = [v for v in range(version, SCHEMA_VERSION) if v not in MIGRATIONS]
+        if missing:
+            raise HistoryError(f"{self.path} has history schema version {version} and this mvlm has no migration "
+                               f"from version {missing[0]}", "export it with an older mvlm or pass another --db")
+        try:
+            for v in range(version, SCHEMA_VERSION):
+                step = MIGRATIONS[v]
+                if callable(step):
+                    step(s)
+                else:
+                    for statement in stores.ddl(step, s.kind):
+                        s.execute(statement)
+            if "schema_version" in s.tables():
+                now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+                have = {r[0] for r in s.execute("SELECT version FROM schema_version")}
+                s.executemany("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                              [(v, now) for v in range(1, SCHEMA_VERSION + 1) if v not in have])
+            if s.kind == "sqlite":
+                s.execute(f"PRAGMA user_version = {int(SCHEMA_VERSION)}")
+        except (*s.errors, ValueError) as e:
+            if version == 0:
+                raise
+            raise HistoryError(f"migrating {self.path} from schema version {version} failed "
+                               f"({stores.one_line(str(e), stores.url_password(self.url))}); "
+                               "the history was left unchanged", "pass another --db") from e
+
     def _check_integrity(self) -> None:
-        """``PRAGMA quick_check``: a damaged file is refused before anything is read from or written into it (a
-        regression gate must not compare against half-read rows)."""
-        assert self.conn is not None
-        check = [r[0] for r in self.conn.execute("PRAGMA quick_check(5)")]
+        """SQLite's ``PRAGMA quick_check``: a damaged file is refused before anything is read from or written into it
+        (a regression gate must not compare against half-read rows). A PostgreSQL server checks its own pages."""
+        s = self.store
+        assert s is not None
+        if s.kind != "sqlite":
+            return
+        check = [r[0] for r in s.execute("PRAGMA quick_check(5)")]
         if check != ["ok"]:
             raise HistoryError(f"{self.path} is damaged (integrity check: {'; '.join(check)[:200]})",
                                f"restore it from a backup or move the file aside (`sqlite3 {self.path} .recover` "
                                "may rescue its rows), or pass another --db")
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: the write lock is taken first (BEGIN IMMEDIATE), any failure rolls back."""
-        c = self.conn
-        assert c is not None
-        c.execute("BEGIN IMMEDIATE")
+    def _write(self, schema: bool = False) -> Iterator[stores.Store]:
+        """One write transaction (SQLite: the write lock first, BEGIN IMMEDIATE; ``schema``: PostgreSQL's advisory
+        lock too); any failure rolls back."""
+        s = self.store
+        assert s is not None
+        s.begin(schema=schema)
         try:
-            yield c
+            yield s
         except BaseException:
-            try:
-                c.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            s.rollback()
             raise
-        c.execute("COMMIT")
+        s.commit()
+
+    def _error(self, exc: BaseException, doing: str) -> HistoryError:
+        return pg_error(self.url, exc, doing) if self.url else db_error(Path(self.path), exc, doing)
 
     @contextmanager
     def _guard(self, doing: str) -> Iterator[None]:
-        """SQLite/OS errors and unreadable stored values become one HistoryError line."""
+        """SQLite/PostgreSQL/OS errors and unreadable stored values become one HistoryError line."""
+        errors = self.store.errors if self.store is not None else ()
         try:
             yield
         except MvlmError:
             raise
-        except (sqlite3.Error, OSError, ValueError, KeyError, TypeError) as e:
-            raise db_error(self.path, e, doing) from None
+        except (*errors, sqlite3.Error, OSError, ValueError, KeyError, TypeError) as e:
+            raise self._error(e, doing) from None
 
     def close(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except sqlite3.Error:
-                pass
-            self.conn = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
     def __enter__(self) -> History:
         return self
@@ -655,45 +790,47 @@ class History:
     def save_many(self, entries: Sequence[Entry], created_at: str | None = None) -> list[int]:
         """Store entries in ONE transaction (all or none); returns their ids and sets ``entry.id``/``created_at``.
 
-        The file is integrity-checked first (``PRAGMA quick_check``): nothing is written into a damaged history.
+        A SQLite file is integrity-checked first (``PRAGMA quick_check``): nothing is written into a damaged history.
         """
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         assigned: list[tuple[Entry, int, str]] = []
-        with self._guard("writing"), self._write() as conn:
+        with self._guard("writing"), self._write() as s:
             self._check_integrity()  # again, under the write lock
             for entry in entries:
                 created = created_at or entry.created_at or now
-                assigned.append((entry, self._insert(conn, entry, created), created))
+                assigned.append((entry, self._insert(s, entry, created), created))
         for entry, eid, created in assigned:
             entry.id, entry.created_at = eid, created
         return [eid for _, eid, _ in assigned]
 
     @staticmethod
-    def _insert(conn: sqlite3.Connection, entry: Entry, created: str) -> int:
+    def _insert(s: stores.Store, entry: Entry, created: str) -> int:
         c = entry.context
-        cur = conn.execute(
+        (eid,) = s.execute(
             "INSERT INTO entry (created_at, label, project_commit, project_dirty, device, model, precision, "
             "model_file, model_sha256, mmproj_file, mmproj_sha256, size_bytes, runtime_commit, runtime_patches, "
-            "protocol, cpu_info, gpu_info, params, repetitions) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "protocol, cpu_info, gpu_info, params, repetitions) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
             (created, entry.label, entry.project_commit,
              None if entry.project_dirty is None else int(entry.project_dirty), c.device, c.label(), c.precision,
              c.model_file, c.model_sha256, c.mmproj_file, c.mmproj_sha256, c.size_bytes, c.runtime_commit,
              json.dumps(list(c.runtime_patches)), c.protocol, c.cpu_info, c.gpu_info,
              json.dumps(c.params, sort_keys=True, default=str), entry.repetitions),
-        )
-        eid = int(cur.lastrowid)
-        for i in range(max(entry.repetitions, len(entry.timings))):
-            t = entry.timings[i] if i < len(entry.timings) else {}
-            conn.execute("INSERT INTO repetition (entry_id, idx, timing) VALUES (?,?,?)",
-                         (eid, i, json.dumps(t, default=str)))
-        conn.executemany(
+        ).fetchone()
+        eid = int(eid)
+        n = max(entry.repetitions, len(entry.timings))
+        s.executemany("INSERT INTO repetition (entry_id, idx, timing) VALUES (?,?,?)",
+                      [(eid, i, json.dumps(entry.timings[i] if i < len(entry.timings) else {}, default=str))
+                       for i in range(n)])
+        # NaN is stored as NULL on both backends (SQLite has no NaN; PostgreSQL would keep it)
+        s.executemany(
             "INSERT INTO sample (entry_id, repetition, metric, value) VALUES (?,?,?,?)",
-            [(eid, i, k, v) for k, vs in entry.samples.items() for i, v in enumerate(vs) if not isinstance(v, str)],
+            [(eid, i, k, None if isinstance(v, float) and math.isnan(v) else v)
+             for k, vs in entry.samples.items() for i, v in enumerate(vs) if not isinstance(v, str)],
         )
         return eid
 
     # --- reading -------------------------------------------------------------------------------------------------
-    def _row_to_entry(self, row: sqlite3.Row | tuple, cols: list[str]) -> Entry:
+    def _row_to_entry(self, row: Sequence[Any], cols: list[str]) -> Entry:
         r = dict(zip(cols, row, strict=True))
         patches, params = json.loads(r["runtime_patches"]), json.loads(r["params"])
         if not isinstance(patches, list) or not isinstance(params, dict):
@@ -706,12 +843,12 @@ class History:
         return Entry(context=ctx, samples={}, id=r["id"], created_at=r["created_at"], label=r["label"],
                      project_commit=r["project_commit"],
                      project_dirty=None if r["project_dirty"] is None else bool(r["project_dirty"]),
-                     source=f"{self.path.name}#{r['id']}")
+                     source=f"{self.name}#{r['id']}")
 
     def _load_samples(self, entries: list[Entry]) -> None:
         by_id = {e.id: e for e in entries}
         ids = list(by_id)
-        conn = self.conn
+        conn = self.store
         assert conn is not None
         for lo in range(0, len(ids), 500):  # SQLite limits the number of ? in one statement
             part = ids[lo : lo + 500]
@@ -743,7 +880,7 @@ class History:
 
     def _entries(self, device: str | None, model: str | None, protocol: str | None, label: str | None,
                  samples: bool) -> list[Entry]:
-        assert self.conn is not None
+        assert self.store is not None
         where, args = [], []
         if device:
             where.append("device = ?")
@@ -757,7 +894,7 @@ class History:
         if label is not None:
             where.append("label = ?")
             args.append(label)
-        cur = self.conn.execute("SELECT * FROM entry" + (" WHERE " + " AND ".join(where) if where else "")
+        cur = self.store.execute("SELECT * FROM entry" + (" WHERE " + " AND ".join(where) if where else "")
                                 + " ORDER BY id", args)
         cols = [d[0] for d in cur.description]
         out = [self._row_to_entry(row, cols) for row in cur.fetchall()]
@@ -770,8 +907,8 @@ class History:
             raise MvlmError(f"id:{entry_id} is out of range (ids are 1 to {MAX_ID}): "
                             f"`mvlm history --db {self.path}` lists the stored ones")
         with self._guard("reading"):
-            assert self.conn is not None
-            cur = self.conn.execute("SELECT * FROM entry WHERE id = ?", (entry_id,))
+            assert self.store is not None
+            cur = self.store.execute("SELECT * FROM entry WHERE id = ?", (entry_id,))
             row = cur.fetchone()
             if row is None:
                 raise MvlmError(f"no entry id:{entry_id} in {self.path}: `mvlm history --db {self.path}` lists them")
@@ -826,7 +963,7 @@ class SaveOutcome:
     """What :func:`save_or_spill` did: saved (``ids``), or not (``error``) with the entries ``spilled`` to a JSON file
     (or, when no file could be written anywhere, ``unsaved_json`` for the caller to print)."""
 
-    db: Path
+    db: Path | str  # a SQLite file, or a PostgreSQL URL with its password masked
     entries: list[Entry]
     ids: list[int] = dataclasses.field(default_factory=list)
     error: MvlmError | None = None
@@ -859,16 +996,22 @@ class SaveOutcome:
         return f"not saved to the benchmark history: {what}; {kept}: {todo + ', then ' if todo else ''}{then}"
 
 
-def spill_entries(entries: Sequence[Entry], db: Path) -> tuple[Path | None, str]:
+def spill_entries(entries: Sequence[Entry], db: Path | str) -> tuple[Path | None, str]:
     """Write entries to ``<db>.unsaved-<UTC time>.json`` beside the history, else in the current directory, else in
-    the temporary directory. Returns (the file or None when none could be written, the JSON text)."""
+    the temporary directory (a PostgreSQL history: ``mvlm-history-<database>.unsaved-...`` in the current directory,
+    else the temporary one). Returns (the file or None when none could be written, the JSON text)."""
     from mvlm_core.atomic import write_text
 
     text = json.dumps(entries_to_records(entries), indent=2, default=str) + "\n"
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    stem = f"{db.name or DEFAULT_DB_NAME}.unsaved-{stamp}"
+    loc = stores.location(db)
+    if isinstance(loc, str):
+        dbname = re.sub(r"[^A-Za-z0-9._-]+", "_", loc.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1])[:60]
+        stem, beside = f"mvlm-history-{dbname or 'postgresql'}.unsaved-{stamp}", []
+    else:
+        stem, beside = f"{loc.name or DEFAULT_DB_NAME}.unsaved-{stamp}", [loc.parent]
     dirs: list[Path] = []
-    for d in (db.parent, Path.cwd(), Path(tempfile.gettempdir())):
+    for d in (*beside, Path.cwd(), Path(tempfile.gettempdir())):
         try:
             d = d.resolve()
         except OSError:
@@ -896,24 +1039,25 @@ def save_or_spill(entries: Sequence[Entry], db: Path | str | None = None) -> Sav
     Never raises for a history problem: the outcome says what happened (``message()`` is one line for the user). The
     entries get their ``created_at`` now, so a later ``mvlm history import`` of the spilled file keeps the time.
     """
-    path = Path(db) if db is not None else default_db_path()
+    loc = stores.location(db if db is not None else default_db_path())
+    path = stores.mask_url(loc) if isinstance(loc, str) else loc
     entries = list(entries)
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     for e in entries:
         e.created_at = e.created_at or now
     out = SaveOutcome(db=path, entries=entries)
     try:
-        with History(path) as h:
+        with History(loc) as h:
             out.ids = h.save_many(entries)
         return out
     except MvlmError as e:
         out.error = e
     except (sqlite3.Error, OSError) as e:
-        out.error = db_error(path, e, "writing")
+        out.error = db_error(loc, e, "writing") if isinstance(loc, Path) else pg_error(loc, e, "writing")
     except BaseException:  # Ctrl-C / SIGTERM while saving: keep the runs, then stop as asked
-        spill_entries(entries, path)
+        spill_entries(entries, loc)
         raise
-    out.spilled, text = spill_entries(entries, path)
+    out.spilled, text = spill_entries(entries, loc)
     if out.spilled is None:
         out.unsaved_json = text
     return out

@@ -29,6 +29,8 @@ err = Console(stderr=True)
 
 app = typer.Typer(invoke_without_command=True)
 
+_DB_HELP = ("History: a SQLite file or a PostgreSQL URL postgresql://user@host:port/db (default $MVLM_HISTORY or "
+            "./mvlm-history.sqlite; docs/lab.md).")
 _SELECTOR_HELP = ("latest, latest~N, id:N, label:NAME, commit:SHA, runtime:SHA (llama.cpp commit), "
                   "or a JSON file written by `mvlm bench --json-file`")
 
@@ -261,7 +263,7 @@ def _entry_json(e) -> dict:
 def compare_cmd(
     baseline: str = typer.Argument("latest~1", help=f"Baseline: {_SELECTOR_HELP}."),
     candidate: str = typer.Argument("latest", help=f"Candidate: {_SELECTOR_HELP}."),
-    db: Path | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
+    db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
     markdown_out: Path | None = typer.Option(None, "--markdown", help="Also write the table as Markdown."),
     metric: list[str] | None = typer.Option(None, "--metric", help="Metric to compare (repeatable): eval_tps, ..."),
@@ -385,7 +387,7 @@ def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str
 @app.callback()
 def history_cmd(
     ctx: typer.Context,
-    db: Path | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
+    db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
     json_out: bool = typer.Option(False, "--json", help="JSON list (with every repetition) instead of a table."),
     device: str | None = typer.Option(None, "--device", help="Only this device."),
     model: str | None = typer.Option(None, "--model", help="Only this model (name, file or sha256 prefix)."),
@@ -427,7 +429,7 @@ def history_cmd(
 @app.command("plot")
 def plot_cmd(
     out: Path = typer.Option(Path("mvlm-history-plots"), "--out", "-o", help="Directory for the PNGs and index.html."),
-    db: Path | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
+    db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
     metric: list[str] | None = typer.Option(None, "--metric", help="Metric key to plot (repeatable)."),
     device: str | None = typer.Option(None, "--device", help="Only this device."),
     model: str | None = typer.Option(None, "--model", help="Only this model."),
@@ -459,7 +461,7 @@ def import_cmd(
     files: list[Path] = typer.Argument(..., help="Reports written by `mvlm bench --json-file`, the .unsaved-*.json a "
                                                  "failed `mvlm bench --save` wrote, or llama-bench output (-o json, "
                                                  "jsonl or sql; also csv, md).", show_default=False),
-    db: Path | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
+    db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
     device: str | None = typer.Option(None, "--device", help="Device name for llama-bench rows (default: their "
                                                              "cpu_info, or gpu_info)."),
     label: str | None = typer.Option(None, "--label", help="Label every imported measurement with this."),

@@ -172,12 +172,13 @@ def load_entries(db: Path | None, device: str | None) -> tuple[list, Path, str |
     """The history's entries (optionally of one device). A history file that does not exist yet is no entries (the
     paper's rows are still worth showing); one that is not a history is the history's own one-line error."""
     from mvlm_bench.history import History, default_db_path
+    from mvlm_bench.store import is_url
 
     path = db if db is not None else default_db_path()
-    if not path.exists() and not path.is_symlink():
+    if not is_url(path) and not path.exists() and not path.is_symlink():  # a PostgreSQL URL: the server says
         return [], path, f"no benchmark history at {path} yet"
     with History(path, create=False) as h:
-        return h.entries(device=device), path, None
+        return h.entries(device=device), h.path, None  # h.path: a URL's password masked
 
 
 def report_cmd(

@@ -4,6 +4,7 @@
 #   openssh-server/-client    the ssh transport (tests run a real sshd on 127.0.0.1)
 #   adb                       the adb transport               qemu-user-static runs arm64 builds here
 #   gcc/g++-aarch64-linux-gnu cross-compile the arm64 runtime without an NDK
+#   postgresql                the tests' private PostgreSQL cluster (shared history; initdb + pg_ctl, no service used)
 set -euo pipefail
 declare -A need=(
   [cmake]=cmake [ninja]=ninja-build [patch]=patch [g++]=g++ [ccache]=ccache
@@ -15,6 +16,10 @@ missing=()
 for cmd in "${!need[@]}"; do
   if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "$cmd" ]; then missing+=("${need[$cmd]}"); fi
 done
+# Debian keeps initdb off PATH, in /usr/lib/postgresql/<major>/bin
+if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  missing+=(postgresql)
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
 echo "installing system packages: $pkgs"

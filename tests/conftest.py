@@ -74,3 +74,59 @@ def sshd(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgresql():
+    """A private PostgreSQL cluster (Debian's server binaries) in a temporary directory, listening on 127.0.0.1 at a
+    free port with trust authentication and no Unix socket; yields ``postgresql://mvlm@127.0.0.1:PORT/postgres`` and
+    stops it (``pg_ctl stop -m fast``) at the end of the session, even when a test failed. No system service is used.
+
+    initdb refuses to run as root: as root (CI, the dev machines) the cluster runs as the unprivileged user ``nobody``
+    (``runuser -u nobody --``), which owns the temporary directory. Missing binaries fail the tests, with the command
+    that installs them.
+    """
+    import glob
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4].split(".")[0]))
+    initdb = found[-1] if found else shutil.which("initdb")
+    if not initdb:
+        pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) missing: run scripts/install-system-deps.sh "
+                    "(it installs the Debian package postgresql)")
+    pg_ctl = str(Path(initdb).with_name("pg_ctl"))
+    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    top = Path(tempfile.mkdtemp(prefix="mvlm-pg-"))
+    data, log = top / "data", top / "server.log"
+    if as_user:
+        shutil.chown(top, "nobody")
+
+    def run(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120, cwd=top)
+
+    started = False
+    try:
+        r = run(initdb, "-D", str(data), "-U", "mvlm", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync")
+        if r.returncode != 0:
+            pytest.fail(f"initdb failed: {r.stderr.strip()[-500:]}")
+        for _attempt in range(3):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            with open(data / "postgresql.conf", "a") as f:
+                f.write(f"\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n"
+                        "fsync = off\nmax_connections = 60\n")
+            r = run(pg_ctl, "start", "-w", "-t", "60", "-D", str(data), "-l", str(log))
+            if r.returncode == 0:
+                started = True
+                break
+        if not started:
+            pytest.fail(f"pg_ctl start failed: {r.stdout.strip()[-300:]} {log.read_text()[-500:] if log.exists() else ''}")
+        yield f"postgresql://mvlm@127.0.0.1:{port}/postgres"
+    finally:
+        if started:
+            run(pg_ctl, "stop", "-w", "-m", "fast", "-D", str(data))
+        shutil.rmtree(top, ignore_errors=True)

@@ -204,37 +204,39 @@ def test_old_schema_is_migrated_through_the_hook(tmp_path, monkeypatch):
     db = tmp_path / "h.sqlite"
     with History(db) as h:
         eid = h.save(_entry(_ctx(), [40.0, 41.0, 39.0], label="old"))
+    v = history.SCHEMA_VERSION
 
-    def v1_to_v2(con: sqlite3.Connection) -> None:
-        con.execute("ALTER TABLE entry ADD COLUMN host TEXT NOT NULL DEFAULT ''")
+    def next_step(store) -> None:
+        store.execute("ALTER TABLE entry ADD COLUMN host TEXT NOT NULL DEFAULT ''")
 
-    monkeypatch.setattr(history, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(history, "MIGRATIONS", {1: v1_to_v2})
+    monkeypatch.setattr(history, "SCHEMA_VERSION", v + 1)
+    monkeypatch.setattr(history, "MIGRATIONS", {v: next_step})
     with History(db) as h:
         back = h.get(eid)
     assert back.label == "old" and back.samples["eval_tps"] == [40.0, 41.0, 39.0]
     con = sqlite3.connect(db)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == v + 1
     assert "host" in [r[1] for r in con.execute("PRAGMA table_info(entry)")]
     con.close()
-    monkeypatch.setattr(history, "SCHEMA_VERSION", 3)  # no step 2 -> 3: refuse, leave the file alone
-    with pytest.raises(MvlmError, match="no migration from version 2"):
+    monkeypatch.setattr(history, "SCHEMA_VERSION", v + 2)  # no step v+1 -> v+2: refuse, leave the file alone
+    with pytest.raises(MvlmError, match=f"no migration from version {v + 1}"):
         History(db)
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == v + 1
 
 
 def test_failed_migration_leaves_file_unchanged(tmp_path, monkeypatch):
     db = tmp_path / "h.sqlite"
     History(db).close()
+    v = history.SCHEMA_VERSION
 
-    def broken(con: sqlite3.Connection) -> None:
-        con.execute("ALTER TABLE no_such_table ADD COLUMN x")
+    def broken(store) -> None:
+        store.execute("ALTER TABLE no_such_table ADD COLUMN x")
 
-    monkeypatch.setattr(history, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(history, "MIGRATIONS", {1: broken})
+    monkeypatch.setattr(history, "SCHEMA_VERSION", v + 1)
+    monkeypatch.setattr(history, "MIGRATIONS", {v: broken})
     with pytest.raises(MvlmError, match="left unchanged"):
         History(db)
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 1
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == v
 
 
 # --- the CLI ----------------------------------------------------------------------------------------------------
