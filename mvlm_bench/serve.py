@@ -11,7 +11,8 @@ the API reports; default: the GGUF's file stem) and ``--no-webui`` (the runtime 
 
 Its log (stdout and stderr; for a remote server, streamed back over ssh) goes to a file, by default
 ``<cache>/logs/serve-<alias>-<time>-<pid>.log``. Ready means ``GET /health`` answers 200 (it answers 503 while the
-model loads). A stop (Ctrl-C, SIGTERM) terminates the server, waits ``GRACE_S``, then kills it; on an ssh device the
+model loads). A stop (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT) terminates the server, waits ``GRACE_S``, then kills it; a further
+stop signal kills it at once, and none kills mvlm before the server is reaped (``StopSignals``). On an ssh device the
 remote shell that started the server kills it as soon as its ssh session ends, however it ends.
 
 adb devices are refused: the adb transport runs commands to completion and has no port forwarding.
@@ -163,11 +164,18 @@ def check_spec(spec: ServeSpec) -> list[str]:
             raise MvlmError(f"{option} {value} is out of range: give a whole number from {lo} to {hi}")
     if not spec.host or spec.host.startswith("-") or not re.fullmatch(r"[A-Za-z0-9_.:%\[\]-]+", spec.host):
         raise MvlmError(f"--host {spec.host!r} is not an address: give an IP address such as 127.0.0.1 or 0.0.0.0")
+    if _ipv4_shorthand(spec.host):
+        full = socket.inet_ntoa(socket.inet_aton(spec.host))
+        raise MvlmError(f"--host {spec.host} is a shorthand IPv4 address (it means {full}): write it in full, e.g. "
+                        f"--host {full}")
     if spec.alias is not None and (not spec.alias.strip() or "," in spec.alias or any(c in spec.alias for c in "\n\r\0")):
         raise MvlmError(f"--alias {spec.alias!r}: give one non-empty name without commas")
     # the files exist and are GGUFs: the bench's own checks (the vlm protocol's when an mmproj is given)
     check_inputs(BenchSpec("vlm" if spec.mmproj is not None else "lm", spec.model, mmproj=spec.mmproj))
-    if spec.log is not None:  # never a model, a directory or a device node
+    if spec.log is not None:  # never a symlink, a model, an input, a directory or a device node (appended to, never truncated)
+        if spec.log.is_symlink():
+            raise MvlmError(f"--log {spec.log} is a symbolic link; the log is never written through a link: give the path "
+                            "of a regular file (it is appended to) or of a new one")
         check_output_path(spec.log, [spec.model, spec.mmproj], option="--log")
     arch, is_lm, has_template = gguf_kind(spec.model)
     if arch == "clip":
@@ -203,8 +211,8 @@ def check_port_free(host: str, port: int, option: str = "--port") -> None:
             s.bind(addr)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise MvlmError(f"{option} {port}: something already listens on {host}:{port}; stop it or choose another "
-                                "port") from None
+                raise MvlmError(f"{option} {port}: port {port} is in use on {host} (bound by another process, on this "
+                                "address or on every interface); stop it or choose another port") from None
             if e.errno == errno.EADDRNOTAVAIL:
                 raise MvlmError(f"--host {host} is not an address of this machine: give 127.0.0.1, 0.0.0.0 or one of "
                                 "its own addresses") from None
@@ -235,13 +243,37 @@ def default_log_path(alias: str) -> Path:
 
 
 def open_log(spec: ServeSpec):
+    """The log file, opened to append (never truncated: an existing file keeps its lines, two serves with the same
+    --log both append) and never through a symlink (O_NOFOLLOW), with a header line saying which serve starts when."""
     path = spec.log or default_log_path(spec.model_alias)
+    f = open_append(path)
+    f.write(f"==== mvlm serve (pid {os.getpid()}) started {time.strftime('%Y-%m-%d %H:%M:%S %z')}: model "
+            f"{spec.model_alias} on port {spec.port} ====\n".encode())
+    f.flush()
+    return path, f
+
+
+def open_append(path: Path):
+    """``path`` opened to append (binary), created if absent; a symlink, or anything but a regular file, is refused."""
+    import stat
+
+    from mvlm_core.atomic import file_kind
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return path, open(path, "wb")
+        # O_NONBLOCK: a FIFO put there since the checks fails (ENXIO) instead of blocking; cleared below
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MvlmError(f"--log {path} is a symbolic link; the log is never written through a link: give the path "
+                            "of a regular file") from None
         raise MvlmError(f"cannot write the server log {path}: {e.strerror or e}; give --log FILE in a writable "
                         "directory") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MvlmError(f"--log {path} is {file_kind(path)}, not a regular file: give the path of a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "ab")
 
 
 def health(host: str, port: int, timeout: float = 2.0) -> int | None:
@@ -312,6 +344,59 @@ def _die_with_parent() -> None:
         pass
 
 
+class StopRequested(KeyboardInterrupt):
+    """The first stop signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT): unwinds like Ctrl-C, then the server is stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+class StopSignals:
+    """Handlers for the stop signals while a server runs. The first one raises ``StopRequested`` (the caller stops the
+    server); once stopping (``begin()``: a user stop, or cleanup after an error), any further stop signal only hastens it
+    (SIGKILL to the registered processes' groups at once) and never raises, so mvlm always reaps its server. The
+    handlers stay for the rest of the process: ``done()`` (the server reaped) ignores the stop signals from then on,
+    since Python's own shutdown restores the default action (death by the signal) for a handler it installed."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.procs: list[subprocess.Popen] = []
+
+    def install(self) -> StopSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._handle)
+        return self
+
+    def begin(self) -> None:
+        self.stopping = True
+
+    def done(self) -> None:
+        import threading
+
+        self.stopping = True
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.stopping:
+            self.stopping = True
+            raise StopRequested(signum)
+        for proc in self.procs:  # hasten: no more grace period
+            if proc.returncode is None:  # not reaped yet, so the pid is still this process's
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
 def _status(proc: subprocess.Popen) -> str:
     rc = proc.returncode
     if rc is not None and rc < 0:
@@ -333,7 +418,7 @@ def _wait_ready(host: str, port: int, procs: list[tuple[subprocess.Popen, str, P
         if health(host, port) == 200:
             return
         if time.monotonic() > deadline:
-            raise MvlmError(f"llama-server was not ready within {timeout:.0f} s (GET /health on {host}:{port}); see "
+            raise MvlmError(f"llama-server was not ready within {timeout:g} s (GET /health on {host}:{port}); see "
                             f"{procs[0][2]}, or raise --timeout for a big model on a slow device",
                             exit_code=EXIT_SERVER_FAILED)
         time.sleep(0.1)
@@ -359,7 +444,8 @@ def _serve(host: str, port: int, procs: list[tuple[subprocess.Popen, str, Path]]
 
 
 def _stopped_by_user(e: BaseException) -> bool:
-    """Ctrl-C, or the SIGTERM that ``mvlm``'s entry point turns into SystemExit(143)."""
+    """A stop signal (``StopRequested``, a KeyboardInterrupt), or the SIGTERM that ``mvlm``'s entry point turns into
+    SystemExit(143) where ``StopSignals`` is not installed."""
     return isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and e.code == 128 + signal.SIGTERM)
 
 
@@ -368,7 +454,8 @@ def _stopped_by_user(e: BaseException) -> bool:
 
 def serve_local(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Serving], None],
                 log: Callable[[str], None] = lambda s: None) -> bool:
-    """Run llama-server on this machine until stopped. True when the user stopped it (Ctrl-C / SIGTERM)."""
+    """Run llama-server on this machine until stopped. True when the user stopped it (a stop signal)."""
+    stops = StopSignals().install()
     rt = _runtime(profile)
     check_port_free(spec.host, spec.port)
     threads = spec.threads or profile.threads or os.cpu_count() or 1
@@ -386,6 +473,7 @@ def serve_local(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Ser
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True, preexec_fn=_die_with_parent)
+            stops.procs.append(proc)
         except OSError as e:
             raise MvlmError(f"cannot start {argv[0]}: {e.strerror}; rebuild the runtime (`mvlm runtime build --target "
                             f"{profile.target}`)", exit_code=EXIT_SERVER_FAILED) from None
@@ -394,15 +482,39 @@ def serve_local(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Ser
                         profile.name)
         return _serve(here, spec.port, [(proc, "llama-server", log_path)], spec.ready_timeout, t0, ready, on_ready)
     finally:
+        stops.begin()  # from here on a stop signal only hastens the stop
         if proc is not None:
             stop_process(proc)
+        stops.done()
         logf.close()
 
 
 def _loopback_for(host: str) -> str:
-    """The address this machine reaches a server listening on ``host`` at: a wildcard becomes its loopback."""
+    """The address this machine reaches a server listening on ``host`` at: a wildcard (0.0.0.0, ::, ::0 ...) becomes
+    its loopback."""
+    import ipaddress
+
     host = host.strip("[]")
-    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host
+    return ("127.0.0.1" if ip.version == 4 else "::1") if ip.is_unspecified else host
+
+
+def _ipv4_shorthand(host: str) -> bool:
+    """``0``, ``127.1``, ``0x7f.1`` ...: inet_aton's abbreviated IPv4 forms (bound as 0.0.0.0, 127.0.0.1 ...)."""
+    import ipaddress
+
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    try:
+        ipaddress.IPv4Address(host)
+        return False
+    except ValueError:
+        return True
 
 
 def _runtime(profile: DeviceProfile) -> rtmod.Runtime:
@@ -455,6 +567,7 @@ def serve_ssh(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Servi
         raise MvlmError(f"--host {spec.host}: on a device the local end of the ssh tunnel is always 127.0.0.1 (the "
                         "server there listens on the device's 127.0.0.1 only); drop --host")
     check_port_free("127.0.0.1", spec.port)
+    stops = StopSignals().install()
     transport, profile = _connect(profile, log)
     procs: list[tuple[subprocess.Popen, str, Path]] = []
     log_path, logf = open_log(spec)
@@ -486,14 +599,16 @@ def serve_ssh(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Servi
         server = subprocess.Popen(transport.shell_argv(remote_script(wd, argv, env)), stdin=subprocess.PIPE,
                                   stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
                                   preexec_fn=_die_with_parent)
+        stops.procs.append(server)
         procs.append((server, f"llama-server on {profile.name}", log_path))
         remote_port, pid = _wait_remote_port(server, log_path, procs, spec.ready_timeout)
         log(f"llama-server on {profile.name} listens on its 127.0.0.1:{remote_port} (pid {pid})")
         tunnel_log = log_path.with_name(log_path.name.removesuffix(".log") + "-tunnel.log")
-        with open(tunnel_log, "wb") as tlog:
+        with open_append(tunnel_log) as tlog:
             tunnel = subprocess.Popen(transport.forward_argv(spec.port, remote_port), stdin=subprocess.DEVNULL,
                                       stdout=tlog, stderr=subprocess.STDOUT, start_new_session=True,
                                       preexec_fn=_die_with_parent)
+            stops.procs.append(tunnel)
         procs.append((tunnel, f"the ssh tunnel to {profile.name}", tunnel_log))
         ready = Serving(f"http://127.0.0.1:{spec.port}", spec.model_alias, log_path, 0.0, profile.name)
         return _serve("127.0.0.1", spec.port, procs, max(30.0, spec.ready_timeout - (time.monotonic() - t0)), t0,
@@ -503,10 +618,12 @@ def serve_ssh(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Servi
             raise
         return True
     finally:
+        stops.begin()
         if tunnel is not None:
             stop_process(tunnel, grace=2.0)
         if server is not None:
             _stop_remote(server, transport, pid)
+        stops.done()
         transport.close()
         logf.close()
 
@@ -528,7 +645,7 @@ def _wait_remote_port(server: subprocess.Popen, log_path: Path, procs, timeout: 
                 raise MvlmError(f"{what} stopped at start-up ({_status(proc)}): {failure_line(log)} (whole log: "
                                 f"{log})", exit_code=EXIT_SERVER_FAILED)
         if time.monotonic() > deadline:
-            raise MvlmError(f"llama-server on the device did not load the model within {timeout:.0f} s; see "
+            raise MvlmError(f"llama-server on the device did not load the model within {timeout:g} s; see "
                             f"{log_path}, or raise --timeout", exit_code=EXIT_SERVER_FAILED)
         time.sleep(0.1)
 

@@ -25,15 +25,16 @@ def serve_cmd(
     n_gpu_layers: int | None = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (default: the "
                                                                                  "profile's)."),
     alias: str | None = typer.Option(None, "--alias", help="Model name the API reports (default: the GGUF's file "
-                                                           "name without .gguf)."),
-    log: Path | None = typer.Option(None, "--log", help="Server log file (default: ~/.cache/mvlm/logs/serve-*.log)."),
-    timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the model to load."),
+                                                           "name without .gguf); requests may name any model."),
+    log: Path | None = typer.Option(None, "--log", help="Server log file, appended to, never through a symlink "
+                                                    "(default: ~/.cache/mvlm/logs/serve-*.log)."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the model to load (at least 1)."),
 ) -> None:
     """Serve a GGUF with llama.cpp's llama-server (OpenAI-compatible /v1/chat/completions, images as data URIs).
 
-    Waits until the server is ready, prints its URL and the OpenAI base URL, and runs until Ctrl-C or SIGTERM
-    (exit 0; the server is stopped). On an ssh device the runtime and models are pushed first and a local port is
-    forwarded to the server there. Examples:
+    Waits until the server is ready, prints its URL and the OpenAI base URL, and runs until Ctrl-C, SIGTERM, SIGHUP
+    or SIGQUIT (exit 0; the server is stopped and reaped; a second signal kills it at once). On an ssh device the
+    runtime and models are pushed first and a local port is forwarded to the server there. Examples:
 
       mvlm serve --model MobileVLM_V2-1.7B-Q4_K_S.gguf --mmproj mmproj-MobileVLM_V2-1.7B-F16.gguf
 
@@ -45,8 +46,8 @@ def serve_cmd(
 
     if model is None:
         raise MvlmError("no model given: pass --model FILE.gguf (and --mmproj mmproj-FILE.gguf for images)")
-    if not (timeout > 0):
-        raise MvlmError(f"--timeout {timeout} is out of range: give seconds, more than 0")
+    if not (timeout >= 1):  # NaN too
+        raise MvlmError(f"--timeout {timeout:g} is too short: give the seconds to wait for the model to load, at least 1")
     spec = serve.ServeSpec(model=model, mmproj=mmproj, host=host, port=port, threads=threads, ctx_size=ctx_size,
                            n_gpu_layers=n_gpu_layers, alias=alias, log=log, ready_timeout=timeout)
     notes = serve.check_spec(spec)
@@ -66,14 +67,11 @@ def serve_cmd(
 
     def on_ready(s: serve.Serving) -> None:
         # plain print, flushed: scripts and tests read these lines from a pipe
-        print(f"llama-server ready on {s.device} in {s.ready_s:.1f} s", flush=True)
-        print(f"  URL:             {s.url}", flush=True)
-        print(f"  OpenAI base URL: {s.url}/v1", flush=True)
-        print(f"  model (alias):   {s.alias}", flush=True)
-        print(f"  server log:      {s.log}", flush=True)
+        print(f"llama-server ready on {s.device} in {s.ready_s:.1f} s\n  URL:             {s.url}\n"
+              f"  OpenAI base URL: {s.url}/v1\n  model (alias):   {s.alias}\n  server log:      {s.log}", flush=True)
         for note in notes:  # after start-up: a refusal stays one line
             err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
-        print("Ctrl-C stops it.", flush=True)
+        print("Ctrl-C stops it.\n", end="", flush=True)  # one write: a stop signal cannot split it from its newline
 
     import signal
 
@@ -84,4 +82,7 @@ def serve_cmd(
     else:
         stopped = serve.serve_ssh(profile, spec, on_ready, log=say)
     if stopped:
-        print("stopped", flush=True)
+        try:
+            print("stopped", flush=True)
+        except OSError:  # SIGHUP: the terminal is gone
+            pass

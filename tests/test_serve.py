@@ -195,6 +195,10 @@ BAD_INPUT = {  # case -> (arguments; {lm} {mmproj} {not_lm} {tmp} are filled in,
     "adb": (["--model", "{lm}", "--device", "adb:EMU123"], ["adb"]),
     "no-model": ([], ["--model"]),
     "log-is-the-model": (["--model", "{lm}", "--log", "{lm}"], ["--log", "input"]),
+    "log-is-a-gguf": (["--model", "{lm}", "--log", "{not_lm}"], ["--log", "existing GGUF"]),
+    "log-is-a-directory": (["--model", "{lm}", "--log", "{tmp}"], ["--log", "directory"]),
+    "host-shorthand": (["--model", "{lm}", "--host", "0"], ["--host 0", "0.0.0.0"]),
+    "timeout-too-short": (["--model", "{lm}", "--timeout", "0.001"], ["--timeout 0.001", "at least 1"]),
 }
 
 
@@ -207,13 +211,72 @@ def test_bad_input_is_one_line_exit_2(fake_gguf, tmp_path, case):
     _one_line_exit2(mvlm("serve", *args), *words)
 
 
-def test_port_in_use_is_refused_before_starting(fake_gguf):
+@pytest.mark.parametrize("where,listen", [("127.0.0.1", True), ("0.0.0.0", True), ("127.0.0.1", False)],
+                         ids=["listening", "listening-on-every-interface", "bound-not-listening"])
+def test_port_in_use_is_refused_before_starting(fake_gguf, where, listen):
+    """The message says what was found, true whether the other socket listens or is only bound, here or on 0.0.0.0."""
     lm, mmproj, _ = fake_gguf
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
+        s.bind((where, 0))
+        if listen:
+            s.listen()
         port = s.getsockname()[1]
-        _one_line_exit2(mvlm("serve", "--model", lm, "--mmproj", mmproj, "--port", port), f"{port}", "already listens")
+        _one_line_exit2(mvlm("serve", "--model", lm, "--mmproj", mmproj, "--port", port),
+                        f"port {port} is in use on 127.0.0.1")
+
+
+def _make_fifo(p: Path) -> None:
+    os.mkfifo(p)
+
+
+def _make_symlink(p: Path) -> None:
+    p.symlink_to(p.parent / "victim.txt")
+
+
+@pytest.mark.parametrize("make,words", [(_make_symlink, "symbolic link"), (_make_fifo, "FIFO")], ids=["symlink", "fifo"])
+def test_log_through_a_symlink_or_onto_a_fifo_is_refused(fake_gguf, tmp_path, make, words):
+    """A symlink (to /etc/hostname, say) is never followed, a FIFO never opened: one line, exit 2, the target unchanged."""
+    lm, _, _ = fake_gguf
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    log = tmp_path / "serve.log"
+    make(log)
+    _one_line_exit2(mvlm("serve", "--model", lm, "--log", log, "--port", _free_port(), timeout=60), "--log", words)
+    assert victim.read_text() == "precious\n"
+
+
+def test_open_log_appends_to_an_existing_file_and_never_follows_a_symlink(tmp_path):
+    """An existing file (a PNG given by mistake) keeps its bytes; the log is appended after a header line; a symlink
+    that appears after the checks is still not followed (O_NOFOLLOW)."""
+    from mvlm_bench import serve
+    from mvlm_core.errors import MvlmError
+
+    png = tmp_path / "photo.png"
+    original = b"\x89PNG\r\n\x1a\n" + os.urandom(64)
+    png.write_bytes(original)
+    spec = serve.ServeSpec(model=tmp_path / "M.gguf", log=png, port=18170)
+    path, f = serve.open_log(spec)
+    f.write(b"server line\n")
+    f.close()
+    data = png.read_bytes()
+    assert path == png and data.startswith(original), data[:80]
+    header = data[len(original):].split(b"\n")[0].decode()
+    assert f"mvlm serve (pid {os.getpid()})" in header and "started" in header and "18170" in header
+    assert data.endswith(b"server line\n")
+    target = tmp_path / "target"
+    target.write_text("keep")
+    link = tmp_path / "link.log"
+    link.symlink_to(target)
+    with pytest.raises(MvlmError, match="symbolic link"):
+        serve.open_log(serve.ServeSpec(model=tmp_path / "M.gguf", log=link))
+    assert target.read_text() == "keep"
+
+
+def test_wildcard_hosts_print_the_loopback_url():
+    from mvlm_bench.serve import _loopback_for
+
+    assert [_loopback_for(h) for h in ("0.0.0.0", "::", "[::]", "::0", "0:0::0", "127.0.0.2", "::1", "localhost")] == [
+        "127.0.0.1", "::1", "::1", "::1", "::1", "127.0.0.2", "::1", "localhost"]
 
 
 # --------------------------------------------------------------------------------------------------- the real server
@@ -416,3 +479,81 @@ def test_mvlm_killed_outright_still_stops_the_server(tiny_v2):
     assert server not in proc_table(), "llama-server outlived a killed mvlm serve"
     assert "cleaning up before exit" in s.log.read_text()
     s.stop()
+
+
+@pytest.mark.slow
+def test_two_serves_with_the_same_log_both_append(tiny_v2, tmp_path):
+    """The second serve with the same --log does not wipe the first one's live log: both servers' lines are there."""
+    lm, _ = tiny_v2
+    log = tmp_path / "shared.log"
+    log.write_text("an older run\n")
+    ports = [_free_port(), _free_port()]
+    first = Served("--model", lm, "--port", ports[0], "--ctx-size", 512, "--threads", 1, "--log", log)
+    try:
+        second = Served("--model", lm, "--port", ports[1], "--ctx-size", 512, "--threads", 1, "--log", log)
+        rc2, out2 = second.stop()
+    finally:
+        rc1, out1 = first.stop()
+    assert (rc1, rc2) == (0, 0), (out1, out2)
+    text = log.read_text()
+    assert text.startswith("an older run\n")
+    for port in ports:  # each server's own line, with its own port
+        assert re.search(rf"listening on http://127\.0\.0\.1:{port}\b", text), text[-3000:]
+    assert len(re.findall(r"==== mvlm serve \(pid \d+\) started", text)) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT), (signal.SIGINT, signal.SIGTERM), (signal.SIGHUP,),
+                                     (signal.SIGQUIT,), (signal.SIGTERM, signal.SIGHUP)],
+                         ids=["double-ctrl-c", "sigint-then-sigterm", "sighup", "sigquit", "sigterm-then-sighup"])
+def test_any_stop_signals_exit_0_and_reap_the_server(tiny_v2, signals):
+    """A second stop signal 50 ms after the first only hastens the stop; SIGHUP (terminal closed) and SIGQUIT stop it
+    like SIGTERM. Each time: exit 0, "stopped", and the server reaped (not running, not a zombie)."""
+    lm, _ = tiny_v2
+    port = _free_port()
+    s = Served("--model", lm, "--port", port, "--ctx-size", 512, "--threads", 1)
+    servers = [pid for pid, name in _descendants(s.proc.pid).items() if name == "llama-server"]
+    assert len(servers) == 1
+    for i, sig in enumerate(signals):
+        if i:
+            time.sleep(0.05)
+        s.proc.send_signal(sig)
+    rc, out = s.stop()
+    assert rc == 0, out
+    assert "stopped" in out.splitlines() and "Traceback" not in out, out
+    assert servers[0] not in proc_table(), proc_table().get(servers[0])  # a zombie would still be listed
+    assert not _cmdlines_with(f"--port\0{port}\0", "llama-server")
+
+
+def test_a_second_stop_signal_kills_a_server_that_ignores_sigterm_at_once():
+    """In-process, with a real child that ignores SIGTERM (its grace period would be 10 s): the first signal raises
+    StopRequested; a second one, arriving while mvlm waits for the child, SIGKILLs it at once and does not raise, so the
+    child is reaped; afterwards the stop signals are ignored (Python's shutdown would otherwise restore death by them)."""
+    import threading
+
+    from mvlm_bench import serve
+
+    saved = {sig: signal.getsignal(sig) for sig in serve.STOP_SIGNALS}
+    proc = None
+    try:
+        stops = serve.StopSignals().install()
+        proc = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 30 & wait"], start_new_session=True)
+        stops.procs.append(proc)
+        time.sleep(0.2)  # the trap is set
+        with pytest.raises(serve.StopRequested):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        stops.begin()
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        t0 = time.monotonic()
+        serve.stop_process(proc, grace=10.0)
+        took = time.monotonic() - t0
+        assert proc.returncode == -signal.SIGKILL and 0.4 < took < 3, (proc.returncode, took)
+        stops.done()
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in serve.STOP_SIGNALS)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
