@@ -7,6 +7,10 @@ Protocols (the MobileVLM / MobileVLM V2 papers' latency settings; docs/devices.m
 - ``vlm``: ``llama-mtmd-cli`` on a 336x336 image + "What is in the picture?", 256 output tokens, greedy, with the
   model's own chat template (the one ``mvlm convert`` writes into the GGUF).
 - ``llama-bench``: llama.cpp's own pp/tg sweep, its JSON rows kept as they are.
+- ``imp`` (Imp Table 4): ``llama-mtmd-cli`` as ``vlm``, with a fixed request cut to exactly 41 tokens of the model's
+  own tokenizer (mvlm_bench.imp) and 64 output tokens; its figures exclude model loading (records.imp_metrics).
+- ``dataset`` (Xmodel-VLM Table 6): a whole question file (``--data FILE.jsonl``) through one ``llama-server`` that
+  loads the model once (mvlm_bench.dataset: the question file; mvlm_bench.dataset_run: the run, called by `mvlm bench`).
 
 ``--jinja`` makes llama-mtmd-cli render the GGUF's own chat template (MobileVLM's "v1" format, written by
 ``mvlm convert``). mvlm's runtime renders the same without it (patch 0005); the flag keeps a stock llama.cpp build
@@ -19,6 +23,7 @@ llama.cpp hides the perf block without it. One warm-up run (page cache, CPU cloc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import platform
@@ -27,6 +32,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mvlm_bench import lease as leasemod
+from mvlm_bench import resources, thermal
 from mvlm_bench.devices import KNOWN_TARGETS, MAX_GPU_LAYERS, MAX_THREADS, DeviceProfile
 from mvlm_bench.records import Run, RunContext
 from mvlm_bench.timings import parse_llama_bench, parse_text, run_facts
@@ -36,17 +43,20 @@ from mvlm_core.filetypes import precision_from_filename
 
 LM_PROMPT = "Building a website can be done in 10 simple steps:\nStep 1:"
 VLM_PROMPT = "What is in the picture?"
-PROTOCOLS = ("lm", "vlm", "llama-bench")
-DEFAULT_N = {"lm": 400, "vlm": 256, "llama-bench": 128}
+PROTOCOLS = ("lm", "vlm", "llama-bench", "imp", "dataset")
+IMAGE_PROTOCOLS = ("vlm", "imp", "dataset")  # need --mmproj
+DEFAULT_N = {"lm": 400, "vlm": 256, "llama-bench": 128, "imp": 64, "dataset": 128}
 # Bounds of the numeric options. lm/vlm run with a 2048-token context shared by the prompt (and the image's 144..576
 # tokens); llama.cpp stops, rather than fails, when it is full, so a larger -n would measure fewer tokens than asked.
-MAX_N = {"lm": 1536, "vlm": 1024, "llama-bench": 8192}
+MAX_N = {"lm": 1536, "vlm": 1024, "llama-bench": 8192, "imp": 1024, "dataset": 1024}
 MAX_REPEAT = 1000
 MAX_WARMUP = 100
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 # The context (-c) must hold the prompt (and the image's up to 576 tokens) and every generated token: a smaller one
 # makes llama.cpp abort ("failed to add token") rather than measure. MAX_CTX: beyond what these small models train on.
-PROMPT_ROOM = {"lm": 64, "vlm": 640, "llama-bench": 0}
+# imp: up to 729 image tokens (Imp-3B@384) + 41 text tokens + the chat template; dataset: 576 image tokens + a
+# ScienceQA question with its context and choices (a sample that does not fit fails with the server's own message).
+PROMPT_ROOM = {"lm": 64, "vlm": 640, "llama-bench": 0, "imp": 900, "dataset": 1024}
 MIN_CTX = 64
 MAX_CTX = 131072
 __all__ = ["MAX_GPU_LAYERS", "MAX_THREADS"]  # re-exported: the bounds live in devices (profiles share them)
@@ -66,6 +76,7 @@ class BenchSpec:
     timeout: float = 900.0
     ctx_size: int = 2048
     prompt: str | None = None
+    data: Path | None = None  # the dataset protocol's question file
 
     def tokens(self) -> int:
         return self.n_predict if self.n_predict is not None else DEFAULT_N[self.protocol]
@@ -190,9 +201,21 @@ def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str
                             "mvlm convert or mvlm quantize")
 
     gguf("--model", Path(spec.model))
-    if spec.protocol == "vlm":
+    if spec.protocol == "dataset":
+        from mvlm_bench import dataset
+
+        if spec.data is None:
+            raise MvlmError("the dataset protocol needs --data FILE.jsonl (one {\"question_id\", \"image\", \"text\"} "
+                            "object per line, image paths relative to the file)")
+        for option, value in (("--image", spec.image), ("--prompt", spec.prompt)):
+            if value is not None:
+                raise MvlmError(f"{option} is not used by the dataset protocol: each sample of --data brings its own")
+        dataset.load_samples(Path(spec.data))
+    elif spec.data is not None:
+        raise MvlmError(f"--data is for the dataset protocol, not {spec.protocol}: add --protocol dataset")
+    if spec.protocol in IMAGE_PROTOCOLS:
         if spec.mmproj is None:
-            raise MvlmError("the vlm protocol needs --mmproj FILE (the mmproj-*.gguf written by mvlm convert)")
+            raise MvlmError(f"the {spec.protocol} protocol needs --mmproj FILE (the mmproj-*.gguf written by mvlm convert)")
         gguf("--mmproj", Path(spec.mmproj))
         if spec.image is not None:
             img = Path(spec.image)
@@ -308,11 +331,19 @@ def build_argv(profile: DeviceProfile, spec: BenchSpec, workdir: str, names: dic
         argv = [f"{wd}/bin/llama-completion", "-m", model, "-p", spec.prompt or LM_PROMPT, "-n", str(spec.tokens()),
                 "-no-cnv", "--temp", "0", "--seed", "0", "--ignore-eos", "-c", str(spec.ctx_size),
                 *t_args, "-ngl", str(ngl), "-lv", "4"]
-    elif spec.protocol == "vlm":
+    elif spec.protocol in ("vlm", "imp"):  # imp: the 41-token request (protocol_spec) and -n 64
         argv = [f"{wd}/bin/llama-mtmd-cli", "-m", model, "--mmproj", f"{wd}/models/{names['mmproj']}",
                 "--image", f"{wd}/images/{names['image']}", "-p", spec.prompt or VLM_PROMPT, "-n", str(spec.tokens()),
                 "--temp", "0", "--seed", "0", "--ignore-eos", "-c", str(spec.ctx_size), *t_args,
                 "-ngl", str(ngl), "-lv", "4", "--jinja"]
+    elif spec.protocol == "dataset":
+        # llama-server for the whole set (mvlm_bench.dataset_run): the GGUF's template, the pushed images as
+        # file:// media, one slot, on the device's 127.0.0.1 at a port it picks and prints ("listening on ...")
+        from mvlm_bench.dataset import DEVICE_DIR
+
+        argv = [f"{wd}/bin/llama-server", "-m", model, "--mmproj", f"{wd}/models/{names['mmproj']}", "--jinja",
+                "--media-path", f"{wd}/{DEVICE_DIR}/", "--host", "127.0.0.1", "--port", "0", "-np", "1",
+                "-c", str(spec.ctx_size), *t_args, "-ngl", str(ngl), "--no-webui", "-lv", "4"]
     elif spec.protocol == "llama-bench":
         argv = [f"{wd}/bin/llama-bench", "-m", model, "-p", "64,128", "-n", str(spec.tokens()), "-r", str(spec.repeat),
                 *t_args, "-ngl", str(ngl), "-o", "json"]
@@ -324,7 +355,8 @@ def build_argv(profile: DeviceProfile, spec: BenchSpec, workdir: str, names: dic
 def artifacts(rt: rtmod.Runtime, spec: BenchSpec) -> tuple[dict[str, Path], dict[str, str]]:
     """Files to push (device-relative path -> local path) and the device-side names of model/mmproj/image."""
     files: dict[str, Path] = {}
-    need = {"lm": ["llama-completion"], "vlm": ["llama-mtmd-cli"], "llama-bench": ["llama-bench"]}[spec.protocol]
+    need = {"lm": ["llama-completion"], "vlm": ["llama-mtmd-cli"], "imp": ["llama-mtmd-cli"], "dataset": ["llama-server"],
+            "llama-bench": ["llama-bench"]}[spec.protocol]
     for b in need:
         files[f"bin/{b}"] = rt.exe(b)
     if rt.lib.is_dir():
@@ -332,12 +364,18 @@ def artifacts(rt: rtmod.Runtime, spec: BenchSpec) -> tuple[dict[str, Path], dict
             files[f"lib/{so.name}"] = so.resolve()
     names = {"model": spec.model.name}
     files[f"models/{spec.model.name}"] = spec.model
-    if spec.protocol == "vlm":
+    if spec.protocol in IMAGE_PROTOCOLS:
         if spec.mmproj is None:
-            raise MvlmError("the vlm protocol needs --mmproj FILE (the mmproj-*.gguf written by mvlm convert)")
-        image = spec.image or default_image()
-        names["mmproj"], names["image"] = spec.mmproj.name, image.name
+            raise MvlmError(f"the {spec.protocol} protocol needs --mmproj FILE (the mmproj-*.gguf written by mvlm convert)")
+        names["mmproj"] = spec.mmproj.name
         files[f"models/{spec.mmproj.name}"] = spec.mmproj
+    if spec.protocol == "dataset":
+        from mvlm_bench import dataset
+
+        files.update(dataset.files(dataset.load_samples(Path(spec.data))))  # type: ignore[arg-type]
+    elif spec.protocol in IMAGE_PROTOCOLS:
+        image = spec.image or default_image()
+        names["image"] = image.name
         files[f"images/{image.name}"] = image
     for rel, p in files.items():
         if not Path(p).is_file():
@@ -451,7 +489,7 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
     from mvlm_bench.sync import sha256_file, sync
     from mvlm_core.atomic import check_output_path
 
-    spec = side.spec
+    spec = protocol_spec(side.spec)
     rt = side.runtime
     if rt is None and side.llama_cpp is not None:
         try:
@@ -492,6 +530,7 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
         "prompt": spec.prompt or (VLM_PROMPT if spec.protocol == "vlm" else LM_PROMPT),
         "image": names.get("image"),
     }
+    params |= _protocol_params(spec)
     if side.name:
         params["ab_side"] = side.name
     ctx = RunContext(
@@ -517,6 +556,32 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
     return Prepared(side, profile, argv, env, ctx, sres.pushed_bytes, result, facts)
 
 
+def protocol_spec(spec: BenchSpec) -> BenchSpec:
+    """The spec as it runs: the imp protocol's request cut to 41 tokens of the model's tokenizer (mvlm_bench.imp)
+    unless --prompt gave one."""
+    if spec.protocol == "imp" and spec.prompt is None:
+        from mvlm_bench.imp import imp_prompt
+
+        return dataclasses.replace(spec, prompt=imp_prompt(spec.model))
+    return spec
+
+
+def _protocol_params(spec: BenchSpec) -> dict[str, object]:
+    """Run parameters only some protocols have: imp's text-token count, dataset's question file."""
+    if spec.protocol == "imp":
+        from mvlm_bench.imp import count_tokens
+
+        return {"n_text": count_tokens(spec.model, spec.prompt or "")}
+    if spec.protocol == "dataset":
+        from mvlm_bench import dataset
+        from mvlm_bench.sync import sha256_file
+
+        data = Path(spec.data)  # type: ignore[arg-type]
+        return {"prompt": None, "image": None, "data": data.name, "data_sha256": sha256_file(data),
+                "n_samples": len(dataset.load_samples(data))}
+    return {}
+
+
 def _add_version(transport, prep: Prepared) -> None:
     """After the measured runs (never between them): the build's own --version into every run's facts."""
     if not prep.result.runs:
@@ -529,7 +594,12 @@ def _add_version(transport, prep: Prepared) -> None:
 def _run_once(transport, prep: Prepared, index: int, measured: bool) -> bool:
     """One run of a prepared side; a measured run is parsed into ``prep.result``. False (failure kept) on error."""
     spec = prep.side.spec
-    r = transport.run(prep.argv, timeout=spec.timeout, env=prep.env)
+    # on-device resources (resources.py, thermal.py): the temperature right before and after, the peak RSS of the
+    # process itself; the start and end times bracket the run (the lease keeps other benches out of them)
+    temp_start = thermal.read_celsius(transport) if measured else None
+    t_start = time.time()
+    r, rss_mb = resources.run_measured(transport, prep.argv, timeout=spec.timeout, env=prep.env)
+    t_end = time.time()
     if r.returncode != 0 or r.timed_out:
         prep.result.failures.append(Failure(index, _describe_failure(r, spec.timeout), r.output[-4000:], r.output))
         return False
@@ -539,7 +609,9 @@ def _run_once(transport, prep: Prepared, index: int, measured: bool) -> bool:
         # report rebuilds Total from llama.cpp's own numbers instead
         wall = r.duration_s if prep.profile.transport == "local" else None
         prep.result.runs.append(Run(rec, prep.ctx, tokens_out=spec.tokens(), wall_s=wall,
-                                    facts={**prep.facts, **run_facts(r.output)}))
+                                    facts={**prep.facts, **run_facts(r.output)}, started_at=t_start, ended_at=t_end,
+                                    peak_rss_mb=rss_mb, temp_start_c=temp_start,
+                                    temp_end_c=thermal.read_celsius(transport)))
     return True
 
 
@@ -551,15 +623,25 @@ def run_bench(
     sync_progress=None,
     outputs: dict[str, Path] | None = None,
     runtime: rtmod.Runtime | None = None,
+    lease_db: str | None = None,
+    lease_timeout: float = leasemod.DEFAULT_TIMEOUT_S,
+    on_wait: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Check, connect, probe, sync, warm up, run ``spec.repeat`` repetitions, parse each; failures are kept, not
-    raised, once runs started. ``outputs`` (option -> report path) are refused if they are one of the pushed files."""
+    raised, once runs started. ``outputs`` (option -> report path) are refused if they are one of the pushed files.
+    The warm-up and the measured runs hold the device's lease (mvlm_bench.lease: ``lease_db``, the history location,
+    picks its kind; ``on_wait`` hears whom it waits for)."""
+    if spec.protocol == "dataset":
+        raise MvlmError("the dataset protocol runs through mvlm_bench.dataset_run.run_dataset (one server for the set)")
     validate_spec(spec)
     check_inputs(spec)
+    leasemod.check_timeout(lease_timeout)
     transport, profile = _connect(profile, log)
+    held = contextlib.ExitStack()
     try:
         prep = _prepare(transport, profile, Side(spec, runtime), log, sync_progress, outputs)
         result = prep.result
+        _hold_lease(held, profile, lease_db, lease_timeout, on_wait, log)
         if spec.protocol == "llama-bench":
             r = transport.run(prep.argv, timeout=spec.timeout, env=prep.env)
             if r.returncode != 0 or r.timed_out:
@@ -576,10 +658,33 @@ def run_bench(
             if not _run_once(transport, prep, i - spec.warmup, measured):
                 break
             log(f"run {i + 1}/{total} {'(warm-up) ' if not measured else ''}done in {time.monotonic() - t0:.1f} s")
+        held.close()
+        _resource_notes([prep], log)
         _add_version(transport, prep)
         return result
     finally:
+        held.close()
         transport.close()
+
+
+def _hold_lease(stack: contextlib.ExitStack, profile: DeviceProfile, db: str | None, timeout: float,
+                on_wait: Callable[[str], None] | None, log: Callable[[str], None]) -> None:
+    """Take the device's lease into ``stack`` (released when it closes); waits up to ``timeout`` s, else MvlmError."""
+    info = stack.enter_context(leasemod.profile_lease(profile, db, timeout, on_wait))
+    if info["waited_s"] >= 1:
+        log(f"waited {info['waited_s']:.0f} s for device {profile.name} (another bench was measuring on it)")
+
+
+def _resource_notes(preps: list[Prepared], log: Callable[[str], None]) -> None:
+    """Say once when the device gave no peak RSS or no temperature (the records then hold null)."""
+    runs = [r for p in preps for r in p.result.runs]
+    if not runs:
+        return
+    name = preps[0].profile.name
+    if all(r.temp_start_c is None and r.temp_end_c is None for r in runs):
+        log(f"device {name} has no readable thermal zone (/sys/class/thermal/thermal_zone*/temp): temperatures are null")
+    if all(r.peak_rss_mb is None for r in runs):
+        log(f"device {name} gave no peak RSS (no /proc/PID/status VmHWM): peak_rss_mb is null")
 
 
 @dataclasses.dataclass
@@ -614,20 +719,25 @@ def run_ab(
     on_run: Callable[[int, int, str], None] | None = None,
     sync_progress=None,
     outputs: dict[str, Path] | None = None,
+    lease_db: str | None = None,
+    lease_timeout: float = leasemod.DEFAULT_TIMEOUT_S,
+    on_wait: Callable[[str], None] | None = None,
 ) -> ABResult:
     """Baseline (A) and candidate (B) on one device in one session, interleaved (``gate.interleave``: A B B A …).
 
     ``candidate.spec.repeat`` is the number of A/B pairs; each side first gets ``spec.warmup`` warm-up runs, also
     interleaved. When the two sides use different builds, the baseline's files go to a subdirectory of the device's
     workdir, so both builds are on the device at once. A failed run stops the session; completed pairs are kept.
+    The device's lease is held from the first warm-up run to the last measured one (see :func:`run_bench`).
     """
     from mvlm_bench import gate
 
     for side in (baseline, candidate):
         validate_spec(side.spec)
         check_inputs(side.spec)
-        if side.spec.protocol == "llama-bench":
-            raise MvlmError("an interleaved A/B session runs the lm or vlm protocol (llama-bench keeps its own order)")
+        if side.spec.protocol in ("llama-bench", "dataset"):
+            raise MvlmError("an interleaved A/B session runs the lm, vlm or imp protocol (llama-bench keeps its own "
+                            "order; dataset runs a whole set through one server)")
     if baseline.spec.protocol != candidate.spec.protocol:
         raise MvlmError("both sides of an A/B session must run the same protocol")
     baseline = dataclasses.replace(baseline, name="baseline")
@@ -641,10 +751,13 @@ def run_ab(
         baseline = dataclasses.replace(baseline, subdir=f"ab/{hashlib.sha256(str(tag).encode()).hexdigest()[:12]}")
     n_pairs = candidate.spec.repeat
     warm = max(baseline.spec.warmup, candidate.spec.warmup)
+    leasemod.check_timeout(lease_timeout)
     transport, profile = _connect(profile, log)
+    held = contextlib.ExitStack()
     try:
         preps = {"A": _prepare(transport, profile, baseline, log, sync_progress, outputs),
                  "B": _prepare(transport, profile, candidate, log, sync_progress, outputs)}
+        _hold_lease(held, profile, lease_db, lease_timeout, on_wait, log)
         seq = gate.interleave(warm, "abba") + gate.interleave(n_pairs, order)
         total = len(seq)
         index = {"A": 0, "B": 0}
@@ -659,6 +772,8 @@ def run_ab(
             index[who] += 1
             name = "baseline" if who == "A" else "candidate"
             log(f"run {i + 1}/{total} {name}{' (warm-up)' if not measured else ''} done in {time.monotonic() - t0:.1f} s")
+        held.close()
+        _resource_notes(list(preps.values()), log)
         for prep in preps.values():
             _add_version(transport, prep)
         a, b = preps["A"].result, preps["B"].result
@@ -666,6 +781,7 @@ def run_ab(
         del a.runs[n:], b.runs[n:]
         return ABResult(a, b, seq[2 * warm:2 * warm + 2 * n])
     finally:
+        held.close()
         transport.close()
 
 

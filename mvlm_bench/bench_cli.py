@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from mvlm_bench.parse_cli import parse_cmd
@@ -90,13 +90,20 @@ def bench_cmd(
                                     "ssh://user@host[:port] or adb:SERIAL."),
     protocol: str = typer.Option("lm", "--protocol", "-P",
                                  help="lm: text generation (400 tokens); vlm: image + question (256 tokens); "
-                                      "llama-bench: pp/tg sweep."),
+                                      "llama-bench: pp/tg sweep; imp: Imp Table 4 (a 41-token request + the image, "
+                                      "64 tokens, loading excluded); dataset: a whole --data set through one "
+                                      "llama-server (Xmodel-VLM Table 6)."),
     model: Path | None = typer.Option(None, "--model", "-m", help="The language-model GGUF."),
-    mmproj: Path | None = typer.Option(None, "--mmproj", help="The mmproj GGUF (vlm protocol)."),
-    image: Path | None = typer.Option(None, "--image", help="Image for the vlm protocol (default: a built-in 336x336)."),
+    mmproj: Path | None = typer.Option(None, "--mmproj", help="The mmproj GGUF (vlm, imp and dataset protocols)."),
+    image: Path | None = typer.Option(None, "--image", help="Image for the vlm and imp protocols (default: a built-in "
+                                                            "336x336)."),
+    data: Path | None = typer.Option(None, "--data", help="The dataset protocol's question file: JSONL, one "
+                                                          "{question_id, image, text} per line (LLaVA's eval format), "
+                                                          "image paths relative to the file."),
     repeat: int = typer.Option(3, "--repeat", "-r", help="Measured repetitions (after the warm-up)."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured warm-up runs."),
-    n_predict: int | None = typer.Option(None, "--n-predict", "-n", help="Output tokens (default 400 lm, 256 vlm)."),
+    n_predict: int | None = typer.Option(None, "--n-predict", "-n", help="Output tokens (default 400 lm, 256 vlm, 64 "
+                                                                        "imp; dataset: at most, default 128)."),
     threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads (default: the profile's)."),
     n_gpu_layers: int | None = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (default: the profile's)."),
     timeout: float = typer.Option(900.0, "--timeout", help="Per-run time limit, seconds."),
@@ -126,6 +133,10 @@ def bench_cmd(
                                 "--fail-on-regression gates on the paired runs (docs/ci.md)."),
     order: str = typer.Option("abba", "--order", help="A/B run order: abba (A B B A ..., cancels drift and order "
                                                       "effects) or alternate (A B A B ...)."),
+    lease_timeout: float = typer.Option(3600.0, "--lease-timeout", help="Seconds to wait while another bench measures "
+                                        "on the same device (0: do not wait); then exit 75 with nothing measured. "
+                                        "The lease is a PostgreSQL advisory lock when the history (--db, "
+                                        "$MVLM_HISTORY) is PostgreSQL, else a lock file (docs/devices.md)."),
 ) -> None:
     """Run the papers' latency protocols on a device and report Sample / Eval_prompt / Eval / Total (+ VE, Eval_avg).
 
@@ -152,10 +163,14 @@ def bench_cmd(
     json_out, markdown_out, csv_out = (Path(p) if p else None for p in (json_arg, markdown_arg, csv_arg))
     db = Path(db_arg) if db_arg else None
     spec = bench.BenchSpec(protocol=protocol, model=model, mmproj=mmproj, image=image, repeat=repeat, warmup=warmup,
-                           n_predict=n_predict, threads=threads, n_gpu_layers=n_gpu_layers, timeout=timeout, prompt=prompt)
+                           n_predict=n_predict, threads=threads, n_gpu_layers=n_gpu_layers, timeout=timeout, prompt=prompt,
+                           data=data)
     # Everything that can be refused is refused here, before a device is touched or a run measured.
     bench.validate_spec(spec)
     bench.check_inputs(spec)
+    from mvlm_bench.lease import check_timeout
+
+    check_timeout(lease_timeout)
     if fail_on_regression:
         from mvlm_bench.compare import parse_threshold
 
@@ -175,7 +190,7 @@ def bench_cmd(
                             f"pairs is {signed_rank_min_p(repeat):.3g} > 0.05): use --repeat 5 or more")
     profile = load_profile(device)
     outputs = {opt: Path(p) for opt, p in raw_outputs.items()}
-    inputs: list[Path | None] = [model, mmproj, image, profile.source]
+    inputs: list[Path | None] = [model, mmproj, image, data, profile.source]
     if sides is not None:
         inputs += [sides[0].spec.model, sides[0].spec.mmproj]
     if baseline and (baseline.endswith(".json") or Path(baseline).is_file()):  # a file, read after the reports
@@ -194,7 +209,7 @@ def bench_cmd(
         (log_prog[0].console if log_prog else err).print(f"[dim]{m}[/]", highlight=False)
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as prog:
+                  TimeRemainingColumn(), console=err, transient=True) as prog:
         log_prog.append(prog)
         push_task = prog.add_task(f"push to {profile.name}", total=None, visible=False)
         run_task = prog.add_task(f"{protocol} on {profile.name}", total=None, visible=False)
@@ -205,14 +220,31 @@ def bench_cmd(
         def on_run(i: int, total: int, who: str = "") -> None:
             prog.update(push_task, visible=False)
             side = {"A": " baseline", "B": " candidate"}.get(who, "")
+            what = "sample" if protocol == "dataset" else "run"
             prog.update(run_task, completed=i, total=total, visible=True,
-                        description=f"{protocol} on {profile.name}: run {i + 1}/{total}{side}")
+                        description=f"{protocol} on {profile.name}: {what} {i + 1}/{total}{side}")
 
+        waiting: list[str] = []
+
+        def on_wait(message: str) -> None:  # the lease is held by another bench: say whom we wait for
+            if not waiting:  # once as a line (logs, CI), then on the live status line
+                log(message)
+            waiting.append(message)
+            prog.update(push_task, visible=False)
+            prog.update(run_task, visible=True, description=message)
+
+        leasing = {"lease_db": db_arg, "lease_timeout": lease_timeout, "on_wait": on_wait}
         if sides is not None:
             res = bench.run_ab(profile, sides[0], sides[1], order=order, log=log, on_run=on_run,
-                               sync_progress=sync_progress, outputs=outputs)
+                               sync_progress=sync_progress, outputs=outputs, **leasing)
+        elif protocol == "dataset":  # one llama-server for the whole set
+            from mvlm_bench.dataset_run import run_dataset
+
+            res = run_dataset(profile, spec, log=log, on_run=on_run, sync_progress=sync_progress, outputs=outputs,
+                              **leasing)
         else:
-            res = bench.run_bench(profile, spec, log=log, on_run=on_run, sync_progress=sync_progress, outputs=outputs)
+            res = bench.run_bench(profile, spec, log=log, on_run=on_run, sync_progress=sync_progress, outputs=outputs,
+                                  **leasing)
     log_prog.clear()
     if profile.emulated:
         err.print("[yellow]note:[/] this device is emulated: its timings measure the emulator, not a device")
@@ -273,6 +305,8 @@ def bench_cmd(
         which = "the warm-up run" if f.repetition < 0 else f"run {f.repetition + 1}"
         if protocol == "llama-bench":
             which = "the llama-bench run"
+        if protocol == "dataset":
+            which = "the warm-up request" if f.repetition < 0 else f"pass {f.repetition + 1} over the set"
         if who:
             which = f"the {who}'s {which.removeprefix('the ')}"
         logfile = _failure_log(profile.name, f.output or f.output_tail)

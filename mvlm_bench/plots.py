@@ -19,7 +19,9 @@ from pathlib import Path
 from mvlm_bench.compare import direction, metric_name
 from mvlm_bench.history import Entry
 
-PLOT_METRICS = ("eval_tps", "prompt_tps", "total_s", "ve_ms", "sample_tps", "load_s")
+# peak_rss_mb: the llama.cpp process's peak resident memory on the device (a panel only where entries have it);
+# temp_start_c / temp_end_c (the device's temperature) can be asked for by name (`mvlm history plot --metric`)
+PLOT_METRICS = ("eval_tps", "prompt_tps", "total_s", "ve_ms", "sample_tps", "load_s", "peak_rss_mb")
 
 
 def _group(entries: Sequence[Entry]) -> dict[tuple[str, str, str], list[Entry]]:

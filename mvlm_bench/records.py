@@ -16,9 +16,16 @@ time" excludes loading in most programs since mid 2023 (common_init's warm-up de
 ``llama_perf_context_reset``, common/common.cpp:1451) but includes it in llava-cli and in 2023's early main; see
 :func:`paper_total_s`. Every run says which rule it used (``total_source``).
 
-When: ``Run.ended_at`` is the unix time a repetition ended (a Run is made as its process exits). Each JSON record
+When: ``Run.started_at`` / ``Run.ended_at`` are the unix times a repetition's process started and ended (per-run
+metrics ``t_start`` / ``t_end``, so every JSON run, CSV row and history repetition says when it ran and overlaps can
+be checked). Resources: ``peak_rss_mb`` (the llama.cpp process's VmHWM) and ``temp_start_c`` / ``temp_end_c`` (the
+device's hottest thermal zone before and after the run) are per-run metrics too (null where unknown). Each JSON record
 carries its group's measurement time like llama-bench: ``test_time`` (ISO 8601 UTC of the first repetition's start)
 plus ``start_time`` / ``end_time`` (unix seconds); ``mvlm history import`` stores the record at that time.
+
+Two protocols reproduce one paper table each and add that table's figures (``PROTOCOL_METRICS``, null elsewhere):
+``imp`` (Imp Table 4, loading excluded: :func:`imp_metrics`) and ``dataset`` (Xmodel-VLM Table 6: ``Run.extra`` holds
+the whole set's n_samples, samples_tps and latency percentiles, ``Run.per_sample`` every sample; mvlm_bench.dataset).
 """
 
 from __future__ import annotations
@@ -52,7 +59,33 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("sample_s", "Tks_out/Sample", "s"),
     ("eval_s", "Tks_out/Eval", "s"),
     ("other_s", "Other", "s"),
+    # on-device resources and when the repetition ran (bench.py, mvlm_bench.resources / thermal); no speed metrics
+    ("peak_rss_mb", "Peak RSS", "MB"),
+    ("temp_start_c", "Temp start", "°C"),
+    ("temp_end_c", "Temp end", "°C"),
+    ("t_start", "Start", "unix s"),
+    ("t_end", "End", "unix s"),
 )
+RESOURCE_KEYS = ("peak_rss_mb", "temp_start_c", "temp_end_c")
+# The imp protocol (Imp Table 4; :func:`imp_metrics`) and the dataset protocol (Xmodel-VLM Table 6: a whole evaluation
+# set through one loaded model, ``Run.extra``; its set time is ``total_s``). None for runs of other protocols.
+PROTOCOL_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("t_ve_s", "T_VE", "s"),
+    ("s_prompt_tps", "S_prompt", "tokens/s"),
+    ("s_gen_tps", "S_gen", "tokens/s"),
+    ("t_total_s", "T_total", "s"),
+    ("t_other_s", "T_other", "s"),
+    ("n_prompt", "N_prompt", "tokens"),
+    ("n_gen", "N_gen", "tokens"),
+    ("n_samples", "N_samples", ""),
+    ("samples_tps", "Samples", "tokens/s"),
+    ("p50_s", "p50 latency", "s"),
+    ("p90_s", "p90 latency", "s"),
+    ("p99_s", "p99 latency", "s"),
+)
+METRICS += PROTOCOL_METRICS
+IMP_KEYS = ("t_ve_s", "s_prompt_tps", "s_gen_tps", "t_total_s", "t_other_s", "n_prompt", "n_gen")
+DATASET_KEYS = ("n_samples", "samples_tps", "p50_s", "p90_s", "p99_s")
 METRIC_KEYS = tuple(k for k, _, _ in METRICS)
 STATS = ("median", "min", "max", "stdev")
 
@@ -100,15 +133,26 @@ class Run:
     wall_s: float | None = None  # process start to exit, measured by the runner: the paper's Total
     # unix time the repetition ended: a Run is made right after its process exited (bench.py), so the default is it
     ended_at: float = field(default_factory=time.time)
+    # unix time the repetition's process was started (bench.py; None for runs parsed from saved logs)
+    started_at: float | None = None
+    # the llama.cpp process's peak resident memory (VmHWM, MB = 1e6 bytes) and the device's temperature (max over its
+    # thermal zones, °C) right before and right after the run; None where the device cannot say (resources.py, thermal.py)
+    peak_rss_mb: float | None = None
+    temp_start_c: float | None = None
+    temp_end_c: float | None = None
     # llama-bench fields this run states about itself (timings.run_facts), the device and build (bench.py) and the
     # GGUF (model_size, model_n_params): the JSON report's llama-bench columns (report.LLAMA_BENCH_FIELDS)
     facts: dict[str, Any] = field(default_factory=dict)
+    # a protocol's own per-run metrics (the dataset protocol: n_samples, samples_tps, p50_s, ...; DATASET_KEYS)
+    extra: dict[str, float | int | None] = field(default_factory=dict)
+    # the dataset protocol: one record per sample of the set (question_id, latency_s, prompt_n, predicted_n, ...)
+    per_sample: list[dict[str, Any]] = field(default_factory=list)
 
 
 def measured_between(runs: Sequence[Run]) -> tuple[float, float]:
-    """(start, end) unix times of a group of repetitions: the first one's end minus its Total (approximate over a
-    link: llama.cpp's own total + load), and the last one's end."""
-    starts = [r.ended_at - (paper_total_s(r)[0] or 0.0) for r in runs]
+    """(start, end) unix times of a group of repetitions: the first one's start (``Run.started_at``; else its end minus
+    its Total, approximate over a link: llama.cpp's own total + load), and the last one's end."""
+    starts = [r.started_at if r.started_at is not None else r.ended_at - (paper_total_s(r)[0] or 0.0) for r in runs]
     return min(starts), max(r.ended_at for r in runs)
 
 
@@ -187,10 +231,50 @@ def run_metrics(run: Run) -> dict[str, Any]:
         "sample_s": sample_s,
         "eval_s": eval_s,
         "other_s": other_s,
+        "peak_rss_mb": run.peak_rss_mb,
+        "temp_start_c": run.temp_start_c,
+        "temp_end_c": run.temp_end_c,
+        "t_start": run.started_at,
+        "t_end": run.ended_at if run.started_at is not None else None,
     }
+    m |= dict.fromkeys(IMP_KEYS + DATASET_KEYS)
+    if run.context.protocol == "imp":
+        m |= imp_metrics(run)
+    m |= {k: v for k, v in run.extra.items() if k in m}
     m["tks_out_source"] = "runner" if run.tokens_out is not None else ("eval_runs" if tks_out is not None else None)
     m["total_source"] = total_source
     return m
+
+
+def imp_metrics(run: Run) -> dict[str, Any]:
+    """Imp Table 4's figures of one llama-mtmd-cli run (model loading excluded):
+
+    - T_VE: the image encode time (``ve_ms``: mtmd's "batch encoding done in X ms" / "image slice encoded in X ms").
+    - N_prompt: llama.cpp's prompt eval count: the text tokens (chat template included) plus the image embeddings.
+    - S_prompt: N_prompt / the LM's prompt time. llama.cpp's ``prompt eval time`` runs from the prompt's first decode
+      to the next synchronisation (src/llama-context.cpp, ``synchronize``), and llama-mtmd-cli encodes the image in
+      between (after decoding the template's text before the image, before decoding its embeddings), so the encode
+      time is inside it: the LM's prompt time is ``prompt eval time - T_VE`` (when the former is the larger).
+    - S_gen: llama.cpp's eval rate; N_gen: the tokens the runner asked for (``-n 64 --ignore-eos``), else the eval
+      count.
+    - T_total: from the end of loading (llama-mtmd-cli's ``main: loading model:`` line, printed once the LM and the
+      mmproj are loaded) to its perf block, by the log's timestamps (``after_load_ms``; llama.cpp's own total time
+      would include the mmproj's loading).
+    - T_other = T_total - T_VE - N_prompt/S_prompt - N_gen/S_gen: reading and resizing the image, tokenizing,
+      sampling, printing.
+    """
+    t = run.timing
+    n_gen = run.tokens_out if run.tokens_out is not None else t.eval_runs
+    t_ve = t.vision_encode_ms / 1000.0 if t.vision_encode_ms is not None else None
+    t_total = t.after_load_ms / 1000.0 if t.after_load_ms is not None else None
+    prompt_ms = t.prompt_eval_ms
+    if prompt_ms is not None and t.vision_encode_ms is not None and prompt_ms > t.vision_encode_ms:
+        prompt_ms -= t.vision_encode_ms
+    s_prompt = _div(t.prompt_tokens, None if prompt_ms is None else prompt_ms / 1000.0)
+    parts = (t_ve, _div(t.prompt_tokens, s_prompt), _div(n_gen, t.eval_tps))
+    other = t_total - sum(parts) if t_total is not None and None not in parts else None  # type: ignore[arg-type]
+    return {"t_ve_s": t_ve, "s_prompt_tps": s_prompt, "s_gen_tps": t.eval_tps, "t_total_s": t_total,
+            "t_other_s": other, "n_prompt": t.prompt_tokens, "n_gen": n_gen}
 
 
 def stats(values: Iterable[float | None]) -> dict[str, float | int | None]:

@@ -30,7 +30,18 @@ from typing import Any
 
 from rich.table import Table
 
-from mvlm_bench.records import METRIC_KEYS, METRICS, STATS, Group, Run, RunContext, aggregate, iso_utc, measured_between
+from mvlm_bench.records import (
+    METRIC_KEYS,
+    METRICS,
+    RESOURCE_KEYS,
+    STATS,
+    Group,
+    Run,
+    RunContext,
+    aggregate,
+    iso_utc,
+    measured_between,
+)
 from mvlm_bench.timings import FIELDS
 
 # llama-bench's JSON fields, in its order (the pinned llama.cpp's tools/llama-bench/llama-bench.cpp, test::get_fields,
@@ -50,8 +61,10 @@ LLAMA_BENCH_FIELDS = (
 def _fmt(v: float | int | None, key: str = "") -> str:
     if v is None:
         return "–"
-    if key in ("tks_in", "tks_out"):
+    if key in ("tks_in", "tks_out", "n_prompt", "n_gen", "n_samples"):
         return f"{v:.0f}"
+    if key in RESOURCE_KEYS:
+        return f"{v:.1f}"
     a = abs(v)
     if key.endswith("_s") or key == "total_s":
         return f"{v:.2f}"
@@ -71,18 +84,34 @@ def _has_vision(groups: Sequence[Group]) -> bool:
 _SHORT = {k: (n, u.replace("tokens/s", "tok/s")) for k, n, u in METRICS} | {"ve_ms": ("VE", "ms")}
 
 
+# The layouts of the protocols that reproduce one paper table each: Imp Table 4 (T_VE, S_prompt, S_gen, T_total;
+# then the terms of its Eq. (1)) and Xmodel-VLM Table 6 (Samples, Total; then the set's size and latency percentiles).
+PROTOCOL_LAYOUT: dict[str, tuple[str, ...]] = {
+    "imp": ("t_ve_s", "s_prompt_tps", "s_gen_tps", "t_total_s", "n_prompt", "n_gen", "t_other_s", "load_s"),
+    "dataset": ("samples_tps", "total_s", "n_samples", "p50_s", "p90_s", "p99_s", "load_s"),
+}
+
+
+def _layout(groups: Sequence[Group]) -> tuple[str, ...] | None:
+    """The paper-table layout when every group is of one protocol that has one (imp, dataset), else None."""
+    protocols = {g.context.protocol for g in groups}
+    return PROTOCOL_LAYOUT.get(protocols.pop()) if len(protocols) == 1 else None
+
+
 def render_table(runs: Sequence[Run], title: str | None = "Latency (medians over repetitions)") -> Table:
     """A rich Table, one row per group: medians, with min–max under them when repetitions differ.
 
-    The Total decomposition is in :func:`render_markdown` / CSV / JSON; the table is the at-a-glance view."""
+    The Total decomposition is in :func:`render_markdown` / CSV / JSON; the table is the at-a-glance view. Runs of the
+    imp or dataset protocol get their paper table's columns (``PROTOCOL_LAYOUT``)."""
     groups = aggregate(runs)
     vision = _has_vision(groups)
     table = Table(title=title)
     for name in ("Model", "Hardware", "Precision", "Size (GB)", "Reps"):
         table.add_column(name, justify="right" if name in ("Size (GB)", "Reps") else "left", overflow="fold")
-    keys = [k for k in ("ve_ms_per_patch", "ve_ms") if vision] + [
+    keys = list(_layout(groups) or [k for k in ("ve_ms_per_patch", "ve_ms") if vision] + [
         "sample_tps", "prompt_tps", "eval_tps", "total_s", "eval_avg",
-    ]  # fmt: skip
+    ])  # fmt: skip
+    keys += [k for k in RESOURCE_KEYS if any(g.agg[k]["n"] for g in groups)]  # measured on the device (bench.py)
     for k in keys:
         name, unit = _SHORT[k]
         table.add_column(f"{name}\n{unit}", justify="right", overflow="fold")
@@ -111,6 +140,8 @@ def render_markdown(runs: Sequence[Run]) -> str:
     groups = aggregate(runs)
     if not groups:
         return "_no runs_\n"
+    if _layout(groups):
+        return _render_protocol_markdown(groups)
     vision = _has_vision(groups)
     head = ["Model", "Hardware"] + ([] if vision else ["Precision"]) + ["Size (GB)"]
     head += ["VE (ms/patch)"] if vision else []
@@ -151,6 +182,20 @@ def render_markdown(runs: Sequence[Run]) -> str:
             cells.append("–" if a["n"] == 0 else f"{_fmt(a['min'], k)}–{_fmt(a['max'], k)}{sd}")
         lines.append(_md_row([g.context.label(), g.context.device, str(len(g.runs))] + cells))
 
+    rkeys = [k for k in RESOURCE_KEYS if any(g.agg[k]["n"] for g in groups)]
+    if rkeys:
+        lines += ["", "On the device (median, min–max over repetitions): peak RSS of the llama.cpp process (VmHWM; "
+                  "under an emulator, the emulator's process) and the hottest thermal zone before and after each run:", ""]
+        lines += [_md_row(["Model", "Hardware"] + [names[k] for k in rkeys]), _md_row(["---"] * 2 + ["---:"] * len(rkeys))]
+        for g in groups:
+            cells = []
+            for k in rkeys:
+                a = g.agg[k]
+                cells.append("–" if a["n"] == 0 else f"{_fmt(a['median'], k)} ({_fmt(a['min'], k)}–{_fmt(a['max'], k)})")
+            lines.append(_md_row([g.context.label(), g.context.device] + cells))
+    elif any(r.started_at is not None for g in groups for r in g.runs):
+        lines += ["", "On the device: no peak RSS or temperature reading (no /proc, no thermal zones)."]
+
     lines += ["", "Provenance:", ""]
     for g in groups:
         c = g.context
@@ -175,6 +220,40 @@ def render_markdown(runs: Sequence[Run]) -> str:
         if sources:
             bits.append("Total from " + " / ".join(sources))
         lines.append("- " + "; ".join(bits))
+    return "\n".join(lines) + "\n"
+
+
+_PROTOCOL_NOTES = {
+    "imp": "Imp Table 4's layout. Model loading excluded: T_total runs from the end of loading (llama-mtmd-cli's "
+           "\"main: loading model:\" line) to its perf block, by the log's timestamps; T_VE = the image encode time; "
+           "S_prompt / S_gen = llama.cpp's prompt eval / eval rates; N_prompt = the text tokens (chat template "
+           "included) plus the image embeddings; T_other = T_total - T_VE - N_prompt/S_prompt - N_gen/S_gen; Load = "
+           "llama.cpp's load time (the LM only), shown apart.",
+    "dataset": "Xmodel-VLM Table 6's layout. Samples = generated tokens / generation time over the whole set "
+               "(llama-server's predicted_n / predicted_ms); Total = the whole set, first request to last answer "
+               "(model loading, shown as Load, excluded); p50/p90/p99 = per-sample latencies.",
+}
+
+
+def _render_protocol_markdown(groups: Sequence[Group]) -> str:
+    """Markdown in the layout of the paper table an imp or dataset measurement reproduces, then provenance."""
+    protocol = groups[0].context.protocol
+    keys = PROTOCOL_LAYOUT[protocol]
+    names = {k: f"{n} ({u})" if u else n for k, n, u in METRICS}
+    names["load_s"] = "Load (s)"
+    head = ["Model", "Hardware", "Precision", "Size (GB)"] + [names[k] for k in keys]
+    lines = [_md_row(head), _md_row(["---"] * 3 + ["---:"] * (len(keys) + 1))]
+    for g in groups:
+        c = g.context
+        lines.append(_md_row([c.label(), c.device, c.precision, _gb(c.size_bytes)] + [_fmt(g.median(k), k) for k in keys]))
+    reps = sorted({len(g.runs) for g in groups})
+    lines += ["", f"Medians over {'/'.join(map(str, reps))} repetition(s). {_PROTOCOL_NOTES[protocol]}", ""]
+    lines += ["Provenance:", ""]
+    for g in groups:
+        c = g.context
+        shown = ", ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in sorted(c.params.items()))
+        lines.append(f"- **{c.label()}** on {c.device or '?'}; llama.cpp {c.runtime_commit or '?'}; `{c.model_file}`"
+                     + (f" + `{c.mmproj_file}`" if c.mmproj_file else "") + f"; params {shown}")
     return "\n".join(lines) + "\n"
 
 
@@ -310,10 +389,15 @@ def report_records(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "repetitions": len(g.runs),
             "metrics": {k: g.agg[k] for k in METRIC_KEYS},
             "runs": [
-                {"repetition": i, "metrics": m, "timing": r.timing.to_dict()}
+                {"repetition": i, "t_start": m["t_start"], "t_end": m["t_end"], "peak_rss_mb": m["peak_rss_mb"],
+                 "temp_start_c": m["temp_start_c"], "temp_end_c": m["temp_end_c"], "metrics": m,
+                 "timing": r.timing.to_dict()}
                 for i, (r, m) in enumerate(zip(g.runs, g.per_run, strict=True))
             ],
         }
+        for run_rec, r in zip(rec["runs"], g.runs, strict=True):
+            if r.per_sample:  # the dataset protocol: every sample's latency and server timings
+                run_rec["per_sample"] = r.per_sample
         out.append(rec)
     return out
 

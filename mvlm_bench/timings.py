@@ -99,6 +99,10 @@ class TimingRecord:
     vision_encode_ms: float | None = None
     vision_ms_per_token: float | None = None
     image_tokens: int | None = None
+    # llama-mtmd-cli with log timestamps (-lv 4): ms from the end of loading (its "main: loading model: ..." line,
+    # printed once the LM and the mmproj are loaded) to its perf block; everything after loading (image read and
+    # encode, prompt, generation). Not in FIELDS: no other program prints it (see :func:`_after_load`).
+    after_load_ms: float | None = None
     source_format: str = "unrecognised"
     missing: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -248,6 +252,10 @@ _ERA_BY_FN = {
 }
 
 
+# common/log.cpp's timestamp prefix: minutes.seconds.milliseconds.microseconds since the program started, then a level
+_TIMESTAMP = re.compile(r"^\s*(\d+)\.(\d{2})\.(\d{3})\.(\d{3}) [A-Z] ")
+
+
 @dataclass
 class _Entry:
     line: int
@@ -387,11 +395,14 @@ class _Parser:
         self.last_complete: tuple[int, list[_Entry], _Image] | None = None  # (index, block, its image lines)
         self.img_block = _Image()  # image lines from the previous block's end up to cur's last perf line
         self.img_pending = _Image()  # image lines after cur's last perf line
+        self.loaded_us: int | None = None  # timestamp of llama-mtmd-cli's last "main: loading model:" line
+        self.after_load_us: int | None = None  # from it to the last perf line after it
 
     def feed(self, raw_lines: Iterable[str]) -> None:
         for line in self.cleaner.lines(raw_lines):
             i = self.n_lines
             self.n_lines += 1
+            self._after_load(line)
             low = line.lower()
             if "image" in low or "mtmd" in low:
                 self.img_pending.line(line)
@@ -408,7 +419,22 @@ class _Parser:
                 self.img_pending = _Image()
             self.bench.feed(line)
 
+    def _after_load(self, line: str) -> None:
+        """Track the end of llama-mtmd-cli's loading and its perf lines by their log timestamps (``-lv 4``)."""
+        if "main: loading model:" not in line and "llama_perf_context_print:" not in line:
+            return
+        m = _TIMESTAMP.match(line)
+        if m is None:
+            return
+        t = ((int(m[1]) * 60 + int(m[2])) * 1000 + int(m[3])) * 1000 + int(m[4])
+        if "main: loading model:" in line:
+            self.loaded_us, self.after_load_us = t, None
+        elif self.loaded_us is not None and t >= self.loaded_us:
+            self.after_load_us = t - self.loaded_us
+
     def finish(self, rec: TimingRecord) -> None:
+        if self.after_load_us is not None:
+            rec.after_load_ms = self.after_load_us / 1000.0
         if not self.cleaner.nonblank:
             rec.warnings.append("empty input")
             return
@@ -656,6 +682,21 @@ def _sql_row(line: str) -> dict[str, Any] | None:
     for c, v in zip(cols, vals, strict=True):
         row[c] = (v not in ("0", "false")) if c in _BENCH_BOOLS else v if c in _BENCH_TEXTS else _scalar(v)
     return row if _is_bench_record(row) else None
+
+
+def _sql_unbalanced(line: str) -> bool:
+    """A llama-bench ``INSERT`` line whose values do not split into quoted fields: a name with a ``'`` in it
+    (llama-bench writes values between quotes without escaping them, tools/llama-bench/llama-bench.cpp sql_printer)."""
+    m = _SQL_INSERT.match(line)
+    if not m:
+        return False
+    pos, text = 0, m[2]
+    while pos < len(text):
+        v = _SQL_VALUE.match(text, pos)
+        if not v:
+            return True
+        pos = v.end()
+    return False
 
 
 def _is_bench_record(obj: Any) -> bool:
@@ -906,8 +947,10 @@ def parse_file(path: str | Path) -> TimingRecord:
     p = Path(path)
     try:
         st = os.stat(p)
-        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-            raise MvlmError(f"{p} is a device, not a file: pass a saved llama.cpp output file")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):  # a FIFO or socket would block open() forever
+            from mvlm_core.atomic import file_kind
+
+            raise MvlmError(f"{p} is {file_kind(p)}, not a file: pass a saved llama.cpp output file")
         f = open(p, "rb")  # noqa: SIM115 (closed below; read errors are told apart from parser errors)
     except IsADirectoryError:
         raise MvlmError(f"{p} is a directory: pass a saved llama.cpp output file") from None
@@ -965,6 +1008,10 @@ def describe_content(path: str | Path) -> str:
     if odd > 0.05 * len(text):
         return "binary data"
     lines = [x.strip() for x in text.splitlines() if x.strip()]
+    for n, x in enumerate(text.splitlines(), 1):
+        if _sql_unbalanced(x.strip()):
+            return (f"line {n}: an unbalanced quote in a llama-bench INSERT, so not valid SQL (llama-bench does not "
+                    "escape quotes in names: rename the model file or use -o json)")
     if any(x.upper().startswith(("CREATE TABLE", "INSERT INTO")) for x in lines):
         return "SQL statements that are not llama-bench rows"
     first = lines[0] if lines else ""

@@ -1,0 +1,210 @@
+"""On-device resources in every benchmark record (issue 15, item 4): the llama.cpp process's peak RSS and the device's
+temperature before and after each repetition, with each repetition's start and end time.
+
+The peak RSS is checked against an independent witness, GNU time's ``%M`` (the kernel's ru_maxrss of the same command
+line, from wait4), on the real SmolLM2 GGUF: locally, over the real sshd, through the adb test double, and under
+qemu-aarch64-static (where both measure the emulator's process). Temperatures come from real files laid out like
+/sys/class/thermal (this machine has no thermal zone: there the records must say null)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from peers import AdbDouble
+
+from mvlm_bench import bench, resources, thermal
+from mvlm_bench.devices import load_profile, profile_from_dict
+from mvlm_bench.report import render_csv, render_markdown, report_records
+from mvlm_bench.transports import make_transport
+
+REPO = Path(__file__).resolve().parents[1]
+GNU_TIME = "/usr/bin/time"
+needs_gnu_time = pytest.mark.skipif(not os.access(GNU_TIME, os.X_OK), reason="GNU time is not installed (apt-get install time)")
+needs_qemu = pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None,
+                                reason="qemu-aarch64-static is not installed (apt-get install qemu-user-static)")
+HOST_HAS_ZONES = bool(glob.glob("/sys/class/thermal/thermal_zone*/temp"))
+
+
+def _local(tmp_path: Path, **extra):
+    return profile_from_dict({"transport": "local", "workdir": str(tmp_path / "device"), "target": "host", "threads": 2,
+                              **extra}, where="test", default_name="res-local")
+
+
+def _gnu_time_mb(argv: list[str], env: dict[str, str]) -> float:
+    """ru_maxrss of ``argv`` as GNU time reports it (kB), in MB (1e6 bytes)."""
+    r = subprocess.run([GNU_TIME, "-f", "MAXRSS=%M", *argv], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr[-2000:]
+    kb = int(next(ln for ln in r.stderr.splitlines() if ln.startswith("MAXRSS=")).split("=", 1)[1])
+    return kb * 1024 / 1e6
+
+
+# --- the wrapper itself -------------------------------------------------------------------------------------------
+def _wrapped(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", "-c", resources.WRAPPER, "mvlm-rss", str(tmp_path / "scratch"), *cmd],
+                          capture_output=True, text=True, timeout=60)
+
+
+@needs_gnu_time
+def test_wrapper_peak_rss_matches_gnu_time(tmp_path):
+    """A process that holds ~150 MB for a second: the wrapper's VmHWM and GNU time's ru_maxrss agree within 3%."""
+    cmd = [sys.executable, "-c", "import time; b = bytearray(150_000_000); time.sleep(1.0); print('done')"]
+    r = _wrapped(cmd, tmp_path)
+    assert r.returncode == 0, r.stderr
+    out, mb = resources.split_marker(r.stdout + r.stderr)
+    assert "done" in out and resources.RSS_MARKER not in out
+    witness = _gnu_time_mb(cmd, {})
+    assert mb is not None and witness > 150
+    assert abs(mb - witness) / witness < 0.03, (mb, witness)
+    assert not list(tmp_path.glob("scratch*"))  # the poller's file is gone
+
+
+def test_wrapper_passes_status_and_signal_on(tmp_path):
+    assert _wrapped(["sh", "-c", "exit 7"], tmp_path).returncode == 7
+    assert _wrapped(["sh", "-c", "kill -SEGV $$"], tmp_path).returncode == -11  # as if unwrapped: killed by SIGSEGV
+    r = _wrapped(["/nonexistent/binary"], tmp_path)
+    assert r.returncode == 127  # (its "peak RSS" is the forked shell's, under a MB, before the failed exec)
+
+
+def test_split_marker():
+    text = f"line 1\nline 2\n\n{resources.RSS_MARKER}2048\n"
+    assert resources.split_marker(text) == ("line 1\nline 2\n", 2048 * 1024 / 1e6)
+    assert resources.split_marker(f"x\n{resources.RSS_MARKER}-\n") == ("x", None)
+    assert resources.split_marker("no marker") == ("no marker", None)
+
+
+# --- temperature ---------------------------------------------------------------------------------------------------
+def _zones(root: Path, values: list[str]) -> Path:
+    for i, v in enumerate(values):
+        d = root / f"thermal_zone{i}"
+        d.mkdir(parents=True)
+        (d / "temp").write_text(v + "\n")
+    (root / "cooling_device0").mkdir(parents=True, exist_ok=True)  # not a zone
+    return root
+
+
+def test_parse_zone_values():
+    assert thermal.parse_zone_values(["41000", "52500\n", "38000"]) == 52.5
+    assert thermal.parse_zone_values(["47"]) == 47.0  # an old driver in whole degrees
+    assert thermal.parse_zone_values(["-274000", "garbage", ""]) is None  # placeholders and junk only
+    assert thermal.parse_zone_values([]) is None
+
+
+def test_read_celsius_local(tmp_path):
+    t = make_transport(_local(tmp_path))
+    assert thermal.read_celsius(t, str(_zones(tmp_path / "thermal", ["41000", "52500", "junk"]))) == 52.5
+    assert thermal.read_celsius(t, str(tmp_path / "empty")) is None
+    expected = thermal.parse_zone_values([Path(p).read_text() for p in glob.glob("/sys/class/thermal/thermal_zone*/temp")])
+    assert thermal.read_celsius(t) == expected  # this machine's own zones (None when it has none)
+
+
+@pytest.mark.slow
+def test_read_celsius_over_ssh_and_adb(sshd, tmp_path, monkeypatch):
+    root = _zones(tmp_path / "thermal", ["39000", "61250"])
+    t = make_transport(sshd.profile(str(tmp_path / "remote"), target="host"))
+    try:
+        assert thermal.read_celsius(t, str(root)) == 61.25
+        assert thermal.read_celsius(t, str(tmp_path / "none")) is None
+    finally:
+        t.close()
+    adb = AdbDouble(tmp_path, monkeypatch)
+    dev = adb.add("TEMP1")
+    _zones(dev / "data" / "local" / "tmp" / "thermal", ["45500"])
+    phone = profile_from_dict({"transport": "adb", "address": "TEMP1", "workdir": "/data/local/tmp/mvlm",
+                               "target": "host"}, where="test", default_name="phone")
+    assert thermal.read_celsius(make_transport(phone), "/data/local/tmp/thermal") == 45.5
+
+
+# --- real benches ---------------------------------------------------------------------------------------------------
+def _check_records(res, expect_temps: bool) -> list[dict]:
+    assert not res.failures, res.failures
+    recs = report_records(res.runs)
+    runs = recs[0]["runs"]
+    for prev, cur in zip(runs, runs[1:], strict=False):
+        assert prev["t_end"] <= cur["t_start"]
+    for run in runs:
+        assert run["t_start"] < run["t_end"]
+        assert run["peak_rss_mb"] is not None and run["peak_rss_mb"] > 0
+        assert (run["temp_start_c"] is not None) == expect_temps and (run["temp_end_c"] is not None) == expect_temps
+    assert recs[0]["metrics"]["peak_rss_mb"]["n"] == len(runs)
+    csv_head = render_csv(res.runs).splitlines()[0].split(",")
+    assert {"t_start", "t_end", "peak_rss_mb", "temp_start_c", "temp_end_c"} <= set(csv_head)
+    return runs
+
+
+@pytest.mark.slow
+@needs_gnu_time
+def test_local_bench_records_rss_and_times(tmp_path, smollm2_gguf, host_runtime):
+    prof = _local(tmp_path)
+    notes: list[str] = []
+    res = bench.run_bench(prof, bench.BenchSpec("lm", smollm2_gguf, repeat=2, warmup=1, n_predict=8), log=notes.append)
+    runs = _check_records(res, HOST_HAS_ZONES)
+    assert any("no readable thermal zone" in n for n in notes) == (not HOST_HAS_ZONES)
+    witness = _gnu_time_mb(res.commands[0], {"LD_LIBRARY_PATH": str(tmp_path / "device" / "lib")})
+    rss = [r["peak_rss_mb"] for r in runs]
+    print(f"\nlocal: peak RSS {rss} MB (GNU time: {witness:.1f} MB), temperatures "
+          f"{[(r['temp_start_c'], r['temp_end_c']) for r in runs]}")
+    assert all(abs(v - witness) / witness < 0.05 for v in rss), (rss, witness)
+    assert smollm2_gguf.stat().st_size / 1e6 < witness  # the weights are resident
+    # wall time (Total) is the process's own, not a polling interval longer
+    assert all(abs((r["t_end"] - r["t_start"]) - r["metrics"]["total_s"]) < 0.1 for r in runs)
+    md = render_markdown(res.runs)
+    assert "Peak RSS (MB)" in md
+    # the history keeps them per repetition (the sample rows), next to the speed metrics
+    from mvlm_bench.history import History, entries_from_runs
+
+    with History(tmp_path / "h.sqlite") as h:
+        h.save_many(entries_from_runs(res.runs))
+        stored = h.entries()[0].samples
+    assert stored["peak_rss_mb"] == pytest.approx(rss)
+    assert stored["t_start"] == pytest.approx([r["t_start"] for r in runs], abs=1e-3)
+    assert stored["t_end"] == pytest.approx([r["t_end"] for r in runs], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_ssh_and_adb_benches_record_rss(sshd, tmp_path, smollm2_gguf, host_runtime, monkeypatch):
+    spec = bench.BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=8)
+    local = _check_records(bench.run_bench(_local(tmp_path), spec), HOST_HAS_ZONES)[0]["peak_rss_mb"]
+    over_ssh = _check_records(bench.run_bench(sshd.profile(str(tmp_path / "remote"), target="host", threads=2), spec),
+                              HOST_HAS_ZONES)[0]["peak_rss_mb"]
+    adb = AdbDouble(tmp_path, monkeypatch)
+    adb.add("RSS1")
+    phone = profile_from_dict({"transport": "adb", "address": "RSS1", "workdir": "/data/local/tmp/mvlm", "target": "host",
+                               "threads": 2}, where="test", default_name="phone")
+    over_adb = _check_records(bench.run_bench(phone, spec), HOST_HAS_ZONES)[0]["peak_rss_mb"]
+    print(f"\npeak RSS: local {local:.1f} MB, ssh {over_ssh:.1f} MB, adb double {over_adb:.1f} MB")
+    # the same binary and model on the same machine: the same memory, whichever way it was started
+    assert abs(over_ssh - local) / local < 0.05 and abs(over_adb - local) / local < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.qemu
+@needs_qemu
+@needs_gnu_time
+def test_qemu_bench_measures_the_emulator_process(tmp_path, smollm2_gguf):
+    """Under qemu-aarch64-static the wrapper reads the emulator's own process: GNU time on `qemu-aarch64-static
+    llama-completion ...` agrees, and it is more than the weights alone."""
+    from mvlm_core import runtime as rtmod
+
+    try:
+        rtmod.find("linux-arm64")
+    except Exception:
+        pytest.skip("no linux-arm64 runtime built (mvlm runtime build --target linux-arm64; tests/test_arm64.py builds it)")
+    text = (REPO / "devices" / "qemu-arm64.toml").read_text().replace("~/.cache/mvlm/device/qemu-arm64",
+                                                                        str(tmp_path / "qdev"))
+    (tmp_path / "qemu-arm64.toml").write_text(text)
+    prof = load_profile(str(tmp_path / "qemu-arm64.toml"))
+    res = bench.run_bench(prof, bench.BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=4))
+    run = _check_records(res, HOST_HAS_ZONES)[0]
+    witness = _gnu_time_mb(["qemu-aarch64-static", *res.commands[0]], {})
+    print(f"\nqemu-arm64: peak RSS {run['peak_rss_mb']:.1f} MB (GNU time on qemu: {witness:.1f} MB)")
+    assert abs(run["peak_rss_mb"] - witness) / witness < 0.05
+    assert run["peak_rss_mb"] > smollm2_gguf.stat().st_size / 1e6
+    assert json.dumps(report_records(res.runs))  # serialisable as the JSON report
