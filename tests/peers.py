@@ -277,3 +277,14 @@ class AdbDouble:
         self._load()
         self.state["devices"][serial].update(state="device", vanish_after_bytes=None)
         self._save()
+
+
+def fill_up(filler: Path) -> None:
+    """Fill the filesystem holding ``filler`` to the last byte (unbuffered writes until ENOSPC): a real full disk."""
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 16, 4096, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as e:
+                assert e.errno == 28, e

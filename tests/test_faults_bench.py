@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from peers import AdbDouble
+from peers import AdbDouble, fill_up
 
 from mvlm_bench import bench
 from mvlm_bench.devices import load_profile, profile_from_dict
@@ -207,12 +207,7 @@ def test_reports_are_committed_together(tmp_path, smollm2_gguf, runtime_env, sma
     """--json lands in a roomy dir, --markdown on a full tmpfs: the markdown write fails, so the JSON is NOT replaced
     (the old one stays), no temporary is left in either place, and the error is one line (exit 28)."""
     full = small_fs(64 << 10)
-    with open(full / "filler", "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
+    fill_up(full / "filler")
     old_json = tmp_path / "r.json"
     old_json.write_text("OLD REPORT")
     prof = local_profile(tmp_path)
@@ -870,22 +865,13 @@ def test_an_allowed_config_file_connects_and_ssh_reads_the_copy_that_was_checked
 # ===================================================================================================== 14. reports vs save
 
 
-def _fill(d: Path) -> None:
-    with open(d / "filler", "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-
-
 @pytest.mark.slow
 def test_a_report_that_cannot_be_written_does_not_cost_the_saved_measurement(tmp_path, smollm2_gguf, runtime_env,
                                                                               small_fs):
     """--json on a full tmpfs, the history in a roomy dir: the measurement is saved, then the report error (exit 28)
     says so; no temporary is left on the full disk."""
     full = small_fs(64 << 10)
-    _fill(full)
+    fill_up(full / "filler")
     db = tmp_path / "h.sqlite"
     r = mvlm("bench", "--device", local_profile(tmp_path), "--model", smollm2_gguf, "-n", 8, "--repeat", 1,
              "--warmup", 0, "--json-file", full / "r.json", "--save", "--db", db, env=runtime_env, cwd=tmp_path)
@@ -902,7 +888,7 @@ def test_report_and_history_on_a_full_disk_spill_the_runs(tmp_path, smollm2_gguf
     """The tester's case: history and --json both on a full tmpfs. Before: exit 28, nothing saved, no spill. Now the
     runs are spilled (the history's dir is full, so the current directory), and the one error line names both."""
     full = small_fs(64 << 10)
-    _fill(full)
+    fill_up(full / "filler")
     r = mvlm("bench", "--device", local_profile(tmp_path), "--model", smollm2_gguf, "-n", 8, "--repeat", 1,
              "--warmup", 0, "--json-file", full / "r.json", "--save", "--db", full / "h.sqlite", env=runtime_env, cwd=tmp_path)
     line = _error_line(r.stderr)
