@@ -100,7 +100,9 @@ def main() -> None:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except MvlmError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # the message is text: a "[bold]" in a label or path stays as typed
+
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         if e.detail:
             err_console.print(e.detail, highlight=False, markup=False)
         sys.exit(e.exit_code)

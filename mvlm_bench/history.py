@@ -54,6 +54,7 @@ from typing import Any
 from mvlm_bench import store as stores
 from mvlm_bench.records import RunContext
 from mvlm_core.errors import MvlmError
+from mvlm_core.terminal import visible
 
 DEFAULT_DB_NAME = "mvlm-history.sqlite"
 _APP_ID = 0x6D766C6D  # "mvlm": PRAGMA application_id, tells our files from other SQLite files
@@ -248,7 +249,7 @@ class Entry:
             bits.append(f"commit {self.project_commit[:10]}")
         if self.label:
             bits.append(f"label {self.label}")
-        return " ".join(b for b in bits if b)
+        return visible(" ".join(b for b in bits if b))  # for messages: stored text, control characters shown
 
 
 def setup_key(e: Entry) -> tuple:
@@ -310,14 +311,24 @@ def _bench_metric(r: dict[str, Any]) -> str:
 def entry_from_llama_bench(rows: Sequence[dict[str, Any]], context: RunContext, label: str = "",
                            project: tuple[str, bool | None] | None = None) -> Entry:
     """llama-bench test rows of ONE configuration as one Entry: metric ``pp64_tps`` / ``tg128_tps`` (one value per
-    sample: ``samples_ts``, else ``avg_ts``). `mvlm history` shows a single tg test's rate as the entry's Eval."""
+    sample: ``samples_ts``, else ``avg_ts``). The one plain pp test (no tg, no depth), when there is exactly one, is
+    also ``prompt_tps``, and the one plain tg test ``eval_tps``: the metrics `mvlm history` shows and the gate judges."""
     commit, dirty = project if project is not None else project_commit()
     samples: dict[str, list[float | None]] = {}
+    plain: dict[str, list[str]] = {"prompt_tps": [], "eval_tps": []}
     for r in rows:
         vals = r.get("samples_ts") or ([r["avg_ts"]] if r.get("avg_ts") is not None else [])
         if not isinstance(vals, list):
             raise ValueError("'samples_ts' is not a list")
-        samples[_bench_metric(r)] = [_json_num(v) for v in vals]
+        key = _bench_metric(r)
+        samples[key] = [_json_num(v) for v in vals]
+        if re.fullmatch(r"pp\d+_tps", key):
+            plain["prompt_tps"].append(key)
+        elif re.fullmatch(r"tg\d+_tps", key):
+            plain["eval_tps"].append(key)
+    for alias, keys in plain.items():
+        if len(set(keys)) == 1 and alias not in samples:
+            samples[alias] = list(samples[keys[0]])
     return Entry(context=context, samples=samples, label=label, project_commit=commit, project_dirty=dirty)
 
 
@@ -476,11 +487,27 @@ def _entries_from_bench_rows(rows: list[dict[str, Any]], path: Path, device: str
     return out
 
 
+def check_report_file(path: Path, todo: str = "pass a JSON file written by `mvlm bench --json-file` or llama-bench") -> None:
+    """Refuse, in one line, a report path that is missing or not a regular file (a FIFO would block the read forever,
+    /dev/zero would never end); ``todo``: what to pass instead."""
+    from mvlm_core.atomic import file_kind
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MvlmError(f"{path} does not exist: {todo}") from None
+    except OSError as e:
+        raise MvlmError(f"cannot read {path}: {e.strerror or e}; {todo}") from None
+    if not stat.S_ISREG(mode):
+        raise MvlmError(f"{path} is {file_kind(path)}, not a file: {todo}")
+
+
 def entries_from_json(path: Path, device: str | None = None) -> list[Entry]:
     """Entries from a file written by ``mvlm bench --json-file`` (papers' protocols or llama-bench rows), by
     :func:`save_or_spill`, or by llama-bench itself (``-o json``/``jsonl``/``sql``/``csv``/``md``: one entry per
     configuration). ``device``: the device name for llama-bench rows (which only know cpu_info/gpu_info)."""
     path = Path(path)
+    check_report_file(path)
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 16)

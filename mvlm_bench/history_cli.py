@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mvlm_core.errors import MvlmError
+from mvlm_core.terminal import visible
 
 EXIT_REGRESSION = 4
 
@@ -45,8 +46,8 @@ def _is_file(spec: str) -> bool:
     if spec.endswith(".json"):
         return True
     try:
-        p = Path(spec)
-        return p.is_file() or (p.is_dir() and not _SELECTOR.fullmatch(spec.strip()))
+        p = Path(spec)  # a FIFO, device or directory too: refused in one line later (check_report_file)
+        return p.is_file() or (p.exists() and not _SELECTOR.fullmatch(spec.strip()))
     except (OSError, ValueError):  # a name too long for the OS, a NUL byte: not a file
         return False
 
@@ -65,13 +66,10 @@ def _open(db: Path | None, create: bool = False):
 def resolve(spec: str, db: Path | None, device: str | None = None, model: str | None = None,
             protocol: str | None = None, like=None, exclude: tuple[int, ...] = ()) -> list:
     """Entries named by a selector or a JSON file (a file may hold several measurements)."""
-    from mvlm_bench.history import entries_from_json
+    from mvlm_bench.history import check_report_file, entries_from_json
 
     if _is_file(spec):
-        if Path(spec).is_dir():  # _is_file: stat works on this name
-            raise MvlmError(f"{spec} is a directory: pass a JSON file written by `mvlm bench --json-file` or a selector")
-        if not Path(spec).is_file():
-            raise MvlmError(f"{spec} does not exist: pass a JSON file written by `mvlm bench --json-file` or a selector")
+        check_report_file(Path(spec), "pass a JSON file written by `mvlm bench --json-file` or a selector")
         return entries_from_json(Path(spec))
     with _open(db) as h:
         return [h.select(spec, device=device, model=model, protocol=protocol, like=like, exclude=exclude)]
@@ -89,7 +87,7 @@ def comparison_table(comps: list, title: str) -> Table:
     from mvlm_bench.compare import PAIR_SPEEDUP_NOTE
 
     paired = bool(comps) and all(c.paired for c in comps)
-    t = Table(title=title, caption=PAIR_SPEEDUP_NOTE if paired else None)
+    t = Table(title=visible(title, markup=True), caption=PAIR_SPEEDUP_NOTE if paired else None)
     for col in ("Metric", "Baseline", "Candidate", "Pair speedup" if paired else "Speedup", "95% CI", "p", "Verdict"):
         t.add_column(col, justify="left" if col in ("Metric", "Verdict") else "right", overflow="fold")
     for c in comps:
@@ -98,11 +96,11 @@ def comparison_table(comps: list, title: str) -> Table:
             p = min(c.p_slower, c.p_faster)
         style = {"slower": "bold red", "faster": "bold green"}.get(c.verdict, "")
         verdict = f"[{style}]{c.verdict}[/]" if style else c.verdict
-        t.add_row(f"{c.name} ({c.unit})", f"{_fmt(c.baseline_median)} [dim]n={c.n_baseline}[/]",
+        t.add_row(visible(f"{c.name} ({c.unit})", markup=True), f"{_fmt(c.baseline_median)} [dim]n={c.n_baseline}[/]",
                   f"{_fmt(c.candidate_median)} [dim]n={c.n_candidate}[/]",
                   "–" if c.speedup is None else f"{c.speedup:.3f}",
                   "–" if c.ci_low is None else f"{c.ci_low:.3f}–{c.ci_high:.3f}",
-                  "–" if p is None else f"{p:.3g}", verdict + (f" [dim]({c.note})[/]" if c.note else ""))
+                  "–" if p is None else f"{p:.3g}", verdict + (f" [dim]({visible(c.note, markup=True)})[/]" if c.note else ""))
     return t
 
 
@@ -132,10 +130,10 @@ def _print_gate(d, json_out: bool) -> None:
         return
     for v in d.history:
         if v.verdict in ("slower", "suspected", "no change") and v.center is not None and v.slowdown is not None:
-            err.print(f"[dim]history: {v.name} {_change_words(v.slowdown)} than the centre of {v.n_sessions} baseline "
-                      f"session(s) (noise band ±{v.band:.1%}): {v.verdict}[/]", highlight=False)
+            err.print(f"[dim]history: {visible(v.name, markup=True)} {_change_words(v.slowdown)} than the centre of "
+                      f"{v.n_sessions} baseline session(s) (noise band ±{v.band:.1%}): {v.verdict}[/]", highlight=False)
     for w in d.warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+        err.print(f"[yellow]warning:[/] {visible(w, markup=True)}", highlight=False)
 
 
 def run_comparison(pairs: list[tuple], metrics: list[str] | None, alpha: float, threshold: float | None,
@@ -158,6 +156,7 @@ def run_comparison(pairs: list[tuple], metrics: list[str] | None, alpha: float, 
     for base, cand in pairs:
         if base.id is not None and base.id == cand.id:
             raise MvlmError(f"baseline and candidate are the same entry ({base.describe()}): pick two different ones")
+        _check_common_metrics(base, cand, gate_metrics if threshold is not None else None, bool(metrics))
         comps = compare.compare_samples(base.samples, cand.samples, metrics=metrics or None, alpha=alpha)
         invalid = {c.key: f"{c.name}: {c.dropped_warning}" for c in comps if c.dropped_warning}
         diffs = setup_differences(base, cand)
@@ -187,7 +186,7 @@ def run_comparison(pairs: list[tuple], metrics: list[str] | None, alpha: float, 
             decision.warnings = [w for k, w in invalid.items() if k not in said] + decision.warnings
         elif not json_out:
             for w in invalid.values():
-                err.print(f"[yellow]warning:[/] {w}", highlight=False)
+                err.print(f"[yellow]warning:[/] {visible(w, markup=True)}", highlight=False)
         results.append({"baseline": _entry_json(base), "candidate": _entry_json(cand), "setup_differences": diffs,
                         "metrics": [c.as_dict() for c in comps],
                         "regressions": decision.regressions if decision else [],
@@ -203,7 +202,8 @@ def run_comparison(pairs: list[tuple], metrics: list[str] | None, alpha: float, 
             if decision is not None and decision.interleaved:
                 console.print(comparison_table(decision.interleaved, "interleaved re-measure (A/B pairs)"))
             if diffs:
-                err.print("[yellow]warning:[/] the two measurements differ in setup: " + "; ".join(diffs))
+                err.print("[yellow]warning:[/] the two measurements differ in setup: "
+                          + visible("; ".join(diffs), markup=True), highlight=False)
         if decision is not None:
             _print_gate(decision, json_out)
     if json_out:
@@ -216,12 +216,33 @@ def run_comparison(pairs: list[tuple], metrics: list[str] | None, alpha: float, 
 
         write_text(markdown_out, "\n".join(md))  # one line (MvlmError) when it cannot be written
     if failures:
-        raise MvlmError("performance regression: " + "; ".join(line for _, line in failures), exit_code=EXIT_REGRESSION)
+        raise MvlmError("performance regression: " + visible("; ".join(line for _, line in failures)),
+                        exit_code=EXIT_REGRESSION)
     if threshold is not None and not json_out:
         if decisions and not any(d.judged for d in decisions):
             err.print("[yellow]gate not applied[/]: no gated metric could be judged (see the warnings above)")
         else:
             err.print(f"[green]gate passed[/]: no gated metric is slower by more than {threshold:.1%} beyond its noise")
+
+
+def _metric_list(e) -> str:
+    keys = sorted(e.samples)
+    return visible(", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")) if keys else "none"
+
+
+def _check_common_metrics(base, cand, gated: tuple[str, ...] | None, chosen: bool) -> None:
+    """Refuse, in one line, a pair with no metric in common (an empty table) or, when gating, no gated metric in
+    common (the gate could judge nothing and would pass silently)."""
+    common = sorted(set(base.samples) & set(cand.samples))
+    sides = (f"the baseline ({base.describe()}) has {_metric_list(base)}; "
+             f"the candidate ({cand.describe()}) has {_metric_list(cand)}")
+    if not common:
+        raise MvlmError(f"the two measurements have no metric in common: {sides}; compare measurements of the same "
+                        "protocol and tests")
+    if gated is not None and not set(gated) & set(common):
+        what = "--metric" if chosen else f"gated metric ({', '.join(gated)})"
+        raise MvlmError(f"--fail-on-regression: no {what} is in both measurements: {sides}; gate on one they share "
+                        f"with --metric {visible(common[0])}")
 
 
 def run_interleaved_report(ab, metrics: list[str] | None, alpha: float, threshold: float | None,
@@ -245,7 +266,7 @@ def run_interleaved_report(ab, metrics: list[str] | None, alpha: float, threshol
     summary = {"mode": "interleaved", "order": ab.order, "alpha": alpha, "threshold": threshold,
                "metrics": [c.as_dict() for c in comps], "gate": decision.as_dict() if decision else None}
     if decision is not None and decision.failed:
-        raise MvlmError("performance regression (interleaved A/B): " + "; ".join(decision.regressions),
+        raise MvlmError("performance regression (interleaved A/B): " + visible("; ".join(decision.regressions)),
                         exit_code=EXIT_REGRESSION)
     if decision is not None and not json_out:
         err.print(f"[green]gate passed[/]: no gated metric is slower by more than {threshold:.1%} in the A/B pairs")
@@ -407,7 +428,7 @@ def history_cmd(
     if json_out:
         print(json.dumps([_entry_json(e) | {"samples": e.samples} for e in entries], indent=2, default=str))
         return
-    t = Table(title=f"Benchmark history ({path})")
+    t = Table(title=visible(f"Benchmark history ({path})", markup=True))
     for col in ("id", "time (UTC)", "label", "device", "model", "protocol", "llama.cpp", "commit", "reps",
                 "Eval tok/s", "Total s"):
         right = col in ("id", "reps", "Eval tok/s", "Total s")
@@ -420,9 +441,10 @@ def history_cmd(
             vals = [v for v in e.samples.get(k, []) if v is not None]
             return _fmt(median(vals)) if vals else "–"
 
-        t.add_row(str(e.id), e.created_at, e.label, e.context.device, e.context.label(), e.context.protocol,
-                  e.context.runtime_commit[:10], e.project_commit[:10] + ("+" if e.project_dirty else ""),
-                  str(e.repetitions), med("eval_tps"), med("total_s"))
+        cells = (e.created_at, e.label, e.context.device, e.context.label(), e.context.protocol,
+                 e.context.runtime_commit[:10], e.project_commit[:10] + ("+" if e.project_dirty else ""))
+        t.add_row(str(e.id), *(visible(x, markup=True) for x in cells), str(e.repetitions), med("eval_tps"),
+                  med("total_s"))
     console.print(t)
 
 
@@ -471,13 +493,12 @@ def import_cmd(
     `mvlm bench` report is stored at the time it was measured (its test_time). llama-bench output becomes one
     measurement per configuration, each test (pp512, tg128, ...) a metric whose values are its samples; a file that is
     none of these is refused in one line and nothing is stored."""
-    from mvlm_bench.history import History, content_key, entries_from_json
+    from mvlm_bench.history import History, check_report_file, content_key, entries_from_json
 
     entries = []
     for f in files:
-        if not f.is_file():
-            raise MvlmError(f"{f} {'is a directory' if f.is_dir() else 'does not exist'}: pass a JSON file written by "
-                            "`mvlm bench --json-file` or by a failed `mvlm bench --save`")
+        check_report_file(f, "pass a JSON file written by `mvlm bench --json-file` or by a failed `mvlm bench --save`, "
+                             "or llama-bench output")
         entries += entries_from_json(f, device=device)
     if label is not None:
         for e in entries:

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from mvlm_bench.paper_tables import PAPERS, PaperTable, row_record, tables
 from mvlm_core.errors import MvlmError
+from mvlm_core.terminal import visible
 
 console = Console()
 
@@ -50,11 +51,16 @@ def check_paper(paper: str) -> str:
     return key
 
 
-def fill_command(protocol: str, device: str | None = None) -> str:
-    """The `mvlm bench` command that stores entries for a table; says so when this mvlm lacks the protocol."""
+def fill_command(protocol: str, device: str | None = None, db: str | None = None) -> str:
+    """The `mvlm bench` command that stores entries for a table (with ``--db`` when the report was given one, so the
+    entries land where the report reads); says so when this mvlm lacks the protocol. Values are shell-quoted."""
+    import shlex
+
     from mvlm_bench.bench import PROTOCOLS
 
-    cmd = _FILL[protocol].format(device=device or "DEVICE")
+    cmd = _FILL[protocol].format(device=shlex.quote(device) if device else "DEVICE")
+    if db is not None:
+        cmd += f" --db {shlex.quote(db)}"
     if protocol not in PROTOCOLS:
         cmd += f"  (the {protocol} protocol is not in this version of mvlm yet)"
     return cmd
@@ -89,8 +95,9 @@ def user_row(entry, table: PaperTable) -> dict[str, Any]:
 
 
 def build(paper: str, entries: list, db: Path | None = None, device: str | None = None,
-          db_note: str | None = None) -> dict[str, Any]:
-    """The whole report as JSON-able data: per table its columns, the paper's rows and the user's."""
+          db_note: str | None = None, db_option: str | None = None) -> dict[str, Any]:
+    """The whole report as JSON-able data: per table its columns, the paper's rows and the user's. ``db_option``: the
+    ``--db`` the user gave (the fill commands repeat it)."""
     paper = check_paper(paper)
     out_tables = []
     for t in tables(paper):
@@ -101,7 +108,7 @@ def build(paper: str, entries: list, db: Path | None = None, device: str | None 
             "columns": [{"key": c.key, "name": c.name, "unit": c.unit} for c in t.columns],
             "paper_rows": [row_record(r) for r in t.rows],
             "your_rows": mine,
-            "fill_command": None if mine else fill_command(t.protocol, device),
+            "fill_command": None if mine else fill_command(t.protocol, device, db_option),
         })
     return {"paper": paper, "title": PAPERS[paper], "db": str(db) if db is not None else None,
             "db_note": db_note, "device_filter": device, "tables": out_tables}
@@ -152,7 +159,7 @@ def render(report: dict[str, Any]) -> list[Table | str]:
         for r in t["your_rows"]:
             src = f"yours id:{r['id']}" + (f" {r['label']}" if r["label"] else "")
             cells = [_num(r["metrics"][c["key"]]) for c in t["columns"]]
-            table.add_row(*map(escape, (src, r["model"], r["device"], r["precision"] or "–")), *cells,
+            table.add_row(*(visible(x, markup=True) for x in (src, r["model"], r["device"], r["precision"] or "–")), *cells,
                           *[_num(r["extra"].get(k)) for k in extra_keys])
         out.append(table)
         out.append(f"Paper setting: {t['setting']}.")
@@ -193,14 +200,18 @@ def report_cmd(
     """
     key = check_paper(paper)
     entries, path, note = load_entries(db, device)
-    rep = build(key, entries, path, device, note)
+    from mvlm_bench.store import is_url
+
+    # the --db to repeat in fill commands: as given (a URL as shown, its password masked)
+    db_option = None if db is None else str(path) if is_url(path) else str(db)
+    rep = build(key, entries, path, device, note, db_option)
     if json_out:
         print(json.dumps(rep, indent=2, allow_nan=False))
         return
-    console.print(f"{PAPERS[key]}; your measurements from {path}" + (f" ({note})" if note else ""),
+    console.print(visible(f"{PAPERS[key]}; your measurements from {path}" + (f" ({note})" if note else "")),
                   highlight=False, markup=False)
     for item in render(rep):
         if isinstance(item, str):
-            console.print(item, highlight=False, markup=False, soft_wrap=True)
+            console.print(visible(item), highlight=False, markup=False, soft_wrap=True)
         else:
             console.print(item)

@@ -561,8 +561,8 @@ def test_compare_reads_every_llama_bench_format(tmp_path, fmt):
     r = mvlm("compare", a, b, "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     metrics = {m["key"]: m for m in json.loads(r.stdout)["comparisons"][0]["metrics"]}
-    assert set(metrics) == {"pp16_tps", "tg8_tps"}
-    assert metrics["tg8_tps"]["speedup"] == pytest.approx(0.5)
+    assert set(metrics) == {"pp16_tps", "tg8_tps", "prompt_tps", "eval_tps"}
+    assert metrics["tg8_tps"]["speedup"] == metrics["eval_tps"]["speedup"] == pytest.approx(0.5)
     assert metrics["tg8_tps"]["n_baseline"] == (1 if fmt in ("csv", "md", "sql") else 3)  # csv/md/sql: no samples
 
 
@@ -715,7 +715,7 @@ def test_bench_parse_refuses_a_file_without_timings(tmp_path, name, content, say
 
 def test_bench_parse_device_and_mixed_files(tmp_path):
     r = mvlm("bench", "parse", "/dev/zero", cwd=tmp_path)
-    assert "is a device" in error_line(r)
+    assert "is a character device, not a file" in error_line(r)
     good = tmp_path / "run.log"
     good.write_text(PERF)
     junk = tmp_path / "notes.txt"
@@ -734,3 +734,109 @@ def test_bench_parse_recognises_every_llama_bench_format(tmp_path):
         rec = parse_file(_write_lb(tmp_path / f"lb.{fmt}", fmt, 1.0))
         assert rec.source_format == f"llama-bench-{fmt}" and (rec.prompt_tokens, rec.eval_runs) == (16, 8), fmt
         assert rec.eval_tps == pytest.approx(60.0) and rec.prompt_tps == pytest.approx(200.0)
+
+
+# --- inputs that are not regular files, names llama-bench wrote unescaped, metrics the two sides do not share ----------
+def _special(tmp_path: Path, kind: str) -> Path:
+    """A FIFO or a bound unix socket (opening either for reading would block forever), or /dev/zero (never ends)."""
+    if kind == "fifo":
+        p = tmp_path / "fifo.log"
+        os.mkfifo(p)
+        return p
+    if kind == "socket":
+        import socket
+
+        p = tmp_path / "s.sock"
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(p))
+        s.close()  # the socket file stays
+        return p
+    return Path("/dev/zero")
+
+
+_KIND_WORDS = {"fifo": "is a FIFO (named pipe), not a file", "socket": "is a socket, not a file",
+               "dev-zero": "is a character device, not a file"}
+
+
+@pytest.mark.parametrize("kind", list(_KIND_WORDS))
+def test_parse_import_and_compare_refuse_fifos_sockets_and_devices_in_one_line(tmp_path, kind):
+    p = _special(tmp_path, kind)
+    db = good_db(tmp_path / "h.sqlite", reps=5)
+    before = sha(db)
+    b1 = _write_lb(tmp_path / "b1.json", "json", 1.0)
+    for args in (("bench", "parse", p), ("history", "import", p, "--db", db), ("compare", p, b1),
+                 ("compare", b1, p, "--db", db)):
+        r = mvlm(*args, cwd=tmp_path, timeout=60)  # a blocking open() would time out here
+        line = error_line(r)
+        assert r.returncode == 2 and f"{p} {_KIND_WORDS[kind]}" in line, (args, line)
+    assert sha(db) == before
+
+
+def test_sql_with_a_quote_in_the_model_name_says_llama_bench_did_not_escape_it(tmp_path):
+    """llama-bench -o sql writes each value between quotes without escaping (llama-bench.cpp sql_printer), so a model
+    file named m'x.gguf makes an INSERT that is not valid SQL (the real binary: test_llama_bench_compat.py)."""
+    p = _write_lb(tmp_path / "lb.sql", "sql", 1.0)
+    p.write_text(p.read_text().replace("'m.gguf'", "'m'x.gguf'"))
+    bad_line = next(n for n, x in enumerate(p.read_text().splitlines(), 1) if "m'x.gguf" in x)
+    db = tmp_path / "h.sqlite"
+    for args in (("history", "import", p, "--db", db), ("bench", "parse", p), ("compare", p, p)):
+        line = error_line(mvlm(*args, cwd=tmp_path))
+        assert f"line {bad_line}: an unbalanced quote in a llama-bench INSERT" in line, (args, line)
+        assert "does not escape quotes in names: rename the model file or use -o json" in line, line
+    assert not db.exists()
+
+
+def _lb_entry_file(path: Path, tests: list[tuple[int, int]], scale: float) -> Path:
+    rows = []
+    for n_p, n_g in tests:
+        r = _lb_rows(scale)[0] | {"n_prompt": n_p, "n_gen": n_g}
+        rows.append(r)
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_compare_refuses_pairs_without_a_shared_or_gated_metric(tmp_path):
+    db = tmp_path / "h.sqlite"
+    pp = _lb_entry_file(tmp_path / "pp.json", [(16, 0)], 1.0)  # pp16_tps (and prompt_tps)
+    tg = _lb_entry_file(tmp_path / "tg.json", [(0, 8)], 1.0)  # tg8_tps (and eval_tps)
+    pg1 = _lb_entry_file(tmp_path / "pg1.json", [(16, 8)], 1.0)  # pp16+tg8_tps only: no gated metric
+    pg2 = _lb_entry_file(tmp_path / "pg2.json", [(16, 8)], 0.5)
+    assert mvlm("history", "import", pp, tg, pg1, pg2, "--db", db, cwd=tmp_path).returncode == 0
+    for extra in ((), ("--fail-on-regression", "5%")):
+        line = error_line(mvlm("compare", "id:1", "id:2", "--db", db, *extra, cwd=tmp_path))
+        assert "no metric in common" in line and "has pp16_tps, prompt_tps" in line and "has eval_tps, tg8_tps" in line
+    r = mvlm("compare", "id:3", "id:4", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
+    line = error_line(r)
+    assert r.returncode == 2 and "no gated metric (ve_ms, prompt_tps, eval_tps, total_s) is in both" in line, line
+    assert "--metric pp16+tg8_tps" in line and "gate not applied" not in r.stderr
+    r = mvlm("compare", "id:3", "id:4", "--db", db, "--fail-on-regression", "5%", "--metric", "eval_tps", cwd=tmp_path)
+    assert "no --metric is in both" in error_line(r)
+    r = mvlm("compare", "id:3", "id:4", "--db", db, "--json", cwd=tmp_path)  # no gate: the shared metric is compared
+    assert r.returncode == 0, r.stderr
+    assert [m["key"] for m in json.loads(r.stdout)["comparisons"][0]["metrics"]] == ["pp16+tg8_tps"]
+
+
+def test_escape_sequences_in_stored_text_are_shown_not_sent_to_the_terminal(tmp_path):
+    evil = "\x1b]0;PWNED\x07\x1b[2J"
+    label = "\x1b[31mred [bold]x"
+    rows = _lb_rows(1.0)
+    for r in rows:
+        r["cpu_info"] = evil
+    f1 = tmp_path / "a.json"
+    f1.write_text(json.dumps(rows))
+    f2 = tmp_path / "b.json"
+    f2.write_text(json.dumps([r | {"samples_ts": [v * 0.5 for v in r["samples_ts"]]} for r in rows]))
+    db = tmp_path / "h.sqlite"
+    assert mvlm("history", "import", f1, f2, "--db", db, "--label", label, cwd=tmp_path).returncode == 0
+    outs = [mvlm("history", "--db", db, cwd=tmp_path), mvlm("compare", "id:1", "id:2", "--db", db, cwd=tmp_path),
+            mvlm("compare", "id:1", "id:1", "--db", db, cwd=tmp_path),
+            mvlm("compare", "id:1", "id:2", "--db", db, "--fail-on-regression", "5%", "--gate", "within-session",
+                 cwd=tmp_path)]
+    for r in outs:
+        text = r.stdout + r.stderr
+        assert "\x1b" not in text and "\x07" not in text, text
+    assert "\\x1b]0;PWNED\\x07\\x1b[2J" in outs[0].stdout.replace("\n", "")  # shown, readable
+    assert "\\x1b[31mred [bold]x" in outs[0].stdout and "\\x1b[31mred [bold]x" in error_line(outs[2])
+    assert "\\x1b[31mred [bold]x" in outs[1].stdout.replace("\n", "")
+    stored = json.loads(mvlm("history", "--db", db, "--json", cwd=tmp_path).stdout)  # JSON: the exact strings
+    assert [e["label"] for e in stored] == [label, label] and stored[0]["device"] == evil

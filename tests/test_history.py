@@ -160,7 +160,12 @@ def test_llama_bench_rows_become_per_sample_metrics(tmp_path):
     p = tmp_path / "lb.json"
     p.write_text(json.dumps(rows))
     (e,) = entries_from_json(p)
-    assert e.samples == {"pp64_tps": [500.0, 510.0, 505.0], "tg128_tps": [40.0, 41.0, 40.5]}
+    # the one pp and the one tg test are also the Eval_prompt / Eval metrics that history shows and the gate judges
+    assert e.samples == {"pp64_tps": [500.0, 510.0, 505.0], "tg128_tps": [40.0, 41.0, 40.5],
+                         "prompt_tps": [500.0, 510.0, 505.0], "eval_tps": [40.0, 41.0, 40.5]}
+    p.write_text(json.dumps([*rows, rows[1] | {"n_gen": 32}, rows[0] | {"n_gen": 32}]))  # two tg tests, and a pg test
+    (e,) = entries_from_json(p)
+    assert set(e.samples) == {"pp64_tps", "tg128_tps", "tg32_tps", "pp64+tg32_tps", "prompt_tps"}  # which tg? none
 
 
 def test_llama_bench_rows_of_two_configurations_become_two_entries(tmp_path):
@@ -172,7 +177,7 @@ def test_llama_bench_rows_of_two_configurations_become_two_entries(tmp_path):
     a, b = entries_from_json(p, device="box")
     assert (a.context.model_file, b.context.model_file) == ("a.gguf", "b.gguf")
     assert a.context.device == b.context.device == "box" and b.context.params["n_threads"] == 4
-    assert a.samples == {"tg16_tps": [20.0], "tg16@d512_tps": [532.0]}
+    assert a.samples == {"tg16_tps": [20.0], "tg16@d512_tps": [532.0], "eval_tps": [20.0]}  # a depth test is not Eval
 
 
 # --- schema versioning ----------------------------------------------------------------------------------------------

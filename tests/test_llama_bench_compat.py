@@ -212,3 +212,51 @@ def test_old_json_spelling_still_works_with_a_deprecation_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 2 and "deprecated" in lines[0] and "--json-file" in lines[0]
     assert "missing.gguf does not exist" in lines[1]
+
+
+def test_imported_llama_bench_rows_fill_prompt_and_eval_tps_which_the_gate_judges(tmp_path):
+    """Real llama-bench output (-p 8 -n 4 -r 2, json / jsonl / sql) as three sessions of `main`, and the json one with
+    its tg samples halved as `pr`: the one pp and one tg test are also prompt_tps / eval_tps, so `mvlm history` and
+    the gate see them (before, the gate had no metric to judge: "gate not applied", exit 0)."""
+    files = [DATA / f"smollm2-q4_1-p8-n4-r2.{fmt}" for fmt in ("json", "jsonl", "sql")]
+    slow = json.loads(files[0].read_text())
+    for row in slow:
+        if row["n_gen"]:
+            row["samples_ts"] = [v * 0.5 for v in row["samples_ts"]]
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    db = tmp_path / "h.sqlite"
+    assert mvlm("history", "import", *files, "--db", db, "--label", "main").returncode == 0
+    assert mvlm("history", "import", tmp_path / "slow.json", "--db", db, "--label", "pr").returncode == 0
+    stored = json.loads(mvlm("history", "--db", db, "--json").stdout)
+    for e, f in zip(stored, [*files, tmp_path / "slow.json"], strict=True):
+        rows = parse_llama_bench_file(f)
+        pp, tg = (next(r for r in rows if r[k]) for k in ("n_prompt", "n_gen"))
+        assert e["samples"]["prompt_tps"] == e["samples"]["pp8_tps"] == pytest.approx(pp.get("samples_ts") or [pp["avg_ts"]])
+        assert e["samples"]["eval_tps"] == e["samples"]["tg4_tps"] == pytest.approx(tg.get("samples_ts") or [tg["avg_ts"]])
+    c = mvlm("compare", "id:1", "id:4", "--db", db, "--metric", "eval_tps", "--json")
+    (m,) = json.loads(c.stdout)["comparisons"][0]["metrics"]
+    assert m["baseline_median"] == pytest.approx(statistics.median(stored[0]["samples"]["tg4_tps"]))
+    assert m["candidate_median"] == pytest.approx(statistics.median(stored[3]["samples"]["tg4_tps"]))
+    g = mvlm("compare", "label:main", "label:pr", "--db", db, "--fail-on-regression", "5%", "--json")
+    gate = json.loads(g.stdout)["comparisons"][0]["gate"]
+    assert gate["judged"] and {v["key"] for v in gate["history"]} == {"prompt_tps", "eval_tps"}, gate
+    r = mvlm("compare", "label:main", "label:pr", "--db", db, "--fail-on-regression", "5%")
+    assert "gate not applied" not in r.stderr and ("gate passed" in r.stderr or r.returncode == 4), r.stderr
+
+
+@pytest.mark.slow
+def test_real_llama_bench_sql_of_a_model_name_with_a_quote_is_refused_saying_why(host_runtime, smollm2_gguf, tmp_path):
+    model = tmp_path / "Bob's model.gguf"
+    model.symlink_to(smollm2_gguf)
+    sql = _llama_bench(host_runtime, model, "sql", tmp_path / "lb.sql", "-p", "8", "-n", "0", "-r", "1")
+    n = next(i for i, x in enumerate(sql.read_text().splitlines(), 1) if x.startswith("INSERT INTO llama_bench"))
+    db = tmp_path / "h.sqlite"
+    r = mvlm("history", "import", sql, "--db", db)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert f"line {n}: an unbalanced quote in a llama-bench INSERT" in lines[0] and "use -o json" in lines[0], lines[0]
+    assert not db.exists()
+    real = _llama_bench(host_runtime, model, "json", tmp_path / "lb.json", "-p", "16", "-n", "4", "-r", "2")
+    assert mvlm("history", "import", real, real, "--db", db).returncode == 0  # -o json names it fine
+    (e,) = json.loads(mvlm("history", "--db", db, "--json").stdout)
+    assert e["model"] == "Bob's model" and e["samples"]["eval_tps"] == e["samples"]["tg4_tps"]

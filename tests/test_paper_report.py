@@ -310,3 +310,29 @@ def test_report_after_a_real_local_bench(tmp_path, smollm2_gguf, host_runtime):
         assert y["metrics"][key] == pytest.approx(statistics.median(entry["samples"][key]))
     assert y["metrics"]["size_gb"] == pytest.approx(smollm2_gguf.stat().st_size / 1e9)
     assert _table(rep, "Table 6")["fill_command"] is not None  # no vlm entry
+
+
+def test_fill_command_repeats_the_db_and_quotes_for_the_shell(tmp_path):
+    """Following the suggested command must store where the report reads: its --db is the report's, shell-quoted."""
+    import shlex
+
+    db = tmp_path / "my dir" / "h's.sqlite"
+    db.parent.mkdir()
+    rep = _report("mobilevlm", db, tmp_path, "--device", "my phone; rm -rf x")
+    for t in rep["tables"]:
+        argv = shlex.split(t["fill_command"])
+        assert argv[:3] == ["mvlm", "bench", "--device"] and argv[3] == "my phone; rm -rf x", argv
+        assert argv[argv.index("--db") + 1] == str(db), argv
+    r = _mvlm("report", "--paper", "mobilevlm", "--json", cwd=tmp_path)  # no --db given: none suggested
+    assert r.returncode == 0 and all("--db" not in t["fill_command"] for t in json.loads(r.stdout)["tables"]), r.stderr
+
+
+def test_report_shows_control_characters_in_stored_text(tmp_path):
+    lm, _ = _output("19_*")
+    report = tmp_path / "bench.json"
+    _bench_json(report, [(RunContext(device="pc\x1b]0;PWNED\x07", protocol="lm", model="SmolLM2"), [lm])])
+    db = tmp_path / "h.sqlite"
+    assert _mvlm("history", "import", report, "--db", db, "--label", "\x1b[2Jx", cwd=tmp_path).returncode == 0
+    r = _mvlm("report", "--paper", "mobilevlm", "--db", db, cwd=tmp_path)
+    assert r.returncode == 0 and "\x1b" not in r.stdout and "\x07" not in r.stdout, r.stdout
+    assert "\\x1b[2Jx" in r.stdout and "\\x1b]0;PWNED\\x07" in r.stdout.replace("\n", "")
