@@ -152,11 +152,12 @@ class BenchResult:
     commands: list[list[str]] = dataclasses.field(default_factory=list)
 
 
-def validate_spec(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str] = ()) -> None:
+def validate_spec(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str] = (), ctx_option: bool = False) -> None:
     """Refuse nonsensical numbers and unknown protocols (one line each) before anything is pushed or measured.
 
     ``against``: the ``--against`` keys (threads, n-gpu-layers, ctx-size) that set this spec's values, so that an error
-    names ``--against threads=0``, what the user wrote, rather than ``--threads``."""
+    names ``--against threads=0``, what the user wrote, rather than ``--threads``; ``ctx_option``: the context size came
+    from ``--ctx-size`` (mvlm_bench.sweep), so errors name that option."""
     if spec.protocol not in PROTOCOLS:
         raise MvlmError(f"unknown protocol {spec.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
 
@@ -165,7 +166,7 @@ def validate_spec(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[st
             return
         key = option.lstrip("-")
         said = f"--against {key}={value}" if key in against else f"{option} {value}"
-        if key == "ctx-size" and key not in against:  # no such option: the spec was built in code
+        if key == "ctx-size" and key not in against and not ctx_option:  # not from --ctx-size: the spec was built in code
             said = f"the context size (ctx_size) {value}"
         raise MvlmError(f"{said} is out of range: give a whole number from {lo} to {hi}{why}")
 
@@ -591,14 +592,95 @@ def _add_version(transport, prep: Prepared) -> None:
         run.facts.update(version)
 
 
-def _run_once(transport, prep: Prepared, index: int, measured: bool) -> bool:
-    """One run of a prepared side; a measured run is parsed into ``prep.result``. False (failure kept) on error."""
+class LiveTokens:
+    """The generated-token count of a run while it streams (a progress line's "123/400 tokens"), for ``on_tokens``.
+
+    The text a run has generated so far is what follows its last llama.cpp log line (``generate: ...`` for
+    llama-completion, the image's decode line for llama-mtmd-cli); it is counted with the model's own tokenizer
+    (llama.cpp's, vocab only, on this machine), less the echoed prompt. A count, not a guess: re-tokenizing the text
+    can differ from the sampled ids by a token or two where a piece splits differently, and it is capped at -n. The
+    figures in the report come from llama.cpp's own perf lines, never from here. Any trouble (no host runtime, an
+    unreadable tokenizer) turns the count off, never the run."""
+
+    _vocabs: dict[str, object] = {}
+
+    def __init__(self, spec: BenchSpec, on_tokens: Callable[[int, int], None], prompt: str | None = None,
+                 every_s: float = 0.2):
+        self.spec, self.on_tokens, self.every_s = spec, on_tokens, every_s
+        self.expected = spec.tokens()
+        self.prompt = prompt or spec.prompt or (VLM_PROMPT if spec.protocol in IMAGE_PROTOCOLS else LM_PROMPT)
+        self.out: list[str] = []
+        self.last_t = 0.0
+        self.last_n = -1
+        self.off = spec.protocol in ("llama-bench", "dataset")
+
+    def _count(self, text: str) -> int:
+        key = str(self.spec.model)
+        vocab = LiveTokens._vocabs.get(key)
+        if vocab is None:
+            import os
+            import sys
+
+            from mvlm_bench.imp import _vocab
+
+            # llama.cpp's C code warns on stderr while it loads (n_ctx_train ...): not into the progress line
+            sys.stderr.flush()
+            saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, 2)
+                vocab = LiveTokens._vocabs[key] = _vocab(Path(self.spec.model))
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                os.close(null)
+
+        def n(t: str) -> int:
+            return len(vocab.tokenize(t.encode("utf-8"), add_bos=False, special=False)) if t else 0  # type: ignore[attr-defined]
+
+        total = n(text)
+        if text.startswith(self.prompt):  # llama-completion echoes the prompt before the generated text
+            total -= n(self.prompt)
+        return max(0, min(total, self.expected))
+
+    def feed(self, piece: str) -> None:
+        if self.off:
+            return
+        self.out.append(piece)
+        now = time.monotonic()
+        if now - self.last_t < self.every_s:
+            return
+        self.last_t = now
+        text = "".join(self.out)
+        cut = 0
+        for m in _LOG_LINE.finditer(text):
+            cut = m.end()
+        generated = "\n".join(ln for ln in text[cut:].split("\n") if not ln.startswith("\t")).lstrip("\n")
+        try:
+            count = self._count(generated)
+        except Exception:  # noqa: BLE001 - the progress line loses its count, the run goes on
+            self.off = True
+            return
+        if count != self.last_n:
+            self.last_n = count
+            self.on_tokens(count, self.expected)
+
+
+# a whole llama.cpp log line ("0.00.218.341 I generate: ..."), as -lv 4 prints them (timestamp, level)
+_LOG_LINE = re.compile(r"(?m)^\d+\.\d+\.\d+\.\d+ [A-Z] .*(?:\n|$)")
+
+
+def _run_once(transport, prep: Prepared, index: int, measured: bool,
+              on_tokens: Callable[[int, int], None] | None = None) -> bool:
+    """One run of a prepared side; a measured run is parsed into ``prep.result``. False (failure kept) on error.
+    ``on_tokens(generated, expected)``: the live token count while it runs (:class:`LiveTokens`)."""
     spec = prep.side.spec
     # on-device resources (resources.py, thermal.py): the temperature right before and after, the peak RSS of the
     # process itself; the start and end times bracket the run (the lease keeps other benches out of them)
     temp_start = thermal.read_celsius(transport) if measured else None
     t_start = time.time()
-    r, rss_mb = resources.run_measured(transport, prep.argv, timeout=spec.timeout, env=prep.env)
+    prompt = prep.ctx.params.get("prompt")  # as it runs (imp: the 41-token request)
+    stream = {"on_output": LiveTokens(spec, on_tokens, str(prompt) if prompt else None).feed} if on_tokens else {}
+    r, rss_mb = resources.run_measured(transport, prep.argv, timeout=spec.timeout, env=prep.env, **stream)
     t_end = time.time()
     if r.returncode != 0 or r.timed_out:
         prep.result.failures.append(Failure(index, _describe_failure(r, spec.timeout), r.output[-4000:], r.output))
@@ -626,11 +708,17 @@ def run_bench(
     lease_db: str | None = None,
     lease_timeout: float = leasemod.DEFAULT_TIMEOUT_S,
     on_wait: Callable[[str], None] | None = None,
+    before_run: Callable[[object, int, int], None] | None = None,
+    on_tokens: Callable[[int, int], None] | None = None,
 ) -> BenchResult:
     """Check, connect, probe, sync, warm up, run ``spec.repeat`` repetitions, parse each; failures are kept, not
     raised, once runs started. ``outputs`` (option -> report path) are refused if they are one of the pushed files.
     The warm-up and the measured runs hold the device's lease (mvlm_bench.lease: ``lease_db``, the history location,
-    picks its kind; ``on_wait`` hears whom it waits for)."""
+    picks its kind; ``on_wait`` hears whom it waits for).
+
+    Progress: ``on_run(i, total)`` before run i (the first ``spec.warmup`` are the warm-up), ``on_tokens(n, of)``
+    while it generates (:class:`LiveTokens`). ``before_run(transport, i, total)``: called first, under the lease
+    (mvlm_bench.sweep: ``--delay`` and the ``--max-temp`` wait); an MvlmError it raises ends the bench."""
     if spec.protocol == "dataset":
         raise MvlmError("the dataset protocol runs through mvlm_bench.dataset_run.run_dataset (one server for the set)")
     validate_spec(spec)
@@ -652,12 +740,14 @@ def run_bench(
         total = spec.warmup + spec.repeat
         for i in range(total):
             measured = i >= spec.warmup
+            if before_run:
+                before_run(transport, i, total)
             if on_run:
                 on_run(i, total)
             t0 = time.monotonic()
-            if not _run_once(transport, prep, i - spec.warmup, measured):
+            if not _run_once(transport, prep, i - spec.warmup, measured, on_tokens):
                 break
-            log(f"run {i + 1}/{total} {'(warm-up) ' if not measured else ''}done in {time.monotonic() - t0:.1f} s")
+            log(f"{run_label(i, spec.warmup, spec.repeat)} done in {time.monotonic() - t0:.1f} s")
         held.close()
         _resource_notes([prep], log)
         _add_version(transport, prep)
@@ -665,6 +755,11 @@ def run_bench(
     finally:
         held.close()
         transport.close()
+
+
+def run_label(i: int, warmup: int, repeat: int) -> str:
+    """What run ``i`` of a bench is, in words: ``warm-up 1/1`` or ``run 2/3`` (measured runs counted apart)."""
+    return f"warm-up {i + 1}/{warmup}" if i < warmup else f"run {i - warmup + 1}/{repeat}"
 
 
 def _hold_lease(stack: contextlib.ExitStack, profile: DeviceProfile, db: str | None, timeout: float,
@@ -722,6 +817,8 @@ def run_ab(
     lease_db: str | None = None,
     lease_timeout: float = leasemod.DEFAULT_TIMEOUT_S,
     on_wait: Callable[[str], None] | None = None,
+    before_run: Callable[[object, int, int], None] | None = None,
+    on_tokens: Callable[[int, int], None] | None = None,
 ) -> ABResult:
     """Baseline (A) and candidate (B) on one device in one session, interleaved (``gate.interleave``: A B B A …).
 
@@ -763,15 +860,17 @@ def run_ab(
         index = {"A": 0, "B": 0}
         for i, who in enumerate(seq):
             measured = i >= 2 * warm
+            if before_run:  # --delay / --max-temp (mvlm_bench.sweep.Pacer), as in run_bench
+                before_run(transport, i, total)
             if on_run:
                 on_run(i, total, who)
             t0 = time.monotonic()
             rep = index[who] - warm
-            if not _run_once(transport, preps[who], rep, measured):
+            if not _run_once(transport, preps[who], rep, measured, on_tokens):
                 break
             index[who] += 1
             name = "baseline" if who == "A" else "candidate"
-            log(f"run {i + 1}/{total} {name}{' (warm-up)' if not measured else ''} done in {time.monotonic() - t0:.1f} s")
+            log(f"{run_label(i, 2 * warm, 2 * n_pairs)} {name} done in {time.monotonic() - t0:.1f} s")
         held.close()
         _resource_notes(list(preps.values()), log)
         for prep in preps.values():

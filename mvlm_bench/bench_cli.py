@@ -93,7 +93,8 @@ def bench_cmd(
                                       "llama-bench: pp/tg sweep; imp: Imp Table 4 (a 41-token request + the image, "
                                       "64 tokens, loading excluded); dataset: a whole --data set through one "
                                       "llama-server (Xmodel-VLM Table 6)."),
-    model: Path | None = typer.Option(None, "--model", "-m", help="The language-model GGUF."),
+    model: list[Path] | None = typer.Option(None, "--model", "-m", help="The language-model GGUF; repeat it to sweep "
+                                                                        "over models (docs/devices.md, 'Sweeps')."),
     mmproj: Path | None = typer.Option(None, "--mmproj", help="The mmproj GGUF (vlm, imp and dataset protocols)."),
     image: Path | None = typer.Option(None, "--image", help="Image for the vlm and imp protocols (default: a built-in "
                                                             "336x336)."),
@@ -104,8 +105,19 @@ def bench_cmd(
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured warm-up runs."),
     n_predict: int | None = typer.Option(None, "--n-predict", "-n", help="Output tokens (default 400 lm, 256 vlm, 64 "
                                                                         "imp; dataset: at most, default 128)."),
-    threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads (default: the profile's)."),
-    n_gpu_layers: int | None = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (default: the profile's)."),
+    threads: str | None = typer.Option(None, "--threads", "-t", help="CPU threads (default: the profile's); a comma "
+                                                                     "list (1,2,4) sweeps."),
+    n_gpu_layers: str | None = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (default: the "
+                                                                                  "profile's); a comma list sweeps."),
+    ctx_size: str | None = typer.Option(None, "--ctx-size", "-c", help="Context size in tokens (default 2048); a comma "
+                                                                       "list sweeps."),
+    delay: float = typer.Option(0.0, "--delay", help="Seconds to sleep before every run but the first (warm-up runs, "
+                                                     "repetitions and configurations alike), to let the device settle."),
+    max_temp: float | None = typer.Option(None, "--max-temp", help="Before every run, wait until the device's hottest "
+                                          "thermal zone reads below this many degrees Celsius (a device without "
+                                          "one is said once and not waited for)."),
+    max_temp_wait: float = typer.Option(1800.0, "--max-temp-wait", help="The longest --max-temp waits before one run, "
+                                        "seconds; then exit 3 (completed configurations are reported)."),
     timeout: float = typer.Option(900.0, "--timeout", help="Per-run time limit, seconds."),
     prompt: str | None = typer.Option(None, "--prompt", help="Override the protocol's prompt."),
     # report and history paths are taken as text: a trailing slash ("--json-file dir/") is refused, not dropped
@@ -149,13 +161,17 @@ def bench_cmd(
       mvlm bench --device sd888 --protocol vlm --model M-Q4_K_S.gguf --mmproj mmproj-M-F16.gguf --json-file r.json
 
       mvlm bench --device orin --model new.gguf --against model=old.gguf --repeat 6 --fail-on-regression 5%
+
+      mvlm bench --device sd888 -m A.gguf -m B.gguf --threads 2,4 --delay 10 --max-temp 45   (a sweep: 4 configurations)
     """
     if ctx.invoked_subcommand is not None:
         return
-    from mvlm_bench import bench, report
+    from mvlm_bench import bench, report, sweep
     from mvlm_bench.devices import load_profile
     from mvlm_core.errors import MvlmError
 
+    models = list(model or [])
+    model = models[0] if models else None
     if model is None:
         raise MvlmError("no model given: pass --model FILE.gguf (see `mvlm bench --help`)")
     raw_outputs = {opt: p for opt, p in (("--json-file", json_arg), ("--markdown", markdown_arg), ("--csv", csv_arg))
@@ -163,11 +179,16 @@ def bench_cmd(
     json_out, markdown_out, csv_out = (Path(p) if p else None for p in (json_arg, markdown_arg, csv_arg))
     db = Path(db_arg) if db_arg else None
     spec = bench.BenchSpec(protocol=protocol, model=model, mmproj=mmproj, image=image, repeat=repeat, warmup=warmup,
-                           n_predict=n_predict, threads=threads, n_gpu_layers=n_gpu_layers, timeout=timeout, prompt=prompt,
-                           data=data)
-    # Everything that can be refused is refused here, before a device is touched or a run measured.
-    bench.validate_spec(spec)
-    bench.check_inputs(spec)
+                           n_predict=n_predict, timeout=timeout, prompt=prompt, data=data)
+    # Everything that can be refused is refused here, before a device is touched or a run measured: every
+    # configuration of a sweep (mvlm_bench.sweep) is built and checked (numbers, then files) now.
+    specs = sweep.configurations(spec, models, threads, n_gpu_layers, ctx_size)
+    spec = specs[0]
+    sweep.check_pacing(delay, max_temp, max_temp_wait)
+    if len(specs) > 1 and (against or baseline or fail_on_regression):
+        which = "--against" if against else "--baseline" if baseline else "--fail-on-regression"
+        raise MvlmError(f"{which} compares one configuration, and this is a sweep of {len(specs)}: give one --model and "
+                        "one value of --threads, --n-gpu-layers and --ctx-size, or drop " + which)
     from mvlm_bench.lease import check_timeout
 
     check_timeout(lease_timeout)
@@ -190,7 +211,7 @@ def bench_cmd(
                             f"pairs is {signed_rank_min_p(repeat):.3g} > 0.05): use --repeat 5 or more")
     profile = load_profile(device)
     outputs = {opt: Path(p) for opt, p in raw_outputs.items()}
-    inputs: list[Path | None] = [model, mmproj, image, data, profile.source]
+    inputs: list[Path | None] = [*models, mmproj, image, data, profile.source]
     if sides is not None:
         inputs += [sides[0].spec.model, sides[0].spec.mmproj]
     if baseline and (baseline.endswith(".json") or Path(baseline).is_file()):  # a file, read after the reports
@@ -200,7 +221,7 @@ def bench_cmd(
         from mvlm_core.atomic import check_output_path
 
         history_db = db or default_db_path()
-        check_output_path(db_arg or history_db, [model, mmproj, image], option="--db")
+        check_output_path(db_arg or history_db, [*models, mmproj, image], option="--db")
         inputs.append(history_db)
     _check_reports(raw_outputs, inputs)
     log_prog: list = []
@@ -208,21 +229,19 @@ def bench_cmd(
     def log(m: str) -> None:
         (log_prog[0].console if log_prog else err).print(f"[dim]{m}[/]", highlight=False)
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), _AmountColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=err, transient=True) as prog:
         log_prog.append(prog)
-        push_task = prog.add_task(f"push to {profile.name}", total=None, visible=False)
-        run_task = prog.add_task(f"{protocol} on {profile.name}", total=None, visible=False)
+        push_task = prog.add_task(f"push to {profile.name}", total=None, visible=False, unit="bytes")
+        run_task = prog.add_task(f"{protocol} on {profile.name}", total=None, visible=False,
+                                 unit="samples" if protocol == "dataset" else "runs")
+        status = _RunStatus(prog, run_task, push_task, protocol, profile.name, specs, ab=sides is not None)
 
         def sync_progress(done: int, total: int) -> None:
             prog.update(push_task, completed=done, total=total, visible=True)
 
-        def on_run(i: int, total: int, who: str = "") -> None:
-            prog.update(push_task, visible=False)
-            side = {"A": " baseline", "B": " candidate"}.get(who, "")
-            what = "sample" if protocol == "dataset" else "run"
-            prog.update(run_task, completed=i, total=total, visible=True,
-                        description=f"{protocol} on {profile.name}: {what} {i + 1}/{total}{side}")
+        on_run = status.on_run
+        on_tokens = status.on_tokens if err.is_terminal else None  # the live count is for a live progress line only
 
         waiting: list[str] = []
 
@@ -234,17 +253,23 @@ def bench_cmd(
             prog.update(run_task, visible=True, description=message)
 
         leasing = {"lease_db": db_arg, "lease_timeout": lease_timeout, "on_wait": on_wait}
+        pacer = sweep.Pacer(delay, max_temp, max_temp_wait, on_status=status.on_status, log=log) \
+            if delay or max_temp is not None else None
         if sides is not None:
             res = bench.run_ab(profile, sides[0], sides[1], order=order, log=log, on_run=on_run,
-                               sync_progress=sync_progress, outputs=outputs, **leasing)
+                               sync_progress=sync_progress, outputs=outputs, before_run=pacer,
+                               on_tokens=on_tokens, **leasing)
         elif protocol == "dataset":  # one llama-server for the whole set
             from mvlm_bench.dataset_run import run_dataset
 
             res = run_dataset(profile, spec, log=log, on_run=on_run, sync_progress=sync_progress, outputs=outputs,
                               **leasing)
+        elif len(specs) > 1:  # a sweep: one run_bench per configuration, one report
+            res = sweep.run_sweep(profile, specs, pacer, log=log, on_config=status.on_config, on_run=on_run,
+                                  on_tokens=on_tokens, sync_progress=sync_progress, outputs=outputs, **leasing)
         else:
             res = bench.run_bench(profile, spec, log=log, on_run=on_run, sync_progress=sync_progress, outputs=outputs,
-                                  **leasing)
+                                  before_run=pacer, on_tokens=on_tokens, **leasing)
     log_prog.clear()
     if profile.emulated:
         err.print("[yellow]note:[/] this device is emulated: its timings measure the emulator, not a device")
@@ -335,9 +360,95 @@ def bench_cmd(
             raise MvlmError(f"{report_error}; the measurement itself was saved to the history {history_db}",
                             exit_code=report_error.exit_code) from None
         raise report_error
+    if getattr(res, "stopped", ""):  # a sweep cut short (the device did not cool): the completed ones are reported
+        raise MvlmError(res.stopped, exit_code=3)
 
 
 EXIT_REGRESSION = 4
+
+
+class _AmountColumn(DownloadColumn):
+    """The progress bar's amount in each task's own unit: bytes for the push, ``2/4 runs`` for the runs."""
+
+    def render(self, task):
+        from rich.text import Text
+
+        unit = task.fields.get("unit", "bytes")
+        if unit == "bytes":
+            return super().render(task)
+        if task.total is None:
+            return Text("")
+        return Text(f"{int(task.completed)}/{int(task.total)} {unit}", style="progress.download")
+
+
+class _RunStatus:
+    """The bench's live progress line: what runs (``warm-up 1/1``, ``run 2/3``; in a sweep also ``config 2/4`` and
+    what it is), the tokens generated so far in this run, an ETA from the runs completed, and what a wait is for
+    (cooling, --delay). The bar counts all runs of the command (warm-ups included); the ETA is the mean duration of
+    the completed runs (waits included) times the runs left."""
+
+    def __init__(self, prog, task, push_task, protocol: str, device: str, specs, ab: bool = False):
+        from mvlm_bench import sweep
+
+        self.prog, self.task, self.push_task = prog, task, push_task
+        self.head = f"{protocol} on {device}"
+        self.specs, self.ab, self.dataset = list(specs), ab, protocol == "dataset"
+        self.varying = sweep.varying(self.specs)
+        self.config = 0
+        self.offset = 0  # runs of the configurations before this one
+        self.sweep_total = sum(s.warmup + s.repeat for s in self.specs)
+        self.head_config = ""
+        self.run = ""
+        self.tokens = ""
+        self.note = ""
+        self.starts: list[float] = []
+
+    def on_config(self, k: int, n: int, spec) -> None:
+        from mvlm_bench import sweep
+
+        self.config = k
+        self.offset = sum(s.warmup + s.repeat for s in self.specs[:k])
+        self.head_config = f"config {k + 1}/{n} ({sweep.describe(spec, self.varying)})"
+
+    def _eta(self, now: float, left: int) -> str:
+        if len(self.starts) < 2 or left <= 0:
+            return ""
+        per = (now - self.starts[0]) / (len(self.starts) - 1)
+        s = int(per * left + 0.5)
+        return f"ETA {s // 60}:{s % 60:02d}"
+
+    def on_run(self, i: int, total: int, who: str = "") -> None:
+        import time
+
+        from mvlm_bench.bench import run_label
+
+        now = time.monotonic()
+        self.starts.append(now)
+        spec = self.specs[self.config]
+        if self.dataset:
+            self.run = f"sample {i + 1}/{total}"
+        elif self.ab:  # run_ab: both sides' warm-ups first, then the pairs
+            side = {"A": " baseline", "B": " candidate"}.get(who, "")
+            self.run = run_label(i, 2 * spec.warmup, 2 * spec.repeat) + side
+        else:
+            self.run = run_label(i, spec.warmup, spec.repeat)
+        done, grand = (self.offset + i, self.sweep_total) if len(self.specs) > 1 else (i, total)
+        self.tokens, self.note = "", self._eta(now, grand - done)
+        self.prog.update(self.push_task, visible=False)
+        self.prog.update(self.task, completed=done, total=grand, visible=True, description=self._text())
+
+    def on_tokens(self, n: int, of: int) -> None:
+        self.tokens = f"{n}/{of} tokens"
+        self.prog.update(self.task, description=self._text())
+
+    def on_status(self, text: str) -> None:  # a wait before the next run (cooling, --delay)
+        self.prog.update(self.push_task, visible=False)
+        self.prog.update(self.task, visible=True, description=f"{self.head}: {text}")
+
+    def _text(self) -> str:
+        parts = [self.head + (f" {self.head_config}" if len(self.specs) > 1 else "") + f": {self.run}"]
+        parts += [p for p in (self.tokens, self.note) if p]
+        return " · ".join(parts)
 AGAINST_KEYS = ("model", "mmproj", "runtime", "llama-cpp", "threads", "n-gpu-layers", "ctx-size")
 
 

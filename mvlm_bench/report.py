@@ -98,6 +98,17 @@ def _layout(groups: Sequence[Group]) -> tuple[str, ...] | None:
     return PROTOCOL_LAYOUT.get(protocols.pop()) if len(protocols) == 1 else None
 
 
+SWEPT_PARAMS = (("n_threads", "t"), ("n_gpu_layers", "ngl"), ("ctx_size", "c"))
+
+
+def _label(g: Group, groups: Sequence[Group]) -> str:
+    """A row's model name; when the rows differ in threads, GPU layers or context size (an ``mvlm bench`` sweep),
+    with those values too (``SmolLM2 t=2 ngl=0``), so that every configuration's row says which it is."""
+    shown = [(k, short) for k, short in SWEPT_PARAMS if len({str(x.context.params.get(k)) for x in groups}) > 1]
+    extra = " ".join(f"{short}={g.context.params.get(k)}" for k, short in shown)
+    return f"{g.context.label()} {extra}" if extra else g.context.label()
+
+
 def render_table(runs: Sequence[Run], title: str | None = "Latency (medians over repetitions)") -> Table:
     """A rich Table, one row per group: medians, with min–max under them when repetitions differ.
 
@@ -116,7 +127,7 @@ def render_table(runs: Sequence[Run], title: str | None = "Latency (medians over
         name, unit = _SHORT[k]
         table.add_column(f"{name}\n{unit}", justify="right", overflow="fold")
     for g in groups:
-        cells = [g.context.label(), g.context.device, g.context.precision, _gb(g.context.size_bytes), str(len(g.runs))]
+        cells = [_label(g, groups), g.context.device, g.context.precision, _gb(g.context.size_bytes), str(len(g.runs))]
         for k in keys:
             a = g.agg[k]
             cell = _fmt(a["median"], k)
@@ -150,7 +161,7 @@ def render_markdown(runs: Sequence[Run]) -> str:
     lines = [_md_row(head), _md_row(["---"] * (len(head) - len(keys) - 1) + ["---:"] * (len(keys) + 1))]
     for g in groups:
         c = g.context
-        row = [c.label(), c.device] + ([] if vision else [c.precision]) + [_gb(c.size_bytes)]
+        row = [_label(g, groups), c.device] + ([] if vision else [c.precision]) + [_gb(c.size_bytes)]
         row += [_fmt(g.median(k), k) for k in keys]
         lines.append(_md_row(row))
     reps = sorted({len(g.runs) for g in groups})
@@ -167,7 +178,7 @@ def render_markdown(runs: Sequence[Run]) -> str:
              "Tks_out/Eval", "Other", "Total"]  # fmt: skip
     lines += [_md_row(dhead), _md_row(["---"] * 2 + ["---:"] * len(dkeys))]
     for g in groups:
-        lines.append(_md_row([g.context.label(), g.context.device] + [_fmt(g.median(k), k) for k in dkeys]))
+        lines.append(_md_row([_label(g, groups), g.context.device] + [_fmt(g.median(k), k) for k in dkeys]))
 
     lines += ["", "Spread over repetitions (min–max, sample stdev):", ""]
     skeys = (["ve_ms_per_patch"] if vision else []) + ["sample_tps", "prompt_tps", "eval_tps", "total_s"]
@@ -180,7 +191,7 @@ def render_markdown(runs: Sequence[Run]) -> str:
             a = g.agg[k]
             sd = "" if a["stdev"] is None else f", sd {_fmt(a['stdev'], k)}"
             cells.append("–" if a["n"] == 0 else f"{_fmt(a['min'], k)}–{_fmt(a['max'], k)}{sd}")
-        lines.append(_md_row([g.context.label(), g.context.device, str(len(g.runs))] + cells))
+        lines.append(_md_row([_label(g, groups), g.context.device, str(len(g.runs))] + cells))
 
     rkeys = [k for k in RESOURCE_KEYS if any(g.agg[k]["n"] for g in groups)]
     if rkeys:
@@ -192,14 +203,14 @@ def render_markdown(runs: Sequence[Run]) -> str:
             for k in rkeys:
                 a = g.agg[k]
                 cells.append("–" if a["n"] == 0 else f"{_fmt(a['median'], k)} ({_fmt(a['min'], k)}–{_fmt(a['max'], k)})")
-            lines.append(_md_row([g.context.label(), g.context.device] + cells))
+            lines.append(_md_row([_label(g, groups), g.context.device] + cells))
     elif any(r.started_at is not None for g in groups for r in g.runs):
         lines += ["", "On the device: no peak RSS or temperature reading (no /proc, no thermal zones)."]
 
     lines += ["", "Provenance:", ""]
     for g in groups:
         c = g.context
-        bits = [f"**{c.label()}** on {c.device or '?'}"]
+        bits = [f"**{_label(g, groups)}** on {c.device or '?'}"]
         if c.runtime_commit:
             patches = ", ".join(c.runtime_patches) if c.runtime_patches else "no patches"
             bits.append(f"llama.cpp {c.runtime_commit} ({patches})")

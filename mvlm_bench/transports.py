@@ -60,6 +60,8 @@ from mvlm_bench.devices import DeviceProfile
 from mvlm_core.errors import MvlmError
 
 ProgressFn = Callable[[int, int], None]
+OutputFn = Callable[[str], None]  # a run's output as it arrives (Transport.run's on_output)
+STREAM_POLL_S = 0.25
 
 CHUNK = 1 << 20
 HELPER_TIMEOUT_S = 120.0
@@ -232,8 +234,10 @@ class Transport(ABC):
         return w + list(argv)
 
     @abstractmethod
-    def run(self, argv: list[str], timeout: float, env: dict[str, str] | None = None, cwd: str | None = None) -> RunResult:
-        """Run ``exec_wrapper + argv`` on the device (no shell), ``env`` on top of the profile's env."""
+    def run(self, argv: list[str], timeout: float, env: dict[str, str] | None = None, cwd: str | None = None,
+            on_output: OutputFn | None = None) -> RunResult:
+        """Run ``exec_wrapper + argv`` on the device (no shell), ``env`` on top of the profile's env. ``on_output``
+        hears the merged output piece by piece while it runs (local, ssh and adb alike); the result holds all of it."""
 
     @abstractmethod
     def push(self, local: Path, remote: str, progress: ProgressFn | None = None) -> None:
@@ -319,9 +323,13 @@ def _run_client(
     env: dict[str, str] | None = None,
     cwd: str | None = None,
     stdin: int | None = subprocess.DEVNULL,
+    on_output: OutputFn | None = None,
 ) -> tuple[int | None, str, float, bool]:
     """Run a local process, merged output captured in a temp file (never a pipe: a backgrounded ssh master may
-    inherit it and keep it open). On timeout the whole process group gets TERM, then KILL."""
+    inherit it and keep it open). On timeout the whole process group gets TERM, then KILL.
+
+    ``on_output``: called with each new piece of the output (decoded text) while the process runs, read back from the
+    same temp file every ``STREAM_POLL_S``; what is captured and returned is unchanged."""
     start = time.monotonic()
     with tempfile.TemporaryFile() as out:
         try:
@@ -334,7 +342,7 @@ def _run_client(
             return 126, f"mvlm: cannot execute {argv[0]}: {e.strerror}\n", time.monotonic() - start, False
         timed_out = False
         try:
-            rc: int | None = proc.wait(timeout=timeout)
+            rc: int | None = proc.wait(timeout=timeout) if on_output is None else _wait_streaming(proc, timeout, out, on_output)
         except subprocess.TimeoutExpired:
             timed_out = True
             _kill_group(proc)
@@ -343,6 +351,36 @@ def _run_client(
         out.seek(0)
         text = out.read().decode("utf-8", errors="replace")
     return rc, text, duration, timed_out
+
+
+def _wait_streaming(proc: subprocess.Popen, timeout: float | None, out, on_output: OutputFn) -> int:
+    """``proc.wait(timeout)`` that hands each new piece of the captured output to ``on_output`` meanwhile (read with
+    pread, so the writer's file offset is untouched). Raises ``subprocess.TimeoutExpired`` like ``wait``."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    offset = 0
+
+    def feed() -> None:
+        nonlocal offset
+        while chunk := os.pread(out.fileno(), 1 << 16, offset):
+            offset += len(chunk)
+            text = decoder.decode(chunk)
+            if text:
+                on_output(text)
+
+    while True:
+        step = STREAM_POLL_S if deadline is None else max(0.0, min(STREAM_POLL_S, deadline - time.monotonic()))
+        try:
+            rc = proc.wait(timeout=step)
+        except subprocess.TimeoutExpired:
+            feed()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+            continue
+        feed()
+        return rc
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -440,12 +478,14 @@ class LocalTransport(Transport):
     def absolute(self, path: str) -> str:
         return os.path.abspath(os.path.expanduser(path))
 
-    def run(self, argv: list[str], timeout: float, env: dict[str, str] | None = None, cwd: str | None = None) -> RunResult:
+    def run(self, argv: list[str], timeout: float, env: dict[str, str] | None = None, cwd: str | None = None,
+            on_output: OutputFn | None = None) -> RunResult:
         full = self.wrapped(argv)
         merged = dict(os.environ)
         merged.update(self.profile.env)
         merged.update(env or {})
-        rc, out, duration, timed_out = _run_client(full, timeout, env=merged, cwd=str(self._p(cwd)) if cwd else None)
+        rc, out, duration, timed_out = _run_client(full, timeout, env=merged, cwd=str(self._p(cwd)) if cwd else None,
+                                                   on_output=on_output)
         sig = -rc if rc is not None and rc < 0 else None
         return RunResult(rc, out, duration, timed_out, sig, argv=full)
 
@@ -567,12 +607,14 @@ class _ShellTransport(Transport):
             raise MvlmError(f"device {self.name}: {what} failed (status {rc}): {_last_line(out)}")
         return out
 
-    def run(self, argv: list[str], timeout: float, env: dict[str, str] | None = None, cwd: str | None = None) -> RunResult:
+    def run(self, argv: list[str], timeout: float, env: dict[str, str] | None = None, cwd: str | None = None,
+            on_output: OutputFn | None = None) -> RunResult:
         full = self.wrapped(argv)
         merged = dict(self.profile.env)
         merged.update(env or {})
         script = remote_command(full, timeout, merged, cwd)
-        rc, out, duration = self._shell(script, timeout + CLIENT_GRACE_S, f"running {Path(full[0]).name}")
+        stream = {"on_output": on_output} if on_output is not None else {}  # the ssh/adb client's output, as it comes
+        rc, out, duration = self._shell(script, timeout + CLIENT_GRACE_S, f"running {Path(full[0]).name}", **stream)
         timed_out, sig = _interpret_remote_status(rc, duration, timeout)
         return RunResult(rc, out, duration, timed_out, sig, argv=full)
 
@@ -767,9 +809,10 @@ class SshTransport(_ShellTransport):
             f"ssh {dest}: connection lost during {what}{said}; run again (an interrupted sync restarts cleanly)"
         )
 
-    def _shell(self, script: str, timeout: float, what: str) -> tuple[int | None, str, float]:
+    def _shell(self, script: str, timeout: float, what: str,
+               on_output: OutputFn | None = None) -> tuple[int | None, str, float]:
         argv = self._base_argv() + ["sh -c " + shlex.quote(_with_marker(script))]
-        rc, out, duration, timed_out = _run_client(argv, timeout)
+        rc, out, duration, timed_out = _run_client(argv, timeout, on_output=on_output)
         if timed_out:
             return None, out, duration
         status, text = _split_marker(out)
@@ -909,10 +952,11 @@ class AdbTransport(_ShellTransport):
         super().__init__(profile)
         self.serial = profile.address or ""
 
-    def _adb(self, args: list[str], timeout: float | None) -> tuple[int | None, str, float, bool]:
+    def _adb(self, args: list[str], timeout: float | None,
+             on_output: OutputFn | None = None) -> tuple[int | None, str, float, bool]:
         if shutil.which("adb") is None:
             raise MvlmError("the `adb` client is not on PATH: install Android platform-tools (Debian: apt-get install adb)")
-        return _run_client(["adb", "-s", self.serial, *args], timeout)
+        return _run_client(["adb", "-s", self.serial, *args], timeout, on_output=on_output)
 
     def _classify(self, output: str, what: str, during_transfer: bool) -> TransportError:
         line = _last_line(output)
@@ -932,8 +976,10 @@ class AdbTransport(_ShellTransport):
             )
         return ConnectionLostError(f"adb {self.serial}: {what} failed ({line})")
 
-    def _shell(self, script: str, timeout: float, what: str) -> tuple[int | None, str, float]:
-        rc, out, duration, timed_out = self._adb(["shell", "sh -c " + shlex.quote(_with_marker(script))], timeout)
+    def _shell(self, script: str, timeout: float, what: str,
+               on_output: OutputFn | None = None) -> tuple[int | None, str, float]:
+        rc, out, duration, timed_out = self._adb(["shell", "sh -c " + shlex.quote(_with_marker(script))], timeout,
+                                                 on_output=on_output)
         if timed_out:
             return None, out, duration
         status, text = _split_marker(out)

@@ -318,8 +318,13 @@ def kl_and_top1(ref: np.ndarray, other: np.ndarray) -> tuple[float, float]:
 
 def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None = None, allow_requantize: bool = False,
         quality: bool = True, lm_for_mmproj: Path | None = None, image: Path | None = None,
-        on_start: Callable[[str], ProgressFn] | None = None) -> list[QuantResult]:
-    """Quantize ``inp`` to each type in ``types`` (comma list); returns one result per type, with quality figures."""
+        on_start: Callable[[str], ProgressFn] | None = None,
+        on_quality: Callable[[int, int, str], None] | None = None) -> list[QuantResult]:
+    """Quantize ``inp`` to each type in ``types`` (comma list); returns one result per type, with quality figures.
+
+    Progress: ``on_start(type)`` -> the quantizer's progress callback for that type; ``on_quality(done, total, what)``
+    before each of the quality phase's model evaluations (the input first, then each output: ``total`` = 1 + types),
+    and once more with ``done == total`` at its end."""
     inp = Path(inp)
     arch, ftype, n_weights, quantized = read_header(inp)
     kind = "mmproj" if arch == "clip" else "lm"
@@ -373,7 +378,7 @@ def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None =
             size = tmp.stat().st_size
             results.append(QuantResult(t, tmp, size, round(size * 8 / max(n_weights, 1), 3), round(dt, 3), kind))
         if quality:
-            _measure_quality(inp, kind, results, lm_for_mmproj, image)
+            _measure_quality(inp, kind, results, lm_for_mmproj, image, on_quality)
         outs.commit()
     for r, out in zip(results, finals, strict=True):
         r.path = out
@@ -381,17 +386,29 @@ def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None =
 
 
 def _measure_quality(inp: Path, kind: str, results: list[QuantResult], lm_for_mmproj: Path | None,
-                     image: Path | None) -> None:
+                     image: Path | None, on_quality: Callable[[int, int, str], None] | None = None) -> None:
+    total = 1 + len(results)
+
+    def step(done: int, what: str) -> None:
+        if on_quality:
+            on_quality(done, total, what)
+
     if kind == "lm":
+        step(0, f"logits of the input ({inp.name})")
         _, ref = lm_logits(inp)
-        for r in results:
+        for i, r in enumerate(results):
+            step(i + 1, f"logits of {r.type.lower()}")
             _, q = lm_logits(r.path)
             r.kl_div, r.top1_agree = kl_and_top1(ref, q)
+        step(total, "done")
     elif lm_for_mmproj is not None:
         from mvlm_convert.verify import image_embedding
 
+        step(0, f"image embedding of the input ({inp.name})")
         ref = image_embedding(inp, lm_for_mmproj, image)
-        for r in results:
+        for i, r in enumerate(results):
+            step(i + 1, f"image embedding of {r.type.lower()}")
             e = image_embedding(r.path, lm_for_mmproj, image)
             cos = np.sum(ref * e, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(e, axis=-1) + 1e-12)
             r.image_cos, r.image_min_cos = float(cos.mean()), float(cos.min())
+        step(total, "done")

@@ -47,8 +47,15 @@ def quantize_cmd(
             task = prog.add_task(f"{model.name} -> {t}", total=None)
             return lambda done, total: prog.update(task, completed=done, total=total)
 
+        quality_task: list = []
+
+        def on_quality(done: int, total: int, what: str) -> None:  # models evaluated so far / input + each output
+            if not quality_task:
+                quality_task.append(prog.add_task("quality", total=total))
+            prog.update(quality_task[0], completed=done, total=total, description=f"quality: {what}")
+
         results = q.run(model, types, outdir=outdir, threads=threads, allow_requantize=allow_requantize,
-                        quality=quality, lm_for_mmproj=lm, image=image, on_start=on_start)
+                        quality=quality, lm_for_mmproj=lm, image=image, on_start=on_start, on_quality=on_quality)
     if json_:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return
