@@ -424,6 +424,7 @@ def test_cli_json(tmp_path):
     assert out["lm"]["dtypes"]["Q8_0"] == 7 * LM["layers"] + 2
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", variant="v2")
     (ckpt / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not really a zip")
@@ -480,6 +481,7 @@ def test_llama_mtmd_cli_runs_without_chat_template_flag(tmp_path, host_runtime, 
         assert want in example, (extra, example)
 
 
+@pytest.mark.slow
 def test_disk_full_for_real(tmp_path, small_fs):
     """A real filesystem that fills up mid-write (a 256 KiB tmpfs): one line, exit != 0, nothing left behind."""
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", variant="v2")

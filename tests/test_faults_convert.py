@@ -233,6 +233,7 @@ def test_vision_tower_config_contradicting_weights_is_refused(tmp_path, where, f
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("field", "value", "words"), [("intermediate_size", 400, "weights say 352"),
                                                        ("model_type", "gpt2", "model_type 'gpt2'")])
 def test_cli_config_fault_is_one_line_exit_2_nothing_written(tmp_path, field, value, words):
@@ -331,6 +332,7 @@ def test_hf_cache_snapshot_symlinks_into_blobs_are_accepted(tmp_path):
     assert [p.name for p in res.files] == ["MobileVLM_V2-Tiny-F16.gguf", "mmproj-MobileVLM_V2-Tiny-F16.gguf"]
 
 
+@pytest.mark.slow
 def test_cli_path_traversal_is_one_line(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", variant="mobilellama", layout="sharded-bin")
     index = ckpt / "pytorch_model.bin.index.json"
@@ -502,6 +504,7 @@ def test_summary_table_and_json_name_the_architecture(tmp_path, monkeypatch, mak
     assert lm.get_field("general.architecture").contents() == arch  # the label is what the file says
 
 
+@pytest.mark.slow
 def test_imp_v1_cli_table_no_longer_crashes(tmp_path):
     ckpt = make_tiny_imp(tmp_path / "ckpt")
     r = mvlm("convert", ckpt, "-o", tmp_path / "out", env={"COLUMNS": "250"})
@@ -553,6 +556,7 @@ def test_pickle_with_code_is_refused_and_never_run(tmp_path, fmt):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torch.save", "pickle-protocol-4"])
 def test_cli_pickle_with_code_is_one_line(tmp_path, fmt):
     import pickle
@@ -569,6 +573,7 @@ def test_cli_pickle_with_code_is_one_line(tmp_path, fmt):
     assert len(lines) == 1 and lines[0].startswith("error: refused to load") and "safetensors" in lines[0], r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("layout", "fname", "words"), [("bin", "pytorch_model.bin", "truncated or corrupt"),
                                                        ("safetensors", "model.safetensors", "truncated")])
 def test_cli_truncated_weights_say_so_in_one_line(tmp_path, layout, fname, words):

@@ -182,6 +182,7 @@ def test_failed_save_spills_the_runs_beside_the_history(tmp_path, kind, monkeypa
     assert back.context.model_sha256 == "ab" * 32 and len(back.timings) == 3
 
 
+@pytest.mark.slow
 def test_locked_history_waits_then_says_so(tmp_path, monkeypatch):
     db = good_db(tmp_path / "h.sqlite")
     before = sha(db)
@@ -335,6 +336,7 @@ def test_compare_selectors_are_validated(tmp_path, selector, says):
     assert sha(db) == before
 
 
+@pytest.mark.slow
 def test_compare_options_are_validated(tmp_path):
     db = good_db(tmp_path / "h.sqlite", reps=5)
     before = sha(db)
@@ -348,6 +350,7 @@ def test_compare_options_are_validated(tmp_path):
     assert "is a file" in error_line(r)
 
 
+@pytest.mark.slow
 def test_spill_file_round_trip_compare_and_import(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.sqlite"
@@ -383,6 +386,7 @@ def _ab_runs(level_a: float, level_b: float) -> list[Run]:
     return out
 
 
+@pytest.mark.slow
 def test_import_of_bench_json_reports_stores_each_measurement_once_at_its_measurement_time(tmp_path):
     """`mvlm bench --json` records carry when they were measured (test_time, start/end unix times); importing one
     twice, a copy of it, an A/B report twice, or a report of runs `--save` already stored, stores nothing new."""
@@ -446,6 +450,7 @@ def test_bench_json_record_without_a_time_is_imported_at_the_import_time_and_bad
     assert not (tmp_path / "h.sqlite").exists()
 
 
+@pytest.mark.slow
 def test_non_positive_speed_values_are_left_out_with_a_warning(tmp_path):
     """A negative or zero Eval tokens/s (an edited row, a damaged JSON) is not a measurement: every comparison leaves it
     out and says so; when nothing valid is left for a gated metric the gate says it was not applied (never 'passed'
@@ -758,6 +763,7 @@ _KIND_WORDS = {"fifo": "is a FIFO (named pipe), not a file", "socket": "is a soc
                "dev-zero": "is a character device, not a file"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(_KIND_WORDS))
 def test_parse_import_and_compare_refuse_fifos_sockets_and_devices_in_one_line(tmp_path, kind):
     p = _special(tmp_path, kind)
@@ -795,6 +801,7 @@ def _lb_entry_file(path: Path, tests: list[tuple[int, int]], scale: float) -> Pa
     return path
 
 
+@pytest.mark.slow
 def test_compare_refuses_pairs_without_a_shared_or_gated_metric(tmp_path):
     db = tmp_path / "h.sqlite"
     pp = _lb_entry_file(tmp_path / "pp.json", [(16, 0)], 1.0)  # pp16_tps (and prompt_tps)
@@ -816,6 +823,7 @@ def test_compare_refuses_pairs_without_a_shared_or_gated_metric(tmp_path):
     assert [m["key"] for m in json.loads(r.stdout)["comparisons"][0]["metrics"]] == ["pp16+tg8_tps"]
 
 
+@pytest.mark.slow
 def test_escape_sequences_in_stored_text_are_shown_not_sent_to_the_terminal(tmp_path):
     evil = "\x1b]0;PWNED\x07\x1b[2J"
     label = "\x1b[31mred [bold]x"

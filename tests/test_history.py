@@ -260,6 +260,7 @@ def _synthetic_db(db: Path, slow: float, seed: int, n: int = 5) -> None:
             h.save(_entry(_ctx(runtime=f"r{i}"), [float(x) for x in tps], label="main" if i == 0 else "pr"))
 
 
+@pytest.mark.slow
 def test_compare_cli_catches_injected_slowdown(tmp_path):
     db = tmp_path / "h.sqlite"
     _synthetic_db(db, slow=0.10, seed=1)
@@ -305,6 +306,7 @@ def test_compare_cli_json_files_and_errors(tmp_path):
     assert r.returncode == 2 and "same entry" in r.stderr
 
 
+@pytest.mark.slow
 def test_history_list_and_plot(tmp_path):
     from PIL import Image
 

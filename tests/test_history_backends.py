@@ -245,6 +245,7 @@ def test_cli_import_and_spill_when_server_is_down(tmp_path, postgresql, monkeypa
     assert e.samples["eval_tps"] == [40.0, 40.5]
 
 
+@pytest.mark.slow
 def test_cli_connection_failure_is_one_line(tmp_path):
     port = _closed_port()
     for args in (("history",), ("compare",), ("history", "import", str(REPO / "tests" / "data" / "README.md"))):

@@ -83,6 +83,7 @@ def test_bad_lease_timeout_is_one_line(smollm2_gguf):
 
 
 # --- lock file ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lock_file_lease_across_processes(monkeypatch, tmp_path):
     monkeypatch.setenv("MVLM_CACHE", str(tmp_path / "cache"))  # the lease files live in the cache
     key = f"test:{uuid.uuid4()}"
@@ -111,6 +112,7 @@ def test_lock_file_lease_across_processes(monkeypatch, tmp_path):
         assert r.returncode != 0 and f"pid {os.getpid()}" in r.stderr
 
 
+@pytest.mark.slow
 def test_waiter_gets_the_lease_when_the_holder_ends(monkeypatch, tmp_path):
     monkeypatch.setenv("MVLM_CACHE", str(tmp_path / "cache"))
     key = f"test:{uuid.uuid4()}"
@@ -188,6 +190,7 @@ def test_lease_timeout_expiry_is_one_line(tmp_path, smollm2_gguf, host_runtime):
 
 
 # --- PostgreSQL advisory lock (a real server: the `postgresql` fixture) -------------------------------------------
+@pytest.mark.slow
 def test_postgres_advisory_lease_across_processes(postgresql, monkeypatch, tmp_path):
     monkeypatch.setenv("MVLM_CACHE", str(tmp_path / "cache"))
     key = f"test:{uuid.uuid4()}"

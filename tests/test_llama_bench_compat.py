@@ -164,6 +164,7 @@ def test_history_import_stores_mvlm_json(runs, tmp_path):
         r["metrics"]["eval_tps"] for r in rec["runs"]]
 
 
+@pytest.mark.slow
 def test_history_import_refuses_what_is_not_a_benchmark(tmp_path):
     real = (DATA / "smollm2-q4_1-p8-n4-r2.json").read_text()
     bad = {"empty.json": b"", "other.json": b'{"name": "x", "values": [1, 2]}', "binary.bin": os.urandom(512),
@@ -179,6 +180,7 @@ def test_history_import_refuses_what_is_not_a_benchmark(tmp_path):
         assert not db.exists() or not sqlite3.connect(db).execute("SELECT * FROM sqlite_master").fetchall()
 
 
+@pytest.mark.slow
 def test_bench_parse_reads_llama_bench_rows_in_every_output_form(tmp_path):
     for fmt in ("json", "jsonl", "sql"):
         f = DATA / f"smollm2-q4_1-p8-n4-r2.{fmt}"
@@ -214,6 +216,7 @@ def test_old_json_spelling_still_works_with_a_deprecation_line(tmp_path):
     assert "missing.gguf does not exist" in lines[1]
 
 
+@pytest.mark.slow
 def test_imported_llama_bench_rows_fill_prompt_and_eval_tps_which_the_gate_judges(tmp_path):
     """Real llama-bench output (-p 8 -n 4 -r 2, json / jsonl / sql) as three sessions of `main`, and the json one with
     its tg samples halved as `pr`: the one pp and one tg test are also prompt_tps / eval_tps, so `mvlm history` and

@@ -89,6 +89,7 @@ def test_quantize_quality_phase_shows_progress(tmp_path, smollm2_gguf, host_runt
     assert re.search(r"quality: logits of q4_0[^A-Za-z]*?\b2/3\b", screen), screen[-3000:]
 
 
+@pytest.mark.slow
 def test_transport_streams_output_while_the_process_runs(tmp_path):
     """``on_output`` hears each piece as it comes (before the process ends); the captured output is unchanged."""
     t = LocalTransport(load_profile(str(profile_file(tmp_path))))
@@ -102,6 +103,7 @@ def test_transport_streams_output_while_the_process_runs(tmp_path):
     assert first_at < 0.9 < r.duration_s  # heard while the process still ran
 
 
+@pytest.mark.slow
 def test_ssh_transport_streams_output_too(sshd, tmp_path):
     """Over a real sshd the same: pieces arrive while the remote command runs; the result is what it was before."""
     from mvlm_bench.transports import make_transport

@@ -264,6 +264,7 @@ def test_cuda_arch_is_refused_for_other_targets():
             rt.cmake_args(rt.BuildOptions(t, cuda_arch="90"), SRC)
 
 
+@pytest.mark.slow
 def test_cuda_build_refusals_are_one_line_before_anything_is_fetched(tmp_path):
     """`mvlm runtime build --target cuda`: without a GPU to detect, with --cuda-arch on another target, with --device:
     one line, exit 2, and nothing written to the cache (no sdist download, no source copy)."""

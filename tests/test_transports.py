@@ -178,6 +178,7 @@ def test_ssh_run_output_env_cwd_signal(ssh_t, tmp_path):
     assert r.ok
 
 
+@pytest.mark.slow
 def test_ssh_timeout_kills_the_remote_command(ssh_t):
     start = time.monotonic()
     r = ssh_t.run(["sleep", "37.25"], timeout=1)
@@ -293,6 +294,7 @@ def test_ssh_connection_dropped_mid_push_then_sync_recovers(sshd, ssh_t, tmp_pat
     assert manifest["models/big.gguf"] == {"sha256": _sha(big), "size": big.stat().st_size}
 
 
+@pytest.mark.slow
 def test_ssh_no_injection_through_names(sshd, tmp_path):
     marker = tmp_path / "INJECTED"
     nasty = NASTY.format(m=marker)
@@ -333,6 +335,7 @@ def test_adb_double_is_the_one_on_path(adb):
     assert out.startswith("List of devices attached")
 
 
+@pytest.mark.slow
 def test_adb_run_push_pull_sync(adb, tmp_path):
     root = adb.add("R58M123")
     t = make_transport(_adb_profile("R58M123", env={"LD_LIBRARY_PATH": "/data/local/tmp/mvlm/lib"}))

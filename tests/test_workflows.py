@@ -270,6 +270,7 @@ def gate_summary(tmp_path: Path, verdicts: dict[str, str], label: str, devices: 
     return r, summary.read_text()
 
 
+@pytest.mark.slow
 def test_the_gate_fails_on_a_regression_or_a_missing_device(tmp_path):
     """A PR whose sd888 bench said "regression" (exit 4) and an sd8gen3 that reported nothing; the summary shows the
     real comparison and history of sd888 from the history (llama-bench output stored as main, and a copy 30% slower
