@@ -26,14 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The perf block of a real llama-cli run (llama_perf era), as it printed it.
-BLOCK = """\
-llama_perf_sampler_print:    sampling time =      24.62 ms /   227 runs   (    0.11 ms per token,  9220.90 tokens per second)
-llama_perf_context_print:        load time =     618.92 ms
-llama_perf_context_print: prompt eval time =     927.17 ms /    49 tokens (   18.92 ms per token,    52.85 tokens per second)
-llama_perf_context_print:        eval time =   14085.85 ms /   178 runs   (   79.13 ms per token,    12.64 tokens per second)
-llama_perf_context_print:       total time =   20699.49 ms /   227 tokens
-"""  # noqa: E501
+# The perf block of a real llama-cli run (llama_perf era), as it printed it: tests/data/llama-cpp-outputs/17_…
+BLOCK = "".join((REPO / "tests" / "data" / "llama-cpp-outputs" / "17_issue9013_llama-cli_llama-perf_interrupted_2025-05.txt")
+                .read_text().splitlines(keepends=True)[2:7])
 EXPECTED = {"eval_tps": 12.64, "eval_runs": 178, "prompt_tokens": 49, "total_ms": 20699.49, "sample_runs": 227}
 
 CHILD = r"""

@@ -19,6 +19,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from peers import fill_up
 
 from mvlm_bench import history
 from mvlm_bench.history import History, HistoryError, entries_from_json, entries_from_runs, save_or_spill
@@ -28,6 +29,7 @@ from mvlm_bench.timings import TimingRecord, parse_file, parse_text
 from mvlm_core.errors import MvlmError
 
 MVLM = [sys.executable, "-m", "mvlm"]  # this tree's mvlm, as the console script runs it
+DATA = Path(__file__).parent / "data"
 
 
 def mvlm(*args: object, cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -214,17 +216,6 @@ def test_locked_history_waits_then_says_so(tmp_path, monkeypatch):
     assert [len(e["samples"]["eval_tps"]) for e in json.loads(r.stdout)] == [150, 150, 150]
 
 
-def _fill(filler: Path) -> None:
-    """Fill the filesystem holding ``filler`` to the last byte (unbuffered writes until ENOSPC)."""
-    with open(filler, "wb", buffering=0) as f:
-        for size in (1 << 16, 4096, 512, 1):
-            try:
-                while True:
-                    f.write(b"\0" * size)
-            except OSError as e:
-                assert e.errno == 28, e
-
-
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A directory mounted read-only (a bind mount remounted ro; needs root), with a good history in it."""
@@ -267,7 +258,7 @@ def test_read_only_history_reads_and_spills_to_the_current_directory(tmp_path, r
 def test_disk_full_save_keeps_the_good_history_and_spills_elsewhere(tmp_path, small_fs, monkeypatch):
     fs = small_fs(512 * 1024)
     db = good_db(fs / "h.sqlite", reps=20)
-    _fill(fs / "filler")
+    fill_up(fs / "filler")
     before = sha(db)
     monkeypatch.chdir(tmp_path)
     big = _entries([40.0 + i / 1000 for i in range(3000)])  # needs many new pages (and a journal)
@@ -305,7 +296,7 @@ def test_save_of_several_entries_is_one_transaction(tmp_path):
 
 def test_new_history_that_cannot_be_created_leaves_no_file(tmp_path, small_fs):
     fs = small_fs(64 * 1024)
-    _fill(fs / "filler")
+    fill_up(fs / "filler")
     with pytest.raises(HistoryError, match="is full"):
         History(fs / "new.sqlite")
     assert sorted(x.name for x in fs.iterdir()) == ["filler"]
@@ -627,13 +618,9 @@ def test_real_bench_save_into_a_damaged_history_loses_nothing(tmp_path, host_run
 
 
 # --- bench parse: streaming, bounded, and one line for a file without timings -------------------------------------
-PERF = """\
-llama_perf_sampler_print:    sampling time =      24.62 ms /   227 runs   (    0.11 ms per token,  9220.90 tokens per second)
-llama_perf_context_print:        load time =     618.92 ms
-llama_perf_context_print: prompt eval time =     927.17 ms /    49 tokens (   18.92 ms per token,    52.85 tokens per second)
-llama_perf_context_print:        eval time =   14085.85 ms /   178 runs   (   79.13 ms per token,    12.64 tokens per second)
-llama_perf_context_print:       total time =   20699.49 ms /   227 tokens
-"""  # noqa: E501
+# a real llama_perf block (tests/data/llama-cpp-outputs/17_…: llama-cli, 2025-05), its 5 lines after the header
+PERF = "".join((DATA / "llama-cpp-outputs" / "17_issue9013_llama-cli_llama-perf_interrupted_2025-05.txt")
+               .read_text().splitlines(keepends=True)[2:7])
 
 
 def _check_perf(rec) -> None:
