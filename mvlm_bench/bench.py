@@ -184,15 +184,22 @@ def validate_spec(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[st
         raise MvlmError(f"--timeout {spec.timeout} is out of range: give seconds, more than 0 and at most {MAX_TIMEOUT_S:.0f}")
 
 
-def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str] = ()) -> None:
+def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str] = (),
+                 needs_template: bool = True) -> None:
     """The model (and mmproj, image) exist and are what they claim, checked here before anything goes to a device.
 
-    ``against``: the ``--against`` keys (model, mmproj) that set these paths; errors then name ``--against model=X``."""
+    ``against``: the ``--against`` keys (model, mmproj) that set these paths; errors then name ``--against model=X``.
+    ``needs_template``: the image protocols run llama-mtmd-cli, which stops at once on a model without a chat template
+    ("Model does not have chat template.", whatever -p says), so such a model is refused here; False for callers that
+    run llama-server, which falls back to its own default template (mvlm serve)."""
     from mvlm_core.atomic import is_gguf
 
-    def gguf(option: str, p: Path) -> None:
+    def named(option: str, p: Path) -> str:
         key = option.lstrip("-")
-        said = f"--against {key}={p}" if key in against else f"{option} {p}"
+        return f"--against {key}={p}" if key in against else f"{option} {p}"
+
+    def gguf(option: str, p: Path) -> None:
+        said = named(option, p)
         if not p.exists():
             raise MvlmError(f"{said} does not exist: give the path of a .gguf file")
         if not p.is_file():
@@ -218,6 +225,19 @@ def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str
         if spec.mmproj is None:
             raise MvlmError(f"the {spec.protocol} protocol needs --mmproj FILE (the mmproj-*.gguf written by mvlm convert)")
         gguf("--mmproj", Path(spec.mmproj))
+        if needs_template and spec.protocol in ("vlm", "imp"):
+            from mvlm_bench.gguf_header import gguf_kind
+
+            try:
+                _, is_lm, has_template = gguf_kind(Path(spec.model))
+            except MvlmError:  # a header this reader cannot follow: llama.cpp itself says what is wrong with it
+                is_lm, has_template = False, True
+            if is_lm and not has_template:
+                raise MvlmError(f"{named('--model', Path(spec.model))} has no chat template (tokenizer.chat_template), and "
+                                f"llama-mtmd-cli refuses an image prompt without one (--prompt text goes through the "
+                                f"template too): convert the model again with `mvlm convert` from a checkpoint whose "
+                                f"tokenizer_config.json has a chat_template (MobileVLM, LLaVA-1.5, Xmodel-VLM and Imp v1 "
+                                f"get one written), or bench it with --protocol lm")
         if spec.image is not None:
             img = Path(spec.image)
             if not img.is_file():

@@ -7,7 +7,8 @@ sep " ", sep2 "</s>")::
 
 and the first question is ``"<image>\\n{question}"``. ``mvlm verify`` builds its prompts with :func:`v1_prompt`, the
 converter writes :data:`CHAT_TEMPLATE` as ``tokenizer.chat_template``, and the tiny checkpoints train their
-tokenizers on text in this format.
+tokenizers on text in this format. Imp v1 (Phi-2) is trained with the same conversation but Phi-2's EOS as sep2,
+``"... ASSISTANT: {a}<|endoftext|>USER: ..."``: :func:`chat_template` builds both from one template.
 
 In llama.cpp the image marker is ``<__media__>`` (:data:`MEDIA_MARKER`, mtmd_default_marker() at the pinned commit);
 llama-server uses a random one, ``<__media_XXXX__>`` (unless ``LLAMA_MEDIA_MARKER`` is set). What each client hands
@@ -47,8 +48,9 @@ MEDIA_MARKER = "<__media__>"  # llama.cpp's image marker (mtmd_default_marker())
 DEFAULT_QUESTION = "What is in the picture?"
 
 
-def v1_conversation(turns: Sequence[str], system: str = SYSTEM, image_marker: str | None = None) -> str:
-    """LLaVA's ``Conversation.get_prompt()`` for SeparatorStyle.TWO (conv_vicuna_v1).
+def v1_conversation(turns: Sequence[str], system: str = SYSTEM, image_marker: str | None = None,
+                    sep2: str = SEP2) -> str:
+    """LLaVA's ``Conversation.get_prompt()`` for SeparatorStyle.TWO (conv_vicuna_v1; Imp v1: ``sep2`` "<|endoftext|>").
 
     ``turns`` alternate user, assistant, user, ...; an odd count ends with the generation prompt "ASSISTANT:". With
     ``image_marker`` the image goes where MobileVLM puts ``<image>``: ``"{marker}\\n"`` before the first question.
@@ -58,7 +60,7 @@ def v1_conversation(turns: Sequence[str], system: str = SYSTEM, image_marker: st
         msgs[0] = f"{image_marker}\n{msgs[0]}"
     if len(msgs) % 2:
         msgs.append(None)
-    seps = (SEP, SEP2)
+    seps = (SEP, sep2)
     ret = system + seps[0]
     for i, msg in enumerate(msgs):
         role = ROLES[i % 2]
@@ -79,12 +81,16 @@ def _q(s: str) -> str:
 _MARK_OPEN, _MARK_CLOSE = "<__media", "__>"  # every llama.cpp media marker: <__media__>, <__media_XXXX__>
 _IS_MARKER = f"part['text'].startswith({_q(_MARK_OPEN)}) and part['text'].endswith({_q(_MARK_CLOSE)})"
 
-# The GGUF chat template (Jinja; jinja2 and llama.cpp's own engine). An explicit system message replaces SYSTEM;
-# add_generation_prompt ends with "ASSISTANT:". Every tag trims whitespace, so trim_blocks/lstrip_blocks (llama-cpp-python,
-# transformers) change nothing.
-CHAT_TEMPLATE = "".join(
-    line.strip()
-    for line in f"""
+def chat_template(sep2: str = SEP2) -> str:
+    """The GGUF chat template (Jinja; jinja2 and llama.cpp's own engine) of conversation "v1" with ``sep2`` after each
+    assistant turn: "</s>" for the LLaMA-based families (:data:`CHAT_TEMPLATE`), Phi-2's "<|endoftext|>" for Imp v1.
+
+    An explicit system message replaces SYSTEM; add_generation_prompt ends with "ASSISTANT:". Every tag trims
+    whitespace, so trim_blocks/lstrip_blocks (llama-cpp-python, transformers) change nothing.
+    """
+    return "".join(
+        line.strip()
+        for line in f"""
 {{%- set ns = namespace(system={_q(SYSTEM)}, body='') -%}}
 {{%- for message in messages -%}}
   {{%- if message['content'] is string -%}}
@@ -127,10 +133,13 @@ CHAT_TEMPLATE = "".join(
     {{%- if out.text != '' and out.prev != '' -%}}{{%- set out.text = out.text + {_q(chr(10))} -%}}{{%- endif -%}}
     {{%- set ns.body = ns.body + 'USER: ' + out.markers + out.text + out.prev + ' ' -%}}
   {{%- elif message['role'] == 'assistant' -%}}
-    {{%- set ns.body = ns.body + 'ASSISTANT: ' + acc.text + '</s>' -%}}
+    {{%- set ns.body = ns.body + 'ASSISTANT: ' + acc.text + {_q(sep2)} -%}}
   {{%- endif -%}}
 {{%- endfor -%}}
 {{{{- ns.system + ' ' + ns.body -}}}}
 {{%- if add_generation_prompt -%}}{{{{- 'ASSISTANT:' -}}}}{{%- endif -%}}
 """.splitlines()
-)
+    )
+
+
+CHAT_TEMPLATE = chat_template()  # conv_vicuna_v1: sep2 "</s>"

@@ -129,6 +129,30 @@ def test_template_keeps_llama_cpp_fallback_detection():
     assert "A chat between a curious user and an artificial intelligence assistant" in CHAT_TEMPLATE
 
 
+IMP_CARD_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+                   "detailed, and polite answers to the user's questions. USER: <image>\nWhat are the colors of the bus "
+                   "in the image? ASSISTANT:")
+
+
+def test_imp_v1_template_is_v1_with_phi2_eos():
+    """Imp v1 (Phi-2): LLaVA's v1 conversation with "<|endoftext|>" as sep2; the card's prompt, pinned by hand."""
+    from mvlm_convert.families.imp import V1_CHAT_TEMPLATE
+    from mvlm_core.conversation import chat_template
+
+    bus = "What are the colors of the bus in the image?"
+    got = _render(V1_CHAT_TEMPLATE, [{"role": "user", "content": MEDIA_MARKER + bus}])  # as llama-mtmd-cli hands it
+    assert got == IMP_CARD_PROMPT.replace("<image>", MEDIA_MARKER)
+    for form, (content, marker) in CONTENT_FORMS.items():
+        got = _render(V1_CHAT_TEMPLATE, [{"role": "user", "content": content}])
+        assert got == v1_conversation([Q], image_marker=marker), form
+    turns = [{"role": "user", "content": [_image_url(), _text(bus)]}, {"role": "assistant", "content": "Red and white."},
+             {"role": "user", "content": "Sure?"}]
+    assert _render(V1_CHAT_TEMPLATE, turns) == (IMP_CARD_PROMPT.replace("<image>", MEDIA_MARKER)
+                                                + " Red and white.<|endoftext|>USER: Sure? ASSISTANT:")
+    assert "</s>" not in V1_CHAT_TEMPLATE
+    assert chat_template() == CHAT_TEMPLATE  # the "</s>" template is the default of the one builder
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # real clients on tiny converted checkpoints (slow)
 # ---------------------------------------------------------------------------------------------------------------

@@ -1087,3 +1087,40 @@ def test_device_spec_messages_keep_the_users_text(tmp_path, fake_gguf, profile_d
     r = mvlm("devices", "--no-check", "--json", timeout=60)
     rows = {row["name"]: row for row in json.loads(r.stdout)}
     assert r.returncode == 0 and "not a device profile file (a FIFO (named pipe))" in rows["pipe"]["status"]
+
+
+def _tiny_lm_gguf(path: Path, template: str | None) -> Path:
+    """A real (tiny) LM GGUF header: token embedding + tokenizer, with or without tokenizer.chat_template."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch="phi2")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b"])
+    if template is not None:
+        w.add_chat_template(template)
+    w.add_tensor("token_embd.weight", np.zeros((2, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("protocol", ["vlm", "imp"])
+def test_image_protocol_refuses_a_model_without_chat_template_before_pushing(tmp_path, protocol):
+    """llama-mtmd-cli stops on a model without a chat template ("Model does not have chat template."): bench says so
+    up front in one line, exit 2, nothing pushed; the same model with a template passes the input checks."""
+    prof = local_profile(tmp_path)
+    model = _tiny_lm_gguf(tmp_path / "imp-tiny-F16.gguf", None)
+    mmproj = tmp_path / "mmproj-imp-tiny-F16.gguf"
+    mmproj.write_bytes(b"GGUF" + os.urandom(100))
+    r = mvlm("bench", "--device", prof, "--protocol", protocol, "--model", model, "--mmproj", mmproj,
+             "--repeat", 1, "--warmup", 0)
+    line = _one_line(r.stderr)
+    assert r.returncode == 2, r.stderr
+    assert "no chat template" in line and str(model) in line and "mvlm convert" in line, line
+    assert not (tmp_path / "dev-faultlocal").exists()  # nothing reached the device's workdir
+    templated = _tiny_lm_gguf(tmp_path / "with-template.gguf", "{{ messages[0]['content'] }}")
+    bench.check_inputs(bench.BenchSpec(protocol, templated, mmproj=mmproj))
+    bench.check_inputs(bench.BenchSpec("lm", model))  # llama-completion needs no template

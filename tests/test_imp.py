@@ -217,3 +217,76 @@ def test_imp_196_verify_f32_parity(tmp_path, host_runtime):
     ckpt = make_tiny_imp(tmp_path / "ckpt", image_size=196)
     res = convert(ckpt, tmp_path / "out", outtype="f32", progress=False)
     verify_f32_parity("imp@196 f32", ckpt, res, F32_IMAGE_BAR, F32_LOGITS_BAR, 196)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Imp v1's chat template: LLaVA's v1 conversation with Phi-2's "<|endoftext|>" as sep2
+# ---------------------------------------------------------------------------------------------------------------
+def test_imp_v1_gets_the_phi2_v1_chat_template_unless_the_checkpoint_has_one(tmp_path):
+    from mvlm_convert.families.imp import V1_CHAT_TEMPLATE
+    from mvlm_core.conversation import v1_conversation
+
+    ckpt = make_tiny_imp(tmp_path / "ckpt", image_size=196)
+    assert "chat_template" not in json.loads((ckpt / "tokenizer_config.json").read_text())  # as the Imp releases
+    lm = gguf.GGUFReader(str(convert(ckpt, tmp_path / "out", progress=False).lm.path))
+    template = field(lm, "tokenizer.chat_template")
+    assert template == V1_CHAT_TEMPLATE
+    import jinja2
+
+    got = jinja2.Environment().from_string(template).render(
+        messages=[{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                  {"role": "user", "content": "Q2"}], add_generation_prompt=True)
+    assert got == v1_conversation(["Q1", "A1", "Q2"], sep2="<|endoftext|>") and "A1<|endoftext|>USER: Q2" in got
+    # the checkpoint's own template wins
+    tc = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": "{{ messages[0]['content'] }}"}))
+    lm = gguf.GGUFReader(str(convert(ckpt, tmp_path / "own", progress=False).lm.path))
+    assert field(lm, "tokenizer.chat_template") == "{{ messages[0]['content'] }}"
+
+
+@pytest.mark.slow
+def test_imp_v1_converted_benches_with_the_imp_protocol(tmp_path, host_runtime):
+    """The outside tester's repro: tiny Imp v1 @196 converted by mvlm, then `mvlm bench --protocol imp` on local."""
+    import os
+    import subprocess
+    import sys
+
+    ckpt = make_tiny_imp(tmp_path / "imp196", image_size=196)
+    res = convert(ckpt, tmp_path / "out", progress=False)
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "mvlm", "bench", "--device", "local", "--protocol", "imp",
+                        "--model", str(res.lm.path), "--mmproj", str(res.mmproj.path), "--repeat", "1", "--warmup", "0",
+                        "--threads", "2", "--json-file", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (rec,) = json.loads(out.read_text())
+    assert rec["protocol"] == "imp" and rec["params"]["n_text"] == 41, rec
+    (run,) = rec["runs"]
+    # llama-mtmd-cli ran the chat template (--jinja): the prompt holds the 196 image tokens, the 41-token request and
+    # the template's system prompt and roles; 64 tokens came out
+    assert run["metrics"]["n_gen"] == 64 and run["timing"]["image_tokens"] == 196
+    assert run["metrics"]["n_prompt"] > 196 + 41
+
+
+@pytest.mark.parametrize(("image_size", "accepted"), [(196, True), (200, True), (209, True), (210, False), (182, False)])
+def test_imp_siglip_image_size_is_checked_the_way_siglip_counts_patches(tmp_path, image_size, accepted):
+    """SigLIP (transformers' SiglipVisionEmbeddings) has (image_size // patch)^2 positions and its stride-patch conv
+    drops the remainder: the released so400m-patch14-384 is 384 px over 27 * 14 = 378. So 200 px over 196 positions is
+    a real SigLIP geometry (llama.cpp's clip counts patches the same way), and a size whose patch grid is not the
+    stored one is refused in one line."""
+    from transformers import SiglipVisionConfig
+    from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
+
+    ckpt = make_tiny_imp(tmp_path / "ckpt", image_size=196)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["vision_tower_config"]["image_size"] = image_size
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    hf = SiglipVisionEmbeddings(SiglipVisionConfig(image_size=image_size, patch_size=IMP_SIGLIP["patch"], hidden_size=8))
+    assert (hf.num_positions == 196) is accepted  # the oracle: transformers' own position count
+    if accepted:
+        mm = gguf.GGUFReader(str(convert(ckpt, tmp_path / "out", progress=False).mmproj.path))
+        assert field(mm, "clip.vision.image_size") == image_size
+    else:
+        with pytest.raises(MvlmError, match="does not match") as e:
+            convert(ckpt, tmp_path / "out", progress=False)
+        assert "\n" not in str(e.value) and not list((tmp_path / "out").glob("*.gguf"))

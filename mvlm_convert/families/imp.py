@@ -13,6 +13,8 @@ release's config keys; the pinned llama.cpp tools/mtmd):
   n_full - 1 layers; the layers to run are counted from the tower's full depth (``vision_tower_config`` or a
   ``--vision-tower`` SigLIP directory), and with neither at hand the stored copy is taken as already cut.
 - projector ``model.mm_projector.{0,2}`` = LLaVA's ``mlp`` (mm.0 / mm.2), GELU between (ggml: tanh form).
+- prompt: LLaVA's v1 conversation with Phi-2's EOS as sep2; the LM GGUF gets that chat template
+  (:data:`V1_CHAT_TEMPLATE`) unless tokenizer_config.json brings one.
 - image: ImpImageProcessor squashes to 384x384 (bicubic, no aspect padding), mean = std = 0.5.
 Imp-v1.5: same SigLIP / projector / preprocessing; the LM is Qwen1.5-1.8B (``ImpQwen2ForCausalLM`` / ``imp_qwen2``,
 transformers Qwen2 names -> arch ``qwen2``, mvlm_convert.lm.qwen2) or Phi-3-mini (``ImpPhi3ForCausalLM`` /
@@ -27,12 +29,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gguf
 import torch
 
 from mvlm_convert.checkpoint import Checkpoint, open_checkpoint
 from mvlm_convert.families import tiny_parts as tp
 from mvlm_convert.families.base import Family, ProjTensor, Variant, register
 from mvlm_convert.families.llava import mlp_forward, mlp_tensors
+from mvlm_core.conversation import chat_template
 from mvlm_core.errors import MvlmError
 
 ARCHS = {"ImpForCausalLM", "ImpQwen2ForCausalLM", "ImpPhi3ForCausalLM"}
@@ -44,6 +48,11 @@ LM_WRITERS = {
     "v1.5-qwen2": ("ImpQwen2ForCausalLM", "imp_qwen2", "mvlm_convert.lm.qwen2:prepare_qwen2_gguf"),
     "v1.5-phi3": ("ImpPhi3ForCausalLM", "imp_phi3", "mvlm_convert.lm.phi3:prepare_phi3_gguf"),
 }
+PHI2_EOS = "<|endoftext|>"
+# Imp v1 (imp-v1-3b, Imp-v1.5-3B-196: Phi-2) is trained with LLaVA's v1 conversation and Phi-2's EOS as sep2:
+# "{system} USER: <image>\n{q} ASSISTANT: {a}<|endoftext|>USER: ...". Written when tokenizer_config.json has none
+# (the Imp releases ship none); Imp-v1.5 Qwen1.5 / Phi-3 keep the checkpoint's own (their own conversations).
+V1_CHAT_TEMPLATE = chat_template(sep2=PHI2_EOS)
 SIGLIP_PREFIX = "model.vision_tower.vision_tower.vision_model."
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
@@ -162,7 +171,11 @@ class Imp(Family):
             raise MvlmError(f"{ckpt.root}: not an Imp config with a known language model; supported: "
                             f"{', '.join(sorted(MODEL_TYPES))}")
         module, func = LM_WRITERS[var][2].split(":")
-        return getattr(importlib.import_module(module), func)(ckpt, outtype, name)
+        prepared = getattr(importlib.import_module(module), func)(ckpt, outtype, name)
+        kv = prepared.writer.kv_data[0]
+        if var == "v1" and gguf.Keys.Tokenizer.CHAT_TEMPLATE not in kv:  # the checkpoint's own template (tokenizer_config) wins
+            prepared.writer.add_chat_template(V1_CHAT_TEMPLATE)
+        return prepared
 
     def vision_source(self, ckpt: Checkpoint, override: Path | None, variant: Variant):
         return resolve_siglip(ckpt, override)
@@ -189,7 +202,7 @@ IMP_LM = {"hidden": 128, "layers": 2, "heads": 4, "ffn": 512, "rotary": 0.4}
 # (Imp deletes the layers after mm_vision_select_layer = -2 before saving).
 IMP_SIGLIP = {"hidden": 144, "heads": 2, "ffn": 240, "layers": 3, "image": 384, "patch": 14}
 IMP_BPE_VOCAB = 400
-IMP_EOT = "<|endoftext|>"
+IMP_EOT = PHI2_EOS
 IMP15_LMS = {"qwen2": ("ImpQwen2ForCausalLM", "imp_qwen2"), "phi3": ("ImpPhi3ForCausalLM", "imp_phi3")}
 IMP15_KV = {"qwen2": 4, "phi3": 2}  # Qwen1.5 is MHA; the Phi-3 tiny uses GQA to pin the fused qkv row split
 PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>", "<|user|>"]
