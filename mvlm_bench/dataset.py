@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mvlm_core.atomic import file_kind
 from mvlm_core.errors import MvlmError
 
 DEVICE_DIR = "images/ds"  # where the set's images go under the device's workdir
@@ -55,72 +56,132 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+MAX_LINE_BYTES = 1 << 20  # one line of the question file (the JSON object)
+MAX_TEXT_CHARS = 64 * 1024  # one question's text: far more than any model here has context for (4096 tokens)
+_FORMAT = 'one {"question_id", "image", "text"} object per line'
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
 def load_samples(path: Path) -> list[Sample]:
     """The samples of a question file, each checked (one line naming the first bad line otherwise)."""
     path = Path(path)
     st = path.stat() if path.is_file() else None
     if st is None:
-        what = "is not a file" if path.exists() else "does not exist"
-        raise MvlmError(f"--data {path} {what}: give a JSONL question file (one {{\"question_id\", \"image\", "
-                        "\"text\"}} object per line)")
+        what = f"is {file_kind(path)}, not a file" if path.exists() else "does not exist"
+        raise MvlmError(f"--data {path} {what}: give a JSONL question file ({_FORMAT})")
     return list(_load(str(path.resolve()), st.st_size, st.st_mtime_ns))
+
+
+def _lines(path: Path):
+    """(line number, text) of each line; a UTF-8 BOM and CRLF line ends (Windows editors) are accepted. A line longer
+    than MAX_LINE_BYTES is refused before the rest of it is read."""
+    try:
+        with open(path, "rb") as f:
+            n = 0
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                n += 1
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    raise MvlmError(f"--data {path} line {n} is longer than {MAX_LINE_BYTES >> 20} MiB: a question "
+                                    f"line is one small JSON object (a text of at most {MAX_TEXT_CHARS // 1024} KiB "
+                                    "characters and an image path); fix or drop that line")
+                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    yield n, raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise MvlmError(f"--data {path} line {n} is not UTF-8 text: give a JSONL question file") from None
+    except OSError as e:
+        raise MvlmError(f"--data {path} cannot be read ({e.strerror or e})") from None
+
+
+def _check_image(p: Path, where: str) -> None:
+    """An image file PIL can open (header and checksums; a decompression bomb is named as too large)."""
+    if not p.exists():
+        raise MvlmError(f"{where}: image {p} does not exist (image paths are relative to the question file)")
+    if not p.is_file():
+        raise MvlmError(f"{where}: image {p} is {file_kind(p)}, not a file: give PNG or JPEG files")
+    from PIL import Image
+
+    try:
+        with Image.open(p) as im:
+            im.verify()
+    except Image.DecompressionBombError:
+        raise MvlmError(f"{where}: image {p} is too large ({_pixels(p)}, over PIL's limit of "
+                        f"{Image.MAX_IMAGE_PIXELS * 2:,} pixels): resize it (the models see 336×336 or less)") from None
+    except Exception as e:  # PIL raises many types for a non-image
+        raise MvlmError(f"{where}: image {p} is not an image PIL can read ({type(e).__name__}): give PNG or JPEG "
+                        "files") from None
+
+
+def _pixels(p: Path) -> str:
+    """An image's size from its header alone (no pixels decoded), e.g. "30000×30000 pixels"."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # only to read the header's size; restored at once
+    try:
+        with Image.open(p) as im:
+            return f"{im.size[0]}×{im.size[1]} pixels"
+    except Exception:  # noqa: BLE001 - the message goes on without the size
+        return "size unknown"
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 @functools.lru_cache(maxsize=4)
 def _load(path_text: str, _size: int, _mtime: int) -> tuple[Sample, ...]:
     path = Path(path_text)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise MvlmError(f"--data {path} line {line} is not UTF-8 text: give a JSONL question file") from None
-    except OSError as e:
-        raise MvlmError(f"--data {path} cannot be read ({e.strerror or e})") from None
     out: list[Sample] = []
     digests: dict[Path, str] = {}
-    for n, raw in enumerate(text.splitlines(), 1):
+    seen: dict[str, int] = {}  # question_id (as a string) -> its line
+    for n, raw in _lines(path):
         if not raw.strip():
             continue
         where = f"--data {path} line {n}"
         try:
             obj = json.loads(raw)
         except ValueError as e:
-            raise MvlmError(f"{where} is not JSON ({getattr(e, 'msg', e)}): write one JSON object per line") from None
+            raise MvlmError(f"{where} is not JSON ({getattr(e, 'msg', e)}): write {_FORMAT}") from None
         if not isinstance(obj, dict):
-            raise MvlmError(f"{where} is a JSON {type(obj).__name__}, not an object: write {{\"question_id\", "
-                            "\"image\", \"text\"}} per line")
+            raise MvlmError(f"{where} is a JSON {_json_type(obj)}, not an object: write {_FORMAT}")
         qid = obj.get("question_id")
         if not isinstance(qid, str | int) or isinstance(qid, bool) or str(qid) == "":
             raise MvlmError(f"{where} has no \"question_id\" (a string or number)")
+        qid = str(qid)
+        if qid in seen:
+            raise MvlmError(f"{where}: question_id {qid} is also line {seen[qid]}'s (ids are compared as text, so 1 "
+                            "and \"1\" are the same): give each question its own id")
+        seen[qid] = n
+        where = f"{where} (question {qid})"
         prompt = obj.get("text")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise MvlmError(f"{where} (question {qid}) has no \"text\" (the question as a string)")
+        if prompt is None:
+            raise MvlmError(f"{where} has no \"text\" (the question as a string)")
+        if not isinstance(prompt, str):
+            raise MvlmError(f"{where}: \"text\" must be a string (the question), not a JSON {_json_type(prompt)}")
+        if not prompt.strip():
+            raise MvlmError(f"{where}: \"text\" is empty: give the question as the model should see it")
+        if len(prompt) > MAX_TEXT_CHARS:
+            raise MvlmError(f"{where}: \"text\" is {len(prompt):,} characters, over the limit of {MAX_TEXT_CHARS:,} "
+                            "(no model here has context for it): shorten it or drop the line")
         img = obj.get("image")
         if not isinstance(img, str) or not img.strip():
-            raise MvlmError(f"{where} (question {qid}) has no \"image\": the dataset protocol measures image + text "
-                            "samples (ScienceQA-IMG keeps only the questions with an image); drop text-only lines")
+            raise MvlmError(f"{where} has no \"image\": the dataset protocol measures image + text samples "
+                            "(ScienceQA-IMG keeps only the questions with an image); drop text-only lines")
         p = Path(img)
         p = p if p.is_absolute() else path.parent / p
-        if not p.is_file():
-            raise MvlmError(f"{where} (question {qid}): image {p} does not exist (image paths are relative to the "
-                            "question file)")
         if p not in digests:
-            try:
-                from PIL import Image
-
-                with Image.open(p) as im:
-                    im.verify()
-            except Exception as e:  # PIL raises many types for a non-image
-                raise MvlmError(f"{where} (question {qid}): image {p} is not an image PIL can read "
-                                f"({type(e).__name__}): give PNG or JPEG files") from None
+            _check_image(p, where)
             digests[p] = _digest(p)
-        name = digests[p][:16] + (p.suffix.lower() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp",
-                                                                           ".bmp", ".gif") else "")
-        out.append(Sample(n, str(qid), p, prompt, name))
+        name = digests[p][:16] + (p.suffix.lower() if p.suffix.lower() in _IMAGE_SUFFIXES else "")
+        out.append(Sample(n, qid, p, prompt, name))
     if not out:
-        raise MvlmError(f"--data {path} holds no samples: give a JSONL question file (one {{\"question_id\", "
-                        "\"image\", \"text\"}} object per line)")
+        raise MvlmError(f"--data {path} holds no samples: give a JSONL question file ({_FORMAT})")
     return tuple(out)
+
+
+def _json_type(value: Any) -> str:
+    return {list: "array", dict: "object", bool: "boolean", int: "number", float: "number", str: "string"}.get(
+        type(value), "null")
 
 
 def files(samples: list[Sample]) -> dict[str, Path]:

@@ -114,9 +114,13 @@ def build(paper: str, entries: list, db: Path | None = None, device: str | None 
             "db_note": db_note, "device_filter": device, "tables": out_tables}
 
 
-def _num(v: float | None) -> str:
+def _num(v: float | None, key: str = "") -> str:
+    """A metric for the table: counts (n_prompt, n_gen, n_samples: keys starting with ``n_``) as whole numbers (a
+    median of an even number of counts can end in .5: then one decimal), other values to 3-4 significant digits."""
     if v is None:
         return "–"
+    if key.startswith("n_"):
+        return f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}"
     a = abs(v)
     if a >= 1000:
         return f"{v:.0f}"
@@ -158,9 +162,9 @@ def render(report: dict[str, Any]) -> list[Table | str]:
                           end_section=last)
         for r in t["your_rows"]:
             src = f"yours id:{r['id']}" + (f" {r['label']}" if r["label"] else "")
-            cells = [_num(r["metrics"][c["key"]]) for c in t["columns"]]
+            cells = [_num(r["metrics"][c["key"]], c["key"]) for c in t["columns"]]
             table.add_row(*(visible(x, markup=True) for x in (src, r["model"], r["device"], r["precision"] or "–")), *cells,
-                          *[_num(r["extra"].get(k)) for k in extra_keys])
+                          *[_num(r["extra"].get(k), k) for k in extra_keys])
         out.append(table)
         out.append(f"Paper setting: {t['setting']}.")
         out += [f"Note: {n}" for n in t["notes"]]

@@ -270,6 +270,25 @@ def test_report_reads_imp_and_dataset_entries_by_their_field_names(tmp_path):
     assert y["extra"] == {"n_samples": 2017, "p50_s": 0.2, "p90_s": 0.4, "p99_s": 0.9}
     r = _mvlm("report", "--paper", "imp", "--db", db, cwd=tmp_path)
     assert r.returncode == 0 and "yours id:1" in r.stdout and "Imp-3B@196" in r.stdout
+    # counts print as whole numbers, times with their decimals
+    for paper, where, counts, others in (("imp", "Table 4", ("237", "64"), ("0.100", "1.50")),
+                                         ("xmodel", "Table 6", ("2017",), ("0.200", "0.900"))):
+        mine = _rendered_row(_report(paper, db, tmp_path), where)
+        assert all(c in mine for c in counts) and all(o in mine for o in others), mine
+        assert not any(f"{c}.0" in cell for c in counts for cell in mine), mine
+
+
+def _rendered_row(report: dict, where: str) -> list[str]:
+    """The cells of your (first) row of one table as `mvlm report --paper` prints it."""
+    from rich.console import Console
+
+    from mvlm_bench.paper_report import render
+
+    table = next(x for x in render({**report, "tables": [_table(report, where)]}) if not isinstance(x, str))
+    console = Console(record=True, width=1000)
+    console.print(table)
+    row = next(ln for ln in console.export_text().splitlines() if "yours id:" in ln)
+    return [c.strip() for c in row.split("│") if c.strip()]
 
 
 def test_without_entries_the_paper_rows_and_the_command_that_fills_them(tmp_path):

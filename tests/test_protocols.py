@@ -171,15 +171,22 @@ def _bad_sets(d: Path) -> list[tuple[str, Path, str]]:
     d.mkdir()
     Image.new("RGB", (8, 8)).save(d / "ok.png")
     good = json.dumps({"question_id": 1, "image": "ok.png", "text": "What?"})
-    (d / "badjson.jsonl").write_text(f"{good}\n{good}\n{{not json\n")
+    second = json.dumps({"question_id": 2, "image": "ok.png", "text": "Why?"})
+    (d / "badjson.jsonl").write_text(f"{good}\n{second}\n{{not json\n")
     (d / "noimage.jsonl").write_text(f"{good}\n" + json.dumps({"question_id": 2, "image": "gone.png", "text": "Q"}))
     (d / "empty.jsonl").write_text("\n  \n")
     (d / "textonly.jsonl").write_text(json.dumps({"question_id": 3, "text": "Q"}) + "\n")
+    # a 50-million-character text (it once made the bench hang at 2.3 GB) and a question id used twice (1 and "1")
+    (d / "huge.jsonl").write_text(f"{good}\n" + json.dumps({"question_id": 2, "image": "ok.png", "text": "x" * 50_000_000}))
+    (d / "dup.jsonl").write_text(f"{good}\n{second}\n" + json.dumps({"question_id": "1", "image": "ok.png", "text": "Q"}))
     return [("missing file", d / "nope.jsonl", "does not exist"), ("bad JSON", d / "badjson.jsonl", "line 3 is not JSON"),
             ("missing image", d / "noimage.jsonl", "line 2 (question 2): image"),
-            ("no samples", d / "empty.jsonl", "holds no samples"), ("no image key", d / "textonly.jsonl", "line 1")]
+            ("no samples", d / "empty.jsonl", "holds no samples"), ("no image key", d / "textonly.jsonl", "line 1"),
+            ("huge line", d / "huge.jsonl", "line 2 is longer than 1 MiB"),
+            ("duplicate id", d / "dup.jsonl", "line 3: question_id 1 is also line 1's")]
 
 
+@pytest.mark.slow  # seven CLI runs (~6 s)
 def test_dataset_bad_data_is_one_line_exit_2_nothing_pushed(tmp_path, smollm2_gguf):
     prof = local_profile(tmp_path)
     for what, f, needle in _bad_sets(tmp_path / "sets"):
@@ -190,6 +197,71 @@ def test_dataset_bad_data_is_one_line_exit_2_nothing_pushed(tmp_path, smollm2_gg
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (what, lines)
         assert "Traceback" not in r.stderr and str(f.name) in lines[0]
     assert not (tmp_path / "device").exists()  # nothing was pushed
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header says width × height (one empty IDAT): what PIL sees on open, without the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def test_question_file_checks_say_what_is_wrong(tmp_path):
+    """Each check of the question file (load_samples, before anything is pushed) names the line and the actual
+    problem; BOM and CRLF files (Windows editors) are read like any other."""
+    from PIL import Image
+
+    from mvlm_bench.dataset import MAX_TEXT_CHARS, load_samples
+    from mvlm_core.errors import MvlmError
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    _png_header_only(tmp_path / "bomb.png", 30000, 30000)
+
+    def refused(lines: list[dict | str], name: str = "q.jsonl") -> str:
+        f = tmp_path / name
+        f.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+        with pytest.raises(MvlmError) as e:
+            load_samples(f)
+        msg = str(e.value)
+        assert "\n" not in msg and "}}" not in msg and "{{" not in msg, msg
+        return msg
+
+    ok = {"question_id": 1, "image": "ok.png", "text": "What?"}
+    assert "image " + str(tmp_path / "fifo.png") + " is a FIFO (named pipe), not a file" in refused(
+        [{**ok, "image": "fifo.png"}], "a.jsonl")
+    assert "is a character device, not a file" in refused([{**ok, "image": "/dev/zero"}], "b.jsonl")
+    msg = refused([{**ok, "image": "bomb.png"}], "c.jsonl")
+    assert "is too large (30000×30000 pixels" in msg and "not an image" not in msg, msg
+    msg = refused([{**ok, "text": ["q"]}], "d.jsonl")
+    assert '"text" must be a string (the question), not a JSON array' in msg, msg
+    assert 'has no "text"' in refused([{"question_id": 1, "image": "ok.png"}], "e.jsonl")
+    msg = refused([{**ok, "text": "y" * (MAX_TEXT_CHARS + 1)}], "f.jsonl")
+    assert f"{MAX_TEXT_CHARS + 1:,} characters, over the limit of {MAX_TEXT_CHARS:,}" in msg, msg
+    msg = refused([ok, "[1, 2]"], "g.jsonl")
+    assert 'line 2 is a JSON array, not an object: write one {"question_id", "image", "text"} object per line' in msg
+    msg = refused([ok, {**ok, "question_id": 2}, {**ok, "question_id": "1"}], "h.jsonl")
+    assert "line 3: question_id 1 is also line 1's" in msg, msg
+    # a text exactly at the limit passes
+    f = tmp_path / "limit.jsonl"
+    f.write_text(json.dumps({**ok, "text": "z" * MAX_TEXT_CHARS}) + "\n")
+    assert len(load_samples(f)[0].text) == MAX_TEXT_CHARS
+
+    # Windows: a UTF-8 BOM and CRLF line ends are fine, and give the same samples as the plain file
+    rows = [ok, {**ok, "question_id": "q2", "text": "Which?\nA. x\nB. y"}]
+    plain, win = tmp_path / "plain.jsonl", tmp_path / "win.jsonl"
+    plain.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    win.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r) for r in rows).encode() + b"\r\n")
+    got = load_samples(win)
+    assert [(s.line, s.question_id, s.text, s.device_name) for s in got] == \
+        [(s.line, s.question_id, s.text, s.device_name) for s in load_samples(plain)]
+    assert [s.question_id for s in got] == ["1", "q2"]
 
 
 def test_data_option_belongs_to_the_dataset_protocol(tmp_path, smollm2_gguf):
