@@ -483,6 +483,7 @@ class Prepared:
     pushed_bytes: int
     result: BenchResult
     facts: dict[str, object] = dataclasses.field(default_factory=dict)  # llama-bench fields known before the runs
+    rss_notes: set[str] = dataclasses.field(default_factory=set)  # why a run's peak RSS is null (resources.py)
 
 
 def _connect(profile: DeviceProfile, log: Callable[[str], None]):
@@ -702,6 +703,8 @@ def _run_once(transport, prep: Prepared, index: int, measured: bool,
     stream = {"on_output": LiveTokens(spec, on_tokens, str(prompt) if prompt else None).feed} if on_tokens else {}
     r, rss_mb = resources.run_measured(transport, prep.argv, timeout=spec.timeout, env=prep.env, **stream)
     t_end = time.time()
+    if measured and getattr(r, "rss_note", None):
+        prep.rss_notes.add(r.rss_note)
     if r.returncode != 0 or r.timed_out:
         prep.result.failures.append(Failure(index, _describe_failure(r, spec.timeout), r.output[-4000:], r.output))
         return False
@@ -799,7 +802,9 @@ def _resource_notes(preps: list[Prepared], log: Callable[[str], None]) -> None:
     if all(r.temp_start_c is None and r.temp_end_c is None for r in runs):
         log(f"device {name} has no readable thermal zone (/sys/class/thermal/thermal_zone*/temp): temperatures are null")
     if all(r.peak_rss_mb is None for r in runs):
-        log(f"device {name} gave no peak RSS (no /proc/PID/status VmHWM): peak_rss_mb is null")
+        notes = {n for p in preps for n in p.rss_notes}
+        log(f"device {name}: the llama.cpp process {sorted(notes)[0]}" if notes else
+            f"device {name} gave no peak RSS (no /proc/PID/status VmHWM): peak_rss_mb is null")
 
 
 @dataclasses.dataclass

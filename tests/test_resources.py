@@ -251,3 +251,20 @@ def test_qemu_bench_measures_the_emulator_process(tmp_path, smollm2_gguf):
     assert abs(run["peak_rss_mb"] - witness) / witness < 0.05
     assert run["peak_rss_mb"] > smollm2_gguf.stat().st_size / 1e6
     assert json.dumps(report_records(res.runs))  # serialisable as the JSON report
+
+
+def test_the_null_rss_note_says_why():
+    """A run too short to sample says so once; a device without /proc says that instead (bench._resource_notes)."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(peak_rss_mb=None, temp_start_c=20.0, temp_end_c=21.0)
+
+    def notes(rss_notes: set[str]) -> list[str]:
+        said: list[str] = []
+        prep = SimpleNamespace(result=SimpleNamespace(runs=[run, run]), profile=SimpleNamespace(name="d"),
+                               rss_notes=rss_notes)
+        bench._resource_notes([prep], said.append)
+        return said
+
+    assert notes({resources.TOO_SHORT_NOTE}) == [f"device d: the llama.cpp process {resources.TOO_SHORT_NOTE}"]
+    assert notes(set()) == ["device d gave no peak RSS (no /proc/PID/status VmHWM): peak_rss_mb is null"]
