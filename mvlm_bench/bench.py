@@ -736,8 +736,9 @@ def run_bench(
 ) -> BenchResult:
     """Check, connect, probe, sync, warm up, run ``spec.repeat`` repetitions, parse each; failures are kept, not
     raised, once runs started. ``outputs`` (option -> report path) are refused if they are one of the pushed files.
-    The warm-up and the measured runs hold the device's lease (mvlm_bench.lease: ``lease_db``, the history location,
-    picks its kind; ``on_wait`` hears whom it waits for).
+    The push, the warm-up and the measured runs hold the device's lease (mvlm_bench.lease: ``lease_db``, the history
+    location, picks its kind; ``on_wait`` hears whom it waits for), so another bench's push of a same-named file cannot
+    replace the model mid-measurement, nor its I/O disturb one.
 
     Progress: ``on_run(i, total)`` before run i (the first ``spec.warmup`` are the warm-up), ``on_tokens(n, of)``
     while it generates (:class:`LiveTokens`). ``before_run(transport, i, total)``: called first, under the lease
@@ -750,9 +751,9 @@ def run_bench(
     transport, profile = _connect(profile, log)
     held = contextlib.ExitStack()
     try:
+        _hold_lease(held, profile, lease_db, lease_timeout, on_wait, log)  # before the push: see docs/devices.md
         prep = _prepare(transport, profile, Side(spec, runtime), log, sync_progress, outputs)
         result = prep.result
-        _hold_lease(held, profile, lease_db, lease_timeout, on_wait, log)
         if spec.protocol == "llama-bench":
             r = transport.run(prep.argv, timeout=spec.timeout, env=prep.env)
             if r.returncode != 0 or r.timed_out:
@@ -850,7 +851,7 @@ def run_ab(
     ``candidate.spec.repeat`` is the number of A/B pairs; each side first gets ``spec.warmup`` warm-up runs, also
     interleaved. When the two sides use different builds, the baseline's files go to a subdirectory of the device's
     workdir, so both builds are on the device at once. A failed run stops the session; completed pairs are kept.
-    The device's lease is held from the first warm-up run to the last measured one (see :func:`run_bench`).
+    The device's lease is held from the push to the last measured run (see :func:`run_bench`).
     """
     from mvlm_bench import gate
 
@@ -877,9 +878,9 @@ def run_ab(
     transport, profile = _connect(profile, log)
     held = contextlib.ExitStack()
     try:
+        _hold_lease(held, profile, lease_db, lease_timeout, on_wait, log)  # the push too (see run_bench)
         preps = {"A": _prepare(transport, profile, baseline, log, sync_progress, outputs),
                  "B": _prepare(transport, profile, candidate, log, sync_progress, outputs)}
-        _hold_lease(held, profile, lease_db, lease_timeout, on_wait, log)
         seq = gate.interleave(warm, "abba") + gate.interleave(n_pairs, order)
         total = len(seq)
         index = {"A": 0, "B": 0}

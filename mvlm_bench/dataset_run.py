@@ -152,8 +152,8 @@ def run_dataset(
     transport, profile = bench._connect(profile, log)
     held = contextlib.ExitStack()
     try:
+        bench._hold_lease(held, profile, lease_db, timeout, on_wait, log)  # the push too (see bench.run_bench)
         prep = bench._prepare(transport, profile, bench.Side(spec), log, sync_progress, outputs)
-        bench._hold_lease(held, profile, lease_db, timeout, on_wait, log)
         run_set(transport, prep, log, on_run)
         held.close()
         bench._add_version(transport, prep)

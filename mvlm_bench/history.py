@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sqlite3
 import stat
 import subprocess
@@ -187,18 +188,17 @@ def db_error(path: Path, exc: BaseException, doing: str = "reading") -> HistoryE
 
 def pg_error(url: str, exc: BaseException, doing: str = "reading") -> HistoryError:
     """A psycopg (or decoding) error on a PostgreSQL history as one line; the URL's password is never shown."""
-    where, secret = stores.mask_url(url), stores.url_password(url)
-    msg = stores.one_line(str(exc) or type(exc).__name__, secret)
+    where = stores.mask_url(url)
+    msg = stores.one_line(str(exc) or type(exc).__name__, url)
     sqlstate = getattr(exc, "sqlstate", None) or ""
     if doing == "connecting":
         if "invalid" in msg.lower() and ("dsn" in msg.lower() or "connection option" in msg.lower()
                                          or "uri" in msg.lower()):
             return HistoryError(f"{where} is not a usable PostgreSQL URL ({msg})",
                                 "write it as postgresql://user@host:port/database, or pass another --db")
-        lines = [stores.one_line(ln, secret) for ln in str(exc).splitlines() if ln.strip()] or [msg]
+        lines = [stores.one_line(ln, url) for ln in str(exc).splitlines() if ln.strip()] or [msg]
         reason = re.sub(r"^connection failed:\s*", "", ": ".join(lines))
         reason = re.sub(r'^connection to server at "[^"]*"(?:\s*\([^)]*\))?, port \d+ failed:\s*', "", reason)
-        reason = reason[:1].lower() + reason[1:]
         return HistoryError(f"cannot connect to {where}: {reason}",
                             "start the server or fix the URL (host, port, user, database), or pass another --db")
     if sqlstate == "53100":
@@ -530,7 +530,10 @@ def entries_from_json(path: Path, device: str | None = None) -> list[Entry]:
         raise MvlmError(f"cannot read benchmark JSON {path}: {e}") from None
     if isinstance(data, dict):
         data = [data]
-    if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
+    if isinstance(data, list) and not data:
+        raise MvlmError(f"{path} holds no records (an empty JSON list): nothing to read; pass a report written by "
+                        "`mvlm bench --json-file` that has measurements")
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise MvlmError(f"{path} is not a report written by `mvlm bench --json-file` (expected a list of records)")
     if all("runs" not in r and ("samples_ts" in r or "avg_ts" in r) for r in data):  # llama-bench's own rows
         return _entries_from_bench_rows(data, path, device)
@@ -701,7 +704,7 @@ class History:
         if self._is_new(tables) and not self.create:
             what = "an empty file" if s.kind == "sqlite" else "no mvlm tables in the database"
             raise HistoryError(f"{self.path} holds no benchmark history ({what})",
-                               f"run `mvlm bench ... --save --db {self.path}` to start one, or pass another --db")
+                               f"run `mvlm bench ... --save {stores.db_option(self.path)}` to start one, or pass another --db")
         if self._is_new(tables) or version < SCHEMA_VERSION:
             with self._write(schema=True):  # schema, version and id: all or nothing, one process at a time
                 tables = s.tables()  # again, under the lock: another process may have just made or migrated it
@@ -754,7 +757,7 @@ class History:
             if version == 0:
                 raise
             raise HistoryError(f"migrating {self.path} from schema version {version} failed "
-                               f"({stores.one_line(str(e), stores.url_password(self.url))}); "
+                               f"({stores.one_line(str(e), self.url)}); "
                                "the history was left unchanged", "pass another --db") from e
 
     def _check_integrity(self) -> None:
@@ -1015,7 +1018,7 @@ class SaveOutcome:
         n = f"{len(self.entries)} measurement(s), {reps} repetition(s)"
         if self.spilled is not None:
             kept = f"the runs ({n}) were written to {self.spilled} instead"
-            then = (f"`mvlm history import {self.spilled} --db {self.db}` stores them "
+            then = (f"`mvlm history import {shlex.quote(str(self.spilled))} {stores.db_option(self.db)}` stores them "
                     "(`mvlm compare` reads the file as it is)")
         else:
             kept = f"the runs ({n}) could not be written to any file either and were printed on stdout as JSON"

@@ -1,7 +1,7 @@
 """Device leases: two benchmarks on one device never measure at the same time.
 
-``mvlm bench`` holds a lease on the device for its measured runs (the warm-up included; the push to the device is
-not covered, so a second bench can sync its files while the first one measures). Two kinds:
+``mvlm bench`` holds a lease on the device from before it pushes its files to its last measured run (the push is
+covered: device files are keyed by name, and a push's I/O would disturb a measurement). Two kinds:
 
 - **PostgreSQL advisory lock**, when the history is PostgreSQL (``--db postgresql://...`` or ``$MVLM_HISTORY``): the
   lease is ``pg_advisory_lock`` on a 64-bit hash of the device's identity, taken on a connection of its own, so every
@@ -10,6 +10,9 @@ not covered, so a second bench can sync its files while the first one measures).
   (``mvlm bench pid N on HOST since HH:MM:SS``), which a waiter reads from ``pg_locks`` / ``pg_stat_activity``.
 - **A lock file** (``fcntl.flock``) under ``<cache>/leases/`` otherwise (a SQLite history or none: one machine). The
   kernel releases it when the process dies; the holder writes who it is into the file for waiters to show.
+- A device on this machine (every local profile, qemu included) ALWAYS takes the lock file, and with a PostgreSQL
+  history the advisory lock after it: a bench with a PostgreSQL history and one with a SQLite history (or none) on
+  the same machine see each other. Remote devices (ssh, adb) take only the advisory lock with PostgreSQL.
 
 The device's identity (:func:`device_key`) is *where the device is*, not the profile's name: ``local:<this host>`` for
 every local profile (``local``, ``qemu-arm64`` and any other profile on this machine share its CPU, so they share
@@ -166,6 +169,13 @@ def _file_lease(key: str, name: str, timeout: float, on_wait) -> Iterator[dict]:
         os.close(fd)  # releases the flock (the holder record stays; a waiter only reads it while the lock is held)
 
 
+def _pg_message(exc: BaseException, url: str) -> str:
+    """psycopg's message (its first line) with the URL's password scrubbed, however malformed the URL is."""
+    from mvlm_bench.store import scrub
+
+    return scrub((str(exc).strip().splitlines() or [type(exc).__name__])[0], url)
+
+
 @contextlib.contextmanager
 def _pg_lease(url: str, key: str, name: str, timeout: float, on_wait) -> Iterator[dict]:
     import psycopg
@@ -176,8 +186,7 @@ def _pg_lease(url: str, key: str, name: str, timeout: float, on_wait) -> Iterato
     try:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=10, application_name=app)
     except psycopg.Error as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MvlmError(f"cannot reach the PostgreSQL history to lease device {name} ({first}): check --db / "
+        raise MvlmError(f"cannot reach the PostgreSQL history to lease device {name} ({_pg_message(e, url)}): check --db / "
                         "$MVLM_HISTORY and that the server is up", exit_code=3) from None
     hi, lo = (lock >> 32) & 0xFFFFFFFF, lock & 0xFFFFFFFF
 
@@ -199,8 +208,8 @@ def _pg_lease(url: str, key: str, name: str, timeout: float, on_wait) -> Iterato
         waited = _wait(try_acquire, holder, name, timeout, on_wait)
         yield {"kind": "postgresql", "key": key, "lock_id": lock, "waited_s": waited}
     except psycopg.Error as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MvlmError(f"the PostgreSQL lease of device {name} failed ({first}): run again", exit_code=3) from None
+        raise MvlmError(f"the PostgreSQL lease of device {name} failed ({_pg_message(e, url)}): run again",
+                        exit_code=3) from None
     finally:
         conn.close()  # closing the session releases the advisory lock
 
@@ -212,15 +221,24 @@ def device_lease(device_key: str, db: str | os.PathLike | None = None, timeout: 
     ``{"kind": "postgresql"|"file", "key": ..., "waited_s": ...}``.
 
     ``db``: the history location (a ``postgresql://`` URL picks the advisory lock; anything else, or None, the lock
-    file). ``timeout``: seconds to wait (0: fail at once when busy); then ``MvlmError`` with exit status
+    file; a device on this machine (key ``local:...``) always takes the lock file, and with PostgreSQL the advisory
+    lock after it). ``timeout``: seconds to wait (0: fail at once when busy); then ``MvlmError`` with exit status
     :data:`EXIT_BUSY`. ``on_wait(message)``: called about once a second while waiting. ``name``: the device as the
     messages call it (default: the key)."""
     timeout = check_timeout(timeout)
     shown = name or device_key
-    cm = _pg_lease(str(db), device_key, shown, timeout, on_wait) if is_postgres(db) else \
-        _file_lease(device_key, shown, timeout, on_wait)
-    with cm as info:
-        yield info
+    if not is_postgres(db):
+        with _file_lease(device_key, shown, timeout, on_wait) as info:
+            yield info
+    elif not device_key.startswith("local:"):
+        with _pg_lease(str(db), device_key, shown, timeout, on_wait) as info:
+            yield info
+    else:  # a device on this machine: the lock file too, so benches with other histories (or none) see this one
+        start = time.monotonic()
+        with _file_lease(device_key, shown, timeout, on_wait) as file_info:
+            left = max(0.0, timeout - (time.monotonic() - start))
+            with _pg_lease(str(db), device_key, shown, left, on_wait) as info:
+                yield {**info, "path": file_info["path"], "waited_s": file_info["waited_s"] + info["waited_s"]}
 
 
 def profile_lease(profile, db: str | os.PathLike | None = None, timeout: float = DEFAULT_TIMEOUT_S,

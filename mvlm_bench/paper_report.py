@@ -60,7 +60,9 @@ def fill_command(protocol: str, device: str | None = None, db: str | None = None
 
     cmd = _FILL[protocol].format(device=shlex.quote(device) if device else "DEVICE")
     if db is not None:
-        cmd += f" --db {shlex.quote(db)}"
+        from mvlm_bench.store import db_option
+
+        cmd += " " + db_option(db)
     if protocol not in PROTOCOLS:
         cmd += f"  (the {protocol} protocol is not in this version of mvlm yet)"
     return cmd
@@ -206,7 +208,7 @@ def report_cmd(
     entries, path, note = load_entries(db, device)
     from mvlm_bench.store import is_url
 
-    # the --db to repeat in fill commands: as given (a URL as shown, its password masked)
+    # the --db to repeat in fill commands: as given (a URL as shown, its password left out: fill_command)
     db_option = None if db is None else str(path) if is_url(path) else str(db)
     rep = build(key, entries, path, device, note, db_option)
     if json_out:

@@ -43,6 +43,7 @@ TOO_SHORT_NOTE = ("ended before its peak memory could be read (a run of a few ms
 WRAPPER = (
     'f="$1.$$"; shift; : > "$f" 2>/dev/null || f=/dev/null; '
     '"$@" & p=$!; '
+    "trap 'kill $p 2>/dev/null; trap - TERM; kill -TERM $$' TERM; "  # stopped (mvlm died: PDEATHSIG): the binary too
     "( h=0; b=0; i=0; j=0; c0=; read -r c0 < /proc/$$/comm 2>/dev/null; while [ -r /proc/$p/status ]; do v=; c=; "
     "read -r c < /proc/$p/comm 2>/dev/null; "
     'if [ -n "$c" ] && [ "$c" = "$c0" ]; then sleep 0.002 2>/dev/null || sleep 1; continue; fi; '

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from mvlm_bench.devices import MAX_GPU_LAYERS, MAX_THREADS, DeviceProfile
 from mvlm_bench.gguf_header import gguf_kind
+from mvlm_bench.transports import die_with_parent as _die_with_parent
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
 
@@ -262,16 +263,6 @@ def stop_process(proc: subprocess.Popen, grace: float = GRACE_S) -> None:
             continue
         except KeyboardInterrupt:  # a second Ctrl-C while stopping: no more waiting
             continue
-
-
-def _die_with_parent() -> None:
-    """Linux: the server gets SIGTERM if mvlm itself is killed (SIGKILL leaves no chance to stop it)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 class StopRequested(KeyboardInterrupt):

@@ -42,7 +42,7 @@ def mask_url(url: str) -> str:
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
-        return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
+        return scrub(url, url)
     netloc = parts.netloc
     if "@" in netloc:
         user, _, host = netloc.rpartition("@")
@@ -52,15 +52,58 @@ def mask_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+_USERINFO = re.compile(r"(?i)^[a-z][a-z0-9+.-]*://[^:/@?#]*:(.*)@")  # the password part, however malformed the rest
+_URL_PW = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@/]*@")  # scheme://user:PASSWORD@ anywhere in a text
+_PARAM_PW = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&'\"]+)")  # password=... / password='...'
+
+
+def hint_url(url: str) -> tuple[str, bool]:
+    """A URL (as given or already :func:`mask_url`-ed) for a copy-paste hint: without its password, and whether it
+    had one (then the hint says to set ``PGPASSWORD``, which psycopg reads, rather than showing ``***``)."""
+    masked = mask_url(str(url))
+    if "***" not in masked:
+        return masked, False
+    text = re.sub(r"(//[^:/@]*):\*\*\*@", r"\1@", masked, count=1)
+    text = re.sub(r"(?i)([?&])password=\*\*\*(&|$)", lambda m: m.group(1) if m.group(2) else "", text)
+    return text.rstrip("?&"), True
+
+
+PGPASSWORD_NOTE = "with PGPASSWORD set to the history's password, which the URL here leaves out"
+
+
+def db_option(db: Any) -> str:
+    """``--db LOCATION`` for a copy-paste hint, shell-quoted; a URL's password left out (:func:`hint_url`), followed
+    by `` (with PGPASSWORD set ...)`` when it had one."""
+    import shlex
+
+    shown, secret = hint_url(str(db)) if is_url(db) else (str(db), False)
+    return f"--db {shlex.quote(shown)}" + (f" ({PGPASSWORD_NOTE})" if secret else "")
+
+
 def url_password(url: str) -> str:
-    """The password a URL carries ('' when none): scrubbed from any error message too."""
+    """The password a URL carries ('' when none), even from a URL that does not parse: scrubbed from messages."""
     try:
         parts = urllib.parse.urlsplit(url)
         pw = parts.password or ""
         q = urllib.parse.parse_qs(parts.query).get("password")
     except ValueError:
-        return ""
+        m = _USERINFO.match(url)
+        pw, q = (m.group(1) if m else ""), None
     return urllib.parse.unquote(pw) or (q[0] if q else "")
+
+
+def scrub(text: str, url: str | None = None) -> str:
+    """``text`` with every password shown as ``***``: in ``scheme://user:PASSWORD@`` and ``password=`` anywhere in
+    it (no parseable URL needed), and the password ``url`` carries (raw and percent-encoded) wherever it appears.
+    Every message that may quote the history URL or a server's/psycopg's words about it goes through this."""
+    text = _URL_PW.sub(r"\1***@", str(text))
+    text = _PARAM_PW.sub(r"\1***", text)
+    if url:
+        m = _USERINFO.match(str(url))
+        for secret in {url_password(str(url)), m.group(1) if m else ""}:
+            if secret and secret != "***":
+                text = text.replace(secret, "***")
+    return text
 
 
 _TYPES = {"sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "int": "INTEGER", "real": "REAL"},
@@ -169,7 +212,6 @@ class PostgresStore(Store):
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
 
 
-def one_line(text: str, secret: str = "") -> str:
-    """A server's (multi-line) message as one line, with the password (if any) scrubbed."""
-    line = " ".join(s.strip() for s in str(text).splitlines() if s.strip())
-    return line.replace(secret, "***") if secret else line
+def one_line(text: str, url: str | None = None) -> str:
+    """A server's (multi-line) message as one line, with any password scrubbed (:func:`scrub`)."""
+    return scrub(" ".join(s.strip() for s in str(text).splitlines() if s.strip()), url)

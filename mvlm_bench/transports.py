@@ -326,7 +326,9 @@ def _run_client(
     on_output: OutputFn | None = None,
 ) -> tuple[int | None, str, float, bool]:
     """Run a local process, merged output captured in a temp file (never a pipe: a backgrounded ssh master may
-    inherit it and keep it open). On timeout the whole process group gets TERM, then KILL.
+    inherit it and keep it open). On timeout, and on any exception while waiting (Ctrl-C, the SystemExit of SIGTERM),
+    the whole process group gets TERM, then KILL, and is reaped; the child also gets TERM if mvlm dies
+    (:func:`die_with_parent`).
 
     ``on_output``: called with each new piece of the output (decoded text) while the process runs, read back from the
     same temp file every ``STREAM_POLL_S``; what is captured and returned is unchanged."""
@@ -334,7 +336,8 @@ def _run_client(
     with tempfile.TemporaryFile() as out:
         try:
             proc = subprocess.Popen(
-                argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+                argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         except FileNotFoundError as e:
             return 127, f"mvlm: cannot execute {argv[0]}: {e.strerror}\n", time.monotonic() - start, False
@@ -347,6 +350,9 @@ def _run_client(
             timed_out = True
             _kill_group(proc)
             rc = None
+        except BaseException:  # Ctrl-C, SystemExit(143) from SIGTERM ...: the child must not outlive this bench
+            _kill_group(proc)
+            raise
         duration = time.monotonic() - start
         out.seek(0)
         text = out.read().decode("utf-8", errors="replace")
@@ -383,6 +389,17 @@ def _wait_streaming(proc: subprocess.Popen, timeout: float | None, out, on_outpu
         return rc
 
 
+def die_with_parent() -> None:
+    """A ``preexec_fn``: on Linux the child gets SIGTERM when mvlm itself dies, even by SIGKILL (PR_SET_PDEATHSIG);
+    elsewhere nothing. Only the child itself: the kernel clears the setting in its own forks."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal_mod.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     for sig, wait_s in ((signal_mod.SIGTERM, 2.0), (signal_mod.SIGKILL, 5.0)):
         try:
@@ -393,6 +410,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
             proc.wait(timeout=wait_s)
             return
         except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:  # a second Ctrl-C while stopping: no more waiting
             continue
 
 

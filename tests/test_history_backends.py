@@ -234,7 +234,7 @@ def test_cli_import_and_spill_when_server_is_down(tmp_path, postgresql, monkeypa
     assert not out.saved and out.spilled is not None and out.spilled.parent == tmp_path
     assert out.spilled.name.startswith("mvlm-history-lab.unsaved-")
     msg = out.message()
-    assert "s3cret" not in msg and f"cannot connect to postgresql://mvlm:***@127.0.0.1:{port}/lab: connection refused" \
+    assert "s3cret" not in msg and f"cannot connect to postgresql://mvlm:***@127.0.0.1:{port}/lab: Connection refused" \
         in msg and out.exit_code == 2, msg
     r = _mvlm("history", "import", str(out.spilled), "--db", url, cwd=tmp_path)
     assert r.returncode == 0 and "imported 1 measurement(s)" in r.stderr, r.stderr
@@ -259,7 +259,7 @@ def test_cli_connection_failure_is_one_line(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in r.stderr and "s3cret" not in r.stderr + r.stdout, r.stderr
         assert lines[0].startswith(f"error: cannot connect to postgresql://mvlm:***@127.0.0.1:{port}/x: "
-                                   "connection refused"), lines[0]
+                                   "Connection refused"), lines[0]
 
 
 def test_cli_history_masks_password(tmp_path, postgresql):
@@ -269,6 +269,73 @@ def test_cli_history_masks_password(tmp_path, postgresql):
         assert "hunter2" not in str(h.path) and h.entries()[0].source.startswith("postgresql://mvlm:***@")
     r = _mvlm("history", "--db", url, cwd=tmp_path)
     assert r.returncode == 0 and "hunter2" not in r.stdout + r.stderr and "mvlm:***@" in r.stdout, r.stdout
+
+
+BAD_URLS = ("postgresql://mvlm:S3cretPW@[::1/mh",  # does not parse (urlsplit raises; psycopg quotes the whole URI)
+            "postgresql://mvlm:S3cret PW@127.0.0.1:{port}/mh")  # a space in the password (psycopg quotes it)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", BAD_URLS)
+def test_password_never_printed_however_malformed_the_url(tmp_path, template, smollm2_gguf, monkeypatch):
+    """history, compare, import, report and bench --save (its lease) with a malformed URL: never the password."""
+    url = template.format(port=_closed_port())
+    secret = "S3cret"
+    monkeypatch.chdir(tmp_path)
+    report = save_or_spill([_entry([40.0])], Path(f"postgresql://mvlm@127.0.0.1:{_closed_port()}/x")).spilled
+    assert report is not None
+    cache = tmp_path / "cache"  # a lease directory of its own (another bench on this machine holds the real one)
+    cache.mkdir()
+    from mvlm_core.runtime import cache_root
+
+    (cache / "runtime").symlink_to(cache_root() / "runtime")
+    for args in (("history", "--db", url), ("compare", "--db", url), ("history", "import", str(report), "--db", url),
+                 ("report", "--paper", "mobilevlm", "--db", url),
+                 ("bench", "--device", "local", "-m", str(smollm2_gguf), "-n", "4", "--repeat", "1", "--save",
+                  "--lease-timeout", "0", "--db", url)):
+        r = _mvlm(*args, cwd=tmp_path, env={"MVLM_CACHE": str(cache)})
+        assert r.returncode != 0 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert secret not in r.stdout + r.stderr, (args, r.stdout, r.stderr)
+        assert r.stderr.strip().startswith("error: ") and "***" in r.stderr, (args, r.stderr)
+
+
+def test_scrub_needs_no_parseable_url():
+    from mvlm_bench.store import scrub, url_password
+
+    url = "postgresql://mvlm:S3cretPW@[::1/mh"
+    assert url_password(url) == "S3cretPW"
+    assert scrub(f'invalid URI: "{url}"', None) == 'invalid URI: "postgresql://mvlm:***@[::1/mh"'
+    spaced = "postgresql://mvlm:S3cret PW@h/mh"
+    assert scrub('unexpected spaces found in "S3cret PW"', spaced) == 'unexpected spaces found in "***"'
+    assert scrub("host=h password='x y' user=u") == "host=h password=*** user=u"
+
+
+def test_copy_paste_hints_leave_the_password_out(tmp_path, postgresql, monkeypatch):
+    """report --paper's fill command and the unsaved-file import hint: the URL without its password, and PGPASSWORD."""
+    from mvlm_bench.store import PGPASSWORD_NOTE
+
+    url = _new_database(postgresql).replace("mvlm@", "mvlm:hunter2@")  # trust auth: the password is not checked
+    bare = url.replace("mvlm:hunter2@", "mvlm@")
+    r = _mvlm("history", "--db", url, cwd=tmp_path)  # not a history yet: the hint to start one
+    assert r.returncode == 2 and "hunter2" not in r.stderr and f"--save --db {bare} ({PGPASSWORD_NOTE})`" in r.stderr
+    with History(url) as h:
+        h.save(_entry([40.0]))
+    r = _mvlm("report", "--paper", "mobilevlm", "--db", url, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "hunter2" not in r.stdout + r.stderr, r.stdout
+    assert f"--db {bare} ({PGPASSWORD_NOTE})" in " ".join(r.stdout.split()), r.stdout
+    monkeypatch.chdir(tmp_path)
+    down = f"postgresql://mvlm:hunter2@127.0.0.1:{_closed_port()}/lab"
+    out = save_or_spill([_entry([40.0])], Path(down))
+    msg = out.message()
+    assert out.spilled is not None and "hunter2" not in msg and "mvlm:***@" in msg, msg
+    assert f"--db {down.replace('mvlm:hunter2@', 'mvlm@')} ({PGPASSWORD_NOTE})` stores them" in msg, msg
+
+
+def test_import_of_an_empty_list_says_it_holds_no_records(tmp_path):
+    (tmp_path / "e.json").write_text("[]")
+    r = _mvlm("history", "import", str(tmp_path / "e.json"), "--db", str(tmp_path / "h.sqlite"), cwd=tmp_path)
+    assert r.returncode == 2 and "holds no records" in r.stderr and "expected a list" not in r.stderr, r.stderr
 
 
 def test_paper_report_reads_postgres(postgresql):

@@ -46,6 +46,17 @@ def _stop(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     p.wait(timeout=30)
 
 
+def _own_cache(tmp_path: Path) -> Path:
+    """An $MVLM_CACHE whose lease directory is this test's own (other benches on this machine use the real one);
+    its runtime is the real host build."""
+    from mvlm_core.runtime import cache_root
+
+    cache = tmp_path / "cache"
+    cache.mkdir(exist_ok=True)
+    (cache / "runtime").symlink_to(cache_root() / "runtime")
+    return cache
+
+
 def _profile(tmp_path: Path, name: str, **kw) -> Path:
     lines = [f'name = "{name}"', 'transport = "local"', f'workdir = "{tmp_path / name}"', 'target = "host"', "threads = 1"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in kw.items()]
@@ -229,21 +240,76 @@ def test_postgres_unreachable_is_one_line():
 
 
 @pytest.mark.slow
-def test_bench_with_a_postgres_history_waits_for_its_advisory_lease(postgresql, tmp_path, smollm2_gguf, host_runtime):
-    """`mvlm bench` with $MVLM_HISTORY=postgresql://...: a lease another host could hold (here: this test's session)
-    stops it after --lease-timeout with one line naming the holder."""
+def test_bench_with_a_postgres_history_waits_for_its_advisory_lease(postgresql, tmp_path, smollm2_gguf, host_runtime,
+                                                                    monkeypatch):
+    """`mvlm bench` with $MVLM_HISTORY=postgresql://...: a held lease (here: this test's session, which on a local
+    device takes the lock file and the advisory lock) stops it after --lease-timeout with one line naming the holder."""
     prof = _profile(tmp_path, "pgdev")
     key = lease.device_key(load_profile(str(prof)))
+    env = {**os.environ, "COLUMNS": "300", "MVLM_HISTORY": postgresql, "MVLM_CACHE": str(_own_cache(tmp_path))}
+    monkeypatch.setenv("MVLM_CACHE", env["MVLM_CACHE"])
     with lease.device_lease(key, postgresql, timeout=60):
         r = subprocess.run([*MVLM, "bench", "--device", str(prof), "-m", str(smollm2_gguf), "-n", "8", "--repeat", "1",
-                            "--lease-timeout", "1"], capture_output=True, text=True, cwd=REPO, timeout=300,
-                           env={**os.environ, "COLUMNS": "300", "MVLM_HISTORY": postgresql})
+                            "--lease-timeout", "1"], capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert r.returncode == lease.EXIT_BUSY, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and f"held by mvlm bench pid {os.getpid()} on " in lines[0]
+    # a local device: this session holds the lock file too (taken first), so that is the holder named
+    assert len(lines) == 1 and f"held by pid {os.getpid()} on " in lines[0], lines
     # free again: the same command measures, leasing through PostgreSQL
     r = subprocess.run([*MVLM, "bench", "--device", str(prof), "-m", str(smollm2_gguf), "-n", "8", "--repeat", "1",
                         "--lease-timeout", "0", "--json"], capture_output=True, text=True, cwd=REPO, timeout=300,
-                       env={**os.environ, "MVLM_HISTORY": postgresql})
+                       env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["runs"][0]["t_start"] is not None
+
+
+# --- a device on this machine: the lock file whatever the history (PostgreSQL: the advisory lock after it) ---------
+def test_local_device_with_a_postgres_history_takes_the_lock_file_too(postgresql, monkeypatch, tmp_path):
+    """A PostgreSQL-history bench and a SQLite-history (or no-history) bench on the same local device see each other."""
+    monkeypatch.setenv("MVLM_CACHE", str(tmp_path / "cache"))
+    key = lease.device_key(load_profile(str(_profile(tmp_path, "here"))))
+    assert key.startswith("local:")
+    with lease.device_lease(key, None, timeout=0):  # a bench with a SQLite history (or none) holds the device
+        with pytest.raises(MvlmError) as busy:
+            with lease.device_lease(key, postgresql, timeout=0):
+                pytest.fail("a PostgreSQL-history bench did not see the lock file")
+        assert busy.value.exit_code == lease.EXIT_BUSY and f"held by pid {os.getpid()} on " in str(busy.value)
+    with lease.device_lease(key, postgresql, timeout=0) as info:  # and the other way round
+        assert info["kind"] == "postgresql" and info["path"] == str(lease.lock_path(key))
+        r = subprocess.run([sys.executable, "-c", f"from mvlm_bench.lease import device_lease\n"
+                            f"with device_lease({key!r}, None, timeout=0): pass"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60, env={**os.environ})
+        assert r.returncode != 0 and f"is busy (held by pid {os.getpid()}" in r.stderr, r.stderr
+    # a remote device keeps the advisory lock alone: no lock file for it
+    with lease.device_lease("ssh:board.example", postgresql, timeout=0) as info:
+        assert info["kind"] == "postgresql" and "path" not in info
+    assert not lease.lock_path("ssh:board.example").exists()
+
+
+@pytest.mark.slow
+def test_bench_with_a_postgres_history_sees_a_held_lock_file(postgresql, tmp_path, smollm2_gguf, host_runtime):
+    env = {**os.environ, "COLUMNS": "300", "MVLM_CACHE": str(_own_cache(tmp_path))}
+    code = "from mvlm_bench.lease import device_lease, device_key\nfrom mvlm_bench.devices import load_profile\n" \
+           "import time\nwith device_lease(device_key(load_profile('local')), None, timeout=0):\n" \
+           "    print('held', flush=True)\n    time.sleep(600)\n"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        r = subprocess.run([*MVLM, "bench", "--device", "local", "-m", str(smollm2_gguf), "-n", "4", "--repeat", "1",
+                            "--lease-timeout", "0", "--save", "--db", postgresql], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=300, env=env)
+    finally:
+        _stop(holder)
+    assert r.returncode == lease.EXIT_BUSY, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and f"held by pid {holder.pid} on " in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("url", ["postgresql://mvlm:S3cretPW@[::1/mh", "postgresql://mvlm:S3cret PW@127.0.0.1:1/mh"])
+def test_lease_errors_never_show_the_password(url, monkeypatch, tmp_path):
+    monkeypatch.setenv("MVLM_CACHE", str(tmp_path / "cache"))
+    for key in ("local:here", "ssh:board.example"):
+        with pytest.raises(MvlmError, match="cannot reach the PostgreSQL history to lease device") as e:
+            with lease.device_lease(key, url, timeout=0):
+                pass
+        assert "S3cret" not in str(e.value) and "***" in str(e.value), str(e.value)
