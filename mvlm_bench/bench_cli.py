@@ -322,6 +322,17 @@ def bench_cmd(
         except MvlmError as e:
             report_error = e
     failures = res.failures if sides is not None else [("", f) for f in res.failures]
+    saved_note = ""
+    if failures and save and getattr(res, "results", None):
+        # a sweep cut short by a failed run: --save still stores the configurations that completed
+        from mvlm_bench.history_cli import bench_history
+        from mvlm_bench.sweep import SweepResult
+
+        done = [r for r in res.results if not r.failures]
+        if done:
+            bench_history(SweepResult([run for r in done for run in r.runs], [], res.configs[:len(done)], done),
+                          save=True, db=db, label=label, baseline=None, fail_on_regression=None)
+            saved_note = f"; the {len(done)} configuration(s) completed before it were saved to the history"
     if failures:
         who, f = failures[0]
         if texts and report_error is None:
@@ -338,7 +349,7 @@ def bench_cmd(
         where = f"full log: {logfile}" if logfile else "run with --verbose for its output"
         tail = f.output_tail[-3000:].strip() or "(no output)"
         why = bench.relevant_line(f.output or f.output_tail)
-        also = f"; and {report_error}" if report_error is not None else ""
+        also = saved_note + (f"; and {report_error}" if report_error is not None else "")
         raise MvlmError(f"{protocol} protocol on {profile.name}: {which} failed: {f.message}: {why} ({where}){also}",
                         exit_code=3, detail=tail if verbose else None)
     try:

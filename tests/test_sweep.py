@@ -185,3 +185,20 @@ def test_delay_sleeps_before_every_run_but_the_first(local):
         stamps.append(time.monotonic())
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     assert stamps[0] - t0 < 0.3 and all(g >= 0.3 for g in gaps), (stamps[0] - t0, gaps)
+
+
+@pytest.mark.slow
+def test_a_failed_configuration_does_not_cost_the_completed_ones_with_save(tmp_path, smollm2_gguf, host_runtime):
+    """The second model is cut short (a real GGUF header, half its tensor data): its run fails; --save still stores the
+    configuration that completed before it, and the error says so."""
+    good, cut = two_models(tmp_path, smollm2_gguf)
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    db = tmp_path / "h.sqlite"
+    r = mvlm("bench", "--device", profile_file(tmp_path), "-m", good, "-m", cut, "-n", 8, "--repeat", 1, "--warmup", 0,
+             "--save", "--db", db)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 3 and len(errors) == 1, r.stderr
+    assert "not within the file bounds" in errors[0] and "1 configuration(s) completed before it were saved" in errors[0]
+    with sqlite3.connect(db) as con:
+        assert [m for (m,) in con.execute("SELECT model FROM entry")] == [good.stem]
