@@ -36,6 +36,7 @@ from pathlib import Path
 from mvlm_bench.devices import MAX_GPU_LAYERS, MAX_THREADS, DeviceProfile
 from mvlm_bench.gguf_header import gguf_kind
 from mvlm_bench.transports import die_with_parent as _die_with_parent
+from mvlm_bench.transports import kill_group
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
 
@@ -247,22 +248,7 @@ def failure_line(log: Path, limit: int = 300) -> str:
 
 def stop_process(proc: subprocess.Popen, grace: float = GRACE_S) -> None:
     """SIGTERM to the process's group, ``grace`` seconds, then SIGKILL; always reaped (no zombie, no orphan)."""
-    for sig, wait_s in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            proc.send_signal(sig)
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except KeyboardInterrupt:  # a second Ctrl-C while stopping: no more waiting
-            continue
+    kill_group(proc, grace)
 
 
 class StopRequested(KeyboardInterrupt):

@@ -348,10 +348,10 @@ def _run_client(
             rc: int | None = proc.wait(timeout=timeout) if on_output is None else _wait_streaming(proc, timeout, out, on_output)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc)
+            kill_group(proc)
             rc = None
         except BaseException:  # Ctrl-C, SystemExit(143) from SIGTERM ...: the child must not outlive this bench
-            _kill_group(proc)
+            kill_group(proc)
             raise
         duration = time.monotonic() - start
         out.seek(0)
@@ -400,12 +400,17 @@ def die_with_parent() -> None:
         pass
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal_mod.SIGTERM, 2.0), (signal_mod.SIGKILL, 5.0)):
+def kill_group(proc: subprocess.Popen, grace: float = 2.0) -> None:
+    """SIGTERM to the process's group, ``grace`` seconds, then SIGKILL; always reaped (no zombie, no orphan)."""
+    for sig, wait_s in ((signal_mod.SIGTERM, grace), (signal_mod.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            return
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
+        except PermissionError:
+            proc.send_signal(sig)
         try:
             proc.wait(timeout=wait_s)
             return
@@ -860,7 +865,7 @@ class SshTransport(_ShellTransport):
             try:
                 rc = proc.wait(timeout=HELPER_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                kill_group(proc)
                 rc = None
             out.seek(0)
             text = out.read().decode("utf-8", errors="replace")
