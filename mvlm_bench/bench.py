@@ -825,6 +825,17 @@ class ABResult:
         return self.baseline.runs + self.candidate.runs
 
 
+def _pinned_if_none(profile: DeviceProfile, side: Side) -> rtmod.Runtime | None:
+    """The side's build, where "none given" is the pinned build for the device's target (a baseline re-measured from
+    the history names its cached build, which is often that very build: it need not be pushed twice)."""
+    if side.runtime is not None or side.llama_cpp is not None:
+        return side.runtime
+    try:
+        return rtmod.find(profile.target)
+    except MvlmError:
+        return None  # _prepare says what to do
+
+
 def _same_runtime(a: rtmod.Runtime | None, b: rtmod.Runtime | None) -> bool:
     if a is None or b is None:
         return a is b
@@ -865,7 +876,8 @@ def run_ab(
         raise MvlmError("both sides of an A/B session must run the same protocol")
     baseline = dataclasses.replace(baseline, name="baseline")
     candidate = dataclasses.replace(candidate, name="candidate")
-    differs = not _same_runtime(baseline.runtime, candidate.runtime) or baseline.llama_cpp != candidate.llama_cpp
+    differs = baseline.llama_cpp != candidate.llama_cpp or \
+        not _same_runtime(_pinned_if_none(profile, baseline), _pinned_if_none(profile, candidate))
     if differs and not baseline.subdir:
         tag = (baseline.runtime.manifest.get("key") or str(baseline.runtime.root)) if baseline.runtime else \
             str(baseline.llama_cpp or "pinned")

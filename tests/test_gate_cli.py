@@ -301,10 +301,16 @@ def test_history_suspicion_is_cleared_by_the_ab_remeasure_when_the_device_not_th
         r = mvlm(*bench, "--repeat", 3, "--label", "main", cwd=tmp_path, env=env)
         assert r.returncode == 0, r.stdout + r.stderr
     # the device itself slows down (a throttled neighbour), the build is the same: history sees a slowdown ...
-    _profile(tmp_path, "lab1", wrapper=[sys.executable, str(THROTTLE), "0.5", "--"])
-    r = mvlm(*bench, "--repeat", 5, "--label", "pr", "--baseline", "label:main", "--fail-on-regression", "5%",
+    # Stopping llama.cpp half the time makes a short phase noisy: measured here, Eval_prompt of the same build varies
+    # 64-88 tok/s between runs (CV ~8%) under this throttle. docs/ci.md: the threshold must sit at ~2.5x the noise or
+    # more, so this device is gated at 20%; the history still sees ~50% and asks for the re-measure.
+    _profile(tmp_path, "lab1", wrapper=[sys.executable, str(THROTTLE), "0.5", "0.005", "--"])
+    r = mvlm(*bench, "--repeat", 5, "--label", "pr", "--baseline", "label:main", "--fail-on-regression", "20%",
              cwd=tmp_path, env=env)
     # ... and the interleaved re-measure on the same (slow) device clears the build
     assert r.returncode == 0, r.stdout + r.stderr
     assert "re-measuring the baseline" in r.stderr and "did not confirm" in r.stderr
+    assert "worse than the centre" in r.stderr  # the history did suspect it
+    # the baseline's build is the build in use: re-measured from the same files, not pushed a second time
+    assert "/ab/" not in r.stderr, r.stderr
     assert "interleaved re-measure" in r.stdout
