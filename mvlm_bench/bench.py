@@ -39,7 +39,7 @@ from mvlm_bench.records import Run, RunContext
 from mvlm_bench.timings import parse_llama_bench, parse_text, run_facts
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
-from mvlm_core.filetypes import precision_from_filename
+from mvlm_core.filenames import precision_from_filename
 
 LM_PROMPT = "Building a website can be done in 10 simple steps:\nStep 1:"
 VLM_PROMPT = "What is in the picture?"

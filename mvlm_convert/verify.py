@@ -22,12 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from mvlm_convert.verify_limits import DEFAULT_IMAGE_THRESHOLD, DEFAULT_LOGITS_THRESHOLD
 from mvlm_core.backends import Backend, get_backend
 from mvlm_core.conversation import DEFAULT_QUESTION, IMAGE_PLACEHOLDER, v1_prompt
 from mvlm_core.errors import MvlmError
-
-DEFAULT_IMAGE_THRESHOLD = 5e-3
-DEFAULT_LOGITS_THRESHOLD = 2e-3
 
 # ------------------------------------------------------------------------------------------------------------------
 # Metrics

@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mvlm_convert.verify import DEFAULT_IMAGE_THRESHOLD, DEFAULT_LOGITS_THRESHOLD, verify
-from mvlm_core.backends import BACKENDS
+from mvlm_convert.verify_limits import DEFAULT_IMAGE_THRESHOLD, DEFAULT_LOGITS_THRESHOLD
 from mvlm_core.errors import MvlmError
+from mvlm_core.runtime import VERIFY_RUNTIMES
 
 
 def _fmt(v) -> str:
@@ -82,7 +82,7 @@ def verify_cmd(
                                                    "image-embedding matrix.")] = DEFAULT_IMAGE_THRESHOLD,
     logits_threshold: Annotated[float, typer.Option("--logits-threshold", help="Max relative L2 error of the "
                                                     "logits on the fixed prompt.")] = DEFAULT_LOGITS_THRESHOLD,
-    runtime: Annotated[str, typer.Option("--runtime", help=f"llama.cpp runtime to test: {', '.join(BACKENDS)}. "
+    runtime: Annotated[str, typer.Option("--runtime", help=f"llama.cpp runtime to test: {', '.join(VERIFY_RUNTIMES)}. "
                                          "host: the host build through llama-cpp-python; host-bin, linux-arm64, "
                                          "android-arm64: that build's mvlm-dump tool as a process (arm64 through "
                                          "qemu-aarch64-static on other CPUs); cuda: the cuda build through "
@@ -95,6 +95,8 @@ def verify_cmd(
     """Run the independent PyTorch reference and llama.cpp on the same image and tokens; exit 1 above thresholds."""
     if not checkpoint.is_dir():
         raise MvlmError(f"checkpoint directory not found: {checkpoint}")
+    from mvlm_convert.verify import verify
+
     result = verify(checkpoint, gguf, mmproj, image=image, vision_tower=vision_tower, runtime=runtime,
                     image_threshold=image_threshold, logits_threshold=logits_threshold, kv_cache=kv_cache)
     if json_:

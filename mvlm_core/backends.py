@@ -377,8 +377,8 @@ class HostBinaryBackend(BinaryBackend):
         super().__init__("host", exec_wrapper=[], **kw)
 
 
-BACKENDS: dict[str, type] = {"host": HostBackend, "host-bin": HostBinaryBackend, "linux-arm64": Arm64QemuBackend,
-                             "android-arm64": Android64Backend, "cuda": CudaBackend}
+BACKENDS: dict[str, type] = dict(zip(rtmod.VERIFY_RUNTIMES, (HostBackend, HostBinaryBackend, Arm64QemuBackend,
+                                                             Android64Backend, CudaBackend), strict=True))
 _backend_cache: dict[str, Backend] = {}
 
 

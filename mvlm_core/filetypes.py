@@ -9,7 +9,6 @@ back from a file name (:func:`precision_from_filename`).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import gguf
@@ -74,20 +73,5 @@ MMPROJ_TYPES: dict[str, float] = {label: BY_LABEL[label].bits_per_weight
 # general.file_type values of files that are not quantized
 UNQUANTIZED_FILE_TYPES: frozenset[int] = frozenset(int(BY_LABEL[label].file_type) for label in ("F32", "F16", "BF16"))
 
-# --- file names -----------------------------------------------------------------------------------------------------
-# A file type label as it ends a llama.cpp file name: ``Name-Q4_K_S.gguf``, ``name.f16.gguf`` (any case).
-LABEL_PATTERN = r"F32|F16|BF16|Q\d\w*|IQ\d\w*"
-_FILENAME_RE = re.compile(rf"[-.]({LABEL_PATTERN})\.gguf$", re.I)
-_STEM_RE = re.compile(rf"^(.*?)[-.]({LABEL_PATTERN})$", re.I)
-
-
-def precision_from_filename(filename: str) -> str:
-    """The file type a GGUF's name says it holds, lower case (``q4_k_s``), or ``unknown``."""
-    m = _FILENAME_RE.search(filename)
-    return m.group(1).lower() if m else "unknown"
-
-
-def split_label(stem: str) -> tuple[str, str | None]:
-    """``Name-F16`` -> (``Name``, ``F16``); a stem without a file-type label -> (stem, None)."""
-    m = _STEM_RE.match(stem)
-    return (m.group(1), m.group(2)) if m else (stem, None)
+# --- file names: mvlm_core.filenames (no gguf-py needed), here too for the callers of this module ------------------
+from mvlm_core.filenames import LABEL_PATTERN, precision_from_filename, split_label  # noqa: E402, F401

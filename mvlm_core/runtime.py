@@ -44,6 +44,9 @@ LLAMA_CPP_COMMIT = "0c1e570"  # upstream ggml-org/llama.cpp commit vendored by t
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
 TARGETS = ("host", "cuda", "linux-arm64", "android-arm64", "orin")
+# the builds `mvlm verify --runtime` can test (mvlm_core.backends.BACKENDS; named here so that the CLI need not import
+# the backends, and numpy with them, to start); host-bin: the host build's mvlm-dump instead of its libraries
+VERIFY_RUNTIMES = ("host", "host-bin", "linux-arm64", "android-arm64", "cuda")
 # mvlm-dump comes from patch 0002: raw token ids / logits / image embeddings, so `mvlm verify` runs on any build
 # llama-server: how most people deploy a GGUF (`mvlm serve`); its web UI is left out (no download at build time)
 BINARIES = ("llama-completion", "llama-mtmd-cli", "llama-bench", "llama-quantize", "llama-perplexity", "llama-server",

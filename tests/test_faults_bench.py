@@ -536,6 +536,7 @@ def test_device_without_sha256sum_falls_back_to_sizes_and_says_so(tmp_path, monk
         "device old has no sha256sum/shasum: its copies were checked by size only"]
 
 
+@pytest.mark.slow
 def test_adb_corrupted_copy_is_pushed_again(tmp_path, monkeypatch):
     adb = AdbDouble(tmp_path, monkeypatch)
     root = adb.add("PHONE2")
@@ -904,6 +905,7 @@ def test_report_and_history_on_a_full_disk_spill_the_runs(tmp_path, smollm2_gguf
 # ===================================================================================================== 14. output paths
 
 
+@pytest.mark.slow
 def test_report_paths_that_are_not_regular_files_are_refused(tmp_path, fake_gguf):
     """A FIFO (would block forever), a device (/dev/null: refused, stays a character device; as root the old code
     replaced such a node), a socket, and `dir/` (used to write a file named `dir`): one line each, exit 2."""

@@ -180,6 +180,7 @@ def _table(rep: dict, name: str) -> dict:
     return next(t for t in rep["tables"] if t["table"] == name)
 
 
+@pytest.mark.slow
 def test_report_puts_imported_lm_and_vlm_measurements_beside_mobilevlm_tables(tmp_path):
     sd888, sd_exp = _output("05_*")  # MobileVLM 1.7B, llava-cli, Snapdragon 888
     orin, orin_exp = _output("08_*")  # MobileVLM 1.7B, llava-cli, Jetson Orin (CUDA)

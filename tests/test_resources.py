@@ -52,6 +52,7 @@ def _wrapped(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 @needs_gnu_time
 def test_wrapper_peak_rss_matches_gnu_time(tmp_path):
     """A process that holds ~150 MB for a second: the wrapper's VmHWM and GNU time's ru_maxrss agree within 3%."""

@@ -369,6 +369,7 @@ def test_adb_missing_and_unauthorized_device(adb):
         make_transport(_adb_profile("UNAUTH1")).check()
 
 
+@pytest.mark.slow
 def test_adb_device_disappears_mid_push_then_sync_recovers(adb, tmp_path):
     root = adb.add("PHONE1", vanish_after_bytes=1000)
     t = make_transport(_adb_profile("PHONE1"))
