@@ -128,7 +128,8 @@ def bench_cmd(
     markdown_arg: str | None = typer.Option(None, "--markdown", help="Write the report as Markdown (papers' layout)."),
     csv_arg: str | None = typer.Option(None, "--csv", help="Write one CSV row per repetition."),
     save: bool = typer.Option(False, "--save/--no-save", help="Store every repetition in the benchmark history."),
-    db_arg: str | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
+    db_arg: str | None = typer.Option(None, "--db", help="History: a SQLite file or a PostgreSQL URL (default "
+                                                         "$MVLM_HISTORY or ./mvlm-history.sqlite; docs/lab.md)."),
     label: str = typer.Option("", "--label", help="Free-form label stored with the measurement (e.g. main, pr-42)."),
     baseline: str | None = typer.Option(None, "--baseline", help="Compare with this history selector (latest, "
                                         "label:main, id:N, ...) or `mvlm bench --json-file` file."),
@@ -168,6 +169,7 @@ def bench_cmd(
         return
     from mvlm_bench import bench, report, sweep
     from mvlm_bench.devices import load_profile
+    from mvlm_bench.store import cli_location
     from mvlm_core.errors import MvlmError
 
     models = list(model or [])
@@ -177,7 +179,7 @@ def bench_cmd(
     raw_outputs = {opt: p for opt, p in (("--json-file", json_arg), ("--markdown", markdown_arg), ("--csv", csv_arg))
                    if p}
     json_out, markdown_out, csv_out = (Path(p) if p else None for p in (json_arg, markdown_arg, csv_arg))
-    db = Path(db_arg) if db_arg else None
+    db = cli_location(db_arg)
     spec = bench.BenchSpec(protocol=protocol, model=model, mmproj=mmproj, image=image, repeat=repeat, warmup=warmup,
                            n_predict=n_predict, timeout=timeout, prompt=prompt, data=data)
     # Everything that can be refused is refused here, before a device is touched or a run measured: every

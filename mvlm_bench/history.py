@@ -216,10 +216,10 @@ def pg_error(url: str, exc: BaseException, doing: str = "reading") -> HistoryErr
     return HistoryError(f"PostgreSQL error while {doing} {where} ({msg})", "pass another --db")
 
 
-def default_db_path() -> Path:
-    """``$MVLM_HISTORY`` or ``./mvlm-history.sqlite``."""
+def default_db_path() -> Path | str:
+    """``$MVLM_HISTORY`` (a file as a Path, a PostgreSQL URL as written) or ``./mvlm-history.sqlite``."""
     env = os.environ.get("MVLM_HISTORY")
-    return Path(env) if env else Path.cwd() / DEFAULT_DB_NAME
+    return stores.location(env) if env else Path.cwd() / DEFAULT_DB_NAME
 
 
 @dataclasses.dataclass

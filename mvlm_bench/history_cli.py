@@ -57,13 +57,13 @@ def _check_alpha(alpha: float) -> None:
         raise MvlmError(f"--alpha {alpha:g} is not a significance level: pass a number between 0 and 1 such as 0.05")
 
 
-def _open(db: Path | None, create: bool = False):
+def _open(db: Path | str | None, create: bool = False):
     from mvlm_bench.history import History
 
     return History(db, create=create)
 
 
-def resolve(spec: str, db: Path | None, device: str | None = None, model: str | None = None,
+def resolve(spec: str, db: Path | str | None, device: str | None = None, model: str | None = None,
             protocol: str | None = None, like=None, exclude: tuple[int, ...] = ()) -> list:
     """Entries named by a selector or a JSON file (a file may hold several measurements)."""
     from mvlm_bench.history import check_report_file, entries_from_json
@@ -107,7 +107,7 @@ def comparison_table(comps: list, title: str) -> Table:
 GATE_MODES = ("auto", "history", "within-session")
 
 
-def _history_sessions(db: Path | None, base, cand) -> list:
+def _history_sessions(db: Path | str | None, base, cand) -> list:
     """The stored sessions of the baseline (same setup, build and label; gate.baseline_sessions), never the
     candidate."""
     from mvlm_bench import gate
@@ -137,7 +137,7 @@ def _print_gate(d, json_out: bool) -> None:
 
 
 def run_comparison(pairs: list[tuple], metrics: list[str] | None, alpha: float, threshold: float | None,
-                   json_out: bool = False, markdown_out: Path | None = None, *, db: Path | None = None,
+                   json_out: bool = False, markdown_out: Path | None = None, *, db: Path | str | None = None,
                    gate_mode: str = "auto", confirm=None) -> None:
     """Compare each pair, print (table or JSON), write Markdown if asked, then apply the gate if a threshold is set.
 
@@ -284,7 +284,7 @@ def _entry_json(e) -> dict:
 def compare_cmd(
     baseline: str = typer.Argument("latest~1", help=f"Baseline: {_SELECTOR_HELP}."),
     candidate: str = typer.Argument("latest", help=f"Candidate: {_SELECTOR_HELP}."),
-    db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
     markdown_out: Path | None = typer.Option(None, "--markdown", help="Also write the table as Markdown."),
     metric: list[str] | None = typer.Option(None, "--metric", help="Metric to compare (repeatable): eval_tps, ..."),
@@ -347,7 +347,7 @@ def _is_sqlite(p: Path) -> bool:
         return False
 
 
-def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str | None,
+def bench_history(res, *, save: bool, db: Path | str | None, label: str, baseline: str | None,
                   fail_on_regression: str | None, alpha: float = 0.05, confirm=None) -> None:
     """After ``mvlm bench``: store the measurement, compare it with ``--baseline``, apply the gate.
 
@@ -408,7 +408,7 @@ def bench_history(res, *, save: bool, db: Path | None, label: str, baseline: str
 @app.callback()
 def history_cmd(
     ctx: typer.Context,
-    db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
     json_out: bool = typer.Option(False, "--json", help="JSON list (with every repetition) instead of a table."),
     device: str | None = typer.Option(None, "--device", help="Only this device."),
     model: str | None = typer.Option(None, "--model", help="Only this model (name, file or sha256 prefix)."),
@@ -451,7 +451,7 @@ def history_cmd(
 @app.command("plot")
 def plot_cmd(
     out: Path = typer.Option(Path("mvlm-history-plots"), "--out", "-o", help="Directory for the PNGs and index.html."),
-    db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
     metric: list[str] | None = typer.Option(None, "--metric", help="Metric key to plot (repeatable)."),
     device: str | None = typer.Option(None, "--device", help="Only this device."),
     model: str | None = typer.Option(None, "--model", help="Only this model."),
@@ -483,7 +483,7 @@ def import_cmd(
     files: list[Path] = typer.Argument(..., help="Reports written by `mvlm bench --json-file`, the .unsaved-*.json a "
                                                  "failed `mvlm bench --save` wrote, or llama-bench output (-o json, "
                                                  "jsonl or sql; also csv, md).", show_default=False),
-    db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
     device: str | None = typer.Option(None, "--device", help="Device name for llama-bench rows (default: their "
                                                              "cpu_info, or gpu_info)."),
     label: str | None = typer.Option(None, "--label", help="Label every imported measurement with this."),

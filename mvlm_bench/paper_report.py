@@ -96,7 +96,7 @@ def user_row(entry, table: PaperTable) -> dict[str, Any]:
     }
 
 
-def build(paper: str, entries: list, db: Path | None = None, device: str | None = None,
+def build(paper: str, entries: list, db: Path | str | None = None, device: str | None = None,
           db_note: str | None = None, db_option: str | None = None) -> dict[str, Any]:
     """The whole report as JSON-able data: per table its columns, the paper's rows and the user's. ``db_option``: the
     ``--db`` the user gave (the fill commands repeat it)."""
@@ -181,13 +181,13 @@ def render(report: dict[str, Any]) -> list[Table | str]:
     return out
 
 
-def load_entries(db: Path | None, device: str | None) -> tuple[list, Path, str | None]:
+def load_entries(db: str | Path | None, device: str | None) -> tuple[list, Path | str, str | None]:
     """The history's entries (optionally of one device). A history file that does not exist yet is no entries (the
     paper's rows are still worth showing); one that is not a history is the history's own one-line error."""
     from mvlm_bench.history import History, default_db_path
-    from mvlm_bench.store import is_url
+    from mvlm_bench.store import cli_location, is_url
 
-    path = db if db is not None else default_db_path()
+    path = cli_location(str(db)) if db is not None else default_db_path()
     if not is_url(path) and not path.exists() and not path.is_symlink():  # a PostgreSQL URL: the server says
         return [], path, f"no benchmark history at {path} yet"
     with History(path, create=False) as h:
@@ -196,7 +196,8 @@ def load_entries(db: Path | None, device: str | None) -> tuple[list, Path, str |
 
 def report_cmd(
     paper: str = typer.Option(..., "--paper", help=f"Which paper's tables: {', '.join(PAPERS)}."),
-    db: Path | None = typer.Option(None, "--db", help="History file (default $MVLM_HISTORY or ./mvlm-history.sqlite)."),
+    db: str | None = typer.Option(None, "--db", help="History: a SQLite file or a PostgreSQL URL (default $MVLM_HISTORY "
+                                                     "or ./mvlm-history.sqlite)."),
     device: str | None = typer.Option(None, "--device", help="Only your entries of this device."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:

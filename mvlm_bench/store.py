@@ -22,6 +22,7 @@ from typing import Any
 
 URL_SCHEMES = ("postgresql", "postgres")
 _MANGLED = re.compile(r"^(postgres(?:ql)?):/+", re.IGNORECASE)
+_URL = re.compile(r"^postgres(?:ql)?://", re.IGNORECASE)
 _PG_LOCK_KEY = 0x6D766C6D  # "mvlm": the advisory lock that serialises schema creation and migrations
 
 
@@ -31,10 +32,19 @@ def is_url(db: Any) -> bool:
 
 
 def location(db: Path | str) -> Path | str:
-    """A SQLite path (``Path``) or a PostgreSQL URL (``str``, with its ``//`` restored)."""
+    """A SQLite path (``Path``) or a PostgreSQL URL (``str``). A URL given as text is kept as written
+    (``postgresql:///mvlm?host=/run/postgresql``: no host, the Unix socket); one that went through ``Path`` (which
+    folds ``//`` into ``/``) gets its ``//`` back (a ``///`` URL cannot survive that: pass URLs as text)."""
+    if isinstance(db, str) and _URL.match(db):
+        return db
     if is_url(db):
         return _MANGLED.sub(lambda m: m.group(1).lower() + "://", str(db), count=1)
     return Path(db)
+
+
+def cli_location(db: str | None) -> Path | str | None:
+    """What a ``--db`` option (or ``$MVLM_HISTORY``) names, from its text: a URL stays text, a file becomes a Path."""
+    return None if db is None else location(db)
 
 
 def mask_url(url: str) -> str:
@@ -49,7 +59,10 @@ def mask_url(url: str) -> str:
         if ":" in user:
             netloc = f"{user.split(':', 1)[0]}:***@{host}"
     query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    masked = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if not netloc and url[len(parts.scheme):].startswith("://"):  # postgresql:///db: urlunsplit drops the empty host
+        masked = f"{parts.scheme}://{masked[len(parts.scheme) + 1:]}"
+    return masked
 
 
 _USERINFO = re.compile(r"(?i)^[a-z][a-z0-9+.-]*://[^:/@?#]*:(.*)@")  # the password part, however malformed the rest

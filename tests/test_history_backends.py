@@ -271,6 +271,27 @@ def test_cli_history_masks_password(tmp_path, postgresql):
     assert r.returncode == 0 and "hunter2" not in r.stdout + r.stderr and "mvlm:***@" in r.stdout, r.stdout
 
 
+def test_a_url_without_a_host_reaches_the_server_its_parameters_name(tmp_path, postgresql):
+    """libpq's ``postgresql:///db?host=...`` (the Unix-socket form has no host either): every command that takes
+    --db, and $MVLM_HISTORY, keep the three slashes (a Path made ``postgresql:/db`` of it, then host ``db``)."""
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(_new_database(postgresql))
+    bare = f"postgresql:///{url.path.lstrip('/')}?host={url.hostname}&port={url.port}&user={url.username}"
+    with History(url.geturl()) as h:
+        h.save(_entry([40.0, 41.0, 42.0], label="main"))
+        h.save(_entry([40.5, 41.5, 42.5], label="pr"))
+    spilled = save_or_spill([_entry([39.0])], tmp_path / "no-such-dir" / "h.sqlite").spilled  # a bench JSON report
+    runs = (("history", "--db", bare, "--json"), ("compare", "label:main", "latest", "--db", bare),
+            ("history", "import", str(spilled), "--db", bare), ("report", "--paper", "mobilevlm", "--db", bare, "--json"))
+    for args in runs:
+        r = _mvlm(*args, cwd=tmp_path)
+        assert r.returncode == 0, (args, r.stdout + r.stderr)
+    r = _mvlm("history", "--json", cwd=tmp_path, env={"MVLM_HISTORY": bare})
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 3, r.stdout + r.stderr  # the import landed there
+    assert not any(p.name.startswith("postgres") for p in tmp_path.rglob("*"))  # no SQLite file named after the URL
+
+
 BAD_URLS = ("postgresql://mvlm:S3cretPW@[::1/mh",  # does not parse (urlsplit raises; psycopg quotes the whole URI)
             "postgresql://mvlm:S3cret PW@127.0.0.1:{port}/mh")  # a space in the password (psycopg quotes it)
 
