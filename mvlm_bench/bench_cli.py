@@ -361,7 +361,7 @@ def bench_cmd(
             from mvlm_bench.history_cli import bench_history
 
             bench_history(res, save=save, db=db, label=label, baseline=baseline, fail_on_regression=fail_on_regression,
-                          confirm=_confirmer(profile, spec, log))
+                          confirm=_confirmer(profile, spec, log, lease_db=db_arg, lease_timeout=lease_timeout))
     except MvlmError as e:
         if report_error is None:
             raise
@@ -552,10 +552,12 @@ def _finish_ab(ab, *, save: bool, db: Path | None, label: str, fail_on_regressio
         raise saved_error
 
 
-def _confirmer(profile, spec, log):
+def _confirmer(profile, spec, log, lease_db: str | None = None, lease_timeout: float | None = None):
     """For history mode: ``factory(base_entry, cand_entry)`` -> a callable that re-measures the stored baseline and
     the candidate interleaved on this device, or None when the baseline cannot be re-run here (its build is not in
-    the cache, or its model file is not at hand with the same sha256)."""
+    the cache, or its model file is not at hand with the same sha256). The re-measure holds the device's lease the
+    way the measurement did: through ``lease_db`` (the bench's --db; else $MVLM_HISTORY), so a lab's other runners
+    wait for it too."""
     import dataclasses
 
     from mvlm_bench import bench, gate
@@ -591,8 +593,18 @@ def _confirmer(profile, spec, log):
                 f"{pairs} A/B pairs, to confirm")
             bspec = dataclasses.replace(spec, model=model, mmproj=mmproj if c.mmproj_sha256 else spec.mmproj,
                                         repeat=pairs)
+            said: list[str] = []
+
+            def on_wait(message: str) -> None:  # once: the lease is polled every second
+                if not said:
+                    log(message)
+                said.append(message)
+
+            leasing = {"lease_db": lease_db, "on_wait": on_wait}
+            if lease_timeout is not None:
+                leasing["lease_timeout"] = lease_timeout
             ab = bench.run_ab(profile, bench.Side(bspec, runtime=rt), bench.Side(dataclasses.replace(spec, repeat=pairs)),
-                              log=log)
+                              log=log, **leasing)
             if ab.failures:
                 who, f = ab.failures[0]
                 log(f"the confirming A/B run failed ({who}: {f.message}); judging by the history alone")

@@ -313,3 +313,27 @@ def test_lease_errors_never_show_the_password(url, monkeypatch, tmp_path):
             with lease.device_lease(key, url, timeout=0):
                 pass
         assert "S3cret" not in str(e.value) and "***" in str(e.value), str(e.value)
+
+
+@pytest.mark.slow
+def test_the_confirming_remeasure_leases_through_the_bench_history(postgresql, sshd, tmp_path, smollm2_gguf,
+                                                                   host_runtime, monkeypatch):
+    """`mvlm bench --db postgresql://... --baseline ... --fail-on-regression`: the interleaved re-measure that confirms
+    a history suspicion holds the device's lease in that PostgreSQL, as the measurement did. (It leased through
+    $MVLM_HISTORY: a lab runner given --db re-measured a remote device while another runner held it.)"""
+    from mvlm_bench import bench
+    from mvlm_bench.bench_cli import _confirmer
+    from mvlm_bench.history import entries_from_runs
+
+    monkeypatch.delenv("MVLM_HISTORY", raising=False)
+    prof = sshd.profile(str(tmp_path / "remote"), target="host", threads=1)
+    spec = bench.BenchSpec("lm", smollm2_gguf, repeat=1, n_predict=4, threads=1)
+    (entry,) = entries_from_runs(bench.run_bench(prof, spec, lease_db=postgresql, lease_timeout=0).runs)
+    said: list[str] = []
+    remeasure = _confirmer(prof, spec, said.append, lease_db=postgresql, lease_timeout=0)(entry, entry)
+    assert remeasure is not None, said  # its build and model are at hand
+    with lease.device_lease(lease.device_key(prof), postgresql, timeout=0):  # another runner measures on it
+        with pytest.raises(MvlmError) as busy:
+            remeasure()
+    assert busy.value.exit_code == lease.EXIT_BUSY, busy.value
+    assert not any("candidate done" in s for s in said), said  # nothing was measured meanwhile
