@@ -35,11 +35,11 @@ from pathlib import Path
 from mvlm_bench import lease as leasemod
 from mvlm_bench import resources, thermal
 from mvlm_bench.devices import KNOWN_TARGETS, MAX_GPU_LAYERS, MAX_THREADS, DeviceProfile
+from mvlm_bench.gguf_header import precision_of
 from mvlm_bench.records import Run, RunContext
 from mvlm_bench.timings import parse_llama_bench, parse_text, run_facts
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
-from mvlm_core.filenames import precision_from_filename
 
 LM_PROMPT = "Building a website can be done in 10 simple steps:\nStep 1:"
 VLM_PROMPT = "What is in the picture?"
@@ -558,7 +558,7 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
     ctx = RunContext(
         device=profile.name + (" (emulated)" if profile.emulated else ""),
         model=spec.model.stem,  # the real name (history --model finds it); the A/B side is params["ab_side"]
-        precision=precision_from_filename(spec.model.name),
+        precision=precision_of(spec.model),
         model_file=spec.model.name,
         model_sha256=sha256_file(spec.model),
         mmproj_file=spec.mmproj.name if spec.mmproj else "",

@@ -9,10 +9,11 @@ from mvlm_core.errors import MvlmError
 
 _GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_INTS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}  # value type -> struct format
 
 
 def _gguf_header(path: Path) -> tuple[dict[str, object], set[str]]:
-    """The key-value section (strings kept, other values None) and the tensor names of a little-endian GGUF v2/v3,
+    """The key-value section (strings and integers kept, other values None) and the tensor names of a little-endian GGUF v2/v3,
     read directly: gguf-py's reader builds an array view per tokenizer entry (seconds for a 49k vocabulary)."""
     import struct
 
@@ -58,6 +59,8 @@ def _gguf_header(path: Path) -> tuple[dict[str, object], set[str]]:
             key, vtype = string(), n("<I")
             if vtype == _GGUF_STRING:
                 kv[key] = string()
+            elif vtype in _GGUF_INTS:
+                kv[key] = n(_GGUF_INTS[vtype])
             else:
                 kv[key] = None
                 skip(vtype)
@@ -77,3 +80,21 @@ def gguf_kind(path: Path, option: str = "--model") -> tuple[str, bool, bool]:
     arch = kv.get("general.architecture")
     arch = arch if isinstance(arch, str) else ""
     return arch, "token_embd.weight" in names and "tokenizer.ggml.model" in kv, "tokenizer.chat_template" in kv
+
+
+def precision_of(path: Path) -> str:
+    """The file type of a GGUF as reports call it (``q4_k_s``): from llama.cpp's file-name convention, else from the
+    file's own ``general.file_type`` (a model saved as ``model.gguf``), else ``unknown``."""
+    from mvlm_core.filenames import precision_from_filename
+
+    named = precision_from_filename(path.name)
+    if named != "unknown":
+        return named
+    try:
+        kv, _ = _gguf_header(path)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return named
+    from mvlm_core.filetypes import TABLE
+
+    return next((t.name for t in TABLE if isinstance(kv.get("general.file_type"), int)
+                 and int(t.file_type) == kv["general.file_type"]), named)

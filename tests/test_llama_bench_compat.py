@@ -263,3 +263,24 @@ def test_real_llama_bench_sql_of_a_model_name_with_a_quote_is_refused_saying_why
     assert mvlm("history", "import", real, real, "--db", db).returncode == 0  # -o json names it fine
     (e,) = json.loads(mvlm("history", "--db", db, "--json").stdout)
     assert e["model"] == "Bob's model" and e["samples"]["eval_tps"] == e["samples"]["tg4_tps"]
+
+
+@pytest.mark.slow  # gguf-py's reader takes seconds over the 49k-token vocabulary
+def test_precision_comes_from_the_name_else_from_the_files_own_file_type(tmp_path, smollm2_gguf):
+    """A model saved as plain ``model.gguf`` is still reported by its file type (the file's general.file_type, what
+    llama-bench's model_type says), not "unknown"; a name in llama.cpp's convention is read as before."""
+    import gguf
+
+    from mvlm_bench.gguf_header import precision_of
+
+    plain = tmp_path / "model.gguf"
+    plain.symlink_to(smollm2_gguf)
+    stored = gguf.GGUFReader(smollm2_gguf).fields["general.file_type"]
+    assert gguf.LlamaFileType(int(stored.parts[-1][0])).name == "MOSTLY_Q4_1"  # independently: the file says Q4_1
+    assert precision_of(plain) == "q4_1" == precision_of(smollm2_gguf)
+    named = tmp_path / "Other-Q8_0.gguf"
+    named.symlink_to(smollm2_gguf)
+    assert precision_of(named) == "q8_0"  # the name decides when it has a file-type label (llama.cpp's convention)
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF\x03\x00")
+    assert precision_of(broken) == "unknown"
