@@ -143,3 +143,53 @@ def test_same_named_model_is_not_replaced_during_a_leased_bench(tmp_path, smollm
     assert last_end <= pushed_at <= first_start, (
         f"{later}'s push at {pushed_at:.3f} is not between {first}'s last run end {last_end:.3f} and its own first "
         f"run {first_start:.3f}")
+
+
+def _device_runs(workdir: Path) -> dict[int, str]:
+    """The llama.cpp processes running from ``workdir`` (the ssh device's processes are on this machine too)."""
+    out = {}
+    for pid, (_, name) in proc_table().items():
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            continue
+        if name == BINARY and exe.startswith(str(workdir)):
+            out[pid] = name
+    return out
+
+
+@pytest.mark.slow
+def test_stopped_bench_over_ssh_stops_the_run_on_the_device(sshd, tmp_path, smollm2_gguf, host_runtime):
+    """Ctrl-C of `mvlm bench --device <ssh>`: the llama.cpp run on the device stops too, within seconds, not at the
+    device-side watchdog's timeout (the closed session breaks the run's output pipe: its next token ends it)."""
+    sig = signal.SIGINT
+    remote = tmp_path / "remote"
+    prof = tmp_path / "box.toml"
+    prof.write_text("\n".join([
+        'transport = "ssh"', f'address = "ssh://{sshd.user}@127.0.0.1:{sshd.port}"', 'target = "host"',
+        f'workdir = "{remote}"', "threads = 1", "[ssh]", f'identity_file = "{sshd.root / "client_key"}"',
+        f'known_hosts = "{sshd.known_hosts}"', 'config_file = "/dev/null"', "connect_timeout = 5", ""]))
+    p = subprocess.Popen([*MVLM, "bench", "--device", str(prof), "-m", str(smollm2_gguf), "-n", "1536", "--repeat", "1",
+                          "--warmup", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         env={**os.environ, "COLUMNS": "200"})
+    running: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and p.poll() is None and not running:
+            running = _device_runs(remote)
+            time.sleep(0.05)
+        assert running, f"the run never started on the device: {p.poll()}"
+        time.sleep(0.5)  # generating now
+        os.kill(p.pid, sig)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 128 + sig, err[-2000:]
+        until = time.monotonic() + 5  # 1536 tokens take far longer: still running then means never stopped
+        while _alive(running) and time.monotonic() < until:
+            time.sleep(0.1)
+        assert not _alive(running), f"left running on the device after {signal.Signals(sig).name}"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for pid in _alive({**running, **_device_runs(remote)}):
+            os.kill(pid, signal.SIGKILL)
