@@ -751,11 +751,12 @@ def run_bench(
     transport, profile = _connect(profile, log)
     held = contextlib.ExitStack()
     try:
-        _hold_lease(held, profile, lease_db, lease_timeout, on_wait, log)  # before the push: see docs/devices.md
-        prep = _prepare(transport, profile, Side(spec, runtime), log, sync_progress, outputs)
+        still_leased = _hold_lease(held, profile, lease_db, lease_timeout, on_wait, log)  # before the push: see
+        prep = _prepare(transport, profile, Side(spec, runtime), log, sync_progress, outputs)  # docs/devices.md
         result = prep.result
         if spec.protocol == "llama-bench":
             r = transport.run(prep.argv, timeout=spec.timeout, env=prep.env)
+            still_leased()
             if r.returncode != 0 or r.timed_out:
                 result.failures.append(Failure(0, _describe_failure(r, spec.timeout), r.output[-4000:], r.output))
             else:
@@ -771,6 +772,7 @@ def run_bench(
             t0 = time.monotonic()
             if not _run_once(transport, prep, i - spec.warmup, measured, on_tokens):
                 break
+            still_leased()
             log(f"{run_label(i, spec.warmup, spec.repeat)} done in {time.monotonic() - t0:.1f} s")
         held.close()
         _resource_notes([prep], log)
@@ -787,11 +789,14 @@ def run_label(i: int, warmup: int, repeat: int) -> str:
 
 
 def _hold_lease(stack: contextlib.ExitStack, profile: DeviceProfile, db: str | None, timeout: float,
-                on_wait: Callable[[str], None] | None, log: Callable[[str], None]) -> None:
-    """Take the device's lease into ``stack`` (released when it closes); waits up to ``timeout`` s, else MvlmError."""
+                on_wait: Callable[[str], None] | None, log: Callable[[str], None]) -> Callable[[], None]:
+    """Take the device's lease into ``stack`` (released when it closes); waits up to ``timeout`` s, else MvlmError.
+    Returns the check to call after each run: it raises (exit 3) when the lease was lost meanwhile (a PostgreSQL
+    lease whose connection dropped: the server released it, so another bench may have measured at the same time)."""
     info = stack.enter_context(leasemod.profile_lease(profile, db, timeout, on_wait))
     if info["waited_s"] >= 1:
         log(f"waited {info['waited_s']:.0f} s for device {profile.name} (another bench was measuring on it)")
+    return info["check"]
 
 
 def _resource_notes(preps: list[Prepared], log: Callable[[str], None]) -> None:
@@ -890,7 +895,7 @@ def run_ab(
     transport, profile = _connect(profile, log)
     held = contextlib.ExitStack()
     try:
-        _hold_lease(held, profile, lease_db, lease_timeout, on_wait, log)  # the push too (see run_bench)
+        still_leased = _hold_lease(held, profile, lease_db, lease_timeout, on_wait, log)  # the push too (run_bench)
         preps = {"A": _prepare(transport, profile, baseline, log, sync_progress, outputs),
                  "B": _prepare(transport, profile, candidate, log, sync_progress, outputs)}
         seq = gate.interleave(warm, "abba") + gate.interleave(n_pairs, order)
@@ -906,6 +911,7 @@ def run_ab(
             rep = index[who] - warm
             if not _run_once(transport, preps[who], rep, measured, on_tokens):
                 break
+            still_leased()
             index[who] += 1
             name = "baseline" if who == "A" else "candidate"
             log(f"{run_label(i, 2 * warm, 2 * n_pairs)} {name} done in {time.monotonic() - t0:.1f} s")

@@ -152,9 +152,10 @@ def run_dataset(
     transport, profile = bench._connect(profile, log)
     held = contextlib.ExitStack()
     try:
-        bench._hold_lease(held, profile, lease_db, timeout, on_wait, log)  # the push too (see bench.run_bench)
+        still_leased = bench._hold_lease(held, profile, lease_db, timeout, on_wait, log)  # the push too (run_bench)
         prep = bench._prepare(transport, profile, bench.Side(spec), log, sync_progress, outputs)
         run_set(transport, prep, log, on_run)
+        still_leased()  # a set measured while another bench could have shared the device is not kept
         held.close()
         bench._add_version(transport, prep)
         return prep.result

@@ -8,6 +8,7 @@ covered: device files are keyed by name, and a push's I/O would disturb a measur
   process on every host that shares the history sees it. It is released when the bench ends, and by the server when
   the process dies (its connection closes). The holder is named in that connection's ``application_name``
   (``mvlm bench pid N on HOST since HH:MM:SS``), which a waiter reads from ``pg_locks`` / ``pg_stat_activity``.
+  The holder checks after each run that it still holds it (``info["check"]``): a dropped connection released it.
 - **A lock file** (``fcntl.flock``) under ``<cache>/leases/`` otherwise (a SQLite history or none: one machine). The
   kernel releases it when the process dies; the holder writes who it is into the file for waiters to show.
 - A device on this machine (every local profile, qemu included) ALWAYS takes the lock file, and with a PostgreSQL
@@ -164,7 +165,7 @@ def _file_lease(key: str, name: str, timeout: float, on_wait) -> Iterator[dict]:
         text = _holder_text(key).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, text, 0)
-        yield {"kind": "file", "key": key, "path": str(path), "waited_s": waited}
+        yield {"kind": "file", "key": key, "path": str(path), "waited_s": waited, "check": lambda: None}
     finally:
         os.close(fd)  # releases the flock (the holder record stays; a waiter only reads it while the lock is held)
 
@@ -204,9 +205,22 @@ def _pg_lease(url: str, key: str, name: str, timeout: float, on_wait) -> Iterato
         return f"held by {app_name}" if app_name and app_name.startswith("mvlm bench") else \
             f"held by a session from {addr or 'this server'}"
 
+    def check() -> None:
+        """Raise when this session no longer holds the lock (its connection dropped: the server released it)."""
+        try:
+            row = conn.execute(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid() "
+                "AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 1", (hi, lo)).fetchone()
+            why = "" if row else "the server no longer holds it for this bench"
+        except psycopg.Error as e:
+            why = f"the PostgreSQL connection was lost: {_pg_message(e, url)}"
+        if why:
+            raise MvlmError(f"the lease of device {name} was lost during the measurement ({why}); another bench may "
+                            "have measured on it meanwhile, so these runs are not kept: run again", exit_code=3)
+
     try:
         waited = _wait(try_acquire, holder, name, timeout, on_wait)
-        yield {"kind": "postgresql", "key": key, "lock_id": lock, "waited_s": waited}
+        yield {"kind": "postgresql", "key": key, "lock_id": lock, "waited_s": waited, "check": check}
     except psycopg.Error as e:
         raise MvlmError(f"the PostgreSQL lease of device {name} failed ({_pg_message(e, url)}): run again",
                         exit_code=3) from None

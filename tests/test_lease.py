@@ -337,3 +337,45 @@ def test_the_confirming_remeasure_leases_through_the_bench_history(postgresql, s
             remeasure()
     assert busy.value.exit_code == lease.EXIT_BUSY, busy.value
     assert not any("candidate done" in s for s in said), said  # nothing was measured meanwhile
+
+
+@pytest.mark.slow
+def test_a_lease_lost_mid_measurement_keeps_nothing(postgresql, sshd, tmp_path, smollm2_gguf, host_runtime):
+    """The PostgreSQL session holding a remote device's lease ends while the bench measures (the server restarted,
+    the link dropped; here: pg_terminate_backend): the server has released the lock, another runner may have measured
+    meanwhile, so the bench stops after the run in progress with one line (exit 3) and saves nothing."""
+    import psycopg
+    from peers import proc_table
+
+    remote = tmp_path / "remote"
+    prof = tmp_path / "box.toml"
+    prof.write_text("\n".join([
+        'transport = "ssh"', f'address = "ssh://{sshd.user}@127.0.0.1:{sshd.port}"', 'target = "host"',
+        f'workdir = "{remote}"', "threads = 1", "[ssh]", f'identity_file = "{sshd.root / "client_key"}"',
+        f'known_hosts = "{sshd.known_hosts}"', 'config_file = "/dev/null"', "connect_timeout = 5", ""]))
+    env = {k: v for k, v in os.environ.items() if k != "MVLM_HISTORY"} | {"COLUMNS": "300"}
+    p = subprocess.Popen([*MVLM, "bench", "--device", str(prof), "-m", str(smollm2_gguf), "-n", "96", "--repeat", "3",
+                          "--warmup", "0", "--save", "--db", postgresql, "--label", "lost"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and p.poll() is None:
+            if any(name == "llama-completion"[:15] for _, name in proc_table().values()):
+                break
+            time.sleep(0.05)
+        with psycopg.connect(postgresql, autocommit=True) as c:
+            ended = c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE application_name LIKE 'mvlm bench pid %'").fetchall()
+        assert ended == [(True,)], ended  # the one lease session
+        out, err = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert p.returncode == 3 and len(errors) == 1, err[-3000:]
+    assert "lease of device box was lost during the measurement" in errors[0] and "run again" in errors[0], errors
+    assert "run 3/3 done" not in err  # stopped after the run in progress
+    r = subprocess.run([*MVLM, "history", "--db", postgresql, "--json"], capture_output=True, text=True, cwd=tmp_path,
+                       env=env, timeout=60)
+    assert r.returncode != 0 or json.loads(r.stdout) == [], r.stdout + r.stderr  # nothing saved (no table or empty)
