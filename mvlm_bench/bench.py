@@ -373,6 +373,26 @@ def build_argv(profile: DeviceProfile, spec: BenchSpec, workdir: str, names: dic
     return argv  # the transport adds the profile's exec_wrapper (e.g. qemu-aarch64-static)
 
 
+_SONAME = re.compile(r"\.so\.\d+$")  # libllama.so.0: the name a binary's NEEDED entry asks the loader for
+
+
+def runtime_libraries(lib: Path) -> dict[str, Path]:
+    """The shared libraries a device needs from a runtime's lib/ (name -> the real file): each library once. A
+    versioned library comes as libX.so -> libX.so.0 -> libX.so.0.5.0; binaries load it by its SONAME (libX.so.0), so
+    that name alone is pushed (with the real file's content) instead of three full copies of one file. A library
+    without that chain (libllama-bench-impl.so, an Android build's libX.so) is pushed under its own name."""
+    groups: dict[Path, list[str]] = {}
+    for entry in sorted(lib.iterdir()):
+        if entry.is_file():
+            groups.setdefault(entry.resolve(), []).append(entry.name)
+    out: dict[str, Path] = {}
+    for real, names in groups.items():
+        sonames = [n for n in names if _SONAME.search(n)]
+        for name in sonames or names:
+            out[name] = real
+    return dict(sorted(out.items()))
+
+
 def artifacts(rt: rtmod.Runtime, spec: BenchSpec) -> tuple[dict[str, Path], dict[str, str]]:
     """Files to push (device-relative path -> local path) and the device-side names of model/mmproj/image."""
     files: dict[str, Path] = {}
@@ -381,8 +401,7 @@ def artifacts(rt: rtmod.Runtime, spec: BenchSpec) -> tuple[dict[str, Path], dict
     for b in need:
         files[f"bin/{b}"] = rt.exe(b)
     if rt.lib.is_dir():
-        for so in sorted(rt.lib.iterdir()):
-            files[f"lib/{so.name}"] = so.resolve()
+        files.update({f"lib/{name}": real for name, real in runtime_libraries(rt.lib).items()})
     names = {"model": spec.model.name}
     files[f"models/{spec.model.name}"] = spec.model
     if spec.protocol in IMAGE_PROTOCOLS:

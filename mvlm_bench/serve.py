@@ -467,7 +467,7 @@ def remote_script(workdir: str, argv: list[str], env: dict[str, str], grace: flo
 def serve_ssh(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Serving], None],
               log: Callable[[str], None] = lambda s: None, sync_progress=None) -> bool:
     """Push, start llama-server on the device (127.0.0.1, a port it picks), forward ``spec.port`` here with ssh -L."""
-    from mvlm_bench.bench import _connect
+    from mvlm_bench.bench import _connect, runtime_libraries
     from mvlm_bench.sync import sync
 
     if spec.host not in ("127.0.0.1", "localhost"):
@@ -487,7 +487,7 @@ def serve_ssh(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Servi
         if spec.mmproj is not None:
             files[f"models/{spec.mmproj.name}"] = spec.mmproj
         if rt.lib.is_dir():
-            files.update({f"lib/{so.name}": so.resolve() for so in sorted(rt.lib.iterdir())})
+            files.update({f"lib/{name}": real for name, real in runtime_libraries(rt.lib).items()})
         wd = transport.workdir.rstrip("/")
         log(f"syncing {len(files)} files to {profile.name}:{wd}")
         sres = sync(transport, wd, files, progress=sync_progress)

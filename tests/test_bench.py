@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -199,6 +200,40 @@ def test_ssh_end_to_end(sshd, tmp_path, tiny_vlm):
     assert rec["n_threads"] == 2 and rec["n_batch"] == 2048 and rec["n_ubatch"] == 512
     again = bench.run_bench(prof, bench.BenchSpec("vlm", lm, mmproj=mmproj, repeat=1, warmup=0, n_predict=8))
     assert again.pushed_bytes == 0
+
+
+def test_a_runtime_push_carries_each_library_once_under_the_name_the_loader_asks_for(host_runtime, tiny_vlm):
+    """Every library a pushed binary (or library) needs, by its ELF NEEDED entries as binutils' readelf reads them, is
+    pushed under that name, and no file is pushed twice: the first push of a runtime sent each versioned library
+    three times (libX.so, libX.so.0, libX.so.0.5.0: 50 MB instead of 20)."""
+    import shutil
+
+    readelf = shutil.which("readelf")
+    assert readelf, "readelf missing: install binutils (the project's setup script does)"
+    from mvlm_core import runtime as rtmod
+
+    rt = rtmod.find("host")
+    assert rt.root == host_runtime
+    lm, mmproj = tiny_vlm
+    pushed: dict[str, Path] = {}
+    for spec in (bench.BenchSpec("lm", lm), bench.BenchSpec("vlm", lm, mmproj=mmproj),
+                 bench.BenchSpec("llama-bench", lm)):
+        files, _ = bench.artifacts(rt, spec)
+        pushed.update(files)
+    libs = {rel.removeprefix("lib/"): p for rel, p in pushed.items() if rel.startswith("lib/")}
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in libs.values()]
+    assert len(set(digests)) == len(digests), sorted(libs)  # each library once
+    in_runtime = {p.name for p in rt.lib.iterdir()}
+    for rel, path in pushed.items():
+        if not rel.startswith(("bin/", "lib/")):
+            continue
+        dyn = subprocess.run([readelf, "-d", str(path)], capture_output=True, text=True, check=True).stdout
+        needed = set(re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dyn))
+        missing = {n for n in needed & in_runtime if n not in libs}
+        assert not missing, f"{rel} needs {missing}, which would not be on the device"
+    sizes = sum(p.stat().st_size for p in libs.values())
+    everything = sum(p.stat().st_size for p in rt.lib.iterdir())
+    assert sizes < everything / 2, (sizes, everything)
 
 
 def test_adb_end_to_end_and_device_gone(tmp_path, tiny_vlm, monkeypatch):
