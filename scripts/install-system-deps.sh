@@ -7,7 +7,7 @@
 #   postgresql                the tests' private PostgreSQL cluster (shared history; initdb + pg_ctl, no service used)
 set -euo pipefail
 declare -A need=(
-  [cmake]=cmake [ninja]=ninja-build [patch]=patch [g++]=g++ [ccache]=ccache
+  [cmake]=cmake [ninja]=ninja-build [patch]=patch [g++]=g++ [ccache]=ccache [readelf]=binutils
   [/usr/sbin/sshd]=openssh-server [ssh]=openssh-client [ssh-keygen]=openssh-client [adb]=adb
   [qemu-aarch64-static]=qemu-user-static
   [aarch64-linux-gnu-gcc]=gcc-aarch64-linux-gnu [aarch64-linux-gnu-g++]=g++-aarch64-linux-gnu
