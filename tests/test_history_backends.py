@@ -271,6 +271,7 @@ def test_cli_history_masks_password(tmp_path, postgresql):
     assert r.returncode == 0 and "hunter2" not in r.stdout + r.stderr and "mvlm:***@" in r.stdout, r.stdout
 
 
+@pytest.mark.slow
 def test_a_url_without_a_host_reaches_the_server_its_parameters_name(tmp_path, postgresql):
     """libpq's ``postgresql:///db?host=...`` (the Unix-socket form has no host either): every command that takes
     --db, and $MVLM_HISTORY, keep the three slashes (a Path made ``postgresql:/db`` of it, then host ``db``)."""
