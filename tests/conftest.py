@@ -130,3 +130,38 @@ def postgresql():
         if started:
             run(pg_ctl, "stop", "-w", "-m", "fast", "-D", str(data))
         shutil.rmtree(top, ignore_errors=True)
+
+
+# --- the tests leave nothing in the repository ---------------------------------------------------------------------
+# A test that writes to the current directory (a history spill, a report) would litter a user's clone and, once, got
+# committed. The session compares the untracked files git reports at its start and end (ignored ones do not count:
+# .gitignore names what a developer may have there) and fails when it added any.
+def _untracked() -> set[str] | None:
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None  # not a git checkout (an sdist): nothing to compare
+    return {line[3:] for line in r.stdout.splitlines() if line.startswith("?? ")}
+
+
+def pytest_sessionstart(session):
+    session.config._mvlm_untracked = _untracked()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_mvlm_untracked", None)
+    after = _untracked()
+    if before is None or after is None or session.config.option.collectonly:
+        return
+    new = sorted(after - before)
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"error: the tests left {len(new)} new file(s) in the repository: {', '.join(new[:10])}",
+                                red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
