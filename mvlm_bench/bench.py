@@ -40,6 +40,7 @@ from mvlm_bench.records import Run, RunContext
 from mvlm_bench.timings import parse_llama_bench, parse_text, run_facts
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
+from mvlm_core.filenames import precision_from_filename
 
 LM_PROMPT = "Building a website can be done in 10 simple steps:\nStep 1:"
 VLM_PROMPT = "What is in the picture?"
@@ -554,6 +555,11 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
     sres = sync(transport, workdir, files, progress=sync_progress)
     for note in sres.notes:
         log(note)
+    precision = precision_of(spec.model)
+    named = precision_from_filename(spec.model.name)
+    if named not in ("unknown", precision):
+        log(f"{spec.model.name}: the name says {named}, the file holds {precision} (general.file_type): "
+            f"reported as {precision}")
     log(f"pushed {sres.pushed_bytes} bytes ({len(sres.pushed_files)} files), "
         f"{len(sres.skipped_files)} already on the device")
     argv = [*side.wrapper, *build_argv(profile, spec, workdir, names)]
@@ -577,7 +583,7 @@ def _prepare(transport, profile: DeviceProfile, side: Side, log: Callable[[str],
     ctx = RunContext(
         device=profile.name + (" (emulated)" if profile.emulated else ""),
         model=spec.model.stem,  # the real name (history --model finds it); the A/B side is params["ab_side"]
-        precision=precision_of(spec.model),
+        precision=precision,
         model_file=spec.model.name,
         model_sha256=sha256_file(spec.model),
         mmproj_file=spec.mmproj.name if spec.mmproj else "",

@@ -83,18 +83,19 @@ def gguf_kind(path: Path, option: str = "--model") -> tuple[str, bool, bool]:
 
 
 def precision_of(path: Path) -> str:
-    """The file type of a GGUF as reports call it (``q4_k_s``): from llama.cpp's file-name convention, else from the
-    file's own ``general.file_type`` (a model saved as ``model.gguf``), else ``unknown``."""
+    """The file type of a GGUF as reports call it (``q4_k_s``): the file's own ``general.file_type`` (what llama.cpp
+    loads, and llama-bench's model_type says), else llama.cpp's file-name convention (``Name-Q4_K_S.gguf``), else
+    ``unknown``."""
     from mvlm_core.filenames import precision_from_filename
 
     named = precision_from_filename(path.name)
-    if named != "unknown":
-        return named
     try:
         kv, _ = _gguf_header(path)
     except (OSError, ValueError, UnicodeDecodeError):
         return named
+    stored = kv.get("general.file_type")
+    if not isinstance(stored, int):
+        return named
     from mvlm_core.filetypes import TABLE
 
-    return next((t.name for t in TABLE if isinstance(kv.get("general.file_type"), int)
-                 and int(t.file_type) == kv["general.file_type"]), named)
+    return next((t.name for t in TABLE if int(t.file_type) == stored), named)

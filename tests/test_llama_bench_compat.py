@@ -267,8 +267,8 @@ def test_real_llama_bench_sql_of_a_model_name_with_a_quote_is_refused_saying_why
 
 @pytest.mark.slow  # gguf-py's reader takes seconds over the 49k-token vocabulary
 def test_precision_comes_from_the_name_else_from_the_files_own_file_type(tmp_path, smollm2_gguf):
-    """A model saved as plain ``model.gguf`` is still reported by its file type (the file's general.file_type, what
-    llama-bench's model_type says), not "unknown"; a name in llama.cpp's convention is read as before."""
+    """The precision is the file's own general.file_type (what llama-bench's model_type says): a model saved as plain
+    ``model.gguf`` is not "unknown", and a misleading name does not relabel it; without one, the name decides."""
     import gguf
 
     from mvlm_bench.gguf_header import precision_of
@@ -280,7 +280,7 @@ def test_precision_comes_from_the_name_else_from_the_files_own_file_type(tmp_pat
     assert precision_of(plain) == "q4_1" == precision_of(smollm2_gguf)
     named = tmp_path / "Other-Q8_0.gguf"
     named.symlink_to(smollm2_gguf)
-    assert precision_of(named) == "q8_0"  # the name decides when it has a file-type label (llama.cpp's convention)
+    assert precision_of(named) == "q4_1"  # the file, not its name
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF\x03\x00")
     assert precision_of(broken) == "unknown"
