@@ -79,6 +79,11 @@ def parse_cmd(
     rows = [(p, parse_file(p)) for p in files]  # parse_file raises MvlmError (one line) on an unreadable file
     for p, r in rows:  # llama-bench rows that give no rate (e.g. only tests at a depth): nothing to show
         if r.source_format.startswith("llama-bench") and r.prompt_tps is None and r.eval_tps is None:
+            rows_found = parse_llama_bench_file(p)
+            if rows_found and all("protocol" in x and "metrics" in x for x in rows_found):
+                raise MvlmError(f"{p} is an `mvlm bench` report: its timings are parsed already (see its \"metrics\" "
+                                "and \"runs\"); show it beside another with `mvlm compare FILE OTHER`, or store it "
+                                "with `mvlm history import FILE`")
             raise MvlmError(f"{p}: llama-bench output ({r.source_format.removeprefix('llama-bench-')}) without a pp or "
                             "tg rate at depth 0: store every row with `mvlm history import`")
     empty = [(p, r) for p, r in rows if r.source_format == "unrecognised"]

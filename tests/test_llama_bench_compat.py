@@ -162,6 +162,11 @@ def test_history_import_stores_mvlm_json(runs, tmp_path):
     (rec,) = json.loads(files[0].read_text())
     assert e["created_at"].startswith(rec["test_time"].rstrip("Z")) and e["samples"]["eval_tps"] == [
         r["metrics"]["eval_tps"] for r in rec["runs"]]
+    # `bench parse` (for llama.cpp's own output) names the file for what it is and what reads it
+    r = mvlm("bench", "parse", files[0])
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "is an `mvlm bench` report" in errors[0], r.stderr
+    assert "mvlm history import" in errors[0] and "mvlm compare" in errors[0]
 
 
 @pytest.mark.slow
