@@ -232,7 +232,7 @@ def bench_cmd(
         (log_prog[0].console if log_prog else err).print(f"[dim]{m}[/]", highlight=False)
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), _AmountColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=err, transient=True) as prog:
+                  TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as prog:
         log_prog.append(prog)
         push_task = prog.add_task(f"push to {profile.name}", total=None, visible=False, unit="bytes")
         run_task = prog.add_task(f"{protocol} on {profile.name}", total=None, visible=False,

@@ -227,12 +227,17 @@ def _bin_error(path: Path, e: BaseException) -> MvlmError:
             "safetensors (safetensors.torch.save_file(state_dict, 'model.safetensors')), then convert that "
             "(a damaged download can look like this too: download it again)"
         )
-    return MvlmError(f"cannot read {path}: truncated or corrupt ({_short(e)})")
+    return MvlmError(f"cannot read {path}: truncated or corrupt ({_short(e)}): download it again")
 
 
 def _short(e: BaseException) -> str:
+    """The reader's own reason, first sentence of its first line (torch's zip reader goes on for lines of advice)."""
     s = str(e).strip().splitlines()
-    return (s[0] if s else type(e).__name__)[:200]
+    first = s[0] if s else type(e).__name__
+    if len(first) > 200:
+        cut = first[:200]
+        first = cut[: cut.rfind(". ") + 1] if ". " in cut else cut.rstrip() + "…"
+    return first.rstrip(".")
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -360,7 +365,8 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
     """Open a checkpoint directory; reads config and tensor metadata only (no tensor data)."""
     root = Path(root)
     if not root.is_dir():
-        raise MvlmError(f"{root}: not a directory; give the checkpoint directory (config.json + weights)")
+        what = "not a directory" if root.exists() else "does not exist"
+        raise MvlmError(f"{root}: {what}; give the checkpoint directory (config.json + weights)")
     config = read_config(root)
     files = _weight_files(root)
     ckpt = Checkpoint(root=root, config=config, files=files)

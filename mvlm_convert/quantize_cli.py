@@ -40,8 +40,9 @@ def quantize_cmd(
     """
     from mvlm_convert import quantize as q
 
+    # no bar when stderr is not a terminal: a log has no use for one, and rich would leave an empty line before errors
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=json_) as prog:
+                  console=err, transient=True, disable=json_ or not err.is_terminal) as prog:
 
         def on_start(t: str):
             task = prog.add_task(f"{model.name} -> {t}", total=None)

@@ -584,3 +584,13 @@ def test_cli_truncated_weights_say_so_in_one_line(tmp_path, layout, fname, words
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and fname in lines[0] and words in lines[0] and "refused" not in lines[0], r.stderr
+    assert lines[0].endswith(("download it again", "(truncated?))")), lines[0]  # whole: torch's advice was cut mid-word
+
+
+def test_cli_checkpoint_path_that_is_missing_or_a_file_says_which(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    for path, says in ((tmp_path / "nope", "does not exist"), (f, "not a directory")):
+        r = mvlm("convert", path)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and f"{path}: {says};" in lines[0], r.stderr

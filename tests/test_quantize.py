@@ -69,6 +69,7 @@ def test_not_a_gguf(tmp_path):
     f.write_bytes(b"PK\x03\x04 not a gguf")
     r = _mvlm("quantize", str(f), "--type", "q8_0")
     assert r.returncode != 0 and "not a GGUF file" in r.stderr
+    assert r.stderr.splitlines()[0].startswith("error:"), r.stderr  # one line: no empty line before it
     assert list(tmp_path.iterdir()) == [f]
 
 
@@ -77,7 +78,7 @@ def test_truncated_gguf(tmp_path, smollm2_gguf):
     with open(smollm2_gguf, "rb") as src:
         f.write_bytes(src.read(100_000))
     r = _mvlm("quantize", str(f), "--type", "q8_0", "--no-quality")
-    assert r.returncode != 0 and "error:" in r.stderr
+    assert r.returncode != 0 and r.stderr.splitlines()[0].startswith("error:"), r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut-F16.gguf"]
 
 
