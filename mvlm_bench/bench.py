@@ -208,6 +208,15 @@ def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str
         if not is_gguf(p):
             raise MvlmError(f"{said} is not a GGUF file (it does not start with 'GGUF'): give a .gguf written by "
                             "mvlm convert or mvlm quantize")
+        from mvlm_bench.gguf_header import gguf_missing_bytes
+
+        try:
+            short = gguf_missing_bytes(p)
+        except (OSError, ValueError, UnicodeDecodeError):  # a header this reader cannot follow: llama.cpp says what
+            short = None  # is wrong with it, in the run's one-line error
+        if short:
+            raise MvlmError(f"{said} is truncated: its tensor data ends {short} bytes past the end of the file "
+                            f"({p.stat().st_size} bytes): copy or convert it again")
 
     gguf("--model", Path(spec.model))
     if spec.protocol == "dataset":

@@ -12,9 +12,10 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _GGUF_INTS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}  # value type -> struct format
 
 
-def _gguf_header(path: Path) -> tuple[dict[str, object], set[str]]:
-    """The key-value section (strings and integers kept, other values None) and the tensor names of a little-endian GGUF v2/v3,
-    read directly: gguf-py's reader builds an array view per tokenizer entry (seconds for a 49k vocabulary)."""
+def _read_header(path: Path) -> tuple[dict[str, object], list[tuple[str, list[int], int, int]], int]:
+    """The key-value section (strings and integers kept, other values None), the tensor infos (name, shape, ggml type,
+    offset) and where the tensor data starts, of a little-endian GGUF v2/v3, read directly: gguf-py's reader builds an
+    array view per tokenizer entry (seconds for a 49k vocabulary)."""
     import struct
 
     def n(fmt: str) -> int:
@@ -64,11 +65,47 @@ def _gguf_header(path: Path) -> tuple[dict[str, object], set[str]]:
             else:
                 kv[key] = None
                 skip(vtype)
-        names = set()
+        tensors = []
         for _ in range(n_tensors):
-            names.add(string())
-            f.seek(8 * n("<I") + 4 + 8, 1)  # dims, type, offset
-    return kv, names
+            name = string()
+            dims = [n("<Q") for _ in range(n("<I"))]
+            tensors.append((name, dims, n("<I"), n("<Q")))
+        align = kv.get("general.alignment")
+        align = align if isinstance(align, int) and align > 0 else 32
+        data_start = -(-f.tell() // align) * align
+    return kv, tensors, data_start
+
+
+def _gguf_header(path: Path) -> tuple[dict[str, object], set[str]]:
+    """The key-value section (strings and integers kept, other values None) and the tensor names of a GGUF."""
+    kv, tensors, _ = _read_header(path)
+    return kv, {t[0] for t in tensors}
+
+
+def gguf_missing_bytes(path: Path) -> int | None:
+    """How many bytes the tensor data of a GGUF reaches past the end of the file (0: all there), from the header:
+    each tensor's shape, type and offset (gguf-py's block sizes per type) after the aligned start of the data. None
+    when this reader cannot tell (a GGUF version or tensor type it does not know: llama.cpp will say); ValueError
+    when the header itself is cut short or malformed."""
+    import gguf
+
+    try:
+        _, tensors, data_start = _read_header(path)
+    except ValueError as e:
+        if "GGUF version" in str(e):
+            return None
+        raise
+    end = 0
+    for _, dims, ttype, offset in tensors:
+        try:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            return None
+        count = 1
+        for d in dims:
+            count *= d
+        end = max(end, offset + count // block * size)
+    return max(0, data_start + end - path.stat().st_size)
 
 
 def gguf_kind(path: Path, option: str = "--model") -> tuple[str, bool, bool]:

@@ -613,6 +613,21 @@ def test_model_that_is_not_gguf_is_refused_before_pushing(tmp_path, fake_gguf):
     assert not (tmp_path / "dev-faultlocal").exists()
 
 
+def test_a_gguf_cut_short_is_refused_before_pushing(tmp_path, smollm2_gguf):
+    """An interrupted copy or download: the header is whole, the tensor data is not (llama.cpp would fail on the
+    device, after the push, with 'data is not within the file bounds')."""
+    prof = local_profile(tmp_path)
+    cut = tmp_path / "SmolLM2-Q4_1.gguf"
+    with open(smollm2_gguf, "rb") as src:
+        cut.write_bytes(src.read(3_000_000))
+    missing = smollm2_gguf.stat().st_size - 3_000_000
+    for args in (("bench", "--device", prof, "--model", cut), ("serve", "--model", cut)):
+        r = mvlm(*args)
+        line = _one_line(r.stderr)
+        assert r.returncode == 2 and f"--model {cut} is truncated" in line and f"{missing} bytes past the end" in line
+    assert not (tmp_path / "dev-faultlocal").exists()
+
+
 @pytest.mark.slow
 def test_llama_cpp_failure_is_one_line_with_the_relevant_log_line(tmp_path, host_runtime):
     bad = tmp_path / "Broken-F16.gguf"
