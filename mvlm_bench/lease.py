@@ -11,9 +11,10 @@ covered: device files are keyed by name, and a push's I/O would disturb a measur
   The holder checks after each run that it still holds it (``info["check"]``): a dropped connection released it.
 - **A lock file** (``fcntl.flock``) under ``<cache>/leases/`` otherwise (a SQLite history or none: one machine). The
   kernel releases it when the process dies; the holder writes who it is into the file for waiters to show.
-- A device on this machine (every local profile, qemu included) ALWAYS takes the lock file, and with a PostgreSQL
-  history the advisory lock after it: a bench with a PostgreSQL history and one with a SQLite history (or none) on
-  the same machine see each other. Remote devices (ssh, adb) take only the advisory lock with PostgreSQL.
+- Every bench ALWAYS takes the lock file, and with a PostgreSQL history the advisory lock after it: a bench with a
+  PostgreSQL history and one with a SQLite history (or none) on the same machine see each other, for local and
+  remote devices alike (a bench on another host without the shared history cannot be seen: give every runner of a
+  lab the same $MVLM_HISTORY).
 
 The device's identity (:func:`device_key`) is *where the device is*, not the profile's name: ``local:<this host>`` for
 every local profile (``local``, ``qemu-arm64`` and any other profile on this machine share its CPU, so they share
@@ -234,25 +235,28 @@ def device_lease(device_key: str, db: str | os.PathLike | None = None, timeout: 
     """Hold the device's lease for the ``with`` block (see the module docstring); yields what was taken:
     ``{"kind": "postgresql"|"file", "key": ..., "waited_s": ...}``.
 
-    ``db``: the history location (a ``postgresql://`` URL picks the advisory lock; anything else, or None, the lock
-    file; a device on this machine (key ``local:...``) always takes the lock file, and with PostgreSQL the advisory
-    lock after it). ``timeout``: seconds to wait (0: fail at once when busy); then ``MvlmError`` with exit status
-    :data:`EXIT_BUSY`. ``on_wait(message)``: called about once a second while waiting. ``name``: the device as the
-    messages call it (default: the key)."""
+    ``db``: the history location (a ``postgresql://`` URL adds the advisory lock, taken after this machine's lock
+    file; anything else, or None: the lock file alone). ``timeout``: seconds to wait (0: fail at once when busy);
+    then ``MvlmError`` with exit status :data:`EXIT_BUSY`. ``on_wait(message)``: called about once a second while
+    waiting. ``name``: the device as the messages call it (default: the key). The yielded ``check()`` raises (exit 3)
+    when a remote device's advisory lock was lost meanwhile."""
     timeout = check_timeout(timeout)
     shown = name or device_key
     if not is_postgres(db):
         with _file_lease(device_key, shown, timeout, on_wait) as info:
             yield info
-    elif not device_key.startswith("local:"):
-        with _pg_lease(str(db), device_key, shown, timeout, on_wait) as info:
-            yield info
-    else:  # a device on this machine: the lock file too, so benches with other histories (or none) see this one
-        start = time.monotonic()
-        with _file_lease(device_key, shown, timeout, on_wait) as file_info:
-            left = max(0.0, timeout - (time.monotonic() - start))
-            with _pg_lease(str(db), device_key, shown, left, on_wait) as info:
-                yield {**info, "path": file_info["path"], "waited_s": file_info["waited_s"] + info["waited_s"]}
+        return
+    # With PostgreSQL: this machine's lock file first (so benches here with other histories, or none, see this one),
+    # then the advisory lock (benches on every host sharing the history).
+    start = time.monotonic()
+    with _file_lease(device_key, shown, timeout, on_wait) as file_info:
+        left = max(0.0, timeout - (time.monotonic() - start))
+        with _pg_lease(str(db), device_key, shown, left, on_wait) as info:
+            # A device on this machine is no other host's to measure: its lock file alone keeps it, so a dropped
+            # advisory lock loses nothing. A remote device could have been taken by another host meanwhile.
+            check = file_info["check"] if device_key.startswith("local:") else info["check"]
+            yield {**info, "path": file_info["path"], "waited_s": file_info["waited_s"] + info["waited_s"],
+                   "check": check}
 
 
 def profile_lease(profile, db: str | os.PathLike | None = None, timeout: float = DEFAULT_TIMEOUT_S,

@@ -27,8 +27,9 @@ MVLM = [sys.executable, "-m", "mvlm"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _holder(key: str, db: str | None = None) -> subprocess.Popen:
-    """Another process holding the lease of ``key`` until killed; returns once it holds it."""
+def _holder(key: str, db: str | None = None, cache: Path | None = None) -> subprocess.Popen:
+    """Another process holding the lease of ``key`` until killed; returns once it holds it. ``cache``: its own
+    $MVLM_CACHE (its lock files elsewhere: another host, as far as the lock files can tell)."""
     code = textwrap.dedent(f"""
         import sys, time
         from mvlm_bench.lease import device_lease
@@ -36,7 +37,8 @@ def _holder(key: str, db: str | None = None) -> subprocess.Popen:
             print("held", flush=True)
             time.sleep(600)
     """)
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    env = {**os.environ, "MVLM_CACHE": str(cache)} if cache is not None else None
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
     assert p.stdout is not None and p.stdout.readline().strip() == "held"
     return p
 
@@ -205,7 +207,7 @@ def test_lease_timeout_expiry_is_one_line(tmp_path, smollm2_gguf, host_runtime):
 def test_postgres_advisory_lease_across_processes(postgresql, monkeypatch, tmp_path):
     monkeypatch.setenv("MVLM_CACHE", str(tmp_path / "cache"))
     key = f"test:{uuid.uuid4()}"
-    p = _holder(key, postgresql)
+    p = _holder(key, postgresql, cache=tmp_path / "other-host")  # its lock file is not this process's to see
     try:
         heard: list[str] = []
         with pytest.raises(MvlmError) as busy:
@@ -215,8 +217,6 @@ def test_postgres_advisory_lease_across_processes(postgresql, monkeypatch, tmp_p
         # the holder is named by its own session's application_name, read from pg_locks / pg_stat_activity
         assert f"held by mvlm bench pid {p.pid} on " in str(busy.value), str(busy.value)
         assert heard and f"pid {p.pid}" in heard[0]
-        # a lock file on this machine is not what guards it: nothing was created under the cache
-        assert not (tmp_path / "cache" / "leases").exists()
     finally:
         _stop(p)  # a crash: its connection closes and the server drops its advisory lock
     with lease.device_lease(key, postgresql, timeout=10) as info:
@@ -264,8 +264,9 @@ def test_bench_with_a_postgres_history_waits_for_its_advisory_lease(postgresql, 
 
 
 # --- a device on this machine: the lock file whatever the history (PostgreSQL: the advisory lock after it) ---------
-def test_local_device_with_a_postgres_history_takes_the_lock_file_too(postgresql, monkeypatch, tmp_path):
-    """A PostgreSQL-history bench and a SQLite-history (or no-history) bench on the same local device see each other."""
+def test_a_postgres_history_bench_takes_the_lock_file_too(postgresql, monkeypatch, tmp_path):
+    """A PostgreSQL-history bench and a SQLite-history (or no-history) bench on the same device see each other, the
+    device on this machine or remote."""
     monkeypatch.setenv("MVLM_CACHE", str(tmp_path / "cache"))
     key = lease.device_key(load_profile(str(_profile(tmp_path, "here"))))
     assert key.startswith("local:")
@@ -280,10 +281,20 @@ def test_local_device_with_a_postgres_history_takes_the_lock_file_too(postgresql
                             f"with device_lease({key!r}, None, timeout=0): pass"],
                            capture_output=True, text=True, cwd=REPO, timeout=60, env={**os.environ})
         assert r.returncode != 0 and f"is busy (held by pid {os.getpid()}" in r.stderr, r.stderr
-    # a remote device keeps the advisory lock alone: no lock file for it
-    with lease.device_lease("ssh:board.example", postgresql, timeout=0) as info:
-        assert info["kind"] == "postgresql" and "path" not in info
-    assert not lease.lock_path("ssh:board.example").exists()
+    # a remote device too: a bench here with a PostgreSQL history and one with none see each other (two benches
+    # measured one ssh board at once when only the advisory lock was taken for it)
+    board = "ssh:board.example"
+    with lease.device_lease(board, None, timeout=0):
+        with pytest.raises(MvlmError) as busy:
+            with lease.device_lease(board, postgresql, timeout=0):
+                pytest.fail("a PostgreSQL-history bench did not see the no-history bench on the ssh device")
+        assert busy.value.exit_code == lease.EXIT_BUSY
+    with lease.device_lease(board, postgresql, timeout=0) as info:
+        assert info["kind"] == "postgresql" and info["path"] == str(lease.lock_path(board))
+        r = subprocess.run([sys.executable, "-c", f"from mvlm_bench.lease import device_lease\n"
+                            f"with device_lease({board!r}, None, timeout=0): pass"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60, env={**os.environ})
+        assert r.returncode != 0 and f"is busy (held by pid {os.getpid()}" in r.stderr, r.stderr
 
 
 @pytest.mark.slow
