@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mvlm_core.errors import MvlmError
+
 URL_SCHEMES = ("postgresql", "postgres")
 _MANGLED = re.compile(r"^(postgres(?:ql)?):/+", re.IGNORECASE)
 _URL = re.compile(r"^postgres(?:ql)?://", re.IGNORECASE)
@@ -31,12 +33,39 @@ def is_url(db: Any) -> bool:
     return db is not None and bool(_MANGLED.match(str(db)))
 
 
+_ANY_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_CONNINFO = re.compile(r"(?i)(^|\s)(host|hostaddr|port|dbname|user|password|passfile|service|sslmode)\s*=")
+
+
+def check_location_text(text: str) -> None:
+    """Refuse, before anything is measured or written, a history location that is neither a SQLite path nor a
+    PostgreSQL URL mvlm can read safely; the message never repeats the text (it may hold a password)."""
+    m = _ANY_SCHEME.match(text)
+    if m and not _URL.match(text):
+        raise MvlmError(f"the history location is a {m.group(1)}:// URL: give a SQLite file path or a postgresql:// "
+                        "URL (--db or $MVLM_HISTORY)")
+    if not m and _CONNINFO.search(text):
+        raise MvlmError("the history location looks like a libpq key=value string: write it as a URL, "
+                        "postgresql://USER@HOST:PORT/DB (the password in PGPASSWORD), in --db or $MVLM_HISTORY")
+    userinfo = text[m.end():text.rfind("@")] if m and "@" in text else ""
+    if any(c in userinfo for c in "@/?#") or (m and re.search(r"(?i)[?&]password=[^&]*&(?![A-Za-z_]+=)", text)):
+        raise MvlmError("the user or password of the history URL holds '@', '/', '?', '#' or '&' as is, so where it "
+                        "ends cannot be told: percent-encode them (%40, %2F, %3F, %23, %26), or leave the password "
+                        "out of the URL and set PGPASSWORD")
+    if not text.strip():
+        raise MvlmError("the history location is empty: give a SQLite file path or a postgresql:// URL "
+                        "(--db or $MVLM_HISTORY)")
+
+
 def location(db: Path | str) -> Path | str:
     """A SQLite path (``Path``) or a PostgreSQL URL (``str``). A URL given as text is kept as written
     (``postgresql:///mvlm?host=/run/postgresql``: no host, the Unix socket); one that went through ``Path`` (which
-    folds ``//`` into ``/``) gets its ``//`` back (a ``///`` URL cannot survive that: pass URLs as text)."""
-    if isinstance(db, str) and _URL.match(db):
-        return db
+    folds ``//`` into ``/``) gets its ``//`` back (a ``///`` URL cannot survive that: pass URLs as text). Text that
+    is neither (another scheme, a libpq key=value string, a URL whose password is not encoded) is refused."""
+    if isinstance(db, str):
+        check_location_text(db)
+        if _URL.match(db):
+            return db
     if is_url(db):
         return _MANGLED.sub(lambda m: m.group(1).lower() + "://", str(db), count=1)
     return Path(db)
@@ -58,7 +87,7 @@ def mask_url(url: str) -> str:
         user, _, host = netloc.rpartition("@")
         if ":" in user:
             netloc = f"{user.split(':', 1)[0]}:***@{host}"
-    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    query = re.sub(r"(?i)(^|&)(password=)(?:[^&]|&(?![A-Za-z_]+=))*", r"\1\2***", parts.query)  # a bare & is its own
     masked = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     if not netloc and url[len(parts.scheme):].startswith("://"):  # postgresql:///db: urlunsplit drops the empty host
         masked = f"{parts.scheme}://{masked[len(parts.scheme) + 1:]}"

@@ -293,6 +293,44 @@ def test_a_url_without_a_host_reaches_the_server_its_parameters_name(tmp_path, p
     assert not any(p.name.startswith("postgres") for p in tmp_path.rglob("*"))  # no SQLite file named after the URL
 
 
+REFUSED_LOCATIONS = (  # (what the user typed, the secret in it, what the one line says)
+    ("host=127.0.0.1 port=5432 dbname=h user=lab password=Hunter2x", "Hunter2x", "libpq key=value string"),
+    ("postgresq://lab:TopSecret99@127.0.0.1:5432/h", "TopSecret99", "postgresq:// URL"),
+    ("postgresql+psycopg://lab:TopSecret99@127.0.0.1:5432/h", "TopSecret99", "postgresql+psycopg:// URL"),
+    ("mysql://lab:TopSecret99@127.0.0.1/h", "TopSecret99", "mysql:// URL"),
+    ("postgresql://lab:S3cr;et p@ss/w?rd#1@127.0.0.1:5432/h", "ss/w?rd", "percent-encode"),
+    ("postgresql://lab:hun@ter2@127.0.0.1:5432/h", "ter2", "percent-encode"),
+    ("postgresql://lab@127.0.0.1:5432/h?password=sec&retXY", "retXY", "percent-encode"),
+    ("", None, "is empty"),
+)
+
+
+@pytest.mark.slow  # 8 x 6 CLI runs
+@pytest.mark.parametrize(("location", "secret", "says"), REFUSED_LOCATIONS)
+def test_a_location_that_is_no_history_is_refused_before_anything_runs(tmp_path, location, secret, says,
+                                                                      monkeypatch):
+    """A libpq key=value string, another scheme (a typo, SQLAlchemy's postgresql+psycopg://), a URL whose password
+    holds unencoded '@', '/' or '&': one line that never shows the password, exit 2, nothing measured or written.
+    (They became SQLite files named after the password, or errors that printed part of it.)"""
+    given = tmp_path.parent / f"{tmp_path.name}-in"  # a real report to import, outside the directory watched
+    given.mkdir()
+    monkeypatch.chdir(given)
+    report = save_or_spill([_entry([39.0])], given / "absent" / "h.sqlite").spilled
+    assert report is not None
+    runs = [("history", "--db", location), ("compare", "--db", location), ("report", "--paper", "mobilevlm", "--db",
+            location), ("history", "import", str(report), "--db", location),
+            ("bench", "--device", "local", "-m", str(tmp_path / "absent.gguf"), "--save", "--db", location)]
+    for args in runs:
+        r = _mvlm(*args, cwd=tmp_path)
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and says in errors[0], (args, r.stderr)
+        assert secret is None or secret not in r.stdout + r.stderr, (args, r.stderr)
+    if location:  # an empty $MVLM_HISTORY is unset, as usual: the default file
+        r = _mvlm("history", cwd=tmp_path, env={"MVLM_HISTORY": location})
+        assert r.returncode == 2 and says in r.stderr and (secret is None or secret not in r.stderr), r.stderr
+    assert list(tmp_path.iterdir()) == []  # no SQLite file named after it, no spill
+
+
 BAD_URLS = ("postgresql://mvlm:S3cretPW@[::1/mh",  # does not parse (urlsplit raises; psycopg quotes the whole URI)
             "postgresql://mvlm:S3cret PW@127.0.0.1:{port}/mh")  # a space in the password (psycopg quotes it)
 
