@@ -226,6 +226,10 @@ def bench_cmd(
         check_output_path(db_arg or history_db, [*models, mmproj, image], option="--db")
         inputs.append(history_db)
     _check_reports(raw_outputs, inputs)
+    if baseline and not (baseline.endswith(".json") or Path(baseline).is_file()):
+        from mvlm_bench.history_cli import resolve
+
+        resolve(baseline, db)  # a selector that names nothing stored is refused now, not after the measurement
     log_prog: list = []
 
     def log(m: str) -> None:

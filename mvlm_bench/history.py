@@ -965,25 +965,29 @@ class History:
                             "runtime:SHA or a JSON file written by `mvlm bench --json-file`")
         back_s = (m.group(2) or "0").lstrip("0") or "0"
         base, back = m.group(1), int(back_s) if len(back_s) <= 18 else MAX_ID  # ~N beyond any history: matches none
-        cands = [e for e in self.entries(device, model, protocol) if e.id not in exclude]
-        if like is not None:
-            key = setup_key(like)
-            cands = [e for e in cands if setup_key(e) == key]
+        named = [e for e in self.entries(device, model, protocol) if e.id not in exclude]
         if base.startswith("label:"):
-            cands = [e for e in cands if e.label == base[len("label:"):]]
+            named = [e for e in named if e.label == base[len("label:"):]]
         elif base.startswith("commit:"):
-            cands = [e for e in cands if e.project_commit.lower().startswith(base[len("commit:"):].lower())]
+            named = [e for e in named if e.project_commit.lower().startswith(base[len("commit:"):].lower())]
         elif base.startswith("runtime:"):
-            cands = [e for e in cands if e.context.runtime_commit.lower().startswith(base[len("runtime:"):].lower())]
+            named = [e for e in named if e.context.runtime_commit.lower().startswith(base[len("runtime:"):].lower())]
+        cands = named if like is None else [e for e in named if setup_key(e) == setup_key(like)]
         if back >= len(cands):
             scope = [f"device {device}" if device else "", f"model {model}" if model else "",
                      f"protocol {protocol}" if protocol else "",
                      f"the setup of {like.describe()}" if like is not None else ""]
             scope_s = ", ".join(x for x in scope if x)
             shown = selector if len(selector) <= 80 else selector[:60] + "..."
+            nearest = ""
+            if like is not None and named and not cands:  # say what differs from the newest entry it names
+                diff = setup_differences(named[-1], like)
+                nearest = (f"; it names {len(named)} entr{'y' if len(named) == 1 else 'ies'} of another setup, the "
+                           f"newest (id:{named[-1].id}) differing in {', '.join(diff[:4])} (stored vs this run)"
+                           if diff else "")
             raise MvlmError(f"selector {shown!r} matches nothing in {self.path}"
                             + (f" among entries with {scope_s}" if scope_s else "")
-                            + f" ({len(cands)} candidate(s)): `mvlm history` lists what is stored")
+                            + f" ({len(cands)} candidate(s)){nearest}: `mvlm history` lists what is stored")
         return cands[-1 - back]
 
 

@@ -104,6 +104,30 @@ def test_selectors(tmp_path):
         assert len(h.entries(model="abab")) == 4 and len(h.entries(device="sd888")) == 1
 
 
+def test_a_selector_that_names_entries_of_another_setup_says_what_differs(tmp_path):
+    """`--baseline label:main` when main was measured with other settings: the one line names what differs."""
+    with History(tmp_path / "h.sqlite") as h:
+        stored = h.save(_entry(_ctx(n_predict=400), [40, 41, 40], label="main"))
+        run = _entry(_ctx(n_predict=64), [40, 41, 40])
+        with pytest.raises(MvlmError) as e:
+            h.select("label:main", like=run)
+        assert f"the newest (id:{stored}) differing in n_predict: 400 vs 64 (stored vs this run)" in str(e.value)
+        with pytest.raises(MvlmError) as e:  # nothing of that name at all: no such hint
+            h.select("label:mian", like=run)
+        assert "differing" not in str(e.value) and "(0 candidate(s))" in str(e.value)
+
+
+def test_bench_refuses_a_baseline_that_names_nothing_before_measuring(tmp_path):
+    with History(tmp_path / "h.sqlite") as h:
+        h.save(_entry(_ctx(), [40, 41, 40], label="main"))
+    model = tmp_path / "Model-Q4_K_S.gguf"
+    model.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + bytes(4000))  # never loaded: refused before that
+    r = _mvlm("bench", "--device", "local", "-m", str(model), "--db", str(tmp_path / "h.sqlite"), "--baseline",
+              "label:mian", "--fail-on-regression", "5%", cwd=tmp_path)
+    assert r.returncode == 2 and "selector 'label:mian' matches nothing" in r.stderr, r.stderr
+    assert "syncing" not in r.stderr and "run 1/" not in r.stderr  # nothing pushed, nothing measured
+
+
 def _git(*args: str, cwd: Path) -> str:
     r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
