@@ -204,6 +204,9 @@ def pg_error(url: str, exc: BaseException, doing: str = "reading") -> HistoryErr
     if sqlstate == "53100":
         return HistoryError(f"the disk of the PostgreSQL server holding {where} is full ({msg})",
                             "free space on the server and run again, or pass another --db", exit_code=28)
+    if sqlstate == "55P03":  # lock_timeout: another session holds a lock on the tables
+        return HistoryError(f"{where} is locked by another session (waited {lock_timeout():g} s)",
+                            "run again when it is done (or raise $MVLM_HISTORY_LOCK_TIMEOUT), or pass another --db")
     if sqlstate.startswith("42501") or "permission denied" in msg.lower():
         return HistoryError(f"{where}: permission denied ({msg})",
                             "grant the user CREATE, SELECT and INSERT on the database, or pass another --db")
@@ -651,7 +654,7 @@ class History:
             raise HistoryError(f"{self.path} is a PostgreSQL history and psycopg is not installed",
                                "pip install 'mvlm[lab]' (psycopg 3), or pass a SQLite --db") from None
         try:
-            self.store = stores.PostgresStore(self.url, lock_timeout() or DEFAULT_LOCK_TIMEOUT_S)
+            self.store = stores.PostgresStore(self.url, lock_timeout() or DEFAULT_LOCK_TIMEOUT_S, lock_timeout())
         except psycopg.Error as e:
             raise pg_error(self.url, e, "connecting") from None
         try:

@@ -229,7 +229,7 @@ class PostgresStore(Store):
 
     kind = "postgresql"
 
-    def __init__(self, url: str, connect_timeout: float):
+    def __init__(self, url: str, connect_timeout: float, lock_timeout: float | None = None):
         super().__init__(mask_url(url))
         import psycopg
 
@@ -238,6 +238,9 @@ class PostgresStore(Store):
         if "connect_timeout" not in url:
             kwargs["connect_timeout"] = max(2, round(connect_timeout))
         self.conn = psycopg.connect(url, **kwargs)
+        if lock_timeout is not None:  # a lock another session holds is waited for this long, then an error (55P03)
+            ms = max(1, round(lock_timeout * 1000))  # PostgreSQL's 0 would mean "wait forever"
+            self.conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{ms}ms",))
 
     def sql(self, query: str) -> str:
         if "%" in query:  # psycopg reads % as a placeholder: the shared SQL never holds one
@@ -250,8 +253,10 @@ class PostgresStore(Store):
             self.conn.execute(f"SELECT pg_advisory_xact_lock({_PG_LOCK_KEY})")
 
     def tables(self) -> set[str]:
+        # pg_tables lists every table (information_schema only those this user may use: a user without rights on
+        # the lab's tables was told the database held none, and to create them)
         return {r[0] for r in self.conn.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
+            "SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = current_schema()")}
 
 
 def one_line(text: str, url: str | None = None) -> str:

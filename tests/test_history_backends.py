@@ -293,6 +293,38 @@ def test_a_url_without_a_host_reaches_the_server_its_parameters_name(tmp_path, p
     assert not any(p.name.startswith("postgres") for p in tmp_path.rglob("*"))  # no SQLite file named after the URL
 
 
+def test_a_user_without_rights_on_the_tables_is_told_so(tmp_path, postgresql):
+    """The lab's tables exist but belong to another role: 'permission denied', not 'no mvlm tables: create them'."""
+    url = _new_database(postgresql)
+    with History(url) as h:
+        h.save(_entry([40.0]))
+    role = "reader_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(postgresql, autocommit=True) as c:
+        c.execute(f"CREATE ROLE {role} LOGIN")
+    r = _mvlm("history", "--db", url.replace("mvlm@", f"{role}@"), cwd=tmp_path)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "permission denied" in errors[0], r.stderr
+    assert "no mvlm tables" not in r.stderr
+
+
+def test_a_table_lock_held_elsewhere_is_waited_for_a_bounded_time(tmp_path, postgresql):
+    """Another session holds a lock on the tables (a long migration, a stuck client): the command waits
+    $MVLM_HISTORY_LOCK_TIMEOUT seconds, then says so in one line, as with SQLite (it waited without end, silently)."""
+    url = _new_database(postgresql)
+    with History(url) as h:
+        h.save(_entry([40.0]))
+    with psycopg.connect(url) as c:  # a transaction of its own, open until the block ends
+        c.execute("LOCK TABLE entry IN ACCESS EXCLUSIVE MODE")
+        t0 = time.monotonic()
+        r = _mvlm("history", "--db", url, cwd=tmp_path, env={"MVLM_HISTORY_LOCK_TIMEOUT": "1"})
+        took = time.monotonic() - t0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "is locked by another session (waited 1 s)" in errors[0], r.stderr
+    assert took < 30, took
+    r = _mvlm("history", "--db", url, "--json", cwd=tmp_path)  # released: readable again
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 1, r.stderr
+
+
 REFUSED_LOCATIONS = (  # (what the user typed, the secret in it, what the one line says)
     ("host=127.0.0.1 port=5432 dbname=h user=lab password=Hunter2x", "Hunter2x", "libpq key=value string"),
     ("postgresq://lab:TopSecret99@127.0.0.1:5432/h", "TopSecret99", "postgresq:// URL"),
