@@ -935,16 +935,21 @@ class History:
             self._load_samples(out)
         return out
 
+    def _list_hint(self) -> str:
+        """```mvlm history --db LOCATION``` to paste (a URL without its password, then how to give it)."""
+        cmd, sep, note = stores.db_option(self.url or self.path).partition(" (")
+        return f"`mvlm history {cmd}`" + (f" ({note}" if sep else "")
+
     def get(self, entry_id: int) -> Entry:
         if not 0 <= entry_id <= MAX_ID:
             raise MvlmError(f"id:{entry_id} is out of range (ids are 1 to {MAX_ID}): "
-                            f"`mvlm history --db {self.path}` lists the stored ones")
+                            f"{self._list_hint()} lists the stored ones")
         with self._guard("reading"):
             assert self.store is not None
             cur = self.store.execute("SELECT * FROM entry WHERE id = ?", (entry_id,))
             row = cur.fetchone()
             if row is None:
-                raise MvlmError(f"no entry id:{entry_id} in {self.path}: `mvlm history --db {self.path}` lists them")
+                raise MvlmError(f"no entry id:{entry_id} in {self.path}: {self._list_hint()} lists them")
             e = self._row_to_entry(row, [d[0] for d in cur.description])
             self._load_samples([e])
             return e
@@ -959,7 +964,7 @@ class History:
             if len(digits) > len(str(MAX_ID)) or int(digits) > MAX_ID:
                 shown = digits if len(digits) <= 30 else digits[:12] + "..."
                 raise MvlmError(f"selector id:{shown} is out of range (ids are 1 to {MAX_ID}): "
-                                f"`mvlm history --db {self.path}` lists the stored ids")
+                                f"{self._list_hint()} lists the stored ids")
             return self.get(int(digits))
         m = re.fullmatch(r"(latest|label:.+?|commit:[0-9a-fA-F]+|runtime:[0-9a-zA-Z]+)(?:~([0-9]+))?", s, re.ASCII)
         if not m:

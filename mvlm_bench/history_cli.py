@@ -413,7 +413,7 @@ def history_cmd(
     device: str | None = typer.Option(None, "--device", help="Only this device."),
     model: str | None = typer.Option(None, "--model", help="Only this model (name, file or sha256 prefix)."),
     protocol: str | None = typer.Option(None, "--protocol", help="Only this protocol."),
-    limit: int = typer.Option(50, "--limit", help="Show the newest N entries (0: all)."),
+    limit: int = typer.Option(50, "--limit", min=0, help="Show the newest N entries (0: all)."),
 ) -> None:
     """List stored benchmark measurements (newest last). `mvlm history plot --out DIR` draws them."""
     if ctx.invoked_subcommand is not None:

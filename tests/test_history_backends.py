@@ -269,6 +269,10 @@ def test_cli_history_masks_password(tmp_path, postgresql):
         assert "hunter2" not in str(h.path) and h.entries()[0].source.startswith("postgresql://mvlm:***@")
     r = _mvlm("history", "--db", url, cwd=tmp_path)
     assert r.returncode == 0 and "hunter2" not in r.stdout + r.stderr and "mvlm:***@" in r.stdout, r.stdout
+    # the hint of a selector that names nothing runs when pasted: the URL without its password, then PGPASSWORD
+    r = _mvlm("compare", "id:1", "id:999", "--db", url, cwd=tmp_path)
+    hint = url.replace("mvlm:hunter2@", "mvlm@")
+    assert r.returncode == 2 and f"`mvlm history --db {hint}` (with PGPASSWORD set" in r.stderr, r.stderr
 
 
 @pytest.mark.slow
