@@ -124,6 +124,14 @@ class SshServer:
         }
         return profile_from_dict(data, where="test", default_name="test-ssh")
 
+    def profile_file(self, path: Path, workdir: Path, threads: int = 1) -> Path:
+        """A device profile file for this server as a user writes one (target host: the binaries run here)."""
+        path.write_text("\n".join([
+            'transport = "ssh"', f'address = "ssh://{self.user}@127.0.0.1:{self.port}"', 'target = "host"',
+            f'workdir = "{workdir}"', f"threads = {threads}", "[ssh]", f'identity_file = "{self.root / "client_key"}"',
+            f'known_hosts = "{self.known_hosts}"', 'config_file = "/dev/null"', "connect_timeout = 5", ""]))
+        return path
+
     def kill_sessions(self) -> int:
         """Kill every per-connection sshd process (the listener stays): the link drops as if the cable was pulled."""
         victims = _descendants(self.proc.pid)

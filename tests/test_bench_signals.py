@@ -36,6 +36,13 @@ def _profile(tmp_path: Path, name: str, workdir: Path) -> Path:
     return p
 
 
+def _start_bench(profile: Path, model: Path, n: int, repeat: int) -> subprocess.Popen:
+    """`mvlm bench` on ``profile``, no warm-up, its stderr kept (for the exit checks)."""
+    return subprocess.Popen([*MVLM, "bench", "--device", str(profile), "-m", str(model), "-n", str(n), "--repeat",
+                             str(repeat), "--warmup", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+
+
 def _descendants(pid: int) -> dict[int, str]:
     table = proc_table()
     children: dict[int, list[int]] = {}
@@ -68,10 +75,7 @@ def _alive(procs: dict[int, str]) -> dict[int, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -signal.SIGKILL)])
 def test_stopped_bench_leaves_no_process(tmp_path, smollm2_gguf, host_runtime, sig, status):
-    prof = _profile(tmp_path, "sigdev", tmp_path / "dev")
-    p = subprocess.Popen([*MVLM, "bench", "--device", str(prof), "-m", str(smollm2_gguf), "-n", "1024", "--repeat", "3",
-                          "--warmup", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                         env={**os.environ, "COLUMNS": "200"})
+    p = _start_bench(_profile(tmp_path, "sigdev", tmp_path / "dev"), smollm2_gguf, n=1024, repeat=3)
     started: dict[int, str] = {}
     try:
         deadline = time.monotonic() + 120
@@ -164,14 +168,7 @@ def test_stopped_bench_over_ssh_stops_the_run_on_the_device(sshd, tmp_path, smol
     device-side watchdog's timeout (the closed session breaks the run's output pipe: its next token ends it)."""
     sig = signal.SIGINT
     remote = tmp_path / "remote"
-    prof = tmp_path / "box.toml"
-    prof.write_text("\n".join([
-        'transport = "ssh"', f'address = "ssh://{sshd.user}@127.0.0.1:{sshd.port}"', 'target = "host"',
-        f'workdir = "{remote}"', "threads = 1", "[ssh]", f'identity_file = "{sshd.root / "client_key"}"',
-        f'known_hosts = "{sshd.known_hosts}"', 'config_file = "/dev/null"', "connect_timeout = 5", ""]))
-    p = subprocess.Popen([*MVLM, "bench", "--device", str(prof), "-m", str(smollm2_gguf), "-n", "1536", "--repeat", "1",
-                          "--warmup", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                         env={**os.environ, "COLUMNS": "200"})
+    p = _start_bench(sshd.profile_file(tmp_path / "box.toml", remote), smollm2_gguf, n=1536, repeat=1)
     running: dict[int, str] = {}
     try:
         deadline = time.monotonic() + 180

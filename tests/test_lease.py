@@ -358,12 +358,7 @@ def test_a_lease_lost_mid_measurement_keeps_nothing(postgresql, sshd, tmp_path, 
     import psycopg
     from peers import proc_table
 
-    remote = tmp_path / "remote"
-    prof = tmp_path / "box.toml"
-    prof.write_text("\n".join([
-        'transport = "ssh"', f'address = "ssh://{sshd.user}@127.0.0.1:{sshd.port}"', 'target = "host"',
-        f'workdir = "{remote}"', "threads = 1", "[ssh]", f'identity_file = "{sshd.root / "client_key"}"',
-        f'known_hosts = "{sshd.known_hosts}"', 'config_file = "/dev/null"', "connect_timeout = 5", ""]))
+    prof = sshd.profile_file(tmp_path / "box.toml", tmp_path / "remote")
     env = {k: v for k, v in os.environ.items() if k != "MVLM_HISTORY"} | {"COLUMNS": "300"}
     p = subprocess.Popen([*MVLM, "bench", "--device", str(prof), "-m", str(smollm2_gguf), "-n", "96", "--repeat", "3",
                           "--warmup", "0", "--save", "--db", postgresql, "--label", "lost"],

@@ -378,12 +378,7 @@ def ssh_box(sshd, tmp_path_factory) -> tuple[Path, Path]:
     """A device profile for the real sshd (host-key checking on, its own key) and the device's work dir."""
     d = tmp_path_factory.mktemp("box")
     remote = d / "remote"
-    profile = d / "box.toml"
-    profile.write_text("\n".join([
-        'transport = "ssh"', f'address = "ssh://{sshd.user}@127.0.0.1:{sshd.port}"', 'target = "host"',
-        f'workdir = "{remote}"', "threads = 2", "[ssh]", f'identity_file = "{sshd.root / "client_key"}"',
-        f'known_hosts = "{sshd.known_hosts}"', 'config_file = "/dev/null"', "connect_timeout = 5", ""]))
-    return profile, remote
+    return sshd.profile_file(d / "box.toml", remote, threads=2), remote
 
 
 def _gone(remote: Path, port: int, within: float = 15.0) -> tuple[list[int], list[int]]:
