@@ -19,7 +19,8 @@ DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Write a tiny MobileVLM-architecture checkpoint (random weights).")
+    ap = argparse.ArgumentParser(prog="python -m mvlm_convert.tiny",
+                                 description="Write a tiny MobileVLM-architecture checkpoint (random weights).")
     ap.add_argument("outdir", type=Path)
     ap.add_argument("--variant", choices=list(VARIANTS), default="v2")
     ap.add_argument("--layout", choices=list(LAYOUTS), default="bin")
