@@ -189,16 +189,22 @@ def test_delay_sleeps_before_every_run_but_the_first(local):
 
 @pytest.mark.slow
 def test_a_failed_configuration_does_not_cost_the_completed_ones_with_save(tmp_path, smollm2_gguf, host_runtime):
-    """The second model is cut short (a real GGUF header, half its tensor data): its run fails; --save still stores the
-    configuration that completed before it, and the error says so."""
-    good, cut = two_models(tmp_path, smollm2_gguf)
-    data = cut.read_bytes()
-    cut.write_bytes(data[: len(data) // 2])
+    """The second model's header is garbage llama.cpp refuses only when it loads it: its run fails; --save still stores
+    the configuration that completed before it, and the error says so. (A model cut short, a whole header with half
+    its tensor data, is refused with every other input before the first configuration runs.)"""
+    good, bad = two_models(tmp_path, smollm2_gguf)
     db = tmp_path / "h.sqlite"
-    r = mvlm("bench", "--device", profile_file(tmp_path), "-m", good, "-m", cut, "-n", 8, "--repeat", 1, "--warmup", 0,
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    r = mvlm("bench", "--device", profile_file(tmp_path), "-m", good, "-m", bad, "-n", 8, "--repeat", 1, "--warmup", 0,
+             "--save", "--db", db)
+    assert r.returncode == 2 and f"--model {bad} is truncated" in r.stderr and "run 1/" not in r.stderr, r.stderr
+    assert not db.exists()
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    r = mvlm("bench", "--device", profile_file(tmp_path), "-m", good, "-m", bad, "-n", 8, "--repeat", 1, "--warmup", 0,
              "--save", "--db", db)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 3 and len(errors) == 1, r.stderr
-    assert "not within the file bounds" in errors[0] and "1 configuration(s) completed before it were saved" in errors[0]
+    assert "exited with status 1" in errors[0] and "1 configuration(s) completed before it were saved" in errors[0]
     with sqlite3.connect(db) as con:
         assert [m for (m,) in con.execute("SELECT model FROM entry")] == [good.stem]
