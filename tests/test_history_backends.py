@@ -276,7 +276,7 @@ def test_cli_history_masks_password(tmp_path, postgresql):
 
 
 @pytest.mark.slow
-def test_a_url_without_a_host_reaches_the_server_its_parameters_name(tmp_path, postgresql):
+def test_a_url_without_a_host_reaches_the_server_its_parameters_name(tmp_path, postgresql, monkeypatch):
     """libpq's ``postgresql:///db?host=...`` (the Unix-socket form has no host either): every command that takes
     --db, and $MVLM_HISTORY, keep the three slashes (a Path made ``postgresql:/db`` of it, then host ``db``)."""
     import urllib.parse
@@ -286,7 +286,9 @@ def test_a_url_without_a_host_reaches_the_server_its_parameters_name(tmp_path, p
     with History(url.geturl()) as h:
         h.save(_entry([40.0, 41.0, 42.0], label="main"))
         h.save(_entry([40.5, 41.5, 42.5], label="pr"))
+    monkeypatch.chdir(tmp_path)  # a spill goes to the current directory
     spilled = save_or_spill([_entry([39.0])], tmp_path / "no-such-dir" / "h.sqlite").spilled  # a bench JSON report
+    assert spilled is not None and spilled.parent == tmp_path
     runs = (("history", "--db", bare, "--json"), ("compare", "label:main", "latest", "--db", bare),
             ("history", "import", str(spilled), "--db", bare), ("report", "--paper", "mobilevlm", "--db", bare, "--json"))
     for args in runs:
