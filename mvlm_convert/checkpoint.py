@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from mvlm_convert.config_check import check_checkpoint_dir
 from mvlm_core.errors import MvlmError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -364,9 +365,7 @@ def read_config(root: Path) -> dict[str, Any]:
 def open_checkpoint(root: str | Path) -> Checkpoint:
     """Open a checkpoint directory; reads config and tensor metadata only (no tensor data)."""
     root = Path(root)
-    if not root.is_dir():
-        what = "not a directory" if root.exists() else "does not exist"
-        raise MvlmError(f"{root}: {what}; give the checkpoint directory (config.json + weights)")
+    check_checkpoint_dir(root)
     config = read_config(root)
     files = _weight_files(root)
     ckpt = Checkpoint(root=root, config=config, files=files)

@@ -215,3 +215,13 @@ def weight_hints(reader: Any, *, embed: str = "model.embed_tokens.weight", ffn: 
         out["num_hidden_layers"] = (max(ids) + 1, f"layers 0 .. {max(ids)} in the weights")
         out["n_layer"] = out["num_hidden_layers"]
     return out
+
+
+def check_checkpoint_dir(root) -> None:
+    """The checkpoint path names a directory (``mvlm convert`` says so before it loads torch for the weights)."""
+    from pathlib import Path
+
+    root = Path(root)
+    if not root.is_dir():
+        what = "not a directory" if root.exists() else "does not exist"
+        raise MvlmError(f"{root}: {what}; give the checkpoint directory (config.json + weights)")

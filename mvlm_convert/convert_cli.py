@@ -68,6 +68,9 @@ def convert_cmd(
     stop at the layer the model uses. Both files are renamed into place together when both are complete: on failure
     or interruption nothing is left behind and earlier files of the same names stay as they were.
     """
+    from mvlm_convert.config_check import check_checkpoint_dir
+
+    check_checkpoint_dir(checkpoint)  # before torch is loaded: a mistyped path is answered at once
     from mvlm_convert.convert import convert
 
     result = convert(

@@ -369,6 +369,7 @@ def test_threads_are_never_this_machines_core_count_on_another_device():
     assert argv[argv.index("-t") + 1] == str(os.cpu_count())
 
 
+@pytest.mark.slow
 def test_profile_target_that_does_not_fit_the_device_is_refused_before_pushing(sshd, tmp_path, fake_gguf):
     """A profile claiming linux-arm64, pointed at the x86_64 sshd: one line saying which build to make, nothing pushed."""
     prof = ssh_profile_file(sshd, tmp_path / "arm.toml", tmp_path / "remote", target="linux-arm64")
@@ -597,6 +598,7 @@ def test_adb_device_lost_names_the_file(tmp_path, monkeypatch):
 # ===================================================================================================== 12. messages
 
 
+@pytest.mark.slow
 def test_model_that_is_not_gguf_is_refused_before_pushing(tmp_path, fake_gguf):
     prof = local_profile(tmp_path)
     notgguf = tmp_path / "notgguf"
@@ -697,6 +699,7 @@ def profile_dir(tmp_path, monkeypatch):
     return d
 
 
+@pytest.mark.slow
 def test_devices_lists_good_profiles_and_flags_bad_ones(profile_dir):
     r = mvlm("devices", "--no-check", "--json")
     assert r.returncode == 0, r.stderr
@@ -1087,6 +1090,7 @@ def test_profile_counts_are_bounded_like_the_command_line(tmp_path, fake_gguf, f
     assert not (tmp_path / "dev").exists()
 
 
+@pytest.mark.slow
 def test_device_spec_messages_keep_the_users_text(tmp_path, fake_gguf, profile_dir):
     forms = "a profile name (see `mvlm devices`), the path of a .toml profile, ssh://user@host[:port] or adb:SERIAL"
     r = mvlm("bench", "--device", "foo://x", "--model", fake_gguf)

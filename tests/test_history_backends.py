@@ -313,6 +313,7 @@ def test_a_user_without_rights_on_the_tables_is_told_so(tmp_path, postgresql):
     assert "no mvlm tables" not in r.stderr
 
 
+@pytest.mark.slow  # waits the 1 s it tests
 def test_a_table_lock_held_elsewhere_is_waited_for_a_bounded_time(tmp_path, postgresql):
     """Another session holds a lock on the tables (a long migration, a stuck client): the command waits
     $MVLM_HISTORY_LOCK_TIMEOUT seconds, then says so in one line, as with SQLite (it waited without end, silently)."""

@@ -245,6 +245,7 @@ def _record(protocol: str, device: str, model: str, reps: list[dict[str, float]]
             "runs": [{"repetition": i, "metrics": m, "timing": {}} for i, m in enumerate(reps)]}
 
 
+@pytest.mark.slow
 def test_report_reads_imp_and_dataset_entries_by_their_field_names(tmp_path):
     imp_reps = [{"n_prompt": 237, "n_gen": 64, "t_ve_s": ve, "s_prompt_tps": sp, "s_gen_tps": sg, "t_total_s": tt,
                  "t_other_s": 0.1, "load_s": 1.5}
