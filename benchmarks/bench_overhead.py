@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mvlm_bench import bench  # noqa: E402
-from mvlm_bench.devices import profile_from_dict  # noqa: E402
+from mvlm_bench.device.profiles import profile_from_dict
 from mvlm_core import runtime  # noqa: E402
 from mvlm_core.assets import smollm2_gguf  # noqa: E402
 
@@ -53,7 +53,7 @@ def main() -> int:
             subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=True)
             direct.append(time.perf_counter() - t0)
             res = bench.run_bench(prof, spec)
-            from mvlm_bench.records import run_metrics
+            from mvlm_bench.records.metrics import run_metrics
 
             toolkit.append(run_metrics(res.runs[0])["total_s"])
     md, mt = statistics.median(direct), statistics.median(toolkit)

@@ -36,10 +36,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mvlm_bench import bench, gate  # noqa: E402
-from mvlm_bench.compare import GATE_METRICS, compare_samples, describe_regression, gate_summary  # noqa: E402
-from mvlm_bench.devices import load_profile  # noqa: E402
-from mvlm_bench.history import entries_from_runs  # noqa: E402
+from mvlm_bench import bench
+from mvlm_bench.decide import gate
+from mvlm_bench.decide.stats import GATE_METRICS, compare_samples, describe_regression, gate_summary
+from mvlm_bench.device.profiles import load_profile
+from mvlm_bench.history.entries import entries_from_runs
 
 THROTTLE = REPO / "benchmarks" / "throttle.py"
 MODES = ("within-session", "history", "history + A/B confirm", "interleaved")

@@ -21,7 +21,7 @@ app = typer.Typer(
 
 
 def _wire() -> None:
-    from mvlm_bench import runtime_cli
+    from mvlm_bench.cli import runtime as runtime_cli
     from mvlm_convert.crosscheck_cli import check_cmd
 
     runtime_cli.app.command("check")(check_cmd)
@@ -41,24 +41,29 @@ def _wire() -> None:
 
     app.command("quantize", help="Quantize a GGUF with llama.cpp's own quantizer; size/quality table.")(quantize_cmd)
 
-    from mvlm_bench import bench_cli
+    from mvlm_bench.cli import bench as bench_cli
 
     app.add_typer(
         bench_cli.app,
         name="bench",
         help="Run the papers' latency protocols on a device (or parse saved llama.cpp output) and report.",
     )
-    app.command("devices", help="List device profiles and check that each is reachable.")(bench_cli.devices_cmd)
+    from mvlm_bench.cli.devices import devices_cmd
 
-    from mvlm_bench import history_cli
+    app.command("devices", help="List device profiles and check that each is reachable.")(devices_cmd)
+
+    from mvlm_bench.cli.compare import compare_cmd
 
     app.command("compare", help="Compare two measurements (history selectors or bench JSON): speedups and verdicts.")(
-        history_cli.compare_cmd
+        compare_cmd
     )
-    app.add_typer(history_cli.app, name="history", help="List stored benchmark measurements; plot their history.")
-    from mvlm_bench.paper_report import report_cmd
+    from mvlm_bench.cli import history as history_cli
+
+    app.add_typer(history_cli.app, name="history", help="List, plot, import, delete and prune stored measurements.")
+    from mvlm_bench.cli.report import report_cmd
+
     app.command("report", help="Your stored latencies in a paper's table layout, beside its published rows.")(report_cmd)
-    from mvlm_bench.serve_cli import serve_cmd
+    from mvlm_bench.cli.serve import serve_cmd
 
     app.command("serve", help="Serve a GGUF (+ mmproj) with llama-server's OpenAI API, here or on a device.")(serve_cmd)
 

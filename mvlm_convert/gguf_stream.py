@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 import torch
 
-from mvlm_core.atomic import AtomicOutputs, is_disk_full, temporary_for
+from mvlm_core.atomic import AtomicOutputs, is_disk_full
 from mvlm_core.errors import MvlmError
 from mvlm_core.filetypes import FILE_TYPES, OUTTYPES, QT
 
@@ -110,11 +110,6 @@ def encode(t: torch.Tensor, qtype: QT) -> np.ndarray:
     if qtype == QT.Q8_0:
         return gguf.quants.quantize(np.ascontiguousarray(t.to(torch.float32).numpy()), QT.Q8_0)
     raise ValueError(f"unsupported output type {qtype!r}")
-
-
-def tmp_path_for(final: Path) -> Path:
-    """The temporary name a file is written under before it is renamed to ``final``."""
-    return temporary_for(final)
 
 
 def check_writable(outdir: Path) -> None:

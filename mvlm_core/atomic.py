@@ -9,7 +9,9 @@ on any failure (an exception, Ctrl-C, or SIGTERM: the CLI turns it into ``System
 ``check_output_path`` refuses an output path that would destroy an input (``--json m.gguf`` for the model), or that
 is not a regular file (a device, FIFO, socket, directory, or ``dir/``).
 
-Temporary names look like ``.<final name>.<pid>.tmp``; :func:`is_temporary` recognises them.
+Temporary names look like ``.<final name>.<pid>.<random>.tmp``; :func:`is_temporary` recognises them. Each is
+created exclusively and never through a link (``O_CREAT|O_EXCL|O_NOFOLLOW``): a symbolic link planted at a temporary
+name by anyone who can write to the output directory is never followed (the name is taken by a new random one).
 """
 
 from __future__ import annotations
@@ -27,8 +29,22 @@ TMP_SUFFIX = ".tmp"
 
 
 def temporary_for(final: Path) -> Path:
-    """The temporary name for ``final``: hidden, in the same directory, unique per process."""
-    return final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
+    """A new temporary file for ``final``: hidden, in the same directory (so the rename is atomic), created empty and
+    exclusively (never an existing file, never through a symbolic link). When the directory does not exist yet the
+    name alone is returned (the caller's write then fails with its own error)."""
+    import secrets
+
+    for _ in range(100):
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue  # a name taken (a planted link, a file): draw another
+        except OSError:
+            return tmp
+        os.close(fd)
+        return tmp
+    raise MvlmError(f"cannot create a temporary file next to {final}: every name tried exists")
 
 
 def is_temporary(p: Path) -> bool:

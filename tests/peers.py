@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from mvlm_bench.devices import DeviceProfile, profile_from_dict
+from mvlm_bench.device.profiles import DeviceProfile, profile_from_dict
 
 SSHD = "/usr/sbin/sshd"
 

@@ -7,13 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mvlm_bench.devices import (
-    DEFAULT_ADB_WORKDIR,
-    list_profiles,
-    load_profile,
-    profile_dirs,
-    repo_devices_dir,
-)
+from mvlm_bench.device.profiles import DEFAULT_ADB_WORKDIR, list_profiles, load_profile, profile_dirs, repo_devices_dir
 from mvlm_core.errors import MvlmError
 
 REPO_DEVICES = Path(__file__).resolve().parents[1] / "devices"

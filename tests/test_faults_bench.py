@@ -40,9 +40,10 @@ import pytest
 from peers import AdbDouble, fill_up
 
 from mvlm_bench import bench
-from mvlm_bench.devices import load_profile, profile_from_dict
-from mvlm_bench.sync import sync
-from mvlm_bench.transports import ConnectionLostError, DeviceInfo, make_transport
+from mvlm_bench.device.profiles import load_profile, profile_from_dict
+from mvlm_bench.device.sync import sync
+from mvlm_bench.device.transports import make_transport
+from mvlm_bench.device.transports.base import ConnectionLostError, DeviceInfo
 from mvlm_core.errors import MvlmError
 
 MVLM = [sys.executable, "-m", "mvlm"]

@@ -21,11 +21,15 @@ from pathlib import Path
 import pytest
 from peers import fill_up
 
-from mvlm_bench import history
-from mvlm_bench.history import History, HistoryError, entries_from_json, entries_from_runs, save_or_spill
-from mvlm_bench.records import Run, RunContext
-from mvlm_bench.report import render_json
-from mvlm_bench.timings import TimingRecord, parse_file, parse_text
+from mvlm_bench.history import entries as history_entries
+from mvlm_bench.history.database import History
+from mvlm_bench.history.entries import entries_from_runs
+from mvlm_bench.history.errors import HistoryError
+from mvlm_bench.history.imports import entries_from_json
+from mvlm_bench.history.spill import save_or_spill
+from mvlm_bench.records.record import Run, RunContext
+from mvlm_bench.records.timings import TimingRecord, parse_file, parse_text
+from mvlm_bench.views.exports import render_json
 from mvlm_core.errors import MvlmError
 
 MVLM = [sys.executable, "-m", "mvlm"]  # this tree's mvlm, as the console script runs it
@@ -69,7 +73,7 @@ def _runs(eval_tps: list[float], runtime: str = "0c1e570") -> list[Run]:
     return out
 
 
-def _entries(eval_tps: list[float], label: str = "", runtime: str = "0c1e570") -> list[history.Entry]:
+def _entries(eval_tps: list[float], label: str = "", runtime: str = "0c1e570") -> list[history_entries.Entry]:
     return entries_from_runs(_runs(eval_tps, runtime), label=label, project=("c0ffee" * 6, False))
 
 
@@ -482,8 +486,9 @@ def test_non_positive_speed_values_are_left_out_with_a_warning(tmp_path):
 
 def test_bench_history_keeps_the_gate_and_the_runs(tmp_path, monkeypatch):
     """After a bench: a damaged history does not stop the comparison with a JSON baseline, nor lose the runs."""
-    from mvlm_bench.bench import BenchResult
-    from mvlm_bench.history_cli import EXIT_REGRESSION, bench_history
+    from mvlm_bench.plan.protocols import BenchResult
+    from mvlm_bench.decide.verdict import EXIT_REGRESSION
+    from mvlm_bench.cli.history import bench_history
 
     monkeypatch.chdir(tmp_path)
     base = tmp_path / "base.json"

@@ -9,7 +9,7 @@ import pytest
 
 scipy_stats = pytest.importorskip("scipy.stats", reason="scipy is a test dependency (pip install -e '.[dev]')")
 
-from mvlm_bench import compare, gate  # noqa: E402
+from mvlm_bench.decide import stats as compare, gate
 
 
 @pytest.mark.parametrize("n", [3, 4, 5, 6, 8, 10, 13])
@@ -242,8 +242,8 @@ def test_decide_history_with_too_few_sessions_uses_the_ab_remeasure_when_it_can(
 
 
 def _entry(eid, label, runtime="r0", tps=40.0):
-    from mvlm_bench.history import Entry
-    from mvlm_bench.records import RunContext
+    from mvlm_bench.history.entries import Entry
+    from mvlm_bench.records.record import RunContext
 
     ctx = RunContext(device="orin", model="M", model_file="m.gguf", model_sha256="ab" * 32, runtime_commit=runtime,
                      protocol="lm", params={"n_predict": 64, "n_threads": 4})

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mvlm_bench.history import Entry, History
-from mvlm_bench.records import RunContext
+from mvlm_bench.history.database import History
+from mvlm_bench.history.entries import Entry
+from mvlm_bench.records.record import RunContext
 
 REPO = Path(__file__).resolve().parents[1]
 THROTTLE = REPO / "benchmarks" / "throttle.py"
@@ -85,7 +86,7 @@ def test_history_gate_with_too_few_sessions_says_so_and_does_not_fail(tmp_path):
 def test_file_baseline_gates_within_session_and_warns(tmp_path):
     db = tmp_path / "h.sqlite"
     _history(db, [0.0], candidate_slowdown=0.2, seed=4)
-    from mvlm_bench.history import entries_to_records
+    from mvlm_bench.history.entries import entries_to_records
 
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     with History(db, create=False) as h:
@@ -124,7 +125,7 @@ def test_history_gate_uses_only_the_baseline_labels_sessions(tmp_path):
     r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
     assert r.returncode == 4 and "worse than the centre of 4 baseline session(s)" in r.stderr, r.stderr
     # the old rule (every session of the build) would have pooled the PR sessions: a band wider than the regression
-    from mvlm_bench import gate
+    from mvlm_bench.decide import gate
 
     with History(db, create=False) as h:
         pooled = [e.samples["eval_tps"] for e in h.entries() if e.context.runtime_commit == "r0"]
@@ -143,7 +144,7 @@ def test_history_gate_does_not_flag_a_candidate_inside_the_baselines_own_range(t
     db = tmp_path / "h.sqlite"
     _save(db, [("main", "r0", 46.6), ("main", "r0", 46.9), ("main", "r0", 40.5), ("pr", "r0", 43.26)], seed=7,
           noise=0.0)
-    from mvlm_bench import gate
+    from mvlm_bench.decide import gate
 
     nm = gate.noise_model("eval_tps", [[46.6] * 5, [46.9] * 5, [40.5] * 5])
     assert gate.NOISE_K * nm.sigma < 1 - 43.26 / 46.6 < nm.band  # the MAD band alone failed it
@@ -190,8 +191,8 @@ def test_interleaved_tables_say_pair_speedup(tmp_path):
     shown beside it: the column says "Pair speedup" and the caption / Markdown note says what it is."""
     from rich.console import Console
 
-    from mvlm_bench import compare, gate
-    from mvlm_bench.history_cli import comparison_table
+    from mvlm_bench.decide import stats as compare, gate
+    from mvlm_bench.views.comparison import comparison_table
 
     base = [10.0, 20.0, 30.0, 40.0, 50.0]  # pair speedups 3, 0.9, 0.9, 1.5, 0.9: median 0.9
     cand = [30.0, 18.0, 27.0, 60.0, 45.0]
@@ -274,9 +275,10 @@ def test_ab_session_through_the_cli_records_both_sides(tmp_path, host_runtime, s
 
 @pytest.mark.slow
 def test_ab_session_detects_a_real_slowdown(tmp_path, host_runtime, smollm2_gguf):
-    from mvlm_bench import bench, gate
-    from mvlm_bench.devices import load_profile
-    from mvlm_bench.history import entries_from_runs
+    from mvlm_bench import bench
+    from mvlm_bench.decide import gate
+    from mvlm_bench.device.profiles import load_profile
+    from mvlm_bench.history.entries import entries_from_runs
 
     os.environ.pop("MVLM_DEVICES_DIR", None)
     prof = load_profile(str(_profile(tmp_path, "abdev") / "abdev.toml"))

@@ -16,11 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mvlm_bench import history
-from mvlm_bench.history import Entry, History, entries_from_json, entries_from_runs, setup_key
-from mvlm_bench.records import Run, RunContext
-from mvlm_bench.report import render_json
-from mvlm_bench.timings import TimingRecord
+from mvlm_bench.history import database as history_db
+from mvlm_bench.history import entries as history_entries
+from mvlm_bench.history import errors as history_errors
+from mvlm_bench.history.database import History
+from mvlm_bench.history.entries import Entry, entries_from_runs, setup_key
+from mvlm_bench.history.imports import entries_from_json
+from mvlm_bench.records.record import Run, RunContext
+from mvlm_bench.records.timings import TimingRecord
+from mvlm_bench.views.exports import render_json
 from mvlm_core.errors import MvlmError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,15 +72,15 @@ def test_save_and_read_back_every_repetition(tmp_path):
     assert [t["eval_tps"] for t in back.timings] == [40.0, 41.5, 39.2]
     con = sqlite3.connect(db)
     assert con.execute("SELECT COUNT(*) FROM sample WHERE metric = 'eval_tps'").fetchone()[0] == 3
-    assert con.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION
+    assert con.execute("PRAGMA user_version").fetchone()[0] == history_db.SCHEMA_VERSION
 
 
 def test_default_path_and_env(tmp_path, monkeypatch):
     monkeypatch.delenv("MVLM_HISTORY", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert history.default_db_path() == tmp_path / "mvlm-history.sqlite"
+    assert history_errors.default_db_path() == tmp_path / "mvlm-history.sqlite"
     monkeypatch.setenv("MVLM_HISTORY", str(tmp_path / "x.sqlite"))
-    assert history.default_db_path() == tmp_path / "x.sqlite"
+    assert history_errors.default_db_path() == tmp_path / "x.sqlite"
 
 
 def test_selectors(tmp_path):
@@ -143,7 +147,7 @@ def test_project_commit_is_mvlms_own_commit_whatever_the_current_directory(tmp_p
     elsewhere = tmp_path / "not-a-repo"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    assert history.project_commit()[0] == head
+    assert history_entries.project_commit()[0] == head
     (e,) = entries_from_runs(_runs(_ctx(), [40.0]))
     assert e.project_commit == head and e.project_dirty is not None
     other = tmp_path / "other-project"  # a git work tree of another project with its own commit
@@ -153,11 +157,11 @@ def test_project_commit_is_mvlms_own_commit_whatever_the_current_directory(tmp_p
     _git("add", "f", cwd=other)
     _git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "x", cwd=other)
     monkeypatch.chdir(other)
-    assert history.project_commit()[0] == head != _git("rev-parse", "HEAD", cwd=other)
+    assert history_entries.project_commit()[0] == head != _git("rev-parse", "HEAD", cwd=other)
     # mvlm installed outside a git tree (a wheel), or as untracked files inside another tree (a venv in a project)
     for where in (tmp_path / "site-packages", other / ".venv" / "site-packages"):
         shutil.copytree(REPO / "mvlm_bench", where / "mvlm_bench", ignore=shutil.ignore_patterns("__pycache__"))
-        assert history.project_commit(where / "mvlm_bench") == ("", None)
+        assert history_entries.project_commit(where / "mvlm_bench") == ("", None)
 
 
 def test_setup_key_ignores_runtime_but_not_params():
@@ -209,7 +213,7 @@ def test_newer_schema_is_a_clear_error(tmp_path):
     db = tmp_path / "h.sqlite"
     History(db).close()
     con = sqlite3.connect(db)
-    con.execute(f"PRAGMA user_version = {history.SCHEMA_VERSION + 1}")
+    con.execute(f"PRAGMA user_version = {history_db.SCHEMA_VERSION + 1}")
     con.commit()
     con.close()
     with pytest.raises(MvlmError, match="newer than this mvlm"):
@@ -233,13 +237,13 @@ def test_old_schema_is_migrated_through_the_hook(tmp_path, monkeypatch):
     db = tmp_path / "h.sqlite"
     with History(db) as h:
         eid = h.save(_entry(_ctx(), [40.0, 41.0, 39.0], label="old"))
-    v = history.SCHEMA_VERSION
+    v = history_db.SCHEMA_VERSION
 
     def next_step(store) -> None:
         store.execute("ALTER TABLE entry ADD COLUMN host TEXT NOT NULL DEFAULT ''")
 
-    monkeypatch.setattr(history, "SCHEMA_VERSION", v + 1)
-    monkeypatch.setattr(history, "MIGRATIONS", {v: next_step})
+    monkeypatch.setattr(history_db, "SCHEMA_VERSION", v + 1)
+    monkeypatch.setattr(history_db, "MIGRATIONS", {v: next_step})
     with History(db) as h:
         back = h.get(eid)
     assert back.label == "old" and back.samples["eval_tps"] == [40.0, 41.0, 39.0]
@@ -247,7 +251,7 @@ def test_old_schema_is_migrated_through_the_hook(tmp_path, monkeypatch):
     assert con.execute("PRAGMA user_version").fetchone()[0] == v + 1
     assert "host" in [r[1] for r in con.execute("PRAGMA table_info(entry)")]
     con.close()
-    monkeypatch.setattr(history, "SCHEMA_VERSION", v + 2)  # no step v+1 -> v+2: refuse, leave the file alone
+    monkeypatch.setattr(history_db, "SCHEMA_VERSION", v + 2)  # no step v+1 -> v+2: refuse, leave the file alone
     with pytest.raises(MvlmError, match=f"no migration from version {v + 1}"):
         History(db)
     assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == v + 1
@@ -256,13 +260,13 @@ def test_old_schema_is_migrated_through_the_hook(tmp_path, monkeypatch):
 def test_failed_migration_leaves_file_unchanged(tmp_path, monkeypatch):
     db = tmp_path / "h.sqlite"
     History(db).close()
-    v = history.SCHEMA_VERSION
+    v = history_db.SCHEMA_VERSION
 
     def broken(store) -> None:
         store.execute("ALTER TABLE no_such_table ADD COLUMN x")
 
-    monkeypatch.setattr(history, "SCHEMA_VERSION", v + 1)
-    monkeypatch.setattr(history, "MIGRATIONS", {v: broken})
+    monkeypatch.setattr(history_db, "SCHEMA_VERSION", v + 1)
+    monkeypatch.setattr(history_db, "MIGRATIONS", {v: broken})
     with pytest.raises(MvlmError, match="left unchanged"):
         History(db)
     assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == v

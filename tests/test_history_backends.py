@@ -23,10 +23,12 @@ import numpy as np
 import psycopg
 import pytest
 
-from mvlm_bench import history
-from mvlm_bench.history import History, entries_from_runs, save_or_spill
-from mvlm_bench.records import Run, RunContext
-from mvlm_bench.timings import TimingRecord
+from mvlm_bench.history import database as history_db
+from mvlm_bench.history.database import History
+from mvlm_bench.history.entries import entries_from_runs
+from mvlm_bench.history.spill import save_or_spill
+from mvlm_bench.records.record import Run, RunContext
+from mvlm_bench.records.timings import TimingRecord
 from mvlm_core.errors import MvlmError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,31 +124,31 @@ def test_schema_version_table(db):
     else:
         with sqlite3.connect(db) as c:
             rows = c.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
-            assert c.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION
-    assert [r[0] for r in rows] == list(range(1, history.SCHEMA_VERSION + 1))
+            assert c.execute("PRAGMA user_version").fetchone()[0] == history_db.SCHEMA_VERSION
+    assert [r[0] for r in rows] == list(range(1, history_db.SCHEMA_VERSION + 1))
 
 
 def test_migration_step_and_failure(db, monkeypatch):
     with History(db) as h:
         eid = h.save(_entry([40.0, 41.0], label="old"))
-    v = history.SCHEMA_VERSION
+    v = history_db.SCHEMA_VERSION
 
     def broken(store) -> None:
         store.execute("ALTER TABLE entry ADD COLUMN host TEXT NOT NULL DEFAULT ''")
         store.execute("ALTER TABLE no_such_table ADD COLUMN x TEXT")
 
-    monkeypatch.setattr(history, "SCHEMA_VERSION", v + 1)
-    monkeypatch.setattr(history, "MIGRATIONS", {v: broken})
+    monkeypatch.setattr(history_db, "SCHEMA_VERSION", v + 1)
+    monkeypatch.setattr(history_db, "MIGRATIONS", {v: broken})
     with pytest.raises(MvlmError, match="left unchanged"):
         History(db)
     # the same step as shared schema text, for both backends
-    monkeypatch.setattr(history, "MIGRATIONS", {v: "ALTER TABLE entry ADD COLUMN host TEXT NOT NULL DEFAULT ''"})
+    monkeypatch.setattr(history_db, "MIGRATIONS", {v: "ALTER TABLE entry ADD COLUMN host TEXT NOT NULL DEFAULT ''"})
     with History(db) as h:
         assert h.get(eid).label == "old"
         cols = [d[0] for d in h.store.execute("SELECT * FROM entry").description]
         versions = [r[0] for r in h.store.execute("SELECT version FROM schema_version ORDER BY version")]
     assert "host" in cols and versions == list(range(1, v + 2))
-    monkeypatch.setattr(history, "SCHEMA_VERSION", v)
+    monkeypatch.setattr(history_db, "SCHEMA_VERSION", v)
     with pytest.raises(MvlmError, match=f"schema version {v + 1}, newer than this mvlm"):
         History(db)
 
@@ -178,9 +180,9 @@ def test_released_v1_file_is_migrated_in_place(tmp_path, monkeypatch):
         h.save(_entry([41.0]))
     assert back.label == "v1" and back.samples["eval_tps"] == [40.0, 41.0, 39.5]
     with sqlite3.connect(db) as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION
+        assert c.execute("PRAGMA user_version").fetchone()[0] == history_db.SCHEMA_VERSION
         assert [r[0] for r in c.execute("SELECT version FROM schema_version")] == list(
-            range(1, history.SCHEMA_VERSION + 1))
+            range(1, history_db.SCHEMA_VERSION + 1))
     with pytest.raises(MvlmError, match="newer than this mvlm"):  # and the released code no longer writes into it
         old.History(db)
 
@@ -399,7 +401,7 @@ def test_password_never_printed_however_malformed_the_url(tmp_path, template, sm
 
 
 def test_scrub_needs_no_parseable_url():
-    from mvlm_bench.store import scrub, url_password
+    from mvlm_bench.history.locations import scrub, url_password
 
     url = "postgresql://mvlm:S3cretPW@[::1/mh"
     assert url_password(url) == "S3cretPW"
@@ -411,7 +413,7 @@ def test_scrub_needs_no_parseable_url():
 
 def test_copy_paste_hints_leave_the_password_out(tmp_path, postgresql, monkeypatch):
     """report --paper's fill command and the unsaved-file import hint: the URL without its password, and PGPASSWORD."""
-    from mvlm_bench.store import PGPASSWORD_NOTE
+    from mvlm_bench.history.locations import PGPASSWORD_NOTE
 
     url = _new_database(postgresql).replace("mvlm@", "mvlm:hunter2@")  # trust auth: the password is not checked
     bare = url.replace("mvlm:hunter2@", "mvlm@")
@@ -438,7 +440,7 @@ def test_import_of_an_empty_list_says_it_holds_no_records(tmp_path):
 
 
 def test_paper_report_reads_postgres(postgresql):
-    from mvlm_bench.paper_report import load_entries
+    from mvlm_bench.papers.report import load_entries
 
     url = _new_database(postgresql)
     with History(url) as h:
@@ -453,7 +455,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from test_history_backends import _entry
-from mvlm_bench.history import save_or_spill
+from mvlm_bench.history.spill import save_or_spill
 time.sleep(max(0.0, float(sys.argv[5]) - time.time()))  # all start together: they race to create the history too
 for k in range(int(sys.argv[2])):
     out = save_or_spill([_entry([40.0 + k, 41.0, 39.0], label=f"p{sys.argv[4]}-{k}")], Path(sys.argv[1]))

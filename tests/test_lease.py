@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from mvlm_bench import lease
-from mvlm_bench.devices import load_profile, profile_from_dict
+from mvlm_bench.session import lease
+from mvlm_bench.device.profiles import load_profile, profile_from_dict
 from mvlm_core.errors import MvlmError
 
 MVLM = [sys.executable, "-m", "mvlm"]
@@ -333,8 +333,8 @@ def test_the_confirming_remeasure_leases_through_the_bench_history(postgresql, s
     a history suspicion holds the device's lease in that PostgreSQL, as the measurement did. (It leased through
     $MVLM_HISTORY: a lab runner given --db re-measured a remote device while another runner held it.)"""
     from mvlm_bench import bench
-    from mvlm_bench.bench_cli import _confirmer
-    from mvlm_bench.history import entries_from_runs
+    from mvlm_bench.cli.bench import _confirmer
+    from mvlm_bench.history.entries import entries_from_runs
 
     monkeypatch.delenv("MVLM_HISTORY", raising=False)
     prof = sshd.profile(str(tmp_path / "remote"), target="host", threads=1)

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from mvlm.cli import _json_file_alias
-from mvlm_bench.report import LLAMA_BENCH_FIELDS
-from mvlm_bench.timings import parse_llama_bench_file
+from mvlm_bench.records.llama_bench_output import parse_llama_bench_file
+from mvlm_bench.views.exports import LLAMA_BENCH_FIELDS
 
 MVLM = [sys.executable, "-m", "mvlm"]
 DATA = Path(__file__).resolve().parent / "data" / "llama-bench"
@@ -276,7 +276,7 @@ def test_precision_comes_from_the_name_else_from_the_files_own_file_type(tmp_pat
     ``model.gguf`` is not "unknown", and a misleading name does not relabel it; without one, the name decides."""
     import gguf
 
-    from mvlm_bench.gguf_header import precision_of
+    from mvlm_bench.plan.gguf_header import precision_of
 
     plain = tmp_path / "model.gguf"
     plain.symlink_to(smollm2_gguf)

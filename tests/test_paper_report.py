@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from mvlm_bench import paper_tables as pt
-from mvlm_bench.records import Run, RunContext
-from mvlm_bench.report import render_json
-from mvlm_bench.timings import parse_text
+from mvlm_bench.papers import tables as pt
+from mvlm_bench.records.record import Run, RunContext
+from mvlm_bench.records.timings import parse_text
+from mvlm_bench.views.exports import render_json
 
 OUTPUTS = Path(__file__).resolve().parent / "data" / "llama-cpp-outputs"
 
@@ -284,7 +284,7 @@ def _rendered_row(report: dict, where: str) -> list[str]:
     """The cells of your (first) row of one table as `mvlm report --paper` prints it."""
     from rich.console import Console
 
-    from mvlm_bench.paper_report import render
+    from mvlm_bench.papers.report import render
 
     table = next(x for x in render({**report, "tables": [_table(report, where)]}) if not isinstance(x, str))
     console = Console(record=True, width=1000)

@@ -11,8 +11,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mvlm_bench.parse_cli import parse_cmd
-from mvlm_bench.timings import FIELDS
+from mvlm_bench.cli.parse import parse_cmd
+from mvlm_bench.records.timings import FIELDS
 from mvlm_core.errors import MvlmError
 
 LLAMA_PERF = """\

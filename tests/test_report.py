@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mvlm_bench.records import METRIC_KEYS, Run, RunContext, aggregate, run_metrics
-from mvlm_bench.report import LLAMA_BENCH_FIELDS, render_all, render_csv, render_json, render_markdown, render_table
-from mvlm_bench.timings import TimingRecord, parse_text
+from mvlm_bench.records.columns import METRIC_KEYS
+from mvlm_bench.records.groups import aggregate
+from mvlm_bench.records.metrics import run_metrics
+from mvlm_bench.records.record import Run, RunContext
+from mvlm_bench.records.timings import TimingRecord, parse_text
+from mvlm_bench.views.exports import LLAMA_BENCH_FIELDS, render_csv, render_json
+from mvlm_bench.views.report import render_all, render_markdown, render_table
 
 OUTPUTS = Path(__file__).resolve().parent / "data" / "llama-cpp-outputs"  # real llama.cpp outputs (data/README.md)
 

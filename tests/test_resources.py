@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 from peers import AdbDouble
 
-from mvlm_bench import bench, resources, thermal
-from mvlm_bench.devices import load_profile, profile_from_dict
-from mvlm_bench.report import render_csv, render_markdown, report_records
-from mvlm_bench.transports import make_transport
+from mvlm_bench import bench
+from mvlm_bench.device import resources, thermal
+from mvlm_bench.device.profiles import load_profile, profile_from_dict
+from mvlm_bench.device.transports import make_transport
+from mvlm_bench.views.exports import render_csv, report_records
+from mvlm_bench.views.report import render_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 GNU_TIME = "/usr/bin/time"
@@ -202,7 +204,8 @@ def test_local_bench_records_rss_and_times(tmp_path, smollm2_gguf, host_runtime)
     md = render_markdown(res.runs)
     assert "Peak RSS (MB)" in md
     # the history keeps them per repetition (the sample rows), next to the speed metrics
-    from mvlm_bench.history import History, entries_from_runs
+    from mvlm_bench.history.database import History
+    from mvlm_bench.history.entries import entries_from_runs
 
     with History(tmp_path / "h.sqlite") as h:
         h.save_many(entries_from_runs(res.runs))

@@ -288,9 +288,10 @@ def test_cuda_build_refusals_are_one_line_before_anything_is_fetched(tmp_path):
 
 
 def test_cuda_is_a_target_wherever_targets_are_listed(tmp_path, monkeypatch):
-    from mvlm_bench import bench, runtime_cli
-    from mvlm_bench.devices import KNOWN_TARGETS
-    from mvlm_bench.transports import DeviceInfo, normalise_machine
+    from mvlm_bench import bench
+    from mvlm_bench.cli import runtime as runtime_cli
+    from mvlm_bench.device.profiles import KNOWN_TARGETS
+    from mvlm_bench.device.transports.base import DeviceInfo, normalise_machine
     from mvlm_core.backends import BACKENDS, get_backend
 
     assert "cuda" in rt.TARGETS and "cuda" in KNOWN_TARGETS and "cuda" in BACKENDS

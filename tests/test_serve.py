@@ -248,7 +248,7 @@ def test_log_through_a_symlink_or_onto_a_fifo_is_refused(fake_gguf, tmp_path, ma
 def test_open_log_appends_to_an_existing_file_and_never_follows_a_symlink(tmp_path):
     """An existing file (a PNG given by mistake) keeps its bytes; the log is appended after a header line; a symlink
     that appears after the checks is still not followed (O_NOFOLLOW)."""
-    from mvlm_bench import serve
+    from mvlm_bench.session import serve
     from mvlm_core.errors import MvlmError
 
     png = tmp_path / "photo.png"
@@ -273,7 +273,7 @@ def test_open_log_appends_to_an_existing_file_and_never_follows_a_symlink(tmp_pa
 
 
 def test_wildcard_hosts_print_the_loopback_url():
-    from mvlm_bench.serve import _loopback_for
+    from mvlm_bench.session.serve import _loopback_for
 
     assert [_loopback_for(h) for h in ("0.0.0.0", "::", "[::]", "::0", "0:0::0", "127.0.0.2", "::1", "localhost")] == [
         "127.0.0.1", "::1", "::1", "::1", "::1", "127.0.0.2", "::1", "localhost"]
@@ -528,7 +528,7 @@ def test_a_second_stop_signal_kills_a_server_that_ignores_sigterm_at_once():
     child is reaped; afterwards the stop signals are ignored (Python's shutdown would otherwise restore death by them)."""
     import threading
 
-    from mvlm_bench import serve
+    from mvlm_bench.session import serve
 
     saved = {sig: signal.getsignal(sig) for sig in serve.STOP_SIGNALS}
     proc = None

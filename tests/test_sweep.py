@@ -19,9 +19,10 @@ import pytest
 from test_faults_bench import _one_line, mvlm
 from test_faults_bench import local_profile as _local_profile
 
-from mvlm_bench import sweep, thermal
-from mvlm_bench.devices import load_profile
-from mvlm_bench.transports import LocalTransport
+from mvlm_bench import sweep
+from mvlm_bench.device import thermal
+from mvlm_bench.device.profiles import load_profile
+from mvlm_bench.device.transports.local import LocalTransport
 from mvlm_core.errors import MvlmError
 
 

@@ -1,0 +1,81 @@
+"""``mvlm serve``: llama-server (OpenAI-compatible HTTP API) for an LM GGUF and its mmproj, here or on a device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)
+
+
+def serve_cmd(
+    model: Path | None = typer.Option(None, "--model", "-m", help="The language-model GGUF."),
+    mmproj: Path | None = typer.Option(None, "--mmproj", help="The mmproj GGUF (images in chat messages); leave it "
+                                                              "out to serve a text-only model."),
+    device: str = typer.Option("local", "--device", "-d", help="Where the server runs: local (this machine), a profile "
+                                                               "name or .toml, or ssh://user@host[:port]."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (local device; 0.0.0.0: every "
+                                                          "interface). On an ssh device the tunnel listens on 127.0.0.1."),
+    port: int = typer.Option(8080, "--port", help="TCP port here (on an ssh device: the local end of the tunnel)."),
+    threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads (default: the profile's; locally "
+                                                                     "all cores)."),
+    ctx_size: int = typer.Option(4096, "--ctx-size", "-c", help="Context size in tokens, shared by the server's slots."),
+    n_gpu_layers: int | None = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (default: the "
+                                                                                 "profile's)."),
+    alias: str | None = typer.Option(None, "--alias", help="Model name the API reports (default: the GGUF's file "
+                                                           "name without .gguf); requests may name any model."),
+    log: Path | None = typer.Option(None, "--log", help="Server log file, appended to, never through a symlink "
+                                                    "(default: ~/.cache/mvlm/logs/serve-*.log)."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the model to load (at least 1)."),
+) -> None:
+    """Serve a GGUF with llama.cpp's llama-server (OpenAI-compatible /v1/chat/completions, images as data URIs).
+
+    Waits until the server is ready, prints its URL and the OpenAI base URL, and runs until Ctrl-C, SIGTERM, SIGHUP
+    or SIGQUIT (exit 0; the server is stopped and reaped; a second signal kills it at once). On an ssh device the
+    runtime and models are pushed first and a local port is forwarded to the server there. Examples:
+
+      mvlm serve --model MobileVLM_V2-1.7B-Q4_K_S.gguf --mmproj mmproj-MobileVLM_V2-1.7B-F16.gguf
+
+      mvlm serve --device orin --model M-Q4_K_S.gguf --mmproj mmproj-M-F16.gguf --port 8081
+    """
+    from mvlm_bench.device.profiles import load_profile, profile_from_dict
+    from mvlm_bench.session import serve
+    from mvlm_core.errors import MvlmError
+
+    if model is None:
+        raise MvlmError("no model given: pass --model FILE.gguf (and --mmproj mmproj-FILE.gguf for images)")
+    if not (timeout >= 1):  # NaN too
+        raise MvlmError(f"--timeout {timeout:g} is too short: give the seconds to wait for the model to load, at least 1")
+    spec = serve.ServeSpec(model=model, mmproj=mmproj, host=host, port=port, threads=threads, ctx_size=ctx_size,
+                           n_gpu_layers=n_gpu_layers, alias=alias, log=log, ready_timeout=timeout)
+    notes = serve.check_spec(spec)
+    if device.strip() == "local":
+        try:
+            profile = load_profile("local")
+        except MvlmError:  # an installed package without the repo's devices/: this machine, host runtime
+            profile = profile_from_dict({"transport": "local", "target": "host"}, where="--device local",
+                                        default_name="local")
+    else:
+        profile = load_profile(device)
+
+    def say(msg: str) -> None:
+        err.print(msg, style="dim", highlight=False, markup=False, soft_wrap=True)
+
+    def on_ready(s: serve.Serving) -> None:
+        # plain print, flushed: scripts and tests read these lines from a pipe
+        print(f"llama-server ready on {s.device} in {s.ready_s:.1f} s\n  URL:             {s.url}\n"
+              f"  OpenAI base URL: {s.url}/v1\n  model (alias):   {s.alias}\n  server log:      {s.log}", flush=True)
+        for note in notes:  # after start-up: a refusal stays one line
+            err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        print("Ctrl-C stops it.\n", end="", flush=True)  # one write: a stop signal cannot split it from its newline
+
+    # Ctrl-C, SIGTERM, SIGHUP and SIGQUIT stop the server (also where SIGINT was ignored at start-up: a job started
+    # with `&` by a script); a device that cannot forward a port (adb) is refused there
+    stopped = serve.serve(profile, spec, on_ready, log=say)
+    if stopped:
+        try:
+            print("stopped", flush=True)
+        except OSError:  # SIGHUP: the terminal is gone
+            pass

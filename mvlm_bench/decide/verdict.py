@@ -1,0 +1,303 @@
+"""Deciding, as library code that returns results and prints nothing: which stored measurement is the baseline
+(:func:`resolve`), how a candidate compares with it (:func:`judge_pairs`, :func:`judge_interleaved`), whether the gate
+fails, and the confirming re-measure of a suspected slowdown (:class:`Confirmer`: the stored baseline's build and model
+re-run interleaved with the candidate on the same device, through the same plan/session pipeline as any bench).
+
+Exit codes the caller raises: :data:`EXIT_REGRESSION` (4) when a gated metric is slower than the baseline by more than
+the threshold AND the evidence supports it (:mod:`mvlm_bench.decide.stats`, :mod:`mvlm_bench.decide.gate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mvlm_bench.decide import gate, stats
+from mvlm_bench.history.database import History
+from mvlm_bench.history.entries import Entry, entries_from_runs, setup_differences
+from mvlm_bench.history.imports import check_report_file, entries_from_json
+from mvlm_core.errors import MvlmError
+from mvlm_core.terminal import visible
+
+EXIT_REGRESSION = 4
+GATE_MODES = ("auto", "history", "within-session")
+_SELECTOR = re.compile(r"(?:id:)?[0-9]+|(?:latest|label:.+?|commit:[0-9a-fA-F]+|runtime:[0-9a-zA-Z]+)(?:~[0-9]+)?",
+                       re.ASCII | re.DOTALL)
+
+
+def is_report_file(spec: str) -> bool:
+    """A JSON/llama-bench file rather than a history selector: ``*.json``, an existing file, or a directory given
+    by mistake (a one-line error later) unless it reads as a selector."""
+    if spec.endswith(".json"):
+        return True
+    try:
+        p = Path(spec)  # a FIFO, device or directory too: refused in one line later (check_report_file)
+        return p.is_file() or (p.exists() and not _SELECTOR.fullmatch(spec.strip()))
+    except (OSError, ValueError):  # a name too long for the OS, a NUL byte: not a file
+        return False
+
+
+def resolve(spec: str, db: Path | str | None, device: str | None = None, model: str | None = None,
+            protocol: str | None = None, like: Entry | None = None, exclude: tuple[int, ...] = ()) -> list[Entry]:
+    """Entries named by a selector (``latest``, ``label:main``, ``id:3``, ...) or a JSON file (which may hold several
+    measurements). ``like``: a selector's entry is looked for among entries of that entry's setup."""
+    if is_report_file(spec):
+        check_report_file(Path(spec), "pass a JSON file written by `mvlm bench --json-file` or a selector")
+        return entries_from_json(Path(spec))
+    with History(db, create=False) as h:
+        return [h.select(spec, device=device, model=model, protocol=protocol, like=like, exclude=exclude)]
+
+
+def check_metrics(metrics: Sequence[str] | None) -> list[str] | None:
+    """``--metric`` as the tables name them (``Eval``, ``Eval_prompt``, ``Total``) or by key (``eval_tps``): the keys;
+    an unknown one is refused, listing the valid ones. A llama-bench test key (``pp512_tps``) is taken as it is."""
+    from mvlm_bench.records.columns import COLUMNS, resolve_metric
+
+    if not metrics:
+        return None
+    out = []
+    for m in metrics:
+        key = resolve_metric(m)
+        if key is None and re.fullmatch(r"(pp\d+|tg\d+|pp\d+\+tg\d+)(@d\d+)?_tps", m.strip()):
+            key = m.strip()
+        if key is None:
+            names = ", ".join(f"{c.name} ({c.key})" for c in COLUMNS if c.direction)
+            raise MvlmError(f"--metric {m!r} is not a metric: use one of {names}, or a llama-bench test such as "
+                            "pp512_tps")
+        out.append(key)
+    return out
+
+
+@dataclasses.dataclass
+class PairVerdict:
+    """One baseline/candidate pair: the comparison of every metric, what differs in their setups, the gate's decision
+    (None without a threshold), and warnings (non-positive values left out)."""
+
+    baseline: Entry
+    candidate: Entry
+    comparisons: list[stats.MetricComparison]
+    setup_differences: list[str]
+    decision: gate.GateDecision | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        c = self.candidate.context
+        return f"{c.label()} on {c.device}: {self.baseline.describe()} -> {self.candidate.describe()}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"baseline": entry_json(self.baseline), "candidate": entry_json(self.candidate),
+                "setup_differences": self.setup_differences, "metrics": [c.as_dict() for c in self.comparisons],
+                "regressions": self.decision.regressions if self.decision else [],
+                "warnings": self.warnings, "gate": self.decision.as_dict() if self.decision else None}
+
+
+@dataclasses.dataclass
+class Verdict:
+    """What a comparison found: its pairs, the threshold (None: compare only), alpha, and for an interleaved session
+    the run order. ``regressions``: the gate's failing lines (empty: passed or not gated)."""
+
+    pairs: list[PairVerdict]
+    alpha: float
+    threshold: float | None
+    gated: tuple[str, ...]
+    mode: str = "pairs"  # or "interleaved"
+    order: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def regressions(self) -> list[str]:
+        return [line for p in self.pairs if p.decision for line in p.decision.regressions]
+
+    @property
+    def judged(self) -> bool:
+        return any(p.decision.judged for p in self.pairs if p.decision)
+
+    def error(self) -> MvlmError | None:
+        """The gate's failure as the command's error (exit 4), None when it passed or did not gate."""
+        if not self.regressions:
+            return None
+        what = "performance regression (interleaved A/B): " if self.mode == "interleaved" else "performance regression: "
+        return MvlmError(what + visible("; ".join(self.regressions)), exit_code=EXIT_REGRESSION)
+
+    def as_json(self) -> dict[str, Any]:
+        if self.mode == "interleaved":
+            p = self.pairs[0]
+            return {"mode": "interleaved", "order": self.order, "alpha": self.alpha, "threshold": self.threshold,
+                    "metrics": [c.as_dict() for c in p.comparisons], "gate": p.decision.as_dict() if p.decision else None}
+        return {"alpha": self.alpha, "threshold": self.threshold, "comparisons": [p.as_json() for p in self.pairs]}
+
+
+def entry_json(e: Entry) -> dict[str, Any]:
+    c = e.context
+    return {"id": e.id, "source": e.source, "created_at": e.created_at, "label": e.label,
+            "project_commit": e.project_commit, "device": c.device, "model": c.label(), "model_sha256": c.model_sha256,
+            "protocol": c.protocol, "runtime_commit": c.runtime_commit, "runtime_patches": list(c.runtime_patches),
+            "params": c.params, "repetitions": e.repetitions}
+
+
+def _metric_list(e: Entry) -> str:
+    keys = sorted(e.samples)
+    return visible(", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")) if keys else "none"
+
+
+def check_common_metrics(base: Entry, cand: Entry, gated: tuple[str, ...] | None, chosen: bool) -> None:
+    """Refuse, in one line, a pair with no metric in common (an empty table) or, when gating, no gated metric in
+    common (the gate could judge nothing and would pass silently)."""
+    common = sorted(set(base.samples) & set(cand.samples))
+    sides = (f"the baseline ({base.describe()}) has {_metric_list(base)}; "
+             f"the candidate ({cand.describe()}) has {_metric_list(cand)}")
+    if not common:
+        raise MvlmError(f"the two measurements have no metric in common: {sides}; compare measurements of the same "
+                        "protocol and tests")
+    if gated is not None and not set(gated) & set(common):
+        what = "--metric" if chosen else f"gated metric ({', '.join(gated)})"
+        raise MvlmError(f"--fail-on-regression: no {what} is in both measurements: {sides}; gate on one they share "
+                        f"with --metric {visible(common[0])}")
+
+
+def history_sessions(db: Path | str | None, base: Entry, cand: Entry) -> list[Entry]:
+    """The stored sessions of the baseline (same setup, build and label; gate.baseline_sessions), never the candidate."""
+    with History(db, create=False) as h:
+        entries = h.entries(base.context.device)
+    return gate.baseline_sessions(entries, base, candidate=cand)
+
+
+def judge_pair(base: Entry, cand: Entry, metrics: list[str] | None, alpha: float, threshold: float | None, *,
+               db: Path | str | None = None, gate_mode: str = "auto", confirm=None) -> PairVerdict:
+    """Compare one pair (every metric: medians, speedup, 95% CI, Mann-Whitney p), and gate it when a threshold is set:
+    a baseline stored in the history by its own session-to-session noise (``history``, confirmed by ``confirm(base,
+    cand)``'s interleaved re-measure when given), a baseline from a file within-session (said in a warning)."""
+    gated = tuple(metrics) if metrics else stats.GATE_METRICS
+    if base.id is not None and base.id == cand.id:
+        raise MvlmError(f"baseline and candidate are the same entry ({base.describe()}): pick two different ones")
+    check_common_metrics(base, cand, gated if threshold is not None else None, bool(metrics))
+    comps = stats.compare_samples(base.samples, cand.samples, metrics=metrics or None, alpha=alpha)
+    invalid = {c.key: f"{c.name}: {c.dropped_warning}" for c in comps if c.dropped_warning}
+    pv = PairVerdict(base, cand, comps, setup_differences(base, cand))
+    if threshold is None:
+        pv.warnings = list(invalid.values())
+        return pv
+    use_history = gate_mode == "history" or (gate_mode == "auto" and base.id is not None)
+    if use_history and base.id is None:
+        raise MvlmError("--gate history needs a baseline stored in the history (a selector, not a JSON file)")
+    if use_history:
+        sessions = history_sessions(db, base, cand)
+        decision = gate.decide_history([e.samples for e in sessions], cand.samples, threshold, gated,
+                                       confirm=confirm(base, cand) if confirm else None)
+    else:
+        regs, warns = stats.gate_summary(comps, threshold, gated)
+        decision = gate.GateDecision("within-session", threshold, bool(regs),
+                                     [stats.describe_regression(r, threshold) for r in regs], warns)
+        if gate_mode == "auto":
+            decision.warnings.append(
+                "the baseline is a file, so its session-to-session noise is unknown: gating within one pair of "
+                "sessions, which can cry wolf; prefer a history baseline or an interleaved bench (--against)")
+    # non-positive values left out: said once per metric (the gate's own warnings already name its metrics)
+    said = {v.key for v in decision.history if v.dropped_warning} if decision.history else set(gated)
+    decision.warnings = [w for k, w in invalid.items() if k not in said] + decision.warnings
+    pv.decision = decision
+    pv.warnings = decision.warnings
+    return pv
+
+
+def judge_pairs(pairs: list[tuple[Entry, Entry]], metrics: list[str] | None, alpha: float, threshold: float | None, *,
+                db: Path | str | None = None, gate_mode: str = "auto", confirm=None) -> Verdict:
+    """:func:`judge_pair` for each pair."""
+    if gate_mode not in GATE_MODES:
+        raise MvlmError(f"--gate {gate_mode!r}: choose one of {', '.join(GATE_MODES)}")
+    out = [judge_pair(b, c, metrics, alpha, threshold, db=db, gate_mode=gate_mode, confirm=confirm) for b, c in pairs]
+    return Verdict(out, alpha, threshold, tuple(metrics) if metrics else stats.GATE_METRICS)
+
+
+def judge_interleaved(baseline_runs: Sequence, candidate_runs: Sequence, order: list[str], metrics: list[str] | None,
+                      alpha: float, threshold: float | None) -> Verdict:
+    """The paired comparison of an interleaved A/B session (pair i = run i of each side) and its gate."""
+    base = entries_from_runs(baseline_runs, project=("", None))
+    cand = entries_from_runs(candidate_runs, project=("", None))
+    if not base or not cand:
+        raise MvlmError("the A/B session completed no pair of runs: nothing to compare")
+    comps = gate.compare_interleaved(base[0].samples, cand[0].samples, metrics or None, alpha=alpha)
+    decision = gate.decide_interleaved(comps, threshold, metrics) if threshold is not None else None
+    pv = PairVerdict(base[0], cand[0], comps, setup_differences(base[0], cand[0]), decision,
+                     decision.warnings if decision else [])
+    return Verdict([pv], alpha, threshold, tuple(metrics) if metrics else stats.GATE_METRICS, "interleaved", order)
+
+
+def interleaved_title(v: Verdict) -> str:
+    p = v.pairs[0]
+    return (f"interleaved A/B on {p.candidate.context.device}: {p.baseline.describe()} -> {p.candidate.describe()}, "
+            f"{len(v.order) // 2} pairs, order {''.join(v.order)}")
+
+
+class Confirmer:
+    """For history mode: ``factory(base_entry, cand_entry)`` -> a callable that re-measures the stored baseline and the
+    candidate interleaved on this device, or None when the baseline cannot be re-run here (its build is not in the
+    cache, or its model file is not at hand with the same sha256). The re-measure holds the device's lease the way the
+    measurement did (``lease_db``, ``lease_timeout``), so a lab's other runners wait for it too. ``log`` hears what it
+    does."""
+
+    def __init__(self, profile, spec, log: Callable[[str], None], lease_db: str | None = None,
+                 lease_timeout: float | None = None):
+        self.profile, self.spec, self.log = profile, spec, log
+        self.lease_db, self.lease_timeout = lease_db, lease_timeout
+
+    def __call__(self, base: Entry, cand: Entry):
+        from mvlm_bench.device.sync import sha256_file
+        from mvlm_core import runtime as rtmod
+
+        def local_copy(current: Path | None, name: str, sha: str) -> Path | None:
+            if not sha:
+                return None
+            for p in ([current] if current else []) + ([current.parent / name] if current and name else []):
+                if p is not None and p.is_file() and sha256_file(p) == sha:
+                    return p
+            return None
+
+        c = base.context
+        rt = rtmod.find_build(str(c.params.get("target") or self.profile.target), c.runtime_commit,
+                              list(c.runtime_patches))
+        model = local_copy(self.spec.model, c.model_file, c.model_sha256)
+        mmproj = local_copy(self.spec.mmproj, c.mmproj_file, c.mmproj_sha256) if c.mmproj_sha256 else None
+        missing = [what for what, ok in (("its llama.cpp build", rt), ("its model file", model)) if ok is None]
+        if c.mmproj_sha256 and mmproj is None:
+            missing.append("its mmproj file")
+        if missing:
+            self.log(f"the baseline ({base.describe()}) cannot be re-run here ({' and '.join(missing)} not found): "
+                     "the gate judges by the history alone")
+            return None
+        return lambda: self._remeasure(base, rt, model, mmproj if c.mmproj_sha256 else self.spec.mmproj)
+
+    def _remeasure(self, base: Entry, rt, model: Path, mmproj: Path | None) -> list:
+        from mvlm_bench.plan.plan import Plan
+        from mvlm_bench.plan.spec import Side
+        from mvlm_bench.session.runners import Events, run_plan
+
+        pairs = max(self.spec.repeat, gate.CONFIRM_PAIRS)
+        self.log(f"re-measuring the baseline ({base.describe()}) and this build interleaved, {pairs} A/B pairs, "
+                 "to confirm")
+        cand_spec = dataclasses.replace(self.spec, repeat=pairs)
+        sides = (Side(dataclasses.replace(self.spec, model=model, mmproj=mmproj, repeat=pairs), runtime=rt,
+                      name="baseline"), Side(cand_spec, name="candidate"))
+        said: list[str] = []
+
+        def on_wait(message: str) -> None:  # once: the lease is polled every second
+            if not said:
+                self.log(message)
+            said.append(message)
+
+        plan = Plan(self.profile, [cand_spec], sides=sides, lease_db=self.lease_db)
+        if self.lease_timeout is not None:
+            plan.lease_timeout = self.lease_timeout
+        runs: dict[str, list] = {"baseline": [], "candidate": []}
+        out = run_plan(plan, Events(emit=lambda r: runs[r.context.params["ab_side"]].append(r), log=self.log,
+                                    on_wait=on_wait))
+        if out.failure is not None:
+            who, f = out.failure
+            self.log(f"the confirming A/B run failed ({who}: {f.message}); judging by the history alone")
+            return []
+        n = min(len(runs["baseline"]), len(runs["candidate"]))
+        b, k = entries_from_runs(runs["baseline"][:n]), entries_from_runs(runs["candidate"][:n])
+        return gate.compare_interleaved(b[0].samples, k[0].samples) if b and k else []

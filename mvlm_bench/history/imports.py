@@ -1,0 +1,216 @@
+"""Reading measurements from files: ``mvlm bench --json-file`` reports, the spill files of a failed save, and
+llama-bench's own output (json, jsonl, sql, csv, md: one entry per configuration, each test a metric)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mvlm_bench.history.entries import Entry, entry_from_record, lenient_time, project_commit
+from mvlm_bench.records.columns import finite
+from mvlm_bench.records.record import RunContext
+from mvlm_core.errors import MvlmError
+
+
+def bench_metric(r: dict[str, Any]) -> str:
+    """The metric a llama-bench test row measures: ``pp512_tps``, ``tg128_tps``, ``pp512+tg128_tps``, ``@d512``."""
+    n_p, n_g, n_d = (int(r.get(k) or 0) for k in ("n_prompt", "n_gen", "n_depth"))
+    key = f"pp{n_p}" if n_g == 0 else (f"tg{n_g}" if n_p == 0 else f"pp{n_p}+tg{n_g}")
+    return key + (f"@d{n_d}" if n_d else "") + "_tps"
+
+
+def entry_from_llama_bench(rows: Sequence[dict[str, Any]], context: RunContext, label: str = "",
+                           project: tuple[str, bool | None] | None = None) -> Entry:
+    """llama-bench test rows of ONE configuration as one Entry: metric ``pp64_tps`` / ``tg128_tps`` (one value per
+    sample: ``samples_ts``, else ``avg_ts``). The one plain pp test (no tg, no depth), when there is exactly one, is
+    also ``prompt_tps``, and the one plain tg test ``eval_tps``: the metrics `mvlm history` shows and the gate judges."""
+    commit, dirty = project if project is not None else project_commit()
+    samples: dict[str, list[float | None]] = {}
+    plain: dict[str, list[str]] = {"prompt_tps": [], "eval_tps": []}
+    for r in rows:
+        vals = r.get("samples_ts") or ([r["avg_ts"]] if r.get("avg_ts") is not None else [])
+        if not isinstance(vals, list):
+            raise ValueError("'samples_ts' is not a list")
+        key = bench_metric(r)
+        samples[key] = [finite(v) for v in vals]
+        if re.fullmatch(r"pp\d+_tps", key):
+            plain["prompt_tps"].append(key)
+        elif re.fullmatch(r"tg\d+_tps", key):
+            plain["eval_tps"].append(key)
+    for alias, keys in plain.items():
+        if len(set(keys)) == 1 and alias not in samples:
+            samples[alias] = list(samples[keys[0]])
+    return Entry(context=context, samples=samples, label=label, project_commit=commit, project_dirty=dirty)
+
+
+
+
+BENCH_TEST_FIELDS = {"n_prompt", "n_gen", "n_depth", "test", "test_time", "avg_ns", "stddev_ns", "avg_ts",
+                      "stddev_ts", "samples_ns", "samples_ts"}  # fmt: skip
+# llama-bench fields kept in an entry's params: what makes two llama-bench configurations different
+BENCH_PARAMS = ("n_batch", "n_ubatch", "n_threads", "type_k", "type_v", "n_gpu_layers", "split_mode", "main_gpu",
+                 "no_kv_offload", "flash_attn", "tensor_split", "embeddings", "cpu_mask", "cpu_strict", "poll",
+                 "n_cpu_moe", "devices", "load_mode", "use_mmap", "backends", "model_type", "model_n_params",
+                 "fit_target", "fit_min_ctx", "build_number")  # fmt: skip
+
+
+def entries_from_bench_rows(rows: list[dict[str, Any]], path: Path, device: str | None = None) -> list[Entry]:
+    """llama-bench test rows as entries: one per configuration (model, build, threads, batch sizes, ... : every field
+    but the test's own), each test a metric whose values are its samples (see :func:`entry_from_llama_bench`).
+    ``device``: the name to store them under (default: llama-bench's cpu_info, then gpu_info)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for r in rows:
+            config = {k: v for k, v in r.items() if k not in BENCH_TEST_FIELDS}
+            groups.setdefault(json.dumps(config, sort_keys=True, default=str), []).append(r)
+        out = []
+        for i, rs in enumerate(groups.values()):
+            r0 = rs[0]
+            name = str(r0.get("model_filename") or "").replace("\\", "/").rsplit("/", 1)[-1]
+            params = {k: r0[k] for k in BENCH_PARAMS if k in r0}
+            size = r0.get("model_size")
+            ctx = RunContext(device=device or str(r0.get("cpu_info") or r0.get("gpu_info") or ""),
+                             model=name.removesuffix(".gguf") or str(r0.get("model_type") or ""),
+                             model_file=name, size_bytes=size if isinstance(size, int) and not isinstance(size, bool)
+                             else None, runtime_commit=str(r0.get("build_commit") or ""), protocol="llama-bench",
+                             cpu_info=str(r0.get("cpu_info") or ""), gpu_info=str(r0.get("gpu_info") or ""),
+                             params=params)
+            e = entry_from_llama_bench(rs, ctx, project=("", None))
+            e.created_at = min((t for t in map(lenient_time, rs) if t), default="")
+            e.source = f"{path}[{i}]" if len(groups) > 1 else str(path)
+            out.append(e)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise MvlmError(f"{path}: llama-bench rows with unexpected values ({exc}): pass the file llama-bench wrote, "
+                        "unedited") from None
+    return out
+
+
+def check_report_file(path: Path, todo: str = "pass a JSON file written by `mvlm bench --json-file` or llama-bench") -> None:
+    """Refuse, in one line, a report path that is missing or not a regular file (a FIFO would block the read forever,
+    /dev/zero would never end); ``todo``: what to pass instead."""
+    from mvlm_core.atomic import file_kind
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MvlmError(f"{path} does not exist: {todo}") from None
+    except OSError as e:
+        raise MvlmError(f"cannot read {path}: {e.strerror or e}; {todo}") from None
+    if not stat.S_ISREG(mode):
+        raise MvlmError(f"{path} is {file_kind(path)}, not a file: {todo}")
+
+
+def entries_from_json(path: Path, device: str | None = None) -> list[Entry]:
+    """Entries from a file written by ``mvlm bench --json-file`` (papers' protocols or llama-bench rows), by
+    :func:`save_or_spill`, or by llama-bench itself (``-o json``/``jsonl``/``sql``/``csv``/``md``: one entry per
+    configuration). ``device``: the device name for llama-bench rows (which only know cpu_info/gpu_info)."""
+    path = Path(path)
+    check_report_file(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except IsADirectoryError:
+        raise MvlmError(f"{path} is a directory: pass a JSON file written by `mvlm bench --json-file`") from None
+    except OSError as e:
+        raise MvlmError(f"cannot read benchmark JSON {path}: {e.strerror or e}") from None
+    stripped = head.lstrip()
+    if stripped.startswith(b"\xef\xbb\xbf"):
+        stripped = stripped[3:].lstrip()
+    if not stripped.startswith((b"[", b"{")):
+        return bench_file(path, device)  # llama-bench md / csv / sql (or something else: a one-line refusal)
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as e:
+        if stripped.startswith(b"{"):  # JSON lines: mvlm bench --jsonl, or llama-bench -o jsonl
+            lines = _mvlm_json_lines(path)
+            return lines if lines is not None else bench_file(path, device)
+        raise MvlmError(f"cannot read benchmark JSON {path}: {e}: pass a file written by `mvlm bench --json-file`") from None
+    except (OSError, MemoryError) as e:
+        raise MvlmError(f"cannot read benchmark JSON {path}: {e}") from None
+    if isinstance(data, dict):
+        data = [data]
+    if isinstance(data, list) and not data:
+        raise MvlmError(f"{path} holds no records (an empty JSON list): nothing to read; pass a report written by "
+                        "`mvlm bench --json-file` that has measurements")
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise MvlmError(f"{path} is not a report written by `mvlm bench --json-file` (expected a list of records)")
+    if all("runs" not in r and ("samples_ts" in r or "avg_ts" in r) for r in data):  # llama-bench's own rows
+        return entries_from_bench_rows(data, path, device)
+    out = []
+    for i, r in enumerate(data):
+        if "runs" not in r:
+            raise MvlmError(f"{path}: record {i} has no per-repetition 'runs': write it with `mvlm bench --json-file`")
+        source = f"{path}[{i}]" if len(data) > 1 else str(path)
+        try:
+            out.append(entry_from_record(r, source))
+        except ValueError as e:
+            raise MvlmError(f"{path}: record {i} is malformed ({e}): pass a file written by `mvlm bench --json-file`, "
+                            "unedited") from None
+    return out
+
+
+def _mvlm_json_lines(path: Path) -> list[Entry] | None:
+    """``mvlm bench --jsonl``: one record per repetition; the lines of one configuration (equal context, label and
+    commit) become one entry, in line order, exactly as ``--save`` stores them. A last line cut short (a bench killed
+    while writing it) is skipped. None when the file is not mvlm's JSON Lines."""
+    records: list[dict[str, Any]] = []
+    with open(path, "rb") as f:
+        raw = f.read().decode("utf-8", errors="replace").splitlines()
+    for n, line in enumerate(raw, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            if n == len(raw) and records:
+                break
+            return None
+        if not isinstance(obj, dict) or "runs" not in obj:
+            return None
+        records.append(obj)
+    if not records:
+        return None
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        key = json.dumps({k: v for k, v in r.items() if k not in _PER_REPETITION}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(r)
+    out = []
+    for i, rs in enumerate(groups.values()):
+        merged = dict(rs[0]) | {"runs": [run for r in rs for run in r["runs"]], "repetitions": len(rs)}
+        try:
+            out.append(entry_from_record(merged, f"{path}[{i}]" if len(groups) > 1 else str(path)))
+        except ValueError as e:
+            raise MvlmError(f"{path}: the lines of configuration {i} are malformed ({e}): pass the file `mvlm bench "
+                            "--jsonl` wrote, unedited") from None
+    return out
+
+
+# fields of an mvlm record that belong to one repetition (the rest say which configuration it is)
+_PER_REPETITION = {"runs", "repetitions", "metrics", "test_time", "start_time", "end_time", "avg_ns", "stddev_ns",
+                   "avg_ts", "stddev_ts", "samples_ns", "samples_ts"}
+
+
+def bench_file(path: Path, device: str | None = None) -> list[Entry]:
+    """llama-bench output in any format it writes, as entries; anything else is a one-line refusal."""
+    from mvlm_bench.records.llama_bench_output import parse_llama_bench_file
+    from mvlm_bench.records.log_facts import describe_content
+    from mvlm_bench.records.timings import parse_file
+
+    rec = parse_file(path)
+    if rec.source_format.startswith("llama-bench-"):
+        rows = parse_llama_bench_file(path)
+        if rows:
+            return entries_from_bench_rows(rows, path, device)
+    if rec.source_format not in ("unrecognised", "image-lines-only"):
+        what = f"the timings of one llama.cpp run ({rec.source_format})"
+    else:
+        what = describe_content(path)
+    raise MvlmError(f"{path} is not a benchmark report (found {what}): pass a file written by `mvlm bench --json-file` "
+                    "or by llama-bench (-o json, jsonl, sql, csv or md), or a history selector such as latest")
+
+

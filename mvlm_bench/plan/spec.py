@@ -1,0 +1,164 @@
+"""A configuration (:class:`BenchSpec`: protocol, files, numbers) and one side of a measurement (:class:`Side`: a
+configuration with its build), checked before anything is pushed: numbers in range (:func:`validate_spec`), files
+that exist and are what they claim (:func:`check_inputs`). Each refusal is one line naming the option as written."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from mvlm_bench.device.profiles import MAX_GPU_LAYERS, MAX_THREADS
+from mvlm_bench.plan.protocols import IMAGE_PROTOCOLS, MAX_N, PROMPT_ROOM, PROTOCOLS, tokens
+from mvlm_core import runtime as rtmod
+from mvlm_core.errors import MvlmError
+
+MAX_REPEAT = 1000
+MAX_WARMUP = 100
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MIN_CTX = 64
+MAX_CTX = 131072  # beyond what these small models train on
+
+
+@dataclasses.dataclass
+class BenchSpec:
+    protocol: str
+    model: Path
+    mmproj: Path | None = None
+    image: Path | None = None
+    repeat: int = 3
+    warmup: int = 1
+    n_predict: int | None = None
+    threads: int | None = None
+    n_gpu_layers: int | None = None
+    timeout: float = 900.0
+    ctx_size: int = 2048
+    prompt: str | None = None
+    data: Path | None = None  # the dataset protocol's question file
+
+    def tokens(self) -> int:
+        return tokens(self)
+
+
+@dataclasses.dataclass
+class Side:
+    """One side of a measurement on a device: what runs (spec), with which build (runtime; None: the pinned one for
+    the device's target), and where on the device its files go (``subdir`` under the profile's workdir)."""
+
+    spec: BenchSpec
+    runtime: rtmod.Runtime | None = None
+    llama_cpp: Path | None = None  # or: the build of this llama.cpp checkout for the device's target
+    wrapper: tuple[str, ...] = ()  # argv prefix on the device for this side only (benchmarks/gate_rates.py throttles)
+    subdir: str = ""
+    name: str = ""  # "baseline" / "candidate" in an A/B session; recorded in the run parameters
+
+
+
+def validate_spec(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str] = (), ctx_option: bool = False) -> None:
+    """Refuse nonsensical numbers and unknown protocols (one line each) before anything is pushed or measured.
+
+    ``against``: the ``--against`` keys (threads, n-gpu-layers, ctx-size) that set this spec's values, so that an error
+    names ``--against threads=0``, what the user wrote, rather than ``--threads``; ``ctx_option``: the context size came
+    from ``--ctx-size`` (mvlm_bench.sweep), so errors name that option."""
+    if spec.protocol not in PROTOCOLS:
+        raise MvlmError(f"unknown protocol {spec.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+
+    def bounded(option: str, value: int | None, lo: int, hi: int, why: str = "") -> None:
+        if value is None or lo <= value <= hi:
+            return
+        key = option.lstrip("-")
+        said = f"--against {key}={value}" if key in against else f"{option} {value}"
+        if key == "ctx-size" and key not in against and not ctx_option:  # not from --ctx-size: the spec was built in code
+            said = f"the context size (ctx_size) {value}"
+        raise MvlmError(f"{said} is out of range: give a whole number from {lo} to {hi}{why}")
+
+    bounded("--repeat", spec.repeat, 1, MAX_REPEAT)
+    bounded("--warmup", spec.warmup, 0, MAX_WARMUP)
+    ctx = f" (the {spec.protocol} protocol runs with a {spec.ctx_size}-token context)" if spec.protocol != "llama-bench" else ""
+    bounded("--n-predict", spec.n_predict, 1, MAX_N[spec.protocol], ctx)
+    if spec.protocol != "llama-bench":
+        need = spec.tokens() + PROMPT_ROOM[spec.protocol]
+        bounded("--ctx-size", spec.ctx_size, max(MIN_CTX, need), MAX_CTX,
+                f" (the {spec.protocol} protocol needs room for its prompt and {spec.tokens()} generated tokens)")
+    bounded("--threads", spec.threads, 1, MAX_THREADS)
+    bounded("--n-gpu-layers", spec.n_gpu_layers, 0, MAX_GPU_LAYERS)
+    if not (isinstance(spec.timeout, int | float) and math.isfinite(spec.timeout) and 0 < spec.timeout <= MAX_TIMEOUT_S):
+        raise MvlmError(f"--timeout {spec.timeout} is out of range: give seconds, more than 0 and at most {MAX_TIMEOUT_S:.0f}")
+
+
+def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str] = (),
+                 needs_template: bool = True) -> None:
+    """The model (and mmproj, image) exist and are what they claim, checked here before anything goes to a device.
+
+    ``against``: the ``--against`` keys (model, mmproj) that set these paths; errors then name ``--against model=X``.
+    ``needs_template``: the image protocols run llama-mtmd-cli, which stops at once on a model without a chat template
+    ("Model does not have chat template.", whatever -p says), so such a model is refused here; False for callers that
+    run llama-server, which falls back to its own default template (mvlm serve)."""
+    from mvlm_core.atomic import is_gguf
+
+    def named(option: str, p: Path) -> str:
+        key = option.lstrip("-")
+        return f"--against {key}={p}" if key in against else f"{option} {p}"
+
+    def gguf(option: str, p: Path) -> None:
+        said = named(option, p)
+        if not p.exists():
+            raise MvlmError(f"{said} does not exist: give the path of a .gguf file")
+        if not p.is_file():
+            raise MvlmError(f"{said} is not a file: give the path of a .gguf file")
+        if not is_gguf(p):
+            raise MvlmError(f"{said} is not a GGUF file (it does not start with 'GGUF'): give a .gguf written by "
+                            "mvlm convert or mvlm quantize")
+        from mvlm_bench.plan.gguf_header import gguf_missing_bytes
+
+        try:
+            short = gguf_missing_bytes(p)
+        except (OSError, ValueError, UnicodeDecodeError):  # a header this reader cannot follow: llama.cpp says what
+            short = None  # is wrong with it, in the run's one-line error
+        if short:
+            raise MvlmError(f"{said} is truncated: its tensor data ends {short} bytes past the end of the file "
+                            f"({p.stat().st_size} bytes): copy or convert it again")
+
+    gguf("--model", Path(spec.model))
+    if spec.protocol == "dataset":
+        from mvlm_bench.plan import dataset
+
+        if spec.data is None:
+            raise MvlmError("the dataset protocol needs --data FILE.jsonl (one {\"question_id\", \"image\", \"text\"} "
+                            "object per line, image paths relative to the file)")
+        for option, value in (("--image", spec.image), ("--prompt", spec.prompt)):
+            if value is not None:
+                raise MvlmError(f"{option} is not used by the dataset protocol: each sample of --data brings its own")
+        dataset.load_samples(Path(spec.data))
+    elif spec.data is not None:
+        raise MvlmError(f"--data is for the dataset protocol, not {spec.protocol}: add --protocol dataset")
+    if spec.protocol in IMAGE_PROTOCOLS:
+        if spec.mmproj is None:
+            raise MvlmError(f"the {spec.protocol} protocol needs --mmproj FILE (the mmproj-*.gguf written by mvlm convert)")
+        gguf("--mmproj", Path(spec.mmproj))
+        if needs_template and spec.protocol in ("vlm", "imp"):
+            from mvlm_bench.plan.gguf_header import gguf_kind
+
+            try:
+                _, is_lm, has_template = gguf_kind(Path(spec.model))
+            except MvlmError:  # a header this reader cannot follow: llama.cpp itself says what is wrong with it
+                is_lm, has_template = False, True
+            if is_lm and not has_template:
+                raise MvlmError(f"{named('--model', Path(spec.model))} has no chat template (tokenizer.chat_template), and "
+                                f"llama-mtmd-cli refuses an image prompt without one (--prompt text goes through the "
+                                f"template too): convert the model again with `mvlm convert` from a checkpoint whose "
+                                f"tokenizer_config.json has a chat_template (MobileVLM, LLaVA-1.5, Xmodel-VLM and Imp v1 "
+                                f"get one written), or bench it with --protocol lm")
+        if spec.image is not None:
+            img = Path(spec.image)
+            if not img.is_file():
+                raise MvlmError(f"--image {img} does not exist or is not a file: give a PNG or JPEG image")
+            try:
+                from PIL import Image
+
+                with Image.open(img) as im:
+                    im.verify()
+            except Exception as e:  # PIL raises many types for a non-image
+                raise MvlmError(f"--image {img} is not an image PIL can read ({type(e).__name__}): give a PNG or JPEG") from None
+
+

@@ -1,0 +1,266 @@
+"""``mvlm serve``: llama.cpp's own OpenAI-compatible server (llama-server) for an mvlm GGUF, here or on a device.
+
+On a device that is this machine (``capabilities.same_host``: the default ``local`` profile) the runtime's
+``llama-server`` runs from the build's install dir. On a device reached over a link that can forward ports (ssh) the
+runtime and the GGUFs are pushed with the content-addressed sync (checked by sha256 on the device), ``llama-server``
+runs there bound to 127.0.0.1 on a port it picks itself, and a local port is forwarded to it (:mod:`mvlm_bench.session.
+server`: one implementation with the dataset protocol). A transport that cannot forward ports (adb) is refused.
+
+The server always gets ``--jinja`` (the chat template ``mvlm convert`` writes into the GGUF, e.g. MobileVLM's
+conv_vicuna_v1, renders the messages), ``--mmproj`` when given (images in chat messages), ``--alias`` (the model name
+the API reports; default: the GGUF's file stem) and ``--no-webui`` (the runtime is built without the web UI).
+
+Its log goes to a file, by default ``<cache>/logs/serve-<alias>-<time>-<pid>.log``. A stop (Ctrl-C, SIGTERM, SIGHUP,
+SIGQUIT) terminates the server, waits, then kills it; a further stop signal kills it at once, and none kills mvlm
+before the server is reaped (:class:`mvlm_core.stops.StopSignals`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mvlm_bench.device.profiles import MAX_GPU_LAYERS, MAX_THREADS, DeviceProfile
+from mvlm_bench.plan.gguf_header import gguf_kind
+from mvlm_bench.plan.protocols import runtime_files
+from mvlm_bench.session.server import EXIT_SERVER_FAILED, Server, open_append
+from mvlm_bench.session.session import Session
+from mvlm_core import runtime as rtmod
+from mvlm_core.errors import MvlmError
+from mvlm_core.stops import StopSignals, stop_exit_code
+
+DEFAULT_PORT = 8080
+DEFAULT_CTX = 4096  # the image's 144..576 tokens + a conversation; MobileVLM trains on 2048, LLaVA-1.5 on 4096
+MIN_CTX = 256
+MAX_CTX = 131072
+
+
+@dataclasses.dataclass
+class ServeSpec:
+    model: Path
+    mmproj: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    threads: int | None = None
+    ctx_size: int = DEFAULT_CTX
+    n_gpu_layers: int | None = None
+    alias: str | None = None
+    log: Path | None = None
+    ready_timeout: float = 600.0
+
+    @property
+    def model_alias(self) -> str:
+        return self.alias or self.model.name.removesuffix(".gguf")
+
+
+@dataclasses.dataclass
+class Serving:
+    """What a started server is: where to reach it, its name in the API, its log, how long it took to be ready."""
+
+    url: str
+    alias: str
+    log: Path
+    ready_s: float
+    device: str
+
+
+# --------------------------------------------------------------------------------------------------- checks
+
+
+def check_spec(spec: ServeSpec) -> list[str]:
+    """Refuse bad input (one line, exit 2) before anything starts; returns notes for the user (no chat template)."""
+    from mvlm_bench.plan.spec import BenchSpec, check_inputs
+    from mvlm_core.atomic import check_output_path
+
+    if not (1 <= spec.port <= 65535):
+        raise MvlmError(f"--port {spec.port} is out of range: give a TCP port from 1 to 65535")
+    for option, value, lo, hi in (("--threads", spec.threads, 1, MAX_THREADS), ("--ctx-size", spec.ctx_size, MIN_CTX, MAX_CTX),
+                                  ("--n-gpu-layers", spec.n_gpu_layers, 0, MAX_GPU_LAYERS)):
+        if value is not None and not (lo <= value <= hi):
+            raise MvlmError(f"{option} {value} is out of range: give a whole number from {lo} to {hi}")
+    if not spec.host or spec.host.startswith("-") or not re.fullmatch(r"[A-Za-z0-9_.:%\[\]-]+", spec.host):
+        raise MvlmError(f"--host {spec.host!r} is not an address: give an IP address such as 127.0.0.1 or 0.0.0.0")
+    if ipv4_shorthand(spec.host):
+        full = socket.inet_ntoa(socket.inet_aton(spec.host))
+        raise MvlmError(f"--host {spec.host} is a shorthand IPv4 address (it means {full}): write it in full, e.g. "
+                        f"--host {full}")
+    if spec.alias is not None and (not spec.alias.strip() or "," in spec.alias or any(c in spec.alias for c in "\n\r\0")):
+        raise MvlmError(f"--alias {spec.alias!r}: give one non-empty name without commas")
+    # the files exist and are GGUFs: the bench's own checks (the vlm protocol's when an mmproj is given)
+    check_inputs(BenchSpec("vlm" if spec.mmproj is not None else "lm", spec.model, mmproj=spec.mmproj),
+                 needs_template=False)
+    if spec.log is not None:  # never a symlink, a model, an input, a directory or a device node (appended to, never truncated)
+        if spec.log.is_symlink():
+            raise MvlmError(f"--log {spec.log} is a symbolic link; the log is never written through a link: give the path "
+                            "of a regular file (it is appended to) or of a new one")
+        check_output_path(spec.log, [spec.model, spec.mmproj], option="--log")
+    arch, is_lm, has_template = gguf_kind(spec.model)
+    if arch == "clip":
+        raise MvlmError(f"--model {spec.model} is an mmproj (image encoder) GGUF, not a language model: pass it as "
+                        "--mmproj and give the language-model GGUF (the one without 'mmproj-') as --model")
+    if not is_lm:
+        raise MvlmError(f"--model {spec.model} is not a language-model GGUF (architecture {arch or 'unknown'!r}, no "
+                        "token embedding or tokenizer): give the LM GGUF written by mvlm convert")
+    if spec.mmproj is not None:
+        march, _, _ = gguf_kind(spec.mmproj, "--mmproj")
+        if march != "clip":
+            raise MvlmError(f"--mmproj {spec.mmproj} is not an mmproj GGUF (architecture {march or 'unknown'!r}, not "
+                            "'clip'): give the mmproj-*.gguf written by mvlm convert")
+    if spec.model.resolve() == (spec.mmproj.resolve() if spec.mmproj else None):
+        raise MvlmError("--model and --mmproj are the same file: give the LM GGUF and its mmproj GGUF")
+    notes = []
+    if not has_template:
+        notes.append(f"{spec.model.name} has no chat template: llama-server falls back to its own default, which may "
+                     "not be the format the model was trained on")
+    return notes
+
+
+def check_port_free(host: str, port: int, option: str = "--port") -> None:
+    """Refuse (exit 2) a port something already listens on, and a host that is not an address of this machine."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise MvlmError(f"--host {host}: cannot resolve it ({e.strerror}); give an IP address such as 127.0.0.1") from None
+    family, stype, proto, _, addr = infos[0]
+    with socket.socket(family, stype, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as llama-server's HTTP library does
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise MvlmError(f"{option} {port}: port {port} is in use on {host} (bound by another process, on this "
+                                "address or on every interface); stop it or choose another port") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise MvlmError(f"--host {host} is not an address of this machine: give 127.0.0.1, 0.0.0.0 or one of "
+                                "its own addresses") from None
+            if e.errno == errno.EACCES:
+                raise MvlmError(f"{option} {port}: binding a port below 1024 needs root; choose a port from 1024 up") from None
+            raise MvlmError(f"{option} {port} on {host}: cannot bind ({e.strerror})") from None
+
+
+def server_argv(exe: str, spec: ServeSpec, model: str, mmproj: str | None, host: str, port: int,
+                threads: int | None, n_gpu_layers: int) -> list[str]:
+    """llama-server's command line (paths are the device's)."""
+    argv = [exe, "-m", model]
+    if mmproj:
+        argv += ["--mmproj", mmproj]
+    argv += ["--jinja", "--alias", spec.model_alias, "--host", host, "--port", str(port), "-c", str(spec.ctx_size),
+             "-ngl", str(n_gpu_layers), "--no-webui"]
+    if threads:
+        argv += ["-t", str(threads)]
+    return argv
+
+
+def ipv4_shorthand(host: str) -> bool:
+    """``0``, ``127.1``, ``0x7f.1`` ...: inet_aton's abbreviated IPv4 forms (bound as 0.0.0.0, 127.0.0.1 ...)."""
+    import ipaddress
+
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    try:
+        ipaddress.IPv4Address(host)
+        return False
+    except ValueError:
+        return True
+
+
+def default_log_path(alias: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", alias).strip("_")[:60] or "model"
+    return rtmod.cache_root() / "logs" / f"serve-{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def open_log(spec: ServeSpec):
+    """The log file, opened to append (never truncated: an existing file keeps its lines, two serves with the same
+    --log both append) and never through a symlink (O_NOFOLLOW), with a header line saying which serve starts when."""
+    path = spec.log or default_log_path(spec.model_alias)
+    f = open_append(path)
+    f.write(f"==== mvlm serve (pid {os.getpid()}) started {time.strftime('%Y-%m-%d %H:%M:%S %z')}: model "
+            f"{spec.model_alias} on port {spec.port} ====\n".encode())
+    f.flush()
+    return path, f
+
+
+def _runtime(session: Session) -> rtmod.Runtime:
+    rt = session.runtime()
+    target = session.profile.target
+    if not rt.exe("llama-server").is_file():
+        raise MvlmError(f"the {target} runtime in {rt.root} was built without llama-server: run `mvlm runtime "
+                        f"build --target {target}` again")
+    return rt
+
+
+def _server_command(session: Session, spec: ServeSpec, log: Callable[[str], None],
+                    sync_progress=None) -> tuple[list[str], dict[str, str], str]:
+    """llama-server's command line and environment on the device, and the host it listens on there. A device that is
+    this machine runs the build where it is; one over a link gets the runtime and models pushed first."""
+    rt, p = _runtime(session), session.profile
+    ngl = spec.n_gpu_layers if spec.n_gpu_layers is not None else p.n_gpu_layers
+    if session.capabilities.same_host:
+        threads = spec.threads or p.threads or os.cpu_count() or 1
+        argv = server_argv(str(rt.exe("llama-server")), spec, str(spec.model.resolve()),
+                           str(spec.mmproj.resolve()) if spec.mmproj else None, spec.host, spec.port, threads, ngl)
+        return argv, {}, spec.host
+    files = runtime_files(rt, ["llama-server"]) | {f"models/{spec.model.name}": spec.model}
+    if spec.mmproj is not None:
+        files[f"models/{spec.mmproj.name}"] = spec.mmproj
+    wd, _ = session.push(files, sync_progress=sync_progress)
+    argv = server_argv(f"{wd}/bin/llama-server", spec, f"{wd}/models/{spec.model.name}",
+                       f"{wd}/models/{spec.mmproj.name}" if spec.mmproj else None, "127.0.0.1", 0,
+                       spec.threads or p.threads, ngl)
+    env = {"LD_LIBRARY_PATH": f"{wd}/lib"} if rt.lib.is_dir() and "LD_LIBRARY_PATH" not in p.env else {}
+    return argv, env, "127.0.0.1"
+
+
+def serve(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Serving], None],
+          log: Callable[[str], None] = lambda s: None, sync_progress=None) -> bool:
+    """Run llama-server on the device until a stop signal (True) or until it dies on its own (MvlmError naming why).
+    ``on_ready`` hears where it is once ``/health`` answers 200."""
+    from mvlm_bench.device.transports import transport_kinds
+
+    kind = transport_kinds().get(profile.transport)
+    if kind is not None and not kind.capabilities.port_forward:  # said before anything connects
+        raise MvlmError(f"--device {profile.name}: serving needs a device whose port can be reached from here, and its "
+                        f"transport ({profile.transport}) forwards none; use an ssh or local device")
+    stops = StopSignals().install()
+    server: Server | None = None
+    logf = None
+    try:
+        with Session(profile, log) as session:
+            caps = session.capabilities
+            if not caps.same_host and spec.host not in ("127.0.0.1", "localhost"):
+                raise MvlmError(f"--host {spec.host}: on a device the local end of the tunnel is always 127.0.0.1 (the "
+                                "server there listens on the device's 127.0.0.1 only); drop --host")
+            if caps.same_host:
+                spec = dataclasses.replace(spec, host=spec.host.strip("[]"))  # llama-server and bind() take ::1
+            check_port_free(spec.host if caps.same_host else "127.0.0.1", spec.port)
+            argv, env, host = _server_command(session, spec, log, sync_progress)
+            log_path, logf = open_log(spec)
+            server = Server(session.transport, argv, env, log_path, logf, spec.ready_timeout, session.profile.name,
+                            log, local_port=None if caps.same_host else spec.port, host=host, procs=stops.procs)
+            here = server.host
+            url = f"http://{f'[{here}]' if ':' in here else here}:{server.port}"
+            on_ready(Serving(url, spec.model_alias, log_path, server.ready_s, session.profile.name))
+            while True:
+                why = server.dead("while serving")
+                if why:
+                    raise MvlmError(why, exit_code=EXIT_SERVER_FAILED)
+                time.sleep(0.5)
+    except (KeyboardInterrupt, SystemExit) as e:
+        if stop_exit_code(e) is None:
+            raise
+        return True
+    finally:
+        stops.begin()  # from here on a stop signal only hastens the stop
+        if server is not None:
+            server.close()
+        stops.done()
+        if logf is not None:
+            logf.close()
