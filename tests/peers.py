@@ -296,3 +296,13 @@ def fill_up(filler: Path) -> None:
                     f.write(b"\0" * size)
             except OSError as e:
                 assert e.errno == 28, e
+
+
+def run_bench(profile, spec, **events):
+    """One configuration through the bench pipeline (plan -> session -> records), its records gathered in memory
+    (mvlm_bench.session.runners.collect): ``.runs``, ``.failures``, ``.outcome``."""
+    from mvlm_bench.plan.plan import Plan
+    from mvlm_bench.session.runners import collect
+
+    lease = {k: events.pop(k) for k in ("lease_db", "lease_timeout") if k in events}
+    return collect(Plan(profile, [spec], **lease), **events)

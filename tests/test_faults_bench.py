@@ -37,13 +37,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from peers import AdbDouble, fill_up
+from peers import AdbDouble, fill_up, run_bench
 
-from mvlm_bench import bench
 from mvlm_bench.device.profiles import load_profile, profile_from_dict
 from mvlm_bench.device.sync import sync
+from mvlm_bench.device.targets import resolve_target, targets_for
 from mvlm_bench.device.transports import make_transport
 from mvlm_bench.device.transports.base import ConnectionLostError, DeviceInfo
+from mvlm_bench.plan.protocols import LM_PROMPT, build_argv
+from mvlm_bench.plan.spec import BenchSpec, check_inputs, device_settings, validate_spec
+from mvlm_bench.session.failures import relevant_line
 from mvlm_core.errors import MvlmError
 
 MVLM = [sys.executable, "-m", "mvlm"]
@@ -337,36 +340,38 @@ def test_adhoc_ssh_urls_cannot_smuggle_options():
 
 def test_targets_follow_the_probed_device():
     host_machine = platform.machine()
-    assert bench.targets_for(DeviceInfo("Linux", "aarch64"))[1] == "linux-arm64"
-    assert bench.targets_for(DeviceInfo("Linux", "aarch64", "arm64-v8a"))[1] == "android-arm64"
-    assert bench.targets_for(DeviceInfo("Linux", host_machine))[1] == "host"
-    assert bench.targets_for(DeviceInfo("Linux", "riscv64")) == ([], None)
-    assert bench.targets_for(DeviceInfo("Darwin", "aarch64"))[1] is None
+    assert targets_for(DeviceInfo("Linux", "aarch64"))[1] == "linux-arm64"
+    assert targets_for(DeviceInfo("Linux", "aarch64", "arm64-v8a"))[1] == "android-arm64"
+    assert targets_for(DeviceInfo("Linux", host_machine))[1] == "host"
+    assert targets_for(DeviceInfo("Linux", "riscv64")) == ([], None)
+    assert targets_for(DeviceInfo("Darwin", "aarch64"))[1] is None
     adhoc = load_profile("adb:R58M12")
     assert adhoc.probe_target
-    phone = bench.resolve_target(adhoc, DeviceInfo("Linux", "aarch64", "arm64-v8a"))
+    phone = resolve_target(adhoc, DeviceInfo("Linux", "aarch64", "arm64-v8a"))
     assert phone.target == "android-arm64"
     orin = load_profile("orin")
     with pytest.raises(MvlmError, match=r"mvlm runtime build --target linux-arm64"):
-        bench.resolve_target(dataclasses.replace(orin, target="host"), DeviceInfo("Linux", "aarch64"))
-    assert bench.resolve_target(orin, DeviceInfo("Linux", "aarch64")) is orin
+        resolve_target(dataclasses.replace(orin, target="host"), DeviceInfo("Linux", "aarch64"))
+    assert resolve_target(orin, DeviceInfo("Linux", "aarch64")) is orin
     qemu = load_profile("qemu-arm64")  # emulated: its x86_64 host is not what the binaries see
-    assert bench.resolve_target(qemu, DeviceInfo("Linux", "x86_64")) is qemu
+    assert resolve_target(qemu, DeviceInfo("Linux", "x86_64")) is qemu
 
 
 def test_threads_are_never_this_machines_core_count_on_another_device():
     """A remote device without `threads` in its profile and no --threads gets no -t: llama.cpp picks its own default
     on the device (a phone's 8 cores, not a 2-core CI host's 2). Profiles and --threads still set -t."""
-    spec = bench.BenchSpec(model=Path("m.gguf"), protocol="lm")
+    spec = BenchSpec(model=Path("m.gguf"), protocol="lm")
     adhoc_ssh = load_profile("ssh://u@h")
-    assert adhoc_ssh.threads is None and "-t" not in bench.build_argv(adhoc_ssh, spec, "/w", {"model": "m.gguf"})
-    argv = bench.build_argv(adhoc_ssh, dataclasses.replace(spec, threads=3), "/w", {"model": "m.gguf"})
+    argv = build_argv(spec, "/w", {"model": "m.gguf"}, *device_settings(adhoc_ssh, spec))
+    assert adhoc_ssh.threads is None and "-t" not in argv
+    argv = build_argv(dataclasses.replace(spec, threads=3), "/w", {"model": "m.gguf"},
+                      *device_settings(adhoc_ssh, dataclasses.replace(spec, threads=3)))
     assert argv[argv.index("-t") + 1] == "3"
     sd888 = load_profile("sd888")
-    argv = bench.build_argv(sd888, spec, "/w", {"model": "m.gguf"})
+    argv = build_argv(spec, "/w", {"model": "m.gguf"}, *device_settings(sd888, spec))
     assert argv[argv.index("-t") + 1] == str(sd888.threads)
     local = load_profile("local")
-    argv = bench.build_argv(local, spec, "/w", {"model": "m.gguf"})
+    argv = build_argv(spec, "/w", {"model": "m.gguf"}, *device_settings(local, spec))
     assert argv[argv.index("-t") + 1] == str(os.cpu_count())
 
 
@@ -503,13 +508,13 @@ def test_corrupted_copy_on_a_local_device_is_pushed_again(tmp_path, smollm2_gguf
 @pytest.mark.slow
 def test_corrupted_copy_over_ssh_is_pushed_again(sshd, tmp_path, smollm2_gguf, runtime_env):
     prof = load_profile(str(ssh_profile_file(sshd, tmp_path / "box.toml", tmp_path / "remote", env=runtime_env)))
-    spec = bench.BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=8)
-    first = bench.run_bench(prof, spec)
+    spec = BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=8)
+    first = run_bench(prof, spec)
     assert not first.failures and first.pushed_bytes > smollm2_gguf.stat().st_size
     copy = tmp_path / "remote" / "models" / smollm2_gguf.name
     _corrupt_in_place(copy)
     said: list[str] = []
-    again = bench.run_bench(prof, spec, log=said.append)
+    again = run_bench(prof, spec, log=said.append)
     assert not again.failures, again.failures
     assert again.pushed_bytes == smollm2_gguf.stat().st_size  # only the model, again
     assert any("did not match its sha256" in m and "pushing it again" in m for m in said), said
@@ -658,10 +663,10 @@ def test_relevant_line_prefers_the_loader_error():
         "llama_model_load_from_file_impl: failed to load model",
         "main: error: unable to load model",
     ])
-    assert bench.relevant_line(out) == "llama_model_load: error loading model: tensor 'x' data is not within the file bounds"
-    assert bench.relevant_line("llama-completion: 15: Syntax error: word unexpected (expecting \")\")\n") .startswith(
+    assert relevant_line(out) == "llama_model_load: error loading model: tensor 'x' data is not within the file bounds"
+    assert relevant_line("llama-completion: 15: Syntax error: word unexpected (expecting \")\")\n") .startswith(
         "llama-completion: 15: Syntax error")
-    assert "no output" in bench.relevant_line("")
+    assert "no output" in relevant_line("")
 
 
 @pytest.mark.parametrize("args, option", [
@@ -987,10 +992,10 @@ def test_against_values_are_validated_and_named_as_written(tmp_path, fake_gguf, 
 def test_context_size_is_bounded_for_every_spec(fake_gguf):
     for ctx in (0, 63, 400, 131073):
         with pytest.raises(MvlmError, match=rf"context size \(ctx_size\) {ctx} is out of range"):
-            bench.validate_spec(bench.BenchSpec("lm", fake_gguf, ctx_size=ctx))
-    bench.validate_spec(bench.BenchSpec("lm", fake_gguf, n_predict=16, ctx_size=128))
+            validate_spec(BenchSpec("lm", fake_gguf, ctx_size=ctx))
+    validate_spec(BenchSpec("lm", fake_gguf, n_predict=16, ctx_size=128))
     with pytest.raises(MvlmError, match="from 896 to"):  # the vlm protocol also needs room for the image
-        bench.validate_spec(bench.BenchSpec("vlm", fake_gguf, ctx_size=512))
+        validate_spec(BenchSpec("vlm", fake_gguf, ctx_size=512))
 
 
 def test_runtime_find_hint_keeps_the_whole_command_in_backticks(tmp_path, monkeypatch):
@@ -1024,22 +1029,22 @@ Using host libthread_db library "/lib/x86_64-linux-gnu/libthread_db.so.1".
 
 
 def test_relevant_line_skips_a_crash_backtrace():
-    assert bench.relevant_line(_CRASH) == (
+    assert relevant_line(_CRASH) == (
         "../src/common/common.cpp:2158: get_sub_batch: failed to add token 33 at index 8 (error -1, n = 18)")
-    assert bench.relevant_line("x\n/src/ggml/ggml.c:12: GGML_ASSERT(n > 0) failed\n#0 0x01 in f ()\n") == (
+    assert relevant_line("x\n/src/ggml/ggml.c:12: GGML_ASSERT(n > 0) failed\n#0 0x01 in f ()\n") == (
         "/src/ggml/ggml.c:12: GGML_ASSERT(n > 0) failed")
     # a real missing file is still the relevant line
-    assert "No such file" in bench.relevant_line("sh: 1: /w/bin/llama-completion: No such file or directory\n")
+    assert "No such file" in relevant_line("sh: 1: /w/bin/llama-completion: No such file or directory\n")
 
 
 def test_relevant_line_of_a_real_llama_cpp_abort(tmp_path, host_runtime, smollm2_gguf):
     """The real runtime, run with a context too small for the prompt (what --against ctx-size=1 used to reach)."""
     exe = host_runtime / "bin" / "llama-completion"
-    r = subprocess.run([str(exe), "-m", str(smollm2_gguf), "-p", bench.LM_PROMPT, "-n", "16", "-no-cnv", "--temp", "0",
+    r = subprocess.run([str(exe), "-m", str(smollm2_gguf), "-p", LM_PROMPT, "-n", "16", "-no-cnv", "--temp", "0",
                         "-c", "1", "-t", "1", "-lv", "4"], capture_output=True, text=True, errors="replace", timeout=300,
                        env={**os.environ, "LD_LIBRARY_PATH": str(host_runtime / "lib")})
     assert r.returncode != 0
-    line = bench.relevant_line(r.stdout + r.stderr)
+    line = relevant_line(r.stdout + r.stderr)
     assert "failed to add token" in line or "GGML_ASSERT" in line or "error" in line.lower(), line
     assert "sysdeps" not in line and not line.startswith("#"), line
 
@@ -1144,5 +1149,5 @@ def test_image_protocol_refuses_a_model_without_chat_template_before_pushing(tmp
     assert "no chat template" in line and str(model) in line and "mvlm convert" in line, line
     assert not (tmp_path / "dev-faultlocal").exists()  # nothing reached the device's workdir
     templated = _tiny_lm_gguf(tmp_path / "with-template.gguf", "{{ messages[0]['content'] }}")
-    bench.check_inputs(bench.BenchSpec(protocol, templated, mmproj=mmproj))
-    bench.check_inputs(bench.BenchSpec("lm", model))  # llama-completion needs no template
+    check_inputs(BenchSpec(protocol, templated, mmproj=mmproj))
+    check_inputs(BenchSpec("lm", model))  # llama-completion needs no template

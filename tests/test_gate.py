@@ -9,7 +9,9 @@ import pytest
 
 scipy_stats = pytest.importorskip("scipy.stats", reason="scipy is a test dependency (pip install -e '.[dev]')")
 
-from mvlm_bench.decide import stats as compare, gate
+from mvlm_bench.decide import gate  # noqa: E402
+from mvlm_bench.decide import stats as compare  # noqa: E402
+from mvlm_bench.plan.against import ORDERS, interleave  # noqa: E402
 
 
 @pytest.mark.parametrize("n", [3, 4, 5, 6, 8, 10, 13])
@@ -88,25 +90,25 @@ def test_paired_bootstrap_agrees_with_scipy_bootstrap():
 # --- interleaving -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("order", gate.ORDERS)
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
 def test_every_pair_holds_one_a_and_one_b(order, n):
-    seq = gate.interleave(n, order)
+    seq = interleave(n, order)
     assert len(seq) == 2 * n
     assert all(sorted(seq[2 * i: 2 * i + 2]) == ["A", "B"] for i in range(n))
 
 
 def test_abba_order():
-    assert "".join(gate.interleave(4, "abba")) == "ABBAABBA"
-    assert "".join(gate.interleave(3, "alternate")) == "ABABAB"
+    assert "".join(interleave(4, "abba")) == "ABBAABBA"
+    assert "".join(interleave(3, "alternate")) == "ABABAB"
     with pytest.raises(ValueError):
-        gate.interleave(2, "random")
+        interleave(2, "random")
 
 
 def test_abba_cancels_a_linear_drift_that_alternate_does_not():
     # a device that slows down steadily (thermal), no real difference between A and B
     def session(order):
-        seq = gate.interleave(6, order)
+        seq = interleave(6, order)
         speed = [100.0 * (1 - 0.01 * t) for t in range(len(seq))]
         a = [s for s, who in zip(speed, seq, strict=True) if who == "A"]
         b = [s for s, who in zip(speed, seq, strict=True) if who == "B"]

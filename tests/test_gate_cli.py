@@ -15,6 +15,7 @@ import pytest
 
 from mvlm_bench.history.database import History
 from mvlm_bench.history.entries import Entry
+from mvlm_bench.plan.spec import BenchSpec, Side
 from mvlm_bench.records.record import RunContext
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,8 +192,9 @@ def test_interleaved_tables_say_pair_speedup(tmp_path):
     shown beside it: the column says "Pair speedup" and the caption / Markdown note says what it is."""
     from rich.console import Console
 
-    from mvlm_bench.decide import stats as compare, gate
-    from mvlm_bench.views.comparison import comparison_table
+    from mvlm_bench.decide import gate
+    from mvlm_bench.decide import stats as compare
+    from mvlm_bench.views.comparison import comparison_markdown, comparison_table
 
     base = [10.0, 20.0, 30.0, 40.0, 50.0]  # pair speedups 3, 0.9, 0.9, 1.5, 0.9: median 0.9
     cand = [30.0, 18.0, 27.0, 60.0, 45.0]
@@ -202,12 +204,12 @@ def test_interleaved_tables_say_pair_speedup(tmp_path):
     con.print(comparison_table(comps, "interleaved A/B"))
     text = con.export_text()
     assert "Pair speedup" in text and "median of the per-pair speedups" in text
-    md = compare.render_markdown(comps, "interleaved A/B")
+    md = comparison_markdown(comps, "interleaved A/B")
     assert "| Pair speedup |" in md and "median of the per-pair speedups" in md
     two = compare.compare_samples({"eval_tps": base}, {"eval_tps": cand})  # two sessions: a plain "Speedup"
     con = Console(record=True, width=200)
     con.print(comparison_table(two, "two sessions"))
-    assert "Pair speedup" not in con.export_text() and "| Speedup |" in compare.render_markdown(two)
+    assert "Pair speedup" not in con.export_text() and "| Speedup |" in comparison_markdown(two)
 
 
 def _fake_gguf(p: Path) -> Path:
@@ -275,18 +277,20 @@ def test_ab_session_through_the_cli_records_both_sides(tmp_path, host_runtime, s
 
 @pytest.mark.slow
 def test_ab_session_detects_a_real_slowdown(tmp_path, host_runtime, smollm2_gguf):
-    from mvlm_bench import bench
     from mvlm_bench.decide import gate
     from mvlm_bench.device.profiles import load_profile
     from mvlm_bench.history.entries import entries_from_runs
+    from mvlm_bench.plan.against import interleave
+    from mvlm_bench.plan.plan import Plan
+    from mvlm_bench.session.runners import collect
 
     os.environ.pop("MVLM_DEVICES_DIR", None)
     prof = load_profile(str(_profile(tmp_path, "abdev") / "abdev.toml"))
-    spec = bench.BenchSpec("lm", smollm2_gguf, repeat=6, n_predict=24, threads=1)
+    spec = BenchSpec("lm", smollm2_gguf, repeat=6, n_predict=24, threads=1)
     slow = (sys.executable, str(THROTTLE), "0.4", "--")  # the candidate is stopped 40% of the time
-    ab = bench.run_ab(prof, bench.Side(spec), bench.Side(spec, wrapper=slow))
-    assert ab.order == gate.interleave(6, "abba") and not ab.failures
-    b, c = entries_from_runs(ab.baseline.runs), entries_from_runs(ab.candidate.runs)
+    ab = collect(Plan(prof, [spec], sides=(Side(spec, name="baseline"), Side(spec, wrapper=slow, name="candidate"))))
+    assert ab.outcome.order == interleave(6, "abba") and not ab.failures
+    b, c = entries_from_runs(ab.side("baseline")), entries_from_runs(ab.side("candidate"))
     comps = {m.key: m for m in gate.compare_interleaved(b[0].samples, c[0].samples)}
     assert comps["eval_tps"].verdict == "slower" and comps["eval_tps"].test == "signed-rank (paired)"
     assert 0.15 < comps["eval_tps"].slowdown < 0.7

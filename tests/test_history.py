@@ -22,6 +22,7 @@ from mvlm_bench.history import errors as history_errors
 from mvlm_bench.history.database import History
 from mvlm_bench.history.entries import Entry, entries_from_runs, setup_key
 from mvlm_bench.history.imports import entries_from_json
+from mvlm_bench.records.groups import aggregate
 from mvlm_bench.records.record import Run, RunContext
 from mvlm_bench.records.timings import TimingRecord
 from mvlm_bench.views.exports import render_json
@@ -172,7 +173,7 @@ def test_setup_key_ignores_runtime_but_not_params():
 def test_json_report_round_trip(tmp_path):
     runs = _runs(_ctx(), [40.0, 41.0, 39.0])
     p = tmp_path / "r.json"
-    p.write_text(render_json(runs))
+    p.write_text(render_json(aggregate(runs)))
     (e,) = entries_from_json(p)
     assert e.samples["eval_tps"] == [40.0, 41.0, 39.0] and e.context.model_sha256 == "ab" * 32
     assert e.context.params["n_predict"] == 400 and e.context.runtime_commit == "0c1e570"
@@ -323,8 +324,8 @@ def test_compare_cli_passes_on_noise(tmp_path):
 
 def test_compare_cli_json_files_and_errors(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(render_json(_runs(_ctx(), [40.0, 40.3, 39.9, 40.1])))
-    b.write_text(render_json(_runs(_ctx(), [30.0, 30.2, 29.9, 30.1])))
+    a.write_text(render_json(aggregate(_runs(_ctx(), [40.0, 40.3, 39.9, 40.1]))))
+    b.write_text(render_json(aggregate(_runs(_ctx(), [30.0, 30.2, 29.9, 30.1]))))
     r = _mvlm("compare", str(a), str(b), "--metric", "eval_tps", "--fail-on-regression", "5%", cwd=tmp_path)
     assert r.returncode == 4 and "40.05 -> 30.05" in r.stderr, r.stderr
     r = _mvlm("compare", "--db", str(tmp_path / "none.sqlite"), cwd=tmp_path)

@@ -163,7 +163,10 @@ def test_released_v1_file_is_migrated_in_place(tmp_path, monkeypatch):
                     "(run it in a full clone)")
     assert "SCHEMA_VERSION = 1" in src.stdout
     mod_file = tmp_path / "history_v1.py"
-    mod_file.write_text(src.stdout)
+    # the released code's one project import at module level was `from mvlm_bench.records import RunContext` (the
+    # records module, since split into a package): point it at today's RunContext, which it only constructs
+    mod_file.write_text(src.stdout.replace("from mvlm_bench.records import RunContext",
+                                           "from mvlm_bench.records.record import RunContext"))
     spec = importlib.util.spec_from_file_location("history_v1", mod_file)
     old = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "history_v1", old)  # its dataclasses look their module up

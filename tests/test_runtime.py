@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mvlm_bench.device.targets import targets_for
 from mvlm_core import runtime as rt
 from mvlm_core.errors import MvlmError
 
@@ -288,7 +289,6 @@ def test_cuda_build_refusals_are_one_line_before_anything_is_fetched(tmp_path):
 
 
 def test_cuda_is_a_target_wherever_targets_are_listed(tmp_path, monkeypatch):
-    from mvlm_bench import bench
     from mvlm_bench.cli import runtime as runtime_cli
     from mvlm_bench.device.profiles import KNOWN_TARGETS
     from mvlm_bench.device.transports.base import DeviceInfo, normalise_machine
@@ -296,7 +296,7 @@ def test_cuda_is_a_target_wherever_targets_are_listed(tmp_path, monkeypatch):
 
     assert "cuda" in rt.TARGETS and "cuda" in KNOWN_TARGETS and "cuda" in BACKENDS
     assert "cuda (" in runtime_cli.TARGET_HELP
-    assert "cuda" in bench.targets_for(DeviceInfo("Linux", normalise_machine(platform.machine())))[0]
+    assert "cuda" in targets_for(DeviceInfo("Linux", normalise_machine(platform.machine())))[0]
     repo = Path(__file__).resolve().parents[1]
     for doc in ("README.md", "docs/index.md"):
         assert "host\\|cuda\\|linux-arm64" in (repo / doc).read_text(), doc

@@ -273,9 +273,9 @@ def test_open_log_appends_to_an_existing_file_and_never_follows_a_symlink(tmp_pa
 
 
 def test_wildcard_hosts_print_the_loopback_url():
-    from mvlm_bench.session.serve import _loopback_for
+    from mvlm_bench.session.server import loopback_for
 
-    assert [_loopback_for(h) for h in ("0.0.0.0", "::", "[::]", "::0", "0:0::0", "127.0.0.2", "::1", "localhost")] == [
+    assert [loopback_for(h) for h in ("0.0.0.0", "::", "[::]", "::0", "0:0::0", "127.0.0.2", "::1", "localhost")] == [
         "127.0.0.1", "::1", "::1", "::1", "::1", "127.0.0.2", "::1", "localhost"]
 
 
@@ -524,30 +524,31 @@ def test_any_stop_signals_exit_0_and_reap_the_server(tiny_v2, signals):
 
 def test_a_second_stop_signal_kills_a_server_that_ignores_sigterm_at_once():
     """In-process, with a real child that ignores SIGTERM (its grace period would be 10 s): the first signal raises
-    StopRequested; a second one, arriving while mvlm waits for the child, SIGKILLs it at once and does not raise, so the
+    Stopped; a second one, arriving while mvlm waits for the child, SIGKILLs it at once and does not raise, so the
     child is reaped; afterwards the stop signals are ignored (Python's shutdown would otherwise restore death by them)."""
     import threading
 
-    from mvlm_bench.session import serve
+    from mvlm_bench.session.server import stop_process
+    from mvlm_core.stops import STOP_SIGNALS, Stopped, StopSignals
 
-    saved = {sig: signal.getsignal(sig) for sig in serve.STOP_SIGNALS}
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     proc = None
     try:
-        stops = serve.StopSignals().install()
+        stops = StopSignals().install()
         proc = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 30 & wait"], start_new_session=True)
         stops.procs.append(proc)
         time.sleep(0.2)  # the trap is set
-        with pytest.raises(serve.StopRequested):
+        with pytest.raises(Stopped):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
         stops.begin()
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
         t0 = time.monotonic()
-        serve.stop_process(proc, grace=10.0)
+        stop_process(proc, grace=10.0)
         took = time.monotonic() - t0
         assert proc.returncode == -signal.SIGKILL and 0.4 < took < 3, (proc.returncode, took)
         stops.done()
-        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in serve.STOP_SIGNALS)
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in STOP_SIGNALS)
     finally:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -19,10 +19,12 @@ import pytest
 from test_faults_bench import _one_line, mvlm
 from test_faults_bench import local_profile as _local_profile
 
-from mvlm_bench import sweep
 from mvlm_bench.device import thermal
 from mvlm_bench.device.profiles import load_profile
 from mvlm_bench.device.transports.local import LocalTransport
+from mvlm_bench.plan.spec import BenchSpec
+from mvlm_bench.plan.sweep import configurations, varying
+from mvlm_bench.session.pacing import CoolingTimeout, Pacer
 from mvlm_core.errors import MvlmError
 
 
@@ -103,16 +105,16 @@ def test_bad_sweeps_are_refused_in_one_line(tmp_path, smollm2_gguf, args, said):
 
 def test_the_same_model_twice_is_refused(tmp_path, smollm2_gguf):
     with pytest.raises(MvlmError, match="given twice"):
-        sweep.configurations(sweep.BenchSpec("lm", Path(smollm2_gguf)), [smollm2_gguf, smollm2_gguf])
+        configurations(BenchSpec("lm", Path(smollm2_gguf)), [smollm2_gguf, smollm2_gguf])
 
 
 def test_configurations_cover_the_cross_product_in_order(smollm2_gguf):
-    specs = sweep.configurations(sweep.BenchSpec("lm", Path(smollm2_gguf), n_predict=8), [smollm2_gguf], "1,2,4", "0,1",
+    specs = configurations(BenchSpec("lm", Path(smollm2_gguf), n_predict=8), [smollm2_gguf], "1,2,4", "0,1",
                                  "512,1024")
     assert [(s.threads, s.n_gpu_layers, s.ctx_size) for s in specs] == list(itertools.product([1, 2, 4], [0, 1],
                                                                                              [512, 1024]))
-    assert sweep.varying(specs) == ["threads", "n_gpu_layers", "ctx_size"]
-    one = sweep.configurations(sweep.BenchSpec("lm", Path(smollm2_gguf)), [smollm2_gguf])
+    assert varying(specs) == ["threads", "n_gpu_layers", "ctx_size"]
+    one = configurations(BenchSpec("lm", Path(smollm2_gguf)), [smollm2_gguf])
     assert len(one) == 1 and one[0].threads is None and one[0].ctx_size == 2048  # unchanged single configuration
 
 
@@ -138,7 +140,7 @@ def test_max_temp_waits_until_the_hottest_zone_cools(tmp_path, local):
     root = tmp_path / "thermal"
     hot, _ = zones(root, 71500, 30000)  # the hottest zone decides, not the coolest
     statuses: list[str] = []
-    pacer = sweep.Pacer(max_temp=45, max_temp_wait=30, poll_s=0.05, root=str(root), on_status=statuses.append)
+    pacer = Pacer(max_temp=45, max_temp_wait=30, poll_s=0.05, root=str(root), on_status=statuses.append)
     cool_after = 0.6
 
     def cool() -> None:
@@ -157,9 +159,9 @@ def test_max_temp_waits_until_the_hottest_zone_cools(tmp_path, local):
 def test_max_temp_gives_up_after_max_temp_wait(tmp_path, local):
     root = tmp_path / "thermal"
     zones(root, 80000)
-    pacer = sweep.Pacer(max_temp=45, max_temp_wait=0.4, poll_s=0.05, root=str(root))
+    pacer = Pacer(max_temp=45, max_temp_wait=0.4, poll_s=0.05, root=str(root))
     t0 = time.monotonic()
-    with pytest.raises(sweep.CoolingTimeout) as e:
+    with pytest.raises(CoolingTimeout) as e:
         pacer(local)
     assert 0.4 <= time.monotonic() - t0 < 5
     assert e.value.exit_code == 3 and "stayed at 80.0 °C" in str(e.value) and "--max-temp-wait" in str(e.value)
@@ -169,7 +171,7 @@ def test_no_thermal_zone_is_said_once_and_not_waited_for(tmp_path, local):
     root = tmp_path / "empty"
     root.mkdir()
     said: list[str] = []
-    pacer = sweep.Pacer(max_temp=45, max_temp_wait=60, poll_s=5, root=str(root), log=said.append)
+    pacer = Pacer(max_temp=45, max_temp_wait=60, poll_s=5, root=str(root), log=said.append)
     t0 = time.monotonic()
     for i in range(3):
         pacer(local, i, 3)
@@ -178,7 +180,7 @@ def test_no_thermal_zone_is_said_once_and_not_waited_for(tmp_path, local):
 
 
 def test_delay_sleeps_before_every_run_but_the_first(local):
-    pacer = sweep.Pacer(delay=0.3)
+    pacer = Pacer(delay=0.3)
     t0 = time.monotonic()
     stamps = []
     for i in range(3):

@@ -422,9 +422,9 @@ def test_home_directory_lookup_ignores_login_shell_noise():
     """A login shell's rc files may print into the session (seen: "pyenv: cannot rehash: ..." from root's .bashrc over
     the real sshd); only mvlm's marked line is the home directory. The double replaces the narrowest seam, the
     raw shell call, with what such a device returns."""
-    from mvlm_bench.device.transports.shell import _ShellTransport
+    from mvlm_bench.device.transports.shell import ShellTransport
 
-    class NoisyShellDouble(_ShellTransport):
+    class NoisyShellDouble(ShellTransport):
         def __init__(self, profile, noise: str):
             super().__init__(profile)
             self.noise = noise

@@ -1,5 +1,5 @@
 """On-device resources of one benchmark run: the llama.cpp process's peak resident memory (and, with
-:mod:`mvlm_bench.thermal`, the device's temperature before and after it).
+:mod:`mvlm_bench.device.thermal`, the device's temperature before and after it).
 
 **Peak RSS.** The command runs under a small POSIX ``sh`` wrapper on the device (the same on Linux, over ssh, and on
 Android's mksh/toybox): the binary starts in the background, a poller reads its ``VmHWM`` (the kernel's high-water

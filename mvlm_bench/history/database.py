@@ -3,11 +3,11 @@
 A regression gate needs a baseline it can trust, and a person chasing a slowdown needs to know what exactly was
 measured months ago. So an entry keeps the whole context (device, llama.cpp commit + patches, model file + sha256,
 protocol, parameters), mvlm's own git commit when known (:func:`project_commit`), a free-form label, a UTC timestamp,
-and the metrics of EACH repetition (never only a mean: the statistics in :mod:`mvlm_bench.compare` need the spread).
+and the metrics of EACH repetition (never only a mean: the statistics in :mod:`mvlm_bench.decide.stats` need the spread).
 
 Where it is: ``--db``, else ``$MVLM_HISTORY``, else ``./mvlm-history.sqlite`` (the current directory, i.e. next to the
 project when run from its root; CI caches or uploads this one file). Either is a SQLite path or a PostgreSQL URL
-(``postgresql://user@host:port/db``, psycopg 3: a lab's shared history, see docs/lab.md); :mod:`mvlm_bench.store`
+(``postgresql://user@host:port/db``, psycopg 3: a lab's shared history, see docs/lab.md); :mod:`mvlm_bench.history.store`
 is the seam, and both backends run the same SQL.
 
 Schema: tables ``entry`` (one row per measurement), ``repetition`` (timing record per repetition), ``sample``

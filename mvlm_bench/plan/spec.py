@@ -59,7 +59,7 @@ def validate_spec(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[st
 
     ``against``: the ``--against`` keys (threads, n-gpu-layers, ctx-size) that set this spec's values, so that an error
     names ``--against threads=0``, what the user wrote, rather than ``--threads``; ``ctx_option``: the context size came
-    from ``--ctx-size`` (mvlm_bench.sweep), so errors name that option."""
+    from ``--ctx-size`` (mvlm_bench.plan.sweep), so errors name that option."""
     if spec.protocol not in PROTOCOLS:
         raise MvlmError(f"unknown protocol {spec.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
 
@@ -162,3 +162,11 @@ def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str
                 raise MvlmError(f"--image {img} is not an image PIL can read ({type(e).__name__}): give a PNG or JPEG") from None
 
 
+def device_settings(profile, spec: BenchSpec) -> tuple[int | None, int]:
+    """(threads, GPU layers) a configuration runs with on a device: --threads, else the profile's (a local profile's
+    default is this machine's core count); else None, so no ``-t`` at all and llama.cpp picks its own default on the
+    device (never this machine's core count: the run's log says what it used). GPU layers: --n-gpu-layers, else the
+    profile's."""
+    threads = spec.threads or profile.threads
+    ngl = spec.n_gpu_layers if spec.n_gpu_layers is not None else profile.n_gpu_layers
+    return threads, ngl

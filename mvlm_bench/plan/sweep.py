@@ -8,7 +8,7 @@
   order: models outermost, then threads, n-gpu-layers, ctx-size (the order of the cross product as written).
 - **Pushes.** The sync is content-addressed: a model goes to the device with its first configuration; the later ones
   find it there (the log says "already on the device") and push nothing.
-- **The device lease** (mvlm_bench.lease) is held per configuration, from its push to its last repetition: another
+- **The device lease** (mvlm_bench.session.lease) is held per configuration, from its push to its last repetition: another
   bench on the same device can run between two configurations, never inside one, and a long sweep does not lock a
   shared device out for hours. Each configuration has its own warm-up, so what ran in between does not leak into it.
 - **Records.** Every repetition is one record carrying its whole configuration (n_threads, n_gpu_layers, ctx_size,

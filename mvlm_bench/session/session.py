@@ -39,7 +39,7 @@ from mvlm_bench.plan.protocols import (
     protocol_params,
     tokens,
 )
-from mvlm_bench.plan.spec import BenchSpec, Side
+from mvlm_bench.plan.spec import BenchSpec, Side, device_settings
 from mvlm_bench.records.log_facts import run_facts
 from mvlm_bench.records.record import Run, RunContext
 from mvlm_bench.records.timings import TimingRecord, parse_text
@@ -170,8 +170,7 @@ class Session:
         files, names = artifacts(rt, spec)
         workdir, pushed = self.push(files, side.subdir, sync_progress, outputs)
         p = self.profile
-        threads = spec.threads or p.threads  # None: llama.cpp's default on the device (see the log)
-        ngl = spec.n_gpu_layers if spec.n_gpu_layers is not None else p.n_gpu_layers
+        threads, ngl = device_settings(p, spec)
         argv = [*side.wrapper, *build_argv(spec, workdir, names, threads, ngl)]
         env = dict(p.env)
         if rt.lib.is_dir() and "LD_LIBRARY_PATH" not in env:
