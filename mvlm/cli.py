@@ -42,7 +42,11 @@ def _wire() -> None:
     app.command("quantize", help="Quantize a GGUF with llama.cpp's own quantizer; size/quality table.")(quantize_cmd)
 
     from mvlm_bench.cli import bench as bench_cli
+    from mvlm_bench.cli.parse import parse_cmd
 
+    bench_cli.app.command("parse", help="Parse saved llama.cpp output (any era since 2023) into timing records.")(
+        parse_cmd
+    )
     app.add_typer(
         bench_cli.app,
         name="bench",

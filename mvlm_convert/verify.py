@@ -139,6 +139,64 @@ def image_embedding(mmproj_path: Path, gguf_path: Path, image=None, runtime: str
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def _verify_vision(rt, result: dict[str, Any], checkpoint_dir: Path, gguf_path: Path, mmproj_path: Path, image,
+                   vision_tower: Path | None, image_threshold: float, question: str | None, kv_cache: str,
+                   lm) -> list[str]:
+    """The image half of :func:`verify`: the same bitmap through the PyTorch tower + projector and through llama.cpp
+    (figures into ``result``), then (``question`` given) the end-to-end last-position logits. Returns the problems."""
+    import torch
+
+    from mvlm_convert import reference as ref
+
+    problems: list[str] = []
+    vis = ref.load_vision(checkpoint_dir, vision_tower)
+    info = mmproj_info(mmproj_path)
+    size = vis.image_size
+    if info["image_size"] is not None and int(info["image_size"]) != size:
+        problems.append(f"mmproj image_size {info['image_size']} != checkpoint CLIP image size {size}")
+    for key, mine in (("image_mean", vis.mean), ("image_std", vis.std)):
+        theirs = info.get(key)
+        ok = theirs is not None and np.allclose(np.asarray(theirs, np.float64), mine, rtol=0, atol=1e-6)
+        result[f"{key}_match"] = bool(ok)
+        if not ok:
+            problems.append(f"mmproj {key} {theirs} != checkpoint preprocessor {list(mine)}")
+    rgb = load_image(image, size)
+    result["image"] = "synthetic" if image is None else str(image)
+    ref_emb = vis.embed(rgb)
+    got_emb = rt.image_embedding(mmproj_path, gguf_path, rgb)
+    result["n_image_tokens_ref"] = int(ref_emb.shape[0])
+    result["n_image_tokens_llama"] = int(got_emb.shape[0])
+    result["image_embd_dim"] = int(ref_emb.shape[1])
+    result["projector_type"] = vis.projector_type
+    result["vision_tower"] = vis.origin
+    result.update(compare_embeddings(got_emb, ref_emb))
+    if result["image_rel_err"] is None:
+        problems.append(f"image embedding shapes differ: llama.cpp {list(got_emb.shape)} vs reference "
+                        f"{list(ref_emb.shape)}")
+    elif result["image_rel_err"] > image_threshold:
+        problems.append(f"image relative error {result['image_rel_err']:.3g} > {image_threshold:g}")
+
+    # -- end to end (informational): text + llama.cpp's image embeddings + text, last-position logits ----------
+    if question is not None and result["image_rel_err"] is not None:
+        try:
+            mm = rt.multimodal(mmproj_path, gguf_path, rgb, v1_prompt(question, IMAGE_PLACEHOLDER),
+                               kv_cache=kv_cache)
+            emb_layer = lm.get_input_embeddings()
+            with torch.no_grad():
+                seq = torch.cat([
+                    emb_layer(torch.tensor(mm.before, dtype=torch.long)),
+                    torch.from_numpy(ref_emb),
+                    emb_layer(torch.tensor(mm.after, dtype=torch.long)),
+                ])
+            ref_last = ref.lm_logits(lm, [], inputs_embeds=seq)[-1]
+            result["mm_n_tokens"] = len(mm.before) + mm.n_image_tokens + len(mm.after)
+            result["mm_last_logits_rel_err"] = rel_err(mm.last_logits, ref_last)
+            result["mm_last_top1_agree"] = bool(mm.last_logits.argmax() == ref_last.argmax())
+        except MvlmError as e:
+            result["mm_error"] = str(e)
+    return problems
+
+
 def verify(
     checkpoint_dir: Path,
     gguf_path: Path,
@@ -156,7 +214,6 @@ def verify(
 
     ``mmproj_path`` None checks only the language model (MobileLLaMA has no vision part).
     """
-    import torch
 
     from mvlm_convert import reference as ref
 
@@ -188,51 +245,8 @@ def verify(
 
     # -- vision: same bitmap to both sides ------------------------------------------------------------------------
     if mmproj_path is not None:
-        vis = ref.load_vision(checkpoint_dir, vision_tower)
-        info = mmproj_info(Path(mmproj_path))
-        size = vis.image_size
-        if info["image_size"] is not None and int(info["image_size"]) != size:
-            problems.append(f"mmproj image_size {info['image_size']} != checkpoint CLIP image size {size}")
-        for key, mine in (("image_mean", vis.mean), ("image_std", vis.std)):
-            theirs = info.get(key)
-            ok = theirs is not None and np.allclose(np.asarray(theirs, np.float64), mine, rtol=0, atol=1e-6)
-            result[f"{key}_match"] = bool(ok)
-            if not ok:
-                problems.append(f"mmproj {key} {theirs} != checkpoint preprocessor {list(mine)}")
-        rgb = load_image(image, size)
-        result["image"] = "synthetic" if image is None else str(image)
-        ref_emb = vis.embed(rgb)
-        got_emb = rt.image_embedding(Path(mmproj_path), Path(gguf_path), rgb)
-        result["n_image_tokens_ref"] = int(ref_emb.shape[0])
-        result["n_image_tokens_llama"] = int(got_emb.shape[0])
-        result["image_embd_dim"] = int(ref_emb.shape[1])
-        result["projector_type"] = vis.projector_type
-        result["vision_tower"] = vis.origin
-        result.update(compare_embeddings(got_emb, ref_emb))
-        if result["image_rel_err"] is None:
-            problems.append(f"image embedding shapes differ: llama.cpp {list(got_emb.shape)} vs reference "
-                            f"{list(ref_emb.shape)}")
-        elif result["image_rel_err"] > image_threshold:
-            problems.append(f"image relative error {result['image_rel_err']:.3g} > {image_threshold:g}")
-
-        # -- end to end (informational): text + llama.cpp's image embeddings + text, last-position logits ----------
-        if multimodal and result["image_rel_err"] is not None:
-            try:
-                mm = rt.multimodal(Path(mmproj_path), Path(gguf_path), rgb, v1_prompt(question, IMAGE_PLACEHOLDER),
-                                   kv_cache=kv_cache)
-                emb_layer = lm.get_input_embeddings()
-                with torch.no_grad():
-                    seq = torch.cat([
-                        emb_layer(torch.tensor(mm.before, dtype=torch.long)),
-                        torch.from_numpy(ref_emb),
-                        emb_layer(torch.tensor(mm.after, dtype=torch.long)),
-                    ])
-                ref_last = ref.lm_logits(lm, [], inputs_embeds=seq)[-1]
-                result["mm_n_tokens"] = len(mm.before) + mm.n_image_tokens + len(mm.after)
-                result["mm_last_logits_rel_err"] = rel_err(mm.last_logits, ref_last)
-                result["mm_last_top1_agree"] = bool(mm.last_logits.argmax() == ref_last.argmax())
-            except MvlmError as e:
-                result["mm_error"] = str(e)
+        problems += _verify_vision(rt, result, checkpoint_dir, Path(gguf_path), Path(mmproj_path), image, vision_tower,
+                                   image_threshold, question if multimodal else None, kv_cache, lm)
 
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["problems"] = problems

@@ -77,7 +77,7 @@ class Source:
     description: str
 
 
-def _sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(bufsize):
@@ -86,7 +86,7 @@ def _sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
     """An exclusive lock, so two processes (make + pytest) never build or extract the same thing at once."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as f:
@@ -106,7 +106,7 @@ def pinned_source(log: Callable[[str], None] = lambda s: None) -> Source:
     desc = f"llama.cpp {LLAMA_CPP_COMMIT} (vendored by llama-cpp-python {LLAMA_CPP_PYTHON_VERSION})"
     if stamp.is_file():
         return Source(src, ident, LLAMA_CPP_COMMIT, desc)
-    with _locked(root / "src" / ".lock"):
+    with locked(root / "src" / ".lock"):
         if stamp.is_file():
             return Source(src, ident, LLAMA_CPP_COMMIT, desc)
         tarball = _fetch_sdist(log)
@@ -137,7 +137,7 @@ def pinned_source(log: Callable[[str], None] = lambda s: None) -> Source:
 def _fetch_sdist(log: Callable[[str], None]) -> Path:
     d = cache_root() / "sdist"
     tarball = d / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
-    if tarball.is_file() and _sha256_file(tarball) == SDIST_SHA256:
+    if tarball.is_file() and sha256_file(tarball) == SDIST_SHA256:
         return tarball
     d.mkdir(parents=True, exist_ok=True)
     tmpdir = d / "download.tmp"
@@ -153,7 +153,7 @@ def _fetch_sdist(log: Callable[[str], None]) -> Path:
             f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist with pip "
             f"({' / '.join(tail) or 'no output'}): check network/pip config, or pass --llama-cpp DIR"
         )
-    digest = _sha256_file(got)
+    digest = sha256_file(got)
     if digest != SDIST_SHA256:
         raise MvlmError(f"downloaded sdist has sha256 {digest}, expected {SDIST_SHA256}: refusing to build from it")
     got.replace(tarball)
@@ -534,14 +534,14 @@ def build(
     inst = bdir / "install"
     if (inst / "manifest.json").is_file():
         rt = Runtime(inst, json.loads((inst / "manifest.json").read_text()), cached=True)
-        _write_latest(opts.target, rt)
+        write_latest(opts.target, rt)
         return rt
     if opts.target == "orin" and not opts.toolchain and platform.machine() != "aarch64":
         raise MvlmError(
             "the orin target is built natively on the Jetson (CUDA): run `mvlm runtime build --target orin --device orin` "
             "or pass --toolchain FILE for a CUDA cross toolchain"
         )
-    with _locked(bdir.with_name(bdir.name + ".lock")):
+    with locked(bdir.with_name(bdir.name + ".lock")):
         if (inst / "manifest.json").is_file():
             return Runtime(inst, json.loads((inst / "manifest.json").read_text()), cached=True)
         t0 = time.monotonic()
@@ -583,7 +583,7 @@ def build(
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         tmp.rename(inst)
         rt = Runtime(inst, manifest)
-        _write_latest(opts.target, rt)
+        write_latest(opts.target, rt)
         return rt
 
 
@@ -610,7 +610,7 @@ def _run_logged(cmd: list[str], logf, logpath: Path, what: str, progress: Progre
         raise MvlmError(f"llama.cpp {what} failed (exit {rc}); full log: {logpath}", detail=tail)
 
 
-def _write_latest(target: str, rt: Runtime) -> None:
+def write_latest(target: str, rt: Runtime) -> None:
     p = cache_root() / "runtime" / f"latest-{target}.json"
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")

@@ -207,9 +207,11 @@ def test_report_path_other_inputs_and_existing_gguf_are_refused(tmp_path, fake_g
 
 
 @pytest.mark.slow
-def test_reports_are_committed_together(tmp_path, smollm2_gguf, runtime_env, small_fs):
-    """--json lands in a roomy dir, --markdown on a full tmpfs: the markdown write fails, so the JSON is NOT replaced
-    (the old one stays), no temporary is left in either place, and the error is one line (exit 28)."""
+def test_a_full_disk_under_one_report_costs_neither_the_measurement_nor_the_other_reports(tmp_path, smollm2_gguf,
+                                                                                          runtime_env, small_fs):
+    """--json lands in a roomy dir, --markdown on a full tmpfs: the markdown write fails (one line, exit 28) and the
+    measurement is still in the JSON report (each report is replaced whole after every repetition; a sink that fails
+    is left out, the others go on), the line says where it is kept, and no temporary is left in either place."""
     full = small_fs(64 << 10)
     fill_up(full / "filler")
     old_json = tmp_path / "r.json"
@@ -220,7 +222,8 @@ def test_reports_are_committed_together(tmp_path, smollm2_gguf, runtime_env, sma
     assert r.returncode == 28, r.stderr[-2000:]
     assert "disk full while writing" in r.stderr and str(full / "r.md") in r.stderr
     assert "Traceback" not in r.stderr
-    assert old_json.read_text() == "OLD REPORT"
+    (rec,) = json.loads(old_json.read_text())  # replaced whole: the new measurement, not half of it
+    assert len(rec["runs"]) == 1
     assert sorted(p.name for p in full.iterdir()) == ["filler"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r.json")]
     # the same command with room for both writes both

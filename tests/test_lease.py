@@ -302,7 +302,8 @@ def test_a_postgres_history_bench_takes_the_lock_file_too(postgresql, monkeypatc
 @pytest.mark.slow
 def test_bench_with_a_postgres_history_sees_a_held_lock_file(postgresql, tmp_path, smollm2_gguf, host_runtime):
     env = {**os.environ, "COLUMNS": "300", "MVLM_CACHE": str(_own_cache(tmp_path))}
-    code = "from mvlm_bench.session.lease import device_lease, device_key\nfrom mvlm_bench.device.profiles import load_profile\n" \
+    code = "from mvlm_bench.session.lease import device_lease, device_key\n" \
+           "from mvlm_bench.device.profiles import load_profile\n" \
            "import time\nwith device_lease(device_key(load_profile('local')), None, timeout=0):\n" \
            "    print('held', flush=True)\n    time.sleep(600)\n"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)

@@ -275,7 +275,15 @@ def test_the_gate_fails_on_a_regression_or_a_missing_device(tmp_path):
     """A PR whose sd888 bench said "regression" (exit 4) and an sd8gen3 that reported nothing; the summary shows the
     real comparison and history of sd888 from the history (llama-bench output stored as main, and a copy 30% slower
     as the PR)."""
-    from mvlm_bench.cli.history import import_cmd
+    from mvlm_bench.history.database import History
+    from mvlm_bench.history.imports import entries_from_json
+
+    def import_cmd(files, db, device, label):  # what `mvlm history import FILE --device D --label L` stores
+        entries = [e for f in files for e in entries_from_json(f, device=device)]
+        for e in entries:
+            e.label = label
+        with History(db) as h:
+            h.save_new(entries)
 
     report = ROOT / "tests" / "data" / "llama-bench" / "smollm2-q4_1-p8-n4-r2.json"
     rows = json.loads(report.read_text())

@@ -17,13 +17,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from mvlm_bench.cli.parse import parse_cmd
-
 app = typer.Typer(invoke_without_command=True)
 console = Console()
 err = Console(stderr=True)
-
-app.command("parse", help="Parse saved llama.cpp output (any era since 2023) into timing records.")(parse_cmd)
 
 _DEVICE = typer.Option("local", "--device", "-d", help="Profile name (devices/*.toml: orin, sd888, local, qemu-arm64, "
                                                        "...), ssh://user@host[:port] or adb:SERIAL.")
@@ -212,7 +208,7 @@ class _Bench:
             err.print("[yellow]note:[/] this device is emulated: its timings measure the emulator, not a device")
         self._print_results()
         kept = self.sinks.kept()
-        sink_error = _sink_error(self.sinks)
+        sink_error = _sink_error(self.sinks, kept)
         if self.interrupted is not None:
             where = f"kept in {', '.join(kept)}" if kept else "nothing measured" if not self.out.repetitions else \
                 "shown above (no output file was asked for)"
@@ -334,14 +330,16 @@ def _sinks(outputs: dict[str, str], save: bool, db, label: str, project, stops):
     return Sinks(sinks, stops), history
 
 
-def _sink_error(sinks):
-    """The first output's failure (a report that could not be written, a history that did not take it), one line."""
+def _sink_error(sinks, kept: list[str]):
+    """The outputs' failures (a report that could not be written, a history that did not take it) in one line, with
+    where the measurement is kept all the same."""
     from mvlm_core.errors import MvlmError
 
     if not sinks.errors:
         return None
     msgs = [str(e) for _, e in sinks.errors]
-    return MvlmError("; and ".join(msgs), exit_code=sinks.errors[0][1].exit_code)
+    where = f" (the measurement is kept in {', '.join(kept)})" if kept else ""
+    return MvlmError("; and ".join(msgs) + where, exit_code=sinks.errors[0][1].exit_code)
 
 
 def _check_reports(outputs: dict[str, str], inputs: list[Path | None]) -> None:

@@ -47,7 +47,7 @@ from mvlm_bench.decide.stats import (
     BOOTSTRAP_SAMPLES,
     DEFAULT_ALPHA,
     MetricComparison,
-    _clean,
+    clean_values,
     direction,
     dropped_note,
     median,
@@ -178,7 +178,7 @@ def compare_interleaved(baseline: dict[str, Sequence[float | None]], candidate: 
     from mvlm_bench.decide.stats import DEFAULT_METRICS
 
     if metrics is None:
-        metrics = [k for k in DEFAULT_METRICS if _clean(baseline.get(k, ())) and _clean(candidate.get(k, ()))]
+        metrics = [k for k in DEFAULT_METRICS if clean_values(baseline.get(k, ())) and clean_values(candidate.get(k, ()))]
     return [compare_paired(k, baseline.get(k, ()), candidate.get(k, ()), alpha=alpha, seed=seed) for k in metrics]
 
 
@@ -300,7 +300,7 @@ def judge_history_all(sessions: Sequence[dict[str, Sequence[float | None]]], can
     """:func:`judge_history` for each metric the candidate has (``sessions``: one samples dict per past session)."""
     out = []
     for key in metrics:
-        if not _clean(candidate.get(key, ())):  # the protocol has no such metric
+        if not clean_values(candidate.get(key, ())):  # the protocol has no such metric
             continue
         out.append(judge_history(key, [s.get(key, ()) for s in sessions], candidate[key], threshold, min_sessions, k))
     return out

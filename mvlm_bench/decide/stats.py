@@ -44,7 +44,7 @@ GATE_METRICS = keys("gate")
 __all__ = ["direction", "metric_name"]  # re-exported: the column table says both
 
 
-def _clean(values: Sequence[float | None]) -> list[float]:
+def clean_values(values: Sequence[float | None]) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
 
@@ -52,7 +52,7 @@ def valid_values(key: str, values: Sequence[float | None]) -> tuple[list[float],
     """(the usable values, how many were dropped): finite values, and for a speed metric (tokens/s, s, ms) only
     positive ones: a rate or a duration of 0 or below cannot be measured, so such a value is an edited or damaged
     entry and is left out of every comparison (the caller warns with the count)."""
-    vals = _clean(values)
+    vals = clean_values(values)
     if direction(key) == 0:
         return vals, 0
     pos = [v for v in vals if v > 0]
@@ -231,7 +231,7 @@ def compare_samples(baseline: Mapping[str, Sequence[float | None]], candidate: M
     """Compare every requested metric (default: the speed metrics present on both sides, report order)."""
     if metrics is None:
         extra = sorted(k for k in baseline.keys() & candidate.keys() if k not in BY_KEY and direction(k) != 0)
-        metrics = [k for k in DEFAULT_METRICS if _clean(baseline.get(k, ())) or _clean(candidate.get(k, ()))] + extra
+        metrics = [k for k in DEFAULT_METRICS if clean_values(baseline.get(k, ())) or clean_values(candidate.get(k, ()))] + extra
     return [compare_metric(k, baseline.get(k, ()), candidate.get(k, ()), alpha=alpha, seed=seed) for k in metrics]
 
 

@@ -202,55 +202,50 @@ def sync(
     for rel, local in files.items():
         if not Path(local).is_file():
             raise MvlmError(f"{local} does not exist (needed on the device as {rel})")
-
     cache = _HashCache(hash_cache or default_hash_cache())
     try:
         local_info = {rel: cache.sha256(Path(p)) for rel, p in files.items()}
     finally:
         cache.save()
-
     transport.mkdir(workdir)
     manifest = read_manifest(transport, workdir)
     remote = {rel: posixpath.join(workdir, rel) for rel in files}
     sizes = transport.file_sizes([remote[rel] for rel in files])
-
-    to_push: list[str] = []
-    skipped: list[str] = []
-    for rel, (digest, size) in local_info.items():
-        entry = manifest.get(rel)
-        if entry and entry["sha256"] == digest and entry["size"] == size and sizes[remote[rel]] == size:
-            skipped.append(rel)
-        else:
-            to_push.append(rel)
-
-    repaired: list[str] = []
-    notes: list[str] = []
-    if verify and skipped:
-        # The manifest says what was pushed, not what is there now: let the device hash its copies (once per sync).
-        verify_bytes = sum(local_info[rel][1] for rel in skipped)
-        device_sha = transport.sha256s([remote[rel] for rel in skipped], timeout=120.0 + verify_bytes / 20e6)
-        if device_sha is None:
-            notes.append(f"device {transport.name} has no sha256sum/shasum: its copies were checked by size only")
-        else:
-            for rel in list(skipped):
-                if device_sha.get(remote[rel]) != local_info[rel][0]:
-                    skipped.remove(rel)
-                    to_push.append(rel)
-                    repaired.append(rel)
-            for rel in repaired:
-                manifest.pop(rel, None)  # the entry described a copy that is no longer there
-            if repaired:
-                notes.append(
-                    f"device copy of {', '.join(repaired)} did not match its sha256 (changed or corrupted on the "
-                    "device): pushing it again"
-                )
-
-    total = sum(local_info[rel][1] for rel in to_push)
+    skipped = [rel for rel, (digest, size) in local_info.items()
+               if (e := manifest.get(rel)) and e["sha256"] == digest and e["size"] == size and sizes[remote[rel]] == size]
+    to_push = [rel for rel in local_info if rel not in skipped]
+    repaired, notes = _verify_copies(transport, skipped, local_info, remote, manifest) if verify and skipped else ([], [])
+    to_push += repaired
     if to_push:
         for rel in to_push:  # leftovers of an interrupted push take space and are never resumed blindly
             transport.remove(remote[rel] + PART_SUFFIX)
         _check_space(transport, workdir, to_push, local_info, sizes, remote)
+    pushed_bytes = _push(transport, workdir, files, to_push, local_info, remote, manifest, progress)
+    if progress and not to_push:
+        progress(0, 0)
+    return SyncResult(pushed_bytes, to_push, skipped, manifest, workdir, remote, repaired, notes)
 
+
+def _verify_copies(transport: Transport, skipped: list[str], local_info, remote, manifest) -> tuple[list[str], list[str]]:
+    """The manifest says what was pushed, not what is there now: the device hashes its copies (once per sync). The
+    ones that do not match are taken out of ``skipped`` and their manifest entries dropped: (repaired, notes)."""
+    verify_bytes = sum(local_info[rel][1] for rel in skipped)
+    device_sha = transport.sha256s([remote[rel] for rel in skipped], timeout=120.0 + verify_bytes / 20e6)
+    if device_sha is None:
+        return [], [f"device {transport.name} has no sha256sum/shasum: its copies were checked by size only"]
+    repaired = [rel for rel in skipped if device_sha.get(remote[rel]) != local_info[rel][0]]
+    for rel in repaired:
+        skipped.remove(rel)
+        manifest.pop(rel, None)  # the entry described a copy that is no longer there
+    notes = [f"device copy of {', '.join(repaired)} did not match its sha256 (changed or corrupted on the device): "
+             "pushing it again"] if repaired else []
+    return repaired, notes
+
+
+def _push(transport: Transport, workdir: str, files: dict[str, Path], to_push: list[str], local_info, remote,
+          manifest, progress) -> int:
+    """Push each file to a ``.part`` name, then rename it into place and record it in the manifest: bytes pushed."""
+    total = sum(local_info[rel][1] for rel in to_push)
     pushed_bytes = 0
     made_dirs: set[str] = {workdir}
     for rel in to_push:
@@ -273,9 +268,7 @@ def sync(
         manifest[rel] = {"sha256": digest, "size": size}
         _write_manifest(transport, workdir, manifest)
         pushed_bytes += size
-    if progress and not to_push:
-        progress(0, 0)
-    return SyncResult(pushed_bytes, to_push, skipped, manifest, workdir, remote, repaired, notes)
+    return pushed_bytes
 
 
 def _check_space(

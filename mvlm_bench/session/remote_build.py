@@ -110,5 +110,5 @@ def build_on_device(device: str, target: str, llama_cpp: Path | None = None, job
     }
     (tmpdir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     tmpdir.rename(inst)
-    rtmod._write_latest(target, rtmod.Runtime(inst, manifest))
+    rtmod.write_latest(target, rtmod.Runtime(inst, manifest))
     return inst, manifest
