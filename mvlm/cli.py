@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import signal
 import sys
 
 import typer
@@ -22,7 +21,7 @@ app = typer.Typer(
 
 def _wire() -> None:
     from mvlm_bench.cli import runtime as runtime_cli
-    from mvlm_convert.crosscheck_cli import check_cmd
+    from mvlm_convert.runtime_check_cli import check_cmd
 
     runtime_cli.app.command("check")(check_cmd)
     app.add_typer(runtime_cli.app, name="runtime", help="Build the pinned, patched llama.cpp for a target; print where it is.")
@@ -77,11 +76,6 @@ _wire()
 err_console = Console(stderr=True)
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM unwinds like Ctrl-C: every ``finally``/``except BaseException`` runs, so temporaries are removed."""
-    raise SystemExit(128 + signum)
-
-
 def _json_file_alias(argv: list[str]) -> list[str]:
     """``mvlm bench ... --json FILE`` (the old spelling) -> ``--json-file FILE``, with one deprecation line on stderr.
 
@@ -101,11 +95,18 @@ def _json_file_alias(argv: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
-    """Console-script entry point: user errors become one line and a non-zero exit code."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+def main(stops=None) -> None:
+    """Run the command line: user errors become one line and a non-zero exit code; a stop signal (Ctrl-C, SIGTERM,
+    SIGHUP, SIGQUIT: ``mvlm_core.stops``) unwinds every ``finally`` and ends in one line, exit 128 + the signal.
+    ``stops``: the handlers the entry point installed (and paused) first thing; else they are installed here."""
+    from mvlm_core.stops import Stopped, StopSignals
+
+    if stops is None:
+        stops = StopSignals().install()
+        stops.pause()
     sys.argv = _json_file_alias(sys.argv)
     try:
+        stops.resume()  # a signal that came while the command was starting up is raised here
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except MvlmError as e:
@@ -120,6 +121,9 @@ def main() -> None:
             err_console.print(f"[bold red]error:[/] disk full while writing {e.filename or 'output'}: free space and retry")
             sys.exit(28)
         raise
+    except Stopped as e:
+        err_console.print(f"[bold red]interrupted[/] by {e.name}", highlight=False)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         sys.exit(130)

@@ -1,11 +1,13 @@
 """Stop signals (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT) as one exception, held back while something must not be cut.
 
 A long command (a bench, a server) installs :class:`StopSignals`. The first stop signal raises :class:`Stopped` (a
-``KeyboardInterrupt``, so every ``finally`` runs: the device's process is killed, the lease released, temporaries
-removed) — unless it arrives inside :meth:`StopSignals.held` (a sink writing a finished measurement, a history
-transaction committing): then it is raised when that block ends, so a signal never costs a finished measurement.
-Once stopping (:meth:`begin`, or after the first signal) a further stop signal never raises: it only hastens the stop
-(SIGKILL to the registered processes' groups). ``Stopped.exit_code`` is 128 + the signal (130, 143, 129, 131).
+``BaseException`` like ``KeyboardInterrupt``, so every ``finally`` runs and no ``except Exception`` swallows it; not a
+``KeyboardInterrupt``, which typer would turn into exit 130 whatever the signal): the device's process is killed, the
+lease released, temporaries removed — unless it arrives inside :meth:`StopSignals.held` (a sink writing a finished
+measurement, a history transaction committing): then it is raised when that block ends, so a signal never costs a
+finished measurement. Once stopping (:meth:`begin`, or after the first signal) a further stop signal never raises: it
+only hastens the stop (SIGKILL to the registered processes' groups). ``Stopped.exit_code`` is 128 + the signal (130,
+143, 129, 131). The ``mvlm`` entry point installs them first thing, paused until the command runs.
 
 Installing the handlers also undoes an inherited "ignore SIGINT" (a job started with ``&`` by a non-interactive shell):
 a user's Ctrl-C, or a CI runner's SIGINT, stops the command however it was started.
@@ -23,7 +25,7 @@ from collections.abc import Iterator
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
-class Stopped(KeyboardInterrupt):
+class Stopped(BaseException):  # noqa: N818 - a stop, like KeyboardInterrupt and SystemExit, not an error
     """A stop signal: unwinds like Ctrl-C. ``signum``; ``exit_code`` = 128 + signum; ``name`` (SIGTERM, ...)."""
 
     def __init__(self, signum: int):
@@ -34,6 +36,14 @@ class Stopped(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+_CURRENT: list[StopSignals] = []
+
+
+def installed() -> StopSignals | None:
+    """The handlers installed last in this process (the ``mvlm`` entry point installs them first thing), else None."""
+    return _CURRENT[-1] if _CURRENT else None
 
 
 class StopSignals:
@@ -52,6 +62,7 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            _CURRENT.append(self)
         return self
 
     def restore(self) -> None:
@@ -77,11 +88,20 @@ class StopSignals:
     def held(self) -> Iterator[None]:
         """A block a stop signal must not cut (writing a finished measurement): a signal that arrives inside is raised
         as :class:`Stopped` when the outermost held block ends."""
-        self.depth += 1
+        self.pause()
         try:
             yield
         finally:
             self.depth -= 1
+        self.resume(0)
+
+    def pause(self) -> None:
+        """Hold stop signals back until :meth:`resume` (the ``mvlm`` entry point: while the command starts up)."""
+        self.depth += 1
+
+    def resume(self, step: int = 1) -> None:
+        """End a :meth:`pause`; a signal that arrived meanwhile is raised now as :class:`Stopped`."""
+        self.depth -= step
         if self.depth == 0 and self.pending is not None and not self.stopping:
             signum, self.pending = self.pending, None
             self.stopping = True

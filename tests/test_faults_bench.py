@@ -513,13 +513,13 @@ def test_corrupted_copy_over_ssh_is_pushed_again(sshd, tmp_path, smollm2_gguf, r
     prof = load_profile(str(ssh_profile_file(sshd, tmp_path / "box.toml", tmp_path / "remote", env=runtime_env)))
     spec = BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=8)
     first = run_bench(prof, spec)
-    assert not first.failures and first.pushed_bytes > smollm2_gguf.stat().st_size
+    assert not first.failures and first.outcome.pushed_bytes > smollm2_gguf.stat().st_size
     copy = tmp_path / "remote" / "models" / smollm2_gguf.name
     _corrupt_in_place(copy)
     said: list[str] = []
     again = run_bench(prof, spec, log=said.append)
     assert not again.failures, again.failures
-    assert again.pushed_bytes == smollm2_gguf.stat().st_size  # only the model, again
+    assert again.outcome.pushed_bytes == smollm2_gguf.stat().st_size  # only the model, again
     assert any("did not match its sha256" in m and "pushing it again" in m for m in said), said
     assert _sha(copy) == _sha(smollm2_gguf)
 
@@ -896,8 +896,8 @@ def test_an_allowed_config_file_connects_and_ssh_reads_the_copy_that_was_checked
 @pytest.mark.slow
 def test_a_report_that_cannot_be_written_does_not_cost_the_saved_measurement(tmp_path, smollm2_gguf, runtime_env,
                                                                               small_fs):
-    """--json on a full tmpfs, the history in a roomy dir: the measurement is saved, then the report error (exit 28)
-    says so; no temporary is left on the full disk."""
+    """--json on a full tmpfs, the history in a roomy dir: the measurement is saved (each repetition as it ends), and the
+    report error (exit 28) says where it is kept; no temporary is left on the full disk."""
     full = small_fs(64 << 10)
     fill_up(full / "filler")
     db = tmp_path / "h.sqlite"
@@ -905,7 +905,7 @@ def test_a_report_that_cannot_be_written_does_not_cost_the_saved_measurement(tmp
              "--warmup", 0, "--json-file", full / "r.json", "--save", "--db", db, env=runtime_env, cwd=tmp_path)
     line = _error_line(r.stderr)
     assert r.returncode == 28, r.stderr[-2000:]
-    assert f"disk full while writing {full / 'r.json'}" in line and f"saved to the history {db}" in line, line
+    assert f"disk full while writing {full / 'r.json'}" in line and f"kept in the history {db} (id:1)" in line, line
     assert sorted(p.name for p in full.iterdir()) == ["filler"]
     h = mvlm("history", "--db", db, "--model", smollm2_gguf.stem, "--json")
     assert h.returncode == 0 and len(json.loads(h.stdout)) == 1, h.stdout + h.stderr
@@ -1070,14 +1070,16 @@ def test_ab_save_keeps_the_real_model_name(tmp_path, smollm2_gguf, runtime_env):
              "--repeat", 2, "--warmup", 0, "--against", "threads=2", "--save", "--db", db, "--markdown", md,
              env=runtime_env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "baseline (--against threads=2)" in r.stdout and "candidate (the command line)" in r.stdout
+    # one table, a row per side: the side and what --against changed (threads) are columns
+    assert "A/B side" in r.stdout and "Threads" in r.stdout and "baseline" in r.stdout and "candidate" in r.stdout
     h = mvlm("history", "--db", db, "--model", smollm2_gguf.stem, "--json")
     rows = json.loads(h.stdout)
     assert h.returncode == 0 and len(rows) == 2, h.stdout + h.stderr
     assert {row["model"] for row in rows} == {smollm2_gguf.stem}
-    text = md.read_text()
-    assert "## baseline (--against threads=2)" in text and "## candidate (the command line)" in text
-    assert "(baseline)" not in text and "(candidate)" not in text.split("## candidate", 1)[1].split("\n", 1)[1]
+    text = md.read_text().splitlines()
+    assert text[0].startswith("| Model | Threads | A/B side | Hardware |")
+    assert text[2].startswith(f"| {smollm2_gguf.stem} | 2 | baseline |")
+    assert text[3].startswith(f"| {smollm2_gguf.stem} | 1 | candidate |")
 
 
 # ===================================================================================================== 14. profiles

@@ -270,9 +270,8 @@ def test_ab_session_through_the_cli_records_both_sides(tmp_path, host_runtime, s
         assert imp.returncode == 0 and expect in imp.stderr, imp.stderr
     with History(db, create=False) as h:
         assert sorted(e.created_at[:19] for e in h.entries()) == sorted(x["test_time"][:19] for x in recs)
-    md = (tmp_path / "ab.md").read_text()  # one section per side; the rows keep the real model name
-    assert "## baseline (--against threads=1)" in md and "## candidate (the command line)" in md
-    assert f"| {smollm2_gguf.stem} |" in md and "(baseline) |" not in md
+    md = (tmp_path / "ab.md").read_text()  # one row per side, the side a column; the rows keep the real model name
+    assert "| A/B side |" in md and f"| {smollm2_gguf.stem} | baseline |" in md and f"| {smollm2_gguf.stem} | candidate |" in md
 
 
 @pytest.mark.slow

@@ -443,7 +443,7 @@ def test_import_of_an_empty_list_says_it_holds_no_records(tmp_path):
 
 
 def test_paper_report_reads_postgres(postgresql):
-    from mvlm_bench.papers.report import load_entries
+    from mvlm_bench.papers.beside import load_entries
 
     url = _new_database(postgresql)
     with History(url) as h:

@@ -1,9 +1,9 @@
-"""The seed papers' latency tables as data (mvlm_bench.papers.tables) and `mvlm report --paper` (mvlm_bench.papers.report).
+"""The seed papers' latency tables as data (mvlm_bench.papers.tables) and `mvlm report --paper` (mvlm_bench.papers.beside).
 
 The data is checked against values re-read by hand from the papers (cited per table below), against each paper's own
 formula (the rows flagged inconsistent must be exactly the rows the formula rules out), and the report is checked on
 a history filled through the real code path: real llama.cpp outputs (tests/data/llama-cpp-outputs, whose `# expected:`
-lines a person read) rendered by `mvlm_bench.views.report` as `mvlm bench --json` writes them, stored with `mvlm history
+lines a person read) rendered by `mvlm_bench.views.latency` as `mvlm bench --json` writes them, stored with `mvlm history
 import`, read back with `mvlm history --json`; and (slow) a real `mvlm bench --device local --save` on SmolLM2.
 """
 
@@ -285,7 +285,7 @@ def _rendered_row(report: dict, where: str) -> list[str]:
     """The cells of your (first) row of one table as `mvlm report --paper` prints it."""
     from rich.console import Console
 
-    from mvlm_bench.papers.report import render
+    from mvlm_bench.papers.beside import render
 
     table = next(x for x in render({**report, "tables": [_table(report, where)]}) if not isinstance(x, str))
     console = Console(record=True, width=1000)

@@ -18,7 +18,7 @@ from mvlm_bench.records.metrics import run_metrics
 from mvlm_bench.records.record import Run, RunContext
 from mvlm_bench.records.timings import TimingRecord, parse_text
 from mvlm_bench.views.exports import LLAMA_BENCH_FIELDS, render_csv, render_json
-from mvlm_bench.views.report import render_markdown, render_table
+from mvlm_bench.views.latency import render_markdown, render_table
 
 OUTPUTS = Path(__file__).resolve().parent / "data" / "llama-cpp-outputs"  # real llama.cpp outputs (data/README.md)
 

@@ -25,7 +25,7 @@ from mvlm_bench.device.transports import make_transport
 from mvlm_bench.plan.spec import BenchSpec
 from mvlm_bench.records.groups import aggregate
 from mvlm_bench.views.exports import render_csv, report_records
-from mvlm_bench.views.report import render_markdown
+from mvlm_bench.views.latency import render_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 GNU_TIME = "/usr/bin/time"
@@ -194,7 +194,7 @@ def test_local_bench_records_rss_and_times(tmp_path, smollm2_gguf, host_runtime)
     res = run_bench(prof, BenchSpec("lm", smollm2_gguf, repeat=2, warmup=1, n_predict=8), log=notes.append)
     runs = _check_records(res, HOST_HAS_ZONES)
     assert any("no readable thermal zone" in n for n in notes) == (not HOST_HAS_ZONES)
-    witness = _gnu_time_mb(res.commands[0], {"LD_LIBRARY_PATH": str(tmp_path / "device" / "lib")})
+    witness = _gnu_time_mb(res.outcome.commands[0], {"LD_LIBRARY_PATH": str(tmp_path / "device" / "lib")})
     rss = [r["peak_rss_mb"] for r in runs]
     print(f"\nlocal: peak RSS {rss} MB (GNU time: {witness:.1f} MB), temperatures "
           f"{[(r['temp_start_c'], r['temp_end_c']) for r in runs]}")
@@ -251,7 +251,7 @@ def test_qemu_bench_measures_the_emulator_process(tmp_path, smollm2_gguf):
     prof = load_profile(str(tmp_path / "qemu-arm64.toml"))
     res = run_bench(prof, BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=4))
     run = _check_records(res, HOST_HAS_ZONES)[0]
-    witness = _gnu_time_mb(["qemu-aarch64-static", *res.commands[0]], {})
+    witness = _gnu_time_mb(["qemu-aarch64-static", *res.outcome.commands[0]], {})
     print(f"\nqemu-arm64: peak RSS {run['peak_rss_mb']:.1f} MB (GNU time on qemu: {witness:.1f} MB)")
     assert abs(run["peak_rss_mb"] - witness) / witness < 0.05
     assert run["peak_rss_mb"] > smollm2_gguf.stat().st_size / 1e6

@@ -10,6 +10,7 @@ import csv
 import io
 import itertools
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -57,10 +58,10 @@ def test_sweep_runs_the_cross_product_one_record_per_configuration(tmp_path, smo
     for rec in records:
         assert rec["params"]["n_threads"] == rec["n_threads"] and rec["repetitions"] == repeat
         assert rec["params"]["n_predict"] == 8
-    # one table, one row per configuration (the row names the threads, since they vary)
-    assert r.stdout.count("Latency (medians over repetitions)") == 1
+    # one table, one row per configuration (the threads, since they vary, are a column of their own)
+    assert r.stdout.count("Latency (medians over repetitions)") == 1 and "Threads" in r.stdout
     for stem, t in want:
-        assert r.stdout.count(f"{stem} t={t}") == 1, r.stdout
+        assert len(re.findall(rf"{re.escape(stem)}\s*│\s*{t}\s*│", r.stdout)) == 1, r.stdout
     # --delay: every run after the first starts at least `delay` after the previous one ended, across configurations
     runs = sorted((run["t_start"], run["t_end"]) for rec in records for run in rec["runs"])
     gaps = [b[0] - a[1] for a, b in itertools.pairwise(runs)]
@@ -70,7 +71,7 @@ def test_sweep_runs_the_cross_product_one_record_per_configuration(tmp_path, smo
     assert len(rows) == len(want) * repeat
     assert sorted({(row["model"], json.loads(row["params"])["n_threads"]) for row in rows}) == sorted(want)
     text = md.read_text()
-    assert all(f"| {s} t={t} |" in text for s, t in want)
+    assert all(f"| {s} | {t} |" in text for s, t in want) and text.startswith("| Model | Threads |")
     # --save: each configuration is its own history entry
     with sqlite3.connect(db) as con:
         entries = con.execute("SELECT model, params FROM entry ORDER BY id").fetchall()
@@ -208,6 +209,6 @@ def test_a_failed_configuration_does_not_cost_the_completed_ones_with_save(tmp_p
              "--save", "--db", db)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 3 and len(errors) == 1, r.stderr
-    assert "exited with status 1" in errors[0] and "1 configuration(s) completed before it were saved" in errors[0]
+    assert "exited with status 1" in errors[0] and "the 1 repetition(s) measured before it were kept in the history" in errors[0]
     with sqlite3.connect(db) as con:
         assert [m for (m,) in con.execute("SELECT model FROM entry")] == [good.stem]

@@ -121,10 +121,22 @@ def bench_cmd(ctx: typer.Context, device: str = _DEVICE, protocol: str = _PROTOC
                    gates=bool(fail_on_regression))
     outputs = {opt: p for opt, p in (("--json-file", json_arg), ("--jsonl", jsonl_arg), ("--markdown", markdown_arg),
                                       ("--csv", csv_arg)) if p}
+    from mvlm_core.stops import Stopped
+
     run = _Bench(device, opts, outputs, json_flag, save, db_arg, label, baseline, fail_on_regression, verbose)
-    run.check()
+    try:
+        run.check()
+    except Stopped as e:  # still reading the options and files: nothing was measured or written
+        err.print(f"interrupted by {e.name} before anything was measured", highlight=False)
+        raise typer.Exit(e.exit_code) from None
     run.measure()
-    run.finish()
+    try:
+        run.finish()
+    except Stopped as e:  # during the comparison (a confirming re-measure): the measurement itself is kept
+        kept = run.sinks.kept()
+        err.print(f"interrupted by {e.name} while comparing; the measurement ({run.out.repetitions} repetitions) is "
+                  + (f"kept in {', '.join(kept)}" if kept else "shown above"), highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
 
 
 class _Bench:
@@ -180,10 +192,10 @@ class _Bench:
         from mvlm_bench.history.entries import project_commit
         from mvlm_bench.session.runners import Events, Outcome, run_plan
         from mvlm_bench.views.progress import BenchProgress
-        from mvlm_core.stops import Stopped, StopSignals
+        from mvlm_core.stops import Stopped, StopSignals, installed
 
         self.project = project_commit() if (self.save or self.outputs) else ("", None)
-        self.stops = StopSignals().install()
+        self.stops = installed() or StopSignals().install()
         self.sinks, self.history = _sinks(self.outputs, self.save, self.db, self.label, self.project, self.stops)
         self.out = Outcome()
         with BenchProgress(err, self.plan, self.profile.name) as prog:
@@ -195,8 +207,8 @@ class _Bench:
                 run_plan(self.plan, ev, self.out)
             except Stopped as e:
                 self.interrupted = e
-            finally:
                 self.stops.begin()  # from here on a second signal only hastens the end
+            finally:
                 self.sinks.close()
         self.log = lambda m: err.print(f"[dim]{m}[/]", highlight=False)
 
@@ -233,7 +245,7 @@ class _Bench:
 
     def _print_results(self) -> None:
         from mvlm_bench.views.exports import render_json
-        from mvlm_bench.views.report import render_table
+        from mvlm_bench.views.latency import render_table
 
         groups = self.sinks.groups.all()
         out = err if self.json_flag else console  # --json: stdout holds the JSON and nothing else
@@ -318,7 +330,7 @@ def _sinks(outputs: dict[str, str], save: bool, db, label: str, project, stops):
     from mvlm_bench.sinks.files import JsonLinesFile, ReportFile
     from mvlm_bench.sinks.history_sink import HistorySink
     from mvlm_bench.views.exports import render_csv, render_json
-    from mvlm_bench.views.report import render_markdown
+    from mvlm_bench.views.latency import render_markdown
 
     renders = {"--json-file": lambda gs: render_json(gs, label, project), "--markdown": render_markdown,
                "--csv": render_csv}

@@ -7,7 +7,7 @@ import json
 import typer
 from rich.console import Console
 
-from mvlm_bench.papers.report import build, check_paper, load_entries, render
+from mvlm_bench.papers.beside import build, check_paper, load_entries, render
 from mvlm_bench.papers.tables import PAPERS
 from mvlm_core.terminal import visible
 

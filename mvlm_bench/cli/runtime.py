@@ -1,4 +1,4 @@
-"""``mvlm runtime build|path|info|env``: the pinned, patched llama.cpp for a target (``check``: mvlm_convert.crosscheck_cli)."""
+"""``mvlm runtime build|path|info|env``: the pinned, patched llama.cpp for a target (``check``: runtime_check_cli)."""
 
 from __future__ import annotations
 

@@ -85,8 +85,17 @@ class PairVerdict:
 
     @property
     def title(self) -> str:
+        """``M on D: #3 … (t=1) -> #4 … (t=2)``: each side with the settings in which the two differ."""
+        from mvlm_bench.records.columns import describe, differing
+
         c = self.candidate.context
-        return f"{c.label()} on {c.device}: {self.baseline.describe()} -> {self.candidate.describe()}"
+        shown = differing([self.baseline.context, c], skip=("device", "model", "protocol", "runtime"))
+
+        def side(e: Entry) -> str:
+            said = describe(e.context, shown)
+            return e.describe() + (f" ({said})" if said else "")
+
+        return f"{c.label()} on {c.device}: {side(self.baseline)} -> {side(self.candidate)}"
 
     def as_json(self) -> dict[str, Any]:
         return {"baseline": entry_json(self.baseline), "candidate": entry_json(self.candidate),

@@ -77,6 +77,7 @@ class Outcome:
     stopped: str = ""
     order: list[str] = dataclasses.field(default_factory=list)
     pushed_bytes: int = 0
+    commands: list[list[str]] = dataclasses.field(default_factory=list)  # each prepared side's command line
 
 
 def run_label(i: int, warmup: int, repeat: int) -> str:
@@ -115,6 +116,7 @@ class _Run:
     def prepare(self, side: Side) -> Prepared:
         prep = self.session.prepare(side, self.ev.sync_progress, self.ev.outputs)
         self.out.pushed_bytes += prep.pushed_bytes
+        self.out.commands.append(prep.argv)
         return prep
 
 

@@ -33,7 +33,7 @@ from mvlm_bench.session.server import EXIT_SERVER_FAILED, Server, open_append
 from mvlm_bench.session.session import Session
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
-from mvlm_core.stops import StopSignals, stop_exit_code
+from mvlm_core.stops import Stopped, StopSignals, stop_exit_code
 
 DEFAULT_PORT = 8080
 DEFAULT_CTX = 4096  # the image's 144..576 tokens + a conversation; MobileVLM trains on 2048, LLaVA-1.5 on 4096
@@ -253,7 +253,7 @@ def serve(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Serving],
                 if why:
                     raise MvlmError(why, exit_code=EXIT_SERVER_FAILED)
                 time.sleep(0.5)
-    except (KeyboardInterrupt, SystemExit) as e:
+    except (KeyboardInterrupt, SystemExit, Stopped) as e:
         if stop_exit_code(e) is None:
             raise
         return True

@@ -27,6 +27,7 @@ from mvlm_bench.device.transports.base import SERVER_PID_MARKER, die_with_parent
 from mvlm_bench.session.failures import LOG_PREFIX, relevant_line
 from mvlm_core.atomic import file_kind
 from mvlm_core.errors import MvlmError
+from mvlm_core.stops import Stopped
 
 GRACE_S = 10.0  # SIGTERM -> SIGKILL
 EXIT_SERVER_FAILED = 4  # like a command that failed on a device (transports.CommandError)
@@ -246,7 +247,7 @@ class Server:
         try:
             server.wait(timeout=GRACE_S + 5.0)
             return
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        except (subprocess.TimeoutExpired, KeyboardInterrupt, Stopped):
             pass
         stop_process(server, grace=2.0)
         if self.pid and self.pid.isdigit():

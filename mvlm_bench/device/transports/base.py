@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mvlm_core.errors import MvlmError
+from mvlm_core.stops import Stopped
 
 ProgressFn = Callable[[int, int], None]
 OutputFn = Callable[[str], None]  # a run's output as it arrives (Transport.run's on_output)
@@ -483,7 +484,7 @@ def kill_group(proc: subprocess.Popen, grace: float = 2.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-        except KeyboardInterrupt:  # a second Ctrl-C while stopping: no more waiting
+        except (KeyboardInterrupt, Stopped):  # a second Ctrl-C while stopping: no more waiting
             continue
 
 

@@ -1,4 +1,4 @@
-"""``mvlm runtime check``: does a cross-built runtime compute what the host build does (mvlm_convert.crosscheck)?
+"""``mvlm runtime check``: does a cross-built runtime compute what the host build does (mvlm_convert.runtime_check)?
 
 The ``mvlm`` application wires :func:`check_cmd` into the ``runtime`` command group beside build / path / info.
 """
@@ -31,17 +31,17 @@ def check_cmd(
 
     from rich.table import Table
 
-    from mvlm_convert import crosscheck
+    from mvlm_convert import runtime_check
 
     if model is None:
         from mvlm_core.assets import smollm2_gguf
 
         model = smollm2_gguf()
-    console.print(f"[dim]perplexity of {model.name} (-c {crosscheck.PPL_CTX}) on host and {target}...[/]")
-    ppl = crosscheck.compare_perplexity(target, model, chunks=chunks)
+    console.print(f"[dim]perplexity of {model.name} (-c {runtime_check.PPL_CTX}) on host and {target}...[/]")
+    ppl = runtime_check.compare_perplexity(target, model, chunks=chunks)
     console.print(f"[dim]tiny MobileVLM V2 verify on host and {target}...[/]")
     with tempfile.TemporaryDirectory(prefix="mvlm-check-") as td:
-        figs = crosscheck.tiny_verify(target, Path(td))
+        figs = runtime_check.tiny_verify(target, Path(td))
     keys = ("image_rel_err", "image_min_cos", "logits_rel_err", "top1_agree", "mm_last_logits_rel_err", "passed")
     ok = ppl.passed and all(f["passed"] for f in figs.values())
     if json_:
