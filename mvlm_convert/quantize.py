@@ -136,10 +136,14 @@ def _run_tool(cmd: list[str], on_line: Callable[[str], None] | None = None) -> t
     However this function is left (an error, Ctrl-C, or SIGTERM turned into SystemExit by the CLI) the child is
     terminated and waited for first, so that it writes nothing after the caller removes its temporary files.
     """
+    from mvlm_core.stops import starting
+
     tail: list[str] = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                            errors="replace")
+    proc: subprocess.Popen | None = None
     try:
+        with starting():  # a stop signal during the start is raised once `proc` is ours to terminate
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    text=True, errors="replace")
         assert proc.stdout is not None
         for line in proc.stdout:
             tail = (tail + [line.rstrip()])[-15:]
@@ -147,14 +151,14 @@ def _run_tool(cmd: list[str], on_line: Callable[[str], None] | None = None) -> t
                 on_line(line)
         return proc.wait(), tail
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stdout is not None:
+        if proc is not None and proc.stdout is not None:
             proc.stdout.close()
 
 

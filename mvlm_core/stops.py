@@ -126,6 +126,14 @@ class StopSignals:
                     pass
 
 
+def starting() -> contextlib.AbstractContextManager:
+    """Hold stop signals back while a child process starts (``with starting(): proc = Popen(...)``): a signal that
+    came between the fork and the ``Popen`` object reaching the caller would leave a child nobody stops. Held only
+    when mvlm's handlers are installed; raised once the ``with`` ends, when the caller holds the process."""
+    stops = installed()
+    return stops.held() if stops is not None else contextlib.nullcontext()
+
+
 def stop_exit_code(e: BaseException) -> int | None:
     """128 + signal for a stop (:class:`Stopped`; a plain KeyboardInterrupt is SIGINT's 130; the ``SystemExit(143)``
     the mvlm entry point makes of SIGTERM where no :class:`StopSignals` is installed), else None."""

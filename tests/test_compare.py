@@ -197,6 +197,7 @@ def test_gate_error_rates_at_default_setting(n):
     assert det >= 0.95
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_pure_noise_many_trials_never_fails_at_five_reps():
     rng = np.random.default_rng(5)
     fired = [regressions(compare_samples(_draw(rng, 5, 0.01), _draw(rng, 5, 0.01)), 0.05) for _ in range(200)]

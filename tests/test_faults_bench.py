@@ -524,6 +524,7 @@ def test_corrupted_copy_over_ssh_is_pushed_again(sshd, tmp_path, smollm2_gguf, r
     assert _sha(copy) == _sha(smollm2_gguf)
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_device_without_sha256sum_falls_back_to_sizes_and_says_so(tmp_path, monkeypatch):
     """An adb device whose shell has no sha256sum/shasum (a PATH holding only the tools such a device has)."""
     adb = AdbDouble(tmp_path, monkeypatch)
@@ -624,6 +625,7 @@ def test_model_that_is_not_gguf_is_refused_before_pushing(tmp_path, fake_gguf):
     assert not (tmp_path / "dev-faultlocal").exists()
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_a_gguf_cut_short_is_refused_before_pushing(tmp_path, smollm2_gguf):
     """An interrupted copy or download: the header is whole, the tensor data is not (llama.cpp would fail on the
     device, after the push, with 'data is not within the file bounds')."""
@@ -816,6 +818,7 @@ def test_ssh_config_bypasses_are_refused(sshd, tmp_path, fake_gguf, name, text, 
     assert not marker.exists() and not (tmp_path / "remote").exists()
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_a_config_that_turns_host_key_checking_off_does_not_connect(sshd, tmp_path):
     """The host-key case end to end against the real sshd: the same profile with a harmless config file fails on the
     unknown host key (exit 3: checking is on); with the quoted StrictHostKeyChecking no, it is refused (exit 2)."""

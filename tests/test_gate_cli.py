@@ -112,6 +112,7 @@ def _save(db: Path, medians: list[tuple[str, str, float]], seed: int, n: int = 5
                                          "total_s": [400 / t for t in tps]}, label=label))
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_history_gate_uses_only_the_baseline_labels_sessions(tmp_path):
     """Regressed PR sessions of main's build (crafted, or a PR that did not change the build) must not widen main's
     noise band: with label:main the sessions are main's own, and a 50% regression fails."""
@@ -139,6 +140,7 @@ def test_history_gate_uses_only_the_baseline_labels_sessions(tmp_path):
     assert r.returncode == 4 and ev["n_sessions"] == 3 and ev["verdict"] == "slower", r.stderr
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_history_gate_does_not_flag_a_candidate_inside_the_baselines_own_range(tmp_path):
     """3 main sessions, one of them at 40.5; a candidate of the same build at 43.26 was failed 'beyond the noise band'
     because the MAD of 3 sessions ignores the extreme one. It lies inside what main itself did: suspected, not failed."""

@@ -116,6 +116,20 @@ def test_a_sweeps_settings_are_columns_everywhere_and_never_pooled(tmp_path, smo
 
 
 # --- the history's own tools -------------------------------------------------------------------------------------
+def _cli(*args) -> tuple[int, str, str]:
+    """``mvlm ARGS`` in this process (typer's CliRunner on the mvlm application): (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from mvlm.cli import app
+    from mvlm_core.errors import MvlmError
+
+    res = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
+    err = res.stderr
+    if isinstance(res.exception, MvlmError):  # what `mvlm` prints for it: one line, its exit code
+        return res.exception.exit_code, res.stdout, err + f"error: {res.exception}\n"
+    return res.exit_code, res.stdout, err
+
+
 def _history(tmp_path: Path) -> Path:
     from mvlm_bench.history.database import History
     from mvlm_bench.history.entries import Entry
@@ -133,41 +147,41 @@ def _history(tmp_path: Path) -> Path:
 
 def test_history_filters_by_label_device_and_model(tmp_path):
     db = _history(tmp_path)
-    r = mvlm("history", "--db", db, "--label", "pr-1", "--json")
-    assert r.returncode == 0 and [e["id"] for e in json.loads(r.stdout)] == [4, 6]
-    r = mvlm("history", "--db", db, "--device", "nope", "--json")
-    assert r.returncode == 0 and json.loads(r.stdout) == []
-    r = mvlm("history", "--db", db, "--model", "M")
-    assert r.returncode == 0 and "Threads" in r.stdout  # the entries differ in threads: a column of its own
+    rc, out, err = _cli("history", "--db", db, "--label", "pr-1", "--json")
+    assert rc == 0 and [e["id"] for e in json.loads(out)] == [4, 6]
+    rc, out, err = _cli("history", "--db", db, "--device", "nope", "--json")
+    assert rc == 0 and json.loads(out) == []
+    rc, out, err = _cli("history", "--db", db, "--model", "M")
+    assert rc == 0 and "Threads" in out  # the entries differ in threads: a column of its own
 
 
 def test_history_delete_by_selector_or_filter(tmp_path):
     db = _history(tmp_path)
-    dry = mvlm("history", "delete", "id:2", "latest", "--db", db, "--dry-run")
-    assert dry.returncode == 0 and "would delete 2 entries" in dry.stderr and "id:2, id:7" in dry.stderr
+    rc, out, err = _cli("history", "delete", "id:2", "latest", "--db", db, "--dry-run")
+    assert rc == 0 and "would delete 2 entries" in err and "id:2, id:7" in err
     assert len(_rows(db, "SELECT id FROM entry")) == 7
-    r = mvlm("history", "delete", "id:2", "--db", db)
-    assert r.returncode == 0 and "deleted 1 entry" in r.stderr
+    rc, out, err = _cli("history", "delete", "id:2", "--db", db)
+    assert rc == 0 and "deleted 1 entry" in err
     assert [x[0] for x in _rows(db, "SELECT id FROM entry")] == [1, 3, 4, 5, 6, 7]
     assert _rows(db, "SELECT COUNT(*) FROM sample WHERE entry_id = 2") == [(0,)]  # its repetitions went too
-    r = mvlm("history", "delete", "--label", "pr-1", "--db", db)
-    assert r.returncode == 0 and [x[0] for x in _rows(db, "SELECT id FROM entry")] == [1, 3, 5, 7]
-    r = mvlm("history", "delete", "--db", db)
-    assert r.returncode == 2 and "needs selectors" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = mvlm("history", "delete", "id:99", "--db", db)
-    assert r.returncode == 2 and "no entry id:99" in r.stderr
+    rc, out, err = _cli("history", "delete", "--label", "pr-1", "--db", db)
+    assert rc == 0 and [x[0] for x in _rows(db, "SELECT id FROM entry")] == [1, 3, 5, 7]
+    rc, out, err = _cli("history", "delete", "--db", db)
+    assert rc == 2 and "needs selectors" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = _cli("history", "delete", "id:99", "--db", db)
+    assert rc == 2 and "no entry id:99" in err
 
 
 def test_history_prune_keeps_the_newest_of_each_configuration(tmp_path):
     db = _history(tmp_path)
     # configurations: (main, t=1): 1 2 5; (main, t=2): 3 7; (pr-1, t=1): 4 6
-    r = mvlm("history", "prune", "--keep", "1", "--db", db, "--dry-run")
-    assert r.returncode == 0 and "would delete 4 entries" in r.stderr, r.stderr
-    r = mvlm("history", "prune", "--keep", "1", "--db", db)
-    assert r.returncode == 0, r.stderr
+    rc, out, err = _cli("history", "prune", "--keep", "1", "--db", db, "--dry-run")
+    assert rc == 0 and "would delete 4 entries" in err, err
+    rc, out, err = _cli("history", "prune", "--keep", "1", "--db", db)
+    assert rc == 0, err
     assert [x[0] for x in _rows(db, "SELECT id FROM entry ORDER BY id")] == [5, 6, 7]
-    r = mvlm("history", "prune", "--keep", "0", "--db", db)
-    assert r.returncode == 2
+    rc, out, err = _cli("history", "prune", "--keep", "0", "--db", db)
+    assert rc == 2
 
 
 # --- one vocabulary of columns -------------------------------------------------------------------------------------

@@ -392,6 +392,7 @@ def test_adb_device_disappears_mid_push_then_sync_recovers(adb, tmp_path):
     assert json.loads((wd / MANIFEST_NAME).read_text())["files"]["models/m.gguf"]["sha256"] == _sha(src)
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_adb_no_injection_through_names(adb, tmp_path):
     marker = tmp_path / "INJECTED"
     nasty = NASTY.format(m=marker)

@@ -27,7 +27,7 @@ from mvlm_bench.device.transports.base import SERVER_PID_MARKER, die_with_parent
 from mvlm_bench.session.failures import LOG_PREFIX, relevant_line
 from mvlm_core.atomic import file_kind
 from mvlm_core.errors import MvlmError
-from mvlm_core.stops import Stopped
+from mvlm_core.stops import Stopped, starting
 
 GRACE_S = 10.0  # SIGTERM -> SIGKILL
 EXIT_SERVER_FAILED = 4  # like a command that failed on a device (transports.CommandError)
@@ -149,21 +149,25 @@ class Server:
         self.via_shell = launch.via_shell
         t0 = time.monotonic()
         log(f"starting llama-server on {name} (log: {log_path})")
+        self.server: subprocess.Popen | None = None
         try:
-            self.server: subprocess.Popen | None = subprocess.Popen(
-                launch.argv, stdin=subprocess.PIPE if launch.via_shell else subprocess.DEVNULL, stdout=logf,
-                stderr=subprocess.STDOUT, env=launch.env, start_new_session=True, preexec_fn=die_with_parent)
-        except OSError as e:
-            raise MvlmError(f"cannot start llama-server: {e.strerror or e}; rebuild the runtime (`mvlm runtime build "
-                            f"--target {transport.profile.target}`)", exit_code=EXIT_SERVER_FAILED) from None
-        self.registry.append(self.server)
-        self.procs.append((self.server, f"llama-server on {name}", log_path))
-        try:
+            with starting():  # a stop signal during the start is raised once the process is ours to stop
+                self.server = subprocess.Popen(
+                    launch.argv, stdin=subprocess.PIPE if launch.via_shell else subprocess.DEVNULL, stdout=logf,
+                    stderr=subprocess.STDOUT, env=launch.env, start_new_session=True, preexec_fn=die_with_parent)
+                self.registry.append(self.server)
+                self.procs.append((self.server, f"llama-server on {name}", log_path))
             device_port = self._wait_listening(timeout)
             self.host, self.port = loopback_for(host), device_port
             if not transport.capabilities.same_host:
                 self._open_tunnel(local_port or free_port(), device_port)
             self._wait_ready(max(30.0, timeout - (time.monotonic() - t0)))
+        except OSError as e:
+            if self.server is not None:
+                self.close()
+                raise
+            raise MvlmError(f"cannot start llama-server: {e.strerror or e}; rebuild the runtime (`mvlm runtime build "
+                            f"--target {transport.profile.target}`)", exit_code=EXIT_SERVER_FAILED) from None
         except BaseException:
             self.close()
             raise

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mvlm_core.errors import MvlmError
-from mvlm_core.stops import Stopped
+from mvlm_core.stops import Stopped, starting
 
 ProgressFn = Callable[[int, int], None]
 OutputFn = Callable[[str], None]  # a run's output as it arrives (Transport.run's on_output)
@@ -402,24 +402,32 @@ def run_client(
     same temp file every ``STREAM_POLL_S``; what is captured and returned is unchanged."""
     start = time.monotonic()
     with tempfile.TemporaryFile() as out:
-        try:
-            proc = subprocess.Popen(
-                argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-        except FileNotFoundError as e:
-            return 127, f"mvlm: cannot execute {argv[0]}: {e.strerror}\n", time.monotonic() - start, False
-        except OSError as e:  # permission denied, exec format error (an arm64 binary without qemu) ...
-            return 126, f"mvlm: cannot execute {argv[0]}: {e.strerror}\n", time.monotonic() - start, False
+        proc: subprocess.Popen | None = None
         timed_out = False
         try:
+            with starting():  # a stop signal during the start is raised once `proc` is ours to stop
+                proc = subprocess.Popen(
+                    argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
+                    preexec_fn=die_with_parent,
+                )
             rc: int | None = proc.wait(timeout=timeout) if on_output is None else wait_streaming(proc, timeout, out, on_output)
+        except FileNotFoundError as e:
+            if proc is not None:
+                kill_group(proc)
+                raise
+            return 127, f"mvlm: cannot execute {argv[0]}: {e.strerror}\n", time.monotonic() - start, False
         except subprocess.TimeoutExpired:
             timed_out = True
             kill_group(proc)
             rc = None
-        except BaseException:  # Ctrl-C, SystemExit(143) from SIGTERM ...: the child must not outlive this bench
-            kill_group(proc)
+        except OSError as e:  # permission denied, exec format error (an arm64 binary without qemu) ...
+            if proc is not None:
+                kill_group(proc)
+                raise
+            return 126, f"mvlm: cannot execute {argv[0]}: {e.strerror}\n", time.monotonic() - start, False
+        except BaseException:  # Ctrl-C, a stop signal ...: the child must not outlive this bench
+            if proc is not None:
+                kill_group(proc)
             raise
         duration = time.monotonic() - start
         out.seek(0)
