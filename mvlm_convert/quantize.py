@@ -86,6 +86,9 @@ def read_header(path: Path) -> tuple[str, int | None, int, bool]:
         raise MvlmError(f"cannot read {path}: {e.strerror}") from e
     if magic != b"GGUF":
         raise MvlmError(f"{path} is not a GGUF file (magic {magic!r}): pass a .gguf written by mvlm convert")
+    from mvlm_core.gguf_header import check_gguf
+
+    check_gguf(Path(path), "the input")  # the bounded reader first: gguf-py believes whatever a header claims
     try:
         r = gguf.GGUFReader(path)
     except Exception as e:  # truncated or corrupt
@@ -191,10 +194,16 @@ def quantize_lm(inp: Path, out: Path, qtype: str, llama_quantize: Path, threads:
             quantize_lm(inp, out, qtype, llama_quantize, threads, allow_requantize, progress, tmp=outs.path(out))
             outs.commit()
         return
+    import shutil
+    import tempfile
+
+    # llama-quantize opens its output path itself: it writes into a fresh private directory (0700, next to the output,
+    # same file system), never to a name anyone else could have planted a link at; its file then replaces ``tmp``
+    private = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=tmp.parent))
     cmd = [str(llama_quantize)]
     if allow_requantize:
         cmd.append("--allow-requantize")
-    cmd += [str(inp), str(tmp), qtype, str(threads or os.cpu_count() or 1)]
+    cmd += [str(inp), str(private / out.name), qtype, str(threads or os.cpu_count() or 1)]
     pat = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
     def on_line(line: str) -> None:
@@ -210,9 +219,12 @@ def quantize_lm(inp: Path, out: Path, qtype: str, llama_quantize: Path, threads:
                                 "files of the same names are untouched)", exit_code=EXIT_DISK_FULL)
             raise MvlmError(f"llama-quantize failed for {qtype} (exit {rc}): {tail[-1] if tail else 'no output'}",
                             detail="\n".join(tail))
+        os.replace(private / out.name, tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _keep_float(name: str, shape: tuple[int, ...]) -> bool:

@@ -81,8 +81,11 @@ def mmproj_info(mmproj_path: Path) -> dict[str, Any]:
     """image_size / mean / std / projector type written in an mmproj GGUF."""
     import gguf
 
+    from mvlm_core.gguf_header import check_gguf
+
     if not Path(mmproj_path).is_file():
         raise MvlmError(f"mmproj GGUF not found: {mmproj_path}")
+    check_gguf(Path(mmproj_path), "--mmproj")  # the bounded reader first: gguf-py believes whatever a header claims
     try:
         reader = gguf.GGUFReader(str(mmproj_path))
     except Exception as e:  # noqa: BLE001 - any parse failure means a bad file

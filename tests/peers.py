@@ -306,3 +306,26 @@ def run_bench(profile, spec, **events):
 
     lease = {k: events.pop(k) for k in ("lease_db", "lease_timeout") if k in events}
     return collect(Plan(profile, [spec], **lease), **events)
+
+
+def small_gguf(path: Path, arch: str = "llama", template: bool = True) -> Path:
+    """A small, well-formed GGUF (gguf-py's writer) that passes every header check and that llama.cpp still cannot load
+    (no hyper-parameters, one tensor): a language model (``arch`` llama: a tokenizer and a token embedding, a chat
+    template unless ``template`` is False) or an mmproj (``arch`` clip). For tests of what is refused or fails later."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    if arch == "clip":
+        w.add_tensor("v.patch_embd.weight", np.zeros((8, 4), np.float32))
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<unk>", "a", "b"])
+        if template:
+            w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+        w.add_tensor("token_embd.weight", np.zeros((3, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from peers import AdbDouble, _free_port
+from peers import AdbDouble, _free_port, small_gguf
 
 from mvlm_bench.device.profiles import profile_from_dict
 from mvlm_bench.plan.plan import Plan
@@ -149,8 +149,7 @@ def test_llama_bench_protocol(tmp_path, tiny_vlm):
 
 # --- failures: one clear line, exit != 0, completed repetitions kept -------------------------------------------
 def test_crash_keeps_output_tail(tmp_path):
-    bad = tmp_path / "Broken-F16.gguf"
-    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)  # header then garbage: llama.cpp refuses to load
+    bad = small_gguf(tmp_path / "Broken-F16.gguf")  # a whole header, no hyper-parameters: llama.cpp refuses to load
     r = mvlm("bench", "--device", local_profile(tmp_path), "--protocol", "lm", "--model", bad, "--repeat", 1)
     assert r.returncode == 3
     assert "lm protocol on testlocal: the warm-up run failed: exited with status 1" in r.stderr

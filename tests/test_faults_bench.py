@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from peers import AdbDouble, fill_up, run_bench
+from peers import AdbDouble, fill_up, run_bench, small_gguf
 
 from mvlm_bench.device.profiles import load_profile, profile_from_dict
 from mvlm_bench.device.sync import sync
@@ -101,10 +101,8 @@ def ssh_profile_file(sshd, path: Path, workdir: Path, *, options: list[str] | No
 
 @pytest.fixture
 def fake_gguf(tmp_path) -> Path:
-    """A small file with the GGUF magic: enough for everything that is refused before llama.cpp would read it."""
-    p = tmp_path / "Model-Q4_K_S.gguf"
-    p.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + os.urandom(4000))
-    return p
+    """A small, well-formed language-model GGUF that llama.cpp cannot load: enough for everything refused before."""
+    return small_gguf(tmp_path / "Model-Q4_K_S.gguf")
 
 
 @pytest.fixture(scope="session")
@@ -162,14 +160,12 @@ def test_report_path_that_is_the_model_is_refused_before_measuring(tmp_path, fak
 @pytest.mark.slow  # more than ~3 s here (fast lane: pytest -m 'not slow')
 def test_report_path_other_inputs_and_existing_gguf_are_refused(tmp_path, fake_gguf):
     prof = local_profile(tmp_path)
-    mmproj = tmp_path / "mmproj-M-F16.gguf"
-    mmproj.write_bytes(b"GGUF" + os.urandom(100))
+    mmproj = small_gguf(tmp_path / "mmproj-M-F16.gguf", "clip")
     image = tmp_path / "img.png"
     from PIL import Image
 
     Image.new("RGB", (8, 8), (200, 10, 10)).save(image)
-    other_model = tmp_path / "Other-Q8_0.gguf"  # not an input, but an existing GGUF
-    other_model.write_bytes(b"GGUF" + os.urandom(100))
+    other_model = small_gguf(tmp_path / "Other-Q8_0.gguf")  # not an input, but an existing GGUF
     other_model_bytes = other_model.read_bytes()
     base = ["bench", "--device", prof, "--protocol", "vlm", "--model", fake_gguf, "--mmproj", mmproj, "--image", image]
     cases = [
@@ -618,7 +614,8 @@ def test_model_that_is_not_gguf_is_refused_before_pushing(tmp_path, fake_gguf):
     assert r.returncode == 2 and f"--model {notgguf} is not a GGUF file" in line
     r = mvlm("bench", "--device", prof, "--protocol", "vlm", "--model", fake_gguf, "--mmproj", notgguf)
     assert r.returncode == 2 and "--mmproj" in _one_line(r.stderr) and "not a GGUF" in r.stderr
-    r = mvlm("bench", "--device", prof, "--protocol", "vlm", "--model", fake_gguf, "--mmproj", fake_gguf, "--image", notgguf)
+    mmproj = small_gguf(tmp_path / "mmproj-M-F16.gguf", "clip")
+    r = mvlm("bench", "--device", prof, "--protocol", "vlm", "--model", fake_gguf, "--mmproj", mmproj, "--image", notgguf)
     assert r.returncode == 2 and "--image" in _one_line(r.stderr) and "not an image" in r.stderr
     r = mvlm("bench", "--device", prof, "--model", tmp_path / "missing.gguf")
     assert r.returncode == 2 and "does not exist" in _one_line(r.stderr)
@@ -643,8 +640,7 @@ def test_a_gguf_cut_short_is_refused_before_pushing(tmp_path, smollm2_gguf):
 
 @pytest.mark.slow
 def test_llama_cpp_failure_is_one_line_with_the_relevant_log_line(tmp_path, host_runtime):
-    bad = tmp_path / "Broken-F16.gguf"
-    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)  # the magic, then garbage: llama.cpp cannot load it
+    bad = small_gguf(tmp_path / "Broken-F16.gguf")  # a whole header, no hyper-parameters: llama.cpp cannot load it
     prof = local_profile(tmp_path)
     r = mvlm("bench", "--device", prof, "--model", bad, "--repeat", 1, "--warmup", 0)
     line = _error_line(r.stderr)
@@ -1057,8 +1053,7 @@ def test_relevant_line_of_a_real_llama_cpp_abort(tmp_path, host_runtime, smollm2
 
 @pytest.mark.slow
 def test_ab_warmup_failure_reads_as_a_sentence(tmp_path, smollm2_gguf, runtime_env):
-    bad = tmp_path / "Broken-F16.gguf"
-    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    bad = small_gguf(tmp_path / "Broken-F16.gguf")
     r = mvlm("bench", "--device", local_profile(tmp_path), "--model", smollm2_gguf, "-n", 8, "--repeat", 1,
              "--against", f"model={bad}", env=runtime_env)
     line = _error_line(r.stderr)
@@ -1148,8 +1143,7 @@ def test_image_protocol_refuses_a_model_without_chat_template_before_pushing(tmp
     up front in one line, exit 2, nothing pushed; the same model with a template passes the input checks."""
     prof = local_profile(tmp_path)
     model = _tiny_lm_gguf(tmp_path / "imp-tiny-F16.gguf", None)
-    mmproj = tmp_path / "mmproj-imp-tiny-F16.gguf"
-    mmproj.write_bytes(b"GGUF" + os.urandom(100))
+    mmproj = small_gguf(tmp_path / "mmproj-imp-tiny-F16.gguf", "clip")
     r = mvlm("bench", "--device", prof, "--protocol", protocol, "--model", model, "--mmproj", mmproj,
              "--repeat", 1, "--warmup", 0)
     line = _one_line(r.stderr)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from peers import small_gguf
 
 from mvlm_bench.history.database import History
 from mvlm_bench.history.entries import Entry
@@ -215,8 +216,7 @@ def test_interleaved_tables_say_pair_speedup(tmp_path):
 
 
 def _fake_gguf(p: Path) -> Path:
-    p.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + os.urandom(2000))
-    return p
+    return small_gguf(p)
 
 
 @pytest.mark.parametrize("args,msg", [

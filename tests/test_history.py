@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from peers import small_gguf
 
 from mvlm_bench.history import database as history_db
 from mvlm_bench.history import entries as history_entries
@@ -125,8 +126,7 @@ def test_a_selector_that_names_entries_of_another_setup_says_what_differs(tmp_pa
 def test_bench_refuses_a_baseline_that_names_nothing_before_measuring(tmp_path):
     with History(tmp_path / "h.sqlite") as h:
         h.save(_entry(_ctx(), [40, 41, 40], label="main"))
-    model = tmp_path / "Model-Q4_K_S.gguf"
-    model.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + bytes(4000))  # never loaded: refused before that
+    model = small_gguf(tmp_path / "Model-Q4_K_S.gguf")  # never loaded: refused before that
     r = _mvlm("bench", "--device", "local", "-m", str(model), "--db", str(tmp_path / "h.sqlite"), "--baseline",
               "label:mian", "--fail-on-regression", "5%", cwd=tmp_path)
     assert r.returncode == 2 and "selector 'label:mian' matches nothing" in r.stderr, r.stderr

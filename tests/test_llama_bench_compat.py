@@ -276,7 +276,7 @@ def test_precision_comes_from_the_name_else_from_the_files_own_file_type(tmp_pat
     ``model.gguf`` is not "unknown", and a misleading name does not relabel it; without one, the name decides."""
     import gguf
 
-    from mvlm_bench.plan.gguf_header import precision_of
+    from mvlm_core.gguf_header import precision_of
 
     plain = tmp_path / "model.gguf"
     plain.symlink_to(smollm2_gguf)

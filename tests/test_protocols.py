@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from peers import small_gguf
 
 MVLM = [sys.executable, "-m", "mvlm"]
 
@@ -320,4 +321,5 @@ def test_dataset_refuses_adb_before_pushing(tmp_path, smollm2_gguf):
     prof = profile_from_dict({"transport": "adb", "address": "NOPHONE", "workdir": "/data/local/tmp/mvlm",
                               "target": "android-arm64"}, where="test", default_name="phone")
     with pytest.raises(MvlmError, match="this device's transport cannot forward"):  # the plan refuses it: nothing runs
-        make_plan(prof, Options(protocol="dataset", models=[smollm2_gguf], mmproj=smollm2_gguf, data=data))
+        make_plan(prof, Options(protocol="dataset", models=[smollm2_gguf], mmproj=small_gguf(tmp_path / "mmproj.gguf", "clip"),
+                                data=data))

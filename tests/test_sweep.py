@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from peers import small_gguf
 from test_faults_bench import _one_line, mvlm
 from test_faults_bench import local_profile as _local_profile
 
@@ -204,7 +205,7 @@ def test_a_failed_configuration_does_not_cost_the_completed_ones_with_save(tmp_p
              "--save", "--db", db)
     assert r.returncode == 2 and f"--model {bad} is truncated" in r.stderr and "run 1/" not in r.stderr, r.stderr
     assert not db.exists()
-    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    small_gguf(bad)  # a whole header that llama.cpp cannot load
     r = mvlm("bench", "--device", profile_file(tmp_path), "-m", good, "-m", bad, "-n", 8, "--repeat", 1, "--warmup", 0,
              "--save", "--db", db)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]

@@ -88,38 +88,57 @@ def validate_spec(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[st
 
 def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str] = (),
                  needs_template: bool = True) -> None:
-    """The model (and mmproj, image) exist and are what they claim, checked here before anything goes to a device.
+    """The model (and mmproj, image, question file) exist and are what they claim, checked here before anything goes
+    to a device: each GGUF's header read by the one bounded reader (:mod:`mvlm_core.gguf_header`: a crafted or
+    unsupported header is one line, never an allocation of what it claims), the model a language model and not an
+    mmproj, the mmproj a CLIP/SigLIP one, tensor data complete.
 
     ``against``: the ``--against`` keys (model, mmproj) that set these paths; errors then name ``--against model=X``.
     ``needs_template``: the image protocols run llama-mtmd-cli, which stops at once on a model without a chat template
     ("Model does not have chat template.", whatever -p says), so such a model is refused here; False for callers that
     run llama-server, which falls back to its own default template (mvlm serve)."""
-    from mvlm_core.atomic import is_gguf
-
-    def named(option: str, p: Path) -> str:
+    def named(option: str) -> str:
         key = option.lstrip("-")
-        return f"--against {key}={p}" if key in against else f"{option} {p}"
+        return f"--against {key}=" if key in against else option
 
-    def gguf(option: str, p: Path) -> None:
-        said = named(option, p)
-        if not p.exists():
-            raise MvlmError(f"{said} does not exist: give the path of a .gguf file")
-        if not p.is_file():
-            raise MvlmError(f"{said} is not a file: give the path of a .gguf file")
-        if not is_gguf(p):
-            raise MvlmError(f"{said} is not a GGUF file (it does not start with 'GGUF'): give a .gguf written by "
-                            "mvlm convert or mvlm quantize")
-        from mvlm_bench.plan.gguf_header import gguf_missing_bytes
+    model = check_gguf_kind(Path(spec.model), named("--model"), "lm")
+    _check_data(spec)
+    if spec.protocol in IMAGE_PROTOCOLS:
+        if spec.mmproj is None:
+            raise MvlmError(f"the {spec.protocol} protocol needs --mmproj FILE (the mmproj-*.gguf written by mvlm convert)")
+        check_gguf_kind(Path(spec.mmproj), named("--mmproj"), "mmproj")
+        if Path(spec.model).resolve() == Path(spec.mmproj).resolve():
+            raise MvlmError("--model and --mmproj are the same file: give the LM GGUF and its mmproj GGUF")
+        if needs_template and spec.protocol in ("vlm", "imp") and not model.has_chat_template:
+            raise MvlmError(f"{named('--model')} {spec.model} has no chat template (tokenizer.chat_template), and "
+                            f"llama-mtmd-cli refuses an image prompt without one (--prompt text goes through the "
+                            f"template too): convert the model again with `mvlm convert` from a checkpoint whose "
+                            f"tokenizer_config.json has a chat_template (MobileVLM, LLaVA-1.5, Xmodel-VLM and Imp v1 "
+                            f"get one written), or bench it with --protocol lm")
+        if spec.image is not None:
+            _check_image(Path(spec.image))
 
-        try:
-            short = gguf_missing_bytes(p)
-        except (OSError, ValueError, UnicodeDecodeError):  # a header this reader cannot follow: llama.cpp says what
-            short = None  # is wrong with it, in the run's one-line error
-        if short:
-            raise MvlmError(f"{said} is truncated: its tensor data ends {short} bytes past the end of the file "
-                            f"({p.stat().st_size} bytes): copy or convert it again")
 
-    gguf("--model", Path(spec.model))
+def check_gguf_kind(path: Path, option: str, kind: str):
+    """A GGUF's header (:func:`mvlm_core.gguf_header.check_gguf`) and its kind: ``lm`` (a token embedding and a
+    tokenizer; an mmproj given as --model is said to be one) or ``mmproj`` (architecture clip)."""
+    from mvlm_core.gguf_header import check_gguf
+
+    where = f"{option}{path}" if option.endswith("=") else f"{option} {path}"
+    header = check_gguf(path, option)
+    if kind == "mmproj" and header.architecture != "clip":
+        raise MvlmError(f"{where} is not an mmproj GGUF (architecture {header.architecture or 'unknown'!r}, not 'clip'): "
+                        "give the mmproj-*.gguf written by mvlm convert")
+    if kind == "lm" and header.architecture == "clip":
+        raise MvlmError(f"{where} is an mmproj (image encoder) GGUF, not a language model: pass it as --mmproj and give "
+                        "the language-model GGUF (the one without 'mmproj-') as --model")
+    if kind == "lm" and not header.is_lm:
+        raise MvlmError(f"{where} is not a language-model GGUF (architecture {header.architecture or 'unknown'!r}, no "
+                        "token embedding or tokenizer): give the LM GGUF written by mvlm convert")
+    return header
+
+
+def _check_data(spec: BenchSpec) -> None:
     if spec.protocol == "dataset":
         from mvlm_bench.plan import dataset
 
@@ -132,34 +151,22 @@ def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str
         dataset.load_samples(Path(spec.data))
     elif spec.data is not None:
         raise MvlmError(f"--data is for the dataset protocol, not {spec.protocol}: add --protocol dataset")
-    if spec.protocol in IMAGE_PROTOCOLS:
-        if spec.mmproj is None:
-            raise MvlmError(f"the {spec.protocol} protocol needs --mmproj FILE (the mmproj-*.gguf written by mvlm convert)")
-        gguf("--mmproj", Path(spec.mmproj))
-        if needs_template and spec.protocol in ("vlm", "imp"):
-            from mvlm_bench.plan.gguf_header import gguf_kind
 
-            try:
-                _, is_lm, has_template = gguf_kind(Path(spec.model))
-            except MvlmError:  # a header this reader cannot follow: llama.cpp itself says what is wrong with it
-                is_lm, has_template = False, True
-            if is_lm and not has_template:
-                raise MvlmError(f"{named('--model', Path(spec.model))} has no chat template (tokenizer.chat_template), and "
-                                f"llama-mtmd-cli refuses an image prompt without one (--prompt text goes through the "
-                                f"template too): convert the model again with `mvlm convert` from a checkpoint whose "
-                                f"tokenizer_config.json has a chat_template (MobileVLM, LLaVA-1.5, Xmodel-VLM and Imp v1 "
-                                f"get one written), or bench it with --protocol lm")
-        if spec.image is not None:
-            img = Path(spec.image)
-            if not img.is_file():
-                raise MvlmError(f"--image {img} does not exist or is not a file: give a PNG or JPEG image")
-            try:
-                from PIL import Image
 
-                with Image.open(img) as im:
-                    im.verify()
-            except Exception as e:  # PIL raises many types for a non-image
-                raise MvlmError(f"--image {img} is not an image PIL can read ({type(e).__name__}): give a PNG or JPEG") from None
+def _check_image(img: Path) -> None:
+    try:
+        ok = img.is_file()
+    except OSError as e:  # a name too long for the OS, ...
+        raise MvlmError(f"--image {str(img)[:80]}...: cannot be read ({e.strerror or e}): give a PNG or JPEG image") from None
+    if not ok:
+        raise MvlmError(f"--image {img} does not exist or is not a file: give a PNG or JPEG image")
+    try:
+        from PIL import Image
+
+        with Image.open(img) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for a non-image
+        raise MvlmError(f"--image {img} is not an image PIL can read ({type(e).__name__}): give a PNG or JPEG") from None
 
 
 def device_settings(profile, spec: BenchSpec) -> tuple[int | None, int]:

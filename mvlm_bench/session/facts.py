@@ -53,11 +53,10 @@ def build_version(transport, exe: str, env: dict[str, str]) -> dict[str, object]
 def gguf_facts(path: Path) -> dict[str, object]:
     """model_size (bytes of all tensors) and model_n_params (elements of all tensors) of a GGUF, as llama.cpp's
     loader sums them (llama_model_size / llama_model_n_params, which llama-bench prints); {} if unreadable."""
-    try:
-        from gguf import GGUFReader
+    from mvlm_core.gguf_header import GgufError, read_header
 
-        reader = GGUFReader(str(path))
-        return {"model_size": int(sum(int(t.n_bytes) for t in reader.tensors)),
-                "model_n_params": int(sum(int(t.n_elements) for t in reader.tensors))}
-    except Exception:  # a file gguf-py cannot read: the report leaves these fields null
+    try:
+        sums = read_header(path).tensor_bytes()
+    except (OSError, GgufError):  # checked before the bench: a file changed meanwhile; the fields stay null
         return {}
+    return {} if sums is None else {"model_size": sums[0], "model_n_params": sums[1]}

@@ -27,12 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mvlm_bench.device.profiles import MAX_GPU_LAYERS, MAX_THREADS, DeviceProfile
-from mvlm_bench.plan.gguf_header import gguf_kind
 from mvlm_bench.plan.protocols import runtime_files
 from mvlm_bench.session.server import EXIT_SERVER_FAILED, Server, open_append
 from mvlm_bench.session.session import Session
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
+from mvlm_core.gguf_header import read_header
 from mvlm_core.stops import Stopped, StopSignals, stop_exit_code
 
 DEFAULT_PORT = 8080
@@ -92,7 +92,7 @@ def check_spec(spec: ServeSpec) -> list[str]:
                         f"--host {full}")
     if spec.alias is not None and (not spec.alias.strip() or "," in spec.alias or any(c in spec.alias for c in "\n\r\0")):
         raise MvlmError(f"--alias {spec.alias!r}: give one non-empty name without commas")
-    # the files exist and are GGUFs: the bench's own checks (the vlm protocol's when an mmproj is given)
+    # the files exist, are GGUFs this runtime reads, an LM and its mmproj: the bench's own checks
     check_inputs(BenchSpec("vlm" if spec.mmproj is not None else "lm", spec.model, mmproj=spec.mmproj),
                  needs_template=False)
     if spec.log is not None:  # never a symlink, a model, an input, a directory or a device node (appended to, never truncated)
@@ -100,22 +100,8 @@ def check_spec(spec: ServeSpec) -> list[str]:
             raise MvlmError(f"--log {spec.log} is a symbolic link; the log is never written through a link: give the path "
                             "of a regular file (it is appended to) or of a new one")
         check_output_path(spec.log, [spec.model, spec.mmproj], option="--log")
-    arch, is_lm, has_template = gguf_kind(spec.model)
-    if arch == "clip":
-        raise MvlmError(f"--model {spec.model} is an mmproj (image encoder) GGUF, not a language model: pass it as "
-                        "--mmproj and give the language-model GGUF (the one without 'mmproj-') as --model")
-    if not is_lm:
-        raise MvlmError(f"--model {spec.model} is not a language-model GGUF (architecture {arch or 'unknown'!r}, no "
-                        "token embedding or tokenizer): give the LM GGUF written by mvlm convert")
-    if spec.mmproj is not None:
-        march, _, _ = gguf_kind(spec.mmproj, "--mmproj")
-        if march != "clip":
-            raise MvlmError(f"--mmproj {spec.mmproj} is not an mmproj GGUF (architecture {march or 'unknown'!r}, not "
-                            "'clip'): give the mmproj-*.gguf written by mvlm convert")
-    if spec.model.resolve() == (spec.mmproj.resolve() if spec.mmproj else None):
-        raise MvlmError("--model and --mmproj are the same file: give the LM GGUF and its mmproj GGUF")
     notes = []
-    if not has_template:
+    if not read_header(spec.model).has_chat_template:
         notes.append(f"{spec.model.name} has no chat template: llama-server falls back to its own default, which may "
                      "not be the format the model was trained on")
     return notes

@@ -28,7 +28,6 @@ from mvlm_bench.device.profiles import KNOWN_TARGETS, DeviceProfile
 from mvlm_bench.device.sync import sha256_file, sync
 from mvlm_bench.device.targets import resolve_target
 from mvlm_bench.device.transports import make_transport
-from mvlm_bench.plan.gguf_header import precision_of
 from mvlm_bench.plan.plan import DEFAULT_LEASE_TIMEOUT_S
 from mvlm_bench.plan.protocols import (
     DEFAULT_BATCH,
@@ -50,6 +49,7 @@ from mvlm_bench.session.live_tokens import LiveTokens
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
 from mvlm_core.filenames import precision_from_filename
+from mvlm_core.gguf_header import precision_of
 
 Log = Callable[[str], None]
 
