@@ -112,9 +112,11 @@ def main(stops=None) -> None:
     except MvlmError as e:
         from rich.markup import escape  # the message is text: a "[bold]" in a label or path stays as typed
 
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        from mvlm_core.terminal import visible  # a path or name from a file: its escape sequences shown, not run
+
+        err_console.print(f"[bold red]error:[/] {escape(visible(e))}", highlight=False, soft_wrap=True)
         if e.detail:
-            err_console.print(e.detail, highlight=False, markup=False)
+            err_console.print(visible(e.detail, lines=True), highlight=False, markup=False)
         sys.exit(e.exit_code)
     except OSError as e:
         if e.errno == errno.ENOSPC:

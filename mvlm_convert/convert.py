@@ -1,7 +1,7 @@
 """``convert``: a released checkpoint directory -> ``<Name>-<FTYPE>.gguf`` + ``mmproj-<Name>-<FTYPE>.gguf``.
 
 One pass, no intermediate files. Both outputs are planned and validated before anything is written (bad input
-fails with nothing on disk). Each file is streamed tensor by tensor to a temporary name (``.<final>.<pid>.tmp``,
+fails with nothing on disk). Each file is streamed tensor by tensor to a temporary name (``.<final>.<pid>.<random>.tmp``,
 ``mvlm_core.atomic.AtomicOutputs``) and both are renamed together only when both are complete: a failed or
 interrupted run (disk full, Ctrl-C, SIGTERM) removes its temporaries and leaves files from an earlier run exactly
 as they were.

@@ -5,10 +5,11 @@ gguf.GGUFWriter normally keeps every tensor in memory until ``write_tensors_to_f
 infos are written, and then each tensor is produced, encoded and written in declaration order, and dropped. Peak
 memory is therefore about one tensor, not one model.
 
-The file is written under a temporary name in the output directory (``mvlm_core.atomic``: ``.<name>.<pid>.tmp``)
-and renamed only when complete; when a command writes several files (convert: LM + mmproj) the caller hands in the
-temporaries of one ``AtomicOutputs`` and renames them all together. Any failure (including ENOSPC, Ctrl-C, SIGTERM)
-removes the temporaries and leaves an earlier file of the same name untouched.
+The file is written under a temporary name in the output directory (``mvlm_core.atomic``:
+``.<name>.<pid>.<random>.tmp``, created exclusively, never through a link) and renamed only when complete; when a
+command writes several files (convert: LM + mmproj) the caller hands in the temporaries of one ``AtomicOutputs`` and
+renames them all together. Any failure (including ENOSPC, Ctrl-C, SIGTERM) removes the temporaries and leaves an
+earlier file of the same name untouched.
 """
 
 from __future__ import annotations

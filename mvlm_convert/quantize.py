@@ -76,31 +76,21 @@ def parse_types(spec: str, kind: str) -> list[str]:
 
 
 def read_header(path: Path) -> tuple[str, int | None, int, bool]:
-    """(architecture, general.file_type, number of weights, has quantized tensors) of a GGUF; MvlmError if not one."""
-    import gguf
+    """(architecture, general.file_type, number of weights, has quantized tensors) of a GGUF, from the bounded header
+    reader (:mod:`mvlm_core.gguf_header`); MvlmError (one line) when it is not a GGUF this can quantize."""
+    from mvlm_core.gguf_header import FLOAT_TYPES, check_gguf
 
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise MvlmError(f"cannot read {path}: {e.strerror}") from e
-    if magic != b"GGUF":
-        raise MvlmError(f"{path} is not a GGUF file (magic {magic!r}): pass a .gguf written by mvlm convert")
-    from mvlm_core.gguf_header import check_gguf
-
-    check_gguf(Path(path), "the input")  # the bounded reader first: gguf-py believes whatever a header claims
-    try:
-        r = gguf.GGUFReader(path)
-    except Exception as e:  # truncated or corrupt
-        raise MvlmError(f"{path} is a damaged GGUF ({e}): convert it again") from e
-    arch_f = r.get_field("general.architecture")
-    arch = arch_f.contents() if arch_f is not None else "unknown"
-    ft_f = r.get_field("general.file_type")
-    ftype = int(ft_f.contents()) if ft_f is not None else None
-    n = sum(int(t.n_elements) for t in r.tensors)
-    float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
-    quantized = any(t.tensor_type not in float_types for t in r.tensors)
-    return arch, ftype, n, quantized
+    header = check_gguf(Path(path), "the input")
+    ftype = header.kv.get("general.file_type")
+    ftype = ftype if isinstance(ftype, int) and not isinstance(ftype, bool) else None
+    n = 0
+    for _, dims, _, _ in header.tensors:
+        count = 1
+        for d in dims:
+            count *= d
+        n += count
+    quantized = any(ttype not in FLOAT_TYPES for _, _, ttype, _ in header.tensors)
+    return header.architecture or "unknown", ftype, n, quantized
 
 
 def output_name(inp: Path, qtype: str) -> str:

@@ -219,8 +219,12 @@ def verify(
     """
 
     from mvlm_convert import reference as ref
+    from mvlm_core.gguf_header import check_gguf
 
     checkpoint_dir = Path(checkpoint_dir)
+    check_gguf(Path(gguf_path), "--gguf", "lm")  # the bounded reader, before llama.cpp or gguf-py reads them
+    if mmproj_path is not None:
+        check_gguf(Path(mmproj_path), "--mmproj", "mmproj")
     rt = get_backend(runtime)
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint_dir),

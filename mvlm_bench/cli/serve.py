@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
+
+from mvlm_bench.session.front import Limits
 
 err = Console(stderr=True)
 
@@ -16,9 +19,10 @@ def serve_cmd(
                                                               "out to serve a text-only model."),
     device: str = typer.Option("local", "--device", "-d", help="Where the server runs: local (this machine), a profile "
                                                                "name or .toml, or ssh://user@host[:port]."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (local device; 0.0.0.0: every "
-                                                          "interface). On an ssh device the tunnel listens on 127.0.0.1."),
-    port: int = typer.Option(8080, "--port", help="TCP port here (on an ssh device: the local end of the tunnel)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on here (0.0.0.0 or ::: every interface; "
+                                                          "then give an API key). llama-server itself listens on its "
+                                                          "device's 127.0.0.1 only."),
+    port: int = typer.Option(8080, "--port", help="TCP port to listen on here."),
     threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads (default: the profile's; locally "
                                                                      "all cores)."),
     ctx_size: int = typer.Option(4096, "--ctx-size", "-c", help="Context size in tokens, shared by the server's slots."),
@@ -29,12 +33,29 @@ def serve_cmd(
     log: Path | None = typer.Option(None, "--log", help="Server log file, appended to, never through a symlink "
                                                     "(default: ~/.cache/mvlm/logs/serve-*.log)."),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the model to load (at least 1)."),
+    api_key_file: Path | None = typer.Option(None, "--api-key-file", help="File of API keys, one per line (# starts "
+                                                                         "a comment): requests must send one as "
+                                                                         "'Authorization: Bearer KEY' (401 otherwise)."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="MVLM_API_KEY", show_envvar=True,
+                                       help="One API key. On the command line it is readable by every local user: "
+                                            "prefer --api-key-file or the environment variable."),
+    max_image_pixels: int = typer.Option(Limits.max_pixels, "--max-image-pixels", help="Largest image a request may "
+                                                                                       "carry, in pixels (400 beyond)."),
+    max_body_mb: int = typer.Option(Limits.max_body >> 20, "--max-body-mb", help="Largest request body, MiB (413 "
+                                                                                 "beyond)."),
+    max_concurrent: int = typer.Option(Limits.max_concurrent, "--max-concurrent", help="Requests handled at once "
+                                                                                       "(503 with Retry-After beyond)."),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Let llama-server fetch http(s) "
+                                                                                   "image URLs from its own host "
+                                                                                   "(off: data URIs only)."),
 ) -> None:
     """Serve a GGUF with llama.cpp's llama-server (OpenAI-compatible /v1/chat/completions, images as data URIs).
 
     Waits until the server is ready, prints its URL and the OpenAI base URL, and runs until Ctrl-C, SIGTERM, SIGHUP
     or SIGQUIT (exit 0; the server is stopped and reaped; a second signal kills it at once). On an ssh device the
-    runtime and models are pushed first and a local port is forwarded to the server there. Examples:
+    runtime and models are pushed first and a local port is forwarded to the server there. Requests pass a front
+    door here that refuses oversized images and bodies, remote image URLs and, with a key, unauthenticated
+    clients. Examples:
 
       mvlm serve --model MobileVLM_V2-1.7B-Q4_K_S.gguf --mmproj mmproj-MobileVLM_V2-1.7B-F16.gguf
 
@@ -43,14 +64,18 @@ def serve_cmd(
     from mvlm_bench.device.profiles import load_profile, profile_from_dict
     from mvlm_bench.session import serve
     from mvlm_core.errors import MvlmError
+    from mvlm_core.terminal import visible
 
     if model is None:
         raise MvlmError("no model given: pass --model FILE.gguf (and --mmproj mmproj-FILE.gguf for images)")
     if not (timeout >= 1):  # NaN too
         raise MvlmError(f"--timeout {timeout:g} is too short: give the seconds to wait for the model to load, at least 1")
+    limits = serve.make_limits(max_image_pixels, max_body_mb, max_concurrent, allow_remote_images,
+                               serve.api_keys(api_key, api_key_file))
     spec = serve.ServeSpec(model=model, mmproj=mmproj, host=host, port=port, threads=threads, ctx_size=ctx_size,
-                           n_gpu_layers=n_gpu_layers, alias=alias, log=log, ready_timeout=timeout)
-    notes = serve.check_spec(spec)
+                           n_gpu_layers=n_gpu_layers, alias=alias, log=log, ready_timeout=timeout, limits=limits)
+    notes = serve.check_spec(spec, key_on_command_line=any(
+        a == "--api-key" or a.startswith("--api-key=") for a in sys.argv))
     if device.strip() == "local":
         try:
             profile = load_profile("local")
@@ -61,14 +86,16 @@ def serve_cmd(
         profile = load_profile(device)
 
     def say(msg: str) -> None:
-        err.print(msg, style="dim", highlight=False, markup=False, soft_wrap=True)
+        err.print(visible(msg), style="dim", highlight=False, markup=False, soft_wrap=True)
 
     def on_ready(s: serve.Serving) -> None:
-        # plain print, flushed: scripts and tests read these lines from a pipe
-        print(f"llama-server ready on {s.device} in {s.ready_s:.1f} s\n  URL:             {s.url}\n"
-              f"  OpenAI base URL: {s.url}/v1\n  model (alias):   {s.alias}\n  server log:      {s.log}", flush=True)
+        # plain print, flushed: scripts and tests read these lines from a pipe; names from files with their control
+        # characters shown, never sent to the terminal
+        print(f"llama-server ready on {visible(s.device)} in {s.ready_s:.1f} s\n  URL:             {s.url}\n"
+              f"  OpenAI base URL: {s.url}/v1\n  model (alias):   {visible(s.alias)}\n  server log:      "
+              f"{visible(s.log)}\n  limits:          {spec.limits.describe()}", flush=True)
         for note in notes:  # after start-up: a refusal stays one line
-            err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+            err.print(f"[yellow]note:[/] {visible(note, markup=True)}", highlight=False, soft_wrap=True)
         print("Ctrl-C stops it.\n", end="", flush=True)  # one write: a stop signal cannot split it from its newline
 
     # Ctrl-C, SIGTERM, SIGHUP and SIGQUIT stop the server (also where SIGINT was ignored at start-up: a job started

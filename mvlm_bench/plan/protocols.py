@@ -129,8 +129,10 @@ def default_image() -> Path:
         img[(x - 0.5) ** 2 + (y - 0.45) ** 2 < 0.05] = (230, 60, 40)  # a red disc
         img[200:280, 40:140] = (30, 140, 60)  # a green box
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp.png")
-        Image.fromarray(img.clip(0, 255).astype("uint8")).save(tmp)
+        from mvlm_core.atomic import temporary_for
+
+        tmp = temporary_for(out)
+        Image.fromarray(img.clip(0, 255).astype("uint8")).save(tmp, format="PNG")
         tmp.replace(out)
     return out
 

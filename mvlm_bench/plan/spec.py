@@ -12,6 +12,7 @@ from mvlm_bench.device.profiles import MAX_GPU_LAYERS, MAX_THREADS
 from mvlm_bench.plan.protocols import IMAGE_PROTOCOLS, MAX_N, PROMPT_ROOM, PROTOCOLS, tokens
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
+from mvlm_core.gguf_header import check_gguf
 
 MAX_REPEAT = 1000
 MAX_WARMUP = 100
@@ -101,12 +102,12 @@ def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str
         key = option.lstrip("-")
         return f"--against {key}=" if key in against else option
 
-    model = check_gguf_kind(Path(spec.model), named("--model"), "lm")
+    model = check_gguf(Path(spec.model), named("--model"), "lm")
     _check_data(spec)
     if spec.protocol in IMAGE_PROTOCOLS:
         if spec.mmproj is None:
             raise MvlmError(f"the {spec.protocol} protocol needs --mmproj FILE (the mmproj-*.gguf written by mvlm convert)")
-        check_gguf_kind(Path(spec.mmproj), named("--mmproj"), "mmproj")
+        check_gguf(Path(spec.mmproj), named("--mmproj"), "mmproj")
         if Path(spec.model).resolve() == Path(spec.mmproj).resolve():
             raise MvlmError("--model and --mmproj are the same file: give the LM GGUF and its mmproj GGUF")
         if needs_template and spec.protocol in ("vlm", "imp") and not model.has_chat_template:
@@ -117,25 +118,6 @@ def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str
                             f"get one written), or bench it with --protocol lm")
         if spec.image is not None:
             _check_image(Path(spec.image))
-
-
-def check_gguf_kind(path: Path, option: str, kind: str):
-    """A GGUF's header (:func:`mvlm_core.gguf_header.check_gguf`) and its kind: ``lm`` (a token embedding and a
-    tokenizer; an mmproj given as --model is said to be one) or ``mmproj`` (architecture clip)."""
-    from mvlm_core.gguf_header import check_gguf
-
-    where = f"{option}{path}" if option.endswith("=") else f"{option} {path}"
-    header = check_gguf(path, option)
-    if kind == "mmproj" and header.architecture != "clip":
-        raise MvlmError(f"{where} is not an mmproj GGUF (architecture {header.architecture or 'unknown'!r}, not 'clip'): "
-                        "give the mmproj-*.gguf written by mvlm convert")
-    if kind == "lm" and header.architecture == "clip":
-        raise MvlmError(f"{where} is an mmproj (image encoder) GGUF, not a language model: pass it as --mmproj and give "
-                        "the language-model GGUF (the one without 'mmproj-') as --model")
-    if kind == "lm" and not header.is_lm:
-        raise MvlmError(f"{where} is not a language-model GGUF (architecture {header.architecture or 'unknown'!r}, no "
-                        "token embedding or tokenizer): give the LM GGUF written by mvlm convert")
-    return header
 
 
 def _check_data(spec: BenchSpec) -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-import shutil
 import tarfile
 import time
 from pathlib import Path
 
 from mvlm_core import runtime as rtmod
+from mvlm_core.atomic import open_fresh, private_dir, temporary_for
 from mvlm_core.errors import MvlmError
 
 REMOTE_BUILD_TIMEOUT_S = 3 * 3600
@@ -77,7 +77,7 @@ def build_on_device(device: str, target: str, llama_cpp: Path | None = None, job
     applied = rtmod.prepare_source(bdir, source, patches, log)
     tarball = bdir / "src.tar.gz"
     if not tarball.is_file():
-        tmp = tarball.with_suffix(".tmp")
+        tmp = temporary_for(tarball)
         with tarfile.open(tmp, "w:gz", compresslevel=3) as tf:
             tf.add(bdir / "src", arcname=".")
         tmp.replace(tarball)
@@ -91,12 +91,13 @@ def build_on_device(device: str, target: str, llama_cpp: Path | None = None, job
         log(f"building on {profile.name} ({note}); this takes a while on the device")
         r = transport.run(["sh", "-c", remote_script(f"{remote}/src.tar.gz", remote, args, jobs)],
                           timeout=REMOTE_BUILD_TIMEOUT_S)
-        (bdir / "build.log").write_text(r.output)
+        with open_fresh(bdir / "build.log", "w") as f:
+            f.write(r.output)
         if not r.ok:
             raise MvlmError(f"the build on {profile.name} failed (log: {bdir / 'build.log'})", detail=r.tail(25))
-        tmpdir = bdir / "install.tmp"
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        (tmpdir / "bin").mkdir(parents=True)
+        tmpdir = private_dir(inst)
+        tmpdir.chmod(0o755)
+        (tmpdir / "bin").mkdir()
         for b in rtmod.BINARIES:
             transport.pull(f"{remote}/build/bin/{b}", tmpdir / "bin" / b)
             (tmpdir / "bin" / b).chmod(0o755)

@@ -2,9 +2,11 @@
 
 On a device that is this machine (``capabilities.same_host``: the default ``local`` profile) the runtime's
 ``llama-server`` runs from the build's install dir. On a device reached over a link that can forward ports (ssh) the
-runtime and the GGUFs are pushed with the content-addressed sync (checked by sha256 on the device), ``llama-server``
-runs there bound to 127.0.0.1 on a port it picks itself, and a local port is forwarded to it (:mod:`mvlm_bench.session.
-server`: one implementation with the dataset protocol). A transport that cannot forward ports (adb) is refused.
+runtime and the GGUFs are pushed with the content-addressed sync (checked by sha256 on the device) and a local port is
+forwarded to the server there (:mod:`mvlm_bench.session.server`: one implementation with the dataset protocol). A
+transport that cannot forward ports (adb) is refused. Either way llama-server listens on its device's 127.0.0.1, on a
+port it picks itself, and clients reach it through the front (:mod:`mvlm_bench.session.front`) on ``--host``/``--port``
+here: image size, body size and concurrency limits, remote image URLs refused, the API key checked.
 
 The server always gets ``--jinja`` (the chat template ``mvlm convert`` writes into the GGUF, e.g. MobileVLM's
 conv_vicuna_v1, renders the messages), ``--mmproj`` when given (images in chat messages), ``--alias`` (the model name
@@ -28,7 +30,8 @@ from pathlib import Path
 
 from mvlm_bench.device.profiles import MAX_GPU_LAYERS, MAX_THREADS, DeviceProfile
 from mvlm_bench.plan.protocols import runtime_files
-from mvlm_bench.session.server import EXIT_SERVER_FAILED, Server, open_append
+from mvlm_bench.session.front import Front, Limits
+from mvlm_bench.session.server import EXIT_SERVER_FAILED, Server, loopback_for, open_append
 from mvlm_bench.session.session import Session
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
@@ -53,6 +56,7 @@ class ServeSpec:
     alias: str | None = None
     log: Path | None = None
     ready_timeout: float = 600.0
+    limits: Limits = Limits()
 
     @property
     def model_alias(self) -> str:
@@ -73,8 +77,40 @@ class Serving:
 # --------------------------------------------------------------------------------------------------- checks
 
 
-def check_spec(spec: ServeSpec) -> list[str]:
-    """Refuse bad input (one line, exit 2) before anything starts; returns notes for the user (no chat template)."""
+def make_limits(max_pixels: int, max_body_mb: int, max_concurrent: int, allow_remote: bool,
+                api_keys: tuple[str, ...] = ()) -> Limits:
+    """The front's limits from ``mvlm serve``'s options, each range-checked (one line, exit 2)."""
+    for option, value, lo, hi in (("--max-image-pixels", max_pixels, 1, 1 << 31), ("--max-body-mb", max_body_mb, 1, 4096),
+                                  ("--max-concurrent", max_concurrent, 1, 1024)):
+        if not lo <= value <= hi:
+            raise MvlmError(f"{option} {value} is out of range: give a whole number from {lo} to {hi}")
+    return Limits(max_body=max_body_mb << 20, max_pixels=max_pixels, max_concurrent=max_concurrent,
+                  max_connections=max(64, 2 * max_concurrent), allow_remote_media=allow_remote, api_keys=api_keys)
+
+
+def api_keys(key: str | None, key_file: Path | None) -> tuple[str, ...]:
+    """The API keys of ``--api-key`` and ``--api-key-file`` (one per line, ``#`` comments and blank lines skipped, as
+    llama-server reads its own)."""
+    keys = [] if key is None else [key]
+    if key is not None and (not key.strip() or any(c in key for c in "\r\n\0")):
+        raise MvlmError("--api-key is empty or has a line break: give the key itself")
+    if key_file is not None:
+        try:
+            text = key_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise MvlmError(f"--api-key-file {key_file}: cannot be read ({why}); give a text file of keys, one per "
+                            "line") from None
+        found = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        if not found:
+            raise MvlmError(f"--api-key-file {key_file} has no key: write one key per line")
+        keys += found
+    return tuple(keys)
+
+
+def check_spec(spec: ServeSpec, key_on_command_line: bool = False) -> list[str]:
+    """Refuse bad input (one line, exit 2) before anything starts; returns notes for the user (no chat template, a
+    server open beyond this machine without a key, a key on the command line)."""
     from mvlm_bench.plan.spec import BenchSpec, check_inputs
     from mvlm_core.atomic import check_output_path
 
@@ -101,10 +137,27 @@ def check_spec(spec: ServeSpec) -> list[str]:
                             "of a regular file (it is appended to) or of a new one")
         check_output_path(spec.log, [spec.model, spec.mmproj], option="--log")
     notes = []
+    if not _is_loopback(spec.host) and not spec.limits.api_keys:
+        notes.append(f"--host {spec.host} without an API key: anyone who reaches this machine's port {spec.port} can use "
+                     "the model; give --api-key-file FILE (or MVLM_API_KEY)")
+    if key_on_command_line:
+        notes.append("--api-key on the command line is readable by every local user (ps, /proc): prefer "
+                     "--api-key-file FILE or the MVLM_API_KEY environment variable")
     if not read_header(spec.model).has_chat_template:
         notes.append(f"{spec.model.name} has no chat template: llama-server falls back to its own default, which may "
                      "not be the format the model was trained on")
     return notes
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def check_port_free(host: str, port: int, option: str = "--port") -> None:
@@ -184,16 +237,17 @@ def _runtime(session: Session) -> rtmod.Runtime:
 
 
 def _server_command(session: Session, spec: ServeSpec, log: Callable[[str], None],
-                    sync_progress=None) -> tuple[list[str], dict[str, str], str]:
-    """llama-server's command line and environment on the device, and the host it listens on there. A device that is
-    this machine runs the build where it is; one over a link gets the runtime and models pushed first."""
+                    sync_progress=None) -> tuple[list[str], dict[str, str]]:
+    """llama-server's command line and environment on the device, listening on the device's 127.0.0.1 on a port it
+    picks. A device that is this machine runs the build where it is; one over a link gets the runtime and models
+    pushed first."""
     rt, p = _runtime(session), session.profile
     ngl = spec.n_gpu_layers if spec.n_gpu_layers is not None else p.n_gpu_layers
     if session.capabilities.same_host:
         threads = spec.threads or p.threads or os.cpu_count() or 1
         argv = server_argv(str(rt.exe("llama-server")), spec, str(spec.model.resolve()),
-                           str(spec.mmproj.resolve()) if spec.mmproj else None, spec.host, spec.port, threads, ngl)
-        return argv, {}, spec.host
+                           str(spec.mmproj.resolve()) if spec.mmproj else None, "127.0.0.1", 0, threads, ngl)
+        return argv, {}
     files = runtime_files(rt, ["llama-server"]) | {f"models/{spec.model.name}": spec.model}
     if spec.mmproj is not None:
         files[f"models/{spec.mmproj.name}"] = spec.mmproj
@@ -202,7 +256,7 @@ def _server_command(session: Session, spec: ServeSpec, log: Callable[[str], None
                        f"{wd}/models/{spec.mmproj.name}" if spec.mmproj else None, "127.0.0.1", 0,
                        spec.threads or p.threads, ngl)
     env = {"LD_LIBRARY_PATH": f"{wd}/lib"} if rt.lib.is_dir() and "LD_LIBRARY_PATH" not in p.env else {}
-    return argv, env, "127.0.0.1"
+    return argv, env
 
 
 def serve(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Serving], None],
@@ -217,22 +271,19 @@ def serve(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Serving],
                         f"transport ({profile.transport}) forwards none; use an ssh or local device")
     stops = StopSignals().install()
     server: Server | None = None
+    front: Front | None = None
     logf = None
     try:
         with Session(profile, log) as session:
-            caps = session.capabilities
-            if not caps.same_host and spec.host not in ("127.0.0.1", "localhost"):
-                raise MvlmError(f"--host {spec.host}: on a device the local end of the tunnel is always 127.0.0.1 (the "
-                                "server there listens on the device's 127.0.0.1 only); drop --host")
-            if caps.same_host:
-                spec = dataclasses.replace(spec, host=spec.host.strip("[]"))  # llama-server and bind() take ::1
-            check_port_free(spec.host if caps.same_host else "127.0.0.1", spec.port)
-            argv, env, host = _server_command(session, spec, log, sync_progress)
+            spec = dataclasses.replace(spec, host=spec.host.strip("[]"))  # bind() takes ::1, a URL [::1]
+            check_port_free(spec.host, spec.port)
+            argv, env = _server_command(session, spec, log, sync_progress)
             log_path, logf = open_log(spec)
             server = Server(session.transport, argv, env, log_path, logf, spec.ready_timeout, session.profile.name,
-                            log, local_port=None if caps.same_host else spec.port, host=host, procs=stops.procs)
-            here = server.host
-            url = f"http://{f'[{here}]' if ':' in here else here}:{server.port}"
+                            log, host="127.0.0.1", procs=stops.procs)
+            front = _open_front(spec, server)
+            here = loopback_for(spec.host)
+            url = f"http://{f'[{here}]' if ':' in here else here}:{front.port}"
             on_ready(Serving(url, spec.model_alias, log_path, server.ready_s, session.profile.name))
             while True:
                 why = server.dead("while serving")
@@ -245,8 +296,18 @@ def serve(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Serving],
         return True
     finally:
         stops.begin()  # from here on a stop signal only hastens the stop
+        if front is not None:
+            front.close()
         if server is not None:
             server.close()
         stops.done()
         if logf is not None:
             logf.close()
+
+
+def _open_front(spec: ServeSpec, server: Server) -> Front:
+    try:
+        return Front(spec.host, spec.port, (server.host, server.port), spec.limits).start()
+    except OSError as e:  # taken since the check before the model loaded
+        raise MvlmError(f"--port {spec.port} on {spec.host}: cannot listen ({e.strerror or e}); choose another port",
+                        exit_code=EXIT_SERVER_FAILED) from None

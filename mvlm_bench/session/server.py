@@ -3,10 +3,11 @@ dataset protocol share.
 
 The transport says how (``transport.server_launch``): on this machine the server is a child process; over ssh a remote
 sh script runs it, prints its pid on a marker line and kills it as soon as the session ends, and ``ssh -L`` forwards a
-local port to it. The server's log (stdout and stderr; for a remote server, streamed back) goes to a file opened to
-append; this session reads only what it appended (from its own offset), so a log reused by an earlier session cannot
-lend it another server's port or pid. Ready means the server printed its port and ``GET /health`` answers 200 (503
-while the model loads).
+local port to it. The server's output (stdout and stderr; for a remote server, streamed back) comes to this process
+through a pipe and is copied to the log file (opened to append) as it comes: the port and pid are read from that
+stream, never from the file, so a log that an earlier or a concurrent session appends to cannot lend this one another
+server's port or pid. Ready means the server printed its port, ``GET /health`` answers 200 (503 while the model loads)
+and ``GET /v1/models`` lists the model this session started (an impostor on that port is refused).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,7 @@ from mvlm_core.errors import MvlmError
 from mvlm_core.stops import Stopped, starting
 
 GRACE_S = 10.0  # SIGTERM -> SIGKILL
+HEAD_BYTES = 1 << 20  # the start of a server's output kept here: its port and pid lines come within the first KBs
 EXIT_SERVER_FAILED = 4  # like a command that failed on a device (transports.CommandError)
 _LISTENING_RE = re.compile(r"listening on https?://[^\s:]+:(\d+)")
 # The lines of a server log that say why it stopped, best first: a port it could not bind, an explicit "error: ..."
@@ -71,6 +74,64 @@ def health(host: str, port: int, timeout: float = 2.0) -> int | None:
         return None
     finally:
         conn.close()
+
+
+class Tee(threading.Thread):
+    """Copies a process's output (``stream``, a pipe) to its log file as it comes, and keeps the first
+    :data:`HEAD_BYTES` of it: this session's own lines, whatever else the log file receives."""
+
+    def __init__(self, stream, logf):
+        super().__init__(daemon=True, name="server-log")
+        self.stream, self.logf = stream, logf
+        self._head = bytearray()
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        for chunk in iter(lambda: self.stream.read1(1 << 16), b""):
+            try:
+                self.logf.write(chunk)
+                self.logf.flush()
+            except (OSError, ValueError):  # a full disk, a closed log: the stream is still read and kept
+                pass
+            with self._lock:
+                if len(self._head) < HEAD_BYTES:
+                    self._head += chunk[: HEAD_BYTES - len(self._head)]
+
+    def text(self) -> str:
+        with self._lock:
+            return self._head.decode("utf-8", errors="replace")
+
+
+def model_ids(host: str, port: int, timeout: float = 5.0) -> list[str]:
+    """The model ids ``GET /v1/models`` lists ([] when it does not answer with a list)."""
+    import json
+
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/v1/models")
+        resp = conn.getresponse()
+        obj = json.loads(resp.read(1 << 20)) if resp.status == 200 else None
+    except (OSError, http.client.HTTPException, ValueError, RecursionError):
+        return []
+    finally:
+        conn.close()
+    data = obj.get("data") if isinstance(obj, dict) else None
+    return [str(m.get("id")) for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+
+
+def check_identity(host: str, port: int, alias: str, device: str) -> None:
+    """``GET /v1/models`` on ``host:port`` lists ``alias`` (the ``--alias`` this session gave its server), or one line
+    saying another process answers there (exit 4)."""
+    ids = model_ids(host, port)
+    if alias not in ids:
+        said = ", ".join(repr(i) for i in ids[:5]) if ids else "no model"
+        raise MvlmError(f"the server answering on {host}:{port} is not the one started on {device} (GET /v1/models "
+                        f"lists {said}, not {alias!r}): another process holds that port; stop it or choose another "
+                        "--port", exit_code=EXIT_SERVER_FAILED)
+
+
+def _alias_of(argv: list[str]) -> str | None:
+    return argv[argv.index("--alias") + 1] if "--alias" in argv[:-1] else None
 
 
 def read_from(path: Path, offset: int) -> str:
@@ -145,6 +206,8 @@ class Server:
         self.tunnel: subprocess.Popen | None = None
         self.pid: str | None = None
         self.offset = log_path.stat().st_size if log_path.exists() else 0  # this session's lines start here
+        self.tee: Tee | None = None
+        self.alias = _alias_of(argv)
         launch = transport.server_launch(argv, env)
         self.via_shell = launch.via_shell
         t0 = time.monotonic()
@@ -153,15 +216,19 @@ class Server:
         try:
             with starting():  # a stop signal during the start is raised once the process is ours to stop
                 self.server = subprocess.Popen(
-                    launch.argv, stdin=subprocess.PIPE if launch.via_shell else subprocess.DEVNULL, stdout=logf,
-                    stderr=subprocess.STDOUT, env=launch.env, start_new_session=True, preexec_fn=die_with_parent)
+                    launch.argv, stdin=subprocess.PIPE if launch.via_shell else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=launch.env, start_new_session=True,
+                    preexec_fn=die_with_parent)
                 self.registry.append(self.server)
+                self.tee = Tee(self.server.stdout, logf)
+                self.tee.start()
                 self.procs.append((self.server, f"llama-server on {name}", log_path))
             device_port = self._wait_listening(timeout)
             self.host, self.port = loopback_for(host), device_port
             if not transport.capabilities.same_host:
                 self._open_tunnel(local_port or free_port(), device_port)
             self._wait_ready(max(30.0, timeout - (time.monotonic() - t0)))
+            self._check_identity()
         except OSError as e:
             if self.server is not None:
                 self.close()
@@ -188,7 +255,7 @@ class Server:
         part of the log only; the pid marker of a remote server too."""
         deadline = time.monotonic() + timeout
         while True:
-            text = read_from(self.log_path, self.offset)
+            text = self.tee.text() if self.tee is not None else ""
             self.pid = self.pid or next((ln.strip()[len(SERVER_PID_MARKER):] for ln in text.splitlines()
                                          if ln.startswith(SERVER_PID_MARKER)), None)
             m = _LISTENING_RE.search(text)
@@ -210,6 +277,10 @@ class Server:
                                 f"{self.port}); see {self.log_path}, or raise --timeout for a big model on a slow device",
                                 exit_code=EXIT_SERVER_FAILED)
             time.sleep(0.1)
+
+    def _check_identity(self) -> None:
+        if self.alias is not None:
+            check_identity(self.host, self.port, self.alias, self.name)
 
     def _check_alive(self, when: str) -> None:
         why = self.dead(when)
@@ -237,6 +308,8 @@ class Server:
             else:
                 stop_process(self.server)
             self.server = None
+        if self.tee is not None:
+            self.tee.join(timeout=5.0)  # the pipe ends with the process: every line it wrote is in the log
 
     def _stop_remote(self) -> None:
         """End the server's session (its stdin): the remote script then kills the server; if the session does not end
