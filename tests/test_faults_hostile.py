@@ -576,3 +576,108 @@ def test_escape_sequences_in_names_are_shown_not_sent_to_the_terminal(tmp_path):
         line = error_line(r)
         assert "\x1b" not in r.stderr + r.stdout and "\x07" not in r.stderr, argv
         assert "M\\x1b]0;pwned\\x07\\x1b[2J.gguf" in line, line
+
+
+# ============================================================================ D1. import stores every row or none
+BENCH_DATA = Path(__file__).parent / "data" / "llama-bench"
+
+
+def _jsonl_rows() -> list[dict]:
+    return [json.loads(ln) for ln in (BENCH_DATA / "smollm2-q4_1-p8-n4-r2.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def _many(n: int, fmt: str, path: Path) -> Path:
+    """``n`` llama-bench rows (the real run's two tests, again and again, each with its own time) in ``fmt``."""
+    base = _jsonl_rows()
+    rows = []
+    for i in range(n):
+        r = dict(base[i % len(base)])
+        r["test_time"] = f"2026-01-01T{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}Z"
+        r["samples_ts"], r["samples_ns"] = [r["avg_ts"]], [r["avg_ns"]]
+        rows.append(r)
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        import csv
+
+        fields = [k for k in rows[0] if not k.startswith("samples_")]  # llama-bench's CSV has no sample lists
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    elif fmt == "sql":
+        sql = (BENCH_DATA / "smollm2-q4_1-p8-n4-r2.sql").read_text().splitlines()
+        head = [ln for ln in sql if not ln.startswith("INSERT INTO")]
+        inserts = [ln for ln in sql if ln.startswith("INSERT INTO")]
+        path.write_text("\n".join(head + [inserts[i % len(inserts)] for i in range(n)]) + "\n")
+    return path
+
+
+def _stored_values(db: Path) -> dict[str, int]:
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        return dict(con.execute("SELECT metric, COUNT(*) FROM sample GROUP BY metric"))
+
+
+@pytest.mark.slow  # 4 formats x 5000 rows
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "sql"])
+def test_import_stores_every_row_past_what_a_table_shows(tmp_path, fmt):
+    n = 5000  # more than the 4096 rows a parsed table keeps for display
+    src = _many(n, fmt, tmp_path / f"runs.{fmt}")
+    r = mvlm("history", "import", src, "--db", tmp_path / "h.sqlite", "--device", "box", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    counts = _stored_values(tmp_path / "h.sqlite")
+    assert counts["pp8_tps"] == n // 2 and counts["tg4_tps"] == n // 2, counts  # every row, none dropped
+
+
+def test_import_refuses_a_file_beyond_its_limit_in_one_line_and_stores_nothing(tmp_path, monkeypatch):
+    from mvlm_bench.history.imports import bench_file
+    from mvlm_bench.records import llama_bench_output
+    from mvlm_core.errors import MvlmError
+
+    monkeypatch.setattr(llama_bench_output, "IMPORT_MAX_ROWS", 100)
+    src = _many(101, "jsonl", tmp_path / "runs.jsonl")
+    with pytest.raises(MvlmError, match=r"has 101 llama-bench rows .* at most 100, every one or none: split the file"):
+        bench_file(src)
+    assert len(bench_file(_many(100, "jsonl", tmp_path / "ok.jsonl"))) == 1
+
+
+# ======================================================================= W2. concurrent imports store a file once
+def _import_at_once(db: str, src: Path, cwd: Path, n: int = 6) -> list[subprocess.CompletedProcess]:
+    env = dict(os.environ) | {"COLUMNS": "200"}
+    env.pop("MVLM_HISTORY", None)
+    procs = [subprocess.Popen([*MVLM, "history", "import", str(src), "--db", db, "--device", "box"], cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(n)]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
+
+
+@pytest.mark.slow  # 6 python processes, 3 rounds
+def test_six_imports_of_one_file_at_once_store_it_once_in_sqlite(tmp_path):
+    src = BENCH_DATA / "smollm2-q4_1-p8-n4-r2.jsonl"
+    for round_ in range(3):
+        db = tmp_path / f"h{round_}.sqlite"
+        results = _import_at_once(str(db), src, tmp_path)
+        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+        assert sum("imported 1 measurement" in r.stdout + r.stderr for r in results) == 1, [r.stdout for r in results]
+        import sqlite3
+
+        with sqlite3.connect(db) as con:
+            assert con.execute("SELECT COUNT(*) FROM entry").fetchone() == (1,)
+
+
+@pytest.mark.slow
+def test_six_imports_of_one_file_at_once_store_it_once_in_postgresql(tmp_path, postgresql):
+    import psycopg
+
+    src = BENCH_DATA / "smollm2-q4_1-p8-n4-r2.jsonl"
+    for round_ in range(3):
+        with psycopg.connect(postgresql, autocommit=True) as con:
+            con.execute(f"CREATE DATABASE w2_{round_}")
+        url = postgresql.rsplit("/", 1)[0] + f"/w2_{round_}"
+        results = _import_at_once(url, src, tmp_path)
+        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+        with psycopg.connect(url) as con:
+            assert con.execute("SELECT COUNT(*) FROM entry").fetchone() == (1,)

@@ -27,7 +27,7 @@ def bench_metric(r: dict[str, Any]) -> str:
 def entry_from_llama_bench(rows: Sequence[dict[str, Any]], context: RunContext, label: str = "",
                            project: tuple[str, bool | None] | None = None) -> Entry:
     """llama-bench test rows of ONE configuration as one Entry: metric ``pp64_tps`` / ``tg128_tps`` (one value per
-    sample: ``samples_ts``, else ``avg_ts``). The one plain pp test (no tg, no depth), when there is exactly one, is
+    sample: ``samples_ts``, else ``avg_ts``; a test that comes again, in a file of several runs, adds its samples). The one plain pp test (no tg, no depth), when there is exactly one, is
     also ``prompt_tps``, and the one plain tg test ``eval_tps``: the metrics `mvlm history` shows and the gate judges."""
     commit, dirty = project if project is not None else project_commit()
     samples: dict[str, list[float | None]] = {}
@@ -37,7 +37,7 @@ def entry_from_llama_bench(rows: Sequence[dict[str, Any]], context: RunContext, 
         if not isinstance(vals, list):
             raise ValueError("'samples_ts' is not a list")
         key = bench_metric(r)
-        samples[key] = [finite(v) for v in vals]
+        samples.setdefault(key, []).extend(finite(v) for v in vals)  # the same test again: more repetitions
         if re.fullmatch(r"pp\d+_tps", key):
             plain["prompt_tps"].append(key)
         elif re.fullmatch(r"tg\d+_tps", key):
@@ -197,15 +197,24 @@ _PER_REPETITION = {"runs", "repetitions", "metrics", "test_time", "start_time", 
 
 def bench_file(path: Path, device: str | None = None) -> list[Entry]:
     """llama-bench output in any format it writes, as entries; anything else is a one-line refusal."""
-    from mvlm_bench.records.llama_bench_output import parse_llama_bench_file
+    from mvlm_bench.records.llama_bench_output import IMPORT_MAX_JSON_CHARS, IMPORT_MAX_ROWS, read_bench_rows
     from mvlm_bench.records.log_facts import describe_content
     from mvlm_bench.records.timings import parse_file
 
     rec = parse_file(path)
     if rec.source_format.startswith("llama-bench-"):
-        rows = parse_llama_bench_file(path)
-        if rows:
-            return entries_from_bench_rows(rows, path, device)
+        try:
+            found = read_bench_rows(path, IMPORT_MAX_ROWS + 1, IMPORT_MAX_JSON_CHARS)
+        except OSError as e:
+            raise MvlmError(f"{path}: cannot be read ({e.strerror or e})") from None
+        if found.count > IMPORT_MAX_ROWS:
+            raise MvlmError(f"{path} has {found.count} llama-bench rows (or more); one import stores at most "
+                            f"{IMPORT_MAX_ROWS}, every one or none: split the file and import the parts")
+        if found.json_too_big and not found.rows:
+            raise MvlmError(f"{path} holds a JSON array larger than {IMPORT_MAX_JSON_CHARS >> 20} MiB: write "
+                            "llama-bench's output as -o jsonl (one row per line) and import that")
+        if found.rows:
+            return entries_from_bench_rows(found.rows, path, device)
     if rec.source_format not in ("unrecognised", "image-lines-only"):
         what = f"the timings of one llama.cpp run ({rec.source_format})"
     else:

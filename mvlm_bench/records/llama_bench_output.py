@@ -1,9 +1,11 @@
 """llama-bench's output in every format it writes (md, csv, json, jsonl, sql), one dict per test row keyed by its JSON
-field names (:func:`parse_llama_bench`); streamed, bounded (the last ``MAX_BENCH_ROWS`` rows of a table are kept)."""
+field names (:func:`parse_llama_bench`); streamed, bounded (the last ``MAX_BENCH_ROWS`` rows of a table are kept for
+display; an import reads every row, up to ``IMPORT_MAX_ROWS``, and is told how many there were)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from collections import deque
@@ -20,7 +22,9 @@ from mvlm_bench.records.log_text import (
 )
 
 MAX_JSON_CHARS = 8 << 20  # a llama-bench -o json array larger than this is not looked for
-MAX_BENCH_ROWS = 4096  # llama-bench rows kept per format (the last ones; the count is kept too)
+MAX_BENCH_ROWS = 4096  # llama-bench rows kept per format for display (the last ones; the count is kept too)
+IMPORT_MAX_ROWS = 100_000  # rows one import stores; a file with more is refused, never cut
+IMPORT_MAX_JSON_CHARS = 256 << 20
 
 # --- llama-bench --------------------------------------------------------------------------------------------------
 # Markdown column titles → llama-bench's JSON/CSV field names (llama-bench abbreviates some in its md printer).
@@ -171,10 +175,10 @@ def _is_bench_record(obj: Any) -> bool:
 
 
 class _Rows:
-    """The last MAX_BENCH_ROWS rows of one format, and how many there were."""
+    """The last ``limit`` rows of one format, and how many there were."""
 
-    def __init__(self) -> None:
-        self.rows: deque[dict[str, Any]] = deque(maxlen=MAX_BENCH_ROWS)
+    def __init__(self, limit: int = MAX_BENCH_ROWS) -> None:
+        self.rows: deque[dict[str, Any]] = deque(maxlen=limit)
         self.count = 0
 
     def add(self, row: dict[str, Any]) -> None:
@@ -191,7 +195,9 @@ class BenchParser:
     first header naming ``avg_ts`` and ``n_prompt``/``n_gen``, up to the first row that does not fit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int = MAX_BENCH_ROWS, max_json_chars: int = MAX_JSON_CHARS) -> None:
+        self.max_rows, self.max_json_chars = max_rows, max_json_chars
+        self.json_too_big = False  # an array longer than max_json_chars was given up on
         self.json_rows: list[dict[str, Any]] | None = None
         self._json_count = 0
         self._js: list[str] | None = None  # lines of the array being collected
@@ -199,14 +205,14 @@ class BenchParser:
         self._js_len = 0
         self._js_tries = 0
         self._js_need_obj = False  # no non-blank character after the "[" yet
-        self.jsonl = _Rows()
-        self.md = _Rows()
+        self.jsonl = _Rows(max_rows)
+        self.md = _Rows(max_rows)
         self._md_header: list[str] | None = None
-        self._md_table = _Rows()  # rows of tables not yet given a build footer
-        self.csv = _Rows()
+        self._md_table = _Rows(max_rows)  # rows of tables not yet given a build footer
+        self.csv = _Rows(max_rows)
         self._csv_header: list[str] | None = None
         self._csv_done = False
-        self.sql = _Rows()
+        self.sql = _Rows(max_rows)
 
     def feed(self, line: str) -> None:
         s = line.strip()
@@ -243,8 +249,8 @@ class BenchParser:
             return
         self._js.append(line)
         self._js_len += len(line) + 1
-        if self._js_len > MAX_JSON_CHARS:
-            self._js = None
+        if self._js_len > self.max_json_chars:
+            self._js, self.json_too_big = None, True
             return
         if self._js_need_obj and s:
             self._js_need_obj = False
@@ -267,7 +273,7 @@ class BenchParser:
             return
         self._js = None
         if isinstance(obj, list) and obj and all(_is_bench_record(o) for o in obj):
-            self.json_rows = obj[-MAX_BENCH_ROWS:]
+            self.json_rows = obj[-self.max_rows:]
             self._json_count = len(obj)
 
     def _md(self, s: str) -> None:
@@ -294,7 +300,7 @@ class BenchParser:
             for r in self._md_table.rows:
                 self.md.add(r)
             self.md.count += self._md_table.count - len(self._md_table.rows)
-            self._md_table = _Rows()
+            self._md_table = _Rows(self.max_rows)
 
     def _csv(self, line: str) -> None:
         if self._csv_header is None:
@@ -325,7 +331,7 @@ class BenchParser:
             return "llama-bench-jsonl", list(self.jsonl.rows), self.jsonl.count
         if self.md.count or self._md_table.count:
             rows = list(self.md.rows) + list(self._md_table.rows)
-            return "llama-bench-md", rows[-MAX_BENCH_ROWS:], self.md.count + self._md_table.count
+            return "llama-bench-md", rows[-self.max_rows:], self.md.count + self._md_table.count
         if self.csv.count:
             return "llama-bench-csv", list(self.csv.rows), self.csv.count
         if self.sql.count:
@@ -356,12 +362,30 @@ def parse_llama_bench(text: str | bytes) -> list[dict[str, Any]]:
 def parse_llama_bench_file(path: str | Path) -> list[dict[str, Any]]:
     """:func:`parse_llama_bench` on a file, streaming; an unreadable file gives ``[]``."""
     try:
-        with open(path, "rb") as f:
-            bench = BenchParser()
-            for line in LineCleaner().lines(split_lines(file_chunks(f))):
-                bench.feed(line)
-        return bench.result()[1]
+        return read_bench_rows(path).rows
     except Exception:  # unreadable or malformed: nothing found
         return []
+
+
+@dataclasses.dataclass
+class BenchRows:
+    """What a file holds of llama-bench's output: its format, the rows read (the last ``max_rows``), how many there
+    were, and whether a JSON array was given up on for its size."""
+
+    source_format: str | None
+    rows: list[dict[str, Any]]
+    count: int
+    json_too_big: bool
+
+
+def read_bench_rows(path: str | Path, max_rows: int = MAX_BENCH_ROWS,
+                    max_json_chars: int = MAX_JSON_CHARS) -> BenchRows:
+    """Every llama-bench row of a file, streamed (OSError when it cannot be read)."""
+    with open(path, "rb") as f:
+        bench = BenchParser(max_rows, max_json_chars)
+        for line in LineCleaner().lines(split_lines(file_chunks(f))):
+            bench.feed(line)
+    fmt, rows, count = bench.result()
+    return BenchRows(fmt, rows, count, bench.json_too_big)
 
 
