@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 
 import typer
@@ -95,6 +96,79 @@ def _json_file_alias(argv: list[str]) -> list[str]:
     return out
 
 
+def repeated_options(argv: list[str]) -> str | None:
+    """The first option given twice that keeps only one value (``--label x --label y``: typer would keep ``y``), as
+    the line to refuse it with; None when there is none. Options that take a list (``-m A -m B``) may repeat."""
+    import typer.main
+
+    cmd = typer.main.get_command(app)
+    counts: dict[str, list[str]] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if tok == "--":
+            break
+        sub = getattr(cmd, "commands", {}).get(tok) if not tok.startswith("-") else None
+        if sub is not None:
+            cmd, counts = sub, {}
+            continue
+        if not tok.startswith("-") or tok == "-":
+            continue
+        name, eq, value = tok.partition("=")
+        param = next((p for p in cmd.params if name in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))),
+                     None)
+        if param is None:
+            continue
+        takes_value = not getattr(param, "is_flag", False) and not getattr(param, "count", False)
+        if takes_value and not eq and i < len(argv):
+            value, i = argv[i], i + 1
+        if getattr(param, "multiple", False) or getattr(param, "nargs", 1) != 1:
+            continue
+        seen = counts.setdefault(param.name or name, [])
+        seen.append(f"{name} {value}".strip() if takes_value else name)
+        if len(seen) > 1:
+            return (f"{' and '.join(seen[:2])}: {param.opts[0]} is given twice and takes one value; give it once (a "
+                    "script that appends options?)")
+    return None
+
+
+class QuietPipe:
+    """stdout that a reader closing early (``mvlm ... | head -1``) cannot break: the first BrokenPipeError sends the
+    rest to /dev/null, and the command goes on to its end, its messages on stderr and its exit code (a gate's 4)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._to_null()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._to_null()
+
+    def _to_null(self) -> None:
+        self.broken = True
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())  # what is left in the stream's buffer goes nowhere, quietly
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(stops=None) -> None:
     """Run the command line: user errors become one line and a non-zero exit code; a stop signal (Ctrl-C, SIGTERM,
     SIGHUP, SIGQUIT: ``mvlm_core.stops``) unwinds every ``finally`` and ends in one line, exit 128 + the signal.
@@ -105,11 +179,18 @@ def main(stops=None) -> None:
         stops = StopSignals().install()
         stops.pause()
     sys.argv = _json_file_alias(sys.argv)
+    if not isinstance(sys.stdout, QuietPipe) and sys.stdout is not None:
+        sys.stdout = QuietPipe(sys.stdout)
     try:
         stops.resume()  # a signal that came while the command was starting up is raised here
+        twice = repeated_options(sys.argv[1:])
+        if twice:
+            raise MvlmError(twice)
         rc = app(standalone_mode=False)
+        stops.done()  # the command has finished: a signal now cannot cost it anything, nor change its exit code
         sys.exit(rc if isinstance(rc, int) else 0)
     except MvlmError as e:
+        stops.done()
         from rich.markup import escape  # the message is text: a "[bold]" in a label or path stays as typed
 
         from mvlm_core.terminal import visible  # a path or name from a file: its escape sequences shown, not run
@@ -124,6 +205,7 @@ def main(stops=None) -> None:
             sys.exit(28)
         raise
     except Stopped as e:
+        stops.done()
         err_console.print(f"[bold red]interrupted[/] by {e.name}", highlight=False)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:

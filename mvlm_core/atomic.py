@@ -222,20 +222,52 @@ def file_kind(p: Path) -> str:
     return "not a regular file"
 
 
-def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (), *, option: str = "output") -> Path:
-    """Refuse an output path that is one of the command's inputs, an existing GGUF (a model, most likely), or anything
-    an output file cannot replace: an existing directory, device, FIFO or socket (``--json /dev/full`` would replace
-    the device node; a FIFO would block the command forever), or a path written with a trailing slash (``dir/``).
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
-    Catches the same file under another name too (hard links, symlinks, ``./m.gguf`` vs ``m.gguf``). Nothing is opened:
-    only ``stat``. Give the option's text as a ``str`` so that a trailing slash can be seen (``Path`` drops it).
+
+def _starts_with(p: Path, magic: bytes) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (), *, option: str = "output",
+                      history: bool = False) -> Path:
+    """Refuse an output path that is one of the command's inputs, an existing GGUF (a model, most likely), an existing
+    SQLite file (a benchmark history) unless ``history`` (the path is one: then anything else that is not empty is
+    refused), or anything an output file cannot replace: an existing directory, device, FIFO or socket (``--json
+    /dev/full`` would replace the device node; a FIFO would block the command forever), a path written with a trailing
+    slash (``dir/``), an empty path, a link loop, a name too long for the file system.
+
+    Catches the same file under another name too (hard links, symlinks, ``./m.gguf`` vs ``m.gguf``). Nothing is opened
+    but to read a magic number. Give the option's text as a ``str`` so that a trailing slash can be seen (``Path``
+    drops it).
     """
+    if isinstance(out, str) and not out.strip():
+        raise MvlmError(f"{option} is empty: give a file path (an unset variable in a script?)")
+    if str(out) == "-":
+        raise MvlmError(f"{option} -: outputs go to files here, '-' is not stdout; give a file path"
+                        + (" (--json prints the JSON report on stdout)" if option == "--json-file" else ""))
     if isinstance(out, str) and out.endswith(("/", os.sep)) and out.strip("/" + os.sep):
         raise MvlmError(f"{option} {out} ends with '/': that names a directory; give a file path (e.g. {out}report)")
     out = Path(out)
-    if out.exists() and out.is_dir():
+    try:
+        _check_output(out, inputs, option, history)
+    except (OSError, RuntimeError) as e:  # a link loop (ELOOP / RuntimeError), a name too long, an unreadable parent
+        why = getattr(e, "strerror", None) or ("a symbolic link loop" if isinstance(e, RuntimeError) else str(e))
+        raise MvlmError(f"{option} {str(out)[:200]}: cannot be used as an output ({why}); give another path") from None
+    return out
+
+
+def _check_output(out: Path, inputs: Iterable[str | Path | None], option: str, history: bool) -> None:
+    exists = os.path.lexists(out) and out.exists()
+    if os.path.lexists(out) and not exists:
+        os.stat(out)  # a dangling link: fine (it is replaced); a loop raises ELOOP here
+    if exists and out.is_dir():
         raise MvlmError(f"{option} {out} is a directory; give a file path")
-    if out.exists() and not out.is_file():
+    if exists and not out.is_file():
         raise MvlmError(f"{option} {out} is {file_kind(out)}, not a regular file; an output would replace it: give the path "
                         "of a regular file")
     for i in inputs:
@@ -243,11 +275,32 @@ def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (),
             continue
         ip = Path(i)
         try:
-            same = out.exists() and ip.exists() and os.path.samefile(out, ip)
+            same = exists and ip.exists() and os.path.samefile(out, ip)
         except OSError:
             same = False
         if same or out.resolve() == ip.resolve():
             raise MvlmError(f"{option} {out} is also an input of this command; it would be overwritten: choose another path")
-    if out.exists() and (out.suffix.lower() == ".gguf" or is_gguf(out)):
+    if exists and (out.suffix.lower() == ".gguf" or is_gguf(out)):
         raise MvlmError(f"{option} {out} is an existing GGUF model; refusing to overwrite it: choose another path")
-    return out
+    if exists and not history and _starts_with(out, SQLITE_MAGIC):
+        raise MvlmError(f"{option} {out} is a SQLite file (a benchmark history?); refusing to overwrite it: choose "
+                        "another path")
+    if exists and history and out.stat().st_size and not _starts_with(out, SQLITE_MAGIC):
+        raise MvlmError(f"{option} {out} is not a SQLite benchmark history (it is another kind of file); give the "
+                        "history's path, or a new one")
+
+
+def check_writable(out: Path, option: str) -> None:
+    """An output can be made at ``out``: a file is created (exclusively) in its directory, or the nearest existing one,
+    and removed. Refused in one line before anything is measured (a read-only directory, /proc, a full quota)."""
+    parent = out.resolve().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    probe = temporary_for(parent / out.name)
+    try:
+        if not probe.exists():
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+        probe.unlink()
+    except OSError as e:
+        raise MvlmError(f"{option} {out}: cannot create it in {parent} ({e.strerror or e}); choose another path") from None

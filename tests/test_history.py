@@ -88,10 +88,11 @@ def test_default_path_and_env(tmp_path, monkeypatch):
 def test_selectors(tmp_path):
     db = tmp_path / "h.sqlite"
     with History(db) as h:
-        a = h.save(_entry(_ctx(runtime="aaaa111"), [40, 41, 40], label="main", commit="1111abc"))
-        b = h.save(_entry(_ctx(runtime="bbbb222"), [40, 40, 41], label="pr", commit="2222abc"))
-        other = h.save(_entry(_ctx(device="sd888"), [10, 11, 10], commit="3333abc"))
-        c = h.save(_entry(_ctx(runtime="cccc333"), [39, 40, 41], label="main", commit="4444abc"))
+        at = [f"2026-01-0{i}T12:00:00+00:00" for i in range(1, 5)]  # measured in this order ("latest": the newest)
+        a = h.save(_entry(_ctx(runtime="aaaa111"), [40, 41, 40], label="main", commit="1111abc"), at[0])
+        b = h.save(_entry(_ctx(runtime="bbbb222"), [40, 40, 41], label="pr", commit="2222abc"), at[1])
+        other = h.save(_entry(_ctx(device="sd888"), [10, 11, 10], commit="3333abc"), at[2])
+        c = h.save(_entry(_ctx(runtime="cccc333"), [39, 40, 41], label="main", commit="4444abc"), at[3])
         assert h.select("latest").id == c
         assert h.select("latest~1").id == other
         assert h.select("latest~1", device="orin").id == b
@@ -107,7 +108,8 @@ def test_selectors(tmp_path):
             h.select("yesterday")
         with pytest.raises(MvlmError, match="no entry id:99"):
             h.select("id:99")
-        assert len(h.entries(model="abab")) == 4 and len(h.entries(device="sd888")) == 1
+        assert len(h.entries(model="abababab")) == 4 and len(h.entries(device="sd888")) == 1
+        assert h.entries(model="abab") == [] and h.entries(model="%") == []  # no short prefix, no SQL wildcard
 
 
 def test_a_selector_that_names_entries_of_another_setup_says_what_differs(tmp_path):

@@ -108,7 +108,7 @@ def test_save_read_select(db):
         assert h.select("latest").id == ids[1] and h.select("latest~1").id == ids[0]
         assert h.select("label:main").id == ids[0] and h.select("runtime:r1").id == ids[1]
         assert h.get(ids[1]).samples["eval_tps"][-1] == float("inf")
-        assert [e.id for e in h.entries(model="abab")] == ids  # sha256 prefix
+        assert [e.id for e in h.entries(model="abababab")] == ids  # a sha256 prefix (8 hex digits or more)
         assert h.entries(device="other") == []
         with pytest.raises(MvlmError, match="matches nothing"):
             h.select("label:none")

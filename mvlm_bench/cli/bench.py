@@ -120,7 +120,7 @@ def bench_cmd(ctx: typer.Context, device: str = _DEVICE, protocol: str = _PROTOC
                    compares="--baseline" if baseline else "--fail-on-regression" if fail_on_regression else "",
                    gates=bool(fail_on_regression))
     outputs = {opt: p for opt, p in (("--json-file", json_arg), ("--jsonl", jsonl_arg), ("--markdown", markdown_arg),
-                                      ("--csv", csv_arg)) if p}
+                                      ("--csv", csv_arg)) if p is not None}  # "" is refused, not ignored
     from mvlm_core.stops import Stopped
 
     run = _Bench(device, opts, outputs, json_flag, save, db_arg, label, baseline, fail_on_regression, verbose)
@@ -132,10 +132,12 @@ def bench_cmd(ctx: typer.Context, device: str = _DEVICE, protocol: str = _PROTOC
     run.measure()
     try:
         run.finish()
-    except Stopped as e:  # during the comparison (a confirming re-measure): the measurement itself is kept
+    except Stopped as e:  # while reporting or comparing (a confirming re-measure): the measurement itself is kept
         kept = run.sinks.kept()
-        err.print(f"interrupted by {e.name} while comparing; the measurement ({run.out.repetitions} repetitions) is "
-                  + (f"kept in {', '.join(kept)}" if kept else "shown above"), highlight=False, soft_wrap=True)
+        when = "while comparing" if run.phase == "comparing" else "after the measurement"
+        err.print(f"interrupted by {e.name} {when}; the measurement ({run.out.repetitions} of {run.out.planned} "
+                  "repetitions) is " + (f"kept in {', '.join(kept)}" if kept else "shown above"), highlight=False,
+                  soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
 
 
@@ -149,15 +151,18 @@ class _Bench:
         self.threshold: float | None = None
         self.bases: list = []
         self.interrupted = None
+        self.phase = "checking"  # then measuring, reporting, comparing
 
     def check(self) -> None:
         """Everything that can be refused, refused before a device is touched or a run measured."""
         from mvlm_bench.decide.stats import parse_threshold
         from mvlm_bench.device.profiles import load_profile
+        from mvlm_bench.history.entries import check_label
         from mvlm_bench.history.locations import cli_location
         from mvlm_bench.plan.plan import make_plan, plan_inputs
         from mvlm_core.errors import MvlmError
 
+        check_label(self.label)
         self.db = cli_location(self.db_arg)
         if self.fail_on_regression:
             self.threshold = parse_threshold(self.fail_on_regression)
@@ -179,13 +184,17 @@ class _Bench:
             from mvlm_core.atomic import check_output_path
 
             self.history_db = self.db or default_db_path()
-            check_output_path(self.db_arg or self.history_db, [c.model for c in self.plan.configs], option="--db")
+            check_output_path(self.db_arg or self.history_db, [c.model for c in self.plan.configs], option="--db",
+                              history=True)
             inputs.append(self.history_db)
         _check_reports(self.outputs, inputs)
-        if self.baseline and not _is_file(self.baseline):
-            from mvlm_bench.decide.verdict import resolve
+        if self.baseline:  # a selector that names nothing stored, a damaged file, another setup: refused now
+            from mvlm_bench.decide.verdict import check_baseline_setup, resolve
+            from mvlm_bench.plan.plan import expected_setup
 
-            resolve(self.baseline, self.db)  # a selector that names nothing stored is refused now, not after the run
+            if not _is_file(self.baseline):
+                resolve(self.baseline, self.db)
+            check_baseline_setup(self.baseline, self.db, expected_setup(self.plan, self.profile))
 
     def measure(self) -> None:
         """Run the plan; every record to every sink as it comes; a stop signal ends it, keeping what was measured."""
@@ -216,6 +225,7 @@ class _Bench:
         """Print the table (and --json), then say what happened: interrupted, failed, saved; then decide."""
         from mvlm_core.errors import MvlmError
 
+        self.phase = "reporting"
         if self.profile.emulated:
             err.print("[yellow]note:[/] this device is emulated: its timings measure the emulator, not a device")
         self._print_results()
@@ -231,6 +241,8 @@ class _Bench:
             raise self._failure_error(kept, sink_error)
         if self.history is not None and self.history.ids and self.history.outcome is None:
             err.print(self.history.message(), highlight=False, soft_wrap=True)
+        if self.plan.sides is not None or self.baseline:
+            self.phase = "comparing"
         try:
             self._decide()
         except MvlmError as e:
@@ -358,7 +370,8 @@ def _check_reports(outputs: dict[str, str], inputs: list[Path | None]) -> None:
     """Refuse, before anything is measured, report paths that would destroy an input (the model, ...), an existing
     GGUF, or each other, paths that are not regular files (a device, a FIFO, ``dir/``), and paths whose directory cannot
     be written. ``outputs`` holds the options' text (a trailing slash is seen there)."""
-    from mvlm_core.atomic import check_output_path
+    from mvlm_bench.sinks.files import check_appendable
+    from mvlm_core.atomic import check_output_path, check_writable
     from mvlm_core.errors import MvlmError
 
     seen: dict[Path, str] = {}
@@ -368,11 +381,9 @@ def _check_reports(outputs: dict[str, str], inputs: list[Path | None]) -> None:
         if key in seen:
             raise MvlmError(f"{option} {out} is also given to {seen[key]}: give each report its own file")
         seen[key] = option
-        parent = key.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise MvlmError(f"{option} {out}: cannot create it ({parent} is not a writable directory); choose another path")
+        check_writable(out, option)
+        if option == "--jsonl":
+            check_appendable(out, option)
 
 
 def _failure_log(device: str, output: str) -> Path | None:

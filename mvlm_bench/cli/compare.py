@@ -96,11 +96,3 @@ def _check_markdown(markdown_out: Path, baseline: str, candidate: str, db: str |
 
     inputs = [Path(s) for s in (baseline, candidate) if is_report_file(s)] + [db or default_db_path()]
     check_output_path(markdown_out, inputs, option="--markdown")
-    try:
-        with open(markdown_out, "rb") as f:
-            sqlite = f.read(16) == b"SQLite format 3\x00"
-    except OSError:
-        sqlite = False
-    if sqlite:
-        raise MvlmError(f"--markdown {markdown_out} is a SQLite file (a history?); refusing to overwrite it: "
-                        "choose another path")

@@ -12,9 +12,28 @@ from rich.table import Table
 console = Console()
 
 
+def _entry(spec: str):
+    """A profile named on the command line that is not on the search path: loaded as ``--device`` loads it (an
+    invalid file becomes an invalid entry; an unknown name is refused in one line)."""
+    from pathlib import Path
+
+    from mvlm_bench.device.profiles import ProfileEntry, load_profile
+    from mvlm_core.errors import MvlmError
+
+    try:
+        p = load_profile(spec)
+    except MvlmError as e:
+        if not (spec.endswith(".toml") or "/" in spec):
+            raise
+        return ProfileEntry(Path(spec).stem, Path(spec), None, str(e))
+    return ProfileEntry(p.name, p.source or Path(spec), p)
+
+
 def devices_cmd(
-    names: list[str] | None = typer.Argument(None, help="Only these profiles (default: all). A named profile that is "
-                                                        "invalid (exit 2) or unreachable (exit 3) fails the command."),
+    names: list[str] | None = typer.Argument(None, help="Only these profiles (default: all): names, .toml paths, "
+                                                        "ssh://user@host or adb:SERIAL, as --device takes them. A "
+                                                        "named profile that is invalid (exit 2) or unreachable (exit "
+                                                        "3) fails the command."),
     check: bool = typer.Option(True, "--check/--no-check", help="Check that each device is reachable."),
     json_: bool = typer.Option(False, "--json", help="JSON list instead of a table."),
 ) -> None:
@@ -29,12 +48,9 @@ def devices_cmd(
     from mvlm_core.errors import MvlmError
 
     entries = scan_profiles()
-    if names:
+    if names:  # each as --device takes it: a profile name, a .toml path, ssh://user@host[:port], adb:SERIAL
         by_name = {e.name: e for e in entries}
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise MvlmError(f"no device profile {', '.join(map(repr, missing))}; known: {', '.join(sorted(by_name)) or 'none'}")
-        entries = [by_name[n] for n in names]
+        entries = [by_name[n] if n in by_name else _entry(n) for n in names]
     rows = []
     worst: MvlmError | None = None
     for e in entries:

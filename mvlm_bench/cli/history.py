@@ -41,14 +41,34 @@ def _entries(db, device, model, protocol, label):
     from mvlm_bench.history.database import History
 
     with History(db, create=False) as h:
-        return h.entries(device, model, protocol, label), h.path
+        found = h.entries(device, model, protocol, label)
+        if not found and any(x is not None for x in (device, model, protocol, label)):
+            err.print(f"[yellow]note:[/] {visible(_no_match(h.entries(samples=False), device, model, protocol, label))}",
+                      highlight=False, soft_wrap=True)
+        return found, h.path
+
+
+def _no_match(every, device, model, protocol, label) -> str:
+    """Which filter matched nothing, and what the history holds for it (a typo, or a path where a name goes)."""
+    held = {"--device": {e.context.device for e in every}, "--model": {e.context.label() for e in every},
+            "--protocol": {e.context.protocol for e in every}, "--label": {e.label for e in every if e.label}}
+    given = {"--device": device, "--model": model, "--protocol": protocol, "--label": label}
+    parts = []
+    for opt, value in given.items():
+        if value is None:
+            continue
+        names = sorted(held[opt])
+        listed = ", ".join(names[:8]) + (f", … ({len(names)} in all)" if len(names) > 8 else "")
+        parts.append(f"{opt} {value} (the history has {listed or 'none'})")
+    extra = " (--model takes a model's name, file name or sha256 prefix, not a path)" if model and "/" in model else ""
+    return f"no stored entry matches {'; '.join(parts)}{extra}"
 
 
 def _history_table(entries, path) -> Table:
     """The entries as a table: when, which, the settings in which they differ (each a column), and the medians of the
     column table's history view (Eval, Total)."""
     from mvlm_bench.decide.stats import median
-    from mvlm_bench.records.columns import column, differing, keys
+    from mvlm_bench.records.columns import column, differing, keys, setting_text
 
     shown = differing([e.context for e in entries], skip=("device", "model", "protocol", "runtime"))
     metrics = [column(k) for k in keys("history")]
@@ -66,11 +86,13 @@ def _history_table(entries, path) -> Table:
             vals = [v for v in e.samples.get(k, []) if v is not None]
             return _fmt(median(vals)) if vals else "–"
 
-        settings = [json.dumps(s.get(e.context), default=str) if not isinstance(s.get(e.context), str)
-                    else s.get(e.context) for s in shown]
+        settings = [setting_text(s.get(e.context)) for s in shown]
         cells = (e.created_at, e.label, e.context.device, e.context.label(), e.context.protocol, *settings,
                  e.context.runtime_commit[:10], e.project_commit[:10] + ("+" if e.project_dirty else ""))
-        t.add_row(str(e.id), *(visible(str(x), markup=True) for x in cells), str(e.repetitions),
+        planned = e.context.params.get("repetitions_planned")
+        reps = f"{e.repetitions} of {planned}" if isinstance(planned, int) and e.repetitions < planned else \
+            str(e.repetitions)
+        t.add_row(str(e.id), *(visible(str(x), markup=True) for x in cells), reps,
                   *(med(c.key) for c in metrics))
     return t
 
@@ -85,6 +107,14 @@ def history_cmd(ctx: typer.Context, db: str | None = _DB,
     """List stored benchmark measurements (newest last), with the settings in which they differ as columns.
     `mvlm history plot --out DIR` draws them; `delete` and `prune` remove entries; `import` stores files."""
     if ctx.invoked_subcommand is not None:
+        import shlex
+
+        given = [p for p in ctx.command.params if getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"]
+        if given:  # `mvlm history --db lab.sqlite delete ...` must never delete from another history
+            said = " ".join(p.opts[0] if isinstance(ctx.params[p.name], bool) else
+                            f"{p.opts[0]} {shlex.quote(str(ctx.params[p.name]))}" for p in given)
+            raise MvlmError(f"{', '.join(p.opts[0] for p in given)} before '{ctx.invoked_subcommand}' would not apply to "
+                            f"it: write `mvlm history {ctx.invoked_subcommand} {said} ...` (nothing was changed)")
         return
     from mvlm_bench.decide.verdict import entry_json
 
@@ -113,6 +143,8 @@ def plot_cmd(out: Path = typer.Option(Path("mvlm-history-plots"), "--out", "-o",
     keys = check_metrics(metric)
     entries, _ = _entries(db, device, model, protocol, label)
     if not entries:
+        if any(x is not None for x in (device, model, protocol, label)):
+            raise MvlmError("nothing to plot: no stored entry matches the filters (see the note above)")
         raise MvlmError("no stored measurements to plot: run `mvlm bench ... --save` first")
     if out.exists() and not out.is_dir():
         raise MvlmError(f"--out {out} is a file: pass a directory for the PNGs and index.html")
@@ -144,8 +176,10 @@ def import_cmd(files: list[Path] = typer.Argument(..., help="Reports written by 
     llama-bench output becomes one measurement per configuration, each test (pp512, tg128, ...) a metric whose values
     are its samples; a file that is none of these is refused in one line and nothing is stored."""
     from mvlm_bench.history.database import History
+    from mvlm_bench.history.entries import check_label
     from mvlm_bench.history.imports import check_report_file, entries_from_json
 
+    check_label(label)
     entries = []
     for f in files:
         check_report_file(f, "pass a JSON file written by `mvlm bench --json-file` or by a failed `mvlm bench --save`, "
@@ -155,11 +189,13 @@ def import_cmd(files: list[Path] = typer.Argument(..., help="Reports written by 
         for e in entries:
             e.label = label
     with History(db) as h:
-        ids, skipped = h.save_new(entries)
+        ids, skipped, continued = h.save_new(entries)
         path = h.path
     note = f" ({skipped} already stored or given twice, skipped)" if skipped else ""
+    if continued:
+        note += f"; the later repetitions of {', '.join(f'id:{i}' for i in continued)} added to it"
     err.print(f"imported {len(ids)} measurement(s){': ' + ', '.join(f'id:{i}' for i in ids) if ids else ''} "
-              f"into {path}{note}")
+              f"into {path}{note}", soft_wrap=True, highlight=False)
 
 
 def _say_removed(verb: str, doomed, path, dry_run: bool) -> None:
@@ -189,7 +225,8 @@ def delete_cmd(selectors: list[str] | None = typer.Argument(None, help="Entries 
                         "--protocol); nothing was deleted")
     with History(db, create=False) as h:
         if selectors:
-            doomed = {e.id: e for s in selectors for e in [h.select(s, device=device, model=model, protocol=protocol)]}
+            doomed = {e.id: e for s in selectors
+                      for e in [h.select(s, device=device, model=model, protocol=protocol, label=label)]}
         else:
             doomed = {e.id: e for e in h.entries(device, model, protocol, label, samples=False)}
         if not dry_run and doomed:

@@ -64,8 +64,9 @@ def _table(rows: list[tuple[Path, TimingRecord]]) -> Table:
 
 
 def parse_cmd(
-    files: list[Path] = typer.Argument(
+    names: list[str] = typer.Argument(
         ...,
+        metavar="FILE",
         help="Saved output of llama-cli / llama-completion / llava-cli / llama-mtmd-cli (stdout+stderr merged) "
         "or of llama-bench (md, csv, json, jsonl). Any llama.cpp era.",
         show_default=False,
@@ -78,6 +79,9 @@ def parse_cmd(
     ),
 ) -> None:
     """Parse saved llama.cpp output into timing records: a table, or JSON with --json."""
+    if any(not n.strip() for n in names):
+        raise MvlmError("an empty FILE argument (an unset variable in a script?): give the saved output's path")
+    files = [Path(n) for n in names]
     rows = [(p, parse_file(p)) for p in files]  # parse_file raises MvlmError (one line) on an unreadable file
     for p, r in rows:  # llama-bench rows that give no rate (e.g. only tests at a depth): nothing to show
         if r.source_format.startswith("llama-bench") and r.prompt_tps is None and r.eval_tps is None:

@@ -61,7 +61,6 @@ def serve_cmd(
 
       mvlm serve --device orin --model M-Q4_K_S.gguf --mmproj mmproj-M-F16.gguf --port 8081
     """
-    from mvlm_bench.device.profiles import load_profile, profile_from_dict
     from mvlm_bench.session import serve
     from mvlm_core.errors import MvlmError
     from mvlm_core.terminal import visible
@@ -76,27 +75,11 @@ def serve_cmd(
                            n_gpu_layers=n_gpu_layers, alias=alias, log=log, ready_timeout=timeout, limits=limits)
     notes = serve.check_spec(spec, key_on_command_line=any(
         a == "--api-key" or a.startswith("--api-key=") for a in sys.argv))
-    if device.strip() == "local":
-        try:
-            profile = load_profile("local")
-        except MvlmError:  # an installed package without the repo's devices/: this machine, host runtime
-            profile = profile_from_dict({"transport": "local", "target": "host"}, where="--device local",
-                                        default_name="local")
-    else:
-        profile = load_profile(device)
+    profile = _profile(device)
+    on_ready = _announcer(spec, notes)
 
     def say(msg: str) -> None:
         err.print(visible(msg), style="dim", highlight=False, markup=False, soft_wrap=True)
-
-    def on_ready(s: serve.Serving) -> None:
-        # plain print, flushed: scripts and tests read these lines from a pipe; names from files with their control
-        # characters shown, never sent to the terminal
-        print(f"llama-server ready on {visible(s.device)} in {s.ready_s:.1f} s\n  URL:             {s.url}\n"
-              f"  OpenAI base URL: {s.url}/v1\n  model (alias):   {visible(s.alias)}\n  server log:      "
-              f"{visible(s.log)}\n  limits:          {spec.limits.describe()}", flush=True)
-        for note in notes:  # after start-up: a refusal stays one line
-            err.print(f"[yellow]note:[/] {visible(note, markup=True)}", highlight=False, soft_wrap=True)
-        print("Ctrl-C stops it.\n", end="", flush=True)  # one write: a stop signal cannot split it from its newline
 
     # Ctrl-C, SIGTERM, SIGHUP and SIGQUIT stop the server (also where SIGINT was ignored at start-up: a job started
     # with `&` by a script); a device that cannot forward a port (adb) is refused there
@@ -106,3 +89,31 @@ def serve_cmd(
             print("stopped", flush=True)
         except OSError:  # SIGHUP: the terminal is gone
             pass
+
+
+def _profile(device: str):
+    from mvlm_bench.device.profiles import load_profile, profile_from_dict
+    from mvlm_core.errors import MvlmError
+
+    if device.strip() != "local":
+        return load_profile(device)
+    try:
+        return load_profile("local")
+    except MvlmError:  # an installed package without the repo's devices/: this machine, host runtime
+        return profile_from_dict({"transport": "local", "target": "host"}, where="--device local", default_name="local")
+
+
+def _announcer(spec, notes: list[str]):
+    """What serve prints once the server answers: plain lines, flushed (scripts and tests read them from a pipe);
+    names from files with their control characters shown, never sent to the terminal."""
+    from mvlm_core.terminal import visible
+
+    def on_ready(s) -> None:
+        print(f"llama-server ready on {visible(s.device)} in {s.ready_s:.1f} s\n  URL:             {s.url}\n"
+              f"  OpenAI base URL: {s.url}/v1\n  model (alias):   {visible(s.alias)}\n  server log:      "
+              f"{visible(s.log)}\n  limits:          {spec.limits.describe()}", flush=True)
+        for note in notes:  # after start-up: a refusal stays one line
+            err.print(f"[yellow]note:[/] {visible(note, markup=True)}", highlight=False, soft_wrap=True)
+        print("Ctrl-C stops it.\n", end="", flush=True)  # one write: a stop signal cannot split it from its newline
+
+    return on_ready

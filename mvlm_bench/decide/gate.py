@@ -318,7 +318,15 @@ def pair_entries(baselines: list, candidates: list) -> list[tuple]:
     by_key = {setup_key(b): b for b in baselines}
     pairs = [(by_key[setup_key(c)], c) for c in candidates if setup_key(c) in by_key]
     if not pairs:
-        raise MvlmError("no measurement in the candidate has a baseline with the same device, model and protocol")
+        from mvlm_bench.history.entries import setup_differences
+
+        near = min(((b, c) for b in baselines for c in candidates), key=lambda bc: len(setup_differences(*bc)),
+                   default=None)
+        diff = "; ".join(setup_differences(*near)[:4]) if near else ""
+        raise MvlmError(f"no measurement of the candidate ({len(candidates)}) has a baseline ({len(baselines)}) with the "
+                        "same setup (device, model, protocol and settings)"
+                        + (f"; the nearest pair differs in {diff} (baseline vs candidate)" if diff else "")
+                        + ": compare measurements of the same setup")
     return pairs
 
 

@@ -19,6 +19,7 @@ from mvlm_bench.decide import gate, stats
 from mvlm_bench.history.database import History
 from mvlm_bench.history.entries import Entry, entries_from_runs, setup_differences
 from mvlm_bench.history.imports import check_report_file, entries_from_json
+from mvlm_bench.records.columns import finite
 from mvlm_core.errors import MvlmError
 from mvlm_core.terminal import visible
 
@@ -49,6 +50,33 @@ def resolve(spec: str, db: Path | str | None, device: str | None = None, model: 
         return entries_from_json(Path(spec))
     with History(db, create=False) as h:
         return [h.select(spec, device=device, model=model, protocol=protocol, like=like, exclude=exclude)]
+
+
+def check_baseline_setup(spec: str, db: Path | str | None, expected: dict[str, object]) -> None:
+    """Before measuring: the baseline (a selector or a file) names at least one measurement whose setup can be this
+    bench's (``expected``: device, protocol, model_sha256 and the settings known before the run), else one line
+    naming what differs (nothing measured). A file is read whole here: a damaged one is refused now too."""
+    from mvlm_bench.history.entries import setup_param
+
+    if is_report_file(spec):
+        named = resolve(spec, db)
+    else:
+        with History(db, create=False) as h:
+            named = h.named(spec)
+
+    def differences(e: Entry) -> list[str]:
+        out = []
+        for k, want in expected.items():
+            got = getattr(e.context, k) if k in ("device", "protocol", "model_sha256") else setup_param(e.context, k)
+            if want is not None and got not in (None, "") and got != want:
+                out.append(f"{k}: {str(got)[:16]} vs {str(want)[:16]}")
+        return out
+
+    if named and not any(not differences(e) for e in named):
+        near = min(named, key=lambda e: (len(differences(e)), -(e.id or 0)))
+        raise MvlmError(f"--baseline {visible(spec)}: no measurement it names has this bench's setup; the nearest "
+                        f"({near.describe()}) differs in {', '.join(differences(near)[:4])} (stored vs this run): "
+                        "bench with the baseline's settings or choose another baseline (nothing was measured)")
 
 
 def check_metrics(metrics: Sequence[str] | None) -> list[str] | None:
@@ -147,15 +175,20 @@ def entry_json(e: Entry) -> dict[str, Any]:
             "params": c.params, "repetitions": e.repetitions}
 
 
+def _measured(e: Entry) -> set[str]:
+    """The metrics with at least one value (a key whose every repetition is null was not measured)."""
+    return {k for k, vs in e.samples.items() if any(finite(v) is not None for v in vs)}
+
+
 def _metric_list(e: Entry) -> str:
-    keys = sorted(e.samples)
+    keys = sorted(_measured(e))
     return visible(", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")) if keys else "none"
 
 
 def check_common_metrics(base: Entry, cand: Entry, gated: tuple[str, ...] | None, chosen: bool) -> None:
     """Refuse, in one line, a pair with no metric in common (an empty table) or, when gating, no gated metric in
     common (the gate could judge nothing and would pass silently)."""
-    common = sorted(set(base.samples) & set(cand.samples))
+    common = sorted(_measured(base) & _measured(cand))
     sides = (f"the baseline ({base.describe()}) has {_metric_list(base)}; "
              f"the candidate ({cand.describe()}) has {_metric_list(cand)}")
     if not common:
@@ -165,6 +198,17 @@ def check_common_metrics(base: Entry, cand: Entry, gated: tuple[str, ...] | None
         what = "--metric" if chosen else f"gated metric ({', '.join(gated)})"
         raise MvlmError(f"--fail-on-regression: no {what} is in both measurements: {sides}; gate on one they share "
                         f"with --metric {visible(common[0])}")
+
+
+def check_chosen_metrics(base: Entry, cand: Entry, metrics: list[str] | None) -> None:
+    """A --metric that neither measurement has a value of is refused (its row would read n/a and say nothing)."""
+    if not metrics:
+        return
+    common = _measured(base) & _measured(cand)
+    missing = [m for m in metrics if m not in common]
+    if missing:
+        raise MvlmError(f"--metric {', '.join(missing)}: not measured in both (the baseline ({base.describe()}) has "
+                        f"{_metric_list(base)}; the candidate has {_metric_list(cand)}); choose one they share")
 
 
 def history_sessions(db: Path | str | None, base: Entry, cand: Entry) -> list[Entry]:
@@ -183,6 +227,7 @@ def judge_pair(base: Entry, cand: Entry, metrics: list[str] | None, alpha: float
     if base.id is not None and base.id == cand.id:
         raise MvlmError(f"baseline and candidate are the same entry ({base.describe()}): pick two different ones")
     check_common_metrics(base, cand, gated if threshold is not None else None, bool(metrics))
+    check_chosen_metrics(base, cand, metrics)
     comps = stats.compare_samples(base.samples, cand.samples, metrics=metrics or None, alpha=alpha)
     invalid = {c.key: f"{c.name}: {c.dropped_warning}" for c in comps if c.dropped_warning}
     pv = PairVerdict(base, cand, comps, setup_differences(base, cand))

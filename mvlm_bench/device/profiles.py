@@ -65,7 +65,7 @@ KNOWN_TARGETS = TARGETS
 MAX_THREADS = 1024
 MAX_GPU_LAYERS = 100000
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -157,8 +157,14 @@ def load_profile(spec: str, search_dirs: list[Path] | None = None) -> DeviceProf
     scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", spec)
     if scheme:
         raise MvlmError(f"--device {spec}: unknown scheme {scheme.group(1)}://; {_DEVICE_FORMS}")
+    if len(spec) > 1024:
+        raise MvlmError(f"--device {spec[:40]}...: {len(spec)} characters is no device; {_DEVICE_FORMS}")
     if spec.endswith(".toml") or os.sep in spec or "/" in spec:
         path = Path(spec).expanduser()
+        try:
+            path.exists()
+        except OSError as e:
+            raise MvlmError(f"--device {spec[:60]}...: {e.strerror or e}; {_DEVICE_FORMS}") from None
         if not path.exists():
             raise MvlmError(f"--device {spec}: device profile {path} does not exist; {_DEVICE_FORMS}")
         if not path.is_file():
@@ -270,6 +276,8 @@ def parse_profile_file(path: Path) -> DeviceProfile:
         data = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, ValueError) as e:  # ValueError: an integer too long to convert
         raise MvlmError(f"{path}: not valid TOML ({e}); fix the file") from None
+    except RecursionError:
+        raise MvlmError(f"{path}: not a device profile (arrays or tables nested thousands deep); fix the file") from None
     return profile_from_dict(data, where=str(path), default_name=path.stem, base_dir=path.parent, source=path)
 
 
@@ -345,8 +353,21 @@ def _all_kinds():
     return transport_kinds().values()
 
 
+# directories whose bin/ and lib/ a push would mix mvlm's files into (Linux, Android): never a work dir
+_SYSTEM_DIRS = {"/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt",
+                "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/usr", "/var", "/data", "/system",
+                "/vendor", "/sdcard", "/usr/local", "/data/local"}
+
+
 def _check_workdir(workdir: str, where: str) -> None:
     if not workdir or "\0" in workdir or "\n" in workdir:
         raise MvlmError(f"{where}: field 'workdir' must be a non-empty path on one line")
     if workdir.startswith("-"):
         raise MvlmError(f"{where}: field 'workdir' may not start with '-'")
+    import posixpath
+
+    norm = posixpath.normpath(workdir) if workdir.startswith("/") else workdir.rstrip("/")
+    if norm in ("/", "~", ".") or norm in _SYSTEM_DIRS:
+        suggestion = posixpath.join(norm if norm != "." else "~", "mvlm")
+        raise MvlmError(f"{where}: field 'workdir' is {workdir!r}: mvlm puts its bin/, lib/ and models/ there, beside "
+                        f"whatever the directory holds; give a directory of its own, e.g. {suggestion!r}")

@@ -50,75 +50,22 @@ from typing import Any
 from mvlm_bench.history.entries import Entry, setup_differences, setup_key
 from mvlm_bench.history.errors import DEFAULT_DB_NAME, HistoryError, db_error, default_db_path, lock_timeout, pg_error
 from mvlm_bench.history.locations import db_option, location, mask_url, one_line
+from mvlm_bench.history.schema import SCHEMA_V1, SCHEMA_V2
 from mvlm_bench.history.store import PostgresStore, SqliteStore, Store, ddl
 from mvlm_bench.records.record import RunContext
 from mvlm_core.errors import MvlmError
 
 _APP_ID = 0x6D766C6D  # "mvlm": PRAGMA application_id, tells our files from other SQLite files
 
-# Schema text shared by both backends: {pk} {int} {real} are filled per backend (store.ddl). Version 1 is the
-# layout of the first release (SQLite only, versioned by PRAGMA user_version); NEVER edit a released step.
-_SCHEMA_V1 = """
-CREATE TABLE entry (
-    id {pk},
-    created_at TEXT NOT NULL,
-    label TEXT NOT NULL DEFAULT '',
-    project_commit TEXT NOT NULL DEFAULT '',
-    project_dirty {int},
-    device TEXT NOT NULL,
-    model TEXT NOT NULL,
-    precision TEXT NOT NULL DEFAULT '',
-    model_file TEXT NOT NULL DEFAULT '',
-    model_sha256 TEXT NOT NULL DEFAULT '',
-    mmproj_file TEXT NOT NULL DEFAULT '',
-    mmproj_sha256 TEXT NOT NULL DEFAULT '',
-    size_bytes {int},
-    runtime_commit TEXT NOT NULL DEFAULT '',
-    runtime_patches TEXT NOT NULL DEFAULT '[]',
-    protocol TEXT NOT NULL DEFAULT '',
-    cpu_info TEXT NOT NULL DEFAULT '',
-    gpu_info TEXT NOT NULL DEFAULT '',
-    params TEXT NOT NULL DEFAULT '{}',
-    repetitions {int} NOT NULL
-);
-CREATE INDEX entry_setup ON entry (device, model_sha256, protocol);
-CREATE TABLE repetition (
-    entry_id {int} NOT NULL REFERENCES entry(id) ON DELETE CASCADE,
-    idx {int} NOT NULL,
-    timing TEXT NOT NULL DEFAULT '{}',
-    PRIMARY KEY (entry_id, idx)
-);
-CREATE TABLE sample (
-    entry_id {int} NOT NULL REFERENCES entry(id) ON DELETE CASCADE,
-    repetition {int} NOT NULL,
-    metric TEXT NOT NULL,
-    value {real},
-    PRIMARY KEY (entry_id, repetition, metric)
-);
-"""
-
-_SCHEMA_V2 = """
-CREATE TABLE schema_version (
-    version {int} PRIMARY KEY,
-    applied_at TEXT NOT NULL
-)
-"""
-
 # MIGRATIONS[n] upgrades a version-n history to n+1 inside the opening transaction: schema text for both backends
 # (store.ddl) or a callable given the open store (``store.execute(sql, params)``, ``store.kind``). A new history runs
 # them all from 0. Add a step and SCHEMA_VERSION follows; never edit a released step.
-MIGRATIONS: dict[int, str | Callable[[Store], None]] = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
+MIGRATIONS: dict[int, str | Callable[[Store], None]] = {0: SCHEMA_V1, 1: SCHEMA_V2}
 SCHEMA_VERSION = max(MIGRATIONS) + 1
 HISTORY_TABLES = ("entry", "repetition", "sample")
 
-# Params that make two measurements comparable (with device, model hash and protocol); the runtime is NOT among
-# them: comparing runtimes is the point.
-SETUP_PARAMS = ("n_predict", "n_threads", "n_gpu_layers", "ctx_size", "prompt")
-
 MAX_ID = 2**63 - 1  # SQLite's INTEGER PRIMARY KEY range
 DEFAULT_LOCK_TIMEOUT_S = 5.0
-
-
 
 
 class History:
@@ -363,28 +310,52 @@ class History:
             entry.id, entry.created_at = eid, created
         return [eid for _, eid, _ in assigned]
 
-    def save_new(self, entries: Sequence[Entry]) -> tuple[list[int], int]:
+    def save_new(self, entries: Sequence[Entry]) -> tuple[list[int], int, list[int]]:
         """Store the entries that are not stored yet (the same measurement: :func:`~mvlm_bench.history.entries.
-        content_key`), given twice counted once; the check and the writes are one transaction that holds the history's
-        write lock (SQLite) or its advisory lock (PostgreSQL), so concurrent imports of one file store it once.
-        Returns (the new ids, how many were skipped)."""
-        from mvlm_bench.history.entries import content_key
+        content_key`), given twice counted once. An entry that continues a stored one (:func:`~mvlm_bench.history.
+        entries.continues`: a spill file or --jsonl of a bench whose history stopped taking repetitions) adds its later
+        repetitions to that entry instead. The check and the writes are one transaction that holds the history's write
+        lock (SQLite) or its advisory lock (PostgreSQL), so concurrent imports of one file store it once. Returns (the
+        new ids, how many were skipped, the ids of entries that were continued)."""
+        from mvlm_bench.history.entries import content_key, continues
 
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         assigned: list[tuple[Entry, int, str]] = []
+        continued: list[int] = []
         with self._guard("writing"), self._write(schema=True) as s:
             self._check_integrity()
-            seen = {content_key(e) for e in self._entries(None, None, None, None, True)}
+            stored = self._entries(None, None, None, None, True)
+            seen = {content_key(e) for e in stored}
             for entry in entries:
                 key = content_key(entry)
-                if key in seen:
+                if key in seen or any(continues(entry, e) for e in stored):  # stored already, maybe with more
                     continue
                 seen.add(key)
+                base = next((e for e in stored if continues(e, entry)), None)
+                if base is not None and base.id is not None:
+                    self._extend(s, base, entry)
+                    continued.append(base.id)
+                    base.samples, base.timings = entry.samples, entry.timings
+                    continue
                 created = entry.created_at or now
                 assigned.append((entry, self._insert(s, entry, created), created))
         for entry, eid, created in assigned:
             entry.id, entry.created_at = eid, created
-        return [eid for _, eid, _ in assigned], len(entries) - len(assigned)
+        skipped = len(entries) - len(assigned) - len(continued)
+        return [eid for _, eid, _ in assigned], skipped, continued
+
+    @staticmethod
+    def _extend(s: Store, base: Entry, entry: Entry) -> None:
+        """Add ``entry``'s repetitions after ``base``'s (stored) to ``base``."""
+        first, n = base.repetitions, entry.repetitions
+        s.executemany("INSERT INTO repetition (entry_id, idx, timing) VALUES (?,?,?)",
+                      [(base.id, i, json.dumps(entry.timings[i] if i < len(entry.timings) else {}, default=str))
+                       for i in range(first, n)])
+        s.executemany("INSERT INTO sample (entry_id, repetition, metric, value) VALUES (?,?,?,?)",
+                      [(base.id, i, k, None if isinstance(v, float) and math.isnan(v) else v)
+                       for k, vs in entry.samples.items() for i, v in enumerate(vs)
+                       if i >= first and not isinstance(v, str)])
+        s.execute("UPDATE entry SET repetitions = ? WHERE id = ?", (n, base.id))
 
     def delete(self, ids: Sequence[int]) -> int:
         """Delete these entries with every repetition and sample, in one transaction; returns how many were there."""
@@ -496,17 +467,22 @@ class History:
         if device:
             where.append("device = ?")
             args.append(device)
-        if model:
-            where.append("(model = ? OR model_file = ? OR model_sha256 LIKE ?)")
-            args += [model, model, model.lower() + "%"]
+        if model:  # its name, its file, or a sha256 prefix of 8 hex digits or more (no wildcard: % and _ are text)
+            if re.fullmatch(r"[0-9a-fA-F]{8,64}", model):
+                where.append("(model = ? OR model_file = ? OR substr(model_sha256, 1, ?) = ?)")
+                args += [model, model, len(model), model.lower()]
+            else:
+                where.append("(model = ? OR model_file = ?)")
+                args += [model, model]
         if protocol:
             where.append("protocol = ?")
             args.append(protocol)
         if label is not None:
             where.append("label = ?")
             args.append(label)
+        # newest last: by when it was measured (an import of an old report goes where it belongs), then by id
         cur = self.store.execute("SELECT * FROM entry" + (" WHERE " + " AND ".join(where) if where else "")
-                                + " ORDER BY id", args)
+                                + " ORDER BY created_at, id", args)
         cols = [d[0] for d in cur.description]
         out = [self._row_to_entry(row, cols) for row in cur.fetchall()]
         if samples:
@@ -532,9 +508,31 @@ class History:
             self._load_samples([e])
             return e
 
+    def named(self, selector: str) -> list[Entry]:
+        """Every entry a selector can name, oldest first (``label:main``: every main entry; ``id:3``: that one;
+        ``latest~2``: what ``latest`` names); an unknown selector is refused."""
+        s = selector.strip()
+        if re.fullmatch(r"(?:id:)?([0-9]+)", s, re.ASCII):
+            return [self.select(s)]
+        m = re.fullmatch(r"(latest|label:.+?|commit:[0-9a-fA-F]+|runtime:[0-9a-zA-Z]+)(?:~([0-9]+))?", s, re.ASCII)
+        if not m:
+            return [self.select(s)]  # refused there, in its words
+        return self._named(m.group(1), None, None, None, None)
+
+    def _named(self, base: str, device, model, protocol, label) -> list[Entry]:
+        named = self.entries(device, model, protocol, label)
+        if base.startswith("label:"):
+            named = [e for e in named if e.label == base[len("label:"):]]
+        elif base.startswith("commit:"):
+            named = [e for e in named if e.project_commit.lower().startswith(base[len("commit:"):].lower())]
+        elif base.startswith("runtime:"):
+            named = [e for e in named if e.context.runtime_commit.lower().startswith(base[len("runtime:"):].lower())]
+        return named
+
     def select(self, selector: str, device: str | None = None, model: str | None = None, protocol: str | None = None,
-               like: Entry | None = None, exclude: Sequence[int] = ()) -> Entry:
-        """Resolve a selector (module docstring). ``like``: only entries with the same setup as this one."""
+               like: Entry | None = None, exclude: Sequence[int] = (), label: str | None = None) -> Entry:
+        """Resolve a selector (module docstring) among the entries the filters match (an id that does not match them
+        is refused). ``like``: only entries with the same setup as this one."""
         s = selector.strip()
         m = re.fullmatch(r"(?:id:)?([0-9]+)", s, re.ASCII)
         if m:
@@ -543,7 +541,14 @@ class History:
                 shown = digits if len(digits) <= 30 else digits[:12] + "..."
                 raise MvlmError(f"selector id:{shown} is out of range (ids are 1 to {MAX_ID}): "
                                 f"{self._list_hint()} lists the stored ids")
-            return self.get(int(digits))
+            e = self.get(int(digits))
+            if (device, model, protocol, label) != (None, None, None, None) and \
+                    e.id not in {x.id for x in self.entries(device, model, protocol, label, samples=False)}:
+                said = " ".join(f"--{k} {v}" for k, v in (("device", device), ("model", model), ("protocol", protocol),
+                                                         ("label", label)) if v is not None)
+                raise MvlmError(f"id:{e.id} ({e.describe()}) does not match {said}: drop the filter or name another "
+                                "entry (nothing was changed)")
+            return e
         m = re.fullmatch(r"(latest|label:.+?|commit:[0-9a-fA-F]+|runtime:[0-9a-zA-Z]+)(?:~([0-9]+))?", s, re.ASCII)
         if not m:
             shown = selector if len(selector) <= 80 else selector[:60] + "..."
@@ -551,13 +556,7 @@ class History:
                             "runtime:SHA or a JSON file written by `mvlm bench --json-file`")
         back_s = (m.group(2) or "0").lstrip("0") or "0"
         base, back = m.group(1), int(back_s) if len(back_s) <= 18 else MAX_ID  # ~N beyond any history: matches none
-        named = [e for e in self.entries(device, model, protocol) if e.id not in exclude]
-        if base.startswith("label:"):
-            named = [e for e in named if e.label == base[len("label:"):]]
-        elif base.startswith("commit:"):
-            named = [e for e in named if e.project_commit.lower().startswith(base[len("commit:"):].lower())]
-        elif base.startswith("runtime:"):
-            named = [e for e in named if e.context.runtime_commit.lower().startswith(base[len("runtime:"):].lower())]
+        named = [e for e in self._named(base, device, model, protocol, label) if e.id not in exclude]
         cands = named if like is None else [e for e in named if setup_key(e) == setup_key(like)]
         if back >= len(cands):
             scope = [f"device {device}" if device else "", f"model {model}" if model else "",

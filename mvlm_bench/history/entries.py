@@ -13,14 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mvlm_bench.records.columns import finite
+from mvlm_bench.records.columns import direction, finite
 from mvlm_bench.records.record import RunContext
 from mvlm_core.terminal import visible
 
 # Params that make two measurements comparable (with device, model and mmproj hashes and protocol): every setting of a
 # configuration. The runtime is NOT among them: comparing runtimes is the point. A setting entries stored before it was
 # recorded lack reads as llama.cpp's default (PARAM_DEFAULTS).
-SETUP_PARAMS = ("n_predict", "n_threads", "n_gpu_layers", "ctx_size", "prompt", "n_batch", "n_ubatch", "test")
+SETUP_PARAMS = ("n_predict", "n_threads", "n_gpu_layers", "ctx_size", "prompt", "n_batch", "n_ubatch", "test", "ab_side")
 PARAM_DEFAULTS = {"n_batch": 2048, "n_ubatch": 512}
 
 
@@ -139,12 +139,44 @@ def entries_to_records(entries: Sequence[Entry]) -> list[dict[str, Any]]:
     return out
 
 
-def text_field(v: Any, what: str) -> str:
+MAX_TEXT = 4096  # characters of one stored text field (a label, a device, a file name; cpu_info is ~100)
+MAX_LABEL = 200
+
+
+def text_field(v: Any, what: str, limit: int = MAX_TEXT) -> str:
     if v is None:
         return ""
     if not isinstance(v, str | int | float) or isinstance(v, bool):
         raise ValueError(f"{what} is {type(v).__name__}, not text")
+    if len(str(v)) > limit:
+        raise ValueError(f"{what} is {len(str(v))} characters long (at most {limit})")
     return str(v)
+
+
+def check_label(label: str | None, option: str = "--label") -> None:
+    """A label to store: one line of at most MAX_LABEL characters (MvlmError otherwise)."""
+    from mvlm_core.errors import MvlmError
+
+    if label is None:
+        return
+    if len(label) > MAX_LABEL or any(c in label for c in "\n\r\0"):
+        raise MvlmError(f"{option} is {len(label)} characters{' with a line break' if len(label) <= MAX_LABEL else ''}: "
+                        f"give one line of at most {MAX_LABEL} characters (e.g. main, pr-42)")
+
+
+def metric_value(v: Any, what: str, key: str | None = None) -> float | None:
+    """A stored metric: null (not measured) or a finite number; anything else is a ValueError naming ``what`` (mvlm
+    writes null, never NaN, a string or a list)."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"{what} is {json.dumps(v, default=str)[:40]}, not a number")
+    out = finite(v)
+    if out is None:
+        raise ValueError(f"{what} is {str(v)[:40]}, not a finite number (mvlm writes null for a value it lacks)")
+    if out < 0 and key is not None and (direction(key) != 0 or key.endswith("_tps")):
+        raise ValueError(f"{what} is {out:g}: a speed or a duration is never negative")
+    return out
 
 
 def entry_from_record(r: dict[str, Any], source: str) -> Entry:
@@ -162,6 +194,8 @@ def entry_from_record(r: dict[str, Any], source: str) -> Entry:
     runs = r["runs"]
     if not isinstance(runs, list) or not all(isinstance(x, dict) for x in runs):
         raise ValueError("'runs' is not a list of objects")
+    if not runs:
+        raise ValueError("'runs' is empty: a measurement has at least one repetition")
     ctx = RunContext(device=text_field(r.get("device"), "'device'"), model=text_field(r.get("model"), "'model'"),
                      precision=text_field(r.get("precision"), "'precision'"),
                      model_file=text_field(r.get("model_filename"), "'model_filename'"),
@@ -179,16 +213,18 @@ def entry_from_record(r: dict[str, Any], source: str) -> Entry:
         if not isinstance(metrics, dict) or not isinstance(timing, dict):
             raise ValueError(f"run {i}: 'metrics' and 'timing' must be objects")
         for k, v in metrics.items():
-            if v is None or (isinstance(v, int | float) and not isinstance(v, bool)):
-                vals = samples.setdefault(str(k), [])
-                vals.extend([None] * (i - len(vals)))  # a metric missing from earlier runs keeps its index
-                vals.append(finite(v))
+            if str(k).endswith("_source") and (v is None or isinstance(v, str)):
+                continue  # where a figure came from ("runner", "wall"): provenance, not a measurement
+            vals = samples.setdefault(str(k), [])
+            vals.extend([None] * (i - len(vals)))  # a metric missing from earlier runs keeps its index
+            vals.append(metric_value(v, f"run {i}: metric {str(k)[:60]!r}", str(k)))
         timings.append(timing)
     dirty = r.get("project_dirty")
     created = text_field(r.get("created_at"), "'created_at'")
     if not created:  # a `mvlm bench --json-file` report: when it was measured
         created = record_time(r)
-    return Entry(context=ctx, samples=samples, timings=timings, source=source, label=text_field(r.get("label"), "'label'"),
+    return Entry(context=ctx, samples=samples, timings=timings, source=source,
+                 label=text_field(r.get("label"), "'label'", MAX_LABEL),
                  project_commit=text_field(r.get("project_commit"), "'project_commit'"),
                  project_dirty=dirty if isinstance(dirty, bool) else None, created_at=created)
 
@@ -251,11 +287,7 @@ def project_commit(source: Path | None = None) -> tuple[str, bool | None]:
 
 
 
-def content_key(e: Entry) -> str:
-    """What a measurement IS: its whole context (device, model and mmproj files and hashes, llama.cpp build and
-    patches, protocol, parameters) and every repetition's value of every metric. Not its time, label or project
-    commit: a `mvlm bench --json-file` report carries none of those, and the same runs imported twice (or a copy of the
-    file, or a report of runs that `--save` already stored) are still one measurement."""
+def _measurement(e: Entry) -> tuple[str, dict[str, list[float | None]]]:
     c = e.context
 
     def norm(vs: Sequence[Any]) -> list[float | None]:
@@ -270,7 +302,27 @@ def content_key(e: Entry) -> str:
            "size_bytes": c.size_bytes, "runtime_commit": c.runtime_commit, "runtime_patches": list(c.runtime_patches),
            "protocol": c.protocol, "cpu_info": c.cpu_info, "gpu_info": c.gpu_info,
            "params": json.loads(json.dumps(c.params, sort_keys=True, default=str))}
-    return json.dumps([ctx, {k: v for k, v in samples.items() if v}], sort_keys=True, default=str)
+    return json.dumps(ctx, sort_keys=True, default=str), {k: v for k, v in samples.items() if v}
+
+
+def content_key(e: Entry) -> str:
+    """What a measurement IS: its whole context (device, model and mmproj files and hashes, llama.cpp build and
+    patches, protocol, parameters) and every repetition's value of every metric. Not its time, label or project
+    commit: a `mvlm bench --json-file` report carries none of those, and the same runs imported twice (or a copy of the
+    file, or a report of runs that `--save` already stored) are still one measurement."""
+    ctx, samples = _measurement(e)
+    return json.dumps([json.loads(ctx), samples], sort_keys=True, default=str)
+
+
+def continues(stored: Entry, new: Entry) -> bool:
+    """``new`` is ``stored`` with more repetitions after it (the same context, and each metric's stored values the
+    start of the new ones): a bench whose history stopped taking repetitions half-way, then its spill file or its
+    --jsonl imported. Its later repetitions belong to the stored entry."""
+    (ca, sa), (cb, sb) = _measurement(stored), _measurement(new)
+    if ca != cb or stored.repetitions >= new.repetitions or not set(sa) <= set(sb):
+        return False
+    n = stored.repetitions
+    return all(sb[k][:n] == v[:n] for k, v in sa.items()) and all(len(v) <= n for v in sa.values())
 
 
 def same_measurement(a: Entry, b: Entry) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 from mvlm_bench.history.entries import Entry, entry_from_record, lenient_time, project_commit
 from mvlm_bench.records.columns import finite
 from mvlm_bench.records.record import RunContext
+from mvlm_core import jsontext
 from mvlm_core.errors import MvlmError
 
 
@@ -27,8 +28,9 @@ def bench_metric(r: dict[str, Any]) -> str:
 def entry_from_llama_bench(rows: Sequence[dict[str, Any]], context: RunContext, label: str = "",
                            project: tuple[str, bool | None] | None = None) -> Entry:
     """llama-bench test rows of ONE configuration as one Entry: metric ``pp64_tps`` / ``tg128_tps`` (one value per
-    sample: ``samples_ts``, else ``avg_ts``; a test that comes again, in a file of several runs, adds its samples). The one plain pp test (no tg, no depth), when there is exactly one, is
-    also ``prompt_tps``, and the one plain tg test ``eval_tps``: the metrics `mvlm history` shows and the gate judges."""
+    sample: ``samples_ts``, else ``avg_ts``; a test that comes again, in a file of several runs, adds its samples).
+    The one plain pp test (no tg, no depth), when there is exactly one, is also ``prompt_tps``, and the one plain tg
+    test ``eval_tps``: the metrics `mvlm history` shows and the gate judges."""
     commit, dirty = project if project is not None else project_commit()
     samples: dict[str, list[float | None]] = {}
     plain: dict[str, list[str]] = {"prompt_tps": [], "eval_tps": []}
@@ -59,11 +61,44 @@ BENCH_PARAMS = ("n_batch", "n_ubatch", "n_threads", "type_k", "type_v", "n_gpu_l
                  "fit_target", "fit_min_ctx", "build_number")  # fmt: skip
 
 
+def _check_bench_row(r: dict[str, Any], i: int, path: Path) -> None:
+    """A llama-bench row holds what llama-bench writes: counts that are whole and not negative, samples that are
+    numbers, integers within 64 bits, valid Unicode; anything else is refused in one line (nothing stored)."""
+    def bad(why: str) -> MvlmError:
+        return MvlmError(f"{path}: llama-bench row {i} {why}: pass the file llama-bench wrote, unedited; nothing was "
+                         "imported")
+
+    for k in ("n_prompt", "n_gen", "n_depth"):
+        v = r.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise bad(f"has {k} = {str(v)[:30]}, not a count")
+    for k in ("samples_ts", "samples_ns"):
+        vs = r.get(k)
+        if isinstance(vs, list) and not all(isinstance(v, int | float) and not isinstance(v, bool) for v in vs):
+            raise bad(f"has {k} with values that are not numbers")
+        if isinstance(vs, list) and any(v < 0 for v in vs):
+            raise bad(f"has a negative value in {k}: a speed or a duration is never negative")
+    for k in ("avg_ts", "avg_ns"):
+        v = r.get(k)
+        if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
+            raise bad(f"has {k} = {v:g}: a speed or a duration is never negative")
+    for k, v in r.items():
+        if isinstance(v, int) and not isinstance(v, bool) and not -(1 << 63) <= v < 1 << 63:
+            raise bad(f"has {k} = {str(v)[:24]}..., beyond 64 bits")
+        for text in (k, v) if isinstance(v, str) else (k,):
+            try:
+                str(text).encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad(f"has text that is not valid Unicode in {str(k)[:30]!r}") from None
+
+
 def entries_from_bench_rows(rows: list[dict[str, Any]], path: Path, device: str | None = None) -> list[Entry]:
     """llama-bench test rows as entries: one per configuration (model, build, threads, batch sizes, ... : every field
     but the test's own), each test a metric whose values are its samples (see :func:`entry_from_llama_bench`).
     ``device``: the name to store them under (default: llama-bench's cpu_info, then gpu_info)."""
     groups: dict[str, list[dict[str, Any]]] = {}
+    for i, r in enumerate(rows):
+        _check_bench_row(r, i, path)
     try:
         for r in rows:
             config = {k: v for k, v in r.items() if k not in BENCH_TEST_FIELDS}
@@ -124,12 +159,14 @@ def entries_from_json(path: Path, device: str | None = None) -> list[Entry]:
     if not stripped.startswith((b"[", b"{")):
         return bench_file(path, device)  # llama-bench md / csv / sql (or something else: a one-line refusal)
     try:
-        data = json.loads(path.read_bytes())
-    except ValueError as e:
+        data = jsontext.loads(path.read_bytes())
+    except jsontext.NotJson as e:
         if stripped.startswith(b"{"):  # JSON lines: mvlm bench --jsonl, or llama-bench -o jsonl
             lines = _mvlm_json_lines(path)
             return lines if lines is not None else bench_file(path, device)
         raise MvlmError(f"cannot read benchmark JSON {path}: {e}: pass a file written by `mvlm bench --json-file`") from None
+    except jsontext.JsonError as e:
+        raise MvlmError(f"{path} is refused: {e}; pass a report mvlm or llama-bench wrote, unedited") from None
     except (OSError, MemoryError) as e:
         raise MvlmError(f"cannot read benchmark JSON {path}: {e}") from None
     if isinstance(data, dict):
@@ -155,39 +192,65 @@ def entries_from_json(path: Path, device: str | None = None) -> list[Entry]:
 
 
 def _mvlm_json_lines(path: Path) -> list[Entry] | None:
-    """``mvlm bench --jsonl``: one record per repetition; the lines of one configuration (equal context, label and
-    commit) become one entry, in line order, exactly as ``--save`` stores them. A last line cut short (a bench killed
-    while writing it) is skipped. None when the file is not mvlm's JSON Lines."""
+    """``mvlm bench --jsonl``: one record per repetition; the lines of one bench's configuration (equal context,
+    label, commit and ``session``) become one entry, in line order, exactly as ``--save`` stores them. A file that
+    several benches appended to gives one entry per bench: by ``session``, and in files written before it was
+    recorded, a repetition index that starts again. A line that is not a record (cut short, edited) or that repeats
+    another is refused in one line and nothing is imported. None when the file is not mvlm's JSON Lines."""
     records: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    bad = None
     with open(path, "rb") as f:
         raw = f.read().decode("utf-8", errors="replace").splitlines()
     for n, line in enumerate(raw, 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except ValueError:
-            if n == len(raw) and records:
-                break
-            return None
+            obj = jsontext.loads(line)
+        except jsontext.NotJson:
+            obj = None
+        except jsontext.JsonError as e:
+            raise MvlmError(f"{path}: line {n} is refused: {e}; nothing was imported") from None
         if not isinstance(obj, dict) or "runs" not in obj:
-            return None
+            bad = bad or n
+            continue
+        if line.strip() in seen:
+            raise MvlmError(f"{path}: line {n} repeats line {seen[line.strip()]} (the same repetition twice): remove it "
+                            "and import again; nothing was imported")
+        seen[line.strip()] = n
         records.append(obj)
     if not records:
         return None
-    groups: dict[str, list[dict[str, Any]]] = {}
+    if bad is not None:
+        raise MvlmError(f"{path}: line {bad} is not an mvlm bench record ({'cut short' if bad == len(raw) else 'edited'}"
+                        "?): remove it and import again; nothing was imported")
+    return [_json_lines_entry(rs, path, i, len(chunks)) for chunks in [_sessions(records)]
+            for i, rs in enumerate(chunks)]
+
+
+def _sessions(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The records of each bench's configuration, in file order."""
+    groups: dict[str, list[list[dict[str, Any]]]] = {}
+    last: dict[str, int] = {}
     for r in records:
         key = json.dumps({k: v for k, v in r.items() if k not in _PER_REPETITION}, sort_keys=True, default=str)
-        groups.setdefault(key, []).append(r)
-    out = []
-    for i, rs in enumerate(groups.values()):
-        merged = dict(rs[0]) | {"runs": [run for r in rs for run in r["runs"]], "repetitions": len(rs)}
-        try:
-            out.append(entry_from_record(merged, f"{path}[{i}]" if len(groups) > 1 else str(path)))
-        except ValueError as e:
-            raise MvlmError(f"{path}: the lines of configuration {i} are malformed ({e}): pass the file `mvlm bench "
-                            "--jsonl` wrote, unedited") from None
-    return out
+        runs = r["runs"] if isinstance(r["runs"], list) else []
+        rep = runs[0].get("repetition") if runs and isinstance(runs[0], dict) else None
+        rep = rep if isinstance(rep, int) and not isinstance(rep, bool) else None
+        if key not in groups or (rep is not None and rep <= last.get(key, -1)):
+            groups.setdefault(key, []).append([])  # a new bench of the same configuration starts again at 0
+        groups[key][-1].append(r)
+        last[key] = rep if rep is not None else last.get(key, -1) + 1
+    return [chunk for chunks in groups.values() for chunk in chunks]
+
+
+def _json_lines_entry(rs: list[dict[str, Any]], path: Path, i: int, n: int) -> Entry:
+    merged = dict(rs[0]) | {"runs": [run for r in rs for run in r["runs"]], "repetitions": len(rs)}
+    try:
+        return entry_from_record(merged, f"{path}[{i}]" if n > 1 else str(path))
+    except ValueError as e:
+        raise MvlmError(f"{path}: the lines of configuration {i} are malformed ({e}): pass the file `mvlm bench "
+                        "--jsonl` wrote, unedited") from None
 
 
 # fields of an mvlm record that belong to one repetition (the rest say which configuration it is)
@@ -204,7 +267,7 @@ def bench_file(path: Path, device: str | None = None) -> list[Entry]:
     rec = parse_file(path)
     if rec.source_format.startswith("llama-bench-"):
         try:
-            found = read_bench_rows(path, IMPORT_MAX_ROWS + 1, IMPORT_MAX_JSON_CHARS)
+            found = read_bench_rows(path, IMPORT_MAX_ROWS + 1, IMPORT_MAX_JSON_CHARS, IMPORT_MAX_JSON_CHARS)
         except OSError as e:
             raise MvlmError(f"{path}: cannot be read ({e.strerror or e})") from None
         if found.count > IMPORT_MAX_ROWS:
@@ -213,6 +276,10 @@ def bench_file(path: Path, device: str | None = None) -> list[Entry]:
         if found.json_too_big and not found.rows:
             raise MvlmError(f"{path} holds a JSON array larger than {IMPORT_MAX_JSON_CHARS >> 20} MiB: write "
                             "llama-bench's output as -o jsonl (one row per line) and import that")
+        if found.rows and found.rejected is not None:
+            line, what = found.rejected
+            raise MvlmError(f"{path}: line {line} is {what} (edited or cut short?): every row is imported or none; "
+                            "remove that line and import again")
         if found.rows:
             return entries_from_bench_rows(found.rows, path, device)
     if rec.source_format not in ("unrecognised", "image-lines-only"):

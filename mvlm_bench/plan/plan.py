@@ -148,3 +148,21 @@ def check_timeout(timeout: float) -> float:
         raise MvlmError(f"--lease-timeout {shown} is out of range: give seconds from 0 (do not wait) to "
                         f"{MAX_LEASE_TIMEOUT_S:.0f}")
     return float(timeout)
+
+
+def expected_setup(plan: Plan, profile) -> dict[str, object]:
+    """What the history will hold about this plan's (first) configuration, as far as it is known before a run: the
+    device, protocol, model hash and the settings mvlm decides (threads and GPU layers from the profile, tokens,
+    context); for a baseline check before anything is measured."""
+    from mvlm_bench.device.sync import sha256_file
+    from mvlm_bench.plan.protocols import tokens
+    from mvlm_bench.plan.spec import device_settings
+
+    spec = plan.configs[0]
+    threads, ngl = device_settings(profile, spec)
+    out: dict[str, object] = {"device": profile.name + (" (emulated)" if profile.emulated else ""),
+                              "protocol": spec.protocol, "model_sha256": sha256_file(spec.model), "n_threads": threads,
+                              "n_gpu_layers": ngl, "ctx_size": spec.ctx_size}
+    if spec.protocol != "llama-bench":  # its tests each have their own token counts
+        out["n_predict"] = tokens(spec)
+    return out

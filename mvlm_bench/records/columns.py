@@ -71,7 +71,7 @@ COLUMNS: tuple[Column, ...] = (
     _c("ve_ms_per_patch", "VE", "ms/patch", "ms", -1, "papers spread compare"),
     _c("ve_ms", "VE total", "ms", "ms", -1, "papers compare gate plot", short="VE"),
     _c("sample_tps", "Sample", "tokens/s", "rate", 1, "papers spread compare plot"),
-    _c("prompt_tps", "Eval_prompt", "tokens/s", "rate", 1, "papers spread compare gate plot"),
+    _c("prompt_tps", "Eval_prompt", "tokens/s", "rate", 1, "papers spread compare gate plot history"),
     _c("eval_tps", "Eval", "tokens/s", "rate", 1, "papers spread compare gate plot history"),
     _c("total_s", "Total", "s", "seconds", -1, "papers dataset decomposition spread compare gate plot history"),
     _c("llama_total_s", "llama.cpp total", "s", "seconds", -1),
@@ -216,6 +216,11 @@ def _shown(v: Any) -> str:
     return "" if v is None else (v if isinstance(v, str) else json.dumps(v, default=str))
 
 
+def setting_text(v: Any) -> str:
+    """A setting's value in a table cell: ``–`` for none, text as it is, anything else as JSON."""
+    return _shown(v) or "–"
+
+
 def differing(contexts: Sequence[Any], skip: Iterable[str] = ()) -> list[Setting]:
     """The settings whose values differ among these contexts (records' or history entries'): the columns a view adds so
     that no two configurations look alike. ``skip``: settings the view shows anyway (its Model or Device column)."""
@@ -232,4 +237,8 @@ def finite(v: Any) -> float | None:
     """A metric value as JSON and the history hold it: a finite float, else None."""
     if v is None or isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    return float(v) if math.isfinite(v) else None
+    try:
+        f = float(v)  # an int beyond a float's range overflows
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None

@@ -197,6 +197,8 @@ class BenchParser:
 
     def __init__(self, max_rows: int = MAX_BENCH_ROWS, max_json_chars: int = MAX_JSON_CHARS) -> None:
         self.max_rows, self.max_json_chars = max_rows, max_json_chars
+        self.line_no = 0
+        self.rejected: tuple[int, str] | None = None  # the first line that looked like a row and was not one
         self.json_too_big = False  # an array longer than max_json_chars was given up on
         self.json_rows: list[dict[str, Any]] | None = None
         self._json_count = 0
@@ -215,24 +217,33 @@ class BenchParser:
         self.sql = _Rows(max_rows)
 
     def feed(self, line: str) -> None:
+        self.line_no += 1
         s = line.strip()
         if s.startswith("INSERT INTO llama_bench"):
             row = _sql_row(s)
             if row is not None:
                 self.sql.add(row)
+            else:
+                self._reject("an INSERT that is not one of llama-bench's rows")
             return
         if self.json_rows is None:
             self._json(line, s)
         if s.startswith("{") and '"avg_' in s:
             try:
                 obj = json.loads(s)
-            except ValueError:
+            except (ValueError, RecursionError):
                 obj = None
             if _is_bench_record(obj):
                 self.jsonl.add(obj)
+            else:
+                self._reject("a JSON line that is not one of llama-bench's rows")
         self._md(s)
         if not self._csv_done:
             self._csv(line)
+
+    def _reject(self, what: str) -> None:
+        if self.rejected is None:
+            self.rejected = (self.line_no, what)
 
     # JSON: collected from a "[" line, decoded when a line closes it; given up on at the first sign it is not one
     def _json(self, line: str, s: str) -> None:
@@ -266,6 +277,9 @@ class BenchParser:
         text = "\n".join(self._js)
         try:
             obj, _ = json.JSONDecoder().raw_decode(text, self._js_start)
+        except RecursionError:
+            self._js = None
+            return
         except ValueError as e:
             incomplete = getattr(e, "pos", 0) >= len(text.rstrip())
             if not incomplete or self._js_tries >= 64:
@@ -370,22 +384,26 @@ def parse_llama_bench_file(path: str | Path) -> list[dict[str, Any]]:
 @dataclasses.dataclass
 class BenchRows:
     """What a file holds of llama-bench's output: its format, the rows read (the last ``max_rows``), how many there
-    were, and whether a JSON array was given up on for its size."""
+    were, whether a JSON array was given up on for its size, and the first line that looked like a row and was not
+    one (line number, what it was)."""
 
     source_format: str | None
     rows: list[dict[str, Any]]
     count: int
     json_too_big: bool
+    rejected: tuple[int, str] | None = None
 
 
-def read_bench_rows(path: str | Path, max_rows: int = MAX_BENCH_ROWS,
-                    max_json_chars: int = MAX_JSON_CHARS) -> BenchRows:
-    """Every llama-bench row of a file, streamed (OSError when it cannot be read)."""
+def read_bench_rows(path: str | Path, max_rows: int = MAX_BENCH_ROWS, max_json_chars: int = MAX_JSON_CHARS,
+                    max_line_chars: int | None = None) -> BenchRows:
+    """Every llama-bench row of a file, streamed (OSError when it cannot be read). ``max_line_chars``: how long a
+    line may be before only its end is read (an import reads whole rows of many samples)."""
     with open(path, "rb") as f:
         bench = BenchParser(max_rows, max_json_chars)
-        for line in LineCleaner().lines(split_lines(file_chunks(f))):
+        lines = split_lines(file_chunks(f)) if max_line_chars is None else split_lines(file_chunks(f), max_line_chars)
+        for line in LineCleaner().lines(lines):
             bench.feed(line)
     fmt, rows, count = bench.result()
-    return BenchRows(fmt, rows, count, bench.json_too_big)
+    return BenchRows(fmt, rows, count, bench.json_too_big, bench.rejected)
 
 

@@ -200,6 +200,7 @@ class Session:
             "mmproj_precision": precision_of(spec.mmproj) if spec.mmproj else None,
         }
         params |= protocol_params(spec)
+        params["repetitions_planned"] = spec.repeat  # a report or entry with fewer was cut short (interrupted, failed)
         if side.name:
             params["ab_side"] = side.name
         manifest = rt.manifest
@@ -312,7 +313,7 @@ def llama_bench_run(row: dict[str, Any], prep: Prepared, t_start: float, t_end: 
     else:
         rec.prompt_tokens, rec.eval_runs, rec.total_ms, rec.total_tokens = n_p, n_g, ms, n_p + n_g
     test = (f"pp{n_p}" if n_p else "") + ("+" if n_p and n_g else "") + (f"tg{n_g}" if n_g else "")
-    params = {**prep.ctx.params, "test": test, "n_prompt": n_p, "n_gen": n_g}
+    params = {**prep.ctx.params, "test": test, "n_prompt": n_p, "n_gen": n_g, "n_predict": n_g or None}
     for k in ("n_batch", "n_ubatch", "n_threads"):  # llama-bench says what it used
         if isinstance(row.get(k), int):
             params[k] = row[k]

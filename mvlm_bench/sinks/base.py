@@ -73,5 +73,6 @@ class Sinks:
                         self.errors.append((sink, e))
 
     def kept(self) -> list[str]:
-        """Where the records are, sink by sink (the failed ones left out)."""
-        return [k for i, s in enumerate(self.sinks) if i not in self._failed and (k := s.kept())]
+        """Where the records are, sink by sink: a sink that failed says what it kept before (a report's last whole
+        version, the history's entries and its spill file)."""
+        return [k for s in self.sinks if (k := s.kept())]

@@ -2,9 +2,11 @@
 configuration stores its entry, the next ones append to it), so a bench killed by any signal — SIGKILL included —
 keeps every repetition before the one in flight.
 
-When the history will not take a record (not a history, damaged, locked, read-only, disk full, a server gone), the
-records it did not store are written to a JSON file beside it instead (:mod:`mvlm_bench.history.spill`), rewritten
-after every later record; ``mvlm history import FILE`` stores them. The bench goes on measuring either way.
+When the history will not take a record (not a history, damaged, locked, read-only, disk full, a server gone), every
+configuration it did not take whole is written to a JSON file beside it instead (:mod:`mvlm_bench.history.spill`),
+with all its repetitions (those the history took too), rewritten after every later record; ``mvlm history import
+FILE`` then adds the missing repetitions to the entries the history holds (one measurement stays one entry). The
+bench goes on measuring either way.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from mvlm_bench.history.entries import Entry, entries_to_records, entry_from_gro
 from mvlm_bench.history.errors import db_error, default_db_path, pg_error
 from mvlm_bench.history.locations import location, mask_url
 from mvlm_bench.history.spill import SaveOutcome, spill_entries
-from mvlm_bench.records.groups import Group, Groups
+from mvlm_bench.records.groups import Group
 from mvlm_bench.records.record import Run
 from mvlm_bench.sinks.base import Sink
 from mvlm_core.errors import MvlmError
@@ -39,7 +41,7 @@ class HistorySink(Sink):
         self.entries: dict[str, Entry] = {}
         self.stored: dict[str, int] = {}  # repetitions of each group stored
         self.error: MvlmError | None = None
-        self.unsaved = Groups()  # records the history did not take
+        self.unsaved: dict[str, Group] = {}  # configurations the history did not take whole: every repetition
         self.outcome: SaveOutcome | None = None
 
     def receive(self, run: Run, group: Group, groups: Sequence[Group]) -> None:
@@ -51,7 +53,7 @@ class HistorySink(Sink):
             except (MvlmError, sqlite3.Error, OSError) as e:
                 self.error = self._as_error(e)
                 self._close_history()
-        self.unsaved.add(run)
+        self.unsaved[key] = group
         self._spill()
 
     def _store(self, key: str, group: Group) -> None:
@@ -72,7 +74,7 @@ class HistorySink(Sink):
         return db_error(self.loc, e, "writing") if isinstance(self.loc, Path) else pg_error(self.loc, e, "writing")
 
     def _spill(self) -> None:
-        entries = [entry_from_group(g, self.label, self.project) for g in self.unsaved.all()]
+        entries = [entry_from_group(g, self.label, self.project) for g in self.unsaved.values()]
         if self.outcome is None:
             self.outcome = SaveOutcome(db=self.shown, entries=entries, error=self.error)
             self.outcome.spilled, text = spill_entries(entries, self.loc)

@@ -113,6 +113,8 @@ def _llama_bench_fields(g: Group) -> dict[str, Any]:
     rec |= {k: v for k, v in facts.items() if k in LLAMA_BENCH_FIELDS and v is not None}
     if c.cpu_info:  # read on the device: it wins over anything else
         rec["cpu_info"] = c.cpu_info
+    if c.model_file:  # the file the user gave, as the history stores it (llama-bench names the device's copy)
+        rec["model_filename"] = c.model_file
     rec["test_time"] = iso_utc(measured_between(g.runs)[0])
     if "n_prompt" in c.params and "n_gen" in c.params:  # a llama-bench test says which it is
         rec["n_prompt"], rec["n_gen"] = c.params["n_prompt"], c.params["n_gen"]
@@ -142,7 +144,8 @@ def report_records(groups: Sequence[Group], label: str = "", project: tuple[str,
                 "mmproj_filename": c.mmproj_file or None, "mmproj_sha256": c.mmproj_sha256 or None,
                 "runtime_patches": list(c.runtime_patches), "protocol": c.protocol or None, "params": c.params,
                 "label": label, "project_commit": project[0], "project_dirty": project[1],
-                "repetitions": len(g.runs), "metrics": {k: g.agg[k] for k in METRIC_KEYS}, "runs": _runs(g)}
+                "repetitions": len(g.runs), "repetitions_planned": c.params.get("repetitions_planned"),
+                "metrics": {k: g.agg[k] for k in METRIC_KEYS}, "runs": _runs(g)}
         out.append(rec)
     return out
 
@@ -165,10 +168,13 @@ def render_json(groups: Sequence[Group], label: str = "", project: tuple[str, bo
 
 
 def render_json_line(group: Group, label: str = "", project: tuple[str, bool | None] = ("", None),
-                     repetition: int = 0) -> str:
+                     repetition: int = 0, session: str = "") -> str:
     """One JSON Lines record: the JSON report's record of one repetition (a group holding that record alone);
-    ``repetition``: its index in its configuration."""
+    ``repetition``: its index in its configuration; ``session``: the bench that measured it (a file that several
+    benches appended to keeps their measurements apart)."""
     rec = report_records([group], label, project)[0]
     for run in rec["runs"]:
         run["repetition"] = repetition
+    if session:
+        rec["session"] = session
     return json.dumps(rec, default=str, allow_nan=False) + "\n"

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from mvlm_bench.records.columns import RESOURCE_KEYS, Column, Setting, column, differing, keys, layout_of
+from mvlm_bench.records.columns import RESOURCE_KEYS, Column, Setting, column, differing, keys, layout_of, setting_text
 from mvlm_bench.records.groups import Group
 
 # Shown anyway by the table's own columns, so never as "a setting that differs"
@@ -55,8 +55,7 @@ def settings_shown(groups: Sequence[Group]) -> list[Setting]:
 
 
 def _setting_cell(s: Setting, g: Group) -> str:
-    v = s.get(g.context)
-    return "–" if v is None or v == "" else (v if isinstance(v, str) else json.dumps(v, default=str))
+    return setting_text(s.get(g.context))
 
 
 def render_table(groups: Sequence[Group], title: str | None = "Latency (medians over repetitions)") -> Table:
@@ -72,7 +71,7 @@ def render_table(groups: Sequence[Group], title: str | None = "Latency (medians 
     for g in groups:
         ctx = g.context
         cells = [ctx.label(), *(_setting_cell(s, g) for s in shown), ctx.device, ctx.precision, _gb(ctx.size_bytes),
-                 str(len(g.runs))]
+                 reps_cell(g)]
         for c in cols:
             a = g.agg[c.key]
             cell = c.format(a["median"])
@@ -81,6 +80,13 @@ def render_table(groups: Sequence[Group], title: str | None = "Latency (medians 
             cells.append(cell)
         table.add_row(*cells)
     return table
+
+
+def reps_cell(g: Group) -> str:
+    """How many repetitions a row has: ``5``, or ``2 of 5`` when fewer were measured than planned."""
+    planned = g.context.params.get("repetitions_planned")
+    n = len(g.runs)
+    return f"{n} of {planned}" if isinstance(planned, int) and not isinstance(planned, bool) and n < planned else str(n)
 
 
 def _md_row(cells: Sequence[str]) -> str:
@@ -109,6 +115,10 @@ def render_markdown(groups: Sequence[Group]) -> str:
     reps = sorted({len(g.runs) for g in groups})
     vision = " VE = vision-encoder time per image patch (token)." if any(c.key == "ve_ms_per_patch" for c in cols) else ""
     lines += ["", f"Medians over {'/'.join(map(str, reps))} repetition(s). {_NOTES[layout]}{vision}"]
+    partial = [g for g in groups if reps_cell(g) != str(len(g.runs))]
+    if partial:
+        lines += ["", "**Partial:** " + "; ".join(f"{g.context.label()}: {reps_cell(g)} repetitions" for g in partial)
+                  + " (the bench was interrupted or a run failed: the rest were not measured)."]
     if layout == "papers":
         lines += _decomposition(groups, shown) + _spread(groups, shown)
     lines += _resources(groups, shown)
@@ -128,7 +138,7 @@ def _spread(groups: Sequence[Group], shown: Sequence[Setting]) -> list[str]:
     scols = _present(groups, keys("spread"))
 
     def cells(g: Group) -> list[str]:
-        out = [str(len(g.runs))]
+        out = [reps_cell(g)]
         for c in scols:
             a = g.agg[c.key]
             sd = "" if a["stdev"] is None else f", sd {c.format(a['stdev'])}"

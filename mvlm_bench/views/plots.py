@@ -34,8 +34,13 @@ def _group(entries: Sequence[Entry]) -> dict[tuple[str, ...], list[Entry]]:
     groups: dict[tuple[str, ...], list[Entry]] = {}
     for e in entries:
         c = e.context
-        groups.setdefault((c.device, c.label(), c.protocol, describe(c, shown)), []).append(e)
+        groups.setdefault((c.device, c.label(), c.protocol, _config(c, shown)), []).append(e)
     return groups
+
+
+def _config(context, shown) -> str:
+    """The settings that distinguish a series, those it has (a series without an A/B side says nothing of one)."""
+    return " ".join(part for part in describe(context, shown).split(" ") if not part.endswith("=–"))
 
 
 def _slug(*parts: str) -> str:
@@ -95,8 +100,10 @@ def plot_group(entries: Sequence[Entry], out: Path, metrics: Sequence[str] = PLO
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xticks(xs, [_tick(e) for e in entries], fontsize=7)
     axes[-1, 0].set_xlabel("entry (id, label or llama.cpp commit)")
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if title:  # wrapped to the figure's width, never clipped
+        import textwrap
+
+        fig.suptitle(textwrap.fill(title, width=int(fig.get_size_inches()[0] * 11)), fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -145,4 +152,25 @@ def plot_history(entries: Sequence[Entry], out_dir: Path, metrics: Sequence[str]
     index = out_dir / "index.html"
     _write_atomic(index, page.encode("utf-8"))
     written.append(index)
+    _forget_stale(out_dir, written)
     return written
+
+
+MANIFEST = ".mvlm-plots.json"
+
+
+def _forget_stale(out_dir: Path, written: list[Path]) -> None:
+    """Remove the PNGs an earlier plot into this directory wrote that this one did not (a configuration since deleted
+    or filtered out), and only those: the directory's manifest names what mvlm wrote there."""
+    import json
+
+    manifest = out_dir / MANIFEST
+    try:
+        before = json.loads(manifest.read_text()) if manifest.is_file() else []
+    except (OSError, ValueError):
+        before = []
+    now = {p.name for p in written}
+    for name in before if isinstance(before, list) else []:
+        if isinstance(name, str) and name.endswith(".png") and "/" not in name and name not in now:
+            (out_dir / name).unlink(missing_ok=True)
+    _write_atomic(manifest, json.dumps(sorted(now)).encode())
