@@ -232,6 +232,7 @@ def test_crafted_header_costs_little_and_is_refused_with_its_reason(tmp_path, na
     assert peak < 1 << 20, peak  # what the file holds, not what it claims
 
 
+@pytest.mark.slow  # over ~1.3 s: the fast lane stays under 2 minutes
 def test_ten_megabytes_of_empty_strings_read_in_bounded_memory(tmp_path):
     """1.3 M empty strings: a header this reader walks without keeping them (gguf-py built 2 GB of objects)."""
     from mvlm_core.gguf_header import read_header

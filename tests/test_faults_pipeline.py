@@ -145,6 +145,7 @@ def test_history_cells_never_read_null_and_partial_entries_say_so(tmp_path):
     assert r.returncode == 0 and "null" not in r.stdout and "2 of 5" in r.stdout, r.stdout
 
 
+@pytest.mark.slow  # over ~1.3 s: the fast lane stays under 2 minutes
 def test_replotting_removes_only_its_own_stale_pictures_and_names_read_well(tmp_path):
     db = history(tmp_path, entry([40, 41]), entry([30, 31], n_threads=4), entry([35, 36], model="Gone"))
     out = tmp_path / "plots"
@@ -160,6 +161,7 @@ def test_replotting_removes_only_its_own_stale_pictures_and_names_read_well(tmp_
 
 
 # ================================================================================== refused before measuring
+@pytest.mark.slow  # over ~1.3 s: the fast lane stays under 2 minutes
 def test_output_paths_that_cannot_be_outputs_are_refused_before_measuring(tmp_path):
     model = small_gguf(tmp_path / "m.gguf")
     prof = profile(tmp_path)
@@ -253,6 +255,7 @@ def test_import_refuses_llama_bench_rows_with_damaged_values_or_lines(tmp_path):
     assert not (tmp_path / "h.sqlite").exists() or History(tmp_path / "h.sqlite", create=False).entries() == []
 
 
+@pytest.mark.slow  # over ~1.3 s: the fast lane stays under 2 minutes
 def test_deep_toml_long_names_and_bad_ports_are_one_line(tmp_path):
     deep = tmp_path / "deep.toml"
     deep.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
@@ -291,6 +294,7 @@ def test_compare_says_what_cannot_be_judged(tmp_path):
 
 
 # =========================================================================== --jsonl, sessions, spills, imports
+@pytest.mark.slow  # over ~1.3 s: the fast lane stays under 2 minutes
 def test_json_lines_of_several_benches_import_as_several_entries_and_damage_is_refused(tmp_path):
     one, two = entry([40.0, 41.0, 42.0]), entry([40.5, 41.5, 42.5])
     cat = tmp_path / "cat.jsonl"

@@ -96,6 +96,7 @@ def _sessions(db: str, seed: int, slow: float) -> None:
 def test_save_read_select(db):
     a, b = _entry([40.0, 41.5, float("nan"), 39.25], label="main"), _entry([30.0, 31.0], runtime="r1")
     b.samples["eval_tps"].append(float("inf"))
+    a.created_at, b.created_at = "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:01+00:00"  # b measured last: latest
     with History(db) as h:
         ids = h.save_many([a, b])
     assert ids[1] == ids[0] + 1 and (a.id, b.id) == tuple(ids)
