@@ -133,6 +133,20 @@ def repeated_options(argv: list[str]) -> str | None:
     return None
 
 
+def _warn_password_in_argv(argv: list[str]) -> None:
+    """A history URL with its password on the command line is readable by every local user for the whole command
+    (``ps``, /proc/PID/cmdline): say so, and what to use instead. It still runs."""
+    from mvlm_bench.history.locations import mask_url
+
+    values = [v for i, a in enumerate(argv) for v in ([argv[i + 1]] if a == "--db" and i + 1 < len(argv) else
+                                                       [a.partition("=")[2]] if a.startswith("--db=") else [])]
+    if any("://" in v and mask_url(v) != v for v in values):
+        err_console.print("[yellow]warning:[/] the --db URL carries a password, which every local user can read in "
+                          "the process list while this runs: give the URL in $MVLM_HISTORY instead (only your user reads "
+                          "a process's environment), or keep the password in ~/.pgpass or $PGPASSFILE (docs/lab.md)",
+                          highlight=False, soft_wrap=True)
+
+
 class QuietPipe:
     """stdout that a reader closing early (``mvlm ... | head -1``) cannot break: the first BrokenPipeError sends the
     rest to /dev/null, and the command goes on to its end, its messages on stderr and its exit code (a gate's 4)."""
@@ -186,6 +200,7 @@ def main(stops=None) -> None:
         twice = repeated_options(sys.argv[1:])
         if twice:
             raise MvlmError(twice)
+        _warn_password_in_argv(sys.argv[1:])
         rc = app(standalone_mode=False)
         stops.done()  # the command has finished: a signal now cannot cost it anything, nor change its exit code
         sys.exit(rc if isinstance(rc, int) else 0)

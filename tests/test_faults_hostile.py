@@ -682,3 +682,31 @@ def test_six_imports_of_one_file_at_once_store_it_once_in_postgresql(tmp_path, p
         assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
         with psycopg.connect(url) as con:
             assert con.execute("SELECT COUNT(*) FROM entry").fetchone() == (1,)
+
+
+# ===================================================================================== S2. secrets on the command line
+def test_a_history_password_on_the_command_line_is_warned_about_and_never_shown(postgresql, tmp_path):
+    url = postgresql.replace("mvlm@", "mvlm:s3cret-pw@")
+    r = mvlm("history", "--db", url)  # an empty database: refused (exit 2), after the warning
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "the --db URL carries a password" in r.stderr and "$MVLM_HISTORY" in r.stderr
+    assert "s3cret-pw" not in r.stdout + r.stderr
+    env = {"MVLM_HISTORY": url}
+    r = subprocess.run([*MVLM, "history"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ) | {"COLUMNS": "200"} | env)
+    assert r.returncode == 2 and "carries a password" not in r.stderr and "s3cret-pw" not in r.stdout + r.stderr
+
+
+# ============================================================================================ M. misleading answers
+@pytest.mark.slow  # starts llama-server
+@pytest.mark.parametrize("host", ["[::1]", "::1"])
+def test_serve_takes_ipv6_loopback_hosts(smollm2_gguf, host_runtime, host):
+    from peers import Served
+
+    s = Served("--model", smollm2_gguf, "--host", host, "--port", _free_port(), "--ctx-size", 512)
+    try:
+        assert s.base_url.startswith("http://[::1]:")
+        assert [m.id for m in s.client().models.list().data] == [smollm2_gguf.stem]
+    finally:
+        rc, out = s.stop()
+    assert rc == 0, out
