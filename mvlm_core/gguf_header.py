@@ -75,30 +75,11 @@ class Header:
     def has_chat_template(self) -> bool:
         return "tokenizer.chat_template" in self.kv
 
-    def tensor_bytes(self) -> tuple[int, int] | None:
-        """(bytes, elements) of all tensors as llama.cpp's loader sums them; None when a tensor type is unknown here."""
+    def _sizes(self) -> list[tuple[int, int, int]] | None:
+        """(offset, bytes, elements) of each tensor as llama.cpp's loader sizes it; None when a type is unknown here."""
         import gguf
 
-        total = elements = 0
-        for _, dims, ttype, _ in self.tensors:
-            try:
-                block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
-            except (ValueError, KeyError):
-                return None
-            count = 1
-            for d in dims:
-                count *= d
-            total += count // block * size
-            elements += count
-        return total, elements
-
-    def missing_bytes(self) -> int | None:
-        """How many bytes the tensor data reaches past the end of the file (0: all there); None for an unknown type."""
-        import gguf
-
-        if not self.tensors:
-            return 0
-        end = 0
+        out = []
         for _, dims, ttype, offset in self.tensors:
             try:
                 block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
@@ -107,8 +88,20 @@ class Header:
             count = 1
             for d in dims:
                 count *= d
-            end = max(end, offset + count // block * size)
-        return max(0, self.data_start + end - self.file_size)
+            out.append((offset, count // block * size, count))
+        return out
+
+    def tensor_bytes(self) -> tuple[int, int] | None:
+        """(bytes, elements) of all tensors as llama.cpp's loader sums them; None when a tensor type is unknown here."""
+        sizes = self._sizes()
+        return None if sizes is None else (sum(b for _, b, _ in sizes), sum(n for _, _, n in sizes))
+
+    def missing_bytes(self) -> int | None:
+        """How many bytes the tensor data reaches past the end of the file (0: all there); None for an unknown type."""
+        sizes = self._sizes()
+        if not sizes:
+            return None if sizes is None else 0
+        return max(0, self.data_start + max(o + b for o, b, _ in sizes) - self.file_size)
 
 
 class _Reader:

@@ -384,3 +384,12 @@ class Served:
             self.proc.kill()
             out, err = self.proc.communicate()
         return self.proc.returncode, (self.out + out.decode() + err.decode())
+
+
+def error_line(r: subprocess.CompletedProcess, code: int = 2) -> str:
+    """Exactly one `error:` line, the documented exit code, no traceback; returns the line."""
+    assert r.returncode == code, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    return lines[0]

@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from peers import small_gguf
+from peers import error_line, small_gguf
 
 MVLM = [sys.executable, "-m", "mvlm"]
 
@@ -39,15 +39,6 @@ def mvlm(*args: object, cwd: Path | None = None, env: dict | None = None, timeou
     e.pop("MVLM_HISTORY", None)
     return subprocess.run([*MVLM, *map(str, args)], cwd=cwd, capture_output=True, text=True, errors="replace", env=e,
                           timeout=timeout)
-
-
-def error_line(r: subprocess.CompletedProcess, code: int = 2) -> str:
-    """Exactly one `error:` line, the documented exit code, no traceback; returns the line."""
-    assert r.returncode == code, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
-    assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
-    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1, r.stderr[-3000:]
-    return lines[0]
 
 
 def local_profile(tmp_path: Path, name: str = "hostile") -> Path:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from peers import fill_up, small_gguf
+from peers import error_line, fill_up, small_gguf
 
 from mvlm_bench.history.database import History
 from mvlm_bench.history.entries import Entry, entries_to_records
@@ -38,14 +38,6 @@ def mvlm(*args: object, cwd: Path | None = None, timeout: float = 300, **popen):
     env.pop("MVLM_HISTORY", None)
     return subprocess.run([*MVLM, *map(str, args)], cwd=cwd, capture_output=True, text=True, errors="replace", env=env,
                           timeout=timeout, **popen)
-
-
-def error_line(r: subprocess.CompletedProcess, code: int = 2) -> str:
-    assert r.returncode == code, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
-    assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
-    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1, r.stderr[-3000:]
-    return lines[0]
 
 
 def sha(p: Path) -> str:
