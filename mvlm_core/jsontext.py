@@ -33,6 +33,13 @@ def _int(text: str) -> int:
     return n
 
 
+def _float(text: str) -> float:
+    f = float(text)
+    if f in (float("inf"), float("-inf")):
+        raise JsonError(f"it holds the number {text[:24]}, beyond any float (read as infinity)")
+    return f
+
+
 def _constant(name: str) -> float:
     raise JsonError(f"it holds {name}, which is not JSON (mvlm writes null for a value it lacks)")
 
@@ -41,7 +48,7 @@ def loads(data: str | bytes) -> Any:
     """``data`` parsed as JSON, or JsonError: not JSON, nested deeper than MAX_DEPTH, a lone surrogate, an integer
     beyond 64 bits, NaN or Infinity."""
     try:
-        obj = json.loads(data, parse_int=_int, parse_constant=_constant)
+        obj = json.loads(data, parse_int=_int, parse_float=_float, parse_constant=_constant)
     except RecursionError:
         raise JsonError(f"it nests deeper than {MAX_DEPTH} levels") from None
     except JsonError:

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mvlm_core import jsontext
 from mvlm_core.atomic import file_kind
 from mvlm_core.errors import MvlmError
 
@@ -139,9 +139,12 @@ def _load(path_text: str, _size: int, _mtime: int) -> tuple[Sample, ...]:
             continue
         where = f"--data {path} line {n}"
         try:
-            obj = json.loads(raw)
-        except ValueError as e:
-            raise MvlmError(f"{where} is not JSON ({getattr(e, 'msg', e)}): write {_FORMAT}") from None
+            obj = jsontext.loads(raw)
+        except jsontext.NotJson as e:
+            raise MvlmError(f"{where} is not JSON ({str(e).removeprefix('it is not JSON (').rstrip(')')}): write "
+                            f"{_FORMAT}") from None
+        except jsontext.JsonError as e:
+            raise MvlmError(f"{where} is refused: {e}; write {_FORMAT}") from None
         if not isinstance(obj, dict):
             raise MvlmError(f"{where} is a JSON {_json_type(obj)}, not an object: write {_FORMAT}")
         qid = obj.get("question_id")

@@ -78,24 +78,33 @@ def health(host: str, port: int, timeout: float = 2.0) -> int | None:
 
 class Tee(threading.Thread):
     """Copies a process's output (``stream``, a pipe) to its log file as it comes, and keeps the first
-    :data:`HEAD_BYTES` of it: this session's own lines, whatever else the log file receives."""
+    :data:`HEAD_BYTES` of it: this session's own lines, whatever else the log file receives. The log is written
+    through a file descriptor of its own (``logf``'s, duplicated): the caller may close its file object at once; the
+    tee closes its copy when the stream ends."""
 
     def __init__(self, stream, logf):
         super().__init__(daemon=True, name="server-log")
-        self.stream, self.logf = stream, logf
+        self.stream, self.fd = stream, os.dup(logf.fileno())
         self._head = bytearray()
         self._lock = threading.Lock()
 
     def run(self) -> None:
-        for chunk in iter(lambda: self.stream.read1(1 << 16), b""):
-            try:
-                self.logf.write(chunk)
-                self.logf.flush()
-            except (OSError, ValueError):  # a full disk, a closed log: the stream is still read and kept
-                pass
-            with self._lock:
-                if len(self._head) < HEAD_BYTES:
-                    self._head += chunk[: HEAD_BYTES - len(self._head)]
+        try:
+            for chunk in iter(lambda: self.stream.read1(1 << 16), b""):
+                self._write(chunk)
+                with self._lock:
+                    if len(self._head) < HEAD_BYTES:
+                        self._head += chunk[: HEAD_BYTES - len(self._head)]
+        finally:
+            os.close(self.fd)
+
+    def _write(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:  # a full disk: the stream is still read and kept
+            pass
 
     def text(self) -> str:
         with self._lock:
