@@ -70,7 +70,8 @@ def _runs(eval_tps: list[float], runtime: str = "0c1e570") -> list[Run]:
         t = TimingRecord(load_ms=800.0 + i, prompt_eval_ms=200.0, prompt_tokens=24, prompt_tps=120.0 + i * 0.1,
                          eval_ms=399_000 / e, eval_runs=399, eval_tps=e, sample_ms=40.0, sample_runs=400,
                          sample_tps=10_000.0, total_ms=1000 + 399_000 / e, source_format="llama_perf")
-        out.append(Run(t, _ctx(runtime), tokens_out=400, wall_s=1.2 + 400 / e))
+        out.append(Run(t, _ctx(runtime), tokens_out=400, wall_s=1.2 + 400 / e, started_at=1.8e9 + 10 * i,
+                       ended_at=1.8e9 + 10 * i + 5))  # every entry measured at the same (fixed) times
     return out
 
 
@@ -477,10 +478,15 @@ def test_non_positive_speed_values_are_left_out_with_a_warning(tmp_path):
     line = error_line(r)
     assert r.returncode == 4 and "40.1 -> 30.1: 24.9% worse" in line, r.stderr
     assert "1 in the baseline's sessions" in r.stderr and "1 in the candidate" in r.stderr
-    # the same from JSON files (within-session gate): left out with the same warning
+    # a JSON file is read as an import reads it: a negative speed is no report mvlm writes, refused in one line
+    # (a zero one, which a damaged run can give, is left out with the same warning)
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(render_json(aggregate(_runs([40.0, 40.3, 39.9, 40.1]))))
     b.write_text(render_json(aggregate(_runs([30.0, 30.2, -29.9, 30.1]))))
+    assert "is -29.9: a speed or a duration is never negative" in error_line(mvlm("compare", a, b, cwd=tmp_path))
+    (rec,) = json.loads(render_json(aggregate(_runs([30.0, 30.2, 29.9, 30.1]))))
+    rec["runs"][2]["metrics"]["eval_tps"] = 0.0
+    b.write_text(json.dumps([rec]))
     r = mvlm("compare", a, b, "--metric", "eval_tps", cwd=tmp_path)
     assert r.returncode == 0 and "1 non-positive value(s) ignored (1 in the candidate)" in r.stderr, r.stderr
 
@@ -600,16 +606,22 @@ def test_compare_refuses_other_files_in_one_line(tmp_path, content, says):
 # --- bench --save with a real bench ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_bench_save_into_a_damaged_history_loses_nothing(tmp_path, host_runtime, smollm2_gguf):
-    """The real SmolLM2 benched on a local device; the history is random bytes: the runs land in a JSON file."""
+    """The real SmolLM2 benched on a local device; the history is a SQLite file with a damaged page (found only when
+    it is opened to save): the runs land in a JSON file. A --db that is no SQLite file at all (random bytes) is
+    refused before anything is measured."""
     profile = tmp_path / "local.toml"  # the local transport, with its own work directory (tests run side by side)
     profile.write_text(f'name = "local"\ntransport = "local"\nworkdir = "{tmp_path / "device"}"\ntarget = "host"\n'
                        "threads = 2\n")
     db = tmp_path / "hist" / "h.sqlite"
     db.parent.mkdir()
-    _damage("random-bytes", db)
-    before = sha(db)
     bench = ["bench", "--device", profile, "--protocol", "lm", "--model", smollm2_gguf, "-n", "16", "--repeat", "2",
              "--warmup", "0", "--save", "--db", db]
+    _damage("random-bytes", db)
+    r = mvlm(*bench, cwd=tmp_path, timeout=600)
+    assert "is not a SQLite benchmark history" in error_line(r) and "run 1/" not in r.stderr
+    db.unlink()
+    _damage("damaged-page", db)
+    before = sha(db)
     spills = []
     for label in ("first", "second"):
         r = mvlm(*bench, "--label", label, cwd=tmp_path, timeout=600)

@@ -45,7 +45,7 @@ def _runs(ctx: RunContext, eval_tps: list[float], prompt_tps: float = 120.0) -> 
         t = TimingRecord(load_ms=800.0 + i, prompt_eval_ms=200.0, prompt_tokens=24, prompt_tps=prompt_tps + i * 0.1,
                          eval_ms=399_000 / e, eval_runs=399, eval_tps=e, sample_ms=40.0, sample_runs=400,
                          sample_tps=10_000.0, total_ms=1000 + 399_000 / e, source_format="llama_perf")
-        out.append(Run(t, ctx, tokens_out=400, wall_s=1.2 + 400 / e))
+        out.append(Run(t, ctx, tokens_out=400, wall_s=1.2 + 400 / e, started_at=1.8e9 + 10 * i, ended_at=1.8e9 + 10 * i + 5))
     return out
 
 

@@ -235,7 +235,8 @@ def test_imported_llama_bench_rows_fill_prompt_and_eval_tps_which_the_gate_judge
     db = tmp_path / "h.sqlite"
     assert mvlm("history", "import", *files, "--db", db, "--label", "main").returncode == 0
     assert mvlm("history", "import", tmp_path / "slow.json", "--db", db, "--label", "pr").returncode == 0
-    stored = json.loads(mvlm("history", "--db", db, "--json").stdout)
+    stored = sorted(json.loads(mvlm("history", "--db", db, "--json").stdout), key=lambda e: e["id"])  # import order
+    # (listed by when each was measured: the copies of one run share its time)
     for e, f in zip(stored, [*files, tmp_path / "slow.json"], strict=True):
         rows = parse_llama_bench_file(f)
         pp, tg = (next(r for r in rows if r[k]) for k in ("n_prompt", "n_gen"))
