@@ -7,8 +7,8 @@ import os
 import sys
 
 import typer
-from rich.console import Console
 
+from mvlm_core.console import console as make_console
 from mvlm_core.errors import MvlmError
 
 app = typer.Typer(
@@ -18,6 +18,49 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _flags_without_type_labels() -> None:
+    """typer >= 0.2x labels every option in ``--help`` with its type, flags too: ``--json <bool>`` reads as if it took
+    a value, and ``--json true`` then fails. A flag takes none: its label is dropped (options with values keep theirs)."""
+    from typer import core
+
+    option = getattr(core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "mvlm_flags_unlabelled", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) or getattr(self, "count", False) else shown(self, ctx)
+
+    display_type_rich.mvlm_flags_unlabelled = True
+    option.display_type_rich = display_type_rich
+
+
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from mvlm_core.runtime import LLAMA_CPP_COMMIT, LLAMA_CPP_PYTHON_VERSION, project_patches
+
+    try:
+        mine = version("mvlm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        mine = "(not installed)"
+    print(f"mvlm {mine}")
+    print(f"llama.cpp {LLAMA_CPP_COMMIT} (vendored by llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}), with the patches:")
+    for p in project_patches():
+        print(f"  {p.name} (sha256 {p.sha256[:12]})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print mvlm's version, the pinned llama.cpp commit and its patches, and exit."),
+) -> None:
+    """Small vision-language models (MobileVLM and peers): checkpoint -> llama.cpp GGUF -> proof -> device latency."""
 
 
 def _wire() -> None:
@@ -72,9 +115,10 @@ def _wire() -> None:
     app.command("serve", help="Serve a GGUF (+ mmproj) with llama-server's OpenAI API, here or on a device.")(serve_cmd)
 
 
+_flags_without_type_labels()
 _wire()
 
-err_console = Console(stderr=True)
+err_console = make_console(stderr=True)
 
 
 def _json_file_alias(argv: list[str]) -> list[str]:

@@ -79,7 +79,6 @@ class _RichProgress:
     """A rich progress bar per output file (on stderr, so ``--json`` stdout stays clean)."""
 
     def __init__(self) -> None:
-        from rich.console import Console
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -89,13 +88,15 @@ class _RichProgress:
             TransferSpeedColumn,
         )
 
+        from mvlm_core.console import console as make_console
+
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=make_console(stderr=True),
             transient=False,
         )
         self._task: Any = None

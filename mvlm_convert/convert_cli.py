@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from mvlm_core.console import console as make_console
+
+console = make_console()
 
 
 def _size(n: int) -> str:

@@ -9,9 +9,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console(stderr=True)
+from mvlm_core.console import console as make_console
+
+console = make_console(stderr=True)
 
 
 def check_cmd(
@@ -51,7 +52,7 @@ def check_cmd(
                           "verify": {rt: {k: f.get(k) for k in (*keys, "runtime")} for rt, f in figs.items()},
                           "passed": ok}, indent=2))
     else:
-        out = Console()
+        out = make_console()
         t = Table(title=f"host vs {target}")
         t.add_column("check")
         t.add_column("host", justify="right")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mvlm_convert.verify_limits import DEFAULT_IMAGE_THRESHOLD, DEFAULT_LOGITS_THRESHOLD
+from mvlm_core.console import console as make_console
 from mvlm_core.errors import MvlmError
 from mvlm_core.runtime import VERIFY_RUNTIMES
 
@@ -102,6 +103,6 @@ def verify_cmd(
     if json_:
         typer.echo(json.dumps(result, indent=2, default=str))
     else:
-        render(result, Console())
+        render(result, make_console())
     if not result["passed"]:
         raise typer.Exit(1)

@@ -78,7 +78,7 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 RESERVE_S=15  # kept for the summary and the archive
 OUT=${OUT:-$WORK/out}
 export MVLM_CACHE=${MVLM_CACHE:-$WORK/mvlm-cache}
-export PYTHONUNBUFFERED=1 COLUMNS=${COLUMNS:-160}
+export PYTHONUNBUFFERED=1
 LOGS=$WORK/logs
 RES=$WORK/results
 MODELS=$WORK/models

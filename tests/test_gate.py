@@ -266,3 +266,21 @@ def test_baseline_sessions_are_the_same_build_and_the_same_label():
     same_as_3 = _entry(None, "", tps=40.3)  # the values of entry 3
     assert [e.id for e in gate.baseline_sessions(entries[:-1], main[0], candidate=same_as_3)] == [1, 2]
     assert [e.id for e in gate.baseline_sessions(entries[:-1], main[0], limit=2)] == [2, 3]
+
+
+def test_the_gate_says_when_a_side_it_judges_is_noisy():
+    """A gated metric spreading wider than the noisy limit over a side's repetitions gets a warning naming the side
+    and the metric; a steady pair gets none."""
+    from mvlm_bench.decide.verdict import judge_pair
+    from mvlm_bench.history.entries import Entry
+
+    base = _entry(None, "")
+    base.source = "base.json"
+    steady = _entry(None, "", tps=39.0)
+    steady.source = "cand.json"
+    noisy = Entry(steady.context, {"eval_tps": [30.0, 45.0, 60.0, 1385.0, 50.0]}, source="noisy.json")
+    said = judge_pair(base, steady, None, 0.05, 0.05, gate_mode="within-session").warnings
+    assert not [w for w in said if "noisy" in w]
+    said = judge_pair(base, noisy, None, 0.05, 0.05, gate_mode="within-session").warnings
+    lines = [w for w in said if "noisy" in w]
+    assert len(lines) == 1 and lines[0].startswith("the candidate (noisy.json") and "Eval CV" in lines[0]

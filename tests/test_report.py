@@ -231,3 +231,38 @@ def test_rich_table():
     text = console.export_text()
     assert "MobileLLaMA-1.4B" in text and "12.00" in text and "10.00–20.00" in text
     assert render_markdown([]) == "_no runs_\n"
+
+
+def test_a_configuration_whose_repetitions_spread_is_flagged_noisy_in_every_view():
+    """Eval 30–1385 tok/s over five repetitions (a device that throttled in the middle) is not a plain median: the
+    table, the Markdown and the JSON say it is noisy, with the coefficient of variation computed here independently."""
+    import statistics
+
+    from mvlm_bench.records.groups import NOISY_CV
+
+    evals = (30.0, 45.0, 60.0, 1385.0, 50.0)
+    spread = [Run(_rec(eval_tps=v), CTX, tokens_out=100, wall_s=5.0) for v in evals]
+    steady = [Run(_rec(eval_tps=v), RunContext(device="Jetson Orin", model="M"), tokens_out=100, wall_s=5.0)
+              for v in (49.0, 50.0, 51.0)]
+    groups = aggregate(spread + steady)
+    cv = statistics.stdev(evals) / statistics.median(evals)
+    assert cv > NOISY_CV
+    assert groups[0].noisy() == {"eval_tps": pytest.approx(cv, rel=1e-3)} and groups[1].noisy() == {}
+
+    console = Console(width=300, record=True)
+    console.print(render_table(groups))
+    text = console.export_text()
+    assert "Noisy" in text and f"Eval CV {100 * cv:.0f}%" in text
+    md = render_markdown(groups)
+    head, _, first, second = md.splitlines()[:4]
+    assert head.endswith("| Noisy |") and f"Eval CV {100 * cv:.0f}%" in first and second.endswith("| – |")
+    assert "**Noisy:**" in md
+    recs = json.loads(render_json(groups))
+    assert [r["noisy"] for r in recs] == [True, False]
+    assert recs[0]["noisy_cv"] == {"eval_tps": pytest.approx(cv, rel=1e-3)}
+
+
+def test_steady_repetitions_add_no_noisy_column():
+    groups = aggregate([Run(_rec(eval_tps=v), CTX, tokens_out=100, wall_s=5.0) for v in (49.0, 50.0, 51.0)])
+    assert "Noisy" not in render_markdown(groups)
+    assert json.loads(render_json(groups))[0]["noisy"] is False

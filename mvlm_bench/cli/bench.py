@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
+
+from mvlm_core.console import console as make_console
 
 app = typer.Typer(invoke_without_command=True)
-console = Console()
-err = Console(stderr=True)
+console = make_console()
+err = make_console(stderr=True)
 
 _DEVICE = typer.Option("local", "--device", "-d", help="Profile name (devices/*.toml: orin, sd888, local, qemu-arm64, "
                                                        "...), ssh://user@host[:port] or adb:SERIAL.")

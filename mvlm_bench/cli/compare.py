@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from mvlm_core.console import console as make_console
 from mvlm_core.errors import MvlmError
 
-console = Console()
-err = Console(stderr=True)
+console = make_console()
+err = make_console(stderr=True)
 
 _SELECTOR_HELP = ("latest, latest~N, id:N, label:NAME, commit:SHA, runtime:SHA (llama.cpp commit), "
                   "or a JSON file written by `mvlm bench --json-file`")

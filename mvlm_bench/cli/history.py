@@ -11,14 +11,14 @@ import re
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from mvlm_core.console import console as make_console
 from mvlm_core.errors import MvlmError
 from mvlm_core.terminal import visible
 
-console = Console()
-err = Console(stderr=True)
+console = make_console()
+err = make_console(stderr=True)
 
 app = typer.Typer(invoke_without_command=True)
 

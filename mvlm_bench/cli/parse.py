@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from mvlm_bench.records.llama_bench_output import parse_llama_bench_file
 from mvlm_bench.records.log_facts import describe_content
 from mvlm_bench.records.timings import TimingRecord, parse_file
+from mvlm_core.console import console as make_console
 from mvlm_core.errors import MvlmError
 
 
@@ -101,7 +101,7 @@ def parse_cmd(
         out = [{"file": str(p)} | r.to_dict() | _bench_rows(p, r) for p, r in rows]
         typer.echo(json.dumps(out, indent=2, allow_nan=False))
         return
-    console = Console()
+    console = make_console()
     console.print(_table(rows))
     for path, r in rows:
         for w in r.warnings:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
 
 from mvlm_bench.papers.beside import build, check_paper, load_entries, render
 from mvlm_bench.papers.tables import PAPERS
+from mvlm_core.console import console as make_console
 from mvlm_core.terminal import visible
 
-console = Console()
+console = make_console()
 
 
 def report_cmd(

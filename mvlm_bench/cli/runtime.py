@@ -8,14 +8,14 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mvlm_core import runtime as rtmod
+from mvlm_core.console import console as make_console
 from mvlm_core.errors import MvlmError
 
 app = typer.Typer(no_args_is_help=True)
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 TARGET_HELP = "host (this machine; used by tests and verify), cuda (this machine's NVIDIA GPU: CUDA, shared " \
               "libraries, --cuda-arch), linux-arm64 (static, Debian cross gcc), android-arm64 (NDK, else Debian " \

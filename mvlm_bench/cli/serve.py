@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from mvlm_bench.session.front import Limits
+from mvlm_core.console import console as make_console
 
-err = Console(stderr=True)
+err = make_console(stderr=True)
 
 
 def serve_cmd(

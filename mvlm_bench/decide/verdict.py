@@ -251,10 +251,26 @@ def judge_pair(base: Entry, cand: Entry, metrics: list[str] | None, alpha: float
                 "sessions, which can cry wolf; prefer a history baseline or an interleaved bench (--against)")
     # non-positive values left out: said once per metric (the gate's own warnings already name its metrics)
     said = {v.key for v in decision.history if v.dropped_warning} if decision.history else set(gated)
-    decision.warnings = [w for k, w in invalid.items() if k not in said] + decision.warnings
+    decision.warnings = [w for k, w in invalid.items() if k not in said] + decision.warnings + \
+        noisy_warnings(base, cand, gated)
     pv.decision = decision
     pv.warnings = decision.warnings
     return pv
+
+
+def noisy_warnings(base: Entry, cand: Entry, gated: Sequence[str]) -> list[str]:
+    """One line per side whose gated metrics spread wider than the noisy limit over its repetitions: the gate judged
+    it, but its median says less than it seems to."""
+    from mvlm_bench.records.groups import NOISY_CV, noisy_cv, noisy_text
+
+    out = []
+    for side, e in (("baseline", base), ("candidate", cand)):
+        cvs = noisy_cv(e.samples, gated)
+        if cvs:
+            out.append(f"the {side} ({e.describe()}) is noisy: {noisy_text(cvs)} over its {e.repetitions} "
+                       f"repetitions (> {100 * NOISY_CV:.0f}%): this verdict is less certain than it looks; re-measure "
+                       "on a quieter device or with more repetitions")
+    return out
 
 
 def judge_pairs(pairs: list[tuple[Entry, Entry]], metrics: list[str] | None, alpha: float, threshold: float | None, *,
@@ -275,6 +291,8 @@ def judge_interleaved(baseline_runs: Sequence, candidate_runs: Sequence, order: 
         raise MvlmError("the A/B session completed no pair of runs: nothing to compare")
     comps = gate.compare_interleaved(base[0].samples, cand[0].samples, metrics or None, alpha=alpha)
     decision = gate.decide_interleaved(comps, threshold, metrics) if threshold is not None else None
+    if decision is not None:
+        decision.warnings += noisy_warnings(base[0], cand[0], tuple(metrics) if metrics else stats.GATE_METRICS)
     pv = PairVerdict(base[0], cand[0], comps, setup_differences(base[0], cand[0]), decision,
                      decision.warnings if decision else [])
     return Verdict([pv], alpha, threshold, tuple(metrics) if metrics else stats.GATE_METRICS, "interleaved", order)

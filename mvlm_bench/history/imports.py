@@ -255,7 +255,7 @@ def _json_lines_entry(rs: list[dict[str, Any]], path: Path, i: int, n: int) -> E
 
 # fields of an mvlm record that belong to one repetition (the rest say which configuration it is)
 _PER_REPETITION = {"runs", "repetitions", "metrics", "test_time", "start_time", "end_time", "avg_ns", "stddev_ns",
-                   "avg_ts", "stddev_ts", "samples_ns", "samples_ts"}
+                   "avg_ts", "stddev_ts", "samples_ns", "samples_ts", "noisy", "noisy_cv"}
 
 
 def bench_file(path: Path, device: str | None = None) -> list[Entry]:

@@ -66,14 +66,15 @@ def _c(key: str, name: str, unit: str, kind: str, direction: int, views: str = "
 
 
 # Views: papers / imp / dataset (a layout's main table), decomposition and spread (the Markdown report's other tables),
-# resources (on-device readings), compare (compared by default), gate (gated by default), plot, history (listed).
+# resources (on-device readings), compare (compared by default), gate (gated by default), plot, history (listed),
+# noisy (flagged when its repetitions spread wider than records.groups.NOISY_CV).
 COLUMNS: tuple[Column, ...] = (
     _c("ve_ms_per_patch", "VE", "ms/patch", "ms", -1, "papers spread compare"),
-    _c("ve_ms", "VE total", "ms", "ms", -1, "papers compare gate plot", short="VE"),
+    _c("ve_ms", "VE total", "ms", "ms", -1, "papers compare gate plot noisy", short="VE"),
     _c("sample_tps", "Sample", "tokens/s", "rate", 1, "papers spread compare plot"),
-    _c("prompt_tps", "Eval_prompt", "tokens/s", "rate", 1, "papers spread compare gate plot history"),
-    _c("eval_tps", "Eval", "tokens/s", "rate", 1, "papers spread compare gate plot history"),
-    _c("total_s", "Total", "s", "seconds", -1, "papers dataset decomposition spread compare gate plot history"),
+    _c("prompt_tps", "Eval_prompt", "tokens/s", "rate", 1, "papers spread compare gate plot history noisy"),
+    _c("eval_tps", "Eval", "tokens/s", "rate", 1, "papers spread compare gate plot history noisy"),
+    _c("total_s", "Total", "s", "seconds", -1, "papers dataset decomposition spread compare gate plot history noisy"),
     _c("llama_total_s", "llama.cpp total", "s", "seconds", -1),
     _c("eval_avg", "Eval_avg", "tokens/s", "rate", 1, "papers compare"),
     _c("tks_in", "Tks_in", "tokens", "count", 0, "decomposition"),
@@ -92,14 +93,14 @@ COLUMNS: tuple[Column, ...] = (
     # the imp protocol (Imp Table 4: metrics.imp_metrics), then the dataset protocol (Xmodel-VLM Table 6: a whole
     # evaluation set through one loaded model; its set time is total_s)
     _c("t_ve_s", "T_VE", "s", "seconds", -1, "imp"),
-    _c("s_prompt_tps", "S_prompt", "tokens/s", "rate", 1, "imp"),
-    _c("s_gen_tps", "S_gen", "tokens/s", "rate", 1, "imp"),
-    _c("t_total_s", "T_total", "s", "seconds", -1, "imp"),
+    _c("s_prompt_tps", "S_prompt", "tokens/s", "rate", 1, "imp noisy"),
+    _c("s_gen_tps", "S_gen", "tokens/s", "rate", 1, "imp noisy"),
+    _c("t_total_s", "T_total", "s", "seconds", -1, "imp noisy"),
     _c("n_prompt", "N_prompt", "tokens", "count", 0, "imp"),
     _c("n_gen", "N_gen", "tokens", "count", 0, "imp"),
     _c("t_other_s", "T_other", "s", "seconds", 0, "imp"),
     _c("n_samples", "N_samples", "", "count", 0, "dataset"),
-    _c("samples_tps", "Samples", "tokens/s", "rate", 1, "dataset"),
+    _c("samples_tps", "Samples", "tokens/s", "rate", 1, "dataset noisy"),
     _c("p50_s", "p50 latency", "s", "seconds", -1, "dataset"),
     _c("p90_s", "p90 latency", "s", "seconds", -1, "dataset"),
     _c("p99_s", "p99 latency", "s", "seconds", -1, "dataset"),

@@ -10,11 +10,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mvlm_bench.records.columns import METRIC_KEYS
+from mvlm_bench.records.columns import BY_KEY, METRIC_KEYS
 from mvlm_bench.records.metrics import run_metrics
 from mvlm_bench.records.record import Run, RunContext
 
 STATS = ("median", "min", "max", "stdev")
+# A configuration whose repetitions of a speed or time spread wider than this (sample stdev / median, the coefficient
+# of variation) is flagged noisy in every view and by the gate: its median says less than it seems to. A quiet board
+# measures 1-3 %; a throttling one 8 % and up (docs/ci.md).
+NOISY_CV = 0.10
 
 
 def stats(values: Iterable[float | None]) -> dict[str, float | int | None]:
@@ -31,6 +35,27 @@ def stats(values: Iterable[float | None]) -> dict[str, float | int | None]:
     }
 
 
+def noisy_cv(samples: dict[str, Sequence[float | None]], keys: Iterable[str] | None = None) -> dict[str, float]:
+    """The headline speeds and times (the column table's ``noisy`` view; of ``keys``, else all) whose repetitions
+    spread wider than :data:`NOISY_CV`: key -> coefficient of variation (sample stdev / |median|), in table order."""
+    out = {}
+    wanted = set(METRIC_KEYS if keys is None else keys)
+    for k in METRIC_KEYS:
+        if k not in wanted or k not in samples or "noisy" not in BY_KEY[k].views:
+            continue
+        a = stats(samples[k])
+        if a["stdev"] is not None and a["median"]:
+            cv = float(a["stdev"]) / abs(float(a["median"]))
+            if cv > NOISY_CV:
+                out[k] = round(cv, 4)
+    return out
+
+
+def noisy_text(cvs: dict[str, float]) -> str:
+    """``Eval CV 48%, Total CV 12%``: the flagged metrics as the tables name them."""
+    return ", ".join(f"{BY_KEY[k].name} CV {100 * v:.0f}%" for k, v in cvs.items())
+
+
 @dataclass
 class Group:
     """Repetitions of one measurement and their aggregated metrics."""
@@ -43,6 +68,10 @@ class Group:
     def median(self, key: str) -> float | None:
         v = self.agg[key]["median"]
         return None if v is None else float(v)
+
+    def noisy(self) -> dict[str, float]:
+        """The metrics whose repetitions spread wider than :data:`NOISY_CV` (:func:`noisy_cv`)."""
+        return noisy_cv({k: [p[k] for p in self.per_run] for k in METRIC_KEYS})
 
 
 def aggregate(runs: Sequence[Run]) -> list[Group]:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from rich.table import Table
 
 from mvlm_bench.records.columns import RESOURCE_KEYS, Column, Setting, column, differing, keys, layout_of, setting_text
-from mvlm_bench.records.groups import Group
+from mvlm_bench.records.groups import NOISY_CV, Group, noisy_text
 
 # Shown anyway by the table's own columns, so never as "a setting that differs"
 _OWN_COLUMNS = ("device", "model", "precision")
@@ -68,6 +68,9 @@ def render_table(groups: Sequence[Group], title: str | None = "Latency (medians 
         table.add_column(name, justify="right" if name in ("Size (GB)", "Reps") else "left", overflow="fold")
     for c in cols:
         table.add_column(c.table_header, justify="right", overflow="fold")
+    noisy = any(g.noisy() for g in groups)
+    if noisy:
+        table.add_column(f"Noisy\n(CV > {100 * NOISY_CV:.0f}%)", overflow="fold")
     for g in groups:
         ctx = g.context
         cells = [ctx.label(), *(_setting_cell(s, g) for s in shown), ctx.device, ctx.precision, _gb(ctx.size_bytes),
@@ -78,6 +81,8 @@ def render_table(groups: Sequence[Group], title: str | None = "Latency (medians 
             if a["n"] and a["n"] > 1 and a["min"] != a["max"]:
                 cell += f"\n[dim]{c.format(a['min'])}–{c.format(a['max'])}[/dim]"
             cells.append(cell)
+        if noisy:
+            cells.append(noisy_text(g.noisy()) or "–")
         table.add_row(*cells)
     return table
 
@@ -110,11 +115,17 @@ def render_markdown(groups: Sequence[Group]) -> str:
         return "_no runs_\n"
     layout, cols = main_columns(groups)
     shown = settings_shown(groups)
-    lines = _md_table(groups, shown, ["Precision", "Size (GB)", *(c.header for c in cols)],
-                      lambda g: [g.context.precision, _gb(g.context.size_bytes), *(c.format(g.median(c.key)) for c in cols)])
+    noisy = any(g.noisy() for g in groups)
+    lines = _md_table(groups, shown, ["Precision", "Size (GB)", *(c.header for c in cols), *(["Noisy"] if noisy else [])],
+                      lambda g: [g.context.precision, _gb(g.context.size_bytes), *(c.format(g.median(c.key)) for c in cols),
+                                 *([noisy_text(g.noisy()) or "–"] if noisy else [])])
     reps = sorted({len(g.runs) for g in groups})
     vision = " VE = vision-encoder time per image patch (token)." if any(c.key == "ve_ms_per_patch" for c in cols) else ""
     lines += ["", f"Medians over {'/'.join(map(str, reps))} repetition(s). {_NOTES[layout]}{vision}"]
+    if noisy:
+        lines += ["", f"**Noisy:** a metric whose repetitions spread wider than a coefficient of variation of "
+                  f"{100 * NOISY_CV:.0f}% (sample stdev / median): its median says less than it seems to; re-measure "
+                  "on a quieter device (cooled, nothing else running) or with more repetitions."]
     partial = [g for g in groups if reps_cell(g) != str(len(g.runs))]
     if partial:
         lines += ["", "**Partial:** " + "; ".join(f"{g.context.label()}: {reps_cell(g)} repetitions" for g in partial)
