@@ -507,3 +507,59 @@ def test_a_second_stop_signal_kills_a_server_that_ignores_sigterm_at_once():
             proc.wait()
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.slow
+def test_parallel_slots_decode_four_streams_at_once_and_options_after_dashdash_reach_llama_server(smollm2_gguf,
+                                                                                                  host_runtime):
+    """`-np 4`: four streams from the real openai client are all under way before any of them ends (one slot would
+    finish the first before starting the fourth), and llama-server itself reports 4 slots; `-- --no-slots` reaches
+    llama-server unchanged (its /slots endpoint answers 501 then)."""
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    s = Served("--model", smollm2_gguf, "--port", _free_port(), "--ctx-size", 2048, "-np", 4, "--", "--no-slots")
+    try:
+        root = s.base_url.removesuffix("/v1")
+        with urllib.request.urlopen(root + "/props", timeout=30) as r:
+            assert json.load(r)["total_slots"] == 4
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(root + "/slots", timeout=30)
+        assert e.value.code == 501
+        client = s.client()
+        firsts, ends, texts = [], [], []
+
+        def stream(i: int) -> None:
+            chunks = client.chat.completions.create(
+                model=s.alias, stream=True, max_tokens=48, temperature=0, seed=i,
+                messages=[{"role": "user", "content": f"Count from {i} to {i + 40}, one number per line."}])
+            got = ""
+            for chunk in chunks:
+                delta = chunk.choices[0].delta.content if chunk.choices else None
+                if delta and not got:
+                    firsts.append(time.monotonic())
+                got += delta or ""
+            ends.append(time.monotonic())
+            texts.append(got)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert len(texts) == 4 and all(texts), texts
+        assert max(firsts) < min(ends), "a stream started only after another had ended: the slots did not run at once"
+    finally:
+        rc, out = s.stop()
+    assert rc == 0, out
+
+
+def test_llama_server_options_mvlm_owns_are_refused_after_dashdash(smollm2_gguf):
+    for extra, instead in ((["--", "-m", "x.gguf"], "--model"), (["--", "--port=9"], "--port"),
+                           (["--", "-c", "100"], "--ctx-size"), (["--", "--api-key", "k"], "--api-key-file"),
+                           (["stray.gguf"], "go after --")):
+        r = subprocess.run([sys.executable, "-m", "mvlm", "serve", "--model", str(smollm2_gguf), *extra],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and instead in r.stderr, (extra, r.stderr)

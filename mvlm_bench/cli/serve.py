@@ -48,6 +48,13 @@ def serve_cmd(
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Let llama-server fetch http(s) "
                                                                                    "image URLs from its own host "
                                                                                    "(off: data URIs only)."),
+    parallel: int | None = typer.Option(None, "--parallel", "-np", help="llama-server's slots: requests decoded at "
+                                                                        "once, sharing --ctx-size (default: "
+                                                                        "llama-server's)."),
+    server_args: list[str] | None = typer.Argument(None, metavar="[-- LLAMA_SERVER_ARGS...]",
+                                                   help="After --: options passed to llama-server unchanged (e.g. "
+                                                        "-- -fa on --cache-type-k q8_0); those mvlm sets itself are "
+                                                        "refused, naming mvlm's option."),
 ) -> None:
     """Serve a GGUF with llama.cpp's llama-server (OpenAI-compatible /v1/chat/completions, images as data URIs).
 
@@ -60,6 +67,8 @@ def serve_cmd(
       mvlm serve --model MobileVLM_V2-1.7B-Q4_K_S.gguf --mmproj mmproj-MobileVLM_V2-1.7B-F16.gguf
 
       mvlm serve --device orin --model M-Q4_K_S.gguf --mmproj mmproj-M-F16.gguf --port 8081
+
+      mvlm serve --model M-Q4_K_S.gguf --mmproj mmproj-M-F16.gguf -np 4 -- -fa on
     """
     from mvlm_bench.session import serve
     from mvlm_core.errors import MvlmError
@@ -69,10 +78,14 @@ def serve_cmd(
         raise MvlmError("no model given: pass --model FILE.gguf (and --mmproj mmproj-FILE.gguf for images)")
     if not (timeout >= 1):  # NaN too
         raise MvlmError(f"--timeout {timeout:g} is too short: give the seconds to wait for the model to load, at least 1")
+    if server_args and "--" not in sys.argv:
+        raise MvlmError(f"unexpected argument {server_args[0]!r}: the model is --model FILE; options for llama-server "
+                        "go after -- (mvlm serve --model M.gguf -- -fa on)")
     limits = serve.make_limits(max_image_pixels, max_body_mb, max_concurrent, allow_remote_images,
                                serve.api_keys(api_key, api_key_file))
     spec = serve.ServeSpec(model=model, mmproj=mmproj, host=host, port=port, threads=threads, ctx_size=ctx_size,
-                           n_gpu_layers=n_gpu_layers, alias=alias, log=log, ready_timeout=timeout, limits=limits)
+                           n_gpu_layers=n_gpu_layers, alias=alias, log=log, ready_timeout=timeout, limits=limits,
+                           parallel=parallel, server_args=serve.check_server_args(server_args or ()))
     notes = serve.check_spec(spec, key_on_command_line=any(
         a == "--api-key" or a.startswith("--api-key=") for a in sys.argv))
     profile = _profile(device)

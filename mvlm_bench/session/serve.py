@@ -25,7 +25,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mvlm_bench.device.profiles import MAX_GPU_LAYERS, MAX_THREADS, DeviceProfile
@@ -42,6 +42,7 @@ DEFAULT_PORT = 8080
 DEFAULT_CTX = 4096  # the image's 144..576 tokens + a conversation; MobileVLM trains on 2048, LLaVA-1.5 on 4096
 MIN_CTX = 256
 MAX_CTX = 131072
+MAX_PARALLEL = 256  # llama-server's slots; each holds ctx-size / slots of the context
 
 
 @dataclasses.dataclass
@@ -57,6 +58,8 @@ class ServeSpec:
     log: Path | None = None
     ready_timeout: float = 600.0
     limits: Limits = Limits()
+    parallel: int | None = None  # llama-server's slots (-np): requests decoded at once; None: llama-server's default
+    server_args: tuple[str, ...] = ()  # given after `--`: passed to llama-server unchanged (check_server_args)
 
     @property
     def model_alias(self) -> str:
@@ -117,7 +120,8 @@ def check_spec(spec: ServeSpec, key_on_command_line: bool = False) -> list[str]:
     if not (1 <= spec.port <= 65535):
         raise MvlmError(f"--port {spec.port} is out of range: give a TCP port from 1 to 65535")
     for option, value, lo, hi in (("--threads", spec.threads, 1, MAX_THREADS), ("--ctx-size", spec.ctx_size, MIN_CTX, MAX_CTX),
-                                  ("--n-gpu-layers", spec.n_gpu_layers, 0, MAX_GPU_LAYERS)):
+                                  ("--n-gpu-layers", spec.n_gpu_layers, 0, MAX_GPU_LAYERS),
+                                  ("--parallel", spec.parallel, 1, MAX_PARALLEL)):
         if value is not None and not (lo <= value <= hi):
             raise MvlmError(f"{option} {value} is out of range: give a whole number from {lo} to {hi}")
     if not spec.host or spec.host.startswith("-") or not re.fullmatch(r"[A-Za-z0-9_.:%\[\]-]+", spec.host):
@@ -193,7 +197,35 @@ def server_argv(exe: str, spec: ServeSpec, model: str, mmproj: str | None, host:
              "-ngl", str(n_gpu_layers), "--no-webui"]
     if threads:
         argv += ["-t", str(threads)]
-    return argv
+    if spec.parallel is not None:
+        argv += ["-np", str(spec.parallel)]
+    return argv + list(spec.server_args)
+
+
+# llama-server options that mvlm sets itself, and the mvlm option to use instead. Given after `--`, two values would
+# reach llama-server (the later one wins there, silently) or the front door would no longer match the server.
+OWNED_SERVER_OPTIONS = {
+    ("-m", "--model"): "--model", ("-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file"): "--model",
+    ("-mm", "--mmproj", "-mmu", "--mmproj-url", "--no-mmproj"): "--mmproj",
+    ("--host",): "--host", ("--port",): "--port", ("-a", "--alias"): "--alias",
+    ("--api-key", "--api-key-file"): "--api-key-file (mvlm's front door checks the key)",
+    ("-c", "--ctx-size"): "--ctx-size", ("-t", "--threads"): "--threads",
+    ("-ngl", "--gpu-layers", "--n-gpu-layers"): "--n-gpu-layers", ("-np", "--parallel"): "--parallel",
+    ("--log-file",): "--log", ("--path",): "nothing: serving files from the device is not offered",
+}
+
+
+def check_server_args(args: Sequence[str]) -> tuple[str, ...]:
+    """The options after ``--`` for llama-server: every one passes unchanged except those mvlm owns, each refused
+    with the mvlm option to use instead."""
+    for a in args:
+        name = a.split("=", 1)[0]
+        for names, instead in OWNED_SERVER_OPTIONS.items():
+            if name in names:
+                raise MvlmError(f"{name} after --: mvlm owns that llama-server setting; use mvlm serve's {instead}")
+        if "\n" in a or "\x00" in a:
+            raise MvlmError(f"{a!r} after --: an argument with a line break or NUL cannot be passed to llama-server")
+    return tuple(args)
 
 
 def ipv4_shorthand(host: str) -> bool:
