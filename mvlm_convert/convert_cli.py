@@ -36,11 +36,13 @@ def convert_cmd(
     checkpoint: Path = typer.Argument(
         ...,
         help="Checkpoint directory as released on the HF hub (config.json, tokenizer and pytorch_model.bin / "
-        "model.safetensors, single or sharded with an index). Supported: MobileVLM V1/V2, MobileLLaMA (text only), "
-        "LLaVA-1.5 (liuhaotian and llava-hf layouts), Xmodel-VLM, Imp v1 (Phi-2) and Imp v1.5 (Qwen1.5, Phi-3).",
+        "model.safetensors, single or sharded with an index), or its Hub id OWNER/NAME[@REVISION] (downloaded with "
+        "huggingface_hub into its cache; $HF_TOKEN, $HF_HUB_OFFLINE apply; output then in the current directory). "
+        "Supported: MobileVLM V1/V2, MobileLLaMA (text only), LLaVA-1.5 (liuhaotian and llava-hf layouts), Xmodel-VLM, Imp v1 (Phi-2) and Imp v1.5 (Qwen1.5, Phi-3).",
     ),
     outdir: Path | None = typer.Option(
-        None, "--outdir", "-o", help="Directory for the two .gguf files (default: the checkpoint directory)."
+        None, "--outdir", "-o", help="Directory for the two .gguf files (default: the checkpoint directory; for a Hub "
+        "id, the current directory)."
     ),
     vision_tower: Path | None = typer.Option(
         None,
@@ -70,7 +72,15 @@ def convert_cmd(
     or interruption nothing is left behind and earlier files of the same names stay as they were.
     """
     from mvlm_convert.config_check import check_checkpoint_dir
+    from mvlm_convert.hub import hub_reference
 
+    ref = hub_reference(checkpoint)
+    if ref is not None:  # OWNER/NAME[@REV] and no such path here: the Hub's copy, through huggingface_hub's cache
+        from mvlm_convert.hub import download
+
+        checkpoint = download(*ref)
+        outdir = Path.cwd() if outdir is None else outdir  # never into the Hub's cache
+        name = name or ref[0].split("/")[1]  # the cache's directory is named by the commit
     check_checkpoint_dir(checkpoint)  # before torch is loaded: a mistyped path is answered at once
     from mvlm_convert.convert import convert
 
