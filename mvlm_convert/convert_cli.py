@@ -38,7 +38,8 @@ def convert_cmd(
         help="Checkpoint directory as released on the HF hub (config.json, tokenizer and pytorch_model.bin / "
         "model.safetensors, single or sharded with an index), or its Hub id OWNER/NAME[@REVISION] (downloaded with "
         "huggingface_hub into its cache; $HF_TOKEN, $HF_HUB_OFFLINE apply; output then in the current directory). "
-        "Supported: MobileVLM V1/V2, MobileLLaMA (text only), LLaVA-1.5 (liuhaotian and llava-hf layouts), Xmodel-VLM, Imp v1 (Phi-2) and Imp v1.5 (Qwen1.5, Phi-3).",
+        "Supported: MobileVLM V1/V2, MobileLLaMA (text only), LLaVA-1.5 (liuhaotian and llava-hf layouts), "
+        "Xmodel-VLM, Imp v1 (Phi-2) and Imp v1.5 (Qwen1.5, Phi-3).",
     ),
     outdir: Path | None = typer.Option(
         None, "--outdir", "-o", help="Directory for the two .gguf files (default: the checkpoint directory; for a Hub "

@@ -41,8 +41,8 @@ def download(repo: str, rev: str | None) -> Path:
     """The checkpoint's directory in huggingface_hub's cache, downloaded first when it is not there (its progress
     bars on stderr). Every failure is one line saying what to do."""
     try:
-        from huggingface_hub import snapshot_download
         from huggingface_hub import errors as hub_errors
+        from huggingface_hub import snapshot_download
     except ImportError:
         raise MvlmError(f"{repo}: converting by Hub id needs the huggingface_hub package (pip install huggingface_hub), "
                         f"or download it with `{_download_line(repo, rev)}` and pass the directory") from None
