@@ -22,7 +22,7 @@ app = typer.Typer(invoke_without_command=True)
 console = make_console()
 err = make_console(stderr=True)
 
-_DEVICE = typer.Option("local", "--device", "-d", help="Profile name (devices/*.toml: orin, sd888, local, qemu-arm64, "
+_DEVICE = typer.Option("local", "--device", help="Profile name (devices/*.toml: orin, sd888, local, qemu-arm64, "
                                                        "...), ssh://user@host[:port] or adb:SERIAL.")
 _PROTOCOL = typer.Option("lm", "--protocol", "-P", help="lm: text generation (400 tokens); vlm: image + question (256 "
                          "tokens); llama-bench: llama.cpp's pp/tg tests, a record per test; imp: Imp Table 4 (a "
@@ -34,10 +34,32 @@ _MMPROJ = typer.Option(None, "--mmproj", help="The mmproj GGUF (vlm, imp and dat
 _IMAGE = typer.Option(None, "--image", help="Image for the vlm and imp protocols (default: a built-in 336x336).")
 _DATA = typer.Option(None, "--data", help="The dataset protocol's question file: JSONL, one {question_id, image, text} "
                                           "per line (LLaVA's eval format), image paths relative to the file.")
-_REPEAT = typer.Option(3, "--repeat", "-r", help="Measured repetitions (after the warm-up).")
+_REPEAT = typer.Option(5, "--repeat", "-r", help="Measured repetitions (after the warm-up; llama-bench's default).")
 _WARMUP = typer.Option(1, "--warmup", help="Unmeasured warm-up runs.")
-_N = typer.Option(None, "--n-predict", "-n", help="Output tokens (default 400 lm, 256 vlm, 64 imp; dataset: at most, "
-                                                  "default 128).")
+_N = typer.Option(None, "--n-predict", "-n", "--n-gen", help="Output tokens (default 400 lm, 256 vlm, 64 imp; dataset: "
+                  "at most, default 128); llama-bench: its -n, a comma list of generation tests (default 128).")
+_P = typer.Option(None, "--n-prompt", "-p", help="llama-bench: prompt-processing tests, a comma list of prompt sizes "
+                  "(default 512; 0: none). The other protocols' prompt text is --prompt.")
+_PG = typer.Option(None, "-pg", help="llama-bench: a prompt+generation test PP,TG (e.g. 512,128); repeat for more.")
+_DEPTH = typer.Option(None, "--n-depth", "-d", help="llama-bench: context depths each test runs at, a comma list "
+                      "(default 0).")
+_BATCH = typer.Option(None, "--batch-size", "-b", help="Logical batch size (llama.cpp's default 2048); a comma list "
+                      "sweeps. Reaches every program a protocol runs.")
+_UBATCH = typer.Option(None, "--ubatch-size", "-ub", help="Physical batch size (default 512); a comma list sweeps.")
+_FA = typer.Option(None, "--flash-attn", "-fa", help="Flash attention: on, off or auto (default auto); a comma list "
+                   "sweeps. Reaches every program a protocol runs.")
+_CTK = typer.Option(None, "--cache-type-k", "-ctk", help="KV cache type for K (f16, q8_0, q4_0, ...; default f16); a "
+                    "comma list sweeps.")
+_CTV = typer.Option(None, "--cache-type-v", "-ctv", help="KV cache type for V (default f16; quantized V needs -fa on); "
+                    "a comma list sweeps.")
+_CPU_MASK = typer.Option(None, "--cpu-mask", "-C", help="CPU affinity mask, hexadecimal (0xF: CPUs 0-3); a comma list "
+                         "sweeps.")
+_CPU_STRICT = typer.Option(None, "--cpu-strict", help="Strict CPU placement: 0 or 1; a comma list sweeps.")
+_POLL = typer.Option(None, "--poll", help="Polling level while waiting for work, 0-100 (default 50); a comma list "
+                     "sweeps.")
+_PRIO = typer.Option(None, "--prio", help="Process/thread priority: -1 low, 0 normal, 1 medium, 2 high, 3 realtime.")
+_OUTPUT = typer.Option(None, "--output", "-o", help="Print the results on stdout in this format, as llama-bench's -o: "
+                       "json, jsonl, csv, md or sql (the table then goes to stderr).")
 _THREADS = typer.Option(None, "--threads", "-t", help="CPU threads (default: the profile's); a comma list (1,2,4) "
                                                       "sweeps.")
 _NGL = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (default: the profile's); a comma list "
@@ -87,14 +109,18 @@ _LEASE_TIMEOUT = typer.Option(3600.0, "--lease-timeout", help="Seconds to wait w
 @app.callback()
 def bench_cmd(ctx: typer.Context, device: str = _DEVICE, protocol: str = _PROTOCOL, model: list[Path] | None = _MODEL,
               mmproj: Path | None = _MMPROJ, image: Path | None = _IMAGE, data: Path | None = _DATA,
-              repeat: int = _REPEAT, warmup: int = _WARMUP, n_predict: int | None = _N, threads: str | None = _THREADS,
+              repeat: int = _REPEAT, warmup: int = _WARMUP, n_predict: str | None = _N, threads: str | None = _THREADS,
               n_gpu_layers: str | None = _NGL, ctx_size: str | None = _CTX, delay: float = _DELAY,
               max_temp: float | None = _MAX_TEMP, max_temp_wait: float = _MAX_TEMP_WAIT, timeout: float = _TIMEOUT,
               prompt: str | None = _PROMPT, json_flag: bool = _JSON, json_arg: str | None = _JSON_FILE,
               jsonl_arg: str | None = _JSONL, markdown_arg: str | None = _MARKDOWN, csv_arg: str | None = _CSV,
               save: bool = _SAVE, db_arg: str | None = _DB, label: str = _LABEL, baseline: str | None = _BASELINE,
               fail_on_regression: str | None = _FAIL, verbose: bool = _VERBOSE, against: list[str] | None = _AGAINST,
-              order: str = _ORDER, lease_timeout: float = _LEASE_TIMEOUT) -> None:
+              order: str = _ORDER, lease_timeout: float = _LEASE_TIMEOUT, n_prompt: str | None = _P,
+              pg: list[str] | None = _PG, n_depth: str | None = _DEPTH, batch: str | None = _BATCH,
+              ubatch: str | None = _UBATCH, flash_attn: str | None = _FA, ctk: str | None = _CTK,
+              ctv: str | None = _CTV, cpu_mask: str | None = _CPU_MASK, cpu_strict: str | None = _CPU_STRICT,
+              poll: str | None = _POLL, prio: str | None = _PRIO, output: str | None = _OUTPUT) -> None:
     """Run the papers' latency protocols on a device and report Sample / Eval_prompt / Eval / Total (+ VE, Eval_avg).
 
     Pushes the runtime for the device's target and the model files (content-addressed: unchanged files are not pushed
@@ -109,6 +135,8 @@ def bench_cmd(ctx: typer.Context, device: str = _DEVICE, protocol: str = _PROTOC
       mvlm bench --device orin --model new.gguf --against model=old.gguf --repeat 6 --fail-on-regression 5%
 
       mvlm bench --device sd888 -m A.gguf -m B.gguf --threads 2,4 --delay 10 --max-temp 45   (a sweep: 4 configurations)
+
+      mvlm bench -P llama-bench -m M.gguf -p 512 -n 128 -pg 512,128 -t 4 -fa 0,1 -o md   (llama-bench's flags)
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -119,12 +147,16 @@ def bench_cmd(ctx: typer.Context, device: str = _DEVICE, protocol: str = _PROTOC
                    timeout=timeout, prompt=prompt, against=list(against or []), order=order, delay=delay,
                    max_temp=max_temp, max_temp_wait=max_temp_wait, lease_db=db_arg, lease_timeout=lease_timeout,
                    compares="--baseline" if baseline else "--fail-on-regression" if fail_on_regression else "",
-                   gates=bool(fail_on_regression))
+                   gates=bool(fail_on_regression), n_prompt=n_prompt, pg=list(pg or []), n_depth=n_depth,
+                   engine_lists={"batch": batch, "ubatch": ubatch, "flash_attn": flash_attn, "cache_type_k": ctk,
+                                 "cache_type_v": ctv, "cpu_mask": cpu_mask, "cpu_strict": cpu_strict, "poll": poll,
+                                 "prio": prio})
     outputs = {opt: p for opt, p in (("--json-file", json_arg), ("--jsonl", jsonl_arg), ("--markdown", markdown_arg),
                                       ("--csv", csv_arg)) if p is not None}  # "" is refused, not ignored
     from mvlm_core.stops import Stopped
 
-    run = _Bench(device, opts, outputs, json_flag, save, db_arg, label, baseline, fail_on_regression, verbose)
+    stdout_format = _stdout_format(output, json_flag)
+    run = _Bench(device, opts, outputs, stdout_format, save, db_arg, label, baseline, fail_on_regression, verbose)
     try:
         run.check()
     except Stopped as e:  # still reading the options and files: nothing was measured or written
@@ -145,8 +177,10 @@ def bench_cmd(ctx: typer.Context, device: str = _DEVICE, protocol: str = _PROTOC
 class _Bench:
     """One ``mvlm bench``: checked, measured, reported, decided (the steps of the pipeline, in order)."""
 
-    def __init__(self, device, opts, outputs, json_flag, save, db_arg, label, baseline, fail_on_regression, verbose):
-        self.device, self.opts, self.outputs, self.json_flag = device, opts, outputs, json_flag
+    def __init__(self, device, opts, outputs, stdout_format, save, db_arg, label, baseline, fail_on_regression,
+                 verbose):
+        self.device, self.opts, self.outputs, self.stdout_format = device, opts, outputs, stdout_format
+        self.json_flag = stdout_format is not None  # stdout holds the machine format and nothing else
         self.save, self.db_arg, self.label, self.baseline = save, db_arg, label, baseline
         self.fail_on_regression, self.verbose = fail_on_regression, verbose
         self.threshold: float | None = None
@@ -257,7 +291,7 @@ class _Bench:
             raise MvlmError(self.out.stopped, exit_code=3)
 
     def _print_results(self) -> None:
-        from mvlm_bench.views.exports import render_json
+        from mvlm_bench.views.exports import render_format
         from mvlm_bench.views.latency import render_table
 
         groups = self.sinks.groups.all()
@@ -266,8 +300,8 @@ class _Bench:
             out.print(render_table(groups))
         if self.history is not None and self.history.outcome is not None and self.history.outcome.unsaved_json:
             print(self.history.outcome.unsaved_json, flush=True)  # the last place left for the runs: stdout
-        if self.json_flag and groups:
-            sys.stdout.write(render_json(groups, self.label, self.project))
+        if self.stdout_format and groups:
+            sys.stdout.write(render_format(self.stdout_format, groups, self.label, self.project))
             sys.stdout.flush()
 
     def _failure_error(self, kept: list[str], sink_error):
@@ -329,6 +363,21 @@ class _Bench:
         if self.history is not None and self.history.entries:
             return list(self.history.entries.values())
         return [entry_from_group(g, self.label, self.project) for g in groups]
+
+
+def _stdout_format(output: str | None, json_flag: bool) -> str | None:
+    """What stdout carries: ``-o FORMAT`` (llama-bench's), ``--json`` (= ``-o json``), else None (the table)."""
+    from mvlm_bench.views.exports import STDOUT_FORMATS
+    from mvlm_core.errors import MvlmError
+
+    if output is None:
+        return "json" if json_flag else None
+    fmt = output.strip().lower()
+    if fmt not in STDOUT_FORMATS:
+        raise MvlmError(f"-o {output}: choose one of {', '.join(STDOUT_FORMATS)} (llama-bench's formats)")
+    if json_flag and fmt != "json":
+        raise MvlmError(f"--json and -o {fmt} both ask for stdout: give one")
+    return fmt
 
 
 def _is_file(spec: str) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mvlm_bench.plan import engine
 from mvlm_bench.records.columns import direction, finite
 from mvlm_bench.records.record import RunContext
 from mvlm_core.terminal import visible
@@ -20,8 +21,9 @@ from mvlm_core.terminal import visible
 # Params that make two measurements comparable (with device, model and mmproj hashes and protocol): every setting of a
 # configuration. The runtime is NOT among them: comparing runtimes is the point. A setting entries stored before it was
 # recorded lack reads as llama.cpp's default (PARAM_DEFAULTS).
-SETUP_PARAMS = ("n_predict", "n_threads", "n_gpu_layers", "ctx_size", "prompt", "n_batch", "n_ubatch", "test", "ab_side")
-PARAM_DEFAULTS = {"n_batch": 2048, "n_ubatch": 512}
+SETUP_PARAMS = ("n_predict", "n_threads", "n_gpu_layers", "ctx_size", "prompt", "n_batch", "n_ubatch", "test", "ab_side",
+                "flash_attn", "type_k", "type_v", "cpu_mask", "cpu_strict", "poll", "prio", "n_depth")
+PARAM_DEFAULTS = {**engine.DEFAULTS, "n_depth": 0}
 
 
 def setup_param(c: RunContext, key: str) -> Any:

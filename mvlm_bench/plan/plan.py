@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mvlm_bench.device.profiles import DeviceProfile
 from mvlm_bench.plan.against import interleave, parse_against
+from mvlm_bench.plan.engine import BenchTests, bench_tests
 from mvlm_bench.plan.spec import BenchSpec, Side
 from mvlm_bench.plan.sweep import check_pacing, configurations
 from mvlm_core.errors import MvlmError
@@ -82,9 +83,9 @@ class Options:
     mmproj: Path | None = None
     image: Path | None = None
     data: Path | None = None
-    repeat: int = 3
+    repeat: int = 5
     warmup: int = 1
-    n_predict: int | None = None
+    n_predict: int | str | None = None  # llama-bench: a comma list of generation lengths
     threads: str | None = None
     n_gpu_layers: str | None = None
     ctx_size: str | None = None
@@ -99,15 +100,21 @@ class Options:
     lease_timeout: float = DEFAULT_LEASE_TIMEOUT_S
     compares: str = ""  # "--baseline" / "--fail-on-regression" when the bench compares (one configuration only)
     gates: bool = False  # --fail-on-regression: an A/B session must be able to reach p <= 0.05
+    engine_lists: dict[str, str | None] = dataclasses.field(default_factory=dict)  # llama.cpp's settings (engine)
+    n_prompt: str | None = None  # llama-bench's tests: -p, -pg, -d (and -n as a list)
+    pg: Sequence[str] = ()
+    n_depth: str | None = None
 
 
 def make_plan(profile: DeviceProfile, o: Options) -> Plan:
     """Check every option and input (numbers, files, their combinations) and build the plan; one line otherwise."""
     if not o.models:
         raise MvlmError("no model given: pass --model FILE.gguf (see `mvlm bench --help`)")
+    n_predict, tests = _tokens_and_tests(o)
     spec = BenchSpec(protocol=o.protocol, model=Path(o.models[0]), mmproj=o.mmproj, image=o.image, repeat=o.repeat,
-                     warmup=o.warmup, n_predict=o.n_predict, timeout=o.timeout, prompt=o.prompt, data=o.data)
-    specs = configurations(spec, list(o.models), o.threads, o.n_gpu_layers, o.ctx_size)
+                     warmup=o.warmup, n_predict=n_predict, timeout=o.timeout, prompt=o.prompt, data=o.data, tests=tests)
+    specs = configurations(spec, list(o.models), o.threads, o.n_gpu_layers, o.ctx_size,
+                           {k: v for k, v in o.engine_lists.items() if v is not None})
     check_pacing(o.delay, o.max_temp, o.max_temp_wait)
     if len(specs) > 1 and (o.against or o.compares):
         which = "--against" if o.against else o.compares
@@ -130,6 +137,26 @@ def make_plan(profile: DeviceProfile, o: Options) -> Plan:
 
         check_device(profile)
     return plan
+
+
+def _tokens_and_tests(o: Options) -> tuple[int | None, BenchTests | None]:
+    """``-n`` as the protocol takes it: llama-bench's tests (``-p``, ``-n``, ``-pg``, ``-d``, lists as llama-bench
+    takes them), or every other protocol's one output length."""
+    n = None if o.n_predict is None else str(o.n_predict).strip()
+    if o.protocol == "llama-bench":
+        tests = bench_tests(o.n_prompt, n, list(o.pg), o.n_depth)
+        return (max(tests.gens) or None), tests
+    for option, value in (("-p", o.n_prompt), ("-pg", list(o.pg) or None), ("-d", o.n_depth)):
+        if value is not None:
+            raise MvlmError(f"{option} shapes llama-bench's tests (--protocol llama-bench); the {o.protocol} "
+                            "protocol's prompt text is --prompt, its output tokens -n")
+    if n is None:
+        return None, None
+    try:
+        return int(n), None
+    except ValueError:
+        raise MvlmError(f"-n {n}: give one whole number of output tokens (a list of lengths is llama-bench's: "
+                        "--protocol llama-bench)") from None
 
 
 def plan_inputs(plan: Plan) -> list[Path | None]:

@@ -8,9 +8,10 @@
   own tokenizer (:mod:`mvlm_bench.plan.imp_prompt`) and 64 output tokens; its figures exclude model loading.
 - ``dataset`` (Xmodel-VLM Table 6): a whole question file (``--data FILE.jsonl``) through one ``llama-server`` that
   loads the model once (:mod:`mvlm_bench.plan.dataset`).
-- ``llama-bench``: llama.cpp's own pp/tg tests, one llama-bench process per repetition (``-r 1``), each test of it one
-  record (its configuration's ``test``: pp64, pp128, tg128), so a repetition is kept the moment it ends, like the
-  others'.
+- ``llama-bench``: llama.cpp's own tests (``-p``, ``-n``, ``-pg``, ``-d`` as llama-bench takes them, its defaults
+  ``-p 512 -n 128``), one llama-bench process per repetition (``-r 1``), each test of it one record (its
+  configuration's ``test``: pp512, tg128, pp512+tg128, pp512@d1024), so a repetition is kept the moment it ends, like
+  the others'.
 
 ``--jinja`` makes llama-mtmd-cli render the GGUF's own chat template (MobileVLM's "v1" format, written by
 ``mvlm convert``). mvlm's runtime renders the same without it (patch 0005); the flag keeps a stock llama.cpp build
@@ -42,9 +43,6 @@ MAX_N = {"lm": 1536, "vlm": 1024, "llama-bench": 8192, "imp": 1024, "dataset": 1
 # makes llama.cpp abort ("failed to add token") rather than measure. imp: up to 729 image tokens (Imp-3B@384) + 41
 # text tokens + the chat template; dataset: 576 image tokens + a ScienceQA question with its context and choices.
 PROMPT_ROOM = {"lm": 64, "vlm": 640, "llama-bench": 0, "imp": 900, "dataset": 1024}
-LLAMA_BENCH_PROMPTS = (64, 128)  # llama-bench's pp tests (-p); its tg test is -n
-# what llama.cpp's programs use when mvlm passes no -b / -ub (common/common.h, llama-bench's defaults too)
-DEFAULT_BATCH, DEFAULT_UBATCH = 2048, 512
 PROGRAMS = {"lm": "llama-completion", "vlm": "llama-mtmd-cli", "imp": "llama-mtmd-cli", "dataset": "llama-server",
             "llama-bench": "llama-bench"}
 
@@ -61,20 +59,24 @@ def prompt_of(spec: Any) -> str:
 
 def build_argv(spec: Any, workdir: str, names: dict[str, str], threads: int | None, ngl: int) -> list[str]:
     """The command line run on the device for one repetition (paths are the device's). ``threads`` None: no ``-t`` at
-    all, so llama.cpp picks its own default on the device (the run's log says what it used). The transport adds the
-    profile's exec_wrapper (e.g. qemu-aarch64-static)."""
+    all, so llama.cpp picks its own default on the device (the run's log says what it used). llama.cpp's own settings
+    that the configuration sets (``-b``, ``-fa``, ``-ctk``, ...: mvlm_bench.plan.engine) reach every program alike.
+    The transport adds the profile's exec_wrapper (e.g. qemu-aarch64-static)."""
+    from mvlm_bench.plan import engine
+
     t_args = ["-t", str(threads)] if threads else []
+    settings = engine.argv(spec)
     wd = workdir.rstrip("/")
     model = f"{wd}/models/{names['model']}"
     exe = f"{wd}/bin/{PROGRAMS[spec.protocol]}"
     n = str(tokens(spec))
     if spec.protocol == "lm":
         return [exe, "-m", model, "-p", prompt_of(spec), "-n", n, "-no-cnv", "--temp", "0", "--seed", "0",
-                "--ignore-eos", "-c", str(spec.ctx_size), *t_args, "-ngl", str(ngl), "-lv", "4"]
+                "--ignore-eos", "-c", str(spec.ctx_size), *t_args, "-ngl", str(ngl), *settings, "-lv", "4"]
     if spec.protocol in ("vlm", "imp"):  # imp: the 41-token request (with_protocol_prompt) and -n 64
         return [exe, "-m", model, "--mmproj", f"{wd}/models/{names['mmproj']}", "--image", f"{wd}/images/{names['image']}",
                 "-p", prompt_of(spec), "-n", n, "--temp", "0", "--seed", "0", "--ignore-eos", "-c", str(spec.ctx_size),
-                *t_args, "-ngl", str(ngl), "-lv", "4", "--jinja"]
+                *t_args, "-ngl", str(ngl), *settings, "-lv", "4", "--jinja"]
     if spec.protocol == "dataset":
         # llama-server for the whole set: the GGUF's template, the pushed images as file:// media, one slot, on the
         # device's 127.0.0.1 at a port it picks and prints ("listening on ...")
@@ -82,10 +84,10 @@ def build_argv(spec: Any, workdir: str, names: dict[str, str], threads: int | No
 
         return [exe, "-m", model, "--mmproj", f"{wd}/models/{names['mmproj']}", "--jinja", "--media-path",
                 f"{wd}/{DEVICE_DIR}/", "--host", "127.0.0.1", "--port", "0", "-np", "1", "-c", str(spec.ctx_size),
-                *t_args, "-ngl", str(ngl), "--no-webui", "-lv", "4"]
+                *t_args, "-ngl", str(ngl), *settings, "--no-webui", "-lv", "4"]
     if spec.protocol == "llama-bench":  # one repetition: every test once (-r 1), a JSON line per test
-        return [exe, "-m", model, "-p", ",".join(map(str, LLAMA_BENCH_PROMPTS)), "-n", n, "-r", "1", *t_args,
-                "-ngl", str(ngl), "-o", "jsonl"]
+        tests = spec.tests or engine.BenchTests()
+        return [exe, "-m", model, *tests.argv(), "-r", "1", *t_args, "-ngl", str(ngl), *settings, "-o", "jsonl"]
     raise MvlmError(f"unknown protocol {spec.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
 
 

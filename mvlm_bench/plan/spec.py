@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from mvlm_bench.device.profiles import MAX_GPU_LAYERS, MAX_THREADS
+from mvlm_bench.plan.engine import BenchTests, check_settings
 from mvlm_bench.plan.protocols import IMAGE_PROTOCOLS, MAX_N, PROMPT_ROOM, PROTOCOLS, tokens
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
@@ -27,7 +28,7 @@ class BenchSpec:
     model: Path
     mmproj: Path | None = None
     image: Path | None = None
-    repeat: int = 3
+    repeat: int = 5
     warmup: int = 1
     n_predict: int | None = None
     threads: int | None = None
@@ -36,6 +37,17 @@ class BenchSpec:
     ctx_size: int = 2048
     prompt: str | None = None
     data: Path | None = None  # the dataset protocol's question file
+    # llama.cpp's own settings (mvlm_bench.plan.engine; None: the program's default), in llama-bench's encoding
+    batch: int | None = None
+    ubatch: int | None = None
+    flash_attn: int | None = None  # 1 on, 0 off, -1 auto
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    cpu_mask: str | None = None
+    cpu_strict: bool | None = None
+    poll: int | None = None
+    prio: int | None = None
+    tests: BenchTests | None = None  # the llama-bench protocol's tests (-p, -n, -pg, -d); None: llama-bench's default
 
     def tokens(self) -> int:
         return tokens(self)
@@ -83,6 +95,10 @@ def validate_spec(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[st
                 f" (the {spec.protocol} protocol needs room for its prompt and {spec.tokens()} generated tokens)")
     bounded("--threads", spec.threads, 1, MAX_THREADS)
     bounded("--n-gpu-layers", spec.n_gpu_layers, 0, MAX_GPU_LAYERS)
+    check_settings(spec)
+    if spec.tests is not None and spec.protocol != "llama-bench":
+        raise MvlmError(f"-p, -pg and -d shape llama-bench's tests (--protocol llama-bench); the {spec.protocol} "
+                        "protocol's prompt text is --prompt, its output tokens -n")
     if not (isinstance(spec.timeout, int | float) and math.isfinite(spec.timeout) and 0 < spec.timeout <= MAX_TIMEOUT_S):
         raise MvlmError(f"--timeout {spec.timeout} is out of range: give seconds, more than 0 and at most {MAX_TIMEOUT_S:.0f}")
 

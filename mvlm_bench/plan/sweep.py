@@ -20,22 +20,24 @@
   reads below C, polling
   every few seconds, for at most ``--max-temp-wait`` seconds (then exit 3, with the configurations completed so far
   reported). A device without a readable thermal zone is said once and not waited for.
-- A sweep runs the lm, vlm and imp protocols; ``--against`` (an A/B session is one pair of configurations) and
+- A sweep runs the lm, vlm, imp and llama-bench protocols; ``--against`` (an A/B session is one pair of configurations) and
   ``--baseline`` (one stored measurement to compare with) are refused with a sweep.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from mvlm_bench.device.profiles import MAX_GPU_LAYERS, MAX_THREADS
+from mvlm_bench.plan import engine
 from mvlm_bench.plan.spec import MAX_CTX, BenchSpec, check_inputs, validate_spec
 from mvlm_core.errors import MvlmError
 
-SWEEP_PROTOCOLS = ("lm", "vlm", "imp")
+SWEEP_PROTOCOLS = ("lm", "vlm", "imp", "llama-bench")
 MAX_CONFIGS = 256
 MAX_DELAY_S = 24 * 3600.0
 
@@ -64,8 +66,9 @@ def parse_list(option: str, text: str | None, lo: int, hi: int) -> list[int | No
 
 
 def configurations(spec: BenchSpec, models: Sequence[Path], threads: str | None = None, n_gpu_layers: str | None = None,
-                   ctx_size: str | None = None) -> list[BenchSpec]:
-    """The cross product, every configuration validated (numbers, files) before anything runs."""
+                   ctx_size: str | None = None, engine_lists: dict[str, str | None] | None = None) -> list[BenchSpec]:
+    """The cross product, every configuration validated (numbers, files) before anything runs. ``engine_lists``:
+    llama.cpp's settings as given (spec field -> comma list text; mvlm_bench.plan.engine)."""
     if not models:
         raise MvlmError("no model given: pass --model FILE.gguf (repeat it to sweep over models)")
     seen: set[str] = set()
@@ -74,38 +77,45 @@ def configurations(spec: BenchSpec, models: Sequence[Path], threads: str | None 
         if key in seen:
             raise MvlmError(f"--model {m} is given twice: give each model once")
         seen.add(key)
-    lists = (parse_list("--threads", threads, 1, MAX_THREADS), parse_list("--n-gpu-layers", n_gpu_layers, 0, MAX_GPU_LAYERS),
-             parse_list("--ctx-size", ctx_size, 1, MAX_CTX))
-    n = len(models) * len(lists[0]) * len(lists[1]) * len(lists[2])
+    lists: dict[str, list] = {
+        "threads": parse_list("--threads", threads, 1, MAX_THREADS),
+        "n_gpu_layers": parse_list("--n-gpu-layers", n_gpu_layers, 0, MAX_GPU_LAYERS),
+        "ctx_size": parse_list("--ctx-size", ctx_size, 1, MAX_CTX),
+    }
+    for field, text in (engine_lists or {}).items():
+        lists[field] = engine.parse_values(engine.BY_FIELD[field], text)
+    n = len(models) * math.prod(len(v) for v in lists.values())
     if n > 1 and spec.protocol not in SWEEP_PROTOCOLS:
-        raise MvlmError(f"a sweep (several --model, or lists of --threads/--n-gpu-layers/--ctx-size) runs the "
-                        f"{', '.join(SWEEP_PROTOCOLS)} protocols, not {spec.protocol}: give one value of each")
+        raise MvlmError(f"a sweep (several --model, or comma lists of settings) runs the {', '.join(SWEEP_PROTOCOLS)} "
+                        f"protocols, not {spec.protocol}: give one value of each")
     if n > MAX_CONFIGS:
         raise MvlmError(f"the sweep has {n} configurations (more than {MAX_CONFIGS}): give shorter lists")
     out = []
     for m in models:
-        for t in lists[0]:
-            for g in lists[1]:
-                for c in lists[2]:
-                    s = dataclasses.replace(spec, model=Path(m), threads=t, n_gpu_layers=g,
-                                            ctx_size=c if c is not None else spec.ctx_size)
-                    validate_spec(s, ctx_option=c is not None)
-                    out.append(s)
+        for values in itertools.product(*lists.values()):
+            change = {k: v for k, v in zip(lists, values, strict=True) if v is not None or k not in ("ctx_size",)}
+            s = dataclasses.replace(spec, model=Path(m), **change)
+            validate_spec(s, ctx_option=change.get("ctx_size") is not None)
+            out.append(s)
     for m in models:  # each file once
         check_inputs(next(s for s in out if s.model == Path(m)))
     return out
 
 
+# what varies in a sweep, as a few words: the spec's field -> its short form
+_SHORT = {"threads": "t", "n_gpu_layers": "ngl", "ctx_size": "c",
+          **{e.field: e.short.lstrip("-") or e.option.lstrip("-") for e in engine.SETTINGS}}
+
+
 def describe(spec: BenchSpec, varying: Sequence[str]) -> str:
     """A configuration in a few words, only what varies: ``SmolLM2-Q4_1 t=2 ngl=0``."""
-    parts = {"model": Path(spec.model).stem, "threads": f"t={spec.threads}", "n_gpu_layers": f"ngl={spec.n_gpu_layers}",
-             "ctx_size": f"c={spec.ctx_size}"}
-    return " ".join(parts[k] for k in varying) or Path(spec.model).stem
+    parts = [Path(spec.model).stem if k == "model" else f"{_SHORT[k]}={getattr(spec, k)}" for k in varying]
+    return " ".join(parts) or Path(spec.model).stem
 
 
 def varying(specs: Sequence[BenchSpec]) -> list[str]:
-    """The fields that differ between the configurations (model, threads, n_gpu_layers, ctx_size)."""
-    return [k for k in ("model", "threads", "n_gpu_layers", "ctx_size") if len({str(getattr(s, k)) for s in specs}) > 1]
+    """The fields that differ between the configurations (model, threads, n_gpu_layers, ctx_size, llama.cpp's)."""
+    return [k for k in ("model", *_SHORT) if len({str(getattr(s, k)) for s in specs}) > 1]
 
 
 def check_pacing(delay: float, max_temp: float | None, max_temp_wait: float) -> None:

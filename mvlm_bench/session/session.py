@@ -28,10 +28,9 @@ from mvlm_bench.device.profiles import KNOWN_TARGETS, DeviceProfile
 from mvlm_bench.device.sync import sha256_file, sync
 from mvlm_bench.device.targets import resolve_target
 from mvlm_bench.device.transports import make_transport
+from mvlm_bench.plan import engine
 from mvlm_bench.plan.plan import DEFAULT_LEASE_TIMEOUT_S
 from mvlm_bench.plan.protocols import (
-    DEFAULT_BATCH,
-    DEFAULT_UBATCH,
     artifacts,
     build_argv,
     prompt_of,
@@ -179,7 +178,7 @@ class Session:
         facts: dict[str, Any] = {}
         if spec.protocol != "llama-bench":
             facts = {"build_commit": ctx.runtime_commit, **gguf_facts(spec.model), **COMMAND_LINE_DEFAULTS,
-                     "n_gpu_layers": ngl, "n_threads": threads}
+                     **engine.params(spec), "n_gpu_layers": ngl, "n_threads": threads}
         # the build's own --version, before the warm-up: never between measured runs
         facts |= build_version(self.transport, argv[len(side.wrapper)], env)
         return Prepared(side, argv, env, ctx, pushed, workdir, facts)
@@ -195,7 +194,7 @@ class Session:
                      f"reported as {precision}")
         params: dict[str, Any] = {
             "n_threads": threads, "n_predict": tokens(spec), "n_gpu_layers": ngl, "ctx_size": spec.ctx_size,
-            "n_batch": DEFAULT_BATCH, "n_ubatch": DEFAULT_UBATCH, "target": p.target, "emulated": p.emulated,
+            **engine.params(spec), "target": p.target, "emulated": p.emulated,
             "prompt": prompt_of(spec), "image": names.get("image"),
             "mmproj_precision": precision_of(spec.mmproj) if spec.mmproj else None,
         }
@@ -302,7 +301,7 @@ _TEST_FIELDS = ("n_prompt", "n_gen", "n_depth", "test_time", "avg_ns", "stddev_n
 def llama_bench_run(row: dict[str, Any], prep: Prepared, t_start: float, t_end: float) -> Run:
     """One llama-bench test row (one repetition) as a record: a pp test's rate is its Eval_prompt, a tg test's its
     Eval; its configuration says which test (``test``: pp64, tg128, pp64+tg128)."""
-    n_p, n_g = int(row.get("n_prompt") or 0), int(row.get("n_gen") or 0)
+    n_p, n_g, n_d = int(row.get("n_prompt") or 0), int(row.get("n_gen") or 0), int(row.get("n_depth") or 0)
     ms = float(row["avg_ns"]) / 1e6 if isinstance(row.get("avg_ns"), int | float) else None
     rate = row.get("avg_ts") if isinstance(row.get("avg_ts"), int | float) else None
     rec = TimingRecord(source_format="llama-bench-jsonl")
@@ -312,8 +311,10 @@ def llama_bench_run(row: dict[str, Any], prep: Prepared, t_start: float, t_end: 
         rec.eval_runs, rec.eval_ms, rec.eval_tps = n_g, ms, rate
     else:
         rec.prompt_tokens, rec.eval_runs, rec.total_ms, rec.total_tokens = n_p, n_g, ms, n_p + n_g
-    test = (f"pp{n_p}" if n_p else "") + ("+" if n_p and n_g else "") + (f"tg{n_g}" if n_g else "")
-    params = {**prep.ctx.params, "test": test, "n_prompt": n_p, "n_gen": n_g, "n_predict": n_g or None}
+    params = {**prep.ctx.params, "test": engine.test_name(n_p, n_g, n_d), "n_prompt": n_p, "n_gen": n_g,
+              "n_predict": n_g or None}
+    if n_d:
+        params["n_depth"] = n_d
     for k in ("n_batch", "n_ubatch", "n_threads"):  # llama-bench says what it used
         if isinstance(row.get(k), int):
             params[k] = row[k]

@@ -121,7 +121,7 @@ def _llama_bench_fields(g: Group) -> dict[str, Any]:
     else:
         rec["n_prompt"] = _common(r.timing.prompt_tokens for r in g.runs)
         rec["n_gen"] = _common(r.timing.eval_runs for r in g.runs)
-    rec["n_depth"] = 0
+    rec["n_depth"] = c.params.get("n_depth", 0)
     return rec | _bench_samples(g)
 
 
@@ -179,3 +179,62 @@ def render_json_line(group: Group, label: str = "", project: tuple[str, bool | N
     if session:
         rec["session"] = session
     return json.dumps(rec, default=str, allow_nan=False) + "\n"
+
+
+# llama-bench's column types (tools/llama-bench/llama-bench.cpp, test::get_field_type): INTEGER, booleans as 0/1, REAL
+_SQL_INT = {"build_number", "n_batch", "n_ubatch", "n_threads", "poll", "model_size", "model_n_params", "n_gpu_layers",
+            "main_gpu", "n_prompt", "n_gen", "n_depth", "avg_ns", "stddev_ns", "no_op_offload", "n_cpu_moe",
+            "fit_target", "fit_min_ctx", "flash_attn", "no_kv_offload", "cpu_strict", "embeddings", "no_host",
+            "repack"}
+_SQL_REAL = {"avg_ts", "stddev_ts"}
+SQL_FIELDS = tuple(f for f in LLAMA_BENCH_FIELDS if f not in ("samples_ns", "samples_ts"))
+
+
+def _sql_value(v: Any) -> str:
+    if v is None:
+        return "NULL"
+    if isinstance(v, bool):
+        return "'1'" if v else "'0'"
+    return "'" + str(v).replace("'", "''") + "'"
+
+
+def render_sql(groups: Sequence[Group]) -> str:
+    """llama-bench's ``-o sql``: its CREATE TABLE (its field types) and one INSERT per record (a group: its tests'
+    averages over the repetitions, as llama-bench prints one row per test), for ``sqlite3 db < file``."""
+    types = {f: "INTEGER" if f in _SQL_INT else "REAL" if f in _SQL_REAL else "TEXT" for f in SQL_FIELDS}
+    lines = ["CREATE TABLE IF NOT EXISTS llama_bench ("]
+    lines += [f"  {f} {t}{',' if i < len(SQL_FIELDS) - 1 else ''}" for i, (f, t) in enumerate(types.items())]
+    lines += [");", ""]
+    for rec in report_records(groups):
+        values = ", ".join(_sql_value(rec.get(f)) for f in SQL_FIELDS)
+        lines.append(f"INSERT INTO llama_bench ({', '.join(SQL_FIELDS)}) VALUES ({values});")
+    return "\n".join(lines) + "\n"
+
+
+def render_jsonl(groups: Sequence[Group], label: str = "", project: tuple[str, bool | None] = ("", None)) -> str:
+    """Every repetition as a JSON line (what ``--jsonl`` appends), configuration after configuration."""
+    from mvlm_bench.records.groups import Groups
+
+    return "".join(render_json_line(Groups().add(run), label, project, repetition=i)
+                   for g in groups for i, run in enumerate(g.runs))
+
+
+STDOUT_FORMATS = ("json", "jsonl", "csv", "md", "sql")
+
+
+def render_format(fmt: str, groups: Sequence[Group], label: str = "",
+                  project: tuple[str, bool | None] = ("", None)) -> str:
+    """The results in one of llama-bench's ``-o`` formats (:data:`STDOUT_FORMATS`)."""
+    from mvlm_bench.views.latency import render_markdown
+
+    if fmt == "json":
+        return render_json(groups, label, project)
+    if fmt == "jsonl":
+        return render_jsonl(groups, label, project)
+    if fmt == "csv":
+        return render_csv(groups)
+    if fmt == "md":
+        return render_markdown(groups)
+    if fmt == "sql":
+        return render_sql(groups)
+    raise ValueError(fmt)
