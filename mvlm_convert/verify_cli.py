@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -96,8 +97,13 @@ def verify_cmd(
     """Run the independent PyTorch reference and llama.cpp on the same image and tokens; exit 1 above thresholds."""
     if not checkpoint.is_dir():
         raise MvlmError(f"checkpoint directory not found: {checkpoint}")
-    from mvlm_convert.verify import verify
+    for option, value in (("--image-threshold", image_threshold), ("--logits-threshold", logits_threshold)):
+        if not (math.isfinite(value) and 0 < value <= 1e6):  # NaN would pass every check; 0 or less, none
+            raise MvlmError(f"{option} {value:g} is not a threshold: give a relative error above 0 (e.g. 0.01)")
+    from mvlm_convert.verify import check_image_file, verify
 
+    if image is not None:
+        check_image_file(image)
     result = verify(checkpoint, gguf, mmproj, image=image, vision_tower=vision_tower, runtime=runtime,
                     image_threshold=image_threshold, logits_threshold=logits_threshold, kv_cache=kv_cache)
     if json_:

@@ -206,6 +206,39 @@ def is_gguf(p: Path) -> bool:
         return False
 
 
+def read_small(path: Path, limit: int, what: str) -> bytes:
+    """A small input file's bytes (a device profile, a key file, a report), bounded: only a regular file (opened
+    without blocking: a FIFO cannot hang the command; /dev/zero is no file), at most ``limit`` bytes; else one line
+    naming ``what`` it should be."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise MvlmError(f"{path}: cannot be read ({e.strerror or e}); give {what}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MvlmError(f"{path} is {file_kind(Path(path))}, not a regular file; give {what}")
+        if st.st_size > limit:
+            raise MvlmError(f"{path} is {st.st_size} bytes, more than {what} can be ({limit} at most); give {what}")
+        chunks, left = [], limit + 1
+        while left > 0:
+            b = os.read(fd, min(left, 1 << 20))
+            if not b:
+                break
+            chunks.append(b)
+            left -= len(b)
+        data = b"".join(chunks)
+        if len(data) > limit:  # grew while read
+            raise MvlmError(f"{path} is more than {limit} bytes; give {what}")
+        return data
+    except OSError as e:
+        raise MvlmError(f"{path}: cannot be read ({e.strerror or e}); give {what}") from None
+    finally:
+        os.close(fd)
+
+
 def file_kind(p: Path) -> str:
     """What an existing path that is not a regular file is, in words (for one-line errors)."""
     import stat
@@ -239,7 +272,9 @@ def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (),
     SQLite file (a benchmark history) unless ``history`` (the path is one: then anything else that is not empty is
     refused), or anything an output file cannot replace: an existing directory, device, FIFO or socket (``--json
     /dev/full`` would replace the device node; a FIFO would block the command forever), a path written with a trailing
-    slash (``dir/``), an empty path, a link loop, a name too long for the file system.
+    slash (``dir/``), an empty path, a symbolic link (an output is renamed over its path: ``--json-file /dev/stdout``
+    would replace /dev's link with a file; a history is opened through one), a link loop, a name too long for the file
+    system.
 
     Catches the same file under another name too (hard links, symlinks, ``./m.gguf`` vs ``m.gguf``). Nothing is opened
     but to read a magic number. Give the option's text as a ``str`` so that a trailing slash can be seen (``Path``
@@ -262,9 +297,13 @@ def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (),
 
 
 def _check_output(out: Path, inputs: Iterable[str | Path | None], option: str, history: bool) -> None:
+    if not history and out.is_symlink():  # an output is renamed over its path: the link, not its target, is replaced
+        target = os.readlink(out)
+        raise MvlmError(f"{option} {out} is a symbolic link (to {target}): an output would replace the link itself, not "
+                        f"write to {target}; give the real path")
     exists = os.path.lexists(out) and out.exists()
     if os.path.lexists(out) and not exists:
-        os.stat(out)  # a dangling link: fine (it is replaced); a loop raises ELOOP here
+        os.stat(out)  # a dangling link (a history's): a loop raises ELOOP here
     if exists and out.is_dir():
         raise MvlmError(f"{option} {out} is a directory; give a file path")
     if exists and not out.is_file():

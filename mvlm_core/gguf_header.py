@@ -197,13 +197,16 @@ def read_header(path: str | Path) -> Header:
             raise GgufError("it does not start with 'GGUF'")
         version = r.num("<I", 4, "the version")
         if version not in VERSIONS:
-            raise GgufError(f"it is GGUF version {version} (this runtime reads versions 2 and 3; a big-endian or a "
-                            "newer file)")
+            why = ("an early 2023 file: convert the model again" if version == 1 else
+                   "a big-endian file" if version > 0xFFFF else "a newer format than this runtime's")
+            raise GgufError(f"it is GGUF version {version} (this runtime reads versions 2 and 3; {why})")
         n_tensors = r.count("the number of tensors", 24, MAX_TENSORS)
         n_kv = r.count("the number of keys", 12, MAX_KEYS)
         kv: dict[str, object] = {}
         for i in range(n_kv):
             key = r.string(f"key {i}")
+            if key in kv:
+                raise GgufError(f"the key {key!r} appears twice (llama.cpp refuses a duplicate key)")
             kv[key] = r.value(r.num("<I", 4, f"the type of {key}"), key)
         tensors = []
         for i in range(n_tensors):
@@ -219,7 +222,36 @@ def read_header(path: str | Path) -> Header:
         if isinstance(align, bool) or not isinstance(align, int) or not 0 < align <= 1 << 16 or align & (align - 1):
             raise GgufError(f"general.alignment is {align!r} (a power of two up to 65536)")
         data_start = -(-f.tell() // align) * align
+    _check_tensor_infos(tensors, align)
     return Header(version, kv, tensors, data_start, size)
+
+
+def _check_tensor_infos(tensors: list[tuple[str, list[int], int, int]], align: int) -> None:
+    """What llama.cpp's GGUF loader (ggml/src/gguf.cpp) checks of the tensor infos before it loads anything: unique
+    names, a ggml type it knows, rows a whole number of blocks, and each tensor's data where the previous one's ends
+    (padded to the alignment)."""
+    import gguf
+
+    seen: set[str] = set()
+    expected = 0
+    for name, dims, ttype, offset in tensors:
+        if name in seen:
+            raise GgufError(f"the tensor {name!r} appears twice (llama.cpp refuses a duplicate tensor name)")
+        seen.add(name)
+        try:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            raise GgufError(f"tensor {name!r} has ggml type {ttype}, which llama.cpp does not know") from None
+        if dims[0] % block:
+            raise GgufError(f"tensor {name!r} has rows of {dims[0]} values, not a whole number of its type's blocks of "
+                            f"{block}")
+        if offset != expected:
+            raise GgufError(f"tensor {name!r} has its data at offset {offset}, where llama.cpp expects {expected} (the "
+                            "end of the tensor before it)")
+        count = 1
+        for d in dims:
+            count *= d
+        expected += -(-(count // block * size) // align) * align
 
 
 def check_gguf(path: str | Path, option: str = "--model", kind: str | None = None) -> Header:
@@ -247,6 +279,10 @@ def check_gguf(path: str | Path, option: str = "--model", kind: str | None = Non
     if short:
         raise MvlmError(f"{said} is truncated: its tensor data ends {short} bytes past the end of the file "
                         f"({header.file_size} bytes): copy or convert it again")
+    arch = header.kv.get("general.architecture")
+    if arch is not None and not isinstance(arch, str):
+        raise MvlmError(f"{said} has a general.architecture that is not text ({type(arch).__name__} {str(arch)[:40]}): "
+                        "not a model llama.cpp can load; convert it again")
     if kind == "mmproj" and header.architecture != "clip":
         raise MvlmError(f"{said} is not an mmproj GGUF (architecture {header.architecture or 'unknown'!r}, not 'clip'): "
                         "give the mmproj-*.gguf written by mvlm convert")

@@ -201,6 +201,20 @@ CRAFTED = {  # name -> (bytes, words of the refusal)
                                  struct.pack("<I", 9), tensors=1), "9 dimensions"),
     "tensor-past-the-end": (_gguf(_key("general.architecture"), struct.pack("<I", 8), _key("llama"), _key("t"),
                                   struct.pack("<IQIQ", 1, 1 << 30, 0, 0), tensors=1), "truncated"),
+    # what llama.cpp's own loader refuses (ggml/src/gguf.cpp), refused before anything is pushed (hostile round 4)
+    "duplicate-key": (_gguf(_key("general.architecture"), struct.pack("<I", 8), _key("llama"),
+                            _key("general.architecture"), struct.pack("<I", 8), _key("clip"), keys=2), "appears twice"),
+    "duplicate-tensor": (_gguf(_key("t"), struct.pack("<IQIQ", 1, 8, 0, 0), _key("t"), struct.pack("<IQIQ", 1, 8, 0, 32),
+                               tensors=2, keys=0) + b"\0" * 64, "the tensor 't' appears twice"),
+    "unknown-tensor-type": (_gguf(_key("t"), struct.pack("<IQIQ", 1, 8, 999, 0), tensors=1, keys=0) + b"\0" * 64,
+                            "ggml type 999"),
+    "tensor-data-not-where-the-loader-expects": (_gguf(_key("t"), struct.pack("<IQIQ", 1, 8, 0, 3), tensors=1, keys=0)
+                                                 + b"\0" * 64, "at offset 3, where llama.cpp expects 0"),
+    "rows-not-whole-blocks": (_gguf(_key("t"), struct.pack("<IQIQ", 1, 8, 2, 0), tensors=1, keys=0) + b"\0" * 64,
+                              "not a whole number of its type's blocks of 32"),
+    "version-1": (_gguf(version=1, keys=0), "an early 2023 file"),
+    "architecture-as-a-number": (_gguf(_key("general.architecture"), struct.pack("<II", 4, 7)),
+                                 "general.architecture that is not text"),
 }
 
 
@@ -212,6 +226,8 @@ def test_crafted_header_costs_little_and_is_refused_with_its_reason(tmp_path, na
     data, words = CRAFTED[name]
     p = tmp_path / "m.gguf"
     p.write_bytes(data)
+    import gguf  # noqa: F401 - the reader's type table: importing a module is not what the file costs
+
     tracemalloc.start()
     try:
         with pytest.raises(MvlmError) as e:

@@ -24,7 +24,7 @@ TARGET_HELP = "host (this machine; used by tests and verify), cuda (this machine
 
 @app.command("build")
 def build_cmd(
-    target: str = typer.Option("host", "--target", "-t", help=TARGET_HELP),
+    target: str = typer.Option("host", "--target", help=TARGET_HELP),
     llama_cpp: Path | None = typer.Option(
         None, "--llama-cpp", help="Build this llama.cpp checkout instead of the pinned one (e.g. to bisect)."
     ),
@@ -63,7 +63,7 @@ def build_cmd(
     opts = rtmod.BuildOptions(target=target, ndk=ndk, toolchain=toolchain, jobs=jobs, cuda_arch=cuda_arch)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True, disable=json_,
+        console=console, transient=True, disable=json_ or not console.is_terminal,  # a log gets no bar (nor its blank line)
     ) as prog:
         task = prog.add_task(f"llama.cpp {target}", total=None)
 
@@ -90,7 +90,7 @@ def build_cmd(
 
 @app.command("path")
 def path_cmd(
-    target: str = typer.Option("host", "--target", "-t", help=TARGET_HELP),
+    target: str = typer.Option("host", "--target", help=TARGET_HELP),
     llama_cpp: Path | None = typer.Option(None, "--llama-cpp", help="The checkout the runtime was built from."),
 ) -> None:
     """Print the install dir of a built runtime (bin/, lib/, manifest.json); exit 2 if it is not built."""
@@ -99,7 +99,7 @@ def path_cmd(
 
 @app.command("info")
 def info_cmd(
-    target: str = typer.Option("host", "--target", "-t", help=TARGET_HELP),
+    target: str = typer.Option("host", "--target", help=TARGET_HELP),
     llama_cpp: Path | None = typer.Option(None, "--llama-cpp", help="The checkout the runtime was built from."),
 ) -> None:
     """Print a built runtime's manifest (source, commit, patches, CMake arguments) as JSON."""
@@ -115,7 +115,7 @@ BINDINGS_ENV = {"LLAMA_CPP_LIB_PATH": "libllama.so", "MTMD_CPP_LIB": "libmtmd.so
 
 @app.command("env")
 def env_cmd(
-    target: str = typer.Option("host", "--target", "-t", help="host or cuda (the targets with shared libraries)."),
+    target: str = typer.Option("host", "--target", help="host or cuda (the targets with shared libraries)."),
     llama_cpp: Path | None = typer.Option(None, "--llama-cpp", help="The checkout the runtime was built from."),
 ) -> None:
     """Print `export` lines that point llama-cpp-python 0.3.36 at the runtime's patched libraries.

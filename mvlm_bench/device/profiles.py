@@ -54,7 +54,7 @@ from typing import Any
 
 from mvlm_bench.device.fields import bounded, check_table
 from mvlm_bench.device.ssh_config import SshOptions, split_ssh_address
-from mvlm_core.atomic import file_kind
+from mvlm_core.atomic import file_kind, read_small
 from mvlm_core.errors import MvlmError
 from mvlm_core.runtime import TARGETS
 
@@ -263,14 +263,17 @@ def _top_keys() -> dict[str, type]:
     return _TOP_KEYS | {k.options_table: dict for k in _all_kinds() if k.options_table}
 
 
+MAX_PROFILE_BYTES = 1 << 20  # a profile is a page of TOML; a bigger file is not one
+
+
 def parse_profile_file(path: Path) -> DeviceProfile:
     """Read and validate one profile file; errors name the file and the field."""
     path = Path(path)
     if path.exists() and not path.is_file():  # a FIFO would block the read forever; a device is no profile
         raise MvlmError(f"{path}: not a device profile file ({file_kind(path)}); give a .toml file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_small(path, MAX_PROFILE_BYTES, "a device profile (.toml)").decode("utf-8")
+    except UnicodeDecodeError as e:
         raise MvlmError(f"{path}: cannot read device profile ({e})") from None
     try:
         data = tomllib.loads(text)

@@ -399,6 +399,8 @@ def split_ssh_address(address: str, where: str) -> tuple[str | None, str, int | 
             raise MvlmError(f"{where}: bad ssh address {address!r} ({e}); use ssh://user@host[:port]") from None
         if parts.path not in ("", "/") or parts.query or parts.fragment or parts.password:
             raise MvlmError(f"{where}: bad ssh address {address!r}: use ssh://user@host[:port] (no path, no password)")
+        if not address[len("ssh://"):].strip("/"):
+            raise MvlmError(f"{where}: the ssh address {address!r} names no host: use ssh://user@host[:port]")
         if port == 0 or (port is None and address.rstrip("/").endswith(":")):
             raise MvlmError(f"{where}: bad port in ssh address {address!r}: give a TCP port from 1 to 65535, or leave "
                             "':port' out for 22")

@@ -110,6 +110,12 @@ def make_plan(profile: DeviceProfile, o: Options) -> Plan:
     """Check every option and input (numbers, files, their combinations) and build the plan; one line otherwise."""
     if not o.models:
         raise MvlmError("no model given: pass --model FILE.gguf (see `mvlm bench --help`)")
+    from mvlm_bench.plan.against import ORDERS
+
+    if o.order not in ORDERS:  # checked with or without --against: a typo is never silently ignored
+        raise MvlmError(f"--order {o.order!r}: choose one of {', '.join(ORDERS)} (it orders an --against session)")
+    if o.prompt is not None and not o.prompt.strip():
+        raise MvlmError("--prompt is empty: give the text, or leave --prompt out for the protocol's own")
     n_predict, tests = _tokens_and_tests(o)
     spec = BenchSpec(protocol=o.protocol, model=Path(o.models[0]), mmproj=o.mmproj, image=o.image, repeat=o.repeat,
                      warmup=o.warmup, n_predict=n_predict, timeout=o.timeout, prompt=o.prompt, data=o.data, tests=tests)

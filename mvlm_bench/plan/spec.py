@@ -13,6 +13,7 @@ from mvlm_bench.plan.engine import BenchTests, check_settings
 from mvlm_bench.plan.protocols import IMAGE_PROTOCOLS, MAX_N, PROMPT_ROOM, PROTOCOLS, tokens
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
+from mvlm_core.filenames import check_name_length
 from mvlm_core.gguf_header import check_gguf
 
 MAX_REPEAT = 1000
@@ -118,6 +119,9 @@ def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str
         key = option.lstrip("-")
         return f"--against {key}=" if key in against else option
 
+    for option, path in (("--model", spec.model), ("--mmproj", spec.mmproj), ("--image", spec.image)):
+        if path is not None:  # pushed under its own name (and a temporary one beside it) to the device
+            check_name_length(Path(path).name, f"{named(option).rstrip('=')} file name")
     model = check_gguf(Path(spec.model), named("--model"), "lm")
     _check_data(spec)
     if spec.protocol in IMAGE_PROTOCOLS:

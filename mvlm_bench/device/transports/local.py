@@ -101,7 +101,14 @@ class LocalTransport(Transport):
         return shutil.disk_usage(p).free
 
     def mkdir(self, remote: str) -> None:
-        self._p(remote).mkdir(parents=True, exist_ok=True)
+        try:
+            self._p(remote).mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # the path, or one of its parents, is a file
+            raise MvlmError(f"cannot make the directory {remote} on this machine: it, or a directory above it, is a "
+                            "file; set the profile's workdir to a directory") from None
+        except OSError as e:
+            raise MvlmError(f"cannot make the directory {remote} on this machine ({e.strerror or e}); set the profile's "
+                            "workdir to a writable directory") from None
 
     def read_text(self, remote: str) -> str | None:
         try:
