@@ -518,8 +518,12 @@ def test_body_size_concurrency_and_key_are_enforced(guarded):
               f"Content-Length: {3 << 20}\r\n")
     assert big.recv(200).startswith(b"HTTP/1.0 413"), "a 3 MiB body passed a 2 MiB limit"
     big.close()
-    stalled = raw(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-                  "Content-Length: 100\r\n", b"{")  # holds the one request slot while it "sends" its body
+    # holds the one request slot: a whole request whose generation is slow (1000 tokens, EOS ignored: ~4 s here) and
+    # whose answer it does not read; a client still sending its body takes no slot (test_faults_serve4.py)
+    slow = json.dumps({"prompt": "Hi", "n_predict": 1000, "ignore_eos": True, "stream": True}).encode()
+    stalled = raw(f"POST /completion HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(slow)}\r\n", slow)
+    assert stalled.recv(12).startswith(b"HTTP/1.0 200")  # in a slot, generating
     try:
         for _ in range(50):
             status, body = _post(guarded, "/v1/chat/completions", _chat(_data_uri(_png(8, 8))))

@@ -32,7 +32,7 @@ def serve_cmd(
                                                            "name without .gguf); requests may name any model."),
     log: Path | None = typer.Option(None, "--log", help="Server log file, appended to, never through a symlink "
                                                     "(default: ~/.cache/mvlm/logs/serve-*.log)."),
-    timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the model to load (at least 1)."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the model to load (1 to 86400)."),
     api_key_file: Path | None = typer.Option(None, "--api-key-file", help="File of API keys, one per line (# starts "
                                                                          "a comment): requests must send one as "
                                                                          "'Authorization: Bearer KEY' (401 otherwise)."),
@@ -76,8 +76,9 @@ def serve_cmd(
 
     if model is None:
         raise MvlmError("no model given: pass --model FILE.gguf (and --mmproj mmproj-FILE.gguf for images)")
-    if not (timeout >= 1):  # NaN too
-        raise MvlmError(f"--timeout {timeout:g} is too short: give the seconds to wait for the model to load, at least 1")
+    if not (1 <= timeout <= 86400):  # NaN and inf too
+        raise MvlmError(f"--timeout {timeout:g} is out of range: give the seconds to wait for the model to load, at least 1 "
+                        "and at most 86400 (a day)")
     if server_args and "--" not in sys.argv:
         raise MvlmError(f"unexpected argument {server_args[0]!r}: the model is --model FILE; options for llama-server "
                         "go after -- (mvlm serve --model M.gguf -- -fa on)")

@@ -5,13 +5,17 @@ llama-server decodes every image a request carries (stb_image) before checking a
 into the device's network), and takes request bodies of any size, as many at once as connect. The front, for each
 request:
 
-- reads at most ``max_body`` bytes (413 beyond; a body without a length: 411) and at most ``max_concurrent``
-  requests at once go on (503 with ``Retry-After`` beyond), ``max_connections`` connections open;
+- reads the request line, headers and body within ``read_timeout`` seconds in all (408 and closed beyond: a client
+  that trickles or stops sending cannot hold a connection), at most ``max_body`` bytes (413 beyond; a body without a
+  length: 411); at most ``max_connections`` connections are open (more are closed at once);
+- lets at most ``max_concurrent`` requests go on at once (503 with ``Retry-After`` beyond), counting a request only
+  once its whole body has arrived: connections still sending take no slot;
 - checks the API key when one is set (401; ``Authorization: Bearer KEY`` or ``X-Api-Key``, as llama-server does);
-- parses a POST body as JSON (refused when it is not, has a key twice, or nests beyond ``MAX_DEPTH``: a parser that
-  read it differently from llama-server's must not decide what passes) and finds every image in it where llama-server
-  looks (OpenAI ``image_url``, Responses ``input_image``, Anthropic ``image`` sources, ``input_video``/``video_url``,
-  ``multimodal_data`` of /completion);
+- parses a POST body as JSON (refused when it is not, has a key twice, nests beyond ``MAX_DEPTH``, or holds what
+  llama-server's parser fails on with a 500: ``NaN``/``Infinity``, a number beyond a double, a lone surrogate escape;
+  a parser that read it differently from llama-server's must not decide what passes) and finds every image in it
+  where llama-server looks (OpenAI ``image_url``, Responses ``input_image``, Anthropic ``image`` sources,
+  ``input_video``/``video_url``, ``multimodal_data`` of /completion);
 - reads each image's header only (PIL): more than ``max_pixels`` pixels, a payload that is not valid base64, or bytes
   that are not an image format are a 400; an http(s) URL is a 400 unless ``allow_remote_media``;
 - forwards the rest unchanged to llama-server on this machine's loopback (or the tunnel to the device) and streams the
@@ -32,6 +36,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -40,6 +45,8 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/]*=*")  # what llama-server's decoder reads, 
 MAX_DEPTH = 64  # a chat request nests ~6 deep; JSON Schema tools a few more
 MEDIA_TYPES = {"image_url", "input_image", "image", "input_video", "video_url"}
 PUBLIC_PATHS = {"/health", "/v1/health"}  # as llama-server: no key needed
+SEND_TIMEOUT = 60.0  # seconds a client may leave its response unread (a send that cannot go on) before it is dropped
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # where a lone surrogate may hide (llama-server refuses one)
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
 
@@ -51,15 +58,19 @@ class Limits:
     max_body: int = 32 << 20  # bytes of one request body (a 4096 x 4096 PNG in base64 is ~25 MB at worst)
     max_pixels: int = 4096 * 4096  # per image; MobileVLM and LLaVA resize to 336 x 336 anyway
     max_concurrent: int = 8  # requests in flight (llama-server queues them on its slots)
-    max_connections: int = 64  # open connections (each is a thread here)
+    max_connections: int = 64  # open connections (each is a thread here), requests being sent included
     allow_remote_media: bool = False  # http(s) image URLs, fetched by llama-server from its own host
     api_keys: tuple[str, ...] = ()
-    read_timeout: float = 60.0  # seconds a client may take to send its request
+    read_timeout: float = 10.0  # seconds a client may take to send its whole request (line, headers and body)
 
     def describe(self) -> str:
         return (f"images up to {self.max_pixels:,} pixels, bodies up to {self.max_body >> 20} MiB, "
                 f"{self.max_concurrent} requests at once, remote image URLs "
                 f"{'allowed' if self.allow_remote_media else 'refused'}")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.read_timeout <= 3600:  # NaN too
+            raise ValueError(f"read_timeout {self.read_timeout!r}: give seconds from 0 to 3600")
 
 
 class Refused(Exception):
@@ -79,21 +90,50 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-def parse_body(body: bytes) -> object:
-    """A request body as JSON, or Refused: not JSON, a key twice, nested beyond MAX_DEPTH."""
+def _constant(name: str) -> float:
+    raise Refused(400, f"the request body is not valid JSON: it holds {name}, which JSON does not have (send a number "
+                       "or null)")
+
+
+def _float(text: str) -> float:
+    f = float(text)
+    if f in (float("inf"), float("-inf")):
+        raise Refused(400, f"the request body is not valid JSON for this server: the number {text[:24]} is beyond "
+                           "any double")
+    return f
+
+
+def _text(s: str) -> None:
     try:
-        obj = json.loads(body, object_pairs_hook=_no_duplicates)
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refused(400, "the request body is not valid JSON for this server: a string holds a lone surrogate "
+                           "escape (\\ud800-\\udfff without its pair)") from None
+
+
+def parse_body(body: bytes) -> object:
+    """A request body as JSON, or Refused: not JSON (NaN, Infinity and numbers beyond a double included), a key twice,
+    nested beyond MAX_DEPTH, a lone surrogate escape (each a 500 from llama-server's parser)."""
+    try:
+        obj = json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_constant, parse_float=_float)
     except RecursionError:
         raise Refused(400, f"the request body nests deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise Refused(400, f"the request body is not JSON ({e})") from None
+    check_text = bool(_SURROGATE_ESCAPE.search(body))
     stack = [(obj, 1)]
     while stack:
         node, depth = stack.pop()
+        if isinstance(node, str):
+            _text(node)
+            continue
         if depth > MAX_DEPTH:
             raise Refused(400, f"the request body nests deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict) and check_text:
+            for k in node:
+                _text(k)
         children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)) or (check_text and isinstance(c, str)))
     return obj
 
 
@@ -176,6 +216,31 @@ def key_ok(headers, keys: tuple[str, ...]) -> bool:
     return any(hmac.compare_digest(given.encode(), k.encode()) for k in keys)
 
 
+class _Expired(Exception):
+    """The client did not send its whole request (line, headers, body) within ``read_timeout``."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The client's socket, readable until one deadline for the whole request: each read may wait only for the time
+    left, so a client that trickles a byte every few seconds is cut off as surely as one that sends nothing."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _Expired
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buf)
+        except TimeoutError:
+            raise _Expired from None
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: Front
     protocol_version = "HTTP/1.0"  # one request per connection: a streamed response ends when the connection does
@@ -184,6 +249,21 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        self.command, self.request_version, self.requestline = "", "HTTP/1.0", ""  # until the request line is read
+        self.rfile.close()  # the socket's own file: every read goes through the deadline instead
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, time.monotonic() + self.server.limits.read_timeout))
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except _Expired:
+            self._refuse(Refused(408, f"the request did not arrive whole within {self.server.limits.read_timeout:g} "
+                                      "s: send the headers and the body at once", "timeout_error"))
+        except (OSError, http.client.HTTPException):
+            pass  # the client went away while sending its request
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's names)
         self._handle()
 
@@ -191,20 +271,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         front = self.server
-        taken = False
+        taken, held = False, [0]
         try:
-            self.connection.settimeout(front.limits.read_timeout)
             path = urlsplit(self.path).path
             if front.limits.api_keys and path not in PUBLIC_PATHS and not key_ok(self.headers, front.limits.api_keys):
                 raise Refused(401, "Invalid API Key", "authentication_error")
-            body = self._body_length()
-            if not front.inflight.acquire(blocking=False):
+            data = self._read_body(self._body_length(), held)
+            if data is None:
+                return  # the client went away mid-body
+            self.connection.settimeout(SEND_TIMEOUT)  # the request is in: from here on only sends wait on the client
+            if not front.inflight.acquire(blocking=False):  # a slot for a whole request only: sending one is no load
                 raise Refused(503, f"this server takes {front.limits.max_concurrent} requests at once (mvlm serve "
                                    "--max-concurrent): retry shortly", "server_busy", retry_after=1)
             taken = True
-            data = self.rfile.read(body) if body else b""
-            if len(data) != body:
-                return  # the client went away mid-body
             if data and self.command in ("POST", "PUT", "PATCH"):
                 for value in media_of(parse_body(data)):
                     check_media(value, front.limits)
@@ -216,6 +295,25 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             if taken:
                 front.inflight.release()
+            front.hold_body_bytes(-held[0])
+
+    def _read_body(self, n: int, held: list[int]) -> bytes | None:
+        """``n`` bytes of body within the request's deadline (_DeadlineReader), or None when the client went away. The
+        bytes count against the front's budget for bodies held at once (``held[0]``: this request's share, returned
+        by the caller) as they arrive: a client that sends nothing costs nothing, a flood of whole bodies is a 503."""
+        front, parts, got = self.server, [], 0
+        while got < n:
+            want = min(1 << 16, n - got)
+            if not front.hold_body_bytes(want):
+                raise Refused(503, f"this server is receiving {front.body_budget >> 20} MiB of request bodies at once "
+                                   "(--max-concurrent x --max-body-mb): retry shortly", "server_busy", retry_after=1)
+            held[0] += want
+            chunk = self.rfile.read(want)
+            if len(chunk) != want:
+                return None
+            parts.append(chunk)
+            got += want
+        return b"".join(parts)
 
     def _body_length(self) -> int:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -259,6 +357,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _refuse(self, e: Refused) -> None:
         body = json.dumps({"error": {"message": e.message, "type": e.kind, "code": e.status}}).encode()
         try:
+            self.connection.settimeout(SEND_TIMEOUT)
             self.send_response(e.status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
@@ -270,6 +369,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(body)
         except OSError:
             pass
+
+
+_TOO_MANY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+             b"Connection: close\r\n\r\n" + json.dumps({"error": {
+                 "message": "this server has as many connections open as it takes: retry shortly", "type": "server_busy",
+                 "code": 503}}).encode())
 
 
 class Front(ThreadingHTTPServer):
@@ -286,12 +391,27 @@ class Front(ThreadingHTTPServer):
         self.limits, self.upstream, self.upstream_timeout = limits, upstream, upstream_timeout
         self.inflight = threading.BoundedSemaphore(limits.max_concurrent)
         self.connections = threading.BoundedSemaphore(limits.max_connections)
+        self.body_budget = limits.max_concurrent * limits.max_body  # bytes of bodies held at once (read or being read)
+        self._body_bytes, self._body_lock = 0, threading.Lock()
         super().__init__((host, port), _Handler)
         self.port = int(self.server_address[1])
         self._thread: threading.Thread | None = None
 
+    def hold_body_bytes(self, n: int) -> bool:
+        """Take ``n`` bytes of the body budget (give them back with a negative ``n``); False when they do not fit."""
+        with self._body_lock:
+            if n > 0 and self._body_bytes + n > self.body_budget:
+                return False
+            self._body_bytes += n
+            return True
+
     def process_request(self, request, client_address) -> None:
-        if not self.connections.acquire(blocking=False):  # too many open: closed at once, no thread for it
+        if not self.connections.acquire(blocking=False):  # too many open: a 503 if it fits, closed at once, no thread
+            try:
+                request.settimeout(0)
+                request.send(_TOO_MANY)
+            except OSError:
+                pass
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
