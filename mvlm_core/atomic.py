@@ -206,35 +206,34 @@ def is_gguf(p: Path) -> bool:
         return False
 
 
-def read_small(path: Path, limit: int, what: str) -> bytes:
-    """A small input file's bytes (a device profile, a key file, a report), bounded: only a regular file (opened
-    without blocking: a FIFO cannot hang the command; /dev/zero is no file), at most ``limit`` bytes; else one line
-    naming ``what`` it should be."""
+def read_small(path: Path, limit: int, what: str, option: str = "") -> bytes:
+    """A small input file's bytes (a device profile, a key file), bounded: only a regular file (opened without
+    blocking: a FIFO cannot hang the command; /dev/zero is no file), at most ``limit`` bytes; else one line naming
+    ``what`` it should be (and the ``option`` it came from)."""
     import stat
 
+    said = f"{option} {path}:" if option else f"{path}:"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise MvlmError(f"{path}: cannot be read ({e.strerror or e}); give {what}") from None
+        raise MvlmError(f"{said} cannot be read ({e.strerror or e}); give {what}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise MvlmError(f"{path} is {file_kind(Path(path))}, not a regular file; give {what}")
-        if st.st_size > limit:
-            raise MvlmError(f"{path} is {st.st_size} bytes, more than {what} can be ({limit} at most); give {what}")
-        chunks, left = [], limit + 1
-        while left > 0:
-            b = os.read(fd, min(left, 1 << 20))
+            raise MvlmError(f"{said} is {file_kind(Path(path))}, not a regular file; give {what}")
+        chunks, size = [], 0
+        while size <= limit:  # a file that grows while read is still read no further than the limit
+            b = os.read(fd, min(limit + 1 - size, 1 << 20))
             if not b:
                 break
             chunks.append(b)
-            left -= len(b)
-        data = b"".join(chunks)
-        if len(data) > limit:  # grew while read
-            raise MvlmError(f"{path} is more than {limit} bytes; give {what}")
-        return data
+            size += len(b)
+        if max(size, st.st_size) > limit:
+            raise MvlmError(f"{said} is {max(size, st.st_size)} bytes, more than the {limit} of {what} (is it the right "
+                            "file?)")
+        return b"".join(chunks)
     except OSError as e:
-        raise MvlmError(f"{path}: cannot be read ({e.strerror or e}); give {what}") from None
+        raise MvlmError(f"{said} cannot be read ({e.strerror or e}); give {what}") from None
     finally:
         os.close(fd)
 

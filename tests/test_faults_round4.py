@@ -66,7 +66,7 @@ def test_a_device_profile_is_read_bounded_and_never_from_a_fifo(tmp_path):
     big = tmp_path / "big.toml"
     big.write_text('name = "big"\ntransport = "local"\ntarget = "host"\n')
     os.truncate(big, 3 << 30)  # sparse: 3 GB claimed, nothing stored
-    assert "more than a device profile (.toml) can be" in error_line(mvlm("devices", big, timeout=30))
+    assert "more than the 1048576 of a device profile (.toml)" in error_line(mvlm("devices", big, timeout=30))
     fifo = tmp_path / "fifo.toml"
     os.mkfifo(fifo)
     line = error_line(mvlm("bench", "--device", fifo, "-m", small_gguf(tmp_path / "m.gguf"), timeout=30))

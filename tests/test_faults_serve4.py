@@ -51,8 +51,8 @@ def _free_port() -> int:
 
 # ============================================================================= 1. --api-key-file: a file, and small
 @pytest.mark.parametrize("kind,words", [("dev-zero", "is a character device, not a regular file"),
-                                        ("fifo", "is a FIFO, not a regular file"),
-                                        ("sparse-2mib", "is 2,097,152 bytes, over the 1,048,576 bytes")])
+                                        ("fifo", "is a FIFO (named pipe), not a regular file"),
+                                        ("sparse-2mib", "is 2097152 bytes, more than the 1048576")])
 def test_an_api_key_file_that_is_not_a_small_regular_file_is_one_line_at_once(tmp_path, kind, words):
     if kind == "dev-zero":
         keys = Path("/dev/zero")

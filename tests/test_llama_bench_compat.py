@@ -372,21 +372,25 @@ def test_llama_cpp_settings_reach_the_papers_protocols_programs(smollm2_gguf, tm
     assert (rec["type_k"], rec["n_batch"]) == ("f16", 2048)  # llama.cpp's defaults when not given
 
 
-@pytest.mark.parametrize("args,says", [
-    (["-p", "512"], "-p shapes llama-bench's tests"),
-    (["-d", "128"], "-d shapes llama-bench's tests"),
-    (["-n", "4,8"], "a list of lengths is llama-bench's"),
-    (["-fa", "maybe"], "give on, off or auto"),
-    (["-ctk", "q9_9"], "is not one of"),
-    (["-b", "64", "-ub", "128"], "-ub 128 is larger than the batch size (64)"),
-    (["-fa", "off", "-ctv", "q4_0"], "needs flash attention"),
-    (["-C", "zz"], "is not a CPU mask"),
-    (["--prio", "1,2"], "takes one value"),
-    (["-o", "xml"], "choose one of json, jsonl, csv, md, sql"),
-    (["-P", "llama-bench", "-p", "0", "-n", "0"], "no test to run"),
-    (["-P", "llama-bench", "-pg", "512"], "give one prompt+generation pair as PP,TG"),
-])
-def test_llama_bench_flags_refused_in_one_line(smollm2_gguf, tmp_path, args, says):
-    r = mvlm("bench", "-m", smollm2_gguf, *args, cwd=tmp_path, timeout=120)
+# the flags as typed -> words of the one-line refusal
+_REFUSED = {
+    "-p 512": "-p shapes llama-bench's tests",
+    "-d 128": "-d shapes llama-bench's tests",
+    "-n 4,8": "a list of lengths is llama-bench's",
+    "-fa maybe": "give on, off or auto",
+    "-ctk q9_9": "is not one of",
+    "-b 64 -ub 128": "-ub 128 is larger than the batch size (64)",
+    "-fa off -ctv q4_0": "needs flash attention",
+    "-C zz": "is not a CPU mask",
+    "--prio 1,2": "takes one value",
+    "-o xml": "choose one of json, jsonl, csv, md, sql",
+    "-P llama-bench -p 0 -n 0": "no test to run",
+    "-P llama-bench -pg 512": "give one prompt+generation pair as PP,TG",
+}
+
+
+@pytest.mark.parametrize("flags", sorted(_REFUSED))
+def test_llama_bench_flags_refused_in_one_line(smollm2_gguf, tmp_path, flags):
+    r = mvlm("bench", "-m", smollm2_gguf, *flags.split(), cwd=tmp_path, timeout=120)
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and says in lines[0], r.stderr
+    assert r.returncode == 2 and len(lines) == 1 and _REFUSED[flags] in lines[0], r.stderr

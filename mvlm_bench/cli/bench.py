@@ -16,6 +16,7 @@ from pathlib import Path
 
 import typer
 
+from mvlm_bench.plan import engine
 from mvlm_core.console import console as make_console
 
 app = typer.Typer(invoke_without_command=True)
@@ -43,21 +44,8 @@ _P = typer.Option(None, "--n-prompt", "-p", help="llama-bench: prompt-processing
 _PG = typer.Option(None, "-pg", help="llama-bench: a prompt+generation test PP,TG (e.g. 512,128); repeat for more.")
 _DEPTH = typer.Option(None, "--n-depth", "-d", help="llama-bench: context depths each test runs at, a comma list "
                       "(default 0).")
-_BATCH = typer.Option(None, "--batch-size", "-b", help="Logical batch size (llama.cpp's default 2048); a comma list "
-                      "sweeps. Reaches every program a protocol runs.")
-_UBATCH = typer.Option(None, "--ubatch-size", "-ub", help="Physical batch size (default 512); a comma list sweeps.")
-_FA = typer.Option(None, "--flash-attn", "-fa", help="Flash attention: on, off or auto (default auto); a comma list "
-                   "sweeps. Reaches every program a protocol runs.")
-_CTK = typer.Option(None, "--cache-type-k", "-ctk", help="KV cache type for K (f16, q8_0, q4_0, ...; default f16); a "
-                    "comma list sweeps.")
-_CTV = typer.Option(None, "--cache-type-v", "-ctv", help="KV cache type for V (default f16; quantized V needs -fa on); "
-                    "a comma list sweeps.")
-_CPU_MASK = typer.Option(None, "--cpu-mask", "-C", help="CPU affinity mask, hexadecimal (0xF: CPUs 0-3); a comma list "
-                         "sweeps.")
-_CPU_STRICT = typer.Option(None, "--cpu-strict", help="Strict CPU placement: 0 or 1; a comma list sweeps.")
-_POLL = typer.Option(None, "--poll", help="Polling level while waiting for work, 0-100 (default 50); a comma list "
-                     "sweeps.")
-_PRIO = typer.Option(None, "--prio", help="Process/thread priority: -1 low, 0 normal, 1 medium, 2 high, 3 realtime.")
+# llama.cpp's own settings, as llama-bench names them (mvlm_bench.plan.engine: one table, its help texts too)
+_ENGINE = {e.field: typer.Option(None, e.option, *([e.short] if e.short else []), help=e.help) for e in engine.SETTINGS}
 _OUTPUT = typer.Option(None, "--output", "-o", help="Print the results on stdout in this format, as llama-bench's -o: "
                        "json, jsonl, csv, md or sql (the table then goes to stderr).")
 _THREADS = typer.Option(None, "--threads", "-t", help="CPU threads (default: the profile's); a comma list (1,2,4) "
@@ -117,10 +105,12 @@ def bench_cmd(ctx: typer.Context, device: str = _DEVICE, protocol: str = _PROTOC
               save: bool = _SAVE, db_arg: str | None = _DB, label: str = _LABEL, baseline: str | None = _BASELINE,
               fail_on_regression: str | None = _FAIL, verbose: bool = _VERBOSE, against: list[str] | None = _AGAINST,
               order: str = _ORDER, lease_timeout: float = _LEASE_TIMEOUT, n_prompt: str | None = _P,
-              pg: list[str] | None = _PG, n_depth: str | None = _DEPTH, batch: str | None = _BATCH,
-              ubatch: str | None = _UBATCH, flash_attn: str | None = _FA, ctk: str | None = _CTK,
-              ctv: str | None = _CTV, cpu_mask: str | None = _CPU_MASK, cpu_strict: str | None = _CPU_STRICT,
-              poll: str | None = _POLL, prio: str | None = _PRIO, output: str | None = _OUTPUT) -> None:
+              pg: list[str] | None = _PG, n_depth: str | None = _DEPTH, batch: str | None = _ENGINE["batch"],
+              ubatch: str | None = _ENGINE["ubatch"], flash_attn: str | None = _ENGINE["flash_attn"],
+              ctk: str | None = _ENGINE["cache_type_k"], ctv: str | None = _ENGINE["cache_type_v"],
+              cpu_mask: str | None = _ENGINE["cpu_mask"], cpu_strict: str | None = _ENGINE["cpu_strict"],
+              poll: str | None = _ENGINE["poll"], prio: str | None = _ENGINE["prio"],
+              output: str | None = _OUTPUT) -> None:
     """Run the papers' latency protocols on a device and report Sample / Eval_prompt / Eval / Total (+ VE, Eval_avg).
 
     Pushes the runtime for the device's target and the model files (content-addressed: unchanged files are not pushed

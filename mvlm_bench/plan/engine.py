@@ -78,18 +78,29 @@ class Setting:
     parse: Callable[[str], Any]
     arg: Callable[[Any], str] = str
     sweeps: bool = True  # llama-bench takes a list (its --prio is one value for the whole run)
+    help: str = ""  # `mvlm bench --help`
 
 
+_SWEEPS = "; a comma list sweeps"
 SETTINGS: tuple[Setting, ...] = (
-    Setting("batch", "--batch-size", "-b", "n_batch", _whole(1, MAX_BATCH)),
-    Setting("ubatch", "--ubatch-size", "-ub", "n_ubatch", _whole(1, MAX_BATCH)),
-    Setting("flash_attn", "--flash-attn", "-fa", "flash_attn", _flash_attn, _FA_ARG.__getitem__),
-    Setting("cache_type_k", "--cache-type-k", "-ctk", "type_k", _choice(KV_TYPES)),
-    Setting("cache_type_v", "--cache-type-v", "-ctv", "type_v", _choice(KV_TYPES)),
-    Setting("cpu_mask", "--cpu-mask", "-C", "cpu_mask", _mask),
-    Setting("cpu_strict", "--cpu-strict", "", "cpu_strict", _strict, lambda v: "1" if v else "0"),
-    Setting("poll", "--poll", "", "poll", _whole(0, 100)),
-    Setting("prio", "--prio", "", "prio", _whole(-1, 3), sweeps=False),
+    Setting("batch", "--batch-size", "-b", "n_batch", _whole(1, MAX_BATCH),
+            help="Logical batch size (llama.cpp's default 2048)" + _SWEEPS + ". Reaches every program a protocol runs."),
+    Setting("ubatch", "--ubatch-size", "-ub", "n_ubatch", _whole(1, MAX_BATCH),
+            help="Physical batch size (default 512)" + _SWEEPS + "."),
+    Setting("flash_attn", "--flash-attn", "-fa", "flash_attn", _flash_attn, _FA_ARG.__getitem__,
+            help="Flash attention: on, off or auto (default auto)" + _SWEEPS + ". Reaches every program a protocol runs."),
+    Setting("cache_type_k", "--cache-type-k", "-ctk", "type_k", _choice(KV_TYPES),
+            help="KV cache type for K (f16, q8_0, q4_0, ...; default f16)" + _SWEEPS + "."),
+    Setting("cache_type_v", "--cache-type-v", "-ctv", "type_v", _choice(KV_TYPES),
+            help="KV cache type for V (default f16; a quantized V needs -fa on)" + _SWEEPS + "."),
+    Setting("cpu_mask", "--cpu-mask", "-C", "cpu_mask", _mask,
+            help="CPU affinity mask, hexadecimal (0xF: CPUs 0-3)" + _SWEEPS + "."),
+    Setting("cpu_strict", "--cpu-strict", "", "cpu_strict", _strict, lambda v: "1" if v else "0",
+            help="Strict CPU placement: 0 or 1" + _SWEEPS + "."),
+    Setting("poll", "--poll", "", "poll", _whole(0, 100),
+            help="Polling level while waiting for work, 0-100 (default 50)" + _SWEEPS + "."),
+    Setting("prio", "--prio", "", "prio", _whole(-1, 3), sweeps=False,
+            help="Process/thread priority: -1 low, 0 normal, 1 medium, 2 high, 3 realtime."),
 )
 BY_FIELD = {s.field: s for s in SETTINGS}
 # what llama.cpp runs with when the option is left out, in llama-bench's encoding (its defaults; the history reads a

@@ -95,43 +95,16 @@ def api_keys(key: str | None, key_file: Path | None) -> tuple[str, ...]:
     """The API keys of ``--api-key`` and ``--api-key-file`` (one per line, ``#`` comments and blank lines skipped, as
     llama-server reads its own)."""
 
-    def file_text(key_file: Path, limit: int = 1 << 20) -> str:
-        """The text of ``--api-key-file``: a regular file of at most ``limit`` bytes (thousands of keys; /dev/zero or a
-        disk image is a mistake), opened without blocking (a FIFO nobody writes to would wait forever) and checked with
-        fstat on what was opened; one line otherwise."""
-        import stat
+    def file_text(key_file: Path) -> str:
+        """The text of ``--api-key-file``: a regular file of at most 1 MiB (thousands of keys; /dev/zero or a disk
+        image is a mistake), opened without blocking (a FIFO nobody writes to would wait forever); one line otherwise."""
+        from mvlm_core.atomic import read_small
 
-        def refuse(why: str) -> MvlmError:
-            return MvlmError(f"--api-key-file {key_file}: {why}; give a text file of keys, one per line")
-
+        what = "a text file of keys, one per line"
         try:
-            fd = os.open(key_file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise refuse(f"cannot be read ({e.strerror})") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                kind = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-                        stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}.get(stat.S_IFMT(st.st_mode), "not a file")
-                raise refuse(f"is {kind}, not a regular file")
-            if st.st_size > limit:
-                raise refuse(f"is {st.st_size:,} bytes, over the {limit:,} bytes a key file may have (is it the right file?)")
-            raw = b""
-            while len(raw) <= limit:  # a file that grew since fstat is still read no further than the limit
-                chunk = os.read(fd, limit + 1 - len(raw))
-                if not chunk:
-                    break
-                raw += chunk
-        except OSError as e:
-            raise refuse(f"cannot be read ({e.strerror})") from None
-        finally:
-            os.close(fd)
-        if len(raw) > limit:
-            raise refuse(f"is over the {limit:,} bytes a key file may have (is it the right file?)")
-        try:
-            return raw.decode("utf-8")
+            return read_small(key_file, 1 << 20, what, "--api-key-file").decode("utf-8")
         except UnicodeDecodeError:
-            raise refuse("cannot be read (not UTF-8 text)") from None
+            raise MvlmError(f"--api-key-file {key_file}: cannot be read (not UTF-8 text); give {what}") from None
 
     keys = [] if key is None else [key]
     if key is not None and (not key.strip() or any(c in key for c in "\r\n\0")):
