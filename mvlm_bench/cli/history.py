@@ -184,7 +184,7 @@ def import_cmd(files: list[Path] = typer.Argument(..., help="Reports written by 
     for f in files:
         check_report_file(f, "pass a JSON file written by `mvlm bench --json-file` or by a failed `mvlm bench --save`, "
                              "or llama-bench output")
-        entries += entries_from_json(f, device=device)
+        entries += entries_from_json(f, device=device, need_device=True)
     if label is not None:
         for e in entries:
             e.label = label

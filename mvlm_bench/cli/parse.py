@@ -100,12 +100,28 @@ def parse_cmd(
     if json_:
         out = [{"file": str(p)} | r.to_dict() | _bench_rows(p, r) for p, r in rows]
         typer.echo(json.dumps(out, indent=2, allow_nan=False))
+        _warn_negatives(rows)
         return
     console = make_console()
     console.print(_table(rows))
     for path, r in rows:
         for w in r.warnings:
-            console.print(f"[yellow]{path.name}:[/] {w}", highlight=False, markup=True)
+            if not _is_negative(w):
+                console.print(f"[yellow]{path.name}:[/] {w}", highlight=False, markup=True)
+    _warn_negatives(rows)
+
+
+def _is_negative(warning: str) -> bool:
+    return "negative: not a measurement; the value" in warning
+
+
+def _warn_negatives(rows: list[tuple[Path, TimingRecord]]) -> None:
+    """A negative time, count or rate (left empty in the record): one line per file on stderr, with --json too."""
+    errors = make_console(stderr=True)
+    for p, r in rows:
+        for w in r.warnings:
+            if _is_negative(w):
+                errors.print(f"warning: {p.name}: {w}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _bench_rows(path: Path, r: TimingRecord) -> dict:

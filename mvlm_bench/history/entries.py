@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mvlm_bench.plan import engine
-from mvlm_bench.records.columns import direction, finite
+from mvlm_bench.records.columns import BY_KEY, direction, finite
 from mvlm_bench.records.record import RunContext
 from mvlm_core.terminal import visible
 
@@ -166,9 +166,13 @@ def check_label(label: str | None, option: str = "--label") -> None:
                         f"give one line of at most {MAX_LABEL} characters (e.g. main, pr-42)")
 
 
+TEMPERATURE_C = (-100.0, 200.0)  # a device temperature outside this is not a reading
+
+
 def metric_value(v: Any, what: str, key: str | None = None) -> float | None:
     """A stored metric: null (not measured) or a finite number; anything else is a ValueError naming ``what`` (mvlm
-    writes null, never NaN, a string or a list)."""
+    writes null, never NaN, a string or a list). Speeds, durations, counts, memory and times are never negative, a
+    temperature is within TEMPERATURE_C."""
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int | float):
@@ -178,7 +182,33 @@ def metric_value(v: Any, what: str, key: str | None = None) -> float | None:
         raise ValueError(f"{what} is {str(v)[:40]}, not a finite number (mvlm writes null for a value it lacks)")
     if out < 0 and key is not None and (direction(key) != 0 or key.endswith("_tps")):
         raise ValueError(f"{what} is {out:g}: a speed or a duration is never negative")
+    kind = "size" if key == "peak_rss_mb" else BY_KEY[key].kind if key in BY_KEY else ""
+    if out < 0 and kind in ("count", "time", "size"):
+        raise ValueError(f"{what} is {out:g}: a {kind} is never negative")
+    if key in ("temp_start_c", "temp_end_c") and not TEMPERATURE_C[0] <= out <= TEMPERATURE_C[1]:
+        raise ValueError(f"{what} is {out:g} °C: not a device temperature (readings lie within {TEMPERATURE_C[0]:g} to "
+                         f"{TEMPERATURE_C[1]:g} °C)")
     return out
+
+
+_RUN_READINGS = ("t_start", "t_end", "peak_rss_mb", "temp_start_c", "temp_end_c")  # a run's own copies of metrics
+
+
+def _check_run(run: dict[str, Any], i: int, metrics: dict[str, Any], timing: dict[str, Any]) -> None:
+    """A run holds a measurement (metrics or timing; the run object of `{}` is none), readings that are readings
+    (see :func:`metric_value`), a timing without negative numbers, and ends when or after it starts."""
+    if not metrics and not timing:
+        raise ValueError(f"run {i} has neither 'metrics' nor 'timing': not a measurement")
+    for k in _RUN_READINGS:
+        if k in run:
+            metric_value(run[k], f"run {i}: {k!r}", k)
+    for k, v in timing.items():
+        if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
+            raise ValueError(f"run {i}: timing {str(k)[:60]!r} is {v:g}: a time, a count or a rate is never negative")
+    for where in (run, metrics):
+        t0, t1 = where.get("t_start"), where.get("t_end")
+        if all(isinstance(t, int | float) and not isinstance(t, bool) for t in (t0, t1)) and t1 < t0:
+            raise ValueError(f"run {i}: t_end {t1:g} is before t_start {t0:g}")
 
 
 def entry_from_record(r: dict[str, Any], source: str) -> Entry:
@@ -209,17 +239,22 @@ def entry_from_record(r: dict[str, Any], source: str) -> Entry:
                      gpu_info=text_field(r.get("gpu_info"), "'gpu_info'"), params=params)
     samples: dict[str, list[float | None]] = {}
     timings = []
+    seen: dict[str, int] = {}
     for i, run in enumerate(runs):
         metrics = run.get("metrics") or {}
         timing = run.get("timing") or {}
         if not isinstance(metrics, dict) or not isinstance(timing, dict):
             raise ValueError(f"run {i}: 'metrics' and 'timing' must be objects")
+        first = seen.setdefault(json.dumps(run, sort_keys=True, default=str), i)
+        if first != i:
+            raise ValueError(f"run {i} repeats run {first} exactly (the same repetition twice)")
         for k, v in metrics.items():
             if str(k).endswith("_source") and (v is None or isinstance(v, str)):
                 continue  # where a figure came from ("runner", "wall"): provenance, not a measurement
             vals = samples.setdefault(str(k), [])
             vals.extend([None] * (i - len(vals)))  # a metric missing from earlier runs keeps its index
             vals.append(metric_value(v, f"run {i}: metric {str(k)[:60]!r}", str(k)))
+        _check_run(run, i, metrics, timing)
         timings.append(timing)
     dirty = r.get("project_dirty")
     created = text_field(r.get("created_at"), "'created_at'")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import re
 from collections import deque
@@ -192,7 +193,11 @@ class BenchParser:
     JSON: an array that starts on a line beginning with ``[`` whose first element is an object; the first such array
     of llama-bench records wins. JSONL: every line that is one llama-bench record. Markdown: rows of a table whose
     header has ``test`` and ``t/s`` (a ``build:`` footer gives the rows above it their build). CSV: the rows under the
-    first header naming ``avg_ts`` and ``n_prompt``/``n_gen``, up to the first row that does not fit.
+    first header naming ``avg_ts`` and ``n_prompt``/``n_gen`` (other lines between them are skipped).
+
+    ``rejected`` is the first line that looks like a row and is not one: a CSV row of another number of columns, a JSON
+    line cut short (after rows), a row that repeats an earlier line exactly (jsonl, csv: llama-bench writes each test
+    once, with its own time), an mvlm bench record among llama-bench rows or the other way round.
     """
 
     def __init__(self, max_rows: int = MAX_BENCH_ROWS, max_json_chars: int = MAX_JSON_CHARS) -> None:
@@ -213,8 +218,9 @@ class BenchParser:
         self._md_table = _Rows(max_rows)  # rows of tables not yet given a build footer
         self.csv = _Rows(max_rows)
         self._csv_header: list[str] | None = None
-        self._csv_done = False
         self.sql = _Rows(max_rows)
+        self._seen: dict[bytes, int] = {}  # digest of a row's line -> its line number (a row given twice is refused)
+        self._jsonl_kind: dict[bool, int] = {}  # mvlm record (has "runs")? -> the first such line
 
     def feed(self, line: str) -> None:
         self.line_no += 1
@@ -228,22 +234,41 @@ class BenchParser:
             return
         if self.json_rows is None:
             self._json(line, s)
-        if s.startswith("{") and '"avg_' in s:
+        if s.startswith("{") and ('"avg_' in s or (self.jsonl.count and self._js is None)):
             try:
                 obj = json.loads(s)
             except (ValueError, RecursionError):
                 obj = None
             if _is_bench_record(obj):
-                self.jsonl.add(obj)
+                self._jsonl_row(obj, s)
             else:
-                self._reject("a JSON line that is not one of llama-bench's rows")
+                self._reject("a JSON line that is not one of llama-bench's rows" if obj is not None else
+                             "a JSON line that is not valid JSON")
         self._md(s)
-        if not self._csv_done:
-            self._csv(line)
+        self._csv(line)
 
     def _reject(self, what: str) -> None:
         if self.rejected is None:
             self.rejected = (self.line_no, what)
+
+    def _repeat(self, s: str) -> bool:
+        """The row on this line repeats an earlier line exactly (rejected: llama-bench writes each test once, at its
+        own time, so a copy would count its samples twice)."""
+        key = hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        first = self._seen.setdefault(key, self.line_no)
+        if first != self.line_no:
+            self._reject(f"a repeat of line {first}")
+            return True
+        return False
+
+    def _jsonl_row(self, obj: dict[str, Any], s: str) -> None:
+        mvlm = "runs" in obj  # an `mvlm bench --jsonl` record: read by the mvlm import, never mixed with llama-bench's
+        self._jsonl_kind.setdefault(mvlm, self.line_no)
+        if len(self._jsonl_kind) > 1:
+            self._reject(f"{'an mvlm bench record' if mvlm else 'a llama-bench row'} in a file of "
+                         f"{'llama-bench rows' if mvlm else 'mvlm bench records'} (a file holds one kind or the other)")
+        elif not self._repeat(s):
+            self.jsonl.add(obj)
 
     # JSON: collected from a "[" line, decoded when a line closes it; given up on at the first sign it is not one
     def _json(self, line: str, s: str) -> None:
@@ -324,11 +349,15 @@ class BenchParser:
                     self._csv_header = cells
             return
         values = self._csv_cells(line)
-        if len(values) != len(self._csv_header):
-            if self.csv.count:
-                self._csv_done = True
+        if values == self._csv_header:  # the header again (two runs appended to one file)
             return
-        self.csv.add({k: _scalar(v) for k, v in zip(self._csv_header, values, strict=True)})
+        if len(values) != len(self._csv_header):
+            s = line.strip()
+            if s.startswith('"') or (len(values) >= 3 and "|" not in s):  # a row (llama-bench quotes every value)
+                self._reject(f"a CSV row of {len(values)} columns under a header of {len(self._csv_header)}")
+            return  # another line (stderr) between the rows
+        if not self._repeat(line.strip()):
+            self.csv.add({k: _scalar(v) for k, v in zip(self._csv_header, values, strict=True)})
 
     @staticmethod
     def _csv_cells(line: str) -> list[str]:

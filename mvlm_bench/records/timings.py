@@ -241,14 +241,33 @@ class _Image:
 
 
 # --- the parser ---------------------------------------------------------------------------------------------------
+_NEGATIVE = "\0negative "  # a warning to merge (see _merge_negatives): one line per record says every negative value
+
+
 def set_finite(rec: TimingRecord, name: str, value: float | None, what: str) -> None:
-    """Store a printed value; inf/nan mean "nothing was measured" (0 ms divided), so store None and say so."""
+    """Store a printed value; inf/nan mean "nothing was measured" (0 ms divided), so store None and say so. A negative
+    time, count or rate is no measurement either (a clock that went back, an edited log): None, and a warning."""
     if value is None:
         return
     if not math.isfinite(value):
         rec.warnings.append(f"{what} printed as {value!r} (nothing measured): {name} left empty")
         return
+    if value < 0:
+        rec.warnings.append(f"{_NEGATIVE}{what} {value:g}")
+        return
     setattr(rec, name, int(round(value)) if name in _INT_FIELDS else value)
+
+
+def _merge_negatives(rec: TimingRecord) -> None:
+    """The negative values set_finite left empty, said in one warning line where the first was."""
+    found = [w.removeprefix(_NEGATIVE) for w in rec.warnings if w.startswith(_NEGATIVE)]
+    if not found:
+        return
+    first = next(i for i, w in enumerate(rec.warnings) if w.startswith(_NEGATIVE))
+    line = (f"{found[0]} is negative: not a measurement; the value is left empty" if len(found) == 1 else
+            f"{', '.join(found[:-1])} and {found[-1]} are negative: not a measurement; the values are left empty")
+    rest = [w for w in rec.warnings if not w.startswith(_NEGATIVE)]
+    rec.warnings = rest[:first] + [line] + rest[first:]
 
 
 def _rate(rec: TimingRecord, tps_name: str, ms_name: str, n_name: str, what: str) -> None:
@@ -369,6 +388,7 @@ def parse_lines(raw_lines: Iterable[str]) -> TimingRecord:
         parser.finish(rec)
     except Exception as e:  # a parser bug must not take a benchmark run down with it
         rec.warnings.append(f"parser error ({type(e).__name__}: {e}); record may be partial")
+    _merge_negatives(rec)
     rec.missing = [f for f in FIELDS if getattr(rec, f) is None]
     return rec
 
