@@ -151,3 +151,13 @@ def test_report_with_a_db_that_is_not_there_is_refused(tmp_path):
 def test_bench_typos_are_refused_not_ignored(tmp_path, args, says):
     line = error_line(mvlm("bench", "-m", small_gguf(tmp_path / "m.gguf"), *args))
     assert says in line, line
+
+
+def test_a_report_too_large_to_parse_is_refused_from_its_size(tmp_path):
+    """A 300 MB report (a gigabyte of whitespace cost compare 2 GB of memory): refused from its size, at once."""
+    big = tmp_path / "ws.json"
+    big.write_bytes(b"[")
+    os.truncate(big, 300 << 20)
+    for argv in (["compare", big, big], ["history", "import", big, "--db", tmp_path / "h.sqlite"]):
+        assert "more than a report can be (256 MiB)" in error_line(mvlm(*argv, timeout=60))
+    assert not (tmp_path / "h.sqlite").exists()

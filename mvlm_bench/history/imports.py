@@ -191,19 +191,26 @@ def entries_from_bench_rows(rows: list[dict[str, Any]], path: Path, device: str 
     return out
 
 
+# The largest report read (it is parsed whole): a report of the most rows one import stores is about half of it.
+MAX_REPORT_BYTES = 256 << 20
+
+
 def check_report_file(path: Path, todo: str = "pass a JSON file written by `mvlm bench --json-file` or llama-bench") -> None:
     """Refuse, in one line, a report path that is missing or not a regular file (a FIFO would block the read forever,
     /dev/zero would never end); ``todo``: what to pass instead."""
     from mvlm_core.atomic import file_kind
 
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except FileNotFoundError:
         raise MvlmError(f"{path} does not exist: {todo}") from None
     except OSError as e:
         raise MvlmError(f"cannot read {path}: {e.strerror or e}; {todo}") from None
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(st.st_mode):
         raise MvlmError(f"{path} is {file_kind(path)}, not a file: {todo}")
+    if st.st_size > MAX_REPORT_BYTES:  # read whole to parse: its size bounds what reading it costs
+        raise MvlmError(f"{path} is {st.st_size} bytes, more than a report can be ({MAX_REPORT_BYTES >> 20} MiB); "
+                        "split it and pass the parts")
 
 
 def entries_from_json(path: Path, device: str | None = None, need_device: bool = False) -> list[Entry]:
