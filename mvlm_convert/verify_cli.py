@@ -69,7 +69,8 @@ def render(result: dict, console: Console) -> None:
 
 
 def verify_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="The HF checkpoint directory the GGUFs were converted from.",
+    checkpoint: Annotated[Path, typer.Argument(help="The HF checkpoint directory the GGUFs were converted from, or "
+                                                    "its Hub id OWNER/NAME[@REV] (as mvlm convert takes it).",
                                                show_default=False)],
     gguf: Annotated[Path, typer.Option("--gguf", help="Language-model GGUF written by `mvlm convert`.",
                                        show_default=False)],
@@ -95,6 +96,13 @@ def verify_cmd(
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object.")] = False,
 ) -> None:
     """Run the independent PyTorch reference and llama.cpp on the same image and tokens; exit 1 above thresholds."""
+    from mvlm_convert.hub import hub_reference
+
+    ref = hub_reference(checkpoint)
+    if ref is not None:  # OWNER/NAME[@REV], as mvlm convert takes it: the Hub's copy in huggingface_hub's cache
+        from mvlm_convert.hub import download
+
+        checkpoint = download(*ref)
     if not checkpoint.is_dir():
         raise MvlmError(f"checkpoint directory not found: {checkpoint}")
     for option, value in (("--image-threshold", image_threshold), ("--logits-threshold", logits_threshold)):

@@ -325,9 +325,11 @@ def test_llama_bench_flags_give_the_rows_the_real_llama_bench_gives(host_runtime
 
 
 @pytest.mark.slow
-def test_output_formats_on_stdout_hold_the_same_records_as_the_json_file(smollm2_gguf, tmp_path):
-    """-o sql runs in sqlite3 into llama-bench's table, a row per record of --json-file; -o jsonl is a line per
-    repetition that `mvlm history import` stores as the JSON file stores; csv and md are readable; -r defaults to 5."""
+def test_output_formats_on_stdout_are_llama_benchs_and_hold_the_same_records_as_the_json_file(smollm2_gguf,
+                                                                                              host_runtime, tmp_path):
+    """-o sql runs in sqlite3 into llama-bench's table, a row per record of --json-file; -o jsonl is a line per test
+    (as llama-bench's) that `mvlm history import` stores as the JSON file stores; -o csv is llama-bench's CSV, which
+    compare-llama-bench.py reads; -o md is llama-bench's table, which `mvlm history import` reads; -r defaults to 5."""
     base = ["bench", "-P", "llama-bench", "-m", smollm2_gguf, "-p", "8", "-n", "4", "-t", "2", "--warmup", "0"]
     js = tmp_path / "r.json"
     r = mvlm(*base, "-r", "2", "-o", "sql", "--json-file", js, cwd=tmp_path)
@@ -345,16 +347,26 @@ def test_output_formats_on_stdout_hold_the_same_records_as_the_json_file(smollm2
     r = mvlm(*base, "-o", "jsonl", "--json-file", js, cwd=tmp_path)  # no -r: llama-bench's 5
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [json.loads(x) for x in r.stdout.splitlines()]
-    assert len(lines) == 10 and {len(rec["runs"]) for rec in json.loads(js.read_text())} == {5}
+    assert len(lines) == 2 and [len(x["samples_ts"]) for x in lines] == [5, 5]
+    assert {len(rec["runs"]) for rec in json.loads(js.read_text())} == {5}
     (tmp_path / "r.jsonl").write_text(r.stdout)
     for src, db in ((js, "a.sqlite"), (tmp_path / "r.jsonl", "b.sqlite")):
         assert mvlm("history", "import", src, "--db", tmp_path / db).returncode == 0
     stored = [json.loads(mvlm("history", "--db", tmp_path / db, "--json").stdout) for db in ("a.sqlite", "b.sqlite")]
     assert [e["samples"] for e in stored[0]] == [e["samples"] for e in stored[1]]
-    for fmt, check in (("csv", lambda out: out.splitlines()[0].startswith("device,")),
-                       ("md", lambda out: out.startswith("| Model |"))):
-        r = mvlm(*base, "-r", "1", "-o", fmt, cwd=tmp_path)
-        assert r.returncode == 0 and check(r.stdout), (fmt, r.stdout[:300])
+    csv_out = tmp_path / "r.csv"
+    r = mvlm(*base, "-r", "1", "-o", "csv", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("build_commit,build_number,"), r.stdout[:300]
+    csv_out.write_text(r.stdout)
+    commit = json.loads(js.read_text())[0]["build_commit"]
+    script = subprocess.run([sys.executable, str(_script(host_runtime)), "--tool", "llama-bench", "-i", str(csv_out),
+                             "-b", commit, "-c", commit], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert script.returncode == 0 and "pp8" in script.stdout and "tg4" in script.stdout, script.stderr[-2000:]
+    r = mvlm(*base, "-r", "2", "-o", "md", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("| model | size | params | backend | threads | test | t/s |")
+    (tmp_path / "r.md").write_text(r.stdout)
+    imp = mvlm("history", "import", tmp_path / "r.md", "--device", "local", "--db", tmp_path / "c.sqlite")
+    assert imp.returncode == 0, imp.stderr
 
 
 @pytest.mark.slow

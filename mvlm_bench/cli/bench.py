@@ -97,19 +97,20 @@ _LEASE_TIMEOUT = typer.Option(3600.0, "--lease-timeout", help="Seconds to wait w
 @app.callback()
 def bench_cmd(ctx: typer.Context, device: str = _DEVICE, protocol: str = _PROTOCOL, model: list[Path] | None = _MODEL,
               mmproj: Path | None = _MMPROJ, image: Path | None = _IMAGE, data: Path | None = _DATA,
-              repeat: int = _REPEAT, warmup: int = _WARMUP, n_predict: str | None = _N, threads: str | None = _THREADS,
-              n_gpu_layers: str | None = _NGL, ctx_size: str | None = _CTX, delay: float = _DELAY,
+              repeat: int = _REPEAT, warmup: int = _WARMUP, n_predict: list[str] | None = _N,
+              threads: list[str] | None = _THREADS, n_gpu_layers: list[str] | None = _NGL,
+              ctx_size: list[str] | None = _CTX, delay: float = _DELAY,
               max_temp: float | None = _MAX_TEMP, max_temp_wait: float = _MAX_TEMP_WAIT, timeout: float = _TIMEOUT,
               prompt: str | None = _PROMPT, json_flag: bool = _JSON, json_arg: str | None = _JSON_FILE,
               jsonl_arg: str | None = _JSONL, markdown_arg: str | None = _MARKDOWN, csv_arg: str | None = _CSV,
               save: bool = _SAVE, db_arg: str | None = _DB, label: str = _LABEL, baseline: str | None = _BASELINE,
               fail_on_regression: str | None = _FAIL, verbose: bool = _VERBOSE, against: list[str] | None = _AGAINST,
-              order: str = _ORDER, lease_timeout: float = _LEASE_TIMEOUT, n_prompt: str | None = _P,
-              pg: list[str] | None = _PG, n_depth: str | None = _DEPTH, batch: str | None = _ENGINE["batch"],
-              ubatch: str | None = _ENGINE["ubatch"], flash_attn: str | None = _ENGINE["flash_attn"],
-              ctk: str | None = _ENGINE["cache_type_k"], ctv: str | None = _ENGINE["cache_type_v"],
-              cpu_mask: str | None = _ENGINE["cpu_mask"], cpu_strict: str | None = _ENGINE["cpu_strict"],
-              poll: str | None = _ENGINE["poll"], prio: str | None = _ENGINE["prio"],
+              order: str = _ORDER, lease_timeout: float = _LEASE_TIMEOUT, n_prompt: list[str] | None = _P,
+              pg: list[str] | None = _PG, n_depth: list[str] | None = _DEPTH, batch: list[str] | None = _ENGINE["batch"],
+              ubatch: list[str] | None = _ENGINE["ubatch"], flash_attn: list[str] | None = _ENGINE["flash_attn"],
+              ctk: list[str] | None = _ENGINE["cache_type_k"], ctv: list[str] | None = _ENGINE["cache_type_v"],
+              cpu_mask: list[str] | None = _ENGINE["cpu_mask"], cpu_strict: list[str] | None = _ENGINE["cpu_strict"],
+              poll: list[str] | None = _ENGINE["poll"], prio: list[str] | None = _ENGINE["prio"],
               output: str | None = _OUTPUT) -> None:
     """Run the papers' latency protocols on a device and report Sample / Eval_prompt / Eval / Total (+ VE, Eval_avg).
 
@@ -132,15 +133,19 @@ def bench_cmd(ctx: typer.Context, device: str = _DEVICE, protocol: str = _PROTOC
         return
     from mvlm_bench.plan.plan import Options
 
+    def j(values: list[str] | None) -> str | None:  # given twice (-p 8 -p 16) is a list, as llama-bench takes it
+        return ",".join(values) if values else None
+
     opts = Options(protocol=protocol, models=list(model or []), mmproj=mmproj, image=image, data=data, repeat=repeat,
-                   warmup=warmup, n_predict=n_predict, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size,
+                   warmup=warmup, n_predict=j(n_predict), threads=j(threads), n_gpu_layers=j(n_gpu_layers),
+                   ctx_size=j(ctx_size),
                    timeout=timeout, prompt=prompt, against=list(against or []), order=order, delay=delay,
                    max_temp=max_temp, max_temp_wait=max_temp_wait, lease_db=db_arg, lease_timeout=lease_timeout,
                    compares="--baseline" if baseline else "--fail-on-regression" if fail_on_regression else "",
-                   gates=bool(fail_on_regression), n_prompt=n_prompt, pg=list(pg or []), n_depth=n_depth,
-                   engine_lists={"batch": batch, "ubatch": ubatch, "flash_attn": flash_attn, "cache_type_k": ctk,
-                                 "cache_type_v": ctv, "cpu_mask": cpu_mask, "cpu_strict": cpu_strict, "poll": poll,
-                                 "prio": prio})
+                   gates=bool(fail_on_regression), n_prompt=j(n_prompt), pg=list(pg or []), n_depth=j(n_depth),
+                   engine_lists={"batch": j(batch), "ubatch": j(ubatch), "flash_attn": j(flash_attn),
+                                 "cache_type_k": j(ctk), "cache_type_v": j(ctv), "cpu_mask": j(cpu_mask),
+                                 "cpu_strict": j(cpu_strict), "poll": j(poll), "prio": j(prio)})
     outputs = {opt: p for opt, p in (("--json-file", json_arg), ("--jsonl", jsonl_arg), ("--markdown", markdown_arg),
                                       ("--csv", csv_arg)) if p is not None}  # "" is refused, not ignored
     from mvlm_core.stops import Stopped

@@ -43,8 +43,9 @@ def serve_cmd(
                                                                                        "carry, in pixels (400 beyond)."),
     max_body_mb: int = typer.Option(Limits.max_body >> 20, "--max-body-mb", help="Largest request body, MiB (413 "
                                                                                  "beyond)."),
-    max_concurrent: int = typer.Option(Limits.max_concurrent, "--max-concurrent", help="Requests handled at once "
-                                                                                       "(503 with Retry-After beyond)."),
+    max_concurrent: int | None = typer.Option(None, "--max-concurrent", help="Requests handled at once (503 with "
+                                                                              "Retry-After beyond; default 8, or "
+                                                                              "--parallel when more)."),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Let llama-server fetch http(s) "
                                                                                    "image URLs from its own host "
                                                                                    "(off: data URIs only)."),
@@ -82,6 +83,8 @@ def serve_cmd(
     if server_args and "--" not in sys.argv:
         raise MvlmError(f"unexpected argument {server_args[0]!r}: the model is --model FILE; options for llama-server "
                         "go after -- (mvlm serve --model M.gguf -- -fa on)")
+    if max_concurrent is None:  # as many requests at once as llama-server has slots for, at least the default
+        max_concurrent = max(Limits.max_concurrent, parallel or 0)
     limits = serve.make_limits(max_image_pixels, max_body_mb, max_concurrent, allow_remote_images,
                                serve.api_keys(api_key, api_key_file))
     spec = serve.ServeSpec(model=model, mmproj=mmproj, host=host, port=port, threads=threads, ctx_size=ctx_size,

@@ -89,12 +89,13 @@ def check_metrics(metrics: Sequence[str] | None) -> list[str] | None:
     out = []
     for m in metrics:
         key = resolve_metric(m)
-        if key is None and re.fullmatch(r"(pp\d+|tg\d+|pp\d+\+tg\d+)(@d\d+)?_tps", m.strip()):
-            key = m.strip()
+        test = re.fullmatch(r"((?:pp\d+|tg\d+|pp\d+\+tg\d+)(?:@d\d+)?)(?:_tps|\s*\(tokens/s\))?", m.strip())
+        if key is None and test:  # a llama-bench test as the comparison table names it: pp512, pp512 (tokens/s)
+            key = test[1] + "_tps"
         if key is None:
             names = ", ".join(f"{c.name} ({c.key})" for c in COLUMNS if c.direction)
             raise MvlmError(f"--metric {m!r} is not a metric: use one of {names}, or a llama-bench test such as "
-                            "pp512_tps")
+                            "pp512, tg128 or pp512+tg128")
         out.append(key)
     return out
 
@@ -275,10 +276,19 @@ def noisy_warnings(base: Entry, cand: Entry, gated: Sequence[str]) -> list[str]:
 
 def judge_pairs(pairs: list[tuple[Entry, Entry]], metrics: list[str] | None, alpha: float, threshold: float | None, *,
                 db: Path | str | None = None, gate_mode: str = "auto", confirm=None) -> Verdict:
-    """:func:`judge_pair` for each pair."""
+    """:func:`judge_pair` for each pair. With ``metrics`` and several pairs (a report of several llama-bench tests,
+    each its own record), a pair is judged on the chosen metrics both its sides measured, and pairs with none of them
+    are left out (all left out: the first pair's refusal says what each side has)."""
     if gate_mode not in GATE_MODES:
         raise MvlmError(f"--gate {gate_mode!r}: choose one of {', '.join(GATE_MODES)}")
-    out = [judge_pair(b, c, metrics, alpha, threshold, db=db, gate_mode=gate_mode, confirm=confirm) for b, c in pairs]
+    chosen = {id(b): metrics for b, _ in pairs}
+    if metrics and len(pairs) > 1:  # several tests (llama-bench's): each pair is judged on the chosen metrics it has
+        shared = {id(b): [m for m in metrics if m in _measured(b) & _measured(c)] for b, c in pairs}
+        if any(shared.values()):
+            pairs = [(b, c) for b, c in pairs if shared[id(b)]]
+            chosen = shared
+    out = [judge_pair(b, c, chosen[id(b)], alpha, threshold, db=db, gate_mode=gate_mode, confirm=confirm)
+           for b, c in pairs]
     return Verdict(out, alpha, threshold, tuple(metrics) if metrics else stats.GATE_METRICS)
 
 

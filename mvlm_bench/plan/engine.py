@@ -109,12 +109,43 @@ DEFAULTS: dict[str, Any] = {"n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, 
                             "cpu_mask": "0x0", "cpu_strict": False, "poll": 50, "prio": 0}
 
 
+_RANGE = re.compile(r"(-?\d+)-(-?\d+)(?:([+*])(\d+))?")
+MAX_RANGE = 1024
+
+
+def expand(item: str) -> list[str]:
+    """llama-bench's ranges: ``first-last`` (step 1), ``first-last+step``, ``first-last*mult``; anything else is
+    itself. ValueError for a range that is empty or never ends."""
+    m = _RANGE.fullmatch(item.strip())
+    if m is None:
+        return [item]
+    first, last, op, step = int(m[1]), int(m[2]), m[3] or "+", int(m[4] or 1)
+    if last < first or step < 1 or (op == "*" and (step < 2 or first < 1)):
+        raise ValueError(f"{item!r} is not a range llama-bench reads (first-last, first-last+step, first-last*mult "
+                         "with first <= last)")
+    out, v = [], first
+    while v <= last:
+        out.append(str(v))
+        if len(out) > MAX_RANGE:
+            raise ValueError(f"{item!r} has more than {MAX_RANGE} values")
+        v = v + step if op == "+" else v * step
+    return out
+
+
+def items_of(text: str) -> list[str]:
+    """A comma list as llama-bench reads it (ranges expanded), items stripped."""
+    return [x.strip() for raw in str(text).split(",") for x in (expand(raw.strip()) if raw.strip() else [""])]
+
+
 def parse_values(s: Setting, text: str | None) -> list[Any]:
     """An option's comma list as values (``[None]`` when not given); one line naming the bad item otherwise."""
     if text is None:
         return [None]
     said = f"{s.short or s.option} {text}"
-    items = [i.strip() for i in str(text).split(",")]
+    try:
+        items = items_of(text)
+    except ValueError as e:
+        raise MvlmError(f"{said}: {e}") from None
     if not s.sweeps and len(items) > 1:
         raise MvlmError(f"{said}: {s.option} takes one value (as llama-bench's)")
     out: list[Any] = []
@@ -193,8 +224,11 @@ class BenchTests:
 
 
 def _ints(option: str, text: str, lo: int, hi: int) -> tuple[int, ...]:
-    items = [i.strip() for i in str(text).split(",")]
     parse = _whole(lo, hi)
+    try:
+        items = items_of(text)
+    except ValueError as e:
+        raise MvlmError(f"{option} {text}: {e}") from None
     out = []
     for item in items:
         try:

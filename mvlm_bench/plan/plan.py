@@ -111,6 +111,10 @@ def make_plan(profile: DeviceProfile, o: Options) -> Plan:
     if not o.models:
         raise MvlmError("no model given: pass --model FILE.gguf (see `mvlm bench --help`)")
     from mvlm_bench.plan.against import ORDERS
+    from mvlm_bench.plan.protocols import PROTOCOLS
+
+    if o.protocol not in PROTOCOLS:  # first: the other options are read as this protocol takes them
+        raise MvlmError(f"unknown protocol {o.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
 
     if o.order not in ORDERS:  # checked with or without --against: a typo is never silently ignored
         raise MvlmError(f"--order {o.order!r}: choose one of {', '.join(ORDERS)} (it orders an --against session)")

@@ -95,7 +95,7 @@ def validate_spec(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[st
         bounded("--ctx-size", spec.ctx_size, max(MIN_CTX, need), MAX_CTX,
                 f" (the {spec.protocol} protocol needs room for its prompt and {spec.tokens()} generated tokens)")
     bounded("--threads", spec.threads, 1, MAX_THREADS)
-    bounded("--n-gpu-layers", spec.n_gpu_layers, 0, MAX_GPU_LAYERS)
+    bounded("--n-gpu-layers", spec.n_gpu_layers, -1, MAX_GPU_LAYERS)  # -1: llama.cpp's auto (llama-bench's default)
     check_settings(spec)
     if spec.tests is not None and spec.protocol != "llama-bench":
         raise MvlmError(f"-p, -pg and -d shape llama-bench's tests (--protocol llama-bench); the {spec.protocol} "

@@ -47,7 +47,10 @@ def parse_list(option: str, text: str | None, lo: int, hi: int) -> list[int | No
     of each value is :func:`mvlm_bench.bench.validate_spec`'s; ``lo``/``hi`` shape the example)."""
     if text is None:
         return [None]
-    items = text.split(",")
+    try:
+        items = engine.items_of(text)
+    except ValueError as e:
+        raise MvlmError(f"{option} {text}: {e}") from None
     out: list[int | None] = []
     for raw in items:
         item = raw.strip()
@@ -79,7 +82,7 @@ def configurations(spec: BenchSpec, models: Sequence[Path], threads: str | None 
         seen.add(key)
     lists: dict[str, list] = {
         "threads": parse_list("--threads", threads, 1, MAX_THREADS),
-        "n_gpu_layers": parse_list("--n-gpu-layers", n_gpu_layers, 0, MAX_GPU_LAYERS),
+        "n_gpu_layers": parse_list("--n-gpu-layers", n_gpu_layers, -1, MAX_GPU_LAYERS),
         "ctx_size": parse_list("--ctx-size", ctx_size, 1, MAX_CTX),
     }
     for field, text in (engine_lists or {}).items():

@@ -219,6 +219,8 @@ OWNED_SERVER_OPTIONS = {
     ("-c", "--ctx-size"): "--ctx-size", ("-t", "--threads"): "--threads",
     ("-ngl", "--gpu-layers", "--n-gpu-layers"): "--n-gpu-layers", ("-np", "--parallel"): "--parallel",
     ("--log-file",): "--log", ("--path",): "nothing: serving files from the device is not offered",
+    ("--log-disable", "-lv", "--verbosity", "--log-verbosity", "-q", "--quiet"):
+        "nothing: mvlm reads llama-server's log to find its port; `--log FILE` keeps it",
 }
 
 

@@ -212,11 +212,73 @@ def render_sql(groups: Sequence[Group]) -> str:
 
 
 def render_jsonl(groups: Sequence[Group], label: str = "", project: tuple[str, bool | None] = ("", None)) -> str:
-    """Every repetition as a JSON line (what ``--jsonl`` appends), configuration after configuration."""
-    from mvlm_bench.records.groups import Groups
+    """llama-bench's ``-o jsonl``: one line per test (a record: every llama-bench field, then mvlm's own, its
+    repetitions in ``samples_*`` and ``runs``)."""
+    return "".join(json.dumps(rec, default=str, allow_nan=False) + "\n" for rec in report_records(groups, label, project))
 
-    return "".join(render_json_line(Groups().add(run), label, project, repetition=i)
-                   for g in groups for i, run in enumerate(g.runs))
+
+def _bench_value(v: Any) -> str:
+    """A value as llama-bench's text printers write it (``std::to_string``: booleans 0/1, floats to 6 places)."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return f"{v:.6f}"
+    return str(v)
+
+
+def render_bench_csv(groups: Sequence[Group]) -> str:
+    """llama-bench's ``-o csv``: its fields (as its SQL table's) as the header, one quoted row per test."""
+    def quoted(v: Any) -> str:
+        return '"' + _bench_value(v).replace('"', '""') + '"'
+
+    lines = [",".join(SQL_FIELDS)]
+    lines += [",".join(quoted(rec.get(f)) for f in SQL_FIELDS) for rec in report_records(groups)]
+    return "\n".join(lines) + "\n"
+
+
+# llama-bench's defaults: a column of these shows in its Markdown only when a record differs (or values vary)
+_MD_OPTIONAL = {"cpu_mask": "0x0", "cpu_strict": False, "poll": 50, "n_batch": 2048, "n_ubatch": 512, "type_k": "f16",
+                "type_v": "f16", "flash_attn": -1, "n_depth": None}
+_MD_NAMES = {"n_gpu_layers": "ngl", "n_threads": "threads", "flash_attn": "fa"}
+
+
+def render_bench_markdown(groups: Sequence[Group]) -> str:
+    """llama-bench's ``-o md``: model, size, params, backend, threads (ngl off the CPU), the settings that are not
+    llama-bench's defaults, test and ``t/s`` as ``mean ± stdev``; its ``build:`` line last."""
+    recs = report_records(groups)
+    if not recs:
+        return ""
+    cpu = all("CPU" in str(r.get("backends") or "CPU") for r in recs)
+    fields = ["model", "size", "params", "backend", *([] if cpu else ["n_gpu_layers"]), "n_threads"]
+    fields += [f for f, d in _MD_OPTIONAL.items() if f != "n_depth" and any(r.get(f, d) != d for r in recs)]
+    fields += ["test", "t/s"]
+
+    def cell(r: dict[str, Any], f: str) -> str:
+        if f == "model":
+            return str(r.get("model_type") or r.get("model") or "")
+        if f == "size":
+            n = r.get("model_size") or 0
+            return f"{n / 2**20:.2f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+        if f == "params":
+            n = r.get("model_n_params") or 0
+            return f"{n / 1e6:.2f} M" if n < 1e9 else f"{n / 1e9:.2f} B"
+        if f == "backend":
+            return str(r.get("backends") or "")
+        if f == "test":
+            p, g, d = r.get("n_prompt") or 0, r.get("n_gen") or 0, r.get("n_depth") or 0
+            name = f"pp{p}" if p and not g else f"tg{g}" if g and not p else f"pp{p}+tg{g}"
+            return name + (f" @ d{d}" if d else "")
+        if f == "t/s":
+            return "–" if r.get("avg_ts") is None else f"{r['avg_ts']:.2f} ± {r.get('stddev_ts') or 0:.2f}"
+        return _bench_value(r.get(f))
+
+    rows = [[_MD_NAMES.get(f, f) for f in fields], ["---:" if f not in ("model", "backend") else "---" for f in fields]]
+    rows += [[cell(r, f) for f in fields] for r in recs]
+    out = ["| " + " | ".join(row) + " |" for row in rows]
+    first = recs[0]
+    return "\n".join(out) + f"\n\nbuild: {first.get('build_commit') or '?'} ({first.get('build_number') or 0})\n"
 
 
 STDOUT_FORMATS = ("json", "jsonl", "csv", "md", "sql")
@@ -224,17 +286,17 @@ STDOUT_FORMATS = ("json", "jsonl", "csv", "md", "sql")
 
 def render_format(fmt: str, groups: Sequence[Group], label: str = "",
                   project: tuple[str, bool | None] = ("", None)) -> str:
-    """The results in one of llama-bench's ``-o`` formats (:data:`STDOUT_FORMATS`)."""
-    from mvlm_bench.views.latency import render_markdown
-
+    """The results in one of llama-bench's ``-o`` formats (:data:`STDOUT_FORMATS`), as llama-bench writes them: one
+    row, line or INSERT per test (a record), its fields and forms (the papers' Markdown and mvlm's per-repetition CSV
+    are ``--markdown FILE`` and ``--csv FILE``)."""
     if fmt == "json":
         return render_json(groups, label, project)
     if fmt == "jsonl":
         return render_jsonl(groups, label, project)
     if fmt == "csv":
-        return render_csv(groups)
+        return render_bench_csv(groups)
     if fmt == "md":
-        return render_markdown(groups)
+        return render_bench_markdown(groups)
     if fmt == "sql":
         return render_sql(groups)
     raise ValueError(fmt)
