@@ -32,6 +32,17 @@ def lm_notes(md: dict) -> str:
 FAMILY_LABELS = {"mobilevlm": "MobileVLM", "llava": "LLaVA-1.5", "xmodel": "Xmodel-VLM", "imp": "Imp"}
 
 
+def _from_hub(checkpoint: Path, outdir: Path | None, name: str | None) -> tuple[Path, Path | None, str | None]:
+    """OWNER/NAME[@REV] with no such path here: the Hub's copy, through huggingface_hub's cache, written to the current
+    directory (never into the cache) and named after the repository (the cache's directory is named by the commit)."""
+    from mvlm_convert.hub import download, hub_reference
+
+    ref = hub_reference(checkpoint)
+    if ref is None:
+        return checkpoint, outdir, name
+    return download(*ref), Path.cwd() if outdir is None else outdir, name or ref[0].split("/")[1]
+
+
 def convert_cmd(
     checkpoint: Path = typer.Argument(
         ...,
@@ -73,15 +84,8 @@ def convert_cmd(
     or interruption nothing is left behind and earlier files of the same names stay as they were.
     """
     from mvlm_convert.config_check import check_checkpoint_dir
-    from mvlm_convert.hub import hub_reference
 
-    ref = hub_reference(checkpoint)
-    if ref is not None:  # OWNER/NAME[@REV] and no such path here: the Hub's copy, through huggingface_hub's cache
-        from mvlm_convert.hub import download
-
-        checkpoint = download(*ref)
-        outdir = Path.cwd() if outdir is None else outdir  # never into the Hub's cache
-        name = name or ref[0].split("/")[1]  # the cache's directory is named by the commit
+    checkpoint, outdir, name = _from_hub(checkpoint, outdir, name)
     check_checkpoint_dir(checkpoint)  # before torch is loaded: a mistyped path is answered at once
     from mvlm_convert.convert import convert
 

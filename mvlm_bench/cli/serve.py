@@ -72,8 +72,33 @@ def serve_cmd(
       mvlm serve --model M-Q4_K_S.gguf --mmproj mmproj-M-F16.gguf -np 4 -- -fa on
     """
     from mvlm_bench.session import serve
-    from mvlm_core.errors import MvlmError
     from mvlm_core.terminal import visible
+
+    spec, notes = _spec(model, mmproj, host, port, threads, ctx_size, n_gpu_layers, alias, log, timeout, api_key_file,
+                        api_key, max_image_pixels, max_body_mb, max_concurrent, allow_remote_images, parallel,
+                        server_args)
+    profile = _profile(device)
+    on_ready = _announcer(spec, notes)
+
+    def say(msg: str) -> None:
+        err.print(visible(msg), style="dim", highlight=False, markup=False, soft_wrap=True)
+
+    # Ctrl-C, SIGTERM, SIGHUP and SIGQUIT stop the server (also where SIGINT was ignored at start-up: a job started
+    # with `&` by a script); a device that cannot forward a port (adb) is refused there
+    stopped = serve.serve(profile, spec, on_ready, log=say)
+    if stopped:
+        try:
+            print("stopped", flush=True)
+        except OSError:  # SIGHUP: the terminal is gone
+            pass
+
+
+def _spec(model, mmproj, host, port, threads, ctx_size, n_gpu_layers, alias, log, timeout, api_key_file, api_key,
+          max_image_pixels, max_body_mb, max_concurrent, allow_remote_images, parallel, server_args):
+    """The options as a checked ServeSpec (one line, exit 2, for any that is wrong) and the notes to print once the
+    server is ready."""
+    from mvlm_bench.session import serve
+    from mvlm_core.errors import MvlmError
 
     if model is None:
         raise MvlmError("no model given: pass --model FILE.gguf (and --mmproj mmproj-FILE.gguf for images)")
@@ -92,20 +117,7 @@ def serve_cmd(
                            parallel=parallel, server_args=serve.check_server_args(server_args or ()))
     notes = serve.check_spec(spec, key_on_command_line=any(
         a == "--api-key" or a.startswith("--api-key=") for a in sys.argv))
-    profile = _profile(device)
-    on_ready = _announcer(spec, notes)
-
-    def say(msg: str) -> None:
-        err.print(visible(msg), style="dim", highlight=False, markup=False, soft_wrap=True)
-
-    # Ctrl-C, SIGTERM, SIGHUP and SIGQUIT stop the server (also where SIGINT was ignored at start-up: a job started
-    # with `&` by a script); a device that cannot forward a port (adb) is refused there
-    stopped = serve.serve(profile, spec, on_ready, log=say)
-    if stopped:
-        try:
-            print("stopped", flush=True)
-        except OSError:  # SIGHUP: the terminal is gone
-            pass
+    return spec, notes
 
 
 def _profile(device: str):
