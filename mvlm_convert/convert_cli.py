@@ -32,19 +32,19 @@ def lm_notes(md: dict) -> str:
 FAMILY_LABELS = {"mobilevlm": "MobileVLM", "llava": "LLaVA-1.5", "xmodel": "Xmodel-VLM", "imp": "Imp"}
 
 
-def _from_hub(checkpoint: Path, outdir: Path | None, name: str | None) -> tuple[Path, Path | None, str | None]:
+def _from_hub(checkpoint: str, outdir: Path | None, name: str | None) -> tuple[Path, Path | None, str | None]:
     """OWNER/NAME[@REV] with no such path here: the Hub's copy, through huggingface_hub's cache, written to the current
     directory (never into the cache) and named after the repository (the cache's directory is named by the commit)."""
     from mvlm_convert.hub import download, hub_reference
 
     ref = hub_reference(checkpoint)
-    if ref is None:
-        return checkpoint, outdir, name
+    if ref is None:  # as typed: "./a/b" is a path, never a Hub id
+        return Path(checkpoint), outdir, name
     return download(*ref), Path.cwd() if outdir is None else outdir, name or ref[0].split("/")[1]
 
 
 def convert_cmd(
-    checkpoint: Path = typer.Argument(
+    checkpoint: str = typer.Argument(
         ...,
         help="Checkpoint directory as released on the HF hub (config.json, tokenizer and pytorch_model.bin / "
         "model.safetensors, single or sharded with an index), or its Hub id OWNER/NAME[@REVISION] (downloaded with "

@@ -16,6 +16,7 @@ the host build's ``mvlm-dump`` the same way.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,8 @@ def _verify_vision(rt, result: dict[str, Any], checkpoint_dir: Path, gguf_path: 
     from mvlm_convert import reference as ref
 
     problems: list[str] = []
-    vis = ref.load_vision(checkpoint_dir, vision_tower)
+    with _reference_loads(checkpoint_dir):
+        vis = ref.load_vision(checkpoint_dir, vision_tower)
     info = mmproj_info(mmproj_path)
     size = vis.image_size
     if info["image_size"] is not None and int(info["image_size"]) != size:
@@ -228,6 +230,20 @@ def _verify_vision(rt, result: dict[str, Any], checkpoint_dir: Path, gguf_path: 
     return problems
 
 
+@contextlib.contextmanager
+def _reference_loads(checkpoint_dir: Path):
+    """The PyTorch reference built from config.json: weights of other shapes (a config that contradicts its weights)
+    are one line, not torch's traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "size mismatch" not in str(e) and "Error(s) in loading state_dict" not in str(e):
+            raise
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise MvlmError(f"{checkpoint_dir}: its config.json does not describe its weights ({first[:200]}): fix "
+                        "config.json or use the weights it belongs to (`mvlm convert` names the field)") from None
+
+
 def verify(
     checkpoint_dir: Path,
     gguf_path: Path,
@@ -271,7 +287,8 @@ def verify(
     tokens = rt.tokenize(Path(gguf_path), prompt)
     result["prompt"] = prompt
     result["n_text_tokens"] = len(tokens)
-    lm = ref.load_lm(checkpoint_dir)
+    with _reference_loads(checkpoint_dir):
+        lm = ref.load_lm(checkpoint_dir)
     ref_logits = ref.lm_logits(lm, tokens)
     got_logits = rt.logits(Path(gguf_path), tokens, kv_cache=kv_cache)
     result.update(compare_logits(got_logits, ref_logits))

@@ -69,7 +69,7 @@ def render(result: dict, console: Console) -> None:
 
 
 def verify_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="The HF checkpoint directory the GGUFs were converted from, or "
+    checkpoint: Annotated[str, typer.Argument(help="The HF checkpoint directory the GGUFs were converted from, or "
                                                     "its Hub id OWNER/NAME[@REV] (as mvlm convert takes it).",
                                                show_default=False)],
     gguf: Annotated[Path, typer.Option("--gguf", help="Language-model GGUF written by `mvlm convert`.",
@@ -98,11 +98,12 @@ def verify_cmd(
     """Run the independent PyTorch reference and llama.cpp on the same image and tokens; exit 1 above thresholds."""
     from mvlm_convert.hub import hub_reference
 
-    ref = hub_reference(checkpoint)
+    ref = hub_reference(checkpoint)  # as typed: "./a/b" is a path, never a Hub id
     if ref is not None:  # OWNER/NAME[@REV], as mvlm convert takes it: the Hub's copy in huggingface_hub's cache
         from mvlm_convert.hub import download
 
         checkpoint = download(*ref)
+    checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise MvlmError(f"checkpoint directory not found: {checkpoint}")
     for option, value in (("--image-threshold", image_threshold), ("--logits-threshold", logits_threshold)):

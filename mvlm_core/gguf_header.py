@@ -197,7 +197,7 @@ def read_header(path: str | Path) -> Header:
             raise GgufError("it does not start with 'GGUF'")
         version = r.num("<I", 4, "the version")
         if version not in VERSIONS:
-            why = ("an early 2023 file: convert the model again" if version == 1 else
+            why = ("an early 2023 file" if version == 1 else
                    "a big-endian file" if version > 0xFFFF else "a newer format than this runtime's")
             raise GgufError(f"it is GGUF version {version} (this runtime reads versions 2 and 3; {why})")
         n_tensors = r.count("the number of tensors", 24, MAX_TENSORS)
@@ -220,7 +220,7 @@ def read_header(path: str | Path) -> Header:
             tensors.append((name, dims, r.num("<I", 4, f"the type of {name}"), r.num("<Q", 8, f"the offset of {name}")))
         align = kv.get("general.alignment", 32)
         if isinstance(align, bool) or not isinstance(align, int) or not 0 < align <= 1 << 16 or align & (align - 1):
-            raise GgufError(f"general.alignment is {align!r} (a power of two up to 65536)")
+            raise GgufError(f"general.alignment is {align!r} (it must be a power of two up to 65536)")
         data_start = -(-f.tell() // align) * align
     _check_tensor_infos(tensors, align)
     return Header(version, kv, tensors, data_start, size)

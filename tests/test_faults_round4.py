@@ -161,3 +161,60 @@ def test_a_report_too_large_to_parse_is_refused_from_its_size(tmp_path):
     for argv in (["compare", big, big], ["history", "import", big, "--db", tmp_path / "h.sqlite"]):
         assert "more than a report can be (256 MiB)" in error_line(mvlm(*argv, timeout=60))
     assert not (tmp_path / "h.sqlite").exists()
+
+
+# --- the re-probe after the fixes (~190 new inputs: 5 defects, and cause 29's traceback) ---------------------------
+DATA = Path(__file__).resolve().parent / "data" / "llama-bench"
+
+
+def test_an_array_among_json_lines_is_refused_not_skipped(tmp_path):
+    row = next(ln for ln in (DATA / "smollm2-q4_1-p8-n4-r2.jsonl").read_text().splitlines() if ln.strip())
+    for second in ("[1, 2, 3]", f"[{row}]"):
+        f = tmp_path / "m.jsonl"
+        f.write_text(row + "\n" + second + "\n")
+        line = error_line(mvlm("history", "import", f, "--device", "d", "--db", tmp_path / "h.sqlite"))
+        assert "line 2 is a JSON line that is not one of llama-bench's rows (an array)" in line, line
+        assert not (tmp_path / "h.sqlite").exists()
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--prompt", "hello"], "--prompt is not used by the llama-bench protocol"),
+    (["-c", "4096"], "--ctx-size is not used by the llama-bench protocol"),
+    (["-pg", "4,2", "-pg", "4,2"], "given twice"),
+    (["-p", "1-1024", "-d", "0-1023"], "more than 1024"),
+])
+def test_the_llama_bench_protocol_refuses_what_it_would_not_use(tmp_path, extra, says):
+    line = error_line(mvlm("bench", "-P", "llama-bench", "-m", small_gguf(tmp_path / "m.gguf"), *extra))
+    assert says in line, line
+
+
+def test_a_model_name_with_a_comma_is_refused_before_llama_bench_splits_it(tmp_path):
+    line = error_line(mvlm("bench", "-P", "llama-bench", "-m", small_gguf(tmp_path / "a,b.gguf")))
+    assert "splits -m on commas" in line, line
+
+
+def test_serve_parallel_out_of_range_names_parallel(tmp_path):
+    assert "--parallel 100000 is out of range" in error_line(mvlm("serve", "-m", small_gguf(tmp_path / "m.gguf"),
+                                                                 "-np", "100000"))
+
+
+def test_a_relative_path_is_a_path_never_a_hub_id(tmp_path):
+    for cmd in (["convert", "./a/b"], ["verify", "./a/b", "--gguf", "x.gguf"]):
+        line = error_line(mvlm(*cmd, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}))
+        assert "a/b" in line and "hf download" not in line, line
+
+
+def test_verify_of_a_config_that_contradicts_its_weights_is_one_line(tmp_path):
+    import json
+
+    from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
+
+    ck = make_tiny_checkpoint(tmp_path / "ck", variant="v2", seed=1)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["num_key_value_heads"] = max(1, cfg["num_attention_heads"] // 2)  # the weights hold every head's K and V
+    (ck / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    good = make_tiny_checkpoint(tmp_path / "good", variant="v2", seed=1)
+    assert mvlm("convert", good, "-o", out, "--outtype", "f32", "--name", "t").returncode == 0
+    r = mvlm("verify", ck, "--gguf", out / "t-F32.gguf", "--mmproj", out / "mmproj-t-F32.gguf")
+    assert "its config.json does not describe its weights" in error_line(r)

@@ -109,7 +109,7 @@ def _spec(model, mmproj, host, port, threads, ctx_size, n_gpu_layers, alias, log
         raise MvlmError(f"unexpected argument {server_args[0]!r}: the model is --model FILE; options for llama-server "
                         "go after -- (mvlm serve --model M.gguf -- -fa on)")
     if max_concurrent is None:  # as many requests at once as llama-server has slots for, at least the default
-        max_concurrent = max(Limits.max_concurrent, parallel or 0)
+        max_concurrent = max(Limits.max_concurrent, min(parallel or 0, serve.MAX_PARALLEL))  # --parallel: its own check
     limits = serve.make_limits(max_image_pixels, max_body_mb, max_concurrent, allow_remote_images,
                                serve.api_keys(api_key, api_key_file))
     spec = serve.ServeSpec(model=model, mmproj=mmproj, host=host, port=port, threads=threads, ctx_size=ctx_size,

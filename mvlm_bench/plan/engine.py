@@ -198,6 +198,7 @@ def check_settings(spec: Any) -> None:
 # --- llama-bench's tests ------------------------------------------------------------------------------------------
 MAX_TOKENS = 8192  # llama-bench's -p/-n/-pg on these small models (their contexts are 2048-4096)
 MAX_DEPTH = 131072
+MAX_TESTS = 1024  # tests one llama-bench run makes (each -p/-n/-pg at each -d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,12 +255,17 @@ def bench_tests(prompts: str | None, gens: str | int | None, pg: list[str] | Non
             raise MvlmError(f"-pg {item}: give one prompt+generation pair as PP,TG (e.g. -pg 512,128; repeat -pg for "
                             f"more), each from 1 to {MAX_TOKENS}")
         pairs.append((int(m[1]), int(m[2])))
+    if len(set(pairs)) != len(pairs):
+        raise MvlmError(f"-pg {','.join(map(str, pairs[0]))} ...: a prompt+generation test is given twice: give each once")
     if pairs:
-        t = dataclasses.replace(t, pg=tuple(dict.fromkeys(pairs)))
+        t = dataclasses.replace(t, pg=tuple(pairs))
     if depths is not None:
         t = dataclasses.replace(t, depths=_ints("-d", depths, 0, MAX_DEPTH))
     if not t.count():
         raise MvlmError("llama-bench has no test to run: every -p and -n is 0 and no -pg is given")
+    if t.count() > MAX_TESTS:
+        raise MvlmError(f"-p, -n, -pg and -d make {t.count()} llama-bench tests per repetition (more than {MAX_TESTS}): "
+                        "give shorter lists")
     return t
 
 

@@ -120,6 +120,12 @@ def make_plan(profile: DeviceProfile, o: Options) -> Plan:
         raise MvlmError(f"--order {o.order!r}: choose one of {', '.join(ORDERS)} (it orders an --against session)")
     if o.prompt is not None and not o.prompt.strip():
         raise MvlmError("--prompt is empty: give the text, or leave --prompt out for the protocol's own")
+    if o.protocol == "llama-bench":  # llama-bench runs its own tests: these would be recorded but never used
+        for option, value in (("--prompt", o.prompt), ("--image", o.image), ("--mmproj", o.mmproj),
+                              ("--ctx-size", o.ctx_size)):
+            if value is not None:
+                raise MvlmError(f"{option} is not used by the llama-bench protocol (its tests are -p, -n, -pg and -d, "
+                                "each with its own context): drop it, or bench with --protocol lm or vlm")
     n_predict, tests = _tokens_and_tests(o)
     spec = BenchSpec(protocol=o.protocol, model=Path(o.models[0]), mmproj=o.mmproj, image=o.image, repeat=o.repeat,
                      warmup=o.warmup, n_predict=n_predict, timeout=o.timeout, prompt=o.prompt, data=o.data, tests=tests)

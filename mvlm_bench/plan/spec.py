@@ -122,6 +122,9 @@ def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str
     for option, path in (("--model", spec.model), ("--mmproj", spec.mmproj), ("--image", spec.image)):
         if path is not None:  # pushed under its own name (and a temporary one beside it) to the device
             check_name_length(Path(path).name, f"{named(option).rstrip('=')} file name")
+    if spec.protocol == "llama-bench" and "," in Path(spec.model).name:
+        raise MvlmError(f"{named('--model')} {spec.model}: llama-bench splits -m on commas, so it cannot load a file "
+                        "whose name has one: rename the file")
     model = check_gguf(Path(spec.model), named("--model"), "lm")
     _check_data(spec)
     if spec.protocol in IMAGE_PROTOCOLS:

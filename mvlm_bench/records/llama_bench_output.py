@@ -232,6 +232,9 @@ class BenchParser:
             else:
                 self._reject("an INSERT that is not one of llama-bench's rows")
             return
+        if self.jsonl.count and s.startswith("["):  # JSON lines hold one object a line: an array among them is damage
+            self._reject("a JSON line that is not one of llama-bench's rows (an array)")
+            return
         if self.json_rows is None:
             self._json(line, s)
         if s.startswith("{") and ('"avg_' in s or (self.jsonl.count and self._js is None)):
