@@ -18,6 +18,7 @@ import pytest
 from peers import AdbDouble, _free_port, small_gguf
 
 from mvlm_bench.device.profiles import profile_from_dict
+from mvlm_bench.plan.engine import BenchTests
 from mvlm_bench.plan.plan import Plan
 from mvlm_bench.plan.protocols import artifacts
 from mvlm_bench.plan.spec import BenchSpec
@@ -132,7 +133,7 @@ def test_llama_bench_protocol(tmp_path, tiny_vlm):
     lm, _ = tiny_vlm
     prof = profile_from_dict({"transport": "local", "workdir": str(tmp_path / "dev"), "target": "host", "threads": 2},
                              where="test", default_name="t")
-    res = run_bench(prof, BenchSpec("llama-bench", lm, repeat=2, n_predict=8))
+    res = run_bench(prof, BenchSpec("llama-bench", lm, repeat=2, n_predict=8, tests=BenchTests((64, 128), (8,))))
     assert not res.failures, res.failures
     # one record per test and repetition, each its own configuration (its test), carrying llama-bench's fields
     tests = [r.context.params["test"] for r in res.runs]

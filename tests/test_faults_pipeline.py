@@ -170,7 +170,7 @@ def test_output_paths_that_cannot_be_outputs_are_refused_before_measuring(tmp_pa
         (["--csv", ""], "--csv is empty"),
         (["--jsonl", notes], "line 1 is not an mvlm bench record"),
         (["--jsonl", "/proc/version"], "cannot create it in /proc"),
-        (["--markdown", tmp_path / "loop1"], "cannot be used as an output"),
+        (["--markdown", tmp_path / "loop1"], "is a symbolic link (to "),
         (["--save", "--db", tmp_path / "report.md"], "is not a SQLite benchmark history"),
         (["--label", "x" * 5000], "give one line of at most 200 characters"),
         (["--label", "a", "--label", "b"], "--label is given twice"),

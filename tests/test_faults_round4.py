@@ -8,8 +8,8 @@ serve-front cases of the same probe are in test_faults_import4.py and test_fault
 - unbounded reads of small inputs: a device profile of 3 GB (MemoryError), a FIFO profile (blocked);
 - names too long for a file system with room for a temporary name (convert --name, quantize, bench): tracebacks;
 - a profile's work dir that is a file (FileExistsError); a PNG that declares 60000x60000 pixels (verify, quantize);
-- NaN / negative verify thresholds; quantize -t 0 and -o /proc; click's four-line usage errors; report --db typo;
-  --order and --prompt typos; ssh:// with no host.
+- NaN / negative verify thresholds; quantize -t 0 and -o /proc; click's four-line usage errors; --order and --prompt
+  typos; ssh:// with no host.
 """
 
 from __future__ import annotations
@@ -136,11 +136,6 @@ def test_usage_errors_are_one_line(argv, says):
 def test_runtime_build_of_an_unknown_target_is_one_line_without_a_blank_line_first():
     r = mvlm("runtime", "build", "--target", "bogus")
     assert r.returncode == 2 and r.stderr.startswith("error: unknown target 'bogus'"), repr(r.stderr)
-
-
-def test_report_with_a_db_that_is_not_there_is_refused(tmp_path):
-    line = error_line(mvlm("report", "--paper", "mobilevlm", "--db", tmp_path / "nosuch.sqlite"))
-    assert "no benchmark history there" in line, line
 
 
 @pytest.mark.parametrize("args,says", [

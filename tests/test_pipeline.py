@@ -41,7 +41,8 @@ def test_llama_bench_goes_through_every_output_like_the_papers_protocols(tmp_pat
     """`--protocol llama-bench` with every output: each is written (Markdown and CSV were silently not), its records
     carry the device as named and the protocol (it was filed as device "local" with --save and as the CPU's name when
     its JSON was imported), one history entry per test."""
-    r = mvlm("bench", "--device", _profile(tmp_path), "-P", "llama-bench", "-m", smollm2_gguf, "-n", 8, "-r", 2,
+    r = mvlm("bench", "--device", _profile(tmp_path), "-P", "llama-bench", "-m", smollm2_gguf, "-p", "64,128", "-n", 8,
+             "-r", 2,
              "--json-file", tmp_path / "o.json", "--jsonl", tmp_path / "o.jsonl", "--markdown", tmp_path / "o.md",
              "--csv", tmp_path / "o.csv", "--save", "--db", tmp_path / "h.sqlite", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -92,11 +92,11 @@ def test_sweep_runs_the_cross_product_one_record_per_configuration(tmp_path, smo
     (["--threads", "2,2"], "names 2 twice"),
     (["--ctx-size", "10"], "--ctx-size 10 is out of range"),
     (["--ctx-size", "4096,10"], "--ctx-size 10 is out of range"),
-    (["--n-gpu-layers", "0,-1"], "--n-gpu-layers -1 is out of range"),
+    (["--n-gpu-layers", "0,-2"], "--n-gpu-layers -2 is out of range"),
     (["--delay", "-1"], "--delay -1.0 is out of range"),
     (["--max-temp", "0"], "--max-temp 0.0 is out of range"),
     (["-t", "1,2", "--against", "threads=4"], "--against compares one configuration, and this is a sweep of 2"),
-    (["-t", "1,2", "--protocol", "llama-bench"], "runs the lm, vlm, imp protocols, not llama-bench"),
+    (["-t", "1,2", "--protocol", "dataset"], "runs the lm, vlm, imp, llama-bench protocols, not dataset"),
 ])
 def test_bad_sweeps_are_refused_in_one_line(tmp_path, smollm2_gguf, args, said):
     r = mvlm("bench", "--device", profile_file(tmp_path), "--model", smollm2_gguf, "-n", 8, *args)

@@ -241,7 +241,7 @@ class _Bench:
             self.log = prog.log
             ev = Events(emit=self.sinks.emit, log=prog.log, on_step=prog.on_step, on_tokens=prog.token_hook(),
                         on_status=prog.on_status, on_wait=prog.on_wait, sync_progress=prog.sync_progress,
-                        outputs={k: Path(v) for k, v in self.outputs.items()})
+                        outputs={k: Path(v) for k, v in self.outputs.items()}, hold=self.stops.held)
             try:
                 run_plan(self.plan, ev, self.out)
             except Stopped as e:

@@ -182,20 +182,15 @@ def render(report: dict[str, Any]) -> list[Table | str]:
 
 
 def load_entries(db: str | Path | None, device: str | None) -> tuple[list, Path | str, str | None]:
-    """The history's entries (optionally of one device). The default history file that does not exist yet is no
-    entries (the paper's rows are still worth showing); a --db that names no file, or one that is not a history, is a
-    one-line error."""
+    """The history's entries (optionally of one device). A history file that does not exist yet is no entries: the
+    paper's rows are still worth showing, with the commands that fill that history (repeating its --db); one that is
+    not a history is the history's own one-line error."""
     from mvlm_bench.history.database import History
     from mvlm_bench.history.errors import default_db_path
     from mvlm_bench.history.locations import cli_location, is_url
 
     path = cli_location(str(db)) if db is not None else default_db_path()
     if not is_url(path) and not path.exists() and not path.is_symlink():  # a PostgreSQL URL: the server says
-        if db is not None:  # named, and not there: a typo is refused, as history and compare do
-            from mvlm_core.errors import MvlmError
-
-            raise MvlmError(f"--db {path}: no benchmark history there; give the path of one (`mvlm bench --save` "
-                            "writes it), or leave --db out for the default")
         return [], path, f"no benchmark history at {path} yet"
     with History(path, create=False) as h:
         return h.entries(device=device), h.path, None  # h.path: a URL's password masked

@@ -15,6 +15,7 @@ device's process is killed, the lease released, the transport closed) and the ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -62,6 +63,8 @@ class Events:
     on_wait: Callable[[str], None] | None = None
     sync_progress: Callable[[int, int], None] | None = None
     outputs: dict[str, Path] | None = None
+    # a block a stop signal may not cut (StopSignals.held): a repetition's records and its count go out together
+    hold: Callable[[], contextlib.AbstractContextManager] | None = None
 
 
 @dataclasses.dataclass
@@ -108,10 +111,13 @@ class _Run:
         self.done += 1
 
     def emit(self, runs: list[Run]) -> None:
-        for r in runs:
-            self.ev.emit(r)
-        self.out.records += len(runs)
-        self.out.repetitions += 1
+        """A repetition's records to the caller, and counted, as one: a stop signal that arrives meanwhile is raised
+        after both (the "interrupted after N repetitions" line then counts what the outputs hold)."""
+        with self.ev.hold() if self.ev.hold is not None else contextlib.nullcontext():
+            for r in runs:
+                self.ev.emit(r)
+            self.out.records += len(runs)
+            self.out.repetitions += 1
 
     def prepare(self, side: Side) -> Prepared:
         prep = self.session.prepare(side, self.ev.sync_progress, self.ev.outputs)
