@@ -70,7 +70,7 @@ def _cases(smollm2: Path, lm: Path, mmproj: Path, d: Path) -> dict[str, list[str
     return {
         "lm": ["-m", smollm2, "-n", "48", "-r", "6"],
         "vlm": ["-P", "vlm", "-m", lm, "--mmproj", mmproj, "-n", "64", "-r", "8"],
-        "llama-bench": ["-P", "llama-bench", "-m", smollm2, "-n", "16", "-r", "4"],
+        "llama-bench": ["-P", "llama-bench", "-m", smollm2, "-p", "64,128", "-n", "16", "-r", "4"],
         "dataset": ["-P", "dataset", "-m", lm, "--mmproj", mmproj, "--data", data, "-n", "16", "-r", "4"],
         "sweep": ["-m", smollm2, "-n", "32", "-r", "3", "-t", "1,2"],
         "ab": ["-m", smollm2, "-n", "32", "-r", "4", "--against", "threads=1"],
