@@ -29,7 +29,6 @@ runtime: venv
 
 # The main job on a built-in default: a tiny MobileVLM V2-architecture checkpoint (random weights, trained
 # SentencePiece tokenizer) -> GGUF + mmproj -> verify against PyTorch -> q4_0/q8_0 -> bench on this machine.
-demo: export COLUMNS ?= 160
 demo: setup
 	@mkdir -p $(OUT)
 	$(BIN)/python -m mvlm_convert.tiny $(OUT)/checkpoint --variant v2
@@ -53,6 +52,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/convert.py
 	$(BIN)/python benchmarks/parse_scaling.py
+	$(BIN)/python benchmarks/gguf_header.py
 
 # The regression gate's false-alarm and detection rates on this machine (about 20 min; docs/ci.md).
 bench-gate: setup

@@ -24,8 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mvlm_bench import bench  # noqa: E402
-from mvlm_bench.devices import profile_from_dict  # noqa: E402
+from mvlm_bench.device.profiles import profile_from_dict  # noqa: E402
+from mvlm_bench.plan.plan import Plan  # noqa: E402
+from mvlm_bench.plan.spec import BenchSpec  # noqa: E402
+from mvlm_bench.records.metrics import run_metrics  # noqa: E402
+from mvlm_bench.session.runners import collect  # noqa: E402
 from mvlm_core import runtime  # noqa: E402
 from mvlm_core.assets import smollm2_gguf  # noqa: E402
 
@@ -43,18 +46,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as td:
         prof = profile_from_dict({"transport": "local", "workdir": td, "target": "host", "threads": a.threads},
                                  where="bench_overhead", default_name="local")
-        spec = bench.BenchSpec("lm", model, repeat=1, warmup=0, n_predict=a.n, threads=a.threads)
-        first = bench.run_bench(prof, spec)  # also syncs the files the anchor will run
-        argv = first.commands[0]
+        spec = BenchSpec("lm", model, repeat=1, warmup=0, n_predict=a.n, threads=a.threads)
+        first = collect(Plan(prof, [spec]))  # also syncs the files the anchor will run
+        argv = first.outcome.commands[0]
         env = {**os.environ, "LD_LIBRARY_PATH": f"{td}/lib"}
         direct, toolkit = [], []
         for _ in range(a.rounds):
             t0 = time.perf_counter()
             subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=True)
             direct.append(time.perf_counter() - t0)
-            res = bench.run_bench(prof, spec)
-            from mvlm_bench.records import run_metrics
-
+            res = collect(Plan(prof, [spec]))
             toolkit.append(run_metrics(res.runs[0])["total_s"])
     md, mt = statistics.median(direct), statistics.median(toolkit)
     ratio = mt / md

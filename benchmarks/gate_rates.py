@@ -36,10 +36,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mvlm_bench import bench, gate  # noqa: E402
-from mvlm_bench.compare import GATE_METRICS, compare_samples, describe_regression, gate_summary  # noqa: E402
-from mvlm_bench.devices import load_profile  # noqa: E402
-from mvlm_bench.history import entries_from_runs  # noqa: E402
+from mvlm_bench.decide import gate  # noqa: E402
+from mvlm_bench.decide.stats import GATE_METRICS, compare_samples, describe_regression, gate_summary  # noqa: E402
+from mvlm_bench.device.profiles import load_profile  # noqa: E402
+from mvlm_bench.history.entries import entries_from_runs  # noqa: E402
+from mvlm_bench.plan.plan import Plan  # noqa: E402
+from mvlm_bench.plan.spec import BenchSpec, Side  # noqa: E402
+from mvlm_bench.session.runners import collect  # noqa: E402
 
 THROTTLE = REPO / "benchmarks" / "throttle.py"
 MODES = ("within-session", "history", "history + A/B confirm", "interleaved")
@@ -55,10 +58,10 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, c - h), min(1.0, c + h)
 
 
-def samples(res) -> dict:
-    es = entries_from_runs(res.runs)
+def samples(runs) -> dict:
+    es = entries_from_runs(runs)
     if not es:
-        raise SystemExit(f"a session produced no runs: {[f.message for f in res.failures]}")
+        raise SystemExit("a session produced no runs")
     return es[0].samples
 
 
@@ -79,18 +82,19 @@ def main() -> int:
     model = smollm2_gguf()
     profile = load_profile("local")
     profile = dataclasses.replace(profile, threads=args.threads)
-    spec = bench.BenchSpec("lm", model, repeat=args.repeat, warmup=1, n_predict=args.n, threads=args.threads)
+    spec = BenchSpec("lm", model, repeat=args.repeat, warmup=1, n_predict=args.n, threads=args.threads)
     slow_wrap = (sys.executable, str(THROTTLE), str(args.slowdown), "--")
 
     def run_side(wrapper=()) -> dict:
         """One stored-style session of the build; ``wrapper`` (the throttle) makes it the slow candidate."""
         prof = dataclasses.replace(profile, exec_wrapper=tuple(wrapper)) if wrapper else profile
-        return samples(bench.run_bench(prof, spec))
+        return samples(collect(Plan(prof, [spec])).runs)
 
     def ab_session(wrapper=(), pairs: int | None = None) -> list:
         s = dataclasses.replace(spec, repeat=pairs or spec.repeat)
-        ab = bench.run_ab(profile, bench.Side(s), bench.Side(s, wrapper=tuple(wrapper)))
-        return gate.compare_interleaved(samples(ab.baseline), samples(ab.candidate))
+        sides = (Side(s, name="baseline"), Side(s, wrapper=tuple(wrapper), name="candidate"))
+        ab = collect(Plan(profile, [s], sides=sides))
+        return gate.compare_interleaved(samples(ab.side("baseline")), samples(ab.side("candidate")))
 
     t0 = time.monotonic()
     base_sessions: list[dict] = [run_side() for _ in range(args.baseline_sessions)]

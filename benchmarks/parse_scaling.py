@@ -33,7 +33,7 @@ EXPECTED = {"eval_tps": 12.64, "eval_runs": 178, "prompt_tokens": 49, "total_ms"
 
 CHILD = r"""
 import json, resource, sys, time
-from mvlm_bench.timings import parse_file
+from mvlm_bench.records.timings import parse_file
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 rec = parse_file(sys.argv[1])

@@ -1,5 +1,5 @@
 """``python -m mvlm``: the ``mvlm`` command."""
 
-from mvlm.cli import main
+from mvlm.entry import main
 
 main()

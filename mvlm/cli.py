@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import errno
-import signal
+import os
 import sys
 
 import typer
-from rich.console import Console
 
+from mvlm_core.console import console as make_console
 from mvlm_core.errors import MvlmError
 
 app = typer.Typer(
@@ -20,9 +20,52 @@ app = typer.Typer(
 )
 
 
+def _flags_without_type_labels() -> None:
+    """typer >= 0.2x labels every option in ``--help`` with its type, flags too: ``--json <bool>`` reads as if it took
+    a value, and ``--json true`` then fails. A flag takes none: its label is dropped (options with values keep theirs)."""
+    from typer import core
+
+    option = getattr(core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "mvlm_flags_unlabelled", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) or getattr(self, "count", False) else shown(self, ctx)
+
+    display_type_rich.mvlm_flags_unlabelled = True
+    option.display_type_rich = display_type_rich
+
+
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from mvlm_core.runtime import LLAMA_CPP_COMMIT, LLAMA_CPP_PYTHON_VERSION, project_patches
+
+    try:
+        mine = version("mvlm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        mine = "(not installed)"
+    print(f"mvlm {mine}")
+    print(f"llama.cpp {LLAMA_CPP_COMMIT} (vendored by llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}), with the patches:")
+    for p in project_patches():
+        print(f"  {p.name} (sha256 {p.sha256[:12]})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print mvlm's version, the pinned llama.cpp commit and its patches, and exit."),
+) -> None:
+    """Small vision-language models (MobileVLM and peers): checkpoint -> llama.cpp GGUF -> proof -> device latency."""
+
+
 def _wire() -> None:
-    from mvlm_bench import runtime_cli
-    from mvlm_convert.crosscheck_cli import check_cmd
+    from mvlm_bench.cli import runtime as runtime_cli
+    from mvlm_convert.runtime_check_cli import check_cmd
 
     runtime_cli.app.command("check")(check_cmd)
     app.add_typer(runtime_cli.app, name="runtime", help="Build the pinned, patched llama.cpp for a target; print where it is.")
@@ -41,36 +84,41 @@ def _wire() -> None:
 
     app.command("quantize", help="Quantize a GGUF with llama.cpp's own quantizer; size/quality table.")(quantize_cmd)
 
-    from mvlm_bench import bench_cli
+    from mvlm_bench.cli import bench as bench_cli
+    from mvlm_bench.cli.parse import parse_cmd
 
+    bench_cli.app.command("parse", help="Parse saved llama.cpp output (any era since 2023) into timing records.")(
+        parse_cmd
+    )
     app.add_typer(
         bench_cli.app,
         name="bench",
         help="Run the papers' latency protocols on a device (or parse saved llama.cpp output) and report.",
     )
-    app.command("devices", help="List device profiles and check that each is reachable.")(bench_cli.devices_cmd)
+    from mvlm_bench.cli.devices import devices_cmd
 
-    from mvlm_bench import history_cli
+    app.command("devices", help="List device profiles and check that each is reachable.")(devices_cmd)
+
+    from mvlm_bench.cli.compare import compare_cmd
 
     app.command("compare", help="Compare two measurements (history selectors or bench JSON): speedups and verdicts.")(
-        history_cli.compare_cmd
+        compare_cmd
     )
-    app.add_typer(history_cli.app, name="history", help="List stored benchmark measurements; plot their history.")
-    from mvlm_bench.paper_report import report_cmd
+    from mvlm_bench.cli import history as history_cli
+
+    app.add_typer(history_cli.app, name="history", help="List, plot, import, delete and prune stored measurements.")
+    from mvlm_bench.cli.report import report_cmd
+
     app.command("report", help="Your stored latencies in a paper's table layout, beside its published rows.")(report_cmd)
-    from mvlm_bench.serve_cli import serve_cmd
+    from mvlm_bench.cli.serve import serve_cmd
 
     app.command("serve", help="Serve a GGUF (+ mmproj) with llama-server's OpenAI API, here or on a device.")(serve_cmd)
 
 
+_flags_without_type_labels()
 _wire()
 
-err_console = Console(stderr=True)
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM unwinds like Ctrl-C: every ``finally``/``except BaseException`` runs, so temporaries are removed."""
-    raise SystemExit(128 + signum)
+err_console = make_console(stderr=True)
 
 
 def _json_file_alias(argv: list[str]) -> list[str]:
@@ -92,25 +140,133 @@ def _json_file_alias(argv: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
-    """Console-script entry point: user errors become one line and a non-zero exit code."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+def repeated_options(argv: list[str]) -> str | None:
+    """The first option given twice that keeps only one value (``--label x --label y``: typer would keep ``y``), as
+    the line to refuse it with; None when there is none. Options that take a list (``-m A -m B``) may repeat."""
+    import typer.main
+
+    cmd = typer.main.get_command(app)
+    counts: dict[str, list[str]] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if tok == "--":
+            break
+        sub = getattr(cmd, "commands", {}).get(tok) if not tok.startswith("-") else None
+        if sub is not None:
+            cmd, counts = sub, {}
+            continue
+        if not tok.startswith("-") or tok == "-":
+            continue
+        name, eq, value = tok.partition("=")
+        param = next((p for p in cmd.params if name in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))),
+                     None)
+        if param is None:
+            continue
+        takes_value = not getattr(param, "is_flag", False) and not getattr(param, "count", False)
+        if takes_value and not eq and i < len(argv):
+            value, i = argv[i], i + 1
+        if getattr(param, "multiple", False) or getattr(param, "nargs", 1) != 1:
+            continue
+        seen = counts.setdefault(param.name or name, [])
+        seen.append(f"{name} {value}".strip() if takes_value else name)
+        if len(seen) > 1:
+            return (f"{' and '.join(seen[:2])}: {param.opts[0]} is given twice and takes one value; give it once (a "
+                    "script that appends options?)")
+    return None
+
+
+def _warn_password_in_argv(argv: list[str]) -> None:
+    """A history URL with its password on the command line is readable by every local user for the whole command
+    (``ps``, /proc/PID/cmdline): say so, and what to use instead. It still runs."""
+    from mvlm_bench.history.locations import mask_url
+
+    values = [v for i, a in enumerate(argv) for v in ([argv[i + 1]] if a == "--db" and i + 1 < len(argv) else
+                                                       [a.partition("=")[2]] if a.startswith("--db=") else [])]
+    if any("://" in v and mask_url(v) != v for v in values):
+        err_console.print("[yellow]warning:[/] the --db URL carries a password, which every local user can read in "
+                          "the process list while this runs: give the URL in $MVLM_HISTORY instead (only your user reads "
+                          "a process's environment), or keep the password in ~/.pgpass or $PGPASSFILE (docs/lab.md)",
+                          highlight=False, soft_wrap=True)
+
+
+class QuietPipe:
+    """stdout that a reader closing early (``mvlm ... | head -1``) cannot break: the first BrokenPipeError sends the
+    rest to /dev/null, and the command goes on to its end, its messages on stderr and its exit code (a gate's 4)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._to_null()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._to_null()
+
+    def _to_null(self) -> None:
+        self.broken = True
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())  # what is left in the stream's buffer goes nowhere, quietly
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def main(stops=None) -> None:
+    """Run the command line: user errors become one line and a non-zero exit code; a stop signal (Ctrl-C, SIGTERM,
+    SIGHUP, SIGQUIT: ``mvlm_core.stops``) unwinds every ``finally`` and ends in one line, exit 128 + the signal.
+    ``stops``: the handlers the entry point installed (and paused) first thing; else they are installed here."""
+    from mvlm_core.stops import Stopped, StopSignals
+
+    if stops is None:
+        stops = StopSignals().install()
+        stops.pause()
     sys.argv = _json_file_alias(sys.argv)
+    if not isinstance(sys.stdout, QuietPipe) and sys.stdout is not None:
+        sys.stdout = QuietPipe(sys.stdout)
     try:
+        stops.resume()  # a signal that came while the command was starting up is raised here
+        twice = repeated_options(sys.argv[1:])
+        if twice:
+            raise MvlmError(twice)
+        _warn_password_in_argv(sys.argv[1:])
         rc = app(standalone_mode=False)
+        stops.done()  # the command has finished: a signal now cannot cost it anything, nor change its exit code
         sys.exit(rc if isinstance(rc, int) else 0)
     except MvlmError as e:
+        stops.done()
         from rich.markup import escape  # the message is text: a "[bold]" in a label or path stays as typed
 
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        from mvlm_core.terminal import visible  # a path or name from a file: its escape sequences shown, not run
+
+        err_console.print(f"[bold red]error:[/] {escape(visible(e))}", highlight=False, soft_wrap=True)
         if e.detail:
-            err_console.print(e.detail, highlight=False, markup=False)
+            err_console.print(visible(e.detail, lines=True), highlight=False, markup=False)
         sys.exit(e.exit_code)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             err_console.print(f"[bold red]error:[/] disk full while writing {e.filename or 'output'}: free space and retry")
             sys.exit(28)
         raise
+    except Stopped as e:
+        stops.done()
+        err_console.print(f"[bold red]interrupted[/] by {e.name}", highlight=False)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         sys.exit(130)
@@ -119,6 +275,16 @@ def main() -> None:
     except Exception as e:  # click's usage errors arrive here in non-standalone mode
         # typer >= 0.2x vendors click (typer._click), older typer uses click itself: match by shape, not class
         names = {c.__name__ for c in type(e).__mro__}
+        if "UsageError" in names:  # one line, as every other refusal (click prints a usage block and a blank line)
+            from rich.markup import escape
+
+            from mvlm_core.terminal import visible
+
+            where = getattr(getattr(e, "ctx", None), "command_path", "") or "mvlm"
+            said = " ".join(e.format_message().split())
+            err_console.print(f"[bold red]error:[/] {escape(visible(said))} (see `{escape(where)} --help`)",
+                              highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
         if "ClickException" in names:
             e.show()
             sys.exit(e.exit_code)

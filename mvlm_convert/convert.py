@@ -1,7 +1,7 @@
 """``convert``: a released checkpoint directory -> ``<Name>-<FTYPE>.gguf`` + ``mmproj-<Name>-<FTYPE>.gguf``.
 
 One pass, no intermediate files. Both outputs are planned and validated before anything is written (bad input
-fails with nothing on disk). Each file is streamed tensor by tensor to a temporary name (``.<final>.<pid>.tmp``,
+fails with nothing on disk). Each file is streamed tensor by tensor to a temporary name (``.<final>.<pid>.<random>.tmp``,
 ``mvlm_core.atomic.AtomicOutputs``) and both are renamed together only when both are complete: a failed or
 interrupted run (disk full, Ctrl-C, SIGTERM) removes its temporaries and leaves files from an earlier run exactly
 as they were.
@@ -71,7 +71,10 @@ def sanitize_name(name: str) -> str:
 
 
 def output_paths(outdir: Path, name: str, outtype: str) -> tuple[Path, Path]:
+    from mvlm_core.filenames import check_name_length
+
     label = FTYPE_LABELS[outtype]
+    check_name_length(f"mmproj-{name}-{label}.gguf", "the output file name")  # before --outdir is made
     return outdir / f"{name}-{label}.gguf", outdir / f"mmproj-{name}-{label}.gguf"
 
 
@@ -79,7 +82,6 @@ class _RichProgress:
     """A rich progress bar per output file (on stderr, so ``--json`` stdout stays clean)."""
 
     def __init__(self) -> None:
-        from rich.console import Console
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -89,13 +91,15 @@ class _RichProgress:
             TransferSpeedColumn,
         )
 
+        from mvlm_core.console import console as make_console
+
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=make_console(stderr=True),
             transient=False,
         )
         self._task: Any = None

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from mvlm_core.console import console as make_console
+
+console = make_console()
 
 
 def _size(n: int) -> str:
@@ -31,15 +32,29 @@ def lm_notes(md: dict) -> str:
 FAMILY_LABELS = {"mobilevlm": "MobileVLM", "llava": "LLaVA-1.5", "xmodel": "Xmodel-VLM", "imp": "Imp"}
 
 
+def _from_hub(checkpoint: str, outdir: Path | None, name: str | None) -> tuple[Path, Path | None, str | None]:
+    """OWNER/NAME[@REV] with no such path here: the Hub's copy, through huggingface_hub's cache, written to the current
+    directory (never into the cache) and named after the repository (the cache's directory is named by the commit)."""
+    from mvlm_convert.hub import download, hub_reference
+
+    ref = hub_reference(checkpoint)
+    if ref is None:  # as typed: "./a/b" is a path, never a Hub id
+        return Path(checkpoint), outdir, name
+    return download(*ref), Path.cwd() if outdir is None else outdir, name or ref[0].split("/")[1]
+
+
 def convert_cmd(
-    checkpoint: Path = typer.Argument(
+    checkpoint: str = typer.Argument(
         ...,
         help="Checkpoint directory as released on the HF hub (config.json, tokenizer and pytorch_model.bin / "
-        "model.safetensors, single or sharded with an index). Supported: MobileVLM V1/V2, MobileLLaMA (text only), "
-        "LLaVA-1.5 (liuhaotian and llava-hf layouts), Xmodel-VLM, Imp v1 (Phi-2) and Imp v1.5 (Qwen1.5, Phi-3).",
+        "model.safetensors, single or sharded with an index), or its Hub id OWNER/NAME[@REVISION] (downloaded with "
+        "huggingface_hub into its cache; $HF_TOKEN, $HF_HUB_OFFLINE apply; output then in the current directory). "
+        "Supported: MobileVLM V1/V2, MobileLLaMA (text only), LLaVA-1.5 (liuhaotian and llava-hf layouts), "
+        "Xmodel-VLM, Imp v1 (Phi-2) and Imp v1.5 (Qwen1.5, Phi-3).",
     ),
     outdir: Path | None = typer.Option(
-        None, "--outdir", "-o", help="Directory for the two .gguf files (default: the checkpoint directory)."
+        None, "--outdir", "-o", help="Directory for the two .gguf files (default: the checkpoint directory; for a Hub "
+        "id, the current directory)."
     ),
     vision_tower: Path | None = typer.Option(
         None,
@@ -70,6 +85,7 @@ def convert_cmd(
     """
     from mvlm_convert.config_check import check_checkpoint_dir
 
+    checkpoint, outdir, name = _from_hub(checkpoint, outdir, name)
     check_checkpoint_dir(checkpoint)  # before torch is loaded: a mistyped path is answered at once
     from mvlm_convert.convert import convert
 

@@ -5,10 +5,11 @@ gguf.GGUFWriter normally keeps every tensor in memory until ``write_tensors_to_f
 infos are written, and then each tensor is produced, encoded and written in declaration order, and dropped. Peak
 memory is therefore about one tensor, not one model.
 
-The file is written under a temporary name in the output directory (``mvlm_core.atomic``: ``.<name>.<pid>.tmp``)
-and renamed only when complete; when a command writes several files (convert: LM + mmproj) the caller hands in the
-temporaries of one ``AtomicOutputs`` and renames them all together. Any failure (including ENOSPC, Ctrl-C, SIGTERM)
-removes the temporaries and leaves an earlier file of the same name untouched.
+The file is written under a temporary name in the output directory (``mvlm_core.atomic``:
+``.<name>.<pid>.<random>.tmp``, created exclusively, never through a link) and renamed only when complete; when a
+command writes several files (convert: LM + mmproj) the caller hands in the temporaries of one ``AtomicOutputs`` and
+renames them all together. Any failure (including ENOSPC, Ctrl-C, SIGTERM) removes the temporaries and leaves an
+earlier file of the same name untouched.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import gguf
 import numpy as np
 import torch
 
-from mvlm_core.atomic import AtomicOutputs, is_disk_full, temporary_for
+from mvlm_core.atomic import AtomicOutputs, is_disk_full
 from mvlm_core.errors import MvlmError
 from mvlm_core.filetypes import FILE_TYPES, OUTTYPES, QT
 
@@ -110,11 +111,6 @@ def encode(t: torch.Tensor, qtype: QT) -> np.ndarray:
     if qtype == QT.Q8_0:
         return gguf.quants.quantize(np.ascontiguousarray(t.to(torch.float32).numpy()), QT.Q8_0)
     raise ValueError(f"unsupported output type {qtype!r}")
-
-
-def tmp_path_for(final: Path) -> Path:
-    """The temporary name a file is written under before it is renamed to ``final``."""
-    return temporary_for(final)
 
 
 def check_writable(outdir: Path) -> None:

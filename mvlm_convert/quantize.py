@@ -76,28 +76,21 @@ def parse_types(spec: str, kind: str) -> list[str]:
 
 
 def read_header(path: Path) -> tuple[str, int | None, int, bool]:
-    """(architecture, general.file_type, number of weights, has quantized tensors) of a GGUF; MvlmError if not one."""
-    import gguf
+    """(architecture, general.file_type, number of weights, has quantized tensors) of a GGUF, from the bounded header
+    reader (:mod:`mvlm_core.gguf_header`); MvlmError (one line) when it is not a GGUF this can quantize."""
+    from mvlm_core.gguf_header import FLOAT_TYPES, check_gguf
 
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise MvlmError(f"cannot read {path}: {e.strerror}") from e
-    if magic != b"GGUF":
-        raise MvlmError(f"{path} is not a GGUF file (magic {magic!r}): pass a .gguf written by mvlm convert")
-    try:
-        r = gguf.GGUFReader(path)
-    except Exception as e:  # truncated or corrupt
-        raise MvlmError(f"{path} is a damaged GGUF ({e}): convert it again") from e
-    arch_f = r.get_field("general.architecture")
-    arch = arch_f.contents() if arch_f is not None else "unknown"
-    ft_f = r.get_field("general.file_type")
-    ftype = int(ft_f.contents()) if ft_f is not None else None
-    n = sum(int(t.n_elements) for t in r.tensors)
-    float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
-    quantized = any(t.tensor_type not in float_types for t in r.tensors)
-    return arch, ftype, n, quantized
+    header = check_gguf(Path(path), "the input")
+    ftype = header.kv.get("general.file_type")
+    ftype = ftype if isinstance(ftype, int) and not isinstance(ftype, bool) else None
+    n = 0
+    for _, dims, _, _ in header.tensors:
+        count = 1
+        for d in dims:
+            count *= d
+        n += count
+    quantized = any(ttype not in FLOAT_TYPES for _, _, ttype, _ in header.tensors)
+    return header.architecture or "unknown", ftype, n, quantized
 
 
 def output_name(inp: Path, qtype: str) -> str:
@@ -107,6 +100,7 @@ def output_name(inp: Path, qtype: str) -> str:
     return f"{base}-{qtype}.gguf"
 
 
+MAX_THREADS = 1024
 EXIT_DISK_FULL = 28  # docs/reliability.md: every command exits 28 on a full disk
 
 
@@ -136,10 +130,14 @@ def _run_tool(cmd: list[str], on_line: Callable[[str], None] | None = None) -> t
     However this function is left (an error, Ctrl-C, or SIGTERM turned into SystemExit by the CLI) the child is
     terminated and waited for first, so that it writes nothing after the caller removes its temporary files.
     """
+    from mvlm_core.stops import starting
+
     tail: list[str] = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                            errors="replace")
+    proc: subprocess.Popen | None = None
     try:
+        with starting():  # a stop signal during the start is raised once `proc` is ours to terminate
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    text=True, errors="replace")
         assert proc.stdout is not None
         for line in proc.stdout:
             tail = (tail + [line.rstrip()])[-15:]
@@ -147,14 +145,14 @@ def _run_tool(cmd: list[str], on_line: Callable[[str], None] | None = None) -> t
                 on_line(line)
         return proc.wait(), tail
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stdout is not None:
+        if proc is not None and proc.stdout is not None:
             proc.stdout.close()
 
 
@@ -187,10 +185,16 @@ def quantize_lm(inp: Path, out: Path, qtype: str, llama_quantize: Path, threads:
             quantize_lm(inp, out, qtype, llama_quantize, threads, allow_requantize, progress, tmp=outs.path(out))
             outs.commit()
         return
+    import shutil
+    import tempfile
+
+    # llama-quantize opens its output path itself: it writes into a fresh private directory (0700, next to the output,
+    # same file system), never to a name anyone else could have planted a link at; its file then replaces ``tmp``
+    private = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=tmp.parent))
     cmd = [str(llama_quantize)]
     if allow_requantize:
         cmd.append("--allow-requantize")
-    cmd += [str(inp), str(tmp), qtype, str(threads or os.cpu_count() or 1)]
+    cmd += [str(inp), str(private / out.name), qtype, str(threads or os.cpu_count() or 1)]
     pat = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
     def on_line(line: str) -> None:
@@ -206,9 +210,12 @@ def quantize_lm(inp: Path, out: Path, qtype: str, llama_quantize: Path, threads:
                                 "files of the same names are untouched)", exit_code=EXIT_DISK_FULL)
             raise MvlmError(f"llama-quantize failed for {qtype} (exit {rc}): {tail[-1] if tail else 'no output'}",
                             detail="\n".join(tail))
+        os.replace(private / out.name, tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _keep_float(name: str, shape: tuple[int, ...]) -> bool:
@@ -331,6 +338,16 @@ def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None =
     qtypes = parse_types(types, kind)
     if (quantized or (ftype is not None and ftype not in UNQUANTIZED_FILE_TYPES)) and not allow_requantize:
         raise MvlmError(f"{inp.name} is already quantized: quantize from the f16/f32 file, or pass --allow-requantize")
+    if image is not None:
+        from mvlm_convert.verify import check_image_file
+
+        check_image_file(image)
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise MvlmError(f"--threads {threads} is out of range: give a whole number from 1 to {MAX_THREADS}")
+    from mvlm_core.filenames import check_name_length
+
+    for t in qtypes:
+        check_name_length(output_name(inp, t), "the output file name")
     outdir = Path(outdir) if outdir else inp.parent
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -338,6 +355,9 @@ def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None =
         raise MvlmError(f"cannot create output dir {outdir}: {e.strerror}") from e
     if not os.access(outdir, os.W_OK):
         raise MvlmError(f"output dir {outdir} is not writable: pass --outdir DIR")
+    from mvlm_core.atomic import check_writable
+
+    check_writable(outdir / output_name(inp, qtypes[0]), "--outdir")  # /proc and the like: no file can be made there
     valid = LM_TYPES if kind == "lm" else MMPROJ_TYPES
     need = sum(int(n_weights * valid[t] / 8) for t in qtypes)
     free = _free_bytes(outdir)

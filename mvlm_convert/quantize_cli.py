@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+from mvlm_core.console import console as make_console
+
+console = make_console()
+err = make_console(stderr=True)
 
 
 def quantize_cmd(
@@ -78,3 +79,8 @@ def quantize_cmd(
             row += ["-" if r.image_cos is None else f"{r.image_cos:.5f} / {r.image_min_cos:.5f}"]
         table.add_row(*row)
     console.print(table)
+    if kind != "lm" and any(r.image_cos is None for r in results):
+        why = ("--no-quality was given" if not quality else
+               "an mmproj's cosine is measured through the language model it pairs with: add --lm LM.gguf" if lm is None
+               else "the quality run did not give a figure")
+        err.print(f"image cos '-': not measured ({why})", highlight=False, markup=False, soft_wrap=True)

@@ -16,6 +16,7 @@ the host build's ``mvlm-dump`` the same way.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,11 @@ def mmproj_info(mmproj_path: Path) -> dict[str, Any]:
     """image_size / mean / std / projector type written in an mmproj GGUF."""
     import gguf
 
+    from mvlm_core.gguf_header import check_gguf
+
     if not Path(mmproj_path).is_file():
         raise MvlmError(f"mmproj GGUF not found: {mmproj_path}")
+    check_gguf(Path(mmproj_path), "--mmproj")  # the bounded reader first: gguf-py believes whatever a header claims
     try:
         reader = gguf.GGUFReader(str(mmproj_path))
     except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
@@ -116,12 +120,40 @@ def load_image(image, size: int) -> np.ndarray:
             return np.ascontiguousarray(image)
         image = Image.fromarray(np.asarray(image, np.uint8))
     if isinstance(image, (str, Path)):
+        path = image
+        check_image_file(path)
         try:
-            image = Image.open(image)
+            image = Image.open(path)
             image.load()
-        except (OSError, ValueError) as e:
-            raise MvlmError(f"cannot read image {image}: {e}") from e
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise MvlmError(f"cannot read image {path}: {e}") from None
     return square_image(image, size)
+
+
+def check_image_file(path: Path | str, option: str = "--image") -> None:
+    """An image a command was given, checked before any work: a file PIL reads as an image, of at most PIL's
+    decompression-bomb limit of pixels (a 60000x60000 PNG is a few KB and would take gigabytes to decode)."""
+    from PIL import Image
+
+    p = Path(path)
+    try:
+        ok = p.is_file()
+    except OSError as e:
+        raise MvlmError(f"{option} {str(p)[:80]}: cannot be read ({e.strerror or e}); give a PNG or JPEG image") from None
+    if not ok:
+        raise MvlmError(f"{option} {p} does not exist or is not a file: give a PNG or JPEG image")
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            im.verify()
+    except Image.DecompressionBombError:
+        raise MvlmError(f"{option} {p} declares more pixels than an image to embed can have (a decompression bomb?): "
+                        "give a photo-sized PNG or JPEG") from None
+    except Exception as e:  # PIL raises many types for a non-image  # noqa: BLE001
+        raise MvlmError(f"{option} {p} is not an image PIL can read ({type(e).__name__}): give a PNG or JPEG") from None
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        raise MvlmError(f"{option} {p} is {w}x{h} pixels, more than an image to embed can have "
+                        f"({Image.MAX_IMAGE_PIXELS}): give a photo-sized PNG or JPEG")
 
 
 def image_embedding(mmproj_path: Path, gguf_path: Path, image=None, runtime: str | Backend = "host") -> np.ndarray:
@@ -137,6 +169,79 @@ def image_embedding(mmproj_path: Path, gguf_path: Path, image=None, runtime: str
 # ------------------------------------------------------------------------------------------------------------------
 # verify
 # ------------------------------------------------------------------------------------------------------------------
+
+
+def _verify_vision(rt, result: dict[str, Any], checkpoint_dir: Path, gguf_path: Path, mmproj_path: Path, image,
+                   vision_tower: Path | None, image_threshold: float, question: str | None, kv_cache: str,
+                   lm) -> list[str]:
+    """The image half of :func:`verify`: the same bitmap through the PyTorch tower + projector and through llama.cpp
+    (figures into ``result``), then (``question`` given) the end-to-end last-position logits. Returns the problems."""
+    import torch
+
+    from mvlm_convert import reference as ref
+
+    problems: list[str] = []
+    with _reference_loads(checkpoint_dir):
+        vis = ref.load_vision(checkpoint_dir, vision_tower)
+    info = mmproj_info(mmproj_path)
+    size = vis.image_size
+    if info["image_size"] is not None and int(info["image_size"]) != size:
+        problems.append(f"mmproj image_size {info['image_size']} != checkpoint CLIP image size {size}")
+    for key, mine in (("image_mean", vis.mean), ("image_std", vis.std)):
+        theirs = info.get(key)
+        ok = theirs is not None and np.allclose(np.asarray(theirs, np.float64), mine, rtol=0, atol=1e-6)
+        result[f"{key}_match"] = bool(ok)
+        if not ok:
+            problems.append(f"mmproj {key} {theirs} != checkpoint preprocessor {list(mine)}")
+    rgb = load_image(image, size)
+    result["image"] = "synthetic" if image is None else str(image)
+    ref_emb = vis.embed(rgb)
+    got_emb = rt.image_embedding(mmproj_path, gguf_path, rgb)
+    result["n_image_tokens_ref"] = int(ref_emb.shape[0])
+    result["n_image_tokens_llama"] = int(got_emb.shape[0])
+    result["image_embd_dim"] = int(ref_emb.shape[1])
+    result["projector_type"] = vis.projector_type
+    result["vision_tower"] = vis.origin
+    result.update(compare_embeddings(got_emb, ref_emb))
+    if result["image_rel_err"] is None:
+        problems.append(f"image embedding shapes differ: llama.cpp {list(got_emb.shape)} vs reference "
+                        f"{list(ref_emb.shape)}")
+    elif result["image_rel_err"] > image_threshold:
+        problems.append(f"image relative error {result['image_rel_err']:.3g} > {image_threshold:g}")
+
+    # -- end to end (informational): text + llama.cpp's image embeddings + text, last-position logits ----------
+    if question is not None and result["image_rel_err"] is not None:
+        try:
+            mm = rt.multimodal(mmproj_path, gguf_path, rgb, v1_prompt(question, IMAGE_PLACEHOLDER),
+                               kv_cache=kv_cache)
+            emb_layer = lm.get_input_embeddings()
+            with torch.no_grad():
+                seq = torch.cat([
+                    emb_layer(torch.tensor(mm.before, dtype=torch.long)),
+                    torch.from_numpy(ref_emb),
+                    emb_layer(torch.tensor(mm.after, dtype=torch.long)),
+                ])
+            ref_last = ref.lm_logits(lm, [], inputs_embeds=seq)[-1]
+            result["mm_n_tokens"] = len(mm.before) + mm.n_image_tokens + len(mm.after)
+            result["mm_last_logits_rel_err"] = rel_err(mm.last_logits, ref_last)
+            result["mm_last_top1_agree"] = bool(mm.last_logits.argmax() == ref_last.argmax())
+        except MvlmError as e:
+            result["mm_error"] = str(e)
+    return problems
+
+
+@contextlib.contextmanager
+def _reference_loads(checkpoint_dir: Path):
+    """The PyTorch reference built from config.json: weights of other shapes (a config that contradicts its weights)
+    are one line, not torch's traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "size mismatch" not in str(e) and "Error(s) in loading state_dict" not in str(e):
+            raise
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise MvlmError(f"{checkpoint_dir}: its config.json does not describe its weights ({first[:200]}): fix "
+                        "config.json or use the weights it belongs to (`mvlm convert` names the field)") from None
 
 
 def verify(
@@ -156,11 +261,14 @@ def verify(
 
     ``mmproj_path`` None checks only the language model (MobileLLaMA has no vision part).
     """
-    import torch
 
     from mvlm_convert import reference as ref
+    from mvlm_core.gguf_header import check_gguf
 
     checkpoint_dir = Path(checkpoint_dir)
+    check_gguf(Path(gguf_path), "--gguf", "lm")  # the bounded reader, before llama.cpp or gguf-py reads them
+    if mmproj_path is not None:
+        check_gguf(Path(mmproj_path), "--mmproj", "mmproj")
     rt = get_backend(runtime)
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint_dir),
@@ -179,7 +287,8 @@ def verify(
     tokens = rt.tokenize(Path(gguf_path), prompt)
     result["prompt"] = prompt
     result["n_text_tokens"] = len(tokens)
-    lm = ref.load_lm(checkpoint_dir)
+    with _reference_loads(checkpoint_dir):
+        lm = ref.load_lm(checkpoint_dir)
     ref_logits = ref.lm_logits(lm, tokens)
     got_logits = rt.logits(Path(gguf_path), tokens, kv_cache=kv_cache)
     result.update(compare_logits(got_logits, ref_logits))
@@ -188,51 +297,8 @@ def verify(
 
     # -- vision: same bitmap to both sides ------------------------------------------------------------------------
     if mmproj_path is not None:
-        vis = ref.load_vision(checkpoint_dir, vision_tower)
-        info = mmproj_info(Path(mmproj_path))
-        size = vis.image_size
-        if info["image_size"] is not None and int(info["image_size"]) != size:
-            problems.append(f"mmproj image_size {info['image_size']} != checkpoint CLIP image size {size}")
-        for key, mine in (("image_mean", vis.mean), ("image_std", vis.std)):
-            theirs = info.get(key)
-            ok = theirs is not None and np.allclose(np.asarray(theirs, np.float64), mine, rtol=0, atol=1e-6)
-            result[f"{key}_match"] = bool(ok)
-            if not ok:
-                problems.append(f"mmproj {key} {theirs} != checkpoint preprocessor {list(mine)}")
-        rgb = load_image(image, size)
-        result["image"] = "synthetic" if image is None else str(image)
-        ref_emb = vis.embed(rgb)
-        got_emb = rt.image_embedding(Path(mmproj_path), Path(gguf_path), rgb)
-        result["n_image_tokens_ref"] = int(ref_emb.shape[0])
-        result["n_image_tokens_llama"] = int(got_emb.shape[0])
-        result["image_embd_dim"] = int(ref_emb.shape[1])
-        result["projector_type"] = vis.projector_type
-        result["vision_tower"] = vis.origin
-        result.update(compare_embeddings(got_emb, ref_emb))
-        if result["image_rel_err"] is None:
-            problems.append(f"image embedding shapes differ: llama.cpp {list(got_emb.shape)} vs reference "
-                            f"{list(ref_emb.shape)}")
-        elif result["image_rel_err"] > image_threshold:
-            problems.append(f"image relative error {result['image_rel_err']:.3g} > {image_threshold:g}")
-
-        # -- end to end (informational): text + llama.cpp's image embeddings + text, last-position logits ----------
-        if multimodal and result["image_rel_err"] is not None:
-            try:
-                mm = rt.multimodal(Path(mmproj_path), Path(gguf_path), rgb, v1_prompt(question, IMAGE_PLACEHOLDER),
-                                   kv_cache=kv_cache)
-                emb_layer = lm.get_input_embeddings()
-                with torch.no_grad():
-                    seq = torch.cat([
-                        emb_layer(torch.tensor(mm.before, dtype=torch.long)),
-                        torch.from_numpy(ref_emb),
-                        emb_layer(torch.tensor(mm.after, dtype=torch.long)),
-                    ])
-                ref_last = ref.lm_logits(lm, [], inputs_embeds=seq)[-1]
-                result["mm_n_tokens"] = len(mm.before) + mm.n_image_tokens + len(mm.after)
-                result["mm_last_logits_rel_err"] = rel_err(mm.last_logits, ref_last)
-                result["mm_last_top1_agree"] = bool(mm.last_logits.argmax() == ref_last.argmax())
-            except MvlmError as e:
-                result["mm_error"] = str(e)
+        problems += _verify_vision(rt, result, checkpoint_dir, Path(gguf_path), Path(mmproj_path), image, vision_tower,
+                                   image_threshold, question if multimodal else None, kv_cache, lm)
 
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["problems"] = problems

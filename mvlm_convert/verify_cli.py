@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mvlm_convert.verify_limits import DEFAULT_IMAGE_THRESHOLD, DEFAULT_LOGITS_THRESHOLD
+from mvlm_core.console import console as make_console
 from mvlm_core.errors import MvlmError
 from mvlm_core.runtime import VERIFY_RUNTIMES
 
@@ -67,7 +69,8 @@ def render(result: dict, console: Console) -> None:
 
 
 def verify_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="The HF checkpoint directory the GGUFs were converted from.",
+    checkpoint: Annotated[str, typer.Argument(help="The HF checkpoint directory the GGUFs were converted from, or "
+                                                    "its Hub id OWNER/NAME[@REV] (as mvlm convert takes it).",
                                                show_default=False)],
     gguf: Annotated[Path, typer.Option("--gguf", help="Language-model GGUF written by `mvlm convert`.",
                                        show_default=False)],
@@ -93,15 +96,28 @@ def verify_cmd(
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object.")] = False,
 ) -> None:
     """Run the independent PyTorch reference and llama.cpp on the same image and tokens; exit 1 above thresholds."""
+    from mvlm_convert.hub import hub_reference
+
+    ref = hub_reference(checkpoint)  # as typed: "./a/b" is a path, never a Hub id
+    if ref is not None:  # OWNER/NAME[@REV], as mvlm convert takes it: the Hub's copy in huggingface_hub's cache
+        from mvlm_convert.hub import download
+
+        checkpoint = download(*ref)
+    checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise MvlmError(f"checkpoint directory not found: {checkpoint}")
-    from mvlm_convert.verify import verify
+    for option, value in (("--image-threshold", image_threshold), ("--logits-threshold", logits_threshold)):
+        if not (math.isfinite(value) and 0 < value <= 1e6):  # NaN would pass every check; 0 or less, none
+            raise MvlmError(f"{option} {value:g} is not a threshold: give a relative error above 0 (e.g. 0.01)")
+    from mvlm_convert.verify import check_image_file, verify
 
+    if image is not None:
+        check_image_file(image)
     result = verify(checkpoint, gguf, mmproj, image=image, vision_tower=vision_tower, runtime=runtime,
                     image_threshold=image_threshold, logits_threshold=logits_threshold, kv_cache=kv_cache)
     if json_:
         typer.echo(json.dumps(result, indent=2, default=str))
     else:
-        render(result, Console())
+        render(result, make_console())
     if not result["passed"]:
         raise typer.Exit(1)

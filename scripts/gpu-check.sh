@@ -78,7 +78,7 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 RESERVE_S=15  # kept for the summary and the archive
 OUT=${OUT:-$WORK/out}
 export MVLM_CACHE=${MVLM_CACHE:-$WORK/mvlm-cache}
-export PYTHONUNBUFFERED=1 COLUMNS=${COLUMNS:-160}
+export PYTHONUNBUFFERED=1
 LOGS=$WORK/logs
 RES=$WORK/results
 MODELS=$WORK/models
@@ -399,7 +399,7 @@ if ! wait "$MODELS_PID"; then fail; say "models: a step failed (see logs/tiny-*.
 
 # --- 5. offload: the GPU really runs the layers and CLIP ------------------------------------------------------------
 if [ "$BUILT" = 1 ] && [ -f "$(lm_of v2)" ]; then
-    IMG=$("$PY" -c 'from mvlm_bench.bench import default_image; print(default_image())' 2>>"$LOGS/offload.log" || true)
+    IMG=$("$PY" -c 'from mvlm_bench.session.runners import default_image; print(default_image())' 2>>"$LOGS/offload.log" || true)
     if run_step offload 60 "$LOGS/offload.log" "$RT/bin/llama-mtmd-cli" -m "$(lm_of v2)" --mmproj "$(mmproj_of v2)" \
             --image "$IMG" -p "What is in the image?" -n 16 --temp 0 -ngl 999 -lv 4; then
         grep -E 'CUDA devices|Device [0-9]+:|offloaded [0-9]+/[0-9]+ layers|CLIP using|using device' "$LOGS/offload.log" \

@@ -13,13 +13,16 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
+import selectors
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from mvlm_bench.devices import DeviceProfile, profile_from_dict
+from mvlm_bench.device.profiles import DeviceProfile, profile_from_dict
 
 SSHD = "/usr/sbin/sshd"
 
@@ -296,3 +299,97 @@ def fill_up(filler: Path) -> None:
                     f.write(b"\0" * size)
             except OSError as e:
                 assert e.errno == 28, e
+
+
+def run_bench(profile, spec, **events):
+    """One configuration through the bench pipeline (plan -> session -> records), its records gathered in memory
+    (mvlm_bench.session.runners.collect): ``.runs``, ``.failures``, ``.outcome``."""
+    from mvlm_bench.plan.plan import Plan
+    from mvlm_bench.session.runners import collect
+
+    lease = {k: events.pop(k) for k in ("lease_db", "lease_timeout") if k in events}
+    return collect(Plan(profile, [spec], **lease), **events)
+
+
+def small_gguf(path: Path, arch: str = "llama", template: bool = True) -> Path:
+    """A small, well-formed GGUF (gguf-py's writer) that passes every header check and that llama.cpp still cannot load
+    (no hyper-parameters, one tensor): a language model (``arch`` llama: a tokenizer and a token embedding, a chat
+    template unless ``template`` is False) or an mmproj (``arch`` clip). For tests of what is refused or fails later."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    if arch == "clip":
+        w.add_tensor("v.patch_embd.weight", np.zeros((8, 4), np.float32))
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<unk>", "a", "b"])
+        if template:
+            w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+        w.add_tensor("token_embd.weight", np.zeros((3, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def cmdlines_with(text: str, name: str) -> list[int]:
+    """pids of the processes called ``name`` whose command line contains ``text``."""
+    hits = []
+    for pid, (_, comm) in proc_table().items():
+        try:
+            if comm == name and text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                hits.append(pid)
+        except OSError:
+            pass
+    return hits
+
+
+class Served:
+    """`mvlm serve ARGS` as a subprocess; waits for the lines it prints once the server is ready."""
+
+    def __init__(self, *args: str | Path, timeout: float = 180.0):
+        self.proc = subprocess.Popen([sys.executable, "-m", "mvlm", "serve", *map(str, args)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"},
+                                     start_new_session=True)
+        self.t0 = time.monotonic()
+        self.out = ""
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while "Ctrl-C stops it." not in self.out:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise AssertionError(f"mvlm serve did not get ready: {self.out}\n{self.proc.stderr.read().decode()}")
+            if sel.select(timeout=0.5):
+                chunk = os.read(self.proc.stdout.fileno(), 65536).decode()
+                self.out += chunk
+        self.ready_s = time.monotonic() - self.t0
+        self.base_url = re.search(r"OpenAI base URL:\s+(\S+)", self.out).group(1)
+        self.alias = re.search(r"model \(alias\):\s+(\S+)", self.out).group(1)
+        self.log = Path(re.search(r"server log:\s+(\S+)", self.out).group(1))
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key="none", max_retries=0, timeout=120)
+
+    def stop(self, sig: int = signal.SIGINT) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        return self.proc.returncode, (self.out + out.decode() + err.decode())
+
+
+def error_line(r: subprocess.CompletedProcess, code: int = 2) -> str:
+    """Exactly one `error:` line, the documented exit code, no traceback; returns the line."""
+    assert r.returncode == code, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    return lines[0]

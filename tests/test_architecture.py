@@ -25,7 +25,7 @@ ALLOWED = {
     "mvlm": {"mvlm_core", "mvlm_convert", "mvlm_bench"},
 }
 # third-party imports of the base: the GGUF library, numpy, and the bindings the host backend calls
-CORE_THIRD_PARTY = {"gguf", "numpy", "llama_cpp"}
+CORE_THIRD_PARTY = {"gguf", "numpy", "llama_cpp", "rich"}
 
 
 def _modules() -> dict[str, Path]:
@@ -187,3 +187,123 @@ def test_the_cli_starts_without_the_numeric_libraries():
     for args in (["--help"], ["bench", "--device", "local", "--model", "/nonexistent.gguf"]):
         r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=REPO, timeout=60)
         assert r.stderr.strip().splitlines()[-1] == "[]", (args, r.stderr)
+
+
+# --- the bench pipeline (docs/architecture.md, "The bench side is one streaming pipeline") ---------------------------
+# The stages of mvlm_bench, top to bottom: a module may import its own stage and the ones below it.
+STAGES = ("cli", "sinks", "papers", "views", "decide", "session", "history", "records", "plan", "device")
+
+
+def _stage(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[0] == "mvlm_bench" and parts[1] in STAGES else None
+
+
+def test_the_bench_side_is_the_pipelines_stages_and_nothing_else():
+    loose = sorted(str(f.relative_to(REPO)) for f in (REPO / "mvlm_bench").glob("*.py") if f.name != "__init__.py")
+    assert not loose, f"every mvlm_bench module belongs to a stage ({', '.join(STAGES)}): {loose}"
+    assert {p.name for p in (REPO / "mvlm_bench").iterdir() if p.is_dir() and p.name != "__pycache__"} == set(STAGES)
+
+
+def test_the_pipelines_stages_import_downwards():
+    wrong = []
+    for mod, edges in sorted(GRAPH.items()):
+        here = _stage(mod)
+        if here is None:
+            continue
+        for target, line in sorted(edges.items()):
+            there = _stage(target)
+            if there is not None and STAGES.index(there) < STAGES.index(here):
+                wrong.append(f"{MODULES[mod].relative_to(REPO)}:{line} ({here}) imports {target} ({there})")
+    assert not wrong, "a stage imports only itself and the stages below it:\n" + "\n".join(wrong)
+
+
+def test_cli_modules_never_import_one_another():
+    wrong = [f"{MODULES[mod].relative_to(REPO)}:{line} imports {target}"
+             for mod, edges in sorted(GRAPH.items()) if mod.startswith("mvlm_bench.cli.")
+             for target, line in sorted(edges.items()) if target.startswith("mvlm_bench.cli")]
+    assert not wrong, "a CLI module parses options, calls the library and prints; shared code is library code:\n" + \
+        "\n".join(wrong)
+
+
+def test_tests_import_no_logic_from_cli_modules():
+    wrong = []
+    for f in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "mvlm_bench.cli" or n.startswith("mvlm_bench.cli.") for n in names):
+                wrong.append(f"{f.relative_to(REPO)}:{node.lineno}")
+    assert not wrong, "tests reach commands through `mvlm ...` and logic through the library, never mvlm_bench.cli:\n" + \
+        "\n".join(wrong)
+
+
+def _private_uses() -> list[str]:
+    """``from project.module import _name`` and ``module._name`` across modules (dunder names aside)."""
+    out = []
+    for path in MODULES.values():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and _top(node.module) in PACKAGES:
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        out.append(f"{path.relative_to(REPO)}:{node.lineno} imports {node.module}.{a.name}")
+                    aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+            elif isinstance(node, ast.Import):
+                aliases |= {a.asname or a.name: a.name for a in node.names if _top(a.name) in PACKAGES}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                out.append(f"{path.relative_to(REPO)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return out
+
+
+def test_no_private_name_is_used_from_another_module():
+    wrong = _private_uses()
+    assert not wrong, "a name another module needs is public (no leading underscore):\n" + "\n".join(wrong)
+
+
+MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 600
+
+
+def test_no_function_over_80_lines_and_no_bench_module_over_600():
+    long_functions, long_modules = [], []
+    for mod, path in MODULES.items():
+        text = path.read_text(encoding="utf-8")
+        if mod.startswith("mvlm_bench") and len(text.splitlines()) > MAX_MODULE_LINES:
+            long_modules.append(f"{path.relative_to(REPO)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {n} lines")
+    assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long_functions)
+    assert not long_modules, f"bench modules over {MAX_MODULE_LINES} lines:\n" + "\n".join(long_modules)
+
+
+def test_only_the_device_layer_knows_transport_kinds():
+    """Outside mvlm_bench/device, nothing compares a transport's kind (``profile.transport == "adb"``) nor tests a
+    transport's class (``isinstance(t, LocalTransport)``): it asks ``transport.capabilities``."""
+    kinds = {"local", "ssh", "adb"}
+    wrong = []
+    for mod, path in MODULES.items():
+        if not mod.startswith("mvlm_bench.") or mod.startswith("mvlm_bench.device"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                names = [s for s in sides if isinstance(s, ast.Attribute) and s.attr in ("transport", "kind")]
+                strings = [s for s in sides if isinstance(s, ast.Constant) and s.value in kinds]
+                tuples = [s for s in sides if isinstance(s, ast.Tuple | ast.Set | ast.List)
+                          and any(isinstance(e, ast.Constant) and e.value in kinds for e in s.elts)]
+                if names and (strings or tuples):
+                    wrong.append(f"{path.relative_to(REPO)}:{node.lineno}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance" and \
+                    any(isinstance(a, ast.Name) and a.id.endswith("Transport") for a in ast.walk(node.args[1])):
+                wrong.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not wrong, "ask transport.capabilities instead:\n" + "\n".join(wrong)

@@ -76,7 +76,7 @@ def test_dump_patch_is_a_tool_and_applies_after_the_fix():
 
 
 def test_perplexity_parser():
-    from mvlm_convert.crosscheck import parse_perplexity
+    from mvlm_convert.runtime_check import parse_perplexity
 
     out = "perplexity: calculating perplexity over 3 chunks\n[1]12.0,[2]14.5,[3]13.9,\nFinal estimate: PPL = 13.9151 +/- 1.20\n"
     assert parse_perplexity(out) == pytest.approx(13.9151)
@@ -182,7 +182,7 @@ def test_verify_under_qemu_matches_host(arm64_runtime, tiny_v2):
 @pytest.mark.qemu
 @needs_qemu
 def test_perplexity_arm64_within_2pct_of_host(arm64_runtime, host_runtime, smollm2_gguf):
-    from mvlm_convert.crosscheck import DEFAULT_TEXT, PPL_TOLERANCE, perplexity
+    from mvlm_convert.runtime_check import DEFAULT_TEXT, PPL_TOLERANCE, perplexity
 
     host = perplexity("host", smollm2_gguf, chunks=PPL_CHUNKS)
     arm = perplexity("linux-arm64", smollm2_gguf, chunks=PPL_CHUNKS)

@@ -15,11 +15,21 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from peers import AdbDouble, _free_port
+from peers import AdbDouble, _free_port, small_gguf
 
-from mvlm_bench import bench
-from mvlm_bench.devices import profile_from_dict
-from mvlm_bench.report import report_records
+from mvlm_bench.device.profiles import profile_from_dict
+from mvlm_bench.plan.engine import BenchTests
+from mvlm_bench.plan.plan import Plan
+from mvlm_bench.plan.protocols import artifacts
+from mvlm_bench.plan.spec import BenchSpec
+from mvlm_bench.records.groups import aggregate
+from mvlm_bench.session.runners import collect
+from mvlm_bench.views.exports import report_records
+
+
+def run_bench(profile, spec, **events):
+    """One configuration through the bench pipeline (plan -> session -> records), its records gathered."""
+    return collect(Plan(profile, [spec]), **events)
 
 MVLM = [sys.executable, "-m", "mvlm"]
 pytestmark = pytest.mark.slow
@@ -79,14 +89,14 @@ def test_run_bench_records_requested_tokens(tmp_path, tiny_vlm):
     lm, mmproj = tiny_vlm
     prof = profile_from_dict({"transport": "local", "workdir": str(tmp_path / "dev"), "target": "host", "threads": 2},
                              where="test", default_name="t")
-    res = bench.run_bench(prof, bench.BenchSpec("lm", lm, repeat=2, warmup=0, n_predict=20))
+    res = run_bench(prof, BenchSpec("lm", lm, repeat=2, warmup=0, n_predict=20))
     assert not res.failures and len(res.runs) == 2
     for run in res.runs:
         t = run.timing
         assert t.eval_runs == 19  # llama-completion decodes n-1 of the n tokens it generates
         assert t.prompt_tokens and t.prompt_tokens > 5 and t.eval_ms > 0 and t.prompt_eval_ms > 0
         assert run.wall_s and run.wall_s > t.eval_ms / 1000
-    vres = bench.run_bench(prof, bench.BenchSpec("vlm", lm, mmproj=mmproj, repeat=1, warmup=0, n_predict=8))
+    vres = run_bench(prof, BenchSpec("vlm", lm, mmproj=mmproj, repeat=1, warmup=0, n_predict=8))
     assert not vres.failures, vres.failures
     t = vres.runs[0].timing
     assert t.vision_encode_ms and t.vision_encode_ms > 0
@@ -123,16 +133,24 @@ def test_llama_bench_protocol(tmp_path, tiny_vlm):
     lm, _ = tiny_vlm
     prof = profile_from_dict({"transport": "local", "workdir": str(tmp_path / "dev"), "target": "host", "threads": 2},
                              where="test", default_name="t")
-    res = bench.run_bench(prof, bench.BenchSpec("llama-bench", lm, repeat=1, n_predict=8))
+    res = run_bench(prof, BenchSpec("llama-bench", lm, repeat=2, n_predict=8, tests=BenchTests((64, 128), (8,))))
     assert not res.failures, res.failures
-    gens = {(row.get("n_prompt"), row.get("n_gen")) for row in res.llama_bench_rows}
-    assert {(64, 0), (128, 0), (0, 8)} <= gens
+    # one record per test and repetition, each its own configuration (its test), carrying llama-bench's fields
+    tests = [r.context.params["test"] for r in res.runs]
+    assert tests == ["pp64", "pp128", "tg8"] * 2
+    groups = aggregate(res.runs)
+    assert [len(g.runs) for g in groups] == [2, 2, 2]
+    pp64, pp128, tg8 = groups
+    assert pp64.agg["prompt_tps"]["n"] == 2 and pp64.agg["eval_tps"]["n"] == 0
+    assert tg8.agg["eval_tps"]["n"] == 2 and tg8.runs[0].timing.eval_runs == 8
+    recs = report_records(groups)
+    assert [(r["n_prompt"], r["n_gen"], r["test"]) for r in recs] == [(64, 0, "pp64"), (128, 0, "pp128"), (0, 8, "tg8")]
+    assert all(r["model_type"] and r["backends"] == "CPU" and len(r["samples_ts"]) == 2 for r in recs)
 
 
 # --- failures: one clear line, exit != 0, completed repetitions kept -------------------------------------------
 def test_crash_keeps_output_tail(tmp_path):
-    bad = tmp_path / "Broken-F16.gguf"
-    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)  # header then garbage: llama.cpp refuses to load
+    bad = small_gguf(tmp_path / "Broken-F16.gguf")  # a whole header, no hyper-parameters: llama.cpp refuses to load
     r = mvlm("bench", "--device", local_profile(tmp_path), "--protocol", "lm", "--model", bad, "--repeat", 1)
     assert r.returncode == 3
     assert "lm protocol on testlocal: the warm-up run failed: exited with status 1" in r.stderr
@@ -152,6 +170,7 @@ def test_later_failure_keeps_completed_repetitions(tmp_path, tiny_vlm):
     flaky = tmp_path / "flaky.sh"
     flaky.write_text(textwrap.dedent(f"""\
         #!/bin/sh
+        case "$*" in *--version*) exec "$@";; esac
         n=$(cat {counter} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {counter}
         if [ "$n" -ge 3 ]; then echo "Segmentation fault" >&2; kill -SEGV $$; fi
         exec "$@"
@@ -188,18 +207,18 @@ def test_unreachable_ssh_device(tmp_path, tiny_vlm):
 def test_ssh_end_to_end(sshd, tmp_path, tiny_vlm):
     lm, mmproj = tiny_vlm
     prof = sshd.profile(str(tmp_path / "remote"), target="host", threads=2)
-    res = bench.run_bench(prof, bench.BenchSpec("vlm", lm, mmproj=mmproj, repeat=1, warmup=0, n_predict=8))
+    res = run_bench(prof, BenchSpec("vlm", lm, mmproj=mmproj, repeat=1, warmup=0, n_predict=8))
     assert not res.failures, res.failures
-    assert res.pushed_bytes > lm.stat().st_size
+    assert res.outcome.pushed_bytes > lm.stat().st_size
     assert res.runs[0].timing.image_tokens == 144 and res.runs[0].wall_s is None  # link time is not the device's
     # llama-bench's fields, read on the device over ssh (cpu_info as ggml reads it) and from llama-mtmd-cli's own log
-    rec = report_records(res.runs)[0]
-    assert rec["cpu_info"] == _cpu_model_name() and res.context.cpu_info == rec["cpu_info"]
+    rec = report_records(aggregate(res.runs))[0]
+    assert rec["cpu_info"] == _cpu_model_name() and res.runs[0].context.cpu_info == rec["cpu_info"]
     assert (rec["build_commit"], rec["build_number"], rec["backends"], rec["gpu_info"]) == ("0c1e570", 0, "CPU", "")
     assert rec["model_type"].startswith("llama ") and rec["model_type"].endswith(" F16") and rec["type_k"] == "f16"
     assert rec["n_threads"] == 2 and rec["n_batch"] == 2048 and rec["n_ubatch"] == 512
-    again = bench.run_bench(prof, bench.BenchSpec("vlm", lm, mmproj=mmproj, repeat=1, warmup=0, n_predict=8))
-    assert again.pushed_bytes == 0
+    again = run_bench(prof, BenchSpec("vlm", lm, mmproj=mmproj, repeat=1, warmup=0, n_predict=8))
+    assert again.outcome.pushed_bytes == 0
 
 
 def test_a_runtime_push_carries_each_library_once_under_the_name_the_loader_asks_for(host_runtime, tiny_vlm):
@@ -216,9 +235,9 @@ def test_a_runtime_push_carries_each_library_once_under_the_name_the_loader_asks
     assert rt.root == host_runtime
     lm, mmproj = tiny_vlm
     pushed: dict[str, Path] = {}
-    for spec in (bench.BenchSpec("lm", lm), bench.BenchSpec("vlm", lm, mmproj=mmproj),
-                 bench.BenchSpec("llama-bench", lm)):
-        files, _ = bench.artifacts(rt, spec)
+    for spec in (BenchSpec("lm", lm), BenchSpec("vlm", lm, mmproj=mmproj),
+                 BenchSpec("llama-bench", lm)):
+        files, _ = artifacts(rt, spec)
         pushed.update(files)
     libs = {rel.removeprefix("lib/"): p for rel, p in pushed.items() if rel.startswith("lib/")}
     digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in libs.values()]
@@ -242,17 +261,17 @@ def test_adb_end_to_end_and_device_gone(tmp_path, tiny_vlm, monkeypatch):
     adb.add("EMU123")
     prof = profile_from_dict({"transport": "adb", "address": "EMU123", "workdir": "/data/local/tmp/mvlm", "target": "host",
                               "threads": 2}, where="test", default_name="phone")
-    res = bench.run_bench(prof, bench.BenchSpec("lm", lm, repeat=1, warmup=0, n_predict=8))
+    res = run_bench(prof, BenchSpec("lm", lm, repeat=1, warmup=0, n_predict=8))
     assert not res.failures, res.failures
     assert res.runs[0].timing.eval_runs == 7
-    assert report_records(res.runs)[0]["cpu_info"] == _cpu_model_name()  # read with `adb shell cat /proc/cpuinfo`
+    assert report_records(aggregate(res.runs))[0]["cpu_info"] == _cpu_model_name()  # read with `adb shell cat /proc/cpuinfo`
     from mvlm_core.errors import MvlmError
 
     adb.add("GONE1", vanish_after_bytes=1000)
     gone = profile_from_dict({"transport": "adb", "address": "GONE1", "workdir": "/data/local/tmp/mvlm", "target": "host"},
                              where="test", default_name="gone")
     with pytest.raises(MvlmError, match="GONE1"):
-        bench.run_bench(gone, bench.BenchSpec("lm", lm, repeat=1, warmup=0, n_predict=8))
+        run_bench(gone, BenchSpec("lm", lm, repeat=1, warmup=0, n_predict=8))
 
 
 # --- native build on a device over ssh (real sshd; a stand-in llama.cpp tree keeps it seconds) ----------------------
@@ -261,7 +280,7 @@ def test_runtime_build_on_device_over_ssh(sshd, tmp_path, monkeypatch):
     arguments and pulls the binaries back. The source is a stand-in CMake project with llama.cpp's layout (the
     defective llava.cpp, so patch 0001 really applies) whose tools are trivial C programs; the target is
     linux-arm64 with Debian's cross compiler, so the 'device' build is a real cross build, in seconds."""
-    from mvlm_bench.remote_build import build_on_device
+    from mvlm_bench.session.remote_build import build_on_device
     from mvlm_core import runtime as rt
 
     monkeypatch.setenv("MVLM_CACHE", str(tmp_path / "cache"))

@@ -46,3 +46,55 @@ def test_startup_does_not_import_heavy_libraries():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def _help_texts() -> dict[str, str]:
+    return {" ".join(a): mvlm(*a, "--help").stdout for a in [[]] + [[c] for c in COMMANDS] + SUBCOMMANDS}
+
+
+def test_help_never_labels_a_flag_as_taking_a_value():
+    """typer labels options with their type; `--json <bool>` read as if it took a value (and `--json true` fails).
+    Flags carry no label; options with values keep theirs."""
+    texts = _help_texts()
+    labelled = [cmd or "mvlm" for cmd, text in texts.items() if "<bool>" in text]
+    assert not labelled, f"<bool> labels in the help of: {labelled}"
+    assert "--json" in texts["compare"] and "<path>" in texts["compare"]  # flags still listed; values still labelled
+
+
+def test_version_names_the_package_the_pinned_llama_cpp_and_its_patches():
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from mvlm_core.runtime import LLAMA_CPP_COMMIT
+
+    r = mvlm("--version")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"mvlm {version('mvlm')}"
+    assert LLAMA_CPP_COMMIT in lines[1]
+    patches = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "mvlm_core" / "patches").glob("*.patch"))
+    assert patches and all(any(ln.strip().startswith(p + " ") for ln in lines[2:]) for p in patches)
+
+
+def test_tables_read_through_a_pipe_never_fold_a_number():
+    """A CI log or `| cat` is not a terminal: rich took 80 columns (or $COLUMNS) and folded cells (0.437 as 0.43 over
+    7). Each number `bench parse --json` gives must print whole on its file's row, at COLUMNS=80 through a pipe."""
+    import json
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parent / "data" / "llama-cpp-outputs"
+    files = [str(p) for p in sorted(data.glob("0*.txt"))[:6]]
+    env = {"COLUMNS": "80", "PATH": "/usr/bin:/bin"}
+    table = subprocess.run([sys.executable, "-m", "mvlm", "bench", "parse", *files], capture_output=True, text=True,
+                           timeout=120, env=env)
+    js = subprocess.run([sys.executable, "-m", "mvlm", "bench", "parse", "--json", *files], capture_output=True,
+                        text=True, timeout=120, env=env)
+    assert table.returncode == 0 and js.returncode == 0, table.stderr + js.stderr
+    rows = {Path(r["file"]).name: r for r in json.loads(js.stdout)}
+    assert len(rows) == len(files)
+    for name, rec in rows.items():
+        line = next((ln for ln in table.stdout.splitlines() if name in ln), None)
+        assert line is not None, f"{name} is not whole on one line:\n{table.stdout}"
+        for key in ("load_ms", "total_ms"):
+            if rec[key] is not None:
+                assert f"{rec[key]:.2f}" in line, (key, line)

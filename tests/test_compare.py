@@ -13,8 +13,8 @@ import math
 import numpy as np
 import pytest
 
-from mvlm_bench import compare
-from mvlm_bench.compare import (
+from mvlm_bench.decide import stats as compare
+from mvlm_bench.decide.stats import (
     GATE_METRICS,
     compare_metric,
     compare_samples,
@@ -197,6 +197,7 @@ def test_gate_error_rates_at_default_setting(n):
     assert det >= 0.95
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_pure_noise_many_trials_never_fails_at_five_reps():
     rng = np.random.default_rng(5)
     fired = [regressions(compare_samples(_draw(rng, 5, 0.01), _draw(rng, 5, 0.01)), 0.05) for _ in range(200)]
@@ -215,7 +216,7 @@ def test_bootstrap_is_seeded():
 def test_median_of_values_near_the_float_maximum_is_finite():
     """numpy's median of these overflows to inf ((a + b) / 2); halving first is exact, so numpy on the halves, doubled,
     is the independent oracle."""
-    from mvlm_bench.compare import median
+    from mvlm_bench.decide.stats import median
 
     for xs in ([1e308, 1e308], [1.7e308, 1.6e308, 1e308, 1e307], [3.0, 1.0, 2.0, 10.0], [5.0, 1.0, 3.0]):
         want = float(np.median(np.array(xs, dtype=np.float64) / 2) * 2)

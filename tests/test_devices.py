@@ -7,14 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mvlm_bench.devices import (
-    DEFAULT_ADB_WORKDIR,
-    list_profiles,
-    load_profile,
-    profile_dirs,
-    repo_devices_dir,
-)
+from mvlm_bench.device.profiles import list_profiles, load_profile, profile_dirs, repo_devices_dir
+from mvlm_bench.device.transports.adb import AdbTransport
 from mvlm_core.errors import MvlmError
+
+DEFAULT_ADB_WORKDIR = AdbTransport.default_workdir
 
 REPO_DEVICES = Path(__file__).resolve().parents[1] / "devices"
 

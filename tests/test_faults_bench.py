@@ -37,12 +37,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from peers import AdbDouble, fill_up
+from peers import AdbDouble, fill_up, run_bench, small_gguf
 
-from mvlm_bench import bench
-from mvlm_bench.devices import load_profile, profile_from_dict
-from mvlm_bench.sync import sync
-from mvlm_bench.transports import ConnectionLostError, DeviceInfo, make_transport
+from mvlm_bench.device.profiles import load_profile, profile_from_dict
+from mvlm_bench.device.sync import sync
+from mvlm_bench.device.targets import resolve_target, targets_for
+from mvlm_bench.device.transports import make_transport
+from mvlm_bench.device.transports.base import ConnectionLostError, DeviceInfo
+from mvlm_bench.plan.protocols import LM_PROMPT, build_argv
+from mvlm_bench.plan.spec import BenchSpec, check_inputs, device_settings, validate_spec
+from mvlm_bench.session.failures import relevant_line
 from mvlm_core.errors import MvlmError
 
 MVLM = [sys.executable, "-m", "mvlm"]
@@ -97,10 +101,8 @@ def ssh_profile_file(sshd, path: Path, workdir: Path, *, options: list[str] | No
 
 @pytest.fixture
 def fake_gguf(tmp_path) -> Path:
-    """A small file with the GGUF magic: enough for everything that is refused before llama.cpp would read it."""
-    p = tmp_path / "Model-Q4_K_S.gguf"
-    p.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + os.urandom(4000))
-    return p
+    """A small, well-formed language-model GGUF that llama.cpp cannot load: enough for everything refused before."""
+    return small_gguf(tmp_path / "Model-Q4_K_S.gguf")
 
 
 @pytest.fixture(scope="session")
@@ -158,14 +160,12 @@ def test_report_path_that_is_the_model_is_refused_before_measuring(tmp_path, fak
 @pytest.mark.slow  # more than ~3 s here (fast lane: pytest -m 'not slow')
 def test_report_path_other_inputs_and_existing_gguf_are_refused(tmp_path, fake_gguf):
     prof = local_profile(tmp_path)
-    mmproj = tmp_path / "mmproj-M-F16.gguf"
-    mmproj.write_bytes(b"GGUF" + os.urandom(100))
+    mmproj = small_gguf(tmp_path / "mmproj-M-F16.gguf", "clip")
     image = tmp_path / "img.png"
     from PIL import Image
 
     Image.new("RGB", (8, 8), (200, 10, 10)).save(image)
-    other_model = tmp_path / "Other-Q8_0.gguf"  # not an input, but an existing GGUF
-    other_model.write_bytes(b"GGUF" + os.urandom(100))
+    other_model = small_gguf(tmp_path / "Other-Q8_0.gguf")  # not an input, but an existing GGUF
     other_model_bytes = other_model.read_bytes()
     base = ["bench", "--device", prof, "--protocol", "vlm", "--model", fake_gguf, "--mmproj", mmproj, "--image", image]
     cases = [
@@ -174,7 +174,7 @@ def test_report_path_other_inputs_and_existing_gguf_are_refused(tmp_path, fake_g
         (["--markdown", prof], "also an input"),
         (["--csv", other_model], "existing GGUF"),
         (["--json-file", tmp_path / "same.txt", "--markdown", tmp_path / "same.txt"], "also given to --json-file"),
-        (["--json-file", tmp_path / "a-file" / "r.json"], "not a writable directory"),
+        (["--json-file", tmp_path / "a-file" / "r.json"], "cannot create it in"),
     ]
     (tmp_path / "a-file").write_text("a file where a directory would be needed")
     for extra, words in cases:
@@ -203,9 +203,11 @@ def test_report_path_other_inputs_and_existing_gguf_are_refused(tmp_path, fake_g
 
 
 @pytest.mark.slow
-def test_reports_are_committed_together(tmp_path, smollm2_gguf, runtime_env, small_fs):
-    """--json lands in a roomy dir, --markdown on a full tmpfs: the markdown write fails, so the JSON is NOT replaced
-    (the old one stays), no temporary is left in either place, and the error is one line (exit 28)."""
+def test_a_full_disk_under_one_report_costs_neither_the_measurement_nor_the_other_reports(tmp_path, smollm2_gguf,
+                                                                                          runtime_env, small_fs):
+    """--json lands in a roomy dir, --markdown on a full tmpfs: the markdown write fails (one line, exit 28) and the
+    measurement is still in the JSON report (each report is replaced whole after every repetition; a sink that fails
+    is left out, the others go on), the line says where it is kept, and no temporary is left in either place."""
     full = small_fs(64 << 10)
     fill_up(full / "filler")
     old_json = tmp_path / "r.json"
@@ -216,7 +218,8 @@ def test_reports_are_committed_together(tmp_path, smollm2_gguf, runtime_env, sma
     assert r.returncode == 28, r.stderr[-2000:]
     assert "disk full while writing" in r.stderr and str(full / "r.md") in r.stderr
     assert "Traceback" not in r.stderr
-    assert old_json.read_text() == "OLD REPORT"
+    (rec,) = json.loads(old_json.read_text())  # replaced whole: the new measurement, not half of it
+    assert len(rec["runs"]) == 1
     assert sorted(p.name for p in full.iterdir()) == ["filler"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r.json")]
     # the same command with room for both writes both
@@ -336,36 +339,38 @@ def test_adhoc_ssh_urls_cannot_smuggle_options():
 
 def test_targets_follow_the_probed_device():
     host_machine = platform.machine()
-    assert bench.targets_for(DeviceInfo("Linux", "aarch64"))[1] == "linux-arm64"
-    assert bench.targets_for(DeviceInfo("Linux", "aarch64", "arm64-v8a"))[1] == "android-arm64"
-    assert bench.targets_for(DeviceInfo("Linux", host_machine))[1] == "host"
-    assert bench.targets_for(DeviceInfo("Linux", "riscv64")) == ([], None)
-    assert bench.targets_for(DeviceInfo("Darwin", "aarch64"))[1] is None
+    assert targets_for(DeviceInfo("Linux", "aarch64"))[1] == "linux-arm64"
+    assert targets_for(DeviceInfo("Linux", "aarch64", "arm64-v8a"))[1] == "android-arm64"
+    assert targets_for(DeviceInfo("Linux", host_machine))[1] == "host"
+    assert targets_for(DeviceInfo("Linux", "riscv64")) == ([], None)
+    assert targets_for(DeviceInfo("Darwin", "aarch64"))[1] is None
     adhoc = load_profile("adb:R58M12")
     assert adhoc.probe_target
-    phone = bench.resolve_target(adhoc, DeviceInfo("Linux", "aarch64", "arm64-v8a"))
+    phone = resolve_target(adhoc, DeviceInfo("Linux", "aarch64", "arm64-v8a"))
     assert phone.target == "android-arm64"
     orin = load_profile("orin")
     with pytest.raises(MvlmError, match=r"mvlm runtime build --target linux-arm64"):
-        bench.resolve_target(dataclasses.replace(orin, target="host"), DeviceInfo("Linux", "aarch64"))
-    assert bench.resolve_target(orin, DeviceInfo("Linux", "aarch64")) is orin
+        resolve_target(dataclasses.replace(orin, target="host"), DeviceInfo("Linux", "aarch64"))
+    assert resolve_target(orin, DeviceInfo("Linux", "aarch64")) is orin
     qemu = load_profile("qemu-arm64")  # emulated: its x86_64 host is not what the binaries see
-    assert bench.resolve_target(qemu, DeviceInfo("Linux", "x86_64")) is qemu
+    assert resolve_target(qemu, DeviceInfo("Linux", "x86_64")) is qemu
 
 
 def test_threads_are_never_this_machines_core_count_on_another_device():
     """A remote device without `threads` in its profile and no --threads gets no -t: llama.cpp picks its own default
     on the device (a phone's 8 cores, not a 2-core CI host's 2). Profiles and --threads still set -t."""
-    spec = bench.BenchSpec(model=Path("m.gguf"), protocol="lm")
+    spec = BenchSpec(model=Path("m.gguf"), protocol="lm")
     adhoc_ssh = load_profile("ssh://u@h")
-    assert adhoc_ssh.threads is None and "-t" not in bench.build_argv(adhoc_ssh, spec, "/w", {"model": "m.gguf"})
-    argv = bench.build_argv(adhoc_ssh, dataclasses.replace(spec, threads=3), "/w", {"model": "m.gguf"})
+    argv = build_argv(spec, "/w", {"model": "m.gguf"}, *device_settings(adhoc_ssh, spec))
+    assert adhoc_ssh.threads is None and "-t" not in argv
+    argv = build_argv(dataclasses.replace(spec, threads=3), "/w", {"model": "m.gguf"},
+                      *device_settings(adhoc_ssh, dataclasses.replace(spec, threads=3)))
     assert argv[argv.index("-t") + 1] == "3"
     sd888 = load_profile("sd888")
-    argv = bench.build_argv(sd888, spec, "/w", {"model": "m.gguf"})
+    argv = build_argv(spec, "/w", {"model": "m.gguf"}, *device_settings(sd888, spec))
     assert argv[argv.index("-t") + 1] == str(sd888.threads)
     local = load_profile("local")
-    argv = bench.build_argv(local, spec, "/w", {"model": "m.gguf"})
+    argv = build_argv(spec, "/w", {"model": "m.gguf"}, *device_settings(local, spec))
     assert argv[argv.index("-t") + 1] == str(os.cpu_count())
 
 
@@ -502,19 +507,20 @@ def test_corrupted_copy_on_a_local_device_is_pushed_again(tmp_path, smollm2_gguf
 @pytest.mark.slow
 def test_corrupted_copy_over_ssh_is_pushed_again(sshd, tmp_path, smollm2_gguf, runtime_env):
     prof = load_profile(str(ssh_profile_file(sshd, tmp_path / "box.toml", tmp_path / "remote", env=runtime_env)))
-    spec = bench.BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=8)
-    first = bench.run_bench(prof, spec)
-    assert not first.failures and first.pushed_bytes > smollm2_gguf.stat().st_size
+    spec = BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=8)
+    first = run_bench(prof, spec)
+    assert not first.failures and first.outcome.pushed_bytes > smollm2_gguf.stat().st_size
     copy = tmp_path / "remote" / "models" / smollm2_gguf.name
     _corrupt_in_place(copy)
     said: list[str] = []
-    again = bench.run_bench(prof, spec, log=said.append)
+    again = run_bench(prof, spec, log=said.append)
     assert not again.failures, again.failures
-    assert again.pushed_bytes == smollm2_gguf.stat().st_size  # only the model, again
+    assert again.outcome.pushed_bytes == smollm2_gguf.stat().st_size  # only the model, again
     assert any("did not match its sha256" in m and "pushing it again" in m for m in said), said
     assert _sha(copy) == _sha(smollm2_gguf)
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_device_without_sha256sum_falls_back_to_sizes_and_says_so(tmp_path, monkeypatch):
     """An adb device whose shell has no sha256sum/shasum (a PATH holding only the tools such a device has)."""
     adb = AdbDouble(tmp_path, monkeypatch)
@@ -608,13 +614,15 @@ def test_model_that_is_not_gguf_is_refused_before_pushing(tmp_path, fake_gguf):
     assert r.returncode == 2 and f"--model {notgguf} is not a GGUF file" in line
     r = mvlm("bench", "--device", prof, "--protocol", "vlm", "--model", fake_gguf, "--mmproj", notgguf)
     assert r.returncode == 2 and "--mmproj" in _one_line(r.stderr) and "not a GGUF" in r.stderr
-    r = mvlm("bench", "--device", prof, "--protocol", "vlm", "--model", fake_gguf, "--mmproj", fake_gguf, "--image", notgguf)
+    mmproj = small_gguf(tmp_path / "mmproj-M-F16.gguf", "clip")
+    r = mvlm("bench", "--device", prof, "--protocol", "vlm", "--model", fake_gguf, "--mmproj", mmproj, "--image", notgguf)
     assert r.returncode == 2 and "--image" in _one_line(r.stderr) and "not an image" in r.stderr
     r = mvlm("bench", "--device", prof, "--model", tmp_path / "missing.gguf")
     assert r.returncode == 2 and "does not exist" in _one_line(r.stderr)
     assert not (tmp_path / "dev-faultlocal").exists()
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_a_gguf_cut_short_is_refused_before_pushing(tmp_path, smollm2_gguf):
     """An interrupted copy or download: the header is whole, the tensor data is not (llama.cpp would fail on the
     device, after the push, with 'data is not within the file bounds')."""
@@ -632,8 +640,7 @@ def test_a_gguf_cut_short_is_refused_before_pushing(tmp_path, smollm2_gguf):
 
 @pytest.mark.slow
 def test_llama_cpp_failure_is_one_line_with_the_relevant_log_line(tmp_path, host_runtime):
-    bad = tmp_path / "Broken-F16.gguf"
-    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)  # the magic, then garbage: llama.cpp cannot load it
+    bad = small_gguf(tmp_path / "Broken-F16.gguf")  # a whole header, no hyper-parameters: llama.cpp cannot load it
     prof = local_profile(tmp_path)
     r = mvlm("bench", "--device", prof, "--model", bad, "--repeat", 1, "--warmup", 0)
     line = _error_line(r.stderr)
@@ -657,10 +664,10 @@ def test_relevant_line_prefers_the_loader_error():
         "llama_model_load_from_file_impl: failed to load model",
         "main: error: unable to load model",
     ])
-    assert bench.relevant_line(out) == "llama_model_load: error loading model: tensor 'x' data is not within the file bounds"
-    assert bench.relevant_line("llama-completion: 15: Syntax error: word unexpected (expecting \")\")\n") .startswith(
+    assert relevant_line(out) == "llama_model_load: error loading model: tensor 'x' data is not within the file bounds"
+    assert relevant_line("llama-completion: 15: Syntax error: word unexpected (expecting \")\")\n") .startswith(
         "llama-completion: 15: Syntax error")
-    assert "no output" in bench.relevant_line("")
+    assert "no output" in relevant_line("")
 
 
 @pytest.mark.parametrize("args, option", [
@@ -672,7 +679,7 @@ def test_relevant_line_prefers_the_loader_error():
     (["--warmup", "-1"], "--warmup"),
     (["--threads", "-2"], "--threads"),
     (["--threads", "0"], "--threads"),
-    (["--n-gpu-layers", "-1"], "--n-gpu-layers"),
+    (["--n-gpu-layers", "-2"], "--n-gpu-layers"),
     (["--timeout", "0"], "--timeout"),
     (["--timeout", "nan"], "--timeout"),
     (["--timeout", "inf"], "--timeout"),
@@ -807,6 +814,7 @@ def test_ssh_config_bypasses_are_refused(sshd, tmp_path, fake_gguf, name, text, 
     assert not marker.exists() and not (tmp_path / "remote").exists()
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_a_config_that_turns_host_key_checking_off_does_not_connect(sshd, tmp_path):
     """The host-key case end to end against the real sshd: the same profile with a harmless config file fails on the
     unknown host key (exit 3: checking is on); with the quoted StrictHostKeyChecking no, it is refused (exit 2)."""
@@ -887,8 +895,8 @@ def test_an_allowed_config_file_connects_and_ssh_reads_the_copy_that_was_checked
 @pytest.mark.slow
 def test_a_report_that_cannot_be_written_does_not_cost_the_saved_measurement(tmp_path, smollm2_gguf, runtime_env,
                                                                               small_fs):
-    """--json on a full tmpfs, the history in a roomy dir: the measurement is saved, then the report error (exit 28)
-    says so; no temporary is left on the full disk."""
+    """--json on a full tmpfs, the history in a roomy dir: the measurement is saved (each repetition as it ends), and the
+    report error (exit 28) says where it is kept; no temporary is left on the full disk."""
     full = small_fs(64 << 10)
     fill_up(full / "filler")
     db = tmp_path / "h.sqlite"
@@ -896,7 +904,7 @@ def test_a_report_that_cannot_be_written_does_not_cost_the_saved_measurement(tmp
              "--warmup", 0, "--json-file", full / "r.json", "--save", "--db", db, env=runtime_env, cwd=tmp_path)
     line = _error_line(r.stderr)
     assert r.returncode == 28, r.stderr[-2000:]
-    assert f"disk full while writing {full / 'r.json'}" in line and f"saved to the history {db}" in line, line
+    assert f"disk full while writing {full / 'r.json'}" in line and f"kept in the history {db} (id:1)" in line, line
     assert sorted(p.name for p in full.iterdir()) == ["filler"]
     h = mvlm("history", "--db", db, "--model", smollm2_gguf.stem, "--json")
     assert h.returncode == 0 and len(json.loads(h.stdout)) == 1, h.stdout + h.stderr
@@ -969,7 +977,7 @@ def test_report_paths_that_are_not_regular_files_are_refused(tmp_path, fake_gguf
     ("ctx-size=1", "--against ctx-size=1 is out of range"),
     ("ctx-size=99999999", "--against ctx-size=99999999 is out of range"),
     ("threads=0", "--against threads=0 is out of range: give a whole number from 1 to 1024"),
-    ("n-gpu-layers=-1", "--against n-gpu-layers=-1 is out of range"),
+    ("n-gpu-layers=-2", "--against n-gpu-layers=-2 is out of range"),
     ("model=/nonexistent.gguf", "--against model=/nonexistent.gguf does not exist"),
     ("llama-cpp=/tmp", "--against llama-cpp=/tmp: /tmp is not a llama.cpp checkout (it needs CMakeLists.txt and ggml/)"),
     ("llama-cpp=/nonexistent", "--against llama-cpp=/nonexistent: /nonexistent is not a directory"),
@@ -986,10 +994,10 @@ def test_against_values_are_validated_and_named_as_written(tmp_path, fake_gguf, 
 def test_context_size_is_bounded_for_every_spec(fake_gguf):
     for ctx in (0, 63, 400, 131073):
         with pytest.raises(MvlmError, match=rf"context size \(ctx_size\) {ctx} is out of range"):
-            bench.validate_spec(bench.BenchSpec("lm", fake_gguf, ctx_size=ctx))
-    bench.validate_spec(bench.BenchSpec("lm", fake_gguf, n_predict=16, ctx_size=128))
+            validate_spec(BenchSpec("lm", fake_gguf, ctx_size=ctx))
+    validate_spec(BenchSpec("lm", fake_gguf, n_predict=16, ctx_size=128))
     with pytest.raises(MvlmError, match="from 896 to"):  # the vlm protocol also needs room for the image
-        bench.validate_spec(bench.BenchSpec("vlm", fake_gguf, ctx_size=512))
+        validate_spec(BenchSpec("vlm", fake_gguf, ctx_size=512))
 
 
 def test_runtime_find_hint_keeps_the_whole_command_in_backticks(tmp_path, monkeypatch):
@@ -1023,30 +1031,29 @@ Using host libthread_db library "/lib/x86_64-linux-gnu/libthread_db.so.1".
 
 
 def test_relevant_line_skips_a_crash_backtrace():
-    assert bench.relevant_line(_CRASH) == (
+    assert relevant_line(_CRASH) == (
         "../src/common/common.cpp:2158: get_sub_batch: failed to add token 33 at index 8 (error -1, n = 18)")
-    assert bench.relevant_line("x\n/src/ggml/ggml.c:12: GGML_ASSERT(n > 0) failed\n#0 0x01 in f ()\n") == (
+    assert relevant_line("x\n/src/ggml/ggml.c:12: GGML_ASSERT(n > 0) failed\n#0 0x01 in f ()\n") == (
         "/src/ggml/ggml.c:12: GGML_ASSERT(n > 0) failed")
     # a real missing file is still the relevant line
-    assert "No such file" in bench.relevant_line("sh: 1: /w/bin/llama-completion: No such file or directory\n")
+    assert "No such file" in relevant_line("sh: 1: /w/bin/llama-completion: No such file or directory\n")
 
 
 def test_relevant_line_of_a_real_llama_cpp_abort(tmp_path, host_runtime, smollm2_gguf):
     """The real runtime, run with a context too small for the prompt (what --against ctx-size=1 used to reach)."""
     exe = host_runtime / "bin" / "llama-completion"
-    r = subprocess.run([str(exe), "-m", str(smollm2_gguf), "-p", bench.LM_PROMPT, "-n", "16", "-no-cnv", "--temp", "0",
+    r = subprocess.run([str(exe), "-m", str(smollm2_gguf), "-p", LM_PROMPT, "-n", "16", "-no-cnv", "--temp", "0",
                         "-c", "1", "-t", "1", "-lv", "4"], capture_output=True, text=True, errors="replace", timeout=300,
                        env={**os.environ, "LD_LIBRARY_PATH": str(host_runtime / "lib")})
     assert r.returncode != 0
-    line = bench.relevant_line(r.stdout + r.stderr)
+    line = relevant_line(r.stdout + r.stderr)
     assert "failed to add token" in line or "GGML_ASSERT" in line or "error" in line.lower(), line
     assert "sysdeps" not in line and not line.startswith("#"), line
 
 
 @pytest.mark.slow
 def test_ab_warmup_failure_reads_as_a_sentence(tmp_path, smollm2_gguf, runtime_env):
-    bad = tmp_path / "Broken-F16.gguf"
-    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    bad = small_gguf(tmp_path / "Broken-F16.gguf")
     r = mvlm("bench", "--device", local_profile(tmp_path), "--model", smollm2_gguf, "-n", 8, "--repeat", 1,
              "--against", f"model={bad}", env=runtime_env)
     line = _error_line(r.stderr)
@@ -1061,14 +1068,16 @@ def test_ab_save_keeps_the_real_model_name(tmp_path, smollm2_gguf, runtime_env):
              "--repeat", 2, "--warmup", 0, "--against", "threads=2", "--save", "--db", db, "--markdown", md,
              env=runtime_env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "baseline (--against threads=2)" in r.stdout and "candidate (the command line)" in r.stdout
+    # one table, a row per side: the side and what --against changed (threads) are columns
+    assert "A/B side" in r.stdout and "Threads" in r.stdout and "baseline" in r.stdout and "candidate" in r.stdout
     h = mvlm("history", "--db", db, "--model", smollm2_gguf.stem, "--json")
     rows = json.loads(h.stdout)
     assert h.returncode == 0 and len(rows) == 2, h.stdout + h.stderr
     assert {row["model"] for row in rows} == {smollm2_gguf.stem}
-    text = md.read_text()
-    assert "## baseline (--against threads=2)" in text and "## candidate (the command line)" in text
-    assert "(baseline)" not in text and "(candidate)" not in text.split("## candidate", 1)[1].split("\n", 1)[1]
+    text = md.read_text().splitlines()
+    assert text[0].startswith("| Model | Threads | A/B side | Hardware |")
+    assert text[2].startswith(f"| {smollm2_gguf.stem} | 2 | baseline |")
+    assert text[3].startswith(f"| {smollm2_gguf.stem} | 1 | candidate |")
 
 
 # ===================================================================================================== 14. profiles
@@ -1134,8 +1143,7 @@ def test_image_protocol_refuses_a_model_without_chat_template_before_pushing(tmp
     up front in one line, exit 2, nothing pushed; the same model with a template passes the input checks."""
     prof = local_profile(tmp_path)
     model = _tiny_lm_gguf(tmp_path / "imp-tiny-F16.gguf", None)
-    mmproj = tmp_path / "mmproj-imp-tiny-F16.gguf"
-    mmproj.write_bytes(b"GGUF" + os.urandom(100))
+    mmproj = small_gguf(tmp_path / "mmproj-imp-tiny-F16.gguf", "clip")
     r = mvlm("bench", "--device", prof, "--protocol", protocol, "--model", model, "--mmproj", mmproj,
              "--repeat", 1, "--warmup", 0)
     line = _one_line(r.stderr)
@@ -1143,5 +1151,5 @@ def test_image_protocol_refuses_a_model_without_chat_template_before_pushing(tmp
     assert "no chat template" in line and str(model) in line and "mvlm convert" in line, line
     assert not (tmp_path / "dev-faultlocal").exists()  # nothing reached the device's workdir
     templated = _tiny_lm_gguf(tmp_path / "with-template.gguf", "{{ messages[0]['content'] }}")
-    bench.check_inputs(bench.BenchSpec(protocol, templated, mmproj=mmproj))
-    bench.check_inputs(bench.BenchSpec("lm", model))  # llama-completion needs no template
+    check_inputs(BenchSpec(protocol, templated, mmproj=mmproj))
+    check_inputs(BenchSpec("lm", model))  # llama-completion needs no template

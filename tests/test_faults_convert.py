@@ -437,7 +437,8 @@ def test_sigterm_mid_quantize_stops_llama_quantize_and_cleans_up(tmp_path, big_c
 
     def second_type_running() -> bool:  # Q8_0 complete (under its temporary name), llama-quantize busy on Q4_K_S
         running[:] = [p for p, c in _children(proc.pid).items() if c == "llama-quantize"]
-        writing = [n for n in os.listdir(out) if "Q4_K_S" in n and n not in before]  # its temporary, any naming
+        writing = [n for n in os.listdir(out) if "Q4_K_S" in n and n not in before  # its temporary, any naming,
+                   and os.path.getsize(out / n) > 0]  # written to (the temporaries are reserved before the tool runs)
         return bool(writing) and len(running) == 1
 
     _wait_for(second_type_running, proc)

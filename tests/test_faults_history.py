@@ -21,11 +21,16 @@ from pathlib import Path
 import pytest
 from peers import fill_up
 
-from mvlm_bench import history
-from mvlm_bench.history import History, HistoryError, entries_from_json, entries_from_runs, save_or_spill
-from mvlm_bench.records import Run, RunContext
-from mvlm_bench.report import render_json
-from mvlm_bench.timings import TimingRecord, parse_file, parse_text
+from mvlm_bench.history import entries as history_entries
+from mvlm_bench.history.database import History
+from mvlm_bench.history.entries import entries_from_runs
+from mvlm_bench.history.errors import HistoryError
+from mvlm_bench.history.imports import entries_from_json
+from mvlm_bench.history.spill import save_or_spill
+from mvlm_bench.records.groups import aggregate
+from mvlm_bench.records.record import Run, RunContext
+from mvlm_bench.records.timings import TimingRecord, parse_file, parse_text
+from mvlm_bench.views.exports import render_json
 from mvlm_core.errors import MvlmError
 
 MVLM = [sys.executable, "-m", "mvlm"]  # this tree's mvlm, as the console script runs it
@@ -65,11 +70,12 @@ def _runs(eval_tps: list[float], runtime: str = "0c1e570") -> list[Run]:
         t = TimingRecord(load_ms=800.0 + i, prompt_eval_ms=200.0, prompt_tokens=24, prompt_tps=120.0 + i * 0.1,
                          eval_ms=399_000 / e, eval_runs=399, eval_tps=e, sample_ms=40.0, sample_runs=400,
                          sample_tps=10_000.0, total_ms=1000 + 399_000 / e, source_format="llama_perf")
-        out.append(Run(t, _ctx(runtime), tokens_out=400, wall_s=1.2 + 400 / e))
+        out.append(Run(t, _ctx(runtime), tokens_out=400, wall_s=1.2 + 400 / e, started_at=1.8e9 + 10 * i,
+                       ended_at=1.8e9 + 10 * i + 5))  # every entry measured at the same (fixed) times
     return out
 
 
-def _entries(eval_tps: list[float], label: str = "", runtime: str = "0c1e570") -> list[history.Entry]:
+def _entries(eval_tps: list[float], label: str = "", runtime: str = "0c1e570") -> list[history_entries.Entry]:
     return entries_from_runs(_runs(eval_tps, runtime), label=label, project=("c0ffee" * 6, False))
 
 
@@ -387,12 +393,12 @@ def test_import_of_bench_json_reports_stores_each_measurement_once_at_its_measur
     runs = _runs([40.0, 40.3, 39.9])
     before_s = min(r.ended_at for r in runs) - 60
     report = tmp_path / "bench.json"
-    report.write_text(render_json(runs))
+    report.write_text(render_json(aggregate(runs)))
     (rec,) = json.loads(report.read_text())
     assert rec["test_time"].endswith("Z") and before_s < rec["start_time"] <= rec["end_time"]
     measured = dt.datetime.fromisoformat(rec["test_time"]).isoformat(timespec="seconds")
     ab = tmp_path / "ab.json"
-    ab.write_text(render_json(_ab_runs(40.0, 36.0)))
+    ab.write_text(render_json(aggregate(_ab_runs(40.0, 36.0))))
     copy = tmp_path / "copy-of-bench.json"
     shutil.copy(report, copy)
     db = tmp_path / "h.sqlite"
@@ -416,19 +422,19 @@ def test_import_of_bench_json_reports_stores_each_measurement_once_at_its_measur
     entries = _entries([41.0, 41.2, 40.9], label="main")
     assert save_or_spill(entries, saved).saved
     same = tmp_path / "same.json"
-    same.write_text(render_json(_runs([41.0, 41.2, 40.9])))
+    same.write_text(render_json(aggregate(_runs([41.0, 41.2, 40.9]))))
     r = mvlm("history", "import", same, "--db", saved, cwd=tmp_path)
     assert r.returncode == 0 and "imported 0 measurement(s)" in r.stderr and "1 already stored" in r.stderr
     # another build with the same values is another measurement
     other = tmp_path / "other.json"
-    other.write_text(render_json(_runs([41.0, 41.2, 40.9], runtime="r2")))
+    other.write_text(render_json(aggregate(_runs([41.0, 41.2, 40.9], runtime="r2"))))
     r = mvlm("history", "import", other, "--db", saved, cwd=tmp_path)
     assert r.returncode == 0 and "imported 1 measurement(s)" in r.stderr
 
 
 def test_bench_json_record_without_a_time_is_imported_at_the_import_time_and_bad_times_are_refused(tmp_path):
     report = tmp_path / "old.json"
-    recs = json.loads(render_json(_runs([40.0, 40.3])))
+    recs = json.loads(render_json(aggregate(_runs([40.0, 40.3]))))
     for k in ("test_time", "start_time", "end_time"):
         del recs[0][k]
     report.write_text(json.dumps(recs))
@@ -472,39 +478,54 @@ def test_non_positive_speed_values_are_left_out_with_a_warning(tmp_path):
     line = error_line(r)
     assert r.returncode == 4 and "40.1 -> 30.1: 24.9% worse" in line, r.stderr
     assert "1 in the baseline's sessions" in r.stderr and "1 in the candidate" in r.stderr
-    # the same from JSON files (within-session gate): left out with the same warning
+    # a JSON file is read as an import reads it: a negative speed is no report mvlm writes, refused in one line
+    # (a zero one, which a damaged run can give, is left out with the same warning)
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(render_json(_runs([40.0, 40.3, 39.9, 40.1])))
-    b.write_text(render_json(_runs([30.0, 30.2, -29.9, 30.1])))
+    a.write_text(render_json(aggregate(_runs([40.0, 40.3, 39.9, 40.1]))))
+    b.write_text(render_json(aggregate(_runs([30.0, 30.2, -29.9, 30.1]))))
+    assert "is -29.9: a speed or a duration is never negative" in error_line(mvlm("compare", a, b, cwd=tmp_path))
+    (rec,) = json.loads(render_json(aggregate(_runs([30.0, 30.2, 29.9, 30.1]))))
+    rec["runs"][2]["metrics"]["eval_tps"] = 0.0
+    b.write_text(json.dumps([rec]))
     r = mvlm("compare", a, b, "--metric", "eval_tps", cwd=tmp_path)
     assert r.returncode == 0 and "1 non-positive value(s) ignored (1 in the candidate)" in r.stderr, r.stderr
 
 
-def test_bench_history_keeps_the_gate_and_the_runs(tmp_path, monkeypatch):
-    """After a bench: a damaged history does not stop the comparison with a JSON baseline, nor lose the runs."""
-    from mvlm_bench.bench import BenchResult
-    from mvlm_bench.history_cli import EXIT_REGRESSION, bench_history
+def test_a_damaged_history_keeps_the_gate_and_the_runs(tmp_path, monkeypatch):
+    """After a bench: a damaged history does not stop the comparison with a JSON baseline, nor lose the runs: the
+    history sink spills them beside it, the gate still judges (exit 4), and the file is left as it was."""
+    from mvlm_bench.decide.gate import pair_entries
+    from mvlm_bench.decide.verdict import EXIT_REGRESSION, judge_pairs, resolve
+    from mvlm_bench.sinks.base import Sinks
+    from mvlm_bench.sinks.history_sink import HistorySink
 
     monkeypatch.chdir(tmp_path)
     base = tmp_path / "base.json"
-    base.write_text(render_json(_runs([40.0, 40.3, 39.9, 40.1])))
+    base.write_text(render_json(aggregate(_runs([40.0, 40.3, 39.9, 40.1]))))
     bad = tmp_path / "bad.sqlite"
     _damage("truncated", bad)
     before = sha(bad)
-    runs = _runs([30.0, 30.2, 29.9, 30.1])
-    res = BenchResult(runs=runs, failures=[], context=runs[0].context, pushed_bytes=0)
-    with pytest.raises(MvlmError) as e:
-        bench_history(res, save=True, db=bad, label="pr", baseline=str(base), fail_on_regression="5%")
-    msg = str(e.value)
-    assert e.value.exit_code == EXIT_REGRESSION and "performance regression" in msg and "not saved" in msg
+    sink = HistorySink(bad, label="pr")
+    sinks = Sinks([sink])
+    for run in _runs([30.0, 30.2, 29.9, 30.1]):
+        sinks.emit(run)
+    sinks.close()
+    ((_, error),) = sinks.errors
     (spill,) = tmp_path.glob("bad.sqlite.unsaved-*.json")
-    assert str(spill) in msg and entries_from_json(spill)[0].label == "pr" and sha(bad) == before
-    with pytest.raises(MvlmError) as e:  # a selector baseline in the damaged history: still saved elsewhere
-        bench_history(res, save=True, db=bad, label="pr", baseline="latest", fail_on_regression=None)
-    assert e.value.exit_code == 2 and "not saved" in str(e.value) and len(list(tmp_path.glob("bad*.json"))) == 2
+    assert "not saved" in str(error) and str(spill) in str(error) and error.exit_code == 2
+    (stored,) = entries_from_json(spill)
+    assert stored.label == "pr" and stored.repetitions == 4 and sha(bad) == before
+    verdict = judge_pairs(pair_entries(resolve(str(base), bad), [stored]), None, 0.05, 0.05)
+    assert verdict.error().exit_code == EXIT_REGRESSION and "performance regression" in str(verdict.error())
     good = good_db(tmp_path / "good.sqlite", reps=5)
-    with pytest.raises(MvlmError, match=r"matches nothing .*this measurement was saved: saved as id:4"):
-        bench_history(res, save=True, db=good, label="pr", baseline="label:nope", fail_on_regression=None)
+    sink = HistorySink(good, label="pr")
+    sinks = Sinks([sink])
+    for run in _runs([30.0, 30.2]):
+        sinks.emit(run)
+    sinks.close()
+    assert not sinks.errors and sink.message().startswith("saved as id:4 in")
+    with pytest.raises(MvlmError, match="matches nothing"):
+        resolve("label:nope", good, like=next(iter(sink.entries.values())))
 
 
 # --- llama-bench files in compare (they used to be "Extra data" for JSONL) -------------------------------------------
@@ -585,16 +606,22 @@ def test_compare_refuses_other_files_in_one_line(tmp_path, content, says):
 # --- bench --save with a real bench ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_bench_save_into_a_damaged_history_loses_nothing(tmp_path, host_runtime, smollm2_gguf):
-    """The real SmolLM2 benched on a local device; the history is random bytes: the runs land in a JSON file."""
+    """The real SmolLM2 benched on a local device; the history is a SQLite file with a damaged page (found only when
+    it is opened to save): the runs land in a JSON file. A --db that is no SQLite file at all (random bytes) is
+    refused before anything is measured."""
     profile = tmp_path / "local.toml"  # the local transport, with its own work directory (tests run side by side)
     profile.write_text(f'name = "local"\ntransport = "local"\nworkdir = "{tmp_path / "device"}"\ntarget = "host"\n'
                        "threads = 2\n")
     db = tmp_path / "hist" / "h.sqlite"
     db.parent.mkdir()
-    _damage("random-bytes", db)
-    before = sha(db)
     bench = ["bench", "--device", profile, "--protocol", "lm", "--model", smollm2_gguf, "-n", "16", "--repeat", "2",
              "--warmup", "0", "--save", "--db", db]
+    _damage("random-bytes", db)
+    r = mvlm(*bench, cwd=tmp_path, timeout=600)
+    assert "is not a SQLite benchmark history" in error_line(r) and "run 1/" not in r.stderr
+    db.unlink()
+    _damage("damaged-page", db)
+    before = sha(db)
     spills = []
     for label in ("first", "second"):
         r = mvlm(*bench, "--label", label, cwd=tmp_path, timeout=600)
@@ -656,7 +683,7 @@ def test_parse_20mb_of_junk_with_one_block_in_bounded_memory(tmp_path):
     assert p.stat().st_size > 20_000_000
     child = textwrap.dedent("""\
         import json, resource, sys
-        from mvlm_bench.timings import parse_file
+        from mvlm_bench.records.timings import parse_file
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         rec = parse_file(sys.argv[1])
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

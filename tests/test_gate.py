@@ -9,7 +9,9 @@ import pytest
 
 scipy_stats = pytest.importorskip("scipy.stats", reason="scipy is a test dependency (pip install -e '.[dev]')")
 
-from mvlm_bench import compare, gate  # noqa: E402
+from mvlm_bench.decide import gate  # noqa: E402
+from mvlm_bench.decide import stats as compare  # noqa: E402
+from mvlm_bench.plan.against import ORDERS, interleave  # noqa: E402
 
 
 @pytest.mark.parametrize("n", [3, 4, 5, 6, 8, 10, 13])
@@ -88,25 +90,25 @@ def test_paired_bootstrap_agrees_with_scipy_bootstrap():
 # --- interleaving -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("order", gate.ORDERS)
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
 def test_every_pair_holds_one_a_and_one_b(order, n):
-    seq = gate.interleave(n, order)
+    seq = interleave(n, order)
     assert len(seq) == 2 * n
     assert all(sorted(seq[2 * i: 2 * i + 2]) == ["A", "B"] for i in range(n))
 
 
 def test_abba_order():
-    assert "".join(gate.interleave(4, "abba")) == "ABBAABBA"
-    assert "".join(gate.interleave(3, "alternate")) == "ABABAB"
+    assert "".join(interleave(4, "abba")) == "ABBAABBA"
+    assert "".join(interleave(3, "alternate")) == "ABABAB"
     with pytest.raises(ValueError):
-        gate.interleave(2, "random")
+        interleave(2, "random")
 
 
 def test_abba_cancels_a_linear_drift_that_alternate_does_not():
     # a device that slows down steadily (thermal), no real difference between A and B
     def session(order):
-        seq = gate.interleave(6, order)
+        seq = interleave(6, order)
         speed = [100.0 * (1 - 0.01 * t) for t in range(len(seq))]
         a = [s for s, who in zip(speed, seq, strict=True) if who == "A"]
         b = [s for s, who in zip(speed, seq, strict=True) if who == "B"]
@@ -242,8 +244,8 @@ def test_decide_history_with_too_few_sessions_uses_the_ab_remeasure_when_it_can(
 
 
 def _entry(eid, label, runtime="r0", tps=40.0):
-    from mvlm_bench.history import Entry
-    from mvlm_bench.records import RunContext
+    from mvlm_bench.history.entries import Entry
+    from mvlm_bench.records.record import RunContext
 
     ctx = RunContext(device="orin", model="M", model_file="m.gguf", model_sha256="ab" * 32, runtime_commit=runtime,
                      protocol="lm", params={"n_predict": 64, "n_threads": 4})
@@ -264,3 +266,21 @@ def test_baseline_sessions_are_the_same_build_and_the_same_label():
     same_as_3 = _entry(None, "", tps=40.3)  # the values of entry 3
     assert [e.id for e in gate.baseline_sessions(entries[:-1], main[0], candidate=same_as_3)] == [1, 2]
     assert [e.id for e in gate.baseline_sessions(entries[:-1], main[0], limit=2)] == [2, 3]
+
+
+def test_the_gate_says_when_a_side_it_judges_is_noisy():
+    """A gated metric spreading wider than the noisy limit over a side's repetitions gets a warning naming the side
+    and the metric; a steady pair gets none."""
+    from mvlm_bench.decide.verdict import judge_pair
+    from mvlm_bench.history.entries import Entry
+
+    base = _entry(None, "")
+    base.source = "base.json"
+    steady = _entry(None, "", tps=39.0)
+    steady.source = "cand.json"
+    noisy = Entry(steady.context, {"eval_tps": [30.0, 45.0, 60.0, 1385.0, 50.0]}, source="noisy.json")
+    said = judge_pair(base, steady, None, 0.05, 0.05, gate_mode="within-session").warnings
+    assert not [w for w in said if "noisy" in w]
+    said = judge_pair(base, noisy, None, 0.05, 0.05, gate_mode="within-session").warnings
+    lines = [w for w in said if "noisy" in w]
+    assert len(lines) == 1 and lines[0].startswith("the candidate (noisy.json") and "Eval CV" in lines[0]

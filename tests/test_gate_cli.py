@@ -12,9 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from peers import small_gguf
 
-from mvlm_bench.history import Entry, History
-from mvlm_bench.records import RunContext
+from mvlm_bench.history.database import History
+from mvlm_bench.history.entries import Entry
+from mvlm_bench.plan.spec import BenchSpec, Side
+from mvlm_bench.records.record import RunContext
 
 REPO = Path(__file__).resolve().parents[1]
 THROTTLE = REPO / "benchmarks" / "throttle.py"
@@ -85,7 +88,7 @@ def test_history_gate_with_too_few_sessions_says_so_and_does_not_fail(tmp_path):
 def test_file_baseline_gates_within_session_and_warns(tmp_path):
     db = tmp_path / "h.sqlite"
     _history(db, [0.0], candidate_slowdown=0.2, seed=4)
-    from mvlm_bench.history import entries_to_records
+    from mvlm_bench.history.entries import entries_to_records
 
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     with History(db, create=False) as h:
@@ -110,6 +113,7 @@ def _save(db: Path, medians: list[tuple[str, str, float]], seed: int, n: int = 5
                                          "total_s": [400 / t for t in tps]}, label=label))
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_history_gate_uses_only_the_baseline_labels_sessions(tmp_path):
     """Regressed PR sessions of main's build (crafted, or a PR that did not change the build) must not widen main's
     noise band: with label:main the sessions are main's own, and a 50% regression fails."""
@@ -124,7 +128,7 @@ def test_history_gate_uses_only_the_baseline_labels_sessions(tmp_path):
     r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
     assert r.returncode == 4 and "worse than the centre of 4 baseline session(s)" in r.stderr, r.stderr
     # the old rule (every session of the build) would have pooled the PR sessions: a band wider than the regression
-    from mvlm_bench import gate
+    from mvlm_bench.decide import gate
 
     with History(db, create=False) as h:
         pooled = [e.samples["eval_tps"] for e in h.entries() if e.context.runtime_commit == "r0"]
@@ -137,13 +141,14 @@ def test_history_gate_uses_only_the_baseline_labels_sessions(tmp_path):
     assert r.returncode == 4 and ev["n_sessions"] == 3 and ev["verdict"] == "slower", r.stderr
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_history_gate_does_not_flag_a_candidate_inside_the_baselines_own_range(tmp_path):
     """3 main sessions, one of them at 40.5; a candidate of the same build at 43.26 was failed 'beyond the noise band'
     because the MAD of 3 sessions ignores the extreme one. It lies inside what main itself did: suspected, not failed."""
     db = tmp_path / "h.sqlite"
     _save(db, [("main", "r0", 46.6), ("main", "r0", 46.9), ("main", "r0", 40.5), ("pr", "r0", 43.26)], seed=7,
           noise=0.0)
-    from mvlm_bench import gate
+    from mvlm_bench.decide import gate
 
     nm = gate.noise_model("eval_tps", [[46.6] * 5, [46.9] * 5, [40.5] * 5])
     assert gate.NOISE_K * nm.sigma < 1 - 43.26 / 46.6 < nm.band  # the MAD band alone failed it
@@ -190,8 +195,9 @@ def test_interleaved_tables_say_pair_speedup(tmp_path):
     shown beside it: the column says "Pair speedup" and the caption / Markdown note says what it is."""
     from rich.console import Console
 
-    from mvlm_bench import compare, gate
-    from mvlm_bench.history_cli import comparison_table
+    from mvlm_bench.decide import gate
+    from mvlm_bench.decide import stats as compare
+    from mvlm_bench.views.comparison import comparison_markdown, comparison_table
 
     base = [10.0, 20.0, 30.0, 40.0, 50.0]  # pair speedups 3, 0.9, 0.9, 1.5, 0.9: median 0.9
     cand = [30.0, 18.0, 27.0, 60.0, 45.0]
@@ -201,17 +207,16 @@ def test_interleaved_tables_say_pair_speedup(tmp_path):
     con.print(comparison_table(comps, "interleaved A/B"))
     text = con.export_text()
     assert "Pair speedup" in text and "median of the per-pair speedups" in text
-    md = compare.render_markdown(comps, "interleaved A/B")
+    md = comparison_markdown(comps, "interleaved A/B")
     assert "| Pair speedup |" in md and "median of the per-pair speedups" in md
     two = compare.compare_samples({"eval_tps": base}, {"eval_tps": cand})  # two sessions: a plain "Speedup"
     con = Console(record=True, width=200)
     con.print(comparison_table(two, "two sessions"))
-    assert "Pair speedup" not in con.export_text() and "| Speedup |" in compare.render_markdown(two)
+    assert "Pair speedup" not in con.export_text() and "| Speedup |" in comparison_markdown(two)
 
 
 def _fake_gguf(p: Path) -> Path:
-    p.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + os.urandom(2000))
-    return p
+    return small_gguf(p)
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -267,24 +272,26 @@ def test_ab_session_through_the_cli_records_both_sides(tmp_path, host_runtime, s
         assert imp.returncode == 0 and expect in imp.stderr, imp.stderr
     with History(db, create=False) as h:
         assert sorted(e.created_at[:19] for e in h.entries()) == sorted(x["test_time"][:19] for x in recs)
-    md = (tmp_path / "ab.md").read_text()  # one section per side; the rows keep the real model name
-    assert "## baseline (--against threads=1)" in md and "## candidate (the command line)" in md
-    assert f"| {smollm2_gguf.stem} |" in md and "(baseline) |" not in md
+    md = (tmp_path / "ab.md").read_text()  # one row per side, the side a column; the rows keep the real model name
+    assert "| A/B side |" in md and f"| {smollm2_gguf.stem} | baseline |" in md and f"| {smollm2_gguf.stem} | candidate |" in md
 
 
 @pytest.mark.slow
 def test_ab_session_detects_a_real_slowdown(tmp_path, host_runtime, smollm2_gguf):
-    from mvlm_bench import bench, gate
-    from mvlm_bench.devices import load_profile
-    from mvlm_bench.history import entries_from_runs
+    from mvlm_bench.decide import gate
+    from mvlm_bench.device.profiles import load_profile
+    from mvlm_bench.history.entries import entries_from_runs
+    from mvlm_bench.plan.against import interleave
+    from mvlm_bench.plan.plan import Plan
+    from mvlm_bench.session.runners import collect
 
     os.environ.pop("MVLM_DEVICES_DIR", None)
     prof = load_profile(str(_profile(tmp_path, "abdev") / "abdev.toml"))
-    spec = bench.BenchSpec("lm", smollm2_gguf, repeat=6, n_predict=24, threads=1)
+    spec = BenchSpec("lm", smollm2_gguf, repeat=6, n_predict=24, threads=1)
     slow = (sys.executable, str(THROTTLE), "0.4", "--")  # the candidate is stopped 40% of the time
-    ab = bench.run_ab(prof, bench.Side(spec), bench.Side(spec, wrapper=slow))
-    assert ab.order == gate.interleave(6, "abba") and not ab.failures
-    b, c = entries_from_runs(ab.baseline.runs), entries_from_runs(ab.candidate.runs)
+    ab = collect(Plan(prof, [spec], sides=(Side(spec, name="baseline"), Side(spec, wrapper=slow, name="candidate"))))
+    assert ab.outcome.order == interleave(6, "abba") and not ab.failures
+    b, c = entries_from_runs(ab.side("baseline")), entries_from_runs(ab.side("candidate"))
     comps = {m.key: m for m in gate.compare_interleaved(b[0].samples, c[0].samples)}
     assert comps["eval_tps"].verdict == "slower" and comps["eval_tps"].test == "signed-rank (paired)"
     assert 0.15 < comps["eval_tps"].slowdown < 0.7

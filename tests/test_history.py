@@ -15,12 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from peers import small_gguf
 
-from mvlm_bench import history
-from mvlm_bench.history import Entry, History, entries_from_json, entries_from_runs, setup_key
-from mvlm_bench.records import Run, RunContext
-from mvlm_bench.report import render_json
-from mvlm_bench.timings import TimingRecord
+from mvlm_bench.history import database as history_db
+from mvlm_bench.history import entries as history_entries
+from mvlm_bench.history import errors as history_errors
+from mvlm_bench.history.database import History
+from mvlm_bench.history.entries import Entry, entries_from_runs, setup_key
+from mvlm_bench.history.imports import entries_from_json
+from mvlm_bench.records.groups import aggregate
+from mvlm_bench.records.record import Run, RunContext
+from mvlm_bench.records.timings import TimingRecord
+from mvlm_bench.views.exports import render_json
 from mvlm_core.errors import MvlmError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +45,7 @@ def _runs(ctx: RunContext, eval_tps: list[float], prompt_tps: float = 120.0) -> 
         t = TimingRecord(load_ms=800.0 + i, prompt_eval_ms=200.0, prompt_tokens=24, prompt_tps=prompt_tps + i * 0.1,
                          eval_ms=399_000 / e, eval_runs=399, eval_tps=e, sample_ms=40.0, sample_runs=400,
                          sample_tps=10_000.0, total_ms=1000 + 399_000 / e, source_format="llama_perf")
-        out.append(Run(t, ctx, tokens_out=400, wall_s=1.2 + 400 / e))
+        out.append(Run(t, ctx, tokens_out=400, wall_s=1.2 + 400 / e, started_at=1.8e9 + 10 * i, ended_at=1.8e9 + 10 * i + 5))
     return out
 
 
@@ -68,24 +74,25 @@ def test_save_and_read_back_every_repetition(tmp_path):
     assert [t["eval_tps"] for t in back.timings] == [40.0, 41.5, 39.2]
     con = sqlite3.connect(db)
     assert con.execute("SELECT COUNT(*) FROM sample WHERE metric = 'eval_tps'").fetchone()[0] == 3
-    assert con.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION
+    assert con.execute("PRAGMA user_version").fetchone()[0] == history_db.SCHEMA_VERSION
 
 
 def test_default_path_and_env(tmp_path, monkeypatch):
     monkeypatch.delenv("MVLM_HISTORY", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert history.default_db_path() == tmp_path / "mvlm-history.sqlite"
+    assert history_errors.default_db_path() == tmp_path / "mvlm-history.sqlite"
     monkeypatch.setenv("MVLM_HISTORY", str(tmp_path / "x.sqlite"))
-    assert history.default_db_path() == tmp_path / "x.sqlite"
+    assert history_errors.default_db_path() == tmp_path / "x.sqlite"
 
 
 def test_selectors(tmp_path):
     db = tmp_path / "h.sqlite"
     with History(db) as h:
-        a = h.save(_entry(_ctx(runtime="aaaa111"), [40, 41, 40], label="main", commit="1111abc"))
-        b = h.save(_entry(_ctx(runtime="bbbb222"), [40, 40, 41], label="pr", commit="2222abc"))
-        other = h.save(_entry(_ctx(device="sd888"), [10, 11, 10], commit="3333abc"))
-        c = h.save(_entry(_ctx(runtime="cccc333"), [39, 40, 41], label="main", commit="4444abc"))
+        at = [f"2026-01-0{i}T12:00:00+00:00" for i in range(1, 5)]  # measured in this order ("latest": the newest)
+        a = h.save(_entry(_ctx(runtime="aaaa111"), [40, 41, 40], label="main", commit="1111abc"), at[0])
+        b = h.save(_entry(_ctx(runtime="bbbb222"), [40, 40, 41], label="pr", commit="2222abc"), at[1])
+        other = h.save(_entry(_ctx(device="sd888"), [10, 11, 10], commit="3333abc"), at[2])
+        c = h.save(_entry(_ctx(runtime="cccc333"), [39, 40, 41], label="main", commit="4444abc"), at[3])
         assert h.select("latest").id == c
         assert h.select("latest~1").id == other
         assert h.select("latest~1", device="orin").id == b
@@ -101,7 +108,8 @@ def test_selectors(tmp_path):
             h.select("yesterday")
         with pytest.raises(MvlmError, match="no entry id:99"):
             h.select("id:99")
-        assert len(h.entries(model="abab")) == 4 and len(h.entries(device="sd888")) == 1
+        assert len(h.entries(model="abababab")) == 4 and len(h.entries(device="sd888")) == 1
+        assert h.entries(model="abab") == [] and h.entries(model="%") == []  # no short prefix, no SQL wildcard
 
 
 def test_a_selector_that_names_entries_of_another_setup_says_what_differs(tmp_path):
@@ -120,8 +128,7 @@ def test_a_selector_that_names_entries_of_another_setup_says_what_differs(tmp_pa
 def test_bench_refuses_a_baseline_that_names_nothing_before_measuring(tmp_path):
     with History(tmp_path / "h.sqlite") as h:
         h.save(_entry(_ctx(), [40, 41, 40], label="main"))
-    model = tmp_path / "Model-Q4_K_S.gguf"
-    model.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + bytes(4000))  # never loaded: refused before that
+    model = small_gguf(tmp_path / "Model-Q4_K_S.gguf")  # never loaded: refused before that
     r = _mvlm("bench", "--device", "local", "-m", str(model), "--db", str(tmp_path / "h.sqlite"), "--baseline",
               "label:mian", "--fail-on-regression", "5%", cwd=tmp_path)
     assert r.returncode == 2 and "selector 'label:mian' matches nothing" in r.stderr, r.stderr
@@ -143,7 +150,7 @@ def test_project_commit_is_mvlms_own_commit_whatever_the_current_directory(tmp_p
     elsewhere = tmp_path / "not-a-repo"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    assert history.project_commit()[0] == head
+    assert history_entries.project_commit()[0] == head
     (e,) = entries_from_runs(_runs(_ctx(), [40.0]))
     assert e.project_commit == head and e.project_dirty is not None
     other = tmp_path / "other-project"  # a git work tree of another project with its own commit
@@ -153,11 +160,11 @@ def test_project_commit_is_mvlms_own_commit_whatever_the_current_directory(tmp_p
     _git("add", "f", cwd=other)
     _git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "x", cwd=other)
     monkeypatch.chdir(other)
-    assert history.project_commit()[0] == head != _git("rev-parse", "HEAD", cwd=other)
+    assert history_entries.project_commit()[0] == head != _git("rev-parse", "HEAD", cwd=other)
     # mvlm installed outside a git tree (a wheel), or as untracked files inside another tree (a venv in a project)
     for where in (tmp_path / "site-packages", other / ".venv" / "site-packages"):
         shutil.copytree(REPO / "mvlm_bench", where / "mvlm_bench", ignore=shutil.ignore_patterns("__pycache__"))
-        assert history.project_commit(where / "mvlm_bench") == ("", None)
+        assert history_entries.project_commit(where / "mvlm_bench") == ("", None)
 
 
 def test_setup_key_ignores_runtime_but_not_params():
@@ -168,7 +175,7 @@ def test_setup_key_ignores_runtime_but_not_params():
 def test_json_report_round_trip(tmp_path):
     runs = _runs(_ctx(), [40.0, 41.0, 39.0])
     p = tmp_path / "r.json"
-    p.write_text(render_json(runs))
+    p.write_text(render_json(aggregate(runs)))
     (e,) = entries_from_json(p)
     assert e.samples["eval_tps"] == [40.0, 41.0, 39.0] and e.context.model_sha256 == "ab" * 32
     assert e.context.params["n_predict"] == 400 and e.context.runtime_commit == "0c1e570"
@@ -209,7 +216,7 @@ def test_newer_schema_is_a_clear_error(tmp_path):
     db = tmp_path / "h.sqlite"
     History(db).close()
     con = sqlite3.connect(db)
-    con.execute(f"PRAGMA user_version = {history.SCHEMA_VERSION + 1}")
+    con.execute(f"PRAGMA user_version = {history_db.SCHEMA_VERSION + 1}")
     con.commit()
     con.close()
     with pytest.raises(MvlmError, match="newer than this mvlm"):
@@ -233,13 +240,13 @@ def test_old_schema_is_migrated_through_the_hook(tmp_path, monkeypatch):
     db = tmp_path / "h.sqlite"
     with History(db) as h:
         eid = h.save(_entry(_ctx(), [40.0, 41.0, 39.0], label="old"))
-    v = history.SCHEMA_VERSION
+    v = history_db.SCHEMA_VERSION
 
     def next_step(store) -> None:
         store.execute("ALTER TABLE entry ADD COLUMN host TEXT NOT NULL DEFAULT ''")
 
-    monkeypatch.setattr(history, "SCHEMA_VERSION", v + 1)
-    monkeypatch.setattr(history, "MIGRATIONS", {v: next_step})
+    monkeypatch.setattr(history_db, "SCHEMA_VERSION", v + 1)
+    monkeypatch.setattr(history_db, "MIGRATIONS", {v: next_step})
     with History(db) as h:
         back = h.get(eid)
     assert back.label == "old" and back.samples["eval_tps"] == [40.0, 41.0, 39.0]
@@ -247,7 +254,7 @@ def test_old_schema_is_migrated_through_the_hook(tmp_path, monkeypatch):
     assert con.execute("PRAGMA user_version").fetchone()[0] == v + 1
     assert "host" in [r[1] for r in con.execute("PRAGMA table_info(entry)")]
     con.close()
-    monkeypatch.setattr(history, "SCHEMA_VERSION", v + 2)  # no step v+1 -> v+2: refuse, leave the file alone
+    monkeypatch.setattr(history_db, "SCHEMA_VERSION", v + 2)  # no step v+1 -> v+2: refuse, leave the file alone
     with pytest.raises(MvlmError, match=f"no migration from version {v + 1}"):
         History(db)
     assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == v + 1
@@ -256,13 +263,13 @@ def test_old_schema_is_migrated_through_the_hook(tmp_path, monkeypatch):
 def test_failed_migration_leaves_file_unchanged(tmp_path, monkeypatch):
     db = tmp_path / "h.sqlite"
     History(db).close()
-    v = history.SCHEMA_VERSION
+    v = history_db.SCHEMA_VERSION
 
     def broken(store) -> None:
         store.execute("ALTER TABLE no_such_table ADD COLUMN x")
 
-    monkeypatch.setattr(history, "SCHEMA_VERSION", v + 1)
-    monkeypatch.setattr(history, "MIGRATIONS", {v: broken})
+    monkeypatch.setattr(history_db, "SCHEMA_VERSION", v + 1)
+    monkeypatch.setattr(history_db, "MIGRATIONS", {v: broken})
     with pytest.raises(MvlmError, match="left unchanged"):
         History(db)
     assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == v
@@ -319,8 +326,8 @@ def test_compare_cli_passes_on_noise(tmp_path):
 
 def test_compare_cli_json_files_and_errors(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(render_json(_runs(_ctx(), [40.0, 40.3, 39.9, 40.1])))
-    b.write_text(render_json(_runs(_ctx(), [30.0, 30.2, 29.9, 30.1])))
+    a.write_text(render_json(aggregate(_runs(_ctx(), [40.0, 40.3, 39.9, 40.1]))))
+    b.write_text(render_json(aggregate(_runs(_ctx(), [30.0, 30.2, 29.9, 30.1]))))
     r = _mvlm("compare", str(a), str(b), "--metric", "eval_tps", "--fail-on-regression", "5%", cwd=tmp_path)
     assert r.returncode == 4 and "40.05 -> 30.05" in r.stderr, r.stderr
     r = _mvlm("compare", "--db", str(tmp_path / "none.sqlite"), cwd=tmp_path)

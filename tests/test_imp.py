@@ -86,6 +86,7 @@ def test_imp_converts_to_phi2_and_siglip_mmproj(tmp_path):
     assert res.mmproj.metadata["image_tokens"] == 729
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 @pytest.mark.parametrize(("stored", "tower_config", "run"), [(3, True, 2), (2, False, 2), (3, False, 3)])
 def test_imp_vision_layers_counted_from_the_full_tower(tmp_path, stored, tower_config, run):
     """Full tower stored + config: n-1 run (no feature_layer key); no config: the stored copy is taken as cut."""

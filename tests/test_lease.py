@@ -18,9 +18,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from peers import run_bench
 
-from mvlm_bench import lease
-from mvlm_bench.devices import load_profile, profile_from_dict
+from mvlm_bench.device.profiles import load_profile, profile_from_dict
+from mvlm_bench.plan.spec import BenchSpec
+from mvlm_bench.session import lease
 from mvlm_core.errors import MvlmError
 
 MVLM = [sys.executable, "-m", "mvlm"]
@@ -32,7 +34,7 @@ def _holder(key: str, db: str | None = None, cache: Path | None = None) -> subpr
     $MVLM_CACHE (its lock files elsewhere: another host, as far as the lock files can tell)."""
     code = textwrap.dedent(f"""
         import sys, time
-        from mvlm_bench.lease import device_lease
+        from mvlm_bench.session.lease import device_lease
         with device_lease({key!r}, {db!r}, timeout=30):
             print("held", flush=True)
             time.sleep(600)
@@ -119,7 +121,7 @@ def test_lock_file_lease_across_processes(monkeypatch, tmp_path):
     with lease.device_lease(key, None, timeout=0) as info:
         assert info["kind"] == "file" and info["waited_s"] < 1
         # while held, another process cannot take it either
-        r = subprocess.run([sys.executable, "-c", f"from mvlm_bench.lease import device_lease\n"
+        r = subprocess.run([sys.executable, "-c", f"from mvlm_bench.session.lease import device_lease\n"
                             f"with device_lease({key!r}, None, timeout=0): pass"], capture_output=True, text=True,
                            cwd=REPO, env={**os.environ, "MVLM_CACHE": str(tmp_path / "cache")}, timeout=60)
         assert r.returncode != 0 and f"pid {os.getpid()}" in r.stderr
@@ -221,12 +223,12 @@ def test_postgres_advisory_lease_across_processes(postgresql, monkeypatch, tmp_p
         _stop(p)  # a crash: its connection closes and the server drops its advisory lock
     with lease.device_lease(key, postgresql, timeout=10) as info:
         assert info["kind"] == "postgresql" and info["lock_id"] == lease.key_id(key)
-        r = subprocess.run([sys.executable, "-c", f"from mvlm_bench.lease import device_lease\n"
+        r = subprocess.run([sys.executable, "-c", f"from mvlm_bench.session.lease import device_lease\n"
                             f"with device_lease({key!r}, {postgresql!r}, timeout=0): pass"],
                            capture_output=True, text=True, cwd=REPO, timeout=60)
         assert r.returncode != 0 and f"pid {os.getpid()}" in r.stderr
     # released on exit: another process takes it at once
-    r = subprocess.run([sys.executable, "-c", f"from mvlm_bench.lease import device_lease\n"
+    r = subprocess.run([sys.executable, "-c", f"from mvlm_bench.session.lease import device_lease\n"
                         f"with device_lease({key!r}, {postgresql!r}, timeout=0) as i: print(i['kind'])"],
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "postgresql", r.stderr
@@ -277,7 +279,7 @@ def test_a_postgres_history_bench_takes_the_lock_file_too(postgresql, monkeypatc
         assert busy.value.exit_code == lease.EXIT_BUSY and f"held by pid {os.getpid()} on " in str(busy.value)
     with lease.device_lease(key, postgresql, timeout=0) as info:  # and the other way round
         assert info["kind"] == "postgresql" and info["path"] == str(lease.lock_path(key))
-        r = subprocess.run([sys.executable, "-c", f"from mvlm_bench.lease import device_lease\n"
+        r = subprocess.run([sys.executable, "-c", f"from mvlm_bench.session.lease import device_lease\n"
                             f"with device_lease({key!r}, None, timeout=0): pass"],
                            capture_output=True, text=True, cwd=REPO, timeout=60, env={**os.environ})
         assert r.returncode != 0 and f"is busy (held by pid {os.getpid()}" in r.stderr, r.stderr
@@ -291,7 +293,7 @@ def test_a_postgres_history_bench_takes_the_lock_file_too(postgresql, monkeypatc
         assert busy.value.exit_code == lease.EXIT_BUSY
     with lease.device_lease(board, postgresql, timeout=0) as info:
         assert info["kind"] == "postgresql" and info["path"] == str(lease.lock_path(board))
-        r = subprocess.run([sys.executable, "-c", f"from mvlm_bench.lease import device_lease\n"
+        r = subprocess.run([sys.executable, "-c", f"from mvlm_bench.session.lease import device_lease\n"
                             f"with device_lease({board!r}, None, timeout=0): pass"],
                            capture_output=True, text=True, cwd=REPO, timeout=60, env={**os.environ})
         assert r.returncode != 0 and f"is busy (held by pid {os.getpid()}" in r.stderr, r.stderr
@@ -300,7 +302,8 @@ def test_a_postgres_history_bench_takes_the_lock_file_too(postgresql, monkeypatc
 @pytest.mark.slow
 def test_bench_with_a_postgres_history_sees_a_held_lock_file(postgresql, tmp_path, smollm2_gguf, host_runtime):
     env = {**os.environ, "COLUMNS": "300", "MVLM_CACHE": str(_own_cache(tmp_path))}
-    code = "from mvlm_bench.lease import device_lease, device_key\nfrom mvlm_bench.devices import load_profile\n" \
+    code = "from mvlm_bench.session.lease import device_lease, device_key\n" \
+           "from mvlm_bench.device.profiles import load_profile\n" \
            "import time\nwith device_lease(device_key(load_profile('local')), None, timeout=0):\n" \
            "    print('held', flush=True)\n    time.sleep(600)\n"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
@@ -332,16 +335,15 @@ def test_the_confirming_remeasure_leases_through_the_bench_history(postgresql, s
     """`mvlm bench --db postgresql://... --baseline ... --fail-on-regression`: the interleaved re-measure that confirms
     a history suspicion holds the device's lease in that PostgreSQL, as the measurement did. (It leased through
     $MVLM_HISTORY: a lab runner given --db re-measured a remote device while another runner held it.)"""
-    from mvlm_bench import bench
-    from mvlm_bench.bench_cli import _confirmer
-    from mvlm_bench.history import entries_from_runs
+    from mvlm_bench.decide.verdict import Confirmer
+    from mvlm_bench.history.entries import entries_from_runs
 
     monkeypatch.delenv("MVLM_HISTORY", raising=False)
     prof = sshd.profile(str(tmp_path / "remote"), target="host", threads=1)
-    spec = bench.BenchSpec("lm", smollm2_gguf, repeat=1, n_predict=4, threads=1)
-    (entry,) = entries_from_runs(bench.run_bench(prof, spec, lease_db=postgresql, lease_timeout=0).runs)
+    spec = BenchSpec("lm", smollm2_gguf, repeat=1, n_predict=4, threads=1)
+    (entry,) = entries_from_runs(run_bench(prof, spec, lease_db=postgresql, lease_timeout=0).runs)
     said: list[str] = []
-    remeasure = _confirmer(prof, spec, said.append, lease_db=postgresql, lease_timeout=0)(entry, entry)
+    remeasure = Confirmer(prof, spec, said.append, lease_db=postgresql, lease_timeout=0)(entry, entry)
     assert remeasure is not None, said  # its build and model are at hand
     with lease.device_lease(lease.device_key(prof), postgresql, timeout=0):  # another runner measures on it
         with pytest.raises(MvlmError) as busy:

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from mvlm.cli import _json_file_alias
-from mvlm_bench.report import LLAMA_BENCH_FIELDS
-from mvlm_bench.timings import parse_llama_bench_file
+from mvlm_bench.records.llama_bench_output import parse_llama_bench_file
+from mvlm_bench.views.exports import LLAMA_BENCH_FIELDS
 
 MVLM = [sys.executable, "-m", "mvlm"]
 DATA = Path(__file__).resolve().parent / "data" / "llama-bench"
@@ -235,7 +235,8 @@ def test_imported_llama_bench_rows_fill_prompt_and_eval_tps_which_the_gate_judge
     db = tmp_path / "h.sqlite"
     assert mvlm("history", "import", *files, "--db", db, "--label", "main").returncode == 0
     assert mvlm("history", "import", tmp_path / "slow.json", "--db", db, "--label", "pr").returncode == 0
-    stored = json.loads(mvlm("history", "--db", db, "--json").stdout)
+    stored = sorted(json.loads(mvlm("history", "--db", db, "--json").stdout), key=lambda e: e["id"])  # import order
+    # (listed by when each was measured: the copies of one run share its time)
     for e, f in zip(stored, [*files, tmp_path / "slow.json"], strict=True):
         rows = parse_llama_bench_file(f)
         pp, tg = (next(r for r in rows if r[k]) for k in ("n_prompt", "n_gen"))
@@ -276,7 +277,7 @@ def test_precision_comes_from_the_name_else_from_the_files_own_file_type(tmp_pat
     ``model.gguf`` is not "unknown", and a misleading name does not relabel it; without one, the name decides."""
     import gguf
 
-    from mvlm_bench.gguf_header import precision_of
+    from mvlm_core.gguf_header import precision_of
 
     plain = tmp_path / "model.gguf"
     plain.symlink_to(smollm2_gguf)
@@ -289,3 +290,119 @@ def test_precision_comes_from_the_name_else_from_the_files_own_file_type(tmp_pat
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF\x03\x00")
     assert precision_of(broken) == "unknown"
+
+
+# llama-bench's flags on `mvlm bench`: the same meaning, the same rows
+_FLAGS = ["-p", "8", "-n", "4", "-pg", "8,4", "-d", "0,16", "-t", "1,2", "-ngl", "0", "-b", "64", "-ub", "32", "-fa",
+          "off", "-ctk", "q8_0", "-ctv", "f16", "-C", "0x3", "--cpu-strict", "1", "--poll", "10"]
+_CONFIG_FIELDS = ("n_batch", "n_ubatch", "n_threads", "cpu_mask", "cpu_strict", "poll", "type_k", "type_v",
+                  "n_gpu_layers", "flash_attn", "n_prompt", "n_gen", "n_depth", "model_type", "model_size",
+                  "model_n_params", "build_commit", "backends", "split_mode", "no_kv_offload", "embeddings", "repack")
+
+
+@pytest.mark.slow
+def test_llama_bench_flags_give_the_rows_the_real_llama_bench_gives(host_runtime, smollm2_gguf, tmp_path):
+    """The same flags to the real llama-bench and to `mvlm bench --protocol llama-bench -o json`: the same tests, and
+    every configuration field of every row equal (a sweep over -t included)."""
+    env = {**os.environ, "LD_LIBRARY_PATH": str(host_runtime / "lib")}
+    lb = subprocess.run([str(host_runtime / "bin" / "llama-bench"), "-m", str(smollm2_gguf), *_FLAGS, "-r", "1", "-o",
+                         "json"], capture_output=True, text=True, timeout=300, env=env)
+    assert lb.returncode == 0, lb.stderr[-2000:]
+    ref = json.loads(lb.stdout)
+    r = mvlm("bench", "-P", "llama-bench", "-m", smollm2_gguf, *_FLAGS, "-r", "1", "--warmup", "0", "-o", "json",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mine = json.loads(r.stdout)
+
+    def key(row):
+        return row["n_threads"], row["n_depth"], row["n_prompt"], row["n_gen"]
+
+    assert len(mine) == len(ref) == 12  # (pp8, tg4, pp8+tg4) x 2 depths x 2 thread counts
+    assert sorted(map(key, mine)) == sorted(map(key, ref))
+    for a, b in zip(sorted(mine, key=key), sorted(ref, key=key), strict=True):
+        assert {f: a[f] for f in _CONFIG_FIELDS} == {f: b[f] for f in _CONFIG_FIELDS}, key(a)
+    assert {m["test"] for m in mine} >= {"pp8", "tg4", "pp8+tg4", "pp8@d16", "tg4@d16", "pp8+tg4@d16"}
+
+
+@pytest.mark.slow
+def test_output_formats_on_stdout_are_llama_benchs_and_hold_the_same_records_as_the_json_file(smollm2_gguf,
+                                                                                              host_runtime, tmp_path):
+    """-o sql runs in sqlite3 into llama-bench's table, a row per record of --json-file; -o jsonl is a line per test
+    (as llama-bench's) that `mvlm history import` stores as the JSON file stores; -o csv is llama-bench's CSV, which
+    compare-llama-bench.py reads; -o md is llama-bench's table, which `mvlm history import` reads; -r defaults to 5."""
+    base = ["bench", "-P", "llama-bench", "-m", smollm2_gguf, "-p", "8", "-n", "4", "-t", "2", "--warmup", "0"]
+    js = tmp_path / "r.json"
+    r = mvlm(*base, "-r", "2", "-o", "sql", "--json-file", js, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    con = sqlite3.connect(":memory:")
+    con.executescript(r.stdout)
+    con.row_factory = sqlite3.Row
+    rows = [dict(x) for x in con.execute("SELECT * FROM llama_bench ORDER BY n_prompt DESC")]
+    recs = sorted(json.loads(js.read_text()), key=lambda x: -x["n_prompt"])
+    assert len(rows) == len(recs) == 2
+    for row, rec in zip(rows, recs, strict=True):
+        assert (row["n_prompt"], row["n_gen"], row["n_threads"], row["avg_ns"]) == \
+            (rec["n_prompt"], rec["n_gen"], rec["n_threads"], rec["avg_ns"])
+        assert row["avg_ts"] == pytest.approx(rec["avg_ts"]) and row["model_type"] == rec["model_type"]
+    r = mvlm(*base, "-o", "jsonl", "--json-file", js, cwd=tmp_path)  # no -r: llama-bench's 5
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(lines) == 2 and [len(x["samples_ts"]) for x in lines] == [5, 5]
+    assert {len(rec["runs"]) for rec in json.loads(js.read_text())} == {5}
+    (tmp_path / "r.jsonl").write_text(r.stdout)
+    for src, db in ((js, "a.sqlite"), (tmp_path / "r.jsonl", "b.sqlite")):
+        assert mvlm("history", "import", src, "--db", tmp_path / db).returncode == 0
+    stored = [json.loads(mvlm("history", "--db", tmp_path / db, "--json").stdout) for db in ("a.sqlite", "b.sqlite")]
+    assert [e["samples"] for e in stored[0]] == [e["samples"] for e in stored[1]]
+    csv_out = tmp_path / "r.csv"
+    r = mvlm(*base, "-r", "1", "-o", "csv", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("build_commit,build_number,"), r.stdout[:300]
+    csv_out.write_text(r.stdout)
+    commit = json.loads(js.read_text())[0]["build_commit"]
+    script = subprocess.run([sys.executable, str(_script(host_runtime)), "--tool", "llama-bench", "-i", str(csv_out),
+                             "-b", commit, "-c", commit], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert script.returncode == 0 and "pp8" in script.stdout and "tg4" in script.stdout, script.stderr[-2000:]
+    r = mvlm(*base, "-r", "2", "-o", "md", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("| model | size | params | backend | threads | test | t/s |")
+    (tmp_path / "r.md").write_text(r.stdout)
+    imp = mvlm("history", "import", tmp_path / "r.md", "--device", "local", "--db", tmp_path / "c.sqlite")
+    assert imp.returncode == 0, imp.stderr
+
+
+@pytest.mark.slow
+def test_llama_cpp_settings_reach_the_papers_protocols_programs(smollm2_gguf, tmp_path):
+    """-fa, -ctk, -ctv, -b, -ub reach llama-completion: its own log (what the record's llama-bench fields are read
+    from) says it ran with them."""
+    r = mvlm("bench", "-m", smollm2_gguf, "-n", "4", "-r", "1", "--warmup", "0", "-t", "2", "-fa", "on", "-ctk",
+             "q8_0", "-ctv", "q8_0", "-b", "64", "-ub", "32", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (rec,) = json.loads(r.stdout)
+    assert (rec["flash_attn"], rec["type_k"], rec["type_v"], rec["n_batch"], rec["n_ubatch"]) == \
+        (1, "q8_0", "q8_0", 64, 32)
+    r = mvlm("bench", "-m", smollm2_gguf, "-n", "4", "-r", "1", "--warmup", "0", "-t", "2", "--json", cwd=tmp_path)
+    (rec,) = json.loads(r.stdout)
+    assert (rec["type_k"], rec["n_batch"]) == ("f16", 2048)  # llama.cpp's defaults when not given
+
+
+# the flags as typed -> words of the one-line refusal
+_REFUSED = {
+    "-p 512": "-p shapes llama-bench's tests",
+    "-d 128": "-d shapes llama-bench's tests",
+    "-n 4,8": "a list of lengths is llama-bench's",
+    "-fa maybe": "give on, off or auto",
+    "-ctk q9_9": "is not one of",
+    "-b 64 -ub 128": "-ub 128 is larger than the batch size (64)",
+    "-fa off -ctv q4_0": "needs flash attention",
+    "-C zz": "is not a CPU mask",
+    "--prio 1,2": "takes one value",
+    "-o xml": "choose one of json, jsonl, csv, md, sql",
+    "-P llama-bench -p 0 -n 0": "no test to run",
+    "-P llama-bench -pg 512": "give one prompt+generation pair as PP,TG",
+}
+
+
+@pytest.mark.parametrize("flags", sorted(_REFUSED))
+def test_llama_bench_flags_refused_in_one_line(smollm2_gguf, tmp_path, flags):
+    r = mvlm("bench", "-m", smollm2_gguf, *flags.split(), cwd=tmp_path, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and _REFUSED[flags] in lines[0], r.stderr

@@ -1,9 +1,9 @@
-"""The seed papers' latency tables as data (mvlm_bench.paper_tables) and `mvlm report --paper` (mvlm_bench.paper_report).
+"""The seed papers' latency tables as data (mvlm_bench.papers.tables) and `mvlm report --paper` (mvlm_bench.papers.beside).
 
 The data is checked against values re-read by hand from the papers (cited per table below), against each paper's own
 formula (the rows flagged inconsistent must be exactly the rows the formula rules out), and the report is checked on
 a history filled through the real code path: real llama.cpp outputs (tests/data/llama-cpp-outputs, whose `# expected:`
-lines a person read) rendered by `mvlm_bench.report` as `mvlm bench --json` writes them, stored with `mvlm history
+lines a person read) rendered by `mvlm_bench.views.latency` as `mvlm bench --json` writes them, stored with `mvlm history
 import`, read back with `mvlm history --json`; and (slow) a real `mvlm bench --device local --save` on SmolLM2.
 """
 
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from mvlm_bench import paper_tables as pt
-from mvlm_bench.records import Run, RunContext
-from mvlm_bench.report import render_json
-from mvlm_bench.timings import parse_text
+from mvlm_bench.papers import tables as pt
+from mvlm_bench.records.groups import aggregate
+from mvlm_bench.records.record import Run, RunContext
+from mvlm_bench.records.timings import parse_text
+from mvlm_bench.views.exports import render_json
 
 OUTPUTS = Path(__file__).resolve().parent / "data" / "llama-cpp-outputs"
 
@@ -161,7 +162,7 @@ def _bench_json(path: Path, groups: list[tuple[RunContext, list[str]]]) -> None:
     """What `mvlm bench --json` writes (mvlm_bench.report.render_json) for runs parsed from real outputs."""
     runs = [Run(parse_text(text), ctx, ended_at=1_767_225_600.0 + i) for ctx, texts in groups for i, text in
             enumerate(texts)]
-    path.write_text(render_json(runs))
+    path.write_text(render_json(aggregate(runs)))
 
 
 def _history(db: Path, cwd: Path) -> dict[int, dict]:
@@ -284,7 +285,7 @@ def _rendered_row(report: dict, where: str) -> list[str]:
     """The cells of your (first) row of one table as `mvlm report --paper` prints it."""
     from rich.console import Console
 
-    from mvlm_bench.paper_report import render
+    from mvlm_bench.papers.beside import render
 
     table = next(x for x in render({**report, "tables": [_table(report, where)]}) if not isinstance(x, str))
     console = Console(record=True, width=1000)

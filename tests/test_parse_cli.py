@@ -11,8 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mvlm_bench.parse_cli import parse_cmd
-from mvlm_bench.timings import FIELDS
+from mvlm_bench.records.timings import FIELDS
 from mvlm_core.errors import MvlmError
 
 LLAMA_PERF = """\
@@ -27,12 +26,8 @@ MTMD_ONLY = "encoding image slice...\nimage slice encoded in 301 ms\ndecoding im
 
 
 def _local_app() -> typer.Typer:
-    app = typer.Typer()
-    app.command("parse")(parse_cmd)
-
-    @app.callback()
-    def _root() -> None:  # keeps "parse" a sub-command, as under `mvlm bench`
-        pass
+    """The mvlm application itself (``mvlm bench parse`` is the door users use)."""
+    from mvlm.cli import app
 
     return app
 
@@ -49,7 +44,7 @@ def logs(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def test_json_one_object_per_file(logs):
-    res = CliRunner().invoke(_local_app(), ["parse", "--json", *map(str, logs)])
+    res = CliRunner().invoke(_local_app(), ["bench", "parse", "--json", *map(str, logs)])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
     assert [Path(d["file"]).name for d in doc] == ["cli.log", "mtmd.log", "junk.bin"]
@@ -64,7 +59,7 @@ def test_json_one_object_per_file(logs):
 
 
 def test_table_one_row_per_file(logs):
-    res = CliRunner().invoke(_local_app(), ["parse", *map(str, logs)], env={"COLUMNS": "200"})
+    res = CliRunner().invoke(_local_app(), ["bench", "parse", *map(str, logs)], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     for name in ("cli.log", "mtmd.log", "junk.bin"):
         assert name in res.output
@@ -73,7 +68,7 @@ def test_table_one_row_per_file(logs):
 
 
 def test_unreadable_file_is_one_line_mvlm_error(tmp_path: Path):
-    res = CliRunner().invoke(_local_app(), ["parse", str(tmp_path / "missing.log")])
+    res = CliRunner().invoke(_local_app(), ["bench", "parse", str(tmp_path / "missing.log")])
     assert res.exit_code != 0
     assert isinstance(res.exception, MvlmError)
     assert "missing.log" in str(res.exception) and "\n" not in str(res.exception)

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from mvlm_bench import bench
-from mvlm_bench.devices import load_profile
-from mvlm_bench.transports import LocalTransport
+from mvlm_bench.device.profiles import load_profile
+from mvlm_bench.device.transports.local import LocalTransport
+from mvlm_bench.plan.protocols import LM_PROMPT
+from mvlm_bench.plan.spec import BenchSpec
+from mvlm_bench.session.live_tokens import LiveTokens
 
 MVLM = [sys.executable, "-m", "mvlm"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
@@ -106,7 +108,7 @@ def test_transport_streams_output_while_the_process_runs(tmp_path):
 @pytest.mark.slow
 def test_ssh_transport_streams_output_too(sshd, tmp_path):
     """Over a real sshd the same: pieces arrive while the remote command runs; the result is what it was before."""
-    from mvlm_bench.transports import make_transport
+    from mvlm_bench.device.transports import make_transport
 
     t = make_transport(sshd.profile(str(tmp_path / "remote")))
     try:
@@ -125,15 +127,15 @@ def test_ssh_transport_streams_output_too(sshd, tmp_path):
 
 
 def test_live_tokens_counts_generated_text_after_the_last_log_line(smollm2_gguf):
-    spec = bench.BenchSpec("lm", Path(smollm2_gguf), n_predict=50)
+    spec = BenchSpec("lm", Path(smollm2_gguf), n_predict=50)
     seen: list[tuple[int, int]] = []
-    live = bench.LiveTokens(spec, lambda a, b: seen.append((a, b)), every_s=0)
+    live = LiveTokens(spec, lambda a, b: seen.append((a, b)), every_s=0)
     live.feed("0.00.218.341 I generate: n_ctx = 2048, n_batch = 2048, n_predict = 50, n_keep = 0\n")
     live.feed("0.00.218.342 I \n")
-    live.feed(bench.LM_PROMPT)
+    live.feed(LM_PROMPT)
     live.feed(" Choose a domain name")
-    from mvlm_bench.imp import count_tokens
+    from mvlm_bench.plan.imp_prompt import count_tokens
 
-    want = count_tokens(Path(smollm2_gguf), bench.LM_PROMPT + " Choose a domain name") - count_tokens(
-        Path(smollm2_gguf), bench.LM_PROMPT)
+    want = count_tokens(Path(smollm2_gguf), LM_PROMPT + " Choose a domain name") - count_tokens(
+        Path(smollm2_gguf), LM_PROMPT)
     assert seen[0] == (0, 50) and seen[-1] == (want, 50) and want > 0

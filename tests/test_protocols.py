@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from peers import small_gguf
 
 MVLM = [sys.executable, "-m", "mvlm"]
 
@@ -70,7 +71,7 @@ def test_imp_prompt_is_41_tokens_of_the_models_own_tokenizer(tiny_v2):
     """Counted again with the checkpoint's own SentencePiece model (not llama.cpp): 41 tokens, a prefix of the request."""
     import sentencepiece as spm
 
-    from mvlm_bench.imp import IMP_SOURCE, IMP_TEXT_TOKENS, imp_prompt
+    from mvlm_bench.plan.imp_prompt import IMP_SOURCE, IMP_TEXT_TOKENS, imp_prompt
 
     lm, _, ck = tiny_v2
     text = imp_prompt(lm)
@@ -217,7 +218,7 @@ def test_question_file_checks_say_what_is_wrong(tmp_path):
     problem; BOM and CRLF files (Windows editors) are read like any other."""
     from PIL import Image
 
-    from mvlm_bench.dataset import MAX_TEXT_CHARS, load_samples
+    from mvlm_bench.plan.dataset import MAX_TEXT_CHARS, load_samples
     from mvlm_core.errors import MvlmError
 
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
@@ -274,7 +275,7 @@ def test_data_option_belongs_to_the_dataset_protocol(tmp_path, smollm2_gguf):
 
 
 def test_after_load_is_read_from_mtmd_timestamps():
-    from mvlm_bench.timings import parse_text
+    from mvlm_bench.records.timings import parse_text
 
     log = "\n".join([
         "0.00.012.000 I llama_context: constructing llama_context",
@@ -295,8 +296,9 @@ def test_after_load_is_read_from_mtmd_timestamps():
 
 @pytest.mark.slow
 def test_dataset_over_real_sshd_through_a_tunnel(sshd, tmp_path, tiny_v2):
-    from mvlm_bench.bench import BenchSpec
-    from mvlm_bench.dataset_run import run_dataset
+    from peers import run_bench as run_dataset
+
+    from mvlm_bench.plan.spec import BenchSpec
 
     lm, mmproj, _ = tiny_v2
     data = _question_set(tmp_path / "set", n=3)
@@ -307,17 +309,17 @@ def test_dataset_over_real_sshd_through_a_tunnel(sshd, tmp_path, tiny_v2):
     (run,) = res.runs
     assert run.extra["n_samples"] == 3 == len(run.per_sample) and run.wall_s == run.extra["total_s"]
     assert (tmp_path / "remote" / "images" / "ds").is_dir()
-    assert run_dataset(prof, spec).pushed_bytes == 0  # the images (and everything else) are on the device already
+    assert run_dataset(prof, spec).outcome.pushed_bytes == 0  # the images (and everything else) are on the device already
 
 
 def test_dataset_refuses_adb_before_pushing(tmp_path, smollm2_gguf):
-    from mvlm_bench.bench import BenchSpec
-    from mvlm_bench.dataset_run import run_dataset
-    from mvlm_bench.devices import profile_from_dict
+    from mvlm_bench.device.profiles import profile_from_dict
+    from mvlm_bench.plan.plan import Options, make_plan
     from mvlm_core.errors import MvlmError
 
     data = _question_set(tmp_path / "set", n=1)
     prof = profile_from_dict({"transport": "adb", "address": "NOPHONE", "workdir": "/data/local/tmp/mvlm",
                               "target": "android-arm64"}, where="test", default_name="phone")
-    with pytest.raises(MvlmError, match="adb devices cannot forward"):
-        run_dataset(prof, BenchSpec("dataset", smollm2_gguf, mmproj=smollm2_gguf, data=data))
+    with pytest.raises(MvlmError, match="this device's transport cannot forward"):  # the plan refuses it: nothing runs
+        make_plan(prof, Options(protocol="dataset", models=[smollm2_gguf], mmproj=small_gguf(tmp_path / "mmproj.gguf", "clip"),
+                                data=data))

@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mvlm_bench.records import METRIC_KEYS, Run, RunContext, aggregate, run_metrics
-from mvlm_bench.report import LLAMA_BENCH_FIELDS, render_all, render_csv, render_json, render_markdown, render_table
-from mvlm_bench.timings import TimingRecord, parse_text
+from mvlm_bench.records.columns import METRIC_KEYS
+from mvlm_bench.records.groups import aggregate
+from mvlm_bench.records.metrics import run_metrics
+from mvlm_bench.records.record import Run, RunContext
+from mvlm_bench.records.timings import TimingRecord, parse_text
+from mvlm_bench.views.exports import LLAMA_BENCH_FIELDS, render_csv, render_json
+from mvlm_bench.views.latency import render_markdown, render_table
 
 OUTPUTS = Path(__file__).resolve().parent / "data" / "llama-cpp-outputs"  # real llama.cpp outputs (data/README.md)
 
@@ -154,7 +158,7 @@ def test_aggregate_median_min_max_stdev():
 
 
 def test_markdown_layouts():
-    lm = render_markdown([Run(_rec(), CTX, tokens_out=100)] * 2)
+    lm = render_markdown(aggregate([Run(_rec(), CTX, tokens_out=100)] * 2))
     first = lm.splitlines()[0]
     assert first.startswith("| Model | Hardware | Precision | Size (GB) | Sample (tokens/s) | Eval_prompt (tokens/s)")
     assert "VE" not in first and "Eval_avg" in first
@@ -165,27 +169,29 @@ def test_markdown_layouts():
     ]  # fmt: skip
     assert "Total = Load + Tks_in/Eval_prompt + Tks_out/Sample + Tks_out/Eval + Other" in lm
     assert "0c1e570 (0001-clip-cls-first.patch)" in lm and "ab" * 32 in lm
-    vlm = render_markdown([Run(_rec(vision_encode_ms=1440.0, vision_ms_per_token=10.0, image_tokens=144), CTX, 100)])
+    vlm = render_markdown(aggregate([Run(_rec(vision_encode_ms=1440.0, vision_ms_per_token=10.0, image_tokens=144),
+                                         CTX, 100)]))
     head = vlm.splitlines()[0]
-    assert "| VE (ms/patch) | Sample (tokens/s) |" in head and "Precision" not in head
-    assert "| 10.00 |" in vlm.splitlines()[2]
+    # the vlm layout has its precision too (a defect: it had none), and the image encode's total beside VE per patch
+    assert "| Precision | Size (GB) | VE (ms/patch) | VE total (ms) | Sample (tokens/s) |" in head
+    assert "| 10.00 | 1440 |" in vlm.splitlines()[2]
 
 
 def test_csv_per_run_and_aggregated():
     runs = [Run(_rec(eval_tps=v), CTX, tokens_out=100) for v in (10.0, 30.0)]
-    rows = list(csv.DictReader(io.StringIO(render_csv(runs))))
+    rows = list(csv.DictReader(io.StringIO(render_csv(aggregate(runs)))))
     assert [r["repetition"] for r in rows] == ["0", "1"]
     assert [float(r["eval_tps"]) for r in rows] == [10.0, 30.0]
     assert rows[0]["model_sha256"] == "ab" * 32 and rows[0]["build_commit"] == "0c1e570"
     assert float(rows[1]["eval_s"]) == pytest.approx(100 / 30.0)
-    agg = list(csv.DictReader(io.StringIO(render_csv(runs, aggregated=True))))
+    agg = list(csv.DictReader(io.StringIO(render_csv(aggregate(runs), aggregated=True))))
     assert len(agg) == 1 and agg[0]["repetitions"] == "2"
     assert float(agg[0]["eval_tps_median"]) == 20.0 and float(agg[0]["eval_tps_stdev"]) == pytest.approx(math.sqrt(200.0))
 
 
 def test_json_llama_bench_compatible_fields():
     runs = [Run(_rec(prompt_eval_ms=p, eval_ms=e), CTX, tokens_out=100) for p, e in ((500.0, 2000.0), (400.0, 1600.0))]
-    doc = json.loads(render_json(runs))
+    doc = json.loads(render_json(aggregate(runs)))
     assert isinstance(doc, list) and len(doc) == 1
     g = doc[0]
     assert (g["n_prompt"], g["n_gen"], g["test"]) == (50, 99, "pp50+tg99")
@@ -194,7 +200,7 @@ def test_json_llama_bench_compatible_fields():
     assert g["cpu_info"] == "Kryo 680" and g["model_size"] is None and g["file_size"] == 700_000_000
     assert list(g)[: len(LLAMA_BENCH_FIELDS)] == list(LLAMA_BENCH_FIELDS)  # every llama-bench field, in its order
     facts = {"model_size": 123, "model_n_params": 456, "model_type": "llama 1B Q4_K - Small", "n_batch": 2048}
-    g2 = json.loads(render_json([Run(r.timing, CTX, tokens_out=100, facts=facts) for r in runs]))[0]
+    g2 = json.loads(render_json(aggregate([Run(r.timing, CTX, tokens_out=100, facts=facts) for r in runs])))[0]
     assert {k: g2[k] for k in facts} == facts and g2["file_size"] == 700_000_000
     # pp+tg decode rate per repetition: (50 + 99) tokens over prompt+eval ms
     ts = [149 * 1000 / 2500.0, 149 * 1000 / 2000.0]
@@ -213,17 +219,50 @@ def test_json_has_no_nan_even_with_inf_inputs():
         "llama_print_timings:        eval time =     0.00 ms /     1 runs   (    0.00 ms per token,      inf tokens "
         "per second)\nllama_print_timings:       total time =    10.00 ms\n"
     )
-    out = render_json([Run(rec, CTX)])
+    out = render_json(aggregate([Run(rec, CTX)]))
     assert "NaN" not in out and "Infinity" not in out
     json.loads(out)
 
 
-def test_rich_table_and_render_all():
+def test_rich_table():
     runs = [Run(_rec(eval_tps=v), CTX, tokens_out=100) for v in (10.0, 12.0, 20.0)]
     console = Console(record=True, width=250)
-    console.print(render_table(runs))
+    console.print(render_table(aggregate(runs)))
     text = console.export_text()
     assert "MobileLLaMA-1.4B" in text and "12.00" in text and "10.00–20.00" in text
-    allr = render_all(runs)
-    assert set(allr) == {"table", "markdown", "csv", "csv_aggregated", "json"}
     assert render_markdown([]) == "_no runs_\n"
+
+
+def test_a_configuration_whose_repetitions_spread_is_flagged_noisy_in_every_view():
+    """Eval 30–1385 tok/s over five repetitions (a device that throttled in the middle) is not a plain median: the
+    table, the Markdown and the JSON say it is noisy, with the coefficient of variation computed here independently."""
+    import statistics
+
+    from mvlm_bench.records.groups import NOISY_CV
+
+    evals = (30.0, 45.0, 60.0, 1385.0, 50.0)
+    spread = [Run(_rec(eval_tps=v), CTX, tokens_out=100, wall_s=5.0) for v in evals]
+    steady = [Run(_rec(eval_tps=v), RunContext(device="Jetson Orin", model="M"), tokens_out=100, wall_s=5.0)
+              for v in (49.0, 50.0, 51.0)]
+    groups = aggregate(spread + steady)
+    cv = statistics.stdev(evals) / statistics.median(evals)
+    assert cv > NOISY_CV
+    assert groups[0].noisy() == {"eval_tps": pytest.approx(cv, rel=1e-3)} and groups[1].noisy() == {}
+
+    console = Console(width=300, record=True)
+    console.print(render_table(groups))
+    text = console.export_text()
+    assert "Noisy" in text and f"Eval CV {100 * cv:.0f}%" in text
+    md = render_markdown(groups)
+    head, _, first, second = md.splitlines()[:4]
+    assert head.endswith("| Noisy |") and f"Eval CV {100 * cv:.0f}%" in first and second.endswith("| – |")
+    assert "**Noisy:**" in md
+    recs = json.loads(render_json(groups))
+    assert [r["noisy"] for r in recs] == [True, False]
+    assert recs[0]["noisy_cv"] == {"eval_tps": pytest.approx(cv, rel=1e-3)}
+
+
+def test_steady_repetitions_add_no_noisy_column():
+    groups = aggregate([Run(_rec(eval_tps=v), CTX, tokens_out=100, wall_s=5.0) for v in (49.0, 50.0, 51.0)])
+    assert "Noisy" not in render_markdown(groups)
+    assert json.loads(render_json(groups))[0]["noisy"] is False

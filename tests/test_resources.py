@@ -17,12 +17,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from peers import AdbDouble
+from peers import AdbDouble, run_bench
 
-from mvlm_bench import bench, resources, thermal
-from mvlm_bench.devices import load_profile, profile_from_dict
-from mvlm_bench.report import render_csv, render_markdown, report_records
-from mvlm_bench.transports import make_transport
+from mvlm_bench.device import resources, thermal
+from mvlm_bench.device.profiles import load_profile, profile_from_dict
+from mvlm_bench.device.transports import make_transport
+from mvlm_bench.plan.spec import BenchSpec
+from mvlm_bench.records.groups import aggregate
+from mvlm_bench.views.exports import render_csv, report_records
+from mvlm_bench.views.latency import render_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 GNU_TIME = "/usr/bin/time"
@@ -169,7 +172,7 @@ def test_read_celsius_over_ssh_and_adb(sshd, tmp_path, monkeypatch):
 # --- real benches ---------------------------------------------------------------------------------------------------
 def _check_records(res, expect_temps: bool) -> list[dict]:
     assert not res.failures, res.failures
-    recs = report_records(res.runs)
+    recs = report_records(aggregate(res.runs))
     runs = recs[0]["runs"]
     for prev, cur in zip(runs, runs[1:], strict=False):
         assert prev["t_end"] <= cur["t_start"]
@@ -178,7 +181,7 @@ def _check_records(res, expect_temps: bool) -> list[dict]:
         assert run["peak_rss_mb"] is not None and run["peak_rss_mb"] > 0
         assert (run["temp_start_c"] is not None) == expect_temps and (run["temp_end_c"] is not None) == expect_temps
     assert recs[0]["metrics"]["peak_rss_mb"]["n"] == len(runs)
-    csv_head = render_csv(res.runs).splitlines()[0].split(",")
+    csv_head = render_csv(aggregate(res.runs)).splitlines()[0].split(",")
     assert {"t_start", "t_end", "peak_rss_mb", "temp_start_c", "temp_end_c"} <= set(csv_head)
     return runs
 
@@ -188,10 +191,10 @@ def _check_records(res, expect_temps: bool) -> list[dict]:
 def test_local_bench_records_rss_and_times(tmp_path, smollm2_gguf, host_runtime):
     prof = _local(tmp_path)
     notes: list[str] = []
-    res = bench.run_bench(prof, bench.BenchSpec("lm", smollm2_gguf, repeat=2, warmup=1, n_predict=8), log=notes.append)
+    res = run_bench(prof, BenchSpec("lm", smollm2_gguf, repeat=2, warmup=1, n_predict=8), log=notes.append)
     runs = _check_records(res, HOST_HAS_ZONES)
     assert any("no readable thermal zone" in n for n in notes) == (not HOST_HAS_ZONES)
-    witness = _gnu_time_mb(res.commands[0], {"LD_LIBRARY_PATH": str(tmp_path / "device" / "lib")})
+    witness = _gnu_time_mb(res.outcome.commands[0], {"LD_LIBRARY_PATH": str(tmp_path / "device" / "lib")})
     rss = [r["peak_rss_mb"] for r in runs]
     print(f"\nlocal: peak RSS {rss} MB (GNU time: {witness:.1f} MB), temperatures "
           f"{[(r['temp_start_c'], r['temp_end_c']) for r in runs]}")
@@ -199,10 +202,11 @@ def test_local_bench_records_rss_and_times(tmp_path, smollm2_gguf, host_runtime)
     assert smollm2_gguf.stat().st_size / 1e6 < witness  # the weights are resident
     # wall time (Total) is the process's own, not a polling interval longer
     assert all(abs((r["t_end"] - r["t_start"]) - r["metrics"]["total_s"]) < 0.1 for r in runs)
-    md = render_markdown(res.runs)
+    md = render_markdown(aggregate(res.runs))
     assert "Peak RSS (MB)" in md
     # the history keeps them per repetition (the sample rows), next to the speed metrics
-    from mvlm_bench.history import History, entries_from_runs
+    from mvlm_bench.history.database import History
+    from mvlm_bench.history.entries import entries_from_runs
 
     with History(tmp_path / "h.sqlite") as h:
         h.save_many(entries_from_runs(res.runs))
@@ -214,15 +218,15 @@ def test_local_bench_records_rss_and_times(tmp_path, smollm2_gguf, host_runtime)
 
 @pytest.mark.slow
 def test_ssh_and_adb_benches_record_rss(sshd, tmp_path, smollm2_gguf, host_runtime, monkeypatch):
-    spec = bench.BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=8)
-    local = _check_records(bench.run_bench(_local(tmp_path), spec), HOST_HAS_ZONES)[0]["peak_rss_mb"]
-    over_ssh = _check_records(bench.run_bench(sshd.profile(str(tmp_path / "remote"), target="host", threads=2), spec),
+    spec = BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=8)
+    local = _check_records(run_bench(_local(tmp_path), spec), HOST_HAS_ZONES)[0]["peak_rss_mb"]
+    over_ssh = _check_records(run_bench(sshd.profile(str(tmp_path / "remote"), target="host", threads=2), spec),
                               HOST_HAS_ZONES)[0]["peak_rss_mb"]
     adb = AdbDouble(tmp_path, monkeypatch)
     adb.add("RSS1")
     phone = profile_from_dict({"transport": "adb", "address": "RSS1", "workdir": "/data/local/tmp/mvlm", "target": "host",
                                "threads": 2}, where="test", default_name="phone")
-    over_adb = _check_records(bench.run_bench(phone, spec), HOST_HAS_ZONES)[0]["peak_rss_mb"]
+    over_adb = _check_records(run_bench(phone, spec), HOST_HAS_ZONES)[0]["peak_rss_mb"]
     print(f"\npeak RSS: local {local:.1f} MB, ssh {over_ssh:.1f} MB, adb double {over_adb:.1f} MB")
     # the same binary and model on the same machine: the same memory, whichever way it was started
     assert abs(over_ssh - local) / local < 0.05 and abs(over_adb - local) / local < 0.05
@@ -245,27 +249,26 @@ def test_qemu_bench_measures_the_emulator_process(tmp_path, smollm2_gguf):
                                                                         str(tmp_path / "qdev"))
     (tmp_path / "qemu-arm64.toml").write_text(text)
     prof = load_profile(str(tmp_path / "qemu-arm64.toml"))
-    res = bench.run_bench(prof, bench.BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=4))
+    res = run_bench(prof, BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=4))
     run = _check_records(res, HOST_HAS_ZONES)[0]
-    witness = _gnu_time_mb(["qemu-aarch64-static", *res.commands[0]], {})
+    witness = _gnu_time_mb(["qemu-aarch64-static", *res.outcome.commands[0]], {})
     print(f"\nqemu-arm64: peak RSS {run['peak_rss_mb']:.1f} MB (GNU time on qemu: {witness:.1f} MB)")
     assert abs(run["peak_rss_mb"] - witness) / witness < 0.05
     assert run["peak_rss_mb"] > smollm2_gguf.stat().st_size / 1e6
-    assert json.dumps(report_records(res.runs))  # serialisable as the JSON report
+    assert json.dumps(report_records(aggregate(res.runs)))  # serialisable as the JSON report
 
 
 def test_the_null_rss_note_says_why():
-    """A run too short to sample says so once; a device without /proc says that instead (bench._resource_notes)."""
+    """A run too short to sample says so once; a device without /proc says that instead (Session.resource_notes)."""
     from types import SimpleNamespace
+
+    from mvlm_bench.session.session import Session
 
     run = SimpleNamespace(peak_rss_mb=None, temp_start_c=20.0, temp_end_c=21.0)
 
     def notes(rss_notes: set[str]) -> list[str]:
-        said: list[str] = []
-        prep = SimpleNamespace(result=SimpleNamespace(runs=[run, run]), profile=SimpleNamespace(name="d"),
-                               rss_notes=rss_notes)
-        bench._resource_notes([prep], said.append)
-        return said
+        session = Session(profile_from_dict({"transport": "local", "target": "host"}, where="t", default_name="d"))
+        return session.resource_notes([run, run], [SimpleNamespace(rss_notes=rss_notes)])
 
     assert notes({resources.TOO_SHORT_NOTE}) == [f"device d: the llama.cpp process {resources.TOO_SHORT_NOTE}"]
     assert notes(set()) == ["device d gave no peak RSS (no /proc/PID/status VmHWM): peak_rss_mb is null"]

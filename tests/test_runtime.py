@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mvlm_bench.device.targets import targets_for
 from mvlm_core import runtime as rt
 from mvlm_core.errors import MvlmError
 
@@ -288,14 +289,16 @@ def test_cuda_build_refusals_are_one_line_before_anything_is_fetched(tmp_path):
 
 
 def test_cuda_is_a_target_wherever_targets_are_listed(tmp_path, monkeypatch):
-    from mvlm_bench import bench, runtime_cli
-    from mvlm_bench.devices import KNOWN_TARGETS
-    from mvlm_bench.transports import DeviceInfo, normalise_machine
+    from typer.testing import CliRunner
+
+    from mvlm.cli import app
+    from mvlm_bench.device.profiles import KNOWN_TARGETS
+    from mvlm_bench.device.transports.base import DeviceInfo, normalise_machine
     from mvlm_core.backends import BACKENDS, get_backend
 
     assert "cuda" in rt.TARGETS and "cuda" in KNOWN_TARGETS and "cuda" in BACKENDS
-    assert "cuda (" in runtime_cli.TARGET_HELP
-    assert "cuda" in bench.targets_for(DeviceInfo("Linux", normalise_machine(platform.machine())))[0]
+    assert "cuda (" in CliRunner().invoke(app, ["runtime", "build", "--help"], env={"COLUMNS": "300"}).output
+    assert "cuda" in targets_for(DeviceInfo("Linux", normalise_machine(platform.machine())))[0]
     repo = Path(__file__).resolve().parents[1]
     for doc in ("README.md", "docs/index.md"):
         assert "host\\|cuda\\|linux-arm64" in (repo / doc).read_text(), doc

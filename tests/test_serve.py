@@ -11,7 +11,6 @@ import base64
 import io
 import os
 import re
-import selectors
 import signal
 import socket
 import subprocess
@@ -20,7 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from peers import _free_port, proc_table
+from peers import Served, _free_port, proc_table
+from peers import cmdlines_with as _cmdlines_with
 
 MVLM = [sys.executable, "-m", "mvlm"]
 ENV = {**os.environ, "COLUMNS": "200"}
@@ -39,57 +39,6 @@ def _descendants(pid: int) -> dict[int, str]:
                 out[child] = name
                 todo.append(child)
     return out
-
-
-def _cmdlines_with(text: str, name: str) -> list[int]:
-    """pids of the processes called ``name`` whose command line contains ``text``."""
-    hits = []
-    for pid, (_, comm) in proc_table().items():
-        try:
-            if comm == name and text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                hits.append(pid)
-        except OSError:
-            pass
-    return hits
-
-
-class Served:
-    """`mvlm serve ARGS` as a subprocess; waits for the lines it prints once the server is ready."""
-
-    def __init__(self, *args: str | Path, timeout: float = 180.0):
-        self.proc = subprocess.Popen([*MVLM, "serve", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=ENV, start_new_session=True)
-        self.t0 = time.monotonic()
-        self.out = ""
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while "Ctrl-C stops it." not in self.out:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise AssertionError(f"mvlm serve did not get ready: {self.out}\n{self.proc.stderr.read().decode()}")
-            if sel.select(timeout=0.5):
-                chunk = os.read(self.proc.stdout.fileno(), 65536).decode()
-                self.out += chunk
-        self.ready_s = time.monotonic() - self.t0
-        self.base_url = re.search(r"OpenAI base URL:\s+(\S+)", self.out).group(1)
-        self.alias = re.search(r"model \(alias\):\s+(\S+)", self.out).group(1)
-        self.log = Path(re.search(r"server log:\s+(\S+)", self.out).group(1))
-
-    def client(self):
-        import openai
-
-        return openai.OpenAI(base_url=self.base_url, api_key="none", max_retries=0, timeout=120)
-
-    def stop(self, sig: int = signal.SIGINT) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            out, err = self.proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate()
-        return self.proc.returncode, (self.out + out.decode() + err.decode())
 
 
 def png_data_uri(seed: int = 0) -> str:
@@ -248,7 +197,7 @@ def test_log_through_a_symlink_or_onto_a_fifo_is_refused(fake_gguf, tmp_path, ma
 def test_open_log_appends_to_an_existing_file_and_never_follows_a_symlink(tmp_path):
     """An existing file (a PNG given by mistake) keeps its bytes; the log is appended after a header line; a symlink
     that appears after the checks is still not followed (O_NOFOLLOW)."""
-    from mvlm_bench import serve
+    from mvlm_bench.session import serve
     from mvlm_core.errors import MvlmError
 
     png = tmp_path / "photo.png"
@@ -273,9 +222,9 @@ def test_open_log_appends_to_an_existing_file_and_never_follows_a_symlink(tmp_pa
 
 
 def test_wildcard_hosts_print_the_loopback_url():
-    from mvlm_bench.serve import _loopback_for
+    from mvlm_bench.session.server import loopback_for
 
-    assert [_loopback_for(h) for h in ("0.0.0.0", "::", "[::]", "::0", "0:0::0", "127.0.0.2", "::1", "localhost")] == [
+    assert [loopback_for(h) for h in ("0.0.0.0", "::", "[::]", "::0", "0:0::0", "127.0.0.2", "::1", "localhost")] == [
         "127.0.0.1", "::1", "::1", "::1", "::1", "127.0.0.2", "::1", "localhost"]
 
 
@@ -464,7 +413,9 @@ def test_local_server_that_dies_while_serving_is_exit_4(tiny_v2):
 
 @pytest.mark.slow
 def test_mvlm_killed_outright_still_stops_the_server(tiny_v2):
-    """SIGKILL leaves mvlm no chance to clean up: the server's parent-death signal (SIGTERM) stops it anyway."""
+    """SIGKILL leaves mvlm no chance to clean up: the server's parent-death signal (SIGTERM) stops it anyway. Its
+    output reaches the log through mvlm (the stream the port and pid are read from), so the log holds every line up
+    to the kill and none after it."""
     lm, _ = tiny_v2
     s = Served("--model", lm, "--port", _free_port(), "--ctx-size", 1024)
     server = next(pid for pid, name in _descendants(s.proc.pid).items() if name == "llama-server")
@@ -474,7 +425,7 @@ def test_mvlm_killed_outright_still_stops_the_server(tiny_v2):
     while server in proc_table() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server not in proc_table(), "llama-server outlived a killed mvlm serve"
-    assert "cleaning up before exit" in s.log.read_text()
+    assert re.search(r"listening on http://127\.0\.0\.1:\d+", s.log.read_text())
     s.stop()
 
 
@@ -494,9 +445,10 @@ def test_two_serves_with_the_same_log_both_append(tiny_v2, tmp_path):
     assert (rc1, rc2) == (0, 0), (out1, out2)
     text = log.read_text()
     assert text.startswith("an older run\n")
-    for port in ports:  # each server's own line, with its own port
-        assert re.search(rf"listening on http://127\.0\.0\.1:{port}\b", text), text[-3000:]
-    assert len(re.findall(r"==== mvlm serve \(pid \d+\) started", text)) == 2
+    for port in ports:  # each serve's own header, with the port it was asked for
+        assert re.search(rf"==== mvlm serve \(pid \d+\) started .* on port {port} ====", text), text[-3000:]
+    # each server's own line, on the private port it picked behind its serve's front
+    assert len(set(re.findall(r"listening on http://127\.0\.0\.1:(\d+)", text))) == 2, text[-3000:]
 
 
 @pytest.mark.slow
@@ -524,33 +476,90 @@ def test_any_stop_signals_exit_0_and_reap_the_server(tiny_v2, signals):
 
 def test_a_second_stop_signal_kills_a_server_that_ignores_sigterm_at_once():
     """In-process, with a real child that ignores SIGTERM (its grace period would be 10 s): the first signal raises
-    StopRequested; a second one, arriving while mvlm waits for the child, SIGKILLs it at once and does not raise, so the
+    Stopped; a second one, arriving while mvlm waits for the child, SIGKILLs it at once and does not raise, so the
     child is reaped; afterwards the stop signals are ignored (Python's shutdown would otherwise restore death by them)."""
     import threading
 
-    from mvlm_bench import serve
+    from mvlm_bench.session.server import stop_process
+    from mvlm_core.stops import STOP_SIGNALS, Stopped, StopSignals
 
-    saved = {sig: signal.getsignal(sig) for sig in serve.STOP_SIGNALS}
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     proc = None
     try:
-        stops = serve.StopSignals().install()
+        stops = StopSignals().install()
         proc = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 30 & wait"], start_new_session=True)
         stops.procs.append(proc)
         time.sleep(0.2)  # the trap is set
-        with pytest.raises(serve.StopRequested):
+        with pytest.raises(Stopped):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
         stops.begin()
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
         t0 = time.monotonic()
-        serve.stop_process(proc, grace=10.0)
+        stop_process(proc, grace=10.0)
         took = time.monotonic() - t0
         assert proc.returncode == -signal.SIGKILL and 0.4 < took < 3, (proc.returncode, took)
         stops.done()
-        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in serve.STOP_SIGNALS)
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in STOP_SIGNALS)
     finally:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.slow
+def test_parallel_slots_decode_four_streams_at_once_and_options_after_dashdash_reach_llama_server(smollm2_gguf,
+                                                                                                  host_runtime):
+    """`-np 4`: four streams from the real openai client are all under way before any of them ends (one slot would
+    finish the first before starting the fourth), and llama-server itself reports 4 slots; `-- --no-slots` reaches
+    llama-server unchanged (its /slots endpoint answers 501 then)."""
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    s = Served("--model", smollm2_gguf, "--port", _free_port(), "--ctx-size", 2048, "-np", 4, "--", "--no-slots")
+    try:
+        root = s.base_url.removesuffix("/v1")
+        with urllib.request.urlopen(root + "/props", timeout=30) as r:
+            assert json.load(r)["total_slots"] == 4
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(root + "/slots", timeout=30)
+        assert e.value.code == 501
+        client = s.client()
+        firsts, ends, texts = [], [], []
+
+        def stream(i: int) -> None:
+            chunks = client.chat.completions.create(
+                model=s.alias, stream=True, max_tokens=48, temperature=0, seed=i,
+                messages=[{"role": "user", "content": f"Count from {i} to {i + 40}, one number per line."}])
+            got = ""
+            for chunk in chunks:
+                delta = chunk.choices[0].delta.content if chunk.choices else None
+                if delta and not got:
+                    firsts.append(time.monotonic())
+                got += delta or ""
+            ends.append(time.monotonic())
+            texts.append(got)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert len(texts) == 4 and all(texts), texts
+        assert max(firsts) < min(ends), "a stream started only after another had ended: the slots did not run at once"
+    finally:
+        rc, out = s.stop()
+    assert rc == 0, out
+
+
+def test_llama_server_options_mvlm_owns_are_refused_after_dashdash(smollm2_gguf):
+    for extra, instead in ((["--", "-m", "x.gguf"], "--model"), (["--", "--port=9"], "--port"),
+                           (["--", "-c", "100"], "--ctx-size"), (["--", "--api-key", "k"], "--api-key-file"),
+                           (["stray.gguf"], "go after --")):
+        r = subprocess.run([sys.executable, "-m", "mvlm", "serve", "--model", str(smollm2_gguf), *extra],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and instead in r.stderr, (extra, r.stderr)

@@ -10,18 +10,23 @@ import csv
 import io
 import itertools
 import json
+import re
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from peers import small_gguf
 from test_faults_bench import _one_line, mvlm
 from test_faults_bench import local_profile as _local_profile
 
-from mvlm_bench import sweep, thermal
-from mvlm_bench.devices import load_profile
-from mvlm_bench.transports import LocalTransport
+from mvlm_bench.device import thermal
+from mvlm_bench.device.profiles import load_profile
+from mvlm_bench.device.transports.local import LocalTransport
+from mvlm_bench.plan.spec import BenchSpec
+from mvlm_bench.plan.sweep import configurations, varying
+from mvlm_bench.session.pacing import CoolingTimeout, Pacer
 from mvlm_core.errors import MvlmError
 
 
@@ -54,10 +59,10 @@ def test_sweep_runs_the_cross_product_one_record_per_configuration(tmp_path, smo
     for rec in records:
         assert rec["params"]["n_threads"] == rec["n_threads"] and rec["repetitions"] == repeat
         assert rec["params"]["n_predict"] == 8
-    # one table, one row per configuration (the row names the threads, since they vary)
-    assert r.stdout.count("Latency (medians over repetitions)") == 1
+    # one table, one row per configuration (the threads, since they vary, are a column of their own)
+    assert r.stdout.count("Latency (medians over repetitions)") == 1 and "Threads" in r.stdout
     for stem, t in want:
-        assert r.stdout.count(f"{stem} t={t}") == 1, r.stdout
+        assert len(re.findall(rf"{re.escape(stem)}\s*│\s*{t}\s*│", r.stdout)) == 1, r.stdout
     # --delay: every run after the first starts at least `delay` after the previous one ended, across configurations
     runs = sorted((run["t_start"], run["t_end"]) for rec in records for run in rec["runs"])
     gaps = [b[0] - a[1] for a, b in itertools.pairwise(runs)]
@@ -67,7 +72,7 @@ def test_sweep_runs_the_cross_product_one_record_per_configuration(tmp_path, smo
     assert len(rows) == len(want) * repeat
     assert sorted({(row["model"], json.loads(row["params"])["n_threads"]) for row in rows}) == sorted(want)
     text = md.read_text()
-    assert all(f"| {s} t={t} |" in text for s, t in want)
+    assert all(f"| {s} | {t} |" in text for s, t in want) and text.startswith("| Model | Threads |")
     # --save: each configuration is its own history entry
     with sqlite3.connect(db) as con:
         entries = con.execute("SELECT model, params FROM entry ORDER BY id").fetchall()
@@ -87,11 +92,11 @@ def test_sweep_runs_the_cross_product_one_record_per_configuration(tmp_path, smo
     (["--threads", "2,2"], "names 2 twice"),
     (["--ctx-size", "10"], "--ctx-size 10 is out of range"),
     (["--ctx-size", "4096,10"], "--ctx-size 10 is out of range"),
-    (["--n-gpu-layers", "0,-1"], "--n-gpu-layers -1 is out of range"),
+    (["--n-gpu-layers", "0,-2"], "--n-gpu-layers -2 is out of range"),
     (["--delay", "-1"], "--delay -1.0 is out of range"),
     (["--max-temp", "0"], "--max-temp 0.0 is out of range"),
     (["-t", "1,2", "--against", "threads=4"], "--against compares one configuration, and this is a sweep of 2"),
-    (["-t", "1,2", "--protocol", "llama-bench"], "runs the lm, vlm, imp protocols, not llama-bench"),
+    (["-t", "1,2", "--protocol", "dataset"], "runs the lm, vlm, imp, llama-bench protocols, not dataset"),
 ])
 def test_bad_sweeps_are_refused_in_one_line(tmp_path, smollm2_gguf, args, said):
     r = mvlm("bench", "--device", profile_file(tmp_path), "--model", smollm2_gguf, "-n", 8, *args)
@@ -102,16 +107,16 @@ def test_bad_sweeps_are_refused_in_one_line(tmp_path, smollm2_gguf, args, said):
 
 def test_the_same_model_twice_is_refused(tmp_path, smollm2_gguf):
     with pytest.raises(MvlmError, match="given twice"):
-        sweep.configurations(sweep.BenchSpec("lm", Path(smollm2_gguf)), [smollm2_gguf, smollm2_gguf])
+        configurations(BenchSpec("lm", Path(smollm2_gguf)), [smollm2_gguf, smollm2_gguf])
 
 
 def test_configurations_cover_the_cross_product_in_order(smollm2_gguf):
-    specs = sweep.configurations(sweep.BenchSpec("lm", Path(smollm2_gguf), n_predict=8), [smollm2_gguf], "1,2,4", "0,1",
+    specs = configurations(BenchSpec("lm", Path(smollm2_gguf), n_predict=8), [smollm2_gguf], "1,2,4", "0,1",
                                  "512,1024")
     assert [(s.threads, s.n_gpu_layers, s.ctx_size) for s in specs] == list(itertools.product([1, 2, 4], [0, 1],
                                                                                              [512, 1024]))
-    assert sweep.varying(specs) == ["threads", "n_gpu_layers", "ctx_size"]
-    one = sweep.configurations(sweep.BenchSpec("lm", Path(smollm2_gguf)), [smollm2_gguf])
+    assert varying(specs) == ["threads", "n_gpu_layers", "ctx_size"]
+    one = configurations(BenchSpec("lm", Path(smollm2_gguf)), [smollm2_gguf])
     assert len(one) == 1 and one[0].threads is None and one[0].ctx_size == 2048  # unchanged single configuration
 
 
@@ -137,7 +142,7 @@ def test_max_temp_waits_until_the_hottest_zone_cools(tmp_path, local):
     root = tmp_path / "thermal"
     hot, _ = zones(root, 71500, 30000)  # the hottest zone decides, not the coolest
     statuses: list[str] = []
-    pacer = sweep.Pacer(max_temp=45, max_temp_wait=30, poll_s=0.05, root=str(root), on_status=statuses.append)
+    pacer = Pacer(max_temp=45, max_temp_wait=30, poll_s=0.05, root=str(root), on_status=statuses.append)
     cool_after = 0.6
 
     def cool() -> None:
@@ -156,9 +161,9 @@ def test_max_temp_waits_until_the_hottest_zone_cools(tmp_path, local):
 def test_max_temp_gives_up_after_max_temp_wait(tmp_path, local):
     root = tmp_path / "thermal"
     zones(root, 80000)
-    pacer = sweep.Pacer(max_temp=45, max_temp_wait=0.4, poll_s=0.05, root=str(root))
+    pacer = Pacer(max_temp=45, max_temp_wait=0.4, poll_s=0.05, root=str(root))
     t0 = time.monotonic()
-    with pytest.raises(sweep.CoolingTimeout) as e:
+    with pytest.raises(CoolingTimeout) as e:
         pacer(local)
     assert 0.4 <= time.monotonic() - t0 < 5
     assert e.value.exit_code == 3 and "stayed at 80.0 °C" in str(e.value) and "--max-temp-wait" in str(e.value)
@@ -168,7 +173,7 @@ def test_no_thermal_zone_is_said_once_and_not_waited_for(tmp_path, local):
     root = tmp_path / "empty"
     root.mkdir()
     said: list[str] = []
-    pacer = sweep.Pacer(max_temp=45, max_temp_wait=60, poll_s=5, root=str(root), log=said.append)
+    pacer = Pacer(max_temp=45, max_temp_wait=60, poll_s=5, root=str(root), log=said.append)
     t0 = time.monotonic()
     for i in range(3):
         pacer(local, i, 3)
@@ -177,7 +182,7 @@ def test_no_thermal_zone_is_said_once_and_not_waited_for(tmp_path, local):
 
 
 def test_delay_sleeps_before_every_run_but_the_first(local):
-    pacer = sweep.Pacer(delay=0.3)
+    pacer = Pacer(delay=0.3)
     t0 = time.monotonic()
     stamps = []
     for i in range(3):
@@ -200,11 +205,11 @@ def test_a_failed_configuration_does_not_cost_the_completed_ones_with_save(tmp_p
              "--save", "--db", db)
     assert r.returncode == 2 and f"--model {bad} is truncated" in r.stderr and "run 1/" not in r.stderr, r.stderr
     assert not db.exists()
-    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    small_gguf(bad)  # a whole header that llama.cpp cannot load
     r = mvlm("bench", "--device", profile_file(tmp_path), "-m", good, "-m", bad, "-n", 8, "--repeat", 1, "--warmup", 0,
              "--save", "--db", db)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 3 and len(errors) == 1, r.stderr
-    assert "exited with status 1" in errors[0] and "1 configuration(s) completed before it were saved" in errors[0]
+    assert "exited with status 1" in errors[0] and "the 1 repetition(s) measured before it were kept in the history" in errors[0]
     with sqlite3.connect(db) as con:
         assert [m for (m,) in con.execute("SELECT model FROM entry")] == [good.stem]

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-import mvlm_bench.sync as syncmod
-from mvlm_bench.devices import profile_from_dict
-from mvlm_bench.sync import MANIFEST_NAME, DeviceFullError, sha256_file, sync
-from mvlm_bench.transports import ConnectionLostError, LocalTransport
+import mvlm_bench.device.sync as syncmod
+from mvlm_bench.device.profiles import profile_from_dict
+from mvlm_bench.device.sync import MANIFEST_NAME, DeviceFullError, sha256_file, sync
+from mvlm_bench.device.transports.base import ConnectionLostError
+from mvlm_bench.device.transports.local import LocalTransport
 from mvlm_core.errors import MvlmError
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mvlm_bench.timings import FIELDS, TimingRecord, parse_file, parse_llama_bench, parse_text
+from mvlm_bench.records.llama_bench_output import parse_llama_bench
+from mvlm_bench.records.timings import FIELDS, TimingRecord, parse_file, parse_text
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = REPO / "tests" / "data" / "llama-cpp-outputs"  # where each came from: tests/data/README.md

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from mvlm_bench.records import Run, RunContext, run_metrics
-from mvlm_bench.timings import parse_llama_bench, parse_text
+from mvlm_bench.records.llama_bench_output import parse_llama_bench
+from mvlm_bench.records.metrics import run_metrics
+from mvlm_bench.records.record import Run, RunContext
+from mvlm_bench.records.timings import parse_text
 
 pytestmark = pytest.mark.slow
 

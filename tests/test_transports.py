@@ -24,20 +24,20 @@ from pathlib import Path
 import pytest
 from peers import AdbDouble, _free_port
 
-from mvlm_bench.devices import DeviceProfile, profile_from_dict
-from mvlm_bench.sync import MANIFEST_NAME, sync
-from mvlm_bench.transports import (
+from mvlm_bench.device.profiles import DeviceProfile, profile_from_dict
+from mvlm_bench.device.sync import MANIFEST_NAME, sync
+from mvlm_bench.device.transports import make_transport
+from mvlm_bench.device.transports.base import (
     AuthError,
     CommandFailed,
     CommandSignaled,
     CommandTimeout,
     ConnectionLostError,
     HostKeyError,
-    LocalTransport,
-    SshTransport,
     UnreachableError,
-    make_transport,
 )
+from mvlm_bench.device.transports.local import LocalTransport
+from mvlm_bench.device.transports.ssh import SshTransport
 
 NASTY = "we ird 'sq' \"dq\" $(touch {m}) ; touch {m} & `touch {m}` | x"
 
@@ -126,7 +126,7 @@ def test_exec_wrapper_is_applied_once(tmp_path):
 
 @pytest.mark.qemu
 def test_qemu_arm64_profile_runs_a_real_aarch64_binary(tmp_path):
-    from mvlm_bench.devices import load_profile
+    from mvlm_bench.device.profiles import load_profile
 
     cc = shutil.which("aarch64-linux-gnu-gcc")
     if cc is None:
@@ -392,6 +392,7 @@ def test_adb_device_disappears_mid_push_then_sync_recovers(adb, tmp_path):
     assert json.loads((wd / MANIFEST_NAME).read_text())["files"]["models/m.gguf"]["sha256"] == _sha(src)
 
 
+@pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
 def test_adb_no_injection_through_names(adb, tmp_path):
     marker = tmp_path / "INJECTED"
     nasty = NASTY.format(m=marker)
@@ -422,9 +423,9 @@ def test_home_directory_lookup_ignores_login_shell_noise():
     """A login shell's rc files may print into the session (seen: "pyenv: cannot rehash: ..." from root's .bashrc over
     the real sshd); only mvlm's marked line is the home directory. The double replaces the narrowest seam, the
     raw shell call, with what such a device returns."""
-    from mvlm_bench.transports import _ShellTransport
+    from mvlm_bench.device.transports.shell import ShellTransport
 
-    class NoisyShellDouble(_ShellTransport):
+    class NoisyShellDouble(ShellTransport):
         def __init__(self, profile, noise: str):
             super().__init__(profile)
             self.noise = noise

@@ -246,6 +246,43 @@ def tiny_projector_state_dict(init: tp.Init, variant: str) -> dict[str, torch.Te
     return sd
 
 
+# MobileVLM-3B / MobileLLaMA-2.7B configs: lit-gpt leftovers that disagree with the HF keys.
+_TRAP_3B = {
+    "n_head": tp.LM["heads"] // 2, "n_query_groups": tp.LM["heads"] // 2, "n_embd": tp.LM["hidden"] // 2,
+    "n_layer": tp.LM["layers"] + 1, "block_size": 2048, "padded_vocab_size": 32000, "norm_class": "RMSNorm",
+    "_mlp_class": "LLaMAMLP", "rotary_percentage": 1.0, "parallel_residual": False, "bias": False,
+}
+
+
+def _tiny_lm_config(variant: str, n_kv: int, vocab: int, dtype: torch.dtype) -> dict[str, object]:
+    """The LM part of a tiny release's config.json (MobileLLaMA's keys and values, at the tiny sizes)."""
+    name = {"v1": "MobileVLM-Tiny", "v2": "MobileVLM_V2-Tiny", "mobilellama": "MobileLLaMA-Tiny"}[variant]
+    return {
+        "_name_or_path": f"mvlm-tiny/{name}",
+        "architectures": ["MobileLlamaForCausalLM"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "hidden_act": "silu",
+        "hidden_size": tp.LM["hidden"],
+        "initializer_range": 0.02,
+        "intermediate_size": tp.LM["ffn"],
+        "max_position_embeddings": 2048,
+        "model_type": "mobilevlm",
+        "num_attention_heads": tp.LM["heads"],
+        "num_hidden_layers": tp.LM["layers"],
+        "num_key_value_heads": n_kv,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-6,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": tp.dtype_name(dtype),
+        "transformers_version": "4.33.1",
+        "use_cache": True,
+        "vocab_size": vocab,
+    }
+
+
 def make_tiny_checkpoint(
     outdir: str | Path,
     variant: str = "v2",
@@ -273,31 +310,7 @@ def make_tiny_checkpoint(
     n_kv = 2 if gqa else tp.LM["heads"]
     init = tp.Init(seed, dtype)
     sd = tp.lm_state_dict(init, n_kv, vocab, with_inv_freq=variant == "v1")
-    name = {"v1": "MobileVLM-Tiny", "v2": "MobileVLM_V2-Tiny", "mobilellama": "MobileLLaMA-Tiny"}[variant]
-    config: dict[str, object] = {
-        "_name_or_path": f"mvlm-tiny/{name}",
-        "architectures": ["MobileLlamaForCausalLM"],
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-        "hidden_act": "silu",
-        "hidden_size": tp.LM["hidden"],
-        "initializer_range": 0.02,
-        "intermediate_size": tp.LM["ffn"],
-        "max_position_embeddings": 2048,
-        "model_type": "mobilevlm",
-        "num_attention_heads": tp.LM["heads"],
-        "num_hidden_layers": tp.LM["layers"],
-        "num_key_value_heads": n_kv,
-        "pretraining_tp": 1,
-        "rms_norm_eps": 1e-6,
-        "rope_scaling": None,
-        "tie_word_embeddings": False,
-        "torch_dtype": tp.dtype_name(dtype),
-        "transformers_version": "4.33.1",
-        "use_cache": True,
-        "vocab_size": vocab,
-    }
+    config = _tiny_lm_config(variant, n_kv, vocab, dtype)
     if variant == "mobilellama":
         config["architectures"] = ["LlamaForCausalLM"]
         config["model_type"] = "llama"
@@ -327,22 +340,7 @@ def make_tiny_checkpoint(
             }
         )
     if trap_3b:
-        # MobileVLM-3B / MobileLLaMA-2.7B configs: lit-gpt leftovers that disagree with the HF keys.
-        config.update(
-            {
-                "n_head": tp.LM["heads"] // 2,
-                "n_query_groups": tp.LM["heads"] // 2,
-                "n_embd": tp.LM["hidden"] // 2,
-                "n_layer": tp.LM["layers"] + 1,
-                "block_size": 2048,
-                "padded_vocab_size": 32000,
-                "norm_class": "RMSNorm",
-                "_mlp_class": "LLaMAMLP",
-                "rotary_percentage": 1.0,
-                "parallel_residual": False,
-                "bias": False,
-            }
-        )
+        config.update(_TRAP_3B)
     tp.write_release(out, sd, layout, config)
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "transformers_version": "4.33.1"})

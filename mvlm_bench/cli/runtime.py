@@ -1,0 +1,133 @@
+"""``mvlm runtime build|path|info|env``: the pinned, patched llama.cpp for a target (``check``: runtime_check_cli)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mvlm_core import runtime as rtmod
+from mvlm_core.console import console as make_console
+from mvlm_core.errors import MvlmError
+
+app = typer.Typer(no_args_is_help=True)
+console = make_console(stderr=True)
+
+TARGET_HELP = "host (this machine; used by tests and verify), cuda (this machine's NVIDIA GPU: CUDA, shared " \
+              "libraries, --cuda-arch), linux-arm64 (static, Debian cross gcc), android-arm64 (NDK, else Debian " \
+              "cross gcc), orin (CUDA sm_87)."
+
+
+@app.command("build")
+def build_cmd(
+    target: str = typer.Option("host", "--target", help=TARGET_HELP),
+    llama_cpp: Path | None = typer.Option(
+        None, "--llama-cpp", help="Build this llama.cpp checkout instead of the pinned one (e.g. to bisect)."
+    ),
+    ndk: Path | None = typer.Option(None, "--ndk", help="Android NDK dir (default: $ANDROID_NDK_HOME)."),
+    toolchain: Path | None = typer.Option(None, "--toolchain", help="A CMake toolchain file for a cross build."),
+    device: str | None = typer.Option(
+        None, "--device", help="Build natively on this device (profile name or ssh://...); for orin."
+    ),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", help="Parallel compile jobs (default: all cores)."),
+    cuda_arch: str | None = typer.Option(
+        None, "--cuda-arch", help="--target cuda: the GPU architectures to compile for, e.g. 90 (H100/H200), 89 (L4, "
+                                  "RTX 40xx), 86, 80 (A100), several as 80;90 (default: this machine's GPUs, from "
+                                  "nvidia-smi)."),
+    json_: bool = typer.Option(False, "--json", help="Print the build manifest as JSON on stdout."),
+) -> None:
+    """Build llama.cpp (pinned source + the project's patches) for TARGET, or find it in the cache.
+
+    Only the tools mvlm needs are built: llama-completion, llama-mtmd-cli, llama-bench, llama-quantize,
+    llama-perplexity, mvlm-dump (+ shared libraries for host and cuda, which the Python bindings load). Cached by
+    (source, patches, target, options; for cuda also the nvcc release): a second build with nothing changed returns
+    at once.
+    """
+    if device and (target == "cuda" or cuda_arch):
+        raise MvlmError("the cuda target is built on the machine that has the GPU: run `mvlm runtime build --target "
+                        "cuda` there (--device builds the orin target on a Jetson)")
+    if device:
+        from mvlm_bench.session.remote_build import build_on_device
+
+        rt_root, manifest = build_on_device(device, target, llama_cpp=llama_cpp, jobs=jobs, console=console)
+        if json_:
+            print(json.dumps(manifest, indent=2))
+        else:
+            console.print(f"built on {device}: {rt_root}")
+        return
+    t0 = time.monotonic()
+    opts = rtmod.BuildOptions(target=target, ndk=ndk, toolchain=toolchain, jobs=jobs, cuda_arch=cuda_arch)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=json_ or not console.is_terminal,  # a log gets no bar (nor its blank line)
+    ) as prog:
+        task = prog.add_task(f"llama.cpp {target}", total=None)
+
+        def progress(done: int, total: int, line: str) -> None:
+            prog.update(task, completed=done, total=total)
+
+        def log(msg: str) -> None:
+            prog.console.print(f"[dim]{msg}[/]")
+
+        rt = rtmod.build(opts, llama_cpp=llama_cpp, progress=progress, log=log)
+    dt = time.monotonic() - t0
+    if json_:
+        print(json.dumps({**rt.manifest, "root": str(rt.root), "cached": rt.cached}, indent=2))
+        return
+    patches = ", ".join(f"{p['name']} ({p['status']})" for p in rt.manifest.get("patches", [])) or "none"
+    state = f"cached, {dt:.2f} s" if rt.cached else f"built in {dt:.0f} s"
+    console.print(f"[green]{target} runtime ready[/] ({state}): {rt.root}")
+    console.print(f"  llama.cpp {rt.manifest.get('commit')}  patches: {patches}")
+    console.print(f"  toolchain: {rt.manifest.get('toolchain')}")
+    if rt.manifest.get("cuda"):
+        cuda = rt.manifest["cuda"]
+        console.print(f"  CUDA: {cuda.get('release')}; architectures {cuda.get('architectures')}", highlight=False)
+
+
+@app.command("path")
+def path_cmd(
+    target: str = typer.Option("host", "--target", help=TARGET_HELP),
+    llama_cpp: Path | None = typer.Option(None, "--llama-cpp", help="The checkout the runtime was built from."),
+) -> None:
+    """Print the install dir of a built runtime (bin/, lib/, manifest.json); exit 2 if it is not built."""
+    print(rtmod.find(target, llama_cpp).root)
+
+
+@app.command("info")
+def info_cmd(
+    target: str = typer.Option("host", "--target", help=TARGET_HELP),
+    llama_cpp: Path | None = typer.Option(None, "--llama-cpp", help="The checkout the runtime was built from."),
+) -> None:
+    """Print a built runtime's manifest (source, commit, patches, CMake arguments) as JSON."""
+    rt = rtmod.find(target, llama_cpp)
+    print(json.dumps({**rt.manifest, "root": str(rt.root)}, indent=2))
+
+
+# What llama-cpp-python 0.3.36 reads when its modules are first imported: llama_cpp/llama_cpp.py loads libllama from
+# $LLAMA_CPP_LIB_PATH, llama_cpp/mtmd_cpp.py loads libmtmd from $MTMD_CPP_LIB (else both from the package's own lib/).
+# Their dependencies (libggml*) are found through the runtime's RUNPATH ($ORIGIN/../lib), so nothing else is needed.
+BINDINGS_ENV = {"LLAMA_CPP_LIB_PATH": "libllama.so", "MTMD_CPP_LIB": "libmtmd.so"}
+
+
+@app.command("env")
+def env_cmd(
+    target: str = typer.Option("host", "--target", help="host or cuda (the targets with shared libraries)."),
+    llama_cpp: Path | None = typer.Option(None, "--llama-cpp", help="The checkout the runtime was built from."),
+) -> None:
+    """Print `export` lines that point llama-cpp-python 0.3.36 at the runtime's patched libraries.
+
+    Use it as  eval "$(mvlm runtime env)"  before starting Python: then `import llama_cpp` and `import
+    llama_cpp.mtmd_cpp` load this build (the same llama.cpp source as the bindings, plus the project's patches).
+    Exit 2 with one line if the runtime is not built.
+    """
+    rt = rtmod.find(target, llama_cpp)  # not built: one line naming the build command, exit 2
+    missing = [name for name in BINDINGS_ENV.values() if not (rt.lib / name).is_file()]
+    if missing:
+        raise MvlmError(f"runtime {rt.root} has no {', '.join(missing)} (target {target}): the Python bindings need "
+                        "the shared libraries of the host or cuda target (`mvlm runtime build --target host`)")
+    for var in BINDINGS_ENV:
+        print(f"export {var}={shlex.quote(str(rt.lib))}")

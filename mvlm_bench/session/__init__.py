@@ -1,0 +1,1 @@
+"""A session on one device: connect, lease, prepare, run; the runners that drive a plan through it; llama-server there."""

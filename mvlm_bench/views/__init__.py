@@ -1,0 +1,2 @@
+"""Views: groups, entries and verdicts rendered from the column table (tables, Markdown, CSV, JSON, comparisons,
+plots, progress)."""

