@@ -161,6 +161,7 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _find_cycle({"a": {"b": 1}, "b": {}, "c": {"a": 1}}) is None
 
 
+@pytest.mark.slow
 def test_nothing_refers_outside_the_repository():
     needle = "../" + "shared"  # built, so this file does not find itself
     skip = {".git", ".venv", "build", "dist", "out", "__pycache__", ".ruff_cache", ".pytest_cache"}
@@ -175,6 +176,7 @@ def test_nothing_refers_outside_the_repository():
         "\n".join(hits)
 
 
+@pytest.mark.slow
 def test_the_cli_starts_without_the_numeric_libraries():
     """`mvlm --help` and a refused `mvlm bench` load neither numpy, gguf-py nor torch: every command's start and every
     one-line refusal would otherwise pay for them (measured: 0.34 s -> 0.24 s for a refused bench)."""
@@ -226,6 +228,7 @@ def test_cli_modules_never_import_one_another():
         "\n".join(wrong)
 
 
+@pytest.mark.slow
 def test_tests_import_no_logic_from_cli_modules():
     wrong = []
     for f in sorted((REPO / "tests").glob("*.py")):
@@ -262,6 +265,7 @@ def _private_uses() -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_no_private_name_is_used_from_another_module():
     wrong = _private_uses()
     assert not wrong, "a name another module needs is public (no leading underscore):\n" + "\n".join(wrong)
@@ -271,6 +275,7 @@ MAX_FUNCTION_LINES = 80
 MAX_MODULE_LINES = 600
 
 
+@pytest.mark.slow
 def test_no_function_over_80_lines_and_no_bench_module_over_600():
     long_functions, long_modules = [], []
     for mod, path in MODULES.items():

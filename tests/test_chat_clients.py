@@ -79,6 +79,7 @@ def _render(template: str, messages: list, trim: bool = False, **kw) -> str:
     return env.from_string(template).render(messages=messages, add_generation_prompt=True, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trim", [False, True], ids=["plain", "trim_blocks"])
 @pytest.mark.parametrize("form", list(CONTENT_FORMS))
 def test_template_renders_v1_for_every_content_form(form, trim):

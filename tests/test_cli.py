@@ -26,6 +26,7 @@ def test_top_level_help_lists_every_command_with_a_purpose():
         assert len(line.strip("│ ")[len(cmd):].strip()) > 15, f"{cmd} has no one-line purpose: {line!r}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [[c] for c in COMMANDS] + SUBCOMMANDS, ids=lambda a: " ".join(a))
 def test_every_command_explains_itself(argv):
     r = mvlm(*argv, "--help")
@@ -52,6 +53,7 @@ def _help_texts() -> dict[str, str]:
     return {" ".join(a): mvlm(*a, "--help").stdout for a in [[]] + [[c] for c in COMMANDS] + SUBCOMMANDS}
 
 
+@pytest.mark.slow
 def test_help_never_labels_a_flag_as_taking_a_value():
     """typer labels options with their type; `--json <bool>` read as if it took a value (and `--json true` fails).
     Flags carry no label; options with values keep theirs."""
@@ -76,6 +78,7 @@ def test_version_names_the_package_the_pinned_llama_cpp_and_its_patches():
     assert patches and all(any(ln.strip().startswith(p + " ") for ln in lines[2:]) for p in patches)
 
 
+@pytest.mark.slow
 def test_tables_read_through_a_pipe_never_fold_a_number():
     """A CI log or `| cat` is not a terminal: rich took 80 columns (or $COLUMNS) and folded cells (0.437 as 0.43 over
     7). Each number `bench parse --json` gives must print whole on its file's row, at COLUMNS=80 through a pipe."""

@@ -145,6 +145,7 @@ def _error_line(stderr: str) -> str:
 # ===================================================================================================== 2. report paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["--json-file", "--markdown", "--csv"])
 def test_report_path_that_is_the_model_is_refused_before_measuring(tmp_path, fake_gguf, option):
     before = _sha(fake_gguf)
@@ -249,6 +250,7 @@ BAD_OPTIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_plain_ssh_would_obey_these_options(sshd, tmp_path):
     """The control experiment: handed to ssh itself, the options do what the refusals guard against."""
     empty = tmp_path / "empty_known_hosts"
@@ -262,6 +264,7 @@ def test_plain_ssh_would_obey_these_options(sshd, tmp_path):
     assert marker.exists()  # a command ran on this machine
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options, named", BAD_OPTIONS)
 def test_profile_ssh_options_are_refused_before_connecting(sshd, tmp_path, fake_gguf, options, named):
     marker = tmp_path / "MARKER"
@@ -310,6 +313,7 @@ def test_config_file_named_by_a_profile_may_not_run_commands(sshd, tmp_path, fak
     assert not marker.exists() and not (tmp_path / "remote").exists()
 
 
+@pytest.mark.slow
 def test_allowed_options_connect_and_a_profile_built_in_code_is_checked_too(sshd, tmp_path):
     ok = ["ServerAliveInterval=15", "StrictHostKeyChecking=yes", "Compression=no", "ConnectTimeout=5",
           "IdentitiesOnly=yes", "LogLevel=ERROR", "ServerAliveCountMax=2", "TCPKeepAlive=yes"]
@@ -440,6 +444,7 @@ def _private_ssh_config(sshd, tmp_path: Path) -> list[str]:
     return prefix
 
 
+@pytest.mark.slow
 def test_adhoc_ssh_runtime_build_for_a_target_the_device_cannot_run_is_refused(sshd, tmp_path):
     prefix = _private_ssh_config(sshd, tmp_path)
     r = mvlm("runtime", "build", "--target", "linux-arm64", "--device", f"ssh://{sshd.user}@127.0.0.1:{sshd.port}",
@@ -589,6 +594,7 @@ def test_dropped_push_names_the_file_and_the_bytes_that_arrived(sshd, tmp_path):
     assert "\n" not in msg and "(no message)" not in msg
 
 
+@pytest.mark.slow
 def test_adb_device_lost_names_the_file(tmp_path, monkeypatch):
     adb = AdbDouble(tmp_path, monkeypatch)
     adb.add("GONE2", vanish_after_bytes=1000)
@@ -863,6 +869,7 @@ def test_every_refused_ssh_option_is_refused_in_a_config_file_too(tmp_path):
 GOOD_SSH = 'transport = "ssh"\naddress = "ssh://u@h"\ntarget = "orin"\nworkdir = "/w"\n'
 
 
+@pytest.mark.slow
 def test_an_allowed_config_file_connects_and_ssh_reads_the_copy_that_was_checked(sshd, tmp_path):
     """A config with a Host alias and allowed options works against the real sshd; rewriting the file after the
     check (a ProxyCommand slipped in) changes nothing: ssh reads mvlm's private copy of the checked bytes."""
@@ -972,6 +979,7 @@ def test_report_paths_that_are_not_regular_files_are_refused(tmp_path, fake_gguf
 # ===================================================================================================== 14. A/B options
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("against, words", [
     ("ctx-size=-5", "--against ctx-size=-5 is out of range: give a whole number from 464 to 131072"),
     ("ctx-size=1", "--against ctx-size=1 is out of range"),
@@ -1039,6 +1047,7 @@ def test_relevant_line_skips_a_crash_backtrace():
     assert "No such file" in relevant_line("sh: 1: /w/bin/llama-completion: No such file or directory\n")
 
 
+@pytest.mark.slow
 def test_relevant_line_of_a_real_llama_cpp_abort(tmp_path, host_runtime, smollm2_gguf):
     """The real runtime, run with a context too small for the prompt (what --against ctx-size=1 used to reach)."""
     exe = host_runtime / "bin" / "llama-completion"
@@ -1137,6 +1146,7 @@ def _tiny_lm_gguf(path: Path, template: str | None) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["vlm", "imp"])
 def test_image_protocol_refuses_a_model_without_chat_template_before_pushing(tmp_path, protocol):
     """llama-mtmd-cli stops on a model without a chat template ("Model does not have chat template."): bench says so

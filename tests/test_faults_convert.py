@@ -588,6 +588,7 @@ def test_cli_truncated_weights_say_so_in_one_line(tmp_path, layout, fname, words
     assert lines[0].endswith(("download it again", "(truncated?))")), lines[0]  # whole: torch's advice was cut mid-word
 
 
+@pytest.mark.slow
 def test_cli_checkpoint_path_that_is_missing_or_a_file_says_which(tmp_path):
     f = tmp_path / "weights.bin"
     f.write_bytes(b"x")

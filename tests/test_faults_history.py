@@ -149,6 +149,7 @@ def _state(p: Path) -> object:
     return sorted(x.name for x in p.iterdir()) if p.is_dir() else sha(p)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", FAULTS)
 @pytest.mark.parametrize("command", [["history"], ["history", "--json"], ["compare"], ["history", "plot"]],
                          ids=["history", "history-json", "compare", "plot"])
@@ -241,6 +242,7 @@ def read_only_dir(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_read_only_history_reads_and_spills_to_the_current_directory(tmp_path, read_only_dir, monkeypatch):
     db = read_only_dir / "h.sqlite"
     before = sha(db)
@@ -261,6 +263,7 @@ def test_read_only_history_reads_and_spills_to_the_current_directory(tmp_path, r
     assert sorted(x.name for x in read_only_dir.iterdir()) == ["h.sqlite"]
 
 
+@pytest.mark.slow
 def test_disk_full_save_keeps_the_good_history_and_spills_elsewhere(tmp_path, small_fs, monkeypatch):
     fs = small_fs(512 * 1024)
     db = good_db(fs / "h.sqlite", reps=20)
@@ -309,6 +312,7 @@ def test_new_history_that_cannot_be_created_leaves_no_file(tmp_path, small_fs):
 
 
 # --- selectors and the other inputs of compare / history -------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize(("selector", "says"), [
     ("id:99999999999999999999999", "out of range"),
     ("99999999999999999999999", "out of range"),
@@ -571,6 +575,7 @@ def _write_lb(path: Path, fmt: str, scale: float) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["json", "jsonl", "csv", "md", "sql"])
 def test_compare_reads_every_llama_bench_format(tmp_path, fmt):
     a = _write_lb(tmp_path / f"a.{fmt}", fmt, 1.0)
@@ -732,6 +737,7 @@ def test_bench_parse_refuses_a_file_without_timings(tmp_path, name, content, say
     assert r.stdout.strip() == ""  # no empty row
 
 
+@pytest.mark.slow
 def test_bench_parse_device_and_mixed_files(tmp_path):
     r = mvlm("bench", "parse", "/dev/zero", cwd=tmp_path)
     assert "is a character device, not a file" in error_line(r)
@@ -792,6 +798,7 @@ def test_parse_import_and_compare_refuse_fifos_sockets_and_devices_in_one_line(t
     assert sha(db) == before
 
 
+@pytest.mark.slow
 def test_sql_with_a_quote_in_the_model_name_says_llama_bench_did_not_escape_it(tmp_path):
     """llama-bench -o sql writes each value between quotes without escaping (llama-bench.cpp sql_printer), so a model
     file named m'x.gguf makes an INSERT that is not valid SQL (the real binary: test_llama_bench_compat.py)."""

@@ -335,6 +335,7 @@ class Impostor(ThreadingHTTPServer):
         self.server_close()
 
 
+@pytest.mark.slow
 def test_the_identity_check_refuses_an_impostor_on_the_port():
     from mvlm_bench.session.server import check_identity
     from mvlm_core.errors import MvlmError
@@ -562,6 +563,7 @@ def test_serving_beyond_loopback_without_a_key_is_warned_and_a_key_on_argv_too(s
     assert rc == 0 and "--api-key on the command line is readable by every local user" in out, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,words", [
     (["--max-image-pixels", "0"], "--max-image-pixels 0 is out of range"),
     (["--max-body-mb", "99999"], "--max-body-mb 99999 is out of range"),
@@ -580,6 +582,7 @@ def test_an_empty_key_file_is_refused(tmp_path):
 
 
 # =========================================================================== S3. names that carry escape sequences
+@pytest.mark.slow
 def test_escape_sequences_in_names_are_shown_not_sent_to_the_terminal(tmp_path):
     evil = tmp_path / "M\x1b]0;pwned\x07\x1b[2J.gguf"
     for argv in (["bench", "--device", local_profile(tmp_path), "--model", evil], ["serve", "--model", evil],
@@ -696,6 +699,7 @@ def test_six_imports_of_one_file_at_once_store_it_once_in_postgresql(tmp_path, p
 
 
 # ===================================================================================== S2. secrets on the command line
+@pytest.mark.slow
 def test_a_history_password_on_the_command_line_is_warned_about_and_never_shown(postgresql, tmp_path):
     url = postgresql.replace("mvlm@", "mvlm:s3cret-pw@")
     r = mvlm("history", "--db", url)  # an empty database: refused (exit 2), after the warning

@@ -110,6 +110,7 @@ def set_csv(row: list[str], field: str, value: str) -> list[str]:
 
 
 # 1. CSV rows of another width
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["extra column", "cut short"])
 def test_csv_row_of_another_width_is_refused_naming_its_line(tmp_path, db, how):
     _, rows = sql_rows()
@@ -125,6 +126,7 @@ def test_csv_row_of_another_width_is_refused_naming_its_line(tmp_path, db, how):
 
 
 # 2. NaN / inf rates
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["nan", "inf", "-nan"])
 def test_csv_avg_ts_that_is_not_a_number_is_refused(tmp_path, db, value):
     _, rows = sql_rows()
@@ -134,6 +136,7 @@ def test_csv_avg_ts_that_is_not_a_number_is_refused(tmp_path, db, value):
     assert f"llama-bench row 1 has avg_ts = {value}, not a finite number" in line
 
 
+@pytest.mark.slow
 def test_sql_avg_ts_of_nan_is_refused(tmp_path, db):
     lines = (DATA / "smollm2-q4_1-p8-n4-r2.sql").read_text().splitlines()
     last = max(i for i, ln in enumerate(lines) if ln.startswith("INSERT"))
@@ -146,6 +149,7 @@ def test_sql_avg_ts_of_nan_is_refused(tmp_path, db):
 
 
 # 3. llama-bench JSON lines: a line twice, a line cut short, an mvlm record among them
+@pytest.mark.slow
 def test_jsonl_line_repeated_is_refused(tmp_path, db):
     lines = jsonl_lines()
     f = tmp_path / "bench.jsonl"
@@ -156,6 +160,7 @@ def test_jsonl_line_repeated_is_refused(tmp_path, db):
     assert "llama-bench row 2 repeats row 1" in refused(tmp_path, db, g)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut", [300, -40])
 def test_jsonl_last_line_cut_short_is_refused(tmp_path, db, cut):
     lines = jsonl_lines()
@@ -179,6 +184,7 @@ def mvlm_records(temps: tuple[float | None, float | None] = (None, None)) -> lis
     return json.loads(render_json(aggregate(runs)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mvlm_first", [False, True])
 def test_mvlm_record_among_llama_bench_lines_is_refused(tmp_path, db, mvlm_first):
     lines = jsonl_lines()
@@ -192,6 +198,7 @@ def test_mvlm_record_among_llama_bench_lines_is_refused(tmp_path, db, mvlm_first
 
 
 # 4. mvlm JSON: a run that measures nothing, a run twice, readings that are no readings
+@pytest.mark.slow
 def test_run_without_metrics_or_timing_is_refused(tmp_path, db):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(mvlm_records()))
@@ -204,6 +211,7 @@ def test_run_without_metrics_or_timing_is_refused(tmp_path, db):
         assert "record 0 is malformed (run 0 has neither 'metrics' nor 'timing'" in refused(tmp_path, db, f)
 
 
+@pytest.mark.slow
 def test_the_same_run_twice_is_refused(tmp_path, db):
     (rec,) = mvlm_records()
     rec["runs"].append(copy.deepcopy(rec["runs"][0]))
@@ -212,6 +220,7 @@ def test_the_same_run_twice_is_refused(tmp_path, db):
     assert "record 0 is malformed (run 2 repeats run 0 exactly" in refused(tmp_path, db, f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("where", "key", "value", "says"), [
     ("metrics", "tks_out", -4, "run 1: metric 'tks_out' is -4: a count is never negative"),
     ("metrics", "tks_in", -1, "a count is never negative"),
@@ -237,6 +246,7 @@ def test_impossible_readings_are_refused(tmp_path, db, where, key, value, says):
 
 
 # 5. llama-bench rows: a time, samples, a test, a device
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["not-a-time", 12345])
 def test_test_time_that_is_not_a_time_is_refused(tmp_path, db, value):
     a, b = jsonl_rows()
@@ -250,6 +260,7 @@ def test_test_time_that_is_not_a_time_is_refused(tmp_path, db, value):
     assert "llama-bench row 1 has test_time" in refused(tmp_path, db, g)
 
 
+@pytest.mark.slow
 def test_samples_ts_and_samples_ns_of_different_lengths_are_refused(tmp_path, db):
     a, b = jsonl_rows()
     b["samples_ts"] = [*b["samples_ts"], 50.0]
@@ -258,6 +269,7 @@ def test_samples_ts_and_samples_ns_of_different_lengths_are_refused(tmp_path, db
     assert "llama-bench row 1 has 3 samples_ts but 2 samples_ns" in refused(tmp_path, db, f)
 
 
+@pytest.mark.slow
 def test_row_that_names_no_test_is_refused(tmp_path, db):
     a, b = jsonl_rows()
     b["n_prompt"] = b["n_gen"] = 0
@@ -266,6 +278,7 @@ def test_row_that_names_no_test_is_refused(tmp_path, db):
     assert "llama-bench row 1 names no test (n_prompt and n_gen are both 0" in refused(tmp_path, db, f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("test", ["pp-8", "xx8"])
 def test_markdown_row_with_a_malformed_test_is_refused(tmp_path, db, test):
     a, b = jsonl_rows()
@@ -285,6 +298,7 @@ def test_markdown_row_with_a_malformed_test_is_refused(tmp_path, db, test):
     assert f"llama-bench row 1 has test '{test}', not a llama-bench test" in line
 
 
+@pytest.mark.slow
 def test_row_without_samples_is_refused(tmp_path, db):
     a, b = jsonl_rows()
     b["samples_ts"], b["samples_ns"] = [], []  # what llama-bench -r 0 would write
@@ -299,6 +313,7 @@ def test_row_without_samples_is_refused(tmp_path, db):
     assert "llama-bench row 1 has no samples (no samples_ts and avg_ts = 0)" in refused(tmp_path, db, g)
 
 
+@pytest.mark.slow
 def test_rows_without_a_device_name_need_device(tmp_path, db):
     rows = jsonl_rows()
     for r in rows:
@@ -312,6 +327,7 @@ def test_rows_without_a_device_name_need_device(tmp_path, db):
     assert mvlm("compare", f, f, cwd=tmp_path).returncode == 0  # a comparison stores nothing: no name needed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["a\nb", "a\rb", "", "x" * 101, "tab\there"])
 def test_device_option_is_checked_like_a_label(tmp_path, db, device):
     line = refused(tmp_path, db, DATA / "smollm2-q4_1-p8-n4-r2.jsonl", "--device", device, compare=False)
@@ -319,6 +335,7 @@ def test_device_option_is_checked_like_a_label(tmp_path, db, device):
 
 
 # 6. the same reader before a bench measures
+@pytest.mark.slow
 def test_baseline_with_a_run_that_measures_nothing_is_refused_before_measuring(tmp_path):
     (rec,) = mvlm_records()
     rec["runs"] = [{}]
@@ -335,6 +352,7 @@ def test_baseline_with_a_run_that_measures_nothing_is_refused_before_measuring(t
 
 
 # 7. `bench parse`: a negative time is no measurement
+@pytest.mark.slow
 def test_bench_parse_leaves_a_negative_time_empty_with_one_warning(tmp_path):
     log = tmp_path / "run.log"
     log.write_text(

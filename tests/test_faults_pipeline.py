@@ -77,6 +77,7 @@ def json_lines(e: Entry, session: str = "") -> str:
 
 
 # ============================================================================ wrong targets, wrong configurations
+@pytest.mark.slow
 def test_options_before_a_history_subcommand_are_refused_not_ignored(tmp_path):
     db = history(tmp_path, entry([40, 41]))
     before = sha(db)
@@ -102,6 +103,7 @@ def test_prune_and_latest_go_by_when_it_was_measured_not_by_id(tmp_path):
     assert r.returncode == 0 and "id:1" in r.stderr and "id:2" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["%", "_", "M%", 1, 4, 7])
 def test_model_filters_are_names_or_long_sha_prefixes_never_wildcards(tmp_path, model):
     """``%`` and ``_`` are text, not SQL wildcards; a sha256 prefix counts from 8 hex digits (``b`` matched all)."""
@@ -121,6 +123,7 @@ def test_a_selector_outside_its_filter_is_refused(tmp_path):
     assert len(History(db, create=False).entries()) == 2
 
 
+@pytest.mark.slow
 def test_filters_that_match_nothing_say_what_the_history_holds(tmp_path):
     db = history(tmp_path, entry([40, 41], model="Tiny-F32"))
     r = mvlm("history", "--model", "out/Tiny-F32.gguf", "--db", db)
@@ -184,6 +187,7 @@ def test_output_paths_that_cannot_be_outputs_are_refused_before_measuring(tmp_pa
     assert notes.read_text() == "my precious notes\n" and not (tmp_path / "dev").exists()
 
 
+@pytest.mark.slow
 def test_a_baseline_of_another_setup_is_refused_before_measuring(tmp_path):
     model = small_gguf(tmp_path / "M.gguf")
     db = history(tmp_path, entry([40, 41], device="outsider", model="M", sha256=sha(model), label="main",
@@ -195,6 +199,7 @@ def test_a_baseline_of_another_setup_is_refused_before_measuring(tmp_path):
     assert "nothing was measured" in line and "run 1/" not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text,words", [
     ("[" * 100_000 + "]" * 100_000, "nests deeper"),
     ('[{"runs": [{"metrics": {"eval_tps": ' + "9" * 400 + "}}]}]", "beyond 64 bits"),
@@ -213,6 +218,7 @@ def test_crafted_json_is_one_line_in_import_compare_and_as_a_baseline(tmp_path, 
     assert words in error_line(r) and "run 1/" not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metrics,words", [
     ({"eval_tps": "fast"}, "not a number"), ({"eval_tps": [1, 2]}, "not a number"), ({"eval_tps": True}, "not a number"),
     ({"eval_tps": -40.0}, "never negative"), ({"total_s": -1.0}, "never negative"),
@@ -229,6 +235,7 @@ def test_import_refuses_values_a_report_never_holds(tmp_path, metrics, words):
     assert "'runs' is empty" in error_line(mvlm("history", "import", f, "--db", tmp_path / "h.sqlite"))
 
 
+@pytest.mark.slow
 def test_import_refuses_llama_bench_rows_with_damaged_values_or_lines(tmp_path):
     data = Path(__file__).parent / "data" / "llama-bench"
     rows = [json.loads(ln) for ln in (data / "smollm2-q4_1-p8-n4-r2.jsonl").read_text().splitlines() if ln.strip()]
@@ -270,6 +277,7 @@ def test_deep_toml_long_names_and_bad_ports_are_one_line(tmp_path):
     assert "empty FILE argument" in error_line(mvlm("bench", "parse", ""))
 
 
+@pytest.mark.slow
 def test_compare_says_what_cannot_be_judged(tmp_path):
     db = history(tmp_path, entry([40, 41]), entry([39, 40]))
     with History(db) as h:  # llama-bench's pp64 and tg128 tests: token counts in common, no rate (eval_tps null)
@@ -307,6 +315,7 @@ def test_json_lines_of_several_benches_import_as_several_entries_and_damage_is_r
     assert not (tmp_path / "h3.sqlite").exists() or History(tmp_path / "h3.sqlite", create=False).entries() == []
 
 
+@pytest.mark.slow
 def test_an_import_continues_the_entry_whose_repetitions_it_starts_with(tmp_path):
     """A bench whose history stopped taking repetitions after the first: its spill file and its --jsonl file hold
     every repetition; importing either adds the missing ones to the stored entry, and then adds nothing."""

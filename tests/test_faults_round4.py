@@ -43,6 +43,7 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["--json-file", "--jsonl", "--markdown", "--csv"])
 def test_a_report_path_that_is_a_symbolic_link_is_refused_before_measuring(tmp_path, option):
     """The report is renamed over its path: the link itself would be replaced (as root, /dev/stdout became a file),
@@ -62,6 +63,7 @@ def test_a_report_path_that_is_a_symbolic_link_is_refused_before_measuring(tmp_p
     assert stdout_like.is_symlink()
 
 
+@pytest.mark.slow
 def test_a_device_profile_is_read_bounded_and_never_from_a_fifo(tmp_path):
     big = tmp_path / "big.toml"
     big.write_text('name = "big"\ntransport = "local"\ntarget = "host"\n')
@@ -73,6 +75,7 @@ def test_a_device_profile_is_read_bounded_and_never_from_a_fifo(tmp_path):
     assert "FIFO" in line, line
 
 
+@pytest.mark.slow
 def test_names_too_long_with_room_for_a_temporary_name_are_refused_before_anything_is_made(tmp_path):
     from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
 
@@ -85,6 +88,7 @@ def test_names_too_long_with_room_for_a_temporary_name_are_refused_before_anythi
     assert "bytes long" in error_line(mvlm("quantize", long_model, "-q", "q8_0", "--no-quality"))
 
 
+@pytest.mark.slow
 def test_quantize_refuses_threads_out_of_range_and_an_outdir_where_nothing_can_be_written(tmp_path, smollm2_gguf):
     for t in ("0", "-5"):
         assert "--threads" in error_line(mvlm("quantize", smollm2_gguf, "-q", "q8_0", "--allow-requantize", "-t", t,
@@ -94,6 +98,7 @@ def test_quantize_refuses_threads_out_of_range_and_an_outdir_where_nothing_can_b
     assert "cannot create it in /proc" in line, line
 
 
+@pytest.mark.slow
 def test_a_work_dir_that_is_a_file_is_one_line_and_the_file_stays(tmp_path, smollm2_gguf, host_runtime):
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me\n")
@@ -103,6 +108,7 @@ def test_a_work_dir_that_is_a_file_is_one_line_and_the_file_stays(tmp_path, smol
     assert "is a file" in line and precious.read_text() == "keep me\n", line
 
 
+@pytest.mark.slow
 def test_an_image_that_declares_billions_of_pixels_is_refused_by_verify_and_quantize(tmp_path):
     from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
 
@@ -148,6 +154,7 @@ def test_bench_typos_are_refused_not_ignored(tmp_path, args, says):
     assert says in line, line
 
 
+@pytest.mark.slow
 def test_a_report_too_large_to_parse_is_refused_from_its_size(tmp_path):
     """A 300 MB report (a gigabyte of whitespace cost compare 2 GB of memory): refused from its size, at once."""
     big = tmp_path / "ws.json"
@@ -162,6 +169,7 @@ def test_a_report_too_large_to_parse_is_refused_from_its_size(tmp_path):
 DATA = Path(__file__).resolve().parent / "data" / "llama-bench"
 
 
+@pytest.mark.slow
 def test_an_array_among_json_lines_is_refused_not_skipped(tmp_path):
     row = next(ln for ln in (DATA / "smollm2-q4_1-p8-n4-r2.jsonl").read_text().splitlines() if ln.strip())
     for second in ("[1, 2, 3]", f"[{row}]"):
@@ -193,12 +201,14 @@ def test_serve_parallel_out_of_range_names_parallel(tmp_path):
                                                                  "-np", "100000"))
 
 
+@pytest.mark.slow
 def test_a_relative_path_is_a_path_never_a_hub_id(tmp_path):
     for cmd in (["convert", "./a/b"], ["verify", "./a/b", "--gguf", "x.gguf"]):
         line = error_line(mvlm(*cmd, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}))
         assert "a/b" in line and "hf download" not in line, line
 
 
+@pytest.mark.slow
 def test_verify_of_a_config_that_contradicts_its_weights_is_one_line(tmp_path):
     import json
 

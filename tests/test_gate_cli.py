@@ -51,6 +51,7 @@ def _history(db: Path, session_offsets: list[float], candidate_slowdown: float, 
         h.save(Entry(_ctx("r1"), session(1 - candidate_slowdown), label="pr"))
 
 
+@pytest.mark.slow
 def test_history_gate_fails_a_slowdown_beyond_the_noise(tmp_path):
     db = tmp_path / "h.sqlite"
     _history(db, [-0.02, -0.01, 0.0, 0.01, 0.02], candidate_slowdown=0.12, seed=1)
@@ -65,6 +66,7 @@ def test_history_gate_fails_a_slowdown_beyond_the_noise(tmp_path):
     assert ev["slowdown"] == pytest.approx(0.12, abs=0.02)
 
 
+@pytest.mark.slow
 def test_history_gate_does_not_cry_wolf_inside_the_noise(tmp_path):
     # the within-session test calls this 7% drop "slower" (p ~ 0.004), but the baseline's own sessions swing by +-8%
     db = tmp_path / "h.sqlite"
@@ -77,6 +79,7 @@ def test_history_gate_does_not_cry_wolf_inside_the_noise(tmp_path):
     assert "inside the baseline's noise band" in r.stderr and "gate passed" in r.stderr
 
 
+@pytest.mark.slow
 def test_history_gate_with_too_few_sessions_says_so_and_does_not_fail(tmp_path):
     db = tmp_path / "h.sqlite"
     _history(db, [0.0, 0.01], candidate_slowdown=0.30, seed=3)
@@ -85,6 +88,7 @@ def test_history_gate_with_too_few_sessions_says_so_and_does_not_fail(tmp_path):
     assert "2 baseline session(s)" in r.stderr and "at least 3" in r.stderr
 
 
+@pytest.mark.slow
 def test_file_baseline_gates_within_session_and_warns(tmp_path):
     db = tmp_path / "h.sqlite"
     _history(db, [0.0], candidate_slowdown=0.2, seed=4)
@@ -167,6 +171,7 @@ def test_history_gate_does_not_flag_a_candidate_inside_the_baselines_own_range(t
     assert r.returncode == 0 and "Eval 3.0% better than the centre" in r.stderr, r.stderr  # 48 / 46.6
 
 
+@pytest.mark.slow
 def test_gate_mode_without_a_threshold_is_refused(tmp_path):
     db = tmp_path / "h.sqlite"
     _history(db, [0.0, 0.01, -0.01], candidate_slowdown=0.3, seed=10)
@@ -219,6 +224,7 @@ def _fake_gguf(p: Path) -> Path:
     return small_gguf(p)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,msg", [
     (["--against", "modle=x.gguf"], "unknown key 'modle'"),
     (["--against", "threads"], "write KEY=VALUE"),

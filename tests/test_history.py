@@ -125,6 +125,7 @@ def test_a_selector_that_names_entries_of_another_setup_says_what_differs(tmp_pa
         assert "differing" not in str(e.value) and "(0 candidate(s))" in str(e.value)
 
 
+@pytest.mark.slow
 def test_bench_refuses_a_baseline_that_names_nothing_before_measuring(tmp_path):
     with History(tmp_path / "h.sqlite") as h:
         h.save(_entry(_ctx(), [40, 41, 40], label="main"))
@@ -315,6 +316,7 @@ def test_compare_cli_catches_injected_slowdown(tmp_path):
     assert ev["verdict"] == "slower" and 0.05 < ev["slowdown"] < 0.16 and data["comparisons"][0]["regressions"] == []
 
 
+@pytest.mark.slow
 def test_compare_cli_passes_on_noise(tmp_path):
     db = tmp_path / "h.sqlite"
     _synthetic_db(db, slow=0.0, seed=2)
@@ -324,6 +326,7 @@ def test_compare_cli_passes_on_noise(tmp_path):
     assert "gate passed" in r.stderr
 
 
+@pytest.mark.slow
 def test_compare_cli_json_files_and_errors(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(render_json(aggregate(_runs(_ctx(), [40.0, 40.3, 39.9, 40.1]))))

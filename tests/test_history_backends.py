@@ -238,6 +238,7 @@ def test_cli_same_answers_on_both_backends(tmp_path, postgresql):
     assert lite[2].splitlines()[-1] == pg[2].splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_cli_import_and_spill_when_server_is_down(tmp_path, postgresql, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the spill goes to the current directory (a URL has no directory beside it)
     url = _new_database(postgresql)
@@ -275,6 +276,7 @@ def test_cli_connection_failure_is_one_line(tmp_path):
                                    "Connection refused"), lines[0]
 
 
+@pytest.mark.slow
 def test_cli_history_masks_password(tmp_path, postgresql):
     url = _new_database(postgresql).replace("mvlm@", "mvlm:hunter2@")  # trust auth: the password is not checked
     with History(url) as h:
@@ -312,6 +314,7 @@ def test_a_url_without_a_host_reaches_the_server_its_parameters_name(tmp_path, p
     assert not any(p.name.startswith("postgres") for p in tmp_path.rglob("*"))  # no SQLite file named after the URL
 
 
+@pytest.mark.slow
 def test_a_user_without_rights_on_the_tables_is_told_so(tmp_path, postgresql):
     """The lab's tables exist but belong to another role: 'permission denied', not 'no mvlm tables: create them'."""
     url = _new_database(postgresql)
@@ -424,6 +427,7 @@ def test_scrub_needs_no_parseable_url():
     assert scrub("host=h password='x y' user=u") == "host=h password=*** user=u"
 
 
+@pytest.mark.slow
 def test_copy_paste_hints_leave_the_password_out(tmp_path, postgresql, monkeypatch):
     """report --paper's fill command and the unsaved-file import hint: the URL without its password, and PGPASSWORD."""
     from mvlm_bench.history.locations import PGPASSWORD_NOTE

@@ -67,6 +67,7 @@ def test_convert_by_hub_id_from_the_cache_gives_the_files_the_directory_gives(tm
     assert not [p for p in cache.rglob("*.gguf")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ref,says", [
     ("mtgv/Not-In-Cache", "hf download mtgv/Not-In-Cache"),
     ("mtgv/MobileVLM_V2-tiny@v9", "hf download mtgv/MobileVLM_V2-tiny --revision v9"),

@@ -109,6 +109,7 @@ def test_imp_tower_config_smaller_than_the_stored_copy_is_refused(tmp_path):
     assert "\n" not in str(e.value) and not list((tmp_path / "out").glob("*.gguf"))
 
 
+@pytest.mark.slow
 def test_reference_phi2_matches_transformers_from_pretrained(tmp_path):
     """The reference's Phi-2 (built from Imp's keys, loaded by name) == PhiForCausalLM.from_pretrained on a copy."""
     from safetensors.torch import load_file, save_file

@@ -88,6 +88,7 @@ def test_device_key_is_where_the_device_is(tmp_path):
     assert -(2**63) <= lease.key_id("adb:R58M") < 2**63
 
 
+@pytest.mark.slow
 def test_bad_lease_timeout_is_one_line(smollm2_gguf):
     r = subprocess.run([*MVLM, "bench", "--device", "local", "-m", str(smollm2_gguf), "--lease-timeout", "-1"],
                        capture_output=True, text=True, timeout=60, cwd=REPO)

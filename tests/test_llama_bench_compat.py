@@ -401,6 +401,7 @@ _REFUSED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", sorted(_REFUSED))
 def test_llama_bench_flags_refused_in_one_line(smollm2_gguf, tmp_path, flags):
     r = mvlm("bench", "-m", smollm2_gguf, *flags.split(), cwd=tmp_path, timeout=120)

@@ -294,6 +294,7 @@ def _rendered_row(report: dict, where: str) -> list[str]:
     return [c.strip() for c in row.split("│") if c.strip()]
 
 
+@pytest.mark.slow
 def test_without_entries_the_paper_rows_and_the_command_that_fills_them(tmp_path):
     db = tmp_path / "none.sqlite"  # no history yet: still a report
     rep = _report("imp", db, tmp_path)
@@ -307,6 +308,7 @@ def test_without_entries_the_paper_rows_and_the_command_that_fills_them(tmp_path
     assert len(lines) == 1 and "mvlm bench --device rtx3090 --protocol dataset --data FILE.jsonl" in lines[0]
 
 
+@pytest.mark.slow
 def test_unknown_paper_and_bad_history_are_one_line_errors(tmp_path):
     r = _mvlm("report", "--paper", "llava", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""
@@ -334,6 +336,7 @@ def test_report_after_a_real_local_bench(tmp_path, smollm2_gguf, host_runtime):
     assert _table(rep, "Table 6")["fill_command"] is not None  # no vlm entry
 
 
+@pytest.mark.slow
 def test_fill_command_repeats_the_db_and_quotes_for_the_shell(tmp_path):
     """Following the suggested command must store where the report reads: its --db is the report's, shell-quoted."""
     import shlex
@@ -349,6 +352,7 @@ def test_fill_command_repeats_the_db_and_quotes_for_the_shell(tmp_path):
     assert r.returncode == 0 and all("--db" not in t["fill_command"] for t in json.loads(r.stdout)["tables"]), r.stderr
 
 
+@pytest.mark.slow
 def test_report_shows_control_characters_in_stored_text(tmp_path):
     lm, _ = _output("19_*")
     report = tmp_path / "bench.json"

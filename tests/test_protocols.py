@@ -265,6 +265,7 @@ def test_question_file_checks_say_what_is_wrong(tmp_path):
     assert [s.question_id for s in got] == ["1", "q2"]
 
 
+@pytest.mark.slow
 def test_data_option_belongs_to_the_dataset_protocol(tmp_path, smollm2_gguf):
     r = mvlm("bench", "--device", local_profile(tmp_path), "--protocol", "vlm", "--data", tmp_path / "q.jsonl",
              "--model", smollm2_gguf, "--mmproj", smollm2_gguf, timeout=120)

@@ -142,6 +142,7 @@ def test_mmproj_quantize_keeps_clip_required_tensors_float(tmp_path, tiny_f32):
     assert by["Q8_0"].image_cos > by["Q4_0"].image_cos
 
 
+@pytest.mark.slow
 def test_unwritable_outdir(tmp_path, tiny_f32_plain):
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -151,6 +151,7 @@ BAD_INPUT = {  # case -> (arguments; {lm} {mmproj} {not_lm} {tmp} are filled in,
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_is_one_line_exit_2(fake_gguf, tmp_path, case):
     lm, mmproj, not_lm = fake_gguf
@@ -160,6 +161,7 @@ def test_bad_input_is_one_line_exit_2(fake_gguf, tmp_path, case):
     _one_line_exit2(mvlm("serve", *args), *words)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where,listen", [("127.0.0.1", True), ("0.0.0.0", True), ("127.0.0.1", False)],
                          ids=["listening", "listening-on-every-interface", "bound-not-listening"])
 def test_port_in_use_is_refused_before_starting(fake_gguf, where, listen):
@@ -182,6 +184,7 @@ def _make_symlink(p: Path) -> None:
     p.symlink_to(p.parent / "victim.txt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make,words", [(_make_symlink, "symbolic link"), (_make_fifo, "FIFO")], ids=["symlink", "fifo"])
 def test_log_through_a_symlink_or_onto_a_fifo_is_refused(fake_gguf, tmp_path, make, words):
     """A symlink (to /etc/hostname, say) is never followed, a FIFO never opened: one line, exit 2, the target unchanged."""
@@ -474,6 +477,7 @@ def test_any_stop_signals_exit_0_and_reap_the_server(tiny_v2, signals):
     assert not _cmdlines_with(f"--port\0{port}\0", "llama-server")
 
 
+@pytest.mark.slow
 def test_a_second_stop_signal_kills_a_server_that_ignores_sigterm_at_once():
     """In-process, with a real child that ignores SIGTERM (its grace period would be 10 s): the first signal raises
     Stopped; a second one, arriving while mvlm waits for the child, SIGKILLs it at once and does not raise, so the
@@ -556,6 +560,7 @@ def test_parallel_slots_decode_four_streams_at_once_and_options_after_dashdash_r
     assert rc == 0, out
 
 
+@pytest.mark.slow
 def test_llama_server_options_mvlm_owns_are_refused_after_dashdash(smollm2_gguf):
     for extra, instead in ((["--", "-m", "x.gguf"], "--model"), (["--", "--port=9"], "--port"),
                            (["--", "-c", "100"], "--ctx-size"), (["--", "--api-key", "k"], "--api-key-file"),

@@ -85,6 +85,7 @@ def test_sweep_runs_the_cross_product_one_record_per_configuration(tmp_path, smo
     assert r.stderr.count("already on the device") == len(want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, said", [
     (["--threads", "1,,2"], "--threads '1,,2' has an empty item"),
     (["--threads", "0"], "--threads 0 is out of range"),
@@ -138,6 +139,7 @@ def local(tmp_path):
     return LocalTransport(load_profile(str(profile_file(tmp_path))))
 
 
+@pytest.mark.slow
 def test_max_temp_waits_until_the_hottest_zone_cools(tmp_path, local):
     root = tmp_path / "thermal"
     hot, _ = zones(root, 71500, 30000)  # the hottest zone decides, not the coolest
@@ -158,6 +160,7 @@ def test_max_temp_waits_until_the_hottest_zone_cools(tmp_path, local):
     assert thermal.read_celsius(local, str(root)) == 44.0 < 45  # what it saw when it let the run start
 
 
+@pytest.mark.slow
 def test_max_temp_gives_up_after_max_temp_wait(tmp_path, local):
     root = tmp_path / "thermal"
     zones(root, 80000)
@@ -181,6 +184,7 @@ def test_no_thermal_zone_is_said_once_and_not_waited_for(tmp_path, local):
     assert len(said) == 1 and "has no readable thermal zone" in said[0]
 
 
+@pytest.mark.slow
 def test_delay_sleeps_before_every_run_but_the_first(local):
     pacer = Pacer(delay=0.3)
     t0 = time.monotonic()

@@ -64,6 +64,7 @@ def test_local_run_merges_output_env_cwd(tmp_path):
     assert r.check() is r
 
 
+@pytest.mark.slow
 def test_local_timeout_kills_the_command(tmp_path):
     t = LocalTransport(_local_profile(tmp_path))
     start = time.monotonic()
@@ -163,6 +164,7 @@ def ssh_t(sshd, tmp_path):
     t.close()
 
 
+@pytest.mark.slow
 def test_ssh_run_output_env_cwd_signal(ssh_t, tmp_path):
     ssh_t.check()
     r = ssh_t.run(
@@ -220,6 +222,7 @@ def test_ssh_push_pull_and_sync(ssh_t, tmp_path):
     assert ssh_t.workdir == str(wd)
 
 
+@pytest.mark.slow
 def test_ssh_home_relative_workdir(sshd, tmp_path):
     t = make_transport(sshd.profile("~/mvlm-test-workdir"))
     try:

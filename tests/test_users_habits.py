@@ -42,6 +42,7 @@ def test_repeated_options_and_ranges_give_the_configurations_llama_bench_gives(h
         [(1, 8, 0, -1), (1, 16, 0, -1), (2, 8, 0, -1), (2, 16, 0, -1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,says", [
     ("-P llama_bench -p 8", "unknown protocol 'llama_bench'"),
     ("-P llama-bench -t 4-2", "is not a range llama-bench reads"),
@@ -90,6 +91,7 @@ def test_serve_lets_as_many_requests_through_at_once_as_it_has_slots(smollm2_ggu
         s.stop()
 
 
+@pytest.mark.slow
 def test_verify_takes_the_hub_id_convert_takes(tmp_path):
     """The same OWNER/NAME as `mvlm convert`, through huggingface_hub's cache: offline and not cached, the same one
     line naming the download; cached, verify reads the checkpoint (and goes on to its own checks)."""

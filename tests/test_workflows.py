@@ -160,6 +160,7 @@ def lab_matrix(tmp_path_factory) -> dict:
     return yaml.safe_load(outputs["matrix"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_every_mvlm_command_in_a_workflow_parses(path, lab_matrix):
     doc = load(path)
@@ -308,12 +309,14 @@ def test_the_gate_fails_on_a_regression_or_a_missing_device(tmp_path):
     assert summary.count("```") == 4  # each device's history block opened and closed, whatever the history said
 
 
+@pytest.mark.slow
 def test_the_gate_fails_on_a_busy_device_or_a_failed_measurement(tmp_path):
     r, summary = gate_summary(tmp_path, {"sd888": "75", "orin": "3"}, "main", devices="sd888 orin")
     assert r.returncode == 1, r.stderr
     assert "## sd888: **device busy**" in summary and "## orin: **measurement failed** (exit 3)" in summary
 
 
+@pytest.mark.slow
 def test_the_gate_passes_when_every_device_passed(tmp_path):
     r, summary = gate_summary(tmp_path, {"orin": "0", "sd888": "0", "sd8gen3": "0"}, "main")
     assert r.returncode == 0, r.stderr
@@ -323,6 +326,7 @@ def test_the_gate_passes_when_every_device_passed(tmp_path):
 # ---------------------------------------------------------------------------------------------------- secrets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_secrets_reach_steps_only_through_env_and_are_never_printed(path):
     doc = load(path)
