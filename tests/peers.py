@@ -393,3 +393,11 @@ def error_line(r: subprocess.CompletedProcess, code: int = 2) -> str:
     lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert len(lines) == 1, r.stderr[-3000:]
     return lines[0]
+
+
+def mvlm_cli(*args: object, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
+    """`mvlm ARGS` as a user runs it: a subprocess, text output, no history from the environment."""
+    e = dict(os.environ) | {"COLUMNS": "200"} | (env or {})
+    e.pop("MVLM_HISTORY", None)
+    return subprocess.run([sys.executable, "-m", "mvlm", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          errors="replace", env=e, timeout=timeout)

@@ -16,22 +16,15 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
-from peers import error_line, small_gguf
-
-MVLM = [sys.executable, "-m", "mvlm"]
+from peers import error_line, mvlm_cli, small_gguf
 
 
 def mvlm(*args: object, cwd: Path | None = None, timeout: float = 120, env: dict | None = None):
-    e = dict(os.environ) | {"COLUMNS": "200"} | (env or {})
-    e.pop("MVLM_HISTORY", None)
-    return subprocess.run([*MVLM, *map(str, args)], cwd=cwd, capture_output=True, text=True, errors="replace", env=e,
-                          timeout=timeout)
+    return mvlm_cli(*args, cwd=cwd, timeout=timeout, env=env)
 
 
 def _png_header(width: int, height: int) -> bytes:

@@ -51,11 +51,16 @@ def _history(db: Path, session_offsets: list[float], candidate_slowdown: float, 
         h.save(Entry(_ctx("r1"), session(1 - candidate_slowdown), label="pr"))
 
 
+
+def _gate(db, cwd):
+    """`mvlm compare label:main latest --fail-on-regression 5%` on the history ``db``."""
+    return mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=cwd)
+
 @pytest.mark.slow
 def test_history_gate_fails_a_slowdown_beyond_the_noise(tmp_path):
     db = tmp_path / "h.sqlite"
     _history(db, [-0.02, -0.01, 0.0, 0.01, 0.02], candidate_slowdown=0.12, seed=1)
-    r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
+    r = _gate(db, tmp_path)
     assert r.returncode == 4, r.stdout + r.stderr
     assert "performance regression" in r.stderr and "5 sessions" in r.stderr and "noise band" in r.stderr
     r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", "--json", cwd=tmp_path)
@@ -74,7 +79,7 @@ def test_history_gate_does_not_cry_wolf_inside_the_noise(tmp_path):
     within = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", "--gate",
                   "within-session", cwd=tmp_path)
     assert within.returncode == 4, within.stderr  # the old behaviour, still there on request
-    r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
+    r = _gate(db, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "inside the baseline's noise band" in r.stderr and "gate passed" in r.stderr
 
@@ -83,7 +88,7 @@ def test_history_gate_does_not_cry_wolf_inside_the_noise(tmp_path):
 def test_history_gate_with_too_few_sessions_says_so_and_does_not_fail(tmp_path):
     db = tmp_path / "h.sqlite"
     _history(db, [0.0, 0.01], candidate_slowdown=0.30, seed=3)
-    r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
+    r = _gate(db, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 baseline session(s)" in r.stderr and "at least 3" in r.stderr
 
@@ -129,7 +134,7 @@ def test_history_gate_uses_only_the_baseline_labels_sessions(tmp_path):
     assert r.returncode == 4, r.stdout + r.stderr
     ev = next(v for v in json.loads(r.stdout)["comparisons"][0]["gate"]["history"] if v["key"] == "eval_tps")
     assert ev["verdict"] == "slower" and ev["n_sessions"] == 4 and ev["band"] < 0.05
-    r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
+    r = _gate(db, tmp_path)
     assert r.returncode == 4 and "worse than the centre of 4 baseline session(s)" in r.stderr, r.stderr
     # the old rule (every session of the build) would have pooled the PR sessions: a band wider than the regression
     from mvlm_bench.decide import gate
@@ -156,18 +161,18 @@ def test_history_gate_does_not_flag_a_candidate_inside_the_baselines_own_range(t
 
     nm = gate.noise_model("eval_tps", [[46.6] * 5, [46.9] * 5, [40.5] * 5])
     assert gate.NOISE_K * nm.sigma < 1 - 43.26 / 46.6 < nm.band  # the MAD band alone failed it
-    r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
+    r = _gate(db, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "inside the baseline's noise band" in r.stderr and "their worst session" in r.stderr
     assert "Eval 7.2% worse than the centre of 3 baseline session(s)" in r.stderr, r.stderr
     assert "gate passed" in r.stderr and "+" not in r.stderr.split("history: Eval")[1].split("\n")[0]
     # worse than every stored main session: fails
     _save(db, [("pr", "r0", 38.0)], seed=8, noise=0.0)
-    r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
+    r = _gate(db, tmp_path)
     assert r.returncode == 4 and "their worst session" in r.stderr, r.stdout + r.stderr
     # a faster candidate reads "better"
     _save(db, [("pr", "r0", 48.0)], seed=9, noise=0.0)
-    r = mvlm("compare", "label:main", "latest", "--db", db, "--fail-on-regression", "5%", cwd=tmp_path)
+    r = _gate(db, tmp_path)
     assert r.returncode == 0 and "Eval 3.0% better than the centre" in r.stderr, r.stderr  # 48 / 46.6
 
 

@@ -8,20 +8,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from peers import error_line, small_gguf
-
-MVLM = [sys.executable, "-m", "mvlm"]
+from peers import error_line, mvlm_cli, small_gguf
 
 
 def mvlm(*args: object, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
-    e = dict(os.environ) | {"COLUMNS": "200"} | (env or {})
-    e.pop("MVLM_HISTORY", None)
-    return subprocess.run([*MVLM, *map(str, args)], cwd=cwd, capture_output=True, text=True, errors="replace", env=e,
-                          timeout=timeout)
+    return mvlm_cli(*args, cwd=cwd, timeout=timeout, env=env)
 
 
 @pytest.mark.slow
