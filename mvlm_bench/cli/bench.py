@@ -159,6 +159,7 @@ def bench_cmd(ctx: typer.Context, device: str = _DEVICE, protocol: str = _PROTOC
         raise typer.Exit(e.exit_code) from None
     run.measure()
     try:
+        run.stops.resume()  # measure() held stop signals back since its end: one that came meanwhile is raised here
         run.finish()
     except Stopped as e:  # while reporting or comparing (a confirming re-measure): the measurement itself is kept
         kept = run.sinks.kept()
@@ -237,18 +238,20 @@ class _Bench:
         self.stops = installed() or StopSignals().install()
         self.sinks, self.history = _sinks(self.outputs, self.save, self.db, self.label, self.project, self.stops)
         self.out = Outcome()
-        with BenchProgress(err, self.plan, self.profile.name) as prog:
-            self.log = prog.log
-            ev = Events(emit=self.sinks.emit, log=prog.log, on_step=prog.on_step, on_tokens=prog.token_hook(),
-                        on_status=prog.on_status, on_wait=prog.on_wait, sync_progress=prog.sync_progress,
-                        outputs={k: Path(v) for k, v in self.outputs.items()}, hold=self.stops.held)
-            try:
-                run_plan(self.plan, ev, self.out)
-            except Stopped as e:
-                self.interrupted = e
-                self.stops.begin()  # from here on a second signal only hastens the end
-            finally:
-                self.sinks.close()
+        try:
+            with BenchProgress(err, self.plan, self.profile.name) as prog:
+                self.log = prog.log
+                ev = Events(emit=self.sinks.emit, log=prog.log, on_step=prog.on_step, on_tokens=prog.token_hook(),
+                            on_status=prog.on_status, on_wait=prog.on_wait, sync_progress=prog.sync_progress,
+                            outputs={k: Path(v) for k, v in self.outputs.items()}, hold=self.stops.held)
+                try:
+                    run_plan(self.plan, ev, self.out)
+                finally:
+                    self.sinks.close()
+        except Stopped as e:  # while running, or after the last run while the outputs were closed: all kept
+            self.interrupted = e
+            self.stops.begin()  # from here on a second signal only hastens the end
+        self.stops.pause()  # a signal from here until finish() begins is raised there (finish resumes first)
         self.log = lambda m: err.print(f"[dim]{m}[/]", highlight=False)
 
     def finish(self) -> None:
