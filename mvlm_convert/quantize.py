@@ -339,7 +339,7 @@ def run(inp: Path, types: str, outdir: Path | None = None, threads: int | None =
     if (quantized or (ftype is not None and ftype not in UNQUANTIZED_FILE_TYPES)) and not allow_requantize:
         raise MvlmError(f"{inp.name} is already quantized: quantize from the f16/f32 file, or pass --allow-requantize")
     if image is not None:
-        from mvlm_convert.verify import check_image_file
+        from mvlm_core.images import check_image_file
 
         check_image_file(image)
     if threads is not None and not 1 <= threads <= MAX_THREADS:

@@ -109,7 +109,8 @@ def verify_cmd(
     for option, value in (("--image-threshold", image_threshold), ("--logits-threshold", logits_threshold)):
         if not (math.isfinite(value) and 0 < value <= 1e6):  # NaN would pass every check; 0 or less, none
             raise MvlmError(f"{option} {value:g} is not a threshold: give a relative error above 0 (e.g. 0.01)")
-    from mvlm_convert.verify import check_image_file, verify
+    from mvlm_convert.verify import verify
+    from mvlm_core.images import check_image_file
 
     if image is not None:
         check_image_file(image)

@@ -25,7 +25,7 @@ ALLOWED = {
     "mvlm": {"mvlm_core", "mvlm_convert", "mvlm_bench"},
 }
 # third-party imports of the base: the GGUF library, numpy, and the bindings the host backend calls
-CORE_THIRD_PARTY = {"gguf", "numpy", "llama_cpp", "rich"}
+CORE_THIRD_PARTY = {"gguf", "numpy", "llama_cpp", "rich", "PIL"}
 
 
 def _modules() -> dict[str, Path]:

@@ -15,6 +15,7 @@ from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
 from mvlm_core.filenames import check_name_length
 from mvlm_core.gguf_header import check_gguf
+from mvlm_core.images import check_image_file
 
 MAX_REPEAT = 1000
 MAX_WARMUP = 100
@@ -140,7 +141,7 @@ def check_inputs(spec: BenchSpec, against: tuple[str, ...] | list[str] | set[str
                             f"tokenizer_config.json has a chat_template (MobileVLM, LLaVA-1.5, Xmodel-VLM and Imp v1 "
                             f"get one written), or bench it with --protocol lm")
         if spec.image is not None:
-            _check_image(Path(spec.image))
+            check_image_file(Path(spec.image))
 
 
 def _check_data(spec: BenchSpec) -> None:
@@ -157,21 +158,6 @@ def _check_data(spec: BenchSpec) -> None:
     elif spec.data is not None:
         raise MvlmError(f"--data is for the dataset protocol, not {spec.protocol}: add --protocol dataset")
 
-
-def _check_image(img: Path) -> None:
-    try:
-        ok = img.is_file()
-    except OSError as e:  # a name too long for the OS, ...
-        raise MvlmError(f"--image {str(img)[:80]}...: cannot be read ({e.strerror or e}): give a PNG or JPEG image") from None
-    if not ok:
-        raise MvlmError(f"--image {img} does not exist or is not a file: give a PNG or JPEG image")
-    try:
-        from PIL import Image
-
-        with Image.open(img) as im:
-            im.verify()
-    except Exception as e:  # PIL raises many types for a non-image
-        raise MvlmError(f"--image {img} is not an image PIL can read ({type(e).__name__}): give a PNG or JPEG") from None
 
 
 def device_settings(profile, spec: BenchSpec) -> tuple[int | None, int]:
