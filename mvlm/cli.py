@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 
 import typer
@@ -20,21 +21,36 @@ app = typer.Typer(
 )
 
 
-def _flags_without_type_labels() -> None:
+def _help_type_labels() -> None:
     """typer >= 0.2x labels every option in ``--help`` with its type, flags too: ``--json <bool>`` reads as if it took
-    a value, and ``--json true`` then fails. A flag takes none: its label is dropped (options with values keep theirs)."""
+    a value, and ``--json true`` then fails. A flag takes none: its label is dropped. A repeatable option shows its
+    item type and an ellipsis (``<str>…``), not Python's ``<list[str]>``; other options keep their labels."""
     from typer import core
 
     option = getattr(core, "TyperOption", None)
     shown = getattr(option, "display_type_rich", None)
-    if shown is None or getattr(shown, "mvlm_flags_unlabelled", False):
+    if shown is None or getattr(shown, "mvlm_relabelled", False):
         return
 
     def display_type_rich(self, ctx):
-        return None if getattr(self, "is_flag", False) or getattr(self, "count", False) else shown(self, ctx)
+        if getattr(self, "is_flag", False) or getattr(self, "count", False):
+            return None
+        return shown(self, ctx)
 
-    display_type_rich.mvlm_flags_unlabelled = True
+    display_type_rich.mvlm_relabelled = True
     option.display_type_rich = display_type_rich
+    for kind in (option, getattr(core, "TyperArgument", None)):
+        typed = getattr(kind, "display_type", None)
+        if typed is not None:
+            kind.display_type = _items_not_lists(typed)
+
+
+def _items_not_lists(typed):
+    def display_type(self, ctx):
+        label = typed(self, ctx)
+        return re.sub(r"^<list\[(.+)\]>$", r"<\1>…", label) if isinstance(label, str) else label
+
+    return display_type
 
 
 def _version(value: bool) -> None:
@@ -115,7 +131,7 @@ def _wire() -> None:
     app.command("serve", help="Serve a GGUF (+ mmproj) with llama-server's OpenAI API, here or on a device.")(serve_cmd)
 
 
-_flags_without_type_labels()
+_help_type_labels()
 _wire()
 
 err_console = make_console(stderr=True)

@@ -55,12 +55,15 @@ def _help_texts() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_help_never_labels_a_flag_as_taking_a_value():
-    """typer labels options with their type; `--json <bool>` read as if it took a value (and `--json true` fails).
-    Flags carry no label; options with values keep theirs."""
+    """typer labels options with their type; `--json <bool>` read as if it took a value (and `--json true` fails),
+    and `-t <list[str]>` as Python. Flags carry no label; repeatable options show `<str>…`; the others keep theirs."""
     texts = _help_texts()
     labelled = [cmd or "mvlm" for cmd, text in texts.items() if "<bool>" in text]
     assert not labelled, f"<bool> labels in the help of: {labelled}"
     assert "--json" in texts["compare"] and "<path>" in texts["compare"]  # flags still listed; values still labelled
+    pythonic = [cmd or "mvlm" for cmd, text in texts.items() if "<list[" in text]
+    assert not pythonic, f"Python's <list[...]> type labels in the help of: {pythonic}"
+    assert "<Path>…" in texts["bench"] and "<str>…" in texts["bench"]  # repeatable: the item type and an ellipsis
 
 
 def test_version_names_the_package_the_pinned_llama_cpp_and_its_patches():
