@@ -519,6 +519,14 @@ def prepare_source(bdir: Path, source: Source, patches: list[Patch], log: Callab
     return json.loads((bdir / "src.ok").read_text())
 
 
+def recipe_target(opts: BuildOptions) -> str:
+    """The build a target gets: android-arm64 without an NDK is the linux-arm64 build (same static aarch64 binaries
+    from the Debian cross toolchain, same CMake arguments), so it is built once and cached once for both."""
+    if opts.target == "android-arm64" and resolve_ndk(opts.ndk) is None:
+        return "linux-arm64"
+    return opts.target
+
+
 def build(
     opts: BuildOptions,
     llama_cpp: Path | None = None,
@@ -530,8 +538,9 @@ def build(
     source = user_source(llama_cpp) if llama_cpp else pinned_source(log)
     patches = project_patches()
     args, note = cmake_args(opts, source)
-    key = build_key(source, patches, opts, args)
-    bdir = cache_root() / "runtime" / f"{opts.target}-{key[:16]}"
+    recipe = dataclasses.replace(opts, target=recipe_target(opts))
+    key = build_key(source, patches, recipe, args)
+    bdir = cache_root() / "runtime" / f"{recipe.target}-{key[:16]}"
     inst = bdir / "install"
     if (inst / "manifest.json").is_file():
         rt = Runtime(inst, json.loads((inst / "manifest.json").read_text()), cached=True)
@@ -566,7 +575,7 @@ def build(
             for so in libs:
                 shutil.copy2(so, tmp / "lib" / so.name, follow_symlinks=False)
         manifest = {
-            "target": opts.target,
+            "target": recipe.target,
             "key": key,
             "source": source.ident,
             "source_description": source.description,
@@ -633,7 +642,9 @@ def find(target: str = "host", llama_cpp: Path | None = None) -> Runtime:
         if source is not None:
             opts = BuildOptions(target=target)
             args, _ = cmake_args(opts, source)
-            inst = cache_root() / "runtime" / f"{target}-{build_key(source, project_patches(), opts, args)[:16]}" / "install"
+            recipe = dataclasses.replace(opts, target=recipe_target(opts))
+            key = build_key(source, project_patches(), recipe, args)
+            inst = cache_root() / "runtime" / f"{recipe.target}-{key[:16]}" / "install"
             if (inst / "manifest.json").is_file():
                 return Runtime(inst, json.loads((inst / "manifest.json").read_text()), cached=True)
     except MvlmError:
@@ -653,6 +664,7 @@ def find_build(target: str, commit: str, patches: list[str] | tuple[str, ...]) -
     if not root.is_dir():
         return None
     found: list[tuple[float, Path, dict]] = []
+    target = recipe_target(BuildOptions(target=target))
     for m in root.glob(f"{target}-*/install/manifest.json"):
         try:
             man = json.loads(m.read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,43 @@ def sshd(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def adb_server(tmp_path_factory):
+    """Debian's real adb server on a private port (tests/adb_device.py: AdbServer), one per test session."""
+    from adb_device import AdbServer
+
+    if shutil.which("adb") is None:
+        pytest.fail("adb missing: install it (the project's setup script does: apt-get install adb)")
+    server = AdbServer(tmp_path_factory.mktemp("adb-home")).start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def phones(adb_server, tmp_path, monkeypatch):
+    """Plug test phones in: ``phones(name, state="device", **AdbDevice kw)`` starts a device daemon speaking the ADB
+    wire protocol (tests/adb_device.py), ``adb connect``s it and returns it (serial ``127.0.0.1:PORT``). mvlm's own
+    ``adb`` calls reach the same private server (ANDROID_ADB_SERVER_PORT). Unplugged and disconnected afterwards."""
+    from adb_device import AdbDevice
+
+    for k, v in adb_server.env().items():
+        monkeypatch.setenv(k, v)
+    plugged = []
+
+    def plug(name: str = "phone", state: str = "device", **kw):
+        dev = AdbDevice(tmp_path / name, **kw).start()
+        plugged.append(dev)
+        adb_server.connect(dev, state=state)
+        return dev
+
+    yield plug
+    for dev in plugged:
+        dev.stop()
+        adb_server.run("disconnect", dev.serial)
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,12 @@
-"""Real peers for transport and bench tests: an OpenSSH server on 127.0.0.1, and the adb TEST DOUBLE.
+"""Real peers for transport and bench tests: an OpenSSH server on 127.0.0.1 and helpers (the phone behind the real
+adb is tests/adb_device.py, plugged in by the ``phones`` fixture).
 
 - ``SshServer``: a real ``sshd`` on a free port with its own host key and authorized key; ``known_hosts`` holds the
   generated host key, so host-key checking stays ON in every test that uses it.
-- ``AdbDouble``: the ONE seam that is not real. No phone is attached here, so ``adb`` on PATH is a small Python
-  stand-in (``ADB_DOUBLE``): it maps ``-s SERIAL`` to a local directory (device paths under /data/local/tmp are
-  rewritten to <root>/data/local/tmp), implements ``devices``, ``get-state``, ``push``, ``pull`` and ``shell`` (the
-  command runs with /bin/sh in that root) and can make the device disappear mid-push with adb's own error texts.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
@@ -153,141 +149,6 @@ class SshServer:
                 pass
         self.proc.wait(timeout=10)
         self.log.close()
-
-
-ADB_DOUBLE = r'''
-"""TEST DOUBLE of the `adb` client (the only non-real seam of the transport tests).
-
-State: JSON at $MVLM_ADB_DOUBLE_STATE: {"devices": {SERIAL: {"root": DIR, "state": "device"|"unauthorized"|"gone",
-"vanish_after_bytes": N or null}}}. Device paths under /data/local/tmp map to DIR/data/local/tmp.
-"""
-import json, os, shutil, subprocess, sys
-
-STATE = os.environ["MVLM_ADB_DOUBLE_STATE"]
-PREFIX = "/data/local/tmp"
-
-
-def load():
-    with open(STATE) as f:
-        return json.load(f)
-
-
-def save(state):
-    with open(STATE + ".tmp", "w") as f:
-        json.dump(state, f)
-    os.replace(STATE + ".tmp", STATE)
-
-
-def main(argv):
-    serial = None
-    if argv[:1] == ["-s"]:
-        serial, argv = argv[1], argv[2:]
-    cmd, args = argv[0], argv[1:]
-    state = load()
-    devs = state["devices"]
-    if cmd == "devices":
-        print("List of devices attached")
-        for s, d in devs.items():
-            if d["state"] != "gone":
-                print(f"{s}\t{d['state']}")
-        print()
-        return 0
-    if serial is None:
-        live = [s for s, d in devs.items() if d["state"] != "gone"]
-        if len(live) != 1:
-            print("adb: error: more than one device/emulator" if live else "adb: no devices/emulators found",
-                  file=sys.stderr)
-            return 1
-        serial = live[0]
-    dev = devs.get(serial)
-    if dev is None or dev["state"] == "gone":
-        print(f"error: device '{serial}' not found", file=sys.stderr)
-        return 1
-    if dev["state"] == "unauthorized":
-        print("error: device unauthorized.\nThis adb server's $ADB_VENDOR_KEYS is not set\n"
-              "Try 'adb kill-server' if that seems wrong.\nOtherwise check for a confirmation dialog on your device.",
-              file=sys.stderr)
-        return 1
-    root = dev["root"]
-
-    def m(path):
-        return path.replace(PREFIX, root + PREFIX)
-
-    if cmd == "get-state":
-        print("device")
-        return 0
-    if cmd == "shell":
-        sys.stdout.flush()
-        env = dict(os.environ, HOME=root + PREFIX)
-        return subprocess.run(["/bin/sh", "-c", m(" ".join(args))], cwd=root, env=env).returncode
-    if cmd == "push":
-        local, remote = args
-        dest = m(remote)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        limit = dev.get("vanish_after_bytes")
-        if limit is not None:
-            with open(local, "rb") as src, open(dest, "wb") as dst:
-                dst.write(src.read(limit))
-            dev["state"] = "gone"
-            save(state)
-            print(f"adb: error: failed to copy '{local}' to '{remote}': remote Broken pipe", file=sys.stderr)
-            print(f"error: device '{serial}' not found", file=sys.stderr)
-            return 1
-        shutil.copyfile(local, dest)
-        print(f"{local}: 1 file pushed, 0 skipped. 42.0 MB/s ({os.path.getsize(local)} bytes in 0.001s)")
-        return 0
-    if cmd == "pull":
-        remote, local = args
-        if not os.path.isfile(m(remote)):
-            print(f"adb: error: failed to stat remote object '{remote}': No such file or directory", file=sys.stderr)
-            return 1
-        shutil.copyfile(m(remote), local)
-        print(f"{remote}: 1 file pulled, 0 skipped.")
-        return 0
-    print(f"adb double: unsupported command {cmd}", file=sys.stderr)
-    return 1
-
-
-sys.exit(main(sys.argv[1:]))
-'''
-
-
-class AdbDouble:
-    def __init__(self, root: Path, monkeypatch):
-        self.bindir = root / "adb-double-bin"
-        self.bindir.mkdir()
-        exe = self.bindir / "adb"
-        exe.write_text(f"#!{sys.executable}\n{ADB_DOUBLE}")
-        exe.chmod(0o755)
-        self.state_file = root / "adb-double-state.json"
-        self.devices_root = root / "devices"
-        monkeypatch.setenv("PATH", f"{self.bindir}{os.pathsep}{os.environ['PATH']}")
-        monkeypatch.setenv("MVLM_ADB_DOUBLE_STATE", str(self.state_file))
-        self.state: dict = {"devices": {}}
-        self._save()
-
-    def _save(self) -> None:
-        self.state_file.write_text(json.dumps(self.state))
-
-    def _load(self) -> None:
-        self.state = json.loads(self.state_file.read_text())
-
-    def add(self, serial: str, state: str = "device", vanish_after_bytes: int | None = None) -> Path:
-        root = self.devices_root / serial
-        (root / "data" / "local" / "tmp").mkdir(parents=True, exist_ok=True)
-        self._load()
-        self.state["devices"][serial] = {"root": str(root), "state": state, "vanish_after_bytes": vanish_after_bytes}
-        self._save()
-        return root
-
-    def get(self, serial: str) -> dict:
-        self._load()
-        return self.state["devices"][serial]
-
-    def replug(self, serial: str) -> None:
-        self._load()
-        self.state["devices"][serial].update(state="device", vanish_after_bytes=None)
-        self._save()
 
 
 def fill_up(filler: Path) -> None:

@@ -127,6 +127,20 @@ def test_cross_build_is_static_aarch64_and_cached(arm64_runtime):
 
 
 @pytest.mark.slow
+@pytest.mark.qemu
+@needs_cross
+def test_android_without_an_ndk_is_the_same_build(arm64_runtime):
+    """Without an NDK, android-arm64 is the static linux-arm64 build (same CMake arguments): built and cached once."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ANDROID_NDK_HOME", "ANDROID_NDK_ROOT")}
+    r = subprocess.run([*MVLM, "runtime", "build", "--target", "android-arm64", "--json"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["cached"] and Path(got["root"]) == arm64_runtime.root and got["target"] == "linux-arm64"
+    assert rtmod.find("android-arm64").root == arm64_runtime.root
+
+
+@pytest.mark.slow
 def test_dump_tool_equals_the_bindings_on_the_host(tiny_v2):
     """mvlm-dump (host build, a process) and llama-cpp-python (same build, in process) give identical arrays."""
     from mvlm_convert.verify import load_image

@@ -1,7 +1,5 @@
-"""`mvlm bench` end to end: the real host runtime on real GGUFs, over local, a real sshd, and the adb test double.
-
-The only non-real seam is the `adb` executable (tests/peers.py: AdbDouble), because no phone is attached here.
-"""
+"""`mvlm bench` end to end: the real host runtime on real GGUFs, over local and a real sshd (a phone over the real adb:
+tests/test_adb_wire.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from peers import AdbDouble, _free_port, small_gguf
+from peers import _free_port, small_gguf
 
 from mvlm_bench.device.profiles import profile_from_dict
 from mvlm_bench.plan.engine import BenchTests
@@ -203,7 +201,7 @@ def test_unreachable_ssh_device(tmp_path, tiny_vlm):
     assert r.returncode != 0 and "error:" in r.stderr
 
 
-# --- real sshd on 127.0.0.1 and the adb test double ----------------------------------------------------------------
+# --- real sshd on 127.0.0.1 ----------------------------------------------------------------------------------------
 def test_ssh_end_to_end(sshd, tmp_path, tiny_vlm):
     lm, mmproj = tiny_vlm
     prof = sshd.profile(str(tmp_path / "remote"), target="host", threads=2)
@@ -253,25 +251,6 @@ def test_a_runtime_push_carries_each_library_once_under_the_name_the_loader_asks
     sizes = sum(p.stat().st_size for p in libs.values())
     everything = sum(p.stat().st_size for p in rt.lib.iterdir())
     assert sizes < everything / 2, (sizes, everything)
-
-
-def test_adb_end_to_end_and_device_gone(tmp_path, tiny_vlm, monkeypatch):
-    lm, _ = tiny_vlm
-    adb = AdbDouble(tmp_path, monkeypatch)
-    adb.add("EMU123")
-    prof = profile_from_dict({"transport": "adb", "address": "EMU123", "workdir": "/data/local/tmp/mvlm", "target": "host",
-                              "threads": 2}, where="test", default_name="phone")
-    res = run_bench(prof, BenchSpec("lm", lm, repeat=1, warmup=0, n_predict=8))
-    assert not res.failures, res.failures
-    assert res.runs[0].timing.eval_runs == 7
-    assert report_records(aggregate(res.runs))[0]["cpu_info"] == _cpu_model_name()  # read with `adb shell cat /proc/cpuinfo`
-    from mvlm_core.errors import MvlmError
-
-    adb.add("GONE1", vanish_after_bytes=1000)
-    gone = profile_from_dict({"transport": "adb", "address": "GONE1", "workdir": "/data/local/tmp/mvlm", "target": "host"},
-                             where="test", default_name="gone")
-    with pytest.raises(MvlmError, match="GONE1"):
-        run_bench(gone, BenchSpec("lm", lm, repeat=1, warmup=0, n_predict=8))
 
 
 # --- native build on a device over ssh (real sshd; a stand-in llama.cpp tree keeps it seconds) ----------------------

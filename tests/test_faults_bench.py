@@ -1,8 +1,9 @@
 """Faults of `mvlm bench`, the transports and the device profiles (issue 13), each proven with real parts.
 
 Real parts: the real llama.cpp host runtime (``host_runtime``), the real SmolLM2 GGUF (``smollm2_gguf``), a real
-OpenSSH sshd on 127.0.0.1 (``sshd``, tests/peers.py), real tmpfs for disk-full (``small_fs``). The one test double is
-the `adb` executable (tests/peers.py: AdbDouble), because no phone is attached here.
+OpenSSH sshd on 127.0.0.1 (``sshd``, tests/peers.py), real tmpfs for disk-full (``small_fs``), Debian's real adb
+against a device daemon speaking the ADB wire protocol (``phones``, tests/adb_device.py): adb faults are made at the
+wire. No test double.
 
 Each fault, and what the test shows:
 
@@ -37,7 +38,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from peers import AdbDouble, fill_up, run_bench, small_gguf
+from peers import fill_up, run_bench, small_gguf
 
 from mvlm_bench.device.profiles import load_profile, profile_from_dict
 from mvlm_bench.device.sync import sync
@@ -526,18 +527,18 @@ def test_corrupted_copy_over_ssh_is_pushed_again(sshd, tmp_path, smollm2_gguf, r
 
 
 @pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
-def test_device_without_sha256sum_falls_back_to_sizes_and_says_so(tmp_path, monkeypatch):
-    """An adb device whose shell has no sha256sum/shasum (a PATH holding only the tools such a device has)."""
-    adb = AdbDouble(tmp_path, monkeypatch)
-    adb.add("OLDPHONE")
+def test_device_without_sha256sum_falls_back_to_sizes_and_says_so(tmp_path, phones):
+    """A phone whose shell has no sha256sum/shasum (its PATH holds only the tools such a device has)."""
+    phone = phones()
     tools = tmp_path / "device-tools"
     tools.mkdir()
-    for name in ("sh", "cat", "mkdir", "mv", "rm", "chmod", "stat", "wc", "df", "dirname", "uname", "setsid", "sleep"):
+    for name in ("sh", "cat", "mkdir", "mv", "rm", "chmod", "stat", "wc", "df", "dirname", "uname", "setsid", "sleep",
+                 "sed"):
         found = shutil.which(name)
         if found:
             (tools / name).symlink_to(found)
-    monkeypatch.setenv("PATH", f"{adb.bindir}{os.pathsep}{tools}")
-    t = make_transport(profile_from_dict({"transport": "adb", "address": "OLDPHONE", "target": "android-arm64"},
+    phone.path = f"{phone.root}/system/bin:{tools}"
+    t = make_transport(profile_from_dict({"transport": "adb", "address": phone.serial, "target": "android-arm64"},
                                          where="test", default_name="old"))
     src = tmp_path / "m.gguf"
     src.write_bytes(os.urandom(10_000))
@@ -549,15 +550,14 @@ def test_device_without_sha256sum_falls_back_to_sizes_and_says_so(tmp_path, monk
 
 
 @pytest.mark.slow
-def test_adb_corrupted_copy_is_pushed_again(tmp_path, monkeypatch):
-    adb = AdbDouble(tmp_path, monkeypatch)
-    root = adb.add("PHONE2")
-    t = make_transport(profile_from_dict({"transport": "adb", "address": "PHONE2", "target": "android-arm64"},
+def test_adb_corrupted_copy_is_pushed_again(tmp_path, phones):
+    phone = phones()
+    t = make_transport(profile_from_dict({"transport": "adb", "address": phone.serial, "target": "android-arm64"},
                                          where="test", default_name="p2"))
     src = tmp_path / "m.gguf"
     src.write_bytes(os.urandom(200_000))
     sync(t, t.workdir, {"models/m.gguf": src}, hash_cache=tmp_path / "h.json")
-    copy = root / "data/local/tmp/mvlm/models/m.gguf"
+    copy = phone.root / "data/local/tmp/mvlm/models/m.gguf"
     _corrupt_in_place(copy)
     res = sync(t, t.workdir, {"models/m.gguf": src}, hash_cache=tmp_path / "h.json")
     assert res.repaired == ["models/m.gguf"] and res.pushed_files == ["models/m.gguf"]
@@ -595,15 +595,16 @@ def test_dropped_push_names_the_file_and_the_bytes_that_arrived(sshd, tmp_path):
 
 
 @pytest.mark.slow
-def test_adb_device_lost_names_the_file(tmp_path, monkeypatch):
-    adb = AdbDouble(tmp_path, monkeypatch)
-    adb.add("GONE2", vanish_after_bytes=1000)
-    t = make_transport(profile_from_dict({"transport": "adb", "address": "GONE2", "target": "android-arm64"},
+def test_adb_device_lost_names_the_file(tmp_path, phones):
+    phone = phones()
+    t = make_transport(profile_from_dict({"transport": "adb", "address": phone.serial, "target": "android-arm64"},
                                          where="test", default_name="g2"))
+    t.check()
     src = tmp_path / "m.gguf"
-    src.write_bytes(os.urandom(5000))
+    src.write_bytes(os.urandom(500_000))
+    phone.drop_after_sync_bytes = 100_000  # the cable comes out during the push
     with pytest.raises(ConnectionLostError, match=r"push of m\.gguf to /data/local/tmp/mvlm/models/m\.gguf\.part "
-                                                  r"\(5000 bytes\)"):
+                                                  r"\(500000 bytes\)"):
         sync(t, t.workdir, {"models/m.gguf": src}, hash_cache=tmp_path / "h.json")
 
 

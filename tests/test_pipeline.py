@@ -207,4 +207,4 @@ def test_a_transport_says_what_it_can_do():
     local, ssh, adb = (kinds[k].capabilities for k in ("local", "ssh", "adb"))
     assert local.wall_clock and local.same_host and local.port_forward
     assert ssh.port_forward and not ssh.same_host and not ssh.wall_clock
-    assert not adb.port_forward and adb.push and adb.exec
+    assert adb.port_forward and adb.push and adb.exec and not adb.same_host and not adb.wall_clock  # adb forward

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from peers import small_gguf
 
 MVLM = [sys.executable, "-m", "mvlm"]
 
@@ -311,16 +310,3 @@ def test_dataset_over_real_sshd_through_a_tunnel(sshd, tmp_path, tiny_v2):
     assert run.extra["n_samples"] == 3 == len(run.per_sample) and run.wall_s == run.extra["total_s"]
     assert (tmp_path / "remote" / "images" / "ds").is_dir()
     assert run_dataset(prof, spec).outcome.pushed_bytes == 0  # the images (and everything else) are on the device already
-
-
-def test_dataset_refuses_adb_before_pushing(tmp_path, smollm2_gguf):
-    from mvlm_bench.device.profiles import profile_from_dict
-    from mvlm_bench.plan.plan import Options, make_plan
-    from mvlm_core.errors import MvlmError
-
-    data = _question_set(tmp_path / "set", n=1)
-    prof = profile_from_dict({"transport": "adb", "address": "NOPHONE", "workdir": "/data/local/tmp/mvlm",
-                              "target": "android-arm64"}, where="test", default_name="phone")
-    with pytest.raises(MvlmError, match="this device's transport cannot forward"):  # the plan refuses it: nothing runs
-        make_plan(prof, Options(protocol="dataset", models=[smollm2_gguf], mmproj=small_gguf(tmp_path / "mmproj.gguf", "clip"),
-                                data=data))

@@ -2,8 +2,8 @@
 temperature before and after each repetition, with each repetition's start and end time.
 
 The peak RSS is checked against an independent witness, GNU time's ``%M`` (the kernel's ru_maxrss of the same command
-line, from wait4), on the real SmolLM2 GGUF: locally, over the real sshd, through the adb test double, and under
-qemu-aarch64-static (where both measure the emulator's process). Temperatures come from real files laid out like
+line, from wait4), on the real SmolLM2 GGUF: locally, over the real sshd, and under qemu-aarch64-static, directly and on a phone
+behind the real adb (where both measure the emulator's process). Temperatures come from real files laid out like
 /sys/class/thermal (this machine has no thermal zone: there the records must say null)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from peers import AdbDouble, run_bench
+from peers import run_bench
 
 from mvlm_bench.device import resources, thermal
 from mvlm_bench.device.profiles import load_profile, profile_from_dict
@@ -153,7 +153,7 @@ def test_read_celsius_local(tmp_path):
 
 
 @pytest.mark.slow
-def test_read_celsius_over_ssh_and_adb(sshd, tmp_path, monkeypatch):
+def test_read_celsius_over_ssh_and_adb(sshd, tmp_path, phones):
     root = _zones(tmp_path / "thermal", ["39000", "61250"])
     t = make_transport(sshd.profile(str(tmp_path / "remote"), target="host"))
     try:
@@ -161,12 +161,12 @@ def test_read_celsius_over_ssh_and_adb(sshd, tmp_path, monkeypatch):
         assert thermal.read_celsius(t, str(tmp_path / "none")) is None
     finally:
         t.close()
-    adb = AdbDouble(tmp_path, monkeypatch)
-    dev = adb.add("TEMP1")
-    _zones(dev / "data" / "local" / "tmp" / "thermal", ["45500"])
-    phone = profile_from_dict({"transport": "adb", "address": "TEMP1", "workdir": "/data/local/tmp/mvlm",
-                               "target": "host"}, where="test", default_name="phone")
-    assert thermal.read_celsius(make_transport(phone), "/data/local/tmp/thermal") == 45.5
+    phone = phones()  # its zone0 says 45000 (tests/adb_device.py); a hotter zone beside it
+    _zones(phone.root / "sys/class/thermal/more", ["45500"])
+    (phone.root / "sys/class/thermal/more/thermal_zone0").rename(phone.root / "sys/class/thermal/thermal_zone1")
+    t = make_transport(profile_from_dict({"transport": "adb", "address": phone.serial, "workdir": "/data/local/tmp/mvlm",
+                                          "target": "android-arm64"}, where="test", default_name="phone"))
+    assert thermal.read_celsius(t) == 45.5  # read through `adb shell` from the phone's /sys/class/thermal
 
 
 # --- real benches ---------------------------------------------------------------------------------------------------
@@ -217,26 +217,21 @@ def test_local_bench_records_rss_and_times(tmp_path, smollm2_gguf, host_runtime)
 
 
 @pytest.mark.slow
-def test_ssh_and_adb_benches_record_rss(sshd, tmp_path, smollm2_gguf, host_runtime, monkeypatch):
+def test_ssh_bench_records_rss(sshd, tmp_path, smollm2_gguf, host_runtime):
     spec = BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=8)
     local = _check_records(run_bench(_local(tmp_path), spec), HOST_HAS_ZONES)[0]["peak_rss_mb"]
     over_ssh = _check_records(run_bench(sshd.profile(str(tmp_path / "remote"), target="host", threads=2), spec),
                               HOST_HAS_ZONES)[0]["peak_rss_mb"]
-    adb = AdbDouble(tmp_path, monkeypatch)
-    adb.add("RSS1")
-    phone = profile_from_dict({"transport": "adb", "address": "RSS1", "workdir": "/data/local/tmp/mvlm", "target": "host",
-                               "threads": 2}, where="test", default_name="phone")
-    over_adb = _check_records(run_bench(phone, spec), HOST_HAS_ZONES)[0]["peak_rss_mb"]
-    print(f"\npeak RSS: local {local:.1f} MB, ssh {over_ssh:.1f} MB, adb double {over_adb:.1f} MB")
+    print(f"\npeak RSS: local {local:.1f} MB, ssh {over_ssh:.1f} MB")
     # the same binary and model on the same machine: the same memory, whichever way it was started
-    assert abs(over_ssh - local) / local < 0.05 and abs(over_adb - local) / local < 0.05
+    assert abs(over_ssh - local) / local < 0.05
 
 
 @pytest.mark.slow
 @pytest.mark.qemu
 @needs_qemu
 @needs_gnu_time
-def test_qemu_bench_measures_the_emulator_process(tmp_path, smollm2_gguf):
+def test_qemu_bench_measures_the_emulator_process(tmp_path, smollm2_gguf, phones):
     """Under qemu-aarch64-static the wrapper reads the emulator's own process: GNU time on `qemu-aarch64-static
     llama-completion ...` agrees, and it is more than the weights alone."""
     from mvlm_core import runtime as rtmod
@@ -256,6 +251,15 @@ def test_qemu_bench_measures_the_emulator_process(tmp_path, smollm2_gguf):
     assert abs(run["peak_rss_mb"] - witness) / witness < 0.05
     assert run["peak_rss_mb"] > smollm2_gguf.stat().st_size / 1e6
     assert json.dumps(report_records(aggregate(res.runs)))  # serialisable as the JSON report
+    # the same arm64 binary on a phone over adb (the test phone runs it through the same emulator): the same memory,
+    # read on the phone by the wrapper through `adb shell`, and the phone's temperature beside it
+    phone = phones()
+    over_adb = run_bench(profile_from_dict({"transport": "adb", "address": phone.serial, "target": "android-arm64",
+                                            "threads": 2}, where="test", default_name="phone"),
+                         BenchSpec("lm", smollm2_gguf, repeat=1, warmup=0, n_predict=4))
+    adb_run = _check_records(over_adb, True)[0]
+    print(f"adb phone: peak RSS {adb_run['peak_rss_mb']:.1f} MB, {adb_run['temp_start_c']} C")
+    assert abs(adb_run["peak_rss_mb"] - witness) / witness < 0.05 and adb_run["temp_start_c"] == 45.0
 
 
 def test_the_null_rss_note_says_why():

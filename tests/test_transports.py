@@ -1,13 +1,12 @@
-"""Transports end to end: local (with qemu as exec wrapper), ssh against a real sshd, adb against a test double.
+"""Transports end to end: local (with qemu as exec wrapper), ssh against a real sshd, adb through the real adb.
 
 - ``local``: real processes on this machine; ``qemu-arm64`` runs a real static aarch64 binary under qemu-user.
 - ``ssh``: a real OpenSSH ``sshd`` started by the fixture on 127.0.0.1 (free port, own host key, own authorized key,
   host-key checking ON through a known_hosts file that holds the generated host key). The dropped-connection test
   kills the server-side session processes in the middle of a push.
-- ``adb``: the ONE seam that is not real. No phone is attached here, so ``adb`` on PATH is a small Python stand-in
-  (``ADB_DOUBLE`` below): it maps ``-s SERIAL`` to a local directory (device paths under /data/local/tmp are
-  rewritten to <root>/data/local/tmp), implements ``devices``, ``get-state``, ``push``, ``pull`` and ``shell`` (the
-  command runs with /bin/sh in that root) and can make the device disappear mid-push with adb's own error texts.
+- ``adb``: Debian's real adb client and server against a test phone, a device daemon speaking the ADB wire protocol
+  on 127.0.0.1 (tests/adb_device.py, the ``phones`` fixture); faults are made at the wire (the link dropped mid-push,
+  AUTH refused, ENOSPC from the phone's full /data, a read-only workdir).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from peers import AdbDouble, _free_port
+from peers import _free_port
 
 from mvlm_bench.device.profiles import DeviceProfile, profile_from_dict
 from mvlm_bench.device.sync import MANIFEST_NAME, sync
@@ -38,6 +37,7 @@ from mvlm_bench.device.transports.base import (
 )
 from mvlm_bench.device.transports.local import LocalTransport
 from mvlm_bench.device.transports.ssh import SshTransport
+from mvlm_core.errors import MvlmError
 
 NASTY = "we ird 'sq' \"dq\" $(touch {m}) ; touch {m} & `touch {m}` | x"
 
@@ -323,38 +323,37 @@ def test_ssh_no_injection_through_names(sshd, tmp_path):
 # ------------------------------------------------------------------------------------------------------------- adb
 
 
-@pytest.fixture
-def adb(tmp_path, monkeypatch):
-    return AdbDouble(tmp_path, monkeypatch)
-
-
 def _adb_profile(serial: str, workdir: str = "/data/local/tmp/mvlm", **kw) -> DeviceProfile:
     data = {"transport": "adb", "address": serial, "target": "android-arm64", "workdir": workdir, "threads": 4, **kw}
     return profile_from_dict(data, where="test", default_name="test-adb")
 
 
-def test_adb_double_is_the_one_on_path(adb):
+def test_the_real_adb_reaches_the_test_phone(phones, adb_server):
+    """Debian's adb client and server, a device daemon speaking the ADB wire protocol (tests/adb_device.py)."""
+    phone = phones()
     out = subprocess.run(["adb", "devices"], capture_output=True, text=True, check=True).stdout
-    assert out.startswith("List of devices attached")
+    assert out.startswith("List of devices attached") and f"{phone.serial}\tdevice" in out
+    assert os.path.realpath(shutil.which("adb")) == os.path.realpath(adb_server.adb)  # no double on PATH
 
 
 @pytest.mark.slow
-def test_adb_run_push_pull_sync(adb, tmp_path):
-    root = adb.add("R58M123")
-    t = make_transport(_adb_profile("R58M123", env={"LD_LIBRARY_PATH": "/data/local/tmp/mvlm/lib"}))
+def test_adb_run_push_pull_sync(phones, tmp_path):
+    phone = phones()
+    t = make_transport(_adb_profile(phone.serial, env={"LD_LIBRARY_PATH": "/data/local/tmp/mvlm/lib"}))
     t.check()
     r = t.run(["sh", "-c", 'echo out; echo err >&2; echo "$LD_LIBRARY_PATH"; exit 5'], timeout=20)
     assert r.returncode == 5 and r.output.splitlines()[:2] == ["out", "err"]
     r = t.run(["sh", "-c", "kill -ABRT $$"], timeout=20)
     assert r.signal == 6
     src = tmp_path / "m.gguf"
-    src.write_bytes(os.urandom(100_000))
+    src.write_bytes(os.urandom(300_000))  # several 64 KiB sync DATA chunks
     exe = tmp_path / "llama-cli"
     exe.write_bytes(b"#!/bin/sh\necho ran\n")
+    exe.chmod(0o755)
     files = {"models/m.gguf": src, "bin/llama-cli": exe}
     res = sync(t, t.workdir, files, hash_cache=tmp_path / "h.json")
-    assert res.pushed_bytes == 100_000 + exe.stat().st_size
-    wd = root / "data/local/tmp/mvlm"
+    assert res.pushed_bytes == 300_000 + exe.stat().st_size
+    wd = phone.root / "data/local/tmp/mvlm"
     assert _sha(wd / "models/m.gguf") == _sha(src) and os.access(wd / "bin/llama-cli", os.X_OK)
     assert t.run(["bin/llama-cli"], timeout=20, cwd=t.workdir).output.strip() == "ran"
     res = sync(t, t.workdir, files, hash_cache=tmp_path / "h.json")
@@ -362,32 +361,44 @@ def test_adb_run_push_pull_sync(adb, tmp_path):
     t.pull("/data/local/tmp/mvlm/models/m.gguf", tmp_path / "back")
     assert _sha(tmp_path / "back") == _sha(src)
     assert t.free_bytes("/data/local/tmp/mvlm") > 0
+    with pytest.raises(MvlmError, match="does not exist on the device"):
+        t.pull("/data/local/tmp/mvlm/nothing-here", tmp_path / "none")
 
 
-def test_adb_missing_and_unauthorized_device(adb):
-    adb.add("UNAUTH1", state="unauthorized")
+def test_adb_missing_and_unauthorized_device(phones):
+    locked = phones("locked", state="unauthorized", auth=True)
     with pytest.raises(UnreachableError, match="adb NOPE: device not available.*not found"):
         make_transport(_adb_profile("NOPE")).check()
     with pytest.raises(AuthError, match="unauthorized.*Allow USB debugging"):
-        make_transport(_adb_profile("UNAUTH1")).check()
+        make_transport(_adb_profile(locked.serial)).check()
+
+
+def test_adb_two_devices_and_no_serial_is_refused(phones):
+    """The transport always names its device (`adb -s SERIAL`): with two phones attached, a profile without a serial
+    is refused when it is read, never sent to whichever phone adb picks."""
+    phones("a"), phones("b")
+    with pytest.raises(MvlmError, match="address"):
+        _adb_profile("")
 
 
 @pytest.mark.slow
-def test_adb_device_disappears_mid_push_then_sync_recovers(adb, tmp_path):
-    root = adb.add("PHONE1", vanish_after_bytes=1000)
-    t = make_transport(_adb_profile("PHONE1"))
+def test_adb_device_disappears_mid_push_then_sync_recovers(phones, adb_server, tmp_path):
+    phone = phones()
+    t = make_transport(_adb_profile(phone.serial))
+    t.check()
     src = tmp_path / "m.gguf"
-    src.write_bytes(os.urandom(50_000))
+    src.write_bytes(os.urandom(500_000))
     files = {"models/m.gguf": src}
+    phone.drop_after_sync_bytes = 100_000  # unplugged after 100 kB of the push reached the phone
     with pytest.raises(ConnectionLostError, match="device lost during push of m.gguf"):
         sync(t, t.workdir, files, hash_cache=tmp_path / "h.json")
-    wd = root / "data/local/tmp/mvlm"
-    assert (wd / "models" / "m.gguf.part").stat().st_size == 1000  # what the double wrote before "unplugging"
-    assert not (wd / "models" / "m.gguf").exists()
-    assert adb.get("PHONE1")["state"] == "gone"
-    with pytest.raises(UnreachableError):
+    wd = phone.root / "data/local/tmp/mvlm"
+    assert not (wd / "models" / "m.gguf").exists()  # only the private .part name can hold a partial copy
+    with pytest.raises(UnreachableError, match="device not available"):
         t.check()
-    adb.replug("PHONE1")
+    phone.drop_after_sync_bytes = None
+    phone.start()  # plugged back in, same serial
+    adb_server.connect(phone)
     res = sync(t, t.workdir, files, hash_cache=tmp_path / "h.json")
     assert res.pushed_files == ["models/m.gguf"]
     assert _sha(wd / "models" / "m.gguf") == _sha(src)
@@ -395,18 +406,49 @@ def test_adb_device_disappears_mid_push_then_sync_recovers(adb, tmp_path):
     assert json.loads((wd / MANIFEST_NAME).read_text())["files"]["models/m.gguf"]["sha256"] == _sha(src)
 
 
+@pytest.mark.slow
+def test_adb_full_data_and_read_only_workdir_are_one_line(phones, small_fs, tmp_path):
+    """ENOSPC made by the device (its /data on a small tmpfs) and a workdir the phone will not write."""
+    full = phones("full")
+    t = make_transport(_adb_profile(full.serial))
+    t.check()
+    big = tmp_path / "big.gguf"
+    big.write_bytes(os.urandom(3_000_000))
+    shutil.rmtree(full.root / "data")
+    (full.root / "data").symlink_to(small_fs(1_000_000))
+    (full.root / "data/local/tmp").mkdir(parents=True)
+    with pytest.raises(MvlmError, match="too full.*nothing was pushed"):  # df said so: refused before the push
+        sync(t, t.workdir, {"models/big.gguf": big}, hash_cache=tmp_path / "h.json")
+    # a phone whose df overstates what is free (reserved blocks, another app filling /data meanwhile): the push
+    # itself meets ENOSPC on the device, and adbd's own text comes back in one line
+    df = full.root / "system/bin/df"
+    df.write_text("#!/bin/sh\necho 'Filesystem 1024-blocks Used Available Capacity Mounted'\n"
+                  "echo '/dev/block/dm-5 99999999 1 99999998 1% /data'\n")
+    df.chmod(0o755)
+    with pytest.raises(MvlmError) as e:
+        sync(t, t.workdir, {"models/big.gguf": big}, hash_cache=tmp_path / "h.json")
+    assert "No space left on device" in str(e.value) and "\n" not in str(e.value).strip(), str(e.value)
+    assert e.value.exit_code == 28 and not (full.root / "data/local/tmp/mvlm/models/big.gguf").exists()
+    ro = phones("ro")
+    ro.read_only = ["/data/local/tmp/mvlm"]
+    t = make_transport(_adb_profile(ro.serial))
+    with pytest.raises(MvlmError) as e:
+        sync(t, t.workdir, {"models/big.gguf": big}, hash_cache=tmp_path / "h2.json")
+    assert "Read-only file system" in str(e.value) and e.value.exit_code == 2
+
+
 @pytest.mark.slow  # over ~0.9 s: the fast lane stays under 2 minutes
-def test_adb_no_injection_through_names(adb, tmp_path):
+def test_adb_no_injection_through_names(phones, tmp_path):
     marker = tmp_path / "INJECTED"
     nasty = NASTY.format(m=marker)
-    root = adb.add("INJ1")
+    phone = phones()
     wd = f"/data/local/tmp/mvlm {nasty}"
-    t = make_transport(_adb_profile("INJ1", workdir=wd, env={"X": nasty}))
+    t = make_transport(_adb_profile(phone.serial, workdir=wd, env={"X": nasty}))
     src = tmp_path / "f.bin"
     src.write_bytes(b"payload")
     rel = f"models/{nasty}.gguf"
     sync(t, wd, {rel: src}, hash_cache=tmp_path / "h.json")
-    assert (root / wd.lstrip("/") / "models" / f"{nasty}.gguf").read_bytes() == b"payload"
+    assert (phone.root / wd.lstrip("/") / "models" / f"{nasty}.gguf").read_bytes() == b"payload"
     r = t.run(["printf", "%s|%s", nasty, "$X"], timeout=20, cwd=wd)
     assert r.output == f"{nasty}|$X"
     assert t.run(["sh", "-c", 'printf %s "$X"'], timeout=20).output == nasty

@@ -83,6 +83,8 @@ def build_cmd(
     console.print(f"[green]{target} runtime ready[/] ({state}): {rt.root}")
     console.print(f"  llama.cpp {rt.manifest.get('commit')}  patches: {patches}")
     console.print(f"  toolchain: {rt.manifest.get('toolchain')}")
+    if rt.manifest.get("target") != target:  # android-arm64 without an NDK: one static aarch64 build serves both
+        console.print(f"  the {rt.manifest.get('target')} build serves {target} too (static aarch64; no NDK given)")
     if rt.manifest.get("cuda"):
         cuda = rt.manifest["cuda"]
         console.print(f"  CUDA: {cuda.get('release')}; architectures {cuda.get('architectures')}", highlight=False)

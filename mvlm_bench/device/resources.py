@@ -28,6 +28,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+from mvlm_bench.device.transports.base import RSS_WRAPPER_NAME
+
 RSS_MARKER = "__MVLM_PEAK_RSS_KB__="
 POLL_S = 0.25
 FAST_POLL_S = 0.01  # the first FAST_POLLS samples after the exec: a short run still gets real readings
@@ -93,7 +95,7 @@ def _unwrapped(transport):
 def measured_argv(transport, argv: list[str], scratch: str) -> list[str]:
     """The device command line that runs ``argv`` (the transport's exec_wrapper included) under the RSS wrapper;
     ``scratch``: a path prefix on the device for the poller's small file (the work dir's)."""
-    return ["sh", "-c", WRAPPER, "mvlm-rss", scratch, *transport.wrapped(argv)]
+    return ["sh", "-c", WRAPPER, RSS_WRAPPER_NAME, scratch, *transport.wrapped(argv)]
 
 
 def run_measured(transport, argv: list[str], timeout: float, env: dict[str, str] | None = None, on_output=None):

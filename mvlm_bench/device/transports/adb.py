@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,16 @@ _ADB_GONE = (
 )
 
 
+def _device_refused(output: str) -> str | None:
+    """adbd's own reason when it refused a write (``remote write failed: No space left on device``, ``remote couldn't
+    create file: Read-only file system``), from adb's error line; None when the link failed instead."""
+    for line in reversed(output.splitlines()):
+        m = re.search(r"remote ((?:write failed|couldn't create file|open failed)[^\n]*)", line)
+        if m:
+            return m.group(1).strip()
+    return None
+
+
 class AdbTransport(ShellTransport):
     """The ``adb`` client; the device is ``profile.address`` (its serial)."""
 
@@ -47,7 +58,7 @@ class AdbTransport(ShellTransport):
     adhoc_prefix = "adb:"
     default_workdir = "/data/local/tmp/mvlm"
     address_help = "the serial from `adb devices`"
-    capabilities = Capabilities()  # runs commands to completion; no port forwarding (yet)
+    capabilities = Capabilities(port_forward=True)  # `adb forward` (serve, the dataset protocol's llama-server)
 
     @classmethod
     def check_address(cls, address, where: str) -> str | None:
@@ -99,7 +110,8 @@ class AdbTransport(ShellTransport):
             return UnreachableError(
                 f"adb {self.serial}: device not available ({line}); plug it in, enable USB debugging and check `adb devices`"
             )
-        return ConnectionLostError(f"adb {self.serial}: {what} failed ({line})")
+        return ConnectionLostError(f"adb {self.serial}: the connection ended while {what}, before its exit status came "
+                                   f"back (last output: {line}); check the cable and `adb devices`, then run again")
 
     def _shell(self, script: str, timeout: float, what: str,
                on_output: OutputFn | None = None) -> tuple[int | None, str, float]:
@@ -120,6 +132,14 @@ class AdbTransport(ShellTransport):
         # adb moves ~10-40 MB/s over USB; allow 1 MB/s plus slack before calling the link hung.
         rc, out, _, timed_out = self._adb(["push", str(local), remote], 300.0 + total / 1e6)
         if timed_out or rc != 0:
+            refused = _device_refused(out)
+            if refused and not timed_out:  # the phone is there and said no: its own reason, not "device lost"
+                full = "No space left on device" in refused
+                hint = ("free space on the phone (old models in the workdir) or point the profile's workdir elsewhere"
+                        if full else "point the profile's workdir at a directory the shell user may write "
+                        "(/data/local/tmp/...)")
+                raise MvlmError(f"adb {self.serial}: writing {remote} failed on the device: {refused}; {hint}",
+                                exit_code=28 if full else 2)
             raise self._classify(out, f"push of {local.name} to {remote} ({total} bytes)", during_transfer=True)
         if progress:
             progress(total, total)
@@ -134,6 +154,17 @@ class AdbTransport(ShellTransport):
                 raise MvlmError(f"adb {self.serial}: {remote} does not exist on the device")
             raise self._classify(out, f"pull of {remote}", during_transfer=True)
         os.replace(tmp, local)
+
+    def shell_argv(self, script: str) -> list[str]:
+        """``adb -s SERIAL shell`` running the sh ``script``, for a process the caller starts and owns (a server): with
+        the shell protocol (v2) the device's exit status comes back, and stdin reaches the script (its end stops the
+        server)."""
+        return ["adb", "-s", self.serial, "shell", "sh -c " + shlex.quote(script)]
+
+    def forward_argv(self, local_port: int, remote_port: int) -> list[str]:
+        """An ``adb forward tcp:LOCAL tcp:REMOTE`` held by a process of its own, removed when that process stops."""
+        return [sys.executable, "-m", "mvlm_bench.device.transports.adb_forward", self.serial, str(int(local_port)),
+                str(int(remote_port))]
 
     def check(self) -> None:
         rc, out, _, timed_out = self._adb(["get-state"], 30.0)

@@ -561,6 +561,19 @@ def interpret_remote_status(rc: int | None, duration: float, timeout: float) -> 
     return False, None
 
 
+RSS_WRAPPER_NAME = "mvlm-rss"  # $0 of the peak-RSS wrapper (device/resources.py): sh -c WRAPPER mvlm-rss SCRATCH ARGV
+
+
+def program_name(argv: list[str]) -> str:
+    """The program a device command line runs, past mvlm's peak-RSS wrapper and an emulator (qemu-*) in front."""
+    args = list(argv)
+    if len(args) > 5 and args[:2] == ["sh", "-c"] and args[3] == RSS_WRAPPER_NAME:
+        args = args[5:]
+    while len(args) > 1 and Path(args[0]).name.startswith("qemu-"):
+        args = args[1:]
+    return Path(args[0]).name if args else "a command"
+
+
 def last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else "no message"

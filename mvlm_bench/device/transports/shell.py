@@ -24,6 +24,7 @@ from mvlm_bench.device.transports.base import (
     interpret_remote_status,
     last_line,
     normalise_machine,
+    program_name,
     quote_remote,
     remote_command,
 )
@@ -108,7 +109,7 @@ class ShellTransport(Transport):
         merged.update(env or {})
         script = remote_command(full, timeout, merged, cwd)
         stream = {"on_output": on_output} if on_output is not None else {}  # the ssh/adb client's output, as it comes
-        rc, out, duration = self._shell(script, timeout + CLIENT_GRACE_S, f"running {Path(full[0]).name}", **stream)
+        rc, out, duration = self._shell(script, timeout + CLIENT_GRACE_S, f"running {program_name(full)}", **stream)
         timed_out, sig = interpret_remote_status(rc, duration, timeout)
         return RunResult(rc, out, duration, timed_out, sig, argv=full)
 
