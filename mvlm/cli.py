@@ -18,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # llama.cpp's tools (llama-bench -h) take both
 )
 
 
@@ -260,6 +261,12 @@ def main(stops=None) -> None:
         twice = repeated_options(sys.argv[1:])
         if twice:
             raise MvlmError(twice)
+        if sys.argv[1:2] == ["bench"]:
+            from mvlm_bench.plan.engine import not_offered
+
+            refused = not_offered(sys.argv[2:])
+            if refused:
+                raise MvlmError(refused)
         _warn_password_in_argv(sys.argv[1:])
         rc = app(standalone_mode=False)
         stops.done()  # the command has finished: a signal now cannot cost it anything, nor change its exit code

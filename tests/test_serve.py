@@ -563,7 +563,10 @@ def test_parallel_slots_decode_four_streams_at_once_and_options_after_dashdash_r
 def test_llama_server_options_mvlm_owns_are_refused_after_dashdash(smollm2_gguf):
     for extra, instead in ((["--", "-m", "x.gguf"], "--model"), (["--", "--port=9"], "--port"),
                            (["--", "-c", "100"], "--ctx-size"), (["--", "--api-key", "k"], "--api-key-file"),
-                           (["stray.gguf"], "go after --")):
+                           # llama.cpp reads --ctx_size as --ctx-size: the underscore spelling is the same option
+                           (["--", "--ctx_size", "64"], "--ctx-size"), (["--", "--model_url", "file:///x"], "--model"),
+                           (["--", "--log_file=/tmp/x"], "--log"), (["--", "--api_key_file", "k"], "--api-key-file"),
+                           (["--", "--api-prefix", "/x"], "API at the root"), (["stray.gguf"], "go after --")):
         r = subprocess.run([sys.executable, "-m", "mvlm", "serve", "--model", str(smollm2_gguf), *extra],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and instead in r.stderr, (extra, r.stderr)

@@ -60,6 +60,14 @@ def test_compare_takes_the_metric_names_of_llama_bench_tests_and_judges_each_tes
         assert c.returncode == 0, c.stderr
         pairs = json.loads(c.stdout)["comparisons"]
         assert len(pairs) == 1 and [m["name"] for m in pairs[0]["metrics"]] == [row]
+    # each test's rate under its own name too (llama-bench's files name it so): --metric pp8 on mvlm's own records,
+    # equal to llama-bench's avg_ts field of the same record
+    for rec in json.loads(a.read_text()):  # each repetition's rate is llama-bench's sample of it (samples_ts)
+        mine = sorted(run["metrics"][f"{rec['test']}_tps"] for run in rec["runs"])
+        assert mine == pytest.approx(sorted(rec["samples_ts"]), rel=1e-6), rec["test"]
+    c = mvlm("compare", a, a, "--metric", "pp8", "--json", cwd=tmp_path)
+    assert c.returncode == 0, c.stderr
+    assert [m["name"] for m in json.loads(c.stdout)["comparisons"][0]["metrics"]] == ["pp8"]
     imported = tmp_path / "lb.sqlite"
     assert mvlm("history", "import", a, "--db", imported).returncode == 0
     from mvlm_bench.decide.verdict import check_metrics
@@ -102,3 +110,68 @@ def test_verify_takes_the_hub_id_convert_takes(tmp_path):
     fill_hub_cache(cache, "tester/tiny", ck)
     r = mvlm("verify", "tester/tiny", "--gguf", tmp_path / "x.gguf", "--image-threshold", "nan", env=env, cwd=tmp_path)
     assert "is not a threshold" in error_line(r)  # past the checkpoint: the Hub id was resolved to the cached copy
+
+
+def test_metric_names_as_every_table_heads_them():
+    """`mvlm history` heads its columns "Eval tok/s", the bench table "VE" over "ms", compare "Eval (tokens/s)"."""
+    from mvlm_bench.records.columns import resolve_metric
+
+    said = {t: resolve_metric(t) for t in ("Eval tok/s", "Eval_prompt tok/s", "Total s", "VE ms", "VE ms/patch",
+                                           "Peak RSS MB", "Eval (tokens/s)", "eval", "Evalx", "s")}
+    assert said == {"Eval tok/s": "eval_tps", "Eval_prompt tok/s": "prompt_tps", "Total s": "total_s",
+                    "VE ms": "ve_ms", "VE ms/patch": "ve_ms_per_patch", "Peak RSS MB": "peak_rss_mb",
+                    "Eval (tokens/s)": "eval_tps", "eval": "eval_tps", "Evalx": None, "s": None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag,says", [(["-nkvo", "1"], "offload placement"), (["-sm", "none"], "offload"),
+                                       (["--no-warmup"], "use --warmup 0"), (["-mmp", "0"], "default"),
+                                       (["-oe", "md"], "-o picks")])
+def test_llama_bench_flags_mvlm_lacks_are_named_not_misread(tmp_path, flag, says):
+    """`-nkvo 1` was read as `-n kvo` ("No such command '1'"): a llama-bench option mvlm does not take is named."""
+    r = mvlm("bench", "-P", "llama-bench", "-m", small_gguf(tmp_path / "m.gguf"), "-p", "8", *flag)
+    line = error_line(r)
+    assert r.returncode == 2 and line.startswith(f"error: {flag[0]} is llama-bench's") and says in line, r.stderr
+
+
+@pytest.mark.slow
+def test_dash_h_is_help_everywhere_as_in_llama_cpp_tools():
+    for cmd in ([], ["bench"], ["history", "plot"], ["serve"]):
+        r = mvlm(*cmd, "-h")
+        assert r.returncode == 0 and "Usage:" in r.stdout and "--help" in r.stdout, (cmd, r.stderr)
+
+
+@pytest.mark.slow
+def test_a_narrow_terminal_cuts_cells_visibly_and_never_folds_a_number(tmp_path, data_dir):
+    """On an 80-column terminal, a table too wide for it had 36397 printed as 363 over 97: now a cell is cut with an
+    ellipsis and a note says so (through a pipe the table is whole: test_cli)."""
+    import fcntl
+    import pty
+    import struct
+    import sys
+    import termios
+
+    db = tmp_path / "h.sqlite"
+    assert mvlm("history", "import", data_dir / "llama-bench" / "smollm2-q4_1-p8-n4-r2.json", "--db", db,
+                "--device", "a-device-with-a-long-name").returncode == 0
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "MVLM_HISTORY")} | {"TERM": "dumb"}
+    p = subprocess.Popen([sys.executable, "-m", "mvlm", "history", "--db", str(db)], stdout=secondary,
+                         stderr=secondary, env=env)
+    os.close(secondary)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert p.wait(timeout=60) == 0
+    text = out.decode(errors="replace")
+    rows = [ln for ln in text.splitlines() if ln.startswith("│")]
+    assert rows and all(len(ln.rstrip()) <= 80 for ln in text.splitlines()), text
+    assert "…" in text and "columns are too few for this table" in text, text
+    assert len(rows) == 1, text  # one line for the one entry: nothing folded onto a second line

@@ -265,8 +265,9 @@ class _Bench:
         kept = self.sinks.kept()
         sink_error = _sink_error(self.sinks, kept)
         if self.interrupted is not None:
+            shown = "on stdout" if self.json_flag else "shown above"
             where = f"kept in {', '.join(kept)}" if kept else "nothing measured" if not self.out.repetitions else \
-                "shown above (no output file was asked for)"
+                f"{shown} (no output file was asked for)"
             err.print(f"interrupted by {self.interrupted.name} after {self.out.repetitions} of {self.out.planned} "
                       f"repetitions; {where}", highlight=False, soft_wrap=True)
             raise typer.Exit(self.interrupted.exit_code)

@@ -103,7 +103,7 @@ def entry_from_group(g: Any, label: str = "", project: tuple[str, bool | None] |
     from mvlm_bench.records.metrics import measured_between
 
     commit, dirty = project if project is not None else project_commit()
-    samples = {k: [p[k] for p in g.per_run] for k in METRIC_KEYS}
+    samples = {k: [p.get(k) for p in g.per_run] for k in (*METRIC_KEYS, *(k for k in g.agg if k not in METRIC_KEYS))}
     return Entry(context=g.context, samples=samples, label=label, project_commit=commit, project_dirty=dirty,
                  timings=[r.timing.to_dict() for r in g.runs], created_at=utc_text(measured_between(g.runs)[0]))
 

@@ -273,3 +273,30 @@ def test_name(n_prompt: int, n_gen: int, n_depth: int = 0) -> str:
     """llama-bench's test name as a key: ``pp512``, ``tg128``, ``pp512+tg128``, ``@d1024`` appended at a depth."""
     name = (f"pp{n_prompt}" if n_prompt else "") + ("+" if n_prompt and n_gen else "") + (f"tg{n_gen}" if n_gen else "")
     return name + (f"@d{n_depth}" if n_depth else "")
+
+
+# llama-bench's options that mvlm bench does not offer (llama.cpp runs at their defaults), with what to do instead.
+NOT_OFFERED = {
+    ("-nkvo", "--no-kv-offload", "-sm", "--split-mode", "-mg", "--main-gpu", "-ts", "--tensor-split", "-dev",
+     "--list-devices", "-nopo", "--no-op-offload", "--no-host", "-ncmoe", "--n-cpu-moe", "-rpc", "--rpc"):
+        "multi-GPU and offload placement are not set by mvlm (the devices it measures have one CPU or one GPU; "
+        "-ngl places layers)",
+    ("-mmp", "--mmap", "-lm", "--load-mode", "-lzm", "--lazy-mode", "--repack", "--numa", "-embd", "--embeddings",
+     "-fitt", "--fit-target", "-fitc", "--fit-ctx"): "llama.cpp runs at its default for it",
+    ("-hff", "--hf-file", "-hft", "--hf-token", "--offline"): "give the GGUF itself with -m (mvlm convert takes Hub ids)",
+    ("-oe", "--output-err"): "mvlm prints its progress and errors on stderr; -o picks stdout's format",
+    ("--no-warmup",): "use --warmup 0", ("--progress",): "mvlm shows its progress itself",
+}
+
+
+def not_offered(argv: list[str]) -> str | None:
+    """The line refusing the first llama-bench option in ``mvlm bench ARGV`` that mvlm does not take (so that
+    ``-nkvo 1`` is not read as ``-n kvo``), or None."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        name = arg.split("=", 1)[0]
+        for names, instead in NOT_OFFERED.items():
+            if name in names:
+                return f"{name} is llama-bench's, and mvlm bench does not offer it: {instead}"
+    return None

@@ -173,6 +173,11 @@ def resolve_metric(text: str) -> str | None:
     for c in COLUMNS:
         if norm in ("".join(c.name.lower().split()), "".join(c.header.lower().split()), c.key.lower()):
             return c.key
+    for c in COLUMNS:  # name (or short name) and unit, as the tables head their columns: "Eval tok/s", "VE ms"
+        for name in {c.name, getattr(c, "short", None) or c.name}:
+            named = "".join(f"{name}{c.unit}".lower().split())
+            if norm in (named, named.replace("tokens/s", "tok/s")):
+                return c.key
     return None
 
 

@@ -74,6 +74,12 @@ class Group:
         return noisy_cv({k: [p[k] for p in self.per_run] for k in METRIC_KEYS})
 
 
+def _aggregated(per_run: list[dict[str, Any]]) -> dict[str, dict[str, float | int | None]]:
+    """Every metric of the column table over the repetitions, then a llama-bench test's own rate (``pp512_tps``)."""
+    tests = sorted({k for p in per_run for k in p if k not in BY_KEY and k.endswith("_tps")})
+    return {k: stats(p.get(k) for p in per_run) for k in (*METRIC_KEYS, *tests)}
+
+
 def aggregate(runs: Sequence[Run]) -> list[Group]:
     """Group runs by context (first-seen order) and aggregate every metric over the repetitions."""
     order: dict[str, list[Run]] = {}
@@ -82,7 +88,7 @@ def aggregate(runs: Sequence[Run]) -> list[Group]:
     groups = []
     for rs in order.values():
         per = [run_metrics(r) for r in rs]
-        agg = {k: stats(p[k] for p in per) for k in METRIC_KEYS}
+        agg = _aggregated(per)
         groups.append(Group(rs[0].context, rs, per, agg))
     return groups
 
@@ -102,7 +108,7 @@ class Groups:
             g = self._by_key[key] = Group(run.context, [], [], {})
         g.runs.append(run)
         g.per_run.append(run_metrics(run))
-        g.agg = {k: stats(p[k] for p in g.per_run) for k in METRIC_KEYS}
+        g.agg = _aggregated(g.per_run)
         return g
 
     def all(self) -> list[Group]:

@@ -129,9 +129,20 @@ def run_metrics(run: Run) -> dict[str, Any]:
     if run.context.protocol == "imp":
         m |= imp_metrics(run)
     m |= {k: v for k, v in run.extra.items() if k in m}
+    test = run.context.params.get("test")
+    if test:  # a llama-bench test: its rate under its own name too, as llama-bench's files have it (compare --metric)
+        m[f"{test}_tps"] = _test_rate(str(test), t)
     m["tks_out_source"] = "runner" if run.tokens_out is not None else ("eval_runs" if tks_out is not None else None)
     m["total_source"] = total_source
     return m
+
+
+def _test_rate(test: str, t) -> float | None:
+    """llama-bench's avg_ts of one test: the prompt rate of a pp test, the generation rate of a tg test, and (prompt +
+    generated tokens) / time of a pp+tg test."""
+    if "+" not in test:
+        return t.prompt_tps if test.startswith("pp") else t.eval_tps
+    return _div(t.total_tokens, t.total_ms / 1000.0 if t.total_ms else None)
 
 
 def imp_metrics(run: Run) -> dict[str, Any]:

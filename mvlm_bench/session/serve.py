@@ -221,6 +221,8 @@ OWNED_SERVER_OPTIONS = {
     ("--log-file",): "--log", ("--path",): "nothing: serving files from the device is not offered",
     ("--log-disable", "-lv", "--verbosity", "--log-verbosity", "-q", "--quiet"):
         "nothing: mvlm reads llama-server's log to find its port; `--log FILE` keeps it",
+    ("--api-prefix",): "nothing: the front door serves the API at the root (/v1, /health)",
+    ("--ssl-key-file", "--ssl-cert-file"): "nothing: the front door speaks plain HTTP to the server on its loopback",
 }
 
 
@@ -229,8 +231,9 @@ def check_server_args(args: Sequence[str]) -> tuple[str, ...]:
     with the mvlm option to use instead."""
     for a in args:
         name = a.split("=", 1)[0]
+        spelled = name[:2] + name[2:].replace("_", "-") if name.startswith("--") else name  # llama.cpp reads both
         for names, instead in OWNED_SERVER_OPTIONS.items():
-            if name in names:
+            if spelled in names:
                 raise MvlmError(f"{name} after --: mvlm owns that llama-server setting; use mvlm serve's {instead}")
         if "\n" in a or "\x00" in a:
             raise MvlmError(f"{a!r} after --: an argument with a line break or NUL cannot be passed to llama-server")

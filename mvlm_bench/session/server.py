@@ -236,7 +236,7 @@ class Server:
             self.host, self.port = loopback_for(host), device_port
             if not transport.capabilities.same_host:
                 self._open_tunnel(local_port or free_port(), device_port)
-            self._wait_ready(max(30.0, timeout - (time.monotonic() - t0)))
+            self._wait_ready(max(1.0, timeout - (time.monotonic() - t0)), timeout)
             self._check_identity()
         except OSError as e:
             if self.server is not None:
@@ -276,9 +276,10 @@ class Server:
                                 f"{self.log_path}, or raise --timeout", exit_code=EXIT_SERVER_FAILED)
             time.sleep(0.1)
 
-    def _wait_ready(self, timeout: float) -> None:
-        """Until ``/health`` answers 200: a process that exits first fails the start with the relevant log line."""
-        deadline = time.monotonic() + timeout
+    def _wait_ready(self, left: float, timeout: float) -> None:
+        """Until ``/health`` answers 200 (``left`` seconds of the ``timeout`` the start was given): a process that exits
+        first fails the start with the relevant log line."""
+        deadline = time.monotonic() + left
         while health(self.host, self.port) != 200:
             self._check_alive("at start-up")
             if time.monotonic() > deadline:

@@ -146,7 +146,7 @@ def report_records(groups: Sequence[Group], label: str = "", project: tuple[str,
                 "label": label, "project_commit": project[0], "project_dirty": project[1],
                 "repetitions": len(g.runs), "repetitions_planned": c.params.get("repetitions_planned"),
                 "noisy": bool(g.noisy()), "noisy_cv": g.noisy(),
-                "metrics": {k: g.agg[k] for k in METRIC_KEYS}, "runs": _runs(g)}
+                "metrics": dict(g.agg), "runs": _runs(g)}
         out.append(rec)
     return out
 

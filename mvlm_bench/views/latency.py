@@ -17,6 +17,7 @@ from rich.table import Table
 
 from mvlm_bench.records.columns import RESOURCE_KEYS, Column, Setting, column, differing, keys, layout_of, setting_text
 from mvlm_bench.records.groups import NOISY_CV, Group, noisy_text
+from mvlm_core.terminal import visible
 
 # Shown anyway by the table's own columns, so never as "a setting that differs"
 _OWN_COLUMNS = ("device", "model", "precision")
@@ -73,8 +74,8 @@ def render_table(groups: Sequence[Group], title: str | None = "Latency (medians 
         table.add_column(f"Noisy\n(CV > {100 * NOISY_CV:.0f}%)", overflow="fold")
     for g in groups:
         ctx = g.context
-        cells = [ctx.label(), *(_setting_cell(s, g) for s in shown), ctx.device, ctx.precision, _gb(ctx.size_bytes),
-                 reps_cell(g)]
+        text = [ctx.label(), *(_setting_cell(s, g) for s in shown), ctx.device, ctx.precision]  # names from files
+        cells = [*(visible(t, markup=True) for t in text), _gb(ctx.size_bytes), reps_cell(g)]  # escapes shown, not run
         for c in cols:
             a = g.agg[c.key]
             cell = c.format(a["median"])
