@@ -157,6 +157,14 @@ def _json_file_alias(argv: list[str]) -> list[str]:
     return out
 
 
+MAX_ERROR_CHARS = 2000  # text a device or a file put into a message (a 30 MB getprop) stays one readable line
+
+
+def clipped(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters left out)"
+
+
 def repeated_options(argv: list[str]) -> str | None:
     """The first option given twice that keeps only one value (``--label x --label y``: typer would keep ``y``), as
     the line to refuse it with; None when there is none. Options that take a list (``-m A -m B``) may repeat."""
@@ -277,7 +285,7 @@ def main(stops=None) -> None:
 
         from mvlm_core.terminal import visible  # a path or name from a file: its escape sequences shown, not run
 
-        err_console.print(f"[bold red]error:[/] {escape(visible(e))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(clipped(visible(e)))}", highlight=False, soft_wrap=True)
         if e.detail:
             err_console.print(visible(e.detail, lines=True), highlight=False, markup=False)
         sys.exit(e.exit_code)

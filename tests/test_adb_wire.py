@@ -190,6 +190,15 @@ def test_an_x86_64_phone_gets_one_line_and_nothing_pushed(phones, tiny, tmp_path
     assert not (phone.root / "data/local/tmp/mvlm/bin").exists() and not (tmp_path / "r.json").exists()
 
 
+def test_a_phone_that_does_not_say_its_abi_gets_one_line_and_nothing_pushed(phones, tiny, tmp_path):
+    """An empty `ro.product.cpu.abi` was taken for an x86_64 Linux box, and the host build was pushed to the phone."""
+    phone = phones("noabi", props={"ro.product.cpu.abi": ""})
+    r = bench(f"adb:{phone.serial}", "-m", tiny["lm"], json_file=tmp_path / "r.json")
+    lines = error_lines(r)
+    assert r.returncode == 2 and len(lines) == 1 and "does not say its ABI" in lines[0], r.stderr
+    assert not (phone.root / "data/local/tmp/mvlm/bin").exists()
+
+
 def test_cable_pulled_mid_push_and_mid_run(phones, tiny, arm64_runtime, adb_server, tmp_path):
     phone = phones()
     phone.drop_after_sync_bytes = 2_000_000

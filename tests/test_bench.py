@@ -208,7 +208,9 @@ def test_ssh_end_to_end(sshd, tmp_path, tiny_vlm):
     res = run_bench(prof, BenchSpec("vlm", lm, mmproj=mmproj, repeat=1, warmup=0, n_predict=8))
     assert not res.failures, res.failures
     assert res.outcome.pushed_bytes > lm.stat().st_size
-    assert res.runs[0].timing.image_tokens == 144 and res.runs[0].wall_s is None  # link time is not the device's
+    run = res.runs[0]  # Total: the process's wall time read on the device (mvlm-time), never around the ssh session
+    assert run.timing.image_tokens == 144 and run.facts["wall_source"] == "device"
+    assert 0 < run.wall_s < run.ended_at - run.started_at  # inside the span seen from here (the link adds to that)
     # llama-bench's fields, read on the device over ssh (cpu_info as ggml reads it) and from llama-mtmd-cli's own log
     rec = report_records(aggregate(res.runs))[0]
     assert rec["cpu_info"] == _cpu_model_name() and res.runs[0].context.cpu_info == rec["cpu_info"]

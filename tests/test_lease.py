@@ -388,3 +388,37 @@ def test_a_lease_lost_mid_measurement_keeps_nothing(postgresql, sshd, tmp_path, 
     r = subprocess.run([*MVLM, "history", "--db", postgresql, "--json"], capture_output=True, text=True, cwd=tmp_path,
                        env=env, timeout=60)
     assert r.returncode != 0 or json.loads(r.stdout) == [], r.stdout + r.stderr  # nothing saved (no table or empty)
+
+
+@pytest.mark.slow
+def test_a_server_holds_the_device_shared_and_a_bench_waits_for_it(tmp_path, smollm2_gguf, host_runtime):
+    """`mvlm serve` holds the device's lease for as long as it serves, shared with other servers: a second server
+    starts beside it, a bench does not measure beside it (it waits, and here gives up in one line, exit 75). (A serve
+    that pushed into a bench's work dir mid-measurement once made that bench report another model's numbers.)"""
+    from peers import _free_port
+
+    prof = _profile(tmp_path, "served")
+    env = {**os.environ, "COLUMNS": "300"}
+    servers = []
+    try:
+        for _ in range(2):
+            p = subprocess.Popen([*MVLM, "serve", "--device", str(prof), "-m", str(smollm2_gguf), "--port",
+                                  str(_free_port()), "--ctx-size", "512", "--threads", "1"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+            servers.append(p)
+            for line in p.stdout:
+                if "Ctrl-C stops it" in line:
+                    break
+            assert p.poll() is None, "a second server must start beside the first"
+        r = subprocess.run([*MVLM, "bench", "--device", str(prof), "-m", str(smollm2_gguf), "-n", "4", "--repeat", "1",
+                            "--lease-timeout", "1", "--json-file", str(tmp_path / "r.json")],
+                           capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert r.returncode == lease.EXIT_BUSY and len(lines) == 1, r.stderr
+        assert "device served is still busy after 1 s (held by pid" in lines[0] and "nothing was measured" in lines[0]
+        assert not (tmp_path / "r.json").exists()
+    finally:
+        for p in servers:
+            p.send_signal(signal.SIGINT)
+        for p in servers:
+            assert p.wait(timeout=60) == 0

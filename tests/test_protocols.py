@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from peers import small_gguf
 
 MVLM = [sys.executable, "-m", "mvlm"]
 
@@ -310,3 +311,20 @@ def test_dataset_over_real_sshd_through_a_tunnel(sshd, tmp_path, tiny_v2):
     assert run.extra["n_samples"] == 3 == len(run.per_sample) and run.wall_s == run.extra["total_s"]
     assert (tmp_path / "remote" / "images" / "ds").is_dir()
     assert run_dataset(prof, spec).outcome.pushed_bytes == 0  # the images (and everything else) are on the device already
+
+
+def test_an_mmproj_named_like_the_model_gets_its_own_device_path(tmp_path):
+    """Two directories, one file name (out/M-F16.gguf and mm/M-F16.gguf): one device path for both had the mmproj's
+    push replace the model, and the run failed with "CLIP cannot be used as main model"."""
+    from types import SimpleNamespace
+
+    from mvlm_bench.plan.protocols import artifacts
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "mm").mkdir()
+    lm, mm = small_gguf(tmp_path / "out" / "M-F16.gguf"), small_gguf(tmp_path / "mm" / "M-F16.gguf", "clip")
+    rt = SimpleNamespace(exe=lambda b: lm, lib=tmp_path / "no-lib")
+    spec = SimpleNamespace(protocol="vlm", model=lm, mmproj=mm, image=lm, data=None)
+    files, names = artifacts(rt, spec)
+    assert files["models/M-F16.gguf"] == lm and files["models/mmproj/M-F16.gguf"] == mm
+    assert names["mmproj"] == "mmproj/M-F16.gguf"

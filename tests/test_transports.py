@@ -373,6 +373,12 @@ def test_adb_missing_and_unauthorized_device(phones):
         make_transport(_adb_profile(locked.serial)).check()
 
 
+@pytest.mark.parametrize("serial", ["127.0.0.1:5555\n", "-s", "R58M;touch x", ""])
+def test_adb_serials_that_are_not_serials_are_refused_when_read(serial):
+    with pytest.raises(MvlmError, match="address|serial"):
+        _adb_profile(serial)
+
+
 def test_adb_two_devices_and_no_serial_is_refused(phones):
     """The transport always names its device (`adb -s SERIAL`): with two phones attached, a profile without a serial
     is refused when it is read, never sent to whichever phone adb picks."""

@@ -18,7 +18,7 @@ def serve_cmd(
     mmproj: Path | None = typer.Option(None, "--mmproj", help="The mmproj GGUF (images in chat messages); leave it "
                                                               "out to serve a text-only model."),
     device: str = typer.Option("local", "--device", "-d", help="Where the server runs: local (this machine), a profile "
-                                                               "name or .toml, or ssh://user@host[:port]."),
+                                                               "name or .toml, ssh://user@host[:port] or adb:SERIAL."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on here (0.0.0.0 or ::: every interface; "
                                                           "then give an API key). llama-server itself listens on its "
                                                           "device's 127.0.0.1 only."),

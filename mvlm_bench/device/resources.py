@@ -29,6 +29,7 @@ import copy
 import dataclasses
 
 from mvlm_bench.device.transports.base import RSS_WRAPPER_NAME
+from mvlm_core.errors import MvlmError
 
 RSS_MARKER = "__MVLM_PEAK_RSS_KB__="
 POLL_S = 0.25
@@ -67,6 +68,10 @@ WRAPPER = (
 )
 
 
+# $1: a scratch path prefix on the device; the rest: the command, its output kept in a file there until it has ended
+QUIET = 'f="$1.$$"; shift; "$@" >"$f" 2>&1; rc=$?; cat "$f" 2>/dev/null; rm -f "$f"; exit $rc'
+
+
 def split_marker(output: str) -> tuple[str, float | None]:
     """(the output without the wrapper's marker line, peak RSS in MB (1e6 bytes) or None when unknown)."""
     idx = output.rfind("\n" + RSS_MARKER)
@@ -98,20 +103,66 @@ def measured_argv(transport, argv: list[str], scratch: str) -> list[str]:
     return ["sh", "-c", WRAPPER, RSS_WRAPPER_NAME, scratch, *transport.wrapped(argv)]
 
 
-def run_measured(transport, argv: list[str], timeout: float, env: dict[str, str] | None = None, on_output=None):
+def run_measured(transport, argv: list[str], timeout: float, env: dict[str, str] | None = None, on_output=None,
+                 timer: str | None = None):
     """Run ``argv`` on the device like ``transport.run`` and measure its peak RSS: (RunResult, MB or None).
 
-    None when the device has no /proc, or when the binary exited before the first sample after its exec (then the
-    result's ``rss_note`` is :data:`TOO_SHORT_NOTE`; otherwise ``rss_note`` is None).
+    ``timer``: the device path of ``mvlm-time`` (mvlm_core.exec_timer), pushed with the runtime: the kernel's
+    ``ru_maxrss`` of the process and its wall time read on the device (``result.device_wall_s``), nothing running beside
+    it. Without one, or when it cannot start its child there (``result.exec_failed``: the caller falls back), a shell
+    poller samples /proc (``result.rss_source`` says which: ``wait4`` or ``poll``).
 
-    The result's output has the marker taken out and its argv is the command itself (as ``run`` would say).
+    Polling: None when the device has no /proc, or when the binary exited before the first sample after its exec (then
+    the result's ``rss_note`` is :data:`TOO_SHORT_NOTE`; otherwise ``rss_note`` is None).
+
+    The result's output has the markers taken out and its argv is the command itself (as ``run`` would say).
     ``on_output``: as ``transport.run``'s (the streamed output, for a live progress line)."""
-    scratch = transport.workdir.rstrip("/") + "/.mvlm-peak-rss"
     stream = {"on_output": on_output} if on_output is not None else {}
+    if timer:
+        timed = [timer, *transport.wrapped(argv)]
+        if not transport.capabilities.same_host:
+            # over a link the output waits in a file on the device until the process ends: relayed as it comes, every
+            # line wakes sshd/adbd, the client and mvlm on the cores the binary is using (measured: +3-4% over ssh)
+            scratch = transport.workdir.rstrip("/") + "/.mvlm-run-output"
+            timed = ["sh", "-c", QUIET, "mvlm-quiet", scratch, *timed]
+        r = _unwrapped(transport).run(timed, timeout=timeout, env=env, **stream)
+        r.output, wall_s, mb, r.exec_failed = split_timer(r.output)
+        r.argv, r.device_wall_s, r.rss_source, r.rss_note = transport.wrapped(argv), wall_s, "wait4", None
+        return r, mb
+    scratch = transport.workdir.rstrip("/") + "/.mvlm-peak-rss"
     r = _unwrapped(transport).run(measured_argv(transport, argv, scratch), timeout=timeout, env=env, **stream)
     short = f"\n{RSS_MARKER}{TOO_SHORT}\n" in r.output
     r.output, mb = split_marker(r.output)
-    r.argv = transport.wrapped(argv)
+    r.argv, r.device_wall_s, r.rss_source, r.exec_failed = transport.wrapped(argv), None, "poll", False
     # why the reading is None when the binary did run: for the caller's one-line note (TOO_SHORT_NOTE)
     r.rss_note = TOO_SHORT_NOTE if short and mb is None else None
     return r, mb
+
+
+def split_timer(output: str) -> tuple[str, float | None, float | None, bool]:
+    """mvlm-time's markers out of ``output``: (the output without them, wall seconds, peak RSS MB, exec failed)."""
+    from mvlm_core.exec_timer import EXEC_FAILED_MARKER, WALL_MARKER
+
+    kept, wall_s, mb, failed = [], None, None, False
+    for line in output.split("\n"):
+        if line.startswith(WALL_MARKER) and line[len(WALL_MARKER):].strip().isdigit():
+            wall_s = int(line[len(WALL_MARKER):]) / 1e9
+        elif line.startswith(RSS_MARKER) and line[len(RSS_MARKER):].strip().isdigit():
+            kb = int(line[len(RSS_MARKER):])
+            mb = kb * 1024 / 1e6 if kb > 0 else None
+        elif line.startswith(EXEC_FAILED_MARKER):
+            failed = True
+        else:
+            kept.append(line)
+    return "\n".join(kept), wall_s, mb, failed
+
+
+def timer_works(transport, timer: str, exe: str, env: dict[str, str] | None = None) -> bool:
+    """Whether ``mvlm-time`` runs on the device and can start the benchmark's binary there (``exe --version``, once
+    per session, before the warm-up): a helper whose exec fails (a device that cannot run it, or cannot start an
+    emulated child from it) means sampling instead."""
+    try:
+        r, _ = run_measured(transport, [exe, "--version"], timeout=120, env=env, timer=timer)
+    except MvlmError:
+        return False
+    return r.returncode == 0 and r.device_wall_s is not None and not r.exec_failed

@@ -50,6 +50,12 @@ def _wrapped_by_emulator(profile: DeviceProfile) -> bool:
     return any(Path(w).name.startswith("qemu-") for w in profile.exec_wrapper)
 
 
+def emulated_here(profile: DeviceProfile) -> bool:
+    """An emulated device whose processes run on this machine (a local profile with qemu as its exec_wrapper): a
+    helper that wraps them is this machine's own program."""
+    return profile.transport == "local" and _wrapped_by_emulator(profile)
+
+
 def resolve_target(profile: DeviceProfile, info) -> DeviceProfile:
     """Ad hoc devices: the profile with the target the probe calls for. Profiles: refused when their target cannot
     run on the probed device (one line saying which build to make). Emulated (qemu) devices are not second-guessed."""

@@ -147,8 +147,10 @@ def artifacts(rt: rtmod.Runtime, spec: Any) -> tuple[dict[str, Path], dict[str, 
     if spec.protocol in IMAGE_PROTOCOLS:
         if spec.mmproj is None:
             raise MvlmError(f"the {spec.protocol} protocol needs --mmproj FILE (the mmproj-*.gguf written by mvlm convert)")
-        names["mmproj"] = spec.mmproj.name
-        files[f"models/{spec.mmproj.name}"] = spec.mmproj
+        # an mmproj named like the model (two directories, one file name) gets a directory of its own on the device:
+        # one device path for both would have the second push replace the first
+        names["mmproj"] = spec.mmproj.name if spec.mmproj.name != spec.model.name else f"mmproj/{spec.mmproj.name}"
+        files[f"models/{names['mmproj']}"] = spec.mmproj
     if spec.protocol == "dataset":
         from mvlm_bench.plan import dataset
 

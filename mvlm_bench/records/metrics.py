@@ -52,7 +52,8 @@ def iso_utc(t: float) -> str:
 def paper_total_s(run: Run) -> tuple[float | None, str | None]:
     """The papers' Total (s, loading included) and the rule that produced it.
 
-    1. ``wall``: the runner's wall-clock time for the whole process.
+    1. ``device wall``: the process's wall time read on the device by ``mvlm-time`` (fork to exit); ``wall``: the
+       wall clock here around the process, when it ran here and the helper did not.
     2. ``llama.cpp total + load``: llama.cpp's total started after loading. That is so in the llama_perf and
        common_perf_print eras (warm-up, then the perf counters are reset; only ``--no-warmup`` changes this), and
        in llama_print_timings output whose total barely exceeds sample + prompt eval + eval (less than half the load
@@ -62,7 +63,7 @@ def paper_total_s(run: Run) -> tuple[float | None, str | None]:
     """
     t = run.timing
     if run.wall_s is not None:
-        return run.wall_s, "wall"
+        return run.wall_s, "device wall" if run.facts.get("wall_source") == "device" else "wall"
     if t.total_ms is None:
         return None, None
     total = t.total_ms / 1000.0
@@ -134,6 +135,7 @@ def run_metrics(run: Run) -> dict[str, Any]:
         m[f"{test}_tps"] = _test_rate(str(test), t)
     m["tks_out_source"] = "runner" if run.tokens_out is not None else ("eval_runs" if tks_out is not None else None)
     m["total_source"] = total_source
+    m["rss_source"] = run.facts.get("rss_source") if run.peak_rss_mb is not None else None  # wait4 (mvlm-time) | poll
     return m
 
 

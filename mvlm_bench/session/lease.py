@@ -126,7 +126,7 @@ def _wait(try_acquire: Callable[[], bool], holder: Callable[[], str], name: str,
 
 
 @contextlib.contextmanager
-def _file_lease(key: str, name: str, timeout: float, on_wait) -> Iterator[dict]:
+def _file_lease(key: str, name: str, timeout: float, on_wait, shared: bool = False) -> Iterator[dict]:
     path = lock_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def _file_lease(key: str, name: str, timeout: float, on_wait) -> Iterator[dict]:
 
     def try_acquire() -> bool:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
             return False
@@ -167,7 +167,7 @@ def _pg_message(exc: BaseException, url: str) -> str:
 
 
 @contextlib.contextmanager
-def _pg_lease(url: str, key: str, name: str, timeout: float, on_wait) -> Iterator[dict]:
+def _pg_lease(url: str, key: str, name: str, timeout: float, on_wait, shared: bool = False) -> Iterator[dict]:
     import psycopg
 
     lock = key_id(key)
@@ -181,7 +181,8 @@ def _pg_lease(url: str, key: str, name: str, timeout: float, on_wait) -> Iterato
     hi, lo = (lock >> 32) & 0xFFFFFFFF, lock & 0xFFFFFFFF
 
     def try_acquire() -> bool:
-        return bool(conn.execute("SELECT pg_try_advisory_lock(%s)", (lock,)).fetchone()[0])
+        fn = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
+        return bool(conn.execute(f"SELECT {fn}(%s)", (lock,)).fetchone()[0])
 
     def holder() -> str:
         row = conn.execute(
@@ -219,7 +220,8 @@ def _pg_lease(url: str, key: str, name: str, timeout: float, on_wait) -> Iterato
 
 @contextlib.contextmanager
 def device_lease(device_key: str, db: str | os.PathLike | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 on_wait: Callable[[str], None] | None = None, name: str | None = None) -> Iterator[dict]:
+                 on_wait: Callable[[str], None] | None = None, name: str | None = None,
+                 shared: bool = False) -> Iterator[dict]:
     """Hold the device's lease for the ``with`` block (see the module docstring); yields what was taken:
     ``{"kind": "postgresql"|"file", "key": ..., "waited_s": ...}``.
 
@@ -227,19 +229,20 @@ def device_lease(device_key: str, db: str | os.PathLike | None = None, timeout: 
     file; anything else, or None: the lock file alone). ``timeout``: seconds to wait (0: fail at once when busy);
     then ``MvlmError`` with exit status :data:`EXIT_BUSY`. ``on_wait(message)``: called about once a second while
     waiting. ``name``: the device as the messages call it (default: the key). The yielded ``check()`` raises (exit 3)
-    when a remote device's advisory lock was lost meanwhile."""
+    when a remote device's advisory lock was lost meanwhile. ``shared``: held beside other shared holders (servers:
+    ``mvlm serve``), never beside an exclusive one (a bench measuring)."""
     timeout = check_timeout(timeout)
     shown = name or device_key
     if not is_postgres(db):
-        with _file_lease(device_key, shown, timeout, on_wait) as info:
+        with _file_lease(device_key, shown, timeout, on_wait, shared) as info:
             yield info
         return
     # With PostgreSQL: this machine's lock file first (so benches here with other histories, or none, see this one),
     # then the advisory lock (benches on every host sharing the history).
     start = time.monotonic()
-    with _file_lease(device_key, shown, timeout, on_wait) as file_info:
+    with _file_lease(device_key, shown, timeout, on_wait, shared) as file_info:
         left = max(0.0, timeout - (time.monotonic() - start))
-        with _pg_lease(str(db), device_key, shown, left, on_wait) as info:
+        with _pg_lease(str(db), device_key, shown, left, on_wait, shared) as info:
             # A device on this machine is no other host's to measure: its lock file alone keeps it, so a dropped
             # advisory lock loses nothing. A remote device could have been taken by another host meanwhile.
             check = file_info["check"] if device_key.startswith("local:") else info["check"]
@@ -248,6 +251,6 @@ def device_lease(device_key: str, db: str | os.PathLike | None = None, timeout: 
 
 
 def profile_lease(profile, db: str | os.PathLike | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                  on_wait: Callable[[str], None] | None = None):
+                  on_wait: Callable[[str], None] | None = None, shared: bool = False):
     """:func:`device_lease` for a device profile: its key, the history from ``db`` or ``$MVLM_HISTORY``."""
-    return device_lease(device_key(profile), history_location(db), timeout, on_wait, name=profile.name)
+    return device_lease(device_key(profile), history_location(db), timeout, on_wait, name=profile.name, shared=shared)

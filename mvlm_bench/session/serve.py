@@ -318,7 +318,9 @@ def serve(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Serving],
     front: Front | None = None
     logf = None
     try:
-        with Session(profile, log) as session:
+        # the device's lease, as a bench holds it, for as long as it serves: its push and its load never land inside
+        # a bench's measurement, and a bench started meanwhile waits rather than measure beside (or under) it
+        with Session(profile, log, on_wait=log) as session, session.leased(shared=True):
             spec = dataclasses.replace(spec, host=spec.host.strip("[]"))  # bind() takes ::1, a URL [::1]
             check_port_free(spec.host, spec.port)
             argv, env = _server_command(session, spec, log, sync_progress)

@@ -26,7 +26,7 @@ from typing import Any
 from mvlm_bench.device import resources, thermal
 from mvlm_bench.device.profiles import KNOWN_TARGETS, DeviceProfile
 from mvlm_bench.device.sync import sha256_file, sync
-from mvlm_bench.device.targets import resolve_target
+from mvlm_bench.device.targets import emulated_here, resolve_target
 from mvlm_bench.device.transports import make_transport
 from mvlm_bench.plan import engine
 from mvlm_bench.plan.plan import DEFAULT_LEASE_TIMEOUT_S
@@ -45,6 +45,7 @@ from mvlm_bench.session import lease as leasemod
 from mvlm_bench.session.facts import COMMAND_LINE_DEFAULTS, build_version, device_cpu_info, gguf_facts
 from mvlm_bench.session.failures import Failure, describe_failure
 from mvlm_bench.session.live_tokens import LiveTokens
+from mvlm_core import exec_timer
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
 from mvlm_core.filenames import precision_from_filename
@@ -65,6 +66,7 @@ class Prepared:
     workdir: str
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)  # llama-bench fields known before the runs
     rss_notes: set[str] = dataclasses.field(default_factory=set)  # why a run's peak RSS is null (device.resources)
+    timer: str | None = None  # mvlm-time on the device (mvlm_core.exec_timer); None: peak RSS is sampled
 
     @property
     def spec(self) -> BenchSpec:
@@ -116,11 +118,11 @@ class Session:
         return self.transport.capabilities
 
     @contextlib.contextmanager
-    def leased(self) -> Iterator[Callable[[], None]]:
+    def leased(self, shared: bool = False) -> Iterator[Callable[[], None]]:
         """Hold the device's lease (:mod:`mvlm_bench.session.lease`) for the block; yields the check to call after
         each run: it raises (exit 3) when the lease was lost meanwhile (a PostgreSQL lease whose connection dropped:
-        another bench may have measured at the same time)."""
-        with leasemod.profile_lease(self.profile, self.lease_db, self.lease_timeout, self.on_wait) as info:
+        another bench may have measured at the same time). ``shared``: beside other servers, never beside a bench."""
+        with leasemod.profile_lease(self.profile, self.lease_db, self.lease_timeout, self.on_wait, shared) as info:
             if info["waited_s"] >= 1:
                 self.log(f"waited {info['waited_s']:.0f} s for device {self.profile.name} (another bench was measuring "
                          "on it)")
@@ -167,6 +169,10 @@ class Session:
         spec = with_protocol_prompt(side.spec)
         rt = self.runtime(side)
         files, names = artifacts(rt, spec)
+        timed = self.capabilities.peak_rss and spec.protocol in ("lm", "vlm", "imp")  # the runs Session.run measures
+        helper = exec_timer.for_device(self.profile.target, emulated_here(self.profile)) if timed else None
+        if helper is not None:
+            files[f"bin/{exec_timer.NAME}"] = helper
         workdir, pushed = self.push(files, side.subdir, sync_progress, outputs)
         p = self.profile
         threads, ngl = device_settings(p, spec)
@@ -181,7 +187,12 @@ class Session:
                      **engine.params(spec), "n_gpu_layers": ngl, "n_threads": threads}
         # the build's own --version, before the warm-up: never between measured runs
         facts |= build_version(self.transport, argv[len(side.wrapper)], env)
-        return Prepared(side, argv, env, ctx, pushed, workdir, facts)
+        timer = f"{workdir}/bin/{exec_timer.NAME}" if helper is not None else None
+        if timer and not resources.timer_works(self.transport, timer, argv[0], env):
+            self.log(f"{exec_timer.NAME} cannot start {Path(argv[0]).name} on {p.name}: its peak RSS is sampled from "
+                     "/proc instead (rss_source: poll)")
+            timer = None
+        return Prepared(side, argv, env, ctx, pushed, workdir, facts, timer=timer)
 
     def _context(self, spec: BenchSpec, side: Side, rt: rtmod.Runtime, names: dict[str, str], threads: int | None,
                  ngl: int) -> RunContext:
@@ -224,7 +235,8 @@ class Session:
         prompt = prep.ctx.params.get("prompt")  # as it runs (imp: the 41-token request)
         stream = {"on_output": LiveTokens(spec, on_tokens, str(prompt) if prompt else None).feed} if on_tokens else {}
         if t.capabilities.peak_rss:
-            r, rss_mb = resources.run_measured(t, prep.argv, timeout=spec.timeout, env=prep.env, **stream)
+            r, rss_mb = resources.run_measured(t, prep.argv, timeout=spec.timeout, env=prep.env, timer=prep.timer,
+                                               **stream)
         else:
             r, rss_mb = t.run(prep.argv, timeout=spec.timeout, env=prep.env, **stream), None
         t_end = time.time()
@@ -234,11 +246,14 @@ class Session:
             return Failure(index, describe_failure(r, spec.timeout), r.output[-4000:], r.output)
         if not measured:
             return None
-        # the device's own wall clock (the process ran here): the paper's Total; over a link, the report rebuilds
-        # Total from llama.cpp's own numbers instead
-        wall = r.duration_s if t.capabilities.wall_clock else None
+        # the paper's Total: the process's wall time read on the device by mvlm-time; else the wall clock here when
+        # the process ran here; over a link without the helper, the report rebuilds Total from llama.cpp's numbers
+        wall, clock = getattr(r, "device_wall_s", None), "device"
+        if wall is None and t.capabilities.wall_clock:
+            wall, clock = r.duration_s, "here"
+        sources = {"rss_source": getattr(r, "rss_source", None), "wall_source": clock if wall is not None else None}
         return Run(parse_text(r.output), prep.ctx, tokens_out=spec.tokens(), wall_s=wall,
-                   facts={**prep.facts, **run_facts(r.output)}, started_at=t_start, ended_at=t_end,
+                   facts={**prep.facts, **run_facts(r.output), **sources}, started_at=t_start, ended_at=t_end,
                    peak_rss_mb=rss_mb, temp_start_c=temp_start, temp_end_c=thermal.read_celsius(t))
 
     def run_llama_bench(self, prep: Prepared, index: int, measured: bool) -> list[Run] | Failure:

@@ -155,6 +155,7 @@ def _runs(g: Group) -> list[dict[str, Any]]:
     out = []
     for i, (r, m) in enumerate(zip(g.runs, g.per_run, strict=True)):
         rec = {"repetition": i, "t_start": m["t_start"], "t_end": m["t_end"], "peak_rss_mb": m["peak_rss_mb"],
+               "rss_source": m["rss_source"], "total_source": m["total_source"],
                "temp_start_c": m["temp_start_c"], "temp_end_c": m["temp_end_c"], "metrics": m,
                "timing": r.timing.to_dict()}
         if r.per_sample:  # the dataset protocol: every sample's latency and server timings

@@ -27,7 +27,7 @@ from mvlm_bench.device.transports.shell import ShellTransport
 from mvlm_core.errors import MvlmError
 
 # A serial ends up as an argument of adb: a leading "-" would turn it into an option.
-_SERIAL_RE = re.compile(r"^[A-Za-z0-9_.:][A-Za-z0-9_.:-]*$")
+_SERIAL_RE = re.compile(r"[A-Za-z0-9_.:][A-Za-z0-9_.:-]*")  # used with fullmatch: "$" would let a newline through
 _ADB_GONE = (
     "not found",
     "no devices/emulators found",
@@ -63,7 +63,7 @@ class AdbTransport(ShellTransport):
     @classmethod
     def check_address(cls, address, where: str) -> str | None:
         address = super().check_address(address, where)
-        if not _SERIAL_RE.match(address or ""):
+        if not _SERIAL_RE.fullmatch(address or ""):
             raise MvlmError(f"{where}: field 'address' = {address!r} is not an adb serial (letters, digits, . : _ -)")
         return address
 
@@ -75,7 +75,7 @@ class AdbTransport(ShellTransport):
     @classmethod
     def adhoc_fields(cls, spec: str) -> dict:
         serial = spec[len(cls.adhoc_prefix or ""):]
-        if not serial or not _SERIAL_RE.match(serial):
+        if not serial or not _SERIAL_RE.fullmatch(serial):
             raise MvlmError(f"--device {spec}: bad adb serial {serial!r}; use adb:SERIAL with a serial from `adb devices`")
         return {"transport": "adb", "address": serial, "target": "android-arm64", "threads": 4,
                 "description": "ad hoc adb device"}
@@ -110,8 +110,8 @@ class AdbTransport(ShellTransport):
             return UnreachableError(
                 f"adb {self.serial}: device not available ({line}); plug it in, enable USB debugging and check `adb devices`"
             )
-        return ConnectionLostError(f"adb {self.serial}: the connection ended while {what}, before its exit status came "
-                                   f"back (last output: {line}); check the cable and `adb devices`, then run again")
+        return ConnectionLostError(f"adb {self.serial}: the connection ended ({what}) before the device sent the exit "
+                                   f"status (last output: {line}); check the cable and `adb devices`, then run again")
 
     def _shell(self, script: str, timeout: float, what: str,
                on_output: OutputFn | None = None) -> tuple[int | None, str, float]:
@@ -154,6 +154,13 @@ class AdbTransport(ShellTransport):
                 raise MvlmError(f"adb {self.serial}: {remote} does not exist on the device")
             raise self._classify(out, f"pull of {remote}", during_transfer=True)
         os.replace(tmp, local)
+
+    def probe(self):
+        info = super().probe()
+        if not info.android_abi:  # every adb device is an Android one: without its ABI no build can be chosen
+            raise MvlmError(f"adb {self.serial}: the device does not say its ABI (`getprop ro.product.cpu.abi` printed "
+                            "nothing), so mvlm cannot tell which build runs there; nothing was pushed")
+        return info
 
     def shell_argv(self, script: str) -> list[str]:
         """``adb -s SERIAL shell`` running the sh ``script``, for a process the caller starts and owns (a server): with
