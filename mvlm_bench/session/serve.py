@@ -312,7 +312,7 @@ def serve(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Serving],
     kind = transport_kinds().get(profile.transport)
     if kind is not None and not kind.capabilities.port_forward:  # said before anything connects
         raise MvlmError(f"--device {profile.name}: serving needs a device whose port can be reached from here, and its "
-                        f"transport ({profile.transport}) forwards none; use an ssh or local device")
+                        f"transport ({profile.transport}) forwards none; use a local, ssh or adb device")
     stops = StopSignals().install()
     server: Server | None = None
     front: Front | None = None

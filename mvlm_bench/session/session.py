@@ -186,10 +186,11 @@ class Session:
             facts = {"build_commit": ctx.runtime_commit, **gguf_facts(spec.model), **COMMAND_LINE_DEFAULTS,
                      **engine.params(spec), "n_gpu_layers": ngl, "n_threads": threads}
         # the build's own --version, before the warm-up: never between measured runs
-        facts |= build_version(self.transport, argv[len(side.wrapper)], env)
+        exe = argv[len(side.wrapper)]  # the binary itself, past an A/B side's own wrapper
+        facts |= build_version(self.transport, exe, env)
         timer = f"{workdir}/bin/{exec_timer.NAME}" if helper is not None else None
-        if timer and not resources.timer_works(self.transport, timer, argv[0], env):
-            self.log(f"{exec_timer.NAME} cannot start {Path(argv[0]).name} on {p.name}: its peak RSS is sampled from "
+        if timer and not resources.timer_works(self.transport, timer, exe, env):
+            self.log(f"{exec_timer.NAME} cannot start {Path(exe).name} on {p.name}: its peak RSS is sampled from "
                      "/proc instead (rss_source: poll)")
             timer = None
         return Prepared(side, argv, env, ctx, pushed, workdir, facts, timer=timer)
