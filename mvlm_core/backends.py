@@ -37,8 +37,9 @@ from mvlm_core.errors import MvlmError
 KV_CACHE_TYPES = {"f32": 0, "f16": 1}
 
 
-def exec_wrapper_for(target: str) -> list[str]:
-    """How this machine runs the target's binaries: directly, or through qemu-user for arm64 on another CPU."""
+def exec_wrapper_for(target: str, qemu_cpu: str | None = None) -> list[str]:
+    """How this machine runs the target's binaries: directly, or through qemu-user for arm64 on another CPU
+    (``qemu_cpu``: the CPU model qemu emulates, ``-cpu``; default qemu's own, ``max``)."""
     if target in ("host", "cuda") or platform.machine() in ("aarch64", "arm64"):
         return []
     if target in ("linux-arm64", "android-arm64"):
@@ -46,7 +47,7 @@ def exec_wrapper_for(target: str) -> list[str]:
         if not qemu:
             raise MvlmError(f"running {target} binaries on {platform.machine()} needs qemu-user: "
                             "apt-get install qemu-user-static")
-        return [qemu]
+        return [qemu, "-cpu", qemu_cpu] if qemu_cpu else [qemu]
     raise MvlmError(f"{target} binaries cannot run on this machine ({platform.machine()}): run the check on the device")
 
 
@@ -269,15 +270,18 @@ class BinaryBackend:
     MEDIA_MARKER = conversation.MEDIA_MARKER  # mtmd_default_marker() at the pinned commit; the tool reports its own, checked
 
     def __init__(self, target: str = "linux-arm64", exec_wrapper: list[str] | None = None,
-                 n_threads: int | None = None, n_ctx: int = 1024, timeout: float = 900.0):
+                 n_threads: int | None = None, n_ctx: int = 1024, timeout: float = 900.0,
+                 cpu_variant: str | None = None):
         self.target = target
-        self.build = rtmod.find(target)
+        self.build = rtmod.find(target, cpu_variant=cpu_variant)
         self.exe = self.build.exe("mvlm-dump")
         if not self.exe.is_file():
             raise MvlmError(f"the {target} runtime at {self.build.root} has no mvlm-dump (built before patch 0002): "
                             f"run `mvlm runtime build --target {target}`")
         self.wrapper = list(exec_wrapper) if exec_wrapper is not None else exec_wrapper_for(target)
-        self.name = f"{target} (mvlm-dump" + (f" under {Path(self.wrapper[0]).name})" if self.wrapper else ")")
+        under = " ".join([Path(self.wrapper[0]).name, *self.wrapper[1:]]) if self.wrapper else ""
+        self.name = f"{target}" + (f" {cpu_variant}" if cpu_variant else "") + " (mvlm-dump" + \
+            (f" under {under})" if under else ")")
         self.n_threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
         self.n_ctx = n_ctx
         self.timeout = timeout

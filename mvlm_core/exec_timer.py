@@ -128,18 +128,24 @@ def for_device(target: str, emulated_here: bool) -> Path | None:
 def build(target: str, ndk: Path | None = None) -> Path | None:
     """The helper for ``target`` (compiled into the cache once per source and compiler); None when this machine has
     no compiler for it, or the compiler failed (the caller samples instead and says so)."""
+    return build_tool(NAME, SOURCE, target, ndk)
+
+
+def build_tool(name: str, source: str, target: str, ndk: Path | None = None) -> Path | None:
+    """A one-file C tool ``name`` for ``target``, compiled into ``$MVLM_CACHE/tools/`` once per source and compiler
+    (static); None when this machine has no compiler for the target, or the compiler failed."""
     from mvlm_core.runtime import cache_root
 
     cc = compiler_for(target, ndk)
     if cc is None:
         return None
-    key = hashlib.sha256(("\0".join([SOURCE, *cc])).encode()).hexdigest()[:16]
-    out = cache_root() / "tools" / f"{NAME}-{target}-{key}"
+    key = hashlib.sha256(("\0".join([source, *cc])).encode()).hexdigest()[:16]
+    out = cache_root() / "tools" / f"{name}-{target}-{key}"
     if out.is_file() and os.access(out, os.X_OK):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     src = out.with_suffix(".c")
-    src.write_text(SOURCE)
+    src.write_text(source)
     tmp = temporary_for(out)
     try:
         r = subprocess.run([*cc, "-o", str(tmp), str(src)], capture_output=True, text=True, timeout=120)

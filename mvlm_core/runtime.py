@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from mvlm_core import cpu_variants
 from mvlm_core.atomic import open_fresh, private_dir, temporary_for
 from mvlm_core.errors import MvlmError
 
@@ -56,6 +57,8 @@ BINARIES = ("llama-completion", "llama-mtmd-cli", "llama-bench", "llama-quantize
 RECIPE_VERSION = 1
 
 PATCH_DIR = Path(__file__).parent / "patches"
+# included at the end of KleidiAI's project(): works around GCC 12's internal compiler error on KleidiAI's C files
+KLEIDIAI_GCC_FIX = Path(__file__).parent / "cmake" / "kleidiai-gcc.cmake"
 # Parts of the source tree the build never reads; not copied into the per-build patched source.
 _SKIP_DIRS = {".git", "models", "docs", "media", "benches", ".devops", "examples", "gguf-py", "pocs"}
 
@@ -239,6 +242,8 @@ class BuildOptions:
     jobs: int | None = None
     cuda_arch: str | None = None  # target cuda: CMAKE_CUDA_ARCHITECTURES ("90", "8.9", "80;90"); None: nvidia-smi's
     extra_cmake_args: tuple[str, ...] = ()
+    cpu_variant: str | None = None  # mvlm_core.cpu_variants: arm64 armv8.0|dotprod|i8mm, host generic|native
+    kleidiai_src: Path | None = None  # a +kleidiai variant: KleidiAI's source tree (else CMake downloads it)
 
 
 def _host_cpu_id() -> str:
@@ -375,6 +380,13 @@ def check_options(opts: BuildOptions) -> CudaToolchain | None:
     if opts.cuda_arch and opts.target != "cuda":
         raise MvlmError(f"--cuda-arch is for --target cuda (the {opts.target} target does not take it; orin is always "
                         "sm_87)")
+    if opts.cpu_variant:
+        cpu_variants.get(opts.target, opts.cpu_variant)  # one line naming the choices when it is not one
+    if opts.kleidiai_src is not None:
+        if not (opts.cpu_variant and cpu_variants.kleidiai_of(opts.cpu_variant)):
+            raise MvlmError("--kleidiai-src is for the KleidiAI variants (--cpu-variant dotprod+kleidiai or "
+                            "i8mm+kleidiai)")
+        kleidiai_version(opts.kleidiai_src)  # not a KleidiAI tree: one line
     return cuda_toolchain(opts) if opts.target == "cuda" else None
 
 
@@ -403,11 +415,14 @@ def cmake_args(opts: BuildOptions, source: Source) -> tuple[list[str], str]:
     static = ["-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF", "-DGGML_OPENMP=OFF"]
     t = opts.target
     cuda = check_options(opts)
+    variant = cpu_variants.get(t, opts.cpu_variant) if opts.cpu_variant else None
     if t in ("host", "cuda"):
-        args = [*common, "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON",
-                "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN/../lib", *host_isa_args()]
-        note = f"host compiler ({platform.machine()}, -march=native" + (", AMX off)" if
-                                                                        AMX_OFF[0] in args else ")")
+        generic = variant is not None and variant.name == "generic"
+        isa = list(variant.cmake) if generic else ["-DGGML_NATIVE=ON", *host_isa_args()]
+        args = [*common, "-DBUILD_SHARED_LIBS=ON", *isa[:1],
+                "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN/../lib", *isa[1:]]
+        note = (f"host compiler ({platform.machine()}, generic x86-64: no AVX)" if generic else
+                f"host compiler ({platform.machine()}, -march=native" + (", AMX off)" if AMX_OFF[0] in args else ")"))
         if cuda is not None:
             # shared libraries like host (the Python bindings load them); the GPU code for the named architectures
             # only, compiled by the nvcc whose release line is in the build key
@@ -449,7 +464,59 @@ def cmake_args(opts: BuildOptions, source: Source) -> tuple[list[str], str]:
             note = "native CUDA build (run on the Jetson itself)"
     else:
         raise MvlmError(f"unknown target {t!r}: choose one of {', '.join(TARGETS)}")
+    if variant is not None and t in cpu_variants.ARM64_TARGETS and variant.name != "dotprod":
+        args = [a for a in args if not a.startswith("-DGGML_CPU_ARM_ARCH=")] + list(variant.cmake)
+        note += f"; CPU variant {variant.name} ({variant.cmake[0].split('=', 1)[1]})"
+        if cpu_variants.kleidiai_of(variant.name):
+            args.append(f"-DCMAKE_PROJECT_KleidiAI_INCLUDE={KLEIDIAI_GCC_FIX}")
+            if opts.kleidiai_src is not None:
+                src_dir = Path(opts.kleidiai_src).expanduser().resolve()
+                have, want = kleidiai_version(src_dir), pinned_kleidiai(source)
+                if want and have != want:
+                    raise MvlmError(f"{src_dir} is KleidiAI {have}; this llama.cpp source is made for {want}: give "
+                                    f"KleidiAI v{want}'s source")
+                args.append(f"-DFETCHCONTENT_SOURCE_DIR_KLEIDIAI={src_dir}")
+                note += f", KleidiAI {have} from {src_dir}"
+            else:
+                note += ", KleidiAI downloaded by CMake from GitHub"
     return [*args, *opts.extra_cmake_args], note
+
+
+def variant_of(manifest: dict) -> str | None:
+    """The CPU variant a build was made for (mvlm_core.cpu_variants), from its manifest; None: a target without
+    variants (cuda, orin) or a build whose CMake arguments are none of mvlm's."""
+    if manifest.get("cpu_variant"):
+        return str(manifest["cpu_variant"])
+    args = manifest.get("cmake_args") or []
+    target = manifest.get("target", "")
+    for v in sorted(cpu_variants.variants_for(target), key=lambda v: -len(v.cmake)):  # the most specific first
+        if all(c in args for c in v.cmake):
+            return v.name
+    return None
+
+
+def kleidiai_version(src: Path) -> str:
+    """The version a KleidiAI source tree declares (its CMakeLists.txt); one line when ``src`` is not one."""
+    cm = Path(src).expanduser() / "CMakeLists.txt"
+    try:
+        text = cm.read_text(errors="replace")
+    except OSError:
+        text = ""
+    m = re.search(r"project\(\s*KleidiAI\b[^)]*?VERSION\s+([0-9.]+)", text, re.S | re.I)
+    if not m:
+        raise MvlmError(f"{src} is not a KleidiAI source tree (no project(KleidiAI VERSION ...) in CMakeLists.txt): "
+                        "give the directory of KleidiAI's release source (the pinned llama.cpp uses v1.24.0)")
+    return m.group(1)
+
+
+def pinned_kleidiai(source: Source) -> str | None:
+    """The KleidiAI version a llama.cpp source downloads (ggml-cpu's KLEIDIAI_COMMIT_TAG), None if it names none."""
+    try:
+        text = (source.path / "ggml" / "src" / "ggml-cpu" / "CMakeLists.txt").read_text(errors="replace")
+    except OSError:
+        return None
+    m = re.search(r'KLEIDIAI_COMMIT_TAG\s+"v?([0-9.]+)"', text)
+    return m.group(1) if m else None
 
 
 def build_key(source: Source, patches: list[Patch], opts: BuildOptions, args: list[str]) -> str:
@@ -463,6 +530,12 @@ def build_key(source: Source, patches: list[Patch], opts: BuildOptions, args: li
     }
     if opts.target == "cuda":  # a different toolkit builds anew (the architectures are in the CMake arguments)
         ident["cuda"] = _cuda_manifest(args)["release"]
+    # KleidiAI's source: the version the llama.cpp source pins, downloaded or given as a tree (checked to be that
+    # version), the same build either way: `find` computes its key without knowing where the tree was
+    ident["cmake_args"] = [a for a in args if not a.startswith(("-DFETCHCONTENT_SOURCE_DIR_KLEIDIAI=",
+                                                                 "-DCMAKE_PROJECT_KleidiAI_INCLUDE="))]
+    if len(ident["cmake_args"]) != len(args) and KLEIDIAI_GCC_FIX.is_file():  # mvlm's file: its content, not its path
+        ident["kleidiai_include"] = sha256_file(KLEIDIAI_GCC_FIX)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -584,6 +657,7 @@ def build(
             "cmake_args": args,
             "toolchain": note,
             **({"cuda": _cuda_manifest(args)} if opts.target == "cuda" else {}),
+            "cpu_variant": variant_of({"target": recipe.target, "cmake_args": args}),
             "binaries": list(BINARIES),
             "libraries": [p.name for p in libs],
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -628,11 +702,13 @@ def write_latest(target: str, rt: Runtime) -> None:
     tmp.replace(p)
 
 
-def find(target: str = "host", llama_cpp: Path | None = None) -> Runtime:
-    """The runtime for ``target`` built from the default (or given) source, without building. MvlmError if none."""
+def find(target: str = "host", llama_cpp: Path | None = None, cpu_variant: str | None = None) -> Runtime:
+    """The runtime for ``target`` (of ``cpu_variant``: None, the target's default build) built from the default (or
+    given) source, without building. MvlmError if none."""
     if target not in TARGETS:
         raise MvlmError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
-    hint = f"run `mvlm runtime build --target {target}" + (f" --llama-cpp {llama_cpp}`" if llama_cpp else "`")
+    hint = f"run `mvlm runtime build --target {target}" + (f" --cpu-variant {cpu_variant}" if cpu_variant else "") + \
+        (f" --llama-cpp {llama_cpp}`" if llama_cpp else "`")
     try:
         if llama_cpp:
             source = user_source(llama_cpp)
@@ -640,7 +716,7 @@ def find(target: str = "host", llama_cpp: Path | None = None) -> Runtime:
             stamp = cache_root() / "src" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}" / ".mvlm-source.json"
             source = pinned_source() if stamp.is_file() else None
         if source is not None:
-            opts = BuildOptions(target=target)
+            opts = BuildOptions(target=target, cpu_variant=cpu_variant)
             args, _ = cmake_args(opts, source)
             recipe = dataclasses.replace(opts, target=recipe_target(opts))
             key = build_key(source, project_patches(), recipe, args)
@@ -653,8 +729,11 @@ def find(target: str = "host", llama_cpp: Path | None = None) -> Runtime:
     if not llama_cpp and latest.is_file():
         root = Path(json.loads(latest.read_text())["root"])
         if (root / "manifest.json").is_file():
-            return Runtime(root, json.loads((root / "manifest.json").read_text()), cached=True)
-    raise MvlmError(f"no {target} runtime is built yet: {hint}")
+            rt = Runtime(root, json.loads((root / "manifest.json").read_text()), cached=True)
+            if cpu_variant is None or variant_of(rt.manifest) == cpu_variant:
+                return rt
+    what = f"{target} runtime" + (f" of CPU variant {cpu_variant}" if cpu_variant else "")
+    raise MvlmError(f"no {what} is built yet: {hint}")
 
 
 def find_build(target: str, commit: str, patches: list[str] | tuple[str, ...]) -> Runtime | None:

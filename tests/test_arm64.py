@@ -237,10 +237,13 @@ def test_bench_on_the_emulated_device(arm64_runtime, tiny_v2, tmp_path, protocol
     row = rows[0]
     assert row["device"] == "qemu-arm64 (emulated)" and row["params"]["emulated"] is True
     assert row["params"]["target"] == "linux-arm64"
-    # the arm64 binary really ran on the "device": it is what was synced into the profile's workdir
+    # the arm64 binary really ran on the "device": it is what was synced into the profile's workdir, the build of
+    # the CPU variant llama.cpp's system_info says ran (qemu's default CPU, max, runs the i8mm build where it is built)
     exe = "llama-mtmd-cli" if protocol == "vlm" else "llama-completion"
     pushed = tmp_path / "device" / "bin" / exe
-    assert pushed.read_bytes() == arm64_runtime.exe(exe).read_bytes()
+    assert row["cpu_variant"] in ("i8mm", "dotprod") and row["cpu_features_source"] == "auxv"
+    ran = rtmod.find("linux-arm64", cpu_variant=row["cpu_variant"])
+    assert pushed.read_bytes() == ran.exe(exe).read_bytes()
 
 
 @pytest.mark.slow

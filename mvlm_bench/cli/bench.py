@@ -86,6 +86,9 @@ _AGAINST = typer.Option(None, "--against", help="Interleaved A/B session: the ba
                         "llama-cpp=DIR (a checkout built with `mvlm runtime build --llama-cpp DIR`), threads=N, "
                         "n-gpu-layers=N, ctx-size=N. --repeat is then the number of A/B pairs; --fail-on-regression "
                         "gates on the paired runs (docs/ci.md).")
+_CPU_VARIANT = typer.Option(None, "--cpu-variant", help="Run this CPU variant of the device's build (arm64: armv8.0, "
+                            "dotprod, i8mm; host: native, generic) instead of the fastest its probed CPU runs; one "
+                            "the CPU lacks is refused before anything is pushed (docs/devices.md).")
 _ORDER = typer.Option("abba", "--order", help="A/B run order: abba (A B B A ..., cancels drift and order effects) or "
                                               "alternate (A B A B ...).")
 _LEASE_TIMEOUT = typer.Option(3600.0, "--lease-timeout", help="Seconds to wait while another bench measures on the "
@@ -111,7 +114,7 @@ def bench_cmd(ctx: typer.Context, device: str = _DEVICE, protocol: str = _PROTOC
               ctk: list[str] | None = _ENGINE["cache_type_k"], ctv: list[str] | None = _ENGINE["cache_type_v"],
               cpu_mask: list[str] | None = _ENGINE["cpu_mask"], cpu_strict: list[str] | None = _ENGINE["cpu_strict"],
               poll: list[str] | None = _ENGINE["poll"], prio: list[str] | None = _ENGINE["prio"],
-              output: str | None = _OUTPUT) -> None:
+              output: str | None = _OUTPUT, cpu_variant: str | None = _CPU_VARIANT) -> None:
     """Run the papers' latency protocols on a device and report Sample / Eval_prompt / Eval / Total (+ VE, Eval_avg).
 
     Pushes the runtime for the device's target and the model files (content-addressed: unchanged files are not pushed
@@ -152,6 +155,7 @@ def bench_cmd(ctx: typer.Context, device: str = _DEVICE, protocol: str = _PROTOC
 
     stdout_format = _stdout_format(output, json_flag)
     run = _Bench(device, opts, outputs, stdout_format, save, db_arg, label, baseline, fail_on_regression, verbose)
+    run.cpu_variant = cpu_variant
     try:
         run.check()
     except Stopped as e:  # still reading the options and files: nothing was measured or written
@@ -182,6 +186,7 @@ class _Bench:
         self.threshold: float | None = None
         self.bases: list = []
         self.interrupted = None
+        self.cpu_variant: str | None = None
         self.phase = "checking"  # then measuring, reporting, comparing
 
     def check(self) -> None:
@@ -203,7 +208,9 @@ class _Bench:
         if self.opts.against and self.baseline:
             raise MvlmError("--against (an interleaved A/B session) and --baseline (a stored measurement) exclude each "
                             "other: give one")
-        self.profile = load_profile(self.device)
+        from mvlm_bench.device.cpu_features import with_cpu_variant
+
+        self.profile = with_cpu_variant(load_profile(self.device), self.cpu_variant)
         self.plan = make_plan(self.profile, self.opts)
         if self.plan.same_sides:
             err.print("[yellow]note:[/] both sides of the A/B session are the same: an A/A session measures the noise")

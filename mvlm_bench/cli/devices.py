@@ -36,6 +36,9 @@ def devices_cmd(
                                                         "named profile that is invalid (exit 2) or unreachable (exit "
                                                         "3) fails the command."),
     check: bool = typer.Option(True, "--check/--no-check", help="Check that each device is reachable."),
+    probe: bool = typer.Option(False, "--probe", help="Also ask each reachable device what it is: OS, architecture, its "
+                                                      "CPU's features (/proc/cpuinfo; on an emulated CPU the kernel's "
+                                                      "hwcaps) and the CPU variant of the build it gets."),
     json_: bool = typer.Option(False, "--json", help="JSON list instead of a table."),
 ) -> None:
     """List the device profiles (devices/*.toml, ~/.config/mvlm/devices) and whether each is reachable now.
@@ -63,12 +66,15 @@ def devices_cmd(
                 worst = MvlmError(e.error or f"{e.path}: invalid device profile")
             continue
         status = "not checked"
-        if check:
+        extra: dict = {}
+        if check or probe:
             try:
                 t = make_transport(p)
                 try:
                     t.check()
                     status = "reachable"
+                    if probe:
+                        extra = _probe(t, p)
                 finally:
                     t.close()
             except MvlmError as err_:
@@ -77,18 +83,58 @@ def devices_cmd(
                     worst = MvlmError(f"device {p.name} is unreachable: {err_}", exit_code=3)
         rows.append({"name": p.name, "transport": p.transport, "address": p.address or "", "target": p.target,
                      "threads": p.threads, "emulated": p.emulated, "status": status,
-                     "source": str(p.source) if p.source else ""})
+                     "source": str(p.source) if p.source else "", **extra})
     if json_:
         print(json.dumps(rows, indent=2))
     else:
         t = Table(title="Device profiles")
-        for col in ("name", "transport", "address", "target", "status"):
+        cols = ["name", "transport", "address", "target", "status"] + (["CPU variant", "CPU features"] if probe else [])
+        for col in cols:
             t.add_column(col, overflow="fold")
         for r in rows:
             style = "red" if r["status"].startswith("invalid") else None
-            t.add_row(r["name"], r["transport"], r["address"], r["target"] + (" (emulated)" if r["emulated"] else ""),
-                      r["status"], style=style)
+            cells = [r["name"], r["transport"], r["address"], r["target"] + (" (emulated)" if r["emulated"] else ""),
+                     r["status"]]
+            if probe:
+                cells += [r.get("cpu_variant") or "", _shown_features(r)]
+            t.add_row(*cells, style=style)
         console.print(t)
         sys.stdout.flush()
     if worst is not None:
         raise worst
+
+
+def _probe(transport, profile) -> dict:
+    """What ``--probe`` adds to a reachable device's row: what it is, its CPU's features, the build it gets."""
+    from mvlm_bench.device.cpu_features import choose
+    from mvlm_bench.device.cpu_features import probe as cpu_probe
+    from mvlm_bench.device.targets import resolve_target
+    from mvlm_core.errors import MvlmError
+
+    info = transport.probe()
+    out: dict = {"system": info.system, "machine": info.machine, "android_abi": info.android_abi or None}
+    try:
+        resolved = resolve_target(profile, info)
+    except MvlmError as e:
+        return out | {"cpu_note": str(e)}
+    transport.profile = resolved
+    cpu = cpu_probe(transport, resolved)
+    out |= {"target": resolved.target, "cpu_features": list(cpu.features), "cpu_features_source": cpu.source}
+    try:
+        variant, notes = choose(resolved, cpu)
+    except MvlmError as e:
+        return out | {"cpu_variant": None, "cpu_note": str(e)}
+    return out | {"cpu_variant": variant, "cpu_note": " / ".join(notes) or cpu.note or None}
+
+
+# the features that decide a build (cpu_variants), shown in the table; --json lists them all
+_SHOWN = ("asimddp", "asimdhp", "i8mm", "bf16", "sve", "sve2", "sme", "avx", "avx2", "fma", "f16c", "avx_vnni",
+          "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+def _shown_features(row: dict) -> str:
+    feats = row.get("cpu_features")
+    if feats is None:
+        return row.get("cpu_note") or ""
+    shown = " ".join(f for f in _SHOWN if f in feats) or "(baseline)"
+    return f"{shown} [{row.get('cpu_features_source')}]"

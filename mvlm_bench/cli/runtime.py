@@ -20,6 +20,9 @@ console = make_console(stderr=True)
 TARGET_HELP = "host (this machine; used by tests and verify), cuda (this machine's NVIDIA GPU: CUDA, shared " \
               "libraries, --cuda-arch), linux-arm64 (static, Debian cross gcc), android-arm64 (NDK, else Debian " \
               "cross gcc), orin (CUDA sm_87)."
+VARIANT_HELP = ("The CPU variant: linux-arm64/android-arm64 armv8.0, dotprod (default: Armv8.2 dotprod+fp16) or i8mm "
+                "(+ int8 matrix multiply), dotprod+kleidiai or i8mm+kleidiai (+ Arm's KleidiAI kernels); host native "
+                "(default) or generic (x86-64, no AVX). docs/runtime.md.")
 
 
 @app.command("build")
@@ -38,6 +41,12 @@ def build_cmd(
         None, "--cuda-arch", help="--target cuda: the GPU architectures to compile for, e.g. 90 (H100/H200), 89 (L4, "
                                   "RTX 40xx), 86, 80 (A100), several as 80;90 (default: this machine's GPUs, from "
                                   "nvidia-smi)."),
+    cpu_variant: str | None = typer.Option(
+        None, "--cpu-variant", help=VARIANT_HELP + " 'all': every variant of the target, one build each (the KleidiAI "
+                                    "ones with --kleidiai-src)."),
+    kleidiai_src: Path | None = typer.Option(
+        None, "--kleidiai-src", envvar="MVLM_KLEIDIAI_SRC", help="A +kleidiai variant: the source tree of the KleidiAI "
+        "release the pinned llama.cpp names (v1.24.0); without it CMake downloads it from GitHub while configuring."),
     json_: bool = typer.Option(False, "--json", help="Print the build manifest as JSON on stdout."),
 ) -> None:
     """Build llama.cpp (pinned source + the project's patches) for TARGET, or find it in the cache.
@@ -50,6 +59,9 @@ def build_cmd(
     if device and (target == "cuda" or cuda_arch):
         raise MvlmError("the cuda target is built on the machine that has the GPU: run `mvlm runtime build --target "
                         "cuda` there (--device builds the orin target on a Jetson)")
+    if device and cpu_variant:
+        raise MvlmError("--cpu-variant is for the builds made here (linux-arm64, android-arm64, host); a build on a "
+                        "device (--device) is compiled for that device's own CPU")
     if device:
         from mvlm_bench.session.remote_build import build_on_device
 
@@ -59,13 +71,32 @@ def build_cmd(
         else:
             console.print(f"built on {device}: {rt_root}")
         return
+    from mvlm_core import cpu_variants
+
+    if cpu_variant == "all":
+        names = [v.name for v in cpu_variants.variants_for(target) if kleidiai_src or not v.optional]
+        if not names:
+            cpu_variants.get(target, "all")  # the one line: this target has one build
+    else:
+        names = [cpu_variant]
+    manifests = []
+    for name in names:
+        src = kleidiai_src if name and cpu_variants.kleidiai_of(name) else None
+        opts = rtmod.BuildOptions(target=target, ndk=ndk, toolchain=toolchain, jobs=jobs, cuda_arch=cuda_arch,
+                                  cpu_variant=name, kleidiai_src=src)
+        manifests.append(_build_one(opts, target, llama_cpp, json_))
+    if json_:
+        print(json.dumps(manifests[0] if len(manifests) == 1 else manifests, indent=2))
+
+
+def _build_one(opts: rtmod.BuildOptions, target: str, llama_cpp: Path | None, json_: bool) -> dict:
     t0 = time.monotonic()
-    opts = rtmod.BuildOptions(target=target, ndk=ndk, toolchain=toolchain, jobs=jobs, cuda_arch=cuda_arch)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True, disable=json_ or not console.is_terminal,  # a log gets no bar (nor its blank line)
     ) as prog:
-        task = prog.add_task(f"llama.cpp {target}", total=None)
+        task = prog.add_task(f"llama.cpp {target}" + (f" ({opts.cpu_variant})" if opts.cpu_variant else ""),
+                             total=None)
 
         def progress(done: int, total: int, line: str) -> None:
             prog.update(task, completed=done, total=total)
@@ -76,11 +107,12 @@ def build_cmd(
         rt = rtmod.build(opts, llama_cpp=llama_cpp, progress=progress, log=log)
     dt = time.monotonic() - t0
     if json_:
-        print(json.dumps({**rt.manifest, "root": str(rt.root), "cached": rt.cached}, indent=2))
-        return
+        return {**rt.manifest, "root": str(rt.root), "cached": rt.cached}
     patches = ", ".join(f"{p['name']} ({p['status']})" for p in rt.manifest.get("patches", [])) or "none"
     state = f"cached, {dt:.2f} s" if rt.cached else f"built in {dt:.0f} s"
-    console.print(f"[green]{target} runtime ready[/] ({state}): {rt.root}")
+    variant = rtmod.variant_of(rt.manifest)
+    console.print(f"[green]{target} runtime ready[/]" + (f" (CPU variant {variant})" if variant else "") +
+                  f" ({state}): {rt.root}")
     console.print(f"  llama.cpp {rt.manifest.get('commit')}  patches: {patches}")
     console.print(f"  toolchain: {rt.manifest.get('toolchain')}")
     if rt.manifest.get("target") != target:  # android-arm64 without an NDK: one static aarch64 build serves both
@@ -88,24 +120,36 @@ def build_cmd(
     if rt.manifest.get("cuda"):
         cuda = rt.manifest["cuda"]
         console.print(f"  CUDA: {cuda.get('release')}; architectures {cuda.get('architectures')}", highlight=False)
+    return {**rt.manifest, "root": str(rt.root), "cached": rt.cached}
 
 
 @app.command("path")
 def path_cmd(
     target: str = typer.Option("host", "--target", help=TARGET_HELP),
     llama_cpp: Path | None = typer.Option(None, "--llama-cpp", help="The checkout the runtime was built from."),
+    cpu_variant: str | None = typer.Option(None, "--cpu-variant", help=VARIANT_HELP),
 ) -> None:
     """Print the install dir of a built runtime (bin/, lib/, manifest.json); exit 2 if it is not built."""
-    print(rtmod.find(target, llama_cpp).root)
+    _check_variant(target, cpu_variant)
+    print(rtmod.find(target, llama_cpp, cpu_variant).root)
+
+
+def _check_variant(target: str, cpu_variant: str | None) -> None:
+    from mvlm_core import cpu_variants
+
+    if cpu_variant:
+        cpu_variants.get(target, cpu_variant)
 
 
 @app.command("info")
 def info_cmd(
     target: str = typer.Option("host", "--target", help=TARGET_HELP),
     llama_cpp: Path | None = typer.Option(None, "--llama-cpp", help="The checkout the runtime was built from."),
+    cpu_variant: str | None = typer.Option(None, "--cpu-variant", help=VARIANT_HELP),
 ) -> None:
     """Print a built runtime's manifest (source, commit, patches, CMake arguments) as JSON."""
-    rt = rtmod.find(target, llama_cpp)
+    _check_variant(target, cpu_variant)
+    rt = rtmod.find(target, llama_cpp, cpu_variant)
     print(json.dumps({**rt.manifest, "root": str(rt.root)}, indent=2))
 
 

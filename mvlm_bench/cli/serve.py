@@ -52,6 +52,9 @@ def serve_cmd(
     parallel: int | None = typer.Option(None, "--parallel", "-np", help="llama-server's slots: requests decoded at "
                                                                         "once, sharing --ctx-size (default: "
                                                                         "llama-server's)."),
+    cpu_variant: str | None = typer.Option(None, "--cpu-variant", help="Run this CPU variant of the device's build "
+                                           "(arm64: armv8.0, dotprod, i8mm; host: native, generic) instead of the "
+                                           "fastest its probed CPU runs (docs/devices.md)."),
     server_args: list[str] | None = typer.Argument(None, metavar="[-- LLAMA_SERVER_ARGS...]",
                                                    help="After --: options passed to llama-server unchanged (e.g. "
                                                         "-- -fa on --cache-type-k q8_0); those mvlm sets itself are "
@@ -77,7 +80,9 @@ def serve_cmd(
     spec, notes = _spec(model, mmproj, host, port, threads, ctx_size, n_gpu_layers, alias, log, timeout, api_key_file,
                         api_key, max_image_pixels, max_body_mb, max_concurrent, allow_remote_images, parallel,
                         server_args)
-    profile = _profile(device)
+    from mvlm_bench.device.cpu_features import with_cpu_variant
+
+    profile = with_cpu_variant(_profile(device), cpu_variant)
     on_ready = _announcer(spec, notes)
 
     def say(msg: str) -> None:

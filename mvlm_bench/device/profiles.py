@@ -13,6 +13,10 @@ A user adds a device by adding a file, not code. The schema (every key but ``tra
     n_gpu_layers = 999                     # default 0
     exec_wrapper = ["qemu-aarch64-static"] # argv prefix for every run() on the device (default none)
     emulated = false                       # true: timings are an emulator's, not a device's (reports say so)
+    cpu_features = ["asimddp", "i8mm"]     # what the CPU is documented to have (Linux's names), checked against the
+                                           # probe: a device that lacks one is named (wrong serial?), never guessed
+    cpu_variant = "i8mm"                   # force a CPU variant of the target's build (default: the fastest the
+                                           # probed CPU runs; mvlm_core.cpu_variants)
     [env]                                  # extra environment for commands run on the device
     LD_LIBRARY_PATH = "/home/nvidia/mvlm/lib"
     [ssh]                                  # only for transport = "ssh"
@@ -83,6 +87,8 @@ class DeviceProfile:
     n_gpu_layers: int = 0
     exec_wrapper: tuple[str, ...] = ()
     emulated: bool = False
+    cpu_features: tuple[str, ...] = ()
+    cpu_variant: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     ssh: SshOptions = field(default_factory=SshOptions)
     source: Path | None = None  # the .toml it came from; None for ad hoc profiles
@@ -121,6 +127,7 @@ class DeviceProfile:
             "n_gpu_layers": self.n_gpu_layers,
             "exec_wrapper": list(self.exec_wrapper),
             "emulated": self.emulated,
+            "cpu_variant": self.cpu_variant,
         }
 
 
@@ -255,6 +262,8 @@ _TOP_KEYS = {
     "n_gpu_layers": int,
     "exec_wrapper": list,
     "emulated": bool,
+    "cpu_features": list,
+    "cpu_variant": str,
     "env": dict,
 }  # and each transport kind's own table ([ssh]): _top_keys()
 
@@ -333,10 +342,23 @@ def profile_from_dict(
             raise MvlmError(f"{where}: field 'env.{k}': variable names are letters, digits and '_'")
         if not isinstance(v, str):
             raise MvlmError(f"{where}: field 'env.{k}' must be a string")
+    features = data.get("cpu_features", [])
+    if not all(isinstance(x, str) and re.fullmatch(r"[a-z0-9_]{1,40}", x) for x in features):
+        raise MvlmError(f"{where}: field 'cpu_features' must be a list of Linux CPU feature names (as /proc/cpuinfo "
+                        "prints them: asimddp, i8mm, avx2)")
+    cpu_variant = data.get("cpu_variant")
+    if cpu_variant is not None:
+        from mvlm_core import cpu_variants
+
+        try:
+            cpu_variants.get(target, cpu_variant)
+        except MvlmError as e:
+            raise MvlmError(f"{where}: field 'cpu_variant': {e}") from None
     options = _kind_options(kind, data, address, where, base_dir)
     return DeviceProfile(name=name, description=data.get("description", ""), transport=transport, address=address,
                          workdir=workdir, target=target, threads=threads, n_gpu_layers=n_gpu_layers,
                          exec_wrapper=tuple(exec_wrapper), emulated=data.get("emulated", False), env=dict(env),
+                         cpu_features=tuple(features), cpu_variant=cpu_variant,
                          ssh=options if isinstance(options, SshOptions) else SshOptions(), source=source)
 
 

@@ -126,6 +126,15 @@ def run_facts(text: str) -> dict[str, Any]:
     if "arch" in found or regs or devices:
         out["backends"] = ",".join(names) if names else "CPU"
         out["gpu_info"] = ", ".join(desc for _, desc in devices)
+    if "CPU : " in found.get("system_info", ""):  # 2024+: "CPU : NEON = 1 | ..." names what the build has, only
+        from mvlm_core.cpu_variants import kernels, variant_from_kernels  # (2023's "DOTPROD"-less lines say too little)
+
+        ran = kernels(found["system_info"])
+        if ran:
+            out["cpu_kernels"] = ",".join(ran)
+            variant = variant_from_kernels(ran)
+            if variant:
+                out["cpu_variant"] = variant
     if found.get("fit_ran"):
         out["fit_target"] = int(found.get("fit", 1024))
         out["fit_min_ctx"] = 4096  # llama.cpp's default (common.h fit_params_min_ctx); mvlm never passes -fitc

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mvlm_bench.device import resources, thermal
+from mvlm_bench.device import cpu_features, resources, thermal
 from mvlm_bench.device.profiles import KNOWN_TARGETS, DeviceProfile
 from mvlm_bench.device.sync import sha256_file, sync
 from mvlm_bench.device.targets import emulated_here, resolve_target
@@ -100,9 +100,19 @@ class Session:
         self.lease_db, self.lease_timeout, self.on_wait = lease_db, lease_timeout, on_wait
         self.transport: Any = None
         self.profile = profile
+        self.cpu = cpu_features.CpuFeatures((), None)
+        self.cpu_variant: str | None = None  # the build the device's CPU gets (mvlm_core.cpu_variants)
 
     def __enter__(self) -> Session:
         self.transport, self.profile = connect(self.given, self.log)
+        try:  # the CPU's features, once, before anything is pushed: the build it gets, or one line refusing
+            self.cpu = cpu_features.probe(self.transport, self.profile)
+            self.cpu_variant, notes = cpu_features.choose(self.profile, self.cpu)
+        except BaseException:
+            self.close()
+            raise
+        for note in notes:
+            self.log(note)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -130,21 +140,60 @@ class Session:
 
     # --- files ------------------------------------------------------------------------------------------------------
     def runtime(self, side: Side | None = None) -> rtmod.Runtime:
-        """The side's build: given, the build of its llama.cpp checkout, or the pinned one for the device's target."""
+        """The side's build: given, the build of its llama.cpp checkout, or the pinned one for the device's target, of
+        the CPU variant the device's CPU gets; a build whose variant the CPU lacks is refused before any push."""
         target = self.profile.target
         if side is not None and side.runtime is not None:
-            return side.runtime
-        if side is not None and side.llama_cpp is not None:
+            rt = side.runtime
+        elif side is not None and side.llama_cpp is not None:
             try:
-                return rtmod.find(target, llama_cpp=side.llama_cpp)
+                rt = rtmod.find(target, llama_cpp=side.llama_cpp, cpu_variant=self.cpu_variant)
             except MvlmError as e:
                 who = f"the {side.name}'s" if side.name else "the"
                 raise MvlmError(f"{who} llama.cpp checkout {side.llama_cpp}: {e}") from None
+        else:
+            rt = self._pinned(target)
+        self._check_cpu(rt)
+        return rt
+
+    def _pinned(self, target: str) -> rtmod.Runtime:
+        """The pinned build of the chosen variant; unforced, the fastest built variant the CPU runs, and the command
+        that builds the faster one said once. (The KleidiAI variants run only when asked for: docs/runtime.md.)"""
+        from mvlm_core import cpu_variants
+
+        want = self.cpu_variant
+        ladder = [v for v in cpu_variants.ladder(target) if not cpu_variants.kleidiai_of(v)]
+        tries = ladder[ladder.index(want):] if want in ladder and not self.profile.cpu_variant else [want]
+        first: MvlmError | None = None
+        for name in tries:
+            try:
+                rt = rtmod.find(target, cpu_variant=name)
+            except MvlmError as e:
+                first = first or e
+                continue
+            if name != want and not getattr(self, "_said_fallback", False):
+                self._said_fallback = True
+                self.log(f"{self.profile.name}'s CPU runs the {want} build, which is not built (`mvlm runtime build "
+                         f"--target {target} --cpu-variant {want}`): using the {name} build")
+            return rt
+        raise MvlmError(f"no {target} runtime for device {self.profile.name}" + (f" (CPU variant {want})" if want else "")
+                        + f": run `mvlm runtime build --target {target}" + (f" --cpu-variant {want}" if want else "")
+                        + "` first") from first
+
+    def _check_cpu(self, rt: rtmod.Runtime) -> None:
+        """A build whose CPU variant needs what the device's CPU lacks: one line, before anything is pushed."""
+        from mvlm_core import cpu_variants
+
+        name = rtmod.variant_of(rt.manifest)
+        if not name or not self.cpu.known or not cpu_variants.variants_for(self.profile.target):
+            return
         try:
-            return rtmod.find(target)
-        except MvlmError as e:
-            raise MvlmError(f"no {target} runtime for device {self.profile.name}: "
-                            f"run `mvlm runtime build --target {target}` first") from e
+            variant = cpu_variants.get(self.profile.target, name)
+        except MvlmError:
+            return
+        if cpu_variants.missing(variant, self.cpu.features):
+            raise MvlmError(cpu_variants.refusal(self.profile.name, self.profile.target, variant,
+                                                 list(self.cpu.features)) + f"; the build: {rt.root}")
 
     def push(self, files: dict[str, Path], subdir: str = "", sync_progress=None,
              outputs: dict[str, Path] | None = None) -> tuple[str, int]:
@@ -185,6 +234,9 @@ class Session:
         if spec.protocol != "llama-bench":
             facts = {"build_commit": ctx.runtime_commit, **gguf_facts(spec.model), **COMMAND_LINE_DEFAULTS,
                      **engine.params(spec), "n_gpu_layers": ngl, "n_threads": threads}
+        # the device's CPU and the build's variant (a run's own system_info replaces cpu_variant with what ran)
+        facts |= {"cpu_features": " ".join(self.cpu.features) or None, "cpu_features_source": self.cpu.source,
+                  "cpu_variant": rtmod.variant_of(rt.manifest)}
         # the build's own --version, before the warm-up: never between measured runs
         exe = argv[len(side.wrapper)]  # the binary itself, past an A/B side's own wrapper
         facts |= build_version(self.transport, exe, env)
@@ -335,5 +387,6 @@ def llama_bench_run(row: dict[str, Any], prep: Prepared, t_start: float, t_end: 
         if isinstance(row.get(k), int):
             params[k] = row[k]
     ctx = dataclasses.replace(prep.ctx, params=params)
-    facts = {k: v for k, v in row.items() if k not in _TEST_FIELDS}
+    facts = {k: v for k, v in prep.facts.items() if k.startswith("cpu_")}  # the device's CPU, the build's variant
+    facts |= {k: v for k, v in row.items() if k not in _TEST_FIELDS}
     return Run(rec, ctx, tokens_out=n_g or None, facts=facts, started_at=t_start, ended_at=t_end)

@@ -142,12 +142,27 @@ def report_records(groups: Sequence[Group], label: str = "", project: tuple[str,
         rec |= {"device": c.device, "model": c.label(), "precision": c.precision or None,
                 "model_sha256": c.model_sha256 or None, "file_size": c.size_bytes,
                 "mmproj_filename": c.mmproj_file or None, "mmproj_sha256": c.mmproj_sha256 or None,
-                "runtime_patches": list(c.runtime_patches), "protocol": c.protocol or None, "params": c.params,
+                "runtime_patches": list(c.runtime_patches), **_cpu_fields(g),
+                "protocol": c.protocol or None, "params": c.params,
                 "label": label, "project_commit": project[0], "project_dirty": project[1],
                 "repetitions": len(g.runs), "repetitions_planned": c.params.get("repetitions_planned"),
                 "noisy": bool(g.noisy()), "noisy_cv": g.noisy(),
                 "metrics": dict(g.agg), "runs": _runs(g)}
         out.append(rec)
+    return out
+
+
+CPU_FIELDS = ("cpu_variant", "cpu_kernels", "cpu_features", "cpu_features_source")
+
+
+def _cpu_fields(g: Group) -> dict[str, Any]:
+    """The build's CPU variant and kernels as llama.cpp's system_info stated them, and the device's CPU features
+    (mvlm_bench.device.cpu_features): the first run's that says each."""
+    out: dict[str, Any] = dict.fromkeys(CPU_FIELDS)
+    for r in g.runs:
+        for k in CPU_FIELDS:
+            if out[k] is None and r.facts.get(k) is not None:
+                out[k] = r.facts[k]
     return out
 
 
