@@ -69,11 +69,14 @@ WRAPPER = (
 
 
 # $1: a scratch path prefix on the device; the rest: the command, its output kept in a file there until it has ended.
-# A pinger writes one empty line a second: when the session is gone (Ctrl-C, the link dropped) its write fails and it
-# stops the command, as a run writing its own output into the session would have been stopped by the broken pipe.
+# A pinger writes one empty line every PING_S seconds: when the session is gone (Ctrl-C, the link dropped) its write
+# fails and it stops the command, as a run writing its own output into the session would have been stopped by the
+# broken pipe. Every wake-up is a process (sleep) and a packet beside the measured binary, hence not every second.
+PING_S = 2
 QUIET = ('f="$1.$$"; shift; "$@" >"$f" 2>&1 </dev/null & p=$!; '
-         '( trap "" PIPE; while sleep 1 >/dev/null 2>&1; do echo 2>/dev/null || { kill -TERM $p 2>/dev/null; exit 0; }; done ) '
-         '</dev/null & w=$!; wait $p; rc=$?; kill $w 2>/dev/null; cat "$f" 2>/dev/null; rm -f "$f"; exit $rc')
+         f'( trap "" PIPE; while sleep {PING_S} >/dev/null 2>&1; do echo 2>/dev/null || {{ kill -TERM $p 2>/dev/null; '
+         'exit 0; }; done ) </dev/null & w=$!; wait $p; rc=$?; kill $w 2>/dev/null; cat "$f" 2>/dev/null; rm -f "$f"; '
+         'exit $rc')
 
 
 def split_marker(output: str) -> tuple[str, float | None]:

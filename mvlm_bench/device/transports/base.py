@@ -65,6 +65,7 @@ STREAM_POLL_S = 0.25
 
 CHUNK = 1 << 20
 HELPER_TIMEOUT_S = 120.0
+WATCHDOG_STEP_S = 2  # how often the device-side watchdog of a run looks whether it ended (remote_script)
 # How long past the requested timeout the local client may live before it is killed (the device-side watchdog
 # normally ends the command first; this is the backstop when the link hangs).
 CLIENT_GRACE_S = 15.0
@@ -524,9 +525,11 @@ def remote_command(argv: list[str], timeout: float, env: dict[str, str], cwd: st
         f"{assigns + ' ' if assigns else ''}$__mvlm_s {cmd} </dev/null 2>&1 & __mvlm_p=$!; "
     )
     kill = "kill -{sig} -$__mvlm_p 2>/dev/null || kill -{sig} $__mvlm_p 2>/dev/null"
+    # the watchdog looks every WATCHDOG_STEP_S seconds (each look is a process beside a measured run)
+    step = WATCHDOG_STEP_S
     watchdog = (
-        f"( __mvlm_n=0; while [ $__mvlm_n -lt {secs} ]; do sleep 1; "
-        "kill -0 $__mvlm_p 2>/dev/null || exit 0; __mvlm_n=$((__mvlm_n+1)); done; "
+        f"( __mvlm_n=0; while [ $__mvlm_n -lt {secs} ]; do sleep {step}; "
+        f"kill -0 $__mvlm_p 2>/dev/null || exit 0; __mvlm_n=$((__mvlm_n+{step})); done; "
         f"{kill.format(sig='TERM')}; sleep 2; {kill.format(sig='KILL')} ) </dev/null >/dev/null 2>&1 & "
     )
     return prefix + launch + watchdog + "wait $__mvlm_p"
