@@ -130,7 +130,8 @@ def compare_perplexity(target: str, model: Path, text: str = DEFAULT_TEXT, toler
 def tiny_verify(target: str, workdir: Path, variant: str = "v2", cpu_variant: str | None = None,
                 qemu_cpu: str | None = None) -> dict[str, dict]:
     """Convert a tiny MobileVLM checkpoint (f32) and run ``mvlm verify`` on the host runtime and on ``target`` (its
-    ``cpu_variant`` build, under qemu's ``qemu_cpu`` model for an arm64 target)."""
+    ``cpu_variant`` build, under qemu's ``qemu_cpu`` model for an arm64 target): {"host": figures, "TARGET[ VARIANT]":
+    figures}."""
     from mvlm_convert.convert import convert
     from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
     from mvlm_convert.verify import verify
@@ -145,5 +146,5 @@ def tiny_verify(target: str, workdir: Path, variant: str = "v2", cpu_variant: st
 
         other = BinaryBackend(target, exec_wrapper=exec_wrapper_for(target, qemu_cpu), cpu_variant=cpu_variant)
     figs = {"host": verify(ckpt, res.lm.path, mmproj, runtime="host")}
-    figs[target] = verify(ckpt, res.lm.path, mmproj, runtime=other)
+    figs[target + (f" {cpu_variant}" if cpu_variant else "")] = verify(ckpt, res.lm.path, mmproj, runtime=other)
     return figs

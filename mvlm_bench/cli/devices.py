@@ -36,9 +36,11 @@ def devices_cmd(
                                                         "named profile that is invalid (exit 2) or unreachable (exit "
                                                         "3) fails the command."),
     check: bool = typer.Option(True, "--check/--no-check", help="Check that each device is reachable."),
-    probe: bool = typer.Option(False, "--probe", help="Also ask each reachable device what it is: OS, architecture, its "
-                                                      "CPU's features (/proc/cpuinfo; on an emulated CPU the kernel's "
-                                                      "hwcaps) and the CPU variant of the build it gets."),
+    probe: bool = typer.Option(False, "--probe", help="Also ask each device (checked, even with --no-check) what it is: "
+                                                      "its CPU's features (/proc/cpuinfo; on an emulated CPU the "
+                                                      "kernel's hwcaps) and the CPU variant of the build it gets, "
+                                                      "with a note where it is refused or not built; --json adds the "
+                                                      "OS, the architecture and every feature."),
     json_: bool = typer.Option(False, "--json", help="JSON list instead of a table."),
 ) -> None:
     """List the device profiles (devices/*.toml, ~/.config/mvlm/devices) and whether each is reachable now.
@@ -81,6 +83,8 @@ def devices_cmd(
                 status = f"unreachable: {err_}"
                 if names and worst is None:
                     worst = MvlmError(f"device {p.name} is unreachable: {err_}", exit_code=3)
+        if extra.get("cpu_refused") and names and worst is None:
+            worst = MvlmError(extra["cpu_note"])
         rows.append({"name": p.name, "transport": p.transport, "address": p.address or "", "target": p.target,
                      "threads": p.threads, "emulated": p.emulated, "status": status,
                      "source": str(p.source) if p.source else "", **extra})
@@ -96,7 +100,9 @@ def devices_cmd(
             cells = [r["name"], r["transport"], r["address"], r["target"] + (" (emulated)" if r["emulated"] else ""),
                      r["status"]]
             if probe:
-                cells += [r.get("cpu_variant") or "", _shown_features(r)]
+                variant = r.get("cpu_variant") or ("refused" if r.get("cpu_refused") else "")
+                cells += [variant + (" (not built)" if r.get("cpu_variant_built") is False else ""),
+                          _shown_features(r)]
             t.add_row(*cells, style=style)
         console.print(t)
         sys.stdout.flush()
@@ -123,8 +129,20 @@ def _probe(transport, profile) -> dict:
     try:
         variant, notes = choose(resolved, cpu)
     except MvlmError as e:
-        return out | {"cpu_variant": None, "cpu_note": str(e)}
-    return out | {"cpu_variant": variant, "cpu_note": " / ".join(notes) or cpu.note or None}
+        return out | {"cpu_variant": None, "cpu_refused": True,
+                      "cpu_note": str(e).removesuffix(" (nothing was pushed)")}
+    built = None
+    if variant:
+        from mvlm_core import runtime as rtmod
+
+        try:
+            rtmod.find(resolved.target, cpu_variant=variant)
+            built = True
+        except MvlmError:
+            built = False
+            notes.append(f"the {variant} build is not built here (`mvlm runtime build --target {resolved.target} "
+                         f"--cpu-variant {variant}`): a bench runs the best built one it runs")
+    return out | {"cpu_variant": variant, "cpu_variant_built": built, "cpu_note": " / ".join(notes) or cpu.note or None}
 
 
 # the features that decide a build (cpu_variants), shown in the table; --json lists them all
@@ -133,8 +151,11 @@ _SHOWN = ("asimddp", "asimdhp", "i8mm", "bf16", "sve", "sve2", "sme", "avx", "av
 
 
 def _shown_features(row: dict) -> str:
-    feats = row.get("cpu_features")
+    feats, note = row.get("cpu_features"), row.get("cpu_note")
     if feats is None:
-        return row.get("cpu_note") or ""
-    shown = " ".join(f for f in _SHOWN if f in feats) or "(baseline)"
-    return f"{shown} [{row.get('cpu_features_source')}]"
+        return note or ""
+    if row.get("cpu_features_source") is None:
+        shown = "unknown"
+    else:
+        shown = (" ".join(f for f in _SHOWN if f in feats) or "none of these") + f" [{row['cpu_features_source']}]"
+    return shown + (f"; {note}" if note else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -79,14 +80,24 @@ def build_cmd(
             cpu_variants.get(target, "all")  # the one line: this target has one build
     else:
         names = [cpu_variant]
+    if kleidiai_src is not None:  # checked before any build: never after three others
+        if not any(n and cpu_variants.kleidiai_of(n) for n in names):
+            if "--kleidiai-src" in " ".join(sys.argv):  # (from $MVLM_KLEIDIAI_SRC it simply does not apply)
+                raise MvlmError("--kleidiai-src is for the KleidiAI variants: add --cpu-variant i8mm+kleidiai (or "
+                                "dotprod+kleidiai, or all)")
+            kleidiai_src = None
+        else:
+            rtmod.kleidiai_version(kleidiai_src)
     manifests = []
-    for name in names:
-        src = kleidiai_src if name and cpu_variants.kleidiai_of(name) else None
-        opts = rtmod.BuildOptions(target=target, ndk=ndk, toolchain=toolchain, jobs=jobs, cuda_arch=cuda_arch,
-                                  cpu_variant=name, kleidiai_src=src)
-        manifests.append(_build_one(opts, target, llama_cpp, json_))
-    if json_:
-        print(json.dumps(manifests[0] if len(manifests) == 1 else manifests, indent=2))
+    try:
+        for name in names:
+            src = kleidiai_src if name and cpu_variants.kleidiai_of(name) else None
+            opts = rtmod.BuildOptions(target=target, ndk=ndk, toolchain=toolchain, jobs=jobs, cuda_arch=cuda_arch,
+                                      cpu_variant=name, kleidiai_src=src)
+            manifests.append(_build_one(opts, target, llama_cpp, json_))
+    finally:  # the builds that finished are printed even when a later one fails
+        if json_ and manifests:
+            print(json.dumps(manifests[0] if cpu_variant != "all" else manifests, indent=2))
 
 
 def _build_one(opts: rtmod.BuildOptions, target: str, llama_cpp: Path | None, json_: bool) -> dict:

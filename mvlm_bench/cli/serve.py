@@ -53,8 +53,9 @@ def serve_cmd(
                                                                         "once, sharing --ctx-size (default: "
                                                                         "llama-server's)."),
     cpu_variant: str | None = typer.Option(None, "--cpu-variant", help="Run this CPU variant of the device's build "
-                                           "(arm64: armv8.0, dotprod, i8mm; host: native, generic) instead of the "
-                                           "fastest its probed CPU runs (docs/devices.md)."),
+                                           "(arm64: armv8.0, dotprod, i8mm, dotprod+kleidiai, i8mm+kleidiai; host: "
+                                           "native, generic) instead of the fastest its probed CPU runs "
+                                           "(docs/devices.md)."),
     server_args: list[str] | None = typer.Argument(None, metavar="[-- LLAMA_SERVER_ARGS...]",
                                                    help="After --: options passed to llama-server unchanged (e.g. "
                                                         "-- -fa on --cache-type-k q8_0); those mvlm sets itself are "

@@ -5,9 +5,10 @@ Where the features come from (the record's ``cpu_features_source``):
 
 - ``cpuinfo``: the device's /proc/cpuinfo (``Features`` on arm64 Linux and Android, ``flags`` on x86), read through
   the transport like any file;
-- ``auxv``: on an emulated device (a local profile whose exec_wrapper is qemu), /proc/cpuinfo is this machine's, so a
-  tiny static probe (``mvlm-cpu``) runs under the wrapper and prints the kernel's auxiliary vector (``AT_HWCAP``,
-  ``AT_HWCAP2``), which qemu fills in for the CPU model it emulates (``-cpu cortex-a53`` ... ``max``);
+- ``auxv`` / ``cpuid``: on an emulated device (a local profile whose exec_wrapper is qemu), /proc/cpuinfo is this
+  machine's, so a tiny static probe (``mvlm-cpu``) runs under the wrapper and prints, for arm64, the kernel's
+  auxiliary vector (``AT_HWCAP``, ``AT_HWCAP2``), which qemu fills in for the CPU model it emulates (``-cpu
+  cortex-a53`` ... ``max``), for x86-64 what CPUID says (qemu-x86_64 ``-cpu Nehalem`` ...);
 - ``profile``: neither could be read, and the profile names its CPU's features (``cpu_features``);
 - ``None``: nothing known; the target's default build is used and the record says so.
 """
@@ -15,30 +16,12 @@ Where the features come from (the record's ``cpu_features_source``):
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from mvlm_bench.device.profiles import DeviceProfile
 from mvlm_bench.device.targets import emulated_here
+from mvlm_bench.device.transports.base import UnreachableError
 from mvlm_core import cpu_variants
 from mvlm_core.errors import MvlmError
-from mvlm_core.exec_timer import build_tool
-
-PROBE_NAME = "mvlm-cpu"
-PROBE_SOURCE = r"""/* mvlm-cpu: print the kernel's AT_HWCAP / AT_HWCAP2 words (what an arm64 CPU can execute). */
-#include <stdio.h>
-#if defined(__aarch64__) && defined(__linux__)
-#include <sys/auxv.h>
-#endif
-int main(void) {
-#if defined(__aarch64__) && defined(__linux__)
-    printf("__MVLM_HWCAP__=%lx %lx\n", (unsigned long)getauxval(AT_HWCAP), (unsigned long)getauxval(AT_HWCAP2));
-    return 0;
-#else
-    return 3;
-#endif
-}
-"""
-_MARKER = re.compile(r"__MVLM_HWCAP__=([0-9a-f]+) ([0-9a-f]+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,27 +39,29 @@ def probe(transport, profile: DeviceProfile) -> CpuFeatures:
     """The device's CPU features (module docstring); never raises for a device that does not say (the caller then
     uses the target's default build), only for a lost link (the transport's own error)."""
     note = ""
-    if emulated_here(profile) and profile.target in cpu_variants.ARM64_TARGETS:
-        tool = build_tool(PROBE_NAME, PROBE_SOURCE, "linux-arm64")
-        if tool is None:
-            note = "no aarch64 compiler here for the CPU probe (apt-get install gcc-aarch64-linux-gnu)"
-        else:
-            r = transport.run([str(tool)], timeout=60)
-            m = _MARKER.search(r.output or "")
-            if r.returncode == 0 and m:
-                return CpuFeatures(tuple(cpu_variants.from_hwcaps(int(m[1], 16), int(m[2], 16))), "auxv")
-            note = f"the CPU probe under {profile.exec_wrapper[0]} said nothing (exit {r.returncode})"
+    arch = cpu_variants.arch_of_target(profile.target)
+    if emulated_here(profile) and arch is not None:
+        try:
+            found = cpu_variants.emulated_features(list(profile.exec_wrapper), target=profile.target)
+        except MvlmError as e:
+            raise UnreachableError(f"device {profile.name}: {e}") from None
+        if found is not None:
+            return CpuFeatures(tuple(found), "auxv" if arch == "arm64" else "cpuid")
+        note = "no compiler here for the CPU probe (apt-get install gcc-aarch64-linux-gnu)"
     else:
         try:
             text = transport.read_text("/proc/cpuinfo")
-        except (OSError, MvlmError):
-            text = None
-        arch = cpu_variants.arch_of_target(profile.target)
+            read_error = None
+        except (OSError, MvlmError) as e:
+            if isinstance(e, UnreachableError):
+                raise
+            text, read_error = None, str(e)
         found = cpu_variants.from_cpuinfo(text or "", arch)
         if found:
             return CpuFeatures(tuple(found), "cpuinfo")
         line = {"arm64": " (no arm64 'Features' line)", "x86_64": " (no x86 'flags' line)"}.get(arch or "", "")
-        note = f"the device's /proc/cpuinfo lists no CPU features{line}"
+        note = (f"its /proc/cpuinfo could not be read ({read_error[:200]})" if read_error else
+                f"the device's /proc/cpuinfo lists no CPU features{line}")
     if profile.cpu_features:
         return CpuFeatures(tuple(sorted(profile.cpu_features)), "profile", note + ": using the profile's cpu_features")
     return CpuFeatures((), None, note)
@@ -84,11 +69,14 @@ def probe(transport, profile: DeviceProfile) -> CpuFeatures:
 
 def with_cpu_variant(profile: DeviceProfile, cpu_variant: str | None) -> DeviceProfile:
     """The profile with --cpu-variant forced (checked against its target now; an ad hoc device's after the probe)."""
-    if not cpu_variant:
+    if cpu_variant is None:
         return profile
+    if not cpu_variant.strip():
+        raise MvlmError("--cpu-variant is empty: name a variant (linux-arm64 / android-arm64: armv8.0, dotprod, i8mm, "
+                        "dotprod+kleidiai, i8mm+kleidiai; host: native, generic), or leave the option out")
     if not profile.probe_target:
         cpu_variants.get(profile.target, cpu_variant)
-    return dataclasses.replace(profile, cpu_variant=cpu_variant)
+    return dataclasses.replace(profile, cpu_variant=cpu_variant, cpu_variant_given=True)
 
 
 def choose(profile: DeviceProfile, cpu: CpuFeatures, forced: str | None = None) -> tuple[str | None, list[str]]:
@@ -107,16 +95,22 @@ def choose(profile: DeviceProfile, cpu: CpuFeatures, forced: str | None = None) 
         logs.append(f"device {profile.name}: its profile says the CPU has {', '.join(lacking)}, the device says it "
                     "does not (is it the device the profile describes?): going by the device")
     if want:
-        variant = cpu_variants.get(target, want)
+        from_profile = not forced and not profile.cpu_variant_given
+        try:
+            variant = cpu_variants.get(target, want)
+        except MvlmError as e:
+            raise MvlmError(f"{profile.source}: field 'cpu_variant': {e}" if from_profile and profile.source else str(e)) \
+                from None
         if cpu.known and cpu_variants.missing(variant, cpu.features):
-            raise MvlmError(cpu_variants.refusal(profile.name, target, variant, list(cpu.features)))
+            where = f"cpu_variant = \"{want}\" in {profile.source or 'the profile'}" if from_profile else None
+            raise MvlmError(cpu_variants.refusal(profile.name, target, variant, list(cpu.features), where))
         if not cpu.known:
             logs.append(f"device {profile.name}: its CPU features are unknown ({cpu.note}); running the {want} build "
                         "as asked")
         return variant.name, logs
     if not cpu.known:
-        default = cpu_variants.DEFAULT[cpu_variants.arch_of_target(target) or ""]
-        logs.append(f"device {profile.name}: its CPU features are unknown ({cpu.note}); using the default {default} "
-                    "build (--cpu-variant picks another)")
+        default = cpu_variants.UNKNOWN_CPU[cpu_variants.arch_of_target(target) or ""]
+        logs.append(f"device {profile.name}: its CPU features are unknown ({cpu.note}); using the {default} build "
+                    "(--cpu-variant picks another)")
         return default, logs
     return cpu_variants.best(target, cpu.features).name, logs

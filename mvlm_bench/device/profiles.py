@@ -89,6 +89,7 @@ class DeviceProfile:
     emulated: bool = False
     cpu_features: tuple[str, ...] = ()
     cpu_variant: str | None = None
+    cpu_variant_given: bool = False  # cpu_variant came from the command line (--cpu-variant), not the file
     env: dict[str, str] = field(default_factory=dict)
     ssh: SshOptions = field(default_factory=SshOptions)
     source: Path | None = None  # the .toml it came from; None for ad hoc profiles

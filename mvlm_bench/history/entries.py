@@ -22,7 +22,7 @@ from mvlm_core.terminal import visible
 # configuration. The runtime is NOT among them: comparing runtimes is the point. A setting entries stored before it was
 # recorded lack reads as llama.cpp's default (PARAM_DEFAULTS).
 SETUP_PARAMS = ("n_predict", "n_threads", "n_gpu_layers", "ctx_size", "prompt", "n_batch", "n_ubatch", "test", "ab_side",
-                "flash_attn", "type_k", "type_v", "cpu_mask", "cpu_strict", "poll", "prio", "n_depth")
+                "flash_attn", "type_k", "type_v", "cpu_mask", "cpu_strict", "poll", "prio", "n_depth", "cpu_variant")
 PARAM_DEFAULTS = {**engine.DEFAULTS, "n_depth": 0}
 
 

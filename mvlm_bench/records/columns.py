@@ -222,6 +222,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("test", "test", "Test", _param("test")),
     Setting("ab_side", "side", "A/B side", _param("ab_side")),
     Setting("runtime", "llama.cpp", "llama.cpp", lambda c: c.runtime_commit[:10] if c.runtime_commit else ""),
+    Setting("cpu_variant", "cpu", "CPU variant", _param("cpu_variant")),
 )
 SETTING_KEYS = tuple(s.key for s in SETTINGS)
 

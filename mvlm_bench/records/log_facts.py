@@ -134,7 +134,7 @@ def run_facts(text: str) -> dict[str, Any]:
             out["cpu_kernels"] = ",".join(ran)
             variant = variant_from_kernels(ran)
             if variant:
-                out["cpu_variant"] = variant
+                out["cpu_variant"], out["cpu_variant_source"] = variant, "system_info"
     if found.get("fit_ran"):
         out["fit_target"] = int(found.get("fit", 1024))
         out["fit_min_ctx"] = 4096  # llama.cpp's default (common.h fit_params_min_ctx); mvlm never passes -fitc

@@ -45,7 +45,7 @@ from mvlm_bench.session import lease as leasemod
 from mvlm_bench.session.facts import COMMAND_LINE_DEFAULTS, build_version, device_cpu_info, gguf_facts
 from mvlm_bench.session.failures import Failure, describe_failure
 from mvlm_bench.session.live_tokens import LiveTokens
-from mvlm_core import exec_timer
+from mvlm_core import cpu_variants, exec_timer
 from mvlm_core import runtime as rtmod
 from mvlm_core.errors import MvlmError
 from mvlm_core.filenames import precision_from_filename
@@ -159,8 +159,6 @@ class Session:
     def _pinned(self, target: str) -> rtmod.Runtime:
         """The pinned build of the chosen variant; unforced, the fastest built variant the CPU runs, and the command
         that builds the faster one said once. (The KleidiAI variants run only when asked for: docs/runtime.md.)"""
-        from mvlm_core import cpu_variants
-
         want = self.cpu_variant
         ladder = [v for v in cpu_variants.ladder(target) if not cpu_variants.kleidiai_of(v)]
         tries = ladder[ladder.index(want):] if want in ladder and not self.profile.cpu_variant else [want]
@@ -182,8 +180,13 @@ class Session:
 
     def _check_cpu(self, rt: rtmod.Runtime) -> None:
         """A build whose CPU variant needs what the device's CPU lacks: one line, before anything is pushed."""
-        from mvlm_core import cpu_variants
-
+        built_for = rt.manifest.get("target")
+        wants = rtmod.recipe_target(rtmod.BuildOptions(target=self.profile.target))
+        runs_here = {("linux-arm64", "android-arm64"), ("android-arm64", "linux-arm64"), ("host", "cuda")}
+        if built_for and built_for != wants and (built_for, wants) not in runs_here:
+            raise MvlmError(f"the runtime {rt.root} is a {built_for} build; device {self.profile.name} runs "
+                            f"{self.profile.target} builds (`mvlm runtime path --target {self.profile.target}`; "
+                            "nothing was pushed)")
         name = rtmod.variant_of(rt.manifest)
         if not name or not self.cpu.known or not cpu_variants.variants_for(self.profile.target):
             return
@@ -234,9 +237,10 @@ class Session:
         if spec.protocol != "llama-bench":
             facts = {"build_commit": ctx.runtime_commit, **gguf_facts(spec.model), **COMMAND_LINE_DEFAULTS,
                      **engine.params(spec), "n_gpu_layers": ngl, "n_threads": threads}
-        # the device's CPU and the build's variant (a run's own system_info replaces cpu_variant with what ran)
-        facts |= {"cpu_features": " ".join(self.cpu.features) or None, "cpu_features_source": self.cpu.source,
-                  "cpu_variant": rtmod.variant_of(rt.manifest)}
+        # the device's CPU, and the build's CPU variant as its manifest says: a run whose program prints llama.cpp's
+        # system_info line replaces it with what that line says ran (records.log_facts); llama-bench prints none
+        facts |= {"cpu_features": list(self.cpu.features) or None, "cpu_features_source": self.cpu.source,
+                  "cpu_variant": rtmod.variant_of(rt.manifest), "cpu_variant_source": "build"}
         # the build's own --version, before the warm-up: never between measured runs
         exe = argv[len(side.wrapper)]  # the binary itself, past an A/B side's own wrapper
         facts |= build_version(self.transport, exe, env)
@@ -263,6 +267,9 @@ class Session:
             "mmproj_precision": precision_of(spec.mmproj) if spec.mmproj else None,
         }
         params |= protocol_params(spec)
+        variant = rtmod.variant_of(rt.manifest)
+        if variant and variant != cpu_variants.DEFAULT.get(cpu_variants.arch_of_target(p.target) or ""):
+            params["cpu_variant"] = variant  # a build other than the target's default: another configuration
         params["repetitions_planned"] = spec.repeat  # a report or entry with fewer was cut short (interrupted, failed)
         if side.name:
             params["ab_side"] = side.name
@@ -387,6 +394,6 @@ def llama_bench_run(row: dict[str, Any], prep: Prepared, t_start: float, t_end: 
         if isinstance(row.get(k), int):
             params[k] = row[k]
     ctx = dataclasses.replace(prep.ctx, params=params)
-    facts = {k: v for k, v in prep.facts.items() if k.startswith("cpu_")}  # the device's CPU, the build's variant
+    facts = {k: v for k, v in prep.facts.items() if k.startswith("cpu_")}  # the device's CPU
     facts |= {k: v for k, v in row.items() if k not in _TEST_FIELDS}
     return Run(rec, ctx, tokens_out=n_g or None, facts=facts, started_at=t_start, ended_at=t_end)

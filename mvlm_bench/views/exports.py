@@ -152,12 +152,13 @@ def report_records(groups: Sequence[Group], label: str = "", project: tuple[str,
     return out
 
 
-CPU_FIELDS = ("cpu_variant", "cpu_kernels", "cpu_features", "cpu_features_source")
+CPU_FIELDS = ("cpu_variant", "cpu_variant_source", "cpu_kernels", "cpu_features", "cpu_features_source")
 
 
 def _cpu_fields(g: Group) -> dict[str, Any]:
-    """The build's CPU variant and kernels as llama.cpp's system_info stated them, and the device's CPU features
-    (mvlm_bench.device.cpu_features): the first run's that says each."""
+    """The build's CPU variant (``cpu_variant_source``: system_info, llama.cpp's own line of the run, else build, the
+    build's manifest) and kernels, and the device's CPU features (mvlm_bench.device.cpu_features): the first run's
+    that says each."""
     out: dict[str, Any] = dict.fromkeys(CPU_FIELDS)
     for r in g.runs:
         for k in CPU_FIELDS:
