@@ -45,31 +45,7 @@ def check_cmd(
         from mvlm_core.assets import smollm2_gguf
 
         model = smollm2_gguf()
-    from mvlm_core import cpu_variants
-    from mvlm_core import runtime as rtmod
-
-    arm = target in cpu_variants.ARM64_TARGETS
-    if qemu_cpu is not None and not arm:
-        raise MvlmError(f"--qemu-cpu is for an arm64 --target (linux-arm64, android-arm64), run under qemu here; "
-                        f"the {target} build runs on this CPU")
-    if qemu_cpu is not None and (not qemu_cpu.strip() or qemu_cpu.startswith("-")):
-        raise MvlmError(f"--qemu-cpu {qemu_cpu!r}: give a CPU model qemu-aarch64 knows (qemu-aarch64-static -cpu help)")
-    if cpu_variant is not None:
-        cpu_variants.get(target, cpu_variant)
-        rtmod.find(target, cpu_variant=cpu_variant)  # not built: one line naming the build command
-        if qemu_cpu is None and arm:
-            qemu_cpu = cpu_variants.QEMU_CPU.get(cpu_variant)
-    if qemu_cpu is not None and arm:  # the emulated CPU must run the build: refused in one line, never a SIGILL
-        from mvlm_core.backends import exec_wrapper_for
-
-        wrapper = exec_wrapper_for(target, qemu_cpu)
-        feats = cpu_variants.emulated_features(wrapper) if wrapper else None
-        variant = cpu_variants.get(target, cpu_variant or cpu_variants.DEFAULT["arm64"])
-        if feats is not None and cpu_variants.missing(variant, feats):
-            raise MvlmError(f"qemu's {qemu_cpu} CPU lacks {', '.join(cpu_variants.missing(variant, feats))}, which "
-                            f"the {variant.name} build needs (it would stop with SIGILL): check it on a --qemu-cpu "
-                            f"that has them ({cpu_variants.QEMU_CPU[variant.name]}), or check --cpu-variant "
-                            f"{cpu_variants.best(target, feats).name} on {qemu_cpu}")
+    qemu_cpu = _checked_cpu(target, cpu_variant, qemu_cpu)
     label = target + (f" {cpu_variant}" if cpu_variant else "")
     where = label + (f" on qemu -cpu {qemu_cpu}" if qemu_cpu else "")
     console.print(f"[dim]perplexity of {model.name} (-c {runtime_check.PPL_CTX}) on host and {where}...[/]")
@@ -101,6 +77,37 @@ def check_cmd(
         out.print("[bold green]PASS[/]" if ok else "[bold red]FAIL[/]")
     if not ok:
         raise typer.Exit(1)
+
+
+def _checked_cpu(target: str, cpu_variant: str | None, qemu_cpu: str | None) -> str | None:
+    """The qemu CPU model the check runs an arm64 target on (--qemu-cpu, else one that has the variant's features);
+    one line, before anything runs, for a variant that is not built or that the emulated CPU lacks."""
+    from mvlm_core import cpu_variants
+    from mvlm_core import runtime as rtmod
+
+    arm = target in cpu_variants.ARM64_TARGETS
+    if qemu_cpu is not None and not arm:
+        raise MvlmError(f"--qemu-cpu is for an arm64 --target (linux-arm64, android-arm64), run under qemu here; "
+                        f"the {target} build runs on this CPU")
+    if qemu_cpu is not None and (not qemu_cpu.strip() or qemu_cpu.startswith("-")):
+        raise MvlmError(f"--qemu-cpu {qemu_cpu!r}: give a CPU model qemu-aarch64 knows (qemu-aarch64-static -cpu help)")
+    if cpu_variant is not None:
+        cpu_variants.get(target, cpu_variant)
+        rtmod.find(target, cpu_variant=cpu_variant)  # not built: one line naming the build command
+        if qemu_cpu is None and arm:
+            qemu_cpu = cpu_variants.QEMU_CPU.get(cpu_variant)
+    if qemu_cpu is not None and arm:  # the emulated CPU must run the build: refused in one line, never a SIGILL
+        from mvlm_core.backends import exec_wrapper_for
+
+        wrapper = exec_wrapper_for(target, qemu_cpu)
+        feats = cpu_variants.emulated_features(wrapper) if wrapper else None
+        variant = cpu_variants.get(target, cpu_variant or cpu_variants.DEFAULT["arm64"])
+        if feats is not None and cpu_variants.missing(variant, feats):
+            raise MvlmError(f"qemu's {qemu_cpu} CPU lacks {', '.join(cpu_variants.missing(variant, feats))}, which "
+                            f"the {variant.name} build needs (it would stop with SIGILL): check it on a --qemu-cpu "
+                            f"that has them ({cpu_variants.QEMU_CPU[variant.name]}), or check --cpu-variant "
+                            f"{cpu_variants.best(target, feats).name} on {qemu_cpu}")
+    return qemu_cpu
 
 
 def _num(v) -> str:

@@ -461,22 +461,29 @@ def cmake_args(opts: BuildOptions, source: Source) -> tuple[list[str], str]:
     else:
         raise MvlmError(f"unknown target {t!r}: choose one of {', '.join(TARGETS)}")
     if variant is not None and t in cpu_variants.ARM64_TARGETS and variant.name != "dotprod":
-        args = [a for a in args if not a.startswith("-DGGML_CPU_ARM_ARCH=")] + list(variant.cmake)
-        note += f"; CPU variant {variant.name} ({variant.cmake[0].split('=', 1)[1]})"
-        if cpu_variants.kleidiai_of(variant.name):
-            args.append(f"-DCMAKE_PROJECT_KleidiAI_INCLUDE={KLEIDIAI_GCC_FIX}")
-            if opts.kleidiai_src is not None:
-                src_dir = Path(opts.kleidiai_src).expanduser().resolve()
-                have, want = kleidiai_version(src_dir), pinned_kleidiai(source)
-                if want and have != want:
-                    raise MvlmError(f"{src_dir} is KleidiAI {have}; this llama.cpp source is made for {want}: give "
-                                    f"KleidiAI v{want}'s source")
-                args.append(f"-DFETCHCONTENT_SOURCE_DIR_KLEIDIAI={src_dir}")
-                note += f", KleidiAI {have} from {src_dir}"
-            else:  # said explicitly: a tree given to an earlier configure of this build dir stays in CMake's cache
-                args.append("-DFETCHCONTENT_SOURCE_DIR_KLEIDIAI=")
-                note += ", KleidiAI downloaded by CMake from GitHub"
+        args, note = _arm64_variant(args, note, variant, opts, source)
     return [*args, *opts.extra_cmake_args], note
+
+
+def _arm64_variant(args: list[str], note: str, variant: cpu_variants.Variant, opts: BuildOptions,
+                   source: Source) -> tuple[list[str], str]:
+    """An arm64 recipe's arguments made for ``variant`` (its -march; KleidiAI's switch, source and GCC fix)."""
+    args = [a for a in args if not a.startswith("-DGGML_CPU_ARM_ARCH=")] + list(variant.cmake)
+    note += f"; CPU variant {variant.name} ({variant.cmake[0].split('=', 1)[1]})"
+    if cpu_variants.kleidiai_of(variant.name):
+        args.append(f"-DCMAKE_PROJECT_KleidiAI_INCLUDE={KLEIDIAI_GCC_FIX}")
+        if opts.kleidiai_src is not None:
+            src_dir = Path(opts.kleidiai_src).expanduser().resolve()
+            have, want = kleidiai_version(src_dir), pinned_kleidiai(source)
+            if want and have != want:
+                raise MvlmError(f"{src_dir} is KleidiAI {have}; this llama.cpp source is made for {want}: give "
+                                f"KleidiAI v{want}'s source")
+            args.append(f"-DFETCHCONTENT_SOURCE_DIR_KLEIDIAI={src_dir}")
+            note += f", KleidiAI {have} from {src_dir}"
+        else:  # said explicitly: a tree given to an earlier configure of this build dir stays in CMake's cache
+            args.append("-DFETCHCONTENT_SOURCE_DIR_KLEIDIAI=")
+            note += ", KleidiAI downloaded by CMake from GitHub"
+    return args, note
 
 
 def variant_of(manifest: dict) -> str | None:
@@ -741,21 +748,26 @@ def find(target: str = "host", llama_cpp: Path | None = None, cpu_variant: str |
     raise MvlmError(f"no {what} is built yet: {hint}")
 
 
-def find_build(target: str, commit: str, patches: list[str] | tuple[str, ...]) -> Runtime | None:
-    """A cached build for ``target`` of llama.cpp ``commit`` with exactly these patches (names), newest first; None
-    if the cache holds none. Lets the regression gate re-run a baseline's build next to a candidate's."""
+def find_build(target: str, commit: str, patches: list[str] | tuple[str, ...],
+               cpu_variant: str | None = None) -> Runtime | None:
+    """A cached build for ``target`` of llama.cpp ``commit`` with exactly these patches (names), of ``cpu_variant``
+    (None: the target's default one), newest first; None if the cache holds none. Lets the regression gate re-run a
+    baseline's build next to a candidate's."""
     root = cache_root() / "runtime"
     if not root.is_dir():
         return None
     found: list[tuple[float, Path, dict]] = []
     target = recipe_target(BuildOptions(target=target))
+    arch = cpu_variants.arch_of_target(target)
+    variant = cpu_variant or (cpu_variants.DEFAULT[arch] if arch else None)
     for m in root.glob(f"{target}-*/install/manifest.json"):
         try:
             man = json.loads(m.read_text())
         except (OSError, ValueError):
             continue
         names = [p.get("name") for p in man.get("patches", []) if isinstance(p, dict)]
-        if man.get("target") == target and str(man.get("commit")) == str(commit) and names == list(patches):
+        if man.get("target") == target and str(man.get("commit")) == str(commit) and names == list(patches) \
+                and variant_of(man) in (variant, None if cpu_variant is None else variant):
             found.append((m.stat().st_mtime, m.parent, man))
     if not found:
         return None

@@ -399,3 +399,20 @@ def test_kleidiai_build_runs_its_kernels_and_computes_the_model(arm64_variants, 
                       qemu_cpu="max,sme=off")["linux-arm64 i8mm+kleidiai"]
     assert arm["passed"], arm["problems"]
     assert arm["image_rel_err"] <= 2e-3 and arm["logits_rel_err"] <= 1e-5
+
+
+def test_the_gate_reruns_a_baseline_on_its_own_variant(tmp_path, monkeypatch):
+    """find_build (the gate's confirming re-measure): a baseline of the default build is re-run on the default build,
+    never on a newer build of another variant from the same source and patches."""
+    import time
+
+    monkeypatch.setenv("MVLM_CACHE", str(tmp_path))
+    for i, variant in enumerate(("native", "generic")):  # generic built last: the newest
+        inst = tmp_path / "runtime" / f"host-{i}" / "install"
+        inst.mkdir(parents=True)
+        (inst / "manifest.json").write_text(json.dumps({"target": "host", "commit": "0c1e570", "cpu_variant": variant,
+                                                        "patches": [{"name": "0001-x"}]}))
+        time.sleep(0.02)
+    assert rtmod.variant_of(rtmod.find_build("host", "0c1e570", ["0001-x"]).manifest) == "native"
+    assert rtmod.variant_of(rtmod.find_build("host", "0c1e570", ["0001-x"], "generic").manifest) == "generic"
+    assert rtmod.find_build("linux-arm64", "0c1e570", ["0001-x"]) is None

@@ -12,6 +12,12 @@ from mvlm_core.console import console as make_console
 
 err = make_console(stderr=True)
 
+_REMOTE_IMAGES = typer.Option(False, "--allow-remote-images", help="Let llama-server fetch http(s) image URLs from its "
+                              "own host (off: data URIs only).")
+_CPU_VARIANT = typer.Option(None, "--cpu-variant", help="Run this CPU variant of the device's build (arm64: armv8.0, "
+                            "dotprod, i8mm, dotprod+kleidiai, i8mm+kleidiai; host: native, generic) instead of the "
+                            "fastest its probed CPU runs (docs/devices.md).")
+
 
 def serve_cmd(
     model: Path | None = typer.Option(None, "--model", "-m", help="The language-model GGUF."),
@@ -46,16 +52,11 @@ def serve_cmd(
     max_concurrent: int | None = typer.Option(None, "--max-concurrent", help="Requests handled at once (503 with "
                                                                               "Retry-After beyond; default 8, or "
                                                                               "--parallel when more)."),
-    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Let llama-server fetch http(s) "
-                                                                                   "image URLs from its own host "
-                                                                                   "(off: data URIs only)."),
+    allow_remote_images: bool = _REMOTE_IMAGES,
     parallel: int | None = typer.Option(None, "--parallel", "-np", help="llama-server's slots: requests decoded at "
                                                                         "once, sharing --ctx-size (default: "
                                                                         "llama-server's)."),
-    cpu_variant: str | None = typer.Option(None, "--cpu-variant", help="Run this CPU variant of the device's build "
-                                           "(arm64: armv8.0, dotprod, i8mm, dotprod+kleidiai, i8mm+kleidiai; host: "
-                                           "native, generic) instead of the fastest its probed CPU runs "
-                                           "(docs/devices.md)."),
+    cpu_variant: str | None = _CPU_VARIANT,
     server_args: list[str] | None = typer.Argument(None, metavar="[-- LLAMA_SERVER_ARGS...]",
                                                    help="After --: options passed to llama-server unchanged (e.g. "
                                                         "-- -fa on --cache-type-k q8_0); those mvlm sets itself are "

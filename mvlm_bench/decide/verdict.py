@@ -340,7 +340,7 @@ class Confirmer:
 
         c = base.context
         rt = rtmod.find_build(str(c.params.get("target") or self.profile.target), c.runtime_commit,
-                              list(c.runtime_patches))
+                              list(c.runtime_patches), c.params.get("cpu_variant"))
         model = local_copy(self.spec.model, c.model_file, c.model_sha256)
         mmproj = local_copy(self.spec.mmproj, c.mmproj_file, c.mmproj_sha256) if c.mmproj_sha256 else None
         missing = [what for what, ok in (("its llama.cpp build", rt), ("its model file", model)) if ok is None]
