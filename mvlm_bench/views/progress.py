@@ -34,7 +34,8 @@ class BenchProgress:
     def __init__(self, err: Console, plan, device: str):
         self.err, self.plan = err, plan
         self.prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), _AmountColumn(), TimeElapsedColumn(),
-                             TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+                             TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal,
+                             refresh_per_second=1)  # a redraw is work on the cores a local run is measured on
         self.head = f"{plan.protocol} on {device}"
         self.push_task = self.prog.add_task(f"push to {device}", total=None, visible=False, unit="bytes")
         self.run_task = self.prog.add_task(self.head, total=None, visible=False,

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shlex
 import signal as signal_mod
 import subprocess
@@ -411,7 +412,7 @@ def run_client(
                     argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
                     preexec_fn=die_with_parent,
                 )
-            rc: int | None = proc.wait(timeout=timeout) if on_output is None else wait_streaming(proc, timeout, out, on_output)
+            rc: int | None = wait_quietly(proc, timeout) if on_output is None else wait_streaming(proc, timeout, out, on_output)
         except FileNotFoundError as e:
             if proc is not None:
                 kill_group(proc)
@@ -436,6 +437,27 @@ def run_client(
     return rc, text, duration, timed_out
 
 
+def wait_quietly(proc: subprocess.Popen, timeout: float | None) -> int:
+    """``proc.wait(timeout)`` asleep in one system call until the process ends or the timeout passes. CPython's own
+    wait with a timeout polls ``waitpid`` every 50 ms: 20 wake-ups a second of this process on the cores the measured
+    binary uses (docs/reports.md, the bench's overhead). Linux pidfds; elsewhere CPython's wait. A signal's handler
+    (Ctrl-C, a stop) runs at once and its exception propagates, as from ``wait``."""
+    if timeout is None or proc.returncode is not None:
+        return proc.wait(timeout=timeout)
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or the process already reaped
+        return proc.wait(timeout=timeout)
+    try:
+        deadline = time.monotonic() + timeout
+        while not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            if time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+        return proc.wait()
+    finally:
+        os.close(fd)
+
+
 def wait_streaming(proc: subprocess.Popen, timeout: float | None, out, on_output: OutputFn) -> int:
     """``proc.wait(timeout)`` that hands each new piece of the captured output to ``on_output`` meanwhile (read with
     pread, so the writer's file offset is untouched). Raises ``subprocess.TimeoutExpired`` like ``wait``."""
@@ -456,7 +478,7 @@ def wait_streaming(proc: subprocess.Popen, timeout: float | None, out, on_output
     while True:
         step = STREAM_POLL_S if deadline is None else max(0.0, min(STREAM_POLL_S, deadline - time.monotonic()))
         try:
-            rc = proc.wait(timeout=step)
+            rc = wait_quietly(proc, step)
         except subprocess.TimeoutExpired:
             feed()
             if deadline is not None and time.monotonic() >= deadline:
