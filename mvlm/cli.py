@@ -130,6 +130,10 @@ def _wire() -> None:
     from mvlm_bench.cli.serve import serve_cmd
 
     app.command("serve", help="Serve a GGUF (+ mmproj) with llama-server's OpenAI API, here or on a device.")(serve_cmd)
+    from mvlm_tune.cli import tune_cmd
+
+    app.command("tune", help="The fastest configuration on a device within a fidelity budget: the latency/fidelity "
+                "frontier of quantized variants.")(tune_cmd)
 
 
 _help_type_labels()

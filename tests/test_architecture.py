@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("mvlm", "mvlm_core", "mvlm_convert", "mvlm_bench")
+PACKAGES = ("mvlm", "mvlm_core", "mvlm_convert", "mvlm_bench", "mvlm_tune")
 # what each package may import from the project (itself always)
 ALLOWED = {
     "mvlm_core": set(),
     "mvlm_convert": {"mvlm_core"},
     "mvlm_bench": {"mvlm_core"},
-    "mvlm": {"mvlm_core", "mvlm_convert", "mvlm_bench"},
+    "mvlm_tune": {"mvlm_core", "mvlm_convert", "mvlm_bench"},  # tune composes both sides
+    "mvlm": {"mvlm_core", "mvlm_convert", "mvlm_bench", "mvlm_tune"},
 }
 # third-party imports of the base: the GGUF library, numpy, and the bindings the host backend calls
 CORE_THIRD_PARTY = {"gguf", "numpy", "llama_cpp", "rich", "PIL"}

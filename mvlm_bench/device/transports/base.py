@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import shlex
 import signal as signal_mod
 import subprocess
@@ -57,12 +56,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from mvlm_bench.device.transports.waiting import OutputFn, wait_quietly, wait_streaming
 from mvlm_core.errors import MvlmError
 from mvlm_core.stops import Stopped, starting
 
 ProgressFn = Callable[[int, int], None]
-OutputFn = Callable[[str], None]  # a run's output as it arrives (Transport.run's on_output)
-STREAM_POLL_S = 0.25
 
 CHUNK = 1 << 20
 HELPER_TIMEOUT_S = 120.0
@@ -401,7 +399,7 @@ def run_client(
     (:func:`die_with_parent`).
 
     ``on_output``: called with each new piece of the output (decoded text) while the process runs, read back from the
-    same temp file every ``STREAM_POLL_S``; what is captured and returned is unchanged."""
+    same temp file every ``waiting.STREAM_POLL_S``; what is captured and returned is unchanged."""
     start = time.monotonic()
     with tempfile.TemporaryFile() as out:
         proc: subprocess.Popen | None = None
@@ -435,57 +433,6 @@ def run_client(
         out.seek(0)
         text = out.read().decode("utf-8", errors="replace")
     return rc, text, duration, timed_out
-
-
-def wait_quietly(proc: subprocess.Popen, timeout: float | None) -> int:
-    """``proc.wait(timeout)`` asleep in one system call until the process ends or the timeout passes. CPython's own
-    wait with a timeout polls ``waitpid`` every 50 ms: 20 wake-ups a second of this process on the cores the measured
-    binary uses (docs/reports.md, the bench's overhead). Linux pidfds; elsewhere CPython's wait. A signal's handler
-    (Ctrl-C, a stop) runs at once and its exception propagates, as from ``wait``."""
-    if timeout is None or proc.returncode is not None:
-        return proc.wait(timeout=timeout)
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):  # not Linux >= 5.3, or the process already reaped
-        return proc.wait(timeout=timeout)
-    try:
-        deadline = time.monotonic() + timeout
-        while not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-            if time.monotonic() >= deadline:
-                raise subprocess.TimeoutExpired(proc.args, timeout)
-        return proc.wait()
-    finally:
-        os.close(fd)
-
-
-def wait_streaming(proc: subprocess.Popen, timeout: float | None, out, on_output: OutputFn) -> int:
-    """``proc.wait(timeout)`` that hands each new piece of the captured output to ``on_output`` meanwhile (read with
-    pread, so the writer's file offset is untouched). Raises ``subprocess.TimeoutExpired`` like ``wait``."""
-    import codecs
-
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    deadline = None if timeout is None else time.monotonic() + timeout
-    offset = 0
-
-    def feed() -> None:
-        nonlocal offset
-        while chunk := os.pread(out.fileno(), 1 << 16, offset):
-            offset += len(chunk)
-            text = decoder.decode(chunk)
-            if text:
-                on_output(text)
-
-    while True:
-        step = STREAM_POLL_S if deadline is None else max(0.0, min(STREAM_POLL_S, deadline - time.monotonic()))
-        try:
-            rc = wait_quietly(proc, step)
-        except subprocess.TimeoutExpired:
-            feed()
-            if deadline is not None and time.monotonic() >= deadline:
-                raise
-            continue
-        feed()
-        return rc
 
 
 def die_with_parent() -> None:

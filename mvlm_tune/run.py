@@ -1,0 +1,115 @@
+"""A whole tune, as a library call (the CLI and the tests use it): the variants and their fidelity, the search on the
+device, the recommendation, the result as a dict (the JSON `mvlm tune --json` prints)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from mvlm_core.errors import MvlmError
+from mvlm_tune import space
+from mvlm_tune.frontier import Point, noise, recommend
+from mvlm_tune.search import Progress, search
+
+PROTOCOLS = ("lm", "vlm", "imp")
+
+
+@dataclasses.dataclass
+class TuneOptions:
+    model: Path
+    device: str = "local"
+    mmproj: Path | None = None
+    protocol: str = "lm"
+    budget: space.Budget = dataclasses.field(default_factory=lambda: space.parse_budget(space.DEFAULT_BUDGET))
+    lm_types: list[str] = dataclasses.field(default_factory=lambda: ["Q4_0", "Q8_0"])
+    mmproj_types: list[str] | None = None
+    threads: list[int | None] = dataclasses.field(default_factory=lambda: [None])
+    flash_attn: list[int | None] = dataclasses.field(default_factory=lambda: [None])
+    objective: str = "total"
+    repeat: int = 5
+    time_limit: float | None = None
+    n_predict: int | None = None
+    image: Path | None = None
+    allow_requantize: bool = False
+    cpu_variant: str | None = None
+    save: bool = True
+    db: str | None = None
+    seed: int = 0
+    session: str = ""
+
+
+def check(o: TuneOptions) -> None:
+    if o.protocol not in PROTOCOLS:
+        raise MvlmError(f"--protocol {o.protocol!r}: mvlm tune measures lm, vlm or imp")
+    if o.protocol in ("vlm", "imp") and o.mmproj is None:
+        raise MvlmError(f"the {o.protocol} protocol needs --mmproj FILE (the mmproj GGUF)")
+    if o.protocol == "lm" and o.mmproj is not None:
+        raise MvlmError("--mmproj is for the vlm and imp protocols: drop it, or pass --protocol vlm")
+    if o.objective == "ve" and o.protocol == "lm":
+        raise MvlmError("--objective ve needs an image: use the vlm or imp protocol")
+    from mvlm_core.gguf_header import check_gguf
+
+    check_gguf(o.model, "the model", "lm")
+    if o.mmproj is not None:
+        check_gguf(o.mmproj, "--mmproj", "mmproj")
+    if o.image is not None:
+        from mvlm_core.images import check_image_file
+
+        check_image_file(o.image)
+
+
+def _build_identity(profile) -> str:
+    """The runtime's identity for the measurement cache: the pinned llama.cpp commit and the patches' hashes."""
+    from mvlm_core import runtime as rtmod
+
+    patches = ",".join(p.sha256[:12] for p in rtmod.project_patches())
+    try:
+        commit = rtmod.find(profile.target, cpu_variant=getattr(profile, "cpu_variant", None)).manifest.get("commit", "")
+    except MvlmError:
+        commit = ""
+    return f"{commit}:{patches}"
+
+
+def run_tune(o: TuneOptions, log: Callable[[str], None] = lambda s: None,
+             on_round: Callable[[Progress], None] | None = None) -> tuple[dict, tuple | None]:
+    """The tune (module docstring): (the result dict, (LM path, mmproj path, Candidate) of the pick or None)."""
+    from mvlm_bench.device.cpu_features import with_cpu_variant
+    from mvlm_bench.device.profiles import load_profile
+    from mvlm_bench.sinks.base import Sinks
+    from mvlm_bench.sinks.files import session_id
+    from mvlm_bench.sinks.history_sink import HistorySink
+    from mvlm_tune import report, variants
+    from mvlm_tune.measure import DeviceRounds, Setup
+
+    check(o)
+    profile = with_cpu_variant(load_profile(o.device), o.cpu_variant)
+    session = o.session or session_id()
+    v = variants.prepare(o.model, o.mmproj, o.lm_types, o.mmproj_types, o.allow_requantize, o.image, on_step=log)
+    cands = space.grid(o.lm_types, o.mmproj_types, o.threads, o.flash_attn)
+    points = []
+    for c in cands:
+        fid = v.candidate_fidelity(c.lm, c.mmproj)
+        points.append(Point(c, fid, in_budget=o.budget.allows(fid)))
+    history = HistorySink(o.db, f"tune-{session}") if o.save else None
+    sinks = Sinks([history] if history else [])
+    setup = Setup(profile, o.protocol, v, o.objective, o.n_predict, o.image)
+    rounds = DeviceRounds(setup, sinks.emit, log, _build_identity(profile))
+    cached = rounds.load_cached(points)
+    if cached:
+        log(f"{cached} runs of these candidates on {profile.name} read back from an earlier tune ({v.dir})")
+    try:
+        outcome = search(points, rounds, o.repeat, o.time_limit, o.seed, on_round)
+    finally:
+        sinks.close()
+    rec = recommend(points, noise(points))
+    if history is not None and history.ids:
+        log(f"history: {history.message()} (label tune-{session})")
+    grid_runs = len(cands) * (o.repeat + 1)
+    data = report.as_json(points, rec, outcome, o.budget, o.objective, profile.name, o.protocol,
+                          (v.lm_label, v.mmproj_label), grid_runs, session, cached)
+    pick = None
+    if rec.pick is not None:
+        lm, mm = v.candidate_files(rec.pick.candidate.lm, rec.pick.candidate.mmproj)
+        pick = (lm, mm, rec.pick.candidate)
+    return data, pick

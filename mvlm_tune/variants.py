@@ -1,0 +1,153 @@
+"""The files a tune's candidates need, made once and kept by content, with each one's fidelity measured once.
+
+Everything lives in ``<tune cache>/<first 16 hex of the input LM's sha256>[-<the mmproj's>]/`` (the tune cache:
+``$MVLM_TUNE_CACHE``, else ``tune/`` in mvlm's cache): the quantized files under llama.cpp's names
+(``Name-Q4_K_S.gguf``, ``mmproj-Name-Q8_0.gguf``, written by ``mvlm_convert.quantize.run``: llama-quantize for the
+LM, gguf-py's reference quantizers for the mmproj, atomically)
+and ``fidelity.json`` (each type's figures against the input). A second tune of the same input reads both back and
+quantizes nothing. An input's hash is itself remembered by path, size, modification time and inode
+(``hashes.json``), so a multi-GB input is read once, not per tune.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from mvlm_core.cache import cache_root
+from mvlm_core.errors import MvlmError
+from mvlm_tune.space import INPUT
+
+FIDELITY_FILE = "fidelity.json"
+PERFECT_LM = {"kl": 0.0, "top1": 1.0}
+PERFECT_MMPROJ = {"image_cos": 1.0, "image_min_cos": 1.0}
+
+
+def tune_cache() -> Path:
+    """``$MVLM_TUNE_CACHE``, else ``tune/`` in mvlm's cache (mvlm_core.cache)."""
+    if os.environ.get("MVLM_TUNE_CACHE"):
+        return Path(os.environ["MVLM_TUNE_CACHE"]).expanduser()
+    return cache_root() / "tune"
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime, inode) so an unchanged multi-GB file is read once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    index = tune_cache() / "hashes.json"
+    stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    known = read_json(index)
+    if known.get(str(path), {}).get("stamp") == stamp:
+        return str(known[str(path)]["sha256"])
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    known[str(path)] = {"stamp": stamp, "sha256": h.hexdigest()}
+    write_json(index, known)
+    return h.hexdigest()
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Written whole under a private name and renamed (a crash leaves the old file or the new one, never half)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class Variants:
+    """The input files and where their variants live; ``files[(kind, type)]`` -> path, ``fidelity[(kind, type)]``
+    -> figures (kind: ``lm`` or ``mmproj``; type: a label or :data:`INPUT`)."""
+
+    lm: Path
+    mmproj: Path | None
+    dir: Path
+    lm_label: str
+    mmproj_label: str | None
+    files: dict[tuple[str, str], Path] = dataclasses.field(default_factory=dict)
+    fidelity: dict[tuple[str, str], dict[str, float | None]] = dataclasses.field(default_factory=dict)
+    made: list[str] = dataclasses.field(default_factory=list)  # the files quantized by this tune (the rest: cached)
+
+    def candidate_files(self, lm_type: str, mmproj_type: str | None) -> tuple[Path, Path | None]:
+        return self.files[("lm", lm_type)], self.files[("mmproj", mmproj_type)] if mmproj_type else None
+
+    def candidate_fidelity(self, lm_type: str, mmproj_type: str | None) -> dict[str, float | None]:
+        f = dict(self.fidelity[("lm", lm_type)])
+        if mmproj_type:
+            f |= self.fidelity[("mmproj", mmproj_type)]
+        return f
+
+
+def prepare(lm: Path, mmproj: Path | None, lm_types: list[str], mmproj_types: list[str] | None,
+            allow_requantize: bool = False, image: Path | None = None,
+            on_step: Callable[[str], None] = lambda s: None) -> Variants:
+    """Every variant the candidates need, from the cache or made now, with its fidelity (module docstring)."""
+    from mvlm_convert.quantize import read_header
+    from mvlm_core.gguf_header import precision_of
+
+    lm, mmproj = Path(lm), Path(mmproj) if mmproj else None
+    on_step(f"hashing {lm.name}" + (f" and {mmproj.name}" if mmproj else ""))
+    key = content_hash(lm)[:16] + (f"-{content_hash(mmproj)[:16]}" if mmproj else "")
+    v = Variants(lm, mmproj, tune_cache() / key, precision_of(lm).upper(), precision_of(mmproj).upper() if mmproj else None)
+    v.files[("lm", INPUT)], v.fidelity[("lm", INPUT)] = lm, dict(PERFECT_LM)
+    if mmproj:
+        v.files[("mmproj", INPUT)], v.fidelity[("mmproj", INPUT)] = mmproj, dict(PERFECT_MMPROJ)
+    known = read_json(v.dir / FIDELITY_FILE)
+    for kind, types, src in (("lm", lm_types, lm), ("mmproj", mmproj_types or [], mmproj)):
+        if src is None:
+            continue
+        arch = read_header(src)[0]
+        if (arch == "clip") != (kind == "mmproj"):
+            raise MvlmError(f"{src} is {'an mmproj' if arch == 'clip' else 'a language model'} GGUF: give the "
+                            f"{'language model' if kind == 'lm' else 'mmproj'} as {'the input' if kind == 'lm' else '--mmproj'}")
+        todo = [t for t in types if t != INPUT and not _cached(v, known, kind, t)]
+        if todo:
+            _make(v, kind, src, todo, allow_requantize, image, on_step)
+        for t in types:
+            if t != INPUT:
+                v.files[(kind, t)] = v.dir / _name(src, t)
+                v.fidelity[(kind, t)] = known.get(f"{kind}:{t}") or read_json(v.dir / FIDELITY_FILE)[f"{kind}:{t}"]
+    return v
+
+
+def _name(src: Path, qtype: str) -> str:
+    from mvlm_convert.quantize import output_name
+
+    return output_name(src, qtype)
+
+
+def _cached(v: Variants, known: dict, kind: str, qtype: str) -> bool:
+    return f"{kind}:{qtype}" in known and (v.dir / _name(v.lm if kind == "lm" else v.mmproj, qtype)).is_file()
+
+
+def _make(v: Variants, kind: str, src: Path, types: list[str], allow_requantize: bool, image: Path | None,
+          on_step: Callable[[str], None]) -> None:
+    """Quantize ``src`` to ``types`` into the cache, with the quality figures, and record them."""
+    from mvlm_convert import quantize
+
+    on_step(f"quantizing {src.name} to {', '.join(t.lower() for t in types)} (each once; cached in {v.dir})")
+    v.dir.mkdir(parents=True, exist_ok=True)
+    results = quantize.run(src, ",".join(types), outdir=v.dir, allow_requantize=allow_requantize, quality=True,
+                           lm_for_mmproj=v.lm if kind == "mmproj" else None, image=image)
+    known = read_json(v.dir / FIDELITY_FILE)
+    for r in results:
+        if kind == "lm":
+            known[f"lm:{r.type}"] = {"kl": r.kl_div, "top1": r.top1_agree}
+        else:
+            known[f"mmproj:{r.type}"] = {"image_cos": r.image_cos, "image_min_cos": r.image_min_cos}
+        v.made.append(r.path.name)
+    write_json(v.dir / FIDELITY_FILE, known)
