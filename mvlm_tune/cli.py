@@ -29,8 +29,9 @@ def parse_duration(text: str | None) -> float | None:
 
 
 def tune_cmd(
-    model: Path = typer.Argument(..., help="The language-model GGUF to tune (f16/f32, as `mvlm convert` writes it; "
-                                 "fidelity is measured against it). An already quantized file needs --allow-requantize."),
+    model: Path = typer.Argument(..., help="A released checkpoint directory (converted once to f16 GGUFs, cached), or "
+                                 "the language-model GGUF (f16/f32, as `mvlm convert` writes it). Fidelity is measured "
+                                 "against it; an already quantized GGUF needs --allow-requantize."),
     mmproj: Path | None = typer.Option(None, "--mmproj", help="The mmproj GGUF (vlm and imp protocols)."),
     device: str = typer.Option("local", "--device", "-d", help="Where latency is measured: a profile (devices/*.toml), "
                                "ssh://user@host or adb:SERIAL, as `mvlm bench --device`."),
@@ -68,19 +69,22 @@ def tune_cmd(
     json_: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (the table goes to stderr)."),
     json_file: Path | None = typer.Option(None, "--json-file", help="Write the result as JSON to this file."),
     seed: int = typer.Option(0, "--seed", help="Seed of the rounds' shuffled order."),
+    fresh: bool = typer.Option(False, "--fresh", help="Measure again instead of reading back the runs an earlier tune "
+                               "made of the same files on the same device and build (the files are still reused)."),
 ) -> None:
     """Find the fastest configuration that stays within a fidelity budget: quantized variants of the LM (and mmproj),
     each one's fidelity measured once, latency measured on the device by successive halving (every candidate once,
     then only those not beaten beyond the noise), the latency/fidelity frontier and the recommendation, with its
     margin and whether that margin is beyond the noise."""
-    from mvlm_tune.run import TuneOptions, run_tune
+    from mvlm_tune.run import TuneOptions
 
-    opts = TuneOptions(model=model, mmproj=mmproj, device=device, protocol=protocol or ("vlm" if mmproj else "lm"),
+    opts = TuneOptions(model=model, mmproj=mmproj, device=device, protocol=protocol,
                        budget=space.parse_budget(budget), objective=objective, repeat=repeat,
                        time_limit=parse_duration(time_limit), n_predict=n_predict, image=image,
-                       allow_requantize=allow_requantize, cpu_variant=cpu_variant, save=save, db=db, seed=seed,
+                       allow_requantize=allow_requantize, cpu_variant=cpu_variant, save=save, db=db, seed=seed, fresh=fresh,
                        lm_types=space.parse_types(lm_types, _lm_types(), "--lm-types"),
-                       mmproj_types=space.parse_types(mmproj_types, _mmproj_types(), "--mmproj-types") if mmproj else None,
+                       mmproj_types=space.parse_types(mmproj_types, _mmproj_types(), "--mmproj-types")
+                       if mmproj or model.is_dir() else None,
                        threads=space.parse_ints(threads, "--threads", 1, 1024),
                        flash_attn=space.parse_ints(flash_attn, "--flash-attn", 0, 1))
     if objective not in space.OBJECTIVES:
@@ -89,7 +93,7 @@ def tune_cmd(
         raise MvlmError(f"--repeat {repeat}: give 1 to 100")
     if apply is not None and apply.exists() and not apply.is_dir():
         raise MvlmError(f"--apply {apply}: not a directory; give a directory for the chosen files")
-    data, pick_files = run_tune(opts, log=lambda s: err.print(f"[dim]{s}[/]", highlight=False))
+    data, pick_files = _run_with_status(opts)
     _show(data, json_, json_file)
     if plot is not None:
         _plot(data, plot)
@@ -97,6 +101,25 @@ def tune_cmd(
         raise typer.Exit(EXIT_NO_PICK)
     if apply is not None:
         _apply(data, apply, device, pick_files, err if json_ else console)
+
+
+def _run_with_status(opts) -> tuple[dict, tuple | None]:
+    """The tune with a live status line on a terminal (the round, the run, the candidate), its lines on stderr."""
+    import contextlib
+
+    from mvlm_tune.run import run_tune
+
+    status = err.status("tune: preparing the variants") if err.is_terminal else contextlib.nullcontext()
+    with status as live:
+        def log(text: str) -> None:
+            err.print(f"[dim]{text}[/]", highlight=False, soft_wrap=True)
+
+        def on_step(step, point) -> None:
+            if live is not None:
+                live.update(f"tune: {step.label} of {point.candidate.key()} ({step.config + 1}/{step.configs} this "
+                            "round)")
+
+        return run_tune(opts, log=log, on_step=on_step)
 
 
 def _lm_types() -> dict[str, float]:

@@ -10,6 +10,7 @@ on with the others."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -73,8 +74,9 @@ class DeviceRounds:
     history sink; ``log``: the bench's lines; ``build``: the runtime's identity (the cache key's)."""
 
     def __init__(self, setup: Setup, emit: Callable, log: Callable[[str], None], build: str,
-                 on_step: Callable | None = None):
+                 on_step: Callable | None = None, hold: Callable | None = None):
         self.setup, self.emit, self.log, self.build, self.on_step = setup, emit, log, build, on_step
+        self.hold = hold or contextlib.nullcontext  # a stop signal waits until a finished run is kept everywhere
         self.warm: set[tuple[str, str | None]] = set()
         self.cache_path = setup.variants.dir / MEASUREMENTS_FILE
 
@@ -119,16 +121,17 @@ class DeviceRounds:
             point = points[current["i"]]
             figures = run_figures(run)
             value = figures[OBJECTIVES[self.setup.objective]]
-            self.emit(run)
-            if value is None:
-                point.failed = f"the run gave no {OBJECTIVES[self.setup.objective]} (the protocol does not measure it)"
-                return
-            point.samples.append(float(value))
-            point.runs.append(figures)
-            self._remember(point, figures)
+            with self.hold():  # the history and the tune's cache both, or neither, when a stop signal comes
+                self.emit(run)
+                if value is None:
+                    point.failed = f"the run gave no {OBJECTIVES[self.setup.objective]} (the protocol does not measure it)"
+                    return
+                point.samples.append(float(value))
+                point.runs.append(figures)
+                self._remember(point, figures)
 
         out = Outcome()
-        run_plan(Plan(self.setup.profile, specs), Events(emit=emit, log=self.log, on_step=step), out)
+        run_plan(Plan(self.setup.profile, specs), Events(emit=emit, log=self.log, on_step=step, hold=self.hold), out)
         if out.failure is None:
             return []
         bad = points[current["i"]]

@@ -112,7 +112,7 @@ def summary_lines(data: dict) -> list[str]:
     lines.append(f"recommended: {rec['label']}, {data['objective']} median {rec['median_s']:.3f} s")
     noise = f"the measured noise is {100 * data['noise']:.1f}%"
     if rec["why"] == "only":
-        lines.append("why: the only measured candidate within the budget")
+        lines.append("why: the only candidate within the budget that no other one beats (faster and at least as faithful)")
     elif rec["why"] == "fastest":
         lines.append(f"why: the fastest within the budget, {100 * rec['margin']:.1f}% ahead of {rec['runner_up']} "
                      f"(p = {rec['p_value']:.3g}; {noise}): beyond the noise")

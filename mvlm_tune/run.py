@@ -20,7 +20,7 @@ class TuneOptions:
     model: Path
     device: str = "local"
     mmproj: Path | None = None
-    protocol: str = "lm"
+    protocol: str | None = None  # None: vlm with an mmproj, else lm
     budget: space.Budget = dataclasses.field(default_factory=lambda: space.parse_budget(space.DEFAULT_BUDGET))
     lm_types: list[str] = dataclasses.field(default_factory=lambda: ["Q4_0", "Q8_0"])
     mmproj_types: list[str] | None = None
@@ -37,6 +37,31 @@ class TuneOptions:
     db: str | None = None
     seed: int = 0
     session: str = ""
+    fresh: bool = False  # measure again, not reading back an earlier tune's runs
+
+
+def resolve_inputs(o: TuneOptions, log: Callable[[str], None]) -> TuneOptions:
+    """A checkpoint directory becomes its f16 GGUFs (converted once, cached); the protocol defaults to vlm when
+    there is an mmproj, else lm."""
+    from mvlm_tune.variants import from_checkpoint
+
+    if Path(o.model).is_dir():
+        if o.mmproj is not None:
+            raise MvlmError("--mmproj is for a GGUF input: a checkpoint directory brings its own vision tower")
+        lm, mm = from_checkpoint(Path(o.model), log)
+        protocol = o.protocol or ("vlm" if mm else "lm")
+        o = dataclasses.replace(o, model=lm, mmproj=mm if protocol != "lm" else None, protocol=protocol)
+        if o.mmproj is not None and o.mmproj_types is None:
+            o = dataclasses.replace(o, mmproj_types=space.parse_types(space.DEFAULT_MMPROJ_TYPES, _mmproj_types(),
+                                                                      "--mmproj-types"))
+    return dataclasses.replace(o, protocol=o.protocol or ("vlm" if o.mmproj else "lm"),
+                               mmproj_types=o.mmproj_types if o.mmproj is not None else None)
+
+
+def _mmproj_types() -> dict[str, float]:
+    from mvlm_core.filetypes import MMPROJ_TYPES
+
+    return MMPROJ_TYPES
 
 
 def check(o: TuneOptions) -> None:
@@ -71,9 +96,23 @@ def _build_identity(profile) -> str:
     return f"{commit}:{patches}"
 
 
+def round_line(p: Progress, labels: tuple[str, str | None]) -> str:
+    """One line after each round: what is left, what it cost, the frontier so far."""
+    def name(pt: Point) -> str:
+        return pt.candidate.label(labels[0], labels[1] or "input")
+
+    front = ", ".join(f"{name(pt)} {pt.median:.3f} s" for pt in p.front[:6]) + (" ..." if len(p.front) > 6 else "")
+    return (f"round {p.round}: {p.runs} runs in {p.seconds / 60:.1f} min; {len(p.left)} candidates left"
+            f"{': ' + ', '.join(name(pt) for pt in p.left[:6]) if p.left else ''}; frontier: {front}; "
+            f"noise {100 * p.noise:.1f}%")
+
+
 def run_tune(o: TuneOptions, log: Callable[[str], None] = lambda s: None,
-             on_round: Callable[[Progress], None] | None = None) -> tuple[dict, tuple | None]:
-    """The tune (module docstring): (the result dict, (LM path, mmproj path, Candidate) of the pick or None)."""
+             on_round: Callable[[Progress], None] | None = None,
+             on_step: Callable | None = None) -> tuple[dict, tuple | None]:
+    """The tune (module docstring): (the result dict, (LM path, mmproj path, Candidate) of the pick or None).
+    ``log``: lines (the bench's own, and one per round); ``on_round``: each round's Progress; ``on_step(step, point)``:
+    the run about to start."""
     from mvlm_bench.device.cpu_features import with_cpu_variant
     from mvlm_bench.device.profiles import load_profile
     from mvlm_bench.sinks.base import Sinks
@@ -82,6 +121,7 @@ def run_tune(o: TuneOptions, log: Callable[[str], None] = lambda s: None,
     from mvlm_tune import report, variants
     from mvlm_tune.measure import DeviceRounds, Setup
 
+    o = resolve_inputs(o, log)
     check(o)
     profile = with_cpu_variant(load_profile(o.device), o.cpu_variant)
     session = o.session or session_id()
@@ -91,23 +131,36 @@ def run_tune(o: TuneOptions, log: Callable[[str], None] = lambda s: None,
     for c in cands:
         fid = v.candidate_fidelity(c.lm, c.mmproj)
         points.append(Point(c, fid, in_budget=o.budget.allows(fid)))
-    history = HistorySink(o.db, f"tune-{session}") if o.save else None
-    sinks = Sinks([history] if history else [])
+    from mvlm_bench.history.entries import project_commit
+    from mvlm_core.stops import installed
+
+    stops = installed()
+    history = HistorySink(o.db, f"tune-{session}", project_commit()) if o.save else None
+    sinks = Sinks([history] if history else [], stops)
     setup = Setup(profile, o.protocol, v, o.objective, o.n_predict, o.image)
-    rounds = DeviceRounds(setup, sinks.emit, log, _build_identity(profile))
-    cached = rounds.load_cached(points)
+    rounds = DeviceRounds(setup, sinks.emit, log, _build_identity(profile), on_step,
+                          stops.held if stops is not None else None)
+    labels = (v.lm_label, v.mmproj_label)
+
+    def after_round(p: Progress) -> None:
+        log(round_line(p, labels))
+        if on_round is not None:
+            on_round(p)
+
+    cached = 0 if o.fresh else rounds.load_cached(points)
     if cached:
-        log(f"{cached} runs of these candidates on {profile.name} read back from an earlier tune ({v.dir})")
+        log(f"{cached} runs of these candidates on {profile.name} read back from an earlier tune ({v.dir}; measured "
+            "then, not interleaved with today's: --fresh measures everything again)")
     try:
-        outcome = search(points, rounds, o.repeat, o.time_limit, o.seed, on_round)
+        outcome = search(points, rounds, o.repeat, o.time_limit, o.seed, after_round)
     finally:
         sinks.close()
     rec = recommend(points, noise(points))
     if history is not None and history.ids:
         log(f"history: {history.message()} (label tune-{session})")
     grid_runs = len(cands) * (o.repeat + 1)
-    data = report.as_json(points, rec, outcome, o.budget, o.objective, profile.name, o.protocol,
-                          (v.lm_label, v.mmproj_label), grid_runs, session, cached)
+    data = report.as_json(points, rec, outcome, o.budget, o.objective, profile.name, o.protocol, labels, grid_runs,
+                          session, cached)
     pick = None
     if rec.pick is not None:
         lm, mm = v.candidate_files(rec.pick.candidate.lm, rec.pick.candidate.mmproj)

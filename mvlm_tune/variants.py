@@ -151,3 +151,27 @@ def _make(v: Variants, kind: str, src: Path, types: list[str], allow_requantize:
             known[f"mmproj:{r.type}"] = {"image_cos": r.image_cos, "image_min_cos": r.image_min_cos}
         v.made.append(r.path.name)
     write_json(v.dir / FIDELITY_FILE, known)
+
+
+def from_checkpoint(ckpt: Path, on_step: Callable[[str], None] = lambda s: None) -> tuple[Path, Path | None]:
+    """A released checkpoint (a directory) converted once to f16 GGUFs (LM, and mmproj where it has a vision tower),
+    kept in the tune cache by the checkpoint's content: (LM GGUF, mmproj GGUF or None)."""
+    from mvlm_convert.convert import convert
+
+    files = sorted(p for p in Path(ckpt).rglob("*") if p.is_file() and ".cache" not in p.parts)
+    if not files:
+        raise MvlmError(f"{ckpt} holds no files: give a checkpoint directory (config.json and weights) or a GGUF")
+    on_step(f"hashing the checkpoint {ckpt} ({len(files)} files)")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.relative_to(ckpt)}\0{content_hash(f)}\n".encode())
+    out = tune_cache() / f"checkpoint-{digest.hexdigest()[:16]}"
+    done = read_json(out / "converted.json")
+    if done and Path(done.get("lm", "")).is_file():
+        return Path(done["lm"]), Path(done["mmproj"]) if done.get("mmproj") else None
+    on_step(f"converting {ckpt} to f16 GGUFs (once; cached in {out})")
+    res = convert(ckpt, out, outtype="f16", progress=False)
+    mm = res.mmproj.path if res.mmproj is not None else None
+    write_json(out / "converted.json", {"lm": str(res.lm.path), "mmproj": str(mm) if mm else None})
+    return res.lm.path, mm
+

@@ -224,3 +224,57 @@ def test_tune_smollm2_here_and_on_the_emulated_arm64_device(smollm2_gguf, tmp_pa
     qd = json.loads(q.stdout)
     assert qd["device"] == "qemu-arm64" and "quantizing" not in q.stderr  # the files made for the first tune
     assert all(c["runs"] >= 1 for c in qd["candidates"])
+
+
+@pytest.mark.slow
+def test_a_stop_signal_keeps_every_finished_run_and_the_next_tune_goes_on_from_them(tiny_v2, tmp_path):
+    import signal
+    import time
+
+    lm, mm = tiny_v2
+    cache, db = tmp_path / "cache", tmp_path / "h.sqlite"
+    args = ["tune", lm, "--mmproj", mm, "--lm-types", "input,q8_0,q4_0", "--mmproj-types", "input,q8_0", "--repeat",
+            "4", "-n", "8", "--db", db, "--budget", "none"]
+    env = {**os.environ, "MVLM_TUNE_CACHE": str(cache)}
+    env.pop("MVLM_HISTORY", None)
+    proc = subprocess.Popen([*MVLM, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    deadline = time.monotonic() + 600
+    kept = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        kept = list(cache.glob("*/measurements.json"))
+        if kept and sum(len(v) for v in json.loads(kept[0].read_text()).values()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted by SIGINT" in err and "Traceback" not in err, err[-3000:]
+    cached = sum(len(v) for v in json.loads(kept[0].read_text()).values())
+    hist = json.loads(mvlm("history", "--db", db, "--json", cache=cache).stdout)
+    assert sum(e["repetitions"] for e in hist) == cached >= 3  # the history and the cache hold the same runs
+    again = mvlm(*args, "--json", cache=cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    data = json.loads(again.stdout)
+    assert data["search"]["cached_runs"] == cached and "quantizing" not in again.stderr
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--lm-types", "q4_x"], "--lm-types: unknown type 'q4_x'"),
+    (["--budget", "kl=1,foo=2"], "--budget: 'foo=2' is not KEY=VALUE"),
+    (["--protocol", "vlm"], "the vlm protocol needs --mmproj FILE"),
+    (["--time-limit", "soon"], "--time-limit 'soon': give a duration"),
+    (["--objective", "fast"], "--objective 'fast': choose one of"),
+])
+def test_bad_options_are_one_line_before_any_work(args, says, smollm2_gguf, tmp_path):
+    r = mvlm("tune", smollm2_gguf, "--allow-requantize", *args, cache=tmp_path / "cache")
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and says in lines[0], r.stderr
+    assert not (tmp_path / "cache").exists()  # nothing hashed, quantized or measured
+
+
+@pytest.mark.slow
+def test_an_mmproj_given_as_the_model_is_named(tiny_v2, tmp_path):
+    lm, mm = tiny_v2
+    r = mvlm("tune", mm, "--mmproj", lm, cache=tmp_path / "cache")
+    assert r.returncode == 2 and "mmproj" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
