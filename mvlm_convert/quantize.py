@@ -30,7 +30,7 @@ import numpy as np
 
 from mvlm_core.atomic import AtomicOutputs, is_disk_full
 from mvlm_core.errors import MvlmError
-from mvlm_core.filetypes import LM_TYPES, MMPROJ_TYPES, UNQUANTIZED_FILE_TYPES, split_label
+from mvlm_core.filetypes import BY_LABEL, LM_TYPES, MMPROJ_TYPES, UNQUANTIZED_FILE_TYPES, split_label
 
 # Fixed text for the quality figures (plain English; tokenised by each model's own tokenizer).
 QUALITY_TEXT = (
@@ -249,6 +249,9 @@ def quantize_mmproj(inp: Path, out: Path, qtype: str, progress: ProgressFn | Non
                 continue
             vtype = field.types[0]
             sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            if field.name == "general.file_type":  # what the file now is (reports read the precision from it)
+                w.add_key_value(field.name, int(BY_LABEL[qtype].file_type), vtype)
+                continue
             w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
         plan = []
         for t in r.tensors:

@@ -52,7 +52,8 @@ def tune_cmd(
     repeat: int = typer.Option(5, "--repeat", "-r", help="Runs each surviving candidate gets (the search drops the "
                                "others after fewer)."),
     time_limit: str | None = typer.Option(None, "--time-limit", help="Device time the search may spend (30m, 90s, "
-                                          "1.5h); the answer is given from what was measured by then."),
+                                          "1.5h; a bare number is seconds); the answer is given from what was "
+                                          "measured by then."),
     n_predict: int | None = typer.Option(None, "--n-predict", "-n", help="Output tokens per run (the protocol's "
                                          "default otherwise)."),
     image: Path | None = typer.Option(None, "--image", help="Image for the runs and the mmproj fidelity (default: the "
@@ -98,6 +99,8 @@ def tune_cmd(
     if plot is not None:
         _plot(data, plot)
     if data["recommendation"] is None:
+        if apply is not None:
+            err.print(f"--apply {apply}: nothing written (no recommendation)", highlight=False)
         raise typer.Exit(EXIT_NO_PICK)
     if apply is not None:
         _apply(data, apply, device, pick_files, err if json_ else console)
@@ -182,5 +185,6 @@ def _apply(data: dict, outdir: Path, device: str, files: tuple[Path, Path | None
         line = serve_line(device, targets[0], targets[1] if mm else None, cand)
         outs.path(outdir / "tune-serve.sh").write_text(f"#!/bin/sh\nexec {line}\n", encoding="utf-8")
         outs.commit()
-    out.print(f"applied: {', '.join(str(t) for t in targets)}, {outdir / 'tune-profile.toml'}", highlight=False)
+    out.print(f"applied: {', '.join(str(t) for t in targets)}, {outdir / 'tune-profile.toml'}, "
+              f"{outdir / 'tune-serve.sh'}", highlight=False)
     out.print(f"serve it: {line}", highlight=False, soft_wrap=True)

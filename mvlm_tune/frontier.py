@@ -38,11 +38,23 @@ class Point:
         return statistics.median(self.samples) if self.samples else None
 
 
+def spread(samples: list[float]) -> float | None:
+    """One candidate's relative spread, robust to one disturbed run: about two standard deviations (2 x 1.4826 x the
+    median absolute deviation, over the median) from three runs on; |a - b| / mean from two; None from fewer."""
+    if len(samples) < 2:
+        return None
+    med = statistics.median(samples)
+    if med <= 0:
+        return None
+    if len(samples) == 2:
+        return abs(samples[0] - samples[1]) / med
+    return 2 * 1.4826 * statistics.median(abs(x - med) for x in samples) / med
+
+
 def noise(points: list[Point], floor: float = NOISE_FLOOR) -> float:
-    """The relative noise of a measurement: the median, over candidates measured at least twice, of their relative
-    spread ((max - min) / median); the prior until there is one; never under ``floor``."""
-    spreads = [(max(p.samples) - min(p.samples)) / p.median for p in points
-               if len(p.samples) >= 2 and p.median and p.median > 0]
+    """The relative noise of a measurement: the median of the candidates' spreads (:func:`spread`, candidates measured
+    at least twice); the prior until there is one; never under ``floor``."""
+    spreads = [s for p in points if (s := spread(p.samples)) is not None]
     return max(floor, statistics.median(spreads) if spreads else PRIOR_NOISE)
 
 
@@ -54,6 +66,8 @@ def dominates(a: Point, b: Point, margin: float = 0.0) -> bool:
         return False
     if a.fidelity == b.fidelity and margin == 0.0:
         return a.median < b.median
+    if margin and min(len(a.samples), len(b.samples)) < 2:
+        margin *= 2  # one run against another: twice the noise before calling it (a device's first runs vary most)
     return a.median * (1.0 + margin) < b.median
 
 
@@ -99,11 +113,12 @@ def significantly_faster(a: Point, b: Point, noise_level: float) -> tuple[bool, 
     return p <= ALPHA and gap > noise_level, gap, p
 
 
-def recommend(points: list[Point], noise_level: float) -> Recommendation:
+def recommend(points: list[Point], noise_level: float, dropped: dict[str, str] | None = None) -> Recommendation:
     """The fastest measured candidate within the budget, with its margin; ties within noise go to fidelity. Only
-    candidates no other one beats beyond the noise take part (a dropped one has too few runs to tie with anything)."""
+    candidates no other one beats beyond the noise take part, and none the search dropped (``dropped``: key -> why):
+    a dropped one has too few runs to tie with anything."""
     live = [p for p in points if p.median is not None and not p.failed]
-    ok = [p for p in frontier(live, noise_level) if p.in_budget]
+    ok = [p for p in frontier(live, noise_level) if p.in_budget and p.candidate.key() not in (dropped or {})]
     if not ok:
         return Recommendation(None, noise=noise_level, why="none")
     fastest = ok[0]

@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,13 +81,26 @@ class DeviceRounds:
         self.hold = hold or contextlib.nullcontext  # a stop signal waits until a finished run is kept everywhere
         self.warm: set[tuple[str, str | None]] = set()
         self.cache_path = setup.variants.dir / MEASUREMENTS_FILE
+        self.warmups = 0  # warm-up runs made (the device spends them too)
+        self.run_s: list[float] = []  # each run's wall time here, start to record (warm-ups included)
+        self.round_extra_s: list[float] = []  # each plan's time beyond its runs: connect, push, lease
 
-    def load_cached(self, points: list[Point]) -> int:
-        """Samples measured by an earlier tune of the same files on the same device and build; returns how many."""
+    def estimate(self) -> tuple[float, float] | None:
+        """(seconds a run takes, seconds a round adds beyond its runs), from what was measured; None before a run."""
+        if not self.run_s:
+            return None
+        return statistics.median(self.run_s), statistics.median(self.round_extra_s) if self.round_extra_s else 0.0
+
+    def load_cached(self, points: list[Point], keep: int) -> int:
+        """Samples measured by earlier tunes of the same files on the same device and build, the latest ``keep`` of
+        each candidate (older ones stay in the cache, unread); returns how many."""
         known = read_json(self.cache_path)
         n = 0
         for p in points:
-            for figures in known.get(self.setup.cache_key(p, self.build), []):
+            runs = known.get(self.setup.cache_key(p, self.build), [])
+            for figures in runs[-keep:] if isinstance(runs, list) else []:
+                if not isinstance(figures, dict):
+                    continue
                 value = figures.get(OBJECTIVES[self.setup.objective])
                 if value is not None:
                     p.samples.append(float(value))
@@ -110,8 +125,16 @@ class DeviceRounds:
             specs.append(self.setup.spec(p, 0 if files in warm else 1))
             warm.add(files)
         current = {"i": 0}
+        started = {"t": time.monotonic()}
+        plan_start, before = time.monotonic(), len(self.run_s)
 
         def step(s) -> None:
+            now = time.monotonic()
+            if s.index > 0:
+                self.run_s.append(now - started["t"])
+            started["t"] = now
+            if s.label.startswith("warm-up"):
+                self.warmups += 1
             current["i"] = s.config
             self.warm.add((points[s.config].candidate.lm, points[s.config].candidate.mmproj))
             if self.on_step is not None:
@@ -131,7 +154,12 @@ class DeviceRounds:
                 self._remember(point, figures)
 
         out = Outcome()
-        run_plan(Plan(self.setup.profile, specs), Events(emit=emit, log=self.log, on_step=step, hold=self.hold), out)
+        try:
+            run_plan(Plan(self.setup.profile, specs), Events(emit=emit, log=self.log, on_step=step, hold=self.hold), out)
+        finally:
+            if out.repetitions:
+                self.run_s.append(time.monotonic() - started["t"])
+                self.round_extra_s.append(max(0.0, time.monotonic() - plan_start - sum(self.run_s[before:])))
         if out.failure is None:
             return []
         bad = points[current["i"]]

@@ -26,6 +26,8 @@ def status(p: Point, front: set[int], rec: Recommendation, dropped: dict[str, st
         return "outside budget" + (" (frontier)" if id(p) in front else "")
     if any(t is p for t in rec.tied):
         return "tied (within noise)"
+    if dropped.get(p.candidate.key(), "").startswith("dominated"):
+        return "dominated"
     return "frontier" if id(p) in front else "dominated"
 
 
@@ -101,9 +103,15 @@ def render_table(console, data: dict) -> None:
 
 def summary_lines(data: dict) -> list[str]:
     s, rec = data["search"], data["recommendation"]
-    lines = [f"{s['runs']} measured runs in {s['rounds']} rounds ({s['seconds'] / 60:.1f} min)"
-             + (f", {s['cached_runs']} from the cache" if s["cached_runs"] else "")
-             + f"; the full grid is {s['full_grid_runs']} runs"]
+    made = s["runs"] + s.get("warmups", 0)
+    lines = [f"{_n(made, 'run')} on the device ({s['runs']} measured, {s.get('warmups', 0)} warm-ups) in "
+             f"{_n(s['rounds'], 'round')}, {s['seconds'] / 60:.1f} min"
+             + (f", and {_n(s['cached_runs'], 'run')} read back from earlier tunes" if s["cached_runs"] else "")
+             + f"; the full grid is {s['full_grid_runs']} runs (warm-ups included)"]
+    unmeasured = [c["label"] for c in data["candidates"] if c["status"] == "not measured"]
+    if unmeasured:
+        lines.append(f"not measured: {len(unmeasured)} of {len(data['candidates'])} candidates; the recommendation is "
+                     "among the measured ones only")
     if s["stopped"]:
         lines.append(f"stopped early: {s['stopped']}")
     if rec is None:
@@ -112,15 +120,23 @@ def summary_lines(data: dict) -> list[str]:
     lines.append(f"recommended: {rec['label']}, {data['objective']} median {rec['median_s']:.3f} s")
     noise = f"the measured noise is {100 * data['noise']:.1f}%"
     if rec["why"] == "only":
-        lines.append("why: the only candidate within the budget that no other one beats (faster and at least as faithful)")
+        lines.append("why: the only measured candidate within the budget that no other one beats (faster and at least "
+                     "as faithful)")
     elif rec["why"] == "fastest":
         lines.append(f"why: the fastest within the budget, {100 * rec['margin']:.1f}% ahead of {rec['runner_up']} "
                      f"(p = {rec['p_value']:.3g}; {noise}): beyond the noise")
     else:
-        lines.append(f"why: within noise of {', '.join(rec['tied'])} ({rec['faster']} was {100 * rec['margin']:.1f}% "
-                     f"faster by its median, p = {rec['p_value']:.3g}; {noise}): not a difference the runs can tell, "
-                     "so the most faithful of them is recommended; more --repeat may separate them")
+        fewest = min(c["runs"] for c in data["candidates"] if c["label"] in (rec["label"], *rec["tied"]))
+        more = ("more --repeat may separate them" if fewest >= 3 else
+                f"with {fewest} runs no gap can be significant: use --repeat 3 or more")
+        lines.append(f"why: within noise of {', '.join(rec['tied'])} ({rec['faster']}'s median was "
+                     f"{100 * rec['margin']:.1f}% lower, p = {rec['p_value']:.3g}; {noise}): not a difference the runs "
+                     f"can tell, so the most faithful of them is recommended; {more}")
     return lines
+
+
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}" + ("" if k == 1 else "s")
 
 
 def plot(data: dict, png: Path) -> None:
@@ -142,9 +158,9 @@ def plot(data: dict, png: Path) -> None:
                        color="tab:green" if r["status"] == "recommended" else ("tab:blue" if on else "0.7"), zorder=3)
             ax.annotate(r["label"], (r["median_s"], r[key]), fontsize=7, xytext=(4, 3), textcoords="offset points",
                         color="black" if on else "0.55")
-        front = sorted((r for r in measured if r["status"] in ("recommended", "frontier", "tied (within noise)")),
-                       key=lambda r: r["median_s"])
-        ax.plot([r["median_s"] for r in front], [r[key] for r in front], color="tab:blue", lw=1, zorder=2)
+        front = _panel_front(measured, key)
+        ax.plot([r["median_s"] for r in front], [r[key] for r in front], color="tab:blue", lw=1, zorder=2,
+                drawstyle="steps-post")
         if key in data["budget"]:
             ax.axhline(data["budget"][key], ls="--", color="tab:red", lw=1, label=f"budget {key}")
             ax.legend(fontsize=7)
@@ -155,6 +171,17 @@ def plot(data: dict, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
+
+
+def _panel_front(rows_: list[dict], key: str) -> list[dict]:
+    """The frontier in one panel's two dimensions (latency, this figure): fastest first, each better in the figure
+    than every faster one (the line joins these; the table's status is the frontier over every figure)."""
+    better = (lambda a, b: a < b) if BUDGET_KEYS[key][0] == "max" else (lambda a, b: a > b)
+    out: list[dict] = []
+    for r in sorted((r for r in rows_ if r[key] is not None), key=lambda r: r["median_s"]):
+        if not out or better(r[key], out[-1][key]):
+            out.append(r)
+    return out
 
 
 def html_page(data: dict, png: Path) -> str:
@@ -177,6 +204,8 @@ def serve_line(device: str, lm: Path, mmproj: Path | None, c: Candidate) -> str:
         argv += ["--mmproj", str(mmproj)]
     if c.threads is not None:
         argv += ["--threads", str(c.threads)]
+    if c.flash_attn is not None:  # after `--`: llama-server's own option, passed on unchanged
+        argv += ["--", "-fa", {1: "on", 0: "off", -1: "auto"}[c.flash_attn]]
     return shlex.join(argv)
 
 
@@ -188,6 +217,8 @@ def profile_snippet(device: str, c: Candidate, data: dict) -> str:
     if c.threads is not None:
         lines.append(f"threads = {c.threads}")
     if c.flash_attn is not None:
-        lines.append(f"# llama.cpp flash attention: {'on' if c.flash_attn == 1 else 'off'} "
-                     f"(mvlm bench --flash-attn {c.flash_attn})")
+        lines.append(f"# flash attention {'on' if c.flash_attn == 1 else 'off'}: a run setting, not a profile field "
+                     f"(mvlm bench --flash-attn {c.flash_attn}; mvlm serve ... -- -fa {'on' if c.flash_attn == 1 else 'off'})")
+    if c.threads is None and c.flash_attn is None:
+        lines.append("# the profile's own settings were the tuned ones: nothing to change")
     return "\n".join(lines) + "\n"

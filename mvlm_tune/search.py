@@ -3,9 +3,11 @@
 Round 1 measures every candidate once, in a shuffled order. After each round, the candidates that another candidate,
 at least as faithful, beats by more than the measured noise are dropped (mvlm_tune.frontier), and so are those
 outside the fidelity budget (measured once, they stay on the plot); the survivors are measured once more, again in a
-shuffled order, so the device's drift (heat, background work) falls on all of them alike. The search ends when every
+shuffled order (who survives is decided afresh from all the runs each time: a candidate dropped on one unlucky run
+comes back when later runs show it was not beaten), so the device's drift (heat, background work) falls on all of them alike. The search ends when every
 survivor has ``repeat`` runs, or when the next round would not fit in ``time_limit`` (then the round is cut to what
-fits, survivors with the fewest runs first).
+fits, survivors with the fewest runs first; with a limit, the very first run is measured alone, to know what a run
+costs).
 
 :func:`search` is pure logic over a ``measure(points)`` callable (mvlm_tune.measure runs a round on the device), so
 the same code is tested with a scripted measure and used on a phone."""
@@ -64,18 +66,26 @@ def survivors(points: list[Point], repeat: int) -> tuple[list[Point], dict[str, 
     return keep, why
 
 
-def _next_round(todo: list[Point], spent: float, runs: int, time_limit: float | None) -> tuple[list[Point], str]:
-    """The round that fits in the time left (fewest runs first, then the fastest), and why it was cut ("" if not)."""
-    if time_limit is None or not runs:
+def _next_round(todo: list[Point], spent: float, runs: int, time_limit: float | None,
+                estimate: tuple[float, float] | None) -> tuple[list[Point], str]:
+    """The round that fits in the time left (fewest runs first, then the fastest), and why it was cut ("" if not).
+    ``estimate``: (seconds a run, seconds a round adds) as measured; else the time spent per run so far."""
+    if time_limit is None:
         return todo, ""
-    per_run = spent / runs
-    room = int((time_limit - spent) / per_run) if per_run > 0 else len(todo)
+    if not runs:  # nothing measured yet, so no estimate: one run first, then the rest of the round cut to fit
+        return todo[:1], ""
+    per_run, per_round = estimate if estimate is not None else (spent / runs, 0.0)
+    room = int((time_limit - spent - per_round) / per_run) if per_run > 0 else len(todo)
     if room >= len(todo):
         return todo, ""
     order = sorted(todo, key=lambda p: (len(p.samples), p.median if p.median is not None else 0.0))
-    why = (f"the time limit ({time_limit / 60:.1f} min) left room for {max(room, 0)} of the {len(todo)} runs the "
+    why = (f"the time limit ({_duration(time_limit)}) left room for {max(room, 0)} of the {len(todo)} runs the "
            f"next round needed (about {per_run:.1f} s a run)")
     return order[:max(room, 0)], why
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def search(points: list[Point], measure: Callable[[list[Point]], None], repeat: int = 5,
@@ -87,10 +97,12 @@ def search(points: list[Point], measure: Callable[[list[Point]], None], repeat: 
     out = SearchOutcome()
     start = clock()
     while True:
-        todo, out.dropped = survivors(points, repeat)
+        todo, out.dropped = survivors(points, repeat)  # from all the runs so far: a later run can bring one back
         if not todo:
             break
-        batch, cut = _next_round(todo, clock() - start, out.runs, time_limit)
+        rng.shuffle(todo)
+        estimate = measure.estimate() if hasattr(measure, "estimate") else None
+        batch, cut = _next_round(todo, clock() - start, out.runs, time_limit, estimate)
         if not batch:
             out.stopped = cut
             break
@@ -103,8 +115,8 @@ def search(points: list[Point], measure: Callable[[list[Point]], None], repeat: 
         out.seconds = clock() - start
         if on_round is not None:
             level = noise(points)
-            on_round(Progress(out.rounds, survivors(points, repeat)[0], out.runs, out.seconds,
-                              frontier(points, level), level))
+            on_round(Progress(out.rounds, survivors(points, repeat)[0], out.runs, out.seconds, frontier(points, level),
+                              level))
         if cut:
             out.stopped = cut
             break

@@ -158,9 +158,10 @@ def from_checkpoint(ckpt: Path, on_step: Callable[[str], None] = lambda s: None)
     kept in the tune cache by the checkpoint's content: (LM GGUF, mmproj GGUF or None)."""
     from mvlm_convert.convert import convert
 
+    if not (Path(ckpt) / "config.json").is_file():
+        raise MvlmError(f"{ckpt} is a directory without config.json: give a released checkpoint directory, or the "
+                        "language-model .gguf file (and --mmproj FILE)")
     files = sorted(p for p in Path(ckpt).rglob("*") if p.is_file() and ".cache" not in p.parts)
-    if not files:
-        raise MvlmError(f"{ckpt} holds no files: give a checkpoint directory (config.json and weights) or a GGUF")
     on_step(f"hashing the checkpoint {ckpt} ({len(files)} files)")
     digest = hashlib.sha256()
     for f in files:
