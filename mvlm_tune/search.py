@@ -3,11 +3,11 @@
 Round 1 measures every candidate once, in a shuffled order. After each round, the candidates that another candidate,
 at least as faithful, beats by more than the measured noise are dropped (mvlm_tune.frontier), and so are those
 outside the fidelity budget (measured once, they stay on the plot); the survivors are measured once more, again in a
-shuffled order (who survives is decided afresh from all the runs each time: a candidate dropped on one unlucky run
-comes back when later runs show it was not beaten), so the device's drift (heat, background work) falls on all of them alike. The search ends when every
-survivor has ``repeat`` runs, or when the next round would not fit in ``time_limit`` (then the round is cut to what
-fits, survivors with the fewest runs first; with a limit, the very first run is measured alone, to know what a run
-costs).
+shuffled order, so the device's drift (heat, background work) falls on all of them alike. Who survives is decided
+afresh from all the runs each time: a candidate dropped on one unlucky run comes back when later runs show it was
+not beaten. The search ends when every survivor has ``repeat`` runs, or when the next round would not fit in
+``time_limit`` (then the round is cut to what fits, survivors with the fewest runs first; with a limit, the very
+first run is measured alone, to know what a run costs).
 
 :func:`search` is pure logic over a ``measure(points)`` callable (mvlm_tune.measure runs a round on the device), so
 the same code is tested with a scripted measure and used on a phone."""
