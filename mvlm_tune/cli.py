@@ -92,8 +92,7 @@ def tune_cmd(
         raise MvlmError(f"--objective {objective!r}: choose one of {', '.join(space.OBJECTIVES)}")
     if repeat < 1 or repeat > 100:
         raise MvlmError(f"--repeat {repeat}: give 1 to 100")
-    if apply is not None and apply.exists() and not apply.is_dir():
-        raise MvlmError(f"--apply {apply}: not a directory; give a directory for the chosen files")
+    _check_outputs(apply, plot, json_file, [model, mmproj, image])
     data, pick_files = _run_with_status(opts)
     _show(data, json_, json_file)
     if plot is not None:
@@ -104,6 +103,36 @@ def tune_cmd(
         raise typer.Exit(EXIT_NO_PICK)
     if apply is not None:
         _apply(data, apply, device, pick_files, err if json_ else console)
+
+
+def _check_outputs(apply: Path | None, plot: Path | None, json_file: Path | None, inputs: list) -> None:
+    """Every output place is checked before anything is quantized or measured (one line, exit 2)."""
+    from mvlm_core.atomic import check_output_path, check_writable
+
+    for option, d, probe in (("--apply", apply, "tune-profile.toml"), ("--plot", plot, "tune.png")):
+        if d is None:
+            continue
+        if d.exists() and not d.is_dir():
+            raise MvlmError(f"{option} {d}: not a directory; give a directory (made if missing)")
+        check_writable(d / probe, option)
+    if json_file is not None:
+        check_output_path(str(json_file), [p for p in inputs if p is not None], option="--json-file")
+        check_writable(json_file, "--json-file")
+
+
+def _written(what: Path):
+    """OSError while writing an output -> one line naming it."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except OSError as e:
+            raise MvlmError(f"cannot write {what} ({e.strerror or e}); the runs are kept in the history and the tune "
+                            "cache: the same command again writes it without measuring") from None
+
+    return guard()
 
 
 def _run_with_status(opts) -> tuple[dict, tuple | None]:
@@ -151,7 +180,7 @@ def _show(data: dict, json_: bool, json_file: Path | None) -> None:
     if json_file is not None:
         from mvlm_core.atomic import AtomicOutputs
 
-        with AtomicOutputs() as outs:
+        with _written(json_file), AtomicOutputs() as outs:
             outs.path(json_file).write_text(text + "\n", encoding="utf-8")
             outs.commit()
 
@@ -160,8 +189,8 @@ def _plot(data: dict, out: Path) -> None:
     from mvlm_core.atomic import AtomicOutputs
     from mvlm_tune.report import html_page, plot
 
-    out.mkdir(parents=True, exist_ok=True)
-    with AtomicOutputs() as outs:
+    with _written(out), AtomicOutputs() as outs:
+        out.mkdir(parents=True, exist_ok=True)
         png = outs.path(out / "tune.png")
         plot(data, png)
         outs.path(out / "tune.html").write_text(html_page(data, png), encoding="utf-8")
@@ -175,9 +204,9 @@ def _apply(data: dict, outdir: Path, device: str, files: tuple[Path, Path | None
 
     lm, mm, cand = files
     outdir = outdir.resolve()
-    outdir.mkdir(parents=True, exist_ok=True)
     targets = [outdir / lm.name] + ([outdir / mm.name] if mm else [])
-    with AtomicOutputs() as outs:
+    with _written(outdir), AtomicOutputs() as outs:
+        outdir.mkdir(parents=True, exist_ok=True)
         for src, dst in zip([lm, mm], targets, strict=False):
             if src is not None and not (dst.exists() and dst.resolve() == src.resolve()):
                 shutil.copyfile(src, outs.path(dst))
@@ -185,6 +214,7 @@ def _apply(data: dict, outdir: Path, device: str, files: tuple[Path, Path | None
         line = serve_line(device, targets[0], targets[1] if mm else None, cand)
         outs.path(outdir / "tune-serve.sh").write_text(f"#!/bin/sh\nexec {line}\n", encoding="utf-8")
         outs.commit()
+        (outdir / "tune-serve.sh").chmod(0o755)
     out.print(f"applied: {', '.join(str(t) for t in targets)}, {outdir / 'tune-profile.toml'}, "
               f"{outdir / 'tune-serve.sh'}", highlight=False)
     out.print(f"serve it: {line}", highlight=False, soft_wrap=True)

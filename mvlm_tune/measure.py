@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -71,6 +72,19 @@ class Setup:
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def _clean(figures) -> dict[str, float | None] | None:
+    """A cached run's figures when each is a finite number or null (None: not a run record)."""
+    if not isinstance(figures, dict):
+        return None
+    out: dict[str, float | None] = {}
+    for k in RUN_KEYS:
+        x = figures.get(k)
+        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0):
+            return None
+        out[k] = None if x is None else float(x)
+    return out
+
+
 class DeviceRounds:
     """The search's ``measure``: runs a round on the device (module docstring). ``emit``: every record, for the
     history sink; ``log``: the bench's lines; ``build``: the runtime's identity (the cache key's)."""
@@ -99,12 +113,11 @@ class DeviceRounds:
         for p in points:
             runs = known.get(self.setup.cache_key(p, self.build), [])
             for figures in runs[-keep:] if isinstance(runs, list) else []:
-                if not isinstance(figures, dict):
-                    continue
-                value = figures.get(OBJECTIVES[self.setup.objective])
-                if value is not None:
-                    p.samples.append(float(value))
-                    p.runs.append(figures | {"cached": True})
+                clean = _clean(figures)
+                value = clean.get(OBJECTIVES[self.setup.objective]) if clean else None
+                if value is not None and value > 0:  # a hand-edited or damaged record is measured again
+                    p.samples.append(value)
+                    p.runs.append(clean | {"cached": True})
                     n += 1
         return n
 

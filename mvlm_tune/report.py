@@ -115,7 +115,11 @@ def summary_lines(data: dict) -> list[str]:
     if s["stopped"]:
         lines.append(f"stopped early: {s['stopped']}")
     if rec is None:
-        lines.append("no recommendation: no measured candidate is within the budget; loosen --budget or add types")
+        failed = [c for c in data["candidates"] if c["status"] == "failed"]
+        if failed and len(failed) == len(data["candidates"]):
+            lines.append(f"no recommendation: every candidate failed; the first: {failed[0]['why']}")
+        else:
+            lines.append("no recommendation: no measured candidate is within the budget; loosen --budget or add types")
         return lines
     lines.append(f"recommended: {rec['label']}, {data['objective']} median {rec['median_s']:.3f} s")
     noise = f"the measured noise is {100 * data['noise']:.1f}%"
@@ -128,7 +132,8 @@ def summary_lines(data: dict) -> list[str]:
     else:
         fewest = min(c["runs"] for c in data["candidates"] if c["label"] in (rec["label"], *rec["tied"]))
         more = ("more --repeat may separate them" if fewest >= 3 else
-                f"with {fewest} runs no gap can be significant: use --repeat 3 or more")
+                f"with {fewest} run(s) the median gap against the noise decided (no test is possible): use --repeat "
+                "3 or more")
         lines.append(f"why: within noise of {', '.join(rec['tied'])} ({rec['faster']}'s median was "
                      f"{100 * rec['margin']:.1f}% lower, p = {rec['p_value']:.3g}; {noise}): not a difference the runs "
                      f"can tell, so the most faithful of them is recommended; {more}")

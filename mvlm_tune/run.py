@@ -74,6 +74,14 @@ def check(o: TuneOptions) -> None:
         raise MvlmError("--mmproj is for the vlm and imp protocols: drop it, or pass --protocol vlm")
     if o.objective == "ve" and o.protocol == "lm":
         raise MvlmError("--objective ve needs an image: use the vlm or imp protocol")
+    from mvlm_bench.plan.protocols import MAX_N
+
+    if o.n_predict is not None and not 1 <= o.n_predict <= MAX_N[o.protocol]:
+        raise MvlmError(f"--n-predict {o.n_predict} is out of range: give 1 to {MAX_N[o.protocol]} output tokens")
+    if o.mmproj is not None and _stem(o.model) == _stem(o.mmproj):
+        raise MvlmError(f"the model and --mmproj have the same name ({Path(o.model).name}, {Path(o.mmproj).name}): "
+                        "their variants would overwrite each other; name the mmproj as llama.cpp does, "
+                        f"mmproj-{Path(o.model).name}")
     from mvlm_core.gguf_header import check_gguf
 
     check_gguf(o.model, "the model", "lm")
@@ -84,6 +92,13 @@ def check(o: TuneOptions) -> None:
         from mvlm_core.images import check_image_file
 
         check_image_file(o.image)
+
+
+def _stem(path: Path) -> str:
+    from mvlm_core.filetypes import split_label
+
+    name = Path(path).name
+    return split_label(name[:-5] if name.endswith(".gguf") else name)[0]
 
 
 def _check_quantizable(o: TuneOptions) -> None:

@@ -12,9 +12,12 @@ quantizes nothing. An input's hash is itself remembered by path, size, modificat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,22 +37,37 @@ def tune_cache() -> Path:
     return cache_root() / "tune"
 
 
+HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 def content_hash(path: Path) -> str:
     """sha256 of a file, remembered by (path, size, mtime, inode) so an unchanged multi-GB file is read once."""
-    path = Path(path).resolve()
-    st = path.stat()
+    return content_hashes([path])[0]
+
+
+def content_hashes(paths: list[Path]) -> list[str]:
+    """sha256 of each file (see :func:`content_hash`); the index is read and written once for all of them. A
+    remembered value that is not a sha256 (a hand-edited index) is computed again."""
     index = tune_cache() / "hashes.json"
-    stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
     known = read_json(index)
-    if known.get(str(path), {}).get("stamp") == stamp:
-        return str(known[str(path)]["sha256"])
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    known[str(path)] = {"stamp": stamp, "sha256": h.hexdigest()}
-    write_json(index, known)
-    return h.hexdigest()
+    out, changed = [], False
+    for path in (Path(p).resolve() for p in paths):
+        st = path.stat()
+        stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        entry = known.get(str(path))
+        if isinstance(entry, dict) and entry.get("stamp") == stamp and HEX64.fullmatch(str(entry.get("sha256", ""))):
+            out.append(str(entry["sha256"]))
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        known[str(path)] = {"stamp": stamp, "sha256": h.hexdigest()}
+        out.append(h.hexdigest())
+        changed = True
+    if changed:
+        write_json(index, known)
+    return out
 
 
 def read_json(path: Path) -> dict:
@@ -62,10 +80,15 @@ def read_json(path: Path) -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     """Written whole under a private name and renamed (a crash leaves the old file or the new one, never half)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, allow_nan=False), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MvlmError(f"cannot write the tune cache's {path} ({e.strerror or e}): remove it, or point "
+                        "$MVLM_TUNE_CACHE at a writable directory") from None
 
 
 @dataclasses.dataclass
@@ -101,12 +124,13 @@ def prepare(lm: Path, mmproj: Path | None, lm_types: list[str], mmproj_types: li
 
     lm, mmproj = Path(lm), Path(mmproj) if mmproj else None
     on_step(f"hashing {lm.name}" + (f" and {mmproj.name}" if mmproj else ""))
-    key = content_hash(lm)[:16] + (f"-{content_hash(mmproj)[:16]}" if mmproj else "")
+    hashes = content_hashes([p for p in (lm, mmproj, image) if p is not None])
+    key = hashes[0][:16] + (f"-{hashes[1][:16]}" if mmproj else "")
+    picture = hashes[-1][:16] if image is not None else "builtin"  # the mmproj's figures are of this picture
     v = Variants(lm, mmproj, tune_cache() / key, precision_of(lm).upper(), precision_of(mmproj).upper() if mmproj else None)
     v.files[("lm", INPUT)], v.fidelity[("lm", INPUT)] = lm, dict(PERFECT_LM)
     if mmproj:
         v.files[("mmproj", INPUT)], v.fidelity[("mmproj", INPUT)] = mmproj, dict(PERFECT_MMPROJ)
-    known = read_json(v.dir / FIDELITY_FILE)
     for kind, types, src in (("lm", lm_types, lm), ("mmproj", mmproj_types or [], mmproj)):
         if src is None:
             continue
@@ -114,14 +138,48 @@ def prepare(lm: Path, mmproj: Path | None, lm_types: list[str], mmproj_types: li
         if (arch == "clip") != (kind == "mmproj"):
             raise MvlmError(f"{src} is {'an mmproj' if arch == 'clip' else 'a language model'} GGUF: give the "
                             f"{'language model' if kind == 'lm' else 'mmproj'} as {'the input' if kind == 'lm' else '--mmproj'}")
-        todo = [t for t in types if t != INPUT and not _cached(v, known, kind, t)]
+        fkey = functools.partial(_fidelity_key, kind, picture)
+        known = read_json(v.dir / FIDELITY_FILE)
+        todo = [t for t in types if t != INPUT and not (figures(kind, known.get(fkey(t))) and
+                                                         (v.dir / _name(src, t)).is_file())]
         if todo:
-            _make(v, kind, src, todo, allow_requantize, image, on_step)
+            _make(v, kind, src, todo, allow_requantize, image, fkey, on_step)
+            known = read_json(v.dir / FIDELITY_FILE)
         for t in types:
             if t != INPUT:
                 v.files[(kind, t)] = v.dir / _name(src, t)
-                v.fidelity[(kind, t)] = known.get(f"{kind}:{t}") or read_json(v.dir / FIDELITY_FILE)[f"{kind}:{t}"]
+                got = figures(kind, known.get(fkey(t)))
+                if got is None:
+                    raise MvlmError(f"the tune cache's {v.dir / FIDELITY_FILE} lost the figures of {t}: remove "
+                                    f"{v.dir} and run the tune again")
+                v.fidelity[(kind, t)] = got
     return v
+
+
+def _fidelity_key(kind: str, picture: str, qtype: str) -> str:
+    """fidelity.json's key: the LM's figures are of the fixed text; the mmproj's of one picture (built-in or --image)."""
+    return f"lm:{qtype}" if kind == "lm" else f"mmproj:{qtype}:{picture}"
+
+
+# each figure's valid range (a cache file is read back, and may have been edited)
+RANGES = {"kl": (0.0, math.inf), "top1": (0.0, 1.0), "image_cos": (-1.0, 1.0), "image_min_cos": (-1.0, 1.0)}
+KEYS = {"lm": ("kl", "top1"), "mmproj": ("image_cos", "image_min_cos")}
+
+
+def figures(kind: str, entry) -> dict[str, float | None] | None:
+    """A cached fidelity entry when every figure is a finite number in its range (None: measure it again)."""
+    if not isinstance(entry, dict):
+        return None
+    out: dict[str, float | None] = {}
+    for k in KEYS[kind]:
+        x = entry.get(k)
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            return None
+        lo, hi = RANGES[k]
+        if not lo <= x <= hi:
+            return None
+        out[k] = float(x)
+    return out
 
 
 def _name(src: Path, qtype: str) -> str:
@@ -130,12 +188,8 @@ def _name(src: Path, qtype: str) -> str:
     return output_name(src, qtype)
 
 
-def _cached(v: Variants, known: dict, kind: str, qtype: str) -> bool:
-    return f"{kind}:{qtype}" in known and (v.dir / _name(v.lm if kind == "lm" else v.mmproj, qtype)).is_file()
-
-
 def _make(v: Variants, kind: str, src: Path, types: list[str], allow_requantize: bool, image: Path | None,
-          on_step: Callable[[str], None]) -> None:
+          fkey: Callable[[str], str], on_step: Callable[[str], None]) -> None:
     """Quantize ``src`` to ``types`` into the cache, with the quality figures, and record them."""
     from mvlm_convert import quantize
 
@@ -146,9 +200,9 @@ def _make(v: Variants, kind: str, src: Path, types: list[str], allow_requantize:
     known = read_json(v.dir / FIDELITY_FILE)
     for r in results:
         if kind == "lm":
-            known[f"lm:{r.type}"] = {"kl": r.kl_div, "top1": r.top1_agree}
+            known[fkey(r.type)] = {"kl": r.kl_div, "top1": r.top1_agree}
         else:
-            known[f"mmproj:{r.type}"] = {"image_cos": r.image_cos, "image_min_cos": r.image_min_cos}
+            known[fkey(r.type)] = {"image_cos": r.image_cos, "image_min_cos": r.image_min_cos}
         v.made.append(r.path.name)
     write_json(v.dir / FIDELITY_FILE, known)
 
@@ -161,11 +215,12 @@ def from_checkpoint(ckpt: Path, on_step: Callable[[str], None] = lambda s: None)
     if not (Path(ckpt) / "config.json").is_file():
         raise MvlmError(f"{ckpt} is a directory without config.json: give a released checkpoint directory, or the "
                         "language-model .gguf file (and --mmproj FILE)")
-    files = sorted(p for p in Path(ckpt).rglob("*") if p.is_file() and ".cache" not in p.parts)
+    ckpt = Path(ckpt)
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and ".cache" not in p.relative_to(ckpt).parts)
     on_step(f"hashing the checkpoint {ckpt} ({len(files)} files)")
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.relative_to(ckpt)}\0{content_hash(f)}\n".encode())
+    for f, h in zip(files, content_hashes(files), strict=True):
+        digest.update(f"{f.relative_to(ckpt)}\0{h}\n".encode())
     out = tune_cache() / f"checkpoint-{digest.hexdigest()[:16]}"
     done = read_json(out / "converted.json")
     if done and Path(done.get("lm", "")).is_file():

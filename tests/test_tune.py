@@ -278,3 +278,78 @@ def test_an_mmproj_given_as_the_model_is_named(tiny_v2, tmp_path):
     lm, mm = tiny_v2
     r = mvlm("tune", mm, "--mmproj", lm, cache=tmp_path / "cache")
     assert r.returncode == 2 and "mmproj" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize(("option", "make", "says"), [
+    ("--plot", "file", "--plot {p}: not a directory"),
+    ("--apply", "file", "--apply {p}: not a directory"),
+    ("--json-file", "dir", "--json-file"),
+    ("--apply", "under-file", "--apply"),
+])
+def test_output_places_are_checked_before_any_work(option, make, says, smollm2_gguf, tmp_path):
+    p = tmp_path / "x"
+    if make == "file":
+        p.write_text("keep me")
+    elif make == "dir":
+        p.mkdir()
+    else:
+        (tmp_path / "f").write_text("a file")
+        p = tmp_path / "f" / "sub"
+    r = mvlm("tune", smollm2_gguf, "--allow-requantize", option, p, cache=tmp_path / "cache")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and says.format(p=p) in lines[0], r.stderr
+    assert not (tmp_path / "cache").exists()
+    if make == "file":
+        assert p.read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_same_named_model_and_mmproj_are_refused(tiny_v2, tmp_path):
+    import shutil
+
+    lm, mm = tiny_v2
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(lm, tmp_path / "a" / "model-F32.gguf")
+    shutil.copy(mm, tmp_path / "b" / "model-F32.gguf")
+    r = mvlm("tune", tmp_path / "a" / "model-F32.gguf", "--mmproj", tmp_path / "b" / "model-F32.gguf",
+             cache=tmp_path / "cache")
+    assert r.returncode == 2 and "same name" in r.stderr and "mmproj-model-F32.gguf" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_checkpoints_under_a_cache_folder_are_told_apart(tmp_path):
+    """Hugging Face keeps downloads under ~/.cache: a `.cache` in the checkpoint's own path must not hide its files."""
+    from mvlm_convert.families.mobilevlm import make_tiny_checkpoint
+    from mvlm_tune import variants
+
+    os.environ["MVLM_TUNE_CACHE"] = str(tmp_path / "tc")
+    try:
+        a = variants.from_checkpoint(make_tiny_checkpoint(tmp_path / ".cache" / "v2", variant="v2", seed=0))
+        b = variants.from_checkpoint(make_tiny_checkpoint(tmp_path / ".cache" / "v1", variant="v1", seed=0))
+    finally:
+        del os.environ["MVLM_TUNE_CACHE"]
+    assert a[0].parent != b[0].parent and "V2" in a[0].name and "V2" not in b[0].name
+
+
+@pytest.mark.slow
+def test_a_damaged_cache_is_measured_again_not_believed(smollm2_gguf, tmp_path):
+    cache = tmp_path / "cache"
+    args = ("tune", smollm2_gguf, "--allow-requantize", "--lm-types", "input,q8_0", "--repeat", "3", "-n", "4",
+            "--no-save", "--json", "--budget", "none")
+    first = mvlm(*args, cache=cache)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (d,) = [p for p in cache.iterdir() if p.is_dir()]
+    (d / "fidelity.json").write_text(json.dumps({"lm:Q8_0": {"kl": -5, "top1": 7}}))
+    meas = json.loads((d / "measurements.json").read_text())
+    for runs in meas.values():
+        runs[-1]["total_s"] = "fast" if len(runs) % 2 else float("nan")
+    (d / "measurements.json").write_text(json.dumps(meas).replace('"NaN"', "NaN"))
+    (cache / "hashes.json").write_text(json.dumps({str(smollm2_gguf.resolve()): {"stamp": "x", "sha256": "/tmp/out"}}))
+    again = mvlm(*args, cache=cache)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    data = json.loads(again.stdout)
+    q8 = next(c for c in data["candidates"] if c["label"] == "Q8_0")
+    assert 0 <= q8["kl"] < 1 and 0 <= q8["top1"] <= 1  # quantized and measured again
+    assert "quantizing" in again.stderr and data["search"]["runs"] >= 1  # the damaged runs were measured again
+    assert not Path("/tmp/out").exists() and [p for p in cache.iterdir() if p.is_dir()] == [d]
