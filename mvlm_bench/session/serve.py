@@ -313,6 +313,8 @@ def serve(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Serving],
     if kind is not None and not kind.capabilities.port_forward:  # said before anything connects
         raise MvlmError(f"--device {profile.name}: serving needs a device whose port can be reached from here, and its "
                         f"transport ({profile.transport}) forwards none; use a local, ssh or adb device")
+    spec = dataclasses.replace(spec, host=spec.host.strip("[]"))  # bind() takes ::1, a URL [::1]
+    check_port_free(spec.host, spec.port)  # before waiting for the device's lease: a taken port is refused at once
     stops = StopSignals().install()
     server: Server | None = None
     front: Front | None = None
@@ -321,8 +323,7 @@ def serve(profile: DeviceProfile, spec: ServeSpec, on_ready: Callable[[Serving],
         # the device's lease, as a bench holds it, for as long as it serves: its push and its load never land inside
         # a bench's measurement, and a bench started meanwhile waits rather than measure beside (or under) it
         with Session(profile, log, on_wait=log) as session, session.leased(shared=True):
-            spec = dataclasses.replace(spec, host=spec.host.strip("[]"))  # bind() takes ::1, a URL [::1]
-            check_port_free(spec.host, spec.port)
+            check_port_free(spec.host, spec.port)  # again: the wait for the lease may have been long
             argv, env = _server_command(session, spec, log, sync_progress)
             log_path, logf = open_log(spec)
             server = Server(session.transport, argv, env, log_path, logf, spec.ready_timeout, session.profile.name,
