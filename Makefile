@@ -54,6 +54,7 @@ bench: setup
 	$(BIN)/python benchmarks/parse_scaling.py
 	$(BIN)/python benchmarks/gguf_header.py
 	$(BIN)/python benchmarks/cpu_variants.py
+	$(BIN)/python benchmarks/tune.py
 
 # The regression gate's false-alarm and detection rates on this machine (about 20 min; docs/ci.md).
 bench-gate: setup
