@@ -53,16 +53,12 @@ def resolve_inputs(o: TuneOptions, log: Callable[[str], None]) -> TuneOptions:
         protocol = o.protocol or ("vlm" if mm else "lm")
         o = dataclasses.replace(o, model=lm, mmproj=mm if protocol != "lm" else None, protocol=protocol)
         if o.mmproj is not None and o.mmproj_types is None:
-            o = dataclasses.replace(o, mmproj_types=space.parse_types(space.DEFAULT_MMPROJ_TYPES, _mmproj_types(),
+            from mvlm_core.filetypes import MMPROJ_TYPES
+
+            o = dataclasses.replace(o, mmproj_types=space.parse_types(space.DEFAULT_MMPROJ_TYPES, MMPROJ_TYPES,
                                                                       "--mmproj-types"))
     return dataclasses.replace(o, protocol=o.protocol or ("vlm" if o.mmproj else "lm"),
                                mmproj_types=o.mmproj_types if o.mmproj is not None else None)
-
-
-def _mmproj_types() -> dict[str, float]:
-    from mvlm_core.filetypes import MMPROJ_TYPES
-
-    return MMPROJ_TYPES
 
 
 def check(o: TuneOptions) -> None:
